@@ -1,0 +1,1 @@
+"""Bridges between kvpeer and inference engines (transformers, vLLM)."""

@@ -1,0 +1,4 @@
+"""Test and benchmark harness: network namespaces, an impairment relay, fixtures.
+
+Not used by the daemon itself.
+"""
