@@ -1,0 +1,240 @@
+"""Command lines: ``kvpeerd`` (the daemon) and ``kvpeer`` (a client of the local daemon).
+
+Owns argument parsing, process set-up (logging, event loop, signals, systemd notification) and
+printing. No logic of the daemon or of the protocol lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvpeer import __version__
+from kvpeer.errors import ConfigError, KVPeerError
+
+log = logging.getLogger(__name__)
+
+DAEMON_EPILOG = """\
+examples:
+  kvpeerd                                   run with /etc/kvpeer/kvpeer.toml (if present)
+  kvpeerd --config ./kvpeer.toml            run with another config file
+  kvpeerd --check-config                    validate and print the effective config, then exit
+  KVPEER_TRANSPORT__PORT=7500 kvpeerd       override one key from the environment
+
+Settings are documented in systemd/kvpeer.example.toml. Under systemd (Type=notify) the daemon
+reports READY=1 once its socket, store and discovery are up, and pings the watchdog.
+"""
+
+CLIENT_EPILOG = """\
+examples:
+  kvpeer status                             is the local daemon up, what does it hold
+  kvpeer peers --json                       peers discovered on the LAN, as JSON
+  kvpeer lookup --tokens prompt.tokens --model model.json
+  kvpeer fetch --tokens prompt.tokens --model model.json --out kv.pt
+  kvpeer put --tokens prompt.tokens --model model.json --kv kv.pt
+  kvpeer stats                              counters of the local daemon
+  kvpeer evict --all                        drop every cached chunk
+
+--tokens: a file of token ids (whitespace-separated integers, or .npy).
+--model: a JSON file with the model fingerprint fields (name, layers, kv_heads, head_dim,
+dtype, ...); `python -c "from kvpeer.models import ..."` can write one for a local model.
+The socket is $KVPEER_SOCKET, else /run/kvpeer/kvpeer.sock (--socket to override).
+"""
+
+
+# ---------------------------------------------------------------------------- kvpeerd
+def daemon_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpeerd",
+        description="kvpeer daemon: shares the KV cache of prompt prefixes with the peers of a LAN.",
+        epilog=DAEMON_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (default /etc/kvpeer/kvpeer.toml)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config, print it, and exit"
+    )
+    parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+    parser.add_argument("--log-level", help="override log.level (debug, info, warning, error)")
+    parser.add_argument("--version", action="version", version=f"kvpeerd {__version__}")
+    return parser
+
+
+def daemon_main(argv: Sequence[str] | None = None) -> int:
+    from kvpeer.config import load_config
+    from kvpeer.service import configure_logging
+
+    args = daemon_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"kvpeerd: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(config.as_toml(), end="")
+        return 0
+    configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
+    use_uvloop = config.daemon.uvloop and not args.no_uvloop
+    try:
+        return _run(_serve(config), use_uvloop)
+    except KVPeerError as exc:
+        log.error("kvpeerd failed: %s", exc)
+        return 1
+
+
+def _run(main: Any, use_uvloop: bool) -> int:
+    if use_uvloop:
+        try:
+            import uvloop
+
+            return int(uvloop.run(main))
+        except ImportError:
+            log.info("uvloop is not installed; using asyncio's event loop")
+    return int(asyncio.run(main))
+
+
+async def _serve(config: Any) -> int:
+    from kvpeer.daemon import Daemon
+    from kvpeer.service import ShutdownSignals, SystemdNotifier
+
+    notifier = SystemdNotifier()
+    signals = ShutdownSignals()
+    signals.install(asyncio.get_running_loop())
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+        notifier.ready(f"serving {len(daemon.inventory)} chunks")
+        async with asyncio.TaskGroup() as tasks:
+            watchdog = tasks.create_task(notifier.watchdog_loop())
+            await signals.wait()
+            notifier.stopping()
+            watchdog.cancel()
+    finally:
+        try:
+            await asyncio.wait_for(daemon.stop(), timeout=config.daemon.shutdown_grace_s)
+        except TimeoutError:
+            log.warning("shutdown took longer than %.0fs; exiting anyway", config.daemon.shutdown_grace_s)
+    return 0
+
+
+# ---------------------------------------------------------------------------- kvpeer
+def client_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpeer",
+        description="Talk to the local kvpeer daemon over its Unix socket.",
+        epilog=CLIENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--socket", help="daemon socket (default $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)")
+    parser.add_argument("--namespace", default="default", help="tenant namespace (default: default)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="is the daemon up; what it holds")
+    sub.add_parser("peers", help="peers the daemon knows")
+    sub.add_parser("stats", help="the daemon's counters")
+    for name, text in (("lookup", "how much of a prefix is available"), ("fetch", "fetch a prefix's KV")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--tokens", type=Path, required=True, help="file of token ids")
+        cmd.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
+        if name == "fetch":
+            cmd.add_argument("--out", type=Path, required=True, help="write k, v here (torch.save)")
+            cmd.add_argument("--deadline", type=float, help="seconds before falling back to recompute")
+            cmd.add_argument("--min-level", help="lowest acceptable codec level")
+    put = sub.add_parser("put", help="store a prefix's KV from a file")
+    put.add_argument("--tokens", type=Path, required=True, help="file of token ids")
+    put.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
+    put.add_argument("--kv", type=Path, required=True, help="torch.save'd (k, v) tensors")
+    put.add_argument("--level", help="codec level to store (default: the daemon's)")
+    evict = sub.add_parser("evict", help="drop cached chunks")
+    evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
+    return parser
+
+
+def _read_tokens(path: Path) -> Any:
+    import numpy as np
+
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.int64)
+    return np.array(path.read_text().split(), dtype=np.int64)
+
+
+def _read_fingerprint(path: Path) -> Any:
+    from kvpeer.hashing import ModelFingerprint
+
+    try:
+        return ModelFingerprint(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise SystemExit(f"kvpeer: bad model fingerprint file {path}: {exc}") from exc
+
+
+def _print(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key:>20}: {value}")
+    elif isinstance(result, list):
+        for item in result:
+            print(item)
+    else:
+        print(result)
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    from kvpeer.api.client import KVPeerClient
+
+    args = client_parser().parse_args(argv)
+    try:
+        client = KVPeerClient(socket_path=args.socket, namespace=args.namespace)
+    except (OSError, KVPeerError) as exc:
+        print(f"kvpeer: cannot reach the daemon: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with client:
+            return _client_command(client, args)
+    except (OSError, KVPeerError) as exc:
+        print(f"kvpeer {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _client_command(client: Any, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    if args.command in ("status", "stats"):
+        _print(client.stats(), args.json)
+    elif args.command == "peers":
+        _print(client.peers(), args.json)
+    elif args.command == "lookup":
+        result = client.lookup(_read_tokens(args.tokens), _read_fingerprint(args.model))
+        _print(dataclasses.asdict(result), args.json)
+    elif args.command == "fetch":
+        import torch
+
+        tokens = _read_tokens(args.tokens)
+        with client.fetch(
+            tokens, _read_fingerprint(args.model), deadline_s=args.deadline, min_level=args.min_level
+        ) as result:
+            torch.save((result.k.clone(), result.v.clone()), args.out)
+            summary = {"matched_tokens": result.matched_tokens, "levels": list(result.levels)}
+        _print(summary, args.json)
+    elif args.command == "put":
+        import torch
+
+        k, v = torch.load(args.kv)
+        result = client.put(_read_tokens(args.tokens), k, v, _read_fingerprint(args.model), level=args.level)
+        _print(dataclasses.asdict(result), args.json)
+    elif args.command == "evict":
+        _print(client.evict_all(), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(daemon_main())

@@ -1,0 +1,339 @@
+"""kvpeerd: the daemon of one node, and the glue between its parts.
+
+The daemon owns the lifecycle (start in dependency order, stop in reverse) and implements two
+small interfaces: the local API backend (what engines call: put, lookup, fetch, ...) and the
+transport's request handler (what peers call: has, inventory, blobs). Everything else lives in
+its own module: chunk keys in hashing, bytes in codec, chunks in store, peers in discovery and
+transport, the fetch pipeline in fetcher. This module must stay glue: no protocol logic here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpeer import codec
+from kvpeer.api.server import ApiServer, ClientContext, FetchSink
+from kvpeer.config import Config
+from kvpeer.discovery import Advertisement, DiscoveryConfig, InventoryLog, make_discovery
+from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.hashing import ModelFingerprint, chunk_keys
+from kvpeer.store import ChunkStore
+from kvpeer.transport import PeerTransport, TransportConfig
+
+log = logging.getLogger(__name__)
+
+MAX_HAS_KEYS = 4096  # a "has" request names at most this many keys (about 4k chunks = 1M tokens)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Where each chunk of a requested prefix can come from, up to the first gap."""
+
+    keys: list[bytes]
+    sources: list[str | None] = field(default_factory=list)  # None = local store, else peer id
+
+
+def encode_chunk_blocking(
+    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str
+) -> bytes:
+    """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor)."""
+    start = index * chunk_tokens
+    stop = start + chunk_tokens
+    return codec.encode(
+        k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level
+    )
+
+
+def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    """Decode one chunk and restore it into the client's views (runs in an executor)."""
+    k, v = codec.decode(blob)
+    if k.shape != k_out.shape or v.shape != v_out.shape:
+        raise ProtocolError(
+            ErrorCode.INVALID, f"chunk shape {tuple(k.shape)} does not match {tuple(k_out.shape)}"
+        )
+    k_out.copy_(k)
+    v_out.copy_(v)
+
+
+class Daemon:
+    """One node's kvpeerd: store + discovery + transport + local API."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node.node_id
+        self.chunk_tokens = config.codec.chunk_tokens
+        self.store = ChunkStore(
+            ram_bytes=config.store.ram_bytes,
+            disk_bytes=config.store.disk_bytes,
+            directory=config.store.dir,
+            level_order=codec.LEVELS,
+        )
+        self.inventory = InventoryLog()
+        self.fingerprints: dict[str, ModelFingerprint] = {}
+        self.transport = PeerTransport(
+            self.node_id, transport_config(config), handler=self, on_peer_down=self._peer_down
+        )
+        self.discovery = make_discovery(discovery_config(config))
+        self.api = ApiServer(
+            config.api.socket_path,
+            self,
+            mode=config.api.socket_mode,
+            group=config.api.socket_group,
+            allowed_uids=config.api.allowed_uids,
+        )
+        self.ready = False
+        self.bytes_from_peers = 0  # encoded bytes received from peers since start
+        self._advertise_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        for key in self.store.keys():
+            self.inventory.add([key])
+        self.store.subscribe(self._store_changed)
+        await self.transport.start()
+        await self.api.start()
+        await self.discovery.start(self._advertisement())
+        self.ready = True
+        log.info(
+            "kvpeerd %s ready: api %s, signalling port %d, %d chunks in store",
+            self.node_id, self.config.api.socket_path, self.transport.port, len(self.inventory),
+        )
+
+    async def stop(self) -> None:
+        self.ready = False
+        log.info("kvpeerd %s stopping", self.node_id)
+        with contextlib.suppress(Exception):
+            await self.api.close()
+        with contextlib.suppress(Exception):
+            await self.discovery.close()
+        with contextlib.suppress(Exception):
+            await self.transport.close()
+        self.store.close()
+        log.info("kvpeerd %s stopped", self.node_id)
+
+    def _advertisement(self) -> Advertisement:
+        return Advertisement(
+            node_id=self.node_id,
+            addresses=tuple(self.config.transport.advertise_addresses),
+            port=self.transport.port,
+            fingerprints=tuple(sorted(self.fingerprints)),
+            epoch=self.inventory.epoch,
+            chunk_count=len(self.inventory),
+            first_chunk_keys=(),
+        )
+
+    def _store_changed(self, added: list[bytes], removed: list[bytes]) -> None:
+        self.inventory.add(added)
+        self.inventory.remove(removed)
+
+    async def _advertise(self) -> None:
+        async with self._advertise_lock:
+            await self.discovery.update(self._advertisement())
+
+    def _peer_down(self, peer_id: str) -> None:
+        log.info("peer %s is down", peer_id)
+        self.discovery.mark_dead(peer_id)
+
+    # ----------------------------------------------------------------- local API backend
+    def _keys(self, ctx: ClientContext, tokens: np.ndarray, fp: ModelFingerprint) -> list[bytes]:
+        return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
+
+    async def put(self, ctx: ClientContext, req: Any, k: torch.Tensor, v: torch.Tensor) -> Any:
+        from kvpeer.api.messages import PutResult
+
+        fp: ModelFingerprint = req.fingerprint
+        keys = self._keys(ctx, req.tokens, fp)
+        level = req.level or self.config.codec.level
+        loop = asyncio.get_running_loop()
+        stored = 0
+        started = time.perf_counter()
+        self.fingerprints[fp.hex] = fp
+        for index, key in enumerate(keys):
+            if self.store.has(key):
+                continue
+            blob = await loop.run_in_executor(
+                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level
+            )
+            try:
+                await self.store.put(key, level, blob)
+            except StoreError as exc:
+                log.warning("put: chunk %d not cached: %s", index, exc)
+                continue
+            stored += 1
+        log.info(
+            "put ns=%s tokens=%d chunks=%d new=%d level=%s in %.3fs",
+            ctx.namespace, len(req.tokens), len(keys), stored, level,
+            time.perf_counter() - started,
+        )
+        if stored:
+            await self._advertise()
+        return PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
+
+    async def lookup(self, ctx: ClientContext, req: Any) -> Any:
+        from kvpeer.api.messages import LookupResult
+
+        fp: ModelFingerprint = req.fingerprint
+        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
+        return LookupResult(
+            matched_tokens=len(plan.sources) * self.chunk_tokens,
+            chunk_tokens=self.chunk_tokens,
+            sources=[s or "local" for s in plan.sources],
+        )
+
+    async def fetch(self, ctx: ClientContext, req: Any, sink: FetchSink) -> None:
+        fp: ModelFingerprint = req.fingerprint
+        started = time.perf_counter()
+        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
+        if not plan.sources:
+            log.info("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
+            return
+        loop = asyncio.get_running_loop()
+        allocated = False
+        wire_bytes = 0
+        for index, source in enumerate(plan.sources):
+            key = plan.keys[index]
+            try:
+                blob = await self._chunk_blob(key, source)
+                header = codec.read_header(blob)
+                if not allocated:
+                    sink.allocate(
+                        layers=fp.layers, kv_heads=fp.kv_heads, head_dim=fp.head_dim,
+                        tokens=len(plan.sources) * self.chunk_tokens, dtype=header.dtype,
+                        chunk_tokens=self.chunk_tokens,
+                    )
+                    allocated = True
+                k_view, v_view = sink.chunk_view(index)
+                await loop.run_in_executor(None, decode_into_blocking, blob, k_view, v_view)
+            except KVPeerError as exc:
+                log.warning(
+                    "fetch: chunk %d from %s failed (%s); the rest is left to recompute",
+                    index, source or "local", exc,
+                )
+                break
+            if source is not None:
+                wire_bytes += len(blob)
+                self.bytes_from_peers += len(blob)
+                with contextlib.suppress(StoreError):
+                    await self.store.put(key, header.level, blob)
+            await sink.chunk_done(index, header.level)
+        log.info(
+            "fetch ns=%s tokens=%d chunks=%d sources=%s wire_bytes=%d in %.3fs",
+            ctx.namespace, len(req.tokens), len(plan.sources),
+            sorted({s or "local" for s in plan.sources}), wire_bytes,
+            time.perf_counter() - started,
+        )
+
+    async def _chunk_blob(self, key: bytes, source: str | None) -> bytes:
+        if source is None:
+            blob = await self.store.get(key)
+            if blob is None:
+                raise StoreError("chunk evicted while fetching")
+            return blob
+        session = self.transport.session(source)
+        if session is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {source}")
+        level = self.store_level_for_fetch()
+        blob = await session.fetch_blob(key, level, timeout=self.config.transport.request_timeout_s)
+        codec.verify(blob)
+        return blob
+
+    def store_level_for_fetch(self) -> str:
+        """The level asked of peers: their top level ("" lets the sender send what it holds)."""
+        return ""
+
+    async def _plan(self, keys: Sequence[bytes], fp: ModelFingerprint) -> _Plan:
+        """Longest prefix of ``keys`` available locally or on one peer each, up to the first gap."""
+        plan = _Plan(keys=list(keys))
+        missing_from = 0
+        for key in keys:
+            if not self.store.has(key):
+                break
+            plan.sources.append(None)
+            missing_from += 1
+        wanted = list(keys[missing_from:MAX_HAS_KEYS])
+        if not wanted:
+            return plan
+        best_peer, best_run = None, 0
+        for peer in list(self.discovery.peers().values()):
+            if fp.hex not in peer.fingerprints:
+                continue
+            try:
+                session = await self.transport.connect(peer.node_id, peer.addresses[0], peer.port)
+                answer = await session.request(
+                    "has", {"keys": wanted}, timeout=self.config.transport.request_timeout_s
+                )
+            except KVPeerError as exc:
+                log.info("peer %s not asked: %s", peer.node_id, exc)
+                continue
+            have = answer.get("have", [])
+            run = 0
+            for held in have:
+                if held is not True:
+                    break
+                run += 1
+            if run > best_run:
+                best_peer, best_run = peer.node_id, run
+        plan.sources.extend([best_peer] * min(best_run, len(wanted)))
+        return plan
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "ready": self.ready,
+            "store": self.store.stats(),
+            "inventory_epoch": self.inventory.epoch,
+            "chunks": len(self.inventory),
+            "peers": len(self.discovery.peers()),
+            "bytes_from_peers": self.bytes_from_peers,
+            "codec_backends": codec.available_backends(),
+        }
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "node_id": p.node_id,
+                "addresses": list(p.addresses),
+                "port": p.port,
+                "fingerprints": sorted(p.fingerprints),
+                "chunks": p.chunk_count,
+                "epoch": p.epoch,
+            }
+            for p in self.discovery.peers().values()
+        ]
+
+    # ----------------------------------------------------------------- peer requests
+    async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method == "has":
+            keys = body.get("keys")
+            if not isinstance(keys, list) or len(keys) > MAX_HAS_KEYS:
+                raise ProtocolError(ErrorCode.INVALID, "has: keys must be a list of <= 4096 keys")
+            return {"have": [isinstance(k, bytes) and self.store.has(k) for k in keys]}
+        if method == "inventory":
+            since = body.get("since")
+            return self.inventory.since(since if isinstance(since, int) else None)
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown method {method!r}")
+
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        blob = await self.store.get(key, level or None)
+        if blob is None and level:
+            blob = await self.store.get(key)
+        return blob
+
+
+def transport_config(config: Config) -> TransportConfig:
+    """Map the [transport] config section onto the transport's runtime config."""
+    return TransportConfig.from_section(config.transport)
+
+
+def discovery_config(config: Config) -> DiscoveryConfig:
+    """Map the [discovery] config section onto the discovery's runtime config."""
+    return DiscoveryConfig.from_section(config.discovery)
