@@ -1,0 +1,296 @@
+"""Throw-away clusters of Linux network namespaces for cluster tests and benchmarks.
+
+A :class:`Cluster` builds one namespace per host plus one namespace holding a bridge; every
+host gets a veth pair whose host end is ``eth0`` (with ``lo`` up) and whose other end is a port
+of the bridge. Nothing is created in the root namespace, so interface names never collide and
+no traffic can leave the cluster. Multicast (mDNS for zeroconf) is flooded across the bridge.
+
+Names are unique per process and cluster (prefix + pid + counter). :meth:`Cluster.close` kills
+the processes started through the cluster and deletes every namespace, also when set-up fails
+half way, when the ``with`` block raises, and at interpreter exit. Needs root and iproute2.
+
+This module owns namespace set-up and teardown and process launching inside namespaces; it
+does not know anything about kvpeer itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+_live: weakref.WeakSet[Cluster] = weakref.WeakSet()
+_IP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Host:
+    """One simulated machine: a network namespace with one interface on the cluster LAN."""
+
+    index: int
+    netns: str
+    ip: str
+    ifname: str
+    mtu: int
+    prefix_len: int = 24
+
+
+def _next_id() -> int:
+    with _counter_lock:
+        return next(_counter)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one ``ip`` command; raise with its stderr when it fails and *check* is set."""
+    proc = subprocess.run(
+        ["ip", *args], capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def _tc(netns: str, *args: str) -> None:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", *args],
+        capture_output=True,
+        text=True,
+        timeout=_IP_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)} in {netns} failed: {proc.stderr.strip()}")
+
+
+def _sysctl(netns: str, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "sh", "-c", f"echo {value} > {path}"],
+        capture_output=True,
+        timeout=_IP_TIMEOUT_S,
+        check=True,
+    )
+
+
+def parse_rate(rate: str) -> int:
+    """Bits per second from a tc-style rate such as ``100mbit``, ``1gbit`` or ``500kbit``."""
+    text = rate.strip().lower()
+    units = {"gbit": 10**9, "mbit": 10**6, "kbit": 10**3, "bit": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * factor)
+    raise ValueError(f"bad rate {rate!r}: expected e.g. '100mbit', '1gbit', '500kbit'")
+
+
+class Cluster:
+    """Hosts in their own network namespaces on one bridged LAN; a context manager.
+
+    ``mtu`` is one MTU for every host or one per host (a host's veth pair gets its MTU; the
+    bridge forwards only frames that both ends carry, like a real mixed-MTU LAN).
+    ``rate`` (e.g. ``"100mbit"``) shapes every host's egress with a token bucket.
+    """
+
+    def __init__(
+        self,
+        n_hosts: int = 2,
+        mtu: int | Sequence[int] = 1500,
+        rate: str | None = None,
+        *,
+        prefix: str = "kvp",
+    ) -> None:
+        if n_hosts < 1 or n_hosts > 200:
+            raise ValueError(f"n_hosts must be 1..200, got {n_hosts}")
+        mtus = [mtu] * n_hosts if isinstance(mtu, int) else list(mtu)
+        if len(mtus) != n_hosts:
+            raise ValueError(f"got {len(mtus)} MTUs for {n_hosts} hosts")
+        if any(m < 1280 or m > 65535 for m in mtus):
+            raise ValueError(f"MTUs must be 1280..65535, got {mtus}")
+        self.id = _next_id()
+        self.name = f"{prefix}{os.getpid()}c{self.id}"
+        # Namespaces are isolated from each other, so the subnet only needs to be readable.
+        self.subnet = f"10.213.{self.id % 250}"
+        self.bridge_netns = f"{self.name}br"
+        self.hosts: list[Host] = [
+            Host(
+                index=i,
+                netns=f"{self.name}h{i}",
+                ip=f"{self.subnet}.{i + 2}",
+                ifname="eth0",
+                mtu=mtus[i],
+            )
+            for i in range(n_hosts)
+        ]
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._created: list[str] = []
+        self._closed = False
+        _live.add(self)
+        try:
+            self._build()
+            if rate is not None:
+                for host in self.hosts:
+                    self.set_rate(host, rate)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _add_netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._created.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def _build(self) -> None:
+        self._add_netns(self.bridge_netns)
+        br = self.bridge_netns
+        _ip("-n", br, "link", "add", "br0", "type", "bridge")
+        # mDNS is link-local and flooded anyway; snooping off keeps other groups flowing too.
+        _ip("-n", br, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", br, "link", "set", "br0", "mtu", str(max(h.mtu for h in self.hosts)))
+        _ip("-n", br, "link", "set", "br0", "up")
+        for host in self.hosts:
+            self._add_netns(host.netns)
+            port = f"p{host.index}"
+            _ip(
+                "-n", br, "link", "add", port, "mtu", str(host.mtu), "type", "veth",
+                "peer", "name", host.ifname, "netns", host.netns, "mtu", str(host.mtu),
+            )  # fmt: skip
+            _ip("-n", br, "link", "set", port, "master", "br0")
+            _ip("-n", br, "link", "set", port, "up")
+            _ip("-n", host.netns, "addr", "add", f"{host.ip}/{host.prefix_len}", "dev", host.ifname)
+            # Skip IPv6 duplicate address detection: a "tentative" address cannot be bound
+            # for a second or so, which ICE gathering and zeroconf would otherwise race.
+            _sysctl(host.netns, f"net.ipv6.conf.{host.ifname}.accept_dad", "0")
+            _ip("-n", host.netns, "link", "set", host.ifname, "up")
+            # No default route exists in the namespace: give multicast one explicitly.
+            _ip("-n", host.netns, "route", "add", "224.0.0.0/4", "dev", host.ifname)
+        logger.debug("cluster %s up: %s", self.name, [h.ip for h in self.hosts])
+
+    # -- use ------------------------------------------------------------------------------
+
+    def netns_argv(self, host: Host, argv: Sequence[str]) -> list[str]:
+        """The command line that runs *argv* inside *host*'s namespace."""
+        return ["ip", "netns", "exec", host.netns, *argv]
+
+    def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start *argv* in *host*'s namespace; the cluster kills it on close."""
+        self._check_open()
+        # Its own process group, so kill_all() reaches children the command forks.
+        kwargs.setdefault("start_new_session", True)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.netns_argv(host, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(
+        self,
+        host: Host,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run *argv* to completion in *host*'s namespace and capture its output as text."""
+        self._check_open()
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(
+            self.netns_argv(host, argv), check=check, timeout=timeout, **kwargs
+        )
+
+    def set_rate(self, host: Host, rate: str | None) -> None:
+        """Shape *host*'s egress with a token bucket (``None`` removes the shaping)."""
+        self._check_open()
+        if rate is None:
+            subprocess.run(
+                self.netns_argv(host, ["tc", "qdisc", "del", "dev", host.ifname, "root"]),
+                capture_output=True,
+                timeout=_IP_TIMEOUT_S,
+                check=False,
+            )
+            return
+        bits = parse_rate(rate)
+        # The bucket must hold a few full frames and ~4 ms of traffic, or tbf under-delivers
+        # at high rates (timer granularity); the queue holds ~50 ms so TCP/SCTP see loss late.
+        burst = max(4 * host.mtu + 64, bits // 8 // 250)
+        _tc(
+            host.netns, "qdisc", "replace", "dev", host.ifname, "root", "tbf",
+            "rate", str(bits), "burst", str(burst), "latency", "50ms",
+        )  # fmt: skip
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """Stop every process started through :meth:`popen` (SIGTERM, then SIGKILL)."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=timeout)
+        self._procs.clear()
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill the cluster's processes and delete its namespaces; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.kill_all()
+        finally:
+            # Deleting a namespace deletes its veth ends and the bridge with it.
+            for name in reversed(self._created):
+                proc = _ip("netns", "del", name, check=False)
+                if proc.returncode != 0:
+                    logger.warning("could not delete netns %s: %s", name, proc.stderr.strip())
+            self._created.clear()
+            _live.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"cluster {self.name} is closed")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        # Not a group leader (start_new_session=False): signal the process alone.
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_live):
+        cluster.close()
