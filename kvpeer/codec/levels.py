@@ -1,0 +1,59 @@
+"""The quality ladder: level names, their stable wire codes and what each one means.
+
+Levels are ordered most faithful first. ``exact`` is lossless; the others quantize with one
+uniform step per (tensor, layer, head) whose size a level fixes. A blob carries the level's code,
+never its index in :data:`LEVELS`, so the ladder can grow without breaking old blobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvpeer.errors import CodecError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Level:
+    """One rung of the ladder."""
+
+    name: str
+    code: int  # stable wire code; never reused
+    bits: int  # 0 for lossless; else the widest channel of a head spans 2**bits - 3 steps
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.code <= 255:
+            raise ValueError("level code must fit a byte")
+        if self.bits and not 2 <= self.bits <= 8:
+            raise ValueError("bits must be 0 (lossless) or 2..8")
+
+    @property
+    def lossless(self) -> bool:
+        return self.bits == 0
+
+
+_LADDER = (
+    Level(name="exact", code=0, bits=0),
+    Level(name="q8", code=8, bits=8),
+    Level(name="q6", code=6, bits=6),
+    Level(name="q5", code=5, bits=5),
+    Level(name="q4", code=4, bits=4),
+    Level(name="q3", code=3, bits=3),
+)
+
+LEVELS: tuple[str, ...] = tuple(level.name for level in _LADDER)
+DEFAULT_LEVEL = "q8"
+BY_NAME: dict[str, Level] = {level.name: level for level in _LADDER}
+NAMES_BY_CODE: dict[int, str] = {level.code: level.name for level in _LADDER}
+
+
+def get(name: str) -> Level:
+    """The level called ``name``; CodecError for an unknown one."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise CodecError(f"unknown codec level {name!r}; known: {', '.join(LEVELS)}") from None
+
+
+def level_rank(name: str) -> int:
+    """0 for the most faithful level, growing towards the smallest."""
+    return LEVELS.index(get(name).name)

@@ -1,0 +1,125 @@
+"""Malformed, truncated and bit-flipped blobs raise CodecError, never anything else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpeer import codec
+from kvpeer.codec import container
+
+
+def _blob(level: str) -> bytes:
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 2, 24, 8, generator=g).half()
+    v = torch.randn(2, 2, 24, 8, generator=g).half()
+    return codec.encode(k, v, level)
+
+
+BLOBS = {level: _blob(level) for level in ("exact", "q8", "q3")}
+
+
+def _decode_or_codec_error(data: bytes, shape: tuple[int, ...]) -> None:
+    try:
+        k, v = codec.decode(data)
+    except codec.CodecError:
+        return
+    # only an intact blob may decode, and then to the stated shape
+    assert k.shape == shape and v.shape == shape
+
+
+@pytest.mark.parametrize("level", sorted(BLOBS))
+def test_every_truncation_rejected(level: str) -> None:
+    blob = BLOBS[level]
+    for cut in list(range(0, container.HEADER_BYTES + 8)) + [len(blob) - 1, len(blob) // 2]:
+        with pytest.raises(codec.CodecError):
+            codec.decode(blob[:cut])
+        with pytest.raises(codec.CodecError):
+            codec.verify(blob[:cut])
+
+
+@pytest.mark.parametrize("level", sorted(BLOBS))
+def test_every_single_bit_flip_in_header_and_samples_rejected(level: str) -> None:
+    blob = bytearray(BLOBS[level])
+    positions = list(range(container.HEADER_BYTES)) + list(range(container.HEADER_BYTES, len(blob), 7))
+    for pos in positions:
+        for bit in (0, 7):
+            bad = bytearray(blob)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(codec.CodecError):
+                codec.decode(bytes(bad))
+            with pytest.raises(codec.CodecError):
+                codec.verify(bytes(bad))
+
+
+def test_appended_bytes_rejected() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode(BLOBS["q8"] + b"\x00")
+
+
+def test_header_cannot_claim_huge_tensor() -> None:
+    h = codec.read_header(BLOBS["q8"])
+    with pytest.raises(codec.CodecError):
+        container.Header(
+            level="q8", level_code=8, stream="zstd", dtype="float16", layers=1024, kv_heads=1024,
+            tokens=1 << 20, head_dim=4096, side_len=0, payload_len=0,
+        )
+    assert h.elements == 2 * 2 * 24 * 8
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    level=st.sampled_from(sorted(BLOBS)),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_fuzz_decode(level: str, edits: list[tuple[int, int]], cut: int | None) -> None:
+    data = bytearray(BLOBS[level])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    _decode_or_codec_error(bytes(data), (2, 2, 24, 8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode(container.MAGIC + data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(level=st.sampled_from(sorted(BLOBS)), data=st.data())
+def test_fuzz_reforged_header(level: str, data: st.DataObject) -> None:
+    """Re-sign a header with random fields (valid CRC and digest): decode must still be safe."""
+    blob = BLOBS[level]
+    h = codec.read_header(blob)
+    side, payload = container.sections(blob, h)
+    side, payload = bytes(side), bytes(payload)
+    try:
+        forged = container.Header(
+            level=data.draw(st.sampled_from(list(codec.LEVELS))),
+            level_code=0,
+            stream="zstd",
+            dtype=data.draw(st.sampled_from(["float16", "bfloat16", "float32"])),
+            layers=data.draw(st.integers(1, 4)),
+            kv_heads=data.draw(st.integers(1, 4)),
+            tokens=data.draw(st.integers(1, 30)),
+            head_dim=data.draw(st.integers(1, 16)),
+            side_len=len(side),
+            payload_len=len(payload),
+            sink=data.draw(st.integers(0, 1)),
+        )
+    except codec.CodecError:
+        return
+    from kvpeer.codec import levels
+
+    forged = container.Header(**{**_fields(forged), "level_code": levels.get(forged.level).code})
+    _decode_or_codec_error(container.pack(forged, side, payload), forged.shape)
+
+
+def _fields(h: container.Header) -> dict[str, object]:
+    return {name: getattr(h, name) for name in h.__slots__}

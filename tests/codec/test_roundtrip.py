@@ -1,0 +1,104 @@
+"""Round trips per level, bit-exactness of `exact`, header/verify/digest/transcode contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpeer import codec
+
+SHAPE = (3, 2, 40, 16)
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _kv(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(SHAPE, generator=g) * 3 + 1
+    v = torch.randn(SHAPE, generator=g) * 0.5
+    k[:, :, 0] *= 40  # an attention-sink-like outlier token
+    return k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_is_bit_exact(dtype: torch.dtype) -> None:
+    k, v = _kv(dtype)
+    k[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, float("-inf")]).to(dtype)
+    k2, v2 = codec.decode(codec.encode(k, v, "exact"))
+    assert k2.dtype == dtype and k2.shape == k.shape
+    assert torch.equal(k2.view(torch.uint8), k.view(torch.uint8))
+    assert torch.equal(v2.view(torch.uint8), v.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", codec.LEVELS[1:])
+def test_quantized_round_trip_error_bound(dtype: torch.dtype, level: str) -> None:
+    k, v = _kv(dtype)
+    blob = codec.encode(k, v, level)
+    k2, v2 = codec.decode(blob)
+    assert k2.shape == k.shape and k2.dtype == dtype and v2.dtype == dtype
+    for a, b in ((k, k2), (v, v2)):
+        assert torch.equal(a[:, :, 0], b[:, :, 0]), "sink token must be exact"
+        bits = int(level[1:])
+        # widest channel of a head spans 2**bits - 3 steps; error <= step/2 plus output rounding
+        span = (a[:, :, 1:].float().amax(2) - a[:, :, 1:].float().amin(2)).amax(-1)
+        step = span / (2**bits - 3)
+        err = (a.float() - b.float()).abs().amax(dim=(2, 3))
+        rounding = a.float().abs().amax(dim=(2, 3)) * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+        assert torch.all(err <= step * 0.5 * 1.001 + rounding + 1e-6)
+
+
+def test_levels_get_smaller() -> None:
+    g = torch.Generator().manual_seed(1)
+    # smooth-ish data, like real KV: strictly smaller per level
+    k = torch.randn(4, 2, 256, 32, generator=g).half()
+    v = torch.randn(4, 2, 256, 32, generator=g).half()
+    sizes = [len(codec.encode(k, v, level)) for level in codec.LEVELS]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def test_header_verify_digest() -> None:
+    k, v = _kv(torch.float16)
+    blob = codec.encode(k, v, "q8")
+    hdr = codec.read_header(blob)
+    assert (hdr.level, hdr.dtype, hdr.shape) == ("q8", "float16", SHAPE)
+    assert codec.digest(blob) == hdr.digest and len(hdr.digest) == 32
+    codec.verify(blob)
+    assert codec.digest(codec.encode(k, v, "q8")) == hdr.digest, "encoding is deterministic"
+
+
+def test_transcode_down_only() -> None:
+    k, v = _kv(torch.float16)
+    top = codec.encode(k, v, "exact")
+    lower = codec.transcode(top, "q4")
+    assert codec.read_header(lower).level == "q4"
+    k2, _ = codec.decode(lower)
+    assert k2.shape == k.shape
+    assert codec.transcode(lower, "q4") == lower
+    with pytest.raises(codec.CodecError):
+        codec.transcode(lower, "q8")
+
+
+def test_level_rank_and_contract() -> None:
+    assert codec.level_rank("exact") == 0
+    assert [codec.level_rank(x) for x in codec.LEVELS] == list(range(len(codec.LEVELS)))
+    assert codec.DEFAULT_LEVEL in codec.LEVELS and codec.LEVELS[0] == "exact"
+    assert "zstd" in codec.available_backends()
+    with pytest.raises(codec.CodecError):
+        codec.level_rank("q99")
+
+
+def test_bad_inputs_rejected() -> None:
+    k, v = _kv(torch.float16)
+    with pytest.raises(codec.CodecError):
+        codec.encode(k, v[:, :, :5], "q8")
+    with pytest.raises(codec.CodecError):
+        codec.encode(k.int(), v.int(), "q8")
+    with pytest.raises(codec.CodecError):
+        codec.encode(k, v, "nope")
+
+
+def test_single_token_chunk() -> None:
+    k, v = _kv(torch.float16)
+    k1, v1 = k[:, :, :1].contiguous(), v[:, :, :1].contiguous()
+    k2, v2 = codec.decode(codec.encode(k1, v1, "q4"))
+    assert torch.equal(k2, k1) and torch.equal(v2, v1)
