@@ -1,0 +1,533 @@
+"""The fetch policies: which level each chunk travels at, and which peer sends it.
+
+Two sans-IO state machines the fetcher drives (kvpeer/fetcher.py does the I/O):
+
+* :class:`ResolutionController` picks the codec level ("resolution") of the next chunk from the
+  measured bandwidth, the bytes each remaining chunk costs at each level, the decode rate, the
+  request's deadline, its quality floor and the client's recompute rate; or it decides that even
+  the smallest allowed level cannot beat recomputing and answers :class:`RecomputeRest`.
+* :class:`ChunkScheduler` assigns the chunks of one prefix to the peers holding them, weighted by
+  their bandwidth (earliest estimated finish first), takes back the chunks of a dead or stalled
+  peer, and reports completion in prefix order.
+
+Time is always passed in (``now``, seconds on any monotonic clock); nothing here reads a clock,
+sleeps, or imports asyncio, torch or the codec. Level names are constructor input, most
+faithful first (as ``kvpeer.codec.LEVELS``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Bytes per token at each level relative to fp16 KV, used until real sizes are stated or
+# observed. Rough figures from shared/findings/codec.md; the controller replaces them with
+# measured ones as soon as chunks arrive, so they only steer the first chunk or two.
+PRIOR_RATIO_VS_FP16: dict[str, float] = {
+    "exact": 0.80,
+    "q8": 0.38,
+    "q6": 0.30,
+    "q5": 0.25,
+    "q4": 0.21,
+    "q3": 0.16,
+}
+_UNKNOWN_LEVEL_STEP = 0.75  # prior for a level missing from the table: 3/4 of the one above
+
+
+def prior_bytes_per_token(levels: Sequence[str], fp16_bytes_per_token: float) -> dict[str, float]:
+    """A first guess of encoded bytes per token at each level, before any chunk is seen."""
+    out: dict[str, float] = {}
+    previous = fp16_bytes_per_token
+    for name in levels:
+        guess = PRIOR_RATIO_VS_FP16.get(name)
+        value = fp16_bytes_per_token * guess if guess is not None else previous * _UNKNOWN_LEVEL_STEP
+        out[name] = value
+        previous = value
+    return out
+
+
+# --------------------------------------------------------------------------- decisions
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchAt:
+    """Fetch chunk ``index`` at ``level``; the predictions explain why."""
+
+    index: int
+    level: str
+    predicted_finish: float  # when the whole prefix would be usable, all remaining at `level`
+    recompute_finish: float  # when it would be usable if the rest were recomputed instead
+    meets_deadline: bool
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ValueError("index must be >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecomputeRest:
+    """Stop fetching: chunks from ``from_index`` on are cheaper to recompute than to fetch."""
+
+    from_index: int
+    predicted_finish: float  # the best fetch finish the controller could still promise
+    recompute_finish: float
+
+    def __post_init__(self) -> None:
+        if self.from_index < 0:
+            raise ValueError("from_index must be >= 0")
+
+
+Decision = FetchAt | RecomputeRest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControllerConfig:
+    """Knobs of the resolution controller (defaults suit a LAN)."""
+
+    safety: float = 0.85
+    """Fraction of the bandwidth estimate trusted when predicting transfer times."""
+    up_margin: float = 0.15
+    """Switching to a more faithful level needs this fraction of the remaining budget spare."""
+    target_speedup: float = 10.0
+    """Without a deadline, aim to be usable this many times faster than recomputing."""
+    per_chunk_overhead_s: float = 0.002
+    """Request round trip and restore cost per chunk that bandwidth does not explain."""
+    observe_weight: float = 0.5
+    """EWMA weight of a newly observed chunk size in the bytes-per-token estimates."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.safety <= 1:
+            raise ValueError("safety must be in (0, 1]")
+        if not 0 <= self.up_margin < 1:
+            raise ValueError("up_margin must be in [0, 1)")
+        if self.target_speedup <= 0:
+            raise ValueError("target_speedup must be > 0")
+        if self.per_chunk_overhead_s < 0:
+            raise ValueError("per_chunk_overhead_s must be >= 0")
+        if not 0 < self.observe_weight <= 1:
+            raise ValueError("observe_weight must be in (0, 1]")
+
+
+class ResolutionController:
+    """Chooses each chunk's level for one fetch of ``chunk_count`` chunks.
+
+    The fetch is modelled as a pipeline: transfer at the measured bandwidth overlapped with
+    decode at ``decode_rate`` (compressed bytes/s), plus the decode of the last chunk and a small
+    per-chunk overhead. The level of the next chunk is the most faithful allowed level at which
+    *all* remaining chunks would still be usable by the deadline (CacheGen's rule, which keeps
+    levels steady instead of spending the whole budget on the first chunks). With no level meeting
+    the deadline it picks the fastest allowed level, as long as that still beats recomputing the
+    rest at ``recompute_rate`` tokens/s; otherwise it answers :class:`RecomputeRest`.
+    """
+
+    def __init__(
+        self,
+        *,
+        levels: Sequence[str],
+        chunk_count: int,
+        chunk_tokens: int,
+        recompute_rate: float,
+        start: float,
+        bytes_per_token: Mapping[str, float],
+        min_level: str | None = None,
+        deadline: float | None = None,
+        decode_rate: float = math.inf,
+        sizes: Sequence[Mapping[str, int] | None] | None = None,
+        config: ControllerConfig | None = None,
+    ) -> None:
+        if not levels:
+            raise ValueError("at least one level is needed")
+        if len(set(levels)) != len(levels):
+            raise ValueError("level names must be unique")
+        if chunk_count < 0 or chunk_tokens <= 0:
+            raise ValueError("chunk_count must be >= 0 and chunk_tokens > 0")
+        if recompute_rate <= 0:
+            raise ValueError("recompute_rate must be > 0 tokens/s")
+        if decode_rate <= 0:
+            raise ValueError("decode_rate must be > 0 bytes/s")
+        if min_level is not None and min_level not in levels:
+            raise ValueError(f"min_level {min_level!r} is not one of {list(levels)}")
+        missing = [name for name in levels if bytes_per_token.get(name, 0) <= 0]
+        if missing:
+            raise ValueError(f"bytes_per_token needs a positive estimate for {missing}")
+        if sizes is not None and len(sizes) != chunk_count:
+            raise ValueError("sizes must have one entry per chunk")
+        self.levels = tuple(levels)
+        floor = self.levels.index(min_level) if min_level is not None else len(self.levels) - 1
+        self.allowed = self.levels[: floor + 1]
+        self.chunk_count = chunk_count
+        self.chunk_tokens = chunk_tokens
+        self.recompute_rate = float(recompute_rate)
+        self.decode_rate = float(decode_rate)
+        self.start = start
+        self.config = config or ControllerConfig()
+        recompute_all = chunk_count * chunk_tokens / self.recompute_rate
+        self.deadline = (
+            deadline if deadline is not None else start + recompute_all / self.config.target_speedup
+        )
+        self._bpt = {name: float(bytes_per_token[name]) for name in self.levels}
+        self._observed: set[str] = set()
+        self._sizes: list[Mapping[str, int] | None] = (
+            list(sizes) if sizes is not None else [None] * chunk_count
+        )
+        self._state: list[str | None] = [None] * chunk_count  # None / "flight" / "done"
+        self._flight_bytes: dict[int, float] = {}
+        self._last_level: str | None = None
+        self.levels_used: list[str | None] = [None] * chunk_count
+        self.switches = 0
+
+    # ----------------------------------------------------------------- inputs
+    def state_sizes(self, index: int, sizes: Mapping[str, int]) -> None:
+        """A serving peer stated chunk ``index``'s encoded size at some levels."""
+        self._sizes[index] = dict(sizes)
+
+    def chunk_sent(self, index: int, level: str) -> None:
+        """Chunk ``index`` was requested at ``level`` (by this controller's decision or not)."""
+        self._state[index] = "flight"
+        self._flight_bytes[index] = self.chunk_bytes(index, level)
+        self.levels_used[index] = level
+
+    def chunk_received(self, index: int, level: str, nbytes: int) -> None:
+        """Chunk ``index`` arrived: ``nbytes`` encoded bytes at ``level``; sizes are learned."""
+        self._state[index] = "done"
+        self._flight_bytes.pop(index, None)
+        self.levels_used[index] = level
+        self._observe(level, nbytes)
+
+    def chunk_returned(self, index: int) -> None:
+        """Chunk ``index`` is to be fetched again (its peer died or stalled)."""
+        self._state[index] = None
+        self._flight_bytes.pop(index, None)
+        self.levels_used[index] = None
+
+    def _observe(self, level: str, nbytes: int) -> None:
+        if level not in self._bpt or nbytes <= 0:
+            return
+        measured = nbytes / self.chunk_tokens
+        old = self._bpt[level]
+        weight = self.config.observe_weight if level in self._observed else 1.0
+        new = old + weight * (measured - old)
+        self._observed.add(level)
+        # Levels not seen yet keep their ratio to this one: the prior's shape is more reliable
+        # than its scale (the codec's ratio depends on the model far more than the ladder does).
+        scale = new / old
+        for name in self.levels:
+            if name not in self._observed:
+                self._bpt[name] *= scale
+        self._bpt[level] = new
+
+    # ----------------------------------------------------------------- estimates
+    def chunk_bytes(self, index: int, level: str) -> float:
+        """Encoded bytes of chunk ``index`` at ``level``: stated by the peer, else estimated."""
+        stated = self._sizes[index]
+        if stated is not None and level in stated:
+            return float(stated[level])
+        return self._bpt[level] * self.chunk_tokens
+
+    def bytes_per_token(self, level: str) -> float:
+        return self._bpt[level]
+
+    def finish_time(self, now: float, bandwidth_bps: float, level: str, rtt_s: float = 0.0) -> float:
+        """When the whole prefix would be usable if every unrequested chunk went at ``level``."""
+        todo = [i for i, s in enumerate(self._state) if s is None]
+        if not todo and not self._flight_bytes:
+            return now
+        if bandwidth_bps <= 0:
+            return math.inf
+        bytes_left = sum(self._flight_bytes.values()) + sum(
+            self.chunk_bytes(i, level) for i in todo
+        )
+        transfer = bytes_left * 8.0 / (bandwidth_bps * self.config.safety)
+        decode = bytes_left / self.decode_rate
+        last = self.chunk_bytes(todo[-1], level) if todo else 0.0
+        tail = min(last / self.decode_rate, decode)
+        overhead = rtt_s + self.config.per_chunk_overhead_s * (len(todo) + len(self._flight_bytes))
+        return now + max(transfer, decode) + tail + overhead
+
+    def recompute_finish(self, now: float) -> float:
+        """When the prefix would be usable if everything after the restored prefix were recomputed."""
+        first_missing = self.prefix_done()
+        tokens = (self.chunk_count - first_missing) * self.chunk_tokens
+        return now + tokens / self.recompute_rate
+
+    def prefix_done(self) -> int:
+        """Number of leading chunks already received."""
+        n = 0
+        for state in self._state:
+            if state != "done":
+                break
+            n += 1
+        return n
+
+    # ----------------------------------------------------------------- the decision
+    def decide(self, index: int, now: float, bandwidth_bps: float, rtt_s: float = 0.0) -> Decision:
+        """The level for chunk ``index`` (not yet requested), or :class:`RecomputeRest`."""
+        if not 0 <= index < self.chunk_count:
+            raise ValueError(f"chunk {index} outside 0..{self.chunk_count - 1}")
+        decision = self._choose(index, now, bandwidth_bps, rtt_s)
+        if isinstance(decision, FetchAt):
+            if self._last_level is not None and decision.level != self._last_level:
+                self.switches += 1
+            self._last_level = decision.level
+        return decision
+
+    def _choose(self, index: int, now: float, bandwidth_bps: float, rtt_s: float) -> Decision:
+        recompute = self.recompute_finish(now)
+        finishes = {name: self.finish_time(now, bandwidth_bps, name, rtt_s) for name in self.allowed}
+        fastest = min(self.allowed, key=lambda name: (finishes[name], self.allowed.index(name)))
+        if finishes[fastest] >= recompute:
+            return RecomputeRest(
+                from_index=self.prefix_done(),
+                predicted_finish=finishes[fastest],
+                recompute_finish=recompute,
+            )
+        limit = min(self.deadline, recompute)
+        chosen = None
+        for name in self.allowed:  # most faithful first
+            if finishes[name] <= self._budget_for(name, now, limit):
+                chosen = name
+                break
+        meets = chosen is not None
+        if chosen is None:
+            chosen = fastest
+        return FetchAt(
+            index=index,
+            level=chosen,
+            predicted_finish=finishes[chosen],
+            recompute_finish=recompute,
+            meets_deadline=meets,
+        )
+
+    def reconsider(
+        self, index: int, level: str, received: int, now: float, bandwidth_bps: float
+    ) -> FetchAt | None:
+        """Chunk ``index`` is in flight at ``level`` with ``received`` bytes in: after a bandwidth
+        drop, is it better to abandon it and ask again at a smaller level? Returns the new
+        decision (already recorded as sent), or None to keep going. Only for a clear cut: the bytes
+        already in are lost, and the fetcher must cancel the transfer so the sender stops."""
+        if bandwidth_bps <= 0 or level not in self.allowed or self._state[index] != "flight":
+            return None
+        saved = self._flight_bytes.pop(index)
+        self._state[index] = None
+        choice = self._choose(index, now, bandwidth_bps, 0.0)
+        self._state[index] = "flight"
+        self._flight_bytes[index] = saved
+        if not isinstance(choice, FetchAt):
+            return None  # the next decide() says "recompute"; nothing to gain by restarting
+        if self.allowed.index(choice.level) <= self.allowed.index(level):
+            return None
+        left = max(0.0, self.chunk_bytes(index, level) - received)
+        if self.chunk_bytes(index, choice.level) >= left * (1.0 - self.config.up_margin):
+            return None
+        self.switches += 1
+        self._last_level = choice.level
+        self.chunk_sent(index, choice.level)
+        return choice
+
+    def _budget_for(self, name: str, now: float, limit: float) -> float:
+        """The latest acceptable finish for ``name``: stricter when it means switching up."""
+        last = self._last_level
+        if last is not None and self.allowed.index(name) < self.allowed.index(last):
+            return limit - self.config.up_margin * max(0.0, limit - now)
+        return limit
+
+
+# --------------------------------------------------------------------------- scheduling
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    """Request chunk ``index`` from ``peer``."""
+
+    index: int
+    peer: str
+
+
+@dataclass(slots=True)
+class _Peer:
+    bandwidth_bps: float
+    alive: bool = True
+    inflight: dict[int, float] = field(default_factory=dict)  # chunk -> expected bytes
+    last_progress: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """Knobs of the chunk scheduler."""
+
+    window: int = 2
+    """Chunks in flight per peer: one transferring, one queued behind it, so the link never idles."""
+    default_bandwidth_bps: float = 100e6
+    """Weight of a peer whose bandwidth is not known yet."""
+    stall_factor: float = 4.0
+    """A peer is stalled after this many times its expected time for the chunk at its head."""
+    stall_floor_s: float = 2.0
+    """...and never before this long without progress (RTOs, GC pauses, a busy sender)."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+        if self.default_bandwidth_bps <= 0:
+            raise ValueError("default_bandwidth_bps must be > 0")
+        if self.stall_factor < 1 or self.stall_floor_s < 0:
+            raise ValueError("stall_factor must be >= 1 and stall_floor_s >= 0")
+
+
+class ChunkScheduler:
+    """Spreads the chunks of one prefix over the peers holding them.
+
+    ``holders[i]`` names the peers that hold chunk i. A prefix is only useful up to its first
+    gap, so chunks past a chunk no live peer holds are never requested (:attr:`limit`).
+    Each call to :meth:`assign` walks the pending chunks in order and gives each to the holder
+    that would finish it earliest (its queued bytes plus this chunk, over its bandwidth); a chunk
+    whose best holder is busy waits for it rather than going to a much slower free peer.
+    """
+
+    def __init__(
+        self,
+        *,
+        holders: Sequence[Collection[str]],
+        now: float,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self._holders = [set(h) for h in holders]
+        self._peers: dict[str, _Peer] = {}
+        for peers in self._holders:
+            for peer in peers:
+                if peer not in self._peers:
+                    self._peers[peer] = _Peer(self.config.default_bandwidth_bps, last_progress=now)
+        self._pending: set[int] = set(range(len(holders)))
+        self._owner: dict[int, str] = {}
+        self._done: set[int] = set()
+        self._reported = 0  # chunks [0, _reported) were reported complete in order
+        self._limit = len(holders)
+        self._update_limit()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def chunk_count(self) -> int:
+        return len(self._holders)
+
+    @property
+    def limit(self) -> int:
+        """Chunks at or past this index cannot be fetched (no live holder of some earlier one)."""
+        return self._limit
+
+    @property
+    def finished(self) -> bool:
+        """Every fetchable chunk is done."""
+        return self._reported >= self._limit
+
+    def in_flight(self) -> dict[int, str]:
+        return dict(self._owner)
+
+    def peers(self) -> list[str]:
+        return [name for name, p in self._peers.items() if p.alive]
+
+    def set_bandwidth(self, peer: str, bandwidth_bps: float) -> None:
+        if peer in self._peers and bandwidth_bps > 0:
+            self._peers[peer].bandwidth_bps = bandwidth_bps
+
+    def _update_limit(self) -> None:
+        for index in range(self._reported, len(self._holders)):
+            if index in self._done or index in self._owner:
+                continue
+            if not any(self._peers[p].alive for p in self._holders[index]):
+                self._limit = min(self._limit, index)
+                return
+
+    # ----------------------------------------------------------------- decisions
+    def assign(self, now: float, size_of: Mapping[int, float] | None = None) -> list[Assignment]:
+        """Chunks to request now; ``size_of`` gives expected bytes (missing: all equal)."""
+        sizes = size_of or {}
+        queued = {
+            name: sum(p.inflight.values()) for name, p in self._peers.items() if p.alive
+        }
+        slots = {
+            name: self.config.window - len(p.inflight) for name, p in self._peers.items() if p.alive
+        }
+        out: list[Assignment] = []
+        mean = (sum(sizes.values()) / len(sizes)) if sizes else 1.0
+        for index in sorted(i for i in self._pending if i < self._limit):
+            if not any(v > 0 for v in slots.values()):
+                break
+            candidates = [p for p in self._holders[index] if p in queued]
+            if not candidates:
+                continue
+            size = sizes.get(index, mean)
+            best = min(
+                candidates,
+                key=lambda p: ((queued[p] + size) / self._peers[p].bandwidth_bps, p),
+            )
+            queued[best] += size  # reserved for `best` even if it must wait for a slot
+            if slots[best] <= 0:
+                continue
+            slots[best] -= 1
+            self._pending.discard(index)
+            self._owner[index] = best
+            peer = self._peers[best]
+            if not peer.inflight:
+                peer.last_progress = now  # an idle peer's clock starts with its first request
+            peer.inflight[index] = size
+            out.append(Assignment(index=index, peer=best))
+        return out
+
+    def completed(self, index: int, now: float) -> list[int]:
+        """Chunk ``index`` arrived; returns the chunks now complete in prefix order."""
+        owner = self._owner.pop(index, None)
+        if owner is not None:
+            peer = self._peers[owner]
+            peer.inflight.pop(index, None)
+            peer.last_progress = now
+        self._pending.discard(index)
+        self._done.add(index)
+        newly: list[int] = []
+        while self._reported < self._limit and self._reported in self._done:
+            newly.append(self._reported)
+            self._reported += 1
+        return newly
+
+    def chunk_failed(self, index: int, peer: str) -> None:
+        """``peer`` could not serve chunk ``index`` (not held any more, corrupt): try another."""
+        if self._owner.get(index) == peer:
+            del self._owner[index]
+            self._peers[peer].inflight.pop(index, None)
+        self._holders[index].discard(peer)
+        if index not in self._done:
+            self._pending.add(index)
+        self._update_limit()
+
+    def peer_lost(self, peer: str) -> list[int]:
+        """``peer`` died or stalled: its chunks go back to pending; returns them."""
+        state = self._peers.get(peer)
+        if state is None or not state.alive:
+            return []
+        state.alive = False
+        returned = sorted(state.inflight)
+        for index in returned:
+            self._owner.pop(index, None)
+            self._pending.add(index)
+        state.inflight.clear()
+        self._update_limit()
+        return returned
+
+    def stalled(self, now: float) -> list[str]:
+        """Live peers with chunks in flight and no progress for too long."""
+        out = []
+        for name, peer in self._peers.items():
+            if not peer.alive or not peer.inflight:
+                continue
+            head = peer.inflight[min(peer.inflight)]
+            expected = head * 8.0 / peer.bandwidth_bps
+            allowed = max(self.config.stall_floor_s, self.config.stall_factor * expected)
+            if now - peer.last_progress > allowed:
+                out.append(name)
+        return out
+
+    def abandon_from(self, index: int) -> list[tuple[int, str]]:
+        """Stop at ``index`` (recompute the rest): returns in-flight (chunk, peer) to cancel."""
+        self._limit = min(self._limit, index)
+        cancelled = [(i, p) for i, p in self._owner.items() if i >= self._limit]
+        for i, p in cancelled:
+            del self._owner[i]
+            self._peers[p].inflight.pop(i, None)
+        self._pending = {i for i in self._pending if i < self._limit}
+        return sorted(cancelled)

@@ -1,0 +1,327 @@
+"""Unit tests of the fetch policies: a fake clock and a tiny link simulator, no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from kvpeer.fetch_policy import (
+    Assignment,
+    ChunkScheduler,
+    ControllerConfig,
+    FetchAt,
+    RecomputeRest,
+    ResolutionController,
+    SchedulerConfig,
+    prior_bytes_per_token,
+)
+
+LEVELS = ("exact", "q8", "q6", "q5", "q4", "q3")
+TOKENS = 256
+FP16_PER_TOKEN = 23_040  # SmolLM2-135M: 30 layers x 3 kv heads x 64 dims x (k, v) x 2 bytes
+# bytes per token at each level (ratios close to the codec's on SmolLM2)
+BPT = {"exact": 18_000.0, "q8": 8_500.0, "q6": 6_800.0, "q5": 5_600.0, "q4": 4_600.0, "q3": 3_600.0}
+MBIT = 1e6
+
+
+def controller(
+    *,
+    chunks: int = 8,
+    recompute_rate: float = 400.0,
+    deadline: float | None = None,
+    min_level: str | None = None,
+    start: float = 0.0,
+    config: ControllerConfig | None = None,
+) -> ResolutionController:
+    return ResolutionController(
+        levels=LEVELS,
+        chunk_count=chunks,
+        chunk_tokens=TOKENS,
+        recompute_rate=recompute_rate,
+        start=start,
+        bytes_per_token=BPT,
+        min_level=min_level,
+        deadline=deadline,
+        config=config,
+    )
+
+
+def simulate(
+    ctl: ResolutionController,
+    bandwidth_at: Callable[[float], float],
+    fixed: str | None = None,
+    step: float = 1e-3,
+    preempt: bool = True,
+) -> tuple[float, list[str], bool]:
+    """One peer, one chunk at a time; returns (time usable, levels used, recomputed?)."""
+    now = ctl.start
+    levels: list[str] = []
+    for index in range(ctl.chunk_count):
+        if fixed is None:
+            decision = ctl.decide(index, now, bandwidth_at(now))
+            if isinstance(decision, RecomputeRest):
+                return ctl.recompute_finish(now), levels, True
+            level = decision.level
+        else:
+            level = fixed
+        ctl.chunk_sent(index, level)
+        size = ctl.chunk_bytes(index, level)
+        received = 0.0
+        while received < size:  # integrate the (piecewise) bandwidth over time
+            received += bandwidth_at(now) * step / 8
+            now += step
+            if fixed is None and preempt:
+                again = ctl.reconsider(index, level, int(received), now, bandwidth_at(now))
+                if again is not None:  # abandon the transfer, start over smaller
+                    level, size, received = again.level, ctl.chunk_bytes(index, again.level), 0.0
+        ctl.chunk_received(index, level, int(BPT[level] * TOKENS))
+        levels.append(level)
+    return now, levels, False
+
+
+def test_prior_bytes_per_token_shrinks_down_the_ladder() -> None:
+    prior = prior_bytes_per_token(LEVELS + ("q2",), FP16_PER_TOKEN)
+    values = [prior[name] for name in LEVELS + ("q2",)]
+    assert values == sorted(values, reverse=True)
+    assert prior["q2"] < prior["q3"]
+
+
+def test_fast_link_gets_the_top_level() -> None:
+    ctl = controller()
+    decision = ctl.decide(0, 0.0, 10_000 * MBIT)
+    assert isinstance(decision, FetchAt)
+    assert decision.level == "exact" and decision.meets_deadline
+
+
+def test_switches_down_when_bandwidth_drops_and_up_when_it_recovers() -> None:
+    ctl = controller(chunks=16, deadline=2.0)
+    first = ctl.decide(0, 0.0, 1000 * MBIT)
+    assert isinstance(first, FetchAt)
+    ctl.chunk_sent(0, first.level)
+    ctl.chunk_received(0, first.level, int(BPT[first.level] * TOKENS))
+    low = ctl.decide(1, 0.05, 40 * MBIT)
+    assert isinstance(low, FetchAt)
+    assert LEVELS.index(low.level) > LEVELS.index(first.level)
+    ctl.chunk_sent(1, low.level)
+    ctl.chunk_received(1, low.level, int(BPT[low.level] * TOKENS))
+    high = ctl.decide(2, 0.15, 1000 * MBIT)
+    assert isinstance(high, FetchAt)
+    assert LEVELS.index(high.level) < LEVELS.index(low.level)
+    assert ctl.switches == 2
+
+
+def test_switching_up_needs_a_margin() -> None:
+    cfg = ControllerConfig(up_margin=0.5)
+    ctl = controller(chunks=4, deadline=1.0, config=cfg)
+    # bandwidth at which q8 just fits the whole deadline but not with half of it to spare
+    bw = 4 * TOKENS * BPT["q8"] * 8 / (0.95 * cfg.safety)
+    slow = ctl.decide(0, 0.0, bw / 2)
+    assert isinstance(slow, FetchAt) and slow.level != "q8"
+    again = ctl.decide(0, 0.0, bw)
+    assert isinstance(again, FetchAt)
+    assert LEVELS.index(again.level) > LEVELS.index("q8")  # not enough spare budget to go up
+    fresh = controller(chunks=4, deadline=1.0, config=cfg).decide(0, 0.0, bw)
+    assert isinstance(fresh, FetchAt) and fresh.level == "q8"
+
+
+def test_respects_the_quality_floor() -> None:
+    ctl = controller(deadline=0.01, min_level="q5", recompute_rate=10.0)
+    decision = ctl.decide(0, 0.0, 20 * MBIT)  # far too slow for the deadline
+    assert isinstance(decision, FetchAt)
+    assert decision.level == "q5" and not decision.meets_deadline
+
+
+def test_chooses_recompute_when_hopeless() -> None:
+    ctl = controller(recompute_rate=2000.0)
+    decision = ctl.decide(0, 0.0, 1 * MBIT)
+    assert isinstance(decision, RecomputeRest)
+    assert decision.from_index == 0
+    assert decision.predicted_finish > decision.recompute_finish
+
+
+def test_recompute_keeps_the_prefix_already_fetched() -> None:
+    ctl = controller(recompute_rate=2000.0)
+    first = ctl.decide(0, 0.0, 500 * MBIT)
+    assert isinstance(first, FetchAt)
+    ctl.chunk_sent(0, first.level)
+    ctl.chunk_received(0, first.level, int(BPT[first.level] * TOKENS))
+    decision = ctl.decide(1, 0.1, 0.5 * MBIT)
+    assert isinstance(decision, RecomputeRest)
+    assert decision.from_index == 1
+
+
+def test_dead_link_means_recompute() -> None:
+    assert isinstance(controller().decide(0, 0.0, 0.0), RecomputeRest)
+
+
+def test_observed_sizes_replace_the_prior_and_rescale_unseen_levels() -> None:
+    ctl = controller()
+    ctl.chunk_sent(0, "q8")
+    ctl.chunk_received(0, "q8", int(BPT["q8"] * TOKENS * 2))  # twice the prior
+    assert ctl.bytes_per_token("q8") == pytest.approx(BPT["q8"] * 2)
+    assert ctl.bytes_per_token("q3") == pytest.approx(BPT["q3"] * 2)
+
+
+def test_stated_sizes_win_over_estimates() -> None:
+    ctl = controller(chunks=2)
+    ctl.state_sizes(1, {"q4": 1234})
+    assert ctl.chunk_bytes(1, "q4") == 1234
+    assert ctl.chunk_bytes(1, "q3") == BPT["q3"] * TOKENS
+
+
+def test_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        controller(min_level="q9")
+    with pytest.raises(ValueError):
+        controller(recompute_rate=0)
+    with pytest.raises(ValueError):
+        ResolutionController(
+            levels=LEVELS, chunk_count=1, chunk_tokens=TOKENS, recompute_rate=1.0, start=0.0,
+            bytes_per_token={"exact": 1.0},
+        )
+
+
+@pytest.mark.parametrize("mbit", [2, 10, 50, 100, 1000])
+def test_never_worse_than_recompute_in_simulation(mbit: float) -> None:
+    rate = 400.0  # tokens/s
+    ctl = controller(chunks=8, recompute_rate=rate)
+    usable, _, _ = simulate(ctl, lambda _t: mbit * MBIT)
+    recompute_all = 8 * TOKENS / rate
+    assert usable <= recompute_all * 1.02
+
+
+def test_bandwidth_drop_mid_fetch_is_close_to_the_best_fixed_level() -> None:
+    """100 -> 10 Mbit/s early in the fetch: within 1.2x of the fastest fixed level, floor kept.
+
+    (A drop late in the fetch costs more: the chunks already fetched above the floor were the
+    right choice at 100 Mbit/s and cannot be undone; no online policy can know.)
+    """
+
+    def link(t: float) -> float:
+        return (100 if t < 0.2 else 10) * MBIT
+
+    chunks, rate = 8, 150.0
+    adaptive, levels, recomputed = simulate(
+        controller(chunks=chunks, recompute_rate=rate, min_level="q4"), link
+    )
+    assert not recomputed
+    assert all(LEVELS.index(level) <= LEVELS.index("q4") for level in levels)
+    assert levels[0] != levels[-1]  # it did switch down
+    fixed = {
+        level: simulate(controller(chunks=chunks, recompute_rate=rate), link, fixed=level)[0]
+        for level in LEVELS[: LEVELS.index("q4") + 1]
+    }
+    assert adaptive <= 1.2 * min(fixed.values())
+
+
+@pytest.mark.parametrize("drop_at", [0.05, 0.3, 0.8])
+@pytest.mark.parametrize("rate", [150.0, 300.0])
+def test_bandwidth_drop_never_worse_than_recompute(drop_at: float, rate: float) -> None:
+    def link(t: float) -> float:
+        return (100 if t < drop_at else 10) * MBIT
+
+    usable, _, _ = simulate(controller(chunks=8, recompute_rate=rate, min_level="q4"), link)
+    assert usable <= 8 * TOKENS / rate
+
+
+def test_preempts_a_big_chunk_in_flight_when_the_link_collapses() -> None:
+    ctl = controller(chunks=2, recompute_rate=50.0, deadline=0.5)
+    first = ctl.decide(0, 0.0, 1000 * MBIT)
+    assert isinstance(first, FetchAt) and first.level == "exact"
+    ctl.chunk_sent(0, "exact")
+    assert ctl.reconsider(0, "exact", 0, 0.0, 1000 * MBIT) is None  # on time: keep going
+    again = ctl.reconsider(0, "exact", 1000, 0.01, 5 * MBIT)
+    assert isinstance(again, FetchAt)
+    assert LEVELS.index(again.level) > LEVELS.index("exact")
+    assert ctl.levels_used[0] == again.level
+
+
+# --------------------------------------------------------------------------- scheduler
+def test_scheduler_splits_by_bandwidth() -> None:
+    sched = ChunkScheduler(
+        holders=[{"a", "b"}] * 12, now=0.0, config=SchedulerConfig(window=100)
+    )
+    sched.set_bandwidth("a", 300 * MBIT)
+    sched.set_bandwidth("b", 100 * MBIT)
+    got = sched.assign(0.0)
+    per_peer = {p: sum(1 for a in got if a.peer == p) for p in "ab"}
+    assert per_peer == {"a": 9, "b": 3}
+
+
+def test_scheduler_equal_peers_share_evenly_and_in_order() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}] * 8, now=0.0)
+    got = sched.assign(0.0)
+    assert [a.index for a in got] == [0, 1, 2, 3]
+    assert {a.peer for a in got} == {"a", "b"}
+    assert sched.assign(0.0) == []  # windows full
+
+
+def test_scheduler_waits_for_a_fast_busy_peer_rather_than_a_crawling_one() -> None:
+    sched = ChunkScheduler(holders=[{"fast", "slow"}] * 6, now=0.0, config=SchedulerConfig(window=1))
+    sched.set_bandwidth("fast", 1000 * MBIT)
+    sched.set_bandwidth("slow", 1 * MBIT)
+    got = sched.assign(0.0)
+    assert got == [Assignment(index=0, peer="fast")]
+
+
+def test_scheduler_reports_completion_in_prefix_order() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}] * 4, now=0.0)
+    sched.assign(0.0)
+    assert sched.completed(1, 0.1) == []
+    assert sched.completed(0, 0.2) == [0, 1]
+    sched.assign(0.2)
+    assert sched.completed(3, 0.3) == []
+    assert sched.completed(2, 0.4) == [2, 3]
+    assert sched.finished
+
+
+def test_scheduler_reassigns_a_dead_peers_chunks() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}] * 4, now=0.0)
+    first = sched.assign(0.0)
+    lost = sched.peer_lost("a")
+    assert lost == sorted(a.index for a in first if a.peer == "a")
+    for index in [a.index for a in first if a.peer == "b"]:
+        sched.completed(index, 0.1)
+    again = sched.assign(0.1)
+    assert {a.peer for a in again} == {"b"}
+    assert set(lost) <= {a.index for a in again}
+    assert sched.limit == 4
+
+
+def test_scheduler_detects_a_stalled_peer() -> None:
+    cfg = SchedulerConfig(stall_floor_s=1.0, stall_factor=4.0)
+    sched = ChunkScheduler(holders=[{"a"}, {"b"}], now=0.0, config=cfg)
+    sched.assign(0.0, {0: 1e6, 1: 1e6})
+    sched.completed(1, 0.05)
+    assert sched.stalled(0.5) == []
+    assert sched.stalled(2.0) == ["a"]
+
+
+def test_scheduler_stops_at_a_chunk_nobody_holds_any_more() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}, {"a"}, {"a", "b"}], now=0.0)
+    sched.assign(0.0)
+    sched.peer_lost("a")
+    assert sched.limit == 1
+    assert [a.index for a in sched.assign(0.1)] == [0]
+    sched.completed(0, 0.2)
+    assert sched.finished
+
+
+def test_scheduler_chunk_failure_tries_another_holder() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}], now=0.0)
+    (first,) = sched.assign(0.0)
+    sched.chunk_failed(0, first.peer)
+    (second,) = sched.assign(0.1)
+    assert second.peer != first.peer
+    sched.chunk_failed(0, second.peer)
+    assert sched.limit == 0 and sched.finished
+
+
+def test_scheduler_abandon_cancels_what_is_past_the_cut() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}] * 6, now=0.0)
+    got = sched.assign(0.0)
+    cancelled = sched.abandon_from(2)
+    assert cancelled == sorted((a.index, a.peer) for a in got if a.index >= 2)
+    assert sched.limit == 2
+    assert all(a.index < 2 for a in sched.assign(0.0))
