@@ -1,0 +1,229 @@
+"""The `Discovery` interface and the machinery every backend shares.
+
+Shared here: the live-peer table and its subscribers, coalesced advertisement updates, and
+the liveness loop (heartbeats out, silent peers expired). A backend implements only how an
+advertisement is published and withdrawn and how peers' advertisements arrive
+(`_publish`, `_open`, `_close`, and optionally heartbeats). Every task is owned by the
+discovery object and cancelled in `close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+
+from kvpeer.discovery._warn import WarnOnce
+from kvpeer.discovery.advert import Advertisement, PeerEvent, PeerInfo
+from kvpeer.discovery.beacon import Beacon, BeaconSocket, decode_beacon, encode_beacon
+from kvpeer.discovery.config import DiscoveryConfig, advertisable_addresses, check_advertised
+from kvpeer.discovery.peers import PeerTable, UpdateThrottle
+from kvpeer.errors import KVPeerError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+PeerCallback = Callable[[PeerEvent], None]
+
+
+class Discovery(ABC):
+    """Announces this node and tracks live peers. One instance per daemon."""
+
+    def __init__(self, config: DiscoveryConfig) -> None:
+        self.config = config
+        self._subscribers: list[PeerCallback] = []
+        self._throttle = UpdateThrottle(config.update_min_interval_s)
+        self._table = PeerTable("", None)
+        self._advert: Advertisement | None = None
+        self._pending: Advertisement | None = None
+        self._addresses: tuple[str, ...] = ()
+        self._flush: asyncio.Task[None] | None = None
+        self._liveness: asyncio.Task[None] | None = None
+        self._beacons: BeaconSocket | None = None
+        self._warn = WarnOnce(log)
+        self._closed = False
+
+    # ----------------------------------------------------------------- public interface
+    async def start(self, advert: Advertisement) -> None:
+        """Announce ``advert`` and start tracking peers."""
+        allowed = advertisable_addresses(self.config.interfaces)
+        self._addresses = check_advertised(advert.addresses, allowed)
+        self._table = PeerTable(advert.node_id, self._liveness_timeout())
+        self._advert = advert
+        await self._open(advert)
+        self._throttle.published(self._now())
+        if self._heartbeat_interval():
+            self._beacons = BeaconSocket(self._on_datagram)
+            await self._beacons.open(self._addresses, advert.port)
+        self._liveness = asyncio.create_task(self._liveness_loop(), name="discovery-liveness")
+        log.info(
+            "discovery (%s) started: %s at %s port %d",
+            self.config.backend, advert.node_id, ",".join(self._addresses), advert.port,
+        )
+
+    async def update(self, advert: Advertisement) -> None:
+        """Publish a changed advertisement; bursts coalesce to one per update_min_interval_s."""
+        if self._advert is None or self._closed:
+            raise KVPeerError("discovery is not running")
+        if advert.node_id != self._advert.node_id or advert.port != self._advert.port:
+            raise KVPeerError("an update may not change node id or port")
+        self._pending = advert
+        if self._flush is not None and not self._flush.done():
+            return  # the scheduled flush publishes the latest pending advertisement
+        delay = self._throttle.delay(self._now())
+        if delay == 0:
+            await self._publish_pending()
+        else:
+            self._flush = asyncio.create_task(self._flush_after(delay), name="discovery-flush")
+
+    async def close(self) -> None:
+        """Withdraw the advertisement (goodbye) and stop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._flush, self._liveness):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._advert is not None:
+            await self._close()
+        if self._beacons is not None:
+            self._beacons.close()
+
+    def peers(self) -> Mapping[str, PeerInfo]:
+        """Live peers by node id; never this node."""
+        return self._table.alive()
+
+    def subscribe(self, callback: PeerCallback) -> None:
+        """Call ``callback`` (in the event loop, must not block) for each added/updated/removed."""
+        self._subscribers.append(callback)
+
+    def mark_dead(self, node_id: str) -> None:
+        """The transport's heartbeat says the peer vanished: drop it now."""
+        self._dispatch(self._table.mark_dead(node_id))
+
+    @property
+    def advertisement(self) -> Advertisement | None:
+        """What this node announces now (the latest published or pending)."""
+        return self._pending or self._advert
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._addresses
+
+    # ----------------------------------------------------------------- for backends
+    @abstractmethod
+    async def _open(self, advert: Advertisement) -> None:
+        """Publish the first advertisement and start receiving peers'."""
+
+    @abstractmethod
+    async def _publish(self, advert: Advertisement) -> None:
+        """Replace the published advertisement."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Withdraw the advertisement (goodbye) and release resources."""
+
+    async def _tick(self) -> None:
+        """Periodic backend work, run from the liveness loop before heartbeats go out."""
+        return None
+
+    def _liveness_timeout(self) -> float | None:
+        """Silence after which a peer is dropped, or None if the backend has its own."""
+        return self.config.peer_timeout_s if self._heartbeat_interval() else None
+
+    def _heartbeat_interval(self) -> float:
+        return self.config.heartbeat_interval_s
+
+    def _heartbeat(self) -> Beacon | None:
+        """What to send each peer every interval."""
+        assert self._advert is not None
+        return Beacon(kind="hb", node_id=self._advert.node_id)
+
+    def _heartbeat_targets(self) -> list[tuple[str, int]]:
+        targets = []
+        for node_id in self._table.known_ids():
+            info = self._table.known(node_id)
+            if info is not None and info.addresses:
+                targets.append((info.addresses[0], info.port))
+        return targets
+
+    def _on_beacon(self, beacon: Beacon, source_ip: str) -> None:
+        info = self._table.known(beacon.node_id)
+        if info is None or source_ip not in info.addresses:
+            return  # heartbeats only vouch for peers already advertised from that address
+        if beacon.kind == "bye":
+            self._dispatch(self._table.withdraw(beacon.node_id))
+        else:
+            self._dispatch(self._table.heard(beacon.node_id, self._now()))
+
+    def _observe(self, info: PeerInfo) -> None:
+        self._dispatch(self._table.observe(info, self._now()))
+
+    def _withdraw(self, node_id: str) -> None:
+        self._dispatch(self._table.withdraw(node_id))
+
+    def _send(self, beacon: Beacon, target: tuple[str, int]) -> None:
+        if self._beacons is not None:
+            self._beacons.send(encode_beacon(beacon), target)
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    # ----------------------------------------------------------------- internals
+    def _dispatch(self, events: list[PeerEvent]) -> None:
+        for event in events:
+            log.info(
+                "peer %s %s (epoch %d, %d chunks)",
+                event.peer.node_id, event.kind, event.peer.epoch, event.peer.chunk_count,
+            )
+            for callback in list(self._subscribers):
+                try:
+                    callback(event)
+                except Exception:  # a subscriber's bug must not stop discovery
+                    log.exception("peer event subscriber failed on %s", event)
+
+    def _on_datagram(self, data: bytes, source_ip: str) -> None:
+        try:
+            beacon = decode_beacon(data)
+            self._on_beacon(beacon, source_ip)
+        except ProtocolError as exc:
+            self._warn(source_ip, "ignored beacon: %s", exc)
+
+    async def _publish_pending(self) -> None:
+        advert, self._pending = self._pending, None
+        if advert is None:
+            return
+        self._advert = advert
+        self._throttle.published(self._now())
+        try:
+            await self._publish(advert)
+        except (KVPeerError, OSError) as exc:
+            log.warning("advertisement update failed: %s", exc)
+
+    async def _flush_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._publish_pending()
+
+    async def _liveness_loop(self) -> None:
+        interval = self._heartbeat_interval()
+        period = interval if interval else max(self.config.peer_timeout_s / 4, 0.25)
+        while True:
+            await self._tick()
+            if interval:
+                beacon = self._heartbeat()
+                if beacon is not None:
+                    for target in self._heartbeat_targets():
+                        try:
+                            self._send(beacon, target)
+                        except OSError as exc:
+                            log.debug("heartbeat to %s failed: %s", target, exc)
+            self._dispatch(self._table.expire(self._now()))
+            wake = period
+            next_expiry = self._table.next_expiry()
+            if next_expiry is not None:
+                wake = min(wake, max(0.05, next_expiry - self._now() + 0.01))
+            await asyncio.sleep(wake)

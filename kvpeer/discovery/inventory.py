@@ -1,0 +1,288 @@
+"""Inventories, sans-IO: this node's chunk set (`InventoryLog`) and what peers hold
+(`InventoryTable`), and the full/delta message between them (`InventoryUpdate`).
+
+The epoch names a version of a node's chunk set. It starts at the microseconds since the Unix
+epoch when the log is created and grows by one per change, so a restarted node never reuses an
+epoch a peer may remember: a delta asked from a stale or unknown epoch is answered in full.
+No asyncio, no sockets: the daemon moves the messages (see sync.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.hashing import KEY_BYTES
+
+INVENTORY_VERSION = 1
+MAX_INVENTORY_KEYS = 262_144  # 8 MiB of keys: a 256-token chunk each is 67M tokens
+DEFAULT_HISTORY_KEYS = 65_536
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InventoryUpdate:
+    """A node's chunk set ("full") or its changes since ``base_epoch`` ("delta")."""
+
+    kind: Literal["full", "delta"]
+    epoch: int
+    base_epoch: int = 0  # delta only
+    keys: tuple[bytes, ...] = ()  # full only
+    added: tuple[bytes, ...] = ()  # delta only
+    removed: tuple[bytes, ...] = ()  # delta only
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "delta"):
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"inventory kind {self.kind!r}")
+        for name in ("epoch", "base_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+                raise ProtocolError(ErrorCode.INVALID, f"inventory {name} out of range")
+        if self.kind == "full" and (self.added or self.removed or self.base_epoch):
+            raise ProtocolError(ErrorCode.INVALID, "a full inventory carries only keys")
+        if self.kind == "delta":
+            if self.keys:
+                raise ProtocolError(ErrorCode.INVALID, "a delta carries added/removed, not keys")
+            if self.base_epoch > self.epoch:
+                raise ProtocolError(ErrorCode.INVALID, "delta base epoch after its epoch")
+        total = len(self.keys) + len(self.added) + len(self.removed)
+        if total > MAX_INVENTORY_KEYS:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"inventory of {total} keys")
+        for group in (self.keys, self.added, self.removed):
+            for key in group:
+                if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                    raise ProtocolError(ErrorCode.INVALID, "inventory key is not 32 bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        """msgpack-able form (what an "inventory" request answers)."""
+        out: dict[str, Any] = {"v": INVENTORY_VERSION, "kind": self.kind, "epoch": self.epoch}
+        if self.kind == "full":
+            out["keys"] = list(self.keys)
+        else:
+            out.update(base=self.base_epoch, add=list(self.added), remove=list(self.removed))
+        return out
+
+    @classmethod
+    def from_dict(cls, message: Mapping[str, Any]) -> InventoryUpdate:
+        """Validate a peer's answer; ProtocolError for anything malformed or too large."""
+        if not isinstance(message, Mapping):
+            raise ProtocolError(ErrorCode.MALFORMED, "inventory is not a map")
+        if message.get("v") != INVENTORY_VERSION:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"inventory v={message.get('v')!r}")
+
+        def keys(name: str) -> tuple[bytes, ...]:
+            value = message.get(name, [])
+            if not isinstance(value, list | tuple):
+                raise ProtocolError(ErrorCode.INVALID, f"inventory {name} is not a list")
+            if len(value) > MAX_INVENTORY_KEYS:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"inventory {name}: {len(value)} keys")
+            return tuple(value)
+
+        return cls(
+            kind=message.get("kind"),  # type: ignore[arg-type]  # validated in __post_init__
+            epoch=message.get("epoch"),  # type: ignore[arg-type]
+            base_epoch=message.get("base", 0),
+            keys=keys("keys"),
+            added=keys("add"),
+            removed=keys("remove"),
+        )
+
+
+def initial_epoch() -> int:
+    return time.time_ns() // 1000
+
+
+class InventoryLog:
+    """This node's chunk keys, an epoch, and a bounded history of changes for deltas."""
+
+    def __init__(self, *, epoch: int | None = None, history_keys: int = DEFAULT_HISTORY_KEYS) -> None:
+        self._keys: set[bytes] = set()
+        self._first: set[bytes] = set()
+        self.epoch = initial_epoch() if epoch is None else epoch
+        self._oldest = self.epoch  # deltas can be answered from this epoch on
+        self._history: deque[tuple[int, bool, tuple[bytes, ...]]] = deque()  # epoch, added, keys
+        self._history_keys = 0
+        self._history_cap = history_keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def keys(self) -> frozenset[bytes]:
+        return frozenset(self._keys)
+
+    def first_chunk_keys(self) -> frozenset[bytes]:
+        """Keys marked as a prefix's first chunk (what the advertisement's digest covers)."""
+        return frozenset(self._first)
+
+    def add(self, keys: Iterable[bytes], *, first: Iterable[bytes] = ()) -> int:
+        """Record keys now held; ``first`` marks which of them start a prefix. Returns the epoch."""
+        new = tuple(k for k in dict.fromkeys(keys) if k not in self._keys)
+        self._keys.update(new)
+        self._first.update(k for k in first if k in self._keys)
+        if new:
+            self._record(True, new)
+        return self.epoch
+
+    def remove(self, keys: Iterable[bytes]) -> int:
+        """Record keys no longer held (evicted). Returns the epoch."""
+        gone = tuple(k for k in dict.fromkeys(keys) if k in self._keys)
+        self._keys.difference_update(gone)
+        self._first.difference_update(gone)
+        if gone:
+            self._record(False, gone)
+        return self.epoch
+
+    def _record(self, added: bool, keys: tuple[bytes, ...]) -> None:
+        self.epoch += 1
+        self._history.append((self.epoch, added, keys))
+        self._history_keys += len(keys)
+        while self._history_keys > self._history_cap and self._history:
+            epoch, _, dropped = self._history.popleft()
+            self._history_keys -= len(dropped)
+            self._oldest = epoch
+
+    def full(self) -> InventoryUpdate:
+        return InventoryUpdate(kind="full", epoch=self.epoch, keys=tuple(self._keys))
+
+    def update_since(self, epoch: int | None) -> InventoryUpdate:
+        """Delta since ``epoch`` when the history covers it and it is smaller, else full."""
+        if epoch is None or not self._oldest <= epoch <= self.epoch:
+            return self.full()
+        first_op: dict[bytes, bool] = {}
+        for entry_epoch, added, keys in self._history:
+            if entry_epoch <= epoch:
+                continue
+            for key in keys:
+                first_op.setdefault(key, added)
+        add = tuple(k for k, was_add in first_op.items() if was_add and k in self._keys)
+        remove = tuple(k for k, was_add in first_op.items() if not was_add and k not in self._keys)
+        if len(add) + len(remove) >= len(self._keys):
+            return self.full()
+        return InventoryUpdate(
+            kind="delta", epoch=self.epoch, base_epoch=epoch, added=add, removed=remove
+        )
+
+    def since(self, epoch: int | None) -> dict[str, Any]:
+        """The answer to an "inventory" request, msgpack-able."""
+        return self.update_since(epoch).to_dict()
+
+
+@dataclass(slots=True)
+class _PeerInventory:
+    epoch: int
+    keys: set[bytes]
+    fingerprints: frozenset[str]
+
+
+class StaleDeltaError(ProtocolError):
+    """A delta does not start at the epoch the table holds: ask for a full inventory."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.INVALID, reason)
+
+
+class InventoryTable:
+    """What each peer holds: chunk key -> peers, and each peer's epoch and fingerprints."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[bytes, set[str]] = {}
+        self._peers: dict[str, _PeerInventory] = {}
+
+    def apply(
+        self,
+        peer_id: str,
+        message: Mapping[str, Any] | InventoryUpdate,
+        fingerprints: Iterable[str] | None = None,
+    ) -> int:
+        """Apply a peer's full or delta inventory; returns the peer's epoch now held.
+
+        Raises ProtocolError for a malformed message and StaleDeltaError for a delta whose base
+        is not the epoch held (the caller asks for a full inventory then).
+        """
+        update = message if isinstance(message, InventoryUpdate) else InventoryUpdate.from_dict(message)
+        peer = self._peers.get(peer_id)
+        fps = frozenset(fingerprints) if fingerprints is not None else None
+        if update.kind == "full":
+            self.drop(peer_id)
+            keys = set(update.keys)
+            old_fps = peer.fingerprints if peer else frozenset()
+            self._peers[peer_id] = _PeerInventory(update.epoch, keys, fps if fps is not None else old_fps)
+            for key in keys:
+                self._by_key.setdefault(key, set()).add(peer_id)
+            return update.epoch
+        if peer is None or peer.epoch != update.base_epoch:
+            held = None if peer is None else peer.epoch
+            raise StaleDeltaError(f"delta from epoch {update.base_epoch}, table holds {held}")
+        for key in update.removed:
+            if key in peer.keys:
+                peer.keys.discard(key)
+                holders = self._by_key.get(key)
+                if holders is not None:
+                    holders.discard(peer_id)
+                    if not holders:
+                        del self._by_key[key]
+        for key in update.added:
+            if key not in peer.keys:
+                peer.keys.add(key)
+                self._by_key.setdefault(key, set()).add(peer_id)
+        peer.epoch = update.epoch
+        if fps is not None:
+            peer.fingerprints = fps
+        return update.epoch
+
+    def set_fingerprints(self, peer_id: str, fingerprints: Iterable[str]) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.fingerprints = frozenset(fingerprints)
+
+    def drop(self, peer_id: str) -> None:
+        """Forget a peer (gone, or about to be replaced by a full inventory)."""
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return
+        for key in peer.keys:
+            holders = self._by_key.get(key)
+            if holders is not None:
+                holders.discard(peer_id)
+                if not holders:
+                    del self._by_key[key]
+
+    def epoch(self, peer_id: str) -> int | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.epoch
+
+    def peer_ids(self) -> list[str]:
+        return list(self._peers)
+
+    def keys_of(self, peer_id: str) -> frozenset[bytes]:
+        peer = self._peers.get(peer_id)
+        return frozenset(peer.keys) if peer else frozenset()
+
+    def peers_for(self, key: bytes, fingerprint: str | None = None) -> set[str]:
+        """Peers holding ``key``; with ``fingerprint``, only peers that serve that model."""
+        holders = self._by_key.get(key, set())
+        if fingerprint is None:
+            return set(holders)
+        return {p for p in holders if fingerprint in self._peers[p].fingerprints}
+
+    def longest_prefix(
+        self, keys: Sequence[bytes], fingerprint: str | None = None
+    ) -> tuple[int, list[set[str]]]:
+        """How many leading chunks some peer holds, and which peers hold each of them."""
+        holders: list[set[str]] = []
+        for key in keys:
+            peers = self.peers_for(key, fingerprint)
+            if not peers:
+                break
+            holders.append(peers)
+        return len(holders), holders
+
+    def snapshot(self) -> dict[str, frozenset[bytes]]:
+        """Every peer's key set (for tests and stats)."""
+        return {p: frozenset(inv.keys) for p, inv in self._peers.items()}

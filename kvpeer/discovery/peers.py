@@ -1,0 +1,125 @@
+"""The live-peer table and its liveness policy, sans-IO: time is passed in as ``now``.
+
+A peer enters through its advertisement (`observe`), stays alive while there is evidence it
+runs (an advertisement or a heartbeat within ``timeout_s``), leaves at once on a goodbye
+(`withdraw`) or when the transport says so (`mark_dead`), and leaves when silent for
+``timeout_s`` (`expire`). A peer marked dead or expired keeps its last advertisement, so fresh
+evidence of life (a heartbeat) brings it back without waiting for its next announcement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from kvpeer.discovery.advert import PeerEvent, PeerInfo
+
+
+@dataclass(slots=True)
+class _Entry:
+    info: PeerInfo
+    last_seen: float
+    alive: bool = True
+
+
+class PeerTable:
+    """Peers by node id; every mutating call returns the events it caused."""
+
+    def __init__(self, self_id: str, timeout_s: float | None) -> None:
+        self._self_id = self_id
+        self._timeout_s = timeout_s  # None: no timeout-based liveness
+        self._entries: dict[str, _Entry] = {}
+        self._alive: dict[str, PeerInfo] = {}
+
+    def alive(self) -> Mapping[str, PeerInfo]:
+        return MappingProxyType(self._alive)
+
+    def known(self, node_id: str) -> PeerInfo | None:
+        """Last advertisement of a peer, alive or not."""
+        entry = self._entries.get(node_id)
+        return entry.info if entry else None
+
+    def known_ids(self) -> list[str]:
+        return list(self._entries)
+
+    def observe(self, info: PeerInfo, now: float) -> list[PeerEvent]:
+        """A peer advertised itself (new or changed record, or a beacon)."""
+        if info.node_id == self._self_id:
+            return []
+        entry = self._entries.get(info.node_id)
+        if entry is None:
+            self._entries[info.node_id] = _Entry(info, now)
+            self._alive[info.node_id] = info
+            return [PeerEvent(kind="added", peer=info)]
+        previous, was_alive = entry.info, entry.alive
+        entry.info, entry.last_seen, entry.alive = info, now, True
+        self._alive[info.node_id] = info
+        if not was_alive:
+            return [PeerEvent(kind="added", peer=info)]
+        if previous == info:
+            return []
+        return [PeerEvent(kind="updated", peer=info, epoch_changed=previous.epoch != info.epoch)]
+
+    def heard(self, node_id: str, now: float) -> list[PeerEvent]:
+        """Evidence of life without a new advertisement (a heartbeat)."""
+        entry = self._entries.get(node_id)
+        if entry is None:
+            return []
+        entry.last_seen = now
+        if entry.alive:
+            return []
+        entry.alive = True
+        self._alive[node_id] = entry.info
+        return [PeerEvent(kind="added", peer=entry.info)]
+
+    def withdraw(self, node_id: str) -> list[PeerEvent]:
+        """The peer said goodbye (or its registry key vanished): forget it."""
+        entry = self._entries.pop(node_id, None)
+        if entry is None:
+            return []
+        self._alive.pop(node_id, None)
+        return [PeerEvent(kind="removed", peer=entry.info)] if entry.alive else []
+
+    def mark_dead(self, node_id: str) -> list[PeerEvent]:
+        """The peer vanished without a goodbye; keep its record for a possible return."""
+        entry = self._entries.get(node_id)
+        if entry is None or not entry.alive:
+            return []
+        entry.alive = False
+        del self._alive[node_id]
+        return [PeerEvent(kind="removed", peer=entry.info)]
+
+    def expire(self, now: float) -> list[PeerEvent]:
+        """Mark dead every live peer silent for longer than the timeout."""
+        if self._timeout_s is None:
+            return []
+        events: list[PeerEvent] = []
+        for node_id, entry in list(self._entries.items()):
+            if entry.alive and now - entry.last_seen > self._timeout_s:
+                events.extend(self.mark_dead(node_id))
+        return events
+
+    def next_expiry(self) -> float | None:
+        """When `expire` next has something to do, or None."""
+        if self._timeout_s is None:
+            return None
+        times = [e.last_seen for e in self._entries.values() if e.alive]
+        return min(times) + self._timeout_s if times else None
+
+
+class UpdateThrottle:
+    """Coalesces advertisement updates to at most one per ``min_interval_s``."""
+
+    def __init__(self, min_interval_s: float) -> None:
+        self._min = min_interval_s
+        self._last: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before publishing an update asked for at ``now`` (0: publish now)."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self._min - now)
+
+    def published(self, now: float) -> None:
+        self._last = now

@@ -1,0 +1,110 @@
+"""Pull peers' inventories into an `InventoryTable` when their advertised epoch moves.
+
+The daemon hands in one callable, ``request(peer_id, method, body) -> answer``, that sends a
+request over the authenticated peer connection (the transport); this module decides when to
+ask, what to ask for (a delta since the epoch held, or the full set), and applies the answer.
+`InventorySync` owns one task per peer at a time and cancels them on `close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvpeer.discovery.advert import PeerEvent, PeerInfo
+from kvpeer.discovery.inventory import InventoryTable, StaleDeltaError
+from kvpeer.errors import KVPeerError
+
+log = logging.getLogger(__name__)
+
+Request = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def sync_peer(table: InventoryTable, request: Request, peer: PeerInfo, timeout_s: float) -> int:
+    """Bring ``table``'s view of ``peer`` to its latest epoch; returns the epoch now held.
+
+    Raises KVPeerError (transport or protocol) or TimeoutError; the table is unchanged then.
+    """
+    known = table.epoch(peer.node_id)
+    if known is not None and known == peer.epoch:
+        table.set_fingerprints(peer.node_id, peer.fingerprints)
+        return known
+    answer = await asyncio.wait_for(
+        request(peer.node_id, "inventory", {"since": known}), timeout_s
+    )
+    try:
+        return table.apply(peer.node_id, answer, peer.fingerprints)
+    except StaleDeltaError:
+        # The peer answered a delta from an epoch we no longer hold (a race with an earlier
+        # answer): one full inventory settles it.
+        answer = await asyncio.wait_for(
+            request(peer.node_id, "inventory", {"since": None}), timeout_s
+        )
+        return table.apply(peer.node_id, answer, peer.fingerprints)
+
+
+class InventorySync:
+    """Subscribe `on_event` to a Discovery; keeps ``table`` current with every live peer."""
+
+    def __init__(self, table: InventoryTable, request: Request, *, timeout_s: float = 5.0) -> None:
+        self.table = table
+        self._request = request
+        self._timeout_s = timeout_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._latest: dict[str, PeerInfo] = {}
+        self._synced: dict[str, asyncio.Event] = {}
+        self._closed = False
+
+    def on_event(self, event: PeerEvent) -> None:
+        """Discovery callback: sync on added/updated, forget on removed."""
+        peer_id = event.peer.node_id
+        if event.kind == "removed":
+            self._latest.pop(peer_id, None)
+            task = self._tasks.pop(peer_id, None)
+            if task is not None:
+                task.cancel()
+            self.table.drop(peer_id)
+            return
+        self.request_sync(event.peer)
+
+    def request_sync(self, peer: PeerInfo) -> None:
+        if self._closed:
+            return
+        self._latest[peer.node_id] = peer
+        if peer.node_id not in self._tasks:
+            self._tasks[peer.node_id] = asyncio.create_task(
+                self._run(peer.node_id), name=f"inventory sync {peer.node_id}"
+            )
+
+    async def _run(self, peer_id: str) -> None:
+        try:
+            while (peer := self._latest.get(peer_id)) is not None:
+                try:
+                    epoch = await sync_peer(self.table, self._request, peer, self._timeout_s)
+                except (KVPeerError, TimeoutError, OSError) as exc:
+                    log.info("inventory of %s not synced: %s", peer_id, exc)
+                    return
+                latest = self._latest.get(peer_id)
+                if latest is None or latest.epoch <= epoch:
+                    self._synced.setdefault(peer_id, asyncio.Event()).set()
+                    return
+        finally:
+            self._tasks.pop(peer_id, None)
+
+    async def wait_synced(self, peer_id: str, timeout_s: float) -> None:
+        """Wait until the table has caught up with ``peer_id`` once (tests, benchmarks)."""
+        event = self._synced.setdefault(peer_id, asyncio.Event())
+        await asyncio.wait_for(event.wait(), timeout_s)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()

@@ -1,0 +1,143 @@
+"""Discovery over mDNS/DNS-SD with python-zeroconf's asyncio API.
+
+Registers `<node_id>._kvpeer._tcp.local.` with the advertisement as TXT on the configured
+interfaces only, browses the same type, and resolves each added or updated service into a
+`PeerInfo`. A goodbye (or a record expiring) removes the peer at once. Liveness beyond that
+comes from the shared UDP heartbeats (base.py) and the transport's `mark_dead`: mDNS alone
+keeps a killed peer's records for their whole TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from zeroconf import IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement, decode_fields, encode_fields
+from kvpeer.discovery.base import Discovery
+from kvpeer.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+def instance_name(node_id: str) -> str:
+    return f"{node_id}.{SERVICE_TYPE}"
+
+
+class ZeroconfDiscovery(Discovery):
+    """Peers on the LAN, found by multicast DNS."""
+
+    _azc: AsyncZeroconf | None = None
+    _browser: AsyncServiceBrowser | None = None
+    _info: AsyncServiceInfo | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()
+
+    def _service_info(self, advert: Advertisement) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            instance_name(advert.node_id),
+            port=advert.port,
+            properties=encode_fields(advert),
+            server=f"{advert.node_id}.local.",
+            addresses=[socket.inet_aton(a) for a in self.addresses],
+        )
+
+    async def _open(self, advert: Advertisement) -> None:
+        self._azc = AsyncZeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
+        self._info = self._service_info(advert)
+        # The awaitable returned completes once the announcements are sent.
+        await asyncio.wait_for(
+            await self._azc.async_register_service(self._info), self._register_timeout()
+        )
+        self._browser = AsyncServiceBrowser(
+            self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
+        )
+
+    async def _publish(self, advert: Advertisement) -> None:
+        assert self._azc is not None
+        self._info = self._service_info(advert)
+        await asyncio.wait_for(
+            await self._azc.async_update_service(self._info), self._register_timeout()
+        )
+
+    async def _close(self) -> None:
+        for task in list(self._resolving.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._resolving.clear()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._azc is not None:
+            if self._info is not None:
+                # Without awaiting this task no goodbye leaves, and peers keep our records
+                # for up to 75 minutes.
+                with contextlib.suppress(TimeoutError, OSError):
+                    await asyncio.wait_for(
+                        await self._azc.async_unregister_service(self._info),
+                        self._register_timeout(),
+                    )
+            await self._azc.async_close()
+
+    def _register_timeout(self) -> float:
+        # Probing and announcing take ~1-2 s by the mDNS rules; allow for a busy host.
+        return max(10.0, 3 * self.config.request_timeout_s)
+
+    # ----------------------------------------------------------------- browsing
+    def _on_state_change(
+        self,
+        zeroconf: Any,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        node_id = name.removesuffix("." + SERVICE_TYPE)
+        if self._advert is not None and node_id == self._advert.node_id:
+            return
+        if state_change is ServiceStateChange.Removed:
+            task = self._resolving.pop(name, None)
+            if task is not None:
+                task.cancel()
+            self._withdraw(node_id)
+            return
+        if name in self._resolving:
+            self._dirty.add(name)  # resolve again once the running resolve finishes
+            return
+        self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
+
+    async def _resolve(self, name: str) -> None:
+        try:
+            while True:
+                self._dirty.discard(name)
+                await self._resolve_once(name)
+                if name not in self._dirty:
+                    return
+        finally:
+            self._resolving.pop(name, None)
+
+    async def _resolve_once(self, name: str) -> None:
+        assert self._azc is not None
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        timeout_ms = int(self.config.request_timeout_s * 1000)
+        if not await info.async_request(self._azc.zeroconf, timeout_ms):
+            self._warn(name, "service did not resolve within %.1fs", self.config.request_timeout_s)
+            return
+        try:
+            peer = decode_fields(info.properties, info.parsed_addresses(IPVersion.V4Only))
+            if instance_name(peer.node_id) != name:
+                raise ProtocolError(ErrorCode.INVALID, f"TXT id {peer.node_id!r} does not match the name")
+        except ProtocolError as exc:
+            self._warn(name, "ignored malformed advertisement: %s", exc)
+            return
+        self._observe(peer)
+
+

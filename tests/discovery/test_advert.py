@@ -1,0 +1,102 @@
+import os
+
+import pytest
+
+from kvpeer.discovery.advert import (
+    MAX_TXT_BYTES,
+    Advertisement,
+    decode_fields,
+    decode_record,
+    encode_fields,
+    encode_record,
+    txt_size,
+)
+from kvpeer.discovery.digest import MAX_DIGEST_BYTES, BloomDigest
+from kvpeer.errors import ProtocolError
+
+FP = "0123456789abcdef0123456789abcdef"
+
+
+def keys(n: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(n)]
+
+
+def advert(**kw: object) -> Advertisement:
+    base: dict[str, object] = dict(
+        node_id="node-a", addresses=("10.0.0.1",), port=7457, fingerprints=(FP,), epoch=5,
+        chunk_count=3, first_chunk_keys=keys(3),
+    )
+    base.update(kw)
+    return Advertisement(**base)  # type: ignore[arg-type]
+
+
+def test_fields_round_trip() -> None:
+    a = advert()
+    peer = decode_fields(encode_fields(a), ["10.0.0.1"])
+    assert (peer.node_id, peer.port, peer.fingerprints, peer.epoch, peer.chunk_count) == (
+        "node-a", 7457, (FP,), 5, 3,
+    )
+    for key in a.first_chunk_keys:
+        assert peer.might_hold_prefix(key)
+
+
+def test_record_round_trip() -> None:
+    a = advert()
+    assert decode_record(encode_record(a, ["10.0.0.1"])).addresses == ("10.0.0.1",)
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, 10_000, 200_000])
+def test_txt_stays_under_1kb_with_many_fingerprints(n: int) -> None:
+    fps = tuple(f"{i:032x}" for i in range(4))
+    a = advert(first_chunk_keys=keys(n) if n < 20_000 else [os.urandom(32) for _ in range(n)],
+               fingerprints=fps, node_id="n" * 63, epoch=2**62, chunk_count=2**40)
+    assert txt_size(encode_fields(a)) <= MAX_TXT_BYTES
+
+
+def test_digest_false_positive_rate_is_low_below_capacity() -> None:
+    held = keys(400)
+    digest = BloomDigest.decode(BloomDigest.build(held).encode())
+    assert all(k in digest for k in held)
+    false_hits = sum(k in digest for k in keys(5_000))
+    assert false_hits < 5_000 * 0.05
+    assert len(digest.encode()) <= MAX_DIGEST_BYTES + 2
+
+
+def test_empty_peer_holds_nothing() -> None:
+    peer = decode_fields(encode_fields(advert(chunk_count=0, first_chunk_keys=())), ["10.0.0.1"])
+    assert not peer.might_hold_prefix(os.urandom(32))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda f: f.update({b"v": b"2"}),
+        lambda f: f.pop(b"p"),
+        lambda f: f.update({b"p": b"99999"}),
+        lambda f: f.update({b"e": b"-1"}),
+        lambda f: f.update({b"id": b"bad id!"}),
+        lambda f: f.update({b"id": b"\xff\xfe"}),
+        lambda f: f.update({b"fp": b"not-hex"}),
+        lambda f: f.update({b"d0": b"\x09\x03" + b"\x00" * 100}),
+        lambda f: f.update({b"d0": b"\x01\x00" + b"\x00" * 100}),
+        lambda f: f.update({b"x": b"y" * 1000}),
+    ],
+)
+def test_malformed_txt_is_rejected(mutate: object) -> None:
+    fields = encode_fields(advert())
+    mutate(fields)  # type: ignore[operator]
+    with pytest.raises(ProtocolError):
+        decode_fields(fields, ["10.0.0.1"])
+
+
+@pytest.mark.parametrize("blob", [b"", b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa4addr\x01", b"x" * 5000])
+def test_malformed_record_is_rejected(blob: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_record(blob)
+
+
+def test_invalid_advertisement_is_refused() -> None:
+    with pytest.raises(ProtocolError):
+        advert(port=0)
+    with pytest.raises(ProtocolError):
+        advert(addresses=("not-an-ip",))

@@ -1,0 +1,51 @@
+import pytest
+
+from kvpeer.discovery.config import (
+    DiscoveryConfig,
+    _Iface,
+    advertisable_addresses,
+    check_advertised,
+)
+from kvpeer.errors import ConfigError
+
+HOST = [
+    _Iface("lo", ("127.0.0.1",)),
+    _Iface("eth0", ("192.168.1.5",)),
+    _Iface("docker0", ("172.17.0.1",)),
+    _Iface("veth1234", ("172.18.0.1",)),
+    _Iface("br-abc", ("172.19.0.1",)),
+    _Iface("virbr0", ("192.168.122.1",)),
+]
+
+
+def test_default_skips_loopback_and_bridges() -> None:
+    assert advertisable_addresses([], HOST) == ("192.168.1.5",)
+
+
+def test_explicit_loopback_or_bridge_is_allowed() -> None:
+    assert advertisable_addresses(["lo"], HOST) == ("127.0.0.1",)
+    assert advertisable_addresses(["127.0.0.1", "docker0"], HOST) == ("127.0.0.1", "172.17.0.1")
+
+
+def test_nothing_usable_is_an_error() -> None:
+    with pytest.raises(ConfigError):
+        advertisable_addresses([], HOST[:1])
+    with pytest.raises(ConfigError, match="wlan9"):
+        advertisable_addresses(["wlan9"], HOST)
+
+
+def test_advertised_addresses_must_be_on_configured_interfaces() -> None:
+    assert check_advertised((), ("10.0.0.1",)) == ("10.0.0.1",)
+    with pytest.raises(ConfigError, match="127.0.0.1"):
+        check_advertised(("127.0.0.1",), ("10.0.0.1",))
+
+
+def test_from_section() -> None:
+    cfg = DiscoveryConfig.from_section({"backend": "static", "static_peers": ["h:1", "[::1]:2"]})
+    assert cfg.static_peers == ("h:1", "[::1]:2") and cfg.peer_timeout_s == 10.0
+    with pytest.raises(ConfigError, match="bogus"):
+        DiscoveryConfig.from_section({"bogus": 1})
+    with pytest.raises(ConfigError, match="backend"):
+        DiscoveryConfig(backend="consul")
+    with pytest.raises(ConfigError, match="static_peers"):
+        DiscoveryConfig(static_peers=("nohost",))

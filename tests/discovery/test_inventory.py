@@ -1,0 +1,105 @@
+import os
+
+import pytest
+
+from kvpeer.discovery.inventory import (
+    MAX_INVENTORY_KEYS,
+    InventoryLog,
+    InventoryTable,
+    InventoryUpdate,
+    StaleDeltaError,
+)
+from kvpeer.errors import ProtocolError
+
+
+def keys(n: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(n)]
+
+
+def test_delta_then_full_agree() -> None:
+    log = InventoryLog(epoch=100)
+    a, b = keys(5), keys(5)
+    log.add(a)
+    table, reference = InventoryTable(), InventoryTable()
+    table.apply("p", log.since(None))
+    log.add(b)
+    log.remove(a[:2])
+    delta = log.since(table.epoch("p"))
+    assert delta["kind"] == "delta"
+    assert sorted(delta["add"]) == sorted(b) and sorted(delta["remove"]) == sorted(a[:2])
+    table.apply("p", delta)
+    reference.apply("p", log.since(None))
+    assert table.snapshot() == reference.snapshot()
+    assert table.epoch("p") == log.epoch == 103
+
+
+def test_unknown_or_future_epoch_answers_full() -> None:
+    log = InventoryLog(epoch=10)
+    log.add(keys(3))
+    assert log.since(None)["kind"] == "full"
+    assert log.since(5)["kind"] == "full"  # before this log existed (an older incarnation)
+    assert log.since(99)["kind"] == "full"  # after it (a peer remembering a future?)
+
+
+def test_history_bound_falls_back_to_full() -> None:
+    log = InventoryLog(epoch=0, history_keys=4)
+    for _ in range(5):
+        log.add(keys(2))
+    assert log.since(1)["kind"] == "full"
+    assert log.since(log.epoch - 1)["kind"] == "delta"
+
+
+def test_delta_on_wrong_base_is_stale() -> None:
+    log = InventoryLog(epoch=0)
+    log.add(keys(10))
+    log.add(keys(1))
+    table = InventoryTable()
+    with pytest.raises(StaleDeltaError):
+        table.apply("p", log.since(1))
+
+
+def test_lookup_longest_prefix_and_fingerprint_filter() -> None:
+    chain = keys(4)
+    table = InventoryTable()
+    table.apply("a", InventoryUpdate(kind="full", epoch=1, keys=tuple(chain[:3])), ["m1"])
+    table.apply("b", InventoryUpdate(kind="full", epoch=1, keys=tuple(chain[:1])), ["m2"])
+    n, holders = table.longest_prefix(chain)
+    assert n == 3 and holders[0] == {"a", "b"} and holders[2] == {"a"}
+    assert table.peers_for(chain[0], "m1") == {"a"}
+    table.drop("a")
+    assert table.longest_prefix(chain, "m1") == (0, [])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"v": 2, "kind": "full", "epoch": 1, "keys": []},
+        {"v": 1, "kind": "nope", "epoch": 1},
+        {"v": 1, "kind": "full", "epoch": -1, "keys": []},
+        {"v": 1, "kind": "full", "epoch": True, "keys": []},
+        {"v": 1, "kind": "full", "epoch": 1, "keys": [b"short"]},
+        {"v": 1, "kind": "full", "epoch": 1, "keys": "abc"},
+        {"v": 1, "kind": "delta", "epoch": 1, "base": 5, "add": [], "remove": []},
+        {"v": 1, "kind": "full", "epoch": 1, "keys": [b"k" * 32] * (MAX_INVENTORY_KEYS + 1)},
+        [],
+    ],
+)
+def test_malformed_inventory_is_rejected(message: object) -> None:
+    with pytest.raises(ProtocolError):
+        InventoryTable().apply("p", message)  # type: ignore[arg-type]
+
+
+def test_first_chunk_keys_follow_removals() -> None:
+    log = InventoryLog(epoch=0)
+    a = keys(3)
+    log.add(a, first=a[:1])
+    assert log.first_chunk_keys() == {a[0]}
+    log.remove(a[:1])
+    assert log.first_chunk_keys() == set()
+
+
+def test_epoch_of_a_new_log_is_after_an_old_ones_last() -> None:
+    old = InventoryLog()
+    for _ in range(100):
+        old.add(keys(1))
+    assert InventoryLog().epoch > old.epoch - 100

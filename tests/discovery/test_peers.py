@@ -1,0 +1,46 @@
+from kvpeer.discovery.advert import PeerInfo
+from kvpeer.discovery.peers import PeerTable, UpdateThrottle
+
+
+def info(node_id: str = "b", epoch: int = 1) -> PeerInfo:
+    return PeerInfo(
+        node_id=node_id, addresses=("10.0.0.2",), port=7457, fingerprints=(), epoch=epoch,
+        chunk_count=1,
+    )
+
+
+def kinds(events: list) -> list[str]:  # type: ignore[type-arg]
+    return [e.kind for e in events]
+
+
+def test_lifecycle_with_fake_clock() -> None:
+    table = PeerTable("a", timeout_s=10.0)
+    assert table.observe(info("a"), 0.0) == []  # never ourselves
+    assert kinds(table.observe(info(), 0.0)) == ["added"]
+    assert table.observe(info(), 1.0) == []
+    (event,) = table.observe(info(epoch=2), 2.0)
+    assert event.kind == "updated" and event.epoch_changed
+    assert table.heard("b", 11.0) == []
+    assert table.expire(20.9) == []
+    assert kinds(table.expire(21.1)) == ["removed"] and "b" not in table.alive()
+    assert kinds(table.heard("b", 22.0)) == ["added"]  # back from the dead by heartbeat
+    assert kinds(table.mark_dead("b")) == ["removed"]
+    assert table.mark_dead("b") == []
+    assert kinds(table.observe(info(epoch=3), 23.0)) == ["added"]
+    assert kinds(table.withdraw("b")) == ["removed"]
+    assert table.heard("b", 24.0) == []  # a goodbye forgets: heartbeats cannot revive
+    assert table.next_expiry() is None
+
+
+def test_no_timeout_means_no_expiry() -> None:
+    table = PeerTable("a", timeout_s=None)
+    table.observe(info(), 0.0)
+    assert table.expire(1e9) == []
+
+
+def test_throttle_coalesces() -> None:
+    throttle = UpdateThrottle(1.0)
+    assert throttle.delay(0.0) == 0.0
+    throttle.published(0.0)
+    assert throttle.delay(0.25) == 0.75
+    assert throttle.delay(1.5) == 0.0
