@@ -1,0 +1,185 @@
+"""Runtime configuration of the peer transport, and loading of the cluster pre-shared key.
+
+Owns :class:`TransportConfig` (every knob with its default and why) and :func:`load_psk`.
+It does not parse TOML: the daemon's config loader hands a section to
+:meth:`TransportConfig.from_section`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kvpeer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: A DTLS record carries at most 16 KiB of plaintext, so one SCTP packet cannot be larger.
+MAX_SCTP_PACKET = 16_384
+#: What aiortc uses when nothing else is known: fits any IPv4/IPv6 path (1280 minus headroom).
+DEFAULT_SCTP_PACKET = 1_189
+MIN_PSK_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportConfig:
+    """How this node talks to its peers. Times are seconds, sizes bytes."""
+
+    #: Address the signalling socket binds and the only address ICE offers. No default: the
+    #: daemon passes the discovered LAN interface address (0.0.0.0 is refused; binding every
+    #: interface would offer the key exchange to networks the cluster does not live on).
+    host: str
+    #: Signalling TCP port; 0 picks an ephemeral port (read it back from ``transport.port``).
+    port: int = 0
+    #: Cluster pre-shared key; ``None`` runs the same handshake with an empty key, which only
+    #: peers that also have no key accept (a warning is logged at start).
+    psk: bytes | None = None
+    #: Next key during a rotation: both keys are accepted and offered until the switch.
+    next_psk: bytes | None = None
+    #: Offer 127.0.0.1 as an ICE candidate. aioice never does, so without this a single-host
+    #: setup (unit tests, a non-root demo) has no path. Only takes effect when ``host`` is a
+    #: loopback address; a LAN address is never affected.
+    allow_loopback: bool = False
+    #: MTU of our interface toward peers; ``None`` reads it from the interface that owns
+    #: ``host``. The SCTP packet size is agreed from both peers' MTUs.
+    mtu: int | None = None
+    #: Upper bound of the SCTP packet size whatever the MTUs say (<= 16384, a DTLS record).
+    max_packet_bytes: int = MAX_SCTP_PACKET
+    #: Allow packets larger than the path MTU (IP fragmentation); off: fragile off-host.
+    allow_fragmentation: bool = False
+    #: Apply the aiortc speed-ups of :mod:`kvpeer.transport.aiortc_patches`.
+    patch_aiortc: bool = True
+    #: UDP socket buffer asked for (capped by net.core.rmem_max / wmem_max, with a warning).
+    socket_buffer_bytes: int = 4 * 1024 * 1024
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0
+    #: Control-channel ping period; a peer silent for ``peer_dead_after_s`` is reported down.
+    heartbeat_interval_s: float = 0.5
+    peer_dead_after_s: float = 2.0
+    #: Largest control or signalling message accepted (msgpack, before decoding).
+    max_message_bytes: int = 1024 * 1024
+    #: Largest blob served or fetched.
+    max_blob_bytes: int = 256 * 1024 * 1024
+    #: Bulk frame size (payload + 16-byte header): one data-channel message.
+    frame_bytes: int = 64 * 1024
+    #: Number of bulk data channels; blobs are spread over them round-robin.
+    bulk_channels: int = 1
+    #: Blob transfers served to one peer at a time; more are answered BUSY.
+    max_transfers_per_peer: int = 16
+    #: Flow control: stop writing a bulk channel above ``high``, resume below ``low``.
+    buffer_high_bytes: int = 4 * 1024 * 1024
+    buffer_low_bytes: int = 1024 * 1024
+    #: Grace period of close(): transfers in flight are confirmed by the peer first.
+    close_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"transport.host: not an IP address: {self.host!r}") from None
+        if address.is_unspecified:
+            raise ConfigError("transport.host: give the LAN interface address, not 0.0.0.0/::")
+        if address.is_loopback and not self.allow_loopback:
+            raise ConfigError(
+                "transport.host is a loopback address: set allow_loopback for single-host use"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"transport.port out of range: {self.port}")
+        for name in ("psk", "next_psk"):
+            key = getattr(self, name)
+            if key is not None and len(key) < MIN_PSK_BYTES:
+                raise ConfigError(f"transport.{name}: at least {MIN_PSK_BYTES} bytes")
+        if self.mtu is not None and not 576 <= self.mtu <= 65536:
+            raise ConfigError(f"transport.mtu out of range: {self.mtu}")
+        if not DEFAULT_SCTP_PACKET <= self.max_packet_bytes <= MAX_SCTP_PACKET:
+            raise ConfigError(
+                f"transport.max_packet_bytes must be {DEFAULT_SCTP_PACKET}..{MAX_SCTP_PACKET}"
+            )
+        positive = (
+            "connect_timeout_s", "request_timeout_s", "heartbeat_interval_s",
+            "peer_dead_after_s", "close_timeout_s",
+        )  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"transport.{name} must be > 0")
+        if self.peer_dead_after_s <= self.heartbeat_interval_s:
+            raise ConfigError("transport.peer_dead_after_s must exceed heartbeat_interval_s")
+        if not 1024 <= self.frame_bytes <= 256 * 1024:
+            raise ConfigError("transport.frame_bytes must be 1 KiB..256 KiB")
+        if not 1 <= self.bulk_channels <= 16:
+            raise ConfigError("transport.bulk_channels must be 1..16")
+        if self.max_transfers_per_peer < 1:
+            raise ConfigError("transport.max_transfers_per_peer must be >= 1")
+        if not 0 < self.buffer_low_bytes < self.buffer_high_bytes:
+            raise ConfigError("transport: need 0 < buffer_low_bytes < buffer_high_bytes")
+        if self.max_message_bytes < 4096 or self.max_blob_bytes < 1:
+            raise ConfigError("transport: max_message_bytes >= 4096 and max_blob_bytes >= 1")
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """Keys accepted and offered, current first (the empty key when none is set)."""
+        keys = tuple(k for k in (self.psk, self.next_psk) if k is not None)
+        return keys or (b"",)
+
+    @classmethod
+    def from_section(cls, section: Any, *, default_host: str | None = None) -> TransportConfig:
+        """Build from the daemon's ``[transport]`` section (a mapping or an object).
+
+        Keys named like fields are taken as they are; ``psk_file`` / ``next_psk_file`` are read
+        with :func:`load_psk`. Keys the transport does not know are ignored here: the daemon's
+        loader owns rejecting unknown keys.
+        """
+        values: Mapping[str, Any]
+        if isinstance(section, Mapping):
+            values = section
+        else:
+            values = {
+                name: getattr(section, name)
+                for name in dir(section)
+                if not name.startswith("_") and not callable(getattr(section, name))
+            }
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known and v is not None}
+        if "host" not in kwargs:
+            if default_host is None:
+                raise ConfigError("transport.host: not set and no LAN address discovered")
+            kwargs["host"] = default_host
+        for field_name, file_key in (("psk", "psk_file"), ("next_psk", "next_psk_file")):
+            path = values.get(file_key)
+            if path:
+                kwargs[field_name] = load_psk(path)
+        if "mtu" in kwargs and kwargs["mtu"] == 0:
+            del kwargs["mtu"]
+        return cls(**kwargs)
+
+    def with_port(self, port: int) -> TransportConfig:
+        return replace(self, port=port)
+
+
+def load_psk(path: str | os.PathLike[str]) -> bytes:
+    """Read the cluster key file: raw bytes, or hex text. Refuse it if others may read it."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"transport.psk_file: cannot read {p}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"transport.psk_file: {p} is group/world accessible (mode {stat.S_IMODE(st.st_mode):o});"
+            " chmod 600 it"
+        )
+    text = data.strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = data
+    if len(key) < MIN_PSK_BYTES:
+        raise ConfigError(f"transport.psk_file: {p} holds fewer than {MIN_PSK_BYTES} key bytes")
+    return key

@@ -1,0 +1,349 @@
+"""PeerTransport: the signalling server, outgoing connections and the registry of sessions.
+
+Owns the TCP signalling exchange (length-prefixed msgpack, authenticated by
+:mod:`kvpeer.transport.auth` before any SDP moves), the creation of aiortc peer connections
+(no STUN/TURN servers, host candidates on our LAN address only) and the sessions per peer id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+
+from kvpeer.errors import AuthError, ErrorCode, KVPeerError, ProtocolError, TransportError
+from kvpeer.transport import aiortc_patches
+from kvpeer.transport import messages as m
+from kvpeer.transport.auth import ClientHandshake, ServerHandshake
+from kvpeer.transport.config import DEFAULT_SCTP_PACKET, TransportConfig
+from kvpeer.transport.netinfo import interface_mtu, sctp_packet_size
+from kvpeer.transport.session import PeerSession, RequestHandler
+
+logger = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("!I")
+#: Signalling messages are small (an SDP is a few KB); anything bigger is hostile.
+_SIGNALLING_LIMIT = 128 * 1024
+
+
+async def _read_message(reader: asyncio.StreamReader) -> m.Message:
+    try:
+        header = await reader.readexactly(_LENGTH.size)
+        (length,) = _LENGTH.unpack(header)
+        if length > _SIGNALLING_LIMIT:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"signalling message of {length} bytes")
+        data = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise TransportError("signalling connection closed by the peer") from None
+    message = m.decode(data, m.SIGNALLING_TYPES, _SIGNALLING_LIMIT)
+    if isinstance(message, m.Reject):
+        code = ErrorCode(message.code)
+        if code == ErrorCode.UNAUTHENTICATED:
+            raise AuthError(f"peer refused us: {message.reason}")
+        raise ProtocolError(code, f"peer refused us: {message.reason}")
+    return message
+
+
+_M = TypeVar("_M", bound=m.Message)
+
+
+async def _expect(reader: asyncio.StreamReader, kind: type[_M]) -> _M:
+    message = await _read_message(reader)
+    if not isinstance(message, kind):
+        raise ProtocolError(ErrorCode.INVALID, f"expected {kind.TYPE}, got {message.TYPE}")
+    return message
+
+
+async def _write_message(writer: asyncio.StreamWriter, message: m.Message) -> None:
+    data = m.encode(message, _SIGNALLING_LIMIT)
+    writer.write(_LENGTH.pack(len(data)) + data)
+    await writer.drain()
+
+
+class PeerTransport:
+    """Sessions with peers: ``await start()``, ``await connect(...)``, ``await close()``."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: TransportConfig,
+        handler: RequestHandler,
+        on_peer_down: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.handler = handler
+        self.on_peer_down = on_peer_down
+        #: auth_failures, handshakes_failed, sessions_opened, peers_down: for metrics.
+        self.counters: Counter[str] = Counter()
+        self._server: asyncio.Server | None = None
+        self._sessions: dict[str, PeerSession] = {}
+        self._all: set[PeerSession] = set()
+        self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._mtu = config.mtu or interface_mtu(config.host)
+        self._closing = False
+        if config.psk is None:
+            logger.warning("no cluster key: any host on the LAN that has none either can connect")
+        if config.patch_aiortc:
+            aiortc_patches.apply()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise TransportError("transport not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._on_signalling, self.config.host, self.config.port, reuse_address=True
+        )
+        logger.info(
+            "signalling on %s:%d (interface MTU %d)", self.config.host, self.port, self._mtu
+        )
+
+    def session(self, peer_id: str) -> PeerSession | None:
+        """The open session with *peer_id*, if there is one."""
+        session = self._sessions.get(peer_id)
+        return session if session is not None and not session.closed else None
+
+    def sessions(self) -> list[PeerSession]:
+        return [s for s in self._sessions.values() if not s.closed]
+
+    async def connect(self, peer_id: str, host: str, port: int) -> PeerSession:
+        """An open, authenticated session with *peer_id* (reused when one exists)."""
+        if self._closing:
+            raise TransportError("transport is closing")
+        if peer_id == self.node_id:
+            raise TransportError("refusing to connect to ourselves")
+        existing = self.session(peer_id)
+        if existing is not None:
+            return existing
+        task = self._connecting.get(peer_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(peer_id, host, port))
+            self._connecting[peer_id] = task
+            task.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
+        # Several callers may wait on one attempt; cancelling one must not cancel the others.
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Stop accepting, close every session gracefully (bounded), then stop."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for task in [*self._connecting.values(), *self._handshakes]:
+            task.cancel()
+        sessions = list(self._all)
+        if sessions:
+            await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), self.config.close_timeout_s)
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    async def _connect(self, peer_id: str, host: str, port: int) -> PeerSession:
+        timeout = self.config.connect_timeout_s
+        writer: asyncio.StreamWriter | None = None
+        pc: RTCPeerConnection | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(self.config.host, 0)
+                )
+                handshake = ClientHandshake(self.config.keys)
+                await _write_message(writer, handshake.hello())
+                challenge = await _expect(reader, m.Challenge)
+                await _write_message(writer, handshake.on_challenge(challenge))
+                handshake.on_server_proof(await _expect(reader, m.ServerProof))
+
+                pc, control, bulk = self._new_peer_connection()
+                await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
+                await pc.setLocalDescription(await pc.createOffer())
+                offer = handshake.offer(self.node_id, self._mtu, pc.localDescription.sdp)
+                await _write_message(writer, offer)
+                answer = await _expect(reader, m.Answer)
+                handshake.on_answer(answer)
+                if answer.node_id != peer_id:
+                    raise TransportError(
+                        f"expected peer {peer_id}, {host}:{port} is {answer.node_id}"
+                    )
+                packet = self._packet_bytes(answer.mtu)
+                aiortc_patches.configure_association(pc, packet)
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+                session = self._new_session(peer_id, pc, control, bulk, packet)
+                await session.wait_open(timeout)
+        except AuthError as exc:
+            self.counters["auth_failures"] += 1
+            logger.warning("authentication with %s at %s:%d failed: %s", peer_id, host, port, exc)
+            await _close_pc(pc)
+            raise
+        except TimeoutError:
+            self.counters["handshakes_failed"] += 1
+            await _close_pc(pc)
+            raise TransportError(f"connecting to {peer_id} at {host}:{port} timed out") from None
+        except (OSError, KVPeerError) as exc:
+            self.counters["handshakes_failed"] += 1
+            await _close_pc(pc)
+            if isinstance(exc, KVPeerError):
+                raise
+            raise TransportError(f"connecting to {peer_id} at {host}:{port}: {exc}") from None
+        except BaseException:
+            await _close_pc(pc)
+            raise
+        finally:
+            if writer is not None:
+                writer.close()
+        return self._register(session)
+
+    # -- incoming --------------------------------------------------------------------------
+
+    async def _on_signalling(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshakes.add(task)
+        peer = writer.get_extra_info("peername")
+        pc: RTCPeerConnection | None = None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                handshake = ServerHandshake(self.config.keys)
+                await _write_message(writer, handshake.on_hello(await _expect(reader, m.Hello)))
+                proof = await _expect(reader, m.ClientProof)
+                try:
+                    server_proof = handshake.on_client_proof(proof)
+                except AuthError:
+                    # Tell nothing but "no": no node id, no SDP, no hint which key was close.
+                    await _write_message(
+                        writer,
+                        m.Reject(code=ErrorCode.UNAUTHENTICATED, reason="authentication failed"),
+                    )
+                    raise
+                await _write_message(writer, server_proof)
+                offer = await _expect(reader, m.Offer)
+                handshake.on_offer(offer)
+                if offer.node_id == self.node_id:
+                    raise ProtocolError(ErrorCode.INVALID, "peer uses our node id")
+                if self._closing:
+                    raise ProtocolError(ErrorCode.SHUTTING_DOWN, "shutting down")
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+                control, bulk = self._channels(pc)
+                await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
+                packet = self._packet_bytes(offer.mtu)
+                aiortc_patches.configure_association(pc, packet)
+                await pc.setLocalDescription(await pc.createAnswer())
+                answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)
+                await _write_message(writer, answer)
+                session = self._new_session(offer.node_id, pc, control, bulk, packet)
+                await session.wait_open(self.config.connect_timeout_s)
+            self._register(session)
+        except AuthError as exc:
+            self.counters["auth_failures"] += 1
+            logger.warning("peer at %s failed authentication: %s", peer, exc)
+            await _close_pc(pc)
+        except (TimeoutError, OSError, KVPeerError) as exc:
+            self.counters["handshakes_failed"] += 1
+            logger.info("handshake with %s failed: %s", peer, exc or type(exc).__name__)
+            await _close_pc(pc)
+        except asyncio.CancelledError:
+            await _close_pc(pc)
+            raise
+        finally:
+            writer.close()
+            self._handshakes.discard(task)
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def _ice_addresses(self) -> list[str]:
+        return [self.config.host]
+
+    def _packet_bytes(self, remote_mtu: int) -> int:
+        if not self.config.patch_aiortc:
+            return DEFAULT_SCTP_PACKET
+        return sctp_packet_size(
+            self._mtu,
+            remote_mtu,
+            maximum=self.config.max_packet_bytes,
+            minimum=DEFAULT_SCTP_PACKET,
+        )
+
+    def _new_peer_connection(
+        self,
+    ) -> tuple[RTCPeerConnection, RTCDataChannel, list[RTCDataChannel]]:
+        # No STUN/TURN: aiortc would otherwise add Google's public STUN server.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        control, bulk = self._channels(pc)
+        return pc, control, bulk
+
+    def _channels(self, pc: RTCPeerConnection) -> tuple[RTCDataChannel, list[RTCDataChannel]]:
+        # Negotiated channels with fixed ids: both sides create the same set, no DCEP round trip.
+        control = pc.createDataChannel("control", negotiated=True, id=0, ordered=True)
+        bulk = [
+            pc.createDataChannel(f"bulk{i}", negotiated=True, id=1 + i, ordered=True)
+            for i in range(self.config.bulk_channels)
+        ]
+        return control, bulk
+
+    def _new_session(
+        self,
+        peer_id: str,
+        pc: RTCPeerConnection,
+        control: RTCDataChannel,
+        bulk: list[RTCDataChannel],
+        packet: int,
+    ) -> PeerSession:
+        return PeerSession(
+            peer_id=peer_id,
+            pc=pc,
+            control=control,
+            bulk=bulk,
+            config=self.config,
+            handler=self.handler,
+            on_end=self._session_ended,
+            packet_bytes=packet,
+        )
+
+    def _register(self, session: PeerSession) -> PeerSession:
+        session.start()
+        self._all.add(session)
+        current = self.session(session.peer_id)
+        # Both sides may connect at once: keep the first open session as the one callers get;
+        # the other stays up (the peer may use it) until either side closes it.
+        if current is None:
+            self._sessions[session.peer_id] = session
+        self.counters["sessions_opened"] += 1
+        logger.info(
+            "session with %s open (SCTP packets of %d bytes)", session.peer_id, session.packet_bytes
+        )
+        return session
+
+    def _session_ended(self, session: PeerSession, by_peer: bool) -> None:
+        self._all.discard(session)
+        if self._sessions.get(session.peer_id) is session:
+            del self._sessions[session.peer_id]
+            replacement = next((s for s in self._all if s.peer_id == session.peer_id), None)
+            if replacement is not None:
+                self._sessions[session.peer_id] = replacement
+        if by_peer and not self._closing and self.session(session.peer_id) is None:
+            self.counters["peers_down"] += 1
+            logger.info("peer %s down", session.peer_id)
+            if self.on_peer_down is not None:
+                try:
+                    self.on_peer_down(session.peer_id)
+                except Exception:
+                    logger.exception("on_peer_down callback failed")
+
+
+async def _close_pc(pc: RTCPeerConnection | None) -> None:
+    if pc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pc.close(), 5.0)

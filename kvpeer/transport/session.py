@@ -1,0 +1,464 @@
+"""One open, authenticated peer session: control-channel RPC, blob streaming, heartbeats.
+
+Owns the aiortc objects of one peer connection (camelCase and pyee events stay in here and in
+:mod:`kvpeer.transport.peer`) and the tasks serving the peer. Protocol decisions come from the
+sans-IO modules (messages, blobs, liveness, estimator); this module is the asyncio glue.
+A session is symmetric: either side requests and serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from aiortc import RTCDataChannel, RTCPeerConnection
+
+from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, TransportError
+from kvpeer.transport import messages as m
+from kvpeer.transport.blobs import BlobAssembler, blob_start, iter_frames
+from kvpeer.transport.config import TransportConfig
+from kvpeer.transport.estimator import BandwidthEstimator
+from kvpeer.transport.liveness import Liveness
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandler(Protocol):
+    """What the daemon serves to peers (called for sessions opened by either side)."""
+
+    async def handle_request(
+        self, peer_id: str, method: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Answer a control-channel RPC; raise ProtocolError(code, reason) to answer an error."""
+        ...
+
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        """Bytes of one encoded chunk to stream to the peer; None answers NOT_FOUND."""
+        ...
+
+
+class _Channel:
+    """A data channel with flow control on bufferedAmount (event driven, never polled)."""
+
+    def __init__(self, channel: RTCDataChannel, config: TransportConfig) -> None:
+        self.channel = channel
+        self._high = config.buffer_high_bytes
+        self._low_event = asyncio.Event()
+        self._opened = asyncio.Event()
+        channel.bufferedAmountLowThreshold = config.buffer_low_bytes
+        channel.on("bufferedamountlow", self._low_event.set)
+        channel.on("open", self._opened.set)
+        if channel.readyState == "open":
+            self._opened.set()
+
+    async def wait_open(self, limit_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._opened.wait(), limit_s)
+        except TimeoutError:
+            raise TransportError(f"data channel {self.channel.label} did not open") from None
+
+    async def send(self, data: bytes, limit_s: float) -> None:
+        if self.channel.readyState != "open":
+            raise TransportError(f"data channel {self.channel.label} is {self.channel.readyState}")
+        if self.channel.bufferedAmount > self._high:
+            self._low_event.clear()
+            try:
+                await asyncio.wait_for(self._low_event.wait(), limit_s)
+            except TimeoutError:
+                raise TransportError("peer stopped reading (send buffer stayed full)") from None
+            if self.channel.readyState != "open":
+                raise TransportError(f"data channel {self.channel.label} closed")
+        self.channel.send(data)
+
+
+class PeerSession:
+    """An authenticated session with one peer; create through :class:`PeerTransport`."""
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        pc: RTCPeerConnection,
+        control: RTCDataChannel,
+        bulk: list[RTCDataChannel],
+        config: TransportConfig,
+        handler: RequestHandler,
+        on_end: Callable[[PeerSession, bool], None],
+        packet_bytes: int,
+    ) -> None:
+        self.peer_id = peer_id
+        self.packet_bytes = packet_bytes
+        self.estimator = BandwidthEstimator()
+        self.delivered_bytes = 0  # blob bytes received from the peer, digest-verified
+        self.sent_bytes = 0  # blob bytes the peer confirmed
+        self.protocol_errors = 0
+        self._pc = pc
+        self._config = config
+        self._handler = handler
+        self._on_end = on_end
+        self._control = _Channel(control, config)
+        self._bulk = [_Channel(c, config) for c in bulk]
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._incoming: dict[int, tuple[BlobAssembler, asyncio.Future[bytes]]] = {}
+        self._serving: dict[int, tuple[asyncio.Task[None], asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bye_ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._liveness = Liveness(
+            interval_s=config.heartbeat_interval_s,
+            dead_after_s=config.peer_dead_after_s,
+            now=time.monotonic(),
+        )
+        self._closed = False
+        self._closing = False
+        self._next_bulk = 0
+        control.on("message", self._on_control)
+        for channel in bulk:
+            channel.on("message", self._on_bulk)
+        pc.on("connectionstatechange", self._on_state)
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def rtt_s(self) -> float | None:
+        return self._liveness.rtt_s
+
+    async def request(
+        self,
+        method: str,
+        body: dict[str, Any],
+        timeout: float | None = None,  # noqa: ASYNC109 - the agreed contract; None: config
+    ) -> dict[str, Any]:
+        """Call *method* on the peer; ProtocolError for a remote error, TransportError else."""
+        self._check_usable()
+        req_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = future
+        try:
+            await self._send_control(m.Request(id=req_id, method=method, body=body))
+            return await self._wait(future, timeout, f"request {method}")
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def fetch_blob(
+        self,
+        key: bytes,
+        level: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the agreed contract; None: config
+    ) -> bytes:
+        """The whole blob stored under *key*; every frame CRC-checked, the whole digest-checked."""
+        self._check_usable()
+        blob_id = next(self._ids) & 0xFFFFFFFF
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        assembler = BlobAssembler(blob_id, self._config.max_blob_bytes)
+        self._incoming[blob_id] = (assembler, future)
+        self.estimator.transfer_started(time.monotonic())
+        try:
+            await self._send_control(m.BlobRequest(id=blob_id, key=key, level=level))
+            blob = await self._wait(future, timeout, "blob fetch")
+        except BaseException:
+            if not self._closed and not future.done():
+                with contextlib.suppress(KVPeerError):
+                    await self._send_control(m.BlobCancel(id=blob_id))
+            raise
+        finally:
+            self._incoming.pop(blob_id, None)
+            self.estimator.transfer_finished(time.monotonic())
+        self.delivered_bytes += len(blob)
+        return blob
+
+    async def close(self) -> None:
+        """Graceful: wait (bounded) until the peer confirmed what we serve, say bye, close."""
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        timeout = self._config.close_timeout_s
+        confirmations = [done for _, done in self._serving.values()]
+        if confirmations:
+            await asyncio.wait(confirmations, timeout=timeout)
+        with contextlib.suppress(KVPeerError):
+            await self._send_control(m.Bye())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._bye_ack), timeout)
+        await self._end(by_peer=False)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin heartbeats (after the channels opened)."""
+        self._spawn(self._heartbeat())
+
+    async def wait_open(self, limit_s: float) -> None:
+        await self._control.wait_open(limit_s)
+        for channel in self._bulk:
+            await channel.wait_open(limit_s)
+
+    def _check_usable(self) -> None:
+        if self._closed or self._closing:
+            raise TransportError(f"session to {self.peer_id} is closed")
+
+    async def _wait(self, future: asyncio.Future[Any], limit_s: float | None, what: str) -> Any:
+        limit = self._config.request_timeout_s if limit_s is None else limit_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limit)
+        except TimeoutError:
+            raise TransportError(f"{what} to {self.peer_id} timed out after {limit:g} s") from None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_control(self, message: m.Message) -> None:
+        data = m.encode(message, self._config.max_message_bytes)
+        await self._control.send(data, self._config.request_timeout_s)
+
+    def _send_control_soon(self, message: m.Message) -> None:
+        self._spawn(self._send_quietly(message))
+
+    async def _send_quietly(self, message: m.Message) -> None:
+        with contextlib.suppress(KVPeerError):
+            await self._send_control(message)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _on_control(self, data: bytes | str) -> None:
+        self._liveness.heard(time.monotonic())
+        if not isinstance(data, bytes):
+            self._peer_error(ProtocolError(ErrorCode.MALFORMED, "text on the control channel"))
+            return
+        try:
+            message = m.decode(data, m.CONTROL_TYPES, self._config.max_message_bytes)
+            self._dispatch(message)
+        except ProtocolError as exc:
+            self._peer_error(exc)
+
+    def _dispatch(self, message: m.Message) -> None:
+        match message:
+            case m.Ping(seq=seq, sent=sent):
+                self._send_control_soon(m.Pong(seq=seq, sent=sent))
+            case m.Pong(sent=sent):
+                sample = self._liveness.pong(sent, time.monotonic())
+                self.estimator.on_rtt(sample)
+            case m.Request():
+                self._spawn(self._serve_request(message))
+            case m.Response(id=req_id, body=body):
+                future = self._pending.get(req_id)
+                if future is not None and not future.done():
+                    future.set_result(body)
+            case m.Error(id=req_id, code=code, reason=reason):
+                error = ProtocolError(ErrorCode(code), f"peer {self.peer_id}: {reason}")
+                target: asyncio.Future[Any] | None = self._pending.get(req_id)
+                if target is None and req_id in self._incoming:
+                    target = self._incoming[req_id][1]
+                if target is not None and not target.done():
+                    target.set_exception(error)
+            case m.BlobRequest():
+                self._start_serving(message)
+            case m.BlobStart(id=blob_id):
+                entry = self._incoming.get(blob_id)
+                if entry is not None:
+                    self._feed(entry, lambda a: a.start(message))  # type: ignore[arg-type]
+            case m.BlobDone(id=blob_id) | m.BlobCancel(id=blob_id):
+                serving = self._serving.get(blob_id)
+                if serving is not None:
+                    task, done = serving
+                    if isinstance(message, m.BlobCancel):
+                        task.cancel()
+                    if not done.done():
+                        done.set_result(None)
+            case m.Bye():
+                self._send_control_soon(m.ByeAck())
+                self._spawn(self._end_after_bye())
+            case m.ByeAck():
+                if not self._bye_ack.done():
+                    self._bye_ack.set_result(None)
+
+    def _on_bulk(self, data: bytes | str) -> None:
+        now = time.monotonic()
+        self._liveness.heard(now)
+        if not isinstance(data, bytes):
+            self._peer_error(ProtocolError(ErrorCode.MALFORMED, "text on a bulk channel"))
+            return
+        try:
+            blob_id, _ = m.decode_frame_header(data)
+        except ProtocolError as exc:
+            self._peer_error(exc)
+            return
+        entry = self._incoming.get(blob_id)
+        if entry is None:
+            return  # a blob we gave up on: its last frames are still in flight
+        self.estimator.on_bytes(len(data), now)
+        self._feed(entry, lambda a: a.add(data))
+
+    def _feed(
+        self,
+        entry: tuple[BlobAssembler, asyncio.Future[bytes]],
+        step: Callable[[BlobAssembler], None],
+    ) -> None:
+        assembler, future = entry
+        if future.done():
+            return
+        try:
+            step(assembler)
+            if assembler.complete:
+                future.set_result(assembler.result())
+                self._send_control_soon(m.BlobDone(id=assembler.blob_id))
+        except ProtocolError as exc:
+            self._peer_error(exc)
+            future.set_exception(exc)
+            self._incoming.pop(assembler.blob_id, None)
+            self._send_control_soon(m.BlobCancel(id=assembler.blob_id))
+
+    def _peer_error(self, exc: ProtocolError) -> None:
+        self.protocol_errors += 1
+        # The peer controls this text: log the first few loudly, the rest quietly.
+        level = logging.WARNING if self.protocol_errors <= 5 else logging.DEBUG
+        logger.log(level, "peer %s: protocol error: %s", self.peer_id, exc)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve_request(self, request: m.Request) -> None:
+        try:
+            body = await self._handler.handle_request(self.peer_id, request.method, request.body)
+            reply: m.Message = m.Response(id=request.id, body=body)
+            data = m.encode(reply, self._config.max_message_bytes)
+        except ProtocolError as exc:
+            reply = m.Error(id=request.id, code=exc.code, reason=exc.reason[: m.MAX_REASON])
+        except Exception:
+            logger.exception("handler failed on %s from %s", request.method, self.peer_id)
+            reply = m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
+        else:
+            with contextlib.suppress(KVPeerError):
+                await self._control.send(data, self._config.request_timeout_s)
+            return
+        await self._send_quietly(reply)
+
+    def _start_serving(self, request: m.BlobRequest) -> None:
+        if self._closing or self._closed:
+            self._send_control_soon(
+                m.Error(id=request.id, code=ErrorCode.SHUTTING_DOWN, reason="closing")
+            )
+            return
+        if request.id in self._serving:
+            self._peer_error(ProtocolError(ErrorCode.INVALID, f"blob id {request.id} reused"))
+            return
+        if len(self._serving) >= self._config.max_transfers_per_peer:
+            self._send_control_soon(
+                m.Error(id=request.id, code=ErrorCode.BUSY, reason="too many transfers")
+            )
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(self._serve_blob(request, done))
+        self._serving[request.id] = (task, done)
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._serving.pop(request.id, None)
+            if not done.done():
+                done.set_result(None)
+
+        task.add_done_callback(finished)
+
+    async def _serve_blob(self, request: m.BlobRequest, done: asyncio.Future[None]) -> None:
+        timeout = self._config.request_timeout_s
+        try:
+            blob = await self._handler.open_blob(self.peer_id, request.key, request.level)
+            if blob is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, "no such chunk")
+            if len(blob) > self._config.max_blob_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE, "chunk larger than max_blob_bytes")
+            frame_bytes = self._config.frame_bytes
+            await self._send_control(blob_start(request.id, blob, frame_bytes))
+            channel = self._bulk[self._next_bulk % len(self._bulk)]
+            self._next_bulk += 1
+            for frame in iter_frames(request.id, blob, frame_bytes):
+                await channel.send(frame, timeout)
+            # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+            self.sent_bytes += len(blob)
+        except ProtocolError as exc:
+            await self._send_quietly(m.Error(id=request.id, code=exc.code, reason=exc.reason))
+        except TimeoutError:
+            logger.info("peer %s did not confirm blob %d", self.peer_id, request.id)
+        except TransportError as exc:
+            logger.info("serving blob to %s failed: %s", self.peer_id, exc)
+        except Exception:
+            logger.exception("open_blob failed for %s", self.peer_id)
+            await self._send_quietly(
+                m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
+            )
+
+    # -- liveness and teardown -------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            if self._liveness.dead(now):
+                logger.warning(
+                    "peer %s silent for %.1f s: down", self.peer_id, self._config.peer_dead_after_s
+                )
+                self._spawn(self._end(by_peer=True))
+                return
+            if self._liveness.ping_due(now):
+                seq = self._liveness.next_ping(now)
+                # Never wait on a full buffer here: a stuck peer must still be declared dead.
+                if self._control.channel.readyState == "open":
+                    self._control.channel.send(
+                        m.encode(m.Ping(seq=seq, sent=now), self._config.max_message_bytes)
+                    )
+            await asyncio.sleep(
+                max(0.01, self._liveness.next_deadline(time.monotonic()) - time.monotonic())
+            )
+
+    def _on_state(self) -> None:
+        if self._pc.connectionState in ("failed", "closed") and not self._closed:
+            self._spawn(self._end(by_peer=True))
+
+    async def _end_after_bye(self) -> None:
+        # Let the ByeAck go out before closing: aiortc's close aborts the association.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_control(), self._config.close_timeout_s)
+        await self._end(by_peer=True)
+
+    async def _drain_control(self) -> None:
+        channel = self._control.channel
+        while channel.readyState == "open" and channel.bufferedAmount > 0:
+            event = asyncio.Event()
+            channel.bufferedAmountLowThreshold = 0
+            channel.once("bufferedamountlow", event.set)
+            await event.wait()
+
+    async def _end(self, *, by_peer: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        error = TransportError(f"session to {self.peer_id} closed")
+        futures: list[asyncio.Future[Any]] = [
+            *self._pending.values(),
+            *(f for _, f in self._incoming.values()),
+        ]
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        self._on_end(self, by_peer)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._pc.close(), self._config.close_timeout_s)
+        # Exceptions nobody waits for would be logged as "never retrieved": mark them seen.
+        for future in futures:
+            if future.done() and not future.cancelled():
+                future.exception()
