@@ -123,6 +123,7 @@ class PeerEvent:
     kind: Literal["added", "updated", "removed"]
     peer: PeerInfo
     epoch_changed: bool = False  # "updated": the inventory epoch moved (time to sync)
+    reason: Literal["", "goodbye", "timeout", "transport"] = ""  # why "removed"
 
 
 def encode_fields(advert: Advertisement) -> dict[bytes, bytes]:

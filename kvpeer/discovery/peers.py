@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
 
 from kvpeer.discovery.advert import PeerEvent, PeerInfo
 
@@ -79,16 +80,18 @@ class PeerTable:
         if entry is None:
             return []
         self._alive.pop(node_id, None)
-        return [PeerEvent(kind="removed", peer=entry.info)] if entry.alive else []
+        return [PeerEvent(kind="removed", peer=entry.info, reason="goodbye")] if entry.alive else []
 
-    def mark_dead(self, node_id: str) -> list[PeerEvent]:
+    def mark_dead(
+        self, node_id: str, reason: Literal["timeout", "transport"] = "transport"
+    ) -> list[PeerEvent]:
         """The peer vanished without a goodbye; keep its record for a possible return."""
         entry = self._entries.get(node_id)
         if entry is None or not entry.alive:
             return []
         entry.alive = False
         del self._alive[node_id]
-        return [PeerEvent(kind="removed", peer=entry.info)]
+        return [PeerEvent(kind="removed", peer=entry.info, reason=reason)]
 
     def expire(self, now: float) -> list[PeerEvent]:
         """Mark dead every live peer silent for longer than the timeout."""
@@ -97,7 +100,7 @@ class PeerTable:
         events: list[PeerEvent] = []
         for node_id, entry in list(self._entries.items()):
             if entry.alive and now - entry.last_seen > self._timeout_s:
-                events.extend(self.mark_dead(node_id))
+                events.extend(self.mark_dead(node_id, "timeout"))
         return events
 
     def next_expiry(self) -> float | None:
