@@ -1,0 +1,224 @@
+"""Two real transports in one process over loopback (allow_loopback): RPC, blobs, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvpeer.errors import AuthError, ConfigError, ErrorCode, ProtocolError, TransportError
+from kvpeer.transport import PeerTransport, TransportConfig, load_psk
+
+KEY = os.urandom(32)
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, bytes] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    async def handle_request(
+        self, peer_id: str, method: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.calls.append((peer_id, method))
+        if method == "echo":
+            return {"from": peer_id, **body}
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"no method {method}")
+
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        return self.blobs.get(key)
+
+
+def _config(**overrides: Any) -> TransportConfig:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1", "allow_loopback": True, "psk": KEY, "connect_timeout_s": 10.0,
+    }  # fmt: skip
+    values.update(overrides)
+    return TransportConfig(**values)
+
+
+def _run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_request_blob_errors_and_reverse_direction() -> None:
+    async def body() -> None:
+        ha, hb = Handler(), Handler()
+        down: list[str] = []
+        a = PeerTransport("node-a", _config(), ha)
+        b = PeerTransport("node-b", _config(frame_bytes=8192), hb, on_peer_down=down.append)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("node-b", "127.0.0.1", b.port)
+            assert await a.connect("node-b", "127.0.0.1", b.port) is session  # cached
+            assert await session.request("echo", {"x": 1}) == {"from": "node-a", "x": 1}
+            with pytest.raises(ProtocolError) as info:
+                await session.request("nope", {})
+            assert info.value.code == ErrorCode.UNKNOWN_TYPE
+
+            hb.blobs[b"k1"] = os.urandom(300_001)  # not a multiple of the frame size
+            hb.blobs[b"empty"] = b""
+            blobs = await asyncio.gather(
+                *(session.fetch_blob(k, "") for k in (b"k1", b"empty", b"k1"))
+            )
+            assert blobs == [hb.blobs[b"k1"], b"", hb.blobs[b"k1"]]
+            assert session.delivered_bytes == 600_002
+            with pytest.raises(ProtocolError) as info:
+                await session.fetch_blob(b"missing", "")
+            assert info.value.code == ErrorCode.NOT_FOUND
+
+            reverse = b.session("node-a")
+            assert reverse is not None
+            assert await reverse.request("echo", {}) == {"from": "node-b"}
+            assert [s.peer_id for s in a.sessions()] == ["node-b"]
+        finally:
+            await a.close()
+            await b.close()
+        assert session.closed
+        assert down == ["node-a"]  # b saw a leave; a closed itself and reports nothing
+
+    _run(body)
+
+
+def test_busy_limit_and_blob_size_limit() -> None:
+    async def body() -> None:
+        ha, hb = Handler(), Handler()
+        a = PeerTransport("a", _config(max_blob_bytes=1000), ha)
+        b = PeerTransport("b", _config(max_transfers_per_peer=1), hb)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("b", "127.0.0.1", b.port)
+            hb.blobs[b"big"] = b"x" * 5000
+            with pytest.raises(ProtocolError) as info:
+                await session.fetch_blob(b"big", "")
+            assert info.value.code == ErrorCode.TOO_LARGE
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
+
+
+@pytest.mark.parametrize(
+    ("client_key", "server_key"),
+    [(os.urandom(32), KEY), (None, KEY), (KEY, None)],
+    ids=["wrong-key", "client-without-key", "server-without-key"],
+)
+def test_peer_without_the_key_is_refused_and_counted(
+    client_key: bytes | None, server_key: bytes | None
+) -> None:
+    async def body() -> None:
+        server = PeerTransport("server", _config(psk=server_key), Handler())
+        client = PeerTransport("client", _config(psk=client_key), Handler())
+        await server.start()
+        await client.start()
+        try:
+            with pytest.raises(AuthError):
+                await client.connect("server", "127.0.0.1", server.port)
+            assert client.sessions() == [] and server.sessions() == []
+        finally:
+            await client.close()
+            await server.close()
+        assert client.counters["auth_failures"] == 1
+        if server_key is not None:
+            assert server.counters["auth_failures"] == 1
+
+    _run(body)
+
+
+def test_key_rotation_connects_old_and_new() -> None:
+    new = os.urandom(32)
+
+    async def body() -> None:
+        old_node = PeerTransport("old", _config(psk=KEY), Handler())
+        rotating = PeerTransport("rot", _config(psk=KEY, next_psk=new), Handler())
+        new_node = PeerTransport("new", _config(psk=new), Handler())
+        for t in (old_node, rotating, new_node):
+            await t.start()
+        try:
+            await old_node.connect("rot", "127.0.0.1", rotating.port)
+            await new_node.connect("rot", "127.0.0.1", rotating.port)
+            with pytest.raises(AuthError):
+                await old_node.connect("new", "127.0.0.1", new_node.port)
+        finally:
+            for t in (old_node, rotating, new_node):
+                await t.close()
+
+    _run(body)
+
+
+async def _tampering_proxy(target_port: int, flip: bytes) -> asyncio.Server:
+    """A man in the middle that changes the offer's SDP (lowercases the 2 bytes after *flip*)."""
+
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tamper: bool
+    ) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                data = await reader.readexactly(struct.unpack("!I", header)[0])
+                at = data.find(flip)
+                if tamper and at >= 0:
+                    at += len(flip)
+                    data = data[:at] + data[at : at + 2].lower() + data[at + 2 :]
+                writer.write(struct.pack("!I", len(data)) + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_tampered_sdp_is_refused() -> None:
+    async def body() -> None:
+        server = PeerTransport("server", _config(), Handler())
+        client = PeerTransport("client", _config(connect_timeout_s=5.0), Handler())
+        await server.start()
+        await client.start()
+        proxy = await _tampering_proxy(server.port, b"a=fingerprint:sha-256 ")
+        port = proxy.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(TransportError):
+                await client.connect("server", "127.0.0.1", port)
+            assert server.counters["auth_failures"] == 1
+            assert server.sessions() == []
+        finally:
+            proxy.close()
+            await client.close()
+            await server.close()
+
+    _run(body)
+
+
+def test_load_psk_refuses_readable_files(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text(KEY.hex())
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_psk(path)
+    path.chmod(0o600)
+    assert load_psk(path) == KEY
+    path.write_bytes(b"short")
+    with pytest.raises(ConfigError):
+        load_psk(path)
+    with pytest.raises(ConfigError):
+        load_psk(tmp_path / "absent")
+
+
+def test_config_refuses_unsafe_hosts() -> None:
+    with pytest.raises(ConfigError):
+        TransportConfig(host="0.0.0.0")
+    with pytest.raises(ConfigError):
+        TransportConfig(host="127.0.0.1")  # loopback needs allow_loopback
+    assert TransportConfig.from_section({"port": 5}, default_host="10.0.0.1").host == "10.0.0.1"
