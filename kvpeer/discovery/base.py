@@ -130,6 +130,10 @@ class Discovery(ABC):
         """Periodic backend work, run from the liveness loop before heartbeats go out."""
         return None
 
+    def _tick_period(self) -> float:
+        """How often the liveness loop runs when heartbeats are off."""
+        return max(self.config.peer_timeout_s / 4, 0.25)
+
     def _liveness_timeout(self) -> float | None:
         """Silence after which a peer is dropped, or None if the backend has its own."""
         return self.config.peer_timeout_s if self._heartbeat_interval() else None
@@ -210,7 +214,7 @@ class Discovery(ABC):
 
     async def _liveness_loop(self) -> None:
         interval = self._heartbeat_interval()
-        period = interval if interval else max(self.config.peer_timeout_s / 4, 0.25)
+        period = interval if interval else self._tick_period()
         while True:
             await self._tick()
             if interval:

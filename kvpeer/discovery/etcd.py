@@ -1,20 +1,182 @@
-"""Discovery through etcd (keys with leases), for clusters spanning routed subnets."""
+"""Discovery through etcd v3 (keys with leases), for clusters spanning routed subnets.
+
+Each node puts its advertisement record (advert.py) at ``<prefix><node_id>`` under a lease of
+``etcd_lease_ttl_s`` that it keeps alive from the liveness loop; it lists the prefix once and
+then watches it. A clean stop deletes the key and revokes the lease (peers see the delete at
+once); a node that dies stops refreshing and etcd deletes its key when the lease expires, so
+liveness here is the lease TTL plus the transport's `mark_dead`, without UDP heartbeats.
+The client is aetcd (gRPC), imported only when this backend is used.
+"""
 
 from __future__ import annotations
 
-from kvpeer.discovery.advert import Advertisement
+import asyncio
+import contextlib
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from kvpeer.discovery.advert import Advertisement, decode_record, encode_record, validate_node_id
 from kvpeer.discovery.base import Discovery
-from kvpeer.errors import ConfigError
+from kvpeer.errors import ConfigError, ErrorCode, ProtocolError, TransportError
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 1.0
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """"http://host:port" or "host:port" -> (host, port)."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if parts.scheme not in ("http", "") or not parts.hostname:
+        raise ConfigError(f"discovery.etcd_endpoints: {endpoint!r} (only http:// is supported)")
+    return parts.hostname, parts.port or 2379
 
 
 class EtcdDiscovery(Discovery):
     """Peers registered under a key prefix in etcd."""
 
+    _client: Any = None
+    _lease: Any = None
+    _watcher: asyncio.Task[None] | None = None
+
+    def _heartbeat_interval(self) -> float:
+        return 0.0  # the lease is the heartbeat
+
+    def _liveness_timeout(self) -> float | None:
+        return None  # etcd expires the key; a watch DELETE removes the peer
+
+    def _tick_period(self) -> float:
+        return self.config.etcd_lease_ttl_s / 3
+
+    @property
+    def _prefix(self) -> bytes:
+        return self.config.etcd_prefix.encode()
+
+    def _key(self, node_id: str) -> bytes:
+        return self._prefix + node_id.encode()
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self.config.request_timeout_s)
+        except TimeoutError:
+            raise TransportError("etcd request timed out") from None
+        except Exception as exc:  # aetcd maps gRPC failures onto its own exception tree
+            if isinstance(exc, ProtocolError | ConfigError):
+                raise
+            raise TransportError(f"etcd: {exc}") from exc
+
+    async def _connect(self) -> Any:
+        import aetcd  # gRPC is heavy to import; only etcd users pay for it
+
+        errors = []
+        for endpoint in self.config.etcd_endpoints:
+            host, port = parse_endpoint(endpoint)
+            client = aetcd.Client(
+                host=host, port=port, timeout=int(max(1, self.config.request_timeout_s))
+            )
+            try:
+                await self._call(client.status())
+            except TransportError as exc:
+                errors.append(f"{endpoint}: {exc}")
+                with contextlib.suppress(Exception):
+                    await client.close()
+                continue
+            return client
+        raise TransportError("no etcd endpoint answered: " + "; ".join(errors))
+
     async def _open(self, advert: Advertisement) -> None:
-        raise ConfigError("discovery.backend: etcd is not implemented yet")
+        self._client = await self._connect()
+        await self._register(advert)
+        revision = await self._list()
+        self._watcher = asyncio.create_task(self._watch(revision + 1), name="etcd-watch")
+
+    async def _register(self, advert: Advertisement) -> None:
+        self._lease = await self._call(self._client.lease(self.config.etcd_lease_ttl_s))
+        await self._put(advert)
+
+    async def _put(self, advert: Advertisement) -> None:
+        record = encode_record(advert, self.addresses)
+        await self._call(self._client.put(self._key(advert.node_id), record, lease=self._lease))
 
     async def _publish(self, advert: Advertisement) -> None:
-        raise ConfigError("discovery.backend: etcd is not implemented yet")
+        await self._put(advert)
+
+    async def _tick(self) -> None:
+        if self._client is None or self._lease is None or self._advert is None:
+            return
+        try:
+            reply = await self._call(self._lease.refresh())
+            if reply is None or reply.TTL <= 0:
+                # The lease expired (we were partitioned or stalled): our key is gone too.
+                log.warning("etcd lease expired; registering again")
+                await self._register(self._pending or self._advert)
+        except TransportError as exc:
+            log.warning("etcd keep-alive failed: %s", exc)
+
+    async def _list(self) -> int:
+        listing = await self._call(self._client.get_prefix(self._prefix))
+        present = set()
+        for kv in listing:
+            node_id = self._on_put(kv.key, kv.value)
+            if node_id is not None:
+                present.add(node_id)
+        for node_id in list(self.peers()):
+            if node_id not in present:
+                self._withdraw(node_id)
+        return int(listing.header.revision)
+
+    def _node_id(self, key: bytes) -> str | None:
+        try:
+            return validate_node_id(key[len(self._prefix) :].decode("ascii"))
+        except (UnicodeDecodeError, ProtocolError):
+            self._warn(repr(key), "ignored etcd key with a bad node id")
+            return None
+
+    def _on_put(self, key: bytes, value: bytes) -> str | None:
+        node_id = self._node_id(key)
+        if node_id is None:
+            return None
+        try:
+            info = decode_record(value)
+            if info.node_id != node_id:
+                raise ProtocolError(ErrorCode.INVALID, f"record of {info.node_id} under {node_id}")
+        except ProtocolError as exc:
+            self._warn(node_id, "ignored malformed advertisement: %s", exc)
+            return None
+        self._observe(info)
+        return node_id
+
+    async def _watch(self, revision: int) -> None:
+        while True:
+            try:
+                watch = await self._call(self._client.watch_prefix(self._prefix, start_revision=revision))
+                async for event in watch:
+                    revision = int(event.kv.mod_revision) + 1
+                    if event.kind == "PUT":
+                        self._on_put(event.kv.key, event.kv.value)
+                    elif (node_id := self._node_id(event.kv.key)) is not None:
+                        self._withdraw(node_id)
+                raise TransportError("etcd watch ended")
+            except Exception as exc:  # gRPC/aetcd errors of any type: re-list and re-watch
+                log.warning("etcd watch failed (%s); listing again in %.0fs", exc, RETRY_S)
+                await asyncio.sleep(RETRY_S)
+                with contextlib.suppress(TransportError):
+                    revision = await self._list() + 1
 
     async def _close(self) -> None:
-        return None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._client is None:
+            return
+        if self._advert is not None:
+            # Goodbye: delete at once rather than leaving peers to wait for the lease.
+            with contextlib.suppress(TransportError):
+                await self._call(self._client.delete(self._key(self._advert.node_id)))
+        if self._lease is not None:
+            with contextlib.suppress(TransportError):
+                await self._call(self._lease.revoke())
+        with contextlib.suppress(Exception):
+            await self._client.close()
