@@ -1,0 +1,698 @@
+"""The daemon's configuration: one TOML file, then ``KVPEER_*`` environment overrides.
+
+Owns :class:`Config` (frozen nested dataclasses, one section per subsystem, every field with a
+type, a default and a doc string), :func:`load_config`, and the renderers behind
+``kvpeerd --check-config`` (:meth:`Config.as_toml`) and ``systemd/kvpeer.example.toml``
+(:func:`example_toml`). Unknown keys and bad values raise ConfigError naming the key.
+
+Sources, lowest precedence first:
+
+1. the defaults below;
+2. the TOML file (``/etc/kvpeer/kvpeer.toml`` by default; a missing *default* file is fine, a
+   missing explicit ``--config`` file is an error);
+3. environment variables ``KVPEER_<SECTION>__<KEY>`` (double underscore between the section and
+   the key, case-insensitive), e.g. ``KVPEER_TRANSPORT__PORT=7500`` or
+   ``KVPEER_STORE__RAM_BYTES=4GiB``. Lists are comma-separated (``a,b``) or a TOML array
+   (``["a", "b"]``). Variables without a double underscore (``KVPEER_SOCKET``) belong to the
+   client CLI and are ignored here.
+
+Value syntax: sizes are integers of bytes or strings like ``"512MiB"``/``"2GB"``; durations are
+seconds (int or float); paths may use ``{state_dir}`` and ``{runtime_dir}``, filled in from the
+``[node]`` section. The loader is generic over nested frozen dataclasses, so a section grows by
+adding a field here (and regenerating the example with ``python -m kvpeer.config --example``).
+This module reads files and the environment only; it opens no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from kvpeer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/kvpeer/kvpeer.toml")
+ENV_PREFIX = "KVPEER_"
+MACHINE_ID_PATH = Path("/etc/machine-id")
+NODE_ID_FILE = "node_id"  # under state_dir, when the id had to be generated
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- field helpers
+# Doc strings live in field metadata (not attribute doc strings) so the example file and
+# --check-config can print them.
+
+
+def setting(default: T, doc: str, *, kind: str = "", example: Any = None, lo: float | None = None,
+            hi: float | None = None, choices: tuple[Any, ...] = ()) -> T:
+    """A config field: its default, its documentation and how to read and check its value.
+
+    ``kind`` is "size" (bytes, accepts "512MiB"), "mode" (file mode, accepts "0660") or "".
+    ``example`` is shown (commented out) in the example file for optional fields.
+    """
+    meta = {"doc": doc, "kind": kind, "example": example, "lo": lo, "hi": hi, "choices": choices}
+    return typing.cast(T, field(default=default, metadata=meta))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_LEVEL_RE = re.compile(r"^[a-z0-9_]{1,16}$")
+
+
+def _check_level(key: str, value: str, *, allow_empty: bool) -> None:
+    if allow_empty and not value:
+        return
+    if not _LEVEL_RE.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a codec level name")
+    try:  # the codec package imports torch; a broken codec must not stop --check-config
+        from kvpeer.codec import LEVELS
+    except ImportError:  # pragma: no cover - only while the codec is missing
+        return
+    if value not in LEVELS:
+        raise ConfigError(f"{key}: unknown codec level {value!r}; known: {', '.join(LEVELS)}")
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeSection:
+    """[node]: who this node is and where it keeps its files."""
+
+    node_id: str = setting(
+        "",
+        "Name of this node on the LAN (letters, digits, '.', '_', '-'; at most 63). Empty: a stable "
+        "id derived from /etc/machine-id and the host name, else a random one saved in state_dir.",
+    )
+    state_dir: Path = setting(
+        Path("/var/lib/kvpeer"), "Persistent state: the disk store, a generated node id."
+    )
+    runtime_dir: Path = setting(Path("/run/kvpeer"), "Runtime files: the local API socket.")
+
+    def __post_init__(self) -> None:
+        if self.node_id and not _NAME_RE.match(self.node_id):
+            raise ConfigError(
+                f"node.node_id: {self.node_id!r} must be 1-63 letters, digits, '.', '_' or '-'"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiSection:
+    """[api]: the local Unix socket that engines talk to."""
+
+    socket_path: Path = setting(
+        Path("{runtime_dir}/kvpeer.sock"), "Unix socket of the local API."
+    )
+    socket_mode: int = setting(
+        0o660, "Permissions of the socket (octal: 0o660 or \"0660\").", kind="mode", lo=0, hi=0o777
+    )
+    socket_group: str = setting(
+        "", "Group owning the socket (engines in it may connect). Empty: the daemon's group."
+    )
+    allowed_uids: tuple[int, ...] = setting(
+        (), "Only these user ids may use the API (checked with SO_PEERCRED). Empty: anyone the "
+        "socket permissions let in."
+    )
+    lease_s: float = setting(
+        60.0, "Seconds a client may hold a fetched shared-memory segment before the daemon "
+        "reclaims it.", lo=0.001
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSection:
+    """[store]: encoded chunks in RAM (LRU) and on disk (LRU, survives restarts)."""
+
+    ram_bytes: int = setting(2 << 30, "Byte budget of the RAM tier.", kind="size", lo=0)
+    disk_bytes: int = setting(
+        20 << 30, "Byte budget of the disk tier; 0 turns the disk tier off. Keep it below the "
+        "free space of the file system: a full disk is an error, not an eviction.",
+        kind="size", lo=0,
+    )
+    dir: Path = setting(Path("{state_dir}/store"), "Directory of the disk tier.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodecSection:
+    """[codec]: how chunks are cut and compressed."""
+
+    level: str = setting("q8", "Level at which put chunks are stored (exact, q8, q6, q5, q4, q3).")
+    chunk_tokens: int = setting(
+        256, "Tokens per chunk. Every node of a cluster must use the same value.", lo=1, hi=1 << 16
+    )
+
+    def __post_init__(self) -> None:
+        _check_level("codec.level", self.level, allow_empty=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportSection:
+    """[transport]: authenticated WebRTC sessions with the peers."""
+
+    host: str = setting(
+        "", "Address of the signalling listener. Empty: the first address discovery advertises."
+    )
+    port: int = setting(7457, "TCP port of the signalling listener (0: any free port).", lo=0, hi=65535)
+    advertise_addresses: tuple[str, ...] = setting(
+        (), "Addresses put in this node's advertisement. Empty: those of discovery.interfaces."
+    )
+    psk_file: Path | None = setting(
+        None, "File holding the cluster's pre-shared key (hex). Peers without it are refused.",
+        example="/etc/kvpeer/cluster.key",
+    )
+    next_psk_file: Path | None = setting(
+        None, "The next cluster key, also accepted, while keys are rotated.",
+        example="/etc/kvpeer/cluster.next.key",
+    )
+    mtu: int | Literal["auto"] = setting(
+        "auto", "Path MTU used to size SCTP packets: \"auto\" (from the interface) or bytes.",
+        lo=576, hi=65535,
+    )
+    connect_timeout_s: float = setting(10.0, "Seconds to open an authenticated session.", lo=0.001)
+    request_timeout_s: float = setting(10.0, "Seconds to answer one peer request.", lo=0.001)
+    heartbeat_interval_s: float = setting(0.5, "Seconds between session heartbeats.", lo=0.001)
+    peer_dead_after_s: float = setting(
+        2.0, "A session silent this long is closed and its peer reported down.", lo=0.001
+    )
+    allow_loopback: bool = setting(
+        False, "Allow sessions over 127.0.0.0/8 (single-host setups only)."
+    )
+    max_message_bytes: int = setting(
+        64 << 20, "Largest message or blob accepted from a peer.", kind="size", lo=1024
+    )
+    max_transfers_per_peer: int = setting(
+        4, "Concurrent blob transfers served to one peer.", lo=1, hi=1024
+    )
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s * 2 > self.peer_dead_after_s:
+            raise ConfigError("transport.heartbeat_interval_s: must be at most peer_dead_after_s / 2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoverySection:
+    """[discovery]: how peers are found (mapped onto kvpeer.discovery.DiscoveryConfig)."""
+
+    backend: str = setting(
+        "zeroconf", "zeroconf (mDNS on the LAN), static (static_peers) or etcd.",
+        choices=("zeroconf", "static", "etcd"),
+    )
+    interfaces: tuple[str, ...] = setting(
+        (), "Interface names or IPv4 addresses to advertise and listen on. Empty: every up "
+        "interface except loopback and container bridges (those only when named)."
+    )
+    static_peers: tuple[str, ...] = setting((), "\"host:port\" of each peer (backend static).")
+    etcd_endpoints: tuple[str, ...] = setting(
+        ("http://127.0.0.1:2379",), "etcd client URLs (backend etcd)."
+    )
+    etcd_prefix: str = setting("/kvpeer/nodes/", "Key prefix of the advertisements in etcd.")
+    etcd_lease_ttl_s: int = setting(
+        10, "Seconds an etcd advertisement outlives a node that stopped refreshing it.", lo=2
+    )
+    update_min_interval_s: float = setting(
+        1.0, "Advertisement updates are coalesced to at most one per this many seconds.", lo=0
+    )
+    peer_timeout_s: float = setting(
+        10.0, "A peer not heard from for this long is dropped.", lo=0.001
+    )
+    heartbeat_interval_s: float = setting(
+        2.5, "Seconds between discovery heartbeats (0: off; at most peer_timeout_s / 2).", lo=0
+    )
+    request_timeout_s: float = setting(
+        3.0, "Seconds for one discovery request (zeroconf resolve, etcd call).", lo=0.001
+    )
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s * 2 > self.peer_timeout_s:
+            raise ConfigError("discovery.heartbeat_interval_s: must be at most peer_timeout_s / 2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchSection:
+    """[fetch]: defaults of the fetch pipeline (clients may ask for less per request)."""
+
+    deadline_s: float = setting(
+        0.0, "Default deadline of a fetch; what is not there by then is left to recompute. "
+        "0: no deadline.", lo=0
+    )
+    min_level: str = setting(
+        "", "Lowest codec level a fetch accepts by default. Empty: any level."
+    )
+    recompute_tokens_per_s: float = setting(
+        0.0, "Local prefill speed, to judge fetch against recompute. 0: unknown (always fetch).",
+        lo=0,
+    )
+
+    def __post_init__(self) -> None:
+        _check_level("fetch.min_level", self.min_level, allow_empty=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSection:
+    """[metrics]: Prometheus /metrics and /healthz over HTTP."""
+
+    enabled: bool = setting(True, "Serve /metrics and /healthz.")
+    host: str = setting("127.0.0.1", "Listen address. Keep it on localhost unless scraped remotely.")
+    port: int = setting(9457, "Listen port (0: any free port).", lo=0, hi=65535)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSection:
+    """[log]: what the daemon writes to stderr (the journal under systemd)."""
+
+    level: str = setting("info", "debug, info, warning, error or critical.", choices=LOG_LEVELS)
+    json: bool = setting(False, "One JSON object per line instead of text.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonSection:
+    """[daemon]: the process itself."""
+
+    uvloop: bool = setting(True, "Use uvloop's event loop when it is installed.")
+    shutdown_grace_s: float = setting(
+        10.0, "Seconds a graceful shutdown may take before the rest is cancelled.", lo=0.001
+    )
+    watchdog: bool = setting(
+        True, "Ping systemd's watchdog (when the unit sets WatchdogSec=)."
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration of one kvpeerd. Build it with :func:`load_config`."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    codec: CodecSection = field(default_factory=CodecSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    fetch: FetchSection = field(default_factory=FetchSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+
+    def __post_init__(self) -> None:
+        # Fill {state_dir}/{runtime_dir} in every path, so no consumer has to know the rule.
+        places = {"{state_dir}": str(self.node.state_dir), "{runtime_dir}": str(self.node.runtime_dir)}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            changes = {}
+            for sf in dataclasses.fields(section):
+                value = getattr(section, sf.name)
+                if isinstance(value, Path) and "{" in str(value):
+                    changes[sf.name] = Path(_fill(str(value), places, f"{f.name}.{sf.name}"))
+            if changes:
+                object.__setattr__(self, f.name, dataclasses.replace(section, **changes))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective config as TOML-ready values (paths as strings, None left out)."""
+        return _to_plain(self)
+
+    def as_toml(self) -> str:
+        """The effective config as TOML, documented, for ``kvpeerd --check-config``."""
+        return _render(type(self), self, header="# kvpeer effective configuration\n")
+
+
+def _fill(text: str, places: Mapping[str, str], key: str) -> str:
+    for name, value in places.items():
+        text = text.replace(name, value)
+    if "{" in text or "}" in text:
+        raise ConfigError(f"{key}: unknown placeholder in {text!r} (use {{state_dir}} or {{runtime_dir}})")
+    return text
+
+
+# ----------------------------------------------------------------------------- value parsing
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
+    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30,
+    "ti": 1 << 40, "tib": 1 << 40, "pi": 1 << 50, "pib": 1 << 50,
+}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string like "512MiB", "2GB", "1.5GiB"; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("negative size")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()
+            if unit in _SIZE_UNITS:
+                return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError("not a size")
+
+
+def format_size(n: int) -> str:
+    """The shortest exact binary-unit spelling of ``n`` bytes ("2GiB", "1536KiB", "100")."""
+    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20),
+                        ("KiB", 1 << 10)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def _describe(tp: Any, kind: str) -> str:
+    if kind == "size":
+        return "a size like '2GiB'"
+    if kind == "mode":
+        return "a file mode like 0o660 or '0660'"
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a, "") for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0], '')}s"
+    names = {bool: "true or false", int: "an integer", float: "a number",
+             str: "a string", Path: "a path"}
+    return names.get(tp, str(tp))
+
+
+def _coerce(tp: Any, kind: str, value: Any) -> Any:
+    """``value`` (from TOML, or a str from the environment) as type ``tp``; ValueError if not."""
+    if kind == "size":
+        return parse_size(value)
+    if kind == "mode":
+        if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value):
+            return int(value.removeprefix("0o"), 8)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError("not a mode")
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, "", value)
+            except ValueError:
+                continue
+        raise ValueError("no member of the union matches")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError("not one of the literals")
+    if origin is tuple:
+        if isinstance(value, str):  # from the environment: "a,b" (a TOML array is parsed earlier)
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ValueError("not a list")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, "", v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError("not a bool")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ValueError("not an int")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("not a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError("not a string")
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+        raise ValueError("not a path")
+    raise TypeError(f"config type {tp!r} is not supported")  # a bug in a section, not in input
+
+
+def _check_range(key: str, meta: Mapping[str, Any], value: Any) -> None:
+    choices = meta.get("choices") or ()
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    numbers = value if isinstance(value, tuple) else (value,)
+    for number in numbers:
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            continue
+        if lo is not None and number < lo:
+            raise ConfigError(f"{key}: must be >= {lo:g}, got {number!r}")
+        if hi is not None and number > hi:
+            raise ConfigError(f"{key}: must be <= {hi:g}, got {number!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, origin: Mapping[str, str]) -> T:
+    """An instance of dataclass ``cls`` from ``raw``; ConfigError names the first bad key.
+
+    ``origin`` maps dotted keys to where their value came from (an environment variable), for
+    messages.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a table, got {raw!r}")
+    hints = _hints(cls)
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        f = fields_by_name.get(name)
+        if f is None:
+            where = f" (from {origin[key]})" if key in origin else ""
+            known = ", ".join(fields_by_name)
+            raise ConfigError(f"{key}: unknown key{where}; known keys here: {known}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(typing.cast(type, tp), value, f"{key}.", origin)
+            continue
+        kind = f.metadata.get("kind", "")
+        try:
+            coerced = _coerce(tp, kind, value)
+        except ValueError:
+            where = f" (from {origin[key]})" if key in origin else ""
+            raise ConfigError(f"{key}: expected {_describe(tp, kind)}, got {value!r}{where}") from None
+        _check_range(key, f.metadata, coerced)
+        values[name] = coerced
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> Config:
+    """Defaults, then the TOML file at ``path`` (default /etc/kvpeer/kvpeer.toml), then ``env``.
+
+    Raises ConfigError (naming the key) for an unreadable or invalid file, an unknown key or a
+    bad value. A node id left empty is derived here (see :func:`default_node_id`).
+    """
+    explicit = path is not None
+    path = path if path is not None else DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = {}
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    origin: dict[str, str] = {}
+    _apply_env(raw, env, origin)
+    config = _build(Config, raw, "", origin)
+    if not config.node.node_id:
+        node = dataclasses.replace(config.node, node_id=default_node_id(config.node.state_dir))
+        config = dataclasses.replace(config, node=node)
+    return config
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]) -> None:
+    """Merge ``KVPEER_SECTION__KEY`` variables into ``raw`` (in place)."""
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if any(not p for p in parts) or len(parts) < 2:
+            raise ConfigError(f"{name}: expected KVPEER_<SECTION>__<KEY>")
+        table = raw
+        for part in parts[:-1]:
+            nested = table.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"{name}: {'.'.join(parts[:-1])} is not a section")
+            table = nested
+        table[parts[-1]] = _env_value(env[name])
+        origin[".".join(parts)] = name
+
+
+def _env_value(text: str) -> Any:
+    """A TOML array or inline value if ``text`` is one ("[1, 2]", "0o660", "7500"), else the text.
+
+    The typed coercion that follows turns "7500" back into a string where a string is wanted.
+    """
+    if text.strip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return text
+
+
+def default_node_id(state_dir: Path, *, machine_id_path: Path = MACHINE_ID_PATH,
+                    hostname: Callable[[], str] = socket.gethostname) -> str:
+    """A node id that stays the same across restarts.
+
+    An id saved in ``state_dir`` wins; else one derived from /etc/machine-id and the host name
+    (hashed: the machine id is meant to stay private); else a random id, saved in ``state_dir``
+    when it is writable.
+    """
+    saved = state_dir / NODE_ID_FILE
+    try:
+        text = saved.read_text().strip()
+        if _NAME_RE.match(text):
+            return text
+        log.warning("ignoring malformed node id in %s", saved)
+    except OSError:
+        pass
+    host = re.sub(r"[^A-Za-z0-9-]", "-", hostname().split(".")[0])[:40].strip("-") or "node"
+    try:
+        machine = machine_id_path.read_text().strip()
+    except OSError:
+        machine = ""
+    if machine:
+        digest = hashlib.blake2b(f"{machine}\0{host}".encode(), digest_size=4).hexdigest()
+        return f"{host}-{digest}"
+    node_id = f"{host}-{secrets.token_hex(4)}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(node_id + "\n")
+    except OSError as exc:
+        log.warning("cannot save the generated node id in %s (%s); it will change on restart",
+                    saved, exc.strerror or exc)
+    return node_id
+
+
+# ----------------------------------------------------------------------------- rendering
+def _plain(value: Any, kind: str) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v, "") for v in value]
+    if kind == "size" and isinstance(value, int):
+        return format_size(value)
+    return value
+
+
+def _to_plain(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _to_plain(value)
+        elif value is not None:
+            out[f.name] = _plain(value, f.metadata.get("kind", ""))
+    return out
+
+
+def _toml_value(value: Any, kind: str = "") -> str:
+    if kind == "mode" and isinstance(value, int):
+        return f"0o{value:o}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _wrap(doc: str, width: int = 96) -> list[str]:
+    lines: list[str] = []
+    line = "#"
+    for word in doc.split():
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    lines.append(line)
+    return lines
+
+
+def _render(cls: type, instance: Any | None, header: str) -> str:
+    """TOML for dataclass ``cls``: values of ``instance``, or the raw defaults when None."""
+    out = [header]
+    for section_field in dataclasses.fields(cls):
+        section_cls = _hints(cls)[section_field.name]
+        section = getattr(instance, section_field.name) if instance is not None else None
+        out.append("")
+        doc = (section_cls.__doc__ or "").strip()
+        out.extend(_wrap(doc.split(": ", 1)[1] if doc.startswith("[") else doc))
+        out.append(f"[{section_field.name}]")
+        for f in dataclasses.fields(section_cls):
+            kind = f.metadata.get("kind", "")
+            value = getattr(section, f.name) if section is not None else f.default
+            out.extend(_wrap(f.metadata.get("doc", "")))
+            if value is None:
+                out.append(f"# {f.name} = {_toml_value(f.metadata.get('example') or '')}")
+            else:
+                out.append(f"{f.name} = {_toml_value(_plain(value, kind), kind)}")
+    return "\n".join(out) + "\n"
+
+
+def example_toml() -> str:
+    """The documented example file (systemd/kvpeer.example.toml): every setting, its default."""
+    return _render(
+        Config,
+        None,
+        header=(
+            "# kvpeer configuration: /etc/kvpeer/kvpeer.toml (kvpeerd --config PATH to use another).\n"
+            "# Every setting with its default. Any key can be overridden from the environment as\n"
+            "# KVPEER_<SECTION>__<KEY>, e.g. KVPEER_STORE__RAM_BYTES=4GiB. Sizes: bytes or \"512MiB\";\n"
+            "# durations: seconds. Paths may use {state_dir} and {runtime_dir}.\n"
+            "# Generated by `python -m kvpeer.config --example`; `kvpeerd --check-config` prints\n"
+            "# the effective configuration."
+        ),
+    )
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["--example"]:
+        sys.stdout.write(example_toml())
+        return 0
+    path = Path(argv[0]) if argv else None
+    try:
+        sys.stdout.write(load_config(path).as_toml())
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,544 @@
+"""The chunk store: encoded chunks by (key, level), in RAM and on disk, each tier an LRU in bytes.
+
+Owns the bytes of encoded chunks once they are put, their on-disk files and the inventory of
+which keys are held. Blobs are opaque here (the codec reads them); the store guards its own
+files with a checksum of its own and never returns bytes that fail it: a corrupt file is
+deleted and read as a miss.
+
+Tiers. The RAM tier is an LRU bounded by ``ram_bytes``. The disk tier (when ``directory`` is
+given and ``disk_bytes`` > 0) is written through on every put and bounded by ``disk_bytes``,
+also LRU; the RAM tier then caches it. A chunk the disk cannot take (disk full) stays in RAM
+only, and the put raises StoreError saying so: the daemon keeps running on the RAM tier.
+
+Crash safety. A file is written under a temporary name, fsynced, renamed into place and its
+directory fsynced, so after ``kill -9`` (or power loss) at any point a chunk's file either is
+complete or does not exist; leftover temporary files are removed when the store opens. The
+index is rebuilt at start-up from file names and ``stat`` alone (no file is read), in the order
+of last use (file mtimes). One process uses a directory at a time (an ``flock`` on ``.lock``).
+
+Threads. ``*_blocking`` methods may run in executor threads concurrently; the async wrappers
+run them in the loop's default executor. Inventory callbacks (``subscribe``) are called in the
+thread that called the store: the event loop's for the async wrappers and ``delete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kvpeer.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"
+
+# Record: magic, format version, level length, payload length, checksum, key; then level, payload.
+_MAGIC = b"KVPCHNK1"
+_VERSION = 1
+_HEADER = struct.Struct("<8sHBxQ16s32s")
+_LEVEL_RE = re.compile(r"^[a-z0-9_]{1,16}$")
+_NAME_RE = re.compile(r"^([0-9a-f]{64})\.([a-z0-9_]{1,16})$")
+
+Listener = Callable[[list[bytes], list[bytes]], None]
+_Slot = tuple[bytes, str]  # (key, level)
+R = TypeVar("R")
+
+
+def _checksum(key: bytes, level: str, blob: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(key)
+    h.update(level.encode())
+    h.update(blob)
+    return h.digest()
+
+
+def encode_record(key: bytes, level: str, blob: bytes) -> bytes:
+    """Header + level of a chunk's file (the payload follows it)."""
+    lvl = level.encode()
+    return _HEADER.pack(_MAGIC, _VERSION, len(lvl), len(blob), _checksum(key, level, blob), key) + lvl
+
+
+def decode_record(data: bytes, key: bytes, level: str) -> bytes:
+    """The payload of a chunk file read whole; StoreError if it is not exactly what was written."""
+    if len(data) < _HEADER.size:
+        raise StoreError(f"truncated record ({len(data)} bytes)")
+    magic, version, level_len, payload_len, digest, rec_key = _HEADER.unpack_from(data)
+    if magic != _MAGIC or version != _VERSION:
+        raise StoreError("not a chunk record of this version")
+    start = _HEADER.size + level_len
+    rec_level = data[_HEADER.size:start].decode(errors="replace")
+    if rec_key != key or rec_level != level:
+        raise StoreError("record holds another chunk than its name says")
+    if len(data) != start + payload_len:
+        raise StoreError(f"record length {len(data)} != {start + payload_len}")
+    payload = memoryview(data)[start:]
+    if _checksum(key, level, payload) != digest:
+        raise StoreError("checksum mismatch")
+    return bytes(payload)
+
+
+def record_size(level: str, blob_len: int) -> int:
+    return _HEADER.size + len(level.encode()) + blob_len
+
+
+@dataclass(slots=True)
+class _Changes:
+    """Keys that appeared in or vanished from the inventory during one operation."""
+
+    added: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    ram_evictions: int = 0
+    disk_evictions: int = 0
+    corrupt: int = 0
+    disk_errors: int = 0
+
+
+class ChunkStore:
+    """Encoded chunks by key (32 bytes) and level, RAM LRU over a disk LRU."""
+
+    def __init__(
+        self,
+        ram_bytes: int,
+        disk_bytes: int = 0,
+        directory: Path | None = None,
+        *,
+        level_order: Sequence[str] = (),
+    ) -> None:
+        """``level_order``: known levels, most faithful first (others are refused); empty: any
+        level name, ordered by name."""
+        if ram_bytes < 0 or disk_bytes < 0:
+            raise StoreError("store budgets must be >= 0")
+        self.ram_limit = ram_bytes
+        self.disk_limit = disk_bytes if directory is not None else 0
+        self.directory = directory if self.disk_limit else None
+        self._order = {level: i for i, level in enumerate(level_order)}
+        self._lock = threading.Lock()
+        self._ram: OrderedDict[_Slot, bytes] = OrderedDict()
+        self._disk: OrderedDict[_Slot, int] = OrderedDict()  # slot -> file size, LRU first
+        self._pending: dict[_Slot, int] = {}  # slot -> reserved file size while being written
+        self._levels: dict[bytes, set[str]] = {}  # readable levels per key (RAM or disk)
+        self.ram_used = 0
+        self.disk_used = 0  # files on disk + reservations of writes in flight
+        self._counters = _Counters()
+        self._listeners: list[Listener] = []
+        self._lock_fd: int | None = None
+        self._last_disk_error = ""
+        if self.directory is not None:
+            self._open_disk(self.directory)
+
+    # ------------------------------------------------------------------ public, synchronous
+    def subscribe(self, callback: Listener) -> None:
+        """Call ``callback(added_keys, removed_keys)`` whenever keys enter or leave the store."""
+        self._listeners.append(callback)
+
+    def has(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._levels
+
+    def levels(self, key: bytes) -> list[str]:
+        """Levels held for ``key``, most faithful first."""
+        with self._lock:
+            return self._sorted(self._levels.get(key, ()))
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._levels)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._levels)
+
+    def put_blocking(self, key: bytes, level: str, blob: bytes) -> None:
+        """Store ``blob`` as ``key`` at ``level`` in RAM and (written through) on disk.
+
+        StoreError when it fits no tier, or when the disk write fails (then the chunk is held
+        in RAM only, if it fits there).
+        """
+        changes = _Changes()
+        try:
+            self._put(key, level, blob, changes)
+        finally:
+            self._notify(changes)
+
+    def get_blocking(self, key: bytes, level: str | None = None) -> bytes | None:
+        """The blob of ``key`` at ``level`` (None: the most faithful level held), or None.
+
+        A file that fails its checksum is deleted and counts as a miss.
+        """
+        changes = _Changes()
+        try:
+            return self._get(key, level, changes)
+        finally:
+            self._notify(changes)
+
+    def delete(self, key: bytes) -> bool:
+        """Drop every level of ``key`` from both tiers. True if anything was held."""
+        changes = _Changes()
+        with self._lock:
+            found = self._drop_key(key, changes)
+        self._notify(changes)
+        return found
+
+    def clear(self) -> int:
+        """Drop every chunk; returns how many keys were held."""
+        changes = _Changes()
+        with self._lock:
+            keys = list(self._levels) + [slot[0] for slot in self._pending]
+            for key in dict.fromkeys(keys):
+                self._drop_key(key, changes)
+        count = len(changes.removed)
+        self._notify(changes)
+        return count
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = self._counters
+            return {
+                "chunks": len(self._levels),
+                "ram_entries": len(self._ram),
+                "ram_bytes": self.ram_used,
+                "ram_limit": self.ram_limit,
+                "disk_entries": len(self._disk),
+                "disk_bytes": self.disk_used,
+                "disk_limit": self.disk_limit,
+                "disk_dir": str(self.directory) if self.directory else None,
+                "hits": c.hits,
+                "misses": c.misses,
+                "puts": c.puts,
+                "ram_evictions": c.ram_evictions,
+                "disk_evictions": c.disk_evictions,
+                "corrupt": c.corrupt,
+                "disk_errors": c.disk_errors,
+                "last_disk_error": self._last_disk_error,
+            }
+
+    def close(self) -> None:
+        """Release the directory lock. Every put already reached the disk; nothing to flush."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ public, async
+    async def put(self, key: bytes, level: str, blob: bytes) -> None:
+        changes = _Changes()
+        await self._in_executor(changes, self._put, key, level, blob, changes)
+
+    async def get(self, key: bytes, level: str | None = None) -> bytes | None:
+        changes = _Changes()
+        return await self._in_executor(changes, self._get, key, level, changes)
+
+    async def _in_executor(self, changes: _Changes, fn: Callable[..., R], *args: Any) -> R:
+        # Shielded: a cancelled caller must not lose the inventory changes the thread goes on
+        # making; they are announced when the thread is done.
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._notify(changes)
+            else:
+                future.add_done_callback(lambda _f: self._notify(changes))
+
+    # ------------------------------------------------------------------ internals
+    def _sorted(self, levels: Any) -> list[str]:
+        return sorted(levels, key=lambda lv: (self._order.get(lv, len(self._order)), lv))
+
+    def _check(self, key: bytes, level: str) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise StoreError(f"a chunk key is {KEY_BYTES} bytes")
+        if not _LEVEL_RE.match(level) or (self._order and level not in self._order):
+            raise StoreError(f"unknown level {level!r}")
+
+    def _notify(self, changes: _Changes) -> None:
+        if not (changes.added or changes.removed):
+            return
+        added, removed = list(changes.added), list(changes.removed)
+        changes.added.clear()
+        changes.removed.clear()
+        for callback in list(self._listeners):
+            try:
+                callback(added, removed)
+            except Exception:  # a listener's bug must not break the store's caller
+                log.exception("store listener %r failed", callback)
+
+    def _path(self, slot: _Slot) -> Path:
+        assert self.directory is not None
+        key, level = slot
+        return self.directory / FORMAT_DIR / key[:1].hex() / f"{key.hex()}.{level}"
+
+    # The helpers below run with self._lock held.
+    def _mark_present(self, slot: _Slot, changes: _Changes) -> None:
+        held = self._levels.setdefault(slot[0], set())
+        if not held:
+            changes.added.append(slot[0])
+        held.add(slot[1])
+
+    def _mark_gone(self, slot: _Slot, changes: _Changes) -> None:
+        if slot in self._ram or slot in self._disk:
+            return
+        held = self._levels.get(slot[0])
+        if held is None:
+            return
+        held.discard(slot[1])
+        if not held:
+            del self._levels[slot[0]]
+            changes.removed.append(slot[0])
+
+    def _ram_insert(self, slot: _Slot, blob: bytes, changes: _Changes) -> None:
+        if len(blob) > self.ram_limit:
+            return
+        old = self._ram.pop(slot, None)
+        if old is not None:
+            self.ram_used -= len(old)
+        self._ram[slot] = blob
+        self.ram_used += len(blob)
+        self._mark_present(slot, changes)
+        while self.ram_used > self.ram_limit:
+            victim, victim_blob = self._ram.popitem(last=False)
+            self.ram_used -= len(victim_blob)
+            self._counters.ram_evictions += 1
+            self._mark_gone(victim, changes)
+
+    def _disk_remove(self, slot: _Slot, changes: _Changes) -> None:
+        size = self._disk.pop(slot, None)
+        if size is None:
+            return
+        self.disk_used -= size
+        try:
+            self._path(slot).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("store: cannot remove %s: %s", self._path(slot), exc)
+        self._mark_gone(slot, changes)
+
+    def _disk_make_room(self, size: int, changes: _Changes) -> None:
+        while self.disk_used + size > self.disk_limit and self._disk:
+            victim = next(iter(self._disk))
+            self._counters.disk_evictions += 1
+            self._disk_remove(victim, changes)
+
+    def _drop_key(self, key: bytes, changes: _Changes) -> bool:
+        found = False
+        for level in list(self._levels.get(key, ())):
+            slot = (key, level)
+            blob = self._ram.pop(slot, None)
+            if blob is not None:
+                self.ram_used -= len(blob)
+            self._disk_remove(slot, changes)
+            self._mark_gone(slot, changes)
+            found = True
+        for slot in [s for s in self._pending if s[0] == key]:
+            self.disk_used -= self._pending.pop(slot)  # its writer sees this and unlinks
+            found = True
+        return found
+
+    # Operations (called without the lock).
+    def _put(self, key: bytes, level: str, blob: bytes, changes: _Changes) -> None:
+        self._check(key, level)
+        if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
+            raise StoreError("a blob is non-empty bytes")
+        blob = bytes(blob)
+        slot = (key, level)
+        file_size = record_size(level, len(blob))
+        write = False
+        with self._lock:
+            self._counters.puts += 1
+            self._ram_insert(slot, blob, changes)
+            if (self.directory is not None and slot not in self._disk
+                    and slot not in self._pending and file_size <= self.disk_limit):
+                self._disk_make_room(file_size, changes)
+                self._pending[slot] = file_size
+                self.disk_used += file_size
+                write = True
+            elif slot in self._disk:
+                self._disk.move_to_end(slot)
+            held = slot in self._ram or slot in self._disk or write
+        if not held:
+            raise StoreError(
+                f"a {len(blob)}-byte chunk exceeds the store's budgets "
+                f"(ram {self.ram_limit}, disk {self.disk_limit} bytes)"
+            )
+        if not write:
+            return
+        path = self._path(slot)
+        try:
+            self._write_file_blocking(path, encode_record(key, level, blob), blob)
+        except OSError as exc:
+            with self._lock:
+                if self._pending.pop(slot, None) is not None:
+                    self.disk_used -= file_size
+                self._counters.disk_errors += 1
+                in_ram = slot in self._ram
+                self._last_disk_error = _describe_os_error(exc)
+            where = "kept in RAM only" if in_ram else "not stored"
+            raise StoreError(
+                f"disk tier {self.directory}: {_describe_os_error(exc)} writing a "
+                f"{len(blob)}-byte chunk; {where}"
+            ) from exc
+        with self._lock:
+            if self._pending.pop(slot, None) is None:  # deleted while being written
+                path.unlink(missing_ok=True)
+                return
+            self._disk[slot] = file_size
+            self._mark_present(slot, changes)
+
+    def _get(self, key: bytes, level: str | None, changes: _Changes) -> bytes | None:
+        with self._lock:
+            candidates = [level] if level is not None else self._sorted(self._levels.get(key, ()))
+        for lv in candidates:
+            slot = (key, lv)
+            with self._lock:
+                blob = self._ram.get(slot)
+                if blob is not None:
+                    self._ram.move_to_end(slot)
+                    if slot in self._disk:
+                        self._disk.move_to_end(slot)
+                    self._counters.hits += 1
+                    return blob
+                if slot not in self._disk:
+                    continue
+                self._disk.move_to_end(slot)
+            blob = self._read_disk_blocking(slot, changes)
+            if blob is None:
+                continue
+            with self._lock:
+                self._counters.hits += 1
+                if slot in self._disk:
+                    self._ram_insert(slot, blob, changes)
+            return blob
+        with self._lock:
+            self._counters.misses += 1
+        return None
+
+    def _read_disk_blocking(self, slot: _Slot, changes: _Changes) -> bytes | None:
+        path = self._path(slot)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # evicted or deleted by another thread meanwhile
+            with self._lock:
+                if slot in self._disk:
+                    self._disk_remove(slot, changes)
+            return None
+        except OSError as exc:
+            log.warning("store: cannot read %s: %s", path, exc)
+            return None
+        try:
+            blob = decode_record(data, *slot)
+        except StoreError as exc:
+            log.warning("store: %s is corrupt (%s); deleted", path, exc)
+            with self._lock:
+                self._counters.corrupt += 1
+                self._disk_remove(slot, changes)
+            return None
+        try:
+            os.utime(path)  # the file's mtime is its last use: the LRU order after a restart
+        except OSError:
+            pass
+        return blob
+
+    def _write_file_blocking(self, path: Path, header: bytes, blob: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(header)
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def _open_disk(self, directory: Path) -> None:
+        try:
+            base = directory / FORMAT_DIR
+            base.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise StoreError(f"store directory {directory}: {_describe_os_error(exc)}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(f"store directory {directory} is in use by another process") from exc
+        found: list[tuple[int, _Slot, int]] = []
+        removed_tmp = 0
+        for prefix in range(256):
+            sub = base / f"{prefix:02x}"
+            try:
+                sub.mkdir(exist_ok=True)
+                entries = list(os.scandir(sub))
+            except OSError as exc:
+                raise StoreError(f"store directory {sub}: {_describe_os_error(exc)}") from exc
+            for entry in entries:
+                if entry.name.endswith(TMP_SUFFIX):  # a write that a crash interrupted
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed_tmp += 1
+                    continue
+                match = _NAME_RE.match(entry.name)
+                if match is None:
+                    continue
+                key, level = bytes.fromhex(match.group(1)), match.group(2)
+                if self._order and level not in self._order:
+                    continue  # a level this version does not know: leave the file alone
+                st = entry.stat()
+                if st.st_size < record_size(level, 1):
+                    Path(entry.path).unlink(missing_ok=True)
+                    continue
+                found.append((st.st_mtime_ns, (key, level), st.st_size))
+        found.sort()
+        changes = _Changes()  # nobody has subscribed yet; the daemon lists keys() at start
+        for _mtime, slot, size in found:
+            self._disk[slot] = size
+            self.disk_used += size
+            self._mark_present(slot, changes)
+        self._disk_make_room(0, changes)  # the budget may have shrunk since the last run
+        log.info(
+            "store %s: %d chunks, %d bytes on disk (limit %d); %d interrupted writes removed",
+            directory, len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return exc.strerror or str(exc)

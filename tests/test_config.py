@@ -1,0 +1,166 @@
+"""Config: defaults, TOML, environment precedence, errors naming the key, the example file."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kvpeer import config as cfg
+from kvpeer.config import Config, example_toml, load_config, parse_size
+from kvpeer.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[1] / "systemd" / "kvpeer.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kvpeer.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_derived_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[node]\nnode_id = "n1"\n'), env={})
+    assert config.node.node_id == "n1"
+    assert config.api.socket_path == Path("/run/kvpeer/kvpeer.sock")
+    assert config.store.dir == Path("/var/lib/kvpeer/store")
+    assert config.store.ram_bytes == 2 << 30
+    assert config.codec.level == "q8" and config.codec.chunk_tokens == 256
+    assert config.transport.port == 7457 and config.transport.allow_loopback is False
+    assert config.metrics.host == "127.0.0.1" and config.metrics.port == 9457
+    assert config.discovery.update_min_interval_s == 1.0
+
+
+def test_paths_follow_the_node_directories(tmp_path: Path) -> None:
+    text = f'[node]\nnode_id = "n1"\nstate_dir = "{tmp_path}/s"\nruntime_dir = "{tmp_path}/r"\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert config.api.socket_path == tmp_path / "r" / "kvpeer.sock"
+    assert config.store.dir == tmp_path / "s" / "store"
+
+
+def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[node]\nnode_id = "n1"\n[transport]\nport = 7000\nconnect_timeout_s = 3\n'
+        '[store]\nram_bytes = "512MiB"\n',
+    )
+    env = {
+        "KVPEER_TRANSPORT__PORT": "7500",
+        "KVPEER_STORE__DISK_BYTES": "1.5GiB",
+        "KVPEER_DISCOVERY__INTERFACES": "eth0, 10.0.0.2",
+        "KVPEER_API__ALLOWED_UIDS": "[1000, 1001]",
+        "KVPEER_API__SOCKET_MODE": "0600",
+        "kvpeer_log__json": "true",
+        "KVPEER_SOCKET": "/elsewhere.sock",  # the client's variable: not a config key
+    }
+    config = load_config(path, env=env)
+    assert config.transport.port == 7500  # env beats file
+    assert config.transport.connect_timeout_s == 3.0  # file beats default
+    assert config.store.ram_bytes == 512 << 20
+    assert config.store.disk_bytes == 3 << 29
+    assert config.discovery.interfaces == ("eth0", "10.0.0.2")
+    assert config.api.allowed_uids == (1000, 1001)
+    assert config.api.socket_mode == 0o600
+    assert config.log.json is True
+    assert config.transport.mtu == "auto"
+    assert load_config(path, env={"KVPEER_TRANSPORT__MTU": "9000"}).transport.mtu == 9000
+    assert load_config(path, env={"KVPEER_NODE__NODE_ID": "123"}).node.node_id == "123"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ('[store]\nram_bytes = "lots"\n', {}, "store.ram_bytes: expected a size like '2GiB', got 'lots'"),
+        ("[store]\nram_gb = 2\n", {}, "store.ram_gb: unknown key"),
+        ("[stor]\nram_bytes = 2\n", {}, "stor: unknown key"),
+        ("[transport]\nport = 70000\n", {}, "transport.port: must be <= 65535"),
+        ('[transport]\nport = "x"\n', {}, "transport.port: expected an integer"),
+        ('[transport]\nmtu = "big"\n', {}, "transport.mtu: expected an integer or 'auto'"),
+        ('[log]\nlevel = "loud"\n', {}, "log.level: expected one of"),
+        ('[codec]\nlevel = "q9"\n', {}, "codec.level: unknown codec level 'q9'"),
+        ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
+        ('[api]\nsocket_path = "{home}/s"\n', {}, "api.socket_path: unknown placeholder"),
+        ("store = 3\n", {}, "store: expected a table"),
+        ("[transport]\nheartbeat_interval_s = 5\n", {}, "transport.heartbeat_interval_s"),
+        ("", {"KVPEER_TRANSPORT__PORTT": "1"}, "transport.portt: unknown key (from KVPEER_TRANSPORT__PORTT)"),
+        ("", {"KVPEER_METRICS__ENABLED": "maybe"}, "metrics.enabled: expected true or false, got 'maybe' (from KVPEER_METRICS__ENABLED)"),
+        ("", {"KVPEER_STORE__": "1"}, "KVPEER_STORE__: expected KVPEER_<SECTION>__<KEY>"),
+        ("[node\n", {}, "invalid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), env=env)
+    assert message in str(err.value)
+
+
+def test_missing_explicit_file_is_an_error_missing_default_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    config = load_config(None, env={"KVPEER_NODE__STATE_DIR": str(tmp_path)})
+    assert config.node.node_id
+
+
+def test_node_id_is_stable(tmp_path: Path) -> None:
+    machine = tmp_path / "machine-id"
+    machine.write_text("0123456789abcdef0123456789abcdef\n")
+    a = cfg.default_node_id(tmp_path / "s1", machine_id_path=machine, hostname=lambda: "gpu-7.lan")
+    b = cfg.default_node_id(tmp_path / "s2", machine_id_path=machine, hostname=lambda: "gpu-7.lan")
+    c = cfg.default_node_id(tmp_path / "s1", machine_id_path=machine, hostname=lambda: "gpu-8")
+    assert a == b and a.startswith("gpu-7-") and a != c
+    # Without a machine id, a random id is saved in the state directory and reused.
+    state = tmp_path / "s3"
+    first = cfg.default_node_id(state, machine_id_path=tmp_path / "none", hostname=lambda: "h")
+    again = cfg.default_node_id(state, machine_id_path=tmp_path / "none", hostname=lambda: "h")
+    assert first == again and (state / "node_id").read_text().strip() == first
+
+
+def test_sizes() -> None:
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("2GB") == 2_000_000_000
+    assert parse_size("1k") == 1000 and parse_size(4096) == 4096
+    for bad in ("lots", "-1", "1 XB", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert cfg.format_size(3 << 29) == "1536MiB"
+
+
+def test_check_config_output_round_trips(tmp_path: Path) -> None:
+    text = f'[node]\nnode_id = "n1"\nstate_dir = "{tmp_path}"\n[transport]\npsk_file = "/k"\nmtu = 1400\n'
+    config = load_config(write(tmp_path, text), env={"KVPEER_STORE__RAM_BYTES": "3GiB"})
+    printed = config.as_toml()
+    tomllib.loads(printed)  # valid TOML
+    again = load_config(write(tmp_path, printed), env={})
+    assert again == config
+    assert 'ram_bytes = "3GiB"' in printed and "socket_mode = 0o660" in printed
+    assert config.as_dict()["transport"]["psk_file"] == "/k"
+
+
+def test_example_file_is_generated_and_covers_every_field() -> None:
+    text = EXAMPLE.read_text()
+    assert text == example_toml(), "regenerate: python -m kvpeer.config --example > " + str(EXAMPLE)
+    documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.M))
+    sections = set(re.findall(r"^\[([a-z_]+)\]$", text, flags=re.M))
+    for section in dataclasses.fields(Config):
+        assert section.name in sections
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            assert f.name in documented, f"{section.name}.{f.name} missing from the example"
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc"
+
+
+def test_example_file_loads_to_the_defaults(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace('node_id = ""', 'node_id = "n1"')
+    from_example = load_config(write(tmp_path, text), env={})
+    assert from_example == load_config(write(tmp_path, '[node]\nnode_id = "n1"\n'), env={})
+
+
+def test_discovery_section_maps_onto_discovery_config() -> None:
+    discovery = pytest.importorskip("kvpeer.discovery.config")
+    section = Config().discovery
+    mapped = discovery.DiscoveryConfig.from_section(section)
+    for f in dataclasses.fields(section):
+        assert getattr(mapped, f.name) == getattr(section, f.name), f.name

@@ -1,0 +1,230 @@
+"""ChunkStore: RAM and disk tiers, LRU budgets, corruption, restarts, kill -9 and a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvpeer.errors import StoreError
+from kvpeer.store import FORMAT_DIR, ChunkStore, record_size
+
+LEVELS = ("exact", "q8", "q4")
+
+
+def key(i: int) -> bytes:
+    return hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).digest()
+
+
+def blob(i: int, size: int = 1000) -> bytes:
+    return (key(i) * (size // 32 + 1))[:size]
+
+
+def files(directory: Path) -> list[Path]:
+    return sorted(p for p in (directory / FORMAT_DIR).rglob("*") if p.is_file())
+
+
+class Events:
+    def __init__(self) -> None:
+        self.added: list[bytes] = []
+        self.removed: list[bytes] = []
+
+    def __call__(self, added: list[bytes], removed: list[bytes]) -> None:
+        self.added += added
+        self.removed += removed
+
+
+def test_ram_only_lru_in_bytes() -> None:
+    store = ChunkStore(ram_bytes=3000, level_order=LEVELS)
+    events = Events()
+    store.subscribe(events)
+    for i in range(3):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.get_blocking(key(0)) == blob(0)  # 0 is now the most recently used
+    store.put_blocking(key(3), "q8", blob(3))
+    assert not store.has(key(1)) and store.has(key(0)) and store.has(key(3))
+    assert store.stats()["ram_bytes"] <= 3000
+    assert events.added == [key(0), key(1), key(2), key(3)] and events.removed == [key(1)]
+    with pytest.raises(StoreError, match="exceeds the store's budgets"):
+        store.put_blocking(key(9), "q8", blob(9, 4000))
+    assert store.get_blocking(key(9)) is None
+
+
+def test_levels_most_faithful_first_and_validation() -> None:
+    store = ChunkStore(ram_bytes=1 << 20, level_order=LEVELS)
+    store.put_blocking(key(1), "q4", b"small")
+    store.put_blocking(key(1), "exact", b"big" * 10)
+    assert store.levels(key(1)) == ["exact", "q4"]
+    assert store.get_blocking(key(1)) == b"big" * 10
+    assert store.get_blocking(key(1), "q4") == b"small"
+    assert store.get_blocking(key(1), "q8") is None
+    for bad_key, level in ((b"short", "q8"), (key(1), "q9"), (key(1), "../x")):
+        with pytest.raises(StoreError):
+            store.put_blocking(bad_key, level, b"x")
+    assert store.delete(key(1)) and not store.has(key(1)) and store.keys() == []
+
+
+def test_disk_tier_survives_restart_and_keeps_lru_order(tmp_path: Path) -> None:
+    size = record_size("q8", 1000)
+    store = ChunkStore(ram_bytes=1500, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS)
+    for i in range(4):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.stats()["ram_entries"] == 1 and store.stats()["disk_entries"] == 4
+    assert store.get_blocking(key(0)) == blob(0)  # read from disk, checksum verified
+    store.close()
+
+    reopened = ChunkStore(ram_bytes=1500, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS)
+    assert sorted(reopened.keys()) == sorted(key(i) for i in range(4))
+    assert all(reopened.get_blocking(key(i)) == blob(i) for i in (1, 2, 3, 0))
+    reopened.put_blocking(key(4), "q8", blob(4))  # evicts the least recently used: key(1)
+    assert not reopened.has(key(1)) and reopened.has(key(0))
+    assert len(files(tmp_path)) == 4 and reopened.stats()["disk_bytes"] == 4 * size
+    reopened.close()
+
+    smaller = ChunkStore(ram_bytes=0, disk_bytes=2 * size, directory=tmp_path, level_order=LEVELS)
+    assert len(smaller.keys()) == 2 and len(files(tmp_path)) == 2  # budget shrank: LRU dropped
+    smaller.close()
+
+
+def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    events = Events()
+    store.subscribe(events)
+    store.put_blocking(key(1), "q8", blob(1))
+    store.put_blocking(key(1), "q4", blob(1, 10))
+    (path_q8,) = [p for p in files(tmp_path) if p.name.endswith(".q8")]
+    data = bytearray(path_q8.read_bytes())
+    data[-1] ^= 1
+    path_q8.write_bytes(bytes(data))
+    assert store.get_blocking(key(1)) == blob(1, 10)  # q8 failed its checksum: falls back to q4
+    assert not path_q8.exists() and store.levels(key(1)) == ["q4"]
+    assert store.stats()["corrupt"] == 1 and events.removed == []
+    (path_q4,) = files(tmp_path)
+    path_q4.write_bytes(path_q4.read_bytes()[:-3])  # truncated
+    assert store.get_blocking(key(1)) is None and events.removed == [key(1)]
+
+
+def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path) -> None:
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    store.put_blocking(key(1), "q8", blob(1))
+    with pytest.raises(StoreError, match="in use by another process"):
+        ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path)
+    store.close()
+    tmp = files(tmp_path)[0].parent / ".half-written.tmp"
+    tmp.write_bytes(b"partial")
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    assert not tmp.exists() and reopened.keys() == [key(1)]
+    reopened.close()
+
+
+def test_async_wrappers_notify_on_the_loop(tmp_path: Path) -> None:
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path)
+    events = Events()
+    store.subscribe(events)
+
+    async def main() -> bytes | None:
+        await asyncio.gather(*(store.put(key(i), "q8", blob(i)) for i in range(20)))
+        return await store.get(key(7))
+
+    assert asyncio.run(main()) == blob(7)
+    assert sorted(events.added) == sorted(key(i) for i in range(20))
+    assert store.clear() == 20 and files(tmp_path) == [] and len(events.removed) == 20
+    store.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    from kvpeer.store import ChunkStore
+
+    def key(i):
+        return hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).digest()
+
+    directory, start = Path(sys.argv[1]), int(sys.argv[2])
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=directory)
+    i = start
+    while True:
+        size = 2000 + (i * 7919) % 60000
+        store.put_blocking(key(i), "q8", (key(i) * (size // 32 + 1))[:size])
+        print(i, flush=True)  # acknowledged: must survive the kill
+        i += 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_during_heavy_puts_leaves_a_clean_store(tmp_path: Path) -> None:
+    acknowledged: set[int] = set()
+    start = 0
+    for _round in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), str(start)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert proc.stdout is not None
+        target = 40 + _round * 13  # kill at a different point of the write each round
+        for _ in range(target):
+            line = proc.stdout.readline()
+            assert line, "writer died"
+            acknowledged.add(int(line))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for line in proc.stdout:  # acknowledged before the kill landed
+            acknowledged.add(int(line))
+        start = max(acknowledged) + 1
+
+        store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path)
+        held = set(store.keys())
+        assert {key(i) for i in acknowledged} <= held, "an acknowledged put was lost"
+        for k in held:  # every file on disk is complete and verifies
+            got = store.get_blocking(k)
+            assert got is not None and got == (k * (len(got) // 32 + 1))[: len(got)]
+        assert store.stats()["corrupt"] == 0
+        assert not [p for p in (tmp_path / FORMAT_DIR).rglob("*.tmp")]
+        assert len(files(tmp_path)) == len(held)
+        store.close()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_a_clear_error_and_ram_keeps_working(tiny_tmpfs: Path) -> None:
+    store = ChunkStore(ram_bytes=64 << 20, disk_bytes=1 << 30, directory=tiny_tmpfs / "store")
+    errors: list[StoreError] = []
+    for i in range(64):  # 64 x 64 KiB = 4 MiB into a 2 MiB file system
+        try:
+            store.put_blocking(key(i), "q8", blob(i, 64 << 10))
+        except StoreError as exc:
+            errors.append(exc)
+    assert errors, "the disk never filled up"
+    assert "no space left on device" in str(errors[0]) and "kept in RAM only" in str(errors[0])
+    assert all(store.get_blocking(key(i)) == blob(i, 64 << 10) for i in range(64))
+    stats = store.stats()
+    assert stats["disk_errors"] == len(errors) and stats["chunks"] == 64
+    assert not list((tiny_tmpfs / "store").rglob("*.tmp"))
+    store.clear()  # room again: the disk tier works
+    store.put_blocking(key(100), "q8", blob(100, 64 << 10))
+    assert store.stats()["disk_entries"] == 1
+    store.close()
