@@ -1,0 +1,145 @@
+"""StaticDiscovery on loopback (explicitly configured, as for a single-host setup): real UDP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from kvpeer.discovery import Advertisement, DiscoveryConfig, PeerEvent, StaticDiscovery
+from kvpeer.discovery.advert import encode_record
+from kvpeer.discovery.beacon import Beacon, encode_beacon
+
+TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    # A free TCP port number is used for both TCP (signalling) and UDP (beacons); check both.
+    while True:
+        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(port)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[PeerEvent] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, event: PeerEvent) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    async def wait(self, kind: str, node_id: str, **match: object) -> PeerEvent:
+        async def find() -> PeerEvent:
+            while True:
+                for event in self.events:
+                    if event.kind == kind and event.peer.node_id == node_id and all(
+                        getattr(event, k, getattr(event.peer, k, None)) == v for k, v in match.items()
+                    ):
+                        return event
+                self.changed.clear()
+                await self.changed.wait()
+
+        return await asyncio.wait_for(find(), TIMEOUT_S)
+
+
+class CountingStatic(StaticDiscovery):
+    publishes = 0
+
+    async def _publish(self, advert: Advertisement) -> None:
+        self.publishes += 1
+        await super()._publish(advert)
+
+
+def config(peer_port: int, **kw: object) -> DiscoveryConfig:
+    return DiscoveryConfig(
+        backend="static", interfaces=("127.0.0.1",), static_peers=(f"127.0.0.1:{peer_port}",),
+        peer_timeout_s=2.0, heartbeat_interval_s=0.5, **kw,  # type: ignore[arg-type]
+    )
+
+
+def advert(node_id: str, port: int, epoch: int = 1, n: int = 0) -> Advertisement:
+    return Advertisement(node_id=node_id, port=port, epoch=epoch, chunk_count=n)
+
+
+def test_static_peers_see_update_goodbye_and_silence() -> None:
+    async def main() -> None:
+        pa, pb = free_port(), free_port()
+        a = CountingStatic(config(pb, update_min_interval_s=0.5))
+        b = StaticDiscovery(config(pa))
+        seen = Recorder()
+        b.subscribe(seen)
+        await a.start(advert("a", pa))
+        await b.start(advert("b", pb))
+        try:
+            await seen.wait("added", "a")
+            assert b.peers()["a"].addresses == ("127.0.0.1",)
+            # A burst of updates is coalesced: the last one arrives, in few publications.
+            for epoch in range(2, 22):
+                await a.update(advert("a", pa, epoch=epoch, n=epoch))
+            await seen.wait("updated", "a", epoch=21)
+            assert a.publishes <= 3
+            assert "b" in a.peers()
+            await a.close()
+            assert (await seen.wait("removed", "a")).reason == "goodbye"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_silent_static_peer_times_out_and_returns() -> None:
+    async def main() -> None:
+        pa, pb = free_port(), free_port()
+        b = StaticDiscovery(config(pa))
+        seen = Recorder()
+        b.subscribe(seen)
+        await b.start(advert("b", pb))
+        # Node "a" is a bare socket sending beacons by hand, so it can fall silent like a
+        # crashed process (no goodbye).
+        beacon = encode_beacon(
+            Beacon(kind="ad", node_id="a", record=encode_record(advert("a", pa), ["127.0.0.1"]))
+        )
+        with socket.socket(type=socket.SOCK_DGRAM) as a:
+            a.bind(("127.0.0.1", pa))
+            try:
+                a.sendto(beacon, ("127.0.0.1", pb))
+                await seen.wait("added", "a")
+                b.mark_dead("a")  # the transport says so; a's next beacon brings it back
+                assert (await seen.wait("removed", "a")).reason == "transport"
+                seen.events.clear()
+                a.sendto(beacon, ("127.0.0.1", pb))
+                await seen.wait("added", "a")
+                assert (await seen.wait("removed", "a")).reason == "timeout"
+            finally:
+                await b.close()
+
+    asyncio.run(main())
+
+
+def test_garbage_beacons_are_ignored() -> None:
+    async def main() -> None:
+        pa, pb = free_port(), free_port()
+        b = StaticDiscovery(config(pa))
+        await b.start(advert("b", pb))
+        try:
+            with socket.socket(type=socket.SOCK_DGRAM) as s:
+                for blob in (b"", b"\xc1", os.urandom(300), b"\x83\xa1v\x01\xa1k\xa2ad\xa2id\xa1x"):
+                    s.sendto(blob, ("127.0.0.1", pb))
+            a = StaticDiscovery(config(pb))
+            seen = Recorder()
+            b.subscribe(seen)
+            await a.start(advert("a", pa))
+            await seen.wait("added", "a")  # still working after the garbage
+            await a.close()
+        finally:
+            await b.close()
+
+    asyncio.run(main())
