@@ -1,0 +1,803 @@
+"""The fetch pipeline: chunks of a prefix flow receive -> decode -> restore, overlapped.
+
+Owns the asyncio side of fetching one prefix (:class:`Fetcher`) and of serving levels to peers
+(:class:`LevelServer`). The decisions come from the sans-IO policies in
+:mod:`kvpeer.fetch_policy`: the :class:`~kvpeer.fetch_policy.ResolutionController` picks each
+chunk's level, the :class:`~kvpeer.fetch_policy.ChunkScheduler` picks its peer. This module
+moves bytes and keeps the stages busy:
+
+* **receive** — one task per chunk transfer (``window`` per peer), started by the coordinator;
+  concurrent fetches of the same chunk share one transfer (:class:`_Transfers`);
+* **decode + restore** — one worker drains a bounded priority queue (lowest chunk first) and
+  runs ``codec.decode`` and the copy into the client's shared memory in an executor, so chunk
+  i decodes while chunk i+1 is still on the wire;
+* **report** — chunks are reported to the sink in prefix order as soon as they are restored.
+
+A fetch ends when every reachable chunk is restored, when the controller decides that
+recomputing the rest is faster, or at the request's deadline; the outcome says where the
+client must start recomputing. It must not: decide levels itself, parse the wire, or return
+while an executor job may still write into the client's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from kvpeer import codec
+from kvpeer.errors import CodecError, ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.fetch_policy import (
+    ChunkScheduler,
+    ControllerConfig,
+    FetchAt,
+    RecomputeRest,
+    ResolutionController,
+    SchedulerConfig,
+    prior_bytes_per_token,
+)
+
+log = logging.getLogger(__name__)
+
+LOCAL = ""  # holder name of chunks in this node's own store
+
+
+# --------------------------------------------------------------------------- what we talk to
+class BandwidthSource(Protocol):
+    def bandwidth_bps(self, now: float) -> float | None: ...
+
+
+class BlobSource(Protocol):
+    """A peer session (kvpeer.transport.PeerSession fits)."""
+
+    @property
+    def estimator(self) -> BandwidthSource: ...
+
+    @property
+    def rtt_s(self) -> float | None: ...
+
+    async def fetch_blob(self, key: bytes, level: str, timeout: float | None = None) -> bytes: ...  # noqa: ASYNC109
+
+
+class ChunkCache(Protocol):
+    """This node's store (kvpeer.store.ChunkStore fits)."""
+
+    def has(self, key: bytes) -> bool: ...
+
+    async def get(self, key: bytes, level: str | None = None) -> bytes | None: ...
+
+    async def put(self, key: bytes, level: str, blob: bytes) -> Any: ...
+
+
+class FetchSink(Protocol):
+    """Where restored chunks go (kvpeer.api.server.FetchSink fits)."""
+
+    def allocate(
+        self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, chunk_tokens: int
+    ) -> Any: ...
+
+    def chunk_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    async def chunk_done(self, index: int, level: str) -> Any: ...
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchEvent:
+    """One step of a fetch, for timelines and tests (``t`` in seconds since the fetch began)."""
+
+    t: float
+    kind: str  # request, received, decode_start, decode_end, done, switch, preempt,
+    # peer_lost, failed, recompute, deadline
+    index: int = -1
+    level: str = ""
+    peer: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchOutcome:
+    """What a fetch restored: chunks ``[0, chunks)``; the client recomputes from ``recompute_from``."""
+
+    chunks: int
+    requested: int
+    levels: tuple[str, ...]
+    bytes_moved: int  # encoded bytes received from peers
+    elapsed_s: float
+    reason: str  # complete, recompute, deadline, unavailable, error
+    switches: int = 0
+    events: tuple[FetchEvent, ...] = ()
+
+    @property
+    def recompute_from(self) -> int:
+        return self.chunks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetcherConfig:
+    """How the pipeline runs (defaults suit a LAN and a small CPU)."""
+
+    request_timeout_s: float = 10.0
+    """Longest wait for one chunk from a peer before the peer counts as stalled."""
+    tick_s: float = 0.1
+    """How often the coordinator looks at stalls, preemption and bandwidth without an event."""
+    decode_queue: int = 2
+    """Received chunks waiting for the decoder; transfers wait (backpressure) beyond this."""
+    initial_bandwidth_bps: float = 100e6
+    """Assumed per-peer bandwidth before the transport measured any."""
+    initial_decode_rate: float = 150e6
+    """Assumed decode speed (compressed bytes/s) before one was measured."""
+    default_recompute_rate: float = 400.0
+    """Tokens/s the client recomputes at, when neither it nor a put told us."""
+    kv_bytes_per_token: float = 23_040.0
+    """Uncompressed KV bytes per token when the caller does not say (SmolLM2-135M, fp16)."""
+    max_retries: int = 3
+    """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+# --------------------------------------------------------------------------- blocking work
+def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> float:
+    """Decode one chunk and copy it into the client's views; returns the seconds it took."""
+    started = time.perf_counter()
+    k, v = codec.decode(blob)
+    if k.shape != k_out.shape or v.shape != v_out.shape:
+        raise ProtocolError(
+            ErrorCode.INVALID, f"chunk shape {tuple(k.shape)} does not match {tuple(k_out.shape)}"
+        )
+    k_out.copy_(k)
+    v_out.copy_(v)
+    return time.perf_counter() - started
+
+
+def transcode_blocking(blob: bytes, level: str) -> bytes:
+    """A lower level made from a held blob (runs in an executor)."""
+    return codec.transcode(blob, level)
+
+
+# --------------------------------------------------------------------------- shared transfers
+class _Transfer:
+    """One chunk transfer that several fetches may wait on."""
+
+    def __init__(self, task: asyncio.Task[bytes], level: str) -> None:
+        self.task = task
+        self.level = level
+        self.waiters = 0
+
+
+class _Transfers:
+    """Deduplication: concurrent fetches of the same chunk from the same peer share a transfer.
+
+    The transfer task belongs to this table (not to any one fetch), so a fetch that gives up does
+    not cancel it under another fetch; the last waiter to leave cancels it.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[tuple[bytes, str], _Transfer] = {}
+        self.shared = 0  # transfers joined by a second fetch (for stats and tests)
+
+    def find(self, key: bytes, acceptable: Collection[str]) -> _Transfer | None:
+        """A live transfer of ``key`` (from any peer) at a level in ``acceptable``."""
+        for (k, _peer), transfer in self._live.items():
+            task = transfer.task
+            if k == key and transfer.level in acceptable and not task.done() and not task.cancelling():
+                return transfer
+        return None
+
+    async def get(
+        self,
+        key: bytes,
+        peer: str,
+        level: str,
+        acceptable: Collection[str],
+        start: Callable[[], Coroutine[Any, Any, bytes]],
+    ) -> bytes:
+        transfer = self.find(key, acceptable)
+        if transfer is None:
+            task: asyncio.Task[bytes] = asyncio.get_running_loop().create_task(start())
+            transfer = _Transfer(task, level)
+            self._live[(key, peer)] = transfer
+            entry = (key, peer)
+            task.add_done_callback(lambda _t: self._forget(entry, transfer))
+        else:
+            self.shared += 1
+        transfer.waiters += 1
+        try:
+            return await asyncio.shield(transfer.task)
+        finally:
+            transfer.waiters -= 1
+            if transfer.waiters == 0 and not transfer.task.done():
+                transfer.task.cancel()
+
+    def _forget(self, key: tuple[bytes, str], transfer: _Transfer) -> None:
+        if self._live.get(key) is transfer:
+            del self._live[key]
+        if not transfer.task.cancelled():
+            transfer.task.exception()  # retrieved: a failure nobody awaited is not an error
+
+    async def close(self) -> None:
+        tasks = [t.task for t in self._live.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+# --------------------------------------------------------------------------- the fetcher
+class Fetcher:
+    """Fetches prefixes for one daemon; holds what outlives one fetch (rates, shared transfers).
+
+    ``sessions(peer)`` returns the open session to a peer or None; ``cache`` is this node's
+    store: chunks found there are restored without the network, and fetched chunks are put
+    there (so the next fetch of the same prefix is local).
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: Callable[[str], BlobSource | None],
+        cache: ChunkCache | None,
+        levels: Sequence[str] = codec.LEVELS,
+        chunk_tokens: int = 256,
+        config: FetcherConfig | None = None,
+        executor: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sessions = sessions
+        self.cache = cache
+        self.levels = tuple(levels)
+        self.chunk_tokens = chunk_tokens
+        self.config = config or FetcherConfig()
+        self.executor = executor
+        self.clock = clock
+        self.transfers = _Transfers()
+        self.decode_rate = self.config.initial_decode_rate
+        self.recompute_rate = self.config.default_recompute_rate
+        self._bytes_per_token: dict[str, float] | None = None  # learned across fetches
+        self.bytes_from_peers = 0
+
+    def learn_recompute_rate(self, tokens: int, seconds: float) -> None:
+        """The client told us (or a put showed) how fast it computes a prefix."""
+        if tokens > 0 and seconds > 0:
+            self.recompute_rate = tokens / seconds
+
+    def _observe_decode(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.decode_rate = 0.7 * self.decode_rate + 0.3 * (nbytes / seconds)
+
+    async def close(self) -> None:
+        await self.transfers.close()
+
+    async def fetch(
+        self,
+        keys: Sequence[bytes],
+        peers_per_chunk: Sequence[Collection[str]],
+        sink: FetchSink,
+        *,
+        deadline: float | None = None,
+        min_level: str | None = None,
+        recompute_rate: float | None = None,
+        kv_bytes_per_token: float | None = None,
+        policy: str = "adaptive",
+    ) -> FetchOutcome:
+        """Restore the longest reachable prefix of ``keys`` into ``sink``.
+
+        ``peers_per_chunk[i]``: the peers holding chunk i (chunks in this node's store are found
+        without being listed). ``deadline``: absolute time on :attr:`clock` by which the client
+        wants the KV; levels aim at it and the fetch stops there. Without one, levels aim at
+        ``recompute time / target_speedup`` and the fetch runs while it beats recomputing.
+        ``min_level``: the least faithful level acceptable. ``policy``: ``adaptive`` or
+        ``fixed:LEVEL`` (benchmarks).
+        """
+        if len(peers_per_chunk) != len(keys):
+            raise ValueError("peers_per_chunk needs one entry per key")
+        run = _FetchRun(
+            self,
+            keys=list(keys),
+            holders=[set(p) for p in peers_per_chunk],
+            sink=sink,
+            deadline=deadline,
+            min_level=min_level,
+            recompute_rate=recompute_rate or self.recompute_rate,
+            kv_bytes_per_token=kv_bytes_per_token or self.config.kv_bytes_per_token,
+            policy=policy,
+        )
+        outcome = await run.run()
+        self.bytes_from_peers += outcome.bytes_moved
+        return outcome
+
+
+@dataclass(slots=True)
+class _Received:
+    index: int
+    blob: bytes
+    level: str
+    peer: str
+
+
+class _FetchRun:
+    """The state of one fetch; lives for one :meth:`Fetcher.fetch` call."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        *,
+        keys: list[bytes],
+        holders: list[set[str]],
+        sink: FetchSink,
+        deadline: float | None,
+        min_level: str | None,
+        recompute_rate: float,
+        kv_bytes_per_token: float,
+        policy: str,
+    ) -> None:
+        self.f = fetcher
+        self.cfg = fetcher.config
+        self.keys = keys
+        self.sink = sink
+        self.start = fetcher.clock()
+        self.hard_deadline = deadline
+        self.events: list[FetchEvent] = []
+        cache = fetcher.cache
+        for index, key in enumerate(keys):
+            if cache is not None and cache.has(key):
+                holders[index].add(LOCAL)
+        self.fixed: str | None = None
+        if policy.startswith("fixed:"):
+            self.fixed = policy.split(":", 1)[1]
+            if self.fixed not in fetcher.levels:
+                raise ValueError(f"unknown level {self.fixed!r} in policy {policy!r}")
+        elif policy != "adaptive":
+            raise ValueError(f"policy must be adaptive or fixed:LEVEL, not {policy!r}")
+        if min_level is not None and min_level not in fetcher.levels:
+            raise ProtocolError(ErrorCode.INVALID, f"unknown min_level {min_level!r}")
+        bpt = fetcher._bytes_per_token or prior_bytes_per_token(fetcher.levels, kv_bytes_per_token)
+        self.ctl = ResolutionController(
+            levels=fetcher.levels,
+            chunk_count=len(keys),
+            chunk_tokens=fetcher.chunk_tokens,
+            recompute_rate=recompute_rate,
+            start=self.start,
+            bytes_per_token=bpt,
+            min_level=min_level,
+            deadline=deadline,
+            decode_rate=fetcher.decode_rate,
+            config=self.cfg.controller,
+        )
+        self.acceptable = set(self.ctl.allowed)
+        for index, peers in enumerate(holders):
+            if LOCAL in peers:
+                # A local chunk costs no wire bytes; its level is whatever the store holds.
+                self.ctl.state_sizes(index, dict.fromkeys(fetcher.levels, 0))
+        self.sched = ChunkScheduler(holders=holders, now=self.start, config=self.cfg.scheduler)
+        self.sched.set_bandwidth(LOCAL, 1e12)
+        self.queue: asyncio.PriorityQueue[tuple[int, int, _Received | None]] = asyncio.PriorityQueue(
+            maxsize=self.cfg.decode_queue
+        )
+        self._seq = itertools.count()
+        self.tg: asyncio.TaskGroup
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+        self.transfers: dict[int, tuple[asyncio.Task[None], str, str, float]] = {}
+        self.retries: dict[int, int] = {}
+        self.received: set[int] = set()
+        self.restored: dict[int, str] = {}
+        self.reported = 0
+        self.cut = len(keys)  # first chunk we will not restore
+        self.reason = "complete"
+        self.bytes_moved = 0
+        self.allocated = False
+        self.shape: tuple[int, int, int, str] | None = None
+
+    def note(self, kind: str, index: int = -1, level: str = "", peer: str = "", nbytes: int = 0) -> None:
+        self.events.append(
+            FetchEvent(
+                t=self.f.clock() - self.start, kind=kind, index=index, level=level, peer=peer,
+                nbytes=nbytes,
+            )
+        )
+
+    # ----------------------------------------------------------------- coordinator
+    async def run(self) -> FetchOutcome:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                decoder = tg.create_task(self._decode_loop())
+                try:
+                    await self._coordinate()
+                finally:
+                    self._stop_transfers()
+                    # Nothing below the cut is left to decode now: drop the rest, stop the decoder.
+                    while not self.queue.empty():
+                        self.queue.get_nowait()
+                    self.queue.put_nowait((len(self.keys) + 1, next(self._seq), None))
+                await decoder
+        except* KVPeerError as group:
+            log.warning("fetch failed: %s", group.exceptions[0])
+            self.reason = "error"
+        restored = self.reported
+        self.f._bytes_per_token = {name: self.ctl.bytes_per_token(name) for name in self.f.levels}
+        if restored < len(self.keys) and self.reason == "complete":
+            self.reason = "unavailable"
+        return FetchOutcome(
+            chunks=restored,
+            requested=len(self.keys),
+            levels=tuple(self.restored[i] for i in range(restored)),
+            bytes_moved=self.bytes_moved,
+            elapsed_s=self.f.clock() - self.start,
+            reason=self.reason,
+            switches=self.ctl.switches,
+            events=tuple(self.events),
+        )
+
+    def _stop_transfers(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        self.transfers.clear()
+
+    def _end(self) -> int:
+        """First chunk this fetch will not restore (as known now)."""
+        return min(self.cut, self.sched.limit)
+
+    async def _coordinate(self) -> None:
+        while True:
+            now = self.f.clock()
+            if self.hard_deadline is not None and now >= self.hard_deadline:
+                self.note("deadline")
+                self._cut_at(self.reported, "deadline")
+                return
+            self._handle_stalls(now)
+            self._maybe_preempt(now)
+            self._start_transfers(now)
+            if self.reported >= self._end():
+                return
+            waiting = {i for i in self.received if i < self._end()} - self.restored.keys()
+            if not self.transfers and not waiting:
+                # Nothing in flight, nothing to decode and nothing startable: the rest is gone.
+                self._cut_at(self.reported, "unavailable")
+                return
+            timeout = self.cfg.tick_s
+            if self.hard_deadline is not None:
+                timeout = max(0.0, min(timeout, self.hard_deadline - now))
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _cut_at(self, index: int, reason: str) -> None:
+        if index >= self.cut:
+            return
+        self.cut = index
+        self.reason = reason
+        for i, _peer in self.sched.abandon_from(index):
+            self._cancel_transfer(i)
+        for i in [i for i in self.transfers if i >= index]:
+            self._cancel_transfer(i)
+
+    def _cancel_transfer(self, index: int) -> None:
+        entry = self.transfers.pop(index, None)
+        if entry is not None:
+            entry[0].cancel()
+
+    def _bandwidth(self, peer: str, now: float) -> float:
+        if peer == LOCAL:
+            return 1e12
+        session = self.f.sessions(peer)
+        if session is None:
+            return self.cfg.initial_bandwidth_bps
+        measured = session.estimator.bandwidth_bps(now)
+        return measured if measured else self.cfg.initial_bandwidth_bps
+
+    def _link(self, now: float) -> tuple[float, float]:
+        """Aggregate bandwidth and worst RTT of the live peers still holding work."""
+        peers = [p for p in self.sched.peers() if p != LOCAL]
+        if not peers:
+            return 1e12, 0.0
+        total = 0.0
+        rtt = 0.0
+        for peer in peers:
+            bw = self._bandwidth(peer, now)
+            self.sched.set_bandwidth(peer, bw)
+            total += bw
+            session = self.f.sessions(peer)
+            if session is not None and session.rtt_s:
+                rtt = max(rtt, session.rtt_s)
+        return total, rtt
+
+    def _start_transfers(self, now: float) -> None:
+        bandwidth, rtt = self._link(now)
+        sizes = {}
+        for index in range(min(self.cut, self.sched.limit)):
+            level = self.ctl.levels_used[index] or self.ctl.allowed[-1]
+            sizes[index] = self.ctl.chunk_bytes(index, level)
+        for assignment in self.sched.assign(now, sizes):
+            index, peer = assignment.index, assignment.peer
+            if index >= self.cut:
+                self.sched.abandon_from(self.cut)
+                break
+            if peer == LOCAL:
+                level = ""
+            elif self.fixed is not None:
+                level = self.fixed
+            else:
+                decision = self.ctl.decide(index, now, bandwidth, rtt)
+                if isinstance(decision, RecomputeRest):
+                    self.note("recompute", index=decision.from_index)
+                    log.info(
+                        "fetch: recomputing from chunk %d is faster (%.2fs vs %.2fs)",
+                        decision.from_index, decision.recompute_finish - now,
+                        decision.predicted_finish - now,
+                    )
+                    # Chunks already received below the cut are still restored.
+                    self._cut_at(self._received_prefix(), "recompute")
+                    return
+                assert isinstance(decision, FetchAt)
+                level = decision.level
+                previous = self.ctl.levels_used[index - 1] if index else None
+                if previous is not None and previous != level:
+                    self.note("switch", index=index, level=level)
+            self.ctl.chunk_sent(index, level or self.ctl.levels[0])
+            self._launch(index, peer, level, now)
+
+    def _received_prefix(self) -> int:
+        n = self.reported
+        while n in self.received or n in self.restored:
+            n += 1
+        return n
+
+    def _launch(self, index: int, peer: str, level: str, now: float) -> None:
+        task = self.tg.create_task(self._transfer(index, peer, level))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.transfers[index] = (task, peer, level, now)
+        self.note("request", index=index, level=level, peer=peer)
+
+    def _handle_stalls(self, now: float) -> None:
+        for peer in self.sched.stalled(now):
+            if peer == LOCAL:
+                continue
+            log.warning("fetch: peer %s stalled; its chunks go to other peers", peer)
+            self._lose_peer(peer)
+
+    def _lose_peer(self, peer: str) -> None:
+        self.note("peer_lost", peer=peer)
+        for index in self.sched.peer_lost(peer):
+            self._cancel_transfer(index)
+            self.ctl.chunk_returned(index)
+
+    def _maybe_preempt(self, now: float) -> None:
+        if self.fixed is not None:
+            return
+        bandwidth, _ = self._link(now)
+        for index, (_task, peer, level, started) in list(self.transfers.items()):
+            if peer == LOCAL or not level:
+                continue
+            # No per-blob progress from the transport: estimate what arrived from the time spent.
+            received = int((now - started) * self._bandwidth(peer, now) / 8)
+            again = self.ctl.reconsider(index, level, received, now, bandwidth)
+            if again is None:
+                continue
+            log.info("fetch: chunk %d restarts at %s (was %s)", index, again.level, level)
+            self.note("preempt", index=index, level=again.level, peer=peer)
+            self._cancel_transfer(index)
+            self._launch(index, peer, again.level, now)
+
+    # ----------------------------------------------------------------- receive
+    async def _transfer(self, index: int, peer: str, level: str) -> None:
+        key = self.keys[index]
+        try:
+            blob = await self._get_blob(key, peer, level)
+            header = codec.read_header(blob)
+            if header.level not in self.acceptable:
+                raise ProtocolError(
+                    ErrorCode.INVALID, f"peer sent level {header.level}, below the floor"
+                )
+            if header.tokens != self.f.chunk_tokens:
+                raise ProtocolError(ErrorCode.INVALID, f"chunk of {header.tokens} tokens")
+        except asyncio.CancelledError:
+            raise
+        except ProtocolError as exc:
+            self._transfer_failed(index, peer, exc, transient=exc.code == ErrorCode.BUSY)
+            return
+        except (CodecError, StoreError) as exc:
+            self._transfer_failed(index, peer, exc, transient=False)
+            return
+        except KVPeerError as exc:  # transport: the session died or timed out
+            self._forget_transfer(index)
+            log.warning("fetch: peer %s failed on chunk %d: %s", peer, index, exc)
+            self._lose_peer(peer)
+            self.wake.set()
+            return
+        now = self.f.clock()
+        self._forget_transfer(index)
+        wire = len(blob) if peer != LOCAL else 0
+        self.bytes_moved += wire
+        self.note("received", index=index, level=header.level, peer=peer, nbytes=len(blob))
+        self.ctl.chunk_received(index, header.level, wire)
+        self.sched.completed(index, now)
+        self.received.add(index)
+        self.wake.set()
+        if peer != LOCAL and self.f.cache is not None:
+            with contextlib.suppress(StoreError):
+                await self.f.cache.put(key, header.level, blob)
+        # Backpressure: a full decode queue holds this task (and its blob) here.
+        await self.queue.put((index, next(self._seq), _Received(index, blob, header.level, peer)))
+
+    async def _get_blob(self, key: bytes, peer: str, level: str) -> bytes:
+        if peer == LOCAL:
+            assert self.f.cache is not None
+            blob = await self.f.cache.get(key)
+            if blob is None:
+                raise StoreError("chunk evicted while fetching")
+            return blob
+        session = self.f.sessions(peer)
+        if session is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {peer}")
+        timeout = self.cfg.request_timeout_s
+
+        async def start() -> bytes:
+            return await session.fetch_blob(key, level, timeout=timeout)
+
+        return await self.f.transfers.get(key, peer, level, self.acceptable, start)
+
+    def _forget_transfer(self, index: int) -> None:
+        """The running task is done with chunk ``index`` (only if it is still the one on it)."""
+        entry = self.transfers.get(index)
+        if entry is not None and entry[0] is asyncio.current_task():
+            del self.transfers[index]
+
+    def _transfer_failed(self, index: int, peer: str, exc: Exception, *, transient: bool) -> None:
+        self._forget_transfer(index)
+        self.note("failed", index=index, peer=peer)
+        self.ctl.chunk_returned(index)
+        retries = self.retries.get(index, 0) + 1
+        self.retries[index] = retries
+        if transient and retries <= self.cfg.max_retries:
+            log.info("fetch: chunk %d from %s: %s; retrying", index, peer or "local", exc)
+            self.sched.chunk_failed(index, "\0")  # back to pending, holders unchanged
+        else:
+            log.warning("fetch: chunk %d from %s failed: %s", index, peer or "local", exc)
+            self.sched.chunk_failed(index, peer)
+        self.wake.set()
+
+    # ----------------------------------------------------------------- decode + restore
+    async def _decode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            _, _, item = await self.queue.get()
+            if item is None:
+                return
+            if item.index >= self._end() or item.index in self.restored:
+                continue
+            try:
+                k_view, v_view = self._views(item)
+            except KVPeerError as exc:
+                self._undecodable(item, exc)
+                continue
+            self.note("decode_start", index=item.index, level=item.level)
+            job = loop.run_in_executor(
+                self.f.executor, decode_into_blocking, item.blob, k_view, v_view
+            )
+            try:
+                seconds = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # The job writes into the client's memory: it must end before we return.
+                with contextlib.suppress(BaseException):
+                    await job
+                raise
+            except KVPeerError as exc:
+                self._undecodable(item, exc)
+                continue
+            self.f._observe_decode(len(item.blob), seconds)
+            self.note("decode_end", index=item.index, level=item.level)
+            self.restored[item.index] = item.level
+            while self.reported < self._end() and self.reported in self.restored:
+                await self.sink.chunk_done(self.reported, self.restored[self.reported])
+                self.note("done", index=self.reported, level=self.restored[self.reported])
+                self.reported += 1
+            self.wake.set()
+
+    def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
+        log.warning("fetch: chunk %d from %s does not decode: %s", item.index, item.peer, exc)
+        self.note("failed", index=item.index, peer=item.peer)
+        self._cut_at(item.index, "error")
+        self.wake.set()
+
+    def _views(self, item: _Received) -> tuple[torch.Tensor, torch.Tensor]:
+        header = codec.read_header(item.blob)
+        shape = (header.layers, header.kv_heads, header.head_dim, header.dtype)
+        if not self.allocated:
+            self.sink.allocate(
+                layers=header.layers, kv_heads=header.kv_heads, head_dim=header.head_dim,
+                tokens=len(self.keys) * self.f.chunk_tokens, dtype=header.dtype,
+                chunk_tokens=self.f.chunk_tokens,
+            )
+            self.allocated = True
+            self.shape = shape
+        elif shape != self.shape:
+            raise ProtocolError(ErrorCode.INVALID, f"chunk {item.index} has another shape")
+        return self.sink.chunk_view(item.index)
+
+
+# --------------------------------------------------------------------------- serving side
+class LevelServer:
+    """Serves a chunk at the level a peer asks for.
+
+    The store keeps the top level a node was given; a lower level is made on demand with
+    ``codec.transcode`` in an executor (never on the event loop, so serving other peers goes
+    on), cached in the store, and shared by concurrent requests for the same (chunk, level).
+    """
+
+    def __init__(self, store: ChunkCache, *, executor: Any = None, concurrency: int = 1) -> None:
+        self.store = store
+        self.executor = executor
+        self._making: dict[tuple[bytes, str], asyncio.Future[bytes]] = {}
+        # One transcode at a time by default: on a small CPU the decoder and the event loop
+        # need the other core.
+        self._slots = asyncio.Semaphore(concurrency)
+        self.transcoded = 0
+
+    async def open_blob(self, key: bytes, level: str) -> bytes | None:
+        """The chunk at ``level`` (or the best held when ``level`` is empty); None if not held.
+
+        When the store only holds levels below the asked one, the best held is sent: the asking
+        fetcher checks the level against its floor.
+        """
+        if level:
+            blob = await self.store.get(key, level)
+            if blob is not None:
+                return blob
+        top = await self.store.get(key)
+        if top is None or not level:
+            return top
+        held = codec.read_header(top).level
+        if level not in codec.LEVELS or codec.level_rank(held) >= codec.level_rank(level):
+            return top
+        making = self._making.get((key, level))
+        if making is not None:
+            return await asyncio.shield(making)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._making[(key, level)] = future
+        try:
+            async with self._slots:
+                blob = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, transcode_blocking, top, level
+                )
+            self.transcoded += 1
+            with contextlib.suppress(StoreError):
+                await self.store.put(key, level, blob)
+            future.set_result(blob)
+            return blob
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc if isinstance(exc, Exception) else CodecError("cancelled"))
+                future.exception()
+            raise
+        finally:
+            del self._making[(key, level)]
+
+
+def total_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> float:
+    """Uncompressed KV bytes per token (K and V) of a model: the scale of the size priors."""
+    return float(2 * layers * kv_heads * head_dim * dtype_bytes)
+
+
+__all__ = [
+    "LOCAL",
+    "FetchEvent",
+    "FetchOutcome",
+    "Fetcher",
+    "FetcherConfig",
+    "LevelServer",
+    "decode_into_blocking",
+    "total_bytes_per_token",
+    "transcode_blocking",
+]

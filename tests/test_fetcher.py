@@ -1,0 +1,402 @@
+"""The fetch pipeline on in-memory peers: real codec blobs, real decode, no sockets.
+
+The peers here are small stand-ins for kvpeer.transport sessions (fetch_blob + estimator): the
+cluster tests (tests/cluster/test_fetch*.py) run the same pipeline over real WebRTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from kvpeer import codec
+from kvpeer.errors import ErrorCode, ProtocolError, TransportError
+from kvpeer.fetch_policy import SchedulerConfig
+from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, LevelServer
+
+TOKENS = 256
+LAYERS, HEADS, DIM = 2, 2, 16
+
+
+def chunk_kv(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(index)
+    k = torch.randn(LAYERS, HEADS, TOKENS, DIM, generator=gen).to(torch.float16)
+    v = torch.randn(LAYERS, HEADS, TOKENS, DIM, generator=gen).to(torch.float16)
+    return k, v
+
+
+_BLOBS: dict[tuple[int, str], bytes] = {}
+
+
+def blob(index: int, level: str) -> bytes:
+    if (index, level) not in _BLOBS:
+        _BLOBS[(index, level)] = codec.encode(*chunk_kv(index), level=level)
+    return _BLOBS[(index, level)]
+
+
+def key(index: int) -> bytes:
+    return bytes([index]) * 32
+
+
+class Estimator:
+    def __init__(self, bps: float | None) -> None:
+        self.bps = bps
+
+    def bandwidth_bps(self, now: float) -> float | None:
+        return self.bps
+
+
+class Peer:
+    """A peer session stand-in: serves codec blobs, counts calls, can gate or fail."""
+
+    def __init__(self, name: str, bps: float | None = 1e9) -> None:
+        self.name = name
+        self.estimator = Estimator(bps)
+        self.rtt_s: float | None = 0.001
+        self.calls: list[tuple[int, str]] = []
+        self.gates: dict[int, asyncio.Event] = {}
+        self.fail_on: set[int] = set()
+        self.send_level: str | None = None
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        index = k[0]
+        self.calls.append((index, level))
+        gate = self.gates.get(index)
+        if gate is not None:
+            await gate.wait()
+        if index in self.fail_on:
+            raise TransportError(f"session to {self.name} closed")
+        return blob(index, self.send_level or level or "exact")
+
+
+class Sink:
+    def __init__(self, on_view: Callable[[int], None] | None = None) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.done: list[tuple[int, str]] = []
+        self.on_view = on_view
+
+    def allocate(self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, chunk_tokens: int) -> None:
+        dt = getattr(torch, dtype)
+        self.k = torch.zeros(layers, kv_heads, tokens, head_dim, dtype=dt)
+        self.v = torch.zeros(layers, kv_heads, tokens, head_dim, dtype=dt)
+
+    def chunk_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.k is not None and self.v is not None
+        if self.on_view is not None:
+            self.on_view(index)
+        span = slice(index * TOKENS, (index + 1) * TOKENS)
+        return self.k[:, :, span, :], self.v[:, :, span, :]
+
+    async def chunk_done(self, index: int, level: str) -> None:
+        self.done.append((index, level))
+
+
+class Cache:
+    def __init__(self, on_put: Callable[[bytes], None] | None = None) -> None:
+        self.blobs: dict[bytes, dict[str, bytes]] = {}
+        self.on_put = on_put
+
+    def has(self, k: bytes) -> bool:
+        return k in self.blobs
+
+    async def get(self, k: bytes, level: str | None = None) -> bytes | None:
+        held = self.blobs.get(k, {})
+        if level is not None:
+            return held.get(level)
+        for name in codec.LEVELS:
+            if name in held:
+                return held[name]
+        return None
+
+    async def put(self, k: bytes, level: str, data: bytes) -> None:
+        self.blobs.setdefault(k, {})[level] = data
+        if self.on_put is not None:
+            self.on_put(k)
+
+
+def fetcher(peers: dict[str, Peer], cache: Cache | None = None, **cfg: Any) -> Fetcher:
+    return Fetcher(
+        sessions=peers.get,
+        cache=cache if cache is not None else Cache(),
+        chunk_tokens=TOKENS,
+        config=FetcherConfig(kv_bytes_per_token=2 * LAYERS * HEADS * DIM * 2, **cfg),
+    )
+
+
+async def wait_until(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Wait for a condition other tasks make true (not a settle-sleep: it returns at once)."""
+    async with asyncio.timeout(limit_s):
+        # Polled: the conditions are counters inside the fetcher, which has no hook to signal them.
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
+def expected(n: int, level: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    ks, vs = zip(*(codec.decode(blob(i, level)) for i in range(n)), strict=True)
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+def kinds(outcome: Any, kind: str, index: int) -> int:
+    """Position of the first event of ``kind`` for chunk ``index``."""
+    for pos, event in enumerate(outcome.events):
+        if event.kind == kind and event.index == index:
+            return pos
+    raise AssertionError(f"no {kind} event for chunk {index}")
+
+
+def test_fetch_restores_every_chunk_in_order() -> None:
+    async def main() -> None:
+        peer = Peer("a")
+        f = fetcher({"a": peer})
+        sink = Sink()
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, sink, policy="fixed:exact")
+        assert out.chunks == 4 and out.reason == "complete"
+        assert [i for i, _ in sink.done] == [0, 1, 2, 3]
+        k, v = expected(4)
+        assert torch.equal(sink.k, k) and torch.equal(sink.v, v)
+        assert out.bytes_moved == sum(len(blob(i, "exact")) for i in range(4))
+
+    asyncio.run(main())
+
+
+class GatedExecutor(ThreadPoolExecutor):
+    """Holds the decode of a blob until a gate for it opens (to pin an interleaving down)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.gates: dict[bytes, threading.Event] = {}
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        gate = self.gates.get(args[0]) if args else None
+
+        def run() -> Any:
+            if gate is not None:
+                assert gate.wait(timeout=30)
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+def test_decode_of_one_chunk_overlaps_the_receive_of_the_next() -> None:
+    """Chunk i is still decoding when chunk i+1 arrives: the stages overlap."""
+
+    async def main() -> None:
+        n = 4
+        peer = Peer("a")
+        views: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(n)}
+        # The peer sends chunk i+1 only once the decoder has taken up chunk i ...
+        for i in range(1, n):
+            peer.gates[i] = views[i - 1]
+        executor = GatedExecutor()
+        # ... and the decode of chunk i finishes only after chunk i+1 was received (stored).
+        for i in range(n - 1):
+            executor.gates[blob(i, "exact")] = threading.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_put(k: bytes) -> None:
+            prev = k[0] - 1
+            if prev >= 0:
+                loop.call_soon(executor.gates[blob(prev, "exact")].set)
+
+        f = fetcher({"a": peer}, cache=Cache(on_put=on_put))
+        f.executor = executor
+        sink = Sink(on_view=lambda i: views[i].set())
+        try:
+            out = await f.fetch([key(i) for i in range(n)], [{"a"}] * n, sink, policy="fixed:exact")
+        finally:
+            executor.shutdown()
+        assert out.chunks == n
+        for i in range(n - 1):
+            assert kinds(out, "decode_start", i) < kinds(out, "received", i + 1)
+            assert kinds(out, "received", i + 1) < kinds(out, "decode_end", i)
+
+    asyncio.run(main())
+
+
+def test_concurrent_fetches_of_the_same_chunks_share_one_transfer() -> None:
+    async def main() -> None:
+        n = 4
+        peer = Peer("a")
+        release = asyncio.Event()
+        for i in range(n):
+            peer.gates[i] = release
+        f = fetcher({"a": peer}, scheduler=SchedulerConfig(window=n))
+        keys = [key(i) for i in range(n)]
+        sinks = [Sink(), Sink()]
+        first = asyncio.create_task(f.fetch(keys, [{"a"}] * n, sinks[0], policy="fixed:q8"))
+        await wait_until(lambda: len(peer.calls) == n)
+        second = asyncio.create_task(f.fetch(keys, [{"a"}] * n, sinks[1], policy="fixed:q8"))
+        await wait_until(lambda: f.transfers.shared == n)
+        release.set()
+        outs = await asyncio.gather(first, second)
+        assert [o.chunks for o in outs] == [n, n]
+        assert sorted(peer.calls) == [(i, "q8") for i in range(n)]  # one transfer per chunk
+        assert torch.equal(sinks[0].k, sinks[1].k)
+
+    asyncio.run(main())
+
+
+def test_a_dead_peers_chunks_come_from_another_peer() -> None:
+    async def main() -> None:
+        n = 6
+        a, b = Peer("a"), Peer("b")
+        a.fail_on = set(range(n))
+        f = fetcher({"a": a, "b": b})
+        sink = Sink()
+        out = await f.fetch([key(i) for i in range(n)], [{"a", "b"}] * n, sink, policy="fixed:exact")
+        assert out.chunks == n and out.reason == "complete"
+        assert any(e.kind == "peer_lost" and e.peer == "a" for e in out.events)
+        assert a.calls and len(b.calls) >= n - len(a.calls) + 1
+        assert torch.equal(sink.k, expected(n)[0])
+
+    asyncio.run(main())
+
+
+def test_the_prefix_stops_at_a_chunk_only_a_dead_peer_held() -> None:
+    async def main() -> None:
+        a, b = Peer("a"), Peer("b")
+        a.fail_on = {2}
+        f = fetcher({"a": a, "b": b})
+        out = await f.fetch(
+            [key(i) for i in range(4)], [{"a", "b"}, {"a", "b"}, {"a"}, {"a", "b"}], Sink(),
+            policy="fixed:q8",
+        )
+        assert out.chunks == 2 and out.recompute_from == 2
+
+    asyncio.run(main())
+
+
+def test_hopeless_link_means_recompute_without_waiting() -> None:
+    async def main() -> None:
+        peer = Peer("a", bps=1e3)  # 1 kbit/s
+        f = fetcher({"a": peer})
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=1000.0)
+        assert out.reason == "recompute" and out.chunks == 0
+        assert peer.calls == []
+
+    asyncio.run(main())
+
+
+def test_adaptive_levels_respect_the_floor_and_pick_small_levels_on_a_slow_link() -> None:
+    async def main() -> None:
+        peer = Peer("a", bps=2e5)
+        f = fetcher({"a": peer})
+        out = await f.fetch(
+            [key(i) for i in range(4)], [{"a"}] * 4, Sink(), min_level="q5", recompute_rate=50.0
+        )
+        assert out.chunks == 4
+        assert set(out.levels) <= set(codec.LEVELS[: codec.LEVELS.index("q5") + 1])
+        assert out.levels[-1] == "q5"
+
+    asyncio.run(main())
+
+
+def test_a_level_below_the_floor_is_refused() -> None:
+    async def main() -> None:
+        peer = Peer("a")
+        peer.send_level = "q3"
+        f = fetcher({"a": peer})
+        out = await f.fetch([key(0)], [{"a"}], Sink(), min_level="q8")
+        assert out.chunks == 0
+
+    asyncio.run(main())
+
+
+def test_local_chunks_need_no_peer_and_fetched_ones_are_cached() -> None:
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        peer = Peer("a")
+        f = fetcher({"a": peer}, cache=cache)
+        sink = Sink()
+        out = await f.fetch([key(0), key(1)], [set(), {"a"}], sink, policy="fixed:exact")
+        assert out.chunks == 2
+        assert [c[0] for c in peer.calls] == [1]
+        assert cache.has(key(1))
+        assert any(e.kind == "received" and e.peer == LOCAL for e in out.events)
+
+    asyncio.run(main())
+
+
+def test_deadline_stops_the_fetch_with_what_was_restored() -> None:
+    async def main() -> None:
+        peer = Peer("a")
+        never = asyncio.Event()
+        peer.gates[1] = never
+        f = fetcher({"a": peer})
+        sink = Sink()
+        started = time.monotonic()
+        out = await f.fetch(
+            [key(i) for i in range(3)], [{"a"}] * 3, sink, deadline=started + 0.5,
+            policy="fixed:q8",
+        )
+        assert out.reason == "deadline" and out.chunks == 1
+        assert sink.done == [(0, "q8")]
+
+    asyncio.run(main())
+
+
+def test_unknown_policy_and_floor_are_rejected() -> None:
+    async def main() -> None:
+        f = fetcher({})
+        with pytest.raises(ValueError):
+            await f.fetch([key(0)], [{"a"}], Sink(), policy="fastest")
+        with pytest.raises(ProtocolError):
+            await f.fetch([key(0)], [{"a"}], Sink(), min_level="q1")
+
+    asyncio.run(main())
+
+
+def test_level_server_transcodes_once_and_caches() -> None:
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        server = LevelServer(cache)
+        got = await asyncio.gather(*(server.open_blob(key(0), "q4") for _ in range(3)))
+        assert all(g == got[0] for g in got)
+        assert codec.read_header(got[0]).level == "q4"
+        assert server.transcoded == 1
+        assert await cache.get(key(0), "q4") == got[0]
+        assert await server.open_blob(key(0), "") == blob(0, "exact")
+        assert await server.open_blob(key(9), "q4") is None
+
+    asyncio.run(main())
+
+
+def test_level_server_sends_what_it_has_when_it_only_holds_less() -> None:
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "q5", blob(0, "q5"))
+        server = LevelServer(cache)
+        got = await server.open_blob(key(0), "q8")
+        assert got is not None and codec.read_header(got).level == "q5"
+
+    asyncio.run(main())
+
+
+def test_busy_peer_is_retried() -> None:
+    async def main() -> None:
+        peer = Peer("a")
+        busy = {"left": 1}
+        original = peer.fetch_blob
+
+        async def flaky(k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+            if busy["left"]:
+                busy["left"] -= 1
+                raise ProtocolError(ErrorCode.BUSY, "too many transfers")
+            return await original(k, level, timeout)
+
+        peer.fetch_blob = flaky  # type: ignore[method-assign]
+        f = fetcher({"a": peer})
+        out = await f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q8")
+        assert out.chunks == 1
+
+    asyncio.run(main())
