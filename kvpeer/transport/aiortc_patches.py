@@ -1,34 +1,69 @@
 """Every change kvpeer makes to aiortc / aioice internals, in one place, for aiortc 1.16.0 only.
 
-Why each exists (see shared/findings/transport.md):
+Pure-Python SCTP pays per packet and per SACK, so the CPU cost per GB is set by how many
+packets and acknowledgements move (shared/findings/transport.md). The changes, and why:
 
-* ``gather_host_candidates``: aioice offers every address of every interface and never
-  127.0.0.1. We offer exactly the LAN address the daemon was given (and loopback only when
-  ``allow_loopback`` is set and that address *is* loopback), so a single-host setup works on lo
-  and a real LAN never sees loopback or docker-bridge candidates.
-* ``configure_association``: the SCTP packet size agreed from both peers' MTUs (aiortc uses a
-  module constant of 1,189 bytes: at 1 µs... per packet in Python, packet count is CPU).
+* :func:`gather_host_candidates` (aioice): offer exactly the LAN address the daemon was given.
+  aioice offers every address of every interface and never 127.0.0.1; a single-host setup then
+  has no path, and a real LAN would see docker-bridge candidates. Loopback is offered only with
+  ``allow_loopback`` and only when that address *is* loopback. Also sizes the UDP socket
+  buffers (aioice asks for 256 KiB: a 1 MiB congestion window overflows it and every drop
+  costs a >= 1 s retransmission timeout), and warns when the host caps them.
+* :func:`configure_association` (aiortc SCTP), per association:
+  - packet size agreed from both peers' MTUs, instead of the 1,189-byte module constant;
+  - delayed SACK: acknowledge every ``SACK_EVERY`` packets or after ``SACK_DELAY_S``, at once
+    on gaps or duplicates (RFC 9260 6.2 allows every second packet; the sender's window is
+    grown per SACK, so the burst limit is raised with it);
+  - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
+    retransmission (no gap report and no T3 expiry since the last full scan).
+* :func:`apply` (process-wide, behaviour-neutral for small packets): DTLS reads and writes use
+  literal 1,500-byte buffers; SCTP packets above that need 16 KiB + record overhead.
 
-Upstream candidates: a per-connection address list in aioice; an ``RTCSctpTransport`` packet
-size parameter. ``tests/transport/test_aiortc_patches.py`` fails loudly when an aiortc upgrade
-moves what these rely on.
+Each change could go upstream as: a packet-size and a SACK-policy parameter of
+``RTCSctpTransport``, a retransmit-pending flag, a buffer size constant in the DTLS transport,
+and a per-connection address list in aioice. ``tests/transport/test_aiortc_patches.py`` fails
+loudly when an aiortc upgrade moves what these rely on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
+import time
+import types
+from collections.abc import Callable
 from typing import Any
 
 import aiortc
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, rtcdtlstransport, rtcsctptransport
+from aiortc.rtcsctptransport import RTCSctpTransport
 
 from kvpeer.errors import TransportError
 from kvpeer.transport.config import TransportConfig
+from kvpeer.transport.netinfo import sysctl_int
 
 logger = logging.getLogger(__name__)
 
 AIORTC_VERSION = "1.16.0"
+#: Acknowledge every this many DATA packets when nothing is missing...
+SACK_EVERY = 8
+#: ... or this long after the first unacknowledged one (RFC 9260: at most 200 ms; short here
+#: because the sender's window only grows on SACKs).
+SACK_DELAY_S = 0.005
+#: Packets the sender may put on the wire beyond the flight size per transmit (stock: 4).
+MAX_BURST = 2 * SACK_EVERY
+#: DTLS plaintext is at most 16 KiB; a record adds header, explicit nonce and tag.
+DTLS_BUFFER = 16_384 + 256
+_STOCK_DTLS_BUFFER = 1500
+#: SCTP common header + DATA chunk header: the packet size minus these is the payload size.
+SCTP_OVERHEAD = (
+    rtcsctptransport.SCTP_COMMON_HEADER_LENGTH + rtcsctptransport.SCTP_DATA_CHUNK_HEADER_LENGTH
+)
+
+_applied = False
+_buffer_warned = False
 
 
 def check_version() -> None:
@@ -37,6 +72,40 @@ def check_version() -> None:
             f"kvpeer's aiortc patches are written for aiortc {AIORTC_VERSION}, "
             f"found {aiortc.__version__}: re-check kvpeer/transport/aiortc_patches.py"
         )
+
+
+# -- process-wide --------------------------------------------------------------------------
+
+
+def _with_constant(func: Callable[..., Any], old: int, new: int) -> Callable[..., Any]:
+    """A copy of *func* whose literal *old* is *new* (there must be exactly one such literal)."""
+    code = func.__code__
+    if code.co_consts.count(old) != 1:
+        raise TransportError(f"aiortc changed: {func.__qualname__} has no single {old} literal")
+    consts = tuple(new if c == old and type(c) is int else c for c in code.co_consts)
+    clone = types.FunctionType(
+        code.replace(co_consts=consts), func.__globals__, func.__name__, func.__defaults__,
+        func.__closure__,
+    )  # fmt: skip
+    clone.__qualname__ = func.__qualname__
+    clone.__kwdefaults__ = func.__kwdefaults__
+    clone.__dict__["_kvpeer_patched"] = True
+    return clone
+
+
+def apply() -> None:
+    """Install the process-wide patches (idempotent)."""
+    global _applied
+    check_version()
+    if _applied:
+        return
+    dtls = rtcdtlstransport.RTCDtlsTransport
+    for name in ("_recv_next", "_write_ssl"):
+        setattr(dtls, name, _with_constant(getattr(dtls, name), _STOCK_DTLS_BUFFER, DTLS_BUFFER))
+    _applied = True
+
+
+# -- ICE candidates and socket buffers ------------------------------------------------------
 
 
 def _ice_connection(pc: RTCPeerConnection) -> Any:
@@ -64,13 +133,170 @@ async def gather_host_candidates(
         raise TransportError(f"could not bind an ICE socket on {addresses}")
     connection._local_candidates += candidates
     connection._local_candidates_end = True
+    if config.patch_aiortc:
+        for protocol in connection._protocols:
+            sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+            if sock is not None:
+                size_socket_buffers(sock, config.socket_buffer_bytes)
+
+
+def size_socket_buffers(sock: socket.socket, wanted: int) -> tuple[int, int]:
+    """Ask for *wanted* bytes of receive and send buffer; warn once if the host caps them."""
+    global _buffer_warned
+    got = []
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, wanted)
+            # Linux reports twice what it grants (the doubling covers its bookkeeping).
+            got.append(sock.getsockopt(socket.SOL_SOCKET, option) // 2)
+        except OSError:
+            got.append(0)
+    if min(got) < wanted and not _buffer_warned:
+        _buffer_warned = True
+        logger.warning(
+            "UDP socket buffers capped at %d/%d bytes (asked %d): raise net.core.rmem_max and "
+            "net.core.wmem_max (now %s/%s) or expect drops and 1 s stalls at high rates",
+            got[0], got[1], wanted, sysctl_int("net.core.rmem_max"),
+            sysctl_int("net.core.wmem_max"),
+        )  # fmt: skip
+    return got[0], got[1]
+
+
+# -- per association ------------------------------------------------------------------------
+
+
+def _rebind(sctp: RTCSctpTransport, name: str, globals_: dict[str, Any]) -> Callable[..., Any]:
+    """*sctp*'s own copy of method *name*, reading module globals from *globals_*."""
+    func = getattr(RTCSctpTransport, name)
+    clone = types.FunctionType(
+        func.__code__, globals_, func.__name__, func.__defaults__, func.__closure__
+    )
+    method = types.MethodType(clone, sctp)
+    setattr(sctp, name, method)
+    return method
 
 
 def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
-    """Set the SCTP packet size of *pc*'s association (before it starts)."""
+    """Packet size, delayed SACK and the retransmit shortcut for *pc*'s association.
+
+    Call before the association starts (before setRemoteDescription on the offerer, before
+    setLocalDescription on the answerer). Only this association changes; others in the process
+    keep theirs, so peers with different MTUs each get their own packet size.
+    """
     check_version()
+    sctp = pc.sctp
+    if sctp is None:
+        raise TransportError("peer connection has no SCTP transport yet")
+    if getattr(sctp, "_kvpeer_packet", None) is not None:
+        return
+    userdata = packet_bytes - SCTP_OVERHEAD
+    # The methods that size chunks and the congestion window read this module constant.
+    globals_ = dict(vars(rtcsctptransport))
+    globals_["USERDATA_MAX_LENGTH"] = userdata
+    _rebind(sctp, "_send", globals_)
+    sack_chunk = _rebind(sctp, "_receive_sack_chunk", globals_)
+    t3_expired = _rebind(sctp, "_t3_expired", globals_)
+    sctp._cwnd = 3 * userdata  # what __init__ computed, with our payload size
+    sctp._kvpeer_packet = packet_bytes  # type: ignore[attr-defined]
+    sctp._kvpeer_userdata = userdata  # type: ignore[attr-defined]
+    sctp._kvpeer_rtx_pending = False  # type: ignore[attr-defined]
+
+    async def receive_sack_chunk(chunk: Any) -> None:
+        # Chunks are only ever struck (marked for retransmission) by a SACK with gap reports.
+        if chunk.gaps:
+            sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
+        await sack_chunk(chunk)
+
+    def t3_expired_marking() -> None:
+        sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
+        t3_expired()
+
+    sctp._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
+    sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
+    sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
+    _install_delayed_sack(sctp)
 
 
-def apply() -> None:
-    """Install the process-wide patches (idempotent)."""
-    check_version()
+async def _transmit(self: Any) -> None:
+    """aiortc's ``RTCSctpTransport._transmit`` with a burst of MAX_BURST packets and the
+    retransmit scan skipped when nothing is marked (``_kvpeer_rtx_pending``)."""
+    if self._forward_tsn_chunk is not None:
+        await self._send_chunk(self._forward_tsn_chunk)
+        self._forward_tsn_chunk = None
+        if not self._t3_handle:
+            self._t3_start()
+
+    userdata = self._kvpeer_userdata
+    burst = (MAX_BURST // 2 if self._fast_recovery_exit is not None else MAX_BURST) * userdata
+    cwnd = min(self._flight_size + burst, self._cwnd)
+
+    if self._kvpeer_rtx_pending:
+        earliest = True
+        for chunk in self._sent_queue:
+            if chunk._retransmit:
+                if self._fast_recovery_transmit:
+                    self._fast_recovery_transmit = False
+                elif self._flight_size >= cwnd:
+                    return  # still pending: scan again on the next call
+                self._flight_size_increase(chunk)
+                chunk._misses = 0
+                chunk._retransmit = False
+                chunk._sent_count += 1
+                await self._send_chunk(chunk)
+                if earliest:
+                    self._t3_restart()
+            earliest = False
+        self._kvpeer_rtx_pending = False
+
+    while self._outbound_queue and self._flight_size < cwnd:
+        chunk = self._outbound_queue.popleft()
+        self._sent_queue.append(chunk)
+        self._flight_size_increase(chunk)
+        chunk._sent_count += 1
+        chunk._sent_time = time.time()
+        await self._send_chunk(chunk)
+        if not self._t3_handle:
+            self._t3_start()
+
+
+def _install_delayed_sack(sctp: Any) -> None:
+    send_sack_now = sctp._send_sack
+    state = {"unacked": 0}
+    timer: list[asyncio.TimerHandle] = []
+    tasks: set[asyncio.Task[None]] = set()  # owned here; aiortc owns the association
+
+    def cancel_timer() -> None:
+        while timer:
+            timer.pop().cancel()
+
+    async def send_sack_quietly() -> None:
+        # The association may close while the timer runs; aiortc raises ConnectionError then.
+        try:
+            await send_sack_now()
+        except ConnectionError:
+            pass
+
+    def timer_fired() -> None:
+        timer.clear()
+        if sctp._sack_needed and sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
+            state["unacked"] = 0
+            task = asyncio.get_running_loop().create_task(send_sack_quietly())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def send_sack() -> None:
+        urgent = (
+            sctp._sack_misordered
+            or sctp._sack_duplicates
+            or sctp._association_state != RTCSctpTransport.State.ESTABLISHED
+        )
+        state["unacked"] += 1
+        if urgent or state["unacked"] >= SACK_EVERY:
+            cancel_timer()
+            state["unacked"] = 0
+            await send_sack_now()
+        elif not timer:
+            # _sack_needed stays set, so the next packet comes back here and counts.
+            timer.append(asyncio.get_running_loop().call_later(SACK_DELAY_S, timer_fired))
+
+    sctp._send_sack = send_sack

@@ -176,7 +176,8 @@ class PeerTransport:
                         f"expected peer {peer_id}, {host}:{port} is {answer.node_id}"
                     )
                 packet = self._packet_bytes(answer.mtu)
-                aiortc_patches.configure_association(pc, packet)
+                if self.config.patch_aiortc:
+                    aiortc_patches.configure_association(pc, packet)
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
                 session = self._new_session(peer_id, pc, control, bulk, packet)
                 await session.wait_open(timeout)
@@ -239,7 +240,8 @@ class PeerTransport:
                 control, bulk = self._channels(pc)
                 await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
                 packet = self._packet_bytes(offer.mtu)
-                aiortc_patches.configure_association(pc, packet)
+                if self.config.patch_aiortc:
+                    aiortc_patches.configure_association(pc, packet)
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)
                 await _write_message(writer, answer)
