@@ -1,0 +1,694 @@
+"""The engine's side of the local API: :class:`KVPeerClient` (blocking) and
+:class:`AsyncKVPeerClient` (asyncio).
+
+Owns the client connection (hello, request ids, timeouts), moving KV through shared-memory
+segments the daemon hands out, and the fetch handle an engine reads restored KV from. KV
+tensors are ``[layers, kv_heads, tokens, head_dim]``. A daemon's error answer is raised as
+:class:`~kvpeer.errors.ApiError` carrying its :class:`~kvpeer.errors.ErrorCode`.
+
+    with KVPeerClient(namespace="team-a") as client:
+        client.put(tokens, k, v, fingerprint)
+        with client.fetch(tokens, fingerprint) as result:
+            k, v = result.k, result.v      # zero-copy views of the segment, valid inside `with`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import types
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from kvpeer import shm
+from kvpeer.api import messages as m
+from kvpeer.errors import ApiError, ErrorCode, ProtocolError
+from kvpeer.hashing import ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/kvpeer/kvpeer.sock"
+DEFAULT_TIMEOUT_S = 60.0
+_T = TypeVar("_T", bound=m.Message)
+
+
+def default_socket_path() -> str:
+    """``$KVPEER_SOCKET``, else the system daemon's socket."""
+    return os.environ.get("KVPEER_SOCKET") or DEFAULT_SOCKET
+
+
+def _expect(message: m.Message, kind: type[_T]) -> _T:
+    if isinstance(message, m.ErrorResponse):
+        raise ApiError(message.error_code, message.reason)
+    if not isinstance(message, kind):
+        raise ApiError(ErrorCode.MALFORMED, f"expected {kind.TYPE}, got {message.TYPE}")
+    return message
+
+
+def _put_request(
+    rid: int, tokens: Any, k: torch.Tensor, v: torch.Tensor, fp: ModelFingerprint, level: str | None
+) -> tuple[m.PutRequest, torch.Tensor, torch.Tensor]:
+    """Validate a put locally (cheap errors before any shared memory is made)."""
+    try:
+        request = m.PutRequest(
+            id=rid, tokens=tokens, fingerprint=fp, level=level, dtype=shm.dtype_name(k.dtype)
+        )
+    except ProtocolError as exc:
+        raise ApiError(exc.code, exc.reason) from None
+    n = int(request.tokens.size)
+    want = (fp.layers, fp.kv_heads, n, fp.head_dim)
+    if k.dim() != 4 or v.dim() != 4 or k.dtype != v.dtype:
+        raise ApiError(ErrorCode.INVALID, "k and v must be 4-D tensors of one dtype")
+    if k.shape[2] < n or v.shape[2] < n:
+        raise ApiError(ErrorCode.INVALID, f"k/v hold fewer than the {n} tokens given")
+    k, v = k[:, :, :n, :], v[:, :, :n, :]
+    if tuple(k.shape) != want or tuple(v.shape) != want:
+        raise ApiError(
+            ErrorCode.INVALID,
+            f"k/v shape {tuple(k.shape)} does not match [layers, kv_heads, tokens, head_dim] = {want}",
+        )
+    return request, k, v
+
+
+def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    segment = shm.Segment.open(name)
+    try:
+        segment.k.copy_(k)
+        segment.v.copy_(v)
+    finally:
+        segment.close()
+
+
+# --------------------------------------------------------------------------- fetch results
+
+
+class _FetchState:
+    """Events of one fetch, folded into what an engine needs to know (no I/O)."""
+
+    def __init__(self, request: m.FetchRequest) -> None:
+        self.request = request
+        self.segment: shm.Segment | None = None
+        self.done: dict[int, str] = {}
+        self.final: m.FetchResult | None = None
+        self.error: ApiError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None or self.error is not None
+
+    def on_message(self, message: m.Message) -> None:
+        try:
+            if isinstance(message, m.FetchStarted):
+                self._open(message.segment)
+            elif isinstance(message, m.FetchProgress):
+                self.done[message.index] = message.level
+            elif isinstance(message, m.FetchResult):
+                if message.segment:
+                    self._open(message.segment)
+                self.final = message
+            elif isinstance(message, m.ErrorResponse):
+                self.error = ApiError(message.error_code, message.reason)
+            else:
+                self.error = ApiError(ErrorCode.MALFORMED, f"unexpected {message.TYPE} in a fetch")
+        except (OSError, ProtocolError) as exc:
+            self.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+
+    def _open(self, name: str) -> None:
+        if self.segment is None:
+            self.segment = shm.Segment.open(name)
+        elif self.segment.name != name:
+            raise ProtocolError(ErrorCode.MALFORMED, "a fetch named two segments")
+
+    def result(self) -> m.FetchResult:
+        if self.error is not None:
+            raise self.error
+        if self.final is None:
+            raise ApiError(ErrorCode.INTERNAL, "the fetch has not finished")
+        return self.final
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        final = self.result()
+        if self.segment is None or final.matched_tokens == 0:
+            fp = self.request.fingerprint
+            dtype = shm.DTYPES.get(fp.dtype, torch.float16)
+            empty = torch.empty((fp.layers, fp.kv_heads, 0, fp.head_dim), dtype=dtype)
+            return empty, empty.clone()
+        n = final.matched_tokens
+        return self.segment.k[:, :, :n, :], self.segment.v[:, :, :n, :]
+
+    def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.done or self.segment is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"chunk {index} was not restored")
+        layout = self.segment.layout
+        start = index * layout.chunk_tokens
+        stop = start + layout.chunk_tokens
+        return self.segment.k[:, :, start:stop, :], self.segment.v[:, :, start:stop, :]
+
+    def close_segment(self) -> str | None:
+        """Unmap our side; returns the name to release at the daemon (None if none)."""
+        if self.segment is None:
+            return None
+        segment, self.segment = self.segment, None
+        if not segment.close():
+            log.debug("segment %s still used by tensors; unmapped when they are freed", segment.name)
+        return segment.name
+
+
+class _FetchHandleBase:
+    def __init__(self, state: _FetchState) -> None:
+        self._state = state
+        self._released = False
+
+    @property
+    def segment(self) -> shm.Segment | None:
+        """The mapped segment (None if nothing was restored)."""
+        return self._state.segment
+
+    def zero_copy(self) -> bool:
+        """True if ``k`` and ``v`` lie inside the mapped segment (no copy was made)."""
+        k, v = self._state.kv()
+        segment = self._state.segment
+        return segment is not None and segment.holds(k) and segment.holds(v)
+
+
+class FetchHandle(_FetchHandleBase):
+    """A fetch in progress or done (blocking client). Use as a context manager: leaving it
+    releases the segment; tensors taken from it must be cloned to outlive it."""
+
+    def __init__(self, client: KVPeerClient, state: _FetchState) -> None:
+        super().__init__(state)
+        self._client = client
+
+    def wait(self) -> m.FetchResult:
+        """Block until the daemon's final answer; ApiError if the fetch failed."""
+        while not self._state.finished:
+            self._client._pump()
+        return self._state.result()
+
+    def wait_for_chunk(self, index: int) -> bool:
+        """Block until chunk ``index`` is usable (True) or the fetch ended without it (False)."""
+        while index not in self._state.done and not self._state.finished:
+            self._client._pump()
+        if self._state.error is not None:
+            raise self._state.error
+        return index in self._state.done
+
+    def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of chunk ``index`` (waits for it); ApiError(NOT_FOUND) if it never came."""
+        self.wait_for_chunk(index)
+        return self._state.chunk(index)
+
+    @property
+    def segment(self) -> shm.Segment | None:
+        """The mapped segment once the fetch is over (None if nothing was restored)."""
+        self.wait()
+        return self._state.segment
+
+    def zero_copy(self) -> bool:
+        self.wait()
+        return super().zero_copy()
+
+    @property
+    def matched_tokens(self) -> int:
+        return self.wait().matched_tokens
+
+    @property
+    def levels(self) -> list[str]:
+        return self.wait().levels
+
+    @property
+    def recompute_from(self) -> int:
+        return self.wait().recompute_from
+
+    @property
+    def k(self) -> torch.Tensor:
+        self.wait()
+        return self._state.kv()[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        self.wait()
+        return self._state.kv()[1]
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with contextlib.suppress(ApiError):
+            self.wait()
+        name = self._state.close_segment()
+        if name is not None and self._client.connected:
+            self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+
+    def __enter__(self) -> FetchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- blocking client
+
+
+class KVPeerClient:
+    """Blocking client of the local daemon. One thread at a time; requests run in order."""
+
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        namespace: str = "default",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        client_name: str = "",
+    ) -> None:
+        self.socket_path = str(socket_path or default_socket_path())
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._ids = 0
+        self._decoder = m.FrameDecoder()
+        self._inbox: list[m.Message] = []
+        self._fetch: _FetchState | None = None
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout_s)
+        try:
+            self._sock.connect(self.socket_path)
+            self._call(
+                m.Hello(id=self._new_id(), namespace=namespace, client=client_name or f"pid {os.getpid()}"),
+                m.HelloOk,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _new_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    # ------------------------------------------------------------------ wire
+    def _send(self, message: m.Message) -> None:
+        if self._sock is None:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+        self._sock.sendall(m.encode(message))
+
+    def _receive(self) -> m.Message:
+        if self._sock is None:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+        while True:
+            for frame in self._decoder.frames():
+                if isinstance(frame, ProtocolError):
+                    raise ApiError(frame.code, frame.reason)
+                return m.decode_body(frame)
+            try:
+                data = self._sock.recv(1 << 16)
+            except TimeoutError:
+                raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
+            if not data:
+                self.close()
+                raise ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+            self._decoder.feed(data)
+
+    def _pump(self) -> None:
+        """Receive one message and route it (fetch events to the fetch, the rest to the inbox)."""
+        message = self._receive()
+        if self._fetch is not None and message.id == self._fetch.request.id:
+            self._fetch.on_message(message)
+            if self._fetch.finished:
+                self._fetch = None
+        else:
+            self._inbox.append(message)
+
+    def _finish_fetch(self) -> None:
+        # Answers arrive in order on one connection: a running fetch's events come first.
+        while self._fetch is not None:
+            self._pump()
+
+    def _call(self, request: m.Message, kind: type[_T]) -> _T:
+        self._finish_fetch()
+        self._send(request)
+        while True:
+            for i, message in enumerate(self._inbox):
+                if message.id in (request.id, 0):
+                    del self._inbox[i]
+                    return _expect(message, kind)
+            self._pump()
+
+    # ------------------------------------------------------------------ API
+    def put(
+        self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
+        level: str | None = None,
+    ) -> m.PutResult:
+        """Store the KV of ``tokens`` (k, v ``[layers, kv_heads, >= len(tokens), head_dim]``)."""
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level)
+        ready = self._call(request, m.SegmentReady)
+        try:
+            _fill_segment_blocking(ready.segment, k, v)
+        except BaseException:
+            with contextlib.suppress(ApiError, OSError):
+                self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
+            raise
+        return self._call(m.PutCommit(id=self._new_id(), segment=ready.segment), m.PutResult)
+
+    def lookup(self, tokens: Any, fingerprint: ModelFingerprint) -> m.LookupResult:
+        """How many leading tokens are available, and from where (per chunk)."""
+        try:
+            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint)
+        except ProtocolError as exc:
+            raise ApiError(exc.code, exc.reason) from None
+        return self._call(request, m.LookupResult)
+
+    def fetch(
+        self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
+        min_level: str | None = None,
+    ) -> FetchHandle:
+        """Start restoring the longest available prefix; returns a handle (a context manager)."""
+        try:
+            request = m.FetchRequest(
+                id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
+                min_level=min_level,
+            )
+        except ProtocolError as exc:
+            raise ApiError(exc.code, exc.reason) from None
+        self._finish_fetch()
+        state = _FetchState(request)
+        self._send(request)
+        self._fetch = state
+        return FetchHandle(self, state)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(m.StatsRequest(id=self._new_id()), m.StatsResult).stats
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self._call(m.PeersRequest(id=self._new_id()), m.PeersResult).peers
+
+    def evict_all(self) -> dict[str, Any]:
+        return self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult).result
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> KVPeerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- asyncio client
+
+
+class AsyncFetchHandle(_FetchHandleBase):
+    """A fetch in progress or done (asyncio client). ``async with`` releases the segment."""
+
+    def __init__(self, client: AsyncKVPeerClient, state: _FetchState, wait: bool) -> None:
+        super().__init__(state)
+        self._client = client
+        self._queue: asyncio.Queue[m.Message] = asyncio.Queue()
+        self._wait_on_enter = wait
+
+    async def _next(self) -> None:
+        message = await self._client._get(self._queue)
+        self._state.on_message(message)
+
+    async def wait(self) -> m.FetchResult:
+        while not self._state.finished:
+            await self._next()
+        return self._state.result()
+
+    async def wait_for_chunk(self, index: int) -> bool:
+        while index not in self._state.done and not self._state.finished:
+            await self._next()
+        if self._state.error is not None:
+            raise self._state.error
+        return index in self._state.done
+
+    async def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        await self.wait_for_chunk(index)
+        return self._state.chunk(index)
+
+    # After ``await wait()`` (or entering without stream=True) these read the final answer.
+    @property
+    def matched_tokens(self) -> int:
+        return self._state.result().matched_tokens
+
+    @property
+    def levels(self) -> list[str]:
+        return self._state.result().levels
+
+    @property
+    def recompute_from(self) -> int:
+        return self._state.result().recompute_from
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._state.kv()[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._state.kv()[1]
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with contextlib.suppress(ApiError):
+            await self.wait()
+        self._client._unroute(self._state.request.id)
+        name = self._state.close_segment()
+        if name is not None and self._client.connected:
+            await self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+
+    async def __aenter__(self) -> AsyncFetchHandle:
+        if self._wait_on_enter:
+            await self.wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+class AsyncKVPeerClient:
+    """asyncio client of the local daemon; requests may run concurrently on one connection.
+
+        async with AsyncKVPeerClient(namespace="team-a") as client:
+            await client.put(tokens, k, v, fingerprint)
+            async with client.fetch(tokens, fingerprint, stream=True) as result:
+                await result.wait_for_chunk(0)   # use chunk 0 while the rest arrives
+    """
+
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        namespace: str = "default",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        client_name: str = "",
+    ) -> None:
+        self.socket_path = str(socket_path or default_socket_path())
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.client_name = client_name or f"pid {os.getpid()}"
+        self._ids = 0
+        self._routes: dict[int, asyncio.Queue[m.Message]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._closed_reason: ApiError | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self._closed_reason is None
+
+    def _new_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def connect(self) -> AsyncKVPeerClient:
+        reader, self._writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(self.socket_path), self.timeout_s
+        )
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
+        try:
+            await self._call(
+                m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
+            )
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        decoder = m.FrameDecoder()
+        reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                decoder.feed(data)
+                for frame in decoder.frames():
+                    if isinstance(frame, ProtocolError):
+                        raise ApiError(frame.code, frame.reason)
+                    message = m.decode_body(frame)
+                    queue = self._routes.get(message.id)
+                    if queue is not None:
+                        queue.put_nowait(message)
+                    elif message.id == 0:  # not tied to a request: everyone waiting hears it
+                        for waiting in self._routes.values():
+                            waiting.put_nowait(message)
+        except (ProtocolError, ApiError, ConnectionError) as exc:
+            reason = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.MALFORMED, str(exc))
+        finally:
+            self._closed_reason = reason
+            closing = m.ErrorResponse(code=int(reason.code), reason=reason.reason)
+            for waiting in self._routes.values():
+                waiting.put_nowait(closing)
+
+    def _route(self, rid: int, queue: asyncio.Queue[m.Message]) -> None:
+        self._routes[rid] = queue
+
+    def _unroute(self, rid: int) -> None:
+        self._routes.pop(rid, None)
+
+    async def _send(self, message: m.Message) -> None:
+        if self._writer is None or self._closed_reason is not None:
+            raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+        self._writer.write(m.encode(message))
+        await asyncio.wait_for(self._writer.drain(), self.timeout_s)
+
+    async def _get(self, queue: asyncio.Queue[m.Message]) -> m.Message:
+        try:
+            return await asyncio.wait_for(queue.get(), self.timeout_s)
+        except TimeoutError:
+            raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
+
+    async def _call(self, request: m.Message, kind: type[_T]) -> _T:
+        queue: asyncio.Queue[m.Message] = asyncio.Queue()
+        self._route(request.id, queue)
+        try:
+            await self._send(request)
+            return _expect(await self._get(queue), kind)
+        finally:
+            self._unroute(request.id)
+
+    # ------------------------------------------------------------------ API
+    async def put(
+        self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
+        level: str | None = None,
+    ) -> m.PutResult:
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level)
+        ready = await self._call(request, m.SegmentReady)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, _fill_segment_blocking, ready.segment, k, v)
+        except BaseException:
+            with contextlib.suppress(ApiError, OSError):
+                await self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
+            raise
+        return await self._call(m.PutCommit(id=self._new_id(), segment=ready.segment), m.PutResult)
+
+    async def lookup(self, tokens: Any, fingerprint: ModelFingerprint) -> m.LookupResult:
+        try:
+            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint)
+        except ProtocolError as exc:
+            raise ApiError(exc.code, exc.reason) from None
+        return await self._call(request, m.LookupResult)
+
+    def fetch(
+        self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
+        min_level: str | None = None, *, stream: bool = False,
+    ) -> _AsyncFetchStart:
+        """``async with client.fetch(...) as result``: entering sends the request and, unless
+        ``stream``, waits for the final answer; leaving releases the segment."""
+        try:
+            request = m.FetchRequest(
+                id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
+                min_level=min_level,
+            )
+        except ProtocolError as exc:
+            raise ApiError(exc.code, exc.reason) from None
+        return _AsyncFetchStart(self, request, stream)
+
+    async def stats(self) -> dict[str, Any]:
+        return (await self._call(m.StatsRequest(id=self._new_id()), m.StatsResult)).stats
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return (await self._call(m.PeersRequest(id=self._new_id()), m.PeersResult)).peers
+
+    async def evict_all(self) -> dict[str, Any]:
+        return (await self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult)).result
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 5.0)
+        task, self._reader_task = self._reader_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> AsyncKVPeerClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _AsyncFetchStart:
+    """What ``AsyncKVPeerClient.fetch`` returns: ``async with`` it, or ``await`` it for a handle."""
+
+    def __init__(self, client: AsyncKVPeerClient, request: m.FetchRequest, stream: bool) -> None:
+        self._client = client
+        self._request = request
+        self._stream = stream
+        self._handle: AsyncFetchHandle | None = None
+
+    async def start(self) -> AsyncFetchHandle:
+        handle = AsyncFetchHandle(self._client, _FetchState(self._request), wait=not self._stream)
+        self._client._route(self._request.id, handle._queue)
+        try:
+            await self._client._send(self._request)
+        except BaseException:
+            self._client._unroute(self._request.id)
+            raise
+        self._handle = handle
+        return handle
+
+    def __await__(self) -> Any:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> AsyncFetchHandle:
+        handle = await self.start()
+        try:
+            return await handle.__aenter__()
+        except BaseException:
+            await handle.release()
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            await self._handle.release()
+
+
+__all__ = [
+    "AsyncFetchHandle",
+    "AsyncKVPeerClient",
+    "FetchHandle",
+    "KVPeerClient",
+    "default_socket_path",
+]

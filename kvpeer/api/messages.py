@@ -1,0 +1,600 @@
+"""Messages of the local API (engine <-> its own daemon) and their wire encoding.
+
+Owns every message type, its validation and its msgpack encoding: one frame is a 4-byte
+big-endian length then one msgpack map ``{"v": version, "t": type, "id": request id, ...}``.
+Decoding untrusted bytes is bounded (frame size, msgpack container and string limits) and
+every failure is a :class:`~kvpeer.errors.ProtocolError` with the code the peer gets back.
+KV tensors never travel here: they move through shared memory (:mod:`kvpeer.shm`); messages
+only name segments.
+
+This module is sans-IO: no sockets, no asyncio, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.hashing import ModelFingerprint
+
+API_VERSION = 1
+MAX_FRAME_BYTES = 16 << 20  # 4M tokens of uint32 ids fit; anything larger is an error
+MAX_TOKENS = 1 << 22
+MAX_NAME_LEN = 255  # namespaces, segment names, levels, client info
+MAX_LEVEL_LEN = 15  # a level name must fit a segment header slot
+MAX_CHUNKS = 1 << 16
+_LENGTH = struct.Struct(">I")
+FRAME_HEADER_BYTES = _LENGTH.size
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_name(what: str, value: str, *, empty: bool = False, limit: int = MAX_NAME_LEN) -> None:
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.INVALID, f"{what} must be a string")
+    if not value and not empty:
+        raise ProtocolError(ErrorCode.INVALID, f"{what} must not be empty")
+    if len(value) > limit:
+        raise ProtocolError(ErrorCode.INVALID, f"{what} is longer than {limit} characters")
+
+
+def _check_int(what: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(ErrorCode.INVALID, f"{what} must be an integer in [{lo}, {hi}]")
+
+
+def as_tokens(tokens: Any) -> np.ndarray:
+    """Token ids as a read-only flat uint32 array; ProtocolError(INVALID) if they do not fit."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.uint32 and tokens.ndim == 1:
+        ids = tokens
+    else:
+        try:
+            wide = np.asarray(tokens, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(ErrorCode.INVALID, f"tokens are not integers: {exc}") from None
+        if wide.ndim != 1:
+            raise ProtocolError(ErrorCode.INVALID, "tokens must be a flat sequence of ids")
+        if wide.size and (wide.min() < 0 or wide.max() > 0xFFFFFFFF):
+            raise ProtocolError(ErrorCode.INVALID, "token ids must fit in uint32")
+        ids = wide.astype(np.uint32)
+    if ids.size > MAX_TOKENS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_TOKENS} tokens")
+    if ids.flags.writeable:
+        ids = ids.copy()
+        ids.flags.writeable = False
+    return ids
+
+
+def _tokens_from_wire(raw: Any) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % 4:
+        raise ProtocolError(ErrorCode.INVALID, "tokens must be little-endian uint32 bytes")
+    return as_tokens(np.frombuffer(raw, dtype="<u4").astype(np.uint32))
+
+
+def fingerprint_to_wire(fp: ModelFingerprint) -> dict[str, Any]:
+    return {
+        "name": fp.name,
+        "revision": fp.revision,
+        "layers": fp.layers,
+        "kv_heads": fp.kv_heads,
+        "head_dim": fp.head_dim,
+        "dtype": fp.dtype,
+        "rope_theta": fp.rope_theta,
+        "rope_scaling": fp.rope_scaling,
+        "hex": fp.hex,
+    }
+
+
+def fingerprint_from_wire(raw: Any) -> ModelFingerprint:
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.INVALID, "fingerprint must be a map")
+    body = dict(raw)
+    stated = body.pop("hex", None)
+    try:
+        fp = ModelFingerprint(**body)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.INVALID, f"bad model fingerprint: {exc}") from None
+    # The fields are what count; a stated digest that disagrees means a client bug or a
+    # different hashing version, and silently trusting either would mix caches.
+    if stated is not None and stated != fp.hex:
+        raise ProtocolError(ErrorCode.INVALID, "fingerprint hex does not match its fields")
+    return fp
+
+
+def _check_fingerprint(fp: Any) -> None:
+    if not isinstance(fp, ModelFingerprint):
+        raise ProtocolError(ErrorCode.INVALID, "fingerprint must be a ModelFingerprint")
+
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+# --------------------------------------------------------------------------- base
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of every API message: a request id the answer repeats (0 = not tied to a request)."""
+
+    TYPE: ClassVar[str] = ""
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("id", self.id, 0, 2**53)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Fields as msgpack-ready values (subclasses convert what msgpack cannot carry)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Message:
+        return cls(**body)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    """First request of a connection: the tenant namespace and who the client is."""
+
+    TYPE: ClassVar[str] = "hello"
+    namespace: str = "default"
+    client: str = ""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("namespace", self.namespace)
+        _check_name("client", self.client, empty=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TokensRequest(Message):
+    tokens: np.ndarray = field(compare=False)
+    fingerprint: ModelFingerprint
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        object.__setattr__(self, "tokens", as_tokens(self.tokens))
+        _check_fingerprint(self.fingerprint)
+
+    def to_wire(self) -> dict[str, Any]:
+        body = Message.to_wire(self)
+        body["tokens"] = self.tokens.astype("<u4").tobytes()
+        body["fingerprint"] = fingerprint_to_wire(self.fingerprint)
+        return body
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Message:
+        body = dict(body)
+        body["tokens"] = _tokens_from_wire(body.get("tokens"))
+        body["fingerprint"] = fingerprint_from_wire(body.get("fingerprint"))
+        return cls(**body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutRequest(_TokensRequest):
+    """Store the KV of ``tokens``: the daemon answers with a :class:`SegmentReady` to fill.
+
+    The KV shape is ``[fingerprint.layers, fingerprint.kv_heads, len(tokens), fingerprint.head_dim]``
+    in ``dtype``; the daemon keys and stores only the full chunks of it.
+    """
+
+    TYPE: ClassVar[str] = "put"
+    level: str | None = None
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _TokensRequest.__post_init__(self)
+        if self.level is not None:
+            _check_name("level", self.level, limit=MAX_LEVEL_LEN)
+        if self.dtype not in DTYPES:
+            raise ProtocolError(ErrorCode.INVALID, f"dtype must be one of {DTYPES}")
+        if self.tokens.size == 0:
+            raise ProtocolError(ErrorCode.INVALID, "put needs at least one token")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutCommit(Message):
+    """The client filled the put segment: the daemon may read and store it now."""
+
+    TYPE: ClassVar[str] = "put_commit"
+    segment: str
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("segment", self.segment)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupRequest(_TokensRequest):
+    """How much of this prefix is available, and where from (no data moves)."""
+
+    TYPE: ClassVar[str] = "lookup"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchRequest(_TokensRequest):
+    """Restore the longest available prefix of ``tokens`` into a shared-memory segment.
+
+    ``deadline_s``: the daemon stops after this long and reports what it restored (the rest is
+    recomputed by the engine). ``min_level``: the least faithful codec level acceptable.
+    """
+
+    TYPE: ClassVar[str] = "fetch"
+    deadline_s: float | None = None
+    min_level: str | None = None
+
+    def __post_init__(self) -> None:
+        _TokensRequest.__post_init__(self)
+        if self.deadline_s is not None:
+            if isinstance(self.deadline_s, bool) or not isinstance(self.deadline_s, int | float):
+                raise ProtocolError(ErrorCode.INVALID, "deadline_s must be a number")
+            if not math.isfinite(self.deadline_s) or not 0 < self.deadline_s <= 86400:
+                raise ProtocolError(ErrorCode.INVALID, "deadline_s must be in (0, 86400]")
+        if self.min_level is not None:
+            _check_name("min_level", self.min_level, limit=MAX_LEVEL_LEN)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release(Message):
+    """The client is done with a segment: the daemon unlinks it and frees its mapping."""
+
+    TYPE: ClassVar[str] = "release"
+    segment: str
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("segment", self.segment)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsRequest(Message):
+    TYPE: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeersRequest(Message):
+    TYPE: ClassVar[str] = "peers"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvictRequest(Message):
+    """Operations: drop cached chunks (``all`` is the only selector so far)."""
+
+    TYPE: ClassVar[str] = "evict"
+    all: bool = False
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if not isinstance(self.all, bool):
+            raise ProtocolError(ErrorCode.INVALID, "all must be a boolean")
+        if not self.all:
+            raise ProtocolError(ErrorCode.INVALID, "evict needs a selector (all=True)")
+
+
+# --------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloOk(Message):
+    TYPE: ClassVar[str] = "hello_ok"
+    version: int = API_VERSION
+    server: str = ""
+    namespace: str = "default"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentReady(Message):
+    """A put segment the client must fill (K then V at the offsets the segment header states)."""
+
+    TYPE: ClassVar[str] = "segment"
+    segment: str
+    size: int
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("segment", self.segment)
+        _check_int("size", self.size, 1, 2**48)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutResult(Message):
+    """``chunks``: full chunks in the prefix; ``stored``: how many were new to the store."""
+
+    TYPE: ClassVar[str] = "put_result"
+    chunks: int
+    stored: int
+    chunk_tokens: int
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_int("chunks", self.chunks, 0, MAX_TOKENS)
+        _check_int("stored", self.stored, 0, self.chunks)
+        _check_int("chunk_tokens", self.chunk_tokens, 1, MAX_TOKENS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupResult(Message):
+    """``sources``: for each chunk of the available prefix, "local" or the peer's node id."""
+
+    TYPE: ClassVar[str] = "lookup_result"
+    matched_tokens: int
+    chunk_tokens: int
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_int("chunk_tokens", self.chunk_tokens, 1, MAX_TOKENS)
+        _check_int("matched_tokens", self.matched_tokens, 0, MAX_TOKENS)
+        if not isinstance(self.sources, list | tuple) or len(self.sources) > MAX_CHUNKS:
+            raise ProtocolError(ErrorCode.INVALID, "sources must be a list of chunk sources")
+        for source in self.sources:
+            _check_name("source", source)
+        object.__setattr__(self, "sources", list(self.sources))
+
+    @property
+    def local_chunks(self) -> int:
+        return sum(1 for s in self.sources if s == "local")
+
+    @property
+    def peer_chunks(self) -> int:
+        return len(self.sources) - self.local_chunks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchStarted(Message):
+    """The daemon allocated the fetch's segment; chunks land in it as progress events say."""
+
+    TYPE: ClassVar[str] = "fetch_started"
+    segment: str
+    size: int
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("segment", self.segment)
+        _check_int("size", self.size, 1, 2**48)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchProgress(Message):
+    """Chunk ``index`` is restored in the segment at ``level``: the engine may use it now."""
+
+    TYPE: ClassVar[str] = "fetch_progress"
+    index: int
+    level: str
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_int("index", self.index, 0, MAX_CHUNKS)
+        _check_name("level", self.level, limit=MAX_LEVEL_LEN)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchResult(Message):
+    """The end of a fetch: ``matched_tokens`` of contiguous prefix restored (0 = nothing).
+
+    ``segment`` is "" when nothing was restored. Tokens from ``recompute_from`` on are the
+    engine's to compute.
+    """
+
+    TYPE: ClassVar[str] = "fetch_result"
+    segment: str = ""
+    matched_tokens: int = 0
+    chunk_tokens: int = 1
+    levels: list[str] = field(default_factory=list)
+    recompute_from: int = 0
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_name("segment", self.segment, empty=True)
+        _check_int("matched_tokens", self.matched_tokens, 0, MAX_TOKENS)
+        _check_int("chunk_tokens", self.chunk_tokens, 1, MAX_TOKENS)
+        _check_int("recompute_from", self.recompute_from, 0, MAX_TOKENS)
+        if not isinstance(self.levels, list | tuple) or len(self.levels) > MAX_CHUNKS:
+            raise ProtocolError(ErrorCode.INVALID, "levels must be a list")
+        for level in self.levels:
+            _check_name("level", level, limit=MAX_LEVEL_LEN)
+        object.__setattr__(self, "levels", list(self.levels))
+        if len(self.levels) * self.chunk_tokens != self.matched_tokens:
+            raise ProtocolError(ErrorCode.INVALID, "matched_tokens must be levels x chunk_tokens")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Released(Message):
+    TYPE: ClassVar[str] = "released"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsResult(Message):
+    TYPE: ClassVar[str] = "stats_result"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if not isinstance(self.stats, dict):
+            raise ProtocolError(ErrorCode.INVALID, "stats must be a map")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeersResult(Message):
+    TYPE: ClassVar[str] = "peers_result"
+    peers: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        if not isinstance(self.peers, list | tuple) or not all(
+            isinstance(p, dict) for p in self.peers
+        ):
+            raise ProtocolError(ErrorCode.INVALID, "peers must be a list of maps")
+        object.__setattr__(self, "peers", list(self.peers))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvictResult(Message):
+    TYPE: ClassVar[str] = "evict_result"
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorResponse(Message):
+    """The request ``id`` failed (id 0: a frame that could not be tied to a request)."""
+
+    TYPE: ClassVar[str] = "error"
+    code: int
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_int("code", self.code, 0, 65535)
+        if not isinstance(self.reason, str):
+            raise ProtocolError(ErrorCode.INVALID, "reason must be a string")
+        object.__setattr__(self, "reason", self.reason[:1000])
+
+    @property
+    def error_code(self) -> ErrorCode:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return ErrorCode.INTERNAL
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, PutRequest, PutCommit, LookupRequest, FetchRequest, Release, StatsRequest,
+        PeersRequest, EvictRequest, HelloOk, SegmentReady, PutResult, LookupResult,
+        FetchStarted, FetchProgress, FetchResult, Released, StatsResult, PeersResult,
+        EvictResult, ErrorResponse,
+    )
+}
+REQUEST_TYPES = frozenset(
+    {"hello", "put", "put_commit", "lookup", "fetch", "release", "stats", "peers", "evict"}
+)
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def _default(value: Any) -> Any:
+    # Backends return stats with numpy scalars, tuples of paths...: degrade to plain values.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def encode(message: Message) -> bytes:
+    """One frame: length prefix + msgpack body. ProtocolError(TOO_LARGE) above the limit."""
+    body = message.to_wire()
+    body["v"] = API_VERSION
+    body["t"] = message.TYPE
+    payload = msgpack.packb(body, use_bin_type=True, default=_default)
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{message.TYPE} message exceeds {MAX_FRAME_BYTES} bytes")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def frame_length(header: bytes) -> int:
+    """Body length from a frame's 4-byte header (the caller enforces MAX_FRAME_BYTES)."""
+    (length,) = _LENGTH.unpack(header)
+    return int(length)
+
+
+def decode_body(payload: bytes) -> Message:
+    """Decode one frame body; ProtocolError with the code the sender should get back."""
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message exceeds {MAX_FRAME_BYTES} bytes")
+    try:
+        body = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=MAX_FRAME_BYTES,
+            max_str_len=1 << 20,
+            max_array_len=1 << 16,
+            max_map_len=1 << 12,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "a message must be a msgpack map")
+    version = body.pop("v", None)
+    if version != API_VERSION:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"API version {version!r}, expected {API_VERSION}")
+    kind = body.pop("t", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(body) - known
+    if unknown:
+        raise ProtocolError(ErrorCode.INVALID, f"{kind}: unknown fields {sorted(map(str, unknown))}")
+    try:
+        return cls.from_wire(body)
+    except TypeError as exc:
+        raise ProtocolError(ErrorCode.INVALID, f"{kind}: {exc}") from None
+
+
+def request_id_of(payload: bytes) -> int:
+    """Best-effort request id of a body that failed to decode, so the error reaches its caller."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, max_bin_len=MAX_FRAME_BYTES,
+                               max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12,
+                               max_ext_len=0, strict_map_key=False)
+    except Exception:  # any garbage: the id is simply unknown
+        return 0
+    rid = body.get("id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2**53 else 0
+
+
+class FrameDecoder:
+    """Sans-IO frame splitter: feed bytes, iterate complete frame bodies.
+
+    An oversized frame yields a ProtocolError(TOO_LARGE) in its place and its body is skipped,
+    so the stream stays in sync and later frames still decode.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._skip = 0
+        self._max = max_frame
+
+    @property
+    def pending(self) -> bool:
+        """True while a frame has started arriving but is not complete."""
+        return bool(self._buffer) or self._skip > 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def frames(self) -> Iterator[bytes | ProtocolError]:
+        while True:
+            if self._skip:
+                dropped = min(self._skip, len(self._buffer))
+                del self._buffer[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    return
+            if len(self._buffer) < FRAME_HEADER_BYTES:
+                return
+            length = frame_length(bytes(self._buffer[:FRAME_HEADER_BYTES]))
+            if length > self._max:
+                del self._buffer[:FRAME_HEADER_BYTES]
+                self._skip = length
+                yield ProtocolError(ErrorCode.TOO_LARGE, f"frame of {length} bytes exceeds {self._max}")
+                continue
+            if len(self._buffer) < FRAME_HEADER_BYTES + length:
+                return
+            body = bytes(self._buffer[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + length])
+            del self._buffer[: FRAME_HEADER_BYTES + length]
+            yield body

@@ -1,0 +1,561 @@
+"""The daemon's side of the local API: a Unix-socket server in front of an :class:`ApiBackend`.
+
+Owns connections (peer credentials, the tenant namespace of each, limits on in-flight
+requests), turning frames into messages and errors into error responses, and the shared-memory
+segments handed to clients (through :class:`~kvpeer.shm.SegmentRegistry`). What a request
+*means* (keys, store, peers) is the backend's job: the daemon implements it.
+
+Nothing a client sends can stop the server: a malformed, oversized or unknown message gets an
+error response and the connection keeps being served; a backend failure becomes an error
+response for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from kvpeer import shm
+from kvpeer.api import messages as m
+from kvpeer.errors import (
+    CodecError,
+    ConfigError,
+    ErrorCode,
+    KVPeerError,
+    ProtocolError,
+    StoreError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "kvpeerd"
+READ_BYTES = 1 << 16
+FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this
+SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientContext:
+    """Who is asking: the namespace from ``hello`` and the kernel's word on the process."""
+
+    namespace: str
+    uid: int
+    gid: int
+    pid: int
+    connection_id: int
+    client: str = ""
+
+
+@runtime_checkable
+class ApiBackend(Protocol):
+    """What the daemon implements for the API layer.
+
+    ``fetch`` restores chunks into ``sink`` (allocate once, then per chunk: ``chunk_view``,
+    write, ``await chunk_done``) and returns; the API layer sends the final result. Raising a
+    KVPeerError there becomes an error response (or, after some chunks, a shorter result).
+    An ``evict(ctx, all=True) -> dict`` method is optional.
+    """
+
+    async def put(
+        self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor
+    ) -> m.PutResult: ...
+
+    async def lookup(self, ctx: ClientContext, req: m.LookupRequest) -> m.LookupResult: ...
+
+    async def fetch(self, ctx: ClientContext, req: m.FetchRequest, sink: FetchSink) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def peers(self) -> list[dict[str, Any]]: ...
+
+
+class _Connection:
+    """One client connection: its identity, its writer, its in-flight work."""
+
+    def __init__(self, conn_id: int, writer: asyncio.StreamWriter, uid: int, gid: int, pid: int) -> None:
+        self.id = conn_id
+        self.writer = writer
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.namespace = "default"
+        self.client = ""
+        self.greeted = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending_puts: dict[str, m.PutRequest] = {}
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    @property
+    def ctx(self) -> ClientContext:
+        return ClientContext(
+            namespace=self.namespace, uid=self.uid, gid=self.gid, pid=self.pid,
+            connection_id=self.id, client=self.client,
+        )
+
+    async def send(self, message: m.Message) -> None:
+        if self.closed:
+            return
+        data = m.encode(message)
+        async with self._send_lock:
+            try:
+                self.writer.write(data)
+                await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
+            except (ConnectionError, TimeoutError, RuntimeError) as exc:
+                log.info("api: client %d unreachable (%s); dropping it", self.id, exc)
+                self.closed = True
+                self.writer.close()
+
+
+class FetchSink:
+    """Where one fetch lands: a shared-memory segment, and progress events to the client.
+
+    Created by the API layer for one fetch request; the backend calls :meth:`allocate` once
+    (with the most tokens it may restore), then for each chunk fills :meth:`chunk_view` and
+    awaits :meth:`chunk_done`.
+    """
+
+    def __init__(self, server: ApiServer, conn: _Connection, request: m.FetchRequest) -> None:
+        self._server = server
+        self._conn = conn
+        self.request = request
+        self.segment: shm.Segment | None = None
+        self._announced = False
+        self._levels: dict[int, str] = {}
+        self.closed = False  # set when the fetch is over: late chunk_done calls are ignored
+
+    def allocate(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        tokens: int,
+        dtype: str | torch.dtype,
+        chunk_tokens: int,
+    ) -> None:
+        if self.segment is not None:
+            raise ProtocolError(ErrorCode.INTERNAL, "fetch sink allocated twice")
+        fp = self.request.fingerprint
+        if (layers, kv_heads, head_dim) != (fp.layers, fp.kv_heads, fp.head_dim):
+            raise ProtocolError(ErrorCode.INTERNAL, "fetch sink shape differs from the fingerprint")
+        name = dtype if isinstance(dtype, str) else shm.dtype_name(dtype)
+        layout = shm.SegmentLayout(
+            dtype=name, layers=layers, kv_heads=kv_heads, tokens=tokens, head_dim=head_dim,
+            chunk_tokens=chunk_tokens,
+        )
+        self.segment = self._server._create_segment(layout, self._conn)
+
+    def _need_segment(self) -> shm.Segment:
+        if self.segment is None or self.segment.closed:
+            raise ProtocolError(ErrorCode.INTERNAL, "fetch sink used before allocate()")
+        return self.segment
+
+    def chunk_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views ``[layers, kv_heads, chunk_tokens, head_dim]`` of chunk ``index``."""
+        segment = self._need_segment()
+        layout = segment.layout
+        if not 0 <= index < layout.chunks:
+            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} outside the fetch")
+        start = index * layout.chunk_tokens
+        stop = min(start + layout.chunk_tokens, layout.tokens)
+        return segment.k[:, :, start:stop, :], segment.v[:, :, start:stop, :]
+
+    @property
+    def matched_tokens(self) -> int:
+        """Tokens of the contiguous prefix of restored chunks."""
+        if self.segment is None:
+            return 0
+        count = 0
+        while count in self._levels:
+            count += 1
+        return min(count * self.segment.layout.chunk_tokens, self.segment.layout.tokens)
+
+    async def chunk_done(self, index: int, level: str) -> None:
+        """Chunk ``index`` is fully written at ``level``: tell the client it may use it."""
+        if self.closed:
+            return
+        segment = self._need_segment()
+        segment.set_level(index, level)
+        self._levels[index] = level
+        segment.set_matched_tokens(self.matched_tokens)
+        if not self._announced:
+            self._announced = True
+            await self._conn.send(
+                m.FetchStarted(id=self.request.id, segment=segment.name, size=segment.layout.size)
+            )
+        await self._conn.send(m.FetchProgress(id=self.request.id, index=index, level=level))
+
+    def result(self) -> m.FetchResult:
+        self.closed = True
+        matched = self.matched_tokens
+        if self.segment is None or matched == 0:
+            return m.FetchResult(id=self.request.id, chunk_tokens=self._chunk_tokens())
+        chunks = matched // self.segment.layout.chunk_tokens
+        return m.FetchResult(
+            id=self.request.id,
+            segment=self.segment.name,
+            matched_tokens=matched,
+            chunk_tokens=self.segment.layout.chunk_tokens,
+            levels=[self._levels[i] for i in range(chunks)],
+            recompute_from=matched,
+        )
+
+    def _chunk_tokens(self) -> int:
+        return self.segment.layout.chunk_tokens if self.segment is not None else 1
+
+
+def _error_code(exc: BaseException) -> ErrorCode:
+    if isinstance(exc, ProtocolError):
+        return exc.code
+    if isinstance(exc, TransportError | TimeoutError):
+        return ErrorCode.TIMEOUT
+    if isinstance(exc, CodecError):
+        return ErrorCode.INTEGRITY
+    if isinstance(exc, StoreError):
+        return ErrorCode.INTERNAL
+    return ErrorCode.INTERNAL
+
+
+class ApiServer:
+    """Unix-socket server of the local API.
+
+    ``mode``/``group``: permissions of the socket file (who may connect at all);
+    ``allowed_uids``: if non-empty, only these users (and our own) are served;
+    ``lease_s``: how long a client may hold a segment without releasing it.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | Path,
+        backend: ApiBackend,
+        *,
+        mode: int = 0o660,
+        group: str | int | None = None,
+        allowed_uids: list[int] | tuple[int, ...] | frozenset[int] | None = None,
+        lease_s: float = 600.0,
+        max_inflight: int = 16,
+        max_shm_bytes_per_client: int = 64 << 30,
+        shm_dir: Path = shm.SHM_DIR,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.backend = backend
+        self.mode = mode
+        self.group = group
+        # None or empty: the socket file's mode and group alone decide who may connect.
+        self.allowed_uids = frozenset(allowed_uids) if allowed_uids else None
+        self.max_inflight = max_inflight
+        self.registry = shm.SegmentRegistry(
+            directory=shm_dir, lease_s=lease_s, max_bytes_per_owner=max_shm_bytes_per_client
+        )
+        self._gid: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._connections: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._reaper: asyncio.Task[None] | None = None
+        self._segments_changed = asyncio.Event()
+        self.counters = {"connections": 0, "requests": 0, "errors": 0, "segments": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._gid = _resolve_group(self.group)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        await _remove_stale_socket(self.socket_path)
+        self.registry.sweep_stale()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        os.chmod(self.socket_path, self.mode)
+        if self._gid is not None:
+            os.chown(self.socket_path, -1, self._gid)
+        self._reaper = asyncio.create_task(self._reap_leases(), name="kvpeer-api-leases")
+        log.info("api: listening on %s (mode %o)", self.socket_path, self.mode)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for conn in list(self._connections.values()):
+            conn.closed = True
+            conn.writer.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=10.0)
+        self.registry.close()
+        with contextlib.suppress(FileNotFoundError):
+            if self._server is not None:
+                os.unlink(self.socket_path)
+        self._server = None
+        log.info("api: closed")
+
+    async def __aenter__(self) -> ApiServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ segments
+    def _create_segment(self, layout: shm.SegmentLayout, conn: _Connection) -> shm.Segment:
+        segment = self.registry.create(
+            layout, owner=conn.id, now=time.monotonic(), uid=conn.uid, gid=self._gid
+        )
+        self.counters["segments"] += 1
+        self._segments_changed.set()
+        return segment
+
+    async def _reap_leases(self) -> None:
+        while True:
+            nearest = self.registry.next_expiry()
+            timeout = None if nearest is None else max(0.0, nearest - time.monotonic())
+            self._segments_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._segments_changed.wait(), timeout)
+            self.registry.expire(time.monotonic())
+
+    # ------------------------------------------------------------------ connections
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        conn_id = next(self._ids)
+        pid, uid, gid = _peer_credentials(writer)
+        conn = _Connection(conn_id, writer, uid, gid, pid)
+        self._connections[conn_id] = conn
+        self.counters["connections"] += 1
+        log.info("api: client %d connected: pid=%d uid=%d gid=%d", conn_id, pid, uid, gid)
+        try:
+            if not self._allowed(uid):
+                log.warning("api: client %d (uid %d) not allowed; closing", conn_id, uid)
+                await conn.send(m.ErrorResponse(code=ErrorCode.FORBIDDEN, reason="uid not allowed"))
+                return
+            await self._read_loop(reader, conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for pending in list(conn.tasks):
+                pending.cancel()
+            if conn.tasks:
+                await asyncio.wait(list(conn.tasks), timeout=10.0)
+            released = self.registry.release_owner(conn_id)
+            conn.closed = True
+            writer.close()
+            self._connections.pop(conn_id, None)
+            if task is not None:
+                self._handlers.discard(task)
+            log.info("api: client %d gone; %d segments released", conn_id, released)
+
+    def _allowed(self, uid: int) -> bool:
+        if self.allowed_uids is None:
+            return True
+        return uid in self.allowed_uids or uid == os.geteuid()
+
+    async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
+        decoder = m.FrameDecoder()
+        while not conn.closed:
+            timeout = FRAME_TIMEOUT_S if decoder.pending else None
+            try:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
+            except TimeoutError:
+                await conn.send(m.ErrorResponse(code=ErrorCode.TIMEOUT, reason="frame not finished in time"))
+                return
+            if not data:
+                return
+            decoder.feed(data)
+            for frame in decoder.frames():
+                await self._on_frame(conn, frame)
+
+    async def _on_frame(self, conn: _Connection, frame: bytes | ProtocolError) -> None:
+        self.counters["requests"] += 1
+        if isinstance(frame, ProtocolError):
+            await self._send_error(conn, 0, frame)
+            return
+        try:
+            message = m.decode_body(frame)
+            if message.TYPE not in m.REQUEST_TYPES:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{message.TYPE} is not a request")
+            if len(conn.tasks) >= self.max_inflight:
+                raise ProtocolError(ErrorCode.BUSY, f"more than {self.max_inflight} requests in flight")
+        except ProtocolError as exc:
+            await self._send_error(conn, m.request_id_of(frame), exc)
+            return
+        if isinstance(message, m.Hello):
+            await self._handle(conn, message)  # before anything else: it sets the namespace
+            return
+        task = asyncio.create_task(self._handle(conn, message), name=f"kvpeer-api-{message.TYPE}")
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    async def _send_error(self, conn: _Connection, request_id: int, exc: BaseException) -> None:
+        self.counters["errors"] += 1
+        code = _error_code(exc)
+        reason = exc.reason if isinstance(exc, ProtocolError) else str(exc) or type(exc).__name__
+        log.info("api: client %d request %d failed: %s %s", conn.id, request_id, code.name, reason)
+        await conn.send(m.ErrorResponse(id=request_id, code=int(code), reason=reason))
+
+    async def _handle(self, conn: _Connection, message: m.Message) -> None:
+        try:
+            reply = await self._dispatch(conn, message)
+            if reply is not None:
+                await conn.send(reply)
+        except asyncio.CancelledError:
+            raise
+        except KVPeerError as exc:
+            await self._send_error(conn, message.id, exc)
+        except Exception as exc:  # a backend bug must not take the server down
+            log.exception("api: %s request failed", message.TYPE)
+            await self._send_error(conn, message.id, exc)
+
+    async def _dispatch(self, conn: _Connection, message: m.Message) -> m.Message | None:
+        ctx = conn.ctx
+        rid = message.id
+        if isinstance(message, m.Hello):
+            if conn.greeted:
+                raise ProtocolError(ErrorCode.INVALID, "hello was already sent on this connection")
+            conn.greeted = True
+            conn.namespace = message.namespace
+            conn.client = message.client
+            log.info("api: client %d is %r in namespace %r", conn.id, message.client, message.namespace)
+            return m.HelloOk(id=rid, server=SERVER_NAME, namespace=message.namespace)
+        if isinstance(message, m.PutRequest):
+            return self._begin_put(conn, message)
+        if isinstance(message, m.PutCommit):
+            return await self._commit_put(conn, message)
+        if isinstance(message, m.LookupRequest):
+            result = await self.backend.lookup(ctx, message)
+            return dataclasses.replace(result, id=rid)
+        if isinstance(message, m.FetchRequest):
+            return await self._fetch(conn, message)
+        if isinstance(message, m.Release):
+            conn.pending_puts.pop(message.segment, None)
+            self.registry.release(message.segment, conn.id)
+            return m.Released(id=rid)
+        if isinstance(message, m.StatsRequest):
+            stats = dict(await self.backend.stats())
+            stats["api"] = self.stats()
+            return m.StatsResult(id=rid, stats=stats)
+        if isinstance(message, m.PeersRequest):
+            return m.PeersResult(id=rid, peers=list(await self.backend.peers()))
+        if isinstance(message, m.EvictRequest):
+            evict = getattr(self.backend, "evict", None)
+            if evict is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "this daemon does not support evict")
+            return m.EvictResult(id=rid, result=dict(await evict(ctx, all=message.all)))
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{message.TYPE} is not a request")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "connected": len(self._connections),
+            "live_segments": len(self.registry),
+        }
+
+    # ------------------------------------------------------------------ put
+    def _begin_put(self, conn: _Connection, req: m.PutRequest) -> m.SegmentReady:
+        fp = req.fingerprint
+        tokens = int(req.tokens.size)
+        layout = shm.SegmentLayout(
+            dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,
+            head_dim=fp.head_dim, chunk_tokens=tokens,
+        )
+        segment = self._create_segment(layout, conn)
+        conn.pending_puts[segment.name] = req
+        return m.SegmentReady(id=req.id, segment=segment.name, size=layout.size)
+
+    async def _commit_put(self, conn: _Connection, commit: m.PutCommit) -> m.PutResult:
+        req = conn.pending_puts.pop(commit.segment, None)
+        if req is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no put is waiting for this segment")
+        segment = self.registry.get(commit.segment, conn.id)
+        try:
+            result = await self.backend.put(conn.ctx, req, segment.k, segment.v)
+        finally:
+            with contextlib.suppress(ProtocolError):
+                self.registry.release(commit.segment, conn.id)
+        return dataclasses.replace(result, id=commit.id)
+
+    # ------------------------------------------------------------------ fetch
+    async def _fetch(self, conn: _Connection, req: m.FetchRequest) -> m.FetchResult:
+        sink = FetchSink(self, conn, req)
+        try:
+            async with asyncio.timeout(req.deadline_s):
+                await self.backend.fetch(conn.ctx, req, sink)
+        except TimeoutError:
+            log.info("api: fetch %d hit its %.3fs deadline after %d tokens",
+                     req.id, req.deadline_s or 0.0, sink.matched_tokens)
+        except KVPeerError as exc:
+            if sink.matched_tokens == 0:
+                self._drop_sink(conn, sink)
+                raise
+            log.warning("api: fetch %d stopped after %d tokens: %s", req.id, sink.matched_tokens, exc)
+        except BaseException:
+            self._drop_sink(conn, sink)
+            raise
+        result = sink.result()
+        if not result.segment:
+            self._drop_sink(conn, sink)
+        return result
+
+    def _drop_sink(self, conn: _Connection, sink: FetchSink) -> None:
+        sink.closed = True
+        if sink.segment is not None:
+            with contextlib.suppress(ProtocolError):
+                self.registry.release(sink.segment.name, conn.id)
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
+    sock = writer.get_extra_info("socket")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, gid = _PEERCRED.unpack(raw)
+    except (OSError, AttributeError):
+        return -1, -1, -1
+    return int(pid), int(uid), int(gid)
+
+
+def _resolve_group(group: str | int | None) -> int | None:
+    if group is None or group == "":
+        return None
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"api.socket_group: no group named {group!r}") from None
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file left by a dead daemon; refuse to steal a live daemon's socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"api.socket_path: {path} exists and is not a socket")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (OSError, TimeoutError):
+        os.unlink(path)
+        return
+    writer.close()
+    raise ConfigError(f"api.socket_path: another daemon is serving {path}")

@@ -1,0 +1,450 @@
+"""Shared-memory segments that carry KV between the daemon and the engines of its node.
+
+Owns the segment byte layout, creating/mapping/unlinking segments, and the daemon's registry
+of live segments with their owners and leases. A segment is a file under ``/dev/shm`` that the
+daemon creates (never a client), named ``kvpeer-<daemon pid>-<random>``: unguessable, and
+traceable to its creator so a restarted daemon can sweep what a crashed one left behind.
+
+Layout (little-endian)::
+
+    magic "KVPS" | version u16 | reserved u16 | header_bytes u32 | dtype u8 | pad 3
+    layers u32 | kv_heads u32 | tokens u32 | head_dim u32 | chunk_tokens u32 | chunks u32
+    matched_tokens u32 | pad u32 | k_offset u64 | v_offset u64 | tensor_bytes u64
+    levels: chunks x 16 bytes (ASCII level name of each restored chunk, NUL = not restored)
+    ... K at k_offset, V at v_offset, each [layers, kv_heads, tokens, head_dim] C-contiguous,
+    page aligned so ``torch.frombuffer`` maps them without a copy.
+
+Python's ``multiprocessing.shared_memory`` is deliberately not used: its resource tracker
+unlinks segments it believes its process owns when that process exits, which would delete a
+daemon-owned segment under a client (or the other way round). Plain ``os.open`` + ``mmap``
+leaves the lifecycle to the one owner, the daemon's :class:`SegmentRegistry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import re
+import secrets
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvpeer.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+MAGIC = b"KVPS"
+VERSION = 1
+PAGE = mmap.PAGESIZE
+LEVEL_SLOT = 16
+MAX_SEGMENT_BYTES = 1 << 40  # sanity bound on what a header may claim
+
+_HEADER = struct.Struct("<4sHHIB3xIIIIIIIIQQQ")
+_MATCHED_AT = 40  # offset of matched_tokens in _HEADER
+_NAME = re.compile(r"^kvpeer-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+_DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
+_DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
+
+
+def _align(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ProtocolError(ErrorCode.INVALID, f"unsupported KV dtype {dtype}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentLayout:
+    """Shapes of one segment and where each part lies in it."""
+
+    dtype: str
+    layers: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+    chunk_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPE_CODES:
+            raise ProtocolError(ErrorCode.INVALID, f"unsupported dtype {self.dtype!r}")
+        for name in ("layers", "kv_heads", "tokens", "head_dim", "chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise ProtocolError(ErrorCode.INVALID, f"segment {name} must be a positive int")
+        if self.size > MAX_SEGMENT_BYTES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "segment larger than 1 TiB")
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.tokens // self.chunk_tokens)
+
+    @property
+    def header_bytes(self) -> int:
+        return _HEADER.size + LEVEL_SLOT * self.chunks
+
+    @property
+    def tensor_bytes(self) -> int:
+        itemsize = DTYPES[self.dtype].itemsize
+        return self.layers * self.kv_heads * self.tokens * self.head_dim * itemsize
+
+    @property
+    def k_offset(self) -> int:
+        return _align(self.header_bytes)
+
+    @property
+    def v_offset(self) -> int:
+        return _align(self.k_offset + self.tensor_bytes)
+
+    @property
+    def size(self) -> int:
+        return self.v_offset + self.tensor_bytes
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.kv_heads, self.tokens, self.head_dim)
+
+    def pack_header(self, matched_tokens: int = 0) -> bytes:
+        return _HEADER.pack(
+            MAGIC, VERSION, 0, self.header_bytes, _DTYPE_CODES[self.dtype], self.layers,
+            self.kv_heads, self.tokens, self.head_dim, self.chunk_tokens, self.chunks,
+            matched_tokens, 0, self.k_offset, self.v_offset, self.tensor_bytes,
+        )
+
+    @classmethod
+    def parse_header(cls, buf: bytes | memoryview | mmap.mmap, size: int) -> SegmentLayout:
+        """Layout stated by a segment's header, checked against the segment's real size."""
+        if size < _HEADER.size:
+            raise ProtocolError(ErrorCode.MALFORMED, "segment smaller than its header")
+        (magic, version, _r, header_bytes, dtype, layers, kv_heads, tokens, head_dim,
+         chunk_tokens, chunks, _matched, _pad, k_off, v_off, nbytes) = _HEADER.unpack_from(buf, 0)
+        if magic != MAGIC:
+            raise ProtocolError(ErrorCode.MALFORMED, "not a kvpeer segment (bad magic)")
+        if version != VERSION:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"segment version {version}")
+        if dtype not in _DTYPE_NAMES:
+            raise ProtocolError(ErrorCode.MALFORMED, f"segment dtype code {dtype}")
+        layout = cls(dtype=_DTYPE_NAMES[dtype], layers=layers, kv_heads=kv_heads, tokens=tokens,
+                     head_dim=head_dim, chunk_tokens=chunk_tokens)
+        stated = (header_bytes, chunks, k_off, v_off, nbytes)
+        expected = (layout.header_bytes, layout.chunks, layout.k_offset, layout.v_offset,
+                    layout.tensor_bytes)
+        if stated != expected or layout.size > size:
+            raise ProtocolError(ErrorCode.MALFORMED, "segment header disagrees with its size")
+        return layout
+
+
+def valid_name(name: str) -> bool:
+    """True for names this module makes (never a path: nothing outside SHM_DIR opens)."""
+    return bool(_NAME.match(name))
+
+
+def new_name() -> str:
+    return f"kvpeer-{os.getpid()}-{secrets.token_urlsafe(24)}"
+
+
+class Segment:
+    """One mapped segment: its header and zero-copy K/V tensors."""
+
+    def __init__(self, name: str, layout: SegmentLayout, mapping: mmap.mmap, path: Path) -> None:
+        self.name = name
+        self.layout = layout
+        self.path = path
+        self._mmap: mmap.mmap | None = mapping
+        count = layout.layers * layout.kv_heads * layout.tokens * layout.head_dim
+        dtype = DTYPES[layout.dtype]
+        # torch.frombuffer keeps a reference to the object it is given but no buffer export,
+        # so mmap.close() would unmap under live tensors. Handing it a memoryview makes every
+        # tensor hold an export: close() then fails (BufferError) instead of crashing later.
+        view = memoryview(mapping)
+        self.k: torch.Tensor = torch.frombuffer(
+            view, dtype=dtype, count=count, offset=layout.k_offset
+        ).view(layout.shape)
+        self.v: torch.Tensor = torch.frombuffer(
+            view, dtype=dtype, count=count, offset=layout.v_offset
+        ).view(layout.shape)
+        del view
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        layout: SegmentLayout,
+        *,
+        directory: Path = SHM_DIR,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Segment:
+        """Create, reserve and map a new segment (the daemon's side).
+
+        ``uid``: hand the file to that user (a client of another uid must open it read-write);
+        if we may not chown, ``gid`` makes it group-accessible instead.
+        """
+        name = new_name()
+        path = directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            # Reserve the pages now: a sparse tmpfs file that cannot be backed later would
+            # SIGBUS whoever touches it, daemon included.
+            os.posix_fallocate(fd, 0, layout.size)
+            _hand_over(fd, uid, gid)
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        mapping[: _HEADER.size] = layout.pack_header()
+        return cls(name, layout, mapping, path)
+
+    @classmethod
+    def open(cls, name: str, *, directory: Path = SHM_DIR) -> Segment:
+        """Map a segment the daemon named (the client's side)."""
+        if not valid_name(name):
+            raise ProtocolError(ErrorCode.INVALID, f"not a kvpeer segment name: {name!r}")
+        path = directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            if size < _HEADER.size:
+                raise ProtocolError(ErrorCode.MALFORMED, "segment smaller than its header")
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            layout = SegmentLayout.parse_header(mapping, size)
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(name, layout, mapping, path)
+
+    # ------------------------------------------------------------------ header state
+    def _buf(self) -> mmap.mmap:
+        if self._mmap is None:
+            raise ProtocolError(ErrorCode.INVALID, f"segment {self.name} is closed")
+        return self._mmap
+
+    def set_level(self, index: int, level: str) -> None:
+        """Mark chunk ``index`` restored at ``level`` in the header."""
+        if not 0 <= index < self.layout.chunks:
+            raise ProtocolError(ErrorCode.INVALID, f"chunk {index} outside the segment")
+        raw = level.encode("ascii")
+        if not 0 < len(raw) < LEVEL_SLOT:
+            raise ProtocolError(ErrorCode.INVALID, f"level name {level!r} does not fit")
+        start = _HEADER.size + LEVEL_SLOT * index
+        self._buf()[start : start + LEVEL_SLOT] = raw.ljust(LEVEL_SLOT, b"\0")
+
+    def set_matched_tokens(self, tokens: int) -> None:
+        struct.pack_into("<I", self._buf(), _MATCHED_AT, tokens)
+
+    @property
+    def matched_tokens(self) -> int:
+        return int(struct.unpack_from("<I", self._buf(), _MATCHED_AT)[0])
+
+    def levels(self) -> list[str | None]:
+        buf = self._buf()
+        out: list[str | None] = []
+        for index in range(self.layout.chunks):
+            start = _HEADER.size + LEVEL_SLOT * index
+            raw = bytes(buf[start : start + LEVEL_SLOT]).rstrip(b"\0")
+            out.append(raw.decode("ascii", "replace") if raw else None)
+        return out
+
+    # ------------------------------------------------------------------ zero-copy check
+    def address_range(self) -> tuple[int, int]:
+        """[start, end) of this process's mapping of the segment."""
+        view = np.frombuffer(self._buf(), dtype=np.uint8)
+        start = int(view.ctypes.data)
+        del view
+        return start, start + self.layout.size
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True if ``tensor``'s data lies inside this mapping (no copy was made)."""
+        start, end = self.address_range()
+        first = tensor.data_ptr()
+        last = first + (tensor.numel() - 1) * tensor.element_size() if tensor.numel() else first
+        return start <= first and last < end
+
+    # ------------------------------------------------------------------ teardown
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def close(self) -> bool:
+        """Unmap if nothing else uses the mapping; True if unmapped now.
+
+        Tensors an engine still holds keep the mapping alive (it is unmapped when the last
+        one is freed): unmapping under them would crash the process, not just fail a read.
+        """
+        mapping, self._mmap = self._mmap, None
+        self.k = self.v = torch.empty(0)
+        if mapping is None:
+            return True
+        try:
+            mapping.close()
+        except BufferError:
+            return False
+        return True
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
+    if uid is None or uid == os.geteuid():
+        return
+    try:
+        os.fchown(fd, uid, -1)
+        return
+    except PermissionError:
+        pass
+    if gid is None:
+        raise ProtocolError(
+            ErrorCode.FORBIDDEN,
+            f"cannot hand a segment to uid {uid}: run the daemon as root or set a socket group",
+        )
+    os.fchown(fd, -1, gid)
+    os.fchmod(fd, 0o660)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(slots=True)
+class _Entry:
+    segment: Segment
+    owner: int  # connection id
+    expires: float
+
+
+class SegmentRegistry:
+    """The daemon's live segments: who owns each, and until when.
+
+    A segment goes away when its owner releases it, when the owner's connection closes, or when
+    its lease runs out, whichever comes first. Time is passed in (``now``), never read here.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path = SHM_DIR,
+        lease_s: float = 600.0,
+        max_bytes_per_owner: int = 64 << 30,
+    ) -> None:
+        self.directory = directory
+        self.lease_s = lease_s
+        self.max_bytes_per_owner = max_bytes_per_owner
+        self._entries: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def bytes_of(self, owner: int) -> int:
+        return sum(e.segment.layout.size for e in self._entries.values() if e.owner == owner)
+
+    def create(
+        self, layout: SegmentLayout, *, owner: int, now: float,
+        uid: int | None = None, gid: int | None = None,
+    ) -> Segment:
+        if self.bytes_of(owner) + layout.size > self.max_bytes_per_owner:
+            raise ProtocolError(
+                ErrorCode.BUSY, "too much shared memory held by this client: release segments"
+            )
+        try:
+            segment = Segment.create(layout, directory=self.directory, uid=uid, gid=gid)
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
+        self._entries[segment.name] = _Entry(segment, owner, now + self.lease_s)
+        return segment
+
+    def get(self, name: str, owner: int) -> Segment:
+        entry = self._entries.get(name)
+        if entry is None or entry.owner != owner:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such segment for this client")
+        return entry.segment
+
+    def release(self, name: str, owner: int) -> None:
+        """Owner is done: unlink and unmap. NOT_FOUND for a name the owner does not hold."""
+        self.get(name, owner)
+        self._drop(name)
+
+    def release_owner(self, owner: int) -> int:
+        """The owner's connection closed: drop everything it held. Returns how many."""
+        names = [n for n, e in self._entries.items() if e.owner == owner]
+        for name in names:
+            self._drop(name)
+        return len(names)
+
+    def expire(self, now: float) -> list[str]:
+        """Drop segments whose lease ran out; returns their names."""
+        names = [n for n, e in self._entries.items() if e.expires <= now]
+        for name in names:
+            log.warning("segment %s: lease expired, released", name)
+            self._drop(name)
+        return names
+
+    def next_expiry(self) -> float | None:
+        return min((e.expires for e in self._entries.values()), default=None)
+
+    def close(self) -> None:
+        for name in list(self._entries):
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        entry.segment.unlink()
+        entry.segment.close()
+
+    def sweep_stale(self) -> list[str]:
+        """Unlink segments left by daemons that no longer run (their pid is in the name)."""
+        return sweep_stale(self.directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(directory: Path = SHM_DIR, names: Iterable[str] | None = None) -> list[str]:
+    """Unlink ``kvpeer-<pid>-*`` segments whose creating process is gone."""
+    removed: list[str] = []
+    try:
+        candidates = list(names) if names is not None else os.listdir(directory)
+    except OSError:
+        return removed
+    for name in candidates:
+        match = _NAME.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+            removed.append(name)
+    if removed:
+        log.info("removed %d shared-memory segments left by stopped daemons", len(removed))
+    return removed

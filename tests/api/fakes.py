@@ -1,0 +1,149 @@
+"""A tiny in-memory ApiBackend and a server running in a thread, for API tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpeer.api import messages as m
+from kvpeer.api.server import ApiServer, ClientContext, FetchSink
+from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.hashing import ModelFingerprint, chunk_keys
+
+CHUNK = 4
+FP = ModelFingerprint(name="tiny", layers=2, kv_heads=3, head_dim=8, dtype="float32")
+
+
+def kv(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (FP.layers, FP.kv_heads, tokens, FP.head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+class FakeBackend:
+    """Keeps exact chunks in a dict keyed by chunk key; can be told to stall or fail."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fetches = 0
+        self.stall_after: int | None = None  # stop before restoring this chunk (until cancelled)
+        self.fail_fetch = False
+        self.release_stall = asyncio.Event()
+
+    def _keys(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
+        return chunk_keys(tokens, fp.digest(), ctx.namespace, CHUNK)
+
+    async def put(self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor) -> m.PutResult:
+        keys = self._keys(ctx, req.tokens, req.fingerprint)
+        stored = 0
+        for i, key in enumerate(keys):
+            if key not in self.chunks:
+                sl = slice(i * CHUNK, (i + 1) * CHUNK)
+                self.chunks[key] = (k[:, :, sl].clone(), v[:, :, sl].clone())
+                stored += 1
+        return m.PutResult(chunks=len(keys), stored=stored, chunk_tokens=CHUNK)
+
+    def _available(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
+        out = []
+        for key in self._keys(ctx, tokens, fp):
+            if key not in self.chunks:
+                break
+            out.append(key)
+        return out
+
+    async def lookup(self, ctx: ClientContext, req: m.LookupRequest) -> m.LookupResult:
+        keys = self._available(ctx, req.tokens, req.fingerprint)
+        return m.LookupResult(matched_tokens=len(keys) * CHUNK, chunk_tokens=CHUNK, sources=["local"] * len(keys))
+
+    async def fetch(self, ctx: ClientContext, req: m.FetchRequest, sink: FetchSink) -> None:
+        self.fetches += 1
+        if self.fail_fetch:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "told to fail")
+        keys = self._available(ctx, req.tokens, req.fingerprint)
+        if not keys:
+            return
+        first_k = self.chunks[keys[0]][0]
+        sink.allocate(layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
+                      tokens=len(keys) * CHUNK, dtype=first_k.dtype, chunk_tokens=CHUNK)
+        for i, key in enumerate(keys):
+            if self.stall_after is not None and i >= self.stall_after:
+                await self.release_stall.wait()
+            k_view, v_view = sink.chunk_view(i)
+            k_view.copy_(self.chunks[key][0])
+            v_view.copy_(self.chunks[key][1])
+            await sink.chunk_done(i, "exact")
+
+    async def stats(self) -> dict[str, Any]:
+        return {"chunks": len(self.chunks), "fetches": self.fetches}
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return [{"node_id": "peer-1", "chunks": 3}]
+
+    async def evict(self, ctx: ClientContext, *, all: bool) -> dict[str, Any]:
+        dropped = len(self.chunks)
+        self.chunks.clear()
+        return {"evicted": dropped}
+
+
+class ServerThread:
+    """An ApiServer on its own event loop in a thread, so blocking clients can call it."""
+
+    def __init__(self, backend: FakeBackend, **kwargs: Any) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kvpapi", dir="/tmp"))
+        self.socket_path = self.dir / "api.sock"
+        self.backend = backend
+        self.loop = asyncio.new_event_loop()
+        self.server = ApiServer(self.socket_path, backend, **kwargs)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.call(self._start())
+        return self
+
+    async def _start(self) -> None:
+        self.backend.release_stall = asyncio.Event()
+        await self.server.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self.server.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+            with contextlib.suppress(OSError):
+                os.rmdir(self.dir)
+
+
+def our_segments() -> set[str]:
+    """Segments created by this process (the in-test server names them with our pid)."""
+    prefix = f"kvpeer-{os.getpid()}-"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll a condition the test cannot await (a file vanishing), failing after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving(**kwargs: Any) -> Iterator[ServerThread]:
+    with ServerThread(FakeBackend(), **kwargs) as server:
+        yield server

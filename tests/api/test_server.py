@@ -1,0 +1,199 @@
+"""The API server and the blocking client over a real Unix socket, against a fake backend."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import msgpack
+import pytest
+import torch
+
+from kvpeer.api import messages as m
+from kvpeer.api.client import KVPeerClient
+from kvpeer.errors import ApiError, ErrorCode
+from tests.api.fakes import CHUNK, FP, ServerThread, kv, our_segments, serving, wait_until
+
+
+def raw_frames(path: object, payloads: list[bytes]) -> list[m.Message]:
+    """Send raw frames on a fresh connection; read one answer per frame."""
+    answers: list[m.Message] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        decoder = m.FrameDecoder()
+        for payload in payloads:
+            sock.sendall(payload)
+            while True:
+                frames = list(decoder.frames())
+                if frames:
+                    assert isinstance(frames[0], bytes)
+                    answers.append(m.decode_body(frames[0]))
+                    break
+                decoder.feed(sock.recv(65536))
+    return answers
+
+
+def test_put_lookup_fetch_round_trip(api: ServerThread) -> None:
+    tokens = list(range(10))  # two full chunks of 4 and a partial one
+    k, v = kv(10)
+    with KVPeerClient(api.socket_path, namespace="team-a") as client:
+        put = client.put(tokens, k, v, FP)
+        assert (put.chunks, put.stored, put.chunk_tokens) == (2, 2, CHUNK)
+        again = client.put(tokens, k, v, FP)
+        assert again.stored == 0
+
+        found = client.lookup(tokens + [99, 98], FP)
+        assert found.matched_tokens == 8 and found.sources == ["local", "local"]
+
+        with client.fetch(tokens, FP) as result:
+            assert result.matched_tokens == 8
+            assert result.levels == ["exact", "exact"]
+            assert result.recompute_from == 8
+            assert torch.equal(result.k, k[:, :, :8])
+            assert torch.equal(result.v, v[:, :, :8])
+            assert result.zero_copy()
+            name = result.segment.name if result.segment else ""
+            assert name in our_segments()
+        assert name not in our_segments(), "leaving the with block releases the segment"
+
+
+def test_namespaces_are_isolated(api: ServerThread) -> None:
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path, namespace="a") as a, KVPeerClient(api.socket_path, namespace="b") as b:
+        a.put(list(range(8)), k, v, FP)
+        assert b.lookup(list(range(8)), FP).matched_tokens == 0
+        with b.fetch(list(range(8)), FP) as result:
+            assert result.matched_tokens == 0
+            assert result.k.shape == (FP.layers, FP.kv_heads, 0, FP.head_dim)
+            assert result.segment is None
+
+
+def test_streaming_progress_lets_chunk_zero_be_used_first(api: ServerThread) -> None:
+    k, v = kv(12)
+    api.backend.stall_after = 1  # chunk 0 is restored, chunk 1 waits for us
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(12)), k, v, FP)
+        with client.fetch(list(range(12)), FP) as result:
+            assert result.wait_for_chunk(0)
+            k0, v0 = result.chunk(0)
+            assert torch.equal(k0, k[:, :, :CHUNK]) and torch.equal(v0, v[:, :, :CHUNK])
+            api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+            assert result.matched_tokens == 12
+
+
+def test_deadline_reports_the_prefix_restored_so_far(api: ServerThread) -> None:
+    k, v = kv(12)
+    api.backend.stall_after = 2  # never released: the deadline must end the fetch
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(12)), k, v, FP)
+        with client.fetch(list(range(12)), FP, deadline_s=0.3) as result:
+            assert result.matched_tokens == 8
+            assert torch.equal(result.k, k[:, :, :8])
+
+
+def test_backend_error_becomes_an_error_answer_and_the_client_keeps_working(api: ServerThread) -> None:
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(8)), k, v, FP)
+        api.backend.fail_fetch = True
+        with pytest.raises(ApiError) as info:
+            with client.fetch(list(range(8)), FP) as result:
+                result.wait()
+        assert info.value.code == ErrorCode.NOT_FOUND
+        assert client.lookup(list(range(8)), FP).matched_tokens == 8
+
+
+def test_stats_peers_evict(api: ServerThread) -> None:
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(8)), k, v, FP)
+        stats = client.stats()
+        assert stats["chunks"] == 2 and stats["api"]["connected"] == 1
+        assert client.peers() == [{"node_id": "peer-1", "chunks": 3}]
+        assert client.evict_all() == {"evicted": 2}
+        assert client.lookup(list(range(8)), FP).matched_tokens == 0
+
+
+def test_put_rejects_a_shape_that_does_not_match_the_fingerprint(api: ServerThread) -> None:
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client, pytest.raises(ApiError) as info:
+        client.put(list(range(8)), k[:1], v[:1], FP)
+    assert info.value.code == ErrorCode.INVALID
+
+
+def test_malformed_oversized_and_unknown_frames_get_errors_and_serving_goes_on(api: ServerThread) -> None:
+    garbage = b"\xc1\xc1\xc1"
+    oversized_len = m.MAX_FRAME_BYTES + 1
+    unknown = msgpack.packb({"v": 1, "t": "launch_missiles", "id": 7})
+    old = msgpack.packb({"v": 99, "t": "stats", "id": 8})
+    not_request = m.encode(m.Released(id=9))
+    bad_field = msgpack.packb({"v": 1, "t": "lookup", "id": 10, "tokens": b"abc", "fingerprint": {}})
+    ok = m.encode(m.StatsRequest(id=11))
+    answers = raw_frames(api.socket_path, [
+        struct.pack(">I", len(garbage)) + garbage,
+        struct.pack(">I", oversized_len) + b"\0" * oversized_len,
+        struct.pack(">I", len(unknown)) + unknown,
+        struct.pack(">I", len(old)) + old,
+        not_request,
+        struct.pack(">I", len(bad_field)) + bad_field,
+        ok,
+    ])
+    codes = [a.code if isinstance(a, m.ErrorResponse) else a.TYPE for a in answers]
+    assert codes == [
+        ErrorCode.MALFORMED, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_TYPE, ErrorCode.INVALID, "stats_result",
+    ]
+    assert [a.id for a in answers][2:] == [7, 8, 9, 10, 11]
+
+
+def test_release_of_someone_elses_segment_is_refused(api: ServerThread) -> None:
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as a, KVPeerClient(api.socket_path) as b:
+        a.put(list(range(8)), k, v, FP)
+        with a.fetch(list(range(8)), FP) as result:
+            assert result.segment is not None
+            with pytest.raises(ApiError) as info:
+                b._call(m.Release(id=b._new_id(), segment=result.segment.name), m.Released)
+            assert info.value.code == ErrorCode.NOT_FOUND
+            assert torch.equal(result.k, k)
+
+
+def test_disconnect_releases_segments() -> None:
+    before = our_segments()
+    with serving() as api:
+        k, v = kv(8)
+        client = KVPeerClient(api.socket_path)
+        client.put(list(range(8)), k, v, FP)
+        handle = client.fetch(list(range(8)), FP)
+        assert handle.matched_tokens == 8
+        assert len(our_segments() - before) == 1
+        client.close()  # no release: the connection closing must free it
+        wait_until(lambda: not (our_segments() - before))
+
+
+def test_lease_expiry_releases_segments() -> None:
+    before = our_segments()
+    with serving(lease_s=0.2) as api:
+        k, v = kv(8)
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(8)), k, v, FP)
+            handle = client.fetch(list(range(8)), FP)
+            kept = handle.k.clone()
+            assert handle.matched_tokens == 8
+            wait_until(lambda: not (our_segments() - before))
+            assert torch.equal(handle.k, kept), "our mapping stays valid after the name is gone"
+            with pytest.raises(ApiError) as info:
+                handle.release()
+            assert info.value.code == ErrorCode.NOT_FOUND
+
+
+def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
+    for offset, dtype in ((1000, torch.bfloat16), (2000, torch.float16)):
+        k, v = kv(4, seed=3, dtype=dtype)
+        tokens = [offset + i for i in range(4)]
+        with KVPeerClient(api.socket_path) as client:
+            client.put(tokens, k, v, FP)
+            with client.fetch(tokens, FP) as result:
+                assert result.k.dtype == dtype
+                assert torch.equal(result.k, k) and torch.equal(result.v, v)

@@ -1,0 +1,101 @@
+"""Shared-memory segments: layout, zero-copy views, registry ownership, leases, stale sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpeer import shm
+from kvpeer.errors import ErrorCode, ProtocolError
+
+LAYOUT = shm.SegmentLayout(dtype="float16", layers=2, kv_heads=3, tokens=10, head_dim=8, chunk_tokens=4)
+
+
+def test_layout_is_page_aligned_and_round_trips() -> None:
+    assert LAYOUT.chunks == 3
+    assert LAYOUT.k_offset % shm.PAGE == 0 and LAYOUT.v_offset % shm.PAGE == 0
+    assert LAYOUT.v_offset >= LAYOUT.k_offset + LAYOUT.tensor_bytes
+    header = LAYOUT.pack_header()
+    assert shm.SegmentLayout.parse_header(header, LAYOUT.size) == LAYOUT
+    with pytest.raises(ProtocolError):
+        shm.SegmentLayout.parse_header(header, LAYOUT.size - 1)
+    with pytest.raises(ProtocolError):
+        shm.SegmentLayout.parse_header(b"XXXX" + header[4:], LAYOUT.size)
+
+
+def test_created_segment_is_shared_zero_copy_with_an_opener(tmp_path: Path) -> None:
+    owner = shm.Segment.create(LAYOUT, directory=tmp_path)
+    try:
+        owner.k.fill_(1.5)
+        owner.v[1].fill_(-2.0)
+        owner.set_level(0, "exact")
+        owner.set_level(2, "q8")
+        owner.set_matched_tokens(4)
+        reader = shm.Segment.open(owner.name, directory=tmp_path)
+        assert reader.layout == LAYOUT
+        assert reader.levels() == ["exact", None, "q8"] and reader.matched_tokens == 4
+        assert torch.all(reader.k == 1.5) and torch.all(reader.v[1] == -2.0)
+        assert reader.holds(reader.k) and reader.holds(reader.v[:, :, 4:8])
+        assert not reader.holds(reader.k.clone())
+        reader.k[0, 0, 0, 0] = 7.0  # a write on one side is seen on the other: same pages
+        assert owner.k[0, 0, 0, 0] == 7.0
+        assert reader.close()
+    finally:
+        owner.unlink()
+        owner.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_close_never_unmaps_under_a_live_tensor(tmp_path: Path) -> None:
+    segment = shm.Segment.create(LAYOUT, directory=tmp_path)
+    segment.unlink()
+    kept = segment.k[0]
+    kept.fill_(3.0)
+    assert segment.close() is False  # the tensor still uses the mapping
+    assert torch.all(kept == 3.0)
+
+
+def test_names_are_unguessable_and_only_ours_open(tmp_path: Path) -> None:
+    names = {shm.new_name() for _ in range(100)}
+    assert len(names) == 100 and all(shm.valid_name(n) for n in names)
+    for bad in ("../etc/passwd", "kvpeer-1-short", "other", f"kvpeer-1-{'a' * 30}/x"):
+        with pytest.raises(ProtocolError) as info:
+            shm.Segment.open(bad, directory=tmp_path)
+        assert info.value.code == ErrorCode.INVALID
+
+
+def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
+    registry = shm.SegmentRegistry(directory=tmp_path, lease_s=10.0, max_bytes_per_owner=3 * LAYOUT.size)
+    a = registry.create(LAYOUT, owner=1, now=0.0)
+    b = registry.create(LAYOUT, owner=1, now=5.0)
+    c = registry.create(LAYOUT, owner=2, now=0.0)
+    with pytest.raises(ProtocolError) as info:
+        registry.release(a.name, owner=2)
+    assert info.value.code == ErrorCode.NOT_FOUND
+    registry.release(a.name, owner=1)
+    assert not (tmp_path / a.name).exists()
+    registry.create(LAYOUT, owner=1, now=5.0)
+    registry.create(LAYOUT, owner=1, now=5.0)
+    with pytest.raises(ProtocolError) as info:
+        registry.create(LAYOUT, owner=1, now=5.0)
+    assert info.value.code == ErrorCode.BUSY
+    assert registry.expire(now=10.0) == [c.name]
+    assert registry.release_owner(1) == 3
+    assert not (tmp_path / b.name).exists() and len(registry) == 0
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_name = f"kvpeer-{int(dead.stdout)}-{'d' * 32}"
+    live_name = f"kvpeer-{os.getpid()}-{'l' * 32}"
+    for name in (dead_name, live_name, "unrelated"):
+        (tmp_path / name).write_bytes(b"x")
+    assert shm.sweep_stale(tmp_path) == [dead_name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, "unrelated"])
