@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 Event = dict[str, Any]
@@ -100,18 +101,28 @@ def start_agents(
     popen: Callable[..., subprocess.Popen[str]],
     specs: Sequence[tuple[Any, str, Sequence[str]]],
     ready_timeout_s: float = 60.0,
+    log_dir: Path | None = None,
 ) -> list[AgentProcess]:
-    """Start agents ``(where, node_id, options)`` with ``popen(where, argv, **kw)``; wait ready."""
+    """Start agents ``(where, node_id, options)`` with ``popen(where, argv, **kw)``; wait ready.
+
+    With ``log_dir``, each agent's stderr (its log) goes to ``log_dir/<node_id>.log``.
+    """
     agents = []
     for where, node_id, options in specs:
+        stderr: Any = None
+        if log_dir is not None:
+            stderr = (log_dir / f"{node_id}.log").open("w")
         proc = popen(
             where,
             agent_argv(node_id, *options),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             bufsize=1,
         )
+        if stderr is not None:
+            stderr.close()
         agents.append(AgentProcess(node_id, proc))
     for agent in agents:
         agent.wait_event("ready", ready_timeout_s)
