@@ -5,6 +5,10 @@ host gets a veth pair whose host end is ``eth0`` (with ``lo`` up) and whose othe
 of the bridge. Nothing is created in the root namespace, so interface names never collide and
 no traffic can leave the cluster. Multicast (mDNS for zeroconf) is flooded across the bridge.
 
+With ``relay=True`` (two hosts) the hosts sit on two subnets instead, routed through a third
+namespace in which :mod:`kvpeer.testing.relay` carries every packet, so delay, loss and
+reordering can be added (this kernel has no netem); multicast does not cross that router.
+
 Names are unique per process and cluster (prefix + pid + counter). :meth:`Cluster.close` kills
 the processes started through the cluster and deletes every namespace, also when set-up fails
 half way, when the ``with`` block raises, and at interpreter exit. Needs root and iproute2.
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Sequence
@@ -107,6 +113,8 @@ class Cluster:
     ``mtu`` is one MTU for every host or one per host (a host's veth pair gets its MTU; the
     bridge forwards only frames that both ends carry, like a real mixed-MTU LAN).
     ``rate`` (e.g. ``"100mbit"``) shapes every host's egress with a token bucket.
+    ``relay=True`` (exactly two hosts) routes them through the impairment relay; see
+    :meth:`set_impairment`.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class Cluster:
         rate: str | None = None,
         *,
         prefix: str = "kvp",
+        relay: bool = False,
     ) -> None:
         if n_hosts < 1 or n_hosts > 200:
             raise ValueError(f"n_hosts must be 1..200, got {n_hosts}")
@@ -124,27 +133,37 @@ class Cluster:
             raise ValueError(f"got {len(mtus)} MTUs for {n_hosts} hosts")
         if any(m < 1280 or m > 65535 for m in mtus):
             raise ValueError(f"MTUs must be 1280..65535, got {mtus}")
+        if relay and n_hosts != 2:
+            raise ValueError("relay=True needs exactly two hosts")
+        self.relay = relay
         self.id = _next_id()
         self.name = f"{prefix}{os.getpid()}c{self.id}"
         # Namespaces are isolated from each other, so the subnet only needs to be readable.
         self.subnet = f"10.213.{self.id % 250}"
         self.bridge_netns = f"{self.name}br"
+        # Routed: host i on its own /26 (10.213.k.2 and 10.213.k.66), the router on .1 / .65.
         self.hosts: list[Host] = [
             Host(
                 index=i,
                 netns=f"{self.name}h{i}",
-                ip=f"{self.subnet}.{i + 2}",
+                ip=f"{self.subnet}.{64 * i + 2}" if relay else f"{self.subnet}.{i + 2}",
                 ifname="eth0",
                 mtu=mtus[i],
+                prefix_len=26 if relay else 24,
             )
             for i in range(n_hosts)
         ]
+        self._relay_proc: subprocess.Popen[str] | None = None
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
         self._closed = False
         _live.add(self)
         try:
-            self._build()
+            if relay:
+                self._build_routed()
+                self.set_impairment()
+            else:
+                self._build()
             if rate is not None:
                 for host in self.hosts:
                     self.set_rate(host, rate)
@@ -176,14 +195,86 @@ class Cluster:
             )  # fmt: skip
             _ip("-n", br, "link", "set", port, "master", "br0")
             _ip("-n", br, "link", "set", port, "up")
-            _ip("-n", host.netns, "addr", "add", f"{host.ip}/{host.prefix_len}", "dev", host.ifname)
-            # Skip IPv6 duplicate address detection: a "tentative" address cannot be bound
-            # for a second or so, which ICE gathering and zeroconf would otherwise race.
-            _sysctl(host.netns, f"net.ipv6.conf.{host.ifname}.accept_dad", "0")
-            _ip("-n", host.netns, "link", "set", host.ifname, "up")
+            self._add_host_side(host)
             # No default route exists in the namespace: give multicast one explicitly.
             _ip("-n", host.netns, "route", "add", "224.0.0.0/4", "dev", host.ifname)
         logger.debug("cluster %s up: %s", self.name, [h.ip for h in self.hosts])
+
+    def _add_host_side(self, host: Host) -> None:
+        _ip("-n", host.netns, "addr", "add", f"{host.ip}/{host.prefix_len}", "dev", host.ifname)
+        # Skip IPv6 duplicate address detection: a "tentative" address cannot be bound
+        # for a second or so, which ICE gathering and zeroconf would otherwise race.
+        _sysctl(host.netns, f"net.ipv6.conf.{host.ifname}.accept_dad", "0")
+        _ip("-n", host.netns, "link", "set", host.ifname, "up")
+
+    def _build_routed(self) -> None:
+        rt = self.bridge_netns  # the router takes the bridge's place
+        self._add_netns(rt)
+        _sysctl(rt, "net.ipv4.ip_forward", "1")
+        # Packets re-enter from a TUN device with a source routed elsewhere: no rp_filter.
+        for scope in ("all", "default"):
+            _sysctl(rt, f"net.ipv4.conf.{scope}.rp_filter", "0")
+        for host, tun in zip(self.hosts, ("tuna", "tunb"), strict=True):
+            self._add_netns(host.netns)
+            port = f"r{host.index}"
+            gateway = f"{self.subnet}.{64 * host.index + 1}"
+            _ip(
+                "-n", rt, "link", "add", port, "mtu", str(host.mtu), "type", "veth",
+                "peer", "name", host.ifname, "netns", host.netns, "mtu", str(host.mtu),
+            )  # fmt: skip
+            _ip("-n", rt, "addr", "add", f"{gateway}/26", "dev", port)
+            _ip("-n", rt, "link", "set", port, "up")
+            self._add_host_side(host)
+            _ip("-n", host.netns, "route", "add", "default", "via", gateway)
+            _ip("-n", rt, "tuntap", "add", "dev", tun, "mode", "tun")
+            _ip("-n", rt, "link", "set", tun, "mtu", "65535", "txqueuelen", "10000", "up")
+            # Whatever arrives from this host goes to the relay, not straight to the other.
+            table = str(100 + host.index)
+            _ip("-n", rt, "rule", "add", "iif", port, "table", table)
+            _ip("-n", rt, "route", "add", "default", "dev", tun, "table", table)
+        logger.debug("routed cluster %s up: %s", self.name, [h.ip for h in self.hosts])
+
+    def set_impairment(
+        self,
+        *,
+        delay_ms: float = 0.0,
+        loss_pct: float = 0.0,
+        reorder_pct: float = 0.0,
+        seed: int = 1,
+    ) -> None:
+        """(Re)start the relay with this one-way delay, loss and reordering per direction."""
+        self._check_open()
+        if not self.relay:
+            raise RuntimeError("set_impairment needs Cluster(relay=True)")
+        self.stop_relay()
+        router = Host(index=-1, netns=self.bridge_netns, ip="", ifname="", mtu=0)
+        argv = [
+            sys.executable, "-m", "kvpeer.testing.relay", "--delay-ms", str(delay_ms),
+            "--loss", str(loss_pct), "--reorder", str(reorder_pct), "--seed", str(seed),
+        ]  # fmt: skip
+        proc: subprocess.Popen[str] = subprocess.Popen(
+            self.netns_argv(router, argv), stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self._relay_proc = proc
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "READY":
+            raise RuntimeError("impairment relay did not start")
+
+    def stop_relay(self) -> dict[str, Any] | None:
+        """Stop the relay; its counters and CPU seconds (None if none ran)."""
+        proc, self._relay_proc = self._relay_proc, None
+        if proc is None:
+            return None
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=10)
+            return None
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        return json.loads(lines[-1]) if lines else None
 
     # -- use ------------------------------------------------------------------------------
 
@@ -213,9 +304,7 @@ class Cluster:
         self._check_open()
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
-        return subprocess.run(
-            self.netns_argv(host, argv), check=check, timeout=timeout, **kwargs
-        )
+        return subprocess.run(self.netns_argv(host, argv), check=check, timeout=timeout, **kwargs)
 
     def set_rate(self, host: Host, rate: str | None) -> None:
         """Shape *host*'s egress with a token bucket (``None`` removes the shaping)."""
@@ -258,6 +347,7 @@ class Cluster:
             return
         self._closed = True
         try:
+            self.stop_relay()
             self.kill_all()
         finally:
             # Deleting a namespace deletes its veth ends and the bridge with it.

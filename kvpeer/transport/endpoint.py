@@ -64,6 +64,7 @@ def _config(args: argparse.Namespace) -> TransportConfig:
         peer_dead_after_s=args.dead_after,
         max_blob_bytes=max(args.blob_bytes, 1) * 2,
         request_timeout_s=args.request_timeout,
+        bulk_channels=args.bulk_channels,
     )
 
 
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-port", type=int)
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--bulk-channels", type=int, default=1)
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log", default="WARNING")
     args = parser.parse_args(argv)
