@@ -25,6 +25,7 @@ from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.config import Config
 from kvpeer.discovery import Advertisement, DiscoveryConfig, InventoryLog, make_discovery
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
 from kvpeer.hashing import ModelFingerprint, chunk_keys
 from kvpeer.store import ChunkStore
 from kvpeer.transport import PeerTransport, TransportConfig
@@ -40,6 +41,7 @@ class _Plan:
 
     keys: list[bytes]
     sources: list[str | None] = field(default_factory=list)  # None = local store, else peer id
+    holders: list[set[str]] = field(default_factory=list)  # every peer holding each chunk
 
 
 def encode_chunk_blocking(
@@ -51,17 +53,6 @@ def encode_chunk_blocking(
     return codec.encode(
         k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level
     )
-
-
-def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
-    """Decode one chunk and restore it into the client's views (runs in an executor)."""
-    k, v = codec.decode(blob)
-    if k.shape != k_out.shape or v.shape != v_out.shape:
-        raise ProtocolError(
-            ErrorCode.INVALID, f"chunk shape {tuple(k.shape)} does not match {tuple(k_out.shape)}"
-        )
-    k_out.copy_(k)
-    v_out.copy_(v)
 
 
 class Daemon:
@@ -83,6 +74,14 @@ class Daemon:
             self.node_id, transport_config(config), handler=self, on_peer_down=self._peer_down
         )
         self.discovery = make_discovery(discovery_config(config))
+        self.fetcher = Fetcher(
+            sessions=self.transport.session,
+            cache=self.store,
+            levels=codec.LEVELS,
+            chunk_tokens=self.chunk_tokens,
+            config=FetcherConfig(request_timeout_s=config.transport.request_timeout_s),
+        )
+        self.level_server = LevelServer(self.store)
         self.api = ApiServer(
             config.api.socket_path,
             self,
@@ -115,6 +114,8 @@ class Daemon:
             await self.api.close()
         with contextlib.suppress(Exception):
             await self.discovery.close()
+        with contextlib.suppress(Exception):
+            await self.fetcher.close()
         with contextlib.suppress(Exception):
             await self.transport.close()
         self.store.close()
@@ -191,78 +192,47 @@ class Daemon:
 
     async def fetch(self, ctx: ClientContext, req: Any, sink: FetchSink) -> None:
         fp: ModelFingerprint = req.fingerprint
-        started = time.perf_counter()
+        started = time.monotonic()
         plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
         if not plan.sources:
             log.info("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
             return
-        loop = asyncio.get_running_loop()
-        allocated = False
-        wire_bytes = 0
-        for index, source in enumerate(plan.sources):
-            key = plan.keys[index]
-            try:
-                blob = await self._chunk_blob(key, source)
-                header = codec.read_header(blob)
-                if not allocated:
-                    sink.allocate(
-                        layers=fp.layers, kv_heads=fp.kv_heads, head_dim=fp.head_dim,
-                        tokens=len(plan.sources) * self.chunk_tokens, dtype=header.dtype,
-                        chunk_tokens=self.chunk_tokens,
-                    )
-                    allocated = True
-                k_view, v_view = sink.chunk_view(index)
-                await loop.run_in_executor(None, decode_into_blocking, blob, k_view, v_view)
-            except KVPeerError as exc:
-                log.warning(
-                    "fetch: chunk %d from %s failed (%s); the rest is left to recompute",
-                    index, source or "local", exc,
-                )
-                break
-            if source is not None:
-                wire_bytes += len(blob)
-                self.bytes_from_peers += len(blob)
-                with contextlib.suppress(StoreError):
-                    await self.store.put(key, header.level, blob)
-            await sink.chunk_done(index, header.level)
+        defaults = self.config.fetch
+        deadline_s = req.deadline_s or defaults.deadline_s or None
+        outcome = await self.fetcher.fetch(
+            plan.keys[: len(plan.sources)],
+            plan.holders,
+            sink,
+            deadline=started + deadline_s if deadline_s else None,
+            min_level=req.min_level or defaults.min_level or None,
+            recompute_rate=defaults.recompute_tokens_per_s or None,
+            kv_bytes_per_token=total_bytes_per_token(
+                fp.layers, fp.kv_heads, fp.head_dim, 4 if fp.dtype == "float32" else 2
+            ),
+            policy=getattr(defaults, "policy", "adaptive"),
+        )
+        self.bytes_from_peers += outcome.bytes_moved
         log.info(
-            "fetch ns=%s tokens=%d chunks=%d sources=%s wire_bytes=%d in %.3fs",
-            ctx.namespace, len(req.tokens), len(plan.sources),
-            sorted({s or "local" for s in plan.sources}), wire_bytes,
-            time.perf_counter() - started,
+            "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
+            ctx.namespace, len(req.tokens), outcome.chunks, len(plan.sources), outcome.reason,
+            sorted({s or "local" for s in plan.sources}), ",".join(outcome.levels),
+            outcome.bytes_moved, time.monotonic() - started,
         )
 
-    async def _chunk_blob(self, key: bytes, source: str | None) -> bytes:
-        if source is None:
-            blob = await self.store.get(key)
-            if blob is None:
-                raise StoreError("chunk evicted while fetching")
-            return blob
-        session = self.transport.session(source)
-        if session is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {source}")
-        level = self.store_level_for_fetch()
-        blob = await session.fetch_blob(key, level, timeout=self.config.transport.request_timeout_s)
-        codec.verify(blob)
-        return blob
-
-    def store_level_for_fetch(self) -> str:
-        """The level asked of peers: their top level ("" lets the sender send what it holds)."""
-        return ""
-
     async def _plan(self, keys: Sequence[bytes], fp: ModelFingerprint) -> _Plan:
-        """Longest prefix of ``keys`` available locally or on one peer each, up to the first gap."""
+        """Longest prefix of ``keys`` held locally or by some peer, and who holds each chunk."""
         plan = _Plan(keys=list(keys))
-        missing_from = 0
+        local = 0
         for key in keys:
             if not self.store.has(key):
                 break
             plan.sources.append(None)
-            missing_from += 1
-        wanted = list(keys[missing_from:MAX_HAS_KEYS])
+            plan.holders.append(set())
+            local += 1
+        wanted = list(keys[local : local + MAX_HAS_KEYS])
         if not wanted:
             return plan
-        best_peer, best_run = None, 0
+        holders: list[set[str]] = [set() for _ in wanted]
         for peer in list(self.discovery.peers().values()):
             if fp.hex not in peer.fingerprints:
                 continue
@@ -275,14 +245,16 @@ class Daemon:
                 log.info("peer %s not asked: %s", peer.node_id, exc)
                 continue
             have = answer.get("have", [])
-            run = 0
-            for held in have:
-                if held is not True:
-                    break
-                run += 1
-            if run > best_run:
-                best_peer, best_run = peer.node_id, run
-        plan.sources.extend([best_peer] * min(best_run, len(wanted)))
+            if not isinstance(have, list):
+                continue
+            for index, held in enumerate(have[: len(wanted)]):
+                if held is True:
+                    holders[index].add(peer.node_id)
+        for peers in holders:
+            if not peers:
+                break
+            plan.sources.append(min(peers))
+            plan.holders.append(peers)
         return plan
 
     async def stats(self) -> dict[str, Any]:
@@ -323,10 +295,7 @@ class Daemon:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown method {method!r}")
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
-        blob = await self.store.get(key, level or None)
-        if blob is None and level:
-            blob = await self.store.get(key)
-        return blob
+        return await self.level_server.open_blob(key, level)
 
 
 def transport_config(config: Config) -> TransportConfig:

@@ -133,6 +133,7 @@ class ResolutionController:
         decode_rate: float = math.inf,
         sizes: Sequence[Mapping[str, int] | None] | None = None,
         config: ControllerConfig | None = None,
+        allow_recompute: bool = True,
     ) -> None:
         if not levels:
             raise ValueError("at least one level is needed")
@@ -160,6 +161,8 @@ class ResolutionController:
         self.decode_rate = float(decode_rate)
         self.start = start
         self.config = config or ControllerConfig()
+        # False when the recompute rate is only a guess: then it steers levels, never stops.
+        self.allow_recompute = allow_recompute
         recompute_all = chunk_count * chunk_tokens / self.recompute_rate
         self.deadline = (
             deadline if deadline is not None else start + recompute_all / self.config.target_speedup
@@ -274,13 +277,13 @@ class ResolutionController:
         recompute = self.recompute_finish(now)
         finishes = {name: self.finish_time(now, bandwidth_bps, name, rtt_s) for name in self.allowed}
         fastest = min(self.allowed, key=lambda name: (finishes[name], self.allowed.index(name)))
-        if finishes[fastest] >= recompute:
+        if self.allow_recompute and finishes[fastest] >= recompute:
             return RecomputeRest(
                 from_index=self.prefix_done(),
                 predicted_finish=finishes[fastest],
                 recompute_finish=recompute,
             )
-        limit = min(self.deadline, recompute)
+        limit = min(self.deadline, recompute) if self.allow_recompute else self.deadline
         chosen = None
         for name in self.allowed:  # most faithful first
             if finishes[name] <= self._budget_for(name, now, limit):

@@ -262,6 +262,7 @@ class Fetcher:
         self.transfers = _Transfers()
         self.decode_rate = self.config.initial_decode_rate
         self.recompute_rate = self.config.default_recompute_rate
+        self.recompute_learned = False
         self._bytes_per_token: dict[str, float] | None = None  # learned across fetches
         self.bytes_from_peers = 0
 
@@ -269,6 +270,7 @@ class Fetcher:
         """The client told us (or a put showed) how fast it computes a prefix."""
         if tokens > 0 and seconds > 0:
             self.recompute_rate = tokens / seconds
+            self.recompute_learned = True
 
     def _observe_decode(self, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -295,7 +297,9 @@ class Fetcher:
         without being listed). ``deadline``: absolute time on :attr:`clock` by which the client
         wants the KV; levels aim at it and the fetch stops there. Without one, levels aim at
         ``recompute time / target_speedup`` and the fetch runs while it beats recomputing.
-        ``min_level``: the least faithful level acceptable. ``policy``: ``adaptive`` or
+        ``min_level``: the least faithful level acceptable. ``recompute_rate``: tokens/s the
+        client prefills at; unknown (None, and never learned), a guess steers the levels but the
+        fetch never stops to recompute. ``policy``: ``adaptive`` or
         ``fixed:LEVEL`` (benchmarks).
         """
         if len(peers_per_chunk) != len(keys):
@@ -308,6 +312,7 @@ class Fetcher:
             deadline=deadline,
             min_level=min_level,
             recompute_rate=recompute_rate or self.recompute_rate,
+            recompute_known=bool(recompute_rate) or self.recompute_learned,
             kv_bytes_per_token=kv_bytes_per_token or self.config.kv_bytes_per_token,
             policy=policy,
         )
@@ -337,6 +342,7 @@ class _FetchRun:
         deadline: float | None,
         min_level: str | None,
         recompute_rate: float,
+        recompute_known: bool,
         kv_bytes_per_token: float,
         policy: str,
     ) -> None:
@@ -372,6 +378,7 @@ class _FetchRun:
             deadline=deadline,
             decode_rate=fetcher.decode_rate,
             config=self.cfg.controller,
+            allow_recompute=recompute_known,
         )
         self.acceptable = set(self.ctl.allowed)
         for index, peers in enumerate(holders):

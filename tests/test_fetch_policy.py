@@ -325,3 +325,12 @@ def test_scheduler_abandon_cancels_what_is_past_the_cut() -> None:
     assert cancelled == sorted((a.index, a.peer) for a in got if a.index >= 2)
     assert sched.limit == 2
     assert all(a.index < 2 for a in sched.assign(0.0))
+
+
+def test_a_guessed_recompute_rate_steers_levels_but_never_stops_the_fetch() -> None:
+    ctl = ResolutionController(
+        levels=LEVELS, chunk_count=8, chunk_tokens=TOKENS, recompute_rate=2000.0, start=0.0,
+        bytes_per_token=BPT, allow_recompute=False,
+    )
+    decision = ctl.decide(0, 0.0, 1 * MBIT)
+    assert isinstance(decision, FetchAt) and decision.level == LEVELS[-1]
