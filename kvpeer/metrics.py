@@ -1,0 +1,228 @@
+"""Prometheus metrics of one daemon, and the HTTP endpoint serving /metrics and /healthz.
+
+Owns :class:`Metrics` (every kvpeer metric, in a registry of its own per daemon so tests and
+several daemons in one process never share counters) and :class:`HttpEndpoint` (a small
+threaded HTTP server: ``/metrics`` in the Prometheus text format, ``/healthz`` 200 once the
+daemon is ready and 503 before). It measures nothing itself: the daemon, fetcher, codec calls
+and transport record into it. Label values that peers control are bounded (see
+:data:`MAX_PEER_LABELS`) so a busy LAN cannot grow the registry without limit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+MAX_PEER_LABELS = 256  # distinct peer label values; later peers are counted as "other"
+FETCH_OUTCOMES = ("full", "partial", "miss", "error", "cancelled")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _StoreCollector(Collector):
+    """Store gauges and counters read from ``ChunkStore.stats()`` at scrape time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            s = self._stats()
+        except Exception:  # a scrape must not fail because the store is closing
+            log.debug("store stats unavailable", exc_info=True)
+            return []
+        used = GaugeMetricFamily("kvpeer_store_bytes", "Bytes held by the chunk store", labels=["tier"])
+        limit = GaugeMetricFamily("kvpeer_store_limit_bytes", "Byte budget of each store tier", labels=["tier"])
+        entries = GaugeMetricFamily("kvpeer_store_entries", "Chunk files/blobs held per tier", labels=["tier"])
+        for tier in ("ram", "disk"):
+            used.add_metric([tier], s.get(f"{tier}_bytes", 0))
+            limit.add_metric([tier], s.get(f"{tier}_limit", 0))
+            entries.add_metric([tier], s.get(f"{tier}_entries", 0))
+        chunks = GaugeMetricFamily("kvpeer_store_chunks", "Distinct chunk keys held", value=s.get("chunks", 0))
+        events = CounterMetricFamily(
+            "kvpeer_store_events", "Store events since start", labels=["event"]
+        )
+        for event in ("hits", "misses", "puts", "ram_evictions", "disk_evictions", "corrupt",
+                      "disk_errors"):
+            events.add_metric([event], s.get(event, 0))
+        return [used, limit, entries, chunks, events]
+
+
+class Metrics:
+    """Every metric of one kvpeerd, in its own registry."""
+
+    def __init__(self, *, node_id: str = "", version: str = "", process: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge("kvpeer_info", "Constant 1, labelled with the node id and version",
+                          ["node_id", "version"], registry=r)
+        self.info.labels(node_id, version).set(1)
+        self.ready = Gauge("kvpeer_ready", "1 once the daemon serves requests", registry=r)
+        self.fetches = Counter("kvpeer_fetches", "Fetch requests by outcome", ["outcome"], registry=r)
+        for outcome in FETCH_OUTCOMES:
+            self.fetches.labels(outcome)  # export zeros, so rate() works from the start
+        self.chunk_hits = Counter(
+            "kvpeer_chunk_hits", "Chunks served to local clients, by source (local, peer)",
+            ["source"], registry=r,
+        )
+        self.chunk_misses = Counter(
+            "kvpeer_chunk_misses", "Chunks asked for that no node held (left to recompute)",
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "kvpeer_prefix_tokens", "Prefix tokens by result (matched, recompute)", ["result"],
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "kvpeer_peer_received_bytes", "Encoded bytes received from peers", ["peer", "level"],
+            registry=r,
+        )
+        self.bytes_out = Counter(
+            "kvpeer_peer_sent_bytes", "Encoded bytes sent to peers", ["peer", "level"], registry=r
+        )
+        self.encode_seconds = Histogram(
+            "kvpeer_codec_encode_seconds", "Time to encode one chunk", ["level"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "kvpeer_codec_decode_seconds", "Time to decode one chunk", ["level"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.transfer_seconds = Histogram(
+            "kvpeer_transfer_seconds", "Time to receive one chunk from a peer", ["level"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.fetch_seconds = Histogram(
+            "kvpeer_fetch_seconds", "Time to answer one fetch request", buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.peers_up = Gauge("kvpeer_peers_up", "Peers currently known and alive", registry=r)
+        self.rejected = Counter(
+            "kvpeer_rejected_inputs", "Malformed or refused inputs, by reason", ["reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "kvpeer_auth_failures", "Peers that failed authentication, by reason", ["reason"],
+            registry=r,
+        )
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self._peers: set[str] = set()
+        self._peers_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ recording helpers
+    def peer_label(self, peer_id: str) -> str:
+        """``peer_id`` as a label value, or "other" once MAX_PEER_LABELS peers were seen."""
+        with self._peers_lock:
+            if peer_id in self._peers:
+                return peer_id
+            if len(self._peers) < MAX_PEER_LABELS:
+                self._peers.add(peer_id)
+                return peer_id
+        return "other"
+
+    def received(self, peer_id: str, level: str, n_bytes: int) -> None:
+        self.bytes_in.labels(self.peer_label(peer_id), level).inc(n_bytes)
+
+    def sent(self, peer_id: str, level: str, n_bytes: int) -> None:
+        self.bytes_out.labels(self.peer_label(peer_id), level).inc(n_bytes)
+
+    def watch_store(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the store's ``stats()`` (bytes per tier, entries, events) at each scrape."""
+        self.registry.register(_StoreCollector(stats))
+
+    def watch_peers(self, count: Callable[[], int]) -> None:
+        """Read the number of live peers at each scrape."""
+        self.peers_up.set_function(lambda: float(count()))
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set(1 if ready else 0)
+
+    def start_http(self, host: str, port: int, ready: Callable[[], bool]) -> HttpEndpoint:
+        return start_http(self, host, port, ready)
+
+
+# ----------------------------------------------------------------------------- HTTP endpoint
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper must not hold up shutdown
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http %s: " + format, self.client_address[0], *args)
+
+
+class HttpEndpoint:
+    """The running /metrics + /healthz server; :meth:`close` stops it."""
+
+    def __init__(self, server: _Server, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host, self.port = server.server_address[:2]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_http(metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> HttpEndpoint:
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` (port 0: any free port) in a thread.
+
+    The server runs in its own thread so a scrape never waits on the event loop; ``ready`` is
+    read from that thread (a bool attribute read is enough). OSError if the port is taken.
+    """
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            try:
+                ok = bool(ready())
+            except Exception:  # a failing readiness probe means "not ready", not a 500
+                ok = False
+            body = b"ok\n" if ok else b"not ready\n"
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return iter([body])
+        if path in ("/metrics", "/"):
+            return iter(metrics_app(environ, start_response))
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return iter([b"not found: try /metrics or /healthz\n"])
+
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("metrics listen on %s, beyond localhost: firewall the port", host)
+    except ValueError:
+        pass
+    server_class = _Server6 if ":" in host else _Server
+    server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="kvpeer-metrics", daemon=True)
+    thread.start()
+    endpoint = HttpEndpoint(server, thread)
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", endpoint.host, endpoint.port)
+    return endpoint

@@ -1,0 +1,95 @@
+"""Metrics: recorded values scraped over HTTP and parsed with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpeer import metrics as metrics_mod
+from kvpeer.metrics import HttpEndpoint, Metrics
+from kvpeer.store import ChunkStore
+
+
+def scrape(endpoint: HttpEndpoint, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Metrics, HttpEndpoint, list[bool]]]:
+    metrics = Metrics(node_id="n1", version="0.1.0")
+    state = [False]
+    endpoint = metrics.start_http("127.0.0.1", 0, lambda: state[0])
+    try:
+        yield metrics, endpoint, state
+    finally:
+        endpoint.close()
+
+
+def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ignore[no-untyped-def]
+    metrics, endpoint, _state = served
+    store = ChunkStore(ram_bytes=1 << 20)
+    store.put_blocking(b"k" * 32, "q8", b"x" * 100)
+    store.get_blocking(b"z" * 32)
+    metrics.watch_store(store.stats)
+    metrics.watch_peers(lambda: 3)
+    metrics.fetches.labels("full").inc()
+    metrics.chunk_hits.labels("peer").inc(2)
+    metrics.received("peer-a", "q8", 1000)
+    metrics.sent("peer-b", "exact", 50)
+    metrics.encode_seconds.labels("q8").observe(0.003)
+    metrics.transfer_seconds.labels("q8").observe(0.2)
+    metrics.rejected.labels("bad_header").inc()
+    metrics.auth_failures.labels("bad_mac").inc()
+
+    status, text = scrape(endpoint)
+    assert status == 200
+    got = samples(text)
+    assert got[("kvpeer_fetches_total", (("outcome", "full"),))] == 1
+    assert got[("kvpeer_fetches_total", (("outcome", "miss"),))] == 0
+    assert got[("kvpeer_chunk_hits_total", (("source", "peer"),))] == 2
+    assert got[("kvpeer_peer_received_bytes_total", (("level", "q8"), ("peer", "peer-a")))] == 1000
+    assert got[("kvpeer_peer_sent_bytes_total", (("level", "exact"), ("peer", "peer-b")))] == 50
+    assert got[("kvpeer_codec_encode_seconds_count", (("level", "q8"),))] == 1
+    assert got[("kvpeer_transfer_seconds_bucket", (("le", "0.25"), ("level", "q8")))] == 1
+    assert got[("kvpeer_transfer_seconds_bucket", (("le", "0.1"), ("level", "q8")))] == 0
+    assert got[("kvpeer_store_bytes", (("tier", "ram"),))] == 100
+    assert got[("kvpeer_store_chunks", ())] == 1
+    assert got[("kvpeer_store_events_total", (("event", "misses"),))] == 1
+    assert got[("kvpeer_peers_up", ())] == 3
+    assert got[("kvpeer_rejected_inputs_total", (("reason", "bad_header"),))] == 1
+    assert got[("kvpeer_auth_failures_total", (("reason", "bad_mac"),))] == 1
+    assert got[("kvpeer_info", (("node_id", "n1"), ("version", "0.1.0")))] == 1
+    assert ("process_cpu_seconds_total", ()) in got
+
+
+def test_healthz_is_503_until_ready(served) -> None:  # type: ignore[no-untyped-def]
+    _metrics, endpoint, state = served
+    assert scrape(endpoint, "/healthz") == (503, "not ready\n")
+    state[0] = True
+    assert scrape(endpoint, "/healthz") == (200, "ok\n")
+    assert scrape(endpoint, "/nope")[0] == 404
+
+
+def test_registries_are_per_instance_and_peer_labels_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_mod, "MAX_PEER_LABELS", 2)
+    a, b = Metrics(process=False), Metrics(process=False)
+    for peer in ("p1", "p2", "p3", "p4"):
+        a.received(peer, "q8", 1)
+    assert a.registry.get_sample_value("kvpeer_peer_received_bytes_total", {"peer": "other", "level": "q8"}) == 2
+    assert b.registry.get_sample_value("kvpeer_peer_received_bytes_total", {"peer": "p1", "level": "q8"}) is None
