@@ -161,8 +161,9 @@ class CodecSection:
 class TransportSection:
     """[transport]: authenticated WebRTC sessions with the peers."""
 
-    host: str = setting(
-        "", "Address of the signalling listener. Empty: the first address discovery advertises."
+    host: str | None = setting(
+        None, "IP address of the signalling listener (never 0.0.0.0: only the LAN interface). "
+        "Unset: the first address discovery advertises.", example="192.168.1.20",
     )
     port: int = setting(7457, "TCP port of the signalling listener (0: any free port).", lo=0, hi=65535)
     advertise_addresses: tuple[str, ...] = setting(
@@ -176,9 +177,9 @@ class TransportSection:
         None, "The next cluster key, also accepted, while keys are rotated.",
         example="/etc/kvpeer/cluster.next.key",
     )
-    mtu: int | Literal["auto"] = setting(
-        "auto", "Path MTU used to size SCTP packets: \"auto\" (from the interface) or bytes.",
-        lo=576, hi=65535,
+    mtu: int = setting(
+        0, "MTU toward the peers, to size SCTP packets: bytes (576-65536), or 0 or \"auto\": read "
+        "from the interface that owns host.", kind="auto_int", lo=0, hi=65536,
     )
     connect_timeout_s: float = setting(10.0, "Seconds to open an authenticated session.", lo=0.001)
     request_timeout_s: float = setting(10.0, "Seconds to answer one peer request.", lo=0.001)
@@ -190,13 +191,16 @@ class TransportSection:
         False, "Allow sessions over 127.0.0.0/8 (single-host setups only)."
     )
     max_message_bytes: int = setting(
-        64 << 20, "Largest message or blob accepted from a peer.", kind="size", lo=1024
+        1 << 20, "Largest control or signalling message accepted from a peer.", kind="size",
+        lo=4096,
     )
     max_transfers_per_peer: int = setting(
-        4, "Concurrent blob transfers served to one peer.", lo=1, hi=1024
+        16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024
     )
 
     def __post_init__(self) -> None:
+        if 0 < self.mtu < 576:
+            raise ConfigError(f"transport.mtu: must be 0 (auto) or 576-65536, got {self.mtu}")
         if self.heartbeat_interval_s * 2 > self.peer_dead_after_s:
             raise ConfigError("transport.heartbeat_interval_s: must be at most peer_dead_after_s / 2")
 
@@ -323,7 +327,7 @@ class Config:
 
     def as_toml(self) -> str:
         """The effective config as TOML, documented, for ``kvpeerd --check-config``."""
-        return _render(type(self), self, header="# kvpeer effective configuration\n")
+        return _render(type(self), self, header="# kvpeer effective configuration")
 
 
 def _fill(text: str, places: Mapping[str, str], key: str) -> str:
@@ -376,6 +380,8 @@ def _describe(tp: Any, kind: str) -> str:
         return "a size like '2GiB'"
     if kind == "mode":
         return "a file mode like 0o660 or '0660'"
+    if kind == "auto_int":
+        return "an integer or 'auto'"
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(a, "") for a in typing.get_args(tp) if a is not type(None))
@@ -392,6 +398,8 @@ def _coerce(tp: Any, kind: str, value: Any) -> Any:
     """``value`` (from TOML, or a str from the environment) as type ``tp``; ValueError if not."""
     if kind == "size":
         return parse_size(value)
+    if kind == "auto_int":
+        return 0 if value == "auto" else _coerce(int, "", value)
     if kind == "mode":
         if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value):
             return int(value.removeprefix("0o"), 8)
@@ -652,7 +660,8 @@ def _render(cls: type, instance: Any | None, header: str) -> str:
         section = getattr(instance, section_field.name) if instance is not None else None
         out.append("")
         doc = (section_cls.__doc__ or "").strip()
-        out.extend(_wrap(doc.split(": ", 1)[1] if doc.startswith("[") else doc))
+        doc = doc.split(": ", 1)[1] if doc.startswith("[") else doc
+        out.extend(_wrap(doc[:1].upper() + doc[1:]))
         out.append(f"[{section_field.name}]")
         for f in dataclasses.fields(section_cls):
             kind = f.metadata.get("kind", "")

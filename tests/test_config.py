@@ -65,8 +65,9 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
     assert config.api.allowed_uids == (1000, 1001)
     assert config.api.socket_mode == 0o600
     assert config.log.json is True
-    assert config.transport.mtu == "auto"
+    assert config.transport.mtu == 0
     assert load_config(path, env={"KVPEER_TRANSPORT__MTU": "9000"}).transport.mtu == 9000
+    assert load_config(path, env={"KVPEER_TRANSPORT__MTU": "auto"}).transport.mtu == 0
     assert load_config(path, env={"KVPEER_NODE__NODE_ID": "123"}).node.node_id == "123"
 
 
@@ -79,6 +80,7 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ("[transport]\nport = 70000\n", {}, "transport.port: must be <= 65535"),
         ('[transport]\nport = "x"\n', {}, "transport.port: expected an integer"),
         ('[transport]\nmtu = "big"\n', {}, "transport.mtu: expected an integer or 'auto'"),
+        ("[transport]\nmtu = 100\n", {}, "transport.mtu: must be 0 (auto) or 576-65536"),
         ('[log]\nlevel = "loud"\n', {}, "log.level: expected one of"),
         ('[codec]\nlevel = "q9"\n', {}, "codec.level: unknown codec level 'q9'"),
         ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
@@ -164,3 +166,21 @@ def test_discovery_section_maps_onto_discovery_config() -> None:
     mapped = discovery.DiscoveryConfig.from_section(section)
     for f in dataclasses.fields(section):
         assert getattr(mapped, f.name) == getattr(section, f.name), f.name
+
+
+def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
+    transport = pytest.importorskip("kvpeer.transport.config")
+    key = tmp_path / "cluster.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    text = f'[node]\nnode_id = "n"\n[transport]\nhost = "10.0.0.2"\npsk_file = "{key}"\n'
+    section = load_config(write(tmp_path, text), env={}).transport
+    mapped = transport.TransportConfig.from_section(section)
+    assert mapped.host == "10.0.0.2" and mapped.psk == bytes.fromhex("ab" * 32)
+    assert mapped.mtu is None  # 0 = auto
+    for name in ("port", "connect_timeout_s", "request_timeout_s", "heartbeat_interval_s",
+                 "peer_dead_after_s", "allow_loopback", "max_message_bytes",
+                 "max_transfers_per_peer"):
+        assert getattr(mapped, name) == getattr(section, name), name
+    unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
+    assert unset.host == "10.0.0.3"
