@@ -34,7 +34,9 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 MAX_PEER_LABELS = 256  # distinct peer label values; later peers are counted as "other"
-FETCH_OUTCOMES = ("full", "partial", "miss", "error", "cancelled")
+# The fetcher's reasons (complete, recompute, deadline, unavailable, error), and "miss": nothing
+# of the prefix was held anywhere.
+FETCH_OUTCOMES = ("complete", "recompute", "deadline", "unavailable", "error", "miss")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -146,6 +148,41 @@ class Metrics:
 
     def sent(self, peer_id: str, level: str, n_bytes: int) -> None:
         self.bytes_out.labels(self.peer_label(peer_id), level).inc(n_bytes)
+
+    def record_fetch(self, outcome: Any, *, wanted_chunks: int, chunk_tokens: int) -> None:
+        """Count one finished fetch from the fetcher's ``FetchOutcome`` and its event timeline.
+
+        ``wanted_chunks``: full chunks of the client's prefix, whether held anywhere or not.
+        """
+        self.fetches.labels(outcome.reason).inc()
+        self.fetch_seconds.observe(outcome.elapsed_s)
+        requested: dict[int, float] = {}
+        decoding: dict[int, float] = {}
+        from_peers: set[int] = set()
+        for event in outcome.events:
+            if event.kind == "request":
+                requested[event.index] = event.t
+            elif event.kind == "received" and event.peer:
+                from_peers.add(event.index)
+                self.received(event.peer, event.level, event.nbytes)
+                if event.index in requested:
+                    self.transfer_seconds.labels(event.level).observe(event.t - requested[event.index])
+            elif event.kind == "decode_start":
+                decoding[event.index] = event.t
+            elif event.kind == "decode_end" and event.index in decoding:
+                self.decode_seconds.labels(event.level or "unknown").observe(event.t - decoding[event.index])
+        restored_from_peers = len([i for i in from_peers if 0 <= i < outcome.chunks])
+        self.chunk_hits.labels("peer").inc(restored_from_peers)
+        self.chunk_hits.labels("local").inc(max(0, outcome.chunks - restored_from_peers))
+        self.chunk_misses.inc(max(0, wanted_chunks - outcome.chunks))
+        self.prefix_tokens.labels("matched").inc(outcome.chunks * chunk_tokens)
+        self.prefix_tokens.labels("recompute").inc(max(0, wanted_chunks - outcome.chunks) * chunk_tokens)
+
+    def record_miss(self, *, wanted_chunks: int, chunk_tokens: int) -> None:
+        """Count a fetch of which no chunk was held anywhere."""
+        self.fetches.labels("miss").inc()
+        self.chunk_misses.inc(wanted_chunks)
+        self.prefix_tokens.labels("recompute").inc(wanted_chunks * chunk_tokens)
 
     def watch_store(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export the store's ``stats()`` (bytes per tier, entries, events) at each scrape."""

@@ -48,7 +48,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     store.get_blocking(b"z" * 32)
     metrics.watch_store(store.stats)
     metrics.watch_peers(lambda: 3)
-    metrics.fetches.labels("full").inc()
+    metrics.fetches.labels("complete").inc()
     metrics.chunk_hits.labels("peer").inc(2)
     metrics.received("peer-a", "q8", 1000)
     metrics.sent("peer-b", "exact", 50)
@@ -60,7 +60,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     status, text = scrape(endpoint)
     assert status == 200
     got = samples(text)
-    assert got[("kvpeer_fetches_total", (("outcome", "full"),))] == 1
+    assert got[("kvpeer_fetches_total", (("outcome", "complete"),))] == 1
     assert got[("kvpeer_fetches_total", (("outcome", "miss"),))] == 0
     assert got[("kvpeer_chunk_hits_total", (("source", "peer"),))] == 2
     assert got[("kvpeer_peer_received_bytes_total", (("level", "q8"), ("peer", "peer-a")))] == 1000
@@ -93,3 +93,31 @@ def test_registries_are_per_instance_and_peer_labels_bounded(monkeypatch: pytest
         a.received(peer, "q8", 1)
     assert a.registry.get_sample_value("kvpeer_peer_received_bytes_total", {"peer": "other", "level": "q8"}) == 2
     assert b.registry.get_sample_value("kvpeer_peer_received_bytes_total", {"peer": "p1", "level": "q8"}) is None
+
+
+def test_record_fetch_from_an_outcome_timeline() -> None:
+    from kvpeer.fetcher import FetchEvent, FetchOutcome
+
+    events = (
+        FetchEvent(t=0.0, kind="request", index=1, level="q8", peer="b"),
+        FetchEvent(t=0.3, kind="received", index=1, level="q8", peer="b", nbytes=4000),
+        FetchEvent(t=0.3, kind="decode_start", index=1, level="q8"),
+        FetchEvent(t=0.31, kind="decode_end", index=1, level="q8"),
+    )
+    outcome = FetchOutcome(chunks=2, requested=2, levels=("exact", "q8"), bytes_moved=4000,
+                           elapsed_s=0.4, reason="complete", events=events)
+    metrics = Metrics(process=False)
+    metrics.record_fetch(outcome, wanted_chunks=3, chunk_tokens=256)
+    metrics.record_miss(wanted_chunks=2, chunk_tokens=256)
+    value = metrics.registry.get_sample_value
+    assert value("kvpeer_fetches_total", {"outcome": "complete"}) == 1
+    assert value("kvpeer_fetches_total", {"outcome": "miss"}) == 1
+    assert value("kvpeer_chunk_hits_total", {"source": "peer"}) == 1
+    assert value("kvpeer_chunk_hits_total", {"source": "local"}) == 1
+    assert value("kvpeer_chunk_misses_total", {}) == 3
+    assert value("kvpeer_peer_received_bytes_total", {"peer": "b", "level": "q8"}) == 4000
+    assert value("kvpeer_transfer_seconds_bucket", {"level": "q8", "le": "0.5"}) == 1
+    assert value("kvpeer_transfer_seconds_bucket", {"level": "q8", "le": "0.25"}) == 0
+    assert value("kvpeer_codec_decode_seconds_count", {"level": "q8"}) == 1
+    assert value("kvpeer_prefix_tokens_total", {"result": "matched"}) == 512
+    assert value("kvpeer_prefix_tokens_total", {"result": "recompute"}) == 768
