@@ -52,9 +52,9 @@ class InventoryUpdate:
         if total > MAX_INVENTORY_KEYS:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"inventory of {total} keys")
         for group in (self.keys, self.added, self.removed):
-            for key in group:
-                if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-                    raise ProtocolError(ErrorCode.INVALID, "inventory key is not 32 bytes")
+            # map() keeps the per-key checks in C: a full inventory has ~10^5 keys.
+            if group and (set(map(type, group)) != {bytes} or set(map(len, group)) != {KEY_BYTES}):
+                raise ProtocolError(ErrorCode.INVALID, "inventory key is not 32 bytes")
 
     def to_dict(self) -> dict[str, Any]:
         """msgpack-able form (what an "inventory" request answers)."""
@@ -188,10 +188,14 @@ class StaleDeltaError(ProtocolError):
 
 
 class InventoryTable:
-    """What each peer holds: chunk key -> peers, and each peer's epoch and fingerprints."""
+    """What each peer holds (chunk keys), with each peer's epoch and model fingerprints.
+
+    Kept per peer, without a global key -> peers index: applying a full inventory is then one
+    C-level set construction, and a lookup probes each peer's set (peers number in the tens
+    or hundreds; keys in the millions).
+    """
 
     def __init__(self) -> None:
-        self._by_key: dict[bytes, set[str]] = {}
         self._peers: dict[str, _PeerInventory] = {}
 
     def apply(
@@ -209,28 +213,16 @@ class InventoryTable:
         peer = self._peers.get(peer_id)
         fps = frozenset(fingerprints) if fingerprints is not None else None
         if update.kind == "full":
-            self.drop(peer_id)
-            keys = set(update.keys)
             old_fps = peer.fingerprints if peer else frozenset()
-            self._peers[peer_id] = _PeerInventory(update.epoch, keys, fps if fps is not None else old_fps)
-            for key in keys:
-                self._by_key.setdefault(key, set()).add(peer_id)
+            self._peers[peer_id] = _PeerInventory(
+                update.epoch, set(update.keys), fps if fps is not None else old_fps
+            )
             return update.epoch
         if peer is None or peer.epoch != update.base_epoch:
             held = None if peer is None else peer.epoch
             raise StaleDeltaError(f"delta from epoch {update.base_epoch}, table holds {held}")
-        for key in update.removed:
-            if key in peer.keys:
-                peer.keys.discard(key)
-                holders = self._by_key.get(key)
-                if holders is not None:
-                    holders.discard(peer_id)
-                    if not holders:
-                        del self._by_key[key]
-        for key in update.added:
-            if key not in peer.keys:
-                peer.keys.add(key)
-                self._by_key.setdefault(key, set()).add(peer_id)
+        peer.keys.difference_update(update.removed)
+        peer.keys.update(update.added)
         peer.epoch = update.epoch
         if fps is not None:
             peer.fingerprints = fps
@@ -242,16 +234,8 @@ class InventoryTable:
             peer.fingerprints = frozenset(fingerprints)
 
     def drop(self, peer_id: str) -> None:
-        """Forget a peer (gone, or about to be replaced by a full inventory)."""
-        peer = self._peers.pop(peer_id, None)
-        if peer is None:
-            return
-        for key in peer.keys:
-            holders = self._by_key.get(key)
-            if holders is not None:
-                holders.discard(peer_id)
-                if not holders:
-                    del self._by_key[key]
+        """Forget a peer (gone, or marked dead)."""
+        self._peers.pop(peer_id, None)
 
     def epoch(self, peer_id: str) -> int | None:
         peer = self._peers.get(peer_id)
@@ -266,10 +250,11 @@ class InventoryTable:
 
     def peers_for(self, key: bytes, fingerprint: str | None = None) -> set[str]:
         """Peers holding ``key``; with ``fingerprint``, only peers that serve that model."""
-        holders = self._by_key.get(key, set())
-        if fingerprint is None:
-            return set(holders)
-        return {p for p in holders if fingerprint in self._peers[p].fingerprints}
+        return {
+            peer_id
+            for peer_id, peer in self._peers.items()
+            if key in peer.keys and (fingerprint is None or fingerprint in peer.fingerprints)
+        }
 
     def longest_prefix(
         self, keys: Sequence[bytes], fingerprint: str | None = None
