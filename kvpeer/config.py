@@ -191,8 +191,7 @@ class TransportSection:
         False, "Allow sessions over 127.0.0.0/8 (single-host setups only)."
     )
     max_message_bytes: int = setting(
-        1 << 20, "Largest control or signalling message accepted from a peer.", kind="size",
-        lo=4096,
+        64 << 20, "Largest message or blob accepted from a peer.", kind="size", lo=4096
     )
     max_transfers_per_peer: int = setting(
         16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024
