@@ -181,8 +181,9 @@ class Discovery(ABC):
     def _dispatch(self, events: list[PeerEvent]) -> None:
         for event in events:
             log.info(
-                "peer %s %s (epoch %d, %d chunks)",
-                event.peer.node_id, event.kind, event.peer.epoch, event.peer.chunk_count,
+                "peer %s %s%s (epoch %d, %d chunks)",
+                event.peer.node_id, event.kind, f" ({event.reason})" if event.reason else "",
+                event.peer.epoch, event.peer.chunk_count,
             )
             for callback in list(self._subscribers):
                 try:
