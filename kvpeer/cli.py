@@ -104,10 +104,11 @@ async def _serve(config: Any) -> int:
     from kvpeer.daemon import Daemon
     from kvpeer.service import ShutdownSignals, SystemdNotifier
 
-    notifier = SystemdNotifier()
+    notifier = SystemdNotifier(watchdog=config.daemon.watchdog)
     signals = ShutdownSignals()
     signals.install(asyncio.get_running_loop())
     daemon = Daemon(config)
+    endpoint = _start_metrics(config, daemon)  # before start(): /healthz answers 503 meanwhile
     try:
         await daemon.start()
         notifier.ready(f"serving {len(daemon.inventory)} chunks")
@@ -121,7 +122,30 @@ async def _serve(config: Any) -> int:
             await asyncio.wait_for(daemon.stop(), timeout=config.daemon.shutdown_grace_s)
         except TimeoutError:
             log.warning("shutdown took longer than %.0fs; exiting anyway", config.daemon.shutdown_grace_s)
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
     return 0
+
+
+def _start_metrics(config: Any, daemon: Any) -> Any:
+    """Serve /metrics and /healthz when [metrics] enabled; a taken port is logged, not fatal."""
+    if not config.metrics.enabled:
+        return None
+    from kvpeer.metrics import Metrics
+
+    metrics = Metrics(node_id=config.node.node_id, version=__version__)
+    metrics.watch_store(daemon.store.stats)
+    metrics.watch_peers(lambda: len(daemon.discovery.peers()))
+    metrics.ready.set_function(lambda: 1.0 if daemon.ready else 0.0)
+    daemon.metrics = metrics  # for the daemon to record fetches into (Metrics.record_fetch)
+    try:
+        return metrics.start_http(config.metrics.host, config.metrics.port, lambda: daemon.ready)
+    except OSError as exc:
+        log.error(
+            "metrics: cannot listen on %s:%d (%s); running without /metrics and /healthz",
+            config.metrics.host, config.metrics.port, exc.strerror or exc,
+        )
+        return None
 
 
 # ---------------------------------------------------------------------------- kvpeer
