@@ -69,13 +69,10 @@ class Discovery(ABC):
         if advert.node_id != self._advert.node_id or advert.port != self._advert.port:
             raise KVPeerError("an update may not change node id or port")
         self._pending = advert
-        if self._flush is not None and not self._flush.done():
-            return  # the scheduled flush publishes the latest pending advertisement
-        delay = self._throttle.delay(self._now())
-        if delay == 0:
-            await self._publish_pending()
-        else:
-            self._flush = asyncio.create_task(self._flush_after(delay), name="discovery-flush")
+        # Publishing never blocks the caller (a put): one owned task publishes the latest
+        # pending advertisement, waiting out the minimum interval between publications.
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._flush_loop(), name="discovery-flush")
 
     async def close(self) -> None:
         """Withdraw the advertisement (goodbye) and stop. Idempotent."""
@@ -156,12 +153,20 @@ class Discovery(ABC):
 
     def _on_beacon(self, beacon: Beacon, source_ip: str) -> None:
         info = self._table.known(beacon.node_id)
-        if info is None or source_ip not in info.addresses:
+        if info is None:
+            if beacon.kind == "hb":
+                self._unknown_peer(beacon.node_id)
+            return
+        if source_ip not in info.addresses:
             return  # heartbeats only vouch for peers already advertised from that address
         if beacon.kind == "bye":
             self._dispatch(self._table.withdraw(beacon.node_id))
         else:
             self._dispatch(self._table.heard(beacon.node_id, self._now()))
+
+    def _unknown_peer(self, node_id: str) -> None:
+        """A heartbeat from a node we hold no advertisement of (forgotten, or missed)."""
+        return None
 
     def _observe(self, info: PeerInfo) -> None:
         self._dispatch(self._table.observe(info, self._now()))
@@ -209,9 +214,12 @@ class Discovery(ABC):
         except (KVPeerError, OSError) as exc:
             log.warning("advertisement update failed: %s", exc)
 
-    async def _flush_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        await self._publish_pending()
+    async def _flush_loop(self) -> None:
+        while self._pending is not None:
+            delay = self._throttle.delay(self._now())
+            if delay:
+                await asyncio.sleep(delay)
+            await self._publish_pending()
 
     async def _liveness_loop(self) -> None:
         interval = self._heartbeat_interval()

@@ -27,9 +27,16 @@ class _Entry:
 class PeerTable:
     """Peers by node id; every mutating call returns the events it caused."""
 
-    def __init__(self, self_id: str, timeout_s: float | None) -> None:
+    def __init__(
+        self, self_id: str, timeout_s: float | None, forget_after_s: float | None = None
+    ) -> None:
         self._self_id = self_id
         self._timeout_s = timeout_s  # None: no timeout-based liveness
+        # A dead peer's record is kept this long (for a heartbeat to revive it), then dropped
+        # so that the table of a long-running node does not grow with every peer ever seen.
+        self._forget_after_s = forget_after_s if forget_after_s is not None else (
+            6 * timeout_s if timeout_s is not None else None
+        )
         self._entries: dict[str, _Entry] = {}
         self._alive: dict[str, PeerInfo] = {}
 
@@ -99,8 +106,11 @@ class PeerTable:
             return []
         events: list[PeerEvent] = []
         for node_id, entry in list(self._entries.items()):
-            if entry.alive and now - entry.last_seen > self._timeout_s:
+            silent = now - entry.last_seen
+            if entry.alive and silent > self._timeout_s:
                 events.extend(self.mark_dead(node_id, "timeout"))
+            elif not entry.alive and self._forget_after_s is not None and silent > self._forget_after_s:
+                del self._entries[node_id]
         return events
 
     def next_expiry(self) -> float | None:

@@ -20,6 +20,9 @@ from kvpeer.errors import KVPeerError
 
 log = logging.getLogger(__name__)
 
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+
 Request = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -49,13 +52,21 @@ async def sync_peer(table: InventoryTable, request: Request, peer: PeerInfo, tim
 class InventorySync:
     """Subscribe `on_event` to a Discovery; keeps ``table`` current with every live peer."""
 
-    def __init__(self, table: InventoryTable, request: Request, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        table: InventoryTable,
+        request: Request,
+        *,
+        timeout_s: float = 5.0,
+        retry_s: float = RETRY_FIRST_S,
+    ) -> None:
         self.table = table
+        self._retry_s = retry_s
         self._request = request
         self._timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._latest: dict[str, PeerInfo] = {}
-        self._synced: dict[str, asyncio.Event] = {}
+        self._changed = asyncio.Condition()
         self._closed = False
 
     def on_event(self, event: PeerEvent) -> None:
@@ -80,24 +91,40 @@ class InventorySync:
             )
 
     async def _run(self, peer_id: str) -> None:
+        backoff = self._retry_s
+        previous: int | None = None
         try:
             while (peer := self._latest.get(peer_id)) is not None:
                 try:
                     epoch = await sync_peer(self.table, self._request, peer, self._timeout_s)
                 except (KVPeerError, TimeoutError, OSError) as exc:
-                    log.info("inventory of %s not synced: %s", peer_id, exc)
-                    return
+                    # The advertisement may not change again for a long time: retry, backing
+                    # off, while the peer is still listed.
+                    log.info("inventory of %s not synced (%s); retry in %.0fs", peer_id, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
+                    continue
+                backoff = self._retry_s
+                async with self._changed:
+                    self._changed.notify_all()
                 latest = self._latest.get(peer_id)
-                if latest is None or latest.epoch <= epoch:
-                    self._synced.setdefault(peer_id, asyncio.Event()).set()
+                # Stop when caught up, or when the answer did not move (an advertised epoch
+                # ahead of the peer's own log must not make us ask in a tight loop).
+                if latest is None or latest.epoch <= epoch or epoch == previous:
                     return
+                previous = epoch
         finally:
             self._tasks.pop(peer_id, None)
 
-    async def wait_synced(self, peer_id: str, timeout_s: float) -> None:
-        """Wait until the table has caught up with ``peer_id`` once (tests, benchmarks)."""
-        event = self._synced.setdefault(peer_id, asyncio.Event())
-        await asyncio.wait_for(event.wait(), timeout_s)
+    async def wait_synced(self, peer_id: str, timeout_s: float, epoch: int = 0) -> None:
+        """Wait until the table holds ``peer_id`` at ``epoch`` or later (tests, benchmarks)."""
+
+        def done() -> bool:
+            held = self.table.epoch(peer_id)
+            return held is not None and held >= epoch
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(done), timeout_s)
 
     async def close(self) -> None:
         self._closed = True

@@ -40,6 +40,7 @@ class ZeroconfDiscovery(Discovery):
         super().__init__(*args, **kwargs)
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
+        self._asked: dict[str, float] = {}  # node id -> when a heartbeat last made us resolve it
 
     def _service_info(self, advert: Advertisement) -> AsyncServiceInfo:
         return AsyncServiceInfo(
@@ -113,6 +114,19 @@ class ZeroconfDiscovery(Discovery):
             self._dirty.add(name)  # resolve again once the running resolve finishes
             return
         self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
+
+    def _unknown_peer(self, node_id: str) -> None:
+        # A peer we forgot (dead too long) or never resolved is sending heartbeats: its
+        # records may sit unchanged in the cache, so no browser event would bring it back.
+        now = self._now()
+        if now - self._asked.get(node_id, -1e9) < self.config.peer_timeout_s or self._closed:
+            return
+        if len(self._asked) > 4096:  # peers choose node ids: bound what we remember
+            self._asked.clear()
+        self._asked[node_id] = now
+        name = instance_name(node_id)
+        if name not in self._resolving:
+            self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
 
     async def _resolve(self, name: str) -> None:
         try:

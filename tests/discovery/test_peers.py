@@ -4,7 +4,11 @@ from kvpeer.discovery.peers import PeerTable, UpdateThrottle
 
 def info(node_id: str = "b", epoch: int = 1) -> PeerInfo:
     return PeerInfo(
-        node_id=node_id, addresses=("10.0.0.2",), port=7457, fingerprints=(), epoch=epoch,
+        node_id=node_id,
+        addresses=("10.0.0.2",),
+        port=7457,
+        fingerprints=(),
+        epoch=epoch,
         chunk_count=1,
     )
 
@@ -30,6 +34,15 @@ def test_lifecycle_with_fake_clock() -> None:
     assert kinds(table.withdraw("b")) == ["removed"]
     assert table.heard("b", 24.0) == []  # a goodbye forgets: heartbeats cannot revive
     assert table.next_expiry() is None
+
+
+def test_dead_peers_are_forgotten_after_a_while() -> None:
+    table = PeerTable("a", timeout_s=10.0, forget_after_s=30.0)
+    table.observe(info(), 0.0)
+    assert kinds(table.expire(11.0)) == ["removed"]
+    assert table.expire(29.0) == [] and table.known("b") is not None
+    assert table.expire(31.0) == [] and table.known("b") is None
+    assert table.heard("b", 32.0) == []  # forgotten: only a new advertisement brings it back
 
 
 def test_no_timeout_means_no_expiry() -> None:

@@ -1,0 +1,54 @@
+"""InventorySync: discovery events drive inventory pulls through an in-memory request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from kvpeer.discovery import InventoryLog, InventorySync, InventoryTable, PeerEvent, PeerInfo
+from kvpeer.errors import TransportError
+
+FP = "ab" * 16
+
+
+def peer(log: InventoryLog) -> PeerInfo:
+    return PeerInfo(
+        node_id="p", addresses=("10.0.0.2",), port=7457, fingerprints=(FP,), epoch=log.epoch,
+        chunk_count=len(log),
+    )
+
+
+def test_events_drive_full_then_delta_then_drop() -> None:
+    async def main() -> None:
+        log = InventoryLog(epoch=0)
+        asked: list[Any] = []
+        failures = [TransportError("session not up yet")]
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            asked.append(body["since"])
+            if failures:
+                raise failures.pop()
+            return log.since(body["since"])
+
+        sync = InventorySync(InventoryTable(), request, retry_s=0.01)
+        first = [os.urandom(32) for _ in range(3)]
+        log.add(first)
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await sync.wait_synced("p", 10)
+        assert sync.table.keys_of("p") == set(first)
+        assert asked == [None, None]  # failed once, retried: full inventory both times
+
+        later = os.urandom(32)
+        log.add([later])
+        log.remove(first[:1])
+        sync.on_event(PeerEvent(kind="updated", peer=peer(log), epoch_changed=True))
+        await sync.wait_synced("p", 10, epoch=log.epoch)
+        assert asked[-1] == log.epoch - 2  # a delta since the epoch held
+        assert sync.table.longest_prefix([later], FP) == (1, [{"p"}])
+
+        sync.on_event(PeerEvent(kind="removed", peer=peer(log), reason="timeout"))
+        assert sync.table.peer_ids() == []
+        await sync.close()
+
+    asyncio.run(main())
