@@ -24,6 +24,7 @@ from kvpeer import codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.config import Config
 from kvpeer.discovery import Advertisement, DiscoveryConfig, InventoryLog, make_discovery
+from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
 from kvpeer.hashing import ModelFingerprint, chunk_keys
@@ -70,10 +71,16 @@ class Daemon:
         )
         self.inventory = InventoryLog()
         self.fingerprints: dict[str, ModelFingerprint] = {}
-        self.transport = PeerTransport(
-            self.node_id, transport_config(config), handler=self, on_peer_down=self._peer_down
-        )
         self.discovery = make_discovery(discovery_config(config))
+        self.addresses = config.transport.advertise_addresses or advertisable_addresses(
+            config.discovery.interfaces
+        )
+        self.transport = PeerTransport(
+            self.node_id,
+            transport_config(config, default_host=self.addresses[0]),
+            handler=self,
+            on_peer_down=self._peer_down,
+        )
         self.fetcher = Fetcher(
             sessions=self.transport.session,
             cache=self.store,
@@ -124,12 +131,12 @@ class Daemon:
     def _advertisement(self) -> Advertisement:
         return Advertisement(
             node_id=self.node_id,
-            addresses=tuple(self.config.transport.advertise_addresses),
+            addresses=tuple(self.addresses),
             port=self.transport.port,
             fingerprints=tuple(sorted(self.fingerprints)),
             epoch=self.inventory.epoch,
             chunk_count=len(self.inventory),
-            first_chunk_keys=(),
+            first_chunk_keys=self.inventory.first_chunk_keys(),
         )
 
     def _store_changed(self, added: list[bytes], removed: list[bytes]) -> None:
@@ -175,6 +182,8 @@ class Daemon:
             ctx.namespace, len(req.tokens), len(keys), stored, level,
             time.perf_counter() - started,
         )
+        if keys:
+            self.inventory.add([k for k in keys if self.store.has(k)], first=keys[:1])
         if stored:
             await self._advertise()
         return PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
@@ -298,9 +307,25 @@ class Daemon:
         return await self.level_server.open_blob(key, level)
 
 
-def transport_config(config: Config) -> TransportConfig:
+def transport_config(config: Config, default_host: str) -> TransportConfig:
     """Map the [transport] config section onto the transport's runtime config."""
-    return TransportConfig.from_section(config.transport)
+    section = config.transport
+    values: dict[str, Any] = {
+        "host": section.host or default_host,
+        "port": section.port,
+        "psk_file": section.psk_file,
+        "next_psk_file": section.next_psk_file,
+        "allow_loopback": section.allow_loopback,
+        "connect_timeout_s": section.connect_timeout_s,
+        "request_timeout_s": section.request_timeout_s,
+        "heartbeat_interval_s": section.heartbeat_interval_s,
+        "peer_dead_after_s": section.peer_dead_after_s,
+        "max_blob_bytes": section.max_message_bytes,
+        "max_transfers_per_peer": section.max_transfers_per_peer,
+    }
+    if section.mtu != "auto":
+        values["mtu"] = section.mtu
+    return TransportConfig.from_section(values)
 
 
 def discovery_config(config: Config) -> DiscoveryConfig:
