@@ -23,7 +23,9 @@ CHUNK = 4
 FP = ModelFingerprint(name="tiny", layers=2, kv_heads=3, head_dim=8, dtype="float32")
 
 
-def kv(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def kv(
+    tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (FP.layers, FP.kv_heads, tokens, FP.head_dim)
     return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
@@ -32,7 +34,8 @@ def kv(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[
 class FakeBackend:
     """Keeps exact chunks in a dict keyed by chunk key; can be told to stall or fail."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_tokens: int = CHUNK) -> None:
+        self.chunk_tokens = chunk_tokens
         self.chunks: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fetches = 0
         self.stall_after: int | None = None  # stop before restoring this chunk (until cancelled)
@@ -40,17 +43,19 @@ class FakeBackend:
         self.release_stall = asyncio.Event()
 
     def _keys(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
-        return chunk_keys(tokens, fp.digest(), ctx.namespace, CHUNK)
+        return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
-    async def put(self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor) -> m.PutResult:
+    async def put(
+        self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor
+    ) -> m.PutResult:
         keys = self._keys(ctx, req.tokens, req.fingerprint)
         stored = 0
         for i, key in enumerate(keys):
             if key not in self.chunks:
-                sl = slice(i * CHUNK, (i + 1) * CHUNK)
+                sl = slice(i * self.chunk_tokens, (i + 1) * self.chunk_tokens)
                 self.chunks[key] = (k[:, :, sl].clone(), v[:, :, sl].clone())
                 stored += 1
-        return m.PutResult(chunks=len(keys), stored=stored, chunk_tokens=CHUNK)
+        return m.PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
 
     def _available(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
         out = []
@@ -62,7 +67,11 @@ class FakeBackend:
 
     async def lookup(self, ctx: ClientContext, req: m.LookupRequest) -> m.LookupResult:
         keys = self._available(ctx, req.tokens, req.fingerprint)
-        return m.LookupResult(matched_tokens=len(keys) * CHUNK, chunk_tokens=CHUNK, sources=["local"] * len(keys))
+        return m.LookupResult(
+            matched_tokens=len(keys) * self.chunk_tokens,
+            chunk_tokens=self.chunk_tokens,
+            sources=["local"] * len(keys),
+        )
 
     async def fetch(self, ctx: ClientContext, req: m.FetchRequest, sink: FetchSink) -> None:
         self.fetches += 1
@@ -72,8 +81,15 @@ class FakeBackend:
         if not keys:
             return
         first_k = self.chunks[keys[0]][0]
-        sink.allocate(layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
-                      tokens=len(keys) * CHUNK, dtype=first_k.dtype, chunk_tokens=CHUNK)
+        fp = req.fingerprint
+        sink.allocate(
+            layers=fp.layers,
+            kv_heads=fp.kv_heads,
+            head_dim=fp.head_dim,
+            tokens=len(keys) * self.chunk_tokens,
+            dtype=first_k.dtype,
+            chunk_tokens=self.chunk_tokens,
+        )
         for i, key in enumerate(keys):
             if self.stall_after is not None and i >= self.stall_after:
                 await self.release_stall.wait()
@@ -144,6 +160,6 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def serving(**kwargs: Any) -> Iterator[ServerThread]:
-    with ServerThread(FakeBackend(), **kwargs) as server:
+def serving(chunk_tokens: int = CHUNK, **kwargs: Any) -> Iterator[ServerThread]:
+    with ServerThread(FakeBackend(chunk_tokens), **kwargs) as server:
         yield server

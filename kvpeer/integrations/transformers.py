@@ -1,0 +1,191 @@
+"""kvpeer for Hugging Face transformers: KV out of a prefill, fetched KV into the model's cache.
+
+Owns the conversion between kvpeer's canonical KV (``k``, ``v``: ``[layers, kv_heads, tokens,
+head_dim]``) and transformers' cache objects (``DynamicCache``: one layer per decoder layer,
+``keys``/``values`` ``[batch, kv_heads, tokens, head_dim]``), and small helpers that prefill and
+put, fetch into a cache, and continue generation from the longest shared prefix. Works with
+any decoder-only model on the standard (non-sliding) dynamic cache; batch size 1.
+
+transformers is imported lazily: importing this module does not need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvpeer.api.client import KVPeerClient
+from kvpeer.api.messages import PutResult
+from kvpeer.errors import KVPeerError
+from kvpeer.hashing import ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+
+def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, v)`` ``[layers, kv_heads, tokens, head_dim]`` of a batch-1 cache (copies once).
+
+    Accepts a transformers ``Cache`` with ``.layers`` (5.x), or the legacy tuple of
+    ``(key, value)`` per layer.
+    """
+    if hasattr(cache, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        pairs = [(layer[0], layer[1]) for layer in cache]
+    if not pairs or any(k is None or k.dim() != 4 for k, _ in pairs):
+        raise ValueError("cache has no (initialized) layers of [batch, heads, tokens, dim]")
+    if any(k.shape[0] != 1 for k, _ in pairs):
+        raise ValueError("only batch size 1 caches convert to kvpeer KV")
+    k = torch.stack([key[0] for key, _ in pairs])
+    v = torch.stack([value[0] for _, value in pairs])
+    return k, v
+
+
+def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
+    """A ``DynamicCache`` for ``model`` holding ``k``/``v`` (copied: the cache owns its memory,
+    so a fetched segment can be released right after)."""
+    from transformers import DynamicCache
+
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != layers:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not fit a model of {layers} layers")
+    param = next(model.parameters())
+    cache = DynamicCache(config=model.config)
+    for index in range(layers):
+        cache.update(
+            k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
+            v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
+            index,
+        )
+    return cache
+
+
+def _tokens(tokens: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(tokens, torch.Tensor):
+        return [int(t) for t in tokens.reshape(-1).tolist()]
+    return [int(t) for t in tokens]
+
+
+def prefill(model: Any, tokens: Sequence[int] | torch.Tensor, cache: Any = None) -> Any:
+    """Run the model over ``tokens`` (continuing ``cache`` if given); returns its output."""
+    ids = torch.tensor([_tokens(tokens)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True)
+
+
+def prefill_and_put(
+    client: KVPeerClient,
+    model: Any,
+    tokens: Sequence[int] | torch.Tensor,
+    fingerprint: ModelFingerprint,
+    level: str | None = None,
+) -> PutResult:
+    """Prefill ``tokens`` and put their KV into the daemon (full chunks are stored)."""
+    output = prefill(model, tokens)
+    k, v = kv_from_cache(output.past_key_values)
+    return client.put(_tokens(tokens), k, v, fingerprint, level=level)
+
+
+def fetch_cache(
+    client: KVPeerClient,
+    model: Any,
+    tokens: Sequence[int] | torch.Tensor,
+    fingerprint: ModelFingerprint,
+    deadline_s: float | None = None,
+    min_level: str | None = None,
+) -> tuple[Any, int]:
+    """``(cache, matched_tokens)``: the longest available prefix of ``tokens`` as a cache.
+
+    Nothing available (or a daemon error, logged): an empty cache and 0. A daemon that cannot
+    help must never stop generation, so errors here degrade to recomputation.
+    """
+    from transformers import DynamicCache
+
+    try:
+        with client.fetch(_tokens(tokens), fingerprint, deadline_s=deadline_s, min_level=min_level) as result:
+            matched = result.matched_tokens
+            if matched == 0:
+                return DynamicCache(config=model.config), 0
+            cache = cache_from_kv(result.k, result.v, model)
+    except KVPeerError as exc:
+        log.warning("kvpeer fetch failed (%s); computing the whole prompt", exc)
+        return DynamicCache(config=model.config), 0
+    return cache, matched
+
+
+def greedy_continue(
+    model: Any,
+    tokens: Sequence[int] | torch.Tensor,
+    cache: Any,
+    matched: int,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[int]:
+    """Greedy continuation of ``tokens`` from a cache that holds their first ``matched`` tokens.
+
+    Only ``tokens[matched:]`` are computed. A cache holding the whole prompt is cut back by
+    one token: the last prompt token must run to give the first new token's logits.
+    """
+    ids = _tokens(tokens)
+    if not ids:
+        raise ValueError("generation needs at least one prompt token")
+    if matched >= len(ids):
+        extra = cache.get_seq_length() - (len(ids) - 1)
+        matched = len(ids) - 1
+        if extra > 0:
+            cache.crop(-extra)  # negative: "remove this many" (transformers 4.x and 5.x agree)
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    output = prefill(model, ids[matched:], cache)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(output.logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt in stops:
+            break
+        output = prefill(model, [nxt], output.past_key_values)
+    return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    tokens: Sequence[int] | torch.Tensor,
+    cache: Any,
+    matched: int,
+    max_new_tokens: int = 32,
+) -> str:
+    """Greedy answer text for ``tokens``, from a cache holding their first ``matched`` tokens."""
+    out = greedy_continue(
+        model, tokens, cache, matched, max_new_tokens, eos_token_id=tokenizer.eos_token_id
+    )
+    return str(tokenizer.decode(out, skip_special_tokens=True))
+
+
+def generate_with_kvpeer(
+    client: KVPeerClient,
+    model: Any,
+    tokenizer: Any,
+    tokens: Sequence[int] | torch.Tensor,
+    fingerprint: ModelFingerprint,
+    max_new_tokens: int = 32,
+    deadline_s: float | None = None,
+    put: bool = False,
+) -> tuple[str, int]:
+    """Fetch the longest shared prefix, compute only the rest, answer: ``(text, matched)``.
+
+    ``put=True`` also stores the prompt's KV afterwards (taken from the cache generation
+    filled, not recomputed), for the next engine that needs it.
+    """
+    cache, matched = fetch_cache(client, model, tokens, fingerprint, deadline_s=deadline_s)
+    ids = _tokens(tokens)
+    text = generate(model, tokenizer, ids, cache, matched, max_new_tokens)
+    if put:
+        k, v = kv_from_cache(cache)
+        try:
+            client.put(ids, k[:, :, : len(ids)], v[:, :, : len(ids)], fingerprint)
+        except KVPeerError as exc:
+            log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
+    return text, matched
