@@ -183,3 +183,23 @@ def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
         assert getattr(mapped, name) == getattr(section, name), name
     unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
     assert unset.host == "10.0.0.3"
+
+
+def test_kvpeerd_check_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    good = write(tmp_path, '[node]\nnode_id = "n1"\n[store]\nram_bytes = "1GiB"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "kvpeer.cli", "--check-config", "--config", str(good)],
+        capture_output=True, text=True, timeout=120, env={"KVPEER_TRANSPORT__PORT": "7600"},
+    )
+    assert done.returncode == 0, done.stderr
+    printed = tomllib.loads(done.stdout)
+    assert printed["store"]["ram_bytes"] == "1GiB" and printed["transport"]["port"] == 7600
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvpeer.cli", "--check-config", "--config", str(good)],
+        capture_output=True, text=True, timeout=120, env={"KVPEER_STORE__RAM_BYTES": "lots"},
+    )
+    assert bad.returncode == 2
+    assert "store.ram_bytes: expected a size like '2GiB', got 'lots'" in bad.stderr

@@ -123,3 +123,35 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
                     assert torch.equal(result.v, v[:, :, :512, :])
             code = cluster.stop_node(node, sig=signal.SIGKILL if crash else signal.SIGTERM)
             assert code == (-signal.SIGKILL if crash else 0), node.log_text()
+
+
+def test_full_disk_is_reported_and_the_daemon_keeps_serving_from_ram(tmp_path: Path) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        n_chunks = 48  # 64 KiB each at the exact level: 3 MiB into a 2 MiB file system
+        tokens = list(range(n_chunks * 256))
+        gen = torch.Generator().manual_seed(5)  # random: the exact level cannot shrink it much
+        k = torch.randn(2, 2, len(tokens), 16, generator=gen).half()
+        v = torch.randn(2, 2, len(tokens), 16, generator=gen).half()
+        config = {"store": {"dir": str(mount / "store"), "disk_bytes": "1GiB"}}
+        with DaemonCluster(1, workdir=tmp_path / "cluster", config=config) as cluster:
+            node = cluster.nodes[0]
+            with KVPeerClient(socket_path=node.socket_path) as client:
+                client.put(tokens, k, v, FP, level="exact")
+                stats = client.stats()
+                assert stats["store"]["disk_errors"] > 0
+                assert "no space left on device" in stats["store"]["last_disk_error"]
+                assert stats["chunks"] == n_chunks  # the RAM tier holds what the disk could not
+                with client.fetch(tokens, FP) as result:
+                    assert result.matched_tokens == len(tokens)
+                    assert torch.equal(result.v, v)
+            assert node.process is not None and node.process.poll() is None
+            assert "no space left on device" in node.log_text()
+            assert cluster.stop_node(node) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
