@@ -1,0 +1,73 @@
+"""AsyncKVPeerClient: the same API on asyncio, with concurrent requests on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from kvpeer.api.client import AsyncKVPeerClient
+from kvpeer.errors import ApiError, ErrorCode
+from tests.api.fakes import CHUNK, FP, ServerThread, kv, our_segments
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+def test_async_round_trip_and_concurrent_fetches(api: ServerThread) -> None:
+    k, v = kv(12)
+    tokens = list(range(12))
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path, namespace="ns") as client:
+            put = await client.put(tokens, k, v, FP, level="exact")
+            assert (put.chunks, put.stored) == (3, 3)
+            assert (await client.lookup(tokens, FP)).matched_tokens == 12
+
+            async def one() -> torch.Tensor:
+                async with client.fetch(tokens, FP) as result:
+                    assert result.matched_tokens == 12 and result.zero_copy()
+                    return result.k.clone()
+
+            results = await asyncio.gather(*(one() for _ in range(4)))
+            assert all(torch.equal(r, k) for r in results)
+            stats, peers = await asyncio.gather(client.stats(), client.peers())
+            assert stats["api"]["live_segments"] == 0 and peers[0]["node_id"] == "peer-1"
+
+    run(main())
+    assert not our_segments()
+
+
+def test_async_streaming_uses_chunk_zero_before_the_rest(api: ServerThread) -> None:
+    k, v = kv(12)
+    tokens = list(range(12))
+    api.backend.stall_after = 1
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            await client.put(tokens, k, v, FP)
+            async with client.fetch(tokens, FP, stream=True) as result:
+                k0, v0 = await result.chunk(0)
+                assert torch.equal(k0, k[:, :, :CHUNK]) and torch.equal(v0, v[:, :, :CHUNK])
+                api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+                final = await result.wait()
+                assert final.matched_tokens == 12 and torch.equal(result.v, v)
+
+    run(main())
+
+
+def test_async_errors_are_typed(api: ServerThread) -> None:
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            with pytest.raises(ApiError) as info:
+                await client.put([1, 2], *kv(2), FP.__class__(name="x", layers=1, kv_heads=1, head_dim=1, dtype="float32"))
+            assert info.value.code == ErrorCode.INVALID
+            api.backend.fail_fetch = True
+            with pytest.raises(ApiError) as info:
+                async with client.fetch([1, 2, 3, 4], FP):
+                    pass
+            assert info.value.code == ErrorCode.NOT_FOUND
+
+    run(main())
