@@ -4,6 +4,14 @@ Public surface: `make_discovery(config)` returns a `Discovery` (zeroconf on the 
 peer list, or etcd across routed subnets), all announcing an `Advertisement` and reporting
 `PeerInfo`s and `PeerEvent`s. `InventoryLog` / `InventoryTable` (sans-IO) keep this node's and
 the peers' chunk sets in step through full and delta inventories; `InventorySync` pulls them.
+
+Liveness: a goodbye (zeroconf goodbye packet, static "bye" beacon, etcd key delete) removes a
+peer at once. A peer that vanishes is dropped by whichever notices first: the transport's
+session heartbeat (`mark_dead`, ~2 s with a session open), or our own unicast UDP heartbeats
+(zeroconf, static: every heartbeat_interval_s to each known peer at its signalling port
+number; silent for peer_timeout_s = dropped), or, for etcd, the lease expiring. mDNS TTLs
+alone would keep a killed peer for minutes. A dropped peer that is in fact alive comes back
+with its next heartbeat.
 """
 
 from __future__ import annotations

@@ -122,21 +122,21 @@ def _is_bridge(nice_name: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Iface:
+class HostInterface:
     name: str
     addresses: tuple[str, ...] = field(default=())
 
 
-def _host_interfaces() -> list[_Iface]:
-    out: list[_Iface] = []
+def _host_interfaces() -> list[HostInterface]:
+    out: list[HostInterface] = []
     for adapter in ifaddr.get_adapters():
         v4 = tuple(str(ip.ip) for ip in adapter.ips if isinstance(ip.ip, str))
-        out.append(_Iface(adapter.nice_name, v4))
+        out.append(HostInterface(adapter.nice_name, v4))
     return out
 
 
 def advertisable_addresses(
-    interfaces: Sequence[str], host: Iterable[_Iface] | None = None
+    interfaces: Sequence[str], host: Iterable[HostInterface] | None = None
 ) -> tuple[str, ...]:
     """IPv4 addresses this node may advertise and listen on, from ``interfaces``.
 

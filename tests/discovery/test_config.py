@@ -2,19 +2,19 @@ import pytest
 
 from kvpeer.discovery.config import (
     DiscoveryConfig,
-    _Iface,
+    HostInterface,
     advertisable_addresses,
     check_advertised,
 )
 from kvpeer.errors import ConfigError
 
 HOST = [
-    _Iface("lo", ("127.0.0.1",)),
-    _Iface("eth0", ("192.168.1.5",)),
-    _Iface("docker0", ("172.17.0.1",)),
-    _Iface("veth1234", ("172.18.0.1",)),
-    _Iface("br-abc", ("172.19.0.1",)),
-    _Iface("virbr0", ("192.168.122.1",)),
+    HostInterface("lo", ("127.0.0.1",)),
+    HostInterface("eth0", ("192.168.1.5",)),
+    HostInterface("docker0", ("172.17.0.1",)),
+    HostInterface("veth1234", ("172.18.0.1",)),
+    HostInterface("br-abc", ("172.19.0.1",)),
+    HostInterface("virbr0", ("192.168.122.1",)),
 ]
 
 
