@@ -14,6 +14,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   - delayed SACK: acknowledge every ``SACK_EVERY`` packets or after ``SACK_DELAY_S``, at once
     on gaps or duplicates (RFC 9260 6.2 allows every second packet; the sender's window is
     grown per SACK, so the burst limit is raised with it);
+  - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
+  - slow start counts the packets a SACK acknowledges (RFC 3465), not the SACKs;
   - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
     retransmission (no gap report and no T3 expiry since the last full scan).
 * :func:`apply` (process-wide, behaviour-neutral for small packets): DTLS reads and writes use
@@ -54,6 +56,10 @@ SACK_EVERY = 8
 SACK_DELAY_S = 0.005
 #: Packets the sender may put on the wire beyond the flight size per transmit (stock: 4).
 MAX_BURST = 2 * SACK_EVERY
+#: Lower bound of the retransmission timeout. aiortc uses RFC 9260's 1 s, made for the
+#: Internet; on a LAN each T3 expiry (a lost retransmission, a tail loss) then stalls a
+#: transfer for a whole second. Linux TCP's 200 ms is the bound used here.
+RTO_MIN_S = 0.2
 #: DTLS plaintext is at most 16 KiB; a record adds header, explicit nonce and tag.
 DTLS_BUFFER = 16_384 + 256
 _STOCK_DTLS_BUFFER = 1500
@@ -193,7 +199,9 @@ def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
     # The methods that size chunks and the congestion window read this module constant.
     globals_ = dict(vars(rtcsctptransport))
     globals_["USERDATA_MAX_LENGTH"] = userdata
+    globals_["SCTP_RTO_MIN"] = RTO_MIN_S
     _rebind(sctp, "_send", globals_)
+    _rebind(sctp, "_update_rto", globals_)
     sack_chunk = _rebind(sctp, "_receive_sack_chunk", globals_)
     t3_expired = _rebind(sctp, "_t3_expired", globals_)
     sctp._cwnd = 3 * userdata  # what __init__ computed, with our payload size
@@ -205,7 +213,15 @@ def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
         # Chunks are only ever struck (marked for retransmission) by a SACK with gap reports.
         if chunk.gaps:
             sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
+        slow_start = sctp._fast_recovery_exit is None and sctp._cwnd <= sctp._ssthresh
+        cwnd_before = sctp._cwnd
+        acked = (chunk.cumulative_tsn - sctp._last_sacked_tsn) % rtcsctptransport.SCTP_TSN_MODULO
         await sack_chunk(chunk)
+        # aiortc grows the window by one packet per SACK in slow start; with one SACK per
+        # SACK_EVERY packets that is SACK_EVERY times slower. Count the packets acknowledged
+        # instead (RFC 3465 byte counting, limit SACK_EVERY).
+        if slow_start and sctp._cwnd == cwnd_before + userdata and 1 < acked <= SACK_EVERY * 4:
+            sctp._cwnd += (min(acked, SACK_EVERY) - 1) * userdata
 
     def t3_expired_marking() -> None:
         sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]

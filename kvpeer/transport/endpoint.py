@@ -65,6 +65,7 @@ def _config(args: argparse.Namespace) -> TransportConfig:
         max_blob_bytes=max(args.blob_bytes, 1) * 2,
         request_timeout_s=args.request_timeout,
         bulk_channels=args.bulk_channels,
+        buffer_high_bytes=args.buffer_high,
     )
 
 
@@ -117,6 +118,8 @@ async def fetch(args: argparse.Namespace) -> dict[str, Any]:
                 if blob != pool[index % POOL]:
                     failures.append(f"blob {index} differs")
                     return
+                if verified == 0:
+                    print("FIRST", flush=True)  # tests wait for a transfer in progress
                 verified += len(blob)
 
         await asyncio.gather(*(worker() for _ in range(args.parallel)))
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--bulk-channels", type=int, default=1)
+    parser.add_argument("--buffer-high", type=int, default=4 << 20, help="flow control")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log", default="WARNING")
     args = parser.parse_args(argv)

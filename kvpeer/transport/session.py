@@ -117,6 +117,8 @@ class PeerSession:
         self._closed = False
         self._closing = False
         self._next_bulk = 0
+        # Never ask more of the peer at once than it serves (same limit cluster-wide).
+        self._fetch_slots = asyncio.Semaphore(config.max_transfers_per_peer)
         control.on("message", self._on_control)
         for channel in bulk:
             channel.on("message", self._on_bulk)
@@ -157,6 +159,10 @@ class PeerSession:
     ) -> bytes:
         """The whole blob stored under *key*; every frame CRC-checked, the whole digest-checked."""
         self._check_usable()
+        async with self._fetch_slots:
+            return await self._fetch_blob(key, level, timeout)
+
+    async def _fetch_blob(self, key: bytes, level: str, limit_s: float | None) -> bytes:
         blob_id = next(self._ids) & 0xFFFFFFFF
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         assembler = BlobAssembler(blob_id, self._config.max_blob_bytes)
@@ -164,7 +170,7 @@ class PeerSession:
         self.estimator.transfer_started(time.monotonic())
         try:
             await self._send_control(m.BlobRequest(id=blob_id, key=key, level=level))
-            blob = await self._wait(future, timeout, "blob fetch")
+            blob = await self._wait(future, limit_s, "blob fetch")
         except BaseException:
             if not self._closed and not future.done():
                 with contextlib.suppress(KVPeerError):
@@ -222,6 +228,11 @@ class PeerSession:
         data = m.encode(message, self._config.max_message_bytes)
         await self._control.send(data, self._config.request_timeout_s)
 
+    def _send_control_now(self, message: m.Message) -> None:
+        """Queue a small control message at once, past flow control (acks, pongs)."""
+        if self._control.channel.readyState == "open":
+            self._control.channel.send(m.encode(message, self._config.max_message_bytes))
+
     def _send_control_soon(self, message: m.Message) -> None:
         self._spawn(self._send_quietly(message))
 
@@ -245,7 +256,7 @@ class PeerSession:
     def _dispatch(self, message: m.Message) -> None:
         match message:
             case m.Ping(seq=seq, sent=sent):
-                self._send_control_soon(m.Pong(seq=seq, sent=sent))
+                self._send_control_now(m.Pong(seq=seq, sent=sent))
             case m.Pong(sent=sent):
                 sample = self._liveness.pong(sent, time.monotonic())
                 self.estimator.on_rtt(sample)
@@ -269,7 +280,8 @@ class PeerSession:
                 if entry is not None:
                     self._feed(entry, lambda a: a.start(message))  # type: ignore[arg-type]
             case m.BlobDone(id=blob_id) | m.BlobCancel(id=blob_id):
-                serving = self._serving.get(blob_id)
+                # Free the slot now: the peer may already have sent its next request.
+                serving = self._serving.pop(blob_id, None)
                 if serving is not None:
                     task, done = serving
                     if isinstance(message, m.BlobCancel):
@@ -277,7 +289,7 @@ class PeerSession:
                     if not done.done():
                         done.set_result(None)
             case m.Bye():
-                self._send_control_soon(m.ByeAck())
+                self._send_control_now(m.ByeAck())
                 self._spawn(self._end_after_bye())
             case m.ByeAck():
                 if not self._bye_ack.done():
@@ -311,13 +323,16 @@ class PeerSession:
         try:
             step(assembler)
             if assembler.complete:
-                future.set_result(assembler.result())
-                self._send_control_soon(m.BlobDone(id=assembler.blob_id))
+                blob = assembler.result()
+                # Confirm before the caller can ask for the next blob, so the peer's count of
+                # transfers in flight never sees both (it answers BUSY above its limit).
+                self._send_control_now(m.BlobDone(id=assembler.blob_id))
+                future.set_result(blob)
         except ProtocolError as exc:
             self._peer_error(exc)
             future.set_exception(exc)
             self._incoming.pop(assembler.blob_id, None)
-            self._send_control_soon(m.BlobCancel(id=assembler.blob_id))
+            self._send_control_now(m.BlobCancel(id=assembler.blob_id))
 
     def _peer_error(self, exc: ProtocolError) -> None:
         self.protocol_errors += 1

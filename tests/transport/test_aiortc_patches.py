@@ -1,0 +1,103 @@
+"""The aiortc patches: fail loudly when an aiortc upgrade moves what they rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import aiortc
+from aiortc import rtcdtlstransport
+from aiortc.rtcsctptransport import RTCSctpTransport, SackChunk
+
+from kvpeer.transport import PeerTransport, TransportConfig, aiortc_patches
+from kvpeer.transport.netinfo import sctp_packet_size
+
+# What the patched methods of RTCSctpTransport read or replace; all must still exist.
+_SCTP_ATTRIBUTES = (
+    "_forward_tsn_chunk", "_fast_recovery_exit", "_fast_recovery_transmit", "_sent_queue",
+    "_outbound_queue", "_flight_size", "_cwnd", "_t3_handle", "_sack_misordered",
+    "_sack_duplicates", "_sack_needed", "_association_state", "_last_sacked_tsn",
+)  # fmt: skip
+
+
+def test_pinned_version_and_patch_points_exist() -> None:
+    assert aiortc.__version__ == aiortc_patches.AIORTC_VERSION, (
+        "aiortc was upgraded: re-check kvpeer/transport/aiortc_patches.py, then update the pin"
+    )
+    for name in ("_send", "_receive_sack_chunk", "_t3_expired"):
+        assert "USERDATA_MAX_LENGTH" in getattr(RTCSctpTransport, name).__code__.co_names, name
+    assert "SCTP_RTO_MIN" in RTCSctpTransport._update_rto.__code__.co_names
+    assert "_ssthresh" in RTCSctpTransport._receive_sack_chunk.__code__.co_names
+    for name in ("_transmit", "_send_sack", "_send_chunk", "_t3_start", "_t3_restart",
+                 "_flight_size_increase"):  # fmt: skip
+        assert callable(getattr(RTCSctpTransport, name)), name
+    transport = RTCSctpTransport.__new__(RTCSctpTransport)
+    RTCSctpTransport.__init__(transport, _FakeDtls())  # type: ignore[arg-type]
+    for attribute in _SCTP_ATTRIBUTES:
+        assert hasattr(transport, attribute), attribute
+    aiortc_patches.apply()
+    dtls = rtcdtlstransport.RTCDtlsTransport
+    for name in ("_recv_next", "_write_ssl"):
+        consts = getattr(dtls, name).__code__.co_consts
+        assert aiortc_patches.DTLS_BUFFER in consts and 1500 not in consts, name
+
+
+class _FakeDtls:
+    """Just enough of RTCDtlsTransport for RTCSctpTransport.__init__."""
+
+    state = "new"
+    transport: Any = None
+
+    def _register_data_receiver(self, receiver: Any) -> None:
+        pass
+
+
+def test_packet_size_agreement() -> None:
+    kwargs = {"maximum": 16_384, "minimum": 1_189}
+    assert sctp_packet_size(1500, 9000, **kwargs) == 1412
+    assert sctp_packet_size(9000, 9000, **kwargs) == 8912
+    assert sctp_packet_size(65536, 65536, **kwargs) == 16_384
+    assert sctp_packet_size(1280, 1500, **kwargs) == 1192
+    assert sctp_packet_size(1000, 1500, **kwargs) == 1_189  # aiortc's own floor
+
+
+def test_patched_session_uses_big_packets_and_fewer_sacks() -> None:
+    async def body() -> tuple[int, int, int, bool]:
+        key = os.urandom(32)
+        config = TransportConfig(host="127.0.0.1", allow_loopback=True, psk=key)
+        blob = os.urandom(4 << 20)
+
+        class Handler:
+            async def handle_request(self, *_: Any) -> dict[str, Any]:
+                return {}
+
+            async def open_blob(self, *_: Any) -> bytes:
+                return blob
+
+        a, b = PeerTransport("a", config, Handler()), PeerTransport("b", config, Handler())
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("b", "127.0.0.1", b.port)
+            sctp = session._pc.sctp  # the association of the fetching side
+            counts = {"sack": 0, "other": 0}
+            send_chunk = sctp._send_chunk
+
+            async def counting(chunk: Any) -> None:
+                counts["sack" if isinstance(chunk, SackChunk) else "other"] += 1
+                await send_chunk(chunk)
+
+            sctp._send_chunk = counting
+            fetched = await session.fetch_blob(b"k", "")
+            userdata = sctp._send.__globals__["USERDATA_MAX_LENGTH"]
+            return session.packet_bytes, userdata, counts["sack"], fetched == blob
+        finally:
+            await a.close()
+            await b.close()
+
+    packet, userdata, sacks, intact = asyncio.run(asyncio.wait_for(body(), 60))
+    assert intact
+    assert packet == 16_384 and userdata == 16_384 - aiortc_patches.SCTP_OVERHEAD
+    data_packets = (4 << 20) // userdata
+    assert sacks < data_packets / 3, (sacks, data_packets)  # stock: one SACK per packet
