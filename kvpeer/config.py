@@ -123,7 +123,7 @@ class ApiSection:
     )
     allowed_uids: tuple[int, ...] = setting(
         (), "Only these user ids may use the API (checked with SO_PEERCRED). Empty: anyone the "
-        "socket permissions let in."
+        "socket permissions let in.", lo=0,
     )
     lease_s: float = setting(
         60.0, "Seconds a client may hold a fetched shared-memory segment before the daemon "

@@ -413,15 +413,18 @@ class ChunkStore:
             slot = (key, lv)
             with self._lock:
                 blob = self._ram.get(slot)
+                on_disk = slot in self._disk
+                if on_disk:
+                    self._disk.move_to_end(slot)
                 if blob is not None:
                     self._ram.move_to_end(slot)
-                    if slot in self._disk:
-                        self._disk.move_to_end(slot)
                     self._counters.hits += 1
-                    return blob
-                if slot not in self._disk:
-                    continue
-                self._disk.move_to_end(slot)
+            if blob is not None:
+                if on_disk:
+                    self._touch(slot)
+                return blob
+            if not on_disk:
+                continue
             blob = self._read_disk_blocking(slot, changes)
             if blob is None:
                 continue
@@ -454,11 +457,14 @@ class ChunkStore:
                 self._counters.corrupt += 1
                 self._disk_remove(slot, changes)
             return None
+        self._touch(slot)
+        return blob
+
+    def _touch(self, slot: _Slot) -> None:
         try:
-            os.utime(path)  # the file's mtime is its last use: the LRU order after a restart
+            os.utime(self._path(slot))  # a file's mtime is its last use: the LRU order after a restart
         except OSError:
             pass
-        return blob
 
     def _write_file_blocking(self, path: Path, header: bytes, blob: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
