@@ -17,7 +17,8 @@ from typing import Literal
 
 import msgpack
 
-from kvpeer.discovery.digest import BloomDigest
+from kvpeer.discovery.digest import HEADER_BYTES as DIGEST_HEADER_BYTES
+from kvpeer.discovery.digest import MAX_DIGEST_BYTES, MIN_DIGEST_BYTES, BloomDigest
 from kvpeer.errors import ErrorCode, ProtocolError
 
 SERVICE_TYPE = "_kvpeer._tcp.local."
@@ -139,9 +140,14 @@ def encode_fields(advert: Advertisement) -> dict[bytes, bytes]:
         b"e": str(advert.epoch).encode(),
         b"n": str(advert.chunk_count).encode(),
     }
-    digest = advert.digest().encode()
-    for i in range(0, len(digest), _DIGEST_PIECE):
-        fields[b"d%d" % (i // _DIGEST_PIECE)] = digest[i : i + _DIGEST_PIECE]
+    # The digest gets what is left of the TXT budget (fingerprints and ids vary in length);
+    # with too little left it is omitted and peers treat every prefix as "maybe".
+    pieces_overhead = 4 * (1 + MAX_DIGEST_BYTES // _DIGEST_PIECE)  # "dN=" + length byte each
+    budget = MAX_TXT_BYTES - txt_size(fields) - pieces_overhead - DIGEST_HEADER_BYTES
+    if budget >= MIN_DIGEST_BYTES:
+        digest = BloomDigest.build(advert.first_chunk_keys, max_bytes=budget).encode()
+        for i in range(0, len(digest), _DIGEST_PIECE):
+            fields[b"d%d" % (i // _DIGEST_PIECE)] = digest[i : i + _DIGEST_PIECE]
     size = txt_size(fields)
     if size > MAX_TXT_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"TXT record of {size} bytes")

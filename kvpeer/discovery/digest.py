@@ -18,7 +18,8 @@ MAX_DIGEST_BYTES = 640  # 5,120 bits: ~1% false positives at ~530 prefixes
 MIN_DIGEST_BYTES = 8
 BITS_PER_KEY = 10  # ~1% false positives at the optimal hash count
 MAX_HASHES = 12
-_HEADER = 2  # version, hash count
+HEADER_BYTES = 2  # version, hash count
+_HEADER = HEADER_BYTES
 
 
 class BloomDigest:
@@ -36,10 +37,11 @@ class BloomDigest:
         self.hashes = hashes
 
     @classmethod
-    def build(cls, keys: Collection[bytes]) -> BloomDigest:
-        """Smallest filter (up to the cap) giving ~1% false positives for ``keys``."""
+    def build(cls, keys: Collection[bytes], max_bytes: int = MAX_DIGEST_BYTES) -> BloomDigest:
+        """Smallest filter (up to ``max_bytes``) giving ~1% false positives for ``keys``."""
         n = len(keys)
-        size = min(MAX_DIGEST_BYTES, max(MIN_DIGEST_BYTES, math.ceil(n * BITS_PER_KEY / 8)))
+        cap = max(MIN_DIGEST_BYTES, min(MAX_DIGEST_BYTES, max_bytes))
+        size = min(cap, max(MIN_DIGEST_BYTES, math.ceil(n * BITS_PER_KEY / 8)))
         m = size * 8
         hashes = max(1, min(MAX_HASHES, round(m / max(n, 1) * math.log(2))))
         bits = bytearray(size)

@@ -53,6 +53,16 @@ def test_txt_stays_under_1kb_with_many_fingerprints(n: int) -> None:
     assert txt_size(encode_fields(a)) <= MAX_TXT_BYTES
 
 
+def test_worst_case_fields_still_fit_with_a_smaller_digest() -> None:
+    fps = tuple(f"{i:064x}" for i in range(8))
+    a = advert(node_id="n" * 63, fingerprints=fps, epoch=2**63 - 1, chunk_count=2**63 - 1,
+               first_chunk_keys=keys(1000))
+    fields = encode_fields(a)
+    assert txt_size(fields) <= MAX_TXT_BYTES
+    peer = decode_fields(fields, ["10.0.0.1"])
+    assert peer.digest is not None and all(peer.might_hold_prefix(k) for k in a.first_chunk_keys)
+
+
 def test_digest_false_positive_rate_is_low_below_capacity() -> None:
     held = keys(400)
     digest = BloomDigest.decode(BloomDigest.build(held).encode())
