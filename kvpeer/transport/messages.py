@@ -336,7 +336,9 @@ def decode(data: bytes, types: dict[str, type[Message]], limit: int) -> Message:
         raise ProtocolError(ErrorCode.MALFORMED, "message is not a map")
     if obj.pop("v", None) != VERSION:
         raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, "unsupported message version")
-    cls = types.get(obj.pop("t", None))  # type: ignore[arg-type]
+    kind = obj.pop("t", None)
+    # A peer controls the type field: anything but a string (a list is unhashable) is unknown.
+    cls = types.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "unknown message type")
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
