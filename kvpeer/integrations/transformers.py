@@ -56,8 +56,10 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
     cache = DynamicCache(config=model.config)
     for index in range(layers):
         cache.update(
-            k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
-            v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
+            # copy=True: .to() returns the same storage when nothing changes, which would keep
+            # the cache pointing into a shared-memory segment the client is about to release.
+            k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype, copy=True),
+            v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype, copy=True),
             index,
         )
     return cache
