@@ -346,6 +346,7 @@ class Assignment:
 @dataclass(slots=True)
 class _Peer:
     bandwidth_bps: float
+    window: int
     alive: bool = True
     inflight: dict[int, float] = field(default_factory=dict)  # chunk -> expected bytes
     last_progress: float = 0.0
@@ -361,8 +362,9 @@ class SchedulerConfig:
     """Weight of a peer whose bandwidth is not known yet."""
     stall_factor: float = 4.0
     """A peer is stalled after this many times its expected time for the chunk at its head."""
-    stall_floor_s: float = 2.0
-    """...and never before this long without progress (RTOs, GC pauses, a busy sender)."""
+    stall_floor_s: float = 5.0
+    """...and never before this long without progress (RTOs, GC pauses, a sender draining the
+    buffered bytes of a cancelled transfer). A dead peer is the transport's to detect, faster."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -396,7 +398,9 @@ class ChunkScheduler:
         for peers in self._holders:
             for peer in peers:
                 if peer not in self._peers:
-                    self._peers[peer] = _Peer(self.config.default_bandwidth_bps, last_progress=now)
+                    self._peers[peer] = _Peer(
+                        self.config.default_bandwidth_bps, self.config.window, last_progress=now
+                    )
         self._pending: set[int] = set(range(len(holders)))
         self._owner: dict[int, str] = {}
         self._done: set[int] = set()
@@ -429,6 +433,16 @@ class ChunkScheduler:
         if peer in self._peers and bandwidth_bps > 0:
             self._peers[peer].bandwidth_bps = bandwidth_bps
 
+    def set_window(self, peer: str, window: int) -> None:
+        """Chunks in flight allowed for ``peer`` (1 while its bandwidth is still unmeasured, so
+        a wrong first guess commits one chunk, not a window of them)."""
+        if peer in self._peers and window >= 1:
+            self._peers[peer].window = window
+
+    def holders(self, index: int) -> list[str]:
+        """Live peers holding chunk ``index``."""
+        return [p for p in self._holders[index] if self._peers[p].alive]
+
     def _update_limit(self) -> None:
         for index in range(self._reported, len(self._holders)):
             if index in self._done or index in self._owner:
@@ -444,9 +458,7 @@ class ChunkScheduler:
         queued = {
             name: sum(p.inflight.values()) for name, p in self._peers.items() if p.alive
         }
-        slots = {
-            name: self.config.window - len(p.inflight) for name, p in self._peers.items() if p.alive
-        }
+        slots = {name: p.window - len(p.inflight) for name, p in self._peers.items() if p.alive}
         out: list[Assignment] = []
         mean = (sum(sizes.values()) / len(sizes)) if sizes else 1.0
         for index in sorted(i for i in self._pending if i < self._limit):
@@ -518,8 +530,8 @@ class ChunkScheduler:
         for name, peer in self._peers.items():
             if not peer.alive or not peer.inflight:
                 continue
-            head = peer.inflight[min(peer.inflight)]
-            expected = head * 8.0 / peer.bandwidth_bps
+            # Everything queued on the peer counts: its chunks travel one after the other.
+            expected = sum(peer.inflight.values()) * 8.0 / peer.bandwidth_bps
             allowed = max(self.config.stall_floor_s, self.config.stall_factor * expected)
             if now - peer.last_progress > allowed:
                 out.append(name)

@@ -132,12 +132,18 @@ class FetcherConfig:
     """Received chunks waiting for the decoder; transfers wait (backpressure) beyond this."""
     initial_bandwidth_bps: float = 100e6
     """Assumed per-peer bandwidth before the transport measured any."""
+    probe_level: str = "q8"
+    """Most faithful level asked of a peer whose bandwidth is not measured yet: a wrong guess
+    then costs one mid-sized chunk, not one exact chunk (the estimate lasts across fetches)."""
     initial_decode_rate: float = 150e6
     """Assumed decode speed (compressed bytes/s) before one was measured."""
     default_recompute_rate: float = 400.0
     """Tokens/s the client recomputes at, when neither it nor a put told us."""
     kv_bytes_per_token: float = 23_040.0
     """Uncompressed KV bytes per token when the caller does not say (SmolLM2-135M, fp16)."""
+    committed_bytes: int = 4 * 1024 * 1024
+    """Bytes of a transfer a cancel cannot recall (the sender's buffered data): preempting a
+    chunk saves only what lies beyond them."""
     max_retries: int = 3
     """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -498,10 +504,23 @@ class _FetchRun:
         if peer == LOCAL:
             return 1e12
         session = self.f.sessions(peer)
-        if session is None:
-            return self.cfg.initial_bandwidth_bps
-        measured = session.estimator.bandwidth_bps(now)
-        return measured if measured else self.cfg.initial_bandwidth_bps
+        measured = session.estimator.bandwidth_bps(now) if session is not None else None
+        if measured:
+            self.sched.set_window(peer, self.cfg.scheduler.window)
+            return measured
+        self.sched.set_window(peer, 1)  # probe with one chunk until the link is measured
+        return self.cfg.initial_bandwidth_bps
+
+    def _measured(self, peer: str, now: float) -> bool:
+        session = self.f.sessions(peer)
+        return session is not None and bool(session.estimator.bandwidth_bps(now))
+
+    def _probe(self, level: str) -> str:
+        probe = self.cfg.probe_level
+        if probe not in self.ctl.allowed:
+            return level
+        allowed = self.ctl.allowed
+        return allowed[max(allowed.index(level), allowed.index(probe))]
 
     def _link(self, now: float) -> tuple[float, float]:
         """Aggregate bandwidth and worst RTT of the live peers still holding work."""
@@ -548,6 +567,8 @@ class _FetchRun:
                     return
                 assert isinstance(decision, FetchAt)
                 level = decision.level
+                if not self._measured(peer, now):
+                    level = self._probe(level)
                 previous = self.ctl.levels_used[index - 1] if index else None
                 if previous is not None and previous != level:
                     self.note("switch", index=index, level=level)
@@ -568,9 +589,13 @@ class _FetchRun:
         self.note("request", index=index, level=level, peer=peer)
 
     def _handle_stalls(self, now: float) -> None:
+        flights = self.sched.in_flight()
         for peer in self.sched.stalled(now):
             if peer == LOCAL:
                 continue
+            mine = [i for i, p in flights.items() if p == peer]
+            if not any(len(self.sched.holders(i)) > 1 for i in mine):
+                continue  # nobody else to ask: the request timeout or the recompute rule decides
             log.warning("fetch: peer %s stalled; its chunks go to other peers", peer)
             self._lose_peer(peer)
 
@@ -587,8 +612,10 @@ class _FetchRun:
         for index, (_task, peer, level, started) in list(self.transfers.items()):
             if peer == LOCAL or not level:
                 continue
-            # No per-blob progress from the transport: estimate what arrived from the time spent.
+            # No per-blob progress from the transport: estimate what arrived from the time spent,
+            # plus what the sender has buffered already (a cancel does not recall it).
             received = int((now - started) * self._bandwidth(peer, now) / 8)
+            received += self.cfg.committed_bytes
             again = self.ctl.reconsider(index, level, received, now, bandwidth)
             if again is None:
                 continue
@@ -779,6 +806,7 @@ class LevelServer:
                     self.executor, transcode_blocking, top, level
                 )
             self.transcoded += 1
+            log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
             with contextlib.suppress(StoreError):
                 await self.store.put(key, level, blob)
             future.set_result(blob)
