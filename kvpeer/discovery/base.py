@@ -51,11 +51,16 @@ class Discovery(ABC):
         self._addresses = check_advertised(advert.addresses, allowed)
         self._table = PeerTable(advert.node_id, self._liveness_timeout())
         self._advert = advert
-        await self._open(advert)
+        try:
+            # Beacon sockets first: a port already taken fails before anything is announced.
+            if self._heartbeat_interval():
+                self._beacons = BeaconSocket(self._on_datagram)
+                await self._beacons.open(self._addresses, advert.port)
+            await self._open(advert)
+        except BaseException:
+            await self.close()
+            raise
         self._throttle.published(self._now())
-        if self._heartbeat_interval():
-            self._beacons = BeaconSocket(self._on_datagram)
-            await self._beacons.open(self._addresses, advert.port)
         self._liveness = asyncio.create_task(self._liveness_loop(), name="discovery-liveness")
         log.info(
             "discovery (%s) started: %s at %s port %d",
@@ -64,8 +69,10 @@ class Discovery(ABC):
 
     async def update(self, advert: Advertisement) -> None:
         """Publish a changed advertisement; bursts coalesce to one per update_min_interval_s."""
-        if self._advert is None or self._closed:
-            raise KVPeerError("discovery is not running")
+        if self._advert is None:
+            raise KVPeerError("discovery is not started")
+        if self._closed:
+            return  # shutting down: the goodbye is (being) sent instead
         if advert.node_id != self._advert.node_id or advert.port != self._advert.port:
             raise KVPeerError("an update may not change node id or port")
         self._pending = advert
@@ -85,6 +92,12 @@ class Discovery(ABC):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._advert is not None:
+            # A unicast goodbye too: a lost multicast goodbye would leave us listed until
+            # the peers' liveness timeout.
+            bye = Beacon(kind="bye", node_id=self._advert.node_id)
+            for target in self._heartbeat_targets():
+                with contextlib.suppress(OSError):
+                    self._send(bye, target)
             await self._close()
         if self._beacons is not None:
             self._beacons.close()
@@ -211,8 +224,8 @@ class Discovery(ABC):
         self._throttle.published(self._now())
         try:
             await self._publish(advert)
-        except (KVPeerError, OSError) as exc:
-            log.warning("advertisement update failed: %s", exc)
+        except Exception as exc:  # a background task: log it, the next update tries again
+            log.warning("advertisement update failed: %r", exc)
 
     async def _flush_loop(self) -> None:
         while self._pending is not None:
@@ -221,20 +234,27 @@ class Discovery(ABC):
                 await asyncio.sleep(delay)
             await self._publish_pending()
 
+    def _send_heartbeats(self) -> None:
+        beacon = self._heartbeat()
+        if beacon is None:
+            return
+        for target in self._heartbeat_targets():
+            try:
+                self._send(beacon, target)
+            except OSError as exc:
+                log.debug("heartbeat to %s failed: %s", target, exc)
+
     async def _liveness_loop(self) -> None:
         interval = self._heartbeat_interval()
         period = interval if interval else self._tick_period()
         while True:
-            await self._tick()
-            if interval:
-                beacon = self._heartbeat()
-                if beacon is not None:
-                    for target in self._heartbeat_targets():
-                        try:
-                            self._send(beacon, target)
-                        except OSError as exc:
-                            log.debug("heartbeat to %s failed: %s", target, exc)
-            self._dispatch(self._table.expire(self._now()))
+            try:
+                await self._tick()
+                if interval:
+                    self._send_heartbeats()
+                self._dispatch(self._table.expire(self._now()))
+            except Exception:  # a bug here must not end liveness for good
+                log.exception("discovery liveness round failed")
             wake = period
             next_expiry = self._table.next_expiry()
             if next_expiry is not None:

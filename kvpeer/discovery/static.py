@@ -58,14 +58,7 @@ class StaticDiscovery(Discovery):
                 self._send(beacon, target)
 
     async def _close(self) -> None:
-        if self._advert is None:
-            return
-        bye = Beacon(kind="bye", node_id=self._advert.node_id)
-        for target in self._heartbeat_targets():
-            try:
-                self._send(bye, target)
-            except OSError as exc:
-                log.debug("goodbye to %s failed: %s", target, exc)
+        return None  # the base class sends the "bye" beacons
 
     def _heartbeat_interval(self) -> float:
         # Beacons are how static peers learn of each other at all: never off.
