@@ -42,6 +42,10 @@ def build_prompt(tokenizer: object) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--level", default="q8", help="codec level daemon A stores (default q8)")
+    parser.add_argument(
+        "--min-level", default="q8",
+        help="lowest level B accepts (default q8; 'any' lets the fetcher go as low as the link needs)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--keep", action="store_true", help="keep the work directory for inspection")
     args = parser.parse_args()
@@ -50,7 +54,7 @@ def main() -> int:
         return 2
 
     from kvpeer.api.client import KVPeerClient
-    from kvpeer.integrations.transformers import fetch_cache, generate, prefill_and_put
+    from kvpeer.integrations.transformers import cache_from_kv, generate, prefill_and_put
     from kvpeer.models import load_model, model_fingerprint
     from kvpeer.testing.cluster import DaemonCluster
 
@@ -74,8 +78,11 @@ def main() -> int:
         cluster.wait_until_peer_holds(node_b, node_a.node_id, timeout_s=30)
         with KVPeerClient(socket_path=node_b.socket_path) as client_b:
             started = time.perf_counter()
-            cache, matched = fetch_cache(client_b, model, tokens, fingerprint)
-            fetch_s = time.perf_counter() - started
+            min_level = None if args.min_level == "any" else args.min_level
+            with client_b.fetch(tokens, fingerprint, min_level=min_level) as result:
+                fetch_s = time.perf_counter() - started
+                matched, levels = result.matched_tokens, list(result.levels)
+                cache = cache_from_kv(result.k, result.v, model)  # copies out of the segment
             stats_b = client_b.stats()
 
         # The same prefix recomputed locally on B, for the comparison.
@@ -97,6 +104,7 @@ def main() -> int:
     print(f"prefix tokens matched : {matched} of {len(tokens)}")
     print(f"bytes on the wire     : {wire:,} (fp16 KV would be {fp16_bytes:,}; "
           f"{fp16_bytes / max(wire, 1):.2f}x smaller)")
+    print(f"levels per chunk      : {', '.join(levels)}")
     print(f"fetch time            : {fetch_s:.3f}s   local recompute: {recompute_s:.3f}s "
           f"({recompute_s / fetch_s:.2f}x)")
     print(f"B's answer (fetched KV): {answer_fetched!r}")
