@@ -1,4 +1,4 @@
-"""etcd discovery across two routed subnets (no multicast forwarding), with a real etcd.
+"""Discovery across two routed subnets (no multicast forwarding): etcd with a real server, and static peers.
 
 Topology, all in fresh namespaces: host A (subnet 1, also runs etcd) -- router -- hosts B and C
 (subnet 2, one bridge). mDNS cannot cross the router; etcd can.
@@ -166,3 +166,29 @@ def test_etcd_finds_peers_across_subnets(routed: tuple[RoutedNet, list[AgentProc
     a.wait_event("removed", WAIT_S, peer="e2")
     a.send(op="peers")
     assert a.wait_event("peers", WAIT_S)["peers"] == []
+
+
+def test_static_peers_across_subnets(tmp_path: Path) -> None:
+    """Static backend over the same router: unicast beacons need no multicast and no registry.
+    C lists only A; A learns C from C's beacons and answers, so the pair is symmetric."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    net = RoutedNet()
+    try:
+        a_ip, b_ip, c_ip = net.ip[net.a], net.ip[net.b], net.ip[net.c]
+        common = ["--backend", "static", "--peer-timeout", "4", "--heartbeat", "1",
+                  "--log-level", "info"]
+        specs = [
+            (net.a, "s0", ["--interface", a_ip, "--static-peer", f"{b_ip}:7457", *common]),
+            (net.b, "s1", ["--interface", b_ip, "--static-peer", f"{a_ip}:7457", *common]),
+            (net.c, "s2", ["--interface", c_ip, "--static-peer", f"{a_ip}:7457", *common]),
+        ]
+        a, b, c = start_agents(net.popen, specs, log_dir=tmp_path)
+        for me, other in ((a, b), (b, a), (a, c), (c, a)):
+            me.wait_event("added", WAIT_S, peer=other.node_id)
+        assert c.quit() == 0
+        assert a.wait_event("removed", WAIT_S, peer="s2")["reason"] == "goodbye"
+        b.kill()
+        assert a.wait_event("removed", WAIT_S, peer="s1")["reason"] == "timeout"
+    finally:
+        net.close()
