@@ -225,7 +225,10 @@ class Segment:
             size = os.fstat(fd).st_size
             if size < _HEADER.size:
                 raise ProtocolError(ErrorCode.MALFORMED, "segment smaller than its header")
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Populate the page tables now: the client maps when the first chunk lands, so
+            # the faults are taken while later chunks decode, not when the engine reads.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapping = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         try:

@@ -136,7 +136,7 @@ class FetchSink:
         self._conn = conn
         self.request = request
         self.segment: shm.Segment | None = None
-        self._announced = False
+        self._announce: asyncio.Task[None] | None = None
         self._levels: dict[int, str] = {}
         self.closed = False  # set when the fetch is over: late chunk_done calls are ignored
 
@@ -161,6 +161,24 @@ class FetchSink:
             chunk_tokens=chunk_tokens,
         )
         self.segment = self._server._create_segment(layout, self._conn)
+        # Announce the segment now, not with the first chunk: the client maps (and faults in)
+        # the pages while chunks are still being decoded, off the critical path.
+        self._announce = asyncio.get_running_loop().create_task(
+            self._conn.send(
+                m.FetchStarted(id=self.request.id, segment=self.segment.name, size=layout.size)
+            ),
+            name="kvpeer-api-fetch-started",
+        )
+
+    async def flush(self) -> None:
+        """Wait until the segment announcement is sent (progress must come after it)."""
+        if self._announce is not None:
+            await self._announce
+
+    def cancel(self) -> None:
+        self.closed = True
+        if self._announce is not None:
+            self._announce.cancel()
 
     def _need_segment(self) -> shm.Segment:
         if self.segment is None or self.segment.closed:
@@ -195,11 +213,7 @@ class FetchSink:
         segment.set_level(index, level)
         self._levels[index] = level
         segment.set_matched_tokens(self.matched_tokens)
-        if not self._announced:
-            self._announced = True
-            await self._conn.send(
-                m.FetchStarted(id=self.request.id, segment=segment.name, size=segment.layout.size)
-            )
+        await self.flush()
         await self._conn.send(m.FetchProgress(id=self.request.id, index=index, level=level))
 
     def result(self) -> m.FetchResult:
@@ -511,13 +525,18 @@ class ApiServer:
         except BaseException:
             self._drop_sink(conn, sink)
             raise
+        try:
+            await sink.flush()
+        except BaseException:
+            self._drop_sink(conn, sink)
+            raise
         result = sink.result()
         if not result.segment:
             self._drop_sink(conn, sink)
         return result
 
     def _drop_sink(self, conn: _Connection, sink: FetchSink) -> None:
-        sink.closed = True
+        sink.cancel()
         if sink.segment is not None:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(sink.segment.name, conn.id)
