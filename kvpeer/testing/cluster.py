@@ -162,7 +162,9 @@ class DaemonCluster:
             self.close_notify()
             self._stack.close()
 
-    def start_node(self, node: Node, *, wait: bool = True, env: Mapping[str, str] | None = None) -> None:
+    def start_node(
+        self, node: Node, *, wait: bool = True, env: Mapping[str, str] | None = None
+    ) -> None:
         (node.workdir / "run").mkdir(parents=True, exist_ok=True)
         extra: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self._config.items()}
         if self._per_node is not None:
@@ -200,7 +202,9 @@ class DaemonCluster:
                 )
         raise TimeoutError(f"kvpeerd {node.node_id} not ready in {timeout_s}s:\n{node.log_text()}")
 
-    def stop_node(self, node: Node, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+    def stop_node(
+        self, node: Node, sig: int = signal.SIGTERM, timeout_s: float = 20.0
+    ) -> int | None:
         """Stop one daemon (SIGTERM: graceful; SIGKILL: a crash). Returns its exit code."""
         process, node.process = node.process, None
         if process is None:

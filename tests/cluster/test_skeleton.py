@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvpeer.api.client import KVPeerClient
-from kvpeer.integrations.transformers import kv_from_cache
+from kvpeer.integrations.transformers import cache_from_kv, greedy_continue, kv_from_cache
 from kvpeer.testing.cluster import DaemonCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model, pytest.mark.slow]
@@ -16,23 +16,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.model, pytest.mark.slow]
 PREFIX_TOKENS = 600  # two full 256-token chunks + a partial one that is never shared
 
 
-def greedy(model, tokens: list[int], cache, matched: int, steps: int) -> list[int]:  # type: ignore[no-untyped-def]
-    """Greedy continuation of ``tokens`` from a cache that holds the first ``matched`` tokens."""
-    out = []
-    with torch.no_grad():
-        logits = model(torch.tensor([tokens[matched:]]), past_key_values=cache, use_cache=True)
-        for _ in range(steps):
-            nxt = int(logits.logits[0, -1].argmax())
-            out.append(nxt)
-            logits = model(
-                torch.tensor([[nxt]]), past_key_values=logits.past_key_values, use_cache=True
-            )
-    return out
-
-
 def test_prefix_put_on_a_is_fetched_bit_identical_through_b(smollm2, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from kvpeer.integrations.transformers import cache_from_kv
-
     text = (Path(__file__).parents[2] / "examples" / "data" / "handbook.txt").read_text()
     tokens = smollm2.tokenizer(text)["input_ids"][:PREFIX_TOKENS]
     with torch.no_grad():
@@ -60,6 +44,6 @@ def test_prefix_put_on_a_is_fetched_bit_identical_through_b(smollm2, tmp_path: P
     fetched_cache = cache_from_kv(fetched_k, fetched_v, smollm2.model)
     with torch.no_grad():
         local_cache = smollm2.model(torch.tensor([tokens[:512]]), use_cache=True).past_key_values
-    assert greedy(smollm2.model, tokens, fetched_cache, 512, 12) == greedy(
+    assert greedy_continue(smollm2.model, tokens, fetched_cache, 512, 12) == greedy_continue(
         smollm2.model, tokens, local_cache, 512, 12
     )
