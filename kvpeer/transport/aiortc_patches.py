@@ -15,6 +15,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     on gaps or duplicates (RFC 9260 6.2 allows every second packet; the sender's window is
     grown per SACK, so the burst limit is raised with it);
   - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
+  - the peer's advertised receive window is respected (aiortc ignores it, so its window only
+    stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
   - slow start counts the packets a SACK acknowledges (RFC 3465), not the SACKs;
   - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
     retransmission (no gap report and no T3 expiry since the last full scan).
@@ -182,7 +184,9 @@ def _rebind(sctp: RTCSctpTransport, name: str, globals_: dict[str, Any]) -> Call
     return method
 
 
-def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
+def configure_association(
+    pc: RTCPeerConnection, packet_bytes: int, receive_window: int = 512 * 1024
+) -> None:
     """Packet size, delayed SACK and the retransmit shortcut for *pc*'s association.
 
     Call before the association starts (before setRemoteDescription on the offerer, before
@@ -208,6 +212,9 @@ def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
     sctp._kvpeer_packet = packet_bytes  # type: ignore[attr-defined]
     sctp._kvpeer_userdata = userdata  # type: ignore[attr-defined]
     sctp._kvpeer_rtx_pending = False  # type: ignore[attr-defined]
+    # What we advertise (sent in INIT / INIT-ACK and every SACK) and what the peer advertised.
+    sctp._advertised_rwnd = receive_window
+    sctp._kvpeer_peer_rwnd = receive_window  # type: ignore[attr-defined]
 
     async def receive_sack_chunk(chunk: Any) -> None:
         # Chunks are only ever struck (marked for retransmission) by a SACK with gap reports.
@@ -217,6 +224,7 @@ def configure_association(pc: RTCPeerConnection, packet_bytes: int) -> None:
         cwnd_before = sctp._cwnd
         acked = (chunk.cumulative_tsn - sctp._last_sacked_tsn) % rtcsctptransport.SCTP_TSN_MODULO
         await sack_chunk(chunk)
+        sctp._kvpeer_peer_rwnd = chunk.advertised_rwnd  # type: ignore[attr-defined]
         # aiortc grows the window by one packet per SACK in slow start; with one SACK per
         # SACK_EVERY packets that is SACK_EVERY times slower. Count the packets acknowledged
         # instead (RFC 3465 byte counting, limit SACK_EVERY).
@@ -244,7 +252,11 @@ async def _transmit(self: Any) -> None:
 
     userdata = self._kvpeer_userdata
     burst = (MAX_BURST // 2 if self._fast_recovery_exit is not None else MAX_BURST) * userdata
-    cwnd = min(self._flight_size + burst, self._cwnd)
+    # aiortc ignores the peer's receive window, so the congestion window grows until queues
+    # overflow somewhere (socket buffer, switch, tbf) and loss recovery stalls the transfer.
+    # Respect it (RFC 9260 6.1 A/B), allowing one packet when nothing is in flight.
+    window = max(self._kvpeer_peer_rwnd, userdata if self._flight_size == 0 else 0)
+    cwnd = min(self._flight_size + burst, self._cwnd, window)
 
     if self._kvpeer_rtx_pending:
         earliest = True

@@ -55,6 +55,10 @@ class TransportConfig:
     allow_fragmentation: bool = False
     #: Apply the aiortc speed-ups of :mod:`kvpeer.transport.aiortc_patches`.
     patch_aiortc: bool = True
+    #: SCTP receive window we advertise: what a peer may have in flight toward us. Large
+    #: enough for a LAN's bandwidth-delay product (1 Gbit/s x 4 ms), small enough that a
+    #: sender does not overrun switch queues and fall into loss recovery.
+    receive_window_bytes: int = 512 * 1024
     #: UDP socket buffer asked for (capped by net.core.rmem_max / wmem_max, with a warning).
     socket_buffer_bytes: int = 4 * 1024 * 1024
     connect_timeout_s: float = 10.0
@@ -118,6 +122,8 @@ class TransportConfig:
             raise ConfigError("transport.max_transfers_per_peer must be >= 1")
         if not 0 < self.buffer_low_bytes < self.buffer_high_bytes:
             raise ConfigError("transport: need 0 < buffer_low_bytes < buffer_high_bytes")
+        if not 64 * 1024 <= self.receive_window_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("transport.receive_window_bytes must be 64 KiB..64 MiB")
         if self.max_message_bytes < 4096 or self.max_blob_bytes < 1:
             raise ConfigError("transport: max_message_bytes >= 4096 and max_blob_bytes >= 1")
 

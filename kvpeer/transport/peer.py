@@ -177,7 +177,9 @@ class PeerTransport:
                     )
                 packet = self._packet_bytes(answer.mtu)
                 if self.config.patch_aiortc:
-                    aiortc_patches.configure_association(pc, packet)
+                    aiortc_patches.configure_association(
+                        pc, packet, self.config.receive_window_bytes
+                    )
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
                 session = self._new_session(peer_id, pc, control, bulk, packet)
                 await session.wait_open(timeout)
@@ -241,7 +243,9 @@ class PeerTransport:
                 await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
                 packet = self._packet_bytes(offer.mtu)
                 if self.config.patch_aiortc:
-                    aiortc_patches.configure_association(pc, packet)
+                    aiortc_patches.configure_association(
+                        pc, packet, self.config.receive_window_bytes
+                    )
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)
                 await _write_message(writer, answer)
