@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +27,14 @@ import torch
 from kvpeer import codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.config import Config
-from kvpeer.discovery import Advertisement, DiscoveryConfig, InventoryLog, make_discovery
+from kvpeer.discovery import (
+    Advertisement,
+    DiscoveryConfig,
+    InventoryLog,
+    InventorySync,
+    InventoryTable,
+    make_discovery,
+)
 from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
@@ -70,8 +81,14 @@ class Daemon:
             level_order=codec.LEVELS,
         )
         self.inventory = InventoryLog()
-        self.fingerprints: dict[str, ModelFingerprint] = {}
+        self.fingerprints_path = config.node.state_dir / "fingerprints.json"
+        self.fingerprints = load_fingerprints(self.fingerprints_path)
         self.discovery = make_discovery(discovery_config(config))
+        # What each peer holds, kept current by pulling inventory deltas when epochs move.
+        self.peer_table = InventoryTable()
+        self.inventory_sync = InventorySync(
+            self.peer_table, self._peer_request, timeout_s=config.transport.request_timeout_s
+        )
         self.addresses = config.transport.advertise_addresses or advertisable_addresses(
             config.discovery.interfaces
         )
@@ -99,6 +116,7 @@ class Daemon:
         self.ready = False
         self.bytes_from_peers = 0  # encoded bytes received from peers since start
         self._advertise_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()  # short advertisement updates
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -107,6 +125,7 @@ class Daemon:
         self.store.subscribe(self._store_changed)
         await self.transport.start()
         await self.api.start()
+        self.discovery.subscribe(self.inventory_sync.on_event)
         await self.discovery.start(self._advertisement())
         self.ready = True
         log.info(
@@ -121,6 +140,8 @@ class Daemon:
             await self.api.close()
         with contextlib.suppress(Exception):
             await self.discovery.close()
+        with contextlib.suppress(Exception):
+            await self.inventory_sync.close()
         with contextlib.suppress(Exception):
             await self.fetcher.close()
         with contextlib.suppress(Exception):
@@ -142,10 +163,30 @@ class Daemon:
     def _store_changed(self, added: list[bytes], removed: list[bytes]) -> None:
         self.inventory.add(added)
         self.inventory.remove(removed)
+        if removed and self.ready:
+            # Evictions change what peers may ask for; the discovery coalesces bursts.
+            self._advertise_soon()
+
+    def _advertise_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._advertise())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _advertise(self) -> None:
         async with self._advertise_lock:
             await self.discovery.update(self._advertisement())
+
+    async def _peer_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A request to a peer over its (possibly new) authenticated session."""
+        peer = self.discovery.peers().get(peer_id)
+        session = self.transport.session(peer_id)
+        if session is None or session.closed:
+            if peer is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"peer {peer_id} is not known")
+            session = await self.transport.connect(peer_id, peer.addresses[0], peer.port)
+        timeout = self.config.transport.request_timeout_s
+        answer: dict[str, Any] = await session.request(method, body, timeout=timeout)
+        return answer
 
     def _peer_down(self, peer_id: str) -> None:
         log.info("peer %s is down", peer_id)
@@ -164,7 +205,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stored = 0
         started = time.perf_counter()
-        self.fingerprints[fp.hex] = fp
+        if fp.hex not in self.fingerprints:
+            self.fingerprints[fp.hex] = fp
+            await asyncio.get_running_loop().run_in_executor(
+                None, save_fingerprints_blocking, self.fingerprints_path, self.fingerprints
+            )
         for index, key in enumerate(keys):
             if self.store.has(key):
                 continue
@@ -241,15 +286,14 @@ class Daemon:
         wanted = list(keys[local : local + MAX_HAS_KEYS])
         if not wanted:
             return plan
-        holders: list[set[str]] = [set() for _ in wanted]
+        _, known = self.peer_table.longest_prefix(wanted, fp.hex)
+        holders: list[set[str]] = [set(known[i]) if i < len(known) else set() for i in range(len(wanted))]
         for peer in list(self.discovery.peers().values()):
-            if fp.hex not in peer.fingerprints:
-                continue
+            if fp.hex not in peer.fingerprints or self.peer_table.epoch(peer.node_id) == peer.epoch:
+                continue  # serves another model, or its inventory is already in the table
+            # Not synced yet (just appeared, or its epoch moved a moment ago): ask directly.
             try:
-                session = await self.transport.connect(peer.node_id, peer.addresses[0], peer.port)
-                answer = await session.request(
-                    "has", {"keys": wanted}, timeout=self.config.transport.request_timeout_s
-                )
+                answer = await self._peer_request(peer.node_id, "has", {"keys": wanted})
             except KVPeerError as exc:
                 log.info("peer %s not asked: %s", peer.node_id, exc)
                 continue
@@ -275,6 +319,7 @@ class Daemon:
             "chunks": len(self.inventory),
             "peers": len(self.discovery.peers()),
             "bytes_from_peers": self.bytes_from_peers,
+            "peer_inventories": {p: len(keys) for p, keys in self.peer_table.snapshot().items()},
             "codec_backends": codec.available_backends(),
         }
 
@@ -305,6 +350,29 @@ class Daemon:
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
         return await self.level_server.open_blob(key, level)
+
+
+def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
+    """Fingerprints of the models this node served before (so a restart advertises them)."""
+    try:
+        entries = json.loads(path.read_text())
+        return {fp.hex: fp for fp in (ModelFingerprint(**entry) for entry in entries)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+
+
+def save_fingerprints_blocking(path: Path, fingerprints: dict[str, ModelFingerprint]) -> None:
+    """Write the served fingerprints atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as out:
+        json.dump([dataclasses.asdict(fp) for fp in fingerprints.values()], out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
 
 
 def transport_config(config: Config, default_host: str) -> TransportConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def test_prefix_put_on_a_is_fetched_bit_identical_through_b(smollm2, tmp_path: P
 
         cluster.wait_until_peer_holds(node_b, node_a.node_id, timeout_s=30)
         with KVPeerClient(socket_path=node_b.socket_path) as client_b:
+            # B pulled A's inventory over the authenticated session (not just the TXT digest).
+            deadline = time.monotonic() + 10
+            while client_b.stats()["peer_inventories"].get(node_a.node_id) != 2:
+                assert time.monotonic() < deadline, client_b.stats()
+                time.sleep(0.1)
             with client_b.fetch(tokens, smollm2.fingerprint, min_level="exact") as result:
                 assert result.matched_tokens == 512
                 assert list(result.levels) == ["exact", "exact"]
