@@ -19,9 +19,10 @@ import sys
 import time
 from typing import Any
 
-from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError
 from kvpeer.transport.config import TransportConfig
 from kvpeer.transport.peer import PeerTransport
+from kvpeer.transport.session import PeerSession
 
 POOL = 4
 
@@ -145,11 +146,29 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         args.node_id, _config(args), SyntheticHandler(0), lambda _: down.set()
     )
     await transport.start()
+    fetched = 0
+
+    async def keep_fetching(session: PeerSession) -> None:
+        nonlocal fetched
+        while True:
+            try:
+                await session.fetch_blob(b"blob" + fetched.to_bytes(4, "big"), "")
+            except KVPeerError:
+                return  # the transfer in flight fails when the peer dies: expected
+            fetched += 1
+            if fetched == 1:
+                print("FIRST", flush=True)
+
     try:
-        await transport.connect(args.peer_id, args.peer_host, args.peer_port)
+        session = await transport.connect(args.peer_id, args.peer_host, args.peer_port)
         print("CONNECTED", flush=True)
-        await asyncio.wait_for(down.wait(), args.request_timeout)
-        return {"ok": True, "down_at": time.monotonic()}
+        async with asyncio.TaskGroup() as group:
+            busy = group.create_task(keep_fetching(session)) if args.busy else None
+            await asyncio.wait_for(down.wait(), args.request_timeout)
+            down_at = time.monotonic()
+            if busy is not None:
+                busy.cancel()
+        return {"ok": True, "down_at": down_at, "blobs_before_down": fetched}
     finally:
         await transport.close()
 
@@ -166,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat", type=float, default=0.5)
     parser.add_argument("--dead-after", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--busy", action="store_true", help="watch: fetch while watching")
     parser.add_argument("--peer-id")
     parser.add_argument("--peer-host")
     parser.add_argument("--peer-port", type=int)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 _LENGTH = struct.Struct("!I")
 #: Signalling messages are small (an SDP is a few KB); anything bigger is hostile.
 _SIGNALLING_LIMIT = 128 * 1024
+#: Addresses whose failed authentication was logged loudly (bounded: peers choose them).
+_MAX_WARNED = 256
 
 
 async def _read_message(reader: asyncio.StreamReader) -> m.Message:
@@ -89,6 +91,7 @@ class PeerTransport:
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
+        self._auth_warned: set[str] = set()
         if config.psk is None:
             logger.warning("no cluster key: any host on the LAN that has none either can connect")
         if config.patch_aiortc:
@@ -254,7 +257,7 @@ class PeerTransport:
             self._register(session)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
-            logger.warning("peer at %s failed authentication: %s", peer, exc)
+            self._log_auth_failure(peer, exc)
             await _close_pc(pc)
         except (TimeoutError, OSError, KVPeerError) as exc:
             self.counters["handshakes_failed"] += 1
@@ -266,6 +269,18 @@ class PeerTransport:
         finally:
             writer.close()
             self._handshakes.discard(task)
+
+    def _log_auth_failure(self, peer: Any, exc: AuthError) -> None:
+        # Anyone on the LAN can trigger this: warn once per address, then only count.
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        first = address not in self._auth_warned
+        if first and len(self._auth_warned) < _MAX_WARNED:
+            self._auth_warned.add(address)
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "peer at %s failed authentication (%d failures so far): %s",
+            address, self.counters["auth_failures"], exc.reason,
+        )  # fmt: skip
 
     # -- shared ----------------------------------------------------------------------------
 

@@ -53,17 +53,21 @@ def test_fetch_between_namespaces_every_byte_checked() -> None:
         assert result["packet_bytes"] <= 1500 - 48 - 40  # agreed from the 1500-byte MTUs
 
 
-def test_killed_peer_is_reported_by_heartbeat_not_ice_consent() -> None:
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-transfer"])
+def test_killed_peer_is_reported_by_heartbeat_not_ice_consent(busy: bool) -> None:
     with Cluster(n_hosts=2) as cluster:
         a, b = cluster.hosts
-        server, port = _serve(cluster, a, "--blob-bytes", "1024")
+        server, port = _serve(cluster, a, "--blob-bytes", str(1 << 20))
+        extra = ["--busy", "--blob-bytes", str(1 << 20)] if busy else []
         watcher = cluster.popen(
             b,
-            _client_argv("watch", b, a, port, "--request-timeout", "20"),
+            _client_argv("watch", b, a, port, "--request-timeout", "20", *extra),
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert watcher.stdout is not None
         assert watcher.stdout.readline().strip() == "CONNECTED"
+        if busy:
+            assert watcher.stdout.readline().strip() == "FIRST"  # a transfer is under way
         killed_at = time.monotonic()
         os.killpg(server.pid, signal.SIGKILL)
         result = json.loads(watcher.stdout.readline())
