@@ -6,19 +6,25 @@ files with a checksum of its own and never returns bytes that fail it: a corrupt
 deleted and read as a miss.
 
 Tiers. The RAM tier is an LRU bounded by ``ram_bytes``. The disk tier (when ``directory`` is
-given and ``disk_bytes`` > 0) is written through on every put and bounded by ``disk_bytes``,
-also LRU; the RAM tier then caches it. A chunk the disk cannot take (disk full) stays in RAM
-only, and the put raises StoreError saying so: the daemon keeps running on the RAM tier.
+given and ``disk_bytes`` > 0) receives every put and is bounded by ``disk_bytes``, also LRU; the
+RAM tier caches it. Disk writes are write-behind: a put returns once the chunk is readable (RAM,
+or the writer's queue) and one writer thread persists it, so a fetch never waits on fsync.
+The queue is bounded (``max_pending_bytes``; a put waits beyond it). :meth:`flush` waits for
+it to drain; :meth:`close` flushes. When the disk fails (full, read-only, ...) the error is
+logged, counted in ``stats()``, and for the next ``DISK_RETRY_S`` seconds puts keep chunks in
+RAM only and raise StoreError saying so: the daemon keeps running on the RAM tier.
 
 Crash safety. A file is written under a temporary name, fsynced, renamed into place and its
 directory fsynced, so after ``kill -9`` (or power loss) at any point a chunk's file either is
-complete or does not exist; leftover temporary files are removed when the store opens. The
-index is rebuilt at start-up from file names and ``stat`` alone (no file is read), in the order
-of last use (file mtimes). One process uses a directory at a time (an ``flock`` on ``.lock``).
+complete or does not exist; leftover temporary files are removed when the store opens. What
+was still queued is lost (it is a cache); what :meth:`flush` returned for is not. The index is
+rebuilt at start-up from file names and ``stat`` alone (no file is read), in the order of last
+use (file mtimes). One process uses a directory at a time (an ``flock`` on ``.lock``).
 
 Threads. ``*_blocking`` methods may run in executor threads concurrently; the async wrappers
-run them in the loop's default executor. Inventory callbacks (``subscribe``) are called in the
-thread that called the store: the event loop's for the async wrappers and ``delete``.
+run them in the loop's default executor. Inventory callbacks (``subscribe``) run on the event
+loop they were subscribed from (from other threads via ``call_soon_threadsafe``), or in the
+calling thread when subscribed outside any loop.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import re
 import secrets
 import struct
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,8 @@ from kvpeer.errors import StoreError
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
+DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
+WRITE_BATCH = 64  # files written before their directories are fsynced once
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"
@@ -97,6 +106,14 @@ def record_size(level: str, blob_len: int) -> int:
     return _HEADER.size + len(level.encode()) + blob_len
 
 
+@dataclass(slots=True, eq=False)
+class _PendingWrite:
+    """A chunk queued for the disk writer (readable from here until its file exists)."""
+
+    blob: bytes
+    file_size: int
+
+
 @dataclass(slots=True)
 class _Changes:
     """Keys that appeared in or vanished from the inventory during one operation."""
@@ -117,7 +134,7 @@ class _Counters:
 
 
 class ChunkStore:
-    """Encoded chunks by key (32 bytes) and level, RAM LRU over a disk LRU."""
+    """Encoded chunks by key (32 bytes) and level, RAM LRU over a write-behind disk LRU."""
 
     def __init__(
         self,
@@ -126,33 +143,55 @@ class ChunkStore:
         directory: Path | None = None,
         *,
         level_order: Sequence[str] = (),
+        max_pending_bytes: int = 64 << 20,
+        writers: int = 4,
     ) -> None:
         """``level_order``: known levels, most faithful first (others are refused); empty: any
-        level name, ordered by name."""
+        level name, ordered by name. ``max_pending_bytes``: disk writes queued before a put
+        waits for the writers. ``writers``: writer threads (concurrent fsyncs share journal
+        commits, so a few threads write several times more files per second than one)."""
         if ram_bytes < 0 or disk_bytes < 0:
             raise StoreError("store budgets must be >= 0")
         self.ram_limit = ram_bytes
         self.disk_limit = disk_bytes if directory is not None else 0
         self.directory = directory if self.disk_limit else None
+        self.max_pending_bytes = max_pending_bytes
         self._order = {level: i for i, level in enumerate(level_order)}
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # queue changes: writer, flush, back-pressure
         self._ram: OrderedDict[_Slot, bytes] = OrderedDict()
         self._disk: OrderedDict[_Slot, int] = OrderedDict()  # slot -> file size, LRU first
-        self._pending: dict[_Slot, int] = {}  # slot -> reserved file size while being written
-        self._levels: dict[bytes, set[str]] = {}  # readable levels per key (RAM or disk)
+        self._pending: dict[_Slot, _PendingWrite] = {}  # queued or being written
+        self._queue: deque[_Slot] = deque()
+        self._levels: dict[bytes, set[str]] = {}  # readable levels per key (RAM, queue, disk)
         self.ram_used = 0
-        self.disk_used = 0  # files on disk + reservations of writes in flight
+        self.disk_used = 0  # files on disk + the file sizes of queued writes
+        self.pending_bytes = 0
         self._counters = _Counters()
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, asyncio.AbstractEventLoop | None]] = []
         self._lock_fd: int | None = None
+        self._disk_failed_at: float | None = None
         self._last_disk_error = ""
+        self._closing = False
+        self._writers: list[threading.Thread] = []
+        self._n_writers = max(1, writers)
         if self.directory is not None:
             self._open_disk(self.directory)
+            for n in range(self._n_writers):
+                thread = threading.Thread(
+                    target=self._writer_loop, name=f"kvpeer-store-writer-{n}", daemon=True
+                )
+                thread.start()
+                self._writers.append(thread)
 
     # ------------------------------------------------------------------ public, synchronous
     def subscribe(self, callback: Listener) -> None:
         """Call ``callback(added_keys, removed_keys)`` whenever keys enter or leave the store."""
-        self._listeners.append(callback)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._listeners.append((callback, loop))
 
     def has(self, key: bytes) -> bool:
         with self._lock:
@@ -172,10 +211,10 @@ class ChunkStore:
             return len(self._levels)
 
     def put_blocking(self, key: bytes, level: str, blob: bytes) -> None:
-        """Store ``blob`` as ``key`` at ``level`` in RAM and (written through) on disk.
+        """Store ``blob`` as ``key`` at ``level``: in RAM and queued for the disk.
 
-        StoreError when it fits no tier, or when the disk write fails (then the chunk is held
-        in RAM only, if it fits there).
+        StoreError when it fits no tier, or while the disk is failing (the chunk is then held
+        in RAM only, if it fits there; the message says which).
         """
         changes = _Changes()
         try:
@@ -206,12 +245,19 @@ class ChunkStore:
         """Drop every chunk; returns how many keys were held."""
         changes = _Changes()
         with self._lock:
-            keys = list(self._levels) + [slot[0] for slot in self._pending]
-            for key in dict.fromkeys(keys):
+            for key in list(self._levels):
                 self._drop_key(key, changes)
         count = len(changes.removed)
         self._notify(changes)
         return count
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued disk write is done (written or failed). False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._pending or not any(t.is_alive() for t in self._writers),
+                timeout=timeout_s,
+            )
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -225,6 +271,8 @@ class ChunkStore:
                 "disk_bytes": self.disk_used,
                 "disk_limit": self.disk_limit,
                 "disk_dir": str(self.directory) if self.directory else None,
+                "pending_entries": len(self._pending),
+                "pending_bytes": self.pending_bytes,
                 "hits": c.hits,
                 "misses": c.misses,
                 "puts": c.puts,
@@ -235,8 +283,17 @@ class ChunkStore:
                 "last_disk_error": self._last_disk_error,
             }
 
-    def close(self) -> None:
-        """Release the directory lock. Every put already reached the disk; nothing to flush."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush queued writes (for at most ``timeout_s``), stop the writer, release the lock."""
+        if self._writers:
+            if not self.flush(timeout_s):
+                log.warning("store: %d queued chunks not written at close", len(self._pending))
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            for thread in self._writers:
+                thread.join(timeout=timeout_s)
+            self._writers.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -278,11 +335,15 @@ class ChunkStore:
         added, removed = list(changes.added), list(changes.removed)
         changes.added.clear()
         changes.removed.clear()
-        for callback in list(self._listeners):
-            try:
-                callback(added, removed)
-            except Exception:  # a listener's bug must not break the store's caller
-                log.exception("store listener %r failed", callback)
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for callback, loop in list(self._listeners):
+            if loop is None or loop is here:
+                _call_listener(callback, added, removed)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(_call_listener, callback, added, removed)
 
     def _path(self, slot: _Slot) -> Path:
         assert self.directory is not None
@@ -297,7 +358,7 @@ class ChunkStore:
         held.add(slot[1])
 
     def _mark_gone(self, slot: _Slot, changes: _Changes) -> None:
-        if slot in self._ram or slot in self._disk:
+        if slot in self._ram or slot in self._disk or slot in self._pending:
             return
         held = self._levels.get(slot[0])
         if held is None:
@@ -341,6 +402,14 @@ class ChunkStore:
             self._counters.disk_evictions += 1
             self._disk_remove(victim, changes)
 
+    def _unqueue(self, slot: _Slot, changes: _Changes) -> None:
+        entry = self._pending.pop(slot, None)
+        if entry is not None:
+            self.pending_bytes -= len(entry.blob)
+            self.disk_used -= entry.file_size
+            self._cond.notify_all()
+            self._mark_gone(slot, changes)
+
     def _drop_key(self, key: bytes, changes: _Changes) -> bool:
         found = False
         for level in list(self._levels.get(key, ())):
@@ -348,13 +417,19 @@ class ChunkStore:
             blob = self._ram.pop(slot, None)
             if blob is not None:
                 self.ram_used -= len(blob)
+            self._unqueue(slot, changes)  # a writer holding it sees this and unlinks the file
             self._disk_remove(slot, changes)
             self._mark_gone(slot, changes)
             found = True
-        for slot in [s for s in self._pending if s[0] == key]:
-            self.disk_used -= self._pending.pop(slot)  # its writer sees this and unlinks
-            found = True
         return found
+
+    def _disk_failing(self) -> bool:
+        if self._disk_failed_at is None:
+            return False
+        if time.monotonic() - self._disk_failed_at >= DISK_RETRY_S:
+            self._disk_failed_at = None  # try the disk again
+            return False
+        return True
 
     # Operations (called without the lock).
     def _put(self, key: bytes, level: str, blob: bytes, changes: _Changes) -> None:
@@ -364,47 +439,43 @@ class ChunkStore:
         blob = bytes(blob)
         slot = (key, level)
         file_size = record_size(level, len(blob))
-        write = False
-        with self._lock:
+        failing = ""
+        with self._cond:
             self._counters.puts += 1
+            to_disk = (
+                self.directory is not None and slot not in self._disk
+                and slot not in self._pending and file_size <= self.disk_limit
+            )
+            if to_disk and self._disk_failing():
+                to_disk = False
+                failing = self._last_disk_error
+            if to_disk:
+                # Back-pressure: a put waits while the writer is far behind.
+                self._cond.wait_for(
+                    lambda: self.pending_bytes + len(blob) <= self.max_pending_bytes
+                    or not self._pending or self._closing
+                )
             self._ram_insert(slot, blob, changes)
-            if (self.directory is not None and slot not in self._disk
-                    and slot not in self._pending and file_size <= self.disk_limit):
+            if to_disk and slot not in self._disk and slot not in self._pending:
                 self._disk_make_room(file_size, changes)
-                self._pending[slot] = file_size
+                self._pending[slot] = _PendingWrite(blob=blob, file_size=file_size)
+                self.pending_bytes += len(blob)
                 self.disk_used += file_size
-                write = True
+                self._queue.append(slot)
+                self._mark_present(slot, changes)
+                self._cond.notify_all()
             elif slot in self._disk:
                 self._disk.move_to_end(slot)
-            held = slot in self._ram or slot in self._disk or write
-        if not held:
+            in_ram = slot in self._ram
+            held = in_ram or slot in self._disk or slot in self._pending
+        if not held and not failing:
             raise StoreError(
                 f"a {len(blob)}-byte chunk exceeds the store's budgets "
                 f"(ram {self.ram_limit}, disk {self.disk_limit} bytes)"
             )
-        if not write:
-            return
-        path = self._path(slot)
-        try:
-            self._write_file_blocking(path, encode_record(key, level, blob), blob)
-        except OSError as exc:
-            with self._lock:
-                if self._pending.pop(slot, None) is not None:
-                    self.disk_used -= file_size
-                self._counters.disk_errors += 1
-                in_ram = slot in self._ram
-                self._last_disk_error = _describe_os_error(exc)
+        if failing:
             where = "kept in RAM only" if in_ram else "not stored"
-            raise StoreError(
-                f"disk tier {self.directory}: {_describe_os_error(exc)} writing a "
-                f"{len(blob)}-byte chunk; {where}"
-            ) from exc
-        with self._lock:
-            if self._pending.pop(slot, None) is None:  # deleted while being written
-                path.unlink(missing_ok=True)
-                return
-            self._disk[slot] = file_size
-            self._mark_present(slot, changes)
+            raise StoreError(f"disk tier {self.directory}: {failing}; {where}")
 
     def _get(self, key: bytes, level: str | None, changes: _Changes) -> bytes | None:
         with self._lock:
@@ -418,6 +489,9 @@ class ChunkStore:
                     self._disk.move_to_end(slot)
                 if blob is not None:
                     self._ram.move_to_end(slot)
+                elif slot in self._pending:
+                    blob = self._pending[slot].blob
+                if blob is not None:
                     self._counters.hits += 1
             if blob is not None:
                 if on_disk:
@@ -466,20 +540,69 @@ class ChunkStore:
         except OSError:
             pass
 
-    def _write_file_blocking(self, path: Path, header: bytes, blob: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(header)
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+    # ------------------------------------------------------------------ the disk writer
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if self._closing and not self._queue:
+                    return
+                batch: list[tuple[_Slot, _PendingWrite]] = []
+                # Share the queue among the writers rather than one taking it all.
+                share = min(WRITE_BATCH, -(-len(self._queue) // self._n_writers))
+                while self._queue and len(batch) < share:
+                    slot = self._queue.popleft()
+                    entry = self._pending.get(slot)
+                    if entry is not None:
+                        batch.append((slot, entry))
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[_Slot, _PendingWrite]]) -> None:
+        written: list[tuple[_Slot, _PendingWrite, Path]] = []
+        failed: list[tuple[_Slot, _PendingWrite]] = []
+        error: OSError | None = None
+        for slot, entry in batch:
+            path = self._path(slot)
+            try:
+                _write_file_blocking(path, encode_record(*slot, entry.blob), entry.blob)
+            except OSError as exc:
+                error = exc
+                failed.append((slot, entry))
+            else:
+                written.append((slot, entry, path))
+        dirs = {path.parent for _slot, _entry, path in written}
+        for directory in dirs:  # once per batch: renames become durable together
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                log.warning("store: cannot fsync %s: %s", directory, exc)
+        changes = _Changes()
+        with self._cond:
+            for slot, entry, path in written:
+                if self._pending.get(slot) is not entry:  # deleted (or replaced) meanwhile
+                    path.unlink(missing_ok=True)
+                    continue
+                del self._pending[slot]
+                self.pending_bytes -= len(entry.blob)
+                self._disk[slot] = entry.file_size
+            for slot, entry in failed:
+                self._counters.disk_errors += 1
+                if self._pending.get(slot) is entry:
+                    self._unqueue(slot, changes)
+            if error is not None:
+                message = _describe_os_error(error)
+                first = self._disk_failed_at is None
+                self._disk_failed_at = time.monotonic()
+                self._last_disk_error = message
+            elif written:
+                self._disk_failed_at = None
+            self._cond.notify_all()
+        if error is not None and first:
+            log.error(
+                "store: disk tier %s: %s; chunks stay in RAM only, retrying in %.0fs",
+                self.directory, message, DISK_RETRY_S,
+            )
+        self._notify(changes)
 
     def _open_disk(self, directory: Path) -> None:
         try:
@@ -530,6 +653,29 @@ class ChunkStore:
             "store %s: %d chunks, %d bytes on disk (limit %d); %d interrupted writes removed",
             directory, len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
         )
+
+
+def _write_file_blocking(path: Path, header: bytes, blob: bytes) -> None:
+    """Write a chunk file atomically: temporary file, fsync, rename (the caller fsyncs the dir)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header)
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _call_listener(callback: Listener, added: list[bytes], removed: list[bytes]) -> None:
+    try:
+        callback(added, removed)
+    except Exception:  # a listener's bug must not break the store or its caller
+        log.exception("store listener %r failed", callback)
 
 
 def _fsync_dir(path: Path) -> None:

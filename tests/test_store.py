@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
+from kvpeer import store as store_mod
 from kvpeer.errors import StoreError
 from kvpeer.store import FORMAT_DIR, ChunkStore, record_size
 
@@ -77,6 +80,7 @@ def test_disk_tier_survives_restart_and_keeps_lru_order(tmp_path: Path) -> None:
     store = ChunkStore(ram_bytes=1500, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS)
     for i in range(4):
         store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
     assert store.stats()["ram_entries"] == 1 and store.stats()["disk_entries"] == 4
     assert store.get_blocking(key(0)) == blob(0)  # read from disk, checksum verified
     store.close()
@@ -86,6 +90,7 @@ def test_disk_tier_survives_restart_and_keeps_lru_order(tmp_path: Path) -> None:
     assert all(reopened.get_blocking(key(i)) == blob(i) for i in (1, 2, 3, 0))
     reopened.put_blocking(key(4), "q8", blob(4))  # evicts the least recently used: key(1)
     assert not reopened.has(key(1)) and reopened.has(key(0))
+    assert reopened.flush(timeout_s=30)
     assert len(files(tmp_path)) == 4 and reopened.stats()["disk_bytes"] == 4 * size
     reopened.close()
 
@@ -100,6 +105,7 @@ def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
     store.subscribe(events)
     store.put_blocking(key(1), "q8", blob(1))
     store.put_blocking(key(1), "q4", blob(1, 10))
+    assert store.flush(timeout_s=30)
     (path_q8,) = [p for p in files(tmp_path) if p.name.endswith(".q8")]
     data = bytearray(path_q8.read_bytes())
     data[-1] ^= 1
@@ -115,6 +121,7 @@ def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
 def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path) -> None:
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     store.put_blocking(key(1), "q8", blob(1))
+    store.flush(timeout_s=30)
     with pytest.raises(StoreError, match="in use by another process"):
         ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path)
     store.close()
@@ -136,8 +143,44 @@ def test_async_wrappers_notify_on_the_loop(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == blob(7)
     assert sorted(events.added) == sorted(key(i) for i in range(20))
+    assert store.flush(timeout_s=30) and len(files(tmp_path)) == 20
     assert store.clear() == 20 and files(tmp_path) == [] and len(events.removed) == 20
     store.close()
+
+
+def test_writes_are_queued_readable_and_flushed_by_close(tmp_path: Path) -> None:
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path,
+                       max_pending_bytes=256 << 10)
+    for i in range(64):  # 64 x 64 KiB through a 256 KiB queue: puts wait for the writer
+        store.put_blocking(key(i), "q8", blob(i, 64 << 10))
+        assert store.get_blocking(key(i)) == blob(i, 64 << 10)  # queued or written: readable
+        assert store.stats()["pending_bytes"] <= 256 << 10
+    store.delete(key(63))
+    store.close()
+    assert len(files(tmp_path)) == 63 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_writer_thread_notifies_on_the_subscribing_loop(tiny_tmpfs: Path) -> None:
+    async def main() -> list[bytes]:
+        store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tiny_tmpfs / "s")
+        removed = asyncio.Queue[bytes]()
+        loop_thread = threading.get_ident()
+
+        def listener(added: list[bytes], gone: list[bytes]) -> None:
+            assert threading.get_ident() == loop_thread
+            for k in gone:
+                removed.put_nowait(k)
+
+        store.subscribe(listener)
+        for i in range(40):  # the RAM tier is 0: a chunk the disk refuses is gone
+            with contextlib.suppress(StoreError):
+                await store.put(key(i), "q8", blob(i, 64 << 10))
+        first = await asyncio.wait_for(removed.get(), timeout=30)
+        store.close()
+        return [first]
+
+    (first,) = asyncio.run(main())
+    assert first in {key(i) for i in range(40)}
 
 
 WRITER = textwrap.dedent(
@@ -155,7 +198,9 @@ WRITER = textwrap.dedent(
     while True:
         size = 2000 + (i * 7919) % 60000
         store.put_blocking(key(i), "q8", (key(i) * (size // 32 + 1))[:size])
-        print(i, flush=True)  # acknowledged: must survive the kill
+        if i % 8 == 7:
+            store.flush()
+            print(i, flush=True)  # everything up to i is durable: must survive the kill
         i += 1
     """
 )
@@ -171,16 +216,16 @@ def test_kill_9_during_heavy_puts_leaves_a_clean_store(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, text=True,
         )
         assert proc.stdout is not None
-        target = 40 + _round * 13  # kill at a different point of the write each round
+        target = 5 + _round * 2  # kill at a different point of the writes each round
         for _ in range(target):
             line = proc.stdout.readline()
             assert line, "writer died"
-            acknowledged.add(int(line))
+            acknowledged.update(range(start, int(line) + 1))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         for line in proc.stdout:  # acknowledged before the kill landed
-            acknowledged.add(int(line))
-        start = max(acknowledged) + 1
+            acknowledged.update(range(start, int(line) + 1))
+        start = max(acknowledged) + 1 + 64  # past anything the killed writer may have queued
 
         store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path)
         held = set(store.keys())
@@ -210,21 +255,24 @@ def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_is_a_clear_error_and_ram_keeps_working(tiny_tmpfs: Path) -> None:
+def test_disk_full_is_a_clear_error_and_ram_keeps_working(
+    tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = ChunkStore(ram_bytes=64 << 20, disk_bytes=1 << 30, directory=tiny_tmpfs / "store")
-    errors: list[StoreError] = []
     for i in range(64):  # 64 x 64 KiB = 4 MiB into a 2 MiB file system
-        try:
+        with contextlib.suppress(StoreError):
             store.put_blocking(key(i), "q8", blob(i, 64 << 10))
-        except StoreError as exc:
-            errors.append(exc)
-    assert errors, "the disk never filled up"
-    assert "no space left on device" in str(errors[0]) and "kept in RAM only" in str(errors[0])
-    assert all(store.get_blocking(key(i)) == blob(i, 64 << 10) for i in range(64))
+    store.flush(timeout_s=30)
+    with pytest.raises(StoreError) as err:  # the writer found the disk full: puts say so
+        store.put_blocking(key(64), "q8", blob(64, 64 << 10))
+    assert "no space left on device" in str(err.value) and "kept in RAM only" in str(err.value)
+    assert all(store.get_blocking(key(i)) == blob(i, 64 << 10) for i in range(65))
     stats = store.stats()
-    assert stats["disk_errors"] == len(errors) and stats["chunks"] == 64
+    assert stats["disk_errors"] >= 1 and stats["chunks"] == 65
+    assert stats["last_disk_error"] == "no space left on device"
     assert not list((tiny_tmpfs / "store").rglob("*.tmp"))
-    store.clear()  # room again: the disk tier works
+    store.clear()  # room again: after the retry delay the disk tier works
+    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
     store.put_blocking(key(100), "q8", blob(100, 64 << 10))
-    assert store.stats()["disk_entries"] == 1
+    assert store.flush(timeout_s=30) and store.stats()["disk_entries"] == 1
     store.close()
