@@ -48,23 +48,45 @@ def unshuffle(planes: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     return np.ascontiguousarray(u8.T).view(dtype).reshape(count)
 
 
+_INT8 = 1
+_INT16 = 2
+_NIBBLE = 3
+
+
 def encode_symbols(symbols: np.ndarray, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
-    """int16 symbols -> width byte + zstd frame."""
+    """int16 symbols (any shape, flattened in C order) -> mode byte + zstd frame.
+
+    Narrow alphabets (all symbols in -8..7, the low levels) go two per byte: zstd's Huffman
+    stage codes whole bytes, so packing pairs lets it spend under one bit per symbol.
+    """
     flat = symbols.reshape(-1)
-    if flat.size == 0 or (flat.min() >= -128 and flat.max() <= 127):
-        return b"\x01" + compress(flat.astype(np.int8).tobytes(), level)
-    return b"\x02" + compress(shuffle(flat.astype("<i2")), level)
+    lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
+    if -8 <= lo and hi <= 7:
+        u = (flat + 8).astype(np.uint8)
+        if u.size % 2:
+            u = np.append(u, np.uint8(8))
+        packed = u[0::2] | (u[1::2] << 4)
+        return bytes((_NIBBLE,)) + compress(packed.tobytes(), level)
+    if -128 <= lo and hi <= 127:
+        return bytes((_INT8,)) + compress(flat.astype(np.int8).tobytes(), level)
+    return bytes((_INT16,)) + compress(shuffle(flat.astype("<i2")), level)
 
 
 def decode_symbols(payload: bytes | memoryview, count: int) -> np.ndarray:
-    """Inverse of :func:`encode_symbols`: int16 array of ``count`` symbols."""
+    """Inverse of :func:`encode_symbols`: a flat array of ``count`` symbols (int8 or int16)."""
     if len(payload) < 1:
         raise CodecError("empty symbol payload")
-    width = payload[0]
-    if width == 1:
-        raw = decompress(payload[1:], count)
-        return np.frombuffer(raw, dtype=np.int8).astype(np.int16)
-    if width == 2:
+    mode = payload[0]
+    if mode == _NIBBLE:
+        packed = np.frombuffer(decompress(payload[1:], (count + 1) // 2), dtype=np.uint8)
+        out = np.empty(2 * packed.size, dtype=np.int8)
+        out[0::2] = (packed & 0x0F).view(np.int8)
+        out[1::2] = (packed >> 4).view(np.int8)
+        out -= 8
+        return out[:count]
+    if mode == _INT8:
+        return np.frombuffer(decompress(payload[1:], count), dtype=np.int8)
+    if mode == _INT16:
         raw = decompress(payload[1:], 2 * count)
         return unshuffle(raw, np.dtype("<i2"), count).astype(np.int16)
-    raise CodecError(f"unknown symbol width {width}")
+    raise CodecError(f"unknown symbol mode {mode}")

@@ -1,0 +1,124 @@
+"""Shared helpers of the codec benchmarks: real KV from a model, texts, and fidelity measures.
+
+Texts ship with Python (pydoc's topic help), so nothing is downloaded: the calibration text and
+the evaluation text are disjoint halves of it (calibration never sees the evaluated text).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256
+
+
+def _topics() -> list[str]:
+    from pydoc_data import topics
+
+    return [topics.topics[name] for name in sorted(topics.topics)]
+
+
+def calibration_text() -> str:
+    """Text used to calibrate per-model profiles (even topics)."""
+    return "\n\n".join(_topics()[0::2])
+
+
+def evaluation_text() -> str:
+    """Text used to evaluate fidelity (odd topics: disjoint from calibration)."""
+    return "\n\n".join(_topics()[1::2])
+
+
+def read_text(path: str | None, default: Callable[[], str]) -> str:
+    return Path(path).read_text() if path else default()
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One evaluation window: a prefix whose KV is coded and a teacher-forced continuation."""
+
+    prefix: torch.Tensor  # [1, P] token ids
+    continuation: torch.Tensor  # [1, C]
+
+
+def windows(tokenizer: Any, text: str, prefix: int, continuation: int, count: int) -> list[Window]:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    span = prefix + continuation
+    if len(ids) < span:
+        raise ValueError(f"text has {len(ids)} tokens, need {span}")
+    stride = max(span, (len(ids) - span) // max(count - 1, 1))
+    out = []
+    for i in range(count):
+        start = i * stride
+        if start + span > len(ids):
+            break
+        out.append(Window(ids[None, start : start + prefix], ids[None, start + prefix : start + span]))
+    return out
+
+
+@torch.no_grad()
+def prefix_kv(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a prefix, [layers, kv_heads, tokens, head_dim] each (batch 1)."""
+    out = model(ids, use_cache=True)
+    layers = out.past_key_values.layers
+    k = torch.stack([layer.keys[0] for layer in layers])
+    v = torch.stack([layer.values[0] for layer in layers])
+    return k, v
+
+
+def chunks(k: torch.Tensor, v: torch.Tensor, size: int = CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, k.shape[2], size):
+        yield k[:, :, start : start + size].contiguous(), v[:, :, start : start + size].contiguous()
+
+
+def cache_from(model: Any, k: torch.Tensor, v: torch.Tensor) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    dtype = next(model.parameters()).dtype
+    for i in range(k.shape[0]):
+        cache.update(k[i][None].to(dtype), v[i][None].to(dtype), i)
+    return cache
+
+
+@torch.no_grad()
+def continuation_logprobs(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+    """log-softmax of next-token logits over the continuation, given the prefix's KV."""
+    prefix = k.shape[2]
+    positions = torch.arange(prefix, prefix + cont.shape[1])[None]
+    out = model(cont, past_key_values=cache_from(model, k, v), position_ids=positions, use_cache=True)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+@dataclass(frozen=True, slots=True)
+class Fidelity:
+    kl: float  # mean KL(original || decoded) per position
+    top1: float  # fraction of positions whose argmax agrees
+    nll_delta: float  # mean NLL of the true next tokens, decoded minus original
+    positions: int
+
+
+def compare(ref: torch.Tensor, test: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position KL, top-1 agreement and NLL delta (targets: next tokens, -1 where unknown)."""
+    kl = (ref.exp() * (ref - test)).sum(-1)
+    agree = (ref.argmax(-1) == test.argmax(-1)).float()
+    valid = targets >= 0
+    idx = targets.clamp(min=0)[:, None]
+    nll = (ref.gather(1, idx)[:, 0] - test.gather(1, idx)[:, 0]) * valid
+    return kl, agree, nll
+
+
+def summarize(kls: list[torch.Tensor], agrees: list[torch.Tensor], nlls: list[torch.Tensor]) -> Fidelity:
+    kl = torch.cat(kls)
+    return Fidelity(
+        kl=float(kl.mean()),
+        top1=float(torch.cat(agrees).mean()),
+        nll_delta=float(torch.cat(nlls).sum() / max(1, kl.numel() - len(kls))),
+        positions=int(kl.numel()),
+    )

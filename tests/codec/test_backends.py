@@ -1,0 +1,94 @@
+"""Video streams (hevc, ffv1) decode to the same integers as zstd; NVENC probe and fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvpeer import codec
+from kvpeer.codec import container, nvenc, video
+
+
+def _kv() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 2, 40, 16, generator=g).half(), torch.randn(2, 2, 40, 16, generator=g).half()
+
+
+@pytest.mark.parametrize("backend", ["ffmpeg", "hevc", "ffv1"])
+@pytest.mark.parametrize("level", ["q8", "q4"])
+def test_video_streams_decode_like_zstd(backend: str, level: str) -> None:
+    if not video.available("hevc" if backend == "hevc" else "ffv1"):
+        pytest.skip("FFmpeg build lacks the codec")
+    k, v = _kv()
+    reference = codec.decode(codec.encode(k, v, level, backend="zstd"))
+    blob = codec.encode(k, v, level, backend=backend)
+    assert codec.read_header(blob).stream in ("hevc", "ffv1")
+    decoded = codec.decode(blob)
+    assert torch.equal(decoded[0], reference[0]) and torch.equal(decoded[1], reference[1])
+
+
+def test_hevc_bitstream_round_trip_is_lossless() -> None:
+    """What the NVENC path writes (HEVC 4:4:4 8-bit, lossless) must decode on the CPU exactly."""
+    rng = np.random.default_rng(0)
+    symbols = np.clip(np.rint(rng.normal(0, 20, (5, 24, 33))), -128, 127).astype(np.int16)
+    stream = video.encode(symbols, "hevc")
+    assert stream[:4] == b"\x00\x00\x00\x01"  # Annex B start code: no container around it
+    assert np.array_equal(video.decode(stream, "hevc", 5, 24, 33), symbols)
+
+
+@pytest.mark.parametrize("stream", ["hevc", "ffv1"])
+def test_corrupt_video_payload_is_codec_error(stream: str) -> None:
+    k, v = _kv()
+    blob = codec.encode(k, v, "q6", backend=stream)
+    h = codec.read_header(blob)
+    side, payload = (bytes(x) for x in container.sections(blob, h))
+    rng = np.random.default_rng(1)
+    for cut in (len(payload) // 2, len(payload) - 3, 10):
+        bad = [payload[:cut]]
+        flipped = bytearray(payload)
+        for pos in rng.integers(0, len(payload), 3):
+            flipped[pos] ^= 0x5A
+        bad.append(bytes(flipped))
+        for p in bad:
+            forged = container.pack(
+                container.Header(**{**{n: getattr(h, n) for n in h.__slots__}, "payload_len": len(p), "digest": b""}),
+                side,
+                p,
+            )
+            try:
+                k2, v2 = codec.decode(forged)
+            except codec.CodecError:
+                continue
+            assert k2.shape == k.shape and v2.shape == v.shape
+
+
+def test_nvenc_probe_parses_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    caps = nvenc.parse_probe_output('{"module": true, "gpus": ["NVIDIA H100"], "encode": false, "decode": true}')
+    assert caps.usable and caps.decode and not caps.encode
+    assert not nvenc.parse_probe_output("garbage").usable
+    assert not nvenc.parse_probe_output('{"module": false, "error": "No module"}').usable
+    nvenc.probe.cache_clear()
+    monkeypatch.setattr(nvenc, "_run_probe", lambda timeout: nvenc.NvCapabilities(reason="no GPU"))
+    try:
+        assert not nvenc.available()
+        assert "nvenc" not in codec.available_backends()
+        k, v = _kv()
+        blob = codec.encode(k, v, "q8", backend="nvenc")  # falls back to a CPU HEVC encode
+        assert codec.read_header(blob).stream == "hevc"
+        assert codec.decode(blob)[0].shape == k.shape
+    finally:
+        nvenc.probe.cache_clear()
+
+
+def test_real_probe_never_raises() -> None:
+    caps = nvenc.probe()
+    assert isinstance(caps.usable, bool)
+    if not caps.usable:
+        assert caps.reason
+
+
+def test_unknown_backend() -> None:
+    k, v = _kv()
+    with pytest.raises(codec.CodecError):
+        codec.encode(k, v, "q8", backend="jpeg")
