@@ -629,7 +629,9 @@ class _FetchRun:
         key = self.keys[index]
         try:
             blob = await self._get_blob(key, peer, level)
-            header = codec.read_header(blob)
+            # A peer's blob is digest-checked before it may be cached below: a corrupt or
+            # tampered chunk must never enter the store (it would be served on to others).
+            header = codec.read_header(blob) if peer == LOCAL else codec.verify(blob)
             if header.level not in self.acceptable:
                 raise ProtocolError(
                     ErrorCode.INVALID, f"peer sent level {header.level}, below the floor"
