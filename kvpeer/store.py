@@ -299,6 +299,10 @@ class ChunkStore:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ public, async
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """:meth:`close` without blocking the event loop while queued writes drain."""
+        await asyncio.to_thread(self.close, timeout_s)
+
     async def put(self, key: bytes, level: str, blob: bytes) -> None:
         changes = _Changes()
         await self._in_executor(changes, self._put, key, level, blob, changes)

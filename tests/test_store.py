@@ -176,7 +176,7 @@ def test_writer_thread_notifies_on_the_subscribing_loop(tiny_tmpfs: Path) -> Non
             with contextlib.suppress(StoreError):
                 await store.put(key(i), "q8", blob(i, 64 << 10))
         first = await asyncio.wait_for(removed.get(), timeout=30)
-        store.close()
+        await store.aclose()
         return [first]
 
     (first,) = asyncio.run(main())

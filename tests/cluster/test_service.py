@@ -143,7 +143,11 @@ def test_full_disk_is_reported_and_the_daemon_keeps_serving_from_ram(tmp_path: P
             node = cluster.nodes[0]
             with KVPeerClient(socket_path=node.socket_path) as client:
                 client.put(tokens, k, v, FP, level="exact")
+                deadline = time.monotonic() + 60  # disk writes are write-behind: wait for them
                 stats = client.stats()
+                while stats["store"]["pending_entries"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    stats = client.stats()
                 assert stats["store"]["disk_errors"] > 0
                 assert "no space left on device" in stats["store"]["last_disk_error"]
                 assert stats["chunks"] == n_chunks  # the RAM tier holds what the disk could not
