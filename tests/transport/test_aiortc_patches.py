@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from typing import Any
 
 import aiortc
 from aiortc import rtcdtlstransport
-from aiortc.rtcsctptransport import RTCSctpTransport, SackChunk
+from aiortc.rtcsctptransport import InboundStream, RTCSctpTransport, SackChunk
 
 from kvpeer.transport import PeerTransport, TransportConfig, aiortc_patches
 from kvpeer.transport.netinfo import sctp_packet_size
@@ -30,12 +31,21 @@ def test_pinned_version_and_patch_points_exist() -> None:
     assert "SCTP_RTO_MIN" in RTCSctpTransport._update_rto.__code__.co_names
     assert "_ssthresh" in RTCSctpTransport._receive_sack_chunk.__code__.co_names
     for name in ("_transmit", "_send_sack", "_send_chunk", "_t3_start", "_t3_restart",
-                 "_flight_size_increase"):  # fmt: skip
+                 "_flight_size_increase", "_receive_data_chunk", "_mark_received",
+                 "_get_inbound_stream", "_receive", "_reset_deferred_streams"):  # fmt: skip
         assert callable(getattr(RTCSctpTransport, name)), name
     transport = RTCSctpTransport.__new__(RTCSctpTransport)
     RTCSctpTransport.__init__(transport, _FakeDtls())  # type: ignore[arg-type]
     for attribute in _SCTP_ATTRIBUTES:
         assert hasattr(transport, attribute), attribute
+    stream = InboundStream()
+    assert stream.reassembly == [] and callable(stream.add_chunk) and callable(stream.pop_messages)
+    # Our _receive_data_chunk must do what aiortc's does, apart from the shortcut.
+    stock = inspect.getsource(RTCSctpTransport._receive_data_chunk)
+    for step in ("_mark_received(chunk.tsn)", "_get_inbound_stream(chunk.stream_id)",
+                 "add_chunk(chunk)", "_advertised_rwnd -= len(chunk.user_data)",
+                 "pop_messages()", "_reset_deferred_streams()"):  # fmt: skip
+        assert step in stock, step
     aiortc_patches.apply()
     dtls = rtcdtlstransport.RTCDtlsTransport
     for name in ("_recv_next", "_write_ssl"):

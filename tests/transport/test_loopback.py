@@ -155,7 +155,7 @@ def test_key_rotation_connects_old_and_new() -> None:
 
 
 async def _tampering_proxy(target_port: int, flip: bytes) -> asyncio.Server:
-    """A man in the middle that changes the offer's SDP (lowercases the 2 bytes after *flip*)."""
+    """A man in the middle that changes the offer's SDP (one hex digit after *flip*)."""
 
     async def pipe(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tamper: bool
@@ -167,7 +167,8 @@ async def _tampering_proxy(target_port: int, flip: bytes) -> asyncio.Server:
                 at = data.find(flip)
                 if tamper and at >= 0:
                     at += len(flip)
-                    data = data[:at] + data[at : at + 2].lower() + data[at + 2 :]
+                    swapped = b"B" if data[at : at + 1] == b"A" else b"A"  # another hex digit
+                    data = data[:at] + swapped + data[at + 1 :]
                 writer.write(struct.pack("!I", len(data)) + data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
