@@ -104,19 +104,31 @@ class _FetchState:
     def on_message(self, message: m.Message) -> None:
         try:
             if isinstance(message, m.FetchStarted):
-                self._open(message.segment)
+                # Announced early: if the fetch then restores nothing, the daemon drops the
+                # segment, maybe before we map it. The final message decides, not this one.
+                with contextlib.suppress(OSError):
+                    self._open(message.segment)
             elif isinstance(message, m.FetchProgress):
                 self.done[message.index] = message.level
             elif isinstance(message, m.FetchResult):
                 if message.segment:
                     self._open(message.segment)
+                else:
+                    self._forget_segment()
                 self.final = message
             elif isinstance(message, m.ErrorResponse):
+                self._forget_segment()
                 self.error = ApiError(message.error_code, message.reason)
             else:
                 self.error = ApiError(ErrorCode.MALFORMED, f"unexpected {message.TYPE} in a fetch")
         except (OSError, ProtocolError) as exc:
             self.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+
+    def _forget_segment(self) -> None:
+        """Unmap an announced segment the daemon dropped (there is nothing to release)."""
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
 
     def _open(self, name: str) -> None:
         if self.segment is None:
