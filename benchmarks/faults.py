@@ -341,11 +341,13 @@ def scenario_poisoned(workdir: Path) -> dict[str, Any]:
         log_b = b.log_text()
     poisoned_handed = int(handed["p_matched"] > CHUNK or not handed["p_equal"])
     poisoned_handed += int(handed["q_matched"] > 0 or not handed["q_shape_ok"])
-    stored_poison = bad_stored + int(keys_p[1] in b_keys) + int(keys_q[0] in b_keys)
+    stored_corrupt = bad_stored + int(keys_p[1] in b_keys)
+    stored_wrong_shape = int(keys_q[0] in b_keys)
     return {
-        "poisoned_chunks": poisoned_handed + stored_poison,
+        "poisoned_chunks": poisoned_handed + stored_corrupt + stored_wrong_shape,
         "poisoned_handed_over": poisoned_handed,
-        "poisoned_stored": stored_poison,
+        "poisoned_stored_corrupt": stored_corrupt,
+        "poisoned_stored_wrong_shape": stored_wrong_shape,
         "poison_detail": handed,
         "poison_rejections_logged": len(re.findall(r"does not decode|failed:|digest", log_b)),
     }

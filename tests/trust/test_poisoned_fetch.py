@@ -43,7 +43,7 @@ def test_a_bit_flipped_chunk_is_neither_cached_nor_restored(bad: int) -> None:
     out = asyncio.run(f.fetch([key(i) for i in range(n)], [{"a"}] * n, sink, policy="fixed:exact"))
     assert out.chunks == bad  # the verified prefix before the bad chunk; the rest: recompute
     assert key(bad) not in cache.blobs
-    for k_, levels in cache.blobs.items():
+    for levels in cache.blobs.values():
         for data in levels.values():
             codec.verify(data)  # every cached blob is intact
     for i in range(bad):
