@@ -25,6 +25,8 @@ MAX_SCTP_PACKET = 16_384
 #: What aiortc uses when nothing else is known: fits any IPv4/IPv6 path (1280 minus headroom).
 DEFAULT_SCTP_PACKET = 1_189
 MIN_PSK_BYTES = 16
+#: aiortc announces (and enforces on the sender) a 256 KiB data-channel message limit.
+MAX_DATA_CHANNEL_MESSAGE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,8 +68,9 @@ class TransportConfig:
     #: Control-channel ping period; a peer silent for ``peer_dead_after_s`` is reported down.
     heartbeat_interval_s: float = 0.5
     peer_dead_after_s: float = 2.0
-    #: Largest control or signalling message accepted (msgpack, before decoding).
-    max_message_bytes: int = 1024 * 1024
+    #: Largest control message sent or accepted (msgpack, before decoding). At most 256 KiB:
+    #: the largest data-channel message aiortc accepts (its SDP max-message-size).
+    max_message_bytes: int = MAX_DATA_CHANNEL_MESSAGE
     #: Largest blob served or fetched.
     max_blob_bytes: int = 256 * 1024 * 1024
     #: Bulk frame size (payload + 16-byte header): one data-channel message.
@@ -114,7 +117,7 @@ class TransportConfig:
                 raise ConfigError(f"transport.{name} must be > 0")
         if self.peer_dead_after_s <= self.heartbeat_interval_s:
             raise ConfigError("transport.peer_dead_after_s must exceed heartbeat_interval_s")
-        if not 1024 <= self.frame_bytes <= 256 * 1024:
+        if not 1024 <= self.frame_bytes <= MAX_DATA_CHANNEL_MESSAGE:
             raise ConfigError("transport.frame_bytes must be 1 KiB..256 KiB")
         if not 1 <= self.bulk_channels <= 16:
             raise ConfigError("transport.bulk_channels must be 1..16")
@@ -124,8 +127,12 @@ class TransportConfig:
             raise ConfigError("transport: need 0 < buffer_low_bytes < buffer_high_bytes")
         if not 64 * 1024 <= self.receive_window_bytes <= 64 * 1024 * 1024:
             raise ConfigError("transport.receive_window_bytes must be 64 KiB..64 MiB")
-        if self.max_message_bytes < 4096 or self.max_blob_bytes < 1:
-            raise ConfigError("transport: max_message_bytes >= 4096 and max_blob_bytes >= 1")
+        if not 4096 <= self.max_message_bytes <= MAX_DATA_CHANNEL_MESSAGE:
+            raise ConfigError(
+                f"transport.max_message_bytes must be 4096..{MAX_DATA_CHANNEL_MESSAGE}"
+            )
+        if self.max_blob_bytes < 1:
+            raise ConfigError("transport.max_blob_bytes must be >= 1")
 
     @property
     def keys(self) -> tuple[bytes, ...]:

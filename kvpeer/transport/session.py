@@ -27,6 +27,9 @@ from kvpeer.transport.liveness import Liveness
 
 logger = logging.getLogger(__name__)
 
+#: Control-channel requests one peer may have in the handler at once; more are answered BUSY.
+MAX_REQUESTS_IN_FLIGHT = 64
+
 
 class RequestHandler(Protocol):
     """What the daemon serves to peers (called for sessions opened by either side)."""
@@ -117,6 +120,7 @@ class PeerSession:
         self._closed = False
         self._closing = False
         self._next_bulk = 0
+        self._requests_in_flight = 0
         # Never ask more of the peer at once than it serves (same limit cluster-wide).
         self._fetch_slots = asyncio.Semaphore(config.max_transfers_per_peer)
         control.on("message", self._on_control)
@@ -260,8 +264,13 @@ class PeerSession:
             case m.Pong(sent=sent):
                 sample = self._liveness.pong(sent, time.monotonic())
                 self.estimator.on_rtt(sample)
-            case m.Request():
-                self._spawn(self._serve_request(message))
+            case m.Request(id=req_id):
+                if self._requests_in_flight >= MAX_REQUESTS_IN_FLIGHT:
+                    self._send_control_now(
+                        m.Error(id=req_id, code=ErrorCode.BUSY, reason="too many requests")
+                    )
+                else:
+                    self._spawn(self._serve_request(message))
             case m.Response(id=req_id, body=body):
                 future = self._pending.get(req_id)
                 if future is not None and not future.done():
@@ -343,6 +352,13 @@ class PeerSession:
     # -- serving ---------------------------------------------------------------------------
 
     async def _serve_request(self, request: m.Request) -> None:
+        self._requests_in_flight += 1
+        try:
+            await self._answer_request(request)
+        finally:
+            self._requests_in_flight -= 1
+
+    async def _answer_request(self, request: m.Request) -> None:
         try:
             body = await self._handler.handle_request(self.peer_id, request.method, request.body)
             reply: m.Message = m.Response(id=request.id, body=body)
