@@ -131,13 +131,7 @@ def _start_metrics(config: Any, daemon: Any) -> Any:
     """Serve /metrics and /healthz when [metrics] enabled; a taken port is logged, not fatal."""
     if not config.metrics.enabled:
         return None
-    from kvpeer.metrics import Metrics
-
-    metrics = Metrics(node_id=config.node.node_id, version=__version__)
-    metrics.watch_store(daemon.store.stats)
-    metrics.watch_peers(lambda: len(daemon.discovery.peers()))
-    metrics.ready.set_function(lambda: 1.0 if daemon.ready else 0.0)
-    daemon.metrics = metrics  # for the daemon to record fetches into (Metrics.record_fetch)
+    metrics = daemon.metrics
     try:
         return metrics.start_http(config.metrics.host, config.metrics.port, lambda: daemon.ready)
     except OSError as exc:

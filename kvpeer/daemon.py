@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpeer import codec
+from kvpeer import __version__, codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.config import Config
 from kvpeer.discovery import (
@@ -39,6 +39,7 @@ from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
 from kvpeer.hashing import ModelFingerprint, chunk_keys
+from kvpeer.metrics import Metrics
 from kvpeer.store import ChunkStore
 from kvpeer.transport import PeerTransport, TransportConfig
 
@@ -115,6 +116,10 @@ class Daemon:
         )
         self.ready = False
         self.bytes_from_peers = 0  # encoded bytes received from peers since start
+        self.metrics = Metrics(node_id=self.node_id, version=__version__)
+        self.metrics.watch_store(self.store.stats)
+        self.metrics.watch_peers(lambda: len(self.discovery.peers()))
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()  # short advertisement updates
 
@@ -146,7 +151,7 @@ class Daemon:
             await self.fetcher.close()
         with contextlib.suppress(Exception):
             await self.transport.close()
-        self.store.close()
+        await self.store.aclose()  # drains queued disk writes off the event loop
         log.info("kvpeerd %s stopped", self.node_id)
 
     def _advertisement(self) -> Advertisement:
@@ -213,9 +218,11 @@ class Daemon:
         for index, key in enumerate(keys):
             if self.store.has(key):
                 continue
+            encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
                 None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level
             )
+            self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
             try:
                 await self.store.put(key, level, blob)
             except StoreError as exc:
@@ -250,6 +257,7 @@ class Daemon:
         plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
         if not plan.sources:
             log.info("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
+            self.metrics.record_miss(wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens)
             return
         defaults = self.config.fetch
         deadline_s = req.deadline_s or defaults.deadline_s or None
@@ -266,6 +274,9 @@ class Daemon:
             policy=getattr(defaults, "policy", "adaptive"),
         )
         self.bytes_from_peers += outcome.bytes_moved
+        self.metrics.record_fetch(
+            outcome, wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens
+        )
         log.info(
             "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
             ctx.namespace, len(req.tokens), outcome.chunks, len(plan.sources), outcome.reason,
@@ -349,7 +360,14 @@ class Daemon:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown method {method!r}")
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
-        return await self.level_server.open_blob(key, level)
+        blob = await self.level_server.open_blob(key, level)
+        if blob is not None:
+            try:
+                sent_level = codec.read_header(blob).level
+            except KVPeerError:
+                sent_level = "unknown"
+            self.metrics.sent(peer_id, sent_level, len(blob))
+        return blob
 
 
 def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:

@@ -107,6 +107,7 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
         assert metrics[("kvpeer_store_chunks", ())] == 2
         assert metrics[("kvpeer_store_bytes", (("tier", "disk"),))] > 0
         assert metrics[("kvpeer_store_events_total", (("event", "puts"),))] == 2
+        assert metrics[("kvpeer_codec_encode_seconds_count", (("level", "exact"),))] == 2
 
         assert cluster.stop_node(node, timeout_s=GRACE_S + 15) == 0, node.log_text()
         wait_for_line(node, "STOPPING=1", timeout_s=5)
@@ -121,6 +122,10 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
                     assert result.matched_tokens == 512
                     assert torch.equal(result.k, k[:, :, :512, :])
                     assert torch.equal(result.v, v[:, :, :512, :])
+            metrics = scrape(cluster, node)
+            assert metrics[("kvpeer_fetches_total", (("outcome", "complete"),))] == 1
+            assert metrics[("kvpeer_chunk_hits_total", (("source", "local"),))] == 2
+            assert metrics[("kvpeer_prefix_tokens_total", (("result", "recompute"),))] == 0
             code = cluster.stop_node(node, sig=signal.SIGKILL if crash else signal.SIGTERM)
             assert code == (-signal.SIGKILL if crash else 0), node.log_text()
 
