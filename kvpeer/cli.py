@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ examples:
 
 --tokens: a file of token ids (whitespace-separated integers, or .npy).
 --model: a JSON file with the model fingerprint fields (name, layers, kv_heads, head_dim,
-dtype, ...); `python -c "from kvpeer.models import ..."` can write one for a local model.
+dtype, ...); `kvpeer fingerprint [MODEL.gguf] > model.json` writes one for a local model.
 The socket is $KVPEER_SOCKET, else /run/kvpeer/kvpeer.sock (--socket to override).
 """
 
@@ -171,6 +172,12 @@ def client_parser() -> argparse.ArgumentParser:
     put.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
     put.add_argument("--kv", type=Path, required=True, help="torch.save'd (k, v) tensors")
     put.add_argument("--level", help="codec level to store (default: the daemon's)")
+    fingerprint = sub.add_parser(
+        "fingerprint", help="print a local model's fingerprint JSON (for --model); no daemon needed"
+    )
+    fingerprint.add_argument(
+        "model_path", nargs="?", help="GGUF file or transformers directory (default: SmolLM2)"
+    )
     evict = sub.add_parser("evict", help="drop cached chunks")
     evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
     return parser
@@ -210,6 +217,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     from kvpeer.api.client import KVPeerClient
 
     args = client_parser().parse_args(argv)
+    if args.command == "fingerprint":
+        return _fingerprint_command(args)
     try:
         client = KVPeerClient(socket_path=args.socket, namespace=args.namespace)
     except (OSError, KVPeerError) as exc:
@@ -224,8 +233,6 @@ def client_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _client_command(client: Any, args: argparse.Namespace) -> int:
-    import dataclasses
-
     if args.command in ("status", "stats"):
         _print(client.stats(), args.json)
     elif args.command == "peers":
@@ -235,13 +242,27 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         _print(dataclasses.asdict(result), args.json)
     elif args.command == "fetch":
         import torch
+        from tqdm import tqdm
 
         tokens = _read_tokens(args.tokens)
+        fingerprint = _read_fingerprint(args.model)
+        available = client.lookup(tokens, fingerprint)
+        expected = available.matched_tokens // max(available.chunk_tokens, 1)
+        show = not args.json and sys.stderr.isatty()
         with client.fetch(
-            tokens, _read_fingerprint(args.model), deadline_s=args.deadline, min_level=args.min_level
-        ) as result:
+            tokens, fingerprint, deadline_s=args.deadline, min_level=args.min_level
+        ) as result, tqdm(total=expected, unit="chunk", disable=not show) as bar:
+            for index in range(expected):
+                if not result.wait_for_chunk(index):
+                    break
+                bar.update(1)
             torch.save((result.k.clone(), result.v.clone()), args.out)
-            summary = {"matched_tokens": result.matched_tokens, "levels": list(result.levels)}
+            summary = {
+                "matched_tokens": result.matched_tokens,
+                "levels": list(result.levels),
+                "recompute_from": result.recompute_from,
+                "out": str(args.out),
+            }
         _print(summary, args.json)
     elif args.command == "put":
         import torch
@@ -251,6 +272,15 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         _print(dataclasses.asdict(result), args.json)
     elif args.command == "evict":
         _print(client.evict_all(), args.json)
+    return 0
+
+
+def _fingerprint_command(args: argparse.Namespace) -> int:
+    """Print the fingerprint JSON of a local model (what --model takes)."""
+    from kvpeer.models import load_model, model_fingerprint
+
+    model, _ = load_model(args.model_path)
+    print(json.dumps(dataclasses.asdict(model_fingerprint(model))))
     return 0
 
 

@@ -334,6 +334,12 @@ class Daemon:
             "codec_backends": codec.available_backends(),
         }
 
+    async def evict(self, ctx: ClientContext, all: bool = True) -> dict[str, Any]:
+        """Drop every cached chunk (the local API's evict; peers learn it from the epoch)."""
+        dropped = await asyncio.get_running_loop().run_in_executor(None, self.store.clear)
+        log.info("evicted %d chunks on request of uid %s", dropped, ctx.uid)
+        return {"evicted_chunks": dropped}
+
     async def peers(self) -> list[dict[str, Any]]:
         return [
             {
