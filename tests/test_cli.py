@@ -1,0 +1,50 @@
+"""The command lines: help that helps, config errors that name the key, a clear error without a daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from kvpeer.cli import {0}; sys.exit({0}(sys.argv[1:]))".format(argv[0]), *argv[1:]],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+def test_help_shows_examples() -> None:
+    daemon = run("daemon_main", "--help")
+    client = run("client_main", "--help")
+    assert daemon.returncode == 0 and "--check-config" in daemon.stdout and "examples:" in daemon.stdout
+    assert client.returncode == 0 and "kvpeer fetch" in client.stdout
+
+
+def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
+    config = tmp_path / "kvpeer.toml"
+    config.write_text('[store]\nram_bytes = "64MiB"\n[node]\nnode_id = "edge-7"\n')
+    result = run("daemon_main", "--config", str(config), "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert "edge-7" in result.stdout
+    assert "64MiB" in result.stdout or str(64 << 20) in result.stdout
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "kvpeer.toml"
+    config.write_text("[store]\nram_bytez = 1\n")
+    result = run("daemon_main", "--config", str(config), "--check-config")
+    assert result.returncode == 2
+    assert "ram_bytez" in result.stderr
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
+    result = run("daemon_main", "--config", str(tmp_path / "nope.toml"), "--check-config")
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr
+
+
+def test_client_without_daemon_says_so(tmp_path: Path) -> None:
+    result = run("client_main", "--socket", str(tmp_path / "absent.sock"), "status")
+    assert result.returncode == 1
+    assert "absent.sock" in result.stderr or "daemon" in result.stderr
