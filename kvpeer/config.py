@@ -258,8 +258,19 @@ class FetchSection:
         lo=0,
     )
 
+    policy: str = setting(
+        "adaptive", "How each chunk's level is chosen: \"adaptive\" (from measured bandwidth and "
+        "the deadline) or \"fixed:LEVEL\" (always that level, e.g. \"fixed:q8\")."
+    )
+
     def __post_init__(self) -> None:
         _check_level("fetch.min_level", self.min_level, allow_empty=True)
+        if self.policy != "adaptive":
+            if not self.policy.startswith("fixed:"):
+                raise ConfigError(
+                    f"fetch.policy: expected 'adaptive' or 'fixed:LEVEL', got {self.policy!r}"
+                )
+            _check_level("fetch.policy", self.policy.removeprefix("fixed:"), allow_empty=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

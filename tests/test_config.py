@@ -84,6 +84,8 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ('[log]\nlevel = "loud"\n', {}, "log.level: expected one of"),
         ('[codec]\nlevel = "q9"\n', {}, "codec.level: unknown codec level 'q9'"),
         ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
+        ('[fetch]\npolicy = "greedy"\n', {}, "fetch.policy: expected 'adaptive' or 'fixed:LEVEL'"),
+        ('[fetch]\npolicy = "fixed:q9"\n', {}, "fetch.policy: unknown codec level 'q9'"),
         ('[api]\nsocket_path = "{home}/s"\n', {}, "api.socket_path: unknown placeholder"),
         ("store = 3\n", {}, "store: expected a table"),
         ("[transport]\nheartbeat_interval_s = 5\n", {}, "transport.heartbeat_interval_s"),
