@@ -97,7 +97,10 @@ async def fetch(args: argparse.Namespace) -> dict[str, Any]:
     await transport.start()
     result: dict[str, Any] = {"ok": False}
     try:
-        session = await transport.connect(args.peer_id, args.peer_host, args.peer_port)
+        try:
+            session = await transport.connect(args.peer_id, args.peer_host, args.peer_port)
+        except KVPeerError as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         print("CONNECTED", flush=True)
         remote_cpu0 = (await session.request("cpu", {}))["cpu_s"]
         cpu0, t0 = cpu_seconds(), time.perf_counter()

@@ -177,3 +177,16 @@ def test_flow_control_bounds_sender_memory_while_receiver_stalls(buffer_high: in
             assert growth > 32 << 20  # without flow control everything requested queues up
             return
         assert growth < 24 << 20  # bufferedAmount high water (4 MiB) plus copies, not 48 MiB
+
+
+def test_peer_with_a_wrong_key_is_refused_between_namespaces() -> None:
+    with Cluster(n_hosts=2) as cluster:
+        a, b = cluster.hosts
+        _, port = _serve(cluster, a, "--blob-bytes", "1024", "--log", "INFO")
+        argv = _client_argv("fetch", b, a, port, "--count", "1")
+        argv[argv.index("--psk-hex") + 1] = os.urandom(32).hex()
+        result = _fetch_result(cluster.run(b, argv, timeout=60, check=False))
+        assert result == {"ok": False, "error": result["error"]}
+        assert str(result["error"]).startswith("AuthError")
+        # What the refused peer saw is the generic refusal: no node id, no SDP, no key hint.
+        assert "refused us: authentication failed" in str(result["error"])

@@ -111,3 +111,15 @@ def test_patched_session_uses_big_packets_and_fewer_sacks() -> None:
     assert packet == 16_384 and userdata == 16_384 - aiortc_patches.SCTP_OVERHEAD
     data_packets = (4 << 20) // userdata
     assert sacks < data_packets / 3, (sacks, data_packets)  # stock: one SACK per packet
+
+
+def test_capped_socket_buffers_are_warned(caplog: Any) -> None:
+    import logging
+    import socket
+
+    aiortc_patches._buffer_warned = False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with caplog.at_level(logging.WARNING, logger="kvpeer.transport.aiortc_patches"):
+            rcv, snd = aiortc_patches.size_socket_buffers(sock, 1 << 30)
+    assert rcv < 1 << 30 and snd < 1 << 30
+    assert "net.core.rmem_max" in caplog.text
