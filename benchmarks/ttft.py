@@ -1,0 +1,332 @@
+"""Time to usable KV: fetching a prefix's KV from peers vs recomputing it (issue 5).
+
+    python -m benchmarks.ttft [--json] [--model PATH_OR_GGUF] [--tokens 2048] [--rate 100mbit]
+        [--delay 2ms] [--loss 0] [--drop-to RATE --drop-after SECONDS] [--peers N]
+        [--policy adaptive|fixed:LEVEL[,...]] [--plot FILE.png]
+
+Real model (SmolLM2 by default), real daemons in network namespaces (kvpeer.testing.cluster):
+``--peers`` serving nodes each hold the prefix (put at the top level ``exact`` for the adaptive
+policy, at LEVEL for ``fixed:LEVEL``), one more node fetches it for a client in the root
+namespace. Every serving host's egress is tbf-shaped to ``--rate``; ``--drop-to`` changes it
+(``tc qdisc replace``) ``--drop-after`` seconds into the fetch. The same prefix is recomputed
+(prefill) in the same run. ``fetch_s`` is request -> KV usable, including the recompute of any
+tail the fetcher left to the client. top-1 agreement compares the next-token argmax over a
+teacher-forced continuation, fetched cache vs the original cache. Several policies
+(comma-separated) run on the same cluster, each on a cold client cache.
+
+With --json the last line is one JSON object: ``fetch_s``, ``recompute_s``,
+``speedup_vs_recompute``, ``bytes_moved``, ``levels_used``, ``top1_agreement`` (first policy),
+and ``runs`` (every policy). Needs root. ``--delay``/``--loss`` need the relay, which the
+daemon cluster does not route yet: they are reported as not applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpeer import codec
+from kvpeer.testing.netns import parse_rate
+
+CHUNK = 256
+CONTINUATION = 64
+
+
+@dataclass(slots=True)
+class Run:
+    policy: str
+    fetch_s: float = 0.0
+    restored_tokens: int = 0
+    recompute_rest_s: float = 0.0
+    bytes_moved: int = 0
+    levels_used: dict[str, int] = field(default_factory=dict)
+    levels: list[str] = field(default_factory=list)
+    top1_agreement: float = 0.0
+    speedup_vs_recompute: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)  # request -> chunk usable
+
+
+def _text(tokenizer: Any, need: int) -> list[int]:
+    """Token ids of a long, fixed text shipped with Python (nothing is downloaded)."""
+    from pydoc_data import topics
+
+    parts = [topics.topics[name] for name in sorted(topics.topics)]
+    text = "\n\n".join(parts[1::2])
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) < need:
+        raise SystemExit(f"the benchmark text has {len(ids)} tokens, {need} needed")
+    return [int(t) for t in ids[:need]]
+
+
+def _prefill(model: Any, ids: list[int], cache: Any = None) -> Any:
+    with torch.no_grad():
+        return model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+
+
+def _argmax_continuation(model: Any, cache: Any, continuation: list[int]) -> torch.Tensor:
+    out = _prefill(model, continuation, cache)
+    return out.logits[0].argmax(dim=-1)
+
+
+def _seconds(text: str) -> float:
+    text = text.strip().lower()
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    if text.endswith("s"):
+        return float(text[:-1])
+    return float(text)
+
+
+def _policies(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    for policy in out:
+        if policy != "adaptive" and not (
+            policy.startswith("fixed:") and policy.split(":", 1)[1] in codec.LEVELS
+        ):
+            raise SystemExit(f"--policy: {policy!r} is not adaptive or fixed:LEVEL {codec.LEVELS}")
+    return out
+
+
+def _fetch_once(
+    args: argparse.Namespace,
+    cluster: Any,
+    model: Any,
+    fp: Any,
+    tokens: list[int],
+    continuation: list[int],
+    reference: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: str,
+    recompute_s: float,
+    run_index: int,
+) -> Run:
+    from kvpeer.api.client import KVPeerClient
+    from kvpeer.integrations.transformers import cache_from_kv
+
+    *servers, client_node = cluster.nodes
+    level = "exact" if policy == "adaptive" else policy.split(":", 1)[1]
+    # A namespace of its own per run: chunk keys are salted by namespace, so every policy
+    # starts cold (nothing cached on the fetching node) without evicting anything.
+    namespace = f"ttft-{run_index}-{policy.replace(':', '-')}"
+    for node in servers:
+        with KVPeerClient(socket_path=node.socket_path, namespace=namespace) as client:
+            client.put(tokens, k, v, fp, level=level)
+    for node in servers:
+        cluster.wait_until_peer_holds(client_node, node.node_id, timeout_s=60)
+    _wait_until_visible(client_node, namespace, tokens, fp)
+    for node in servers:
+        cluster.net.set_rate(node.host, args.rate)
+
+    run = Run(policy=policy)
+    chunks = len(tokens) // CHUNK
+    timer: threading.Timer | None = None
+    if args.drop_to:
+        timer = threading.Timer(
+            args.drop_after,
+            lambda: [cluster.net.set_rate(node.host, args.drop_to) for node in servers],
+        )
+    with KVPeerClient(
+        socket_path=client_node.socket_path, namespace=namespace, timeout_s=600
+    ) as client:
+        before = client.stats().get("bytes_from_peers", 0)
+        started = time.perf_counter()
+        if timer is not None:
+            timer.start()
+        min_level = None if policy == "adaptive" else level
+        with client.fetch(tokens, fp, min_level=args.min_level or min_level) as result:
+            for index in range(chunks):
+                if not result.wait_for_chunk(index):
+                    break
+                run.chunk_times.append(time.perf_counter() - started)
+            matched = result.matched_tokens
+            run.levels = list(result.levels)
+            fetched_cache = cache_from_kv(result.k, result.v, model) if matched else None
+        fetched_at = time.perf_counter() - started
+        run.bytes_moved = int(client.stats().get("bytes_from_peers", 0)) - int(before)
+    if timer is not None:
+        timer.cancel()
+    run.restored_tokens = matched
+    # The client recomputes whatever the fetch did not bring (all of it if nothing came).
+    rest_started = time.perf_counter()
+    if matched < len(tokens):
+        out = _prefill(model, tokens[matched:], fetched_cache)
+        fetched_cache = out.past_key_values
+    run.recompute_rest_s = time.perf_counter() - rest_started if matched < len(tokens) else 0.0
+    run.fetch_s = fetched_at + run.recompute_rest_s
+    predicted = _argmax_continuation(model, fetched_cache, continuation)
+    run.top1_agreement = float((predicted == reference).float().mean())
+    run.levels_used = dict(Counter(run.levels))
+    run.speedup_vs_recompute = recompute_s / run.fetch_s if run.fetch_s > 0 else 0.0
+    return run
+
+
+def _wait_until_visible(node: Any, namespace: str, tokens: list[int], fp: Any) -> None:
+    """Wait until the fetching node sees the whole prefix on its peers (inventories synced)."""
+    from kvpeer.api.client import KVPeerClient
+
+    deadline = time.monotonic() + 60
+    with KVPeerClient(socket_path=node.socket_path, namespace=namespace) as client:
+        while client.lookup(tokens, fp).matched_tokens < len(tokens):
+            if time.monotonic() > deadline:
+                raise SystemExit("the fetching node never saw the prefix on its peers")
+            time.sleep(0.2)
+
+
+def _plot(path: Path, runs: list[Run], recompute_s: float, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    colours = {name: plt.get_cmap("viridis")(i / max(1, len(codec.LEVELS) - 1))
+               for i, name in enumerate(codec.LEVELS)}
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs) + 0.8), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        for index, (t, level) in enumerate(zip(run.chunk_times, run.levels, strict=False)):
+            ax.barh(index, t, color=colours.get(level, "grey"), height=0.7)
+            ax.text(t, index, f" {level}", va="center", fontsize=7)
+        ax.axvline(recompute_s, color="red", linestyle="--", label="recompute")
+        ax.axvline(run.fetch_s, color="black", linestyle=":", label="usable")
+        ax.set_title(f"{run.policy}: usable after {run.fetch_s:.2f}s "
+                     f"({run.speedup_vs_recompute:.1f}x vs recompute)", fontsize=9)
+        ax.set_ylabel("chunk")
+        ax.set_xlim(0, max(recompute_s, run.fetch_s) * 1.05)
+    axes[-1, 0].set_xlabel("seconds since the fetch request (bar end: chunk usable)")
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ttft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", default=None, help="GGUF file or local transformers directory")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--rate", default="100mbit")
+    parser.add_argument("--delay", default="2ms")
+    parser.add_argument("--loss", type=float, default=0.0)
+    parser.add_argument("--drop-to", default=None)
+    parser.add_argument("--drop-after", type=_seconds, default=1.0)
+    parser.add_argument("--peers", type=int, default=1)
+    parser.add_argument("--policy", default="adaptive")
+    parser.add_argument("--min-level", default=None, help="quality floor of the adaptive policy")
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--recompute-runs", type=int, default=2)
+    parser.add_argument("--plot", default="ttft-timeline.png")
+    args = parser.parse_args(argv)
+    policies = _policies(args.policy)
+    if args.tokens <= 0 or args.tokens % CHUNK:
+        raise SystemExit(f"--tokens must be a positive multiple of {CHUNK}")
+    if args.peers < 1:
+        raise SystemExit("--peers must be >= 1")
+    parse_rate(args.rate)
+    if args.drop_to:
+        parse_rate(args.drop_to)
+    logging.basicConfig(level=logging.WARNING)
+
+    from kvpeer.integrations.transformers import kv_from_cache
+    from kvpeer.models import load_model, model_fingerprint
+    from kvpeer.testing.cluster import DaemonCluster
+
+    model, tokenizer = load_model(args.model)
+    fp = model_fingerprint(model)
+    ids = _text(tokenizer, args.tokens + CONTINUATION)
+    tokens, continuation = ids[: args.tokens], ids[args.tokens :]
+
+    # Recompute in the same run: the prefill the fetch has to beat (best of a few: the
+    # machine is shared, and the fetch side gets one try too but mostly waits on the link).
+    times = []
+    out = None
+    for _ in range(max(1, args.recompute_runs)):
+        t0 = time.perf_counter()
+        out = _prefill(model, tokens)
+        times.append(time.perf_counter() - t0)
+    assert out is not None
+    recompute_s = min(times)
+    k, v = kv_from_cache(out.past_key_values)
+    reference = _argmax_continuation(model, out.past_key_values, continuation)
+
+    delay_applied = _seconds(args.delay) == 0 and args.loss == 0
+    config = {
+        "transport": {"mtu": args.mtu},
+        # What the client would tell its daemon: its own prefill speed, measured just now.
+        "fetch": {"recompute_tokens_per_s": args.tokens / statistics.median(times)},
+        "store": {"ram_bytes": "1GiB", "disk_bytes": "2GiB"},
+    }
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="kvpeer-ttft-") as tmp:
+        with DaemonCluster(
+            args.peers + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config
+        ) as cluster:
+            for run_index, policy in enumerate(policies):
+                runs.append(
+                    _fetch_once(
+                        args, cluster, model, fp, tokens, continuation, reference, k, v, policy,
+                        recompute_s, run_index,
+                    )
+                )
+
+    title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
+             + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))
+    print(f"ttft: {title}; model {fp.name} ({fp.layers}x{fp.kv_heads}x{fp.head_dim} {fp.dtype})")
+    print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
+    if not delay_applied:
+        print(f"note: --delay {args.delay} / --loss {args.loss} not applied "
+              "(the daemon cluster has no relay route yet)")
+    header = f"{'policy':<12} {'fetch_s':>8} {'speedup':>8} {'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels"
+    print(header)
+    for run in runs:
+        levels = " ".join(f"{lv}x{n}" for lv, n in run.levels_used.items()) or "-"
+        print(f"{run.policy:<12} {run.fetch_s:>8.2f} {run.speedup_vs_recompute:>7.1f}x "
+              f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
+              f"{run.top1_agreement:>6.3f}  {levels}")
+    plotted = _plot(Path(args.plot), runs, recompute_s, title) if args.plot else False
+    if plotted:
+        print(f"timeline: {args.plot}")
+    first = runs[0]
+    result = {
+        "fetch_s": round(first.fetch_s, 4),
+        "recompute_s": round(recompute_s, 4),
+        "speedup_vs_recompute": round(first.speedup_vs_recompute, 3),
+        "bytes_moved": first.bytes_moved,
+        "levels_used": first.levels_used,
+        "top1_agreement": round(first.top1_agreement, 4),
+        "tokens": args.tokens,
+        "rate": args.rate,
+        "peers": args.peers,
+        "drop_to": args.drop_to,
+        "drop_after": args.drop_after if args.drop_to else None,
+        "delay_applied": delay_applied,
+        "model": fp.name,
+        "runs": [
+            {k2: v2 for k2, v2 in asdict(run).items() if k2 != "chunk_times"} for run in runs
+        ],
+    }
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
