@@ -191,7 +191,11 @@ class TransportSection:
         False, "Allow sessions over 127.0.0.0/8 (single-host setups only)."
     )
     max_message_bytes: int = setting(
-        64 << 20, "Largest message or blob accepted from a peer.", kind="size", lo=4096
+        256 << 10, "Largest control message sent or accepted (at most 256KiB, the largest "
+        "data-channel message aiortc accepts).", kind="size", lo=4096, hi=256 << 10,
+    )
+    max_blob_bytes: int = setting(
+        256 << 20, "Largest encoded chunk served to or fetched from a peer.", kind="size", lo=1
     )
     max_transfers_per_peer: int = setting(
         16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024

@@ -412,7 +412,8 @@ def transport_config(config: Config, default_host: str) -> TransportConfig:
         "request_timeout_s": section.request_timeout_s,
         "heartbeat_interval_s": section.heartbeat_interval_s,
         "peer_dead_after_s": section.peer_dead_after_s,
-        "max_blob_bytes": section.max_message_bytes,
+        "max_message_bytes": section.max_message_bytes,
+        "max_blob_bytes": section.max_blob_bytes,
         "max_transfers_per_peer": section.max_transfers_per_peer,
     }
     if section.mtu != "auto":

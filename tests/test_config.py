@@ -181,7 +181,8 @@ def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
     assert mapped.host == "10.0.0.2" and mapped.psk == bytes.fromhex("ab" * 32)
     assert mapped.mtu is None  # 0 = auto
     for name in ("port", "connect_timeout_s", "request_timeout_s", "heartbeat_interval_s",
-                 "peer_dead_after_s", "allow_loopback", "max_transfers_per_peer"):
+                 "peer_dead_after_s", "allow_loopback", "max_message_bytes", "max_blob_bytes",
+                 "max_transfers_per_peer"):
         assert getattr(mapped, name) == getattr(section, name), name
     unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
     assert unset.host == "10.0.0.3"
