@@ -17,6 +17,11 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
   - the peer's advertised receive window is respected (aiortc ignores it, so its window only
     stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
+  - a chunk is fast-retransmitted once, not again every three SACKs while its
+    retransmission is in flight (RFC 9260 7.2.4);
+  - a fast retransmit while the RTT shows no standing queue does not halve the window
+    (``loss_tolerant``): random loss is not congestion, and loss-based halving caps a 40 ms,
+    1 %-loss path at a few Mbit/s (Mathis et al.); delay growth still triggers the halving;
   - slow start counts the packets a SACK acknowledges (RFC 3465), not the SACKs;
   - a DATA chunk that cannot complete a message skips the reassembly scan (aiortc's is
     quadratic in the fragments of a message);
@@ -64,6 +69,11 @@ MAX_BURST = 2 * SACK_EVERY
 #: Internet; on a LAN each T3 expiry (a lost retransmission, a tail loss) then stalls a
 #: transfer for a whole second. Linux TCP's 200 ms is the bound used here.
 RTO_MIN_S = 0.2
+#: A loss counts as congestion only when the smoothed RTT exceeds FACTOR x the minimum RTT +
+#: SLACK: a standing queue. The slack covers the delayed-SACK timer and a busy receiver's
+#: scheduling delays, which inflate RTT samples without any queue on the path.
+QUEUE_RTT_FACTOR = 2.0
+QUEUE_RTT_SLACK_S = 0.010
 #: DTLS plaintext is at most 16 KiB; a record adds header, explicit nonce and tag.
 DTLS_BUFFER = 16_384 + 256
 _STOCK_DTLS_BUFFER = 1500
@@ -73,6 +83,8 @@ SCTP_OVERHEAD = (
 )
 
 _applied = False
+#: Miss count of a retransmitted chunk: never reaches the fast-retransmit threshold again.
+_STRUCK_ONCE = -(1 << 30)
 _buffer_warned = False
 
 
@@ -187,7 +199,11 @@ def _rebind(sctp: RTCSctpTransport, name: str, globals_: dict[str, Any]) -> Call
 
 
 def configure_association(
-    pc: RTCPeerConnection, packet_bytes: int, receive_window: int = 512 * 1024
+    pc: RTCPeerConnection,
+    packet_bytes: int,
+    receive_window: int = 512 * 1024,
+    *,
+    loss_tolerant: bool = True,
 ) -> None:
     """Packet size, delayed SACK and the retransmit shortcut for *pc*'s association.
 
@@ -207,13 +223,22 @@ def configure_association(
     globals_["USERDATA_MAX_LENGTH"] = userdata
     globals_["SCTP_RTO_MIN"] = RTO_MIN_S
     _rebind(sctp, "_send", globals_)
-    _rebind(sctp, "_update_rto", globals_)
+    update_rto = _rebind(sctp, "_update_rto", globals_)
+    min_rtt = [float("inf")]
+
+    def update_rto_tracking_min(rtt: float) -> None:
+        min_rtt[0] = min(min_rtt[0], rtt)
+        update_rto(rtt)
+
+    sctp._update_rto = update_rto_tracking_min  # type: ignore[method-assign,assignment]
     sack_chunk = _rebind(sctp, "_receive_sack_chunk", globals_)
     t3_expired = _rebind(sctp, "_t3_expired", globals_)
     sctp._cwnd = 3 * userdata  # what __init__ computed, with our payload size
     sctp._kvpeer_packet = packet_bytes  # type: ignore[attr-defined]
     sctp._kvpeer_userdata = userdata  # type: ignore[attr-defined]
     sctp._kvpeer_rtx_pending = False  # type: ignore[attr-defined]
+    sctp._kvpeer_random_losses = 0  # type: ignore[attr-defined]
+    sctp._kvpeer_t3_expiries = 0  # type: ignore[attr-defined]
     # What we advertise (sent in INIT / INIT-ACK and every SACK) and what the peer advertised.
     sctp._advertised_rwnd = receive_window
     sctp._kvpeer_peer_rwnd = receive_window  # type: ignore[attr-defined]
@@ -222,11 +247,25 @@ def configure_association(
         # Chunks are only ever struck (marked for retransmission) by a SACK with gap reports.
         if chunk.gaps:
             sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
-        slow_start = sctp._fast_recovery_exit is None and sctp._cwnd <= sctp._ssthresh
-        cwnd_before = sctp._cwnd
+        recovering = sctp._fast_recovery_exit is not None
+        slow_start = not recovering and sctp._cwnd <= sctp._ssthresh
+        cwnd_before, ssthresh_before = sctp._cwnd, sctp._ssthresh
         acked = (chunk.cumulative_tsn - sctp._last_sacked_tsn) % rtcsctptransport.SCTP_TSN_MODULO
         await sack_chunk(chunk)
         sctp._kvpeer_peer_rwnd = chunk.advertised_rwnd  # type: ignore[attr-defined]
+        if loss_tolerant and not recovering and sctp._fast_recovery_exit is not None:
+            # aiortc just halved the window for a loss. Without a standing queue (smoothed RTT
+            # near the minimum) the loss was not congestion: undo the halving. The receive
+            # window still bounds what is in flight.
+            srtt = getattr(sctp, "_srtt", None)
+            if srtt is not None and srtt <= QUEUE_RTT_FACTOR * min_rtt[0] + QUEUE_RTT_SLACK_S:
+                sctp._cwnd, sctp._ssthresh = cwnd_before, ssthresh_before
+                # Nor enter fast recovery, which freezes the window until the window's data
+                # is acknowledged: at 1 % loss nearly every window has a loss, so the window
+                # would never grow again. The retransmission itself is already on its way.
+                sctp._fast_recovery_exit = None
+                sctp._kvpeer_random_losses += 1
+            return
         # aiortc grows the window by one packet per SACK in slow start; with one SACK per
         # SACK_EVERY packets that is SACK_EVERY times slower. Count the packets acknowledged
         # instead (RFC 3465 byte counting, limit SACK_EVERY).
@@ -235,6 +274,7 @@ def configure_association(
 
     def t3_expired_marking() -> None:
         sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
+        sctp._kvpeer_t3_expiries += 1  # type: ignore[attr-defined]
         t3_expired()
 
     sctp._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
@@ -242,6 +282,21 @@ def configure_association(
     sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
     _install_delayed_sack(sctp)
+
+
+def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
+    """Congestion state of *pc*'s association, for benchmarks and debugging."""
+    sctp: Any = pc.sctp
+    if sctp is None:
+        return {}
+    return {
+        "cwnd": sctp._cwnd,
+        "ssthresh": getattr(sctp, "_ssthresh", None),
+        "srtt_s": getattr(sctp, "_srtt", None),
+        "rto_s": sctp._rto,
+        "t3_expiries": getattr(sctp, "_kvpeer_t3_expiries", None),
+        "random_losses": getattr(sctp, "_kvpeer_random_losses", None),
+    }
 
 
 async def _transmit(self: Any) -> None:
@@ -270,7 +325,11 @@ async def _transmit(self: Any) -> None:
                 elif self._flight_size >= cwnd:
                     return  # still pending: scan again on the next call
                 self._flight_size_increase(chunk)
-                chunk._misses = 0
+                # Retransmit a chunk by gap reports once only (RFC 9260 7.2.4); aiortc strikes
+                # it again three SACKs later while the retransmission is still under way, so
+                # on a long path every loss turned into a stream of spurious retransmissions.
+                # A lost retransmission is recovered by T3.
+                chunk._misses = _STRUCK_ONCE
                 chunk._retransmit = False
                 chunk._sent_count += 1
                 await self._send_chunk(chunk)
@@ -290,6 +349,11 @@ async def _transmit(self: Any) -> None:
             self._t3_start()
 
 
+def _tsn_after(a: int, b: int) -> bool:
+    """Serial-number order of 32-bit TSNs (RFC 1982): is *a* after *b*?"""
+    return a != b and (a - b) % rtcsctptransport.SCTP_TSN_MODULO < 2**31
+
+
 async def _receive_data_chunk(self: Any, chunk: Any) -> None:
     """aiortc's ``RTCSctpTransport._receive_data_chunk``, without the reassembly scan for
     chunks that cannot complete a message.
@@ -304,7 +368,7 @@ async def _receive_data_chunk(self: Any, chunk: Any) -> None:
         return
     stream = self._get_inbound_stream(chunk.stream_id)
     reassembly = stream.reassembly
-    in_order = not reassembly or rtcsctptransport.uint32_gt(chunk.tsn, reassembly[-1].tsn)
+    in_order = not reassembly or _tsn_after(chunk.tsn, reassembly[-1].tsn)
     stream.add_chunk(chunk)
     self._advertised_rwnd -= len(chunk.user_data)
     if not in_order or chunk.flags & rtcsctptransport.SCTP_DATA_LAST_FRAG:

@@ -61,6 +61,9 @@ class TransportConfig:
     #: enough for a LAN's bandwidth-delay product (1 Gbit/s x 4 ms), small enough that a
     #: sender does not overrun switch queues and fall into loss recovery.
     receive_window_bytes: int = 512 * 1024
+    #: Treat a loss seen while the RTT shows no standing queue as random, not congestion
+    #: (the window is not halved). Off: aiortc's loss response (halve on every loss event).
+    loss_tolerant: bool = True
     #: UDP socket buffer asked for (capped by net.core.rmem_max / wmem_max, with a warning).
     socket_buffer_bytes: int = 4 * 1024 * 1024
     connect_timeout_s: float = 10.0

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError
+from kvpeer.transport.aiortc_patches import association_stats
 from kvpeer.transport.config import TransportConfig
 from kvpeer.transport.peer import PeerTransport
 from kvpeer.transport.session import PeerSession
@@ -39,12 +40,15 @@ def make_pool(blob_bytes: int) -> list[bytes]:
 class SyntheticHandler:
     def __init__(self, blob_bytes: int) -> None:
         self.pool = make_pool(blob_bytes)
+        self.transport: PeerTransport | None = None
 
     async def handle_request(
         self, peer_id: str, method: str, body: dict[str, Any]
     ) -> dict[str, Any]:
         if method == "cpu":
-            return {"cpu_s": cpu_seconds()}
+            session = self.transport.session(peer_id) if self.transport else None
+            stats: dict[str, Any] = association_stats(session._pc) if session is not None else {}
+            return {"cpu_s": cpu_seconds(), "sctp": stats}
         if method == "echo":
             return body
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, method)
@@ -72,9 +76,9 @@ def _config(args: argparse.Namespace) -> TransportConfig:
 
 async def serve(args: argparse.Namespace) -> None:
     down = asyncio.Event()
-    transport = PeerTransport(
-        args.node_id, _config(args), SyntheticHandler(args.blob_bytes), lambda _: down.set()
-    )
+    handler = SyntheticHandler(args.blob_bytes)
+    transport = PeerTransport(args.node_id, _config(args), handler, lambda _: down.set())
+    handler.transport = transport
     await transport.start()
     print(f"READY {transport.port}", flush=True)
     try:
@@ -133,8 +137,9 @@ async def fetch(args: argparse.Namespace) -> dict[str, Any]:
                   "seconds": seconds, "cpu_receiver_s": cpu, "packet_bytes": session.packet_bytes,
                   "rtt_s": session.rtt_s}  # fmt: skip
         if not failures:
-            remote_cpu1 = (await session.request("cpu", {}))["cpu_s"]
-            result["cpu_sender_s"] = remote_cpu1 - remote_cpu0
+            remote = await session.request("cpu", {})
+            result["cpu_sender_s"] = remote["cpu_s"] - remote_cpu0
+            result["sender_sctp"] = remote.get("sctp")
         elif down_at:
             result["down_after_s"] = down_at[0] - (t0 + 0.0)
     finally:

@@ -181,7 +181,10 @@ class PeerTransport:
                 packet = self._packet_bytes(answer.mtu)
                 if self.config.patch_aiortc:
                     aiortc_patches.configure_association(
-                        pc, packet, self.config.receive_window_bytes
+                        pc,
+                        packet,
+                        self.config.receive_window_bytes,
+                        loss_tolerant=self.config.loss_tolerant,
                     )
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
                 session = self._new_session(peer_id, pc, control, bulk, packet)
@@ -247,7 +250,10 @@ class PeerTransport:
                 packet = self._packet_bytes(offer.mtu)
                 if self.config.patch_aiortc:
                     aiortc_patches.configure_association(
-                        pc, packet, self.config.receive_window_bytes
+                        pc,
+                        packet,
+                        self.config.receive_window_bytes,
+                        loss_tolerant=self.config.loss_tolerant,
                     )
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)

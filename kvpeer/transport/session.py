@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
@@ -26,6 +26,7 @@ from kvpeer.transport.estimator import BandwidthEstimator
 from kvpeer.transport.liveness import Liveness
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Control-channel requests one peer may have in the handler at once; more are answered BUSY.
 MAX_REQUESTS_IN_FLIGHT = 64
@@ -216,7 +217,7 @@ class PeerSession:
         if self._closed or self._closing:
             raise TransportError(f"session to {self.peer_id} is closed")
 
-    async def _wait(self, future: asyncio.Future[Any], limit_s: float | None, what: str) -> Any:
+    async def _wait(self, future: asyncio.Future[_T], limit_s: float | None, what: str) -> _T:
         limit = self._config.request_timeout_s if limit_s is None else limit_s
         try:
             return await asyncio.wait_for(asyncio.shield(future), limit)
@@ -287,7 +288,7 @@ class PeerSession:
             case m.BlobStart(id=blob_id):
                 entry = self._incoming.get(blob_id)
                 if entry is not None:
-                    self._feed(entry, lambda a: a.start(message))  # type: ignore[arg-type]
+                    self._feed(entry, lambda a: a.start(message))
             case m.BlobDone(id=blob_id) | m.BlobCancel(id=blob_id):
                 # Free the slot now: the peer may already have sent its next request.
                 serving = self._serving.pop(blob_id, None)
