@@ -70,6 +70,26 @@ class _StoreCollector(Collector):
         return [used, limit, entries, chunks, events]
 
 
+class _EventsCollector(Collector):
+    """A subsystem's own counters (a name -> count mapping) as ``kvpeer_<name>_events_total``."""
+
+    def __init__(self, subsystem: str, counters: Callable[[], Mapping[str, int]]) -> None:
+        self._name = f"kvpeer_{subsystem}_events"
+        self._help = f"Event counters of the {subsystem} since start"
+        self._counters = counters
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._help, labels=["event"])
+        try:
+            items = sorted(dict(self._counters()).items())
+        except Exception:  # a scrape must not fail because a subsystem is closing
+            log.debug("%s unavailable", self._name, exc_info=True)
+            items = []
+        for event, count in items:
+            family.add_metric([str(event)], float(count))
+        return [family]
+
+
 class Metrics:
     """Every metric of one kvpeerd, in its own registry."""
 
@@ -187,6 +207,10 @@ class Metrics:
     def watch_store(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export the store's ``stats()`` (bytes per tier, entries, events) at each scrape."""
         self.registry.register(_StoreCollector(stats))
+
+    def watch_counters(self, subsystem: str, counters: Callable[[], Mapping[str, int]]) -> None:
+        """Export a subsystem's counters (e.g. the transport's auth_failures) at each scrape."""
+        self.registry.register(_EventsCollector(subsystem, counters))
 
     def watch_peers(self, count: Callable[[], int]) -> None:
         """Read the number of live peers at each scrape."""

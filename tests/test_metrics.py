@@ -48,6 +48,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     store.get_blocking(b"z" * 32)
     metrics.watch_store(store.stats)
     metrics.watch_peers(lambda: 3)
+    metrics.watch_counters("transport", lambda: {"auth_failures": 2, "sessions_opened": 5})
     metrics.fetches.labels("complete").inc()
     metrics.chunk_hits.labels("peer").inc(2)
     metrics.received("peer-a", "q8", 1000)
@@ -72,6 +73,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     assert got[("kvpeer_store_chunks", ())] == 1
     assert got[("kvpeer_store_events_total", (("event", "misses"),))] == 1
     assert got[("kvpeer_peers_up", ())] == 3
+    assert got[("kvpeer_transport_events_total", (("event", "auth_failures"),))] == 2
     assert got[("kvpeer_rejected_inputs_total", (("reason", "bad_header"),))] == 1
     assert got[("kvpeer_auth_failures_total", (("reason", "bad_mac"),))] == 1
     assert got[("kvpeer_info", (("node_id", "n1"), ("version", "0.1.0")))] == 1
