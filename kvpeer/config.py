@@ -507,7 +507,10 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, origin: Mapping[st
         key = f"{prefix}{name}"
         f = fields_by_name.get(name)
         if f is None:
-            where = f" (from {origin[key]})" if key in origin else ""
+            source = origin.get(key) or next(
+                (name for dotted, name in origin.items() if dotted.startswith(key + ".")), None
+            )
+            where = f" (from {source})" if source else ""
             known = ", ".join(fields_by_name)
             raise ConfigError(f"{key}: unknown key{where}; known keys here: {known}")
         tp = hints[name]

@@ -90,6 +90,7 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ("store = 3\n", {}, "store: expected a table"),
         ("[transport]\nheartbeat_interval_s = 5\n", {}, "transport.heartbeat_interval_s"),
         ("", {"KVPEER_TRANSPORT__PORTT": "1"}, "transport.portt: unknown key (from KVPEER_TRANSPORT__PORTT)"),
+        ("", {"KVPEER_METRIX__PORT": "1"}, "metrix: unknown key (from KVPEER_METRIX__PORT)"),
         ("", {"KVPEER_METRICS__ENABLED": "maybe"}, "metrics.enabled: expected true or false, got 'maybe' (from KVPEER_METRICS__ENABLED)"),
         ("", {"KVPEER_STORE__": "1"}, "KVPEER_STORE__: expected KVPEER_<SECTION>__<KEY>"),
         ("[node\n", {}, "invalid TOML"),
