@@ -287,7 +287,7 @@ def configure_association(
 def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
     """Congestion state of *pc*'s association, for benchmarks and debugging."""
     sctp: Any = pc.sctp
-    if sctp is None:
+    if sctp is None or not hasattr(sctp, "_cwnd"):
         return {}
     return {
         "cwnd": sctp._cwnd,

@@ -20,6 +20,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, TransportError
 from kvpeer.transport import messages as m
+from kvpeer.transport.aiortc_patches import association_stats
 from kvpeer.transport.blobs import BlobAssembler, blob_start, iter_frames
 from kvpeer.transport.config import TransportConfig
 from kvpeer.transport.estimator import BandwidthEstimator
@@ -137,7 +138,13 @@ class PeerSession:
 
     @property
     def rtt_s(self) -> float | None:
-        return self._liveness.rtt_s
+        """Round-trip time: SCTP's smoothed RTT when known, else the heartbeat's.
+
+        Heartbeat pongs queue behind bulk data the peer is sending us, so under load they
+        measure that queue; SCTP's samples do not (they include up to one delayed-SACK wait).
+        """
+        srtt = association_stats(self._pc).get("srtt_s")
+        return float(srtt) if srtt is not None else self._liveness.rtt_s
 
     async def request(
         self,
@@ -263,8 +270,10 @@ class PeerSession:
             case m.Ping(seq=seq, sent=sent):
                 self._send_control_now(m.Pong(seq=seq, sent=sent))
             case m.Pong(sent=sent):
-                sample = self._liveness.pong(sent, time.monotonic())
-                self.estimator.on_rtt(sample)
+                self._liveness.pong(sent, time.monotonic())
+                rtt = self.rtt_s
+                if rtt is not None:
+                    self.estimator.on_rtt(rtt)
             case m.Request(id=req_id):
                 if self._requests_in_flight >= MAX_REQUESTS_IN_FLIGHT:
                     self._send_control_now(

@@ -69,6 +69,8 @@ def test_request_blob_errors_and_reverse_direction() -> None:
             )
             assert blobs == [hb.blobs[b"k1"], b"", hb.blobs[b"k1"]]
             assert session.delivered_bytes == 600_002
+            assert session.rtt_s is not None and session.rtt_s > 0  # SCTP's smoothed RTT
+            assert session.estimator.total_bytes > 600_000  # what the fetcher's estimate sees
             with pytest.raises(ProtocolError) as info:
                 await session.fetch_blob(b"missing", "")
             assert info.value.code == ErrorCode.NOT_FOUND
