@@ -30,9 +30,10 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
 * :func:`apply` (process-wide, behaviour-neutral for small packets): DTLS reads and writes use
   literal 1,500-byte buffers; SCTP packets above that need 16 KiB + record overhead.
 
-Each change could go upstream as: a packet-size and a SACK-policy parameter of
-``RTCSctpTransport``, a retransmit-pending flag, a buffer size constant in the DTLS transport,
-and a per-connection address list in aioice. ``tests/transport/test_aiortc_patches.py`` fails
+Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
+reassembly without the rescan, a retransmit-pending flag), as parameters of
+``RTCSctpTransport`` (packet size, SACK policy, minimum RTO, loss response), as a buffer size
+constant in the DTLS transport, and as a per-connection address list in aioice. ``tests/transport/test_aiortc_patches.py`` fails
 loudly when an aiortc upgrade moves what these rely on.
 """
 
