@@ -152,6 +152,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.fetcher.close()
         with contextlib.suppress(Exception):
+            await self.level_server.close()
+        with contextlib.suppress(Exception):
             await self.transport.close()
         await self.store.aclose()  # drains queued disk writes off the event loop
         log.info("kvpeerd %s stopped", self.node_id)
@@ -240,6 +242,8 @@ class Daemon:
             self.inventory.add([k for k in keys if self.store.has(k)], first=keys[:1])
         if stored:
             await self._advertise()
+            # Lower levels are made now, in the background, so that peers never wait for them.
+            self.level_server.warm([k for k in keys if self.store.has(k)])
         return PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
 
     async def lookup(self, ctx: ClientContext, req: Any) -> Any:
@@ -273,6 +277,7 @@ class Daemon:
             kv_bytes_per_token=total_bytes_per_token(
                 fp.layers, fp.kv_heads, fp.head_dim, 4 if fp.dtype == "float32" else 2
             ),
+            kv_dtype=fp.dtype,
             policy=getattr(defaults, "policy", "adaptive"),
         )
         self.bytes_from_peers += outcome.bytes_moved

@@ -35,13 +35,22 @@ PRIOR_RATIO_VS_FP16: dict[str, float] = {
 _UNKNOWN_LEVEL_STEP = 0.75  # prior for a level missing from the table: 3/4 of the one above
 
 
-def prior_bytes_per_token(levels: Sequence[str], fp16_bytes_per_token: float) -> dict[str, float]:
-    """A first guess of encoded bytes per token at each level, before any chunk is seen."""
+def prior_bytes_per_token(
+    levels: Sequence[str], fp16_bytes_per_token: float, dtype_bytes: int = 2
+) -> dict[str, float]:
+    """A first guess of encoded bytes per token at each level, before any chunk is seen.
+
+    Quantized levels cost the same whatever the cache dtype; the lossless top level (the first)
+    grows with it (fp32 KV: twice the fp16 figure).
+    """
     out: dict[str, float] = {}
-    previous = fp16_bytes_per_token
-    for name in levels:
+    previous = fp16_bytes_per_token * dtype_bytes / 2
+    for rank, name in enumerate(levels):
         guess = PRIOR_RATIO_VS_FP16.get(name)
-        value = fp16_bytes_per_token * guess if guess is not None else previous * _UNKNOWN_LEVEL_STEP
+        if guess is None:
+            value = previous * _UNKNOWN_LEVEL_STEP
+        else:
+            value = fp16_bytes_per_token * guess * (dtype_bytes / 2 if rank == 0 else 1)
         out[name] = value
         previous = value
     return out

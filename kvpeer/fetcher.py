@@ -47,6 +47,7 @@ from kvpeer.fetch_policy import (
 log = logging.getLogger(__name__)
 
 LOCAL = ""  # holder name of chunks in this node's own store
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 # --------------------------------------------------------------------------- what we talk to
@@ -269,7 +270,8 @@ class Fetcher:
         self.decode_rate = self.config.initial_decode_rate
         self.recompute_rate = self.config.default_recompute_rate
         self.recompute_learned = False
-        self._bytes_per_token: dict[str, float] | None = None  # learned across fetches
+        # Learned sizes, kept across fetches (per cache dtype: the lossless level depends on it).
+        self._bytes_per_token: dict[int, dict[str, float]] = {}
         self.bytes_from_peers = 0
 
     def learn_recompute_rate(self, tokens: int, seconds: float) -> None:
@@ -295,6 +297,7 @@ class Fetcher:
         min_level: str | None = None,
         recompute_rate: float | None = None,
         kv_bytes_per_token: float | None = None,
+        kv_dtype: str = "float16",
         policy: str = "adaptive",
     ) -> FetchOutcome:
         """Restore the longest reachable prefix of ``keys`` into ``sink``.
@@ -303,6 +306,8 @@ class Fetcher:
         without being listed). ``deadline``: absolute time on :attr:`clock` by which the client
         wants the KV; levels aim at it and the fetch stops there. Without one, levels aim at
         ``recompute time / target_speedup`` and the fetch runs while it beats recomputing.
+        ``kv_bytes_per_token`` / ``kv_dtype``: the uncompressed KV size of one token and its
+        dtype (first guesses of chunk sizes; measured sizes take over).
         ``min_level``: the least faithful level acceptable. ``recompute_rate``: tokens/s the
         client prefills at; unknown (None, and never learned), a guess steers the levels but the
         fetch never stops to recompute. ``policy``: ``adaptive`` or
@@ -320,6 +325,7 @@ class Fetcher:
             recompute_rate=recompute_rate or self.recompute_rate,
             recompute_known=bool(recompute_rate) or self.recompute_learned,
             kv_bytes_per_token=kv_bytes_per_token or self.config.kv_bytes_per_token,
+            dtype_bytes=_DTYPE_BYTES.get(kv_dtype, 2),
             policy=policy,
         )
         outcome = await run.run()
@@ -350,6 +356,7 @@ class _FetchRun:
         recompute_rate: float,
         recompute_known: bool,
         kv_bytes_per_token: float,
+        dtype_bytes: int,
         policy: str,
     ) -> None:
         self.f = fetcher
@@ -372,7 +379,10 @@ class _FetchRun:
             raise ValueError(f"policy must be adaptive or fixed:LEVEL, not {policy!r}")
         if min_level is not None and min_level not in fetcher.levels:
             raise ProtocolError(ErrorCode.INVALID, f"unknown min_level {min_level!r}")
-        bpt = fetcher._bytes_per_token or prior_bytes_per_token(fetcher.levels, kv_bytes_per_token)
+        bpt = fetcher._bytes_per_token.get(dtype_bytes) or prior_bytes_per_token(
+            fetcher.levels, kv_bytes_per_token * 2 / dtype_bytes, dtype_bytes
+        )
+        self.dtype_bytes = dtype_bytes
         self.ctl = ResolutionController(
             levels=fetcher.levels,
             chunk_count=len(keys),
@@ -438,7 +448,9 @@ class _FetchRun:
             log.warning("fetch failed: %s", group.exceptions[0])
             self.reason = "error"
         restored = self.reported
-        self.f._bytes_per_token = {name: self.ctl.bytes_per_token(name) for name in self.f.levels}
+        self.f._bytes_per_token[self.dtype_bytes] = {
+            name: self.ctl.bytes_per_token(name) for name in self.f.levels
+        }
         if restored < len(self.keys) and self.reason == "complete":
             self.reason = "unavailable"
         return FetchOutcome(
@@ -770,9 +782,19 @@ class LevelServer:
     The store keeps the top level a node was given; a lower level is made on demand with
     ``codec.transcode`` in an executor (never on the event loop, so serving other peers goes
     on), cached in the store, and shared by concurrent requests for the same (chunk, level).
+    :meth:`warm` makes the lower levels of new chunks in the background, one transcode at a
+    time, so that a later fetch does not wait for them (a transcode costs several times a
+    chunk's transfer at LAN rates); requests from peers go first.
     """
 
-    def __init__(self, store: ChunkCache, *, executor: Any = None, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        store: ChunkCache,
+        *,
+        executor: Any = None,
+        concurrency: int = 1,
+        warm_levels: Sequence[str] | None = None,
+    ) -> None:
         self.store = store
         self.executor = executor
         self._making: dict[tuple[bytes, str], asyncio.Future[bytes]] = {}
@@ -780,6 +802,41 @@ class LevelServer:
         # need the other core.
         self._slots = asyncio.Semaphore(concurrency)
         self.transcoded = 0
+        self.warm_levels = tuple(codec.LEVELS if warm_levels is None else warm_levels)
+        self._warm_queue: asyncio.Queue[bytes] | None = None
+        self._warmer: asyncio.Task[None] | None = None
+
+    def warm(self, keys: Sequence[bytes]) -> None:
+        """Make the lower levels of ``keys`` in the background (no-op without warm levels)."""
+        if not self.warm_levels:
+            return
+        if self._warm_queue is None:
+            self._warm_queue = asyncio.Queue()
+        for key in keys:
+            self._warm_queue.put_nowait(key)
+        if self._warmer is None or self._warmer.done():
+            self._warmer = asyncio.get_running_loop().create_task(self._warm_loop())
+
+    @property
+    def warm_pending(self) -> int:
+        return self._warm_queue.qsize() if self._warm_queue is not None else 0
+
+    async def _warm_loop(self) -> None:
+        assert self._warm_queue is not None
+        while not self._warm_queue.empty():
+            key = self._warm_queue.get_nowait()
+            for level in self.warm_levels:
+                try:
+                    await self.open_blob(key, level)
+                except (KVPeerError, OSError) as exc:
+                    log.info("warming a chunk at %s failed: %s", level, exc)
+                    break
+
+    async def close(self) -> None:
+        if self._warmer is not None:
+            self._warmer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._warmer
 
     async def open_blob(self, key: bytes, level: str) -> bytes | None:
         """The chunk at ``level`` (or the best held when ``level`` is empty); None if not held.
@@ -797,6 +854,9 @@ class LevelServer:
         held = codec.read_header(top).level
         if level not in codec.LEVELS or codec.level_rank(held) >= codec.level_rank(level):
             return top
+        return await self._make(key, top, held, level)
+
+    async def _make(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
         making = self._making.get((key, level))
         if making is not None:
             return await asyncio.shield(making)

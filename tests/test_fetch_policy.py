@@ -334,3 +334,10 @@ def test_a_guessed_recompute_rate_steers_levels_but_never_stops_the_fetch() -> N
     )
     decision = ctl.decide(0, 0.0, 1 * MBIT)
     assert isinstance(decision, FetchAt) and decision.level == LEVELS[-1]
+
+
+def test_prior_of_the_lossless_level_follows_the_cache_dtype() -> None:
+    fp16 = prior_bytes_per_token(LEVELS, FP16_PER_TOKEN)
+    fp32 = prior_bytes_per_token(LEVELS, FP16_PER_TOKEN, dtype_bytes=4)
+    assert fp32["exact"] == pytest.approx(2 * fp16["exact"])
+    assert fp32["q4"] == pytest.approx(fp16["q4"])

@@ -400,3 +400,21 @@ def test_busy_peer_is_retried() -> None:
         assert out.chunks == 1
 
     asyncio.run(main())
+
+
+def test_level_server_warms_lower_levels_in_the_background() -> None:
+    async def main() -> None:
+        cache = Cache()
+        for i in range(2):
+            await cache.put(key(i), "exact", blob(i, "exact"))
+        server = LevelServer(cache, warm_levels=("q8", "q4"))
+        server.warm([key(0), key(1)])
+        assert server._warmer is not None
+        await server._warmer
+        assert server.transcoded == 4 and server.warm_pending == 0
+        for i in range(2):
+            for lv in ("q8", "q4"):
+                assert await cache.get(key(i), lv) is not None
+        await server.close()
+
+    asyncio.run(main())
