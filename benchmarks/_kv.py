@@ -14,25 +14,18 @@ from typing import Any
 
 import torch
 
+from kvpeer.codec.calibrate import (
+    cache_from,
+    calibration_text,
+    continuation_logprobs,
+    evaluation_text,
+    prefix_kv,
+)
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256
-
-
-def _topics() -> list[str]:
-    from pydoc_data import topics
-
-    return [topics.topics[name] for name in sorted(topics.topics)]
-
-
-def calibration_text() -> str:
-    """Text used to calibrate per-model profiles (even topics)."""
-    return "\n\n".join(_topics()[0::2])
-
-
-def evaluation_text() -> str:
-    """Text used to evaluate fidelity (odd topics: disjoint from calibration)."""
-    return "\n\n".join(_topics()[1::2])
+__all__ = ["calibration_text", "evaluation_text", "prefix_kv", "cache_from", "continuation_logprobs"]
 
 
 def read_text(path: str | None, default: Callable[[], str]) -> str:
@@ -62,38 +55,9 @@ def windows(tokenizer: Any, text: str, prefix: int, continuation: int, count: in
     return out
 
 
-@torch.no_grad()
-def prefix_kv(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a prefix, [layers, kv_heads, tokens, head_dim] each (batch 1)."""
-    out = model(ids, use_cache=True)
-    layers = out.past_key_values.layers
-    k = torch.stack([layer.keys[0] for layer in layers])
-    v = torch.stack([layer.values[0] for layer in layers])
-    return k, v
-
-
 def chunks(k: torch.Tensor, v: torch.Tensor, size: int = CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, k.shape[2], size):
         yield k[:, :, start : start + size].contiguous(), v[:, :, start : start + size].contiguous()
-
-
-def cache_from(model: Any, k: torch.Tensor, v: torch.Tensor) -> Any:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    dtype = next(model.parameters()).dtype
-    for i in range(k.shape[0]):
-        cache.update(k[i][None].to(dtype), v[i][None].to(dtype), i)
-    return cache
-
-
-@torch.no_grad()
-def continuation_logprobs(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
-    """log-softmax of next-token logits over the continuation, given the prefix's KV."""
-    prefix = k.shape[2]
-    positions = torch.arange(prefix, prefix + cont.shape[1])[None]
-    out = model(cont, past_key_values=cache_from(model, k, v), position_ids=positions, use_cache=True)
-    return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
 @dataclass(frozen=True, slots=True)

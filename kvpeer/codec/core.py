@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from kvpeer.codec import container, layout, levels, nvenc, quant, video, zstd_stream
+from kvpeer.codec import profile as profile_store
 from kvpeer.codec.container import Header
+from kvpeer.codec.profile import CodecProfile
 from kvpeer.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,15 @@ def encode(
     *,
     backend: str = "zstd",
     sink: int = DEFAULT_SINK,
-    profile: Any = None,
+    profile: CodecProfile | str | None = None,
 ) -> bytes:
-    """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``."""
+    """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
+
+    ``backend``: "zstd" (default, fastest on the CPU), "ffmpeg"/"ffv1"/"hevc" (video streams via
+    PyAV), "nvenc" (HEVC; CPU fallback). ``sink``: leading tokens kept exact. ``profile``: a
+    :class:`CodecProfile` or a model fingerprint hex whose stored profile sets per-layer steps
+    (none: uniform). Decoding never needs any of these.
+    """
     dtype = _check_pair(k, v)
     spec = levels.get(level)
     stream = _stream_for(backend, spec)
@@ -74,6 +82,11 @@ def encode(
             steps = quant.base_steps(x, spec.bits)
         else:
             steps = np.ones((2 * layers, heads), np.float32)
+        resolved = _resolve_profile(profile)
+        if resolved is not None:
+            if resolved.layers != layers:
+                raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
+            steps = steps * np.asarray(resolved.multipliers(), np.float32)[:, None]
         q = quant.quantize(x, steps)
         side_raw = b"".join((q.steps.astype("<f4").tobytes(), zstd_stream.shuffle(q.zeros.astype("<i4")), sink_raw.tobytes()))
         side = zstd_stream.compress(side_raw)
@@ -99,6 +112,12 @@ def encode(
         sink=sink,
     )
     return container.pack(header, side, payload)
+
+
+def _resolve_profile(profile: CodecProfile | str | None) -> CodecProfile | None:
+    if profile is None or isinstance(profile, CodecProfile):
+        return profile
+    return profile_store.load(profile)
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> Header:

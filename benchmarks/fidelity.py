@@ -1,0 +1,143 @@
+"""Fidelity per codec level: next-token top-1 agreement, KL divergence and perplexity change.
+
+    python -m benchmarks.fidelity [--json] [--model PATH_OR_GGUF] [--text FILE] [--windows N]
+                                  [--profile auto|none|FILE] [--plot PNG]
+
+For each window of the text: the prefix's KV is computed, cut into 256-token chunks, each chunk
+encoded and decoded at the level (fp16 in, as engines hold it), and the continuation is run
+teacher-forced on the decoded cache and on the original one. KL(original || decoded) and
+top-1 agreement are averaged over all continuation positions (>= 1,000 by default: 4 windows of
+256), perplexity over the continuation's true next tokens. The default text is the evaluation
+half of pydoc's topics; the calibration profile ("auto": the stored one for the model's
+fingerprint, if any) was measured on the other half. A PNG plot (ratio vs KL and top-1) is
+written next to the table when matplotlib is installed. With --json the last line is one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import _kv
+from kvpeer import codec
+from kvpeer.codec import profile as profiles
+from kvpeer.models import load_model, model_fingerprint
+
+
+def _profile(spec: str, model: Any) -> profiles.CodecProfile | None:
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return profiles.load(model_fingerprint(model).hex)
+    return profiles.CodecProfile.from_json(Path(spec).read_text())
+
+
+def run(model_spec: str | None, text: str, windows: int, prefix: int, continuation: int,
+        levels: list[str], profile_spec: str = "auto", model_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    model, tok = model_tok or load_model(model_spec)
+    profile = _profile(profile_spec, model)
+    wins = _kv.windows(tok, text, prefix, continuation, windows)
+    prepared = []
+    for w in wins:
+        k, v = _kv.prefix_kv(model, w.prefix)
+        ref = _kv.continuation_logprobs(model, k, v, w.continuation)
+        targets = torch.cat([w.continuation[0, 1:], torch.tensor([-1])])
+        prepared.append((k.half(), v.half(), w.continuation, ref, targets))
+    rows = []
+    for level in levels:
+        kls, agrees, nlls, ref_nll = [], [], [], []
+        size = fp16 = 0
+        for k, v, cont, ref, targets in prepared:
+            ks, vs = [], []
+            for kc, vc in _kv.chunks(k, v):
+                blob = codec.encode(kc, vc, level, profile=profile)
+                size += len(blob)
+                fp16 += kc.numel() * 4
+                k2, v2 = codec.decode(blob)
+                ks.append(k2)
+                vs.append(v2)
+            test = _kv.continuation_logprobs(model, torch.cat(ks, 2).float(), torch.cat(vs, 2).float(), cont)
+            a, b, c = _kv.compare(ref, test, targets)
+            kls.append(a)
+            agrees.append(b)
+            nlls.append(c)
+            valid = targets >= 0
+            ref_nll.append(-ref.gather(1, targets.clamp(min=0)[:, None])[:, 0][valid])
+        fid = _kv.summarize(kls, agrees, nlls)
+        base = float(torch.cat(ref_nll).mean())
+        rows.append({
+            "level": level, "ratio": fp16 / size, "kl": fid.kl, "top1": fid.top1,
+            "ppl": math.exp(base + fid.nll_delta), "ppl_ref": math.exp(base),
+            "ppl_delta": math.exp(base + fid.nll_delta) - math.exp(base), "positions": fid.positions,
+        })
+    return {
+        "model": getattr(model.config, "kvpeer_model_name", model_spec),
+        "profile": profile.source if profile else "none",
+        "windows": len(wins), "prefix": prefix, "continuation": continuation, "rows": rows,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"model {result['model']}; {result['windows']} windows of {result['prefix']}-token prefix + "
+        f"{result['continuation']} continuation; profile: {result['profile']}",
+        f"{'level':<7} {'ratio':>6} {'KL':>9} {'top-1':>7} {'ppl':>8} {'Δppl':>8} {'positions':>9}",
+    ]
+    for r in result["rows"]:
+        lines.append(f"{r['level']:<7} {r['ratio']:6.2f} {r['kl']:9.2e} {r['top1']:7.4f} {r['ppl']:8.3f} {r['ppl_delta']:+8.4f} {r['positions']:9d}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in ((ax[0], "kl", "mean KL divergence"), (ax[1], "top1", "top-1 agreement")):
+        axis.plot([r["ratio"] for r in rows], [max(r[key], 1e-9) for r in rows], "o-")
+        for r in rows:
+            axis.annotate(r["level"], (r["ratio"], max(r[key], 1e-9)))
+        axis.set_xlabel("size ratio vs fp16")
+        axis.set_ylabel(label)
+        if key == "kl":
+            axis.set_yscale("log")
+    fig.suptitle(f"kvpeer codec fidelity: {result['model']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--text", default=None, help="text file to evaluate on (default: pydoc topics, eval half)")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--prefix", type=int, default=512)
+    parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--levels", default=",".join(codec.LEVELS))
+    parser.add_argument("--profile", default="auto", help="auto (stored for the model), none, or a JSON file")
+    parser.add_argument("--plot", default="fidelity.png")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    text = _kv.read_text(args.text, _kv.evaluation_text)
+    result = run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), args.profile)
+    print(table(result))
+    if args.plot and plot(result, Path(args.plot)):
+        print(f"plot written to {args.plot}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
