@@ -22,8 +22,15 @@ demo: install
 lint: install
 	$(PY) -m ruff check kvpeer tests benchmarks examples
 
+# The sans-IO core (formats, protocol state, policies) is held to mypy --strict.
+STRICT_CORE := kvpeer/errors.py kvpeer/hashing.py kvpeer/fetch_policy.py \
+	kvpeer/discovery/inventory.py kvpeer/discovery/peers.py kvpeer/discovery/advert.py \
+	kvpeer/transport/messages.py kvpeer/transport/estimator.py kvpeer/transport/liveness.py \
+	kvpeer/transport/auth.py kvpeer/api/messages.py kvpeer/codec/container.py
+
 typecheck: install
 	$(PY) -m mypy kvpeer
+	$(PY) -m mypy --strict --follow-imports=silent $(STRICT_CORE)
 
 # Everything, cluster and model tests included (needs root for network namespaces).
 test: lint typecheck

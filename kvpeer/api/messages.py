@@ -496,7 +496,7 @@ def encode(message: Message) -> bytes:
     body = message.to_wire()
     body["v"] = API_VERSION
     body["t"] = message.TYPE
-    payload = msgpack.packb(body, use_bin_type=True, default=_default)
+    payload: bytes = msgpack.packb(body, use_bin_type=True, default=_default)
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{message.TYPE} message exceeds {MAX_FRAME_BYTES} bytes")
     return _LENGTH.pack(len(payload)) + payload
