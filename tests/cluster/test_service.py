@@ -8,6 +8,7 @@ exit 0, restart and kill -9 + restart keep the inventory and the bytes.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -165,3 +166,19 @@ def test_full_disk_is_reported_and_the_daemon_keeps_serving_from_ram(tmp_path: P
             assert cluster.stop_node(node) == 0
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_without_systemd_the_daemon_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    config = {"metrics": {"enabled": True}, "log": {"json": True}}
+    with DaemonCluster(1, workdir=tmp_path, config=config, start=False) as cluster:
+        node = cluster.nodes[0]
+        cluster.start_node(node, wait=False, env={"NOTIFY_SOCKET": ""})
+        watcher = cluster.net.run(node.host, [sys.executable, "-c", HEALTH_WATCHER, HEALTHZ],
+                                  timeout=120)
+        assert watcher.stdout.split()[-1:] == ["200"], node.log_text()
+        with KVPeerClient(socket_path=node.socket_path) as client:
+            assert client.stats()["ready"] is True
+        assert cluster.stop_node(node, timeout_s=GRACE_S + 15) == 0, node.log_text()
+        assert list(node.notifications(timeout_s=0.5)) == []  # nothing was sent anywhere
+        records = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+        assert any(r["logger"] == "kvpeer.daemon" and "ready" in r["message"] for r in records)
