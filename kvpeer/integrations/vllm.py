@@ -1,0 +1,456 @@
+"""kvpeer for vLLM (V1 engine): a ``KVConnectorBase_V1`` that loads shared prefixes from the local
+kvpeer daemon into vLLM's paged KV cache and saves computed prefixes to it.
+
+Owns two things:
+
+* the mapping between vLLM's paged blocks and kvpeer chunks (pure code: :class:`BlockChunkMap`,
+  :func:`write_paged`, :func:`read_paged`). A kvpeer chunk (256 tokens by default) must be a
+  whole number of vLLM blocks, so chunk c lands in blocks ``block_ids[c*C/B : (c+1)*C/B]``;
+* the connector (:class:`KVPeerConnector`): the scheduler side asks the daemon how much of a
+  prompt it holds (``lookup``) and plans loads and saves; the worker side ``fetch``-es chunks
+  into the request's blocks and ``put``-s finished prompts.
+
+Honesty note: vLLM does not install on the CPU-only development machine, so this connector has
+NOT run inside a vLLM engine. Its signatures follow vLLM 0.33's ``KVConnectorBase_V1``; the
+block/chunk mapping and both paged layouts are tested as pure code, and the connector's
+scheduler and worker halves are tested end to end against a real daemon socket with stand-ins
+for vLLM's request and scheduler-output objects. Tensor parallelism > 1 and hybrid (sliding
+window / mamba) models are refused, not guessed at.
+
+Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_both",
+"kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
+{"kvpeer_socket": "/run/kvpeer/kvpeer.sock", "kvpeer_namespace": "default"}}'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpeer.api.client import KVPeerClient
+from kvpeer.errors import ConfigError, KVPeerError
+from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    _Base = object
+    _MetaBase = object
+    HAVE_VLLM = False
+else:
+    try:  # vLLM loads this module itself; without vLLM the pure parts stay usable and tested
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+            KVConnectorBase_V1 as _Base,
+        )
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+            KVConnectorMetadata as _MetaBase,
+        )
+
+        HAVE_VLLM = True
+    except ImportError:
+        _Base = object
+        _MetaBase = object
+        HAVE_VLLM = False
+
+# Per-layer paged cache layouts.
+#  "blocks_heads_tokens_2d": vLLM >= 0.2x standardized view [num_blocks, kv_heads, block, 2*head_dim]
+#                            (K in channels [0, D), V in [D, 2D)).
+#  "kv_blocks_tokens_heads": the classic FlashAttention cache [2, num_blocks, block, kv_heads, head_dim].
+LAYOUTS = ("blocks_heads_tokens_2d", "kv_blocks_tokens_heads")
+
+
+# --------------------------------------------------------------------------- pure mapping
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockChunkMap:
+    """Arithmetic between vLLM blocks (``block_size`` tokens) and kvpeer chunks."""
+
+    block_size: int
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.chunk_tokens <= 0:
+            raise ConfigError("block_size and chunk_tokens must be positive")
+        if self.chunk_tokens % self.block_size:
+            raise ConfigError(
+                f"kvpeer chunk ({self.chunk_tokens} tokens) must be a multiple of vLLM's block "
+                f"size ({self.block_size})"
+            )
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_tokens // self.block_size
+
+    def loadable_tokens(self, prompt_len: int, matched_tokens: int) -> int:
+        """Tokens worth loading: whole chunks the daemon holds, leaving at least the last
+        prompt token to compute (its logits start generation)."""
+        cap = max(prompt_len - 1, 0) // self.chunk_tokens * self.chunk_tokens
+        return max(0, min(matched_tokens // self.chunk_tokens * self.chunk_tokens, cap))
+
+    def new_matched_tokens(self, prompt_len: int, num_computed: int, matched_tokens: int) -> int:
+        """What ``get_num_new_matched_tokens`` answers: loadable tokens past vLLM's own hits."""
+        return max(0, self.loadable_tokens(prompt_len, matched_tokens) - num_computed)
+
+    def saveable_tokens(self, prompt_len: int) -> int:
+        """Tokens of a prompt kvpeer can key (whole chunks only)."""
+        return prompt_len // self.chunk_tokens * self.chunk_tokens
+
+    def blocks(self, block_ids: Sequence[int], start: int, stop: int) -> list[int]:
+        """Block ids holding tokens [start, stop) (both multiples of the block size)."""
+        if start % self.block_size or stop % self.block_size or not 0 <= start <= stop:
+            raise ValueError(f"token range [{start}, {stop}) is not block aligned")
+        first, last = start // self.block_size, stop // self.block_size
+        if last > len(block_ids):
+            raise ValueError(f"tokens up to {stop} need {last} blocks, the request has {len(block_ids)}")
+        return list(block_ids[first:last])
+
+    def chunk_span(self, chunk: int, start: int, stop: int) -> tuple[int, int] | None:
+        """The part of chunk ``chunk`` inside tokens [start, stop), or None if none is."""
+        lo = max(chunk * self.chunk_tokens, start)
+        hi = min((chunk + 1) * self.chunk_tokens, stop)
+        return (lo, hi) if lo < hi else None
+
+
+def write_paged(
+    kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: Sequence[int],
+    layout: str = LAYOUTS[0],
+) -> None:
+    """Scatter one layer's ``k``/``v`` ``[kv_heads, tokens, head_dim]`` into ``block_ids``
+    of a paged cache (``tokens`` = len(block_ids) x block size)."""
+    heads, tokens, dim = k.shape
+    idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_layer.device)
+    nb = len(block_ids)
+    if nb == 0:
+        return
+    block = tokens // nb
+    if block * nb != tokens:
+        raise ValueError("tokens must fill the blocks exactly")
+    # [H, nb*B, D] -> [nb, H, B, D]
+    kb = k.to(kv_layer.device, kv_layer.dtype).reshape(heads, nb, block, dim).permute(1, 0, 2, 3)
+    vb = v.to(kv_layer.device, kv_layer.dtype).reshape(heads, nb, block, dim).permute(1, 0, 2, 3)
+    if layout == "blocks_heads_tokens_2d":
+        kv_layer[idx, :, :, :dim] = kb
+        kv_layer[idx, :, :, dim:] = vb
+    elif layout == "kv_blocks_tokens_heads":
+        kv_layer[0, idx] = kb.transpose(1, 2)
+        kv_layer[1, idx] = vb.transpose(1, 2)
+    else:
+        raise ConfigError(f"unknown paged layout {layout!r}; known: {LAYOUTS}")
+
+
+def read_paged(
+    kv_layer: torch.Tensor, block_ids: Sequence[int], layout: str = LAYOUTS[0]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather one layer's K, V ``[kv_heads, tokens, head_dim]`` from ``block_ids``."""
+    idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=kv_layer.device)
+    if layout == "blocks_heads_tokens_2d":
+        blocks = kv_layer[idx]  # [nb, H, B, 2D]
+        dim = blocks.shape[-1] // 2
+        kb, vb = blocks[..., :dim], blocks[..., dim:]
+    elif layout == "kv_blocks_tokens_heads":
+        kb = kv_layer[0, idx].transpose(1, 2)  # [nb, B, H, D] -> [nb, H, B, D]
+        vb = kv_layer[1, idx].transpose(1, 2)
+    else:
+        raise ConfigError(f"unknown paged layout {layout!r}; known: {LAYOUTS}")
+    nb, heads, block, dim = kb.shape
+    k = kb.permute(1, 0, 2, 3).reshape(heads, nb * block, dim)
+    v = vb.permute(1, 0, 2, 3).reshape(heads, nb * block, dim)
+    return k, v
+
+
+def layer_index(name: str) -> int:
+    """Decoder layer number in a vLLM attention layer name (``model.layers.12.self_attn.attn``)."""
+    numbers = re.findall(r"\.(\d+)\.", f".{name}.")
+    if not numbers:
+        raise ConfigError(f"cannot tell the layer number of {name!r}")
+    return int(numbers[0])
+
+
+# --------------------------------------------------------------------------- connector metadata
+
+
+@dataclass(slots=True, kw_only=True)
+class LoadSpec:
+    """Load tokens [start, stop) of ``tokens`` into ``block_ids`` (the request's blocks)."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    start: int
+    stop: int
+
+
+@dataclass(slots=True, kw_only=True)
+class SaveSpec:
+    """Put tokens [0, stop) of ``tokens`` from ``block_ids`` once this step has computed them."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    stop: int
+
+
+@dataclass(kw_only=True)
+class KVPeerConnectorMetadata(_MetaBase):  # type: ignore[misc,valid-type]
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Scheduler-side state of one request."""
+
+    tokens: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # vLLM's own prefix-cache hit, at lookup time
+    load_tokens: int = 0
+    saved: bool = False
+    load_planned: bool = False
+
+
+def _role_name(role: Any) -> str:
+    return str(getattr(role, "name", role)).lower()
+
+
+# --------------------------------------------------------------------------- the connector
+
+
+class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
+    """vLLM V1 KV connector backed by the node's kvpeer daemon (see the module docstring)."""
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        if HAVE_VLLM:
+            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[call-arg]
+        self._vllm_config = vllm_config
+        self._role_name = _role_name(role)
+        extra = _extra_config(vllm_config)
+        self.fingerprint = fingerprint_from_vllm(vllm_config)
+        self.layout = str(extra.get("kvpeer_layout", LAYOUTS[0]))
+        self.level = extra.get("kvpeer_level")
+        self.map = BlockChunkMap(
+            block_size=int(vllm_config.cache_config.block_size),
+            chunk_tokens=int(extra.get("kvpeer_chunk_tokens", DEFAULT_CHUNK_TOKENS)),
+        )
+        self._client = KVPeerClient(
+            extra.get("kvpeer_socket"), namespace=str(extra.get("kvpeer_namespace", "default")),
+            client_name=f"vllm {self._role_name}",
+        )
+        self._lock = threading.Lock()  # the blocking client serves one call at a time
+        # scheduler side
+        self._requests: dict[str, _Tracked] = {}
+        # worker side
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._meta: KVPeerConnectorMetadata | None = None
+        self._load_errors: set[int] = set()
+        self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ metadata binding
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        self._meta = connector_metadata
+        if HAVE_VLLM:
+            super().bind_connector_metadata(connector_metadata)  # type: ignore[misc]
+
+    def clear_connector_metadata(self) -> None:
+        self._meta = None
+        if HAVE_VLLM:
+            super().clear_connector_metadata()  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ scheduler side
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        tokens = [int(t) for t in (request.prompt_token_ids or [])]
+        if self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens:
+            return 0, False  # nothing kvpeer could add past vLLM's own prefix cache
+        try:
+            with self._lock:
+                found = self._client.lookup(tokens, self.fingerprint)
+        except KVPeerError as exc:
+            log.warning("kvpeer lookup failed (%s): computing request %s", exc, request.request_id)
+            return 0, False
+        if found.chunk_tokens != self.map.chunk_tokens:
+            log.warning("daemon chunk size %d differs from kvpeer_chunk_tokens %d; not loading",
+                        found.chunk_tokens, self.map.chunk_tokens)
+            return 0, False
+        new = self.map.new_matched_tokens(len(tokens), num_computed_tokens, found.matched_tokens)
+        tracked = self._requests.setdefault(request.request_id, _Tracked(tokens))
+        tracked.num_computed = num_computed_tokens
+        tracked.load_tokens = new
+        return new, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        tracked = self._requests.setdefault(
+            request.request_id, _Tracked([int(t) for t in (request.prompt_token_ids or [])])
+        )
+        tracked.load_tokens = num_external_tokens
+        tracked.load_planned = num_external_tokens > 0
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVPeerConnectorMetadata:
+        meta = KVPeerConnectorMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._requests.setdefault(
+                new.req_id, _Tracked([int(t) for t in (new.prompt_token_ids or [])])
+            )
+            tracked.block_ids = list(new.block_ids[0])
+            if tracked.load_planned:
+                start = tracked.num_computed
+                meta.loads.append(LoadSpec(
+                    req_id=new.req_id, tokens=tracked.tokens, block_ids=tracked.block_ids,
+                    start=start, stop=start + tracked.load_tokens,
+                ))
+                tracked.load_planned = False
+            computed = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+            self._maybe_save(meta, new.req_id, tracked, computed)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked_or_none = self._requests.get(req_id)
+            if tracked_or_none is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:
+                    tracked_or_none.block_ids = list(new_blocks[0])
+                else:
+                    tracked_or_none.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id]
+            self._maybe_save(meta, req_id, tracked_or_none, computed)
+        return meta
+
+    def _maybe_save(self, meta: KVPeerConnectorMetadata, req_id: str, tracked: _Tracked, computed: int) -> None:
+        stop = self.map.saveable_tokens(len(tracked.tokens))
+        # Save once, in the step that computes the last whole chunk, and only what was
+        # computed here: chunks that came from kvpeer are already in the daemon.
+        if tracked.saved or stop == 0 or computed < stop:
+            return
+        if tracked.num_computed + tracked.load_tokens >= stop:
+            tracked.saved = True
+            return
+        tracked.saved = True
+        meta.saves.append(SaveSpec(req_id=req_id, tokens=tracked.tokens, block_ids=list(tracked.block_ids), stop=stop))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        return False, None  # saves finish inside wait_for_save: blocks may be freed now
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        layers = {layer_index(name) for name in self._kv_caches}
+        if layers != set(range(self.fingerprint.layers)):
+            raise ConfigError(
+                f"vLLM registered layers {sorted(layers)}; kvpeer expects 0..{self.fingerprint.layers - 1}"
+            )
+
+    def _layers(self, forward_context: Any = None) -> dict[int, torch.Tensor]:
+        caches = self._kv_caches
+        if not caches and forward_context is not None:
+            caches = {
+                name: layer.kv_cache for name, layer in forward_context.no_compile_layers.items()
+                if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)
+            }
+        return {layer_index(name): cache for name, cache in caches.items()}
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._meta
+        if meta is None or not meta.loads:
+            return
+        layers = self._layers(forward_context)
+        for spec in meta.loads:
+            self._load(spec, layers)
+
+    def _load(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> None:
+        loaded_to = spec.start
+        try:
+            with self._lock, self._client.fetch(spec.tokens[: spec.stop], self.fingerprint) as result:
+                chunk = spec.start // self.map.chunk_tokens
+                while True:
+                    span = self.map.chunk_span(chunk, spec.start, spec.stop)
+                    if span is None or not result.wait_for_chunk(chunk):
+                        break
+                    k, v = result.chunk(chunk)  # [L, H, C, D], chunk-local tokens
+                    lo, hi = span
+                    offset = chunk * self.map.chunk_tokens
+                    blocks = self.map.blocks(spec.block_ids, lo, hi)
+                    for index, cache in layers.items():
+                        write_paged(cache, k[index, :, lo - offset : hi - offset],
+                                    v[index, :, lo - offset : hi - offset], blocks, self.layout)
+                    loaded_to = hi
+                    chunk += 1
+        except KVPeerError as exc:
+            log.warning("kvpeer load for %s stopped at token %d: %s", spec.req_id, loaded_to, exc)
+        if loaded_to < spec.stop:
+            # vLLM recomputes what it is told failed; never leave blocks half-promised.
+            self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv restores every layer of each chunk before returning
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        meta = self._meta
+        if meta is None or not meta.saves:
+            return
+        index = layer_index(layer_name)
+        fp = self.fingerprint
+        for spec in meta.saves:
+            blocks = self.map.blocks(spec.block_ids, 0, spec.stop)
+            k, v = read_paged(kv_layer, blocks, self.layout)
+            if spec.req_id not in self._staged:
+                shape = (fp.layers, fp.kv_heads, spec.stop, fp.head_dim)
+                self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
+            k_all, v_all = self._staged[spec.req_id]
+            k_all[index].copy_(k)
+            v_all[index].copy_(v)
+
+    def wait_for_save(self) -> None:
+        meta = self._meta
+        staged, self._staged = self._staged, {}
+        if meta is None:
+            return
+        for spec in meta.saves:
+            kv = staged.get(spec.req_id)
+            if kv is None:
+                continue
+            try:
+                with self._lock:
+                    self._client.put(spec.tokens[: spec.stop], kv[0], kv[1], self.fingerprint, level=self.level)
+            except KVPeerError as exc:
+                log.warning("kvpeer put for %s failed: %s", spec.req_id, exc)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def _extra_config(vllm_config: Any) -> dict[str, Any]:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    extra = getattr(transfer, "kv_connector_extra_config", None) or {}
+    return dict(extra)
+
+
+def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
+    """The kvpeer fingerprint of the model vLLM serves (single GPU, standard attention)."""
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "tensor_parallel_size", 1) != 1 or getattr(parallel, "pipeline_parallel_size", 1) != 1:
+        raise ConfigError("kvpeer's vLLM connector supports tensor/pipeline parallel size 1 only")
+    hf = getattr(model, "hf_text_config", None) or getattr(model, "hf_config", None)
+    rope = getattr(hf, "rope_scaling", None) or {}
+    return ModelFingerprint(
+        name=str(model.model),
+        revision=str(getattr(model, "revision", "") or ""),
+        layers=int(model.get_num_layers(parallel)),
+        kv_heads=int(model.get_num_kv_heads(parallel)),
+        head_dim=int(model.get_head_size()),
+        dtype=str(model.dtype).removeprefix("torch."),
+        rope_theta=float(getattr(hf, "rope_theta", 0.0) or 0.0),
+        rope_scaling=repr(sorted(dict(rope).items())) if rope else "",
+    )

@@ -1,0 +1,182 @@
+"""vLLM connector: block <-> chunk mapping, paged layouts, and both connector halves against a
+real daemon socket (vLLM itself does not install here; its request objects are stand-ins)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from kvpeer.errors import ConfigError
+from kvpeer.integrations.vllm import (
+    LAYOUTS,
+    BlockChunkMap,
+    KVPeerConnector,
+    layer_index,
+    read_paged,
+    write_paged,
+)
+from tests.api.fakes import ServerThread, serving
+
+BLOCK, CHUNK, LAYERS, HEADS, DIM, NUM_BLOCKS = 4, 16, 2, 3, 8, 32
+
+
+def test_block_chunk_arithmetic() -> None:
+    bmap = BlockChunkMap(block_size=16, chunk_tokens=256)
+    assert bmap.blocks_per_chunk == 16
+    assert bmap.loadable_tokens(prompt_len=600, matched_tokens=512) == 512
+    assert bmap.loadable_tokens(prompt_len=512, matched_tokens=512) == 256  # keep 1 token to compute
+    assert bmap.loadable_tokens(prompt_len=600, matched_tokens=300) == 256
+    assert bmap.new_matched_tokens(600, num_computed=128, matched_tokens=512) == 384
+    assert bmap.new_matched_tokens(600, num_computed=512, matched_tokens=512) == 0
+    assert bmap.saveable_tokens(600) == 512
+    assert bmap.blocks(list(range(100, 140)), 32, 64) == [102, 103]
+    assert bmap.chunk_span(1, 300, 512) == (300, 512) and bmap.chunk_span(0, 300, 512) is None
+    with pytest.raises(ValueError):
+        bmap.blocks(list(range(4)), 0, 17)
+    with pytest.raises(ConfigError):
+        BlockChunkMap(block_size=48, chunk_tokens=256)
+    assert layer_index("model.layers.12.self_attn.attn") == 12
+
+
+def paged(layout: str) -> torch.Tensor:
+    if layout == "blocks_heads_tokens_2d":
+        return torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * DIM)
+    return torch.zeros(2, NUM_BLOCKS, BLOCK, HEADS, DIM)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_write_read_round_trip(layout: str) -> None:
+    blocks = [7, 2, 30, 11]
+    k, v = torch.randn(HEADS, 16, DIM), torch.randn(HEADS, 16, DIM)
+    cache = paged(layout)
+    write_paged(cache, k, v, blocks, layout)
+    k2, v2 = read_paged(cache, blocks, layout)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    # token 5 lives in the second block (id 2) at offset 1
+    if layout == "blocks_heads_tokens_2d":
+        assert torch.equal(cache[2, :, 1, :DIM], k[:, 5]) and torch.equal(cache[2, :, 1, DIM:], v[:, 5])
+    else:
+        assert torch.equal(cache[0, 2, 1], k[:, 5]) and torch.equal(cache[1, 2, 1], v[:, 5])
+    untouched = [b for b in range(NUM_BLOCKS) if b not in blocks]
+    assert read_paged(cache, untouched, layout)[0].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- connector halves
+
+
+class FakeModelConfig:
+    model = "tiny-vllm"
+    revision = ""
+    dtype = torch.float32
+    hf_text_config = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
+
+    def get_num_layers(self, parallel: Any) -> int:
+        return LAYERS
+
+    def get_num_kv_heads(self, parallel: Any) -> int:
+        return HEADS
+
+    def get_head_size(self) -> int:
+        return DIM
+
+
+def vllm_config(socket_path: object) -> Any:
+    return SimpleNamespace(
+        model_config=FakeModelConfig(),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        cache_config=SimpleNamespace(block_size=BLOCK),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={
+            "kvpeer_socket": str(socket_path), "kvpeer_chunk_tokens": CHUNK, "kvpeer_level": "exact",
+        }),
+    )
+
+
+def scheduler_output(req_id: str, tokens: list[int], block_ids: list[int], computed: int) -> Any:
+    new = SimpleNamespace(req_id=req_id, prompt_token_ids=tokens, block_ids=(block_ids,),
+                          num_computed_tokens=computed)
+    cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
+    return SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached,
+                           num_scheduled_tokens={req_id: len(tokens) - computed})
+
+
+@pytest.fixture
+def api() -> Iterator[ServerThread]:
+    with serving(chunk_tokens=CHUNK) as server:
+        yield server
+
+
+def engine(api: ServerThread, layout: str = LAYOUTS[0]) -> tuple[KVPeerConnector, dict[str, torch.Tensor]]:
+    connector = KVPeerConnector(vllm_config(api.socket_path), SimpleNamespace(name="BOTH"))
+    connector.layout = layout
+    caches = {f"model.layers.{i}.self_attn.attn": paged(layout) for i in range(LAYERS)}
+    connector.register_kv_caches(caches)
+    return connector, caches
+
+
+def request(req_id: str, tokens: list[int]) -> Any:
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=tokens)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, layout: str) -> None:
+    prompt = list(range(1000, 1040))  # 40 tokens: 2 whole chunks of 16
+    truth_k, truth_v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+
+    # Engine A computes the prompt (we write its "computed" KV into its blocks) and saves it.
+    a, a_caches = engine(api, layout)
+    blocks_a = list(range(20, 30))
+    assert a.get_num_new_matched_tokens(request("r1", prompt), 0) == (0, False)
+    a.update_state_after_alloc(request("r1", prompt), None, 0)
+    meta = a.build_connector_meta(scheduler_output("r1", prompt, blocks_a, 0))
+    assert [(s.req_id, s.stop) for s in meta.saves] == [("r1", 32)] and not meta.loads
+    for i, cache in enumerate(a_caches.values()):
+        write_paged(cache, truth_k[i], truth_v[i], blocks_a, layout)
+    a.bind_connector_metadata(meta)
+    for name, cache in a_caches.items():
+        a.save_kv_layer(name, cache, None)
+    a.wait_for_save()
+    a.clear_connector_metadata()
+
+    # Engine B has its own prefix-cache hit of one block (4 tokens) and loads the rest.
+    b, b_caches = engine(api, layout)
+    question = prompt + [7, 7, 7, 7]
+    new, is_async = b.get_num_new_matched_tokens(request("r2", question), 4)
+    assert (new, is_async) == (28, False)
+    b.update_state_after_alloc(request("r2", question), None, new)
+    blocks_b = [3, 9, 1, 14, 5, 8, 2, 11, 12, 13, 15]
+    meta = b.build_connector_meta(scheduler_output("r2", question, blocks_b, 4))
+    assert [(s.start, s.stop) for s in meta.loads] == [(4, 32)] and not meta.saves
+    b.bind_connector_metadata(meta)
+    b.start_load_kv(None)
+    for name in b_caches:
+        b.wait_for_layer_load(name)
+    assert b.get_block_ids_with_load_errors() == set()
+    for i, cache in enumerate(b_caches.values()):
+        k, v = read_paged(cache, blocks_b[1:8], layout)  # tokens 4..32
+        assert torch.equal(k, truth_k[i, :, 4:32]) and torch.equal(v, truth_v[i, :, 4:32])
+        assert read_paged(cache, blocks_b[:1], layout)[0].abs().sum() == 0  # B's own hit: untouched
+    b.clear_connector_metadata()
+    assert b.request_finished(request("r2", question), blocks_b) == (False, None)
+    a.shutdown()
+    b.shutdown()
+
+
+def test_chunks_gone_between_lookup_and_load_are_reported_for_recompute(api: ServerThread) -> None:
+    prompt = list(range(2000, 2040))
+    k, v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    b, _ = engine(api)
+    b._client.put(prompt, k, v, b.fingerprint)
+    new, _ = b.get_num_new_matched_tokens(request("r3", prompt), 0)
+    assert new == 32
+    b.update_state_after_alloc(request("r3", prompt), None, new)
+    blocks = list(range(10))
+    meta = b.build_connector_meta(scheduler_output("r3", prompt, blocks, 0))
+    b._client.evict_all()  # the daemon loses the chunks before the worker loads
+    b.bind_connector_metadata(meta)
+    b.start_load_kv(None)
+    assert b.get_block_ids_with_load_errors() == set(blocks[:8])
+    b.shutdown()
