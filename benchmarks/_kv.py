@@ -19,13 +19,14 @@ from kvpeer.codec.calibrate import (
     calibration_text,
     continuation_logprobs,
     evaluation_text,
+    mean_kl,
     prefix_kv,
 )
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256
-__all__ = ["calibration_text", "evaluation_text", "prefix_kv", "cache_from", "continuation_logprobs"]
+__all__ = ["cache_from", "calibration_text", "continuation_logprobs", "evaluation_text", "mean_kl", "prefix_kv"]
 
 
 def read_text(path: str | None, default: Callable[[], str]) -> str:

@@ -95,7 +95,7 @@ def encode(
             log.debug("symbols exceed 8 bits: zstd stream instead of %s", stream)
             stream = "zstd"
         if stream == "zstd":
-            payload = zstd_stream.encode_symbols(symbols)
+            payload = zstd_stream.encode_symbols(symbols.reshape(2 * layers, -1))
         else:
             payload = video.encode(symbols.reshape(2 * layers, heads * head_dim, tokens - sink), stream)
     header = Header(
@@ -181,7 +181,7 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     sink_raw = np.frombuffer(side_raw[zeros_end:], raw_dtype)
     count = 2 * layers * heads * rest * head_dim
     if header.stream == "zstd":
-        symbols = zstd_stream.decode_symbols(payload, count)
+        symbols = zstd_stream.decode_symbols(payload, count, 2 * layers)
     elif header.stream in ("hevc", "ffv1") and rest:
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:

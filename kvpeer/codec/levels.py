@@ -34,6 +34,7 @@ class Level:
 _LADDER = (
     Level(name="exact", code=0, bits=0),
     Level(name="q8", code=8, bits=8),
+    Level(name="q7", code=7, bits=7),
     Level(name="q6", code=6, bits=6),
     Level(name="q5", code=5, bits=5),
     Level(name="q4", code=4, bits=4),

@@ -51,42 +51,101 @@ def unshuffle(planes: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 _INT8 = 1
 _INT16 = 2
 _NIBBLE = 3
+_GROUPED = 4
+_MODES = (_NIBBLE, _INT8, _INT16)
 
 
-def encode_symbols(symbols: np.ndarray, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
-    """int16 symbols (any shape, flattened in C order) -> mode byte + zstd frame.
-
-    Narrow alphabets (all symbols in -8..7, the low levels) go two per byte: zstd's Huffman
-    stage codes whole bytes, so packing pairs lets it spend under one bit per symbol.
-    """
-    flat = symbols.reshape(-1)
-    lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
+def _mode(lo: int, hi: int) -> int:
     if -8 <= lo and hi <= 7:
+        return _NIBBLE
+    if -128 <= lo and hi <= 127:
+        return _INT8
+    return _INT16
+
+
+def _pack(flat: np.ndarray, mode: int) -> bytes:
+    if mode == _NIBBLE:
         u = (flat + 8).astype(np.uint8)
         if u.size % 2:
             u = np.append(u, np.uint8(8))
-        packed = u[0::2] | (u[1::2] << 4)
-        return bytes((_NIBBLE,)) + compress(packed.tobytes(), level)
-    if -128 <= lo and hi <= 127:
-        return bytes((_INT8,)) + compress(flat.astype(np.int8).tobytes(), level)
-    return bytes((_INT16,)) + compress(shuffle(flat.astype("<i2")), level)
+        return (u[0::2] | (u[1::2] << 4)).tobytes()
+    if mode == _INT8:
+        return flat.astype(np.int8).tobytes()
+    return shuffle(flat.astype("<i2"))
 
 
-def decode_symbols(payload: bytes | memoryview, count: int) -> np.ndarray:
-    """Inverse of :func:`encode_symbols`: a flat array of ``count`` symbols (int8 or int16)."""
-    if len(payload) < 1:
-        raise CodecError("empty symbol payload")
-    mode = payload[0]
+def _unpack(raw: bytes, mode: int, count: int) -> np.ndarray:
     if mode == _NIBBLE:
-        packed = np.frombuffer(decompress(payload[1:], (count + 1) // 2), dtype=np.uint8)
+        packed = np.frombuffer(raw, dtype=np.uint8)
         out = np.empty(2 * packed.size, dtype=np.int8)
         out[0::2] = (packed & 0x0F).view(np.int8)
         out[1::2] = (packed >> 4).view(np.int8)
         out -= 8
         return out[:count]
     if mode == _INT8:
-        return np.frombuffer(decompress(payload[1:], count), dtype=np.int8)
-    if mode == _INT16:
-        raw = decompress(payload[1:], 2 * count)
-        return unshuffle(raw, np.dtype("<i2"), count).astype(np.int16)
-    raise CodecError(f"unknown symbol mode {mode}")
+        return np.frombuffer(raw, dtype=np.int8)
+    return unshuffle(raw, np.dtype("<i2"), count)
+
+
+def _packed_len(mode: int, count: int) -> int:
+    return (count + 1) // 2 if mode == _NIBBLE else count * (2 if mode == _INT16 else 1)
+
+
+def encode_symbols(symbols: np.ndarray, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
+    """int16 symbols [rows, ...] -> bytes; each row (one tensor-layer) gets the narrowest mode.
+
+    Rows whose symbols all lie in -8..7 go two per byte (zstd's Huffman stage codes whole bytes,
+    so packing pairs lets it spend under one bit per symbol), rows within -128..127 one per byte,
+    wider rows as byte-shuffled int16. Rows of one mode are compressed together in one frame.
+    Layout: mode byte (4) | one mode byte per row | per mode present: u32 frame length + frame.
+    """
+    rows = symbols.reshape(symbols.shape[0], -1) if symbols.ndim > 1 else symbols.reshape(1, -1)
+    if rows.size:
+        modes = [_mode(int(lo), int(hi)) for lo, hi in zip(rows.min(axis=1), rows.max(axis=1), strict=True)]
+    else:
+        modes = [_NIBBLE] * rows.shape[0]
+    out = [bytes((_GROUPED,)), bytes(modes)]
+    for mode in _MODES:
+        picked = [i for i, m in enumerate(modes) if m == mode]
+        if not picked:
+            continue
+        frame = compress(_pack(rows[picked].reshape(-1), mode), level)
+        out.append(len(frame).to_bytes(4, "little"))
+        out.append(frame)
+    return b"".join(out)
+
+
+def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np.ndarray:
+    """Inverse of :func:`encode_symbols`: [rows, count // rows] symbols (int8 or int16)."""
+    view = memoryview(payload)
+    if rows < 1 or count % rows or len(view) < 1 + rows or view[0] != _GROUPED:
+        raise CodecError("bad symbol payload")
+    per_row = count // rows
+    modes = list(view[1 : 1 + rows])
+    if any(m not in _MODES for m in modes):
+        raise CodecError("unknown symbol mode")
+    out: np.ndarray | None = None
+    pos = 1 + rows
+    for mode in _MODES:
+        picked = [i for i, m in enumerate(modes) if m == mode]
+        if not picked:
+            continue
+        if pos + 4 > len(view):
+            raise CodecError("symbol payload truncated")
+        size = int.from_bytes(view[pos : pos + 4], "little")
+        pos += 4
+        if pos + size > len(view):
+            raise CodecError("symbol payload truncated")
+        n = len(picked) * per_row
+        raw = decompress(view[pos : pos + size], _packed_len(mode, n))
+        pos += size
+        values = _unpack(raw, mode, n).reshape(len(picked), per_row)
+        if len(picked) == rows:
+            out = values  # one mode for all rows (the usual case): no copy
+        else:
+            if out is None:
+                out = np.empty((rows, per_row), np.int16)
+            out[picked] = values
+    if pos != len(view) or out is None:
+        raise CodecError("trailing bytes after the symbol frames")
+    return out
