@@ -56,6 +56,8 @@ class Run:
     levels: list[str] = field(default_factory=list)
     top1_agreement: float = 0.0
     speedup_vs_recompute: float = 0.0
+    usable_s: float = 0.0  # request -> the whole fetched prefix in the client's memory
+    cache_build_s: float = 0.0  # fetched KV -> a transformers cache
     chunk_times: list[float] = field(default_factory=list)  # request -> chunk usable
 
 
@@ -122,9 +124,12 @@ def _fetch_once(
     # A namespace of its own per run: chunk keys are salted by namespace, so every policy
     # starts cold (nothing cached on the fetching node) without evicting anything.
     namespace = f"ttft-{run_index}-{policy.replace(':', '-')}"
+    puts_before = {}
     for node in servers:
         with KVPeerClient(socket_path=node.socket_path, namespace=namespace) as client:
+            puts_before[node.node_id] = client.stats()["store"]["puts"]
             client.put(tokens, k, v, fp, level=level)
+    _wait_until_warm(servers, namespace, len(tokens) // CHUNK, level, puts_before)
     for node in servers:
         cluster.wait_until_peer_holds(client_node, node.node_id, timeout_s=60)
     _wait_until_visible(client_node, namespace, tokens, fp)
@@ -152,9 +157,13 @@ def _fetch_once(
                 if not result.wait_for_chunk(index):
                     break
                 run.chunk_times.append(time.perf_counter() - started)
+            result.wait()
+            run.usable_s = time.perf_counter() - started
             matched = result.matched_tokens
             run.levels = list(result.levels)
+            build_started = time.perf_counter()
             fetched_cache = cache_from_kv(result.k, result.v, model) if matched else None
+            run.cache_build_s = time.perf_counter() - build_started
         fetched_at = time.perf_counter() - started
         run.bytes_moved = int(client.stats().get("bytes_from_peers", 0)) - int(before)
     if timer is not None:
@@ -172,6 +181,23 @@ def _fetch_once(
     run.levels_used = dict(Counter(run.levels))
     run.speedup_vs_recompute = recompute_s / run.fetch_s if run.fetch_s > 0 else 0.0
     return run
+
+
+def _wait_until_warm(
+    servers: list[Any], namespace: str, chunks: int, level: str, puts_before: dict[str, int]
+) -> None:
+    """Wait until each serving node made the lower levels of the chunks it was given (a
+    prefix is usually put long before another node fetches it)."""
+    from kvpeer.api.client import KVPeerClient
+
+    expected = chunks * (len(codec.LEVELS) - codec.level_rank(level))
+    deadline = time.monotonic() + 600
+    for node in servers:
+        with KVPeerClient(socket_path=node.socket_path, namespace=namespace) as client:
+            while client.stats()["store"]["puts"] - puts_before[node.node_id] < expected:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{node.node_id} did not make the lower levels in time")
+                time.sleep(0.5)
 
 
 def _wait_until_visible(node: Any, namespace: str, tokens: list[int], fp: Any) -> None:
@@ -293,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     if not delay_applied:
         print(f"note: --delay {args.delay} / --loss {args.loss} not applied "
               "(the daemon cluster has no relay route yet)")
-    header = f"{'policy':<12} {'fetch_s':>8} {'speedup':>8} {'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels"
+    header = (f"{'policy':<12} {'fetch_s':>8} {'speedup':>8} {'in_shm_s':>8} {'cache_s':>7} "
+              f"{'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels")
     print(header)
     for run in runs:
         levels = " ".join(f"{lv}x{n}" for lv, n in run.levels_used.items()) or "-"
         print(f"{run.policy:<12} {run.fetch_s:>8.2f} {run.speedup_vs_recompute:>7.1f}x "
+              f"{run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
               f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
               f"{run.top1_agreement:>6.3f}  {levels}")
     plotted = _plot(Path(args.plot), runs, recompute_s, title) if args.plot else False

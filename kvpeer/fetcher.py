@@ -273,6 +273,7 @@ class Fetcher:
         # Learned sizes, kept across fetches (per cache dtype: the lossless level depends on it).
         self._bytes_per_token: dict[int, dict[str, float]] = {}
         self.bytes_from_peers = 0
+        self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
 
     def learn_recompute_rate(self, tokens: int, seconds: float) -> None:
         """The client told us (or a put showed) how fast it computes a prefix."""
@@ -411,6 +412,7 @@ class _FetchRun:
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.transfers: dict[int, tuple[asyncio.Task[None], str, str, float]] = {}
+        self.last_done: dict[str, float] = {}  # peer -> when its last chunk arrived
         self.retries: dict[int, int] = {}
         self.received: set[int] = set()
         self.restored: dict[int, str] = {}
@@ -513,19 +515,40 @@ class _FetchRun:
             entry[0].cancel()
 
     def _bandwidth(self, peer: str, now: float) -> float:
+        """What a chunk from ``peer`` gets: whole-chunk goodput (request to last byte, serving
+        delays included), unless the transport's live estimate shows a sharp drop first."""
         if peer == LOCAL:
             return 1e12
         session = self.f.sessions(peer)
-        measured = session.estimator.bandwidth_bps(now) if session is not None else None
-        if measured:
+        live = session.estimator.bandwidth_bps(now) if session is not None else None
+        chunks = self.f.chunk_rates.get(peer)
+        if live or chunks:
             self.sched.set_window(peer, self.cfg.scheduler.window)
-            return measured
-        self.sched.set_window(peer, 1)  # probe with one chunk until the link is measured
-        return self.cfg.initial_bandwidth_bps
+        else:
+            self.sched.set_window(peer, 1)  # probe with one chunk until the link is measured
+            return self.cfg.initial_bandwidth_bps
+        if chunks is None:
+            return float(live or 0.0)
+        if live and live < 0.5 * chunks:
+            return float(live)
+        return chunks
 
     def _measured(self, peer: str, now: float) -> bool:
+        if peer in self.f.chunk_rates:
+            return True
         session = self.f.sessions(peer)
         return session is not None and bool(session.estimator.bandwidth_bps(now))
+
+    def _chunk_rate(self, peer: str, launched: float, now: float, nbytes: int) -> None:
+        """One whole-chunk goodput sample (the transport's first samples catch SCTP's slow
+        start and read low; a chunk's is what the next chunk will see)."""
+        begin = max(launched, self.last_done.get(peer, launched))
+        self.last_done[peer] = now
+        if now - begin <= 0 or nbytes <= 0:
+            return
+        sample = nbytes * 8 / (now - begin)
+        old = self.f.chunk_rates.get(peer)
+        self.f.chunk_rates[peer] = sample if old is None else 0.5 * old + 0.5 * sample
 
     def _probe(self, level: str) -> str:
         probe = self.cfg.probe_level
@@ -665,6 +688,9 @@ class _FetchRun:
             self.wake.set()
             return
         now = self.f.clock()
+        entry = self.transfers.get(index)
+        if peer != LOCAL and entry is not None and entry[0] is asyncio.current_task():
+            self._chunk_rate(peer, entry[3], now, len(blob))
         self._forget_transfer(index)
         wire = len(blob) if peer != LOCAL else 0
         self.bytes_moved += wire
