@@ -151,8 +151,10 @@ def _fetch_once(
         started = time.perf_counter()
         if timer is not None:
             timer.start()
-        min_level = None if policy == "adaptive" else level
-        with client.fetch(tokens, fp, min_level=args.min_level or min_level) as result:
+        # Fixed policies: the peers hold only that level and it is the floor, so every chunk
+        # travels at it; the adaptive policy gets the --min-level floor.
+        min_level = args.min_level if policy == "adaptive" else level
+        with client.fetch(tokens, fp, min_level=min_level) as result:
             for index in range(chunks):
                 if not result.wait_for_chunk(index):
                     break
