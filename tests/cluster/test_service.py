@@ -107,7 +107,7 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
         assert metrics[("kvpeer_ready", ())] == 1
         assert metrics[("kvpeer_store_chunks", ())] == 2
         assert metrics[("kvpeer_store_bytes", (("tier", "disk"),))] > 0
-        assert metrics[("kvpeer_store_events_total", (("event", "puts"),))] == 2
+        assert metrics[("kvpeer_store_events_total", (("event", "puts"),))] >= 2  # + warmed levels
         assert metrics[("kvpeer_codec_encode_seconds_count", (("level", "exact"),))] == 2
         assert metrics[("kvpeer_api_events_total", (("event", "requests"),))] >= 2
 
