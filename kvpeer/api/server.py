@@ -47,6 +47,7 @@ SERVER_NAME = "kvpeerd"
 READ_BYTES = 1 << 16
 FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
+DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 _PEERCRED = struct.Struct("3i")
 
 
@@ -511,8 +512,11 @@ class ApiServer:
     # ------------------------------------------------------------------ fetch
     async def _fetch(self, conn: _Connection, req: m.FetchRequest) -> m.FetchResult:
         sink = FetchSink(self, conn, req)
+        # The backend honors deadline_s itself (it stops cleanly, with no decode still writing
+        # into the segment); this cut is only a backstop for one that does not.
+        backstop = None if req.deadline_s is None else req.deadline_s + DEADLINE_BACKSTOP_S
         try:
-            async with asyncio.timeout(req.deadline_s):
+            async with asyncio.timeout(backstop):
                 await self.backend.fetch(conn.ctx, req, sink)
         except TimeoutError:
             log.info("api: fetch %d hit its %.3fs deadline after %d tokens",
