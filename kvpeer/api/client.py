@@ -430,6 +430,14 @@ class AsyncFetchHandle(_FetchHandleBase):
 
     async def _next(self) -> None:
         message = await self._client._get(self._queue)
+        if isinstance(message, m.FetchStarted | m.FetchResult) and message.segment and self._state.segment is None:
+            # Mapping populates the page tables (milliseconds for large KV): keep it off the loop.
+            loop = asyncio.get_running_loop()
+            try:
+                self._state.segment = await loop.run_in_executor(None, shm.Segment.open, message.segment)
+            except (OSError, ProtocolError) as exc:
+                self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+                return
         self._state.on_message(message)
 
     async def wait(self) -> m.FetchResult:
