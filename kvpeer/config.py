@@ -61,11 +61,13 @@ def setting(default: T, doc: str, *, kind: str = "", example: Any = None, lo: fl
             hi: float | None = None, choices: tuple[Any, ...] = ()) -> T:
     """A config field: its default, its documentation and how to read and check its value.
 
-    ``kind`` is "size" (bytes, accepts "512MiB"), "mode" (file mode, accepts "0660") or "".
-    ``example`` is shown (commented out) in the example file for optional fields.
+    ``kind`` is "size" (bytes, accepts "512MiB"), "mode" (file mode, accepts "0660"),
+    "auto_int" (an int, "auto" meaning 0) or "". ``example`` is shown (commented out) in the
+    example file for optional fields. Typed as returning the default so sections type-check.
     """
     meta = {"doc": doc, "kind": kind, "example": example, "lo": lo, "hi": hi, "choices": choices}
-    return typing.cast(T, field(default=default, metadata=meta))
+    spec: T = field(default=default, metadata=meta)
+    return spec
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
