@@ -26,7 +26,8 @@ lint: install
 STRICT_CORE := kvpeer/errors.py kvpeer/hashing.py kvpeer/fetch_policy.py \
 	kvpeer/discovery/inventory.py kvpeer/discovery/peers.py kvpeer/discovery/advert.py \
 	kvpeer/transport/messages.py kvpeer/transport/estimator.py kvpeer/transport/liveness.py \
-	kvpeer/transport/auth.py kvpeer/api/messages.py kvpeer/codec/container.py
+	kvpeer/transport/auth.py kvpeer/transport/blobs.py kvpeer/api/messages.py \
+	kvpeer/codec/container.py
 
 typecheck: install
 	$(PY) -m mypy kvpeer
