@@ -21,6 +21,10 @@ from kvpeer.hashing import KEY_BYTES
 INVENTORY_VERSION = 1
 MAX_INVENTORY_KEYS = 262_144  # 8 MiB of keys: a 256-token chunk each is 67M tokens
 DEFAULT_HISTORY_KEYS = 65_536
+# Keys per "inventory" answer: 6,000 x ~34 bytes keeps one answer under the transport's
+# 256 KiB control-message limit. A larger full inventory is sent as numbered pages.
+PAGE_KEYS = 6_000
+MAX_PAGES = -(-MAX_INVENTORY_KEYS // PAGE_KEYS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +110,7 @@ class InventoryLog:
         self._history: deque[tuple[int, bool, tuple[bytes, ...]]] = deque()  # epoch, added, keys
         self._history_keys = 0
         self._history_cap = history_keys
+        self._sorted_cache: tuple[int, tuple[bytes, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -168,9 +173,29 @@ class InventoryLog:
             kind="delta", epoch=self.epoch, base_epoch=epoch, added=add, removed=remove
         )
 
-    def since(self, epoch: int | None) -> dict[str, Any]:
-        """The answer to an "inventory" request, msgpack-able."""
-        return self.update_since(epoch).to_dict()
+    def since(self, epoch: int | None, page: int = 0) -> dict[str, Any]:
+        """The answer to an "inventory" request, msgpack-able.
+
+        A delta that fits one answer is sent whole; otherwise the full inventory is cut into
+        pages of ``PAGE_KEYS`` keys (sorted, so pages of one epoch fit together) and the answer
+        says how many there are: the asker fetches the rest with ``since=None, page=N``.
+        """
+        update = self.update_since(epoch)
+        if update.kind == "delta" and len(update.added) + len(update.removed) <= PAGE_KEYS:
+            return update.to_dict()
+        keys = self._sorted_keys()
+        pages = max(1, -(-len(keys) // PAGE_KEYS))
+        if not 0 <= page < pages:
+            raise ProtocolError(ErrorCode.INVALID, f"inventory page {page} of {pages}")
+        chunk = keys[page * PAGE_KEYS : (page + 1) * PAGE_KEYS]
+        answer = InventoryUpdate(kind="full", epoch=self.epoch, keys=chunk).to_dict()
+        answer.update(page=page, pages=pages)
+        return answer
+
+    def _sorted_keys(self) -> tuple[bytes, ...]:
+        if self._sorted_cache is None or self._sorted_cache[0] != self.epoch:
+            self._sorted_cache = (self.epoch, tuple(sorted(self._keys)))
+        return self._sorted_cache[1]
 
 
 @dataclass(slots=True)

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvpeer.discovery.advert import PeerEvent, PeerInfo
-from kvpeer.discovery.inventory import InventoryTable, StaleDeltaError
-from kvpeer.errors import KVPeerError
+from kvpeer.discovery.inventory import MAX_PAGES, InventoryTable, StaleDeltaError
+from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,39 @@ async def sync_peer(table: InventoryTable, request: Request, peer: PeerInfo, tim
     if known is not None and known == peer.epoch:
         table.set_fingerprints(peer.node_id, peer.fingerprints)
         return known
-    answer = await asyncio.wait_for(
-        request(peer.node_id, "inventory", {"since": known}), timeout_s
-    )
+    answer = await _inventory(request, peer.node_id, known, timeout_s)
     try:
         return table.apply(peer.node_id, answer, peer.fingerprints)
     except StaleDeltaError:
         # The peer answered a delta from an epoch we no longer hold (a race with an earlier
         # answer): one full inventory settles it.
-        answer = await asyncio.wait_for(
-            request(peer.node_id, "inventory", {"since": None}), timeout_s
-        )
+        answer = await _inventory(request, peer.node_id, None, timeout_s)
         return table.apply(peer.node_id, answer, peer.fingerprints)
+
+
+async def _inventory(
+    request: Request, peer_id: str, since: int | None, timeout_s: float
+) -> dict[str, Any]:
+    """One inventory answer; a paged full inventory is fetched page by page and joined."""
+    answer = await asyncio.wait_for(request(peer_id, "inventory", {"since": since}), timeout_s)
+    pages = answer.get("pages", 1) if isinstance(answer, dict) else 1
+    if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= MAX_PAGES:
+        raise ProtocolError(ErrorCode.INVALID, f"inventory pages {pages!r}")
+    if pages == 1:
+        return answer
+    keys = list(answer.get("keys", []))
+    for page in range(1, pages):
+        part = await asyncio.wait_for(
+            request(peer_id, "inventory", {"since": None, "page": page}), timeout_s
+        )
+        if part.get("epoch") != answer.get("epoch") or part.get("pages") != pages:
+            # The inventory moved while paging: the caller retries from the new epoch.
+            raise ProtocolError(ErrorCode.INVALID, "inventory changed while paging")
+        part_keys = part.get("keys")
+        if not isinstance(part_keys, list):
+            raise ProtocolError(ErrorCode.INVALID, "inventory page without keys")
+        keys.extend(part_keys)
+    return {**answer, "keys": keys}
 
 
 class InventorySync:

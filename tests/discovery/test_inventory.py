@@ -103,3 +103,30 @@ def test_epoch_of_a_new_log_is_after_an_old_ones_last() -> None:
     for _ in range(100):
         old.add(keys(1))
     assert InventoryLog().epoch > old.epoch - 100
+
+
+def test_a_large_full_inventory_is_paged_and_joins_up() -> None:
+    import asyncio
+
+    from kvpeer.discovery.advert import PeerInfo
+    from kvpeer.discovery.inventory import PAGE_KEYS
+    from kvpeer.discovery.sync import sync_peer
+
+    log = InventoryLog(epoch=1)
+    keys = [i.to_bytes(32, "big") for i in range(2 * PAGE_KEYS + 5)]
+    log.add(keys)
+    first = log.since(None)
+    assert first["pages"] == 3 and len(first["keys"]) == PAGE_KEYS
+
+    asked: list[dict] = []
+
+    async def request(peer_id: str, method: str, body: dict) -> dict:
+        asked.append(body)
+        return log.since(body["since"], body.get("page", 0))
+
+    table = InventoryTable()
+    peer = PeerInfo(node_id="p", addresses=("10.0.0.1",), port=7457, fingerprints=("ab" * 16,),
+                    epoch=log.epoch, chunk_count=len(keys))
+    asyncio.run(sync_peer(table, request, peer, timeout_s=5))
+    assert table.keys_of("p") == frozenset(keys)
+    assert [b.get("page", 0) for b in asked] == [0, 1, 2]
