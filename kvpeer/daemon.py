@@ -113,6 +113,7 @@ class Daemon:
             mode=config.api.socket_mode,
             group=config.api.socket_group,
             allowed_uids=config.api.allowed_uids,
+            lease_s=config.api.lease_s,
         )
         self.ready = False
         self.bytes_from_peers = 0  # encoded bytes received from peers since start
