@@ -312,6 +312,14 @@ class Segment:
 
 
 def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
+    """Let the client ``uid`` open the segment read-write.
+
+    A root daemon gives the file to the client (only that user can open it). An unprivileged
+    one (the systemd unit runs as kvpeer, no capabilities) shares it the way the API socket is
+    shared: mode 0660 and the socket's group (``gid``; None: the daemon's own group, which is
+    what the socket file gets by default). The daemon stays the owner, so it can unlink it in
+    sticky /dev/shm.
+    """
     if uid is None or uid == os.geteuid():
         return
     try:
@@ -319,13 +327,14 @@ def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
         return
     except PermissionError:
         pass
-    if gid is None:
+    try:
+        if gid is not None and gid != os.getegid():
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o660)
+    except PermissionError as exc:
         raise ProtocolError(
-            ErrorCode.FORBIDDEN,
-            f"cannot hand a segment to uid {uid}: run the daemon as root or set a socket group",
-        )
-    os.fchown(fd, -1, gid)
-    os.fchmod(fd, 0o660)
+            ErrorCode.FORBIDDEN, f"cannot share a segment with uid {uid} through group {gid}: {exc}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- registry
