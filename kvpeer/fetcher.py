@@ -274,6 +274,7 @@ class Fetcher:
         self._bytes_per_token: dict[int, dict[str, float]] = {}
         self.bytes_from_peers = 0
         self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
+        self.chunk_samples: dict[str, int] = {}
 
     def learn_recompute_rate(self, tokens: int, seconds: float) -> None:
         """The client told us (or a put showed) how fast it computes a prefix."""
@@ -529,7 +530,9 @@ class _FetchRun:
             return self.cfg.initial_bandwidth_bps
         if chunks is None:
             return float(live or 0.0)
-        if live and live < 0.5 * chunks:
+        # The live estimate's first samples catch slow start: trust it for drops only once the
+        # peer has a chunk-level baseline of a few samples.
+        if live and live < 0.5 * chunks and self.f.chunk_samples.get(peer, 0) >= 2:
             return float(live)
         return chunks
 
@@ -549,6 +552,7 @@ class _FetchRun:
         sample = nbytes * 8 / (now - begin)
         old = self.f.chunk_rates.get(peer)
         self.f.chunk_rates[peer] = sample if old is None else 0.5 * old + 0.5 * sample
+        self.f.chunk_samples[peer] = self.f.chunk_samples.get(peer, 0) + 1
 
     def _probe(self, level: str) -> str:
         probe = self.cfg.probe_level
