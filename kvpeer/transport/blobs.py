@@ -26,10 +26,14 @@ def digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
-def blob_start(blob_id: int, blob: bytes, frame_bytes: int) -> BlobStart:
+def blob_start(
+    blob_id: int, blob: bytes, frame_bytes: int, *, key: bytes, level: str
+) -> BlobStart:
     payload = frame_bytes - FRAME_HEADER.size
     return BlobStart(
         id=blob_id,
+        key=key,
+        level=level,
         size=len(blob),
         frames=frames_for(len(blob), payload),
         frame_payload=payload,
@@ -48,9 +52,14 @@ def iter_frames(blob_id: int, blob: bytes, frame_bytes: int) -> Iterator[bytes]:
 class BlobAssembler:
     """Collects the frames of one blob; frames may come before :meth:`start` (buffered, capped)."""
 
-    def __init__(self, blob_id: int, max_blob_bytes: int) -> None:
+    def __init__(
+        self, blob_id: int, max_blob_bytes: int, *, key: bytes | None = None, level: str = ""
+    ) -> None:
         self.blob_id = blob_id
         self._max_blob_bytes = max_blob_bytes
+        # What was asked for; the sender must state the same key (and level, if one was asked).
+        self._key = key
+        self._level = level
         self._start: BlobStart | None = None
         self._frames: dict[int, bytes] = {}
         self._buffered = 0
@@ -61,6 +70,12 @@ class BlobAssembler:
             raise ProtocolError(ErrorCode.INVALID, f"blob {self.blob_id}: started twice")
         if start.size > self._max_blob_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"blob of {start.size} bytes")
+        if self._key is not None and start.key != self._key:
+            raise ProtocolError(ErrorCode.INTEGRITY, f"blob {self.blob_id}: another chunk's key")
+        if self._level and start.level != self._level:
+            raise ProtocolError(
+                ErrorCode.INTEGRITY, f"blob {self.blob_id}: level {start.level!r}, asked {self._level!r}"
+            )
         self._start = start
         for index, payload in self._frames.items():
             self._check_frame(index, payload)

@@ -250,10 +250,13 @@ class BlobRequest(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BlobStart(Message):
-    """Sender -> receiver: the blob's size, frame count and digest; frames follow on bulk."""
+    """Sender -> receiver: which chunk this is (key, level), its size, frame count and digest;
+    frames follow on bulk. The receiver checks key and level against what it asked for."""
 
     TYPE: ClassVar[str] = "blob_start"
     id: int
+    key: bytes
+    level: str
     size: int
     frames: int
     frame_payload: int
@@ -261,6 +264,8 @@ class BlobStart(Message):
 
     def _validate(self) -> None:
         _check(0 <= self.id <= _U32, "blob_start.id: out of range")
+        _check(0 < len(self.key) <= MAX_KEY, "blob_start.key: bad length")
+        _check(len(self.level) <= MAX_LEVEL, "blob_start.level: too long")
         _check(0 < self.frame_payload <= 1 << 20, "blob_start.frame_payload: out of range")
         _check(0 <= self.size <= _U63, "blob_start.size: out of range")
         _check(self.frames == frames_for(self.size, self.frame_payload), "blob_start: frames")

@@ -177,7 +177,7 @@ class PeerSession:
     async def _fetch_blob(self, key: bytes, level: str, limit_s: float | None) -> bytes:
         blob_id = next(self._ids) & 0xFFFFFFFF
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        assembler = BlobAssembler(blob_id, self._config.max_blob_bytes)
+        assembler = BlobAssembler(blob_id, self._config.max_blob_bytes, key=key, level=level)
         self._incoming[blob_id] = (assembler, future)
         self.estimator.transfer_started(time.monotonic())
         try:
@@ -420,7 +420,10 @@ class PeerSession:
             if len(blob) > self._config.max_blob_bytes:
                 raise ProtocolError(ErrorCode.TOO_LARGE, "chunk larger than max_blob_bytes")
             frame_bytes = self._config.frame_bytes
-            await self._send_control(blob_start(request.id, blob, frame_bytes))
+            start = blob_start(
+                request.id, blob, frame_bytes, key=request.key, level=request.level
+            )
+            await self._send_control(start)
             channel = self._bulk[self._next_bulk % len(self._bulk)]
             self._next_bulk += 1
             for frame in iter_frames(request.id, blob, frame_bytes):

@@ -11,6 +11,8 @@ from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.transport import messages as m
 from kvpeer.transport.blobs import BlobAssembler, blob_start, iter_frames
 
+KEY = bytes(range(32))
+
 LIMIT = 1 << 20
 
 
@@ -65,7 +67,7 @@ def test_frames_assemble_out_of_order_and_before_start() -> None:
     for frame in reversed(frames[1:]):
         assert m.decode_frame_header(frame)[0] == 5
         assembler.add(frame)
-    assembler.start(blob_start(5, blob, 4096))
+    assembler.start(blob_start(5, blob, 4096, key=KEY, level="q8"))
     assert not assembler.complete
     assembler.add(frames[0])
     assert assembler.complete
@@ -82,14 +84,14 @@ def test_frame_corruption_duplicates_and_digest() -> None:
     assert info.value.code == ErrorCode.INTEGRITY
 
     assembler = BlobAssembler(1, 1 << 20)
-    assembler.start(blob_start(1, blob, 4096))
+    assembler.start(blob_start(1, blob, 4096, key=KEY, level="q8"))
     assembler.add(frames[0])
     with pytest.raises(ProtocolError):
         assembler.add(frames[0])
 
     # Frames of a different blob content under the stated digest: caught at the end.
     liar = BlobAssembler(1, 1 << 20)
-    liar.start(blob_start(1, b"y" * 10_000, 4096))
+    liar.start(blob_start(1, b"y" * 10_000, 4096, key=KEY, level="q8"))
     for frame in frames:
         liar.add(frame)
     with pytest.raises(ProtocolError) as info:
@@ -101,9 +103,23 @@ def test_assembler_bounds_size() -> None:
     blob = b"z" * 50_000
     assembler = BlobAssembler(2, 20_000)
     with pytest.raises(ProtocolError):
-        assembler.start(blob_start(2, blob, 4096))
+        assembler.start(blob_start(2, blob, 4096, key=KEY, level="q8"))
     early = BlobAssembler(2, 10_000)
     frames = list(iter_frames(2, blob, 4096))
     with pytest.raises(ProtocolError):
         for frame in frames:
             early.add(frame)
+
+
+def test_a_blob_stating_another_key_or_level_is_refused() -> None:
+    blob = b"x" * 5000
+    wrong_key = BlobAssembler(3, 1 << 20, key=bytes(32), level="q8")
+    with pytest.raises(ProtocolError) as raised:
+        wrong_key.start(blob_start(3, blob, 4096, key=KEY, level="q8"))
+    assert raised.value.code == ErrorCode.INTEGRITY
+    wrong_level = BlobAssembler(3, 1 << 20, key=KEY, level="q8")
+    with pytest.raises(ProtocolError) as raised:
+        wrong_level.start(blob_start(3, blob, 4096, key=KEY, level="q3"))
+    assert raised.value.code == ErrorCode.INTEGRITY
+    any_level = BlobAssembler(3, 1 << 20, key=KEY)
+    any_level.start(blob_start(3, blob, 4096, key=KEY, level="q3"))

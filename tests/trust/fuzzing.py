@@ -65,7 +65,10 @@ TRANSPORT_SEEDS = [
         tm.Ping(seq=1, sent=12.5),
         tm.Pong(seq=1, sent=12.5),
         tm.BlobRequest(id=9, key=b"k" * 32, level="q8"),
-        tm.BlobStart(id=9, size=100, frames=1, frame_payload=1000, digest=b"d" * 32),
+        tm.BlobStart(
+            id=9, key=b"k" * 32, level="q8", size=100, frames=1, frame_payload=1000,
+            digest=b"d" * 32,
+        ),
         tm.BlobDone(id=9),
         tm.BlobCancel(id=9),
         tm.Bye(),
@@ -77,7 +80,7 @@ ALL_TRANSPORT_TYPES = {**tm.SIGNALLING_TYPES, **tm.CONTROL_TYPES}
 FRAME_BLOB = bytes(range(256)) * 3
 FRAME_BYTES = 300
 FRAME_SEEDS = list(blobs.iter_frames(5, FRAME_BLOB, FRAME_BYTES))
-FRAME_START = blobs.blob_start(5, FRAME_BLOB, FRAME_BYTES)
+FRAME_START = blobs.blob_start(5, FRAME_BLOB, FRAME_BYTES, key=b"k" * 32, level="q8")
 
 _KEYS = [bytes([i]) * 32 for i in range(1, 6)]
 _ADVERT = advert.Advertisement(
