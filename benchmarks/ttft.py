@@ -115,11 +115,13 @@ def _fetch_once(
     policy: str,
     recompute_s: float,
     run_index: int,
+    peers: int,
+    label: str,
 ) -> Run:
     from kvpeer.api.client import KVPeerClient
     from kvpeer.integrations.transformers import cache_from_kv
 
-    *servers, client_node = cluster.nodes
+    servers, client_node = cluster.nodes[:peers], cluster.nodes[-1]
     level = "exact" if policy == "adaptive" else policy.split(":", 1)[1]
     # A namespace of its own per run: chunk keys are salted by namespace, so every policy
     # starts cold (nothing cached on the fetching node) without evicting anything.
@@ -136,7 +138,7 @@ def _fetch_once(
     for node in servers:
         cluster.net.set_rate(node.host, args.rate)
 
-    run = Run(policy=policy)
+    run = Run(policy=label)
     chunks = len(tokens) // CHUNK
     timer: threading.Timer | None = None
     if args.drop_to:
@@ -254,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--drop-to", default=None)
     parser.add_argument("--drop-after", type=_seconds, default=1.0)
-    parser.add_argument("--peers", type=int, default=1)
+    parser.add_argument(
+        "--peers", default="1", help="serving peers; N,M,... runs each count on one cluster"
+    )
     parser.add_argument("--policy", default="adaptive")
     parser.add_argument("--min-level", default=None, help="quality floor of the adaptive policy")
     parser.add_argument("--mtu", type=int, default=1500)
@@ -264,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     policies = _policies(args.policy)
     if args.tokens <= 0 or args.tokens % CHUNK:
         raise SystemExit(f"--tokens must be a positive multiple of {CHUNK}")
-    if args.peers < 1:
+    try:
+        peer_counts = [int(p) for p in str(args.peers).split(",") if p.strip()]
+    except ValueError:
+        raise SystemExit("--peers takes N or N,M,...") from None
+    if not peer_counts or min(peer_counts) < 1:
         raise SystemExit("--peers must be >= 1")
     parse_rate(args.rate)
     if args.drop_to:
@@ -303,15 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="kvpeer-ttft-") as tmp:
         with DaemonCluster(
-            args.peers + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config
+            max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config
         ) as cluster:
-            for run_index, policy in enumerate(policies):
-                runs.append(
-                    _fetch_once(
-                        args, cluster, model, fp, tokens, continuation, reference, k, v, policy,
-                        recompute_s, run_index,
+            run_index = 0
+            for peers in peer_counts:
+                for policy in policies:
+                    label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
+                    runs.append(
+                        _fetch_once(
+                            args, cluster, model, fp, tokens, continuation, reference, k, v,
+                            policy, recompute_s, run_index, peers, label,
+                        )
                     )
-                )
+                    run_index += 1
 
     title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
              + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))
@@ -321,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     if not delay_applied:
         print(f"note: --delay {args.delay} / --loss {args.loss} not applied "
               "(the daemon cluster has no relay route yet)")
-    header = (f"{'policy':<12} {'fetch_s':>8} {'speedup':>8} {'in_shm_s':>8} {'cache_s':>7} "
+    header = (f"{'policy':<15} {'fetch_s':>8} {'speedup':>8} {'in_shm_s':>8} {'cache_s':>7} "
               f"{'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels")
     print(header)
     for run in runs:
         levels = " ".join(f"{lv}x{n}" for lv, n in run.levels_used.items()) or "-"
-        print(f"{run.policy:<12} {run.fetch_s:>8.2f} {run.speedup_vs_recompute:>7.1f}x "
+        print(f"{run.policy:<15} {run.fetch_s:>8.2f} {run.speedup_vs_recompute:>7.1f}x "
               f"{run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
               f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
               f"{run.top1_agreement:>6.3f}  {levels}")
@@ -343,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "top1_agreement": round(first.top1_agreement, 4),
         "tokens": args.tokens,
         "rate": args.rate,
-        "peers": args.peers,
+        "peers": peer_counts,
         "drop_to": args.drop_to,
         "drop_after": args.drop_after if args.drop_to else None,
         "delay_applied": delay_applied,
