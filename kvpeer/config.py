@@ -646,7 +646,8 @@ def _to_plain(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _toml_value(value: Any, kind: str = "") -> str:
+def toml_value(value: Any, kind: str = "") -> str:
+    """``value`` as a TOML literal (``kind="mode"`` writes an octal file mode)."""
     if kind == "mode" and isinstance(value, int):
         return f"0o{value:o}"
     if isinstance(value, bool):
@@ -654,7 +655,7 @@ def _toml_value(value: Any, kind: str = "") -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -687,9 +688,9 @@ def _render(cls: type, instance: Any | None, header: str) -> str:
             value = getattr(section, f.name) if section is not None else f.default
             out.extend(_wrap(f.metadata.get("doc", "")))
             if value is None:
-                out.append(f"# {f.name} = {_toml_value(f.metadata.get('example') or '')}")
+                out.append(f"# {f.name} = {toml_value(f.metadata.get('example') or '')}")
             else:
-                out.append(f"{f.name} = {_toml_value(_plain(value, kind), kind)}")
+                out.append(f"{f.name} = {toml_value(_plain(value, kind), kind)}")
     return "\n".join(out) + "\n"
 
 
