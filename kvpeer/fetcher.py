@@ -145,6 +145,8 @@ class FetcherConfig:
     committed_bytes: int = 4 * 1024 * 1024
     """Bytes of a transfer a cancel cannot recall (the sender's buffered data): preempting a
     chunk saves only what lies beyond them."""
+    evidence_s: float = 2.0
+    """Before a whole chunk from some peer was measured, "recompute the rest" waits this long."""
     max_retries: int = 3
     """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -593,7 +595,7 @@ class _FetchRun:
             elif self.fixed is not None:
                 level = self.fixed
             else:
-                decision = self.ctl.decide(index, now, bandwidth, rtt)
+                decision = self._decide(index, now, bandwidth, rtt)
                 if isinstance(decision, RecomputeRest):
                     self.note("recompute", index=decision.from_index)
                     log.info(
@@ -601,8 +603,9 @@ class _FetchRun:
                         decision.from_index, decision.recompute_finish - now,
                         decision.predicted_finish - now,
                     )
-                    # Chunks already received below the cut are still restored.
-                    self._cut_at(self._received_prefix(), "recompute")
+                    # Chunks received below the cut are still restored, and chunks in flight right
+                    # after them finish if that is quicker than recomputing them.
+                    self._cut_at(self._worth_finishing(now), "recompute")
                     return
                 assert isinstance(decision, FetchAt)
                 level = decision.level
@@ -613,6 +616,42 @@ class _FetchRun:
                     self.note("switch", index=index, level=level)
             self.ctl.chunk_sent(index, level or self.ctl.levels[0])
             self._launch(index, peer, level, now)
+
+    def _decide(self, index: int, now: float, bandwidth: float, rtt: float) -> Any:
+        """The controller's decision; giving up needs evidence: a whole chunk measured from some
+        peer, ``evidence_s`` into the fetch, or a link hopeless by far (the transport's first
+        samples read slow start, and a wrong "recompute" costs the whole prefix)."""
+        decision = self.ctl.decide(index, now, bandwidth, rtt)
+        if not isinstance(decision, RecomputeRest):
+            return decision
+        evidence = any(p in self.f.chunk_rates for p in self.sched.peers()) or (
+            now - self.start >= self.cfg.evidence_s
+        )
+        hopeless = decision.predicted_finish - now > 3 * (decision.recompute_finish - now)
+        if evidence or hopeless:
+            return decision
+        self.ctl.allow_recompute = False
+        try:
+            return self.ctl.decide(index, now, bandwidth, rtt)
+        finally:
+            self.ctl.allow_recompute = True
+
+    def _worth_finishing(self, now: float) -> int:
+        """End of the received prefix extended by in-flight chunks that will arrive sooner than
+        the client could recompute them."""
+        end = self._received_prefix()
+        per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
+        while end in self.transfers:
+            _task, peer, level, started = self.transfers[end]
+            bw = self._bandwidth(peer, now)
+            size = self.ctl.chunk_bytes(end, level) if level else 0.0
+            left = max(0.0, size - (now - started) * bw / 8)
+            if left * 8 / bw > per_chunk:
+                break
+            end += 1
+            while end in self.received or end in self.restored:
+                end += 1
+        return end
 
     def _received_prefix(self) -> int:
         n = self.reported
