@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -197,3 +198,44 @@ def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
             with client.fetch(tokens, FP) as result:
                 assert result.k.dtype == dtype
                 assert torch.equal(result.k, k) and torch.equal(result.v, v)
+
+
+def test_start_replaces_a_stale_socket_and_refuses_a_live_one(api: ServerThread) -> None:
+    from kvpeer.api.server import ApiServer
+    from kvpeer.errors import ConfigError
+    from tests.api.fakes import FakeBackend
+
+    with pytest.raises(ConfigError):
+        api.call(ApiServer(api.socket_path, FakeBackend()).start())
+    stale = api.dir / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # bound, never listening: what a crashed daemon leaves
+    second = ApiServer(stale, FakeBackend())
+    api.call(second.start())
+    try:
+        with KVPeerClient(stale) as client:
+            assert client.stats()["api"]["connected"] == 1
+    finally:
+        api.call(second.close())
+    assert not stale.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_uids_outside_allowed_uids_are_refused() -> None:
+    nobody = 65534
+    with serving(allowed_uids=[os.geteuid() + 4242], mode=0o666) as api:
+        with KVPeerClient(api.socket_path) as client:  # the daemon's own uid is always served
+            assert client.peers()
+        os.chmod(api.dir, 0o755)  # mkdtemp made it 0700: let the other user reach the socket
+        pid = os.fork()
+        if pid == 0:  # child: become another user and ask
+            code = 1
+            try:
+                os.setuid(nobody)
+                answers = raw_frames(api.socket_path, [m.encode(m.StatsRequest(id=1))])
+                refused = isinstance(answers[0], m.ErrorResponse)
+                code = 0 if refused and answers[0].code == ErrorCode.FORBIDDEN else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
