@@ -239,3 +239,28 @@ def test_uids_outside_allowed_uids_are_refused() -> None:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_client_of_another_uid_maps_its_segment_and_only_it_can() -> None:
+    nobody = 65534
+    k, v = kv(8)
+    with serving(mode=0o666) as api:
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(8)), k, v, FP)
+        os.chmod(api.dir, 0o755)
+        pid = os.fork()
+        if pid == 0:  # child: fetch as "nobody"; the root daemon hands the segment to that uid
+            code = 1
+            try:
+                os.setuid(nobody)
+                with KVPeerClient(api.socket_path) as other, other.fetch(list(range(8)), FP) as result:
+                    assert result.segment is not None
+                    stat = os.stat(result.segment.path)
+                    ok = (stat.st_uid == nobody and stat.st_mode & 0o077 == 0
+                          and result.zero_copy() and torch.equal(result.k, k))
+                    code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
