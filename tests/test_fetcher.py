@@ -418,3 +418,18 @@ def test_level_server_warms_lower_levels_in_the_background() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_an_unproven_slow_estimate_does_not_stop_the_fetch_before_one_chunk_is_measured() -> None:
+    """The transport's first samples read slow start: a link that looks a bit too slow gets
+    one chunk's chance before the fetcher gives up on it."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=1e5)
+        f = fetcher({"a": peer})
+        recompute_rate = 4 * TOKENS / 3.0  # recompute: 3 s; the estimate says ~5 s to fetch
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
+        assert peer.calls, "gave up without measuring a single chunk"
+        assert out.chunks >= 1
+
+    asyncio.run(main())
