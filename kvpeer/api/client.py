@@ -84,6 +84,14 @@ def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
         segment.close()
 
 
+def _released_already(exc: ApiError) -> None:
+    # The daemon dropped the segment first (lease ran out, or the fetch failed after
+    # announcing it): our mapping stays valid and there is nothing left to release.
+    if exc.code != ErrorCode.NOT_FOUND:
+        raise exc
+    log.debug("segment already released by the daemon: %s", exc.reason)
+
+
 # --------------------------------------------------------------------------- fetch results
 
 
@@ -255,7 +263,10 @@ class FetchHandle(_FetchHandleBase):
             self.wait()
         name = self._state.close_segment()
         if name is not None and self._client.connected:
-            self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+            try:
+                self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+            except ApiError as exc:
+                _released_already(exc)
 
     def __enter__(self) -> FetchHandle:
         return self
@@ -486,7 +497,10 @@ class AsyncFetchHandle(_FetchHandleBase):
         self._client._unroute(self._state.request.id)
         name = self._state.close_segment()
         if name is not None and self._client.connected:
-            await self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+            try:
+                await self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
+            except ApiError as exc:
+                _released_already(exc)
 
     async def __aenter__(self) -> AsyncFetchHandle:
         if self._wait_on_enter:

@@ -184,9 +184,8 @@ def test_lease_expiry_releases_segments() -> None:
             assert handle.matched_tokens == 8
             wait_until(lambda: not (our_segments() - before))
             assert torch.equal(handle.k, kept), "our mapping stays valid after the name is gone"
-            with pytest.raises(ApiError) as info:
-                handle.release()
-            assert info.value.code == ErrorCode.NOT_FOUND
+            handle.release()  # nothing left to release: not an error
+            assert client.lookup(list(range(8)), FP).matched_tokens == 8
 
 
 def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
