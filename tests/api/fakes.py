@@ -40,6 +40,7 @@ class FakeBackend:
         self.fetches = 0
         self.stall_after: int | None = None  # stop before restoring this chunk (until cancelled)
         self.fail_fetch = False
+        self.fail_after_allocate = False
         self.release_stall = asyncio.Event()
 
     def _keys(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
@@ -90,6 +91,9 @@ class FakeBackend:
             dtype=first_k.dtype,
             chunk_tokens=self.chunk_tokens,
         )
+        if self.fail_after_allocate:
+            await sink.flush()  # the segment announcement is out: the client maps it
+            raise ProtocolError(ErrorCode.INTEGRITY, "told to fail after allocating")
         for i, key in enumerate(keys):
             if self.stall_after is not None and i >= self.stall_after:
                 await self.release_stall.wait()

@@ -56,5 +56,5 @@ def test_killed_client_leaks_no_segment(api: ServerThread, stage: str) -> None:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
     wait_until(lambda: name not in our_segments())
-    leaked = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("kvpeer-")}
-    assert not leaked
+    # Only segments of our server count: other test runs may share this /dev/shm.
+    assert not (our_segments() - before)
