@@ -190,7 +190,7 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     dt = _DTYPE_TORCH[header.dtype]
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
     out[:, :, :, : header.sink] = _from_raw(sink_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
-    out[:, :, :, header.sink :] = torch.from_numpy(values).view(2, layers, heads, head_dim, rest).transpose(-1, -2)
+    out[:, :, :, header.sink :] = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     return out[0], out[1]
 
 

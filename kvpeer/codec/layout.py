@@ -9,7 +9,10 @@ benchmarks/codec.py --layouts; numbers in kvpeer/codec/README.md).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 
 
 def to_stream(symbols: np.ndarray) -> np.ndarray:
@@ -17,14 +20,19 @@ def to_stream(symbols: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(symbols.transpose(0, 1, 3, 2))
 
 
-def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int) -> np.ndarray:
-    """Channel-major float32 values [N, H, D, T] from a flat channel-major symbol stream.
+def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int) -> torch.Tensor:
+    """Channel-major float32 values [N, H, D, T] from channel-major symbols.
 
-    ``steps`` [N, H], ``zeros`` [N, H, D] (in steps). (symbol + zero) * step, in float32, is
+    ``steps`` [N, H], ``zeros`` [N, H, D] (in steps). Computes symbol * step + zero * step in
+    float32 with in-place torch ops (two passes over the data on one thread, fastest measured);
     the same on every host.
     """
     n, heads, dim = zeros.shape
-    values = symbols.reshape(n, heads, dim, tokens).astype(np.float32)
-    values += zeros[:, :, :, None]
-    values *= steps[:, :, None, None]
-    return values
+    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))[:, :, None, None]
+    offset = torch.from_numpy((zeros * steps[:, :, None]).astype(np.float32))[:, :, :, None]
+    with warnings.catch_warnings():
+        # symbols may view a read-only decompressed buffer; it is only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(symbols)
+    values = source.view(n, heads, dim, tokens).to(torch.float32)
+    return values.mul_(step).add_(offset)
