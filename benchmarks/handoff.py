@@ -84,12 +84,10 @@ class _Backend:
         return []
 
 
-def _copy_server_blocking(path: Path, backend: _Backend, stamps: Any, stop: Any) -> None:
+def _copy_server_blocking(listener: socket.socket, backend: _Backend, stamps: Any, stop: Any) -> None:
     """The baseline's server: a plain blocking socket with big buffers, sendall from the
     decoded bytes (no asyncio buffering, no extra copy in user space)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(path))
-        listener.listen(1)
+    with listener:
         listener.settimeout(1.0)
         while not stop.is_set():
             try:
@@ -121,9 +119,11 @@ def _server_main(directory: str, stamps: Any, ready: Any, stop: Any) -> None:
         backend = _Backend(stamps)
         api = ApiServer(Path(directory) / "api.sock", backend)  # type: ignore[arg-type]
         await api.start()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(Path(directory) / "copy.sock"))  # bound before "ready" is signalled
+        listener.listen(1)
         copier = threading.Thread(
-            target=_copy_server_blocking,
-            args=(Path(directory) / "copy.sock", backend, stamps, stop), daemon=True,
+            target=_copy_server_blocking, args=(listener, backend, stamps, stop), daemon=True
         )
         copier.start()
         ready.set()
