@@ -17,13 +17,17 @@ from kvpeer.codec.core import (
     verify,
 )
 from kvpeer.codec.levels import DEFAULT_LEVEL, LEVELS, level_rank
+from kvpeer.codec.profile import CodecProfile
+from kvpeer.codec.rope import RopeSpec
 from kvpeer.errors import CodecError
 
 __all__ = [
     "DEFAULT_LEVEL",
     "LEVELS",
     "CodecError",
+    "CodecProfile",
     "Header",
+    "RopeSpec",
     "available_backends",
     "decode",
     "digest",

@@ -14,8 +14,10 @@ import torch
 
 from kvpeer.codec import container, layout, levels, nvenc, quant, video, zstd_stream
 from kvpeer.codec import profile as profile_store
+from kvpeer.codec import rope as rope_mod
 from kvpeer.codec.container import Header
 from kvpeer.codec.profile import CodecProfile
+from kvpeer.codec.rope import RopeSpec
 from kvpeer.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -55,13 +57,15 @@ def encode(
     backend: str = "zstd",
     sink: int = DEFAULT_SINK,
     profile: CodecProfile | str | None = None,
+    rope: RopeSpec | None = None,
 ) -> bytes:
     """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
 
     ``backend``: "zstd" (default, fastest on the CPU), "ffmpeg"/"ffv1"/"hevc" (video streams via
     PyAV), "nvenc" (HEVC; CPU fallback). ``sink``: leading tokens kept exact. ``profile``: a
     :class:`CodecProfile` or a model fingerprint hex whose stored profile sets per-layer steps
-    (none: uniform). Decoding never needs any of these.
+    (none: uniform). ``rope``: theta and the chunk's first absolute position; keys are then
+    quantized before RoPE and re-rotated on decode. Decoding never needs any of these.
     """
     dtype = _check_pair(k, v)
     spec = levels.get(level)
@@ -77,7 +81,10 @@ def encode(
         sink = max(0, min(sink, tokens, container.MAX_SINK))
         kv = torch.stack([k, v]).detach().cpu()
         sink_raw = _raw(kv[:, :, :, :sink, :].contiguous(), dtype)
-        x = kv[:, :, :, sink:, :].float().numpy().reshape(2 * layers, heads, tokens - sink, head_dim)
+        body = kv[:, :, :, sink:, :].float()
+        if rope is not None:
+            body[0] = rope_mod.unrotate(body[0], rope, sink)
+        x = body.numpy().reshape(2 * layers, heads, tokens - sink, head_dim)
         if x.shape[2]:
             steps = quant.base_steps(x, spec.bits)
         else:
@@ -88,7 +95,12 @@ def encode(
                 raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
             steps = steps * np.asarray(resolved.multipliers(), np.float32)[:, None]
         q = quant.quantize(x, steps)
-        side_raw = b"".join((q.steps.astype("<f4").tobytes(), zstd_stream.shuffle(q.zeros.astype("<i4")), sink_raw.tobytes()))
+        side_raw = b"".join((
+            q.steps.astype("<f4").tobytes(),
+            zstd_stream.shuffle(q.zeros.astype("<i4")),
+            sink_raw.tobytes(),
+            rope.pack() if rope is not None else b"",
+        ))
         side = zstd_stream.compress(side_raw)
         symbols = layout.to_stream(q.symbols)
         if stream != "zstd" and symbols.size and not (-128 <= symbols.min() and symbols.max() <= 127):
@@ -110,6 +122,7 @@ def encode(
         side_len=len(side),
         payload_len=len(payload),
         sink=sink,
+        flags=container.FLAG_KEYS_PRE_ROPE if rope is not None and not spec.lossless else 0,
     )
     return container.pack(header, side, payload)
 
@@ -140,7 +153,8 @@ def digest(blob: bytes | bytearray | memoryview) -> bytes:
 def _side_len(h: Header) -> int:
     pairs = 2 * h.layers * h.kv_heads
     sink_bytes = 2 * h.layers * h.kv_heads * h.sink * h.head_dim * container.DTYPE_BYTES[h.dtype]
-    return pairs * 4 + pairs * h.head_dim * 4 + sink_bytes
+    rope_bytes = rope_mod.PACKED_BYTES if h.keys_pre_rope else 0
+    return pairs * 4 + pairs * h.head_dim * 4 + sink_bytes + rope_bytes
 
 
 def decode(
@@ -178,7 +192,9 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
         raise CodecError("side info holds a non-positive or non-finite step")
     raw_dtype = _RAW_NUMPY[header.dtype]
-    sink_raw = np.frombuffer(side_raw[zeros_end:], raw_dtype)
+    sink_end = len(side_raw) - (rope_mod.PACKED_BYTES if header.keys_pre_rope else 0)
+    sink_raw = np.frombuffer(side_raw[zeros_end:sink_end], raw_dtype)
+    rope = rope_mod.RopeSpec.unpack(side_raw[sink_end:]) if header.keys_pre_rope else None
     count = 2 * layers * heads * rest * head_dim
     if header.stream == "zstd":
         symbols = zstd_stream.decode_symbols(payload, count, 2 * layers)
@@ -190,7 +206,12 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     dt = _DTYPE_TORCH[header.dtype]
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
     out[:, :, :, : header.sink] = _from_raw(sink_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
-    out[:, :, :, header.sink :] = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
+    restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
+    if rope is not None:
+        out[1, :, :, header.sink :] = restored[1]
+        out[0, :, :, header.sink :] = rope_mod.rotate(restored[0], rope, header.sink)
+    else:
+        out[:, :, :, header.sink :] = restored
     return out[0], out[1]
 
 
@@ -204,7 +225,15 @@ def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -
         verify(blob)
         return bytes(blob)
     k, v = decode(blob)
+    if header.keys_pre_rope and "rope" not in kwargs:
+        kwargs["rope"] = _blob_rope(blob, header)  # keep quantizing keys before RoPE
     return encode(k, v, target.name, **kwargs)
+
+
+def _blob_rope(blob: bytes | bytearray | memoryview, header: Header) -> RopeSpec:
+    side, _ = container.sections(blob, header)
+    side_raw = zstd_stream.decompress(side, _side_len(header))
+    return rope_mod.RopeSpec.unpack(side_raw[len(side_raw) - rope_mod.PACKED_BYTES :])
 
 
 BACKENDS = ("zstd", "ffmpeg", "hevc", "ffv1", "nvenc")
