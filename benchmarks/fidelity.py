@@ -38,9 +38,11 @@ def _profile(spec: str, model: Any) -> profiles.CodecProfile | None:
 
 
 def run(model_spec: str | None, text: str, windows: int, prefix: int, continuation: int,
-        levels: list[str], profile_spec: str = "auto", model_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        levels: list[str], profile_spec: str = "auto", model_tok: tuple[Any, Any] | None = None,
+        use_rope: bool = False) -> dict[str, Any]:
     model, tok = model_tok or load_model(model_spec)
     profile = _profile(profile_spec, model)
+    theta = model_fingerprint(model).rope_theta if use_rope else 0.0
     wins = _kv.windows(tok, text, prefix, continuation, windows)
     prepared = []
     for w in wins:
@@ -54,8 +56,9 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
         size = fp16 = 0
         for k, v, cont, ref, targets in prepared:
             ks, vs = [], []
-            for kc, vc in _kv.chunks(k, v):
-                blob = codec.encode(kc, vc, level, profile=profile)
+            for i, (kc, vc) in enumerate(_kv.chunks(k, v)):
+                rope = codec.RopeSpec(theta=theta, start=i * _kv.CHUNK) if theta else None
+                blob = codec.encode(kc, vc, level, profile=profile, rope=rope)
                 size += len(blob)
                 fp16 += kc.numel() * 4
                 k2, v2 = codec.decode(blob)
@@ -78,6 +81,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     return {
         "model": getattr(model.config, "kvpeer_model_name", model_spec),
         "profile": profile.source if profile else "none",
+        "keys_pre_rope": bool(theta),
         "windows": len(wins), "prefix": prefix, "continuation": continuation, "rows": rows,
     }
 
@@ -85,7 +89,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}; {result['windows']} windows of {result['prefix']}-token prefix + "
-        f"{result['continuation']} continuation; profile: {result['profile']}",
+        f"{result['continuation']} continuation; profile: {result['profile']}; keys pre-RoPE: {result['keys_pre_rope']}",
         f"{'level':<7} {'ratio':>6} {'KL':>9} {'top-1':>7} {'ppl':>8} {'Δppl':>8} {'positions':>9}",
     ]
     for r in result["rows"]:
@@ -127,11 +131,12 @@ def main() -> None:
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--levels", default=",".join(codec.LEVELS))
     parser.add_argument("--profile", default="auto", help="auto (stored for the model), none, or a JSON file")
+    parser.add_argument("--rope", action="store_true", help="quantize keys before RoPE (default rope only)")
     parser.add_argument("--plot", default="fidelity.png")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     text = _kv.read_text(args.text, _kv.evaluation_text)
-    result = run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), args.profile)
+    result = run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), args.profile, use_rope=args.rope)
     print(table(result))
     if args.plot and plot(result, Path(args.plot)):
         print(f"plot written to {args.plot}")
