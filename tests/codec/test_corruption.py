@@ -11,14 +11,15 @@ from kvpeer import codec
 from kvpeer.codec import container
 
 
-def _blob(level: str) -> bytes:
+def _blob(level: str, rope: codec.RopeSpec | None = None) -> bytes:
     g = torch.Generator().manual_seed(2)
     k = torch.randn(2, 2, 24, 8, generator=g).half()
     v = torch.randn(2, 2, 24, 8, generator=g).half()
-    return codec.encode(k, v, level)
+    return codec.encode(k, v, level, rope=rope)
 
 
 BLOBS = {level: _blob(level) for level in ("exact", "q8", "q3")}
+BLOBS["q4-rope"] = _blob("q4", codec.RopeSpec(theta=1e4, start=256))
 
 
 def _decode_or_codec_error(data: bytes, shape: tuple[int, ...]) -> None:
