@@ -10,6 +10,10 @@ from kvpeer import codec
 from kvpeer.codec import container, nvenc, video
 
 
+needs_hevc = pytest.mark.skipif(not video.available("hevc"), reason="FFmpeg lacks libx265/hevc")
+needs_ffv1 = pytest.mark.skipif(not video.available("ffv1"), reason="FFmpeg lacks ffv1")
+
+
 def _kv() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(2, 2, 40, 16, generator=g).half(), torch.randn(2, 2, 40, 16, generator=g).half()
@@ -28,6 +32,7 @@ def test_video_streams_decode_like_zstd(backend: str, level: str) -> None:
     assert torch.equal(decoded[0], reference[0]) and torch.equal(decoded[1], reference[1])
 
 
+@needs_hevc
 def test_hevc_bitstream_round_trip_is_lossless() -> None:
     """What the NVENC path writes (HEVC 4:4:4 8-bit, lossless) must decode on the CPU exactly."""
     rng = np.random.default_rng(0)
@@ -37,7 +42,7 @@ def test_hevc_bitstream_round_trip_is_lossless() -> None:
     assert np.array_equal(video.decode(stream, "hevc", 5, 24, 33), symbols)
 
 
-@pytest.mark.parametrize("stream", ["hevc", "ffv1"])
+@pytest.mark.parametrize("stream", [pytest.param("hevc", marks=needs_hevc), pytest.param("ffv1", marks=needs_ffv1)])
 def test_corrupt_video_payload_is_codec_error(stream: str) -> None:
     k, v = _kv()
     blob = codec.encode(k, v, "q6", backend=stream)
@@ -63,6 +68,7 @@ def test_corrupt_video_payload_is_codec_error(stream: str) -> None:
             assert k2.shape == k.shape and v2.shape == v.shape
 
 
+@needs_hevc
 def test_nvenc_probe_parses_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     caps = nvenc.parse_probe_output('{"module": true, "gpus": ["NVIDIA H100"], "encode": false, "decode": true}')
     assert caps.usable and caps.decode and not caps.encode
