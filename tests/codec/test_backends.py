@@ -9,7 +9,6 @@ import torch
 from kvpeer import codec
 from kvpeer.codec import container, nvenc, video
 
-
 needs_hevc = pytest.mark.skipif(not video.available("hevc"), reason="FFmpeg lacks libx265/hevc")
 needs_ffv1 = pytest.mark.skipif(not video.available("ffv1"), reason="FFmpeg lacks ffv1")
 
