@@ -94,6 +94,10 @@ def encode(
             if resolved.layers != layers:
                 raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
             steps = steps * np.asarray(resolved.multipliers(), np.float32)[:, None]
+            if x.shape[2]:
+                # Never finer than the symbol mode of the plain level (int8 from q5 up, nibbles
+                # below): a wider mode costs more bits than the finer step saves (measured).
+                steps = np.maximum(steps, quant.base_steps(x, 8 if spec.bits > 4 else 4))
         q = quant.quantize(x, steps)
         side_raw = b"".join((
             q.steps.astype("<f4").tobytes(),
