@@ -264,11 +264,16 @@ def _stream_for(backend: str, spec: levels.Level) -> str:
     return backend
 
 
-def available_backends() -> list[str]:
-    """Backends that can encode here: "zstd" always, "ffmpeg" with PyAV, "nvenc" with a GPU."""
+def available_backends(probe: bool = True) -> list[str]:
+    """Backends that can encode here: "zstd" always, "ffmpeg" with PyAV, "nvenc" with a GPU.
+
+    The first call probes the GPU in a subprocess (blocking, up to 20 s): from the event loop
+    pass ``probe=False`` (reports nvenc only once a probe has run, e.g. in an executor at start).
+    """
     out = ["zstd"]
     if video.available("hevc") or video.available("ffv1"):
         out.append("ffmpeg")
-    if nvenc.available():
+    caps = nvenc.probe() if probe else nvenc.cached()
+    if caps is not None and caps.usable and caps.encode:
         out.append("nvenc")
     return out

@@ -120,12 +120,22 @@ def _run_probe(timeout: float) -> NvCapabilities:
     return parse_probe_output(done.stdout)
 
 
+_probed: NvCapabilities | None = None
+
+
 @functools.cache
 def probe(timeout: float = PROBE_TIMEOUT_S) -> NvCapabilities:
     """Probe NVENC/NVDEC once per process (blocking; run it in an executor from asyncio)."""
+    global _probed
     caps = _run_probe(timeout)
     log.info("nvenc probe: %s", caps.as_dict())
+    _probed = caps
     return caps
+
+
+def cached() -> NvCapabilities | None:
+    """The probe's result if it has run in this process, else None (never blocks)."""
+    return _probed
 
 
 def available() -> bool:

@@ -74,7 +74,9 @@ def test_nvenc_probe_parses_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> N
     assert not nvenc.parse_probe_output("garbage").usable
     assert not nvenc.parse_probe_output('{"module": false, "error": "No module"}').usable
     nvenc.probe.cache_clear()
+    monkeypatch.setattr(nvenc, "_probed", None)
     monkeypatch.setattr(nvenc, "_run_probe", lambda timeout: nvenc.NvCapabilities(reason="no GPU"))
+    assert nvenc.cached() is None and codec.available_backends(probe=False)[0] == "zstd"
     try:
         assert not nvenc.available()
         assert "nvenc" not in codec.available_backends()
