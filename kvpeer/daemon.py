@@ -279,7 +279,8 @@ class Daemon:
                 fp.layers, fp.kv_heads, fp.head_dim, 4 if fp.dtype == "float32" else 2
             ),
             kv_dtype=fp.dtype,
-            policy=getattr(defaults, "policy", "adaptive"),
+            policy=defaults.policy,
+            chunk_shape=(fp.layers, fp.kv_heads, fp.head_dim),
         )
         self.bytes_from_peers += outcome.bytes_moved
         self.metrics.record_fetch(

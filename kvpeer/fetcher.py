@@ -303,6 +303,7 @@ class Fetcher:
         kv_bytes_per_token: float | None = None,
         kv_dtype: str = "float16",
         policy: str = "adaptive",
+        chunk_shape: tuple[int, int, int] | None = None,
     ) -> FetchOutcome:
         """Restore the longest reachable prefix of ``keys`` into ``sink``.
 
@@ -315,7 +316,8 @@ class Fetcher:
         ``min_level``: the least faithful level acceptable. ``recompute_rate``: tokens/s the
         client prefills at; unknown (None, and never learned), a guess steers the levels but the
         fetch never stops to recompute. ``policy``: ``adaptive`` or
-        ``fixed:LEVEL`` (benchmarks).
+        ``fixed:LEVEL`` (benchmarks). ``chunk_shape``: (layers, kv_heads, head_dim) the model
+        fingerprint promises; a peer's chunk of another shape is refused before it is cached.
         """
         if len(peers_per_chunk) != len(keys):
             raise ValueError("peers_per_chunk needs one entry per key")
@@ -331,6 +333,7 @@ class Fetcher:
             kv_bytes_per_token=kv_bytes_per_token or self.config.kv_bytes_per_token,
             dtype_bytes=_DTYPE_BYTES.get(kv_dtype, 2),
             policy=policy,
+            chunk_shape=chunk_shape,
         )
         outcome = await run.run()
         self.bytes_from_peers += outcome.bytes_moved
@@ -362,9 +365,11 @@ class _FetchRun:
         kv_bytes_per_token: float,
         dtype_bytes: int,
         policy: str,
+        chunk_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.f = fetcher
         self.cfg = fetcher.config
+        self.chunk_shape = chunk_shape
         self.keys = keys
         self.sink = sink
         self.start = fetcher.clock()
@@ -716,6 +721,11 @@ class _FetchRun:
                 )
             if header.tokens != self.f.chunk_tokens:
                 raise ProtocolError(ErrorCode.INVALID, f"chunk of {header.tokens} tokens")
+            shape = (header.layers, header.kv_heads, header.head_dim)
+            if self.chunk_shape is not None and shape != self.chunk_shape:
+                raise ProtocolError(
+                    ErrorCode.INVALID, f"chunk of shape {shape}, the model has {self.chunk_shape}"
+                )
         except asyncio.CancelledError:
             raise
         except ProtocolError as exc:

@@ -36,9 +36,7 @@ def test_poisoned_chunks_are_never_stored_or_handed_over(tmp_path: Path) -> None
     assert detail["q_matched"] == 0, detail
     assert figures["poisoned_handed_over"] == 0
     assert figures["poisoned_stored_corrupt"] == 0
-    if figures["poisoned_stored_wrong_shape"]:
-        # Never handed over (the restore checks the shape), but cached before that check.
-        pytest.xfail("known gap: a verified blob of another shape is cached by the fetcher")
+    assert figures["poisoned_stored_wrong_shape"] == 0  # refused before it could be cached
     assert figures["poisoned_chunks"] == 0
 
 
