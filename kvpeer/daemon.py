@@ -58,13 +58,18 @@ class _Plan:
 
 
 def encode_chunk_blocking(
-    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str
+    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str, model: str
 ) -> bytes:
-    """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor)."""
+    """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
+
+    ``model``: the fingerprint hex; the codec uses that model's calibration profile when one
+    is stored (decoding never needs it).
+    """
     start = index * chunk_tokens
     stop = start + chunk_tokens
     return codec.encode(
-        k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level
+        k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
+        profile=model,
     )
 
 
@@ -125,9 +130,13 @@ class Daemon:
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()  # short advertisement updates
+        self.codec_backends: list[str] = []  # probed at start
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The GPU probe runs a subprocess (up to ~20 s): once, off the event loop.
+        self.codec_backends = await loop.run_in_executor(None, codec.available_backends)
         for key in self.store.keys():
             self.inventory.add([key])
         self.store.subscribe(self._store_changed)
@@ -225,7 +234,7 @@ class Daemon:
                 continue
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
-                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level
+                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, fp.hex
             )
             self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
             try:
@@ -340,7 +349,7 @@ class Daemon:
             "peers": len(self.discovery.peers()),
             "bytes_from_peers": self.bytes_from_peers,
             "peer_inventories": {p: len(keys) for p, keys in self.peer_table.snapshot().items()},
-            "codec_backends": codec.available_backends(),
+            "codec_backends": self.codec_backends,
         }
 
     async def evict(self, ctx: ClientContext, all: bool = True) -> dict[str, Any]:
