@@ -80,8 +80,8 @@ def main() -> int:
             started = time.perf_counter()
             min_level = None if args.min_level == "any" else args.min_level
             with client_b.fetch(tokens, fingerprint, min_level=min_level) as result:
+                matched, levels = result.matched_tokens, list(result.levels)  # waits for the end
                 fetch_s = time.perf_counter() - started
-                matched, levels = result.matched_tokens, list(result.levels)
                 cache = cache_from_kv(result.k, result.v, model)  # copies out of the segment
             stats_b = client_b.stats()
 
