@@ -34,8 +34,16 @@ def test_pinned_version_and_patch_points_exist() -> None:
                  "_flight_size_increase", "_receive_data_chunk", "_mark_received",
                  "_get_inbound_stream", "_receive", "_reset_deferred_streams"):  # fmt: skip
         assert callable(getattr(RTCSctpTransport, name)), name
-    transport = RTCSctpTransport.__new__(RTCSctpTransport)
-    RTCSctpTransport.__init__(transport, _FakeDtls())  # type: ignore[arg-type]
+    # RTCSctpTransport.__init__ asks for the current event loop: give it one of its own, so the
+    # test does not depend on an earlier test having left a loop set.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        transport = RTCSctpTransport.__new__(RTCSctpTransport)
+        RTCSctpTransport.__init__(transport, _FakeDtls())  # type: ignore[arg-type]
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     for attribute in _SCTP_ATTRIBUTES:
         assert hasattr(transport, attribute), attribute
     stream = InboundStream()
