@@ -153,6 +153,8 @@ class Daemon:
     async def stop(self) -> None:
         self.ready = False
         log.info("kvpeerd %s stopping", self.node_id)
+        for task in list(self._background):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self.api.close()
         with contextlib.suppress(Exception):
