@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--recompute-runs", type=int, default=2)
     parser.add_argument("--plot", default="ttft-timeline.png")
+    parser.add_argument("--logs", default=None, help="copy the daemons' logs into this folder")
     args = parser.parse_args(argv)
     policies = _policies(args.policy)
     if args.tokens <= 0 or args.tokens % CHUNK:
@@ -324,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     run_index += 1
+            if args.logs:
+                # The daemons log each fetch's level switches, preemptions and stalls.
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                for node in cluster.nodes:
+                    shutil.copyfile(node.log_path, Path(args.logs) / f"{node.node_id}.log")
 
     title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
              + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))
