@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute-runs", type=int, default=2)
     parser.add_argument("--plot", default="ttft-timeline.png")
     parser.add_argument("--logs", default=None, help="copy the daemons' logs into this folder")
+    parser.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=True,
+        help="one untimed fetch (first policy) before the measured ones",
+    )
     args = parser.parse_args(argv)
     policies = _policies(args.policy)
     if args.tokens <= 0 or args.tokens % CHUNK:
@@ -316,6 +320,15 @@ def main(argv: list[str] | None = None) -> int:
             max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config
         ) as cluster:
             run_index = 0
+            if args.warmup:
+                # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
+                # grown on the idle fast link and loses ~1 s more in loss recovery than any
+                # later one: an untimed run first, so every policy starts from the same state.
+                _fetch_once(
+                    args, cluster, model, fp, tokens, continuation, reference, k, v,
+                    policies[0], recompute_s, run_index, peer_counts[0], "warmup",
+                )
+                run_index += 1
             for peers in peer_counts:
                 for policy in policies:
                     label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
