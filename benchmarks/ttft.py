@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-level", default=None, help="quality floor of the adaptive policy")
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--recompute-runs", type=int, default=2)
+    parser.add_argument(
+        "--recompute-rate", type=float, default=None,
+        help="tokens/s the daemon is told the client recomputes at (default: measured); sets "
+        "the adaptive policy's deadline (recompute time / 10), e.g. to replay a slower machine",
+    )
     parser.add_argument("--plot", default="ttft-timeline.png")
     parser.add_argument("--logs", default=None, help="copy the daemons' logs into this folder")
     parser.add_argument(
@@ -311,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "transport": {"mtu": args.mtu},
         # What the client would tell its daemon: its own prefill speed, measured just now.
-        "fetch": {"recompute_tokens_per_s": args.tokens / statistics.median(times)},
+        "fetch": {
+            "recompute_tokens_per_s": args.recompute_rate or args.tokens / statistics.median(times)
+        },
         "store": {"ram_bytes": "1GiB", "disk_bytes": "2GiB"},
     }
     runs: list[Run] = []

@@ -142,14 +142,9 @@ class FetcherConfig:
     """Tokens/s the client recomputes at, when neither it nor a put told us."""
     kv_bytes_per_token: float = 23_040.0
     """Uncompressed KV bytes per token when the caller does not say (SmolLM2-135M, fp16)."""
-    committed_s: float = 0.1
-    """A cancel cannot recall what the sender queued: the transport bounds its send buffer to
-    this long at the link's pace (``transport.buffer_target_s``), so preempting a chunk saves
-    only what lies beyond it."""
-    committed_bytes: tuple[int, int] = (256 * 1024, 4 * 1024 * 1024)
-    """Bounds of that queue (the transport's buffer_high_bytes / 16 and buffer_high_bytes)."""
-    committed_window_bytes: int = 512 * 1024
-    """Plus what SCTP has in flight (at most the receive window we advertise)."""
+    committed_bytes: int = 4 * 1024 * 1024
+    """Bytes of a transfer a cancel cannot recall (the sender's buffered data): preempting a
+    chunk saves only what lies beyond them."""
     evidence_s: float = 2.0
     """Before a whole chunk from some peer was measured, "recompute the rest" waits this long."""
     max_retries: int = 3
@@ -556,14 +551,6 @@ class _FetchRun:
             return float(live)
         return chunks
 
-    def _committed(self, peer: str) -> int:
-        """Bytes of a transfer from ``peer`` that a cancel cannot recall: the send queue, sized
-        by the transport at the pace the link had before any drop (the chunk-level goodput)."""
-        low, high = self.cfg.committed_bytes
-        rate = self.f.chunk_rates.get(peer, self.cfg.initial_bandwidth_bps)
-        queued = min(high, max(low, int(rate / 8 * self.cfg.committed_s)))
-        return queued + self.cfg.committed_window_bytes
-
     def _measured(self, peer: str, now: float) -> bool:
         if peer in self.f.chunk_rates:
             return True
@@ -719,7 +706,7 @@ class _FetchRun:
             # No per-blob progress from the transport: estimate what arrived from the time spent,
             # plus what the sender has buffered already (a cancel does not recall it).
             received = int((now - started) * self._bandwidth(peer, now) / 8)
-            received += self._committed(peer)
+            received += self.cfg.committed_bytes
             again = self.ctl.reconsider(index, level, received, now, bandwidth)
             if again is None:
                 continue

@@ -82,16 +82,9 @@ class TransportConfig:
     bulk_channels: int = 1
     #: Blob transfers served to one peer at a time; more are answered BUSY.
     max_transfers_per_peer: int = 16
-    #: Flow control: stop writing a channel above ``high``, resume below ``low``. ``high`` is
-    #: the ceiling: the bound actually used follows the channel's measured drain rate (below).
+    #: Flow control: stop writing a bulk channel above ``high``, resume below ``low``.
     buffer_high_bytes: int = 4 * 1024 * 1024
     buffer_low_bytes: int = 1024 * 1024
-    #: Seconds of data a channel may hold at its measured drain rate, bounded to
-    #: [``buffer_high_bytes`` / 16, ``buffer_high_bytes``]. Queued data cannot be recalled, so
-    #: a deep queue on a link that slows down (4 MiB is 3.4 s at 10 Mbit/s) delays whatever the
-    #: receiver asks next; 0.1 s still keeps a fast link fed across event-loop hiccups.
-    #: ``None``: the fixed ``high``/``low`` marks.
-    buffer_target_s: float | None = 0.1
     #: Grace period of close(): transfers in flight are confirmed by the peer first.
     close_timeout_s: float = 5.0
 
@@ -135,8 +128,6 @@ class TransportConfig:
             raise ConfigError("transport.max_transfers_per_peer must be >= 1")
         if not 0 < self.buffer_low_bytes < self.buffer_high_bytes:
             raise ConfigError("transport: need 0 < buffer_low_bytes < buffer_high_bytes")
-        if self.buffer_target_s is not None and not self.buffer_target_s > 0:
-            raise ConfigError("transport.buffer_target_s must be > 0 (or unset)")
         if not 64 * 1024 <= self.receive_window_bytes <= 64 * 1024 * 1024:
             raise ConfigError("transport.receive_window_bytes must be 64 KiB..64 MiB")
         if not 4096 <= self.max_message_bytes <= MAX_DATA_CHANNEL_MESSAGE:

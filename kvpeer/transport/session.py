@@ -47,71 +47,19 @@ class RequestHandler(Protocol):
         ...
 
 
-#: The rate-following bound of a channel never drops below ``buffer_high_bytes`` / this.
-BOUND_FLOOR_DIVISOR = 16
-#: Time constant of the drain-rate average: a slower link shows in the bound within ~this.
-DRAIN_RATE_TAU_S = 0.1
-
-
-class DrainBound:
-    """How many bytes a channel may hold: ``target_s`` of its measured drain rate (sans-IO).
-
-    The rate is only sampled across a wait for the buffer to drain (the channel was backlogged
-    all along, so bytes drained over time is the link's pace, not the writer's). A wait that
-    found the buffer empty underestimates the rate: the bound then doubles instead.
-    """
-
-    def __init__(self, *, ceiling: int, target_s: float | None) -> None:
-        self.ceiling = ceiling
-        self.floor = max(1, ceiling // BOUND_FLOOR_DIVISOR)
-        self.target_s = target_s
-        self.rate: float | None = None  # bytes/s
-        # Start below the ceiling: the first drain measures the link before much is queued.
-        self.high = ceiling if target_s is None else max(self.floor, ceiling // 4)
-
-    @property
-    def low(self) -> int:
-        return self.high // 2
-
-    def drained(self, *, before: int, after: int, elapsed_s: float) -> None:
-        """The buffer went from ``before`` to ``after`` bytes in ``elapsed_s`` with no writes."""
-        if self.target_s is None or elapsed_s <= 0:
-            return
-        if after <= 0:
-            self.high = min(self.ceiling, self.high * 2)
-            return
-        sample = max(0, before - after) / elapsed_s
-        weight = min(1.0, elapsed_s / DRAIN_RATE_TAU_S)
-        self.rate = sample if self.rate is None else self.rate + weight * (sample - self.rate)
-        self.high = int(min(self.ceiling, max(self.floor, self.rate * self.target_s)))
-
-
 class _Channel:
-    """A data channel with flow control on bufferedAmount (event driven, never polled).
-
-    The high-water mark follows the channel's drain rate (:class:`DrainBound`): what is queued
-    cannot be recalled, so it must stay a fraction of a second of the link whatever its speed.
-    """
+    """A data channel with flow control on bufferedAmount (event driven, never polled)."""
 
     def __init__(self, channel: RTCDataChannel, config: TransportConfig) -> None:
         self.channel = channel
-        self.bound = DrainBound(ceiling=config.buffer_high_bytes, target_s=config.buffer_target_s)
-        if config.buffer_target_s is None:
-            self.bound.high = config.buffer_high_bytes
-            self._fixed_low: int | None = config.buffer_low_bytes
-        else:
-            self._fixed_low = None
+        self._high = config.buffer_high_bytes
         self._low_event = asyncio.Event()
-        self._wait_from: tuple[float, int] | None = None  # (when, bytes buffered) of a wait
         self._opened = asyncio.Event()
-        channel.bufferedAmountLowThreshold = self._low()
+        channel.bufferedAmountLowThreshold = config.buffer_low_bytes
         channel.on("bufferedamountlow", self._low_event.set)
         channel.on("open", self._opened.set)
         if channel.readyState == "open":
             self._opened.set()
-
-    def _low(self) -> int:
-        return self.bound.low if self._fixed_low is None else self._fixed_low
 
     async def wait_open(self, limit_s: float) -> None:
         try:
@@ -122,27 +70,14 @@ class _Channel:
     async def send(self, data: bytes, limit_s: float) -> None:
         if self.channel.readyState != "open":
             raise TransportError(f"data channel {self.channel.label} is {self.channel.readyState}")
-        if self.channel.bufferedAmount > self.bound.high:
-            if self._wait_from is None:
-                self._low_event.clear()
-                self.channel.bufferedAmountLowThreshold = self._low()
-                self._wait_from = (time.monotonic(), self.channel.bufferedAmount)
+        if self.channel.bufferedAmount > self._high:
+            self._low_event.clear()
             try:
                 await asyncio.wait_for(self._low_event.wait(), limit_s)
             except TimeoutError:
                 raise TransportError("peer stopped reading (send buffer stayed full)") from None
             if self.channel.readyState != "open":
                 raise TransportError(f"data channel {self.channel.label} closed")
-            # Several writers wake from one drain: the first to run measures it, before any
-            # of them wrote again.
-            if self._wait_from is not None:
-                started, before = self._wait_from
-                self._wait_from = None
-                self.bound.drained(
-                    before=before,
-                    after=self.channel.bufferedAmount,
-                    elapsed_s=time.monotonic() - started,
-                )
         self.channel.send(data)
 
 
