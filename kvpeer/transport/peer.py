@@ -178,14 +178,7 @@ class PeerTransport:
                     raise TransportError(
                         f"expected peer {peer_id}, {host}:{port} is {answer.node_id}"
                     )
-                packet = self._packet_bytes(answer.mtu)
-                if self.config.patch_aiortc:
-                    aiortc_patches.configure_association(
-                        pc,
-                        packet,
-                        self.config.receive_window_bytes,
-                        loss_tolerant=self.config.loss_tolerant,
-                    )
+                packet = self._configure_association(pc, answer.mtu)
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
                 session = self._new_session(peer_id, pc, control, bulk, packet)
                 await session.wait_open(timeout)
@@ -247,14 +240,7 @@ class PeerTransport:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
                 control, bulk = self._channels(pc)
                 await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
-                packet = self._packet_bytes(offer.mtu)
-                if self.config.patch_aiortc:
-                    aiortc_patches.configure_association(
-                        pc,
-                        packet,
-                        self.config.receive_window_bytes,
-                        loss_tolerant=self.config.loss_tolerant,
-                    )
+                packet = self._configure_association(pc, offer.mtu)
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)
                 await _write_message(writer, answer)
@@ -292,6 +278,18 @@ class PeerTransport:
 
     def _ice_addresses(self) -> list[str]:
         return [self.config.host]
+
+    def _configure_association(self, pc: RTCPeerConnection, remote_mtu: int) -> int:
+        """Size the SCTP association for both MTUs (and tune it); returns the packet size."""
+        packet = self._packet_bytes(remote_mtu)
+        if self.config.patch_aiortc:
+            aiortc_patches.configure_association(
+                pc,
+                packet,
+                self.config.receive_window_bytes,
+                loss_tolerant=self.config.loss_tolerant,
+            )
+        return packet
 
     def _packet_bytes(self, remote_mtu: int) -> int:
         if not self.config.patch_aiortc:
