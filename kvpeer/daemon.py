@@ -121,7 +121,6 @@ class Daemon:
             lease_s=config.api.lease_s,
         )
         self.ready = False
-        self.bytes_from_peers = 0  # encoded bytes received from peers since start
         self.metrics = Metrics(node_id=self.node_id, version=__version__)
         self.metrics.watch_store(self.store.stats)
         self.metrics.watch_peers(lambda: len(self.discovery.peers()))
@@ -293,7 +292,6 @@ class Daemon:
             policy=defaults.policy,
             chunk_shape=(fp.layers, fp.kv_heads, fp.head_dim),
         )
-        self.bytes_from_peers += outcome.bytes_moved
         self.metrics.record_fetch(
             outcome, wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens
         )
@@ -349,7 +347,7 @@ class Daemon:
             "inventory_epoch": self.inventory.epoch,
             "chunks": len(self.inventory),
             "peers": len(self.discovery.peers()),
-            "bytes_from_peers": self.bytes_from_peers,
+            "bytes_from_peers": self.fetcher.bytes_from_peers,
             "peer_inventories": {p: len(keys) for p, keys in self.peer_table.snapshot().items()},
             "codec_backends": self.codec_backends,
         }
