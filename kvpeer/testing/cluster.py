@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,8 +228,3 @@ class DaemonCluster:
                 time.sleep(0.2)
         raise TimeoutError(f"{node.node_id} did not see chunks on {peer_id} within {timeout_s}s")
 
-
-@contextmanager
-def daemon_cluster(n: int, workdir: Path, **kwargs: Any) -> Iterator[DaemonCluster]:
-    with DaemonCluster(n, workdir=workdir, **kwargs) as cluster:
-        yield cluster
