@@ -18,7 +18,7 @@ faithful first (as ``kvpeer.codec.LEVELS``).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Bytes per token at each level relative to fp16 KV, used until real sizes are stated or
@@ -102,6 +102,12 @@ class ControllerConfig:
     """Request round trip and restore cost per chunk that bandwidth does not explain."""
     observe_weight: float = 0.5
     """EWMA weight of a newly observed chunk size in the bytes-per-token estimates."""
+    hedge_factor: float = 10.0
+    """The link may fall to 1/hedge_factor of its estimate at any moment (a shared LAN link, a
+    tbf change): a level above the floor is chosen only if, after such a fall right now, the
+    chunks in flight, this chunk at that level and the rest at the floor would still be usable
+    by the deadline. Bytes spent on quality before a drop cost hedge_factor times as much after
+    it, and a chunk on the wire cannot be recalled. 1: no hedge (trust the estimate)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.safety <= 1:
@@ -114,6 +120,8 @@ class ControllerConfig:
             raise ValueError("per_chunk_overhead_s must be >= 0")
         if not 0 < self.observe_weight <= 1:
             raise ValueError("observe_weight must be in (0, 1]")
+        if self.hedge_factor < 1:
+            raise ValueError("hedge_factor must be >= 1")
 
 
 class ResolutionController:
@@ -123,9 +131,12 @@ class ResolutionController:
     decode at ``decode_rate`` (compressed bytes/s), plus the decode of the last chunk and a small
     per-chunk overhead. The level of the next chunk is the most faithful allowed level at which
     *all* remaining chunks would still be usable by the deadline (CacheGen's rule, which keeps
-    levels steady instead of spending the whole budget on the first chunks). With no level meeting
-    the deadline it picks the fastest allowed level, as long as that still beats recomputing the
-    rest at ``recompute_rate`` tokens/s; otherwise it answers :class:`RecomputeRest`.
+    levels steady instead of spending the whole budget on the first chunks), hedged: a level above
+    the floor must also leave the deadline reachable if the link fell by ``hedge_factor`` right
+    now (the rest then at the floor), so slack is spent on quality only where a drop could not
+    turn it into a late prefix. With no level meeting the deadline it picks the fastest allowed
+    level, as long as that still beats recomputing the rest at ``recompute_rate`` tokens/s;
+    otherwise it answers :class:`RecomputeRest`.
     """
 
     def __init__(
@@ -240,20 +251,36 @@ class ResolutionController:
 
     def finish_time(self, now: float, bandwidth_bps: float, level: str, rtt_s: float = 0.0) -> float:
         """When the whole prefix would be usable if every unrequested chunk went at ``level``."""
+        return self._finish(now, bandwidth_bps, lambda i: self.chunk_bytes(i, level), rtt_s)
+
+    def _finish(
+        self, now: float, bandwidth_bps: float, size: Callable[[int], float], rtt_s: float
+    ) -> float:
         todo = [i for i, s in enumerate(self._state) if s is None]
         if not todo and not self._flight_bytes:
             return now
         if bandwidth_bps <= 0:
             return math.inf
-        bytes_left = sum(self._flight_bytes.values()) + sum(
-            self.chunk_bytes(i, level) for i in todo
-        )
+        bytes_left = sum(self._flight_bytes.values()) + sum(size(i) for i in todo)
         transfer = bytes_left * 8.0 / (bandwidth_bps * self.config.safety)
         decode = bytes_left / self.decode_rate
-        last = self.chunk_bytes(todo[-1], level) if todo else 0.0
+        last = size(todo[-1]) if todo else 0.0
         tail = min(last / self.decode_rate, decode)
         overhead = rtt_s + self.config.per_chunk_overhead_s * (len(todo) + len(self._flight_bytes))
         return now + max(transfer, decode) + tail + overhead
+
+    def hedged_finish(
+        self, now: float, bandwidth_bps: float, index: int, level: str, rtt_s: float = 0.0
+    ) -> float:
+        """When the prefix would be usable if the link fell to 1/``hedge_factor`` now, chunk
+        ``index`` went at ``level`` and every other unrequested chunk at the floor."""
+        floor = self.allowed[-1]
+        return self._finish(
+            now,
+            bandwidth_bps / self.config.hedge_factor,
+            lambda i: self.chunk_bytes(i, level if i == index else floor),
+            rtt_s,
+        )
 
     def recompute_finish(self, now: float) -> float:
         """When the prefix would be usable if everything after the restored prefix were recomputed."""
@@ -294,10 +321,15 @@ class ResolutionController:
             )
         limit = min(self.deadline, recompute) if self.allow_recompute else self.deadline
         chosen = None
+        floor = self.allowed[-1]
         for name in self.allowed:  # most faithful first
-            if finishes[name] <= self._budget_for(name, now, limit):
-                chosen = name
-                break
+            if finishes[name] > self._budget_for(name, now, limit):
+                continue
+            if name != floor and self.hedged_finish(now, bandwidth_bps, index, name, rtt_s) > limit:
+                # Fits the estimate, but a drop now would leave its extra bytes on a slow link.
+                continue
+            chosen = name
+            break
         meets = chosen is not None
         if chosen is None:
             chosen = fastest

@@ -112,7 +112,7 @@ def test_switches_down_when_bandwidth_drops_and_up_when_it_recovers() -> None:
 
 
 def test_switching_up_needs_a_margin() -> None:
-    cfg = ControllerConfig(up_margin=0.5)
+    cfg = ControllerConfig(up_margin=0.5, hedge_factor=1.0)
     ctl = controller(chunks=4, deadline=1.0, config=cfg)
     # bandwidth at which q8 just fits the whole deadline but not with half of it to spare
     bw = 4 * TOKENS * BPT["q8"] * 8 / (0.95 * cfg.safety)
@@ -202,8 +202,9 @@ def test_bandwidth_drop_mid_fetch_is_close_to_the_best_fixed_level() -> None:
         return (100 if t < 0.2 else 10) * MBIT
 
     chunks, rate = 8, 150.0
+    unhedged = ControllerConfig(hedge_factor=1.0)  # so that it starts above the floor
     adaptive, levels, recomputed = simulate(
-        controller(chunks=chunks, recompute_rate=rate, min_level="q4"), link
+        controller(chunks=chunks, recompute_rate=rate, min_level="q4", config=unhedged), link
     )
     assert not recomputed
     assert all(LEVELS.index(level) <= LEVELS.index("q4") for level in levels)
@@ -213,6 +214,54 @@ def test_bandwidth_drop_mid_fetch_is_close_to_the_best_fixed_level() -> None:
         for level in LEVELS[: LEVELS.index("q4") + 1]
     }
     assert adaptive <= 1.2 * min(fixed.values())
+
+
+def test_hedge_keeps_the_floor_when_a_drop_would_make_the_prefix_late() -> None:
+    """A slack deadline at 100 Mbit/s: the estimate alone would spend it on quality, but a 10x
+    drop right after would leave those bytes on a slow link; hedged, it stays at the floor."""
+    plain = controller(deadline=1.5, min_level="q5", config=ControllerConfig(hedge_factor=1.0))
+    unhedged = plain.decide(0, 0.0, 100 * MBIT)
+    assert isinstance(unhedged, FetchAt) and unhedged.level != "q5"
+    hedged = controller(deadline=1.5, min_level="q5").decide(0, 0.0, 100 * MBIT)
+    assert isinstance(hedged, FetchAt) and hedged.level == "q5" and hedged.meets_deadline
+
+
+def test_hedge_still_spends_slack_that_a_drop_could_not_waste() -> None:
+    ctl = controller(deadline=1.5, min_level="q5")
+    decision = ctl.decide(0, 0.0, 1000 * MBIT)  # even at 100 Mbit/s the rest would be on time
+    assert isinstance(decision, FetchAt) and decision.level in ("exact", "q8")
+    assert ctl.hedged_finish(0.0, 1000 * MBIT, 0, decision.level) <= ctl.deadline
+
+
+def test_hedged_drop_with_slack_is_close_to_the_best_fixed_level() -> None:
+    """100 -> 10 Mbit/s once the floor level would have finished, with a deadline that leaves
+    slack (the benchmark's --recompute-rate 114 case): unhedged the controller spends the slack
+    on faithful levels just before the drop (2x the best fixed level); hedged it keeps within
+    1.2x, floor respected."""
+    chunks, floor = 8, "q5"
+    floor_s = chunks * TOKENS * BPT[floor] * 8 / (100 * MBIT)
+
+    def link(t: float) -> float:
+        return (100 if t < floor_s else 10) * MBIT
+
+    def run(config: ControllerConfig | None) -> tuple[float, list[str]]:
+        ctl = controller(
+            chunks=chunks, recompute_rate=114.0, deadline=2 * floor_s, min_level=floor,
+            config=config,
+        )
+        usable, levels, recomputed = simulate(ctl, link)
+        assert not recomputed
+        return usable, levels
+
+    fixed = min(
+        simulate(controller(chunks=chunks, min_level=floor), link, fixed=level)[0]
+        for level in LEVELS[: LEVELS.index(floor) + 1]
+    )
+    unhedged, loose = run(ControllerConfig(hedge_factor=1.0))
+    hedged, levels = run(None)
+    assert any(level != floor for level in loose) and unhedged > 1.5 * fixed
+    assert all(LEVELS.index(level) <= LEVELS.index(floor) for level in levels)
+    assert hedged <= 1.2 * fixed
 
 
 @pytest.mark.parametrize("drop_at", [0.05, 0.3, 0.8])
@@ -226,7 +275,9 @@ def test_bandwidth_drop_never_worse_than_recompute(drop_at: float, rate: float) 
 
 
 def test_preempts_a_big_chunk_in_flight_when_the_link_collapses() -> None:
-    ctl = controller(chunks=2, recompute_rate=50.0, deadline=0.5)
+    ctl = controller(
+        chunks=2, recompute_rate=50.0, deadline=0.5, config=ControllerConfig(hedge_factor=1.0)
+    )
     first = ctl.decide(0, 0.0, 1000 * MBIT)
     assert isinstance(first, FetchAt) and first.level == "exact"
     ctl.chunk_sent(0, "exact")
