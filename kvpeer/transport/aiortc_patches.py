@@ -54,6 +54,7 @@ from aiortc.rtcsctptransport import RTCSctpTransport
 
 from kvpeer.errors import TransportError
 from kvpeer.transport.config import TransportConfig
+from kvpeer.transport.congestion import RateControl, RateControlParams
 from kvpeer.transport.netinfo import sysctl_int
 
 logger = logging.getLogger(__name__)
@@ -205,14 +206,19 @@ def configure_association(
     receive_window: int = 512 * 1024,
     *,
     loss_tolerant: bool = True,
+    congestion_control: str = "rate",
 ) -> None:
-    """Packet size, delayed SACK and the retransmit shortcut for *pc*'s association.
+    """Packet size, delayed SACK, the retransmit shortcut and the congestion control
+    (``"rate"``: :mod:`kvpeer.transport.congestion`; ``"reno"``: aiortc's, with
+    *loss_tolerant*) for *pc*'s association.
 
     Call before the association starts (before setRemoteDescription on the offerer, before
     setLocalDescription on the answerer). Only this association changes; others in the process
     keep theirs, so peers with different MTUs each get their own packet size.
     """
     check_version()
+    if congestion_control not in ("rate", "reno"):
+        raise TransportError(f"unknown congestion control {congestion_control!r}")
     sctp = pc.sctp
     if sctp is None:
         raise TransportError("peer connection has no SCTP transport yet")
@@ -278,8 +284,12 @@ def configure_association(
         sctp._kvpeer_t3_expiries += 1  # type: ignore[attr-defined]
         t3_expired()
 
-    sctp._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
-    sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
+    sctp._kvpeer_rate = None  # type: ignore[attr-defined]
+    if congestion_control == "rate":
+        _install_rate_control(sctp, sack_chunk, t3_expired, userdata)
+    else:
+        sctp._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
+        sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
     sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
     _install_delayed_sack(sctp)
@@ -297,6 +307,20 @@ def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
         "rto_s": sctp._rto,
         "t3_expiries": getattr(sctp, "_kvpeer_t3_expiries", None),
         "random_losses": getattr(sctp, "_kvpeer_random_losses", None),
+        **_rate_stats(getattr(sctp, "_kvpeer_rate", None)),
+    }
+
+
+def _rate_stats(rate: RateControl | None) -> dict[str, Any]:
+    if rate is None:
+        return {"congestion_control": "reno"}
+    return {
+        "congestion_control": "rate",
+        "bandwidth_bps": None if rate.bandwidth is None else rate.bandwidth * 8,
+        "min_rtt_s": rate.min_rtt_s,
+        "random_losses": rate.random_losses,
+        "congestion_events": rate.congestion_events,
+        "startup": rate.startup,
     }
 
 
@@ -334,11 +358,14 @@ async def _transmit(self: Any) -> None:
                 chunk._retransmit = False
                 chunk._sent_count += 1
                 await self._send_chunk(chunk)
+                if self._kvpeer_rate is not None:
+                    self._kvpeer_rate.on_retransmit(1)
                 if earliest:
                     self._t3_restart()
             earliest = False
         self._kvpeer_rtx_pending = False
 
+    chunk = None
     while self._outbound_queue and self._flight_size < cwnd:
         chunk = self._outbound_queue.popleft()
         self._sent_queue.append(chunk)
@@ -348,6 +375,76 @@ async def _transmit(self: Any) -> None:
         await self._send_chunk(chunk)
         if not self._t3_handle:
             self._t3_start()
+    if chunk is not None and self._kvpeer_rate is not None:
+        self._kvpeer_rate.on_send(time.monotonic(), self._kvpeer_tsn.unwrap(chunk.tsn))
+
+
+class _TsnUnwrapper:
+    """32-bit TSNs as ever-growing sequence numbers, 0 at the association's first TSN."""
+
+    def __init__(self, first_tsn: int) -> None:
+        self._ref_tsn = first_tsn
+        self._ref = 0
+
+    def unwrap(self, tsn: int) -> int:
+        half = 1 << 31
+        delta = (tsn - self._ref_tsn + half) % rtcsctptransport.SCTP_TSN_MODULO - half
+        value = self._ref + delta
+        if delta > 0:
+            self._ref_tsn, self._ref = tsn, value
+        return value
+
+
+def _install_rate_control(
+    sctp: Any,
+    sack_chunk: Callable[[Any], Any],
+    t3_expired: Callable[[], None],
+    userdata: int,
+) -> None:
+    """Let :class:`RateControl` own *sctp*'s congestion window (``congestion_control="rate"``).
+
+    aiortc still runs its SACK and T3 logic (acknowledgement, strikes, marking); its window
+    changes are overwritten afterwards and its fast recovery, which freezes the window for a
+    round trip after every loss, is never entered. The retransmission it schedules still goes
+    out first (``_fast_recovery_transmit``).
+    """
+    rate = RateControl(RateControlParams(packet_bytes=userdata))
+    tsn = _TsnUnwrapper(sctp._local_tsn)
+    sctp._kvpeer_rate = rate
+    sctp._kvpeer_tsn = tsn
+    sctp._cwnd = rate.cwnd
+
+    async def receive_sack_chunk(chunk: Any) -> None:
+        if chunk.gaps:
+            sctp._kvpeer_rtx_pending = True
+        await sack_chunk(chunk)
+        sctp._kvpeer_peer_rwnd = chunk.advertised_rwnd
+        now = time.monotonic()
+        highest = chunk.cumulative_tsn + (chunk.gaps[-1][1] if chunk.gaps else 0)
+        seq = tsn.unwrap(highest % rtcsctptransport.SCTP_TSN_MODULO)
+        # Delivered bytes from the highest TSN the peer holds: a hole filled later does not
+        # count again, so a retransmission never shows up as a burst of delivery.
+        rate.on_ack(now, seq, (seq + 1) * userdata)
+        if sctp._fast_recovery_exit is not None:
+            rate.on_loss(now)
+            sctp._fast_recovery_exit = None
+        sctp._cwnd = rate.cwnd
+
+    def t3_expired_keeping_window() -> None:
+        sctp._kvpeer_rtx_pending = True
+        sctp._kvpeer_t3_expiries += 1
+        t3_expired()
+        # aiortc marks every chunk in the sent queue, also those the peer already holds (gap
+        # acknowledged), so a timeout resends a whole window; Linux SCTP skips them. The
+        # transmit aiortc scheduled has not run yet.
+        for queued in sctp._sent_queue:
+            if queued._acked:
+                queued._retransmit = False
+        rate.on_timeout(time.monotonic())
+        sctp._cwnd = rate.cwnd
+
+    sctp._receive_sack_chunk = receive_sack_chunk
+    sctp._t3_expired = t3_expired_keeping_window
 
 
 def _tsn_after(a: int, b: int) -> bool:

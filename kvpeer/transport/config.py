@@ -27,6 +27,7 @@ DEFAULT_SCTP_PACKET = 1_189
 MIN_PSK_BYTES = 16
 #: aiortc announces (and enforces on the sender) a 256 KiB data-channel message limit.
 MAX_DATA_CHANNEL_MESSAGE = 256 * 1024
+CONGESTION_CONTROLS = ("rate", "reno")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,8 +62,13 @@ class TransportConfig:
     #: enough for a LAN's bandwidth-delay product (1 Gbit/s x 4 ms), small enough that a
     #: sender does not overrun switch queues and fall into loss recovery.
     receive_window_bytes: int = 512 * 1024
-    #: Treat a loss seen while the RTT shows no standing queue as random, not congestion
-    #: (the window is not halved). Off: aiortc's loss response (halve on every loss event).
+    #: SCTP congestion control (with ``patch_aiortc``). ``"rate"``: the window follows the
+    #: measured delivery rate and minimum RTT, and random loss does not shrink it
+    #: (:mod:`kvpeer.transport.congestion`). ``"reno"``: aiortc's RFC 9260 window, which
+    #: halves on loss (softened by ``loss_tolerant``).
+    congestion_control: str = "rate"
+    #: With ``"reno"``: treat a loss seen while the RTT shows no standing queue as random,
+    #: not congestion (the window is not halved). Off: halve on every loss event.
     loss_tolerant: bool = True
     #: UDP socket buffer asked for (capped by net.core.rmem_max / wmem_max, with a warning).
     socket_buffer_bytes: int = 4 * 1024 * 1024
@@ -128,6 +134,11 @@ class TransportConfig:
             raise ConfigError("transport.max_transfers_per_peer must be >= 1")
         if not 0 < self.buffer_low_bytes < self.buffer_high_bytes:
             raise ConfigError("transport: need 0 < buffer_low_bytes < buffer_high_bytes")
+        if self.congestion_control not in CONGESTION_CONTROLS:
+            raise ConfigError(
+                f"transport.congestion_control: one of {', '.join(CONGESTION_CONTROLS)}, "
+                f"got {self.congestion_control!r}"
+            )
         if not 64 * 1024 <= self.receive_window_bytes <= 64 * 1024 * 1024:
             raise ConfigError("transport.receive_window_bytes must be 64 KiB..64 MiB")
         if not 4096 <= self.max_message_bytes <= MAX_DATA_CHANNEL_MESSAGE:

@@ -71,6 +71,8 @@ def _config(args: argparse.Namespace) -> TransportConfig:
         request_timeout_s=args.request_timeout,
         bulk_channels=args.bulk_channels,
         buffer_high_bytes=args.buffer_high,
+        congestion_control=args.cc,
+        receive_window_bytes=args.receive_window,
     )
 
 
@@ -201,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--bulk-channels", type=int, default=1)
     parser.add_argument("--buffer-high", type=int, default=4 << 20, help="flow control")
+    parser.add_argument(
+        "--cc", choices=["rate", "reno"], default="rate", help="SCTP congestion control"
+    )
+    parser.add_argument("--receive-window", type=int, default=512 * 1024, help="SCTP rwnd bytes")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log", default="WARNING")
     args = parser.parse_args(argv)

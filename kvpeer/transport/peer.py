@@ -288,6 +288,7 @@ class PeerTransport:
                 packet,
                 self.config.receive_window_bytes,
                 loss_tolerant=self.config.loss_tolerant,
+                congestion_control=self.config.congestion_control,
             )
         return packet
 

@@ -1,0 +1,250 @@
+"""Delivery-rate congestion control for one SCTP association (sans-IO, BBR-like).
+
+Owns the congestion window of ``transport.congestion_control = "rate"``: the window follows
+what the path delivers, not how often it loses. aiortc's SCTP (RFC 9260, Reno-like) halves
+its window on every loss event, so 1 % random loss on a 40 ms path caps it at a few Mbit/s
+(Mathis et al.), and on a shaped link the window saw-tooths below the rate. Here:
+
+* the bottleneck bandwidth is the largest delivery rate seen over the last ``bw_rounds``
+  round trips (and at least ``bw_window_s``), a sample being the bytes delivered while one
+  packet made its round trip, divided by that round trip (Cheng et al., "Delivery Rate
+  Estimation", the basis of BBR);
+* the minimum RTT is the smallest sample over ``min_rtt_window_s``;
+* ``cwnd = max(min_cwnd, cwnd_gain x bandwidth x min RTT) + headroom``: gain 2 lets the
+  estimate double per round when the path has more to give, and bounds the queue this
+  association builds at a bottleneck to about one bandwidth-delay product;
+* start-up grows the window by the bytes acknowledged (slow start) until the bandwidth stops
+  growing by 25 % for three rounds, or congestion is seen;
+* a loss is congestion only when the smoothed RTT shows a standing queue
+  (> ``queue_rtt_factor`` x min RTT + ``queue_rtt_slack_s``) or losses persist (more than
+  ``persistent_loss`` of the packets of a round, judged over 100 packets at least). Then the
+  bandwidth estimate is cut to ``beta`` of itself, once per round. Random loss changes nothing: its retransmission is the
+  only response it needs.
+
+The caller counts in *sequence numbers* that only grow (unwrapped SCTP TSNs) and in delivered
+bytes; time is passed in. Nothing here knows SCTP or asyncio: ``aiortc_patches`` feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True, kw_only=True)
+class RateControlParams:
+    """Tuning of :class:`RateControl`; sizes in bytes, times in seconds."""
+
+    #: Bytes of one full packet's payload: the unit of the window's headroom.
+    packet_bytes: int
+    #: Smallest window. On this project's CPU-bound hosts RTT samples under load are mostly
+    #: the receiver's scheduling, so bandwidth x min RTT alone would starve a fast LAN.
+    min_cwnd_bytes: int = 256 * 1024
+    #: Largest window (the peer's receive window still bounds what is in flight).
+    max_cwnd_bytes: int = 64 * 1024 * 1024
+    initial_cwnd_bytes: int | None = None
+    cwnd_gain: float = 2.0
+    headroom_packets: int = 4
+    bw_rounds: int = 10
+    bw_window_s: float = 0.25
+    min_rtt_window_s: float = 10.0
+    startup_growth: float = 1.25
+    startup_rounds: int = 3
+    queue_rtt_factor: float = 2.0
+    queue_rtt_slack_s: float = 0.010
+    persistent_loss: float = 0.10
+    beta: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.packet_bytes < 1:
+            raise ValueError("packet_bytes must be >= 1")
+        if not 0 < self.min_cwnd_bytes <= self.max_cwnd_bytes:
+            raise ValueError("need 0 < min_cwnd_bytes <= max_cwnd_bytes")
+        if self.cwnd_gain < 1 or not 0 < self.beta < 1 or self.startup_growth <= 1:
+            raise ValueError("need cwnd_gain >= 1, 0 < beta < 1, startup_growth > 1")
+        if self.bw_rounds < 1 or self.startup_rounds < 1:
+            raise ValueError("bw_rounds and startup_rounds must be >= 1")
+        if not 0 < self.persistent_loss <= 1:
+            raise ValueError("persistent_loss must be in (0, 1]")
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What had been delivered when the data up to *seq* was sent."""
+
+    seq: int
+    time: float
+    delivered: int
+
+
+@dataclass(slots=True)
+class _BwSample:
+    rate: float  # bytes per second
+    time: float
+    round: int
+
+
+class RateControl:
+    """Congestion window from measured delivery rate and minimum RTT (see the module doc)."""
+
+    #: Send records kept at most; an association that stops acknowledging stops sending.
+    MAX_SENT_RECORDS = 65_536
+    #: Packets over which persistent loss is judged, at least.
+    LOSS_SAMPLE_PACKETS = 100
+
+    def __init__(self, params: RateControlParams) -> None:
+        self.params = params
+        p = params
+        self._cwnd = float(p.initial_cwnd_bytes or min(p.min_cwnd_bytes, 10 * p.packet_bytes))
+        self._sent: deque[_Sent] = deque()
+        self._bw: deque[_BwSample] = deque()  # sliding maximum: rates decrease front to back
+        self._min_rtt = math.inf
+        self._min_rtt_at = 0.0
+        self.srtt_s: float | None = None
+        self.delivered = 0
+        self._delivered_seq = -1
+        self._highest_sent = -1
+        self.round = 0
+        self._round_end_seq = -1
+        self._round_lost = 0
+        self._round_delivered_at_start = 0
+        self._reduced_round = -1
+        self.startup = True
+        self._startup_best = 0.0
+        self._startup_flat = 0
+        #: Counters for stats: losses judged random / congestion, retransmission timeouts.
+        self.random_losses = 0
+        self.congestion_events = 0
+        self.timeouts = 0
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def on_send(self, now: float, seq: int) -> None:
+        """New data up to sequence number *seq* (inclusive) went on the wire at *now*."""
+        if seq <= self._highest_sent:
+            return
+        self._highest_sent = seq
+        if len(self._sent) >= self.MAX_SENT_RECORDS:
+            self._sent.popleft()
+        self._sent.append(_Sent(seq=seq, time=now, delivered=self.delivered))
+
+    def on_ack(self, now: float, seq: int, delivered_bytes: int) -> None:
+        """The peer has now received everything up to *seq* bar a few holes, and in all
+        *delivered_bytes* (both only grow; a SACK's highest TSN is a fine *seq*)."""
+        if seq <= self._delivered_seq:
+            return
+        newly = max(0, delivered_bytes - self.delivered)
+        self.delivered = max(self.delivered, delivered_bytes)
+        self._delivered_seq = seq
+        record: _Sent | None = None
+        while self._sent and self._sent[0].seq <= seq:
+            record = self._sent.popleft()
+        if record is not None:
+            rtt = max(now - record.time, 1e-6)
+            self._on_rtt(now, rtt)
+            self._on_bw(now, (self.delivered - record.delivered) / rtt)
+        if seq >= self._round_end_seq:
+            self._end_round()
+        if self.startup:
+            self._cwnd += newly
+        self._cwnd = self._clamp(max(self._cwnd, self.target_cwnd()) if self.startup
+                                 else self.target_cwnd())  # fmt: skip
+
+    def on_loss(self, now: float) -> bool:
+        """A SACK reported a new loss. True if taken as congestion (the window shrank)."""
+        if self._queue_standing():
+            self._congestion()
+            return True
+        self.random_losses += 1
+        return False
+
+    def on_retransmit(self, packets: int) -> None:
+        """*packets* were sent again: counted toward this round's loss (persistent loss)."""
+        self._round_lost += packets
+
+    def on_timeout(self, now: float) -> None:
+        """The retransmission timer expired (a lost retransmission, a tail loss or a dead
+        path). Only a standing queue makes it congestion; the window is kept otherwise."""
+        self.timeouts += 1
+        if self._queue_standing():
+            self._congestion()
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    @property
+    def cwnd(self) -> int:
+        return int(self._cwnd)
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bottleneck bandwidth estimate in bytes per second (None before any sample)."""
+        return self._bw[0].rate if self._bw else None
+
+    @property
+    def min_rtt_s(self) -> float | None:
+        return None if math.isinf(self._min_rtt) else self._min_rtt
+
+    def target_cwnd(self) -> float:
+        p = self.params
+        bw, rtt = self.bandwidth, self.min_rtt_s
+        bdp = 0.0 if bw is None or rtt is None else p.cwnd_gain * bw * rtt
+        return max(p.min_cwnd_bytes, bdp) + p.headroom_packets * p.packet_bytes
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _clamp(self, cwnd: float) -> float:
+        return min(max(cwnd, self.params.min_cwnd_bytes), self.params.max_cwnd_bytes)
+
+    def _on_rtt(self, now: float, rtt: float) -> None:
+        self.srtt_s = rtt if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * rtt
+        if rtt <= self._min_rtt or now - self._min_rtt_at > self.params.min_rtt_window_s:
+            self._min_rtt, self._min_rtt_at = rtt, now
+
+    def _on_bw(self, now: float, rate: float) -> None:
+        p = self.params
+        while self._bw and self._bw[-1].rate <= rate:
+            self._bw.pop()
+        self._bw.append(_BwSample(rate=rate, time=now, round=self.round))
+        while (
+            len(self._bw) > 1
+            and self._bw[0].round < self.round - p.bw_rounds
+            and self._bw[0].time < now - p.bw_window_s
+        ):
+            self._bw.popleft()
+
+    def _end_round(self) -> None:
+        p = self.params
+        delivered_packets = (self.delivered - self._round_delivered_at_start) / p.packet_bytes
+        # Judged over at least LOSS_SAMPLE_PACKETS: a LAN round can be a handful of packets.
+        if delivered_packets >= self.LOSS_SAMPLE_PACKETS:
+            if self._round_lost > p.persistent_loss * delivered_packets:
+                self._congestion()
+            self._round_lost = 0
+            self._round_delivered_at_start = self.delivered
+        self.round += 1
+        self._round_end_seq = self._highest_sent
+        if self.startup:
+            bw = self.bandwidth or 0.0
+            if bw >= self._startup_best * p.startup_growth:
+                self._startup_best, self._startup_flat = bw, 0
+            else:
+                self._startup_flat += 1
+                if self._startup_flat >= p.startup_rounds:
+                    self.startup = False
+
+    def _queue_standing(self) -> bool:
+        p = self.params
+        if self.srtt_s is None or math.isinf(self._min_rtt):
+            return False
+        return self.srtt_s > p.queue_rtt_factor * self._min_rtt + p.queue_rtt_slack_s
+
+    def _congestion(self) -> None:
+        self.startup = False
+        if self._reduced_round == self.round:
+            return  # once per round: one queue overflow drops a burst of packets
+        self._reduced_round = self.round
+        self.congestion_events += 1
+        for sample in self._bw:
+            sample.rate *= self.params.beta
+        self._cwnd = self._clamp(min(self._cwnd * self.params.beta, self.target_cwnd()))
