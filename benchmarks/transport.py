@@ -36,18 +36,31 @@ def _ms(text: str) -> float:
 
 
 def _transfer(
-    cluster: Cluster, *, stock: bool, megabytes: int, streams: int, timeout: float
+    cluster: Cluster,
+    *,
+    stock: bool,
+    megabytes: int,
+    streams: int,
+    timeout: float,
+    cc: str = "rate",
+    receive_window: int | None = None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
     sender, receiver = cluster.hosts
     psk = os.urandom(32).hex()
     common = ["--psk-hex", psk, "--blob-bytes", str(BLOB_BYTES), "--request-timeout", "60"]
     if stock:
         common.append("--stock")
+    else:
+        common += ["--cc", cc]
+        if receive_window:
+            common += ["--receive-window", str(receive_window)]
+    serve_extra = ["--trace", trace] if trace and not stock else []
     if streams > 1:
         common += ["--bulk-channels", str(streams)]
     server = cluster.popen(
         sender,
-        [*ENDPOINT, "serve", "--node-id", "sender", "--host", sender.ip, *common],
+        [*ENDPOINT, "serve", "--node-id", "sender", "--host", sender.ip, *common, *serve_extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert server.stdout is not None
@@ -75,7 +88,7 @@ def _transfer(
     return result
 
 
-def _summary(result: dict[str, Any]) -> dict[str, float]:
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
     gigabytes = result["bytes_verified"] / 1e9
     return {
         "goodput_mbps": result["bytes_verified"] * 8 / result["seconds"] / 1e6,
@@ -83,6 +96,7 @@ def _summary(result: dict[str, Any]) -> dict[str, float]:
         "cpu_s_per_gb_receiver": result["cpu_receiver_s"] / gigabytes,
         "bytes_verified": result["bytes_verified"],
         "packet_bytes": result["packet_bytes"],
+        "sender_sctp": result.get("sender_sctp") or {},
     }
 
 
@@ -101,11 +115,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timeout = 60 + args.mb * 4.0
         patched = _summary(
             _transfer(
-                cluster, stock=False, megabytes=args.mb, streams=args.streams, timeout=timeout
-            )
+                cluster, stock=False, megabytes=args.mb, streams=args.streams, timeout=timeout,
+                cc=args.cc, receive_window=args.receive_window, trace=args.trace,
+            )  # fmt: skip
         )
         relay_stats = cluster.stop_relay() if relayed else None
-        baseline: dict[str, float] | None = None
+        baseline: dict[str, Any] | None = None
         if not args.no_baseline:
             if relayed:
                 cluster.set_impairment(
@@ -122,8 +137,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     relay_cpu_per_gb = (
         relay_stats["cpu_s"] / (patched["bytes_verified"] / 1e9) if relay_stats else None
     )
+    sctp = patched["sender_sctp"]
     return {
         "backend": args.backend,
+        "congestion_control": args.cc,
         "mtu": args.mtu,
         "rate": args.rate,
         "delay_ms": delay_ms,
@@ -148,13 +165,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else round(patched["goodput_mbps"] / baseline["goodput_mbps"], 1),
         "relay_cpu_s_per_gb": None if relay_cpu_per_gb is None else round(relay_cpu_per_gb, 2),
         "relay_dropped": None if relay_stats is None else relay_stats["dropped"],
+        "sender_t3_expiries": sctp.get("t3_expiries"),
+        "sender_random_losses": sctp.get("random_losses"),
+        "sender_congestion_events": sctp.get("congestion_events"),
     }
 
 
 def _table(r: dict[str, Any]) -> str:
     link = (
         f"MTU {r['mtu']}, {r['rate'] or 'unshaped'}, delay {r['delay_ms']:g} ms, "
-        f"loss {r['loss_pct']:g}%, streams {r['streams']}"
+        f"loss {r['loss_pct']:g}%, streams {r['streams']}, congestion control {r['congestion_control']}"
     )
     rows = [
         ("", "kvpeer (patched aiortc)", "aiortc as shipped"),
@@ -183,6 +203,11 @@ def _table(r: dict[str, Any]) -> str:
             f"  impairment relay: {r['relay_cpu_s_per_gb']:.1f} CPU-s/GB, "
             f"{r['relay_dropped']} packets dropped on purpose"
         )
+    lines.append(
+        f"  sender: {r['sender_t3_expiries']} retransmission timeouts, "
+        f"{r['sender_random_losses']} losses taken as random, "
+        f"{r['sender_congestion_events']} as congestion"
+    )
     lines.append(f"  bytes verified: {r['bytes_verified']:,}")
     return "\n".join(lines)
 
@@ -202,6 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mb", type=int, default=256)
     parser.add_argument("--backend", choices=["aiortc", "native"], default="aiortc")
     parser.add_argument("--streams", type=int, default=1, help="bulk data channels")
+    parser.add_argument(
+        "--cc", choices=["rate", "reno"], default="rate", help="SCTP congestion control"
+    )
+    parser.add_argument(
+        "--receive-window", type=int, help="SCTP receive window, bytes (default: config's)"
+    )
+    parser.add_argument("--trace", help="append the sender's SCTP state every 20 ms (JSON lines)")
     parser.add_argument("--baseline-mb", type=int, default=32, help="MB for stock aiortc")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)

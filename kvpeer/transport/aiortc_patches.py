@@ -244,6 +244,11 @@ def configure_association(
     sctp._kvpeer_packet = packet_bytes  # type: ignore[attr-defined]
     sctp._kvpeer_userdata = userdata  # type: ignore[attr-defined]
     sctp._kvpeer_rtx_pending = False  # type: ignore[attr-defined]
+    tsn = _TsnUnwrapper(sctp._local_tsn)
+    sctp._kvpeer_tsn = tsn  # type: ignore[attr-defined]
+    #: (retransmitted chunk, sequence number last sent when it went): see _restrike.
+    sctp._kvpeer_rtx_watch = []  # type: ignore[attr-defined]
+    sctp._kvpeer_restrikes = 0  # type: ignore[attr-defined]
     sctp._kvpeer_random_losses = 0  # type: ignore[attr-defined]
     sctp._kvpeer_t3_expiries = 0  # type: ignore[attr-defined]
     # What we advertise (sent in INIT / INIT-ACK and every SACK) and what the peer advertised.
@@ -260,6 +265,7 @@ def configure_association(
         acked = (chunk.cumulative_tsn - sctp._last_sacked_tsn) % rtcsctptransport.SCTP_TSN_MODULO
         await sack_chunk(chunk)
         sctp._kvpeer_peer_rwnd = chunk.advertised_rwnd  # type: ignore[attr-defined]
+        _restrike(sctp, chunk)
         if loss_tolerant and not recovering and sctp._fast_recovery_exit is not None:
             # aiortc just halved the window for a loss. Without a standing queue (smoothed RTT
             # near the minimum) the loss was not congestion: undo the halving. The receive
@@ -302,10 +308,13 @@ def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
         return {}
     return {
         "cwnd": sctp._cwnd,
+        "flight_bytes": sctp._flight_size,
+        "peer_rwnd": getattr(sctp, "_kvpeer_peer_rwnd", None),
         "ssthresh": getattr(sctp, "_ssthresh", None),
         "srtt_s": getattr(sctp, "_srtt", None),
         "rto_s": sctp._rto,
         "t3_expiries": getattr(sctp, "_kvpeer_t3_expiries", None),
+        "restrikes": getattr(sctp, "_kvpeer_restrikes", None),
         "random_losses": getattr(sctp, "_kvpeer_random_losses", None),
         **_rate_stats(getattr(sctp, "_kvpeer_rate", None)),
     }
@@ -353,10 +362,12 @@ async def _transmit(self: Any) -> None:
                 # Retransmit a chunk by gap reports once only (RFC 9260 7.2.4); aiortc strikes
                 # it again three SACKs later while the retransmission is still under way, so
                 # on a long path every loss turned into a stream of spurious retransmissions.
-                # A lost retransmission is recovered by T3.
+                # A lost retransmission is found by _restrike (or T3).
                 chunk._misses = _STRUCK_ONCE
                 chunk._retransmit = False
                 chunk._sent_count += 1
+                last = self._sent_queue[-1].tsn
+                self._kvpeer_rtx_watch.append((chunk, self._kvpeer_tsn.unwrap(last)))
                 await self._send_chunk(chunk)
                 if self._kvpeer_rate is not None:
                     self._kvpeer_rate.on_retransmit(1)
@@ -395,6 +406,42 @@ class _TsnUnwrapper:
         return value
 
 
+#: Packets sent after a retransmission that must be acknowledged before the retransmission
+#: counts as lost too (tolerates that much reordering, like the three strikes of a first loss).
+RESTRIKE_AFTER = 3
+
+
+def _restrike(sctp: Any, chunk: Any) -> int:
+    """After a SACK: mark retransmissions lost again when data sent after them arrived.
+
+    Fast retransmit resends a chunk once (see :func:`_transmit`); aiortc would otherwise only
+    recover a lost retransmission by T3, a >= 200 ms stall that also resends the whole window.
+    Like TCP's RACK: once the peer holds RESTRIKE_AFTER packets sent after the retransmission,
+    the retransmission is lost. Returns the highest sequence number the peer holds.
+    """
+    tsn: _TsnUnwrapper = sctp._kvpeer_tsn
+    highest = chunk.cumulative_tsn + (chunk.gaps[-1][1] if chunk.gaps else 0)
+    seq = tsn.unwrap(highest % rtcsctptransport.SCTP_TSN_MODULO)
+    watch = sctp._kvpeer_rtx_watch
+    if not watch:
+        return seq
+    cumulative = tsn.unwrap(chunk.cumulative_tsn)
+    keep = []
+    for sent, mark in watch:
+        if sent._acked or sent._retransmit or tsn.unwrap(sent.tsn) <= cumulative:
+            continue  # arrived, or already marked again (T3): re-watched when resent
+        if seq < mark + RESTRIKE_AFTER:
+            keep.append((sent, mark))
+            continue
+        if not sctp._maybe_abandon(sent):
+            sent._retransmit = True
+        sctp._flight_size_decrease(sent)
+        sctp._kvpeer_rtx_pending = True
+        sctp._kvpeer_restrikes += 1
+    sctp._kvpeer_rtx_watch = keep
+    return seq
+
+
 def _install_rate_control(
     sctp: Any,
     sack_chunk: Callable[[Any], Any],
@@ -409,9 +456,7 @@ def _install_rate_control(
     out first (``_fast_recovery_transmit``).
     """
     rate = RateControl(RateControlParams(packet_bytes=userdata))
-    tsn = _TsnUnwrapper(sctp._local_tsn)
     sctp._kvpeer_rate = rate
-    sctp._kvpeer_tsn = tsn
     sctp._cwnd = rate.cwnd
 
     async def receive_sack_chunk(chunk: Any) -> None:
@@ -420,8 +465,7 @@ def _install_rate_control(
         await sack_chunk(chunk)
         sctp._kvpeer_peer_rwnd = chunk.advertised_rwnd
         now = time.monotonic()
-        highest = chunk.cumulative_tsn + (chunk.gaps[-1][1] if chunk.gaps else 0)
-        seq = tsn.unwrap(highest % rtcsctptransport.SCTP_TSN_MODULO)
+        seq = _restrike(sctp, chunk)
         # Delivered bytes from the highest TSN the peer holds: a hole filled later does not
         # count again, so a retransmission never shows up as a burst of delivery.
         rate.on_ack(now, seq, (seq + 1) * userdata)

@@ -59,6 +59,9 @@ class SyntheticHandler:
 
 
 def _config(args: argparse.Namespace) -> TransportConfig:
+    tuning: dict[str, Any] = {}
+    if args.receive_window is not None:
+        tuning["receive_window_bytes"] = args.receive_window
     return TransportConfig(
         host=args.host,
         port=args.port,
@@ -72,7 +75,7 @@ def _config(args: argparse.Namespace) -> TransportConfig:
         bulk_channels=args.bulk_channels,
         buffer_high_bytes=args.buffer_high,
         congestion_control=args.cc,
-        receive_window_bytes=args.receive_window,
+        **tuning,
     )
 
 
@@ -84,11 +87,31 @@ async def serve(args: argparse.Namespace) -> None:
     await transport.start()
     print(f"READY {transport.port}", flush=True)
     try:
-        # Runs until killed; stdin closing (the parent went away) ends it too.
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, sys.stdin.read)
+        async with asyncio.TaskGroup() as group:
+            tracer = group.create_task(trace(transport, args.trace)) if args.trace else None
+            # Runs until killed; stdin closing (the parent went away) ends it too.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, sys.stdin.read)
+            if tracer is not None:
+                tracer.cancel()
     finally:
         await transport.close()
+
+
+async def trace(transport: PeerTransport, path: str, interval_s: float = 0.02) -> None:
+    """Append every session's SCTP congestion state to *path* (JSON lines) until cancelled."""
+    t0 = time.monotonic()
+    out = await asyncio.to_thread(open, path, "a")
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            for session in transport.sessions():
+                stats = association_stats(session._pc)
+                if stats:
+                    row = {"t": round(time.monotonic() - t0, 4), "peer": session.peer_id}
+                    out.write(json.dumps(row | stats) + "\n")  # buffered: a debugging aid
+    finally:
+        out.close()
 
 
 async def fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cc", choices=["rate", "reno"], default="rate", help="SCTP congestion control"
     )
-    parser.add_argument("--receive-window", type=int, default=512 * 1024, help="SCTP rwnd bytes")
+    parser.add_argument("--receive-window", type=int, help="SCTP rwnd bytes (default: config's)")
+    parser.add_argument("--trace", help="serve: append SCTP congestion state to this file")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--log", default="WARNING")
     args = parser.parse_args(argv)

@@ -103,6 +103,25 @@ def test_loss_and_reordering_through_the_relay_every_frame_in_its_slot() -> None
         assert stats is not None and stats["dropped"] > 0 and stats["reordered"] > 0
 
 
+def test_one_percent_loss_on_a_40_ms_path_with_rate_control_every_byte_intact() -> None:
+    with Cluster(n_hosts=2, relay=True) as cluster:
+        a, b = cluster.hosts
+        cluster.set_impairment(delay_ms=20, loss_pct=1, seed=11)
+        _, port = _serve(cluster, a, "--blob-bytes", str(1 << 20), "--cc", "rate")
+        argv = _client_argv(
+            "fetch", b, a, port, "--blob-bytes", str(1 << 20), "--count", "12", "--cc", "rate"
+        )
+        result = _fetch_result(cluster.run(b, argv, timeout=120, check=False))
+        stats = cluster.stop_relay()
+        assert result["ok"], result
+        assert result["bytes_verified"] == 12 << 20  # byte-compared with the expected blobs
+        assert stats is not None and stats["dropped"] > 0
+        sender = result["sender_sctp"]
+        assert isinstance(sender, dict) and sender["congestion_control"] == "rate"
+        # The losses were seen, and taken as random: no Reno halving.
+        assert sender["random_losses"] > 0, sender
+
+
 def test_peers_with_different_mtus_agree_on_a_packet_both_carry() -> None:
     # The bridge drops frames larger than the smaller MTU, as a real mixed LAN switch does:
     # a sender using its own 9000-byte MTU would never get a packet through.

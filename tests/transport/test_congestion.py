@@ -5,10 +5,11 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
-from kvpeer.transport.aiortc_patches import _TsnUnwrapper
+from kvpeer.transport.aiortc_patches import _restrike, _TsnUnwrapper
 from kvpeer.transport.congestion import RateControl, RateControlParams
 
 MSS = 1384
@@ -225,3 +226,44 @@ def test_shaped_link_is_filled_with_a_bounded_queue_and_no_tail_drops() -> None:
     assert goodput >= 0.9 * link.rate
     # Start-up may overshoot once; after it the queue stays well below the tbf limit.
     assert rc.congestion_events <= 1 and link.max_queue_s < 0.050
+
+
+# -- lost retransmissions (aiortc_patches._restrike) -------------------------------------------
+
+
+def _fake_association(first_tsn: int, watch: list[tuple[object, int]]) -> SimpleNamespace:
+    decreased: list[object] = []
+    return SimpleNamespace(
+        _kvpeer_tsn=_TsnUnwrapper(first_tsn), _kvpeer_rtx_watch=watch, _kvpeer_restrikes=0,
+        _kvpeer_rtx_pending=False, _maybe_abandon=lambda chunk: False,
+        _flight_size_decrease=decreased.append, decreased=decreased,
+    )  # fmt: skip
+
+
+def _sack(cumulative: int, gaps: list[tuple[int, int]]) -> SimpleNamespace:
+    return SimpleNamespace(cumulative_tsn=cumulative % 2**32, gaps=gaps)
+
+
+def test_a_retransmission_is_struck_again_once_later_data_arrives() -> None:
+    first = 2**32 - 5  # across the TSN wrap
+    lost = SimpleNamespace(tsn=(first + 5) % 2**32, _acked=False, _retransmit=False)
+    # Resent when TSN first+10 was the last sent: sequence number 10.
+    sctp = _fake_association(first, [(lost, 10)])
+    sctp._kvpeer_tsn.unwrap((first + 20) % 2**32)  # the sender has gone on since
+    # The peer holds up to first+12: only 2 packets sent after the retransmission.
+    assert _restrike(sctp, _sack(first + 4, [(2, 8)])) == 12
+    assert not lost._retransmit and sctp._kvpeer_rtx_watch == [(lost, 10)]
+    assert _restrike(sctp, _sack(first + 4, [(2, 9)])) == 13
+    assert lost._retransmit and sctp._kvpeer_rtx_pending and sctp.decreased == [lost]
+    assert sctp._kvpeer_restrikes == 1 and sctp._kvpeer_rtx_watch == []
+
+
+def test_an_arrived_retransmission_leaves_the_watch() -> None:
+    arrived = SimpleNamespace(tsn=105, _acked=False, _retransmit=False)
+    sctp = _fake_association(100, [(arrived, 10)])
+    _restrike(sctp, _sack(106, [(2, 20)]))  # cumulative ack passed it
+    assert not arrived._retransmit and sctp._kvpeer_rtx_watch == []
+    gap_acked = SimpleNamespace(tsn=105, _acked=True, _retransmit=False)
+    sctp = _fake_association(100, [(gap_acked, 10)])
+    _restrike(sctp, _sack(103, [(3, 20)]))
+    assert not gap_acked._retransmit and sctp._kvpeer_restrikes == 0
