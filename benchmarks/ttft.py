@@ -157,7 +157,9 @@ def _fetch_once(
         # Fixed policies: the peers hold only that level and it is the floor, so every chunk
         # travels at it; the adaptive policy gets the --min-level floor.
         min_level = args.min_level if policy == "adaptive" else level
-        with client.fetch(tokens, fp, min_level=min_level) as result:
+        with client.fetch(
+            tokens, fp, min_level=min_level, recompute_tokens_per_s=args.recompute_tokens_per_s
+        ) as result:
             for index in range(chunks):
                 if not result.wait_for_chunk(index):
                     break
@@ -313,12 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = _argmax_continuation(model, out.past_key_values, continuation)
 
     delay_applied = _seconds(args.delay) == 0 and args.loss == 0
+    # What the client tells its daemon with each fetch: its own prefill speed, measured just now.
+    args.recompute_tokens_per_s = args.recompute_rate or args.tokens / statistics.median(times)
     config = {
         "transport": {"mtu": args.mtu},
-        # What the client would tell its daemon: its own prefill speed, measured just now.
-        "fetch": {
-            "recompute_tokens_per_s": args.recompute_rate or args.tokens / statistics.median(times)
-        },
         "store": {"ram_bytes": "1GiB", "disk_bytes": "2GiB"},
     }
     runs: list[Run] = []

@@ -167,6 +167,11 @@ def client_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--out", type=Path, required=True, help="write k, v here (torch.save)")
             cmd.add_argument("--deadline", type=float, help="seconds before falling back to recompute")
             cmd.add_argument("--min-level", help="lowest acceptable codec level")
+            cmd.add_argument(
+                "--recompute-rate", type=float, metavar="TOKENS_PER_S",
+                help="how fast this client prefills; the daemon stops fetching where recomputing "
+                "is quicker",
+            )
     put = sub.add_parser("put", help="store a prefix's KV from a file")
     put.add_argument("--tokens", type=Path, required=True, help="file of token ids")
     put.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
@@ -250,7 +255,8 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         expected = available.matched_tokens // max(available.chunk_tokens, 1)
         show = not args.json and sys.stderr.isatty()
         with client.fetch(
-            tokens, fingerprint, deadline_s=args.deadline, min_level=args.min_level
+            tokens, fingerprint, deadline_s=args.deadline, min_level=args.min_level,
+            recompute_tokens_per_s=args.recompute_rate,
         ) as result, tqdm(total=expected, unit="chunk", disable=not show) as bar:
             for index in range(expected):
                 if not result.wait_for_chunk(index):

@@ -261,7 +261,8 @@ class FetchSection:
         "~95% next-token agreement on SmolLM2; lower levels are for slow links. Empty: any level."
     )
     recompute_tokens_per_s: float = setting(
-        0.0, "Local prefill speed, to judge fetch against recompute. 0: unknown (always fetch).",
+        0.0, "Local prefill speed, to judge fetch against recompute (a client's fetch may state "
+        "its own). 0: learned from puts that state their prefill time; until then always fetch.",
         lo=0,
     )
 

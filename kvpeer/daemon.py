@@ -222,6 +222,8 @@ class Daemon:
         fp: ModelFingerprint = req.fingerprint
         keys = self._keys(ctx, req.tokens, fp)
         level = req.level or self.config.codec.level
+        if req.prefill_s:
+            self.fetcher.learn_recompute_rate(len(req.tokens), req.prefill_s, model=fp.hex)
         loop = asyncio.get_running_loop()
         stored = 0
         started = time.perf_counter()
@@ -284,7 +286,9 @@ class Daemon:
             sink,
             deadline=started + deadline_s if deadline_s else None,
             min_level=req.min_level or defaults.min_level or None,
-            recompute_rate=defaults.recompute_tokens_per_s or None,
+            # The client's own statement first, then the operator's, then what puts showed.
+            recompute_rate=req.recompute_tokens_per_s or defaults.recompute_tokens_per_s or None,
+            model=fp.hex,
             kv_bytes_per_token=total_bytes_per_token(
                 fp.layers, fp.kv_heads, fp.head_dim, 4 if fp.dtype == "float32" else 2
             ),

@@ -270,19 +270,25 @@ class Fetcher:
         self.clock = clock
         self.transfers = _Transfers()
         self.decode_rate = self.config.initial_decode_rate
-        self.recompute_rate = self.config.default_recompute_rate
-        self.recompute_learned = False
+        self.recompute_rates: dict[str, float] = {}  # model -> learned prefill tokens/s
         # Learned sizes, kept across fetches (per cache dtype: the lossless level depends on it).
         self._bytes_per_token: dict[int, dict[str, float]] = {}
         self.bytes_from_peers = 0
         self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
         self.chunk_samples: dict[str, int] = {}
 
-    def learn_recompute_rate(self, tokens: int, seconds: float) -> None:
-        """The client told us (or a put showed) how fast it computes a prefix."""
-        if tokens > 0 and seconds > 0:
-            self.recompute_rate = tokens / seconds
-            self.recompute_learned = True
+    def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
+        """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        sample = tokens / seconds
+        old = self.recompute_rates.get(model)
+        # Averaged: one put's prefill may have shared the machine with something else.
+        self.recompute_rates[model] = sample if old is None else 0.5 * old + 0.5 * sample
+
+    def recompute_rate_for(self, model: str = "") -> float | None:
+        """The learned prefill speed of ``model``'s clients, None before any put stated one."""
+        return self.recompute_rates.get(model)
 
     def _observe_decode(self, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -304,6 +310,7 @@ class Fetcher:
         kv_dtype: str = "float16",
         policy: str = "adaptive",
         chunk_shape: tuple[int, int, int] | None = None,
+        model: str = "",
     ) -> FetchOutcome:
         """Restore the longest reachable prefix of ``keys`` into ``sink``.
 
@@ -314,13 +321,14 @@ class Fetcher:
         ``kv_bytes_per_token`` / ``kv_dtype``: the uncompressed KV size of one token and its
         dtype (first guesses of chunk sizes; measured sizes take over).
         ``min_level``: the least faithful level acceptable. ``recompute_rate``: tokens/s the
-        client prefills at; unknown (None, and never learned), a guess steers the levels but the
-        fetch never stops to recompute. ``policy``: ``adaptive`` or
-        ``fixed:LEVEL`` (benchmarks). ``chunk_shape``: (layers, kv_heads, head_dim) the model
+        client prefills at; None: what puts of ``model`` showed (:meth:`learn_recompute_rate`);
+        unknown, a guess steers the levels but the fetch never stops to recompute. ``policy``:
+        ``adaptive`` or ``fixed:LEVEL`` (benchmarks). ``chunk_shape``: (layers, kv_heads, head_dim) the model
         fingerprint promises; a peer's chunk of another shape is refused before it is cached.
         """
         if len(peers_per_chunk) != len(keys):
             raise ValueError("peers_per_chunk needs one entry per key")
+        rate = recompute_rate or self.recompute_rate_for(model)
         run = _FetchRun(
             self,
             keys=list(keys),
@@ -328,8 +336,8 @@ class Fetcher:
             sink=sink,
             deadline=deadline,
             min_level=min_level,
-            recompute_rate=recompute_rate or self.recompute_rate,
-            recompute_known=bool(recompute_rate) or self.recompute_learned,
+            recompute_rate=rate or self.config.default_recompute_rate,
+            recompute_known=rate is not None,
             kv_bytes_per_token=kv_bytes_per_token or self.config.kv_bytes_per_token,
             dtype_bytes=_DTYPE_BYTES.get(kv_dtype, 2),
             policy=policy,

@@ -21,6 +21,11 @@ def test_help_shows_examples() -> None:
     assert client.returncode == 0 and "kvpeer fetch" in client.stdout
 
 
+def test_fetch_takes_the_clients_recompute_speed() -> None:
+    fetch = run("client_main", "fetch", "--help")
+    assert fetch.returncode == 0 and "--recompute-rate" in fetch.stdout
+
+
 def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     config = tmp_path / "kvpeer.toml"
     config.write_text('[store]\nram_bytes = "64MiB"\n[node]\nnode_id = "edge-7"\n')

@@ -285,6 +285,23 @@ def test_hopeless_link_means_recompute_without_waiting() -> None:
     asyncio.run(main())
 
 
+def test_a_recompute_rate_learned_from_puts_lets_the_fetch_give_up_for_that_model_only() -> None:
+    async def main() -> None:
+        peer = Peer("a", bps=1e3)  # 1 kbit/s: hopeless against any known recompute speed
+        f = fetcher({"a": peer})
+        keys = [key(i) for i in range(4)]
+        f.learn_recompute_rate(4 * TOKENS, 1.0, model="m1")
+        assert f.recompute_rate_for("m1") == 4 * TOKENS and f.recompute_rate_for("m2") is None
+        out = await f.fetch(keys, [{"a"}] * 4, Sink(), model="m1")
+        assert out.reason == "recompute" and out.chunks == 0 and peer.calls == []
+        # Another model's clients never stated their speed: a guess never stops a fetch, so it
+        # asks the peer (whose stand-in answers at once, whatever its estimate says).
+        other = await f.fetch(keys, [{"a"}] * 4, Sink(), model="m2")
+        assert other.reason == "complete" and peer.calls
+
+    asyncio.run(main())
+
+
 def test_adaptive_levels_respect_the_floor_and_pick_small_levels_on_a_slow_link() -> None:
     async def main() -> None:
         peer = Peer("a", bps=2e5)

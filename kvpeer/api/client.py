@@ -51,12 +51,14 @@ def _expect(message: m.Message, kind: type[_T]) -> _T:
 
 
 def _put_request(
-    rid: int, tokens: Any, k: torch.Tensor, v: torch.Tensor, fp: ModelFingerprint, level: str | None
+    rid: int, tokens: Any, k: torch.Tensor, v: torch.Tensor, fp: ModelFingerprint, level: str | None,
+    prefill_s: float | None = None,
 ) -> tuple[m.PutRequest, torch.Tensor, torch.Tensor]:
     """Validate a put locally (cheap errors before any shared memory is made)."""
     try:
         request = m.PutRequest(
-            id=rid, tokens=tokens, fingerprint=fp, level=level, dtype=shm.dtype_name(k.dtype)
+            id=rid, tokens=tokens, fingerprint=fp, level=level, dtype=shm.dtype_name(k.dtype),
+            prefill_s=prefill_s,
         )
     except ProtocolError as exc:
         raise ApiError(exc.code, exc.reason) from None
@@ -367,10 +369,14 @@ class KVPeerClient:
     # ------------------------------------------------------------------ API
     def put(
         self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
-        level: str | None = None,
+        level: str | None = None, prefill_s: float | None = None,
     ) -> m.PutResult:
-        """Store the KV of ``tokens`` (k, v ``[layers, kv_heads, >= len(tokens), head_dim]``)."""
-        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level)
+        """Store the KV of ``tokens`` (k, v ``[layers, kv_heads, >= len(tokens), head_dim]``).
+
+        ``prefill_s``: how long computing this KV took, if known; the daemon learns from it how
+        fast this client recomputes, and stops later fetches that would be slower than that.
+        """
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
         ready = self._call(request, m.SegmentReady)
         try:
             _fill_segment_blocking(ready.segment, k, v)
@@ -390,13 +396,18 @@ class KVPeerClient:
 
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
-        min_level: str | None = None,
+        min_level: str | None = None, recompute_tokens_per_s: float | None = None,
     ) -> FetchHandle:
-        """Start restoring the longest available prefix; returns a handle (a context manager)."""
+        """Start restoring the longest available prefix; returns a handle (a context manager).
+
+        ``recompute_tokens_per_s``: how fast this client would prefill the tokens itself (the
+        daemon stops fetching where recomputing is quicker); unset, the daemon's setting or what
+        it learned from puts stating ``prefill_s`` applies.
+        """
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
-                min_level=min_level,
+                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
@@ -617,9 +628,9 @@ class AsyncKVPeerClient:
     # ------------------------------------------------------------------ API
     async def put(
         self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
-        level: str | None = None,
+        level: str | None = None, prefill_s: float | None = None,
     ) -> m.PutResult:
-        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level)
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
         ready = await self._call(request, m.SegmentReady)
         loop = asyncio.get_running_loop()
         try:
@@ -640,13 +651,14 @@ class AsyncKVPeerClient:
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
         min_level: str | None = None, *, stream: bool = False,
+        recompute_tokens_per_s: float | None = None,
     ) -> _AsyncFetchStart:
         """``async with client.fetch(...) as result``: entering sends the request and, unless
         ``stream``, waits for the final answer; leaving releases the segment."""
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
-                min_level=min_level,
+                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None

@@ -108,6 +108,22 @@ def fingerprint_from_wire(raw: Any) -> ModelFingerprint:
     return fp
 
 
+def _check_positive(what: str, value: Any, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(ErrorCode.INVALID, f"{what} must be a number")
+    if not math.isfinite(value) or not 0 < value <= hi:
+        raise ProtocolError(ErrorCode.INVALID, f"{what} must be in (0, {hi:g}]")
+
+
+def _without_none(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Optional fields added after API version 1 shipped travel only when set, so a daemon that
+    predates them still accepts requests that do not use them."""
+    for name in names:
+        if body.get(name) is None:
+            body.pop(name, None)
+    return body
+
+
 def _check_fingerprint(fp: Any) -> None:
     if not isinstance(fp, ModelFingerprint):
         raise ProtocolError(ErrorCode.INVALID, "fingerprint must be a ModelFingerprint")
@@ -185,11 +201,14 @@ class PutRequest(_TokensRequest):
 
     The KV shape is ``[fingerprint.layers, fingerprint.kv_heads, len(tokens), fingerprint.head_dim]``
     in ``dtype``; the daemon keys and stores only the full chunks of it.
+    ``prefill_s``: how long the client's own prefill of ``tokens`` took, if it knows; the daemon
+    learns the client's recompute speed from it (a fetch is worth it only while it beats that).
     """
 
     TYPE: ClassVar[str] = "put"
     level: str | None = None
     dtype: str = "float16"
+    prefill_s: float | None = None
 
     def __post_init__(self) -> None:
         _TokensRequest.__post_init__(self)
@@ -199,6 +218,11 @@ class PutRequest(_TokensRequest):
             raise ProtocolError(ErrorCode.INVALID, f"dtype must be one of {DTYPES}")
         if self.tokens.size == 0:
             raise ProtocolError(ErrorCode.INVALID, "put needs at least one token")
+        if self.prefill_s is not None:
+            _check_positive("prefill_s", self.prefill_s, 86400)
+
+    def to_wire(self) -> dict[str, Any]:
+        return _without_none(_TokensRequest.to_wire(self), "prefill_s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,21 +250,26 @@ class FetchRequest(_TokensRequest):
 
     ``deadline_s``: the daemon stops after this long and reports what it restored (the rest is
     recomputed by the engine). ``min_level``: the least faithful codec level acceptable.
+    ``recompute_tokens_per_s``: how fast the client would prefill these tokens itself; the
+    daemon stops fetching (and says "recompute the rest") once recomputing would be quicker.
     """
 
     TYPE: ClassVar[str] = "fetch"
     deadline_s: float | None = None
     min_level: str | None = None
+    recompute_tokens_per_s: float | None = None
 
     def __post_init__(self) -> None:
         _TokensRequest.__post_init__(self)
         if self.deadline_s is not None:
-            if isinstance(self.deadline_s, bool) or not isinstance(self.deadline_s, int | float):
-                raise ProtocolError(ErrorCode.INVALID, "deadline_s must be a number")
-            if not math.isfinite(self.deadline_s) or not 0 < self.deadline_s <= 86400:
-                raise ProtocolError(ErrorCode.INVALID, "deadline_s must be in (0, 86400]")
+            _check_positive("deadline_s", self.deadline_s, 86400)
         if self.min_level is not None:
             _check_name("min_level", self.min_level, limit=MAX_LEVEL_LEN)
+        if self.recompute_tokens_per_s is not None:
+            _check_positive("recompute_tokens_per_s", self.recompute_tokens_per_s, 1e9)
+
+    def to_wire(self) -> dict[str, Any]:
+        return _without_none(_TokensRequest.to_wire(self), "recompute_tokens_per_s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,7 @@ class FakeBackend:
         self.chunk_tokens = chunk_tokens
         self.chunks: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fetches = 0
+        self.requests: list[m.Message] = []  # put and fetch requests as the backend got them
         self.stall_after: int | None = None  # stop before restoring this chunk (until cancelled)
         self.fail_fetch = False
         self.fail_after_allocate = False
@@ -49,6 +50,7 @@ class FakeBackend:
     async def put(
         self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor
     ) -> m.PutResult:
+        self.requests.append(req)
         keys = self._keys(ctx, req.tokens, req.fingerprint)
         stored = 0
         for i, key in enumerate(keys):
@@ -76,6 +78,7 @@ class FakeBackend:
 
     async def fetch(self, ctx: ClientContext, req: m.FetchRequest, sink: FetchSink) -> None:
         self.fetches += 1
+        self.requests.append(req)
         if self.fail_fetch:
             raise ProtocolError(ErrorCode.NOT_FOUND, "told to fail")
         keys = self._available(ctx, req.tokens, req.fingerprint)

@@ -40,6 +40,21 @@ def test_async_round_trip_and_concurrent_fetches(api: ServerThread) -> None:
     assert not our_segments()
 
 
+def test_async_put_and_fetch_state_prefill_time_and_recompute_speed(api: ServerThread) -> None:
+    k, v = kv(4)
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            await client.put(list(range(4)), k, v, FP, prefill_s=0.25)
+            async with client.fetch(list(range(4)), FP, recompute_tokens_per_s=900.0) as result:
+                assert result.matched_tokens == 4
+
+    run(main())
+    put, fetch = api.backend.requests[-2:]
+    assert getattr(put, "prefill_s", None) == 0.25
+    assert getattr(fetch, "recompute_tokens_per_s", None) == 900.0
+
+
 def test_async_streaming_uses_chunk_zero_before_the_rest(api: ServerThread) -> None:
     k, v = kv(12)
     tokens = list(range(12))

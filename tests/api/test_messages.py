@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import msgpack
@@ -60,6 +61,16 @@ def test_token_requests_round_trip_tokens_and_fingerprint() -> None:
     assert isinstance(fetch, m.FetchRequest) and (fetch.deadline_s, fetch.min_level) == (0.5, "q4")
 
 
+def test_recompute_speed_round_trips_and_is_left_off_the_wire_when_unset() -> None:
+    fetch = round_trip(m.FetchRequest(id=2, tokens=[1], fingerprint=FP, recompute_tokens_per_s=120.0))
+    assert isinstance(fetch, m.FetchRequest) and fetch.recompute_tokens_per_s == 120.0
+    put = round_trip(m.PutRequest(id=3, tokens=[1], fingerprint=FP, prefill_s=2.5))
+    assert isinstance(put, m.PutRequest) and put.prefill_s == 2.5
+    # A daemon from before these fields refuses unknown ones: unset, they do not travel.
+    assert "recompute_tokens_per_s" not in m.FetchRequest(tokens=[1], fingerprint=FP).to_wire()
+    assert "prefill_s" not in m.PutRequest(tokens=[1], fingerprint=FP).to_wire()
+
+
 @pytest.mark.parametrize(
     ("build", "code"),
     [
@@ -71,6 +82,16 @@ def test_token_requests_round_trip_tokens_and_fingerprint() -> None:
         (lambda: m.FetchRequest(tokens=[1], fingerprint=FP, deadline_s=float("nan")), ErrorCode.INVALID),
         (lambda: m.PutRequest(tokens=[1], fingerprint=FP, dtype="int8"), ErrorCode.INVALID),
         (lambda: m.PutRequest(tokens=[], fingerprint=FP), ErrorCode.INVALID),
+        (lambda: m.PutRequest(tokens=[1], fingerprint=FP, prefill_s=0), ErrorCode.INVALID),
+        (lambda: m.PutRequest(tokens=[1], fingerprint=FP, prefill_s="1"), ErrorCode.INVALID),
+        (
+            lambda: m.FetchRequest(tokens=[1], fingerprint=FP, recompute_tokens_per_s=-5),
+            ErrorCode.INVALID,
+        ),
+        (
+            lambda: m.FetchRequest(tokens=[1], fingerprint=FP, recompute_tokens_per_s=math.inf),
+            ErrorCode.INVALID,
+        ),
         (lambda: m.Hello(namespace=""), ErrorCode.INVALID),
         (lambda: m.Hello(namespace="x" * 300), ErrorCode.INVALID),
         (lambda: m.FetchResult(matched_tokens=5, chunk_tokens=4, levels=["q8"]), ErrorCode.INVALID),

@@ -60,6 +60,21 @@ def test_put_lookup_fetch_round_trip(api: ServerThread) -> None:
         assert name not in our_segments(), "leaving the with block releases the segment"
 
 
+def test_prefill_time_and_recompute_speed_reach_the_backend(api: ServerThread) -> None:
+    tokens = list(range(8))
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(tokens, k, v, FP, prefill_s=1.5)
+        with client.fetch(tokens, FP, recompute_tokens_per_s=300.0) as result:
+            assert result.matched_tokens == 8
+        with client.fetch(tokens, FP):
+            pass
+    put, fetch, plain = api.backend.requests[-3:]
+    assert isinstance(put, m.PutRequest) and put.prefill_s == 1.5
+    assert isinstance(fetch, m.FetchRequest) and fetch.recompute_tokens_per_s == 300.0
+    assert isinstance(plain, m.FetchRequest) and plain.recompute_tokens_per_s is None
+
+
 def test_namespaces_are_isolated(api: ServerThread) -> None:
     k, v = kv(8)
     with KVPeerClient(api.socket_path, namespace="a") as a, KVPeerClient(api.socket_path, namespace="b") as b:
