@@ -16,8 +16,10 @@ teacher-forced continuation, fetched cache vs the original cache. Several polici
 
 With --json the last line is one JSON object: ``fetch_s``, ``recompute_s``,
 ``speedup_vs_recompute``, ``bytes_moved``, ``levels_used``, ``top1_agreement`` (first policy),
-and ``runs`` (every policy). Needs root. ``--delay``/``--loss`` need the relay, which the
-daemon cluster does not route yet: they are reported as not applied.
+and ``runs`` (every policy). Needs root. A ``--delay``/``--loss`` other than 0 puts the two
+nodes (one serving peer) on routed subnets through the user-space impairment relay
+(kvpeer.testing.relay; its CPU seconds are reported) with static discovery; with several peers
+they are not applied (``delay_applied: false``). ``--delay 0 --loss 0``: one plain bridge.
 """
 
 from __future__ import annotations
@@ -60,6 +62,37 @@ class Run:
     usable_s: float = 0.0  # request -> the whole fetched prefix in the client's memory
     cache_build_s: float = 0.0  # fetched KV -> a transformers cache
     chunk_times: list[float] = field(default_factory=list)  # request -> chunk usable
+    breakdown: dict[str, float] = field(default_factory=dict)  # the daemon's fetch timeline
+
+
+def _timeline_breakdown(log_text: str) -> dict[str, float]:
+    """Where the fetching daemon's last fetch spent its time, from its DEBUG fetch timeline:
+    ``receive_s`` first request -> last chunk received, ``decode_s`` decoder busy (decode and
+    restore into shared memory, summed), ``queued_s`` received chunks waiting for the decoder
+    (summed), ``tail_s`` last chunk received -> last chunk reported, ``daemon_s`` the whole fetch
+    as the daemon saw it."""
+    lines = [line for line in log_text.splitlines() if "fetch timeline:" in line]
+    if not lines:
+        return {}
+    events = []
+    for item in lines[-1].split("fetch timeline:", 1)[1].split():
+        t, kind, index, _level, _nbytes = item.split(":")
+        events.append((float(t), kind, int(index)))
+    received = {i: t for t, kind, i in events if kind == "received"}
+    starts = {i: t for t, kind, i in events if kind == "decode_start"}
+    ends = {i: t for t, kind, i in events if kind == "decode_end"}
+    requests = [t for t, kind, _ in events if kind == "request"]
+    done = [t for t, kind, _ in events if kind == "done"]
+    if not received or not done:
+        return {}
+    last_received = max(received.values())
+    return {
+        "receive_s": round(last_received - min(requests, default=0.0), 4),
+        "decode_s": round(sum(ends[i] - starts[i] for i in ends if i in starts), 4),
+        "queued_s": round(sum(starts[i] - received[i] for i in starts if i in received), 4),
+        "tail_s": round(max(done) - last_received, 4),
+        "daemon_s": round(max(t for t, _, _ in events), 4),
+    }
 
 
 def _text(tokenizer: Any, need: int) -> list[int]:
@@ -175,6 +208,7 @@ def _fetch_once(
         run.bytes_moved = int(client.stats().get("bytes_from_peers", 0)) - int(before)
     if timer is not None:
         timer.cancel()
+    run.breakdown = _timeline_breakdown(client_node.log_text())
     run.restored_tokens = matched
     # The client recomputes whatever the fetch did not bring (all of it if nothing came).
     rest_started = time.perf_counter()
@@ -256,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--delay", default="2ms")
-    parser.add_argument("--loss", type=float, default=0.0)
+    parser.add_argument("--loss", type=float, default=0.0, help="percent, each direction")
     parser.add_argument("--drop-to", default=None)
     parser.add_argument("--drop-after", type=_seconds, default=1.0)
     parser.add_argument(
@@ -314,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     k, v = kv_from_cache(out.past_key_values)
     reference = _argmax_continuation(model, out.past_key_values, continuation)
 
-    delay_applied = _seconds(args.delay) == 0 and args.loss == 0
+    impaired = _seconds(args.delay) > 0 or args.loss > 0
+    # The relay joins exactly two namespaces (one serving peer): with more peers the links are
+    # plain shaped bridge ports and --delay/--loss are not applied (said below and in the JSON).
+    relay = impaired and max(peer_counts) == 1
+    delay_applied = relay or not impaired
+    relay_stats: dict[str, Any] | None = None
     # What the client tells its daemon with each fetch: its own prefill speed, measured just now.
     args.recompute_tokens_per_s = args.recompute_rate or args.tokens / statistics.median(times)
     config = {
@@ -324,8 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="kvpeer-ttft-") as tmp:
         with DaemonCluster(
-            max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config
+            max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config,
+            relay=relay,
         ) as cluster:
+            if relay:
+                # One-way delay and loss each direction, in the router between the two nodes.
+                cluster.net.set_impairment(delay_ms=_seconds(args.delay) * 1000, loss_pct=args.loss)
             run_index = 0
             if args.warmup:
                 # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
@@ -346,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     run_index += 1
+            if relay:
+                for node in cluster.nodes:  # first: their goodbyes still need the relay
+                    cluster.stop_node(node)
+                relay_stats = cluster.net.stop_relay()
             if args.logs:
                 # The daemons log each fetch's level switches, preemptions and stalls.
                 Path(args.logs).mkdir(parents=True, exist_ok=True)
@@ -358,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
     if not delay_applied:
-        print(f"note: --delay {args.delay} / --loss {args.loss} not applied "
-              "(the daemon cluster has no relay route yet)")
+        print(f"note: --delay {args.delay} / --loss {args.loss}% not applied (the impairment "
+              "relay joins two nodes: one serving peer only)")
+    elif relay:
+        cpu = f", relay CPU {relay_stats['cpu_s']:.1f} s" if relay_stats else ""
+        print(f"link: {args.delay} one-way delay, {args.loss}% loss each direction through the "
+              f"user-space relay (routed subnets, static discovery){cpu}")
     header = (f"{'policy':<15} {'fetch_s':>8} {'speedup':>8} {'in_shm_s':>8} {'cache_s':>7} "
               f"{'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels")
     print(header)
@@ -369,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
               f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
               f"{run.top1_agreement:>6.3f}  {levels}")
+    if any(run.breakdown for run in runs):
+        print("where the fetching daemon's time went (s): receive = first request -> last chunk "
+              "in, decode = decoder busy, queued = chunks waiting for it, tail = last in -> done")
+        print(f"{'policy':<15} {'daemon':>7} {'receive':>8} {'decode':>7} {'queued':>7} {'tail':>6}")
+        for run in runs:
+            b = run.breakdown
+            if b:
+                print(f"{run.policy:<15} {b['daemon_s']:>7.3f} {b['receive_s']:>8.3f} "
+                      f"{b['decode_s']:>7.3f} {b['queued_s']:>7.3f} {b['tail_s']:>6.3f}")
     plotted = _plot(Path(args.plot), runs, recompute_s, title) if args.plot else False
     if plotted:
         print(f"timeline: {args.plot}")
@@ -386,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         "drop_to": args.drop_to,
         "drop_after": args.drop_after if args.drop_to else None,
         "delay_applied": delay_applied,
+        "delay": args.delay,
+        "loss_pct": args.loss,
+        "relay": relay_stats,
         "model": fp.name,
         "runs": [
             {k2: v2 for k2, v2 in asdict(run).items() if k2 != "chunk_times"} for run in runs

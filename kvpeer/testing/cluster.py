@@ -92,7 +92,12 @@ def node_config(node: Node, psk_path: Path, extra: Mapping[str, Mapping[str, Any
 
 
 class DaemonCluster:
-    """N kvpeerd daemons, one per network namespace, on one bridge."""
+    """N kvpeerd daemons, one per network namespace, on one bridge.
+
+    ``relay=True`` (two daemons) routes them through the impairment relay instead
+    (``net.set_impairment(delay_ms=..., loss_pct=...)``); mDNS does not cross that router, so
+    the daemons find each other with static discovery (each lists the other's address).
+    """
 
     def __init__(
         self,
@@ -104,10 +109,12 @@ class DaemonCluster:
         config: Mapping[str, Mapping[str, Any]] | None = None,
         per_node_config: Callable[[int], Mapping[str, Mapping[str, Any]]] | None = None,
         start: bool = True,
+        relay: bool = False,
     ) -> None:
         self.workdir = workdir
         self._stack = ExitStack()
-        self.net = Cluster(n_hosts=n, mtu=mtu, rate=rate)
+        self.relay = relay
+        self.net = Cluster(n_hosts=n, mtu=mtu, rate=rate, relay=relay)
         self.psk_path = workdir / "cluster.key"
         self._config = config or {}
         self._per_node = per_node_config
@@ -158,6 +165,14 @@ class DaemonCluster:
     ) -> None:
         (node.workdir / "run").mkdir(parents=True, exist_ok=True)
         extra: dict[str, dict[str, Any]] = {s: dict(v) for s, v in self._config.items()}
+        if self.relay:
+            # Routed subnets carry no multicast: every node lists the others' signalling ports.
+            port = extra.get("transport", {}).get("port", 7457)
+            static = {
+                "backend": "static",
+                "static_peers": [f"{other.ip}:{port}" for other in self.nodes if other is not node],
+            }
+            extra["discovery"] = {**static, **extra.get("discovery", {})}
         if self._per_node is not None:
             for section, values in self._per_node(node.index).items():
                 extra.setdefault(section, {}).update(values)
