@@ -18,11 +18,16 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   - the peer's advertised receive window is respected (aiortc ignores it, so its window only
     stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
   - a chunk is fast-retransmitted once, not again every three SACKs while its
-    retransmission is in flight (RFC 9260 7.2.4);
-  - a fast retransmit while the RTT shows no standing queue does not halve the window
-    (``loss_tolerant``): random loss is not congestion, and loss-based halving caps a 40 ms,
-    1 %-loss path at a few Mbit/s (Mathis et al.); delay growth still triggers the halving;
-  - slow start counts the packets a SACK acknowledges (RFC 3465), not the SACKs;
+    retransmission is in flight (RFC 9260 7.2.4); a lost retransmission is struck again
+    once three packets sent after it have arrived (like TCP's RACK), not left to T3;
+  - the congestion window (``congestion_control``): ``"rate"`` hands it to
+    :class:`~kvpeer.transport.congestion.RateControl` (delivery rate x min RTT; random loss
+    does not shrink it, and a T3 expiry does not drop it to one packet); ``"reno"`` keeps
+    aiortc's, where a fast retransmit while the RTT shows no standing queue does not halve
+    the window (``loss_tolerant``: loss-based halving caps a 40 ms, 1 %-loss path at a few
+    Mbit/s, Mathis et al.) and slow start counts the packets a SACK acknowledges (RFC 3465);
+  - a T3 expiry does not resend chunks the peer already acknowledged in gap reports
+    (aiortc resends the whole sent queue; Linux SCTP skips them);
   - a DATA chunk that cannot complete a message skips the reassembly scan (aiortc's is
     quadratic in the fragments of a message);
   - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
@@ -31,8 +36,9 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   literal 1,500-byte buffers; SCTP packets above that need 16 KiB + record overhead.
 
 Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
-reassembly without the rescan, a retransmit-pending flag), as parameters of
-``RTCSctpTransport`` (packet size, SACK policy, minimum RTO, loss response), as a buffer size
+lost-retransmission detection, no T3 resend of gap-acknowledged chunks, reassembly without the
+rescan, a retransmit-pending flag), as parameters of ``RTCSctpTransport`` (packet size, SACK
+policy, minimum RTO, loss response, a pluggable congestion controller), as a buffer size
 constant in the DTLS transport, and as a per-connection address list in aioice. ``tests/transport/test_aiortc_patches.py`` fails
 loudly when an aiortc upgrade moves what these rely on.
 """
@@ -289,6 +295,7 @@ def configure_association(
         sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
         sctp._kvpeer_t3_expiries += 1  # type: ignore[attr-defined]
         t3_expired()
+        _keep_gap_acked(sctp)
 
     sctp._kvpeer_rate = None  # type: ignore[attr-defined]
     if congestion_control == "rate":
@@ -442,6 +449,18 @@ def _restrike(sctp: Any, chunk: Any) -> int:
     return seq
 
 
+def _keep_gap_acked(sctp: Any) -> None:
+    """Right after aiortc's T3 expiry: unmark the chunks the peer acknowledged in gap reports.
+
+    aiortc marks every chunk in the sent queue, so a timeout resends a whole window that has
+    mostly arrived; Linux SCTP marks only those not gap-acknowledged. The transmit aiortc
+    scheduled has not run yet, and a gap-acknowledged chunk is no longer in flight.
+    """
+    for queued in sctp._sent_queue:
+        if queued._acked:
+            queued._retransmit = False
+
+
 def _install_rate_control(
     sctp: Any,
     sack_chunk: Callable[[Any], Any],
@@ -478,12 +497,7 @@ def _install_rate_control(
         sctp._kvpeer_rtx_pending = True
         sctp._kvpeer_t3_expiries += 1
         t3_expired()
-        # aiortc marks every chunk in the sent queue, also those the peer already holds (gap
-        # acknowledged), so a timeout resends a whole window; Linux SCTP skips them. The
-        # transmit aiortc scheduled has not run yet.
-        for queued in sctp._sent_queue:
-            if queued._acked:
-                queued._retransmit = False
+        _keep_gap_acked(sctp)
         rate.on_timeout(time.monotonic())
         sctp._cwnd = rate.cwnd
 

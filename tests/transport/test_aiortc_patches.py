@@ -9,7 +9,7 @@ from typing import Any
 
 import aiortc
 from aiortc import rtcdtlstransport
-from aiortc.rtcsctptransport import InboundStream, RTCSctpTransport, SackChunk
+from aiortc.rtcsctptransport import DataChunk, InboundStream, RTCSctpTransport, SackChunk
 
 from kvpeer.transport import PeerTransport, TransportConfig, aiortc_patches
 from kvpeer.transport.netinfo import sctp_packet_size
@@ -19,7 +19,10 @@ _SCTP_ATTRIBUTES = (
     "_forward_tsn_chunk", "_fast_recovery_exit", "_fast_recovery_transmit", "_sent_queue",
     "_outbound_queue", "_flight_size", "_cwnd", "_t3_handle", "_sack_misordered",
     "_sack_duplicates", "_sack_needed", "_association_state", "_last_sacked_tsn",
+    "_local_tsn",
 )  # fmt: skip
+# What the patches read or set on DataChunk (annotated on the class, set in aiortc's _send).
+_DATA_CHUNK_ATTRIBUTES = ("_acked", "_retransmit", "_misses", "_sent_count", "_sent_time")
 
 
 def test_pinned_version_and_patch_points_exist() -> None:
@@ -32,8 +35,15 @@ def test_pinned_version_and_patch_points_exist() -> None:
     assert "_ssthresh" in RTCSctpTransport._receive_sack_chunk.__code__.co_names
     for name in ("_transmit", "_send_sack", "_send_chunk", "_t3_start", "_t3_restart",
                  "_flight_size_increase", "_receive_data_chunk", "_mark_received",
-                 "_get_inbound_stream", "_receive", "_reset_deferred_streams"):  # fmt: skip
+                 "_get_inbound_stream", "_receive", "_reset_deferred_streams",
+                 "_maybe_abandon", "_flight_size_decrease"):  # fmt: skip
         assert callable(getattr(RTCSctpTransport, name)), name
+    for attribute in _DATA_CHUNK_ATTRIBUTES:
+        assert attribute in DataChunk.__annotations__, attribute
+    # T3 expiry must still mark chunks itself (we unmark the gap-acknowledged ones after it)
+    # and schedule the transmit rather than run it.
+    t3 = inspect.getsource(RTCSctpTransport._t3_expired)
+    assert "_retransmit = True" in t3 and "ensure_future(self._transmit())" in t3
     # RTCSctpTransport.__init__ asks for the current event loop: give it one of its own, so the
     # test does not depend on an earlier test having left a loop set.
     loop = asyncio.new_event_loop()
