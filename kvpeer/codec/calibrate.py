@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpeer.codec import quant
+from kvpeer.codec import levels, quant
 from kvpeer.codec.profile import CodecProfile
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def calibrate(
         kv = torch.stack([k, v]).half().float()  # [2, L, H, T, D], as an fp16 engine holds it
         layers, heads = kv.shape[1], kv.shape[2]
         body = kv[:, :, :, sink:256].numpy().reshape(2 * layers, heads, -1, kv.shape[-1])
-        window_base = quant.base_steps(body, 8).mean(axis=1)  # [2L] mean range step at q8
+        window_base = quant.plan_steps(body, levels.get("q8").step_log2)[0].mean(axis=1)  # [2L] mean q8 base step
         if sens is None or base is None:
             sens, base = np.zeros(2 * layers), np.zeros(2 * layers)
         base += window_base / windows

@@ -26,7 +26,7 @@ _TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.flo
 _DTYPE_TORCH = {name: dt for dt, name in _TORCH_DTYPES.items()}
 _RAW_NUMPY: dict[str, np.dtype[Any]] = {"float16": np.dtype("<u2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<u4")}
 _INT_TORCH = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32}
-DEFAULT_SINK = 1  # the attention-sink token is kept exact (findings: 3.5-5x lower KL, ~free)
+DEFAULT_SINK = 1  # 1: position 0 and sink-like tokens are kept exact (quant.exact_tokens); 0: none
 
 
 def _check_pair(k: torch.Tensor, v: torch.Tensor) -> str:
@@ -78,42 +78,43 @@ def encode(
         sink = 0
         stream = "zstd"  # lossless float bits: video planes would not help
     else:
-        sink = max(0, min(sink, tokens, container.MAX_SINK))
         kv = torch.stack([k, v]).detach().cpu()
-        sink_raw = _raw(kv[:, :, :, :sink, :].contiguous(), dtype)
-        body = kv[:, :, :, sink:, :].float()
+        exact = _exact_positions(kv, sink, tokens)
+        body_mask = np.ones(tokens, bool)
+        body_mask[exact] = False
+        exact_raw = _raw(kv[:, :, :, exact, :].contiguous(), dtype)
+        full = kv.float()
         if rope is not None:
-            body[0] = rope_mod.unrotate(body[0], rope, sink)
-        x = body.numpy().reshape(2 * layers, heads, tokens - sink, head_dim)
-        if x.shape[2]:
-            steps = quant.base_steps(x, spec.bits)
-        else:
-            steps = np.ones((2 * layers, heads), np.float32)
+            full[0] = rope_mod.unrotate(full[0], rope, 0)
+        body = full[:, :, :, torch.from_numpy(body_mask), :]
+        x = body.numpy().reshape(2 * layers, heads, -1, head_dim)
+        steps, codes = quant.plan_steps(x, spec.step_log2)
         resolved = _resolve_profile(profile)
         if resolved is not None:
             if resolved.layers != layers:
                 raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
-            steps = steps * np.asarray(resolved.multipliers(), np.float32)[:, None]
-            if x.shape[2]:
-                # Never finer than the symbol mode of the plain level (int8 from q5 up, nibbles
-                # below): a wider mode costs more bits than the finer step saves (measured).
-                steps = np.maximum(steps, quant.base_steps(x, 8 if spec.bits > 4 else 4))
-        q = quant.quantize(x, steps)
+            steps = (steps * np.asarray(resolved.multipliers(), np.float32)[:, None]).astype(np.float32)
+            steps, codes = quant.fit_codes(x, steps, codes)
+        q = quant.quantize(x, steps, codes)
         side_raw = b"".join((
             q.steps.astype("<f4").tobytes(),
+            q.codes.astype(np.int8).tobytes(),
             zstd_stream.shuffle(q.zeros.astype("<i4")),
-            sink_raw.tobytes(),
+            exact.astype("<u2").tobytes(),
+            exact_raw.tobytes(),
             rope.pack() if rope is not None else b"",
         ))
         side = zstd_stream.compress(side_raw)
+        sink = len(exact)
+        rest = tokens - sink
         symbols = layout.to_stream(q.symbols)
         if stream != "zstd" and symbols.size and not (-128 <= symbols.min() and symbols.max() <= 127):
             log.debug("symbols exceed 8 bits: zstd stream instead of %s", stream)
             stream = "zstd"
         if stream == "zstd":
-            payload = zstd_stream.encode_symbols(symbols.reshape(2 * layers, -1))
+            payload = zstd_stream.encode_symbols(symbols.reshape(2 * layers * heads * head_dim, rest))
         else:
-            payload = video.encode(symbols.reshape(2 * layers, heads * head_dim, tokens - sink), stream)
+            payload = video.encode(symbols.reshape(2 * layers, heads * head_dim, rest), stream)
     header = Header(
         level=spec.name,
         level_code=spec.code,
@@ -156,9 +157,19 @@ def digest(blob: bytes | bytearray | memoryview) -> bytes:
 
 def _side_len(h: Header) -> int:
     pairs = 2 * h.layers * h.kv_heads
-    sink_bytes = 2 * h.layers * h.kv_heads * h.sink * h.head_dim * container.DTYPE_BYTES[h.dtype]
+    channels = pairs * h.head_dim
+    exact_bytes = h.sink * 2 + 2 * h.layers * h.kv_heads * h.sink * h.head_dim * container.DTYPE_BYTES[h.dtype]
     rope_bytes = rope_mod.PACKED_BYTES if h.keys_pre_rope else 0
-    return pairs * 4 + pairs * h.head_dim * 4 + sink_bytes + rope_bytes
+    return pairs * 4 + channels * 5 + exact_bytes + rope_bytes
+
+
+def _exact_positions(kv: torch.Tensor, sink: int, tokens: int) -> np.ndarray:
+    """Token positions kept bit-exact: none if ``sink`` is 0, else position 0 and sink-like tokens."""
+    limit = min(tokens, container.MAX_SINK) if sink > 0 else 0
+    if limit == 0:
+        return np.zeros(0, np.int64)
+    keys = kv[0].float().numpy()
+    return quant.exact_tokens(keys, limit)
 
 
 def decode(
@@ -189,33 +200,51 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     rest = tokens - header.sink
     side_raw = zstd_stream.decompress(side, _side_len(header))
     pairs = 2 * layers * heads
-    steps = np.frombuffer(side_raw, "<f4", pairs).reshape(2 * layers, heads).astype(np.float32)
-    zeros_end = pairs * 4 + pairs * head_dim * 4
-    zeros = zstd_stream.unshuffle(side_raw[pairs * 4 : zeros_end], np.dtype("<i4"), pairs * head_dim)
+    channels = pairs * head_dim
+    pos = 0
+
+    def take(size: int) -> bytes:
+        nonlocal pos
+        pos += size
+        return side_raw[pos - size : pos]
+
+    steps = np.frombuffer(take(pairs * 4), "<f4").reshape(2 * layers, heads).astype(np.float32)
+    codes = np.frombuffer(take(channels), np.int8).reshape(2 * layers, heads, head_dim)
+    zeros = zstd_stream.unshuffle(take(channels * 4), np.dtype("<i4"), channels)
     zeros = zeros.reshape(2 * layers, heads, head_dim).astype(np.int32)
     if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
         raise CodecError("side info holds a non-positive or non-finite step")
+    exact = np.frombuffer(take(header.sink * 2), "<u2").astype(np.int64)
+    if exact.size and (np.any(np.diff(exact) <= 0) or exact[-1] >= tokens):
+        raise CodecError("exact token positions are not increasing or out of range")
     raw_dtype = _RAW_NUMPY[header.dtype]
-    sink_end = len(side_raw) - (rope_mod.PACKED_BYTES if header.keys_pre_rope else 0)
-    sink_raw = np.frombuffer(side_raw[zeros_end:sink_end], raw_dtype)
-    rope = rope_mod.RopeSpec.unpack(side_raw[sink_end:]) if header.keys_pre_rope else None
-    count = 2 * layers * heads * rest * head_dim
+    exact_raw = np.frombuffer(take(2 * layers * heads * header.sink * head_dim * raw_dtype.itemsize), raw_dtype)
+    rope = rope_mod.RopeSpec.unpack(take(rope_mod.PACKED_BYTES)) if header.keys_pre_rope else None
+    count = channels * rest
     if header.stream == "zstd":
-        symbols = zstd_stream.decode_symbols(payload, count, 2 * layers)
+        symbols = zstd_stream.decode_symbols(payload, count, channels)
     elif header.stream in ("hevc", "ffv1") and rest:
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
         raise CodecError(f"stream {header.stream} cannot hold this chunk")
-    values = layout.dequantize_stream(symbols, steps, zeros, rest)  # [2L, H, D, T] float32
-    dt = _DTYPE_TORCH[header.dtype]
-    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
-    out[:, :, :, : header.sink] = _from_raw(sink_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
+    step = quant.channel_steps(steps, codes)
+    values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
+    dt = _DTYPE_TORCH[header.dtype]
+    body = torch.from_numpy(np.setdiff1d(np.arange(tokens), exact))
     if rope is not None:
-        out[1, :, :, header.sink :] = restored[1]
-        out[0, :, :, header.sink :] = rope_mod.rotate(restored[0], rope, header.sink)
+        keys = torch.zeros((layers, heads, tokens, head_dim), dtype=torch.float32)
+        keys[:, :, body] = restored[0]
+        out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
+        out[0] = rope_mod.rotate(keys, rope, 0)
+        out[1][:, :, body] = restored[1].to(dt)
+    elif header.sink == 0:
+        out = restored.to(dt)
     else:
-        out[:, :, :, header.sink :] = restored
+        out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
+        out[:, :, :, body] = restored.to(dt)
+    if header.sink:
+        out[:, :, :, torch.from_numpy(exact)] = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
     return out[0], out[1]
 
 

@@ -23,13 +23,13 @@ def to_stream(symbols: np.ndarray) -> np.ndarray:
 def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int) -> torch.Tensor:
     """Channel-major float32 values [N, H, D, T] from channel-major symbols.
 
-    ``steps`` [N, H], ``zeros`` [N, H, D] (in steps). Computes symbol * step + zero * step in
+    ``steps`` [N, H, D] per channel, ``zeros`` [N, H, D] (in steps). Computes symbol * step + zero * step in
     float32 with in-place torch ops (two passes over the data on one thread, fastest measured);
     the same on every host.
     """
     n, heads, dim = zeros.shape
-    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))[:, :, None, None]
-    offset = torch.from_numpy((zeros * steps[:, :, None]).astype(np.float32))[:, :, :, None]
+    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))[:, :, :, None]
+    offset = torch.from_numpy((zeros * steps).astype(np.float32))[:, :, :, None]
     with warnings.catch_warnings():
         # symbols may view a read-only decompressed buffer; it is only read, never written
         warnings.simplefilter("ignore", UserWarning)

@@ -1,7 +1,9 @@
 """The quality ladder: level names, their stable wire codes and what each one means.
 
-Levels are ordered most faithful first. ``exact`` is lossless; the others quantize with one
-uniform step per (tensor, layer, head) whose size a level fixes. A blob carries the level's code,
+Levels are ordered most faithful first. ``exact`` is lossless; the others quantize with a
+uniform step per channel derived from the data (:mod:`kvpeer.codec.quant`) whose overall size a
+level fixes: ``step_log2`` is the base step as log2 of a fraction of each head's geometric-mean
+channel span. The names keep their historical bit widths; what a level means is its step. A blob carries the level's code,
 never its index in :data:`LEVELS`, so the ladder can grow without breaking old blobs.
 """
 
@@ -18,7 +20,8 @@ class Level:
 
     name: str
     code: int  # stable wire code; never reused
-    bits: int  # 0 for lossless; else the widest channel of a head spans 2**bits - 3 steps
+    bits: int  # 0 for lossless; else the nominal width the level is named after
+    step_log2: float = 0.0  # base step = head's geometric-mean channel span * 2**step_log2
 
     def __post_init__(self) -> None:
         if not 0 <= self.code <= 255:
@@ -33,12 +36,12 @@ class Level:
 
 _LADDER = (
     Level(name="exact", code=0, bits=0),
-    Level(name="q8", code=8, bits=8),
-    Level(name="q7", code=7, bits=7),
-    Level(name="q6", code=6, bits=6),
-    Level(name="q5", code=5, bits=5),
-    Level(name="q4", code=4, bits=4),
-    Level(name="q3", code=3, bits=3),
+    Level(name="q8", code=8, bits=8, step_log2=-6.5),
+    Level(name="q7", code=7, bits=7, step_log2=-5.5),
+    Level(name="q6", code=6, bits=6, step_log2=-4.5),
+    Level(name="q5", code=5, bits=5, step_log2=-3.5),
+    Level(name="q4", code=4, bits=4, step_log2=-2.5),
+    Level(name="q3", code=3, bits=3, step_log2=-1.5),
 )
 
 LEVELS: tuple[str, ...] = tuple(level.name for level in _LADDER)

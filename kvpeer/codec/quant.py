@@ -1,9 +1,21 @@
-"""Uniform scalar quantization of KV tensors (numpy, no torch).
+"""Uniform scalar quantization of KV tensors with data-derived steps (numpy, no torch).
 
-One step per (tensor, layer, head); a per-channel zero point expressed in steps, so the grid is
-the same for every channel and the zero point only centres the symbols (cheap side info that
-costs nothing in fidelity). Decoded value = (symbol + zero) * step, computed identically on every
-host, so a re-encode of decoded data at the same steps gives back the same integers.
+What the steps are, per (tensor-layer, head) and per channel, and which tokens stay exact, were
+chosen from a Fisher-information map of SmolLM2's KV (README "Where the KL comes from"):
+
+* **Base step from the geometric mean of the channel spans** of a head (not the widest channel,
+  which let one outlier channel coarsen the whole head), times a level factor; values are
+  coarser than keys by :data:`V_SCALE` (keys carried 60-75% of the KL at equal steps).
+* **Per-channel step code** ``e`` (int8): channel step = base * 2**(-e/4), with ``e`` from the
+  channel's RMS relative to the head's geometric mean RMS (:data:`CHANNEL_GAMMA`): large key
+  channels meet large query channels, so they get finer steps.
+* **Exact tokens**: besides position 0, tokens whose mean key norm is far below the chunk's
+  median (secondary attention sinks: 2-3 tokens of 256 carried ~half the KL) are kept bit-exact
+  (:func:`exact_tokens`).
+
+A zero point per channel in units of that channel's step centres the symbols (no fidelity
+cost). Decoded value = (symbol + zero) * step, float32, identical on every host: the step of a
+channel is a float32 base times an exact table entry, so integers survive a re-encode exactly.
 """
 
 from __future__ import annotations
@@ -16,43 +28,116 @@ from kvpeer.errors import CodecError
 
 _TINY = np.float32(1e-12)
 SYMBOL_LIMIT = 32767  # symbols travel as int16 at most
+_SPAN_LIMIT = 16383  # a channel's span in steps stays well inside int16 (codes coarsen to fit)
+V_SCALE = 1.4  # value steps relative to key steps (Fisher map: keys dominate at equal steps)
+CHANNEL_GAMMA = 0.5  # channel step ∝ (channel rms / head GM rms) ** -gamma
+CODE_STEPS_PER_OCTAVE = 4
+EXACT_KEY_NORM = 0.85  # tokens whose mean key norm < this x the chunk median stay exact
+MAX_EXACT = 16
+
+# step multiplier per code e in -128..127: 2**(-e/4), a fixed float32 table (same on every host)
+_OCTAVE = np.array([1.0, 2.0**-0.25, 2.0**-0.5, 2.0**-0.75], dtype=np.float64)
+MULTIPLIERS = np.array(
+    [_OCTAVE[e % 4] * 2.0 ** -(e // 4) for e in range(-128, 128)], dtype=np.float32
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Quantized:
     """Integers plus what it takes to restore them; arrays are numpy, shapes documented."""
 
-    steps: np.ndarray  # float32 [L, H]
-    zeros: np.ndarray  # int32 [L, H, D], in units of the step
-    symbols: np.ndarray  # int16 [L, H, T, D]
+    steps: np.ndarray  # float32 [N, H] base step per (tensor-layer, head)
+    codes: np.ndarray  # int8 [N, H, D] per-channel step code
+    zeros: np.ndarray  # int32 [N, H, D], in units of the channel step
+    symbols: np.ndarray  # int16 [N, H, T, D]
 
 
-def base_steps(x: np.ndarray, bits: int) -> np.ndarray:
-    """Step per (layer, head) so the widest channel of the head spans 2**bits - 3 steps."""
-    span = (x.max(axis=2) - x.min(axis=2)).max(axis=-1)  # [L, H]
-    return np.maximum(span / np.float32(2**bits - 3), _TINY).astype(np.float32)
+def channel_steps(steps: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """float32 [N, H, D] step of every channel: base step x the code's table entry."""
+    return (steps[:, :, None].astype(np.float32) * MULTIPLIERS[codes.astype(np.int64) + 128]).astype(np.float32)
 
 
-def quantize(x: np.ndarray, steps: np.ndarray) -> Quantized:
-    """Quantize float32 ``x`` [L, H, T, D] with ``steps`` [L, H] (already final)."""
-    if x.ndim != 4 or steps.shape != x.shape[:2]:
+def exact_tokens(keys: np.ndarray, limit: int = MAX_EXACT) -> np.ndarray:
+    """Sorted token positions to keep exact: 0, plus sink-like tokens of ``keys`` [L, H, T, D].
+
+    A secondary attention sink has a much smaller key norm than its neighbours (measured on
+    SmolLM2: the 2-3 heaviest tokens of a chunk sit at the bottom of the norm ranking). At most
+    ``limit`` positions, the lowest norms first.
+    """
+    tokens = keys.shape[2]
+    if tokens == 0 or limit <= 0:
+        return np.zeros(0, np.int64)
+    norms = np.sqrt(np.square(keys, dtype=np.float32).sum(-1)).mean(axis=(0, 1))  # [T]
+    norms[~np.isfinite(norms)] = np.inf
+    picked = [0]
+    if tokens > 8:
+        threshold = EXACT_KEY_NORM * float(np.median(norms))
+        for t in np.argsort(norms, kind="stable"):
+            if len(picked) >= limit or not norms[t] < threshold:
+                break
+            if t != 0:
+                picked.append(int(t))
+    return np.array(sorted(picked), np.int64)
+
+
+def plan_steps(x: np.ndarray, level_log2: float, tensors: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Base steps [N, H] and channel codes [N, H, D] for float32 ``x`` [N, H, T, D].
+
+    ``level_log2``: the level's base step as log2 of a fraction of the head's geometric-mean
+    channel span. The first N/tensors rows are keys, the rest values (coarser by V_SCALE).
+    """
+    n, heads, tokens, dim = x.shape
+    if not np.all(np.isfinite(x)):
+        raise CodecError("non-finite values: only the exact level keeps them")
+    if tokens == 0:
+        return np.ones((n, heads), np.float32), np.zeros((n, heads, dim), np.int8)
+    span = (x.max(axis=2) - x.min(axis=2)).astype(np.float64)  # [N, H, D]
+    floor = np.maximum(span.max(axis=-1, keepdims=True) * 1e-3, 1e-12)
+    gm_span = np.exp(np.log(np.maximum(span, floor)).mean(axis=-1))  # [N, H]
+    steps = gm_span * 2.0**level_log2
+    if tensors == 2:
+        steps[n // 2 :] *= V_SCALE
+    rms = np.sqrt(np.square(x, dtype=np.float64).mean(axis=2))  # [N, H, D]
+    rms_floor = np.maximum(rms.max(axis=-1, keepdims=True) * 1e-3, 1e-12)
+    log_rel = np.log2(np.maximum(rms, rms_floor))
+    log_rel -= log_rel.mean(axis=-1, keepdims=True)
+    codes = np.rint(CODE_STEPS_PER_OCTAVE * CHANNEL_GAMMA * log_rel)
+    return fit_codes(x, steps.astype(np.float32), codes)
+
+
+def fit_codes(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and int8 codes with no channel so fine that its span exceeds the symbol range."""
+    steps = np.maximum(steps.astype(np.float64), 1e-12)
+    if x.shape[2]:
+        span = (x.max(axis=2) - x.min(axis=2)).astype(np.float64)
+        ratio = np.maximum(span / (steps[:, :, None] * _SPAN_LIMIT), 1e-30)
+        codes = np.minimum(codes, np.floor(-CODE_STEPS_PER_OCTAVE * np.log2(ratio)))
+    return steps.astype(np.float32), np.clip(codes, -128, 127).astype(np.int8)
+
+
+def quantize(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> Quantized:
+    """Quantize float32 ``x`` [N, H, T, D] with base ``steps`` [N, H] and ``codes`` [N, H, D]."""
+    if x.ndim != 4 or steps.shape != x.shape[:2] or codes.shape != (*x.shape[:2], x.shape[3]):
         raise CodecError("quantize: shapes do not match")
     steps = np.maximum(steps.astype(np.float32), _TINY)
     if x.shape[2] == 0:
-        zeros = np.zeros((*x.shape[:2], x.shape[3]), np.int32)
-        return Quantized(steps=steps, zeros=zeros, symbols=np.zeros(x.shape, np.int16))
-    scaled = x / steps[:, :, None, None]
+        zeros = np.zeros(codes.shape, np.int32)
+        return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=np.zeros(x.shape, np.int16))
+    step = channel_steps(steps, codes)[:, :, None, :]
+    scaled = x / step
     mid = (scaled.max(axis=2) + scaled.min(axis=2)) * np.float32(0.5)
     zeros = np.rint(mid).astype(np.int32)
     q = np.rint(scaled) - zeros[:, :, None, :]
     if q.size and np.abs(q).max() > SYMBOL_LIMIT:
         raise CodecError("quantization step too small for the value range")
-    return Quantized(steps=steps, zeros=zeros, symbols=q.astype(np.int16))
+    return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=q.astype(np.int16))
 
 
 def dequantize(q: Quantized) -> np.ndarray:
-    """float32 [L, H, T, D] from the integers and side info."""
+    """float32 [N, H, T, D] from the integers and side info (same arithmetic as the decoder's)."""
+    step = channel_steps(q.steps, q.codes)
+    offset = (q.zeros * step).astype(np.float32)[:, :, None, :]
     values = q.symbols.astype(np.float32)
-    values += q.zeros[:, :, None, :].astype(np.float32)
-    values *= q.steps[:, :, None, None]
+    values *= step[:, :, None, :]
+    values += offset
     return values

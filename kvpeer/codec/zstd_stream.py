@@ -51,16 +51,8 @@ def unshuffle(planes: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 _INT8 = 1
 _INT16 = 2
 _NIBBLE = 3
-_GROUPED = 4
+_PER_ROW = 5
 _MODES = (_NIBBLE, _INT8, _INT16)
-
-
-def _mode(lo: int, hi: int) -> int:
-    if -8 <= lo and hi <= 7:
-        return _NIBBLE
-    if -128 <= lo and hi <= 127:
-        return _INT8
-    return _INT16
 
 
 def _pack(flat: np.ndarray, mode: int) -> bytes:
@@ -92,56 +84,64 @@ def _packed_len(mode: int, count: int) -> int:
 
 
 def encode_symbols(symbols: np.ndarray, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
-    """int16 symbols [rows, ...] -> bytes; each row (one tensor-layer) gets the narrowest mode.
+    """int16 symbols [rows, ...] -> bytes; each row (one channel's tokens) gets the narrowest mode.
 
     Rows whose symbols all lie in -8..7 go two per byte (zstd's Huffman stage codes whole bytes,
     so packing pairs lets it spend under one bit per symbol), rows within -128..127 one per byte,
-    wider rows as byte-shuffled int16. Rows of one mode are compressed together in one frame.
-    Layout: mode byte (4) | one mode byte per row | per mode present: u32 frame length + frame.
+    wider rows as byte-shuffled int16. Rows of one mode are compressed together in one frame, so
+    an outlier channel widens only its own row. Layout: marker byte (5) | u32 length + zstd frame
+    of one mode byte per row | per mode present: u32 frame length + frame.
     """
     rows = symbols.reshape(symbols.shape[0], -1) if symbols.ndim > 1 else symbols.reshape(1, -1)
     if rows.size:
-        modes = [_mode(int(lo), int(hi)) for lo, hi in zip(rows.min(axis=1), rows.max(axis=1), strict=True)]
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        modes = np.where((lo >= -8) & (hi <= 7), _NIBBLE, np.where((lo >= -128) & (hi <= 127), _INT8, _INT16))
     else:
-        modes = [_NIBBLE] * rows.shape[0]
-    out = [bytes((_GROUPED,)), bytes(modes)]
+        modes = np.full(rows.shape[0], _NIBBLE)
+    modes = modes.astype(np.uint8)
+    mode_frame = compress(modes.tobytes(), level)
+    out = [bytes((_PER_ROW,)), len(mode_frame).to_bytes(4, "little"), mode_frame]
     for mode in _MODES:
-        picked = [i for i, m in enumerate(modes) if m == mode]
-        if not picked:
+        picked = np.flatnonzero(modes == mode)
+        if not picked.size:
             continue
-        frame = compress(_pack(rows[picked].reshape(-1), mode), level)
+        chosen = rows if picked.size == rows.shape[0] else rows[picked]
+        frame = compress(_pack(chosen.reshape(-1), mode), level)
         out.append(len(frame).to_bytes(4, "little"))
         out.append(frame)
     return b"".join(out)
 
 
+def _frame_at(view: memoryview, pos: int) -> tuple[memoryview, int]:
+    if pos + 4 > len(view):
+        raise CodecError("symbol payload truncated")
+    size = int.from_bytes(view[pos : pos + 4], "little")
+    pos += 4
+    if pos + size > len(view):
+        raise CodecError("symbol payload truncated")
+    return view[pos : pos + size], pos + size
+
+
 def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np.ndarray:
     """Inverse of :func:`encode_symbols`: [rows, count // rows] symbols (int8 or int16)."""
     view = memoryview(payload)
-    if rows < 1 or count % rows or len(view) < 1 + rows or view[0] != _GROUPED:
+    if rows < 1 or count % rows or len(view) < 1 or view[0] != _PER_ROW:
         raise CodecError("bad symbol payload")
     per_row = count // rows
-    modes = list(view[1 : 1 + rows])
-    if any(m not in _MODES for m in modes):
+    frame, pos = _frame_at(view, 1)
+    modes = np.frombuffer(decompress(frame, rows), np.uint8)
+    if not np.isin(modes, _MODES).all():
         raise CodecError("unknown symbol mode")
     out: np.ndarray | None = None
-    pos = 1 + rows
     for mode in _MODES:
-        picked = [i for i, m in enumerate(modes) if m == mode]
-        if not picked:
+        picked = np.flatnonzero(modes == mode)
+        if not picked.size:
             continue
-        if pos + 4 > len(view):
-            raise CodecError("symbol payload truncated")
-        size = int.from_bytes(view[pos : pos + 4], "little")
-        pos += 4
-        if pos + size > len(view):
-            raise CodecError("symbol payload truncated")
-        n = len(picked) * per_row
-        raw = decompress(view[pos : pos + size], _packed_len(mode, n))
-        pos += size
-        values = _unpack(raw, mode, n).reshape(len(picked), per_row)
-        if len(picked) == rows:
-            out = values  # one mode for all rows (the usual case): no copy
+        frame, pos = _frame_at(view, pos)
+        n = picked.size * per_row
+        values = _unpack(decompress(frame, _packed_len(mode, n)), mode, n).reshape(picked.size, per_row)
+        if picked.size == rows:
+            out = values  # one mode for all rows: no copy
         else:
             if out is None:
                 out = np.empty((rows, per_row), np.int16)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from kvpeer import codec
+from kvpeer.codec import container, core, quant, zstd_stream
 
 SHAPE = (3, 2, 40, 16)
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -17,6 +19,17 @@ def _kv(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     v = torch.randn(SHAPE, generator=g) * 0.5
     k[:, :, 0] *= 40  # an attention-sink-like outlier token
     return k.to(dtype), v.to(dtype)
+
+
+def _channel_steps(blob: bytes) -> torch.Tensor:
+    """[2, L, H, D] per-channel steps, read from the blob's side info."""
+    header = codec.read_header(blob)
+    side, _ = container.sections(blob, header)
+    raw = zstd_stream.decompress(side, core._side_len(header))
+    n, heads, dim = 2 * header.layers, header.kv_heads, header.head_dim
+    steps = np.frombuffer(raw, "<f4", n * heads).reshape(n, heads)
+    codes = np.frombuffer(raw, np.int8, n * heads * dim, offset=n * heads * 4).reshape(n, heads, dim)
+    return torch.from_numpy(quant.channel_steps(steps, codes)).view(2, header.layers, heads, dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,16 +48,14 @@ def test_quantized_round_trip_error_bound(dtype: torch.dtype, level: str) -> Non
     k, v = _kv(dtype)
     blob = codec.encode(k, v, level)
     k2, v2 = codec.decode(blob)
+    steps = _channel_steps(blob)
     assert k2.shape == k.shape and k2.dtype == dtype and v2.dtype == dtype
     for a, b in ((k, k2), (v, v2)):
         assert torch.equal(a[:, :, 0], b[:, :, 0]), "sink token must be exact"
-        bits = int(level[1:])
-        # widest channel of a head spans 2**bits - 3 steps; error <= step/2 plus output rounding
-        span = (a[:, :, 1:].float().amax(2) - a[:, :, 1:].float().amin(2)).amax(-1)
-        step = span / (2**bits - 3)
-        err = (a.float() - b.float()).abs().amax(dim=(2, 3))
-        rounding = a.float().abs().amax(dim=(2, 3)) * (2**-7 if dtype == torch.bfloat16 else 2**-10)
-        assert torch.all(err <= step * 0.5 * 1.001 + rounding + 1e-6)
+        # error per channel <= half that channel's step (recorded in the blob) plus output rounding
+        err = (a.float() - b.float()).abs().amax(dim=2)  # [L, H, D]
+        rounding = a.float().abs().amax(dim=2) * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+        assert torch.all(err <= steps[0 if a is k else 1] * 0.5 * 1.001 + rounding + 1e-6)
 
 
 def test_levels_get_smaller() -> None:

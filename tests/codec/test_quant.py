@@ -1,0 +1,83 @@
+"""Data-derived steps, per-channel codes, exact tokens and per-row symbol modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvpeer import codec
+from kvpeer.codec import layout, quant, zstd_stream
+
+
+def _x(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 2, 100, 16)).astype(np.float32)
+    x[:, :, :, 3] *= 30  # an outlier channel
+    return x
+
+
+def test_outlier_channel_gets_a_finer_code_and_does_not_set_the_head_step() -> None:
+    x = _x()
+    steps, codes = quant.plan_steps(x, -6.5)
+    assert np.all(codes[:, :, 3] > codes[:, :, 0])  # larger rms -> finer step
+    span = (x.max(axis=2) - x.min(axis=2)).max(axis=-1)
+    assert np.all(steps < span / 253)  # the widest channel no longer sets the step
+
+
+def test_symbols_and_dequantized_values_survive_the_stream_exactly() -> None:
+    x = _x(1)
+    steps, codes = quant.plan_steps(x, -6.5)
+    q = quant.quantize(x, steps, codes)
+    stream = layout.to_stream(q.symbols)
+    rows = stream.reshape(-1, stream.shape[-1])
+    back = zstd_stream.decode_symbols(zstd_stream.encode_symbols(rows), rows.size, rows.shape[0])
+    assert np.array_equal(back.astype(np.int16), rows)
+    modes = {int(abs(r).max()) > 127 for r in rows}
+    assert modes == {True, False}, "the test should mix int8 and int16 rows"
+    values = layout.dequantize_stream(back, quant.channel_steps(q.steps, q.codes), q.zeros, x.shape[2])
+    expected = quant.dequantize(q).transpose(0, 1, 3, 2)
+    assert np.array_equal(values.numpy(), expected)
+
+
+def test_codes_never_overflow_the_symbol_range() -> None:
+    x = _x(2)
+    x[:, :, :, 5] *= 1e4
+    steps, codes = quant.plan_steps(x, -6.5)
+    q = quant.quantize(x, steps, codes)
+    assert np.abs(q.symbols).max() <= quant.SYMBOL_LIMIT
+
+
+def test_sink_like_tokens_are_kept_exact() -> None:
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 2, 64, 16, generator=g) * 2 + 1
+    v = torch.randn(3, 2, 64, 16, generator=g)
+    k[:, :, 17] *= 0.2  # a secondary sink: tiny key norm
+    k, v = k.half(), v.half()
+    blob = codec.encode(k, v, "q4")
+    assert codec.read_header(blob).sink == 2  # position 0 and 17
+    k2, v2 = codec.decode(blob)
+    for t in (0, 17):
+        assert torch.equal(k2[:, :, t], k[:, :, t]) and torch.equal(v2[:, :, t], v[:, :, t])
+    assert not torch.equal(k2[:, :, 16], k[:, :, 16])
+    assert codec.read_header(codec.encode(k, v, "q4", sink=0)).sink == 0
+
+
+def test_non_finite_values_need_the_exact_level() -> None:
+    k = torch.zeros(1, 1, 8, 4)
+    k[0, 0, 3, 1] = float("inf")
+    with pytest.raises(codec.CodecError):
+        codec.encode(k, k.clone(), "q8")
+    assert torch.equal(codec.decode(codec.encode(k, k.clone(), "exact"))[0], k)
+
+
+def test_bad_mode_frame_is_a_codec_error() -> None:
+    rows = np.zeros((4, 10), np.int16)
+    payload = bytearray(zstd_stream.encode_symbols(rows))
+    with pytest.raises(codec.CodecError):
+        zstd_stream.decode_symbols(bytes(payload[:-1]), rows.size, 4)
+    with pytest.raises(codec.CodecError):
+        zstd_stream.decode_symbols(bytes(payload), rows.size, 5)
+    payload[0] = 4
+    with pytest.raises(codec.CodecError):
+        zstd_stream.decode_symbols(bytes(payload), rows.size, 4)
