@@ -231,21 +231,30 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     dt = _DTYPE_TORCH[header.dtype]
-    body = torch.from_numpy(np.setdiff1d(np.arange(tokens), exact))
+    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
     if rope is not None:
         keys = torch.zeros((layers, heads, tokens, head_dim), dtype=torch.float32)
-        keys[:, :, body] = restored[0]
-        out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
+        _scatter_body(keys, restored[0], exact)
         out[0] = rope_mod.rotate(keys, rope, 0)
-        out[1][:, :, body] = restored[1].to(dt)
-    elif header.sink == 0:
-        out = restored.to(dt)
+        _scatter_body(out[1], restored[1], exact)
     else:
-        out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
-        out[:, :, :, body] = restored.to(dt)
+        _scatter_body(out, restored, exact)
     if header.sink:
         out[:, :, :, torch.from_numpy(exact)] = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
     return out[0], out[1]
+
+
+def _scatter_body(out: torch.Tensor, body: torch.Tensor, exact: np.ndarray) -> None:
+    """Copy body tokens [..., T', D] into ``out`` [..., T, D] around the exact positions.
+
+    Slice copies between the few exact tokens (a fancy-index scatter measured 3x slower).
+    """
+    start = 0
+    for position in [*exact.tolist(), out.shape[-2]]:
+        if position > start:
+            taken = start - sum(1 for e in exact.tolist() if e < start)
+            out[..., start:position, :].copy_(body[..., taken : taken + position - start, :])
+        start = position + 1
 
 
 def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -> bytes:
