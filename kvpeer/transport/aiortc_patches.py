@@ -336,6 +336,9 @@ def _rate_stats(rate: RateControl | None) -> dict[str, Any]:
         "min_rtt_s": rate.min_rtt_s,
         "random_losses": rate.random_losses,
         "congestion_events": rate.congestion_events,
+        "queue_congestion": rate.queue_congestion,
+        "rate_srtt_s": rate.srtt_s,
+        "rate_cwnd_target": rate.target_cwnd(),
         "startup": rate.startup,
     }
 

@@ -58,10 +58,12 @@ class TransportConfig:
     allow_fragmentation: bool = False
     #: Apply the aiortc speed-ups of :mod:`kvpeer.transport.aiortc_patches`.
     patch_aiortc: bool = True
-    #: SCTP receive window we advertise: what a peer may have in flight toward us. Large
-    #: enough for a LAN's bandwidth-delay product (1 Gbit/s x 4 ms), small enough that a
-    #: sender does not overrun switch queues and fall into loss recovery.
-    receive_window_bytes: int = 512 * 1024
+    #: SCTP receive window we advertise: what a peer may have in flight toward us, including
+    #: what we hold behind a lost packet until its retransmission arrives. With loss that is
+    #: a few bandwidth-delay products (100 Mbit/s x 40 ms x 3 = 1.5 MB), so at 512 KiB a 1 %
+    #: loss path stalled on the window; the sender's congestion window, not this, keeps
+    #: switch queues short. Memory: at most this much per peer.
+    receive_window_bytes: int = 4 * 1024 * 1024
     #: SCTP congestion control (with ``patch_aiortc``). ``"rate"``: the window follows the
     #: measured delivery rate and minimum RTT, and random loss does not shrink it
     #: (:mod:`kvpeer.transport.congestion`). ``"reno"``: aiortc's RFC 9260 window, which

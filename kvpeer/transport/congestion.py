@@ -9,7 +9,7 @@ its window on every loss event, so 1 % random loss on a 40 ms path caps it at a 
   round trips (and at least ``bw_window_s``), a sample being the bytes delivered while one
   packet made its round trip, divided by that round trip (Cheng et al., "Delivery Rate
   Estimation", the basis of BBR);
-* the minimum RTT is the smallest sample over ``min_rtt_window_s``;
+* the minimum RTT is the smallest sample over the last ``min_rtt_window_s`` (two halves);
 * ``cwnd = max(min_cwnd, cwnd_gain x bandwidth x min RTT) + headroom``: gain 2 lets the
   estimate double per round when the path has more to give, and bounds the queue this
   association builds at a bottleneck to about one bandwidth-delay product;
@@ -51,7 +51,9 @@ class RateControlParams:
     min_rtt_window_s: float = 10.0
     startup_growth: float = 1.25
     startup_rounds: int = 3
-    queue_rtt_factor: float = 2.0
+    #: Above cwnd_gain: a full window of cwnd_gain x BDP alone makes the RTT up to cwnd_gain x
+    #: the minimum (no pacing here), and that queue is our own, not congestion.
+    queue_rtt_factor: float = 2.5
     queue_rtt_slack_s: float = 0.010
     persistent_loss: float = 0.10
     beta: float = 0.7
@@ -63,6 +65,8 @@ class RateControlParams:
             raise ValueError("need 0 < min_cwnd_bytes <= max_cwnd_bytes")
         if self.cwnd_gain < 1 or not 0 < self.beta < 1 or self.startup_growth <= 1:
             raise ValueError("need cwnd_gain >= 1, 0 < beta < 1, startup_growth > 1")
+        if self.queue_rtt_factor <= self.cwnd_gain:
+            raise ValueError("queue_rtt_factor must exceed cwnd_gain (the window's own queue)")
         if self.bw_rounds < 1 or self.startup_rounds < 1:
             raise ValueError("bw_rounds and startup_rounds must be >= 1")
         if not 0 < self.persistent_loss <= 1:
@@ -99,8 +103,11 @@ class RateControl:
         self._cwnd = float(p.initial_cwnd_bytes or min(p.min_cwnd_bytes, 10 * p.packet_bytes))
         self._sent: deque[_Sent] = deque()
         self._bw: deque[_BwSample] = deque()  # sliding maximum: rates decrease front to back
-        self._min_rtt = math.inf
-        self._min_rtt_at = 0.0
+        # Minimum RTT over the last half window and the one before: a sample taken while a
+        # queue stood never replaces a true minimum only because the window expired.
+        self._rtt_min_now = math.inf
+        self._rtt_min_before = math.inf
+        self._rtt_bucket_start = 0.0
         self.srtt_s: float | None = None
         self.delivered = 0
         self._delivered_seq = -1
@@ -116,6 +123,7 @@ class RateControl:
         #: Counters for stats: losses judged random / congestion, retransmission timeouts.
         self.random_losses = 0
         self.congestion_events = 0
+        self.queue_congestion = 0  # of which a loss with a standing queue
         self.timeouts = 0
 
     # -- inputs -----------------------------------------------------------------------------
@@ -154,6 +162,7 @@ class RateControl:
     def on_loss(self, now: float) -> bool:
         """A SACK reported a new loss. True if taken as congestion (the window shrank)."""
         if self._queue_standing():
+            self.queue_congestion += 1
             self._congestion()
             return True
         self.random_losses += 1
@@ -182,6 +191,10 @@ class RateControl:
         return self._bw[0].rate if self._bw else None
 
     @property
+    def _min_rtt(self) -> float:
+        return min(self._rtt_min_now, self._rtt_min_before)
+
+    @property
     def min_rtt_s(self) -> float | None:
         return None if math.isinf(self._min_rtt) else self._min_rtt
 
@@ -198,8 +211,13 @@ class RateControl:
 
     def _on_rtt(self, now: float, rtt: float) -> None:
         self.srtt_s = rtt if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * rtt
-        if rtt <= self._min_rtt or now - self._min_rtt_at > self.params.min_rtt_window_s:
-            self._min_rtt, self._min_rtt_at = rtt, now
+        half = self.params.min_rtt_window_s / 2
+        if now - self._rtt_bucket_start >= half:
+            gap = now - self._rtt_bucket_start
+            self._rtt_min_before = self._rtt_min_now if gap < 2 * half else math.inf
+            self._rtt_min_now = math.inf
+            self._rtt_bucket_start = now
+        self._rtt_min_now = min(self._rtt_min_now, rtt)
 
     def _on_bw(self, now: float, rate: float) -> None:
         p = self.params

@@ -62,8 +62,8 @@ def test_random_loss_does_not_shrink_the_window() -> None:
 def test_loss_with_a_standing_queue_cuts_once_per_round() -> None:
     rc = _control(min_cwnd_bytes=16 * 1024)
     now = _steady(rc, rate=12.5e6, rtt=0.010, rounds=20)
-    # The RTT triples (a queue builds) while the delivery rate stays.
-    now = _steady(rc, rate=12.5e6, rtt=0.040, rounds=12, t0=now)
+    # The RTT grows sixfold (a queue builds) while the delivery rate stays.
+    now = _steady(rc, rate=12.5e6, rtt=0.060, rounds=12, t0=now)
     before_bw, before_cwnd = rc.bandwidth, rc.cwnd
     assert before_bw is not None
     assert rc.on_loss(now) is True
@@ -89,6 +89,15 @@ def test_bandwidth_filter_forgets_old_maxima() -> None:
     assert rc.bandwidth == pytest.approx(50e6, rel=0.05)  # within 10 rounds and 0.25 s
     _steady(rc, rate=5e6, rtt=0.010, rounds=40, t0=now)
     assert rc.bandwidth == pytest.approx(5e6, rel=0.05)
+
+
+def test_min_rtt_survives_the_window_unless_the_path_really_changed() -> None:
+    rc = _control(min_cwnd_bytes=16 * 1024)
+    now = _steady(rc, rate=12.5e6, rtt=0.040, rounds=10)
+    now = _steady(rc, rate=12.5e6, rtt=0.200, rounds=30, t0=now)  # 6 s with a queue
+    assert rc.min_rtt_s == pytest.approx(0.040)  # one half-window later it still counts
+    now = _steady(rc, rate=12.5e6, rtt=0.200, rounds=30, t0=now)
+    assert rc.min_rtt_s == pytest.approx(0.200)  # a whole window: the path changed
 
 
 def test_startup_grows_by_acked_bytes_then_ends_on_a_plateau() -> None:
@@ -123,7 +132,7 @@ def test_stale_acks_and_sends_are_ignored() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"packet_bytes": 0}, {"min_cwnd_bytes": 0}, {"beta": 1.0}, {"cwnd_gain": 0.5},
-     {"persistent_loss": 0.0}, {"bw_rounds": 0}],
+     {"persistent_loss": 0.0}, {"bw_rounds": 0}, {"queue_rtt_factor": 2.0}],
 )  # fmt: skip
 def test_params_are_validated(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
