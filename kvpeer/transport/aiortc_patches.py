@@ -12,8 +12,10 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
 * :func:`configure_association` (aiortc SCTP), per association:
   - packet size agreed from both peers' MTUs, instead of the 1,189-byte module constant;
   - delayed SACK: acknowledge every ``SACK_EVERY`` packets or after ``SACK_DELAY_S``, at once
-    on gaps or duplicates (RFC 9260 6.2 allows every second packet; the sender's window is
-    grown per SACK, so the burst limit is raised with it);
+    on a new or filled gap or duplicates (RFC 9260 6.2 allows every second packet; the
+    sender's window is grown per SACK, so the burst limit is raised with it);
+  - received TSNs are tracked in O(1) per packet (aiortc sorts all TSNs held above a hole on
+    every packet; also wrong across the 32-bit TSN wrap);
   - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
   - the peer's advertised receive window is respected (aiortc ignores it, so its window only
     stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
@@ -209,7 +211,7 @@ def _rebind(sctp: RTCSctpTransport, name: str, globals_: dict[str, Any]) -> Call
 def configure_association(
     pc: RTCPeerConnection,
     packet_bytes: int,
-    receive_window: int = 512 * 1024,
+    receive_window: int = 4 * 1024 * 1024,
     *,
     loss_tolerant: bool = True,
     congestion_control: str = "rate",
@@ -305,6 +307,9 @@ def configure_association(
         sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
     sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
+    sctp._mark_received = types.MethodType(_mark_received, sctp)  # type: ignore[method-assign]
+    sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
+    sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
     _install_delayed_sack(sctp)
 
 
@@ -537,6 +542,43 @@ async def _receive_data_chunk(self: Any, chunk: Any) -> None:
     await self._reset_deferred_streams()
 
 
+def _mark_received(self: Any, tsn: int) -> bool:
+    """aiortc's ``RTCSctpTransport._mark_received`` in O(1) per TSN; True for a duplicate.
+
+    aiortc sorts and refilters every TSN held above a hole on each packet: with a few MB
+    behind a lost packet that was most of the receiver's CPU on a lossy path (and its plain
+    sort misorders TSNs across the 32-bit wrap). Also notes in ``_kvpeer_sack_now`` whether
+    this TSN changed the gap report other than by extending it (a new hole, or a hole filled):
+    only those SACKs are urgent (see :func:`_install_delayed_sack`).
+    """
+    last = self._last_received_tsn
+    misordered = self._sack_misordered
+    if rtcsctptransport.uint32_gte(last, tsn) or tsn in misordered:
+        self._sack_duplicates.append(tsn)
+        return True
+    highest = self._kvpeer_highest_tsn
+    if highest is None or rtcsctptransport.uint32_gt(last, highest):
+        highest = last
+    if tsn != rtcsctptransport.tsn_plus_one(highest):
+        self._kvpeer_sack_now = True
+    if rtcsctptransport.uint32_gt(tsn, highest):
+        self._kvpeer_highest_tsn = tsn
+    if tsn != rtcsctptransport.tsn_plus_one(last):
+        misordered.add(tsn)
+        return False
+    last = tsn
+    following = rtcsctptransport.tsn_plus_one(last)
+    while following in misordered:
+        misordered.discard(following)
+        last, following = following, rtcsctptransport.tsn_plus_one(following)
+    self._last_received_tsn = last
+    if self._sack_duplicates:
+        self._sack_duplicates = [
+            x for x in self._sack_duplicates if rtcsctptransport.uint32_gt(x, last)
+        ]
+    return False
+
+
 def _install_delayed_sack(sctp: Any) -> None:
     send_sack_now = sctp._send_sack
     state = {"unacked": 0}
@@ -558,13 +600,19 @@ def _install_delayed_sack(sctp: Any) -> None:
         timer.clear()
         if sctp._sack_needed and sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
             state["unacked"] = 0
+            sctp._kvpeer_sack_now = False
             task = asyncio.get_running_loop().create_task(send_sack_quietly())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
     async def send_sack() -> None:
+        # At once when the gap report changed shape (a new hole: the sender counts strikes
+        # toward fast retransmit; a filled hole: the cumulative ack jumps) or on duplicates.
+        # While a hole merely persists, every SACK_EVERY packets: aiortc's sender walks its
+        # whole sent queue per SACK, and a SACK per packet behind a hole cost it most of a
+        # core on a 1 %-loss path.
         urgent = (
-            sctp._sack_misordered
+            sctp._kvpeer_sack_now
             or sctp._sack_duplicates
             or sctp._association_state != RTCSctpTransport.State.ESTABLISHED
         )
@@ -572,6 +620,7 @@ def _install_delayed_sack(sctp: Any) -> None:
         if urgent or state["unacked"] >= SACK_EVERY:
             cancel_timer()
             state["unacked"] = 0
+            sctp._kvpeer_sack_now = False
             await send_sack_now()
         elif not timer:
             # _sack_needed stays set, so the next packet comes back here and counts.

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import random
+from types import SimpleNamespace
 from typing import Any
 
 import aiortc
-from aiortc import rtcdtlstransport
+from aiortc import rtcdtlstransport, rtcsctptransport
 from aiortc.rtcsctptransport import DataChunk, InboundStream, RTCSctpTransport, SackChunk
 
 from kvpeer.transport import PeerTransport, TransportConfig, aiortc_patches
@@ -141,3 +143,48 @@ def test_capped_socket_buffers_are_warned(caplog: Any) -> None:
             rcv, snd = aiortc_patches.size_socket_buffers(sock, 1 << 30)
     assert rcv < 1 << 30 and snd < 1 << 30
     assert "net.core.rmem_max" in caplog.text
+
+
+def _receiver_state(last: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        _last_received_tsn=last, _sack_misordered=set(), _sack_duplicates=[],
+        _kvpeer_highest_tsn=None, _kvpeer_sack_now=False,
+    )  # fmt: skip
+
+
+def test_mark_received_matches_aiortc_and_flags_gap_changes() -> None:
+    for name in ("uint32_gt", "uint32_gte", "tsn_plus_one"):
+        assert callable(getattr(rtcsctptransport, name)), name
+    rng = random.Random(5)
+    for _ in range(50):
+        first = rng.randrange(0, 2**31)
+        arrivals = list(range(first, first + 200))
+        rng.shuffle(arrivals)
+        # Mostly in order with some reordering and duplicates, like a lossy path.
+        arrivals = sorted(arrivals, key=lambda t: t + rng.gauss(0, 5))
+        arrivals += rng.sample(arrivals, 20)
+        stock, ours = _receiver_state(first - 1), _receiver_state(first - 1)
+        for tsn in arrivals:
+            expected = RTCSctpTransport._mark_received(stock, tsn)  # type: ignore[arg-type]
+            assert aiortc_patches._mark_received(ours, tsn) == expected
+            assert ours._last_received_tsn == stock._last_received_tsn
+            assert ours._sack_misordered == stock._sack_misordered
+            assert sorted(ours._sack_duplicates) == sorted(stock._sack_duplicates)
+    # In order: no urgent SACK. A jump (new hole): urgent. Filling the hole: urgent.
+    state = _receiver_state(99)
+    assert not aiortc_patches._mark_received(state, 100) and not state._kvpeer_sack_now
+    aiortc_patches._mark_received(state, 102)
+    assert state._kvpeer_sack_now
+    state._kvpeer_sack_now = False
+    aiortc_patches._mark_received(state, 103)
+    assert not state._kvpeer_sack_now and state._sack_misordered == {102, 103}
+    aiortc_patches._mark_received(state, 101)
+    assert state._kvpeer_sack_now and state._last_received_tsn == 103
+    assert not state._sack_misordered
+
+
+def test_mark_received_across_the_tsn_wrap() -> None:
+    state = _receiver_state(2**32 - 3)
+    for tsn in (2**32 - 1, 0, 1, 2**32 - 2):
+        aiortc_patches._mark_received(state, tsn)
+    assert state._last_received_tsn == 1 and not state._sack_misordered
