@@ -14,9 +14,9 @@ its window on every loss event, so 1 % random loss on a 40 ms path caps it at a 
   estimate double per round when the path has more to give, and bounds the queue this
   association builds at a bottleneck to about one bandwidth-delay product;
 * start-up grows the window by the bytes acknowledged (slow start) until the bandwidth stops
-  growing by 25 % for three rounds, or congestion is seen;
-* a loss is congestion only when the smoothed RTT shows a standing queue
-  (> ``queue_rtt_factor`` x min RTT + ``queue_rtt_slack_s``) or losses persist (more than
+  growing by 25 % for three rounds, a queue stands, or congestion is seen;
+* a loss is congestion only when the RTT shows a standing queue (the smallest sample of this
+  round so far, else of the last one, > ``queue_rtt_factor`` x min RTT + ``queue_rtt_slack_s``) or losses persist (more than
   ``persistent_loss`` of the packets of a round, judged over 100 packets at least). Then the
   bandwidth estimate is cut to ``beta`` of itself, once per round. Random loss changes nothing: its retransmission is the
   only response it needs.
@@ -116,6 +116,11 @@ class RateControl:
         self._round_end_seq = -1
         self._round_lost = 0
         self._round_delivered_at_start = 0
+        # Smallest RTT sample of this round and of the last one: the queue signal. A standing
+        # queue raises even the smallest sample of a round; a busy host's scheduling delays,
+        # which inflate the smoothed RTT here by 2-5x, mostly do not.
+        self._round_rtt_min = math.inf
+        self._last_round_rtt_min = math.inf
         self._reduced_round = -1
         self.startup = True
         self._startup_best = 0.0
@@ -211,6 +216,7 @@ class RateControl:
 
     def _on_rtt(self, now: float, rtt: float) -> None:
         self.srtt_s = rtt if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * rtt
+        self._round_rtt_min = min(self._round_rtt_min, rtt)
         half = self.params.min_rtt_window_s / 2
         if now - self._rtt_bucket_start >= half:
             gap = now - self._rtt_bucket_start
@@ -242,6 +248,9 @@ class RateControl:
             self._round_delivered_at_start = self.delivered
         self.round += 1
         self._round_end_seq = self._highest_sent
+        self._last_round_rtt_min, self._round_rtt_min = self._round_rtt_min, math.inf
+        if self.startup and self._queue_standing():
+            self.startup = False  # the path is full: growing further only fills its queue
         if self.startup:
             bw = self.bandwidth or 0.0
             if bw >= self._startup_best * p.startup_growth:
@@ -253,9 +262,12 @@ class RateControl:
 
     def _queue_standing(self) -> bool:
         p = self.params
-        if self.srtt_s is None or math.isinf(self._min_rtt):
+        recent = self._round_rtt_min
+        if math.isinf(recent):  # no sample yet this round
+            recent = self._last_round_rtt_min
+        if math.isinf(recent) or math.isinf(self._min_rtt):
             return False
-        return self.srtt_s > p.queue_rtt_factor * self._min_rtt + p.queue_rtt_slack_s
+        return recent > p.queue_rtt_factor * self._min_rtt + p.queue_rtt_slack_s
 
     def _congestion(self) -> None:
         self.startup = False
