@@ -6,9 +6,9 @@ its window on every loss event, so 1 % random loss on a 40 ms path caps it at a 
 (Mathis et al.), and on a shaped link the window saw-tooths below the rate. Here:
 
 * the bottleneck bandwidth is the largest delivery rate seen over the last ``bw_rounds``
-  round trips (and at least ``bw_window_s``), a sample being the bytes delivered while one
-  packet made its round trip, divided by that round trip (Cheng et al., "Delivery Rate
-  Estimation", the basis of BBR);
+  round trips (and at least ``bw_window_s``), a sample being the bytes acknowledged over the
+  last ``rate_interval_s`` (at least two minimum RTTs: longer than BBR's one round trip, which
+  on a busy host counted bursts of delayed acknowledgements as bandwidth);
 * the minimum RTT is the smallest sample over the last ``min_rtt_window_s`` (two halves);
 * ``cwnd = max(min_cwnd, cwnd_gain x bandwidth x min RTT) + headroom``: gain 2 lets the
   estimate double per round when the path has more to give, and bounds the queue this
@@ -49,6 +49,7 @@ class RateControlParams:
     bw_rounds: int = 10
     bw_window_s: float = 0.25
     min_rtt_window_s: float = 10.0
+    rate_interval_s: float = 0.05
     startup_growth: float = 1.25
     startup_rounds: int = 3
     #: Above cwnd_gain: a full window of cwnd_gain x BDP alone makes the RTT up to cwnd_gain x
@@ -75,11 +76,10 @@ class RateControlParams:
 
 @dataclass(slots=True)
 class _Sent:
-    """What had been delivered when the data up to *seq* was sent."""
+    """When the data up to *seq* was sent (for RTT samples)."""
 
     seq: int
     time: float
-    delivered: int
 
 
 @dataclass(slots=True)
@@ -102,6 +102,7 @@ class RateControl:
         p = params
         self._cwnd = float(p.initial_cwnd_bytes or min(p.min_cwnd_bytes, 10 * p.packet_bytes))
         self._sent: deque[_Sent] = deque()
+        self._acks: deque[tuple[float, int]] = deque()  # (time, delivered) of recent acks
         self._bw: deque[_BwSample] = deque()  # sliding maximum: rates decrease front to back
         # Minimum RTT over the last half window and the one before: a sample taken while a
         # queue stood never replaces a true minimum only because the window expired.
@@ -140,7 +141,7 @@ class RateControl:
         self._highest_sent = seq
         if len(self._sent) >= self.MAX_SENT_RECORDS:
             self._sent.popleft()
-        self._sent.append(_Sent(seq=seq, time=now, delivered=self.delivered))
+        self._sent.append(_Sent(seq=seq, time=now))
 
     def on_ack(self, now: float, seq: int, delivered_bytes: int) -> None:
         """The peer has now received everything up to *seq* bar a few holes, and in all
@@ -154,9 +155,8 @@ class RateControl:
         while self._sent and self._sent[0].seq <= seq:
             record = self._sent.popleft()
         if record is not None:
-            rtt = max(now - record.time, 1e-6)
-            self._on_rtt(now, rtt)
-            self._on_bw(now, (self.delivered - record.delivered) / rtt)
+            self._on_rtt(now, max(now - record.time, 1e-6))
+        self._sample_rate(now)
         if seq >= self._round_end_seq:
             self._end_round()
         if self.startup:
@@ -224,6 +224,20 @@ class RateControl:
             self._rtt_min_now = math.inf
             self._rtt_bucket_start = now
         self._rtt_min_now = min(self._rtt_min_now, rtt)
+
+    def _sample_rate(self, now: float) -> None:
+        # Delivered bytes over the last rate_interval_s (at least two min RTTs). Over a single
+        # round trip, a receiver or relay that was descheduled for a few ms and then acked in a
+        # burst showed up as twice the bottleneck rate (ack compression).
+        acks = self._acks
+        acks.append((now, self.delivered))
+        rtt = self.min_rtt_s or 0.0
+        interval = max(self.params.rate_interval_s, 2 * rtt)
+        while len(acks) > 2 and acks[1][0] <= now - interval:
+            acks.popleft()
+        then, delivered_then = acks[0]
+        if now - then >= interval:
+            self._on_bw(now, (self.delivered - delivered_then) / (now - then))
 
     def _on_bw(self, now: float, rate: float) -> None:
         p = self.params

@@ -44,8 +44,22 @@ def test_window_is_gain_times_bandwidth_delay_product() -> None:
 
 def test_small_bdp_keeps_the_floor() -> None:
     rc = _control()
-    _steady(rc, rate=12.5e6, rtt=0.0005, rounds=30)
-    assert rc.cwnd == 256 * 1024 + 4 * MSS
+    _steady(rc, rate=12.5e6, rtt=0.0005, rounds=400)
+    assert not rc.startup and rc.cwnd == 256 * 1024 + 4 * MSS
+
+
+def test_bursts_of_late_acknowledgements_are_not_bandwidth() -> None:
+    # A receiver that runs every 20 ms acknowledges 20 ms of a 100 Mbit/s link at once.
+    rc = _control(min_cwnd_bytes=16 * 1024)
+    rate, seq, now = 12.5e6, -1, 0.0
+    per_burst = int(rate * 0.020 / MSS)
+    for _ in range(50):
+        first, seq = seq + 1, seq + per_burst
+        rc.on_send(now, seq)
+        now += 0.020
+        for s in range(first, seq + 1):
+            rc.on_ack(now + (s - first) * 1e-6, s, (s + 1) * MSS)
+    assert rc.bandwidth is not None and rc.bandwidth <= 1.3 * rate
 
 
 def test_random_loss_does_not_shrink_the_window() -> None:
@@ -83,7 +97,7 @@ def test_persistent_loss_is_congestion_even_without_a_queue() -> None:
 
 def test_bandwidth_filter_forgets_old_maxima() -> None:
     rc = _control(min_cwnd_bytes=16 * 1024)
-    now = _steady(rc, rate=50e6, rtt=0.010, rounds=5)
+    now = _steady(rc, rate=50e6, rtt=0.010, rounds=20)
     assert rc.bandwidth == pytest.approx(50e6, rel=0.05)
     now = _steady(rc, rate=5e6, rtt=0.010, rounds=5, t0=now)
     assert rc.bandwidth == pytest.approx(50e6, rel=0.05)  # within 10 rounds and 0.25 s
