@@ -2,6 +2,7 @@
 
     python -m benchmarks.fidelity [--json] [--model PATH_OR_GGUF] [--text FILE] [--windows N]
                                   [--profile auto|none|FILE] [--plot PNG]
+    python -m benchmarks.fidelity --fisher SAMPLES [--windows 2] [--levels q8]   (calibration text)
 
 For each window of the text: the prefix's KV is computed, cut into 256-token chunks, each chunk
 encoded and decoded at the level (fp16 in, as engines hold it), and the continuation is run
@@ -11,6 +12,13 @@ top-1 agreement are averaged over all continuation positions (>= 1,000 by defaul
 half of pydoc's topics; the calibration profile ("auto": the stored one for the model's
 fingerprint, if any) was measured on the other half. A PNG plot (ratio vs KL and top-1) is
 written next to the table when matplotlib is installed. With --json the last line is one object.
+
+``--fisher``: where a level's KL comes from, on the calibration text. A Fisher-information map
+of the continuation w.r.t. every K/V element (benchmarks._kv.fisher_diagonal) times the level's
+actual squared error predicts its KL; printed: the prediction, the K share, the share of the
+heaviest tokens, and how many bits/element an oracle allocation of steps per group (tensor-layer,
+head, channel, token) would save at equal rate (0.5*log2 of arithmetic over geometric mean of
+the groups' mean KL contribution). These measurements chose the codec's steps and exact tokens.
 """
 
 from __future__ import annotations
@@ -86,6 +94,58 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     }
 
 
+def _allocation_gain(contrib: torch.Tensor, keep: tuple[int, ...]) -> float:
+    """Bits/element an oracle saves by re-allocating steps over groups (dims ``keep`` of [2,L,H,T,D])."""
+    drop = tuple(d for d in range(contrib.dim()) if d not in keep)
+    per_group = contrib.double().mean(dim=drop) if drop else contrib.double()
+    per_group = per_group.clamp(min=1e-30)
+    return float(0.5 * torch.log2(per_group.mean() / per_group.log().mean().exp()))
+
+
+def fisher(model_spec: str | None, windows: int, prefix: int, continuation: int, samples: int,
+           levels: list[str]) -> dict[str, Any]:
+    model, tok = load_model(model_spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = []
+    for i, w in enumerate(_kv.windows(tok, _kv.calibration_text(), prefix, continuation, windows)):
+        k, v = _kv.prefix_kv(model, w.prefix)
+        k, v = k.half().float(), v.half().float()
+        fk, fv = _kv.fisher_diagonal(model, k, v, w.continuation, samples, seed=i)
+        info = torch.stack([fk, fv])
+        for level in levels:
+            decoded = [codec.decode(codec.encode(kc.half(), vc.half(), level)) for kc, vc in _kv.chunks(k, v)]
+            err = torch.stack([torch.cat([d[0] for d in decoded], 2), torch.cat([d[1] for d in decoded], 2)]).float()
+            contrib = 0.5 * info * (err - torch.stack([k, v])) ** 2  # [2, L, H, T, D]
+            total = float(contrib.sum())
+            per_token = contrib.sum(dim=(0, 1, 2, 4)).sort(descending=True).values
+            rows.append({
+                "window": i, "level": level, "predicted_kl": total,
+                "k_share": float(contrib[0].sum()) / total,
+                "top1_token_share": float(per_token[:1].sum()) / total,
+                "top5_token_share": float(per_token[:5].sum()) / total,
+                "gain_tensor_layer": _allocation_gain(contrib, (0, 1)),
+                "gain_head": _allocation_gain(contrib, (0, 1, 2)),
+                "gain_channel": _allocation_gain(contrib, (0, 1, 2, 4)),
+                "gain_token": _allocation_gain(contrib, (0, 1, 2, 3)),
+            })
+    return {"model": getattr(model.config, "kvpeer_model_name", model_spec), "samples": samples, "rows": rows}
+
+
+def fisher_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"model {result['model']}; Fisher map from {result['samples']} samples per window (calibration text)",
+        f"{'win':>3} {'level':<6} {'pred KL':>9} {'K share':>7} {'top1 tok':>8} {'top5 tok':>8} "
+        f"{'oracle bits saved by: layer':>27} {'head':>5} {'chan':>5} {'token':>6}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['window']:>3} {r['level']:<6} {r['predicted_kl']:9.2e} {r['k_share']:7.2f} {r['top1_token_share']:8.2f} "
+            f"{r['top5_token_share']:8.2f} {r['gain_tensor_layer']:27.2f} {r['gain_head']:5.2f} {r['gain_channel']:5.2f} {r['gain_token']:6.2f}"
+        )
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}; {result['windows']} windows of {result['prefix']}-token prefix + "
@@ -133,8 +193,16 @@ def main() -> None:
     parser.add_argument("--profile", default="auto", help="auto (stored for the model), none, or a JSON file")
     parser.add_argument("--rope", action="store_true", help="quantize keys before RoPE (default rope only)")
     parser.add_argument("--plot", default="fidelity.png")
+    parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
+                        help="instead: where each level's KL comes from (Fisher map, calibration text)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.fisher:
+        found = fisher(args.model, args.windows, args.prefix, args.continuation, args.fisher, args.levels.split(","))
+        print(fisher_table(found))
+        if args.json:
+            print(json.dumps(found))
+        return
     text = _kv.read_text(args.text, _kv.evaluation_text)
     result = run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), args.profile, use_rope=args.rope)
     print(table(result))
