@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvpeer.errors import CodecError
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: multipliers of the v2 base step (geometric-mean channel span)
 _DIR = Path(__file__).with_name("profiles")
 _MAX_LAYERS = 1024
 

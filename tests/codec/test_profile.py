@@ -27,8 +27,8 @@ def test_json_and_store_round_trip(tmp_path: Path) -> None:
     assert profiles.load("missing", tmp_path) is None
 
 
-@pytest.mark.parametrize("text", ["{", "[]", '{"version": 9}', '{"version": 1, "model": "m", "k": [1], "v": []}',
-                                  '{"version": 1, "model": "m", "k": [0], "v": [1]}'])
+@pytest.mark.parametrize("text", ["{", "[]", '{"version": 9}', '{"version": 2, "model": "m", "k": [1], "v": []}',
+                                  '{"version": 2, "model": "m", "k": [0], "v": [1]}'])
 def test_bad_profiles_rejected(text: str) -> None:
     with pytest.raises(codec.CodecError):
         CodecProfile.from_json(text)
