@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import struct
 from collections.abc import Awaitable, Callable
@@ -225,3 +226,35 @@ def test_config_refuses_unsafe_hosts() -> None:
     with pytest.raises(ConfigError):
         TransportConfig(host="127.0.0.1")  # loopback needs allow_loopback
     assert TransportConfig.from_section({"port": 5}, default_host="10.0.0.1").host == "10.0.0.1"
+
+
+def test_large_blob_with_a_wrong_digest_is_refused_and_the_session_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvpeer.transport import blobs
+    from kvpeer.transport import session as session_module
+
+    def lying_blob_start(*args: Any, **kwargs: Any) -> Any:
+        start = blobs.blob_start(*args, **kwargs)
+        return dataclasses.replace(start, digest=bytes(len(start.digest)))
+
+    async def body() -> None:
+        ha, hb = Handler(), Handler()
+        a, b = PeerTransport("node-a", _config(), ha), PeerTransport("node-b", _config(), hb)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("node-b", "127.0.0.1", b.port)
+            # Large enough to be digest-checked off the event loop on both sides.
+            hb.blobs[b"big"] = os.urandom(2 * session_module.OFF_LOOP_BYTES + 7)
+            with monkeypatch.context() as patch:
+                patch.setattr(session_module, "blob_start", lying_blob_start)
+                with pytest.raises(ProtocolError) as info:
+                    await session.fetch_blob(b"big", "")
+            assert info.value.code == ErrorCode.INTEGRITY
+            assert await session.fetch_blob(b"big", "") == hb.blobs[b"big"]
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
