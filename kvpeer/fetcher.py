@@ -8,9 +8,9 @@ moves bytes and keeps the stages busy:
 
 * **receive** — one task per chunk transfer (``window`` per peer), started by the coordinator;
   concurrent fetches of the same chunk share one transfer (:class:`_Transfers`);
-* **decode + restore** — ``decoders`` workers drain a bounded priority queue (lowest chunk
-  first) and run ``codec.decode`` and the copy into the client's shared memory in an executor,
-  so chunk i decodes while chunk i+1 is still on the wire (and i+1 beside it when it is in);
+* **decode + restore** — one worker drains a bounded priority queue (lowest chunk first) and
+  runs ``codec.decode`` and the copy into the client's shared memory in an executor, so chunk
+  i decodes while chunk i+1 is still on the wire;
 * **report** — chunks are reported to the sink in prefix order as soon as they are restored.
 
 A fetch ends when every reachable chunk is restored, when the controller decides that
@@ -131,9 +131,6 @@ class FetcherConfig:
     """How often the coordinator looks at stalls, preemption and bandwidth without an event."""
     decode_queue: int = 2
     """Received chunks waiting for the decoder; transfers wait (backpressure) beyond this."""
-    decoders: int = 2
-    """Chunks decoded at once (each in an executor thread). On a fast link the decode of fp32
-    KV takes longer than the transfer; a second decoder uses the core the transport leaves."""
     initial_bandwidth_bps: float = 100e6
     """Assumed per-peer bandwidth before the transport measured any."""
     probe_level: str = "q8"
@@ -424,9 +421,8 @@ class _FetchRun:
         self.sched = ChunkScheduler(holders=holders, now=self.start, config=self.cfg.scheduler)
         self.sched.set_bandwidth(LOCAL, 1e12)
         self.queue: asyncio.PriorityQueue[tuple[int, int, _Received | None]] = asyncio.PriorityQueue(
-            maxsize=max(self.cfg.decode_queue, self.cfg.decoders)  # room for one stop per decoder
+            maxsize=self.cfg.decode_queue
         )
-        self._reporting = asyncio.Lock()  # decoders finish out of order; the sink hears in order
         self._seq = itertools.count()
         self.tg: asyncio.TaskGroup
         self.tasks: set[asyncio.Task[None]] = set()
@@ -456,20 +452,16 @@ class _FetchRun:
         try:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
-                decoders = [
-                    tg.create_task(self._decode_loop()) for _ in range(max(1, self.cfg.decoders))
-                ]
+                decoder = tg.create_task(self._decode_loop())
                 try:
                     await self._coordinate()
                 finally:
                     self._stop_transfers()
-                    # Nothing below the cut is left to decode now: drop the rest, stop the decoders.
+                    # Nothing below the cut is left to decode now: drop the rest, stop the decoder.
                     while not self.queue.empty():
                         self.queue.get_nowait()
-                    for _ in decoders:
-                        self.queue.put_nowait((len(self.keys) + 1, next(self._seq), None))
-                for decoder in decoders:
-                    await decoder
+                    self.queue.put_nowait((len(self.keys) + 1, next(self._seq), None))
+                await decoder
         except* KVPeerError as group:
             log.warning("fetch failed: %s", group.exceptions[0])
             self.reason = "error"
@@ -850,11 +842,10 @@ class _FetchRun:
             self.f._observe_decode(len(item.blob), seconds)
             self.note("decode_end", index=item.index, level=item.level)
             self.restored[item.index] = item.level
-            async with self._reporting:
-                while self.reported < self._end() and self.reported in self.restored:
-                    await self.sink.chunk_done(self.reported, self.restored[self.reported])
-                    self.note("done", index=self.reported, level=self.restored[self.reported])
-                    self.reported += 1
+            while self.reported < self._end() and self.reported in self.restored:
+                await self.sink.chunk_done(self.reported, self.restored[self.reported])
+                self.note("done", index=self.reported, level=self.restored[self.reported])
+                self.reported += 1
             self.wake.set()
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:

@@ -221,40 +221,6 @@ def test_decode_of_one_chunk_overlaps_the_receive_of_the_next() -> None:
     asyncio.run(main())
 
 
-def test_two_decoders_work_side_by_side_and_the_sink_still_hears_chunks_in_order() -> None:
-    """Chunk 1 decodes while chunk 0's decode is held (until chunk 1's is done): both decoders
-    are busy at once, and chunk 1 is reported only after chunk 0."""
-
-    class ReleaseAfter(GatedExecutor):
-        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-            if args and args[0] == blob(1, "exact"):
-                def run_then_release() -> Any:
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        self.gates[blob(0, "exact")].set()
-
-                return super().submit(run_then_release)
-            return super().submit(fn, *args, **kwargs)
-
-    async def main() -> None:
-        executor = ReleaseAfter()
-        executor.gates[blob(0, "exact")] = threading.Event()
-        f = fetcher({"a": Peer("a")}, decoders=2)
-        f.executor = executor
-        sink = Sink()
-        try:
-            out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, sink, policy="fixed:exact")
-        finally:
-            executor.shutdown()
-        assert out.chunks == 3
-        assert kinds(out, "decode_end", 1) < kinds(out, "decode_end", 0)
-        assert [index for index, _ in sink.done] == [0, 1, 2]
-        assert torch.equal(sink.k, expected(3)[0])
-
-    asyncio.run(main())
-
-
 def test_concurrent_fetches_of_the_same_chunks_share_one_transfer() -> None:
     async def main() -> None:
         n = 4
