@@ -101,7 +101,7 @@ def encode(
             q.codes.astype(np.int8).tobytes(),
             zstd_stream.shuffle(q.zeros.astype("<i4")),
             exact.astype("<u2").tobytes(),
-            exact_raw.tobytes(),
+            zstd_stream.shuffle(exact_raw),  # byte planes: the exponent bytes compress
             rope.pack() if rope is not None else b"",
         ))
         side = zstd_stream.compress(side_raw)
@@ -218,7 +218,8 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     if exact.size and (np.any(np.diff(exact) <= 0) or exact[-1] >= tokens):
         raise CodecError("exact token positions are not increasing or out of range")
     raw_dtype = _RAW_NUMPY[header.dtype]
-    exact_raw = np.frombuffer(take(2 * layers * heads * header.sink * head_dim * raw_dtype.itemsize), raw_dtype)
+    exact_count = 2 * layers * heads * header.sink * head_dim
+    exact_raw = zstd_stream.unshuffle(take(exact_count * raw_dtype.itemsize), raw_dtype, exact_count)
     rope = rope_mod.RopeSpec.unpack(take(rope_mod.PACKED_BYTES)) if header.keys_pre_rope else None
     count = channels * rest
     if header.stream == "zstd":
