@@ -69,7 +69,7 @@ class Header:
     head_dim: int
     side_len: int
     payload_len: int
-    sink: int = 0
+    sink: int = 0  # exact tokens: their positions and values travel in the side info
     flags: int = 0
     digest: bytes = b""
     version: int = FORMAT_VERSION

@@ -62,7 +62,8 @@ def encode(
     """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
 
     ``backend``: "zstd" (default, fastest on the CPU), "ffmpeg"/"ffv1"/"hevc" (video streams via
-    PyAV), "nvenc" (HEVC; CPU fallback). ``sink``: leading tokens kept exact. ``profile``: a
+    PyAV), "nvenc" (HEVC; CPU fallback). ``sink``: 0 keeps no token exact, >0 keeps position 0
+    and the chunk's sink-like tokens exact (:func:`quant.exact_tokens`, at most 16). ``profile``: a
     :class:`CodecProfile` or a model fingerprint hex whose stored profile sets per-layer steps
     (none: uniform). ``rope``: theta and the chunk's first absolute position; keys are then
     quantized before RoPE and re-rotated on decode. Decoding never needs any of these.

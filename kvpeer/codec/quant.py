@@ -29,6 +29,7 @@ from kvpeer.errors import CodecError
 _TINY = np.float32(1e-12)
 SYMBOL_LIMIT = 32767  # symbols travel as int16 at most
 _SPAN_LIMIT = 16383  # a channel's span in steps stays well inside int16 (codes coarsen to fit)
+_ZERO_LIMIT = 2.0**30  # |value| / step stays well inside int32 (zero points)
 V_SCALE = 1.4  # value steps relative to key steps (Fisher map: keys dominate at equal steps)
 CHANNEL_GAMMA = 0.5  # channel step ∝ (channel rms / head GM rms) ** -gamma
 CODE_STEPS_PER_OCTAVE = 4
@@ -112,7 +113,11 @@ def fit_codes(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> tuple[np.n
     steps = np.maximum(steps.astype(np.float64), 1e-12)
     if x.shape[2]:
         span = (x.max(axis=2) - x.min(axis=2)).astype(np.float64)
-        ratio = np.maximum(span / (steps[:, :, None] * _SPAN_LIMIT), 1e-30)
+        # zero points (value / step) must fit int32 too: constant channels far from 0
+        coarsest_needed = np.maximum(span / _SPAN_LIMIT, np.abs(x).max(axis=2) / _ZERO_LIMIT)
+        # the base step alone must cover what the coarsest code (x 2**32) cannot
+        steps = np.maximum(steps, coarsest_needed.max(axis=-1) * 2.0**-31)
+        ratio = np.maximum(coarsest_needed / steps[:, :, None], 1e-30)
         codes = np.minimum(codes, np.floor(-CODE_STEPS_PER_OCTAVE * np.log2(ratio)))
     return steps.astype(np.float32), np.clip(codes, -128, 127).astype(np.int8)
 
