@@ -14,8 +14,9 @@ chosen from a Fisher-information map of SmolLM2's KV (README "Where the KL comes
   bit-exact (:func:`exact_tokens`).
 
 A zero point per channel in units of that channel's step centres the symbols (no fidelity
-cost). Decoded value = (symbol + zero) * step, float32, identical on every host: the step of a
-channel is a float32 base times an exact table entry, so integers survive a re-encode exactly.
+cost). Decoded value = symbol * step + zero * step in float32, identical on every host (a
+channel's step is a float32 base times a fixed float32 table entry); the decoder recovers
+exactly the integers the encoder wrote. All rules read only the chunk's own k and v.
 """
 
 from __future__ import annotations
