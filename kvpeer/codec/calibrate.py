@@ -4,7 +4,7 @@ For each layer's K and each layer's V alone, add small uniform noise to the KV o
 prefix (the exact sink token untouched) and measure the mean KL divergence of the next-token
 distributions over a teacher-forced continuation. KL grows as sensitivity_i * step_i**2;
 minimising total size at a fixed total KL gives step_i ∝ 1/sqrt(sensitivity_i) (the findings'
-rule), expressed as a multiplier of the codec's per-head range-based step. Run once per model (minutes on a
+rule), expressed as a multiplier of the codec's per-head base step (quant.plan_steps). Run once per model (minutes on a
 CPU); the result is stored by model fingerprint. The calibration text must not be the evaluated
 text: the default is one half of Python's bundled pydoc topics, benchmarks evaluate the other.
 
@@ -92,7 +92,7 @@ def calibrate(
     Per (tensor, layer): uniform noise of step ``relative_noise`` x the layer's RMS (sink
     excluded) gives KL_i; sensitivity S_i = KL_i / step_i**2 per unit of absolute step. The
     optimal absolute step is proportional to 1/sqrt(S_i); the codec's steps are the per-head
-    range step times a multiplier, so the multiplier is that over the layer's mean range step.
+    base step times a multiplier, so the multiplier is that over the layer's mean q8 base step.
     (SmolLM2's shipped profile: these defaults, ~20 min on 2 busy cores.)
     """
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
