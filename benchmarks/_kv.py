@@ -19,6 +19,7 @@ from kvpeer.codec.calibrate import (
     calibration_text,
     continuation_logprobs,
     evaluation_text,
+    fisher_diagonal,
     mean_kl,
     prefix_kv,
 )
@@ -26,7 +27,9 @@ from kvpeer.codec.calibrate import (
 log = logging.getLogger(__name__)
 
 CHUNK = 256
-__all__ = ["cache_from", "calibration_text", "continuation_logprobs", "evaluation_text", "mean_kl", "prefix_kv"]
+__all__ = [
+    "cache_from", "calibration_text", "continuation_logprobs", "evaluation_text", "fisher_diagonal", "mean_kl", "prefix_kv",
+]
 
 
 def read_text(path: str | None, default: Callable[[], str]) -> str:
@@ -87,29 +90,3 @@ def summarize(kls: list[torch.Tensor], agrees: list[torch.Tensor], nlls: list[to
         nll_delta=float(torch.cat(nlls).sum() / max(1, kl.numel() - len(kls))),
         positions=int(kl.numel()),
     )
-
-
-def fisher_diagonal(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Tensor, samples: int,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element Fisher information of the continuation's next-token distributions w.r.t. K, V.
-
-    Expected KL(original || perturbed) per position ≈ 0.5 * sum(F * noise_variance) for small
-    independent noise, so F times a quantizer's step**2 / 12 says where a codec's KL comes from.
-    Estimated from ``samples`` backward passes, each with one next token drawn per position
-    from the model's own distribution (cross-position terms vanish in expectation).
-    """
-    with torch.no_grad():
-        probs = continuation_logprobs(model, k, v, cont).exp()
-    gen = torch.Generator().manual_seed(seed)
-    fk, fv = torch.zeros_like(k), torch.zeros_like(v)
-    positions = torch.arange(k.shape[2], k.shape[2] + cont.shape[1])[None]
-    for _ in range(samples):
-        kk, vv = k.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
-        out = model(cont, past_key_values=cache_from(model, kk, vv), position_ids=positions, use_cache=True)
-        drawn = torch.multinomial(probs, 1, generator=gen)
-        torch.log_softmax(out.logits[0].float(), -1).gather(1, drawn).sum().backward()
-        assert kk.grad is not None and vv.grad is not None
-        fk += kk.grad**2
-        fv += vv.grad**2
-    scale = 1.0 / (samples * cont.shape[1])
-    return fk * scale, fv * scale

@@ -1,12 +1,16 @@
-"""Measure a model's per-layer quantization sensitivity and turn it into a :class:`CodecProfile`.
+"""Measure a model's per-(tensor, layer, head) quantization sensitivity as a :class:`CodecProfile`.
 
-For each layer's K and each layer's V alone, add small uniform noise to the KV of a calibration
-prefix (the exact sink token untouched) and measure the mean KL divergence of the next-token
-distributions over a teacher-forced continuation. KL grows as sensitivity_i * step_i**2;
-minimising total size at a fixed total KL gives step_i ∝ 1/sqrt(sensitivity_i) (the findings'
-rule), expressed as a multiplier of the codec's per-head base step (quant.plan_steps). Run once per model (minutes on a
-CPU); the result is stored by model fingerprint. The calibration text must not be the evaluated
-text: the default is one half of Python's bundled pydoc topics, benchmarks evaluate the other.
+A Fisher-information map of a teacher-forced continuation w.r.t. every K/V element of a
+calibration prefix (:func:`fisher_diagonal`) predicts the KL a quantizer adds: 0.5 * sum(F *
+error**2), error**2 ~ step**2 / 12. With the codec's own per-channel steps at multiplier 1
+(quant.plan_steps on each 256-token chunk, exact tokens left out since they cost nothing), a
+head's cost C_h = sum over its elements of F * channel_step**2 is its KL per unit of squared
+multiplier. Minimising the size (-log2 of the step per element, equal element counts per head)
+at a fixed total KL gives multiplier_h ∝ 1/sqrt(C_h), normalised to a geometric mean of 1 and
+clamped (:meth:`CodecProfile.from_sensitivities`). The plain rules' step ratios between levels
+are fixed, so one profile serves every level. Run once per model (minutes on a CPU); the result
+is stored by model fingerprint. The calibration text must not be the evaluated text: the
+default is one half of Python's bundled pydoc topics, benchmarks evaluate the other.
 
 Blocking, uses torch and transformers (imported by the caller's model); not for the event loop.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +79,52 @@ def mean_kl(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float((ref.exp() * (ref - test)).sum(-1).mean())
 
 
+def fisher_diagonal(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Tensor, samples: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element Fisher information of the continuation's next-token distributions w.r.t. K, V.
+
+    Expected KL(original || perturbed) per position ≈ 0.5 * sum(F * noise_variance) for small
+    independent noise, so F times a quantizer's step**2 / 12 says where a codec's KL comes from.
+    Estimated from ``samples`` backward passes, each with one next token drawn per position
+    from the model's own distribution (cross-position terms vanish in expectation).
+    """
+    with torch.no_grad():
+        probs = continuation_logprobs(model, k, v, cont).exp()
+    gen = torch.Generator().manual_seed(seed)
+    fk, fv = torch.zeros_like(k), torch.zeros_like(v)
+    positions = torch.arange(k.shape[2], k.shape[2] + cont.shape[1])[None]
+    for _ in range(samples):
+        kk, vv = k.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
+        out = model(cont, past_key_values=cache_from(model, kk, vv), position_ids=positions, use_cache=True)
+        drawn = torch.multinomial(probs, 1, generator=gen)
+        torch.log_softmax(out.logits[0].float(), -1).gather(1, drawn).sum().backward()
+        assert kk.grad is not None and vv.grad is not None
+        fk += kk.grad**2
+        fv += vv.grad**2
+    scale = 1.0 / (samples * cont.shape[1])
+    return fk * scale, fv * scale
+
+
+def head_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int = 1, chunk: int = 256) -> np.ndarray:
+    """C_h [2*layers, heads]: sum of Fisher x the codec's channel step**2 at multiplier 1.
+
+    ``kv``, ``info``: float32 [2, layers, heads, tokens, head_dim] (values and their Fisher
+    diagonal). Cut into ``chunk``-token chunks as the daemon encodes them; exact tokens skipped.
+    """
+    _, layers, heads, tokens, dim = kv.shape
+    cost = np.zeros((2 * layers, heads))
+    for start in range(0, tokens, chunk):
+        x = kv[:, :, :, start : start + chunk].reshape(2 * layers, heads, -1, dim)
+        f = info[:, :, :, start : start + chunk].reshape(2 * layers, heads, -1, dim)
+        body = np.ones(x.shape[2], bool)
+        if sink:
+            body[quant.exact_tokens(x[:layers], min(x.shape[2], quant.MAX_EXACT))] = False
+        steps, codes = quant.plan_steps(np.ascontiguousarray(x[:, :, body]), level_log2)
+        step = quant.channel_steps(steps, codes).astype(np.float64)  # [2L, H, D]
+        cost += (f[:, :, body].astype(np.float64) * step[:, :, None, :] ** 2).sum(axis=(2, 3))
+    return cost
+
+
 def calibrate(
     model: Any,
     tokenizer: Any,
@@ -82,56 +133,80 @@ def calibrate(
     *,
     prefix_tokens: int = 512,
     continuation_tokens: int = 256,
-    windows: int = 2,
-    relative_noise: float = 0.05,
+    windows: int = 4,
+    samples: int = 6,
+    limit: float = 8.0,
     sink: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> CodecProfile:
-    """Probe every layer's K and V on ``text`` and return the model's profile.
+    """Fisher-map ``windows`` spans of ``text`` and return the model's per-head profile.
 
-    Per (tensor, layer): uniform noise of step ``relative_noise`` x the layer's RMS (sink
-    excluded) gives KL_i; sensitivity S_i = KL_i / step_i**2 per unit of absolute step. The
-    optimal absolute step is proportional to 1/sqrt(S_i); the codec's steps are the per-head
-    base step times a multiplier, so the multiplier is that over the layer's mean q8 base step.
-    (SmolLM2's shipped profile: these defaults, ~20 min on 2 busy cores.)
+    Each window: the KV of a ``prefix_tokens`` prefix (fp16-rounded, as engines hold it) and
+    ``samples`` backward passes over the next ``continuation_tokens``. Costs add up over windows;
+    multipliers end within [1/limit, limit]. SmolLM2 with these defaults: ~3 min on 2 busy cores.
     """
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
     span = prefix_tokens + continuation_tokens
     if len(ids) < span * windows:
         raise ValueError(f"calibration text too short: {len(ids)} tokens")
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients w.r.t. the cache only
     stride = len(ids) // windows
-    gen = torch.Generator().manual_seed(0)
-    sens: np.ndarray | None = None
-    base: np.ndarray | None = None
+    step_log2 = levels.get(levels.DEFAULT_LEVEL).step_log2  # any level: the ratios are the same
+    per_window = []
     for w in range(windows):
         window = ids[w * stride : w * stride + span]
         k, v = prefix_kv(model, window[None, :prefix_tokens])
-        cont = window[None, prefix_tokens:]
-        ref = continuation_logprobs(model, k, v, cont)
-        kv = torch.stack([k, v]).half().float()  # [2, L, H, T, D], as an fp16 engine holds it
-        layers, heads = kv.shape[1], kv.shape[2]
-        body = kv[:, :, :, sink:256].numpy().reshape(2 * layers, heads, -1, kv.shape[-1])
-        window_base = quant.plan_steps(body, levels.get("q8").step_log2)[0].mean(axis=1)  # [2L] mean q8 base step
-        if sens is None or base is None:
-            sens, base = np.zeros(2 * layers), np.zeros(2 * layers)
-        base += window_base / windows
-        for t in range(2):
-            for layer in range(layers):
-                noisy = kv.clone()
-                part = noisy[t, layer, :, sink:]
-                step = float(relative_noise * part.pow(2).mean().sqrt())
-                part += (torch.rand(part.shape, generator=gen) - 0.5) * step
-                kl = mean_kl(ref, continuation_logprobs(model, noisy[0], noisy[1], cont))
-                sens[t * layers + layer] += max(kl, 1e-12) / max(step, 1e-12) ** 2 / windows
-                if progress:
-                    progress(f"window {w} {'KV'[t]}{layer}: KL {kl:.3e}")
-    assert sens is not None and base is not None
-    # multiplier m_i = (1/sqrt(S_i)) / base_i; from_sensitivities takes x with m ∝ 1/sqrt(x)
-    equivalent = sens * base**2
-    n = len(equivalent) // 2
+        k, v = k.half().float(), v.half().float()
+        fk, fv = fisher_diagonal(model, k, v, window[None, prefix_tokens:], samples, seed=w)
+        kv = torch.stack([k, v]).numpy()
+        per_window.append(head_costs(kv, torch.stack([fk, fv]).numpy(), step_log2, sink))
+        if progress:
+            progress(f"window {w + 1}/{windows}: predicted q8 KL {0.5 / 12 * per_window[-1].sum():.2e}")
+    cost = np.sum(per_window, axis=0)
+    layers, heads = cost.shape[0] // 2, cost.shape[1]
+    agreement = _log_correlation(per_window)
+    log.info("per-head cost: window-to-window correlation of log cost %.2f", agreement)
     return CodecProfile.from_sensitivities(
         fingerprint,
-        list(equivalent[:n]),
-        list(equivalent[n:]),
-        source=f"calibrate: {windows}x({prefix_tokens}+{continuation_tokens}) tokens, uniform noise {relative_noise} rms per layer",
+        [float(c) for c in cost[:layers].ravel()],
+        [float(c) for c in cost[layers:].ravel()],
+        heads=heads,
+        limit=limit,
+        source=(
+            f"calibrate: Fisher map, {windows}x({prefix_tokens}+{continuation_tokens}) tokens of the calibration "
+            f"text, {samples} samples per window; window-to-window r(log cost) {agreement:.2f}; clamp x{limit:g}"
+        ),
     )
+
+
+def _log_correlation(costs: list[np.ndarray]) -> float:
+    """Mean pairwise correlation of log per-head costs between windows (1.0 with one window)."""
+    logs = [np.log(np.maximum(c.ravel(), 1e-30)) for c in costs]
+    pairs = [np.corrcoef(a, b)[0, 1] for i, a in enumerate(logs) for b in logs[i + 1 :]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+def main() -> None:
+    """``python -m kvpeer.codec.calibrate [--model PATH_OR_GGUF] [--out DIR]``: store a profile."""
+    import argparse
+
+    from kvpeer.codec import profile as profiles
+    from kvpeer.models import load_model, model_fingerprint
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=None, help="local transformers dir or GGUF (default SmolLM2)")
+    parser.add_argument("--out", default=None, help="profile directory (default: the shipped profiles)")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--limit", type=float, default=8.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    model, tok = load_model(args.model)
+    profile = calibrate(model, tok, model_fingerprint(model).hex, windows=args.windows, samples=args.samples,
+                        limit=args.limit, progress=print)
+    print(f"{profile.source}\nwritten to {profiles.save(profile, Path(args.out) if args.out else None)}")
+
+
+if __name__ == "__main__":
+    main()

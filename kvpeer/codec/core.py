@@ -64,8 +64,8 @@ def encode(
     ``backend``: "zstd" (default, fastest on the CPU), "ffmpeg"/"ffv1"/"hevc" (video streams via
     PyAV), "nvenc" (HEVC; CPU fallback). ``sink``: 0 keeps no token exact, >0 keeps position 0
     and the chunk's sink-like tokens exact (:func:`quant.exact_tokens`, at most 16). ``profile``: a
-    :class:`CodecProfile` or a model fingerprint hex whose stored profile sets per-layer steps
-    (none: uniform). ``rope``: theta and the chunk's first absolute position; keys are then
+    :class:`CodecProfile` or a model fingerprint hex whose stored profile scales the base step of
+    every (tensor, layer, head) (none: the plain rules). ``rope``: theta and the chunk's first absolute position; keys are then
     quantized before RoPE and re-rotated on decode. Decoding never needs any of these.
     """
     dtype = _check_pair(k, v)
@@ -94,7 +94,8 @@ def encode(
         if resolved is not None:
             if resolved.layers != layers:
                 raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
-            steps = (steps * np.asarray(resolved.multipliers(), np.float32)[:, None]).astype(np.float32)
+            # the scaled base steps are what the side info stores: decoding needs no profile
+            steps = (steps * np.asarray(resolved.grid(heads), np.float32)).astype(np.float32)
             steps, codes = quant.fit_codes(x, steps, codes)
         q = quant.quantize(x, steps, codes)
         side_raw = b"".join((

@@ -1,11 +1,14 @@
-"""Per-model calibration profiles: how finely each layer's K and V must be quantized.
+"""Per-model calibration profiles: how finely each (tensor, layer, head) must be quantized.
 
-Layers differ ~1000x in how much quantization noise in their K or V moves the model's output
-(shared/findings/codec.md). A profile holds one step multiplier per (tensor, layer), measured on
-a calibration text (never the evaluated text) by :mod:`kvpeer.codec.calibrate`, normalised to a
-geometric mean of 1 so a level's nominal size is kept. Profiles are stored as JSON by model
-fingerprint. The encoder applies a profile; the decoder never needs one (steps travel in the
-blob). No torch here.
+Heads differ by orders of magnitude in how much quantization noise in their K or V moves the
+model's output, and that spread lives in the model's weights (queries, output projection), not
+in the KV a chunk carries (codec README, "Where the KL comes from"). A profile holds one step
+multiplier per (tensor, layer, head) (or per (tensor, layer): ``heads=1`` applies to every head),
+measured on a calibration text (never the evaluated text) by :mod:`kvpeer.codec.calibrate`,
+normalised to a geometric mean of 1 so it moves bits between heads rather than changing the rate.
+Profiles are stored as JSON by model fingerprint. The encoder multiplies its per-head base steps
+by the profile; those steps travel in the blob's side info, so the decoder never needs a profile.
+No torch here.
 """
 
 from __future__ import annotations
@@ -20,59 +23,94 @@ from kvpeer.errors import CodecError
 PROFILE_VERSION = 2  # 2: multipliers of the v2 base step (geometric-mean channel span)
 _DIR = Path(__file__).with_name("profiles")
 _MAX_LAYERS = 1024
+_MAX_HEADS = 1024
+_MAX_BYTES = 4 << 20  # a profile file is a few KB; refuse to parse anything absurd
+MULTIPLIER_RANGE = (1e-4, 1e4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodecProfile:
-    """Step multipliers for one model: ``k[layer]`` and ``v[layer]``, geometric mean 1."""
+    """Step multipliers for one model, layer-major then head: ``k[layer * heads + head]``."""
 
     model: str  # ModelFingerprint hex (or a name for hand-made profiles)
     k: tuple[float, ...]
     v: tuple[float, ...]
-    source: str = ""  # how it was measured (calibration text, probe noise)
+    heads: int = 1  # multipliers per layer; 1 = one per (tensor, layer), applied to every head
+    source: str = ""  # how it was measured (calibration text, Fisher samples)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise CodecError("profile needs a model fingerprint")
-        if not 1 <= len(self.k) <= _MAX_LAYERS or len(self.k) != len(self.v):
-            raise CodecError("profile needs one K and one V multiplier per layer")
+        if not 1 <= self.heads <= _MAX_HEADS:
+            raise CodecError(f"profile head count {self.heads} out of range")
+        if len(self.k) != len(self.v) or len(self.k) % self.heads:
+            raise CodecError("profile needs one K and one V multiplier per (layer, head)")
+        if not 1 <= len(self.k) // self.heads <= _MAX_LAYERS:
+            raise CodecError("profile needs 1..1024 layers")
+        low, high = MULTIPLIER_RANGE
         for w in (*self.k, *self.v):
-            if not (math.isfinite(w) and 1e-4 <= w <= 1e4):
+            if not (math.isfinite(w) and low <= w <= high):
                 raise CodecError(f"profile multiplier {w} out of range")
 
     @property
     def layers(self) -> int:
-        return len(self.k)
+        return len(self.k) // self.heads
 
     def multipliers(self) -> list[float]:
-        """K multipliers then V multipliers: the order of the codec's [2*layers] axis."""
+        """K multipliers then V multipliers, layer-major: the order of the codec's [2*layers, heads]."""
         return [*self.k, *self.v]
 
+    def grid(self, heads: int) -> list[list[float]]:
+        """Multipliers as rows [2*layers][heads] for a chunk with ``heads`` KV heads."""
+        if self.heads not in (1, heads):
+            raise CodecError(f"profile has {self.heads} heads per layer, the chunk {heads}")
+        flat = self.multipliers()
+        return [flat[row * self.heads : (row + 1) * self.heads] * (heads // self.heads) for row in range(2 * self.layers)]
+
     @classmethod
-    def from_sensitivities(cls, model: str, k: list[float], v: list[float], source: str = "") -> CodecProfile:
-        """step_i proportional to 1/sqrt(sensitivity_i), normalised to geometric mean 1."""
-        raw = [1.0 / math.sqrt(max(s, 1e-30)) for s in (*k, *v)]
-        mean = math.exp(sum(math.log(w) for w in raw) / len(raw))
-        w = [min(max(x / mean, 1e-4), 1e4) for x in raw]
+    def from_sensitivities(
+        cls, model: str, k: list[float], v: list[float], source: str = "", *, heads: int = 1,
+        limit: float = MULTIPLIER_RANGE[1],
+    ) -> CodecProfile:
+        """step_i proportional to 1/sqrt(sensitivity_i), geometric mean 1, within [1/limit, limit].
+
+        ``k``, ``v``: one sensitivity per (layer, head), layer-major. Clamping and re-centring
+        alternate so the result keeps a geometric mean of 1 (equal nominal rate) inside the range.
+        """
+        logs = [-0.5 * math.log(max(s, 1e-30)) for s in (*k, *v)]
+        bound = math.log(min(max(limit, 1.0), MULTIPLIER_RANGE[1]))
+        for _ in range(50):
+            centre = sum(logs) / len(logs)
+            logs = [min(max(x - centre, -bound), bound) for x in logs]
+            if abs(sum(logs)) < 1e-9 * len(logs):
+                break
+        w = [float(f"{math.exp(x):.4g}") for x in logs]  # 4 digits: ample, and the file stays small
         n = len(k)
-        return cls(model=model, k=tuple(w[:n]), v=tuple(w[n:]), source=source)
+        return cls(model=model, k=tuple(w[:n]), v=tuple(w[n:]), heads=heads, source=source)
 
     def to_json(self) -> str:
         return json.dumps(
-            {"version": PROFILE_VERSION, "model": self.model, "k": list(self.k), "v": list(self.v), "source": self.source},
+            {"version": PROFILE_VERSION, "model": self.model, "heads": self.heads, "source": self.source,
+             "k": list(self.k), "v": list(self.v)},
             indent=1,
         )
 
     @classmethod
     def from_json(cls, text: str) -> CodecProfile:
+        if len(text) > _MAX_BYTES:
+            raise CodecError("codec profile too large")
         try:
             raw = json.loads(text)
             if raw.get("version") != PROFILE_VERSION:
                 raise CodecError(f"unsupported profile version {raw.get('version')}")
+            heads = raw.get("heads", 1)
+            if not isinstance(heads, int) or isinstance(heads, bool):
+                raise CodecError("profile head count must be an integer")
             return cls(
                 model=str(raw["model"]),
                 k=tuple(float(x) for x in raw["k"]),
                 v=tuple(float(x) for x in raw["v"]),
+                heads=heads,
                 source=str(raw.get("source", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
