@@ -1,7 +1,7 @@
 """Fidelity per codec level: next-token top-1 agreement, KL divergence and perplexity change.
 
     python -m benchmarks.fidelity [--json] [--model PATH_OR_GGUF] [--text FILE] [--windows N]
-                                  [--profile auto|none|FILE] [--plot PNG]
+                                  [--profile auto|none|FILE[,...]] [--plot PNG]
     python -m benchmarks.fidelity --fisher SAMPLES [--windows 2] [--levels q8]   (calibration text)
 
 For each window of the text: the prefix's KV is computed, cut into 256-token chunks, each chunk
@@ -157,6 +157,21 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(results: list[dict[str, Any]], names: list[str]) -> str:
+    """Ratio and KL per level of several runs (profiles) of the same windows, and their ratios to the first."""
+    first = {r["level"]: r for r in results[0]["rows"]}
+    lines = [f"{'level':<7} " + " ".join(f"{n + ' ratio':>12} {n + ' KL':>12}" for n in names)
+             + "".join(f" {names[i] + '/' + names[0] + ' size':>16} {'KL':>6}" for i in range(1, len(names)))]
+    for row in results[0]["rows"]:
+        level = row["level"]
+        others = [{r["level"]: r for r in res["rows"]}[level] for res in results]
+        line = f"{level:<7} " + " ".join(f"{o['ratio']:12.2f} {o['kl']:12.2e}" for o in others)
+        for o in others[1:]:
+            line += f" {first[level]['ratio'] / o['ratio']:16.3f} {o['kl'] / max(first[level]['kl'], 1e-30):6.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -190,7 +205,8 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=512)
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--levels", default=",".join(codec.LEVELS))
-    parser.add_argument("--profile", default="auto", help="auto (stored for the model), none, or a JSON file")
+    parser.add_argument("--profile", default="auto",
+                        help="auto (stored for the model), none, or a JSON file; comma-separated: each on the same windows")
     parser.add_argument("--rope", action="store_true", help="quantize keys before RoPE (default rope only)")
     parser.add_argument("--plot", default="fidelity.png")
     parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
@@ -204,12 +220,20 @@ def main() -> None:
             print(json.dumps(found))
         return
     text = _kv.read_text(args.text, _kv.evaluation_text)
-    result = run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), args.profile, use_rope=args.rope)
-    print(table(result))
-    if args.plot and plot(result, Path(args.plot)):
+    model_tok = load_model(args.model)
+    results = [
+        run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), spec,
+            model_tok=model_tok, use_rope=args.rope)
+        for spec in args.profile.split(",")
+    ]
+    for result in results:
+        print(table(result))
+    if len(results) > 1:
+        print(side_by_side(results, args.profile.split(",")))
+    if args.plot and plot(results[0], Path(args.plot)):
         print(f"plot written to {args.plot}")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
 
 
 if __name__ == "__main__":

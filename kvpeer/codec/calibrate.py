@@ -17,6 +17,7 @@ Blocking, uses torch and transformers (imported by the caller's model); not for 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpeer.codec import levels, quant
+from kvpeer.codec import core, levels, quant
 from kvpeer.codec.profile import CodecProfile
 
 log = logging.getLogger(__name__)
@@ -154,12 +155,15 @@ def calibrate(
     stride = len(ids) // windows
     step_log2 = levels.get(levels.DEFAULT_LEVEL).step_log2  # any level: the ratios are the same
     per_window = []
+    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     for w in range(windows):
         window = ids[w * stride : w * stride + span]
         k, v = prefix_kv(model, window[None, :prefix_tokens])
         k, v = k.half().float(), v.half().float()
         fk, fv = fisher_diagonal(model, k, v, window[None, prefix_tokens:], samples, seed=w)
         kv = torch.stack([k, v]).numpy()
+        chunks += [(k[:, :, i : i + 256].half().contiguous(), v[:, :, i : i + 256].half().contiguous())
+                   for i in range(0, prefix_tokens, 256)]
         per_window.append(head_costs(kv, torch.stack([fk, fv]).numpy(), step_log2, sink))
         if progress:
             progress(f"window {w + 1}/{windows}: predicted q8 KL {0.5 / 12 * per_window[-1].sum():.2e}")
@@ -167,7 +171,7 @@ def calibrate(
     layers, heads = cost.shape[0] // 2, cost.shape[1]
     agreement = _log_correlation(per_window)
     log.info("per-head cost: window-to-window correlation of log cost %.2f", agreement)
-    return CodecProfile.from_sensitivities(
+    profile = CodecProfile.from_sensitivities(
         fingerprint,
         [float(c) for c in cost[:layers].ravel()],
         [float(c) for c in cost[layers:].ravel()],
@@ -175,9 +179,40 @@ def calibrate(
         limit=limit,
         source=(
             f"calibrate: Fisher map, {windows}x({prefix_tokens}+{continuation_tokens}) tokens of the calibration "
-            f"text, {samples} samples per window; window-to-window r(log cost) {agreement:.2f}; clamp x{limit:g}"
+            f"text, {samples} samples per window; window-to-window r(log cost) {agreement:.2f}; clamp x{limit:g}; "
+            f"level scales: equal size on those windows' chunks"
         ),
     )
+    scales = equal_size_scales(profile, chunks)
+    if progress:
+        progress("level scales (equal size): " + ", ".join(f"{name} {x:.3f}" for name, x in scales.items()))
+    return dataclasses.replace(profile, level_scale=scales)
+
+
+def equal_size_scales(profile: CodecProfile, chunks: list[tuple[torch.Tensor, torch.Tensor]],
+                      rounds: int = 7) -> dict[str, float]:
+    """Per lossy level, the common factor on ``profile`` that encodes ``chunks`` to the plain call's size.
+
+    Geometric mean 1 keeps the nominal rate, but at few bits per element the entropy coder's
+    rate does not fall as fast as -log2(step) for heads made coarser, so a level's size drifts;
+    bisection on log2 of the factor within ±1 octave (``rounds`` halvings) pins it.
+    """
+    def size(level: str, scale: float | None) -> int:
+        tuned = None if scale is None else dataclasses.replace(profile, level_scale={level: scale})
+        return sum(len(core.encode(k, v, level, profile=tuned)) for k, v in chunks)
+
+    scales = {}
+    for spec in (levels.get(name) for name in levels.LEVELS if not levels.get(name).lossless):
+        target = size(spec.name, None)
+        low, high = -1.0, 1.0  # log2 of the factor; a larger factor gives a smaller blob
+        for _ in range(rounds):
+            mid = 0.5 * (low + high)
+            if size(spec.name, 2.0**mid) > target:
+                low = mid
+            else:
+                high = mid
+        scales[spec.name] = float(f"{2.0 ** (0.5 * (low + high)):.4g}")
+    return scales
 
 
 def _log_correlation(costs: list[np.ndarray]) -> float:

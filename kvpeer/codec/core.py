@@ -95,7 +95,7 @@ def encode(
             if resolved.layers != layers:
                 raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
             # the scaled base steps are what the side info stores: decoding needs no profile
-            steps = (steps * np.asarray(resolved.grid(heads), np.float32)).astype(np.float32)
+            steps = (steps * np.asarray(resolved.grid(heads, spec.name), np.float32)).astype(np.float32)
             steps, codes = quant.fit_codes(x, steps, codes)
         q = quant.quantize(x, steps, codes)
         side_raw = b"".join((

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpeer.codec import levels
 from kvpeer.errors import CodecError
 
 PROFILE_VERSION = 2  # 2: multipliers of the v2 base step (geometric-mean channel span)
@@ -26,6 +27,7 @@ _MAX_LAYERS = 1024
 _MAX_HEADS = 1024
 _MAX_BYTES = 4 << 20  # a profile file is a few KB; refuse to parse anything absurd
 MULTIPLIER_RANGE = (1e-4, 1e4)
+LEVEL_SCALE_RANGE = (0.25, 4.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +38,9 @@ class CodecProfile:
     k: tuple[float, ...]
     v: tuple[float, ...]
     heads: int = 1  # multipliers per layer; 1 = one per (tensor, layer), applied to every head
+    # per lossy level, a common factor on every multiplier that keeps that level's size equal to
+    # the plain call's (the rate does not follow -log2(step) exactly at few bits); absent = 1
+    level_scale: dict[str, float] = field(default_factory=dict)
     source: str = ""  # how it was measured (calibration text, Fisher samples)
 
     def __post_init__(self) -> None:
@@ -51,6 +56,11 @@ class CodecProfile:
         for w in (*self.k, *self.v):
             if not (math.isfinite(w) and low <= w <= high):
                 raise CodecError(f"profile multiplier {w} out of range")
+        for name, scale in self.level_scale.items():
+            if name not in levels.BY_NAME or levels.BY_NAME[name].lossless:
+                raise CodecError(f"profile scale for unknown or lossless level {name!r}")
+            if not (isinstance(scale, float) and LEVEL_SCALE_RANGE[0] <= scale <= LEVEL_SCALE_RANGE[1]):
+                raise CodecError(f"profile level scale {scale} out of range")
 
     @property
     def layers(self) -> int:
@@ -60,11 +70,12 @@ class CodecProfile:
         """K multipliers then V multipliers, layer-major: the order of the codec's [2*layers, heads]."""
         return [*self.k, *self.v]
 
-    def grid(self, heads: int) -> list[list[float]]:
-        """Multipliers as rows [2*layers][heads] for a chunk with ``heads`` KV heads."""
+    def grid(self, heads: int, level: str | None = None) -> list[list[float]]:
+        """Multipliers as rows [2*layers][heads] for a chunk with ``heads`` KV heads at ``level``."""
         if self.heads not in (1, heads):
             raise CodecError(f"profile has {self.heads} heads per layer, the chunk {heads}")
-        flat = self.multipliers()
+        scale = self.level_scale.get(level, 1.0) if level else 1.0
+        flat = [w * scale for w in self.multipliers()]
         return [flat[row * self.heads : (row + 1) * self.heads] * (heads // self.heads) for row in range(2 * self.layers)]
 
     @classmethod
@@ -91,7 +102,7 @@ class CodecProfile:
     def to_json(self) -> str:
         return json.dumps(
             {"version": PROFILE_VERSION, "model": self.model, "heads": self.heads, "source": self.source,
-             "k": list(self.k), "v": list(self.v)},
+             "level_scale": self.level_scale, "k": list(self.k), "v": list(self.v)},
             indent=1,
         )
 
@@ -106,11 +117,15 @@ class CodecProfile:
             heads = raw.get("heads", 1)
             if not isinstance(heads, int) or isinstance(heads, bool):
                 raise CodecError("profile head count must be an integer")
+            scales = raw.get("level_scale", {})
+            if not isinstance(scales, dict):
+                raise CodecError("profile level_scale must map level names to factors")
             return cls(
                 model=str(raw["model"]),
                 k=tuple(float(x) for x in raw["k"]),
                 v=tuple(float(x) for x in raw["v"]),
                 heads=heads,
+                level_scale={str(name): float(x) for name, x in scales.items()},
                 source=str(raw.get("source", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def test_per_head_profile_round_trip_and_grid(tmp_path: Path) -> None:
     assert CodecProfile(model="m", k=(1.0, 2.0), v=(1.0, 1.0)).grid(4)[1] == [2.0] * 4  # per-layer: every head
     with pytest.raises(codec.CodecError):
         p.grid(2)
+    scaled = dataclasses.replace(p, level_scale={"q4": 1.5})
+    assert CodecProfile.from_json(scaled.to_json()) == scaled
+    assert scaled.grid(3, "q4")[2] == [1.5 * w for w in p.v[:3]] and scaled.grid(3, "q8") == grid
 
 
 @pytest.mark.parametrize("text", [
@@ -78,6 +82,10 @@ def test_per_head_profile_round_trip_and_grid(tmp_path: Path) -> None:
     '{"version": 2, "model": "m", "k": [1, "nan"], "v": [1, 1]}',
     '{"version": 2, "model": "", "k": [1], "v": [1]}',
     '{"version": 2, "model": "m", "k": "ab", "v": [1, 1]}',
+    '{"version": 2, "model": "m", "k": [1], "v": [1], "level_scale": {"q9": 1.0}}',
+    '{"version": 2, "model": "m", "k": [1], "v": [1], "level_scale": {"exact": 1.0}}',
+    '{"version": 2, "model": "m", "k": [1], "v": [1], "level_scale": {"q4": 100.0}}',
+    '{"version": 2, "model": "m", "k": [1], "v": [1], "level_scale": [1.0]}',
 ])
 def test_bad_per_head_profiles_rejected(text: str) -> None:
     with pytest.raises(codec.CodecError):
@@ -101,6 +109,9 @@ def test_per_head_profile_decodes_without_it_and_steps_travel_in_the_blob() -> N
     assert err(v1[1, 2], v[1, 2]) > err(vp[1, 2], v[1, 2]) * 2  # coarser head
     with pytest.raises(codec.CodecError):
         codec.encode(*_pair(8, heads=2), "q5", profile=prof)  # 3 heads per layer vs 2
+    coarser = dataclasses.replace(prof, level_scale={"q5": 2.0})  # the level's scale: coarser everywhere
+    assert len(codec.encode(k, v, "q5", profile=coarser)) < len(blob)
+    assert codec.encode(k, v, "q6", profile=coarser) == codec.encode(k, v, "q6", profile=prof)
 
 
 def test_corrupted_profile_blob_is_codec_error() -> None:
