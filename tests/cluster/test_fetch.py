@@ -123,7 +123,7 @@ def test_fetch_through_the_relay_with_delay_and_loss_is_exact(tmp_path: Path) ->
         with KVPeerClient(socket_path=node_b.socket_path) as client:
             wait_until_visible(client, tokens)
             with client.fetch(tokens, FP, min_level="exact") as result:
-                assert result.matched_tokens == 2 * CHUNK
+                assert result.matched_tokens == 2 * CHUNK, node_b.log_text()[-4000:]
                 assert torch.equal(result.k, k) and torch.equal(result.v, v)
         for node in cluster.nodes:  # the relay's counters come back once it stops
             cluster.stop_node(node)
