@@ -132,6 +132,11 @@ class InventorySync:
                 # Stop when caught up, or when the answer did not move (an advertised epoch
                 # ahead of the peer's own log must not make us ask in a tight loop).
                 if latest is None or latest.epoch <= epoch or epoch == previous:
+                    if latest is not None:
+                        # The answer may already cover an advertisement that came in while it
+                        # was on its way (a first put: epoch and models move together); the
+                        # table must not keep the models of the older advertisement.
+                        self.table.set_fingerprints(peer_id, latest.fingerprints)
                     return
                 previous = epoch
         finally:

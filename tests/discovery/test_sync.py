@@ -52,3 +52,33 @@ def test_events_drive_full_then_delta_then_drop() -> None:
         await sync.close()
 
     asyncio.run(main())
+
+
+def test_an_advert_that_arrives_during_the_pull_sets_the_models() -> None:
+    """A peer first seen with no models puts its first chunks while we pull its inventory: the
+    answer already holds the new epoch, so no second pull runs — the table must still learn the
+    models of the newer advertisement (else lookups filtered by model find nothing)."""
+
+    async def main() -> None:
+        log = InventoryLog(epoch=0)
+        answer_now = asyncio.Event()
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            await answer_now.wait()
+            return log.since(body["since"])
+
+        sync = InventorySync(InventoryTable(), request, retry_s=0.01)
+        bare = PeerInfo(node_id="p", addresses=("10.0.0.2",), port=7457, fingerprints=(), epoch=0,
+                        chunk_count=0)
+        sync.on_event(PeerEvent(kind="added", peer=bare))
+        await asyncio.sleep(0)  # the pull is on its way
+        key = os.urandom(32)
+        log.add([key])
+        sync.on_event(PeerEvent(kind="updated", peer=peer(log), epoch_changed=True))
+        answer_now.set()
+        await sync.wait_synced("p", 10, epoch=log.epoch)
+        await asyncio.sleep(0)  # let the sync task finish its turn
+        assert sync.table.longest_prefix([key], FP) == (1, [{"p"}])
+        await sync.close()
+
+    asyncio.run(main())
