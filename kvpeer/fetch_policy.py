@@ -341,6 +341,28 @@ class ResolutionController:
             meets_deadline=meets,
         )
 
+    def should_recompute(
+        self, now: float, bandwidth_bps: float, rtt_s: float = 0.0, margin: float = 1.0
+    ) -> RecomputeRest | None:
+        """Between decisions (all chunks requested, or the window full): would the chunks in
+        flight plus the rest at the fastest allowed level finish more than ``margin`` times later
+        than recomputing from the first missing chunk? Then :class:`RecomputeRest`, else None.
+        Lets a fetch give up as soon as the bytes arriving show the link too slow, instead of
+        waiting for the next chunk to be requested."""
+        if margin < 1:
+            raise ValueError("margin must be >= 1")
+        if not self.allow_recompute:
+            return None
+        recompute = self.recompute_finish(now)
+        if recompute <= now:
+            return None  # the whole prefix is in: nothing left to recompute
+        best = min(self.finish_time(now, bandwidth_bps, name, rtt_s) for name in self.allowed)
+        if best - now <= margin * (recompute - now):
+            return None
+        return RecomputeRest(
+            from_index=self.prefix_done(), predicted_finish=best, recompute_finish=recompute
+        )
+
     def reconsider(
         self, index: int, level: str, received: int, now: float, bandwidth_bps: float
     ) -> FetchAt | None:

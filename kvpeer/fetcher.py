@@ -146,7 +146,15 @@ class FetcherConfig:
     """Bytes of a transfer a cancel cannot recall (the sender's buffered data): preempting a
     chunk saves only what lies beyond them."""
     evidence_s: float = 2.0
-    """Before a whole chunk from some peer was measured, "recompute the rest" waits this long."""
+    """Before a whole chunk from some peer was measured, "recompute the rest" waits this long,
+    unless the transport's live estimate is evidence enough (``evidence_bytes``)."""
+    evidence_bytes: int = 512 * 1024
+    """Bytes a peer's session has delivered (in this fetch or earlier ones: an abandoned
+    transfer's bytes count) before its live estimate may decide "recompute the rest". Two of the
+    transport's 256 KiB samples, so one sample read during slow start does not decide alone."""
+    recompute_margin: float = 1.25
+    """On the live estimate alone (no whole chunk measured, ``evidence_s`` not over), recompute
+    only when even the floor would finish this many times later than recomputing."""
     max_retries: int = 3
     """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -508,6 +516,7 @@ class _FetchRun:
                 return
             self._handle_stalls(now)
             self._maybe_preempt(now)
+            self._check_recompute(now)
             self._start_transfers(now)
             if self.reported >= self._end():
                 return
@@ -618,15 +627,7 @@ class _FetchRun:
             else:
                 decision = self._decide(index, now, bandwidth, rtt)
                 if isinstance(decision, RecomputeRest):
-                    self.note("recompute", index=decision.from_index)
-                    log.info(
-                        "fetch: recomputing from chunk %d is faster (%.2fs vs %.2fs)",
-                        decision.from_index, decision.recompute_finish - now,
-                        decision.predicted_finish - now,
-                    )
-                    # Chunks received below the cut are still restored, and chunks in flight right
-                    # after them finish if that is quicker than recomputing them.
-                    self._cut_at(self._worth_finishing(now), "recompute")
+                    self._give_up(decision, now)
                     return
                 assert isinstance(decision, FetchAt)
                 level = decision.level
@@ -639,23 +640,62 @@ class _FetchRun:
             self._launch(index, peer, level, now)
 
     def _decide(self, index: int, now: float, bandwidth: float, rtt: float) -> Any:
-        """The controller's decision; giving up needs evidence: a whole chunk measured from some
-        peer, ``evidence_s`` into the fetch, or a link hopeless by far (the transport's first
-        samples read slow start, and a wrong "recompute" costs the whole prefix)."""
+        """The controller's decision; "recompute" only when :meth:`_may_recompute` agrees."""
         decision = self.ctl.decide(index, now, bandwidth, rtt)
-        if not isinstance(decision, RecomputeRest):
-            return decision
-        evidence = any(p in self.f.chunk_rates for p in self.sched.peers()) or (
-            now - self.start >= self.cfg.evidence_s
-        )
-        hopeless = decision.predicted_finish - now > 3 * (decision.recompute_finish - now)
-        if evidence or hopeless:
+        if not isinstance(decision, RecomputeRest) or self._may_recompute(decision, now):
             return decision
         self.ctl.allow_recompute = False
         try:
             return self.ctl.decide(index, now, bandwidth, rtt)
         finally:
             self.ctl.allow_recompute = True
+
+    def _may_recompute(self, decision: RecomputeRest, now: float) -> bool:
+        """Giving up needs evidence (the transport's first samples read slow start, and a wrong
+        "recompute" costs the whole prefix): a whole chunk measured from some peer, or
+        ``evidence_s`` into the fetch, or a link hopeless by 3x; or, on the live estimate of a
+        peer that delivered ``evidence_bytes`` (possibly in an earlier, abandoned fetch: the
+        estimate lasts across fetches), a clear loss by ``recompute_margin``."""
+        fetch_left = decision.predicted_finish - now
+        recompute_left = decision.recompute_finish - now
+        if fetch_left > 3 * recompute_left:
+            return True
+        peers = [p for p in self.sched.peers() if p != LOCAL]
+        if any(p in self.f.chunk_rates for p in peers) or now - self.start >= self.cfg.evidence_s:
+            return True
+        if peers and all(self._live_evidence(p, now) for p in peers):
+            return fetch_left > self.cfg.recompute_margin * recompute_left
+        return False
+
+    def _live_evidence(self, peer: str, now: float) -> bool:
+        """The transport measured ``peer`` over at least ``evidence_bytes`` of its data."""
+        session = self.f.sessions(peer)
+        if session is None or not session.estimator.bandwidth_bps(now):
+            return False
+        delivered = getattr(session.estimator, "total_bytes", 0)
+        return isinstance(delivered, int) and delivered >= self.cfg.evidence_bytes
+
+    def _check_recompute(self, now: float) -> None:
+        """Between requests (the window full, or every chunk asked for), give up as soon as the
+        bytes arriving show that even the floor loses clearly to recomputing, rather than at the
+        next request or the end of the chunks in flight."""
+        if self.fixed is not None or self.cut < len(self.keys) or not self.transfers:
+            return
+        bandwidth, rtt = self._link(now)
+        decision = self.ctl.should_recompute(now, bandwidth, rtt, self.cfg.recompute_margin)
+        if decision is None or not self._may_recompute(decision, now):
+            return
+        self._give_up(decision, now)
+
+    def _give_up(self, decision: RecomputeRest, now: float) -> None:
+        self.note("recompute", index=decision.from_index)
+        log.info(
+            "fetch: recomputing from chunk %d is faster (%.2fs vs %.2fs)",
+            decision.from_index, decision.recompute_finish - now, decision.predicted_finish - now,
+        )
+        # Chunks received below the cut are still restored, and chunks in flight right after
+        # them finish if that is quicker than recomputing them.
+        self._cut_at(self._worth_finishing(now), "recompute")
 
     def _worth_finishing(self, now: float) -> int:
         """End of the received prefix extended by in-flight chunks that will arrive sooner than

@@ -392,3 +392,29 @@ def test_prior_of_the_lossless_level_follows_the_cache_dtype() -> None:
     fp32 = prior_bytes_per_token(LEVELS, FP16_PER_TOKEN, dtype_bytes=4)
     assert fp32["exact"] == pytest.approx(2 * fp16["exact"])
     assert fp32["q4"] == pytest.approx(fp16["q4"])
+
+
+def test_should_recompute_counts_the_chunks_in_flight_and_needs_the_margin() -> None:
+    # 2,048 tokens recomputed at 400 tokens/s: 5.1 s. At 10 Mbit/s the floor (q3, 7.4 MB) takes
+    # ~6.9 s: 1.35x later than recomputing.
+    ctl = controller(recompute_rate=400.0)
+    for index in range(2):
+        ctl.chunk_sent(index, "q3")  # the window is full: no decide() until one arrives
+    decision = ctl.should_recompute(0.0, 10 * MBIT, margin=1.25)
+    assert isinstance(decision, RecomputeRest) and decision.from_index == 0
+    assert decision.predicted_finish > 1.25 * decision.recompute_finish
+    assert ctl.should_recompute(0.0, 10 * MBIT, margin=1.5) is None  # not clear enough
+    assert ctl.should_recompute(0.0, 100 * MBIT, margin=1.25) is None
+
+
+def test_should_recompute_keeps_the_received_prefix_and_obeys_a_guessed_rate() -> None:
+    ctl = controller(recompute_rate=400.0)
+    ctl.chunk_sent(0, "q3")
+    ctl.chunk_received(0, "q3", int(BPT["q3"] * TOKENS))
+    ctl.chunk_sent(1, "q3")
+    decision = ctl.should_recompute(1.0, 2 * MBIT)
+    assert isinstance(decision, RecomputeRest) and decision.from_index == 1
+    ctl.allow_recompute = False
+    assert ctl.should_recompute(1.0, 2 * MBIT) is None
+    with pytest.raises(ValueError):
+        controller().should_recompute(0.0, MBIT, margin=0.5)

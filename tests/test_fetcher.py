@@ -48,6 +48,7 @@ def key(index: int) -> bytes:
 class Estimator:
     def __init__(self, bps: float | None) -> None:
         self.bps = bps
+        self.total_bytes = 0  # payload the session delivered (kvpeer.transport's estimator)
 
     def bandwidth_bps(self, now: float) -> float | None:
         return self.bps
@@ -448,5 +449,49 @@ def test_an_unproven_slow_estimate_does_not_stop_the_fetch_before_one_chunk_is_m
         out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
         assert peer.calls, "gave up without measuring a single chunk"
         assert out.chunks >= 1
+
+    asyncio.run(main())
+
+
+def test_a_slow_link_measured_by_an_earlier_fetch_means_recompute_at_once() -> None:
+    """The transport's live estimate lasts across fetches: once it stands on enough bytes (an
+    earlier fetch's, even one abandoned before any chunk finished), a link that loses clearly
+    to recomputing is not asked for a chunk again."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=1e5)
+        peer.estimator.total_bytes = 1 << 20  # delivered earlier on this session
+        f = fetcher({"a": peer})
+        recompute_rate = 4 * TOKENS / 3.0  # recompute: 3 s; the estimate says ~5 s to fetch
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
+        assert out.reason == "recompute" and out.chunks == 0
+        assert peer.calls == []
+
+    asyncio.run(main())
+
+
+def test_a_link_found_slow_mid_chunk_is_given_up_without_waiting_for_the_chunk() -> None:
+    """Within one fetch: when the bytes arriving show that even the floor loses clearly to
+    recomputing, the fetch stops at once, not when the chunk in flight ends or after
+    ``evidence_s`` (here an hour, and the chunk never ends)."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=None)  # unmeasured: the fetch starts on the 100 Mbit/s guess
+        gate = asyncio.Event()  # never set: chunk 0 stays in flight
+        peer.gates[0] = gate
+        f = fetcher({"a": peer}, evidence_s=3600.0)
+        recompute_rate = 4 * TOKENS / 3.0
+        task = asyncio.create_task(
+            f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
+        )
+        await wait_until(lambda: bool(peer.calls))
+        assert not task.done()
+        peer.estimator.bps = 1e5  # the transport measured the chunk's first bytes: too slow
+        peer.estimator.total_bytes = 1 << 20
+        async with asyncio.timeout(10):
+            out = await task
+        assert out.reason == "recompute" and out.chunks == 0
+        assert [e.kind for e in out.events].count("recompute") == 1
+        assert peer.calls == [(0, "q8")]
 
     asyncio.run(main())
