@@ -202,6 +202,11 @@ class TransportSection:
     max_transfers_per_peer: int = setting(
         16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024
     )
+    congestion_control: str = setting(
+        "rate", "SCTP congestion control: \"rate\" (window from the measured delivery rate and "
+        "min RTT; random loss does not shrink it) or \"reno\" (aiortc's: halves on every loss).",
+        choices=("rate", "reno"),
+    )
 
     def __post_init__(self) -> None:
         if 0 < self.mtu < 576:

@@ -439,6 +439,7 @@ def transport_config(config: Config, default_host: str) -> TransportConfig:
         "max_message_bytes": section.max_message_bytes,
         "max_blob_bytes": section.max_blob_bytes,
         "max_transfers_per_peer": section.max_transfers_per_peer,
+        "congestion_control": section.congestion_control,
     }
     if section.mtu != "auto":
         values["mtu"] = section.mtu

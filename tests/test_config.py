@@ -183,10 +183,20 @@ def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
     assert mapped.mtu is None  # 0 = auto
     for name in ("port", "connect_timeout_s", "request_timeout_s", "heartbeat_interval_s",
                  "peer_dead_after_s", "allow_loopback", "max_message_bytes", "max_blob_bytes",
-                 "max_transfers_per_peer"):
+                 "max_transfers_per_peer", "congestion_control"):
         assert getattr(mapped, name) == getattr(section, name), name
     unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
     assert unset.host == "10.0.0.3"
+
+
+def test_congestion_control_reaches_the_daemons_transport(tmp_path: Path) -> None:
+    daemon = pytest.importorskip("kvpeer.daemon")
+    text = '[node]\nnode_id = "n"\n[transport]\ncongestion_control = "reno"\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert daemon.transport_config(config, "10.0.0.2").congestion_control == "reno"
+    env = {"KVPEER_TRANSPORT__CONGESTION_CONTROL": "cubic"}
+    with pytest.raises(ConfigError, match="transport.congestion_control"):
+        load_config(write(tmp_path, '[node]\nnode_id = "n"\n'), env=env)
 
 
 def test_kvpeerd_check_config(tmp_path: Path) -> None:
