@@ -23,7 +23,7 @@ lint: install
 	$(PY) -m ruff check kvpeer tests benchmarks examples
 
 # The sans-IO core (formats, protocol state, policies) is held to mypy --strict.
-STRICT_CORE := kvpeer/errors.py kvpeer/hashing.py kvpeer/fetch_policy.py \
+STRICT_CORE := kvpeer/errors.py kvpeer/hashing.py kvpeer/fetch_policy.py kvpeer/transport/congestion.py \
 	kvpeer/discovery/inventory.py kvpeer/discovery/peers.py kvpeer/discovery/advert.py \
 	kvpeer/transport/messages.py kvpeer/transport/estimator.py kvpeer/transport/liveness.py \
 	kvpeer/transport/auth.py kvpeer/transport/blobs.py kvpeer/api/messages.py \
