@@ -172,7 +172,8 @@ def side_by_side(results: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> bool:
+def plot(results: list[dict[str, Any]], path: Path, names: list[str] | None = None) -> bool:
+    """Ratio vs KL and vs top-1 per level, one line per run (profile), into a PNG."""
     try:
         import matplotlib
 
@@ -180,17 +181,22 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = result["rows"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for i, result in enumerate(results):
+        rows = result["rows"]
+        label = names[i] if names else result["profile"][:40]
+        for axis, key in ((ax[0], "kl"), (ax[1], "top1")):
+            axis.plot([r["ratio"] for r in rows], [max(r[key], 1e-9) for r in rows], "o-", label=f"profile {label}")
+            for r in rows:
+                axis.annotate(r["level"], (r["ratio"], max(r[key], 1e-9)))
     for axis, key, label in ((ax[0], "kl", "mean KL divergence"), (ax[1], "top1", "top-1 agreement")):
-        axis.plot([r["ratio"] for r in rows], [max(r[key], 1e-9) for r in rows], "o-")
-        for r in rows:
-            axis.annotate(r["level"], (r["ratio"], max(r[key], 1e-9)))
         axis.set_xlabel("size ratio vs fp16")
         axis.set_ylabel(label)
         if key == "kl":
             axis.set_yscale("log")
-    fig.suptitle(f"kvpeer codec fidelity: {result['model']}")
+        if len(results) > 1:
+            axis.legend()
+    fig.suptitle(f"kvpeer codec fidelity: {results[0]['model']}")
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -230,7 +236,7 @@ def main() -> None:
         print(table(result))
     if len(results) > 1:
         print(side_by_side(results, args.profile.split(",")))
-    if args.plot and plot(results[0], Path(args.plot)):
+    if args.plot and plot(results, Path(args.plot), args.profile.split(",")):
         print(f"plot written to {args.plot}")
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
