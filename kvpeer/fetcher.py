@@ -152,6 +152,10 @@ class FetcherConfig:
     """Bytes a peer's session has delivered (in this fetch or earlier ones: an abandoned
     transfer's bytes count) before its live estimate may decide "recompute the rest". Two of the
     transport's 256 KiB samples, so one sample read during slow start does not decide alone."""
+    link_memory_s: float = 120.0
+    """How long the fetcher remembers a peer's live estimate that was evidence, after the
+    transport forgot it (it drops an estimate 30 s after its last sample: a client recomputing
+    after an abandoned fetch can easily take that long before it asks again)."""
     recompute_margin: float = 1.25
     """On the live estimate alone (no whole chunk measured, ``evidence_s`` not over), recompute
     only when even the floor would finish this many times later than recomputing."""
@@ -284,6 +288,9 @@ class Fetcher:
         self.bytes_from_peers = 0
         self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
         self.chunk_samples: dict[str, int] = {}
+        # peer -> (bits/s, when): the transport's live estimate once it stood on evidence_bytes,
+        # kept for link_memory_s (partial-chunk evidence, abandoned transfers included).
+        self.link_rates: dict[str, tuple[float, float]] = {}
 
     def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
         """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
@@ -552,8 +559,7 @@ class _FetchRun:
         delays included), unless the transport's live estimate shows a sharp drop first."""
         if peer == LOCAL:
             return 1e12
-        session = self.f.sessions(peer)
-        live = session.estimator.bandwidth_bps(now) if session is not None else None
+        live, _ = self._live(peer, now)
         chunks = self.f.chunk_rates.get(peer)
         if live or chunks:
             self.sched.set_window(peer, self.cfg.scheduler.window)
@@ -569,10 +575,24 @@ class _FetchRun:
         return chunks
 
     def _measured(self, peer: str, now: float) -> bool:
-        if peer in self.f.chunk_rates:
-            return True
+        return peer in self.f.chunk_rates or self._live(peer, now)[0] is not None
+
+    def _live(self, peer: str, now: float) -> tuple[float | None, bool]:
+        """The transport's live estimate of ``peer`` and whether it is evidence (stands on
+        ``evidence_bytes`` of the session's data); once the transport forgot it, the last one
+        that was evidence, for ``link_memory_s``."""
         session = self.f.sessions(peer)
-        return session is not None and bool(session.estimator.bandwidth_bps(now))
+        live = session.estimator.bandwidth_bps(now) if session is not None else None
+        if session is not None and live:
+            delivered = getattr(session.estimator, "total_bytes", 0)
+            if isinstance(delivered, int) and delivered >= self.cfg.evidence_bytes:
+                self.f.link_rates[peer] = (float(live), now)
+                return float(live), True
+            return float(live), False
+        remembered = self.f.link_rates.get(peer)
+        if remembered is not None and now - remembered[1] <= self.cfg.link_memory_s:
+            return remembered[0], True
+        return None, False
 
     def _chunk_rate(self, peer: str, launched: float, now: float, nbytes: int) -> None:
         """One whole-chunk goodput sample (the transport's first samples catch SCTP's slow
@@ -663,17 +683,9 @@ class _FetchRun:
         peers = [p for p in self.sched.peers() if p != LOCAL]
         if any(p in self.f.chunk_rates for p in peers) or now - self.start >= self.cfg.evidence_s:
             return True
-        if peers and all(self._live_evidence(p, now) for p in peers):
+        if peers and all(self._live(p, now)[1] for p in peers):
             return fetch_left > self.cfg.recompute_margin * recompute_left
         return False
-
-    def _live_evidence(self, peer: str, now: float) -> bool:
-        """The transport measured ``peer`` over at least ``evidence_bytes`` of its data."""
-        session = self.f.sessions(peer)
-        if session is None or not session.estimator.bandwidth_bps(now):
-            return False
-        delivered = getattr(session.estimator, "total_bytes", 0)
-        return isinstance(delivered, int) and delivered >= self.cfg.evidence_bytes
 
     def _check_recompute(self, now: float) -> None:
         """Between requests (the window full, or every chunk asked for), give up as soon as the

@@ -495,3 +495,27 @@ def test_a_link_found_slow_mid_chunk_is_given_up_without_waiting_for_the_chunk()
         assert peer.calls == [(0, "q8")]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("memory_s", [120.0, 0.0])
+def test_the_fetcher_remembers_a_slow_link_after_the_transport_forgot_it(memory_s: float) -> None:
+    """The transport drops an estimate 30 s after its last sample; a client that recomputed
+    after a given-up fetch asks again later than that. Within ``link_memory_s`` the fetcher
+    still knows the link loses to recomputing; past it, it measures again."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=1e5)
+        peer.estimator.total_bytes = 1 << 20
+        f = fetcher({"a": peer}, link_memory_s=memory_s)
+        keys = [key(i) for i in range(4)]
+        recompute_rate = 4 * TOKENS / 3.0
+        first = await f.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
+        assert first.reason == "recompute" and peer.calls == []
+        peer.estimator.bps = None  # stale at the transport
+        again = await f.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
+        if memory_s:
+            assert again.reason == "recompute" and peer.calls == []
+        else:
+            assert peer.calls  # nothing known: probe (the stand-in answers at once)
+
+    asyncio.run(main())
