@@ -38,3 +38,26 @@ def test_default_level_kl_bound(smollm2: tuple[object, object]) -> None:
         kl[level] = _kv.mean_kl(ref, test)
     assert kl[codec.DEFAULT_LEVEL] <= KL_BOUND_DEFAULT
     assert kl["q4"] > kl[codec.DEFAULT_LEVEL]
+
+
+def test_shipped_profile_lowers_kl_at_equal_size(smollm2: tuple[object, object]) -> None:
+    """The daemon's path (profile = the model's fingerprint hex) beats the plain call at q6 (README: 0.5x)."""
+    from benchmarks import _kv
+    from kvpeer.codec import profile as profiles
+    from kvpeer.models import model_fingerprint
+
+    model, tok = smollm2
+    torch.set_num_threads(2)
+    fingerprint = model_fingerprint(model).hex
+    assert profiles.load(fingerprint) is not None, "no shipped profile for load_model()'s fingerprint"
+    (window,) = _kv.windows(tok, _kv.evaluation_text(), 256, 128, 1)
+    k, v = _kv.prefix_kv(model, window.prefix)
+    ref = _kv.continuation_logprobs(model, k, v, window.continuation)
+    kl, size = {}, {}
+    for name, profile in (("plain", None), ("profile", fingerprint)):
+        blob = codec.encode(k.half(), v.half(), "q6", profile=profile)
+        k2, v2 = codec.decode(blob)  # no profile needed to decode
+        size[name] = len(blob)
+        kl[name] = _kv.mean_kl(ref, _kv.continuation_logprobs(model, k2.float(), v2.float(), window.continuation))
+    assert kl["profile"] < kl["plain"], kl
+    assert abs(size["profile"] / size["plain"] - 1) < 0.03, size
