@@ -370,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
                 # One-way delay and loss each direction, in the router between the two nodes.
                 cluster.net.set_impairment(delay_ms=_seconds(args.delay) * 1000, loss_pct=args.loss)
             run_index = 0
+            warmup: Run | None = None
             if args.warmup:
                 # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
                 # grown on the idle fast link and loses ~1 s more in loss recovery than any
                 # later one: an untimed run first, so every policy starts from the same state.
-                _fetch_once(
+                warmup = _fetch_once(
                     args, cluster, model, fp, tokens, continuation, reference, k, v,
                     policies[0], recompute_s, run_index, peer_counts[0], "warmup",
                 )
@@ -420,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
               f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
               f"{run.top1_agreement:>6.3f}  {levels}")
+    if warmup is not None:
+        # Over fresh sessions the warm-up shows how soon a fetch on an unmeasured link gives up.
+        print(f"warm-up (untimed): KV in shm after {warmup.usable_s:.2f} s, "
+              f"{warmup.restored_tokens} tokens restored, {warmup.bytes_moved / 1e6:.1f} MB, "
+              f"usable after {warmup.fetch_s:.2f} s")
     if any(run.breakdown for run in runs):
         print("where the fetching daemon's time went (s): receive = first request -> last chunk "
               "in, decode = decoder busy, queued = chunks waiting for it, tail = last in -> done")
@@ -453,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [
             {k2: v2 for k2, v2 in asdict(run).items() if k2 != "chunk_times"} for run in runs
         ],
+        "warmup": (
+            {k2: v2 for k2, v2 in asdict(warmup).items() if k2 != "chunk_times"}
+            if warmup is not None else None
+        ),
     }
     if args.json:
         print(json.dumps(result))
