@@ -527,8 +527,11 @@ class _FetchRun:
             self._start_transfers(now)
             if self.reported >= self._end():
                 return
-            waiting = {i for i in self.received if i < self._end()} - self.restored.keys()
-            if not self.transfers and not waiting:
+            decoding = {i for i in self.received if i < self._end()} - self.restored.keys()
+            # The decoder may be inside the sink's chunk_done for restored chunks not yet
+            # reported: that is progress in hand, not a prefix that ran out.
+            reporting = self.reported in self.restored
+            if not self.transfers and not decoding and not reporting:
                 # Nothing in flight, nothing to decode and nothing startable: the rest is gone.
                 self._cut_at(self.reported, "unavailable")
                 return

@@ -519,3 +519,22 @@ def test_the_fetcher_remembers_a_slow_link_after_the_transport_forgot_it(memory_
             assert peer.calls  # nothing known: probe (the stand-in answers at once)
 
     asyncio.run(main())
+
+
+def test_a_sink_slow_to_take_the_last_chunks_does_not_cut_the_prefix() -> None:
+    """The sink's chunk_done may take several coordinator ticks (the engine's client is busy):
+    restored but unreported chunks are not "nothing left", so the whole prefix is reported."""
+
+    class SlowSink(Sink):
+        async def chunk_done(self, index: int, level: str) -> None:
+            await asyncio.sleep(0.05)  # a few ticks of tick_s below: the client's side is slow
+            await super().chunk_done(index, level)
+
+    async def main() -> None:
+        f = fetcher({"a": Peer("a")}, tick_s=0.005)
+        sink = SlowSink()
+        out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, sink, policy="fixed:exact")
+        assert out.chunks == 3 and out.reason == "complete", out.reason
+        assert [i for i, _ in sink.done] == [0, 1, 2]
+
+    asyncio.run(main())
