@@ -47,6 +47,18 @@ def wait_until_visible(client: KVPeerClient, tokens: np.ndarray, limit_s: float 
         time.sleep(0.1)
 
 
+def put_and_wait_until_visible(cluster: Any, holder: Any, fetcher: Any, tokens: np.ndarray,
+                               k: torch.Tensor, v: torch.Tensor) -> int:
+    """``holder`` stores the prefix losslessly; returns once ``fetcher`` sees all of it on its
+    peers. Returns the number of chunks put."""
+    with KVPeerClient(socket_path=holder.socket_path) as client:
+        chunks = client.put(tokens, k, v, FP, level="exact").chunks
+    cluster.wait_until_peer_holds(fetcher, holder.node_id)
+    with KVPeerClient(socket_path=fetcher.socket_path) as client:
+        wait_until_visible(client, tokens)
+    return chunks
+
+
 def wait_for_log(node: Any, needles: tuple[str, ...], limit_s: float = 15.0) -> str:
     deadline = time.monotonic() + limit_s
     while True:
@@ -60,11 +72,8 @@ def test_fetch_exact_through_the_pipeline_is_bit_identical(tmp_path: Path) -> No
     tokens, k, v = prefix(4)
     with DaemonCluster(2, workdir=tmp_path, config=CONFIG) as cluster:
         node_a, node_b = cluster.nodes
-        with KVPeerClient(socket_path=node_a.socket_path) as client:
-            assert client.put(tokens, k, v, FP, level="exact").chunks == 4
-        cluster.wait_until_peer_holds(node_b, node_a.node_id)
+        assert put_and_wait_until_visible(cluster, node_a, node_b, tokens, k, v) == 4
         with KVPeerClient(socket_path=node_b.socket_path) as client:
-            wait_until_visible(client, tokens)
             with client.fetch(tokens, FP, min_level="exact") as result:
                 assert result.matched_tokens == 4 * CHUNK
                 assert list(result.levels) == ["exact"] * 4
@@ -76,11 +85,8 @@ def test_lower_levels_are_made_by_the_serving_peer_on_demand(tmp_path: Path) -> 
     tokens, k, v = prefix(2, seed=1)
     with DaemonCluster(2, workdir=tmp_path, rate="20mbit", config=CONFIG) as cluster:
         node_a, node_b = cluster.nodes
-        with KVPeerClient(socket_path=node_a.socket_path) as client:
-            client.put(tokens, k, v, FP, level="exact")
-        cluster.wait_until_peer_holds(node_b, node_a.node_id)
+        put_and_wait_until_visible(cluster, node_a, node_b, tokens, k, v)
         with KVPeerClient(socket_path=node_b.socket_path) as client:
-            wait_until_visible(client, tokens)
             # 20 Mbit/s and a 4 s deadline: exact (~5 MB a chunk) cannot make it, q4 can.
             with client.fetch(tokens, FP, deadline_s=4.0, min_level="q4") as result:
                 levels = list(result.levels)
@@ -117,11 +123,8 @@ def test_fetch_through_the_relay_with_delay_and_loss_is_exact(tmp_path: Path) ->
     with DaemonCluster(2, workdir=tmp_path, config=CONFIG, relay=True) as cluster:
         cluster.net.set_impairment(delay_ms=2.0, loss_pct=1.0, seed=5)
         node_a, node_b = cluster.nodes
-        with KVPeerClient(socket_path=node_a.socket_path) as client:
-            client.put(tokens, k, v, FP, level="exact")
-        cluster.wait_until_peer_holds(node_b, node_a.node_id)
+        put_and_wait_until_visible(cluster, node_a, node_b, tokens, k, v)
         with KVPeerClient(socket_path=node_b.socket_path) as client:
-            wait_until_visible(client, tokens)
             with client.fetch(tokens, FP, min_level="exact") as result:
                 assert result.matched_tokens == 2 * CHUNK, node_b.log_text()[-4000:]
                 assert torch.equal(result.k, k) and torch.equal(result.v, v)
