@@ -26,6 +26,7 @@ import torch
 
 from kvpeer import __version__, codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
+from kvpeer.codec import container as codec_container
 from kvpeer.config import Config
 from kvpeer.discovery import (
     Advertisement,
@@ -85,6 +86,8 @@ class Daemon:
             disk_bytes=config.store.disk_bytes,
             directory=config.store.dir,
             level_order=codec.LEVELS,
+            # Blobs of another codec format are not loaded after an upgrade (unreadable now).
+            payload_format=f"codec{codec_container.FORMAT_VERSION}",
         )
         self.inventory = InventoryLog()
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"

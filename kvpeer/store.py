@@ -145,13 +145,20 @@ class ChunkStore:
         level_order: Sequence[str] = (),
         max_pending_bytes: int = 64 << 20,
         writers: int = 4,
+        payload_format: str = "",
     ) -> None:
         """``level_order``: known levels, most faithful first (others are refused); empty: any
         level name, ordered by name. ``max_pending_bytes``: disk writes queued before a put
         waits for the writers. ``writers``: writer threads (concurrent fsyncs share journal
-        commits, so a few threads write several times more files per second than one)."""
+        commits, so a few threads write several times more files per second than one).
+        ``payload_format``: what the payloads are (e.g. the codec's blob version); files kept
+        under another payload format are not loaded (a node upgraded to a new codec must not
+        serve blobs it can no longer read)."""
         if ram_bytes < 0 or disk_bytes < 0:
             raise StoreError("store budgets must be >= 0")
+        if payload_format and not re.fullmatch(r"[A-Za-z0-9_.]+", payload_format):
+            raise StoreError(f"store payload format {payload_format!r}: letters, digits, _ and . only")
+        self._format_dir = f"{FORMAT_DIR}-{payload_format}" if payload_format else FORMAT_DIR
         self.ram_limit = ram_bytes
         self.disk_limit = disk_bytes if directory is not None else 0
         self.directory = directory if self.disk_limit else None
@@ -352,7 +359,7 @@ class ChunkStore:
     def _path(self, slot: _Slot) -> Path:
         assert self.directory is not None
         key, level = slot
-        return self.directory / FORMAT_DIR / key[:1].hex() / f"{key.hex()}.{level}"
+        return self.directory / self._format_dir / key[:1].hex() / f"{key.hex()}.{level}"
 
     # The helpers below run with self._lock held.
     def _mark_present(self, slot: _Slot, changes: _Changes) -> None:
@@ -610,8 +617,10 @@ class ChunkStore:
 
     def _open_disk(self, directory: Path) -> None:
         try:
-            base = directory / FORMAT_DIR
+            base = directory / self._format_dir
             base.mkdir(parents=True, exist_ok=True)
+            others = [p.name for p in directory.iterdir()
+                      if p.is_dir() and p.name.startswith(FORMAT_DIR) and p.name != self._format_dir]
             self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise StoreError(f"store directory {directory}: {_describe_os_error(exc)}") from exc
@@ -657,6 +666,12 @@ class ChunkStore:
             "store %s: %d chunks, %d bytes on disk (limit %d); %d interrupted writes removed",
             directory, len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
         )
+        if others:
+            log.warning(
+                "store %s: ignoring %s (chunks of another format, unreadable by this version; "
+                "they do not count against store.disk_bytes: delete them to free the space)",
+                directory, ", ".join(sorted(others)),
+            )
 
 
 def _write_file_blocking(path: Path, header: bytes, blob: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -97,6 +98,28 @@ def test_disk_tier_survives_restart_and_keeps_lru_order(tmp_path: Path) -> None:
     smaller = ChunkStore(ram_bytes=0, disk_bytes=2 * size, directory=tmp_path, level_order=LEVELS)
     assert len(smaller.keys()) == 2 and len(files(tmp_path)) == 2  # budget shrank: LRU dropped
     smaller.close()
+
+
+def test_chunks_of_another_payload_format_are_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After a codec upgrade the old blobs are unreadable: the store must not serve them."""
+    size = record_size("q8", 1000)
+    old = ChunkStore(ram_bytes=0, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS,
+                     payload_format="codec1")
+    old.put_blocking(key(0), "q8", blob(0))
+    assert old.flush(timeout_s=30)
+    old.close()
+    with caplog.at_level(logging.WARNING, logger="kvpeer.store"):
+        new = ChunkStore(ram_bytes=0, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS,
+                         payload_format="codec2")
+    assert new.keys() == [] and not new.has(key(0))
+    assert "ignoring v1-codec1" in caplog.text
+    new.close()
+    again = ChunkStore(ram_bytes=0, disk_bytes=4 * size, directory=tmp_path, level_order=LEVELS,
+                       payload_format="codec1")
+    assert again.get_blocking(key(0)) == blob(0)  # the same format still reads them
+    again.close()
+    with pytest.raises(StoreError, match="payload format"):
+        ChunkStore(ram_bytes=0, payload_format="../x")
 
 
 def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
