@@ -49,6 +49,8 @@ def _from_raw(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     return torch.from_numpy(signed.copy()).view(_DTYPE_TORCH[dtype])
 
 
+MAX_EXACT_POSITION = 0xFFFF  # exact token positions are u16 in the side info
+
 def encode(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -79,6 +81,9 @@ def encode(
         sink = 0
         stream = "zstd"  # lossless float bits: video planes would not help
     else:
+        if tokens > MAX_EXACT_POSITION + 1:
+            # exact token positions travel as u16 in the side info
+            raise CodecError(f"a lossy chunk holds at most {MAX_EXACT_POSITION + 1} tokens, got {tokens}")
         kv = torch.stack([k, v]).detach().cpu()
         exact = _exact_positions(kv, sink, tokens)
         body_mask = np.ones(tokens, bool)
@@ -230,7 +235,14 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
         raise CodecError(f"stream {header.stream} cannot hold this chunk")
-    step = quant.channel_steps(steps, codes)
+    with np.errstate(over="ignore", under="ignore"):  # checked just below
+        step = quant.channel_steps(steps, codes)
+    # A forged side info can push base step x code past float32 (inf, then NaN in the KV) or to
+    # 0; our encoder never does (fit_codes bounds them). Symbols are at most int16.
+    limit = np.float64(np.finfo(np.float32).max) / 4
+    if (not np.all(np.isfinite(step)) or np.any(step <= 0)
+            or np.any((np.abs(zeros.astype(np.float64)) + 32768.0) * step > limit)):
+        raise CodecError("side info gives a channel step out of range")
     values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     dt = _DTYPE_TORCH[header.dtype]

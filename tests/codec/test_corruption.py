@@ -124,3 +124,32 @@ def test_fuzz_reforged_header(level: str, data: st.DataObject) -> None:
 
 def _fields(h: container.Header) -> dict[str, object]:
     return {name: getattr(h, name) for name in h.__slots__}
+
+
+@pytest.mark.parametrize(("base_step", "code"), [(1e38, -128), (1e-38, 127)])
+def test_a_forged_step_out_of_float32_range_is_a_codec_error(base_step: float, code: int) -> None:
+    """A peer's blob (re-signed, so digest and CRC hold) whose base step x channel code leaves
+    float32 would decode to inf/NaN or zero steps: refused instead."""
+    import dataclasses
+
+    import numpy as np
+
+    from kvpeer.codec import core, zstd_stream
+
+    blob = BLOBS["q8"]
+    h = codec.read_header(blob)
+    side, payload = container.sections(blob, h)
+    raw = bytearray(zstd_stream.decompress(bytes(side), core._side_len(h)))
+    pairs = 2 * h.layers * h.kv_heads
+    raw[0:4] = np.float32(base_step).astype("<f4").tobytes()  # first (tensor-layer, head)
+    raw[pairs * 4] = code & 0xFF  # its first channel's step code
+    new_side = zstd_stream.compress(bytes(raw))
+    forged = dataclasses.replace(h, side_len=len(new_side))
+    with pytest.raises(codec.CodecError, match="channel step out of range"):
+        codec.decode(container.pack(forged, new_side, bytes(payload)))
+
+
+def test_a_lossy_chunk_longer_than_the_exact_position_field_is_refused() -> None:
+    k = torch.zeros(1, 1, 65537, 1, dtype=torch.float16)
+    with pytest.raises(codec.CodecError, match="at most 65536 tokens"):
+        codec.encode(k, k, "q8")
