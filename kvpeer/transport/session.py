@@ -181,6 +181,7 @@ class PeerSession:
         assembler = BlobAssembler(blob_id, self._config.max_blob_bytes, key=key, level=level)
         self._incoming[blob_id] = (assembler, future)
         self.estimator.transfer_started(time.monotonic())
+        answered = False  # the peer was told BlobDone or BlobCancel (it frees its slot then)
         try:
             await self._send_control(m.BlobRequest(id=blob_id, key=key, level=level))
             await self._wait(future, limit_s, "blob fetch")
@@ -188,15 +189,23 @@ class PeerSession:
                 blob = await _off_loop(assembler.result, assembler.received_bytes)
             except ProtocolError as exc:  # the digest did not match
                 self._peer_error(exc)
+                answered = True
                 self._send_control_now(m.BlobCancel(id=blob_id))
                 raise
             # Confirm before the caller can ask for the next blob, so the peer's count of
             # transfers in flight never sees both (it answers BUSY above its limit).
+            answered = True
             self._send_control_now(m.BlobDone(id=blob_id))
         except BaseException:
-            if not self._closed and not future.done():
-                with contextlib.suppress(KVPeerError):
-                    await self._send_control(m.BlobCancel(id=blob_id))
+            if not self._closed and not answered:
+                if future.done():
+                    # Every byte is in but we were cancelled while checking the digest off the
+                    # loop: the peer still holds a transfer slot until told.
+                    with contextlib.suppress(KVPeerError):
+                        self._send_control_now(m.BlobCancel(id=blob_id))
+                else:
+                    with contextlib.suppress(KVPeerError):
+                        await self._send_control(m.BlobCancel(id=blob_id))
             raise
         finally:
             self._incoming.pop(blob_id, None)

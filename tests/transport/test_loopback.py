@@ -258,3 +258,50 @@ def test_large_blob_with_a_wrong_digest_is_refused_and_the_session_goes_on(
             await b.close()
 
     _run(body)
+
+
+def test_a_fetch_cancelled_while_its_digest_is_checked_frees_the_peers_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every byte arrived and the digest is being checked off the loop when the fetch is
+    cancelled (the fetcher does this at every fetch's end): the peer must still hear BlobCancel
+    and free its transfer slot, or it answers BUSY until its request timeout."""
+    from kvpeer.transport import session as session_module
+
+    checking = asyncio.Event()
+    release = asyncio.Event()
+    real_off_loop = session_module._off_loop
+
+    async def slow_off_loop(work: Callable[[], Any], size: int) -> Any:
+        if getattr(work, "__name__", "") == "result":  # the receiver's digest check only
+            checking.set()
+            await release.wait()
+        return await real_off_loop(work, size)
+
+    async def body() -> None:
+        ha, hb = Handler(), Handler()
+        a, b = PeerTransport("node-a", _config(), ha), PeerTransport("node-b", _config(), hb)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("node-b", "127.0.0.1", b.port)
+            hb.blobs[b"big"] = os.urandom(session_module.OFF_LOOP_BYTES + 7)
+            monkeypatch.setattr(session_module, "_off_loop", slow_off_loop)
+            fetch = asyncio.create_task(session.fetch_blob(b"big", ""))
+            await asyncio.wait_for(checking.wait(), 20)
+            fetch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await fetch
+            served = b.session("node-a")
+            assert served is not None
+            async with asyncio.timeout(10):  # the peer frees the slot once BlobCancel lands
+                while served._serving:  # noqa: ASYNC110 - no hook; polls a private table
+                    await asyncio.sleep(0.01)
+            monkeypatch.setattr(session_module, "_off_loop", real_off_loop)
+            assert await session.fetch_blob(b"big", "") == hb.blobs[b"big"]
+        finally:
+            release.set()
+            await a.close()
+            await b.close()
+
+    _run(body)
