@@ -303,7 +303,7 @@ def configure_association(
     if congestion_control == "rate":
         _install_rate_control(sctp, sack_chunk, t3_expired, userdata)
     else:
-        sctp._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
+        sctp._receive_sack_chunk = _resend_restruck(sctp, receive_sack_chunk)  # type: ignore[method-assign,assignment]
         sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
     sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
@@ -457,6 +457,21 @@ def _restrike(sctp: Any, chunk: Any) -> int:
     return seq
 
 
+
+def _resend_restruck(sctp: Any, receive_sack: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """aiortc's SACK handler ends with its own transmit, which runs before :func:`_restrike`
+    marks lost retransmissions: send those now, not at the next SACK or T3 (after the last
+    SACK of a transfer there is none but T3). Only when something was struck again (rare), so
+    the common SACK does not walk the sent queue twice."""
+
+    async def receive(chunk: Any) -> None:
+        before = sctp._kvpeer_restrikes
+        await receive_sack(chunk)
+        if sctp._kvpeer_restrikes != before:
+            await sctp._transmit()
+
+    return receive
+
 def _keep_gap_acked(sctp: Any) -> None:
     """Right after aiortc's T3 expiry: unmark the chunks the peer acknowledged in gap reports.
 
@@ -509,7 +524,7 @@ def _install_rate_control(
         rate.on_timeout(time.monotonic())
         sctp._cwnd = rate.cwnd
 
-    sctp._receive_sack_chunk = receive_sack_chunk
+    sctp._receive_sack_chunk = _resend_restruck(sctp, receive_sack_chunk)
     sctp._t3_expired = t3_expired_keeping_window
 
 

@@ -290,3 +290,28 @@ def test_an_arrived_retransmission_leaves_the_watch() -> None:
     sctp = _fake_association(100, [(gap_acked, 10)])
     _restrike(sctp, _sack(103, [(3, 20)]))
     assert not gap_acked._retransmit and sctp._kvpeer_restrikes == 0
+
+
+def test_a_retransmission_struck_again_goes_out_with_this_sack_not_the_next() -> None:
+    """aiortc transmits at the end of its own SACK handling, before _restrike marks a lost
+    retransmission: the patched handler transmits once more, and only then."""
+    import asyncio
+
+    from kvpeer.transport.aiortc_patches import _resend_restruck
+
+    transmits: list[int] = []
+
+    async def transmit() -> None:
+        transmits.append(1)
+
+    sctp = SimpleNamespace(_kvpeer_restrikes=0, _transmit=transmit)
+
+    async def receive_sack(chunk: object) -> None:
+        if chunk == "strikes":
+            sctp._kvpeer_restrikes += 1
+
+    receive = _resend_restruck(sctp, receive_sack)
+    asyncio.run(receive("plain"))
+    assert transmits == []
+    asyncio.run(receive("strikes"))
+    assert transmits == [1]
