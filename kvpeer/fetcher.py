@@ -22,9 +22,11 @@ while an executor job may still write into the client's memory.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from kvpeer.fetch_policy import (
 log = logging.getLogger(__name__)
 
 LOCAL = ""  # holder name of chunks in this node's own store
+RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -282,7 +285,8 @@ class Fetcher:
         self.clock = clock
         self.transfers = _Transfers()
         self.decode_rate = self.config.initial_decode_rate
-        self.recompute_rates: dict[str, float] = {}  # model -> learned prefill tokens/s
+        # model -> the last prefill speeds (tokens/s) puts stated; their median is used
+        self.recompute_samples: dict[str, collections.deque[float]] = {}
         # Learned sizes, kept across fetches (per cache dtype: the lossless level depends on it).
         self._bytes_per_token: dict[int, dict[str, float]] = {}
         self.bytes_from_peers = 0
@@ -294,16 +298,18 @@ class Fetcher:
 
     def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
         """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
-        if tokens <= 0 or seconds <= 0:
+        # A prefill shorter than a chunk is mostly overhead, not speed.
+        if tokens < self.chunk_tokens or seconds <= 0:
             return
-        sample = tokens / seconds
-        old = self.recompute_rates.get(model)
-        # Averaged: one put's prefill may have shared the machine with something else.
-        self.recompute_rates[model] = sample if old is None else 0.5 * old + 0.5 * sample
+        samples = self.recompute_samples.setdefault(model, collections.deque(maxlen=RATE_SAMPLES))
+        samples.append(tokens / seconds)
 
     def recompute_rate_for(self, model: str = "") -> float | None:
-        """The learned prefill speed of ``model``'s clients, None before any put stated one."""
-        return self.recompute_rates.get(model)
+        """The learned prefill speed of ``model``'s clients, None before any put stated one.
+        The median of the last puts: one odd put (a prefill that hit the engine's own prefix
+        cache reads 100x too fast, and would make every fetch give up at once) cannot move it."""
+        samples = self.recompute_samples.get(model)
+        return statistics.median(samples) if samples else None
 
     def _observe_decode(self, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:

@@ -303,6 +303,17 @@ def test_a_recompute_rate_learned_from_puts_lets_the_fetch_give_up_for_that_mode
     asyncio.run(main())
 
 
+def test_one_odd_put_does_not_move_the_learned_recompute_rate() -> None:
+    """A put whose prefill hit the engine's own prefix cache states an absurd speed; a tiny put
+    is mostly overhead. Neither may make every later fetch of the model give up."""
+    f = fetcher({})
+    for _ in range(3):
+        f.learn_recompute_rate(4 * TOKENS, 2.0, model="m")  # 2 chunks/s
+    f.learn_recompute_rate(4 * TOKENS, 0.001, model="m")  # a cache hit: 1000x faster
+    f.learn_recompute_rate(TOKENS - 1, 1e-6, model="m")  # shorter than a chunk: ignored
+    assert f.recompute_rate_for("m") == 2 * TOKENS
+
+
 def test_adaptive_levels_respect_the_floor_and_pick_small_levels_on_a_slow_link() -> None:
     async def main() -> None:
         peer = Peer("a", bps=2e5)
