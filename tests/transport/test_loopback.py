@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ def _config(**overrides: Any) -> TransportConfig:
 
 def _run(body: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+@contextlib.asynccontextmanager
+async def _session_to_b(hb: Handler) -> AsyncIterator[tuple[Any, PeerTransport]]:
+    """node-a's session to node-b (serving from ``hb``) and node-b's transport; both closed."""
+    a, b = PeerTransport("node-a", _config(), Handler()), PeerTransport("node-b", _config(), hb)
+    await a.start()
+    await b.start()
+    try:
+        yield await a.connect("node-b", "127.0.0.1", b.port), b
+    finally:
+        await a.close()
+        await b.close()
 
 
 def test_request_blob_errors_and_reverse_direction() -> None:
@@ -239,12 +253,8 @@ def test_large_blob_with_a_wrong_digest_is_refused_and_the_session_goes_on(
         return dataclasses.replace(start, digest=bytes(len(start.digest)))
 
     async def body() -> None:
-        ha, hb = Handler(), Handler()
-        a, b = PeerTransport("node-a", _config(), ha), PeerTransport("node-b", _config(), hb)
-        await a.start()
-        await b.start()
-        try:
-            session = await a.connect("node-b", "127.0.0.1", b.port)
+        hb = Handler()
+        async with _session_to_b(hb) as (session, _):
             # Large enough to be digest-checked off the event loop on both sides.
             hb.blobs[b"big"] = os.urandom(2 * session_module.OFF_LOOP_BYTES + 7)
             with monkeypatch.context() as patch:
@@ -253,9 +263,6 @@ def test_large_blob_with_a_wrong_digest_is_refused_and_the_session_goes_on(
                     await session.fetch_blob(b"big", "")
             assert info.value.code == ErrorCode.INTEGRITY
             assert await session.fetch_blob(b"big", "") == hb.blobs[b"big"]
-        finally:
-            await a.close()
-            await b.close()
 
     _run(body)
 
@@ -279,29 +286,24 @@ def test_a_fetch_cancelled_while_its_digest_is_checked_frees_the_peers_slot(
         return await real_off_loop(work, size)
 
     async def body() -> None:
-        ha, hb = Handler(), Handler()
-        a, b = PeerTransport("node-a", _config(), ha), PeerTransport("node-b", _config(), hb)
-        await a.start()
-        await b.start()
+        hb = Handler()
         try:
-            session = await a.connect("node-b", "127.0.0.1", b.port)
-            hb.blobs[b"big"] = os.urandom(session_module.OFF_LOOP_BYTES + 7)
-            monkeypatch.setattr(session_module, "_off_loop", slow_off_loop)
-            fetch = asyncio.create_task(session.fetch_blob(b"big", ""))
-            await asyncio.wait_for(checking.wait(), 20)
-            fetch.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await fetch
-            served = b.session("node-a")
-            assert served is not None
-            async with asyncio.timeout(10):  # the peer frees the slot once BlobCancel lands
-                while served._serving:  # noqa: ASYNC110 - no hook; polls a private table
-                    await asyncio.sleep(0.01)
-            monkeypatch.setattr(session_module, "_off_loop", real_off_loop)
-            assert await session.fetch_blob(b"big", "") == hb.blobs[b"big"]
+            async with _session_to_b(hb) as (session, b):
+                hb.blobs[b"big"] = os.urandom(session_module.OFF_LOOP_BYTES + 7)
+                monkeypatch.setattr(session_module, "_off_loop", slow_off_loop)
+                fetch = asyncio.create_task(session.fetch_blob(b"big", ""))
+                await asyncio.wait_for(checking.wait(), 20)
+                fetch.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await fetch
+                served = b.session("node-a")
+                assert served is not None
+                async with asyncio.timeout(10):  # the peer frees the slot once BlobCancel lands
+                    while served._serving:  # noqa: ASYNC110 - no hook; polls a private table
+                        await asyncio.sleep(0.01)
+                monkeypatch.setattr(session_module, "_off_loop", real_off_loop)
+                assert await session.fetch_blob(b"big", "") == hb.blobs[b"big"]
         finally:
             release.set()
-            await a.close()
-            await b.close()
 
     _run(body)
