@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -249,6 +250,25 @@ def test_start_replaces_a_stale_socket_and_refuses_a_live_one(api: ServerThread)
     assert not stale.exists()
 
 
+def as_user(uid: int, check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a forked child that became ``uid``; True if it returned True (a
+    traceback from the child goes to stderr)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setuid(uid)
+            code = 0 if check() else 2
+        except BaseException:
+            import traceback
+
+            os.write(2, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_uids_outside_allowed_uids_are_refused() -> None:
     nobody = 65534
@@ -256,24 +276,14 @@ def test_uids_outside_allowed_uids_are_refused() -> None:
         with KVPeerClient(api.socket_path) as client:  # the daemon's own uid is always served
             assert client.peers()
         os.chmod(api.dir, 0o755)  # mkdtemp made it 0700: let the other user reach the socket
-        pid = os.fork()
-        if pid == 0:  # child: become another user and ask
-            code = 1
-            try:
-                os.setuid(nobody)
-                # Read, do not write first: the daemon answers the connection itself and
-                # closes it, so a request could meet a closed socket (EPIPE).
-                answers = raw_frames(api.socket_path, [b""])
-                refused = isinstance(answers[0], m.ErrorResponse)
-                code = 0 if refused and answers[0].code == ErrorCode.FORBIDDEN else 2
-            except BaseException:
-                import traceback
 
-                os.write(2, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        def refused() -> bool:
+            # Read, do not write first: the daemon answers the connection itself and closes
+            # it, so a request could meet a closed socket (EPIPE).
+            answers = raw_frames(api.socket_path, [b""])
+            return isinstance(answers[0], m.ErrorResponse) and answers[0].code == ErrorCode.FORBIDDEN
+
+        assert as_user(nobody, refused)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
@@ -284,22 +294,12 @@ def test_a_client_of_another_uid_maps_its_segment_and_only_it_can() -> None:
         with KVPeerClient(api.socket_path) as client:
             client.put(list(range(8)), k, v, FP)
         os.chmod(api.dir, 0o755)
-        pid = os.fork()
-        if pid == 0:  # child: fetch as "nobody"; the root daemon hands the segment to that uid
-            code = 1
-            try:
-                os.setuid(nobody)
-                with KVPeerClient(api.socket_path) as other, other.fetch(list(range(8)), FP) as result:
-                    assert result.segment is not None
-                    stat = os.stat(result.segment.path)
-                    ok = (stat.st_uid == nobody and stat.st_mode & 0o077 == 0
-                          and result.zero_copy() and torch.equal(result.k, k))
-                    code = 0 if ok else 2
-            except BaseException:
-                import traceback
 
-                os.write(2, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        def maps_its_segment() -> bool:  # the root daemon hands the segment to that uid
+            with KVPeerClient(api.socket_path) as other, other.fetch(list(range(8)), FP) as result:
+                assert result.segment is not None
+                stat = os.stat(result.segment.path)
+                return (stat.st_uid == nobody and stat.st_mode & 0o077 == 0
+                        and result.zero_copy() and torch.equal(result.k, k))
+
+        assert as_user(nobody, maps_its_segment)
