@@ -55,6 +55,11 @@ _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 # --------------------------------------------------------------------------- what we talk to
 class BandwidthSource(Protocol):
+    """A session's estimator (kvpeer.transport.estimator.BandwidthEstimator fits)."""
+
+    total_bytes: int
+    """Payload the session delivered so far, abandoned transfers included."""
+
     def bandwidth_bps(self, now: float) -> float | None: ...
 
 
@@ -593,8 +598,7 @@ class _FetchRun:
         session = self.f.sessions(peer)
         live = session.estimator.bandwidth_bps(now) if session is not None else None
         if session is not None and live:
-            delivered = getattr(session.estimator, "total_bytes", 0)
-            if isinstance(delivered, int) and delivered >= self.cfg.evidence_bytes:
+            if session.estimator.total_bytes >= self.cfg.evidence_bytes:
                 self.f.link_rates[peer] = (float(live), now)
                 return float(live), True
             return float(live), False
@@ -730,13 +734,12 @@ class _FetchRun:
             left = max(0.0, size - (now - started) * bw / 8)
             if left * 8 / bw > per_chunk:
                 break
-            end += 1
-            while end in self.received or end in self.restored:
-                end += 1
+            end = self._received_prefix(end + 1)
         return end
 
-    def _received_prefix(self) -> int:
-        n = self.reported
+    def _received_prefix(self, start: int | None = None) -> int:
+        """First chunk from ``start`` (default: the next to report) neither received nor restored."""
+        n = self.reported if start is None else start
         while n in self.received or n in self.restored:
             n += 1
         return n
