@@ -219,8 +219,15 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
     codes = np.frombuffer(take(channels), np.int8).reshape(2 * layers, heads, head_dim)
     zeros = zstd_stream.unshuffle(take(channels * 4), np.dtype("<i4"), channels)
     zeros = zeros.reshape(2 * layers, heads, head_dim).astype(np.int32)
-    if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
-        raise CodecError("side info holds a non-positive or non-finite step")
+    with np.errstate(over="ignore", under="ignore"):  # checked just below
+        step = quant.channel_steps(steps, codes)
+    # A forged side info can hold a bad base step, or push base step x code past float32 (inf,
+    # then NaN in the KV) or to 0; our encoder never does (fit_codes bounds them). Symbols are at
+    # most int16. Checked before the payload is decoded.
+    limit = np.float64(np.finfo(np.float32).max) / 4
+    if (not np.all(np.isfinite(step)) or np.any(step <= 0)
+            or np.any((np.abs(zeros.astype(np.float64)) + 32768.0) * step > limit)):
+        raise CodecError("side info gives a channel step out of range (non-finite, <= 0 or too large)")
     exact = np.frombuffer(take(header.sink * 2), "<u2").astype(np.int64)
     if exact.size and (np.any(np.diff(exact) <= 0) or exact[-1] >= tokens):
         raise CodecError("exact token positions are not increasing or out of range")
@@ -235,14 +242,6 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
         raise CodecError(f"stream {header.stream} cannot hold this chunk")
-    with np.errstate(over="ignore", under="ignore"):  # checked just below
-        step = quant.channel_steps(steps, codes)
-    # A forged side info can push base step x code past float32 (inf, then NaN in the KV) or to
-    # 0; our encoder never does (fit_codes bounds them). Symbols are at most int16.
-    limit = np.float64(np.finfo(np.float32).max) / 4
-    if (not np.all(np.isfinite(step)) or np.any(step <= 0)
-            or np.any((np.abs(zeros.astype(np.float64)) + 32768.0) * step > limit)):
-        raise CodecError("side info gives a channel step out of range")
     values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     dt = _DTYPE_TORCH[header.dtype]

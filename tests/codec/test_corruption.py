@@ -126,7 +126,7 @@ def _fields(h: container.Header) -> dict[str, object]:
     return {name: getattr(h, name) for name in h.__slots__}
 
 
-@pytest.mark.parametrize(("base_step", "code"), [(1e38, -128), (1e-38, 127)])
+@pytest.mark.parametrize(("base_step", "code"), [(1e38, -128), (1e-38, 127), (float("nan"), 0), (-1.0, 0), (0.0, 0)])
 def test_a_forged_step_out_of_float32_range_is_a_codec_error(base_step: float, code: int) -> None:
     """A peer's blob (re-signed, so digest and CRC hold) whose base step x channel code leaves
     float32 would decode to inf/NaN or zero steps: refused instead."""
