@@ -198,13 +198,13 @@ class PeerSession:
             self._send_control_now(m.BlobDone(id=blob_id))
         except BaseException:
             if not self._closed and not answered:
-                if future.done():
-                    # Every byte is in but we were cancelled while checking the digest off the
-                    # loop: the peer still holds a transfer slot until told.
-                    with contextlib.suppress(KVPeerError):
+                with contextlib.suppress(KVPeerError):
+                    if future.done():
+                        # Every byte is in but we were cancelled while checking the digest off
+                        # the loop: the peer still holds a transfer slot until told. No await:
+                        # a cancelled task must not wait for flow control.
                         self._send_control_now(m.BlobCancel(id=blob_id))
-                else:
-                    with contextlib.suppress(KVPeerError):
+                    else:
                         await self._send_control(m.BlobCancel(id=blob_id))
             raise
         finally:
