@@ -36,12 +36,22 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     retransmission (no gap report and no T3 expiry since the last full scan).
 * :func:`apply` (process-wide, behaviour-neutral for small packets): DTLS reads and writes use
   literal 1,500-byte buffers; SCTP packets above that need 16 KiB + record overhead.
+* the record path, per connection once the DTLS handshake is done (:func:`_install_record_path`,
+  :func:`_demux_dtls_first`): each record is written and read with OpenSSL's own calls into
+  reusable buffers (pyOpenSSL allocates a buffer per call and raises WantReadError for every
+  empty read, i.e. once per packet received) and sent straight to the nominated pair's socket
+  (aiortc went through four coroutine layers per packet); aioice hands DTLS datagrams (first
+  byte 20-63, RFC 7983) to the connection without parsing them as STUN first (a ValueError
+  per packet) and drops empty datagrams (any host could close a connection with one: aiortc's
+  DTLS reader died on ``data[0]``). Together about half the CPU per packet at MTU 1500.
 
 Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
 lost-retransmission detection, no T3 resend of gap-acknowledged chunks, reassembly without the
 rescan, a retransmit-pending flag), as parameters of ``RTCSctpTransport`` (packet size, SACK
 policy, minimum RTO, loss response, a pluggable congestion controller), as a buffer size
-constant in the DTLS transport, and as a per-connection address list in aioice. ``tests/transport/test_aiortc_patches.py`` fails
+constant in the DTLS transport, as the DTLS transport's read/write calls (or a record API in
+pyOpenSSL that neither allocates nor raises per record), and in aioice as a per-connection
+address list, the RFC 7983 demux and the empty-datagram check. ``tests/transport/test_aiortc_patches.py`` fails
 loudly when an aiortc upgrade moves what these rely on.
 """
 
@@ -57,8 +67,13 @@ from collections.abc import Callable
 from typing import Any
 
 import aiortc
+import aiortc.clock
+import aiortc.rtp
+import pylibsrtp
 from aiortc import RTCPeerConnection, rtcdtlstransport, rtcsctptransport
 from aiortc.rtcsctptransport import RTCSctpTransport
+from OpenSSL import SSL
+from OpenSSL.SSL import _ffi, _lib
 
 from kvpeer.errors import TransportError
 from kvpeer.transport.config import TransportConfig
@@ -170,6 +185,7 @@ async def gather_host_candidates(
             sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
             if sock is not None:
                 size_socket_buffers(sock, config.socket_buffer_bytes)
+            _demux_dtls_first(protocol)
 
 
 def size_socket_buffers(sock: socket.socket, wanted: int) -> tuple[int, int]:
@@ -311,6 +327,7 @@ def configure_association(
     sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
     sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
     _install_delayed_sack(sctp)
+    _install_record_path(sctp.transport)
 
 
 def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
@@ -457,7 +474,6 @@ def _restrike(sctp: Any, chunk: Any) -> int:
     return seq
 
 
-
 def _resend_restruck(sctp: Any, receive_sack: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """aiortc's SACK handler ends with its own transmit, which runs before :func:`_restrike`
     marks lost retransmissions: send those now, not at the next SACK or T3 (after the last
@@ -471,6 +487,7 @@ def _resend_restruck(sctp: Any, receive_sack: Callable[[Any], Any]) -> Callable[
             await sctp._transmit()
 
     return receive
+
 
 def _keep_gap_acked(sctp: Any) -> None:
     """Right after aiortc's T3 expiry: unmark the chunks the peer acknowledged in gap reports.
@@ -642,3 +659,136 @@ def _install_delayed_sack(sctp: Any) -> None:
             timer.append(asyncio.get_running_loop().call_later(SACK_DELAY_S, timer_fired))
 
     sctp._send_sack = send_sack
+
+
+# -- DTLS records and ICE datagrams ---------------------------------------------------------
+#
+# Per packet, pyOpenSSL's wrappers (a fresh cffi buffer per read, an exception for every read
+# of an empty BIO, callback-helper checks per call), aioice parsing every datagram as STUN
+# (a ValueError per data packet) and four coroutine layers between the DTLS transport and
+# sendto() cost several times the encryption itself.
+
+
+class _RecordPath:
+    """Raw OpenSSL handles and reusable buffers of one connected DTLS transport."""
+
+    __slots__ = ("ssl", "into_ssl", "from_ssl", "out", "out_view", "plain", "plain_view", "ice")
+
+    def __init__(self, dtls: Any) -> None:
+        connection = dtls._ssl
+        self.ssl = connection._ssl
+        self.into_ssl = connection._into_ssl
+        self.from_ssl = connection._from_ssl
+        self.out = _ffi.new("char[]", DTLS_BUFFER)
+        self.out_view = _ffi.buffer(self.out)
+        self.plain = _ffi.new("char[]", DTLS_BUFFER)
+        self.plain_view = _ffi.buffer(self.plain)
+        self.ice = dtls.transport._connection
+
+
+def _record_path(dtls: Any) -> _RecordPath:
+    path: _RecordPath | None = dtls._kvpeer_records
+    if path is None:
+        path = dtls._kvpeer_records = _RecordPath(dtls)
+    return path
+
+
+def _flush_records(dtls: Any, path: _RecordPath) -> None:
+    """aiortc's ``_write_ssl``: send what OpenSSL queued, straight to the nominated socket."""
+    size = _lib.BIO_read(path.from_ssl, path.out, DTLS_BUFFER)
+    if size <= 0:
+        return  # nothing queued: pyOpenSSL raised WantReadError here, aiortc caught it
+    pair = path.ice._nominated.get(1)
+    if pair is None:
+        raise ConnectionError("Cannot send data, not connected")
+    remote = pair.remote_candidate
+    pair.protocol.transport.sendto(path.out_view[:size], (remote._network_host, remote.port))
+    dtls._RTCDtlsTransport__tx_bytes += size
+    dtls._RTCDtlsTransport__tx_packets += 1
+
+
+async def _send_data(self: Any, data: bytes) -> None:
+    """aiortc's ``RTCDtlsTransport._send_data`` through :class:`_RecordPath`."""
+    if self._state != rtcdtlstransport.State.CONNECTED:
+        raise ConnectionError("Cannot send encrypted data, not connected")
+    path = _record_path(self)
+    written = _lib.SSL_write(path.ssl, data, len(data))
+    if written <= 0:
+        self._ssl._raise_ssl_error(path.ssl, written)  # raises what pyOpenSSL's send would
+    _flush_records(self, path)
+
+
+def _read_failed(connection: Any, ssl: Any, result: int) -> bytes | None:
+    """What aiortc makes of a failed ``SSL_read``: None once the peer shut down, else b""."""
+    try:
+        connection._raise_ssl_error(ssl, result)
+    except SSL.ZeroReturnError:
+        return None
+    except SSL.Error:
+        pass
+    return b""
+
+
+def _install_record_path(dtls: Any) -> None:
+    stock_recv_next = type(dtls)._recv_next  # already with apply()'s buffer size
+
+    async def recv_next() -> None:
+        # The handshake (and DTLS 1.3's last-flight timer) stays aiortc's.
+        if not dtls._RTCDtlsTransport__handshake_done or dtls._ssl is None:
+            await stock_recv_next(dtls)
+            return
+        data = await dtls.transport._recv()
+        dtls._RTCDtlsTransport__rx_bytes += len(data)
+        dtls._RTCDtlsTransport__rx_packets += 1
+        if not 19 < data[0] < 64:
+            await _receive_srtp(dtls, data)
+            return
+        path = _record_path(dtls)
+        _lib.BIO_write(path.into_ssl, data, len(data))
+        size = _lib.SSL_read(path.ssl, path.plain, DTLS_BUFFER)
+        plain = path.plain_view[:size] if size > 0 else _read_failed(dtls._ssl, path.ssl, size)
+        _flush_records(dtls, path)
+        if plain is None:
+            raise ConnectionError("DTLS shutdown by remote party")
+        if plain and dtls._data_receiver:
+            await dtls._data_receiver._handle_data(plain)
+
+    dtls._kvpeer_records = None
+    dtls._recv_next = recv_next
+    dtls._send_data = types.MethodType(_send_data, dtls)
+
+
+async def _receive_srtp(dtls: Any, data: bytes) -> None:
+    """aiortc's SRTP / SRTCP branch of ``_recv_next``, unchanged (kvpeer sends no media)."""
+    if not (127 < data[0] < 192 and dtls._rx_srtp):
+        return
+    arrival_time_ms = aiortc.clock.current_ms()
+    try:
+        if aiortc.rtp.is_rtcp(data):
+            await dtls._handle_rtcp_data(dtls._rx_srtp.unprotect_rtcp(data))
+        else:
+            packet = dtls._rx_srtp.unprotect(data)
+            await dtls._handle_rtp_data(packet, arrival_time_ms=arrival_time_ms)
+    except pylibsrtp.Error as exc:
+        logger.debug("SRTP unprotect failed: %s", exc)
+
+
+def _demux_dtls_first(protocol: Any) -> None:
+    """Hand DTLS datagrams to the connection without trying to parse them as STUN.
+
+    aioice parses every datagram as STUN and takes the ValueError as "data": an exception
+    per packet. RFC 7983: a first byte of 20-63 is DTLS and never STUN. An empty datagram
+    is dropped (aioice queued it, and aiortc's DTLS reader died on ``data[0]``).
+    """
+    stock = protocol.datagram_received
+    receiver = protocol.receiver
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        if not data:
+            return
+        if 19 < data[0] < 64:
+            receiver.data_received(data, protocol.local_candidate.component)
+        else:
+            stock(data, addr)
+
+    protocol.datagram_received = datagram_received

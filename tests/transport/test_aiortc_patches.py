@@ -188,3 +188,71 @@ def test_mark_received_across_the_tsn_wrap() -> None:
     for tsn in (2**32 - 1, 0, 1, 2**32 - 2):
         aiortc_patches._mark_received(state, tsn)
     assert state._last_received_tsn == 1 and not state._sack_misordered
+
+
+def test_record_path_patch_points_exist() -> None:
+    """What the DTLS record path and the datagram demux read in aiortc, aioice and pyOpenSSL."""
+    import aioice.ice
+    from OpenSSL import SSL
+    from OpenSSL.SSL import _lib
+
+    for name in ("SSL_write", "SSL_read", "BIO_read", "BIO_write"):
+        assert callable(getattr(_lib, name)), name
+    dtls = rtcdtlstransport.RTCDtlsTransport
+    init = inspect.getsource(dtls.__init__)
+    for attribute in ("__handshake_done", "__rx_bytes", "__rx_packets", "__tx_bytes",
+                      "__tx_packets", "_rx_srtp", "_data_receiver"):  # fmt: skip
+        assert f"self.{attribute}" in init, attribute
+    recv_next = inspect.getsource(dtls._recv_next)
+    for step in ("first_byte > 19 and first_byte < 64", "self._ssl.bio_write(data)",
+                 "except SSL.ZeroReturnError", "await self._write_ssl()",
+                 "self._data_receiver._handle_data(data)", "self._rx_srtp.unprotect"):  # fmt: skip
+        assert step in recv_next, step
+    assert "self._ssl.send(data)" in inspect.getsource(dtls._send_data)
+    context = SSL.Context(SSL.DTLS_METHOD)
+    connection = SSL.Connection(context, None)  # memory BIOs, as aiortc creates it
+    for attribute in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error"):
+        assert getattr(connection, attribute, None) is not None, attribute
+    assert "_network_host" in inspect.getsource(aioice.ice.CandidatePair.remote_addr.fget)
+    assert "self._nominated.get(component)" in inspect.getsource(aioice.ice.Connection.sendto)
+    received = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    assert "self.receiver.data_received(data, self.local_candidate.component)" in received
+
+
+def test_record_path_carries_the_session_and_survives_an_empty_datagram() -> None:
+    import socket
+
+    async def body() -> tuple[bool, bool, bool]:
+        config = TransportConfig(host="127.0.0.1", allow_loopback=True, psk=os.urandom(32))
+        blob = os.urandom(1 << 20)
+
+        class Handler:
+            async def handle_request(self, *_: Any) -> dict[str, Any]:
+                return {}
+
+            async def open_blob(self, *_: Any) -> bytes:
+                return blob
+
+        a, b = PeerTransport("a", config, Handler()), PeerTransport("b", config, Handler())
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("b", "127.0.0.1", b.port)
+            first = await session.fetch_blob(b"k", "") == blob
+            dtls = session._pc.sctp.transport
+            used = dtls._kvpeer_records is not None
+            # Anyone can send to the ICE port: aioice queued an empty datagram as data and
+            # aiortc's DTLS reader died on it, closing the connection.
+            local = dtls.transport._connection._nominated[1].local_candidate
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"", (local.host, local.port))
+            await asyncio.sleep(0.05)  # the datagram is handled (or not) on the next loop turn
+            second = await session.fetch_blob(b"k", "", timeout=10) == blob
+            return first, used, second
+        finally:
+            await a.close()
+            await b.close()
+
+    first, used, second = asyncio.run(asyncio.wait_for(body(), 60))
+    assert first and used
+    assert second
