@@ -66,7 +66,7 @@ class _Backend:
 
     async def fetch(self, ctx: Any, req: m.FetchRequest, sink: Any) -> None:
         tokens = len(req.tokens) // CHUNK * CHUNK
-        sink.allocate(layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
+        await sink.allocate(layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
                       tokens=tokens, dtype="float16", chunk_tokens=CHUNK)
         chunks = tokens // CHUNK
         for index in range(chunks):

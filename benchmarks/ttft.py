@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -63,6 +64,29 @@ class Run:
     cache_build_s: float = 0.0  # fetched KV -> a transformers cache
     chunk_times: list[float] = field(default_factory=list)  # request -> chunk usable
     breakdown: dict[str, float] = field(default_factory=dict)  # the daemon's fetch timeline
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU-seconds per process, fetch only
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """User + system CPU-seconds a process (all its threads) has used so far; 0 if gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(cluster: Any, servers: list[Any], client_node: Any) -> dict[str, float]:
+    """CPU-seconds so far of the processes a fetch runs through. On a 2-core machine their sum
+    over 2 bounds the fetch time from below: it says whether a fetch waited on CPU or the link."""
+    return {
+        "fetching_daemon": _process_cpu_s(client_node.process.pid),
+        "serving_daemons": sum(_process_cpu_s(node.process.pid) for node in servers),
+        "relay": _process_cpu_s(cluster.net.relay_pid),
+        "client": time.process_time(),
+    }
 
 
 def _timeline_breakdown(log_text: str) -> dict[str, float]:
@@ -184,6 +208,7 @@ def _fetch_once(
         socket_path=client_node.socket_path, namespace=namespace, timeout_s=600
     ) as client:
         before = client.stats().get("bytes_from_peers", 0)
+        cpu_before = _cpu_snapshot(cluster, servers, client_node)
         started = time.perf_counter()
         if timer is not None:
             timer.start()
@@ -205,6 +230,8 @@ def _fetch_once(
             fetched_cache = cache_from_kv(result.k, result.v, model) if matched else None
             run.cache_build_s = time.perf_counter() - build_started
         fetched_at = time.perf_counter() - started
+        cpu_after = _cpu_snapshot(cluster, servers, client_node)
+        run.cpu_s = {name: round(cpu_after[name] - cpu_before[name], 3) for name in cpu_before}
         run.bytes_moved = int(client.stats().get("bytes_from_peers", 0)) - int(before)
     if timer is not None:
         timer.cancel()
@@ -435,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
             if b:
                 print(f"{run.policy:<15} {b['daemon_s']:>7.3f} {b['receive_s']:>8.3f} "
                       f"{b['decode_s']:>7.3f} {b['queued_s']:>7.3f} {b['tail_s']:>6.3f}")
+    if any(run.cpu_s for run in runs):
+        print("CPU-seconds during the fetch (request -> KV usable), per process; 2 cores here")
+        print(f"{'policy':<15} {'fetching':>8} {'serving':>8} {'relay':>6} {'client':>7} {'sum':>6}")
+        for run in runs:
+            c = run.cpu_s
+            print(f"{run.policy:<15} {c['fetching_daemon']:>8.2f} {c['serving_daemons']:>8.2f} "
+                  f"{c['relay']:>6.2f} {c['client']:>7.2f} {sum(c.values()):>6.2f}")
     plotted = _plot(Path(args.plot), runs, recompute_s, title) if args.plot else False
     if plotted:
         print(f"timeline: {args.plot}")

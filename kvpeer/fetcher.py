@@ -88,7 +88,7 @@ class ChunkCache(Protocol):
 class FetchSink(Protocol):
     """Where restored chunks go (kvpeer.api.server.FetchSink fits)."""
 
-    def allocate(
+    async def allocate(
         self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, chunk_tokens: int
     ) -> Any: ...
 
@@ -267,7 +267,8 @@ class Fetcher:
 
     ``sessions(peer)`` returns the open session to a peer or None; ``cache`` is this node's
     store: chunks found there are restored without the network, and fetched chunks are put
-    there (so the next fetch of the same prefix is local).
+    there once they decoded (so the next fetch of the same prefix is local). ``on_event`` sees
+    every :class:`FetchEvent` as it happens (tracing; it must not block).
     """
 
     def __init__(
@@ -280,8 +281,10 @@ class Fetcher:
         config: FetcherConfig | None = None,
         executor: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[FetchEvent], None] | None = None,
     ) -> None:
         self.sessions = sessions
+        self.on_event = on_event
         self.cache = cache
         self.levels = tuple(levels)
         self.chunk_tokens = chunk_tokens
@@ -368,6 +371,7 @@ class Fetcher:
             dtype_bytes=_DTYPE_BYTES.get(kv_dtype, 2),
             policy=policy,
             chunk_shape=chunk_shape,
+            kv_dtype=kv_dtype,
         )
         outcome = await run.run()
         self.bytes_from_peers += outcome.bytes_moved
@@ -400,6 +404,7 @@ class _FetchRun:
         dtype_bytes: int,
         policy: str,
         chunk_shape: tuple[int, int, int] | None = None,
+        kv_dtype: str = "float16",
     ) -> None:
         self.f = fetcher
         self.cfg = fetcher.config
@@ -462,16 +467,21 @@ class _FetchRun:
         self.cut = len(keys)  # first chunk we will not restore
         self.reason = "complete"
         self.bytes_moved = 0
-        self.allocated = False
-        self.shape: tuple[int, int, int, str] | None = None
+        self.kv_dtype = kv_dtype
+        # The client's memory, allocated as soon as the first chunk is requested when the model's
+        # shape is known (reserving a large segment takes tens of ms: better while the chunk is
+        # on the wire than when it waits to be decoded), else when the first chunk arrives.
+        self.allocation: asyncio.Task[KVPeerError | None] | None = None
+        self.shape: tuple[int, int, int] | None = None
 
     def note(self, kind: str, index: int = -1, level: str = "", peer: str = "", nbytes: int = 0) -> None:
-        self.events.append(
-            FetchEvent(
-                t=self.f.clock() - self.start, kind=kind, index=index, level=level, peer=peer,
-                nbytes=nbytes,
-            )
+        event = FetchEvent(
+            t=self.f.clock() - self.start, kind=kind, index=index, level=level, peer=peer,
+            nbytes=nbytes,
         )
+        self.events.append(event)
+        if self.f.on_event is not None:
+            self.f.on_event(event)
 
     # ----------------------------------------------------------------- coordinator
     async def run(self) -> FetchOutcome:
@@ -745,6 +755,8 @@ class _FetchRun:
         return n
 
     def _launch(self, index: int, peer: str, level: str, now: float) -> None:
+        if self.allocation is None and self.chunk_shape is not None:
+            self._allocate(self.chunk_shape, self.kv_dtype)
         task = self.tg.create_task(self._transfer(index, peer, level))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -792,9 +804,9 @@ class _FetchRun:
         key = self.keys[index]
         try:
             blob = await self._get_blob(key, peer, level)
-            # A peer's blob is digest-checked before it may be cached below: a corrupt or
-            # tampered chunk must never enter the store (it would be served on to others).
-            header = codec.read_header(blob) if peer == LOCAL else codec.verify(blob)
+            # Header only (CRC-checked): the digest of the whole blob is checked by the decoder,
+            # off the event loop, and a peer's chunk is cached only once it decoded.
+            header = codec.read_header(blob)
             if header.level not in self.acceptable:
                 raise ProtocolError(
                     ErrorCode.INVALID, f"peer sent level {header.level}, below the floor"
@@ -832,9 +844,6 @@ class _FetchRun:
         self.sched.completed(index, now)
         self.received.add(index)
         self.wake.set()
-        if peer != LOCAL and self.f.cache is not None:
-            with contextlib.suppress(StoreError):
-                await self.f.cache.put(key, header.level, blob)
         # Backpressure: a full decode queue holds this task (and its blob) here.
         await self.queue.put((index, next(self._seq), _Received(index, blob, header.level, peer)))
 
@@ -885,7 +894,7 @@ class _FetchRun:
             if item.index >= self._end() or item.index in self.restored:
                 continue
             try:
-                k_view, v_view = self._views(item)
+                k_view, v_view = await self._views(item)
             except KVPeerError as exc:
                 self._undecodable(item, exc)
                 continue
@@ -905,6 +914,10 @@ class _FetchRun:
                 continue
             self.f._observe_decode(len(item.blob), seconds)
             self.note("decode_end", index=item.index, level=item.level)
+            if item.peer != LOCAL and self.f.cache is not None:
+                # Decoded means digest-checked: a corrupt or tampered chunk never enters the
+                # store (it would be served on to others).
+                self.tg.create_task(self._cache(self.keys[item.index], item))
             self.restored[item.index] = item.level
             while self.reported < self._end() and self.reported in self.restored:
                 await self.sink.chunk_done(self.reported, self.restored[self.reported])
@@ -918,18 +931,40 @@ class _FetchRun:
         self._cut_at(item.index, "error")
         self.wake.set()
 
-    def _views(self, item: _Received) -> tuple[torch.Tensor, torch.Tensor]:
-        header = codec.read_header(item.blob)
-        shape = (header.layers, header.kv_heads, header.head_dim, header.dtype)
-        if not self.allocated:
-            self.sink.allocate(
-                layers=header.layers, kv_heads=header.kv_heads, head_dim=header.head_dim,
-                tokens=len(self.keys) * self.f.chunk_tokens, dtype=header.dtype,
+    async def _cache(self, key: bytes, item: _Received) -> None:
+        with contextlib.suppress(StoreError):
+            await self.f.cache.put(key, item.level, item.blob)  # type: ignore[union-attr]
+
+    def _allocate(self, shape: tuple[int, int, int], dtype: str) -> None:
+        self.shape = shape
+        self.allocation = self.tg.create_task(self._allocate_sink(shape, dtype))
+
+    async def _allocate_sink(self, shape: tuple[int, int, int], dtype: str) -> KVPeerError | None:
+        """Returns the error instead of raising it: the chunk that needs the memory fails, not
+        the whole task group."""
+        layers, kv_heads, head_dim = shape
+        try:
+            await self.sink.allocate(
+                layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                tokens=len(self.keys) * self.f.chunk_tokens, dtype=dtype,
                 chunk_tokens=self.f.chunk_tokens,
-            )
-            self.allocated = True
-            self.shape = shape
-        elif shape != self.shape:
+            )  # fmt: skip
+        except KVPeerError as exc:
+            return exc
+        return None
+
+    async def _views(self, item: _Received) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where chunk ``item`` goes in the client's memory. A chunk of another dtype than the
+        memory's is converted by the copy; one of another shape is refused."""
+        header = codec.read_header(item.blob)
+        shape = (header.layers, header.kv_heads, header.head_dim)
+        if self.allocation is None:
+            self._allocate(shape, header.dtype)
+        assert self.allocation is not None
+        failed = await self.allocation
+        if failed is not None:
+            raise failed
+        if shape != self.shape:
             raise ProtocolError(ErrorCode.INVALID, f"chunk {item.index} has another shape")
         return self.sink.chunk_view(item.index)
 

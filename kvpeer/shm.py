@@ -379,14 +379,28 @@ class SegmentRegistry:
         self, layout: SegmentLayout, *, owner: int, now: float,
         uid: int | None = None, gid: int | None = None,
     ) -> Segment:
+        self.admit(layout, owner)
+        return self.adopt(self.make(layout, uid=uid, gid=gid), owner=owner, now=now)
+
+    # create() in three steps, for callers that make the segment off the event loop: reserving
+    # the pages of a large segment zero-fills them (tens of ms), and only make() touches no
+    # registry state, so only make() may run in another thread.
+    def admit(self, layout: SegmentLayout, owner: int) -> None:
+        """BUSY if ``owner`` may not hold another segment of this size."""
         if self.bytes_of(owner) + layout.size > self.max_bytes_per_owner:
             raise ProtocolError(
                 ErrorCode.BUSY, "too much shared memory held by this client: release segments"
             )
+
+    def make(self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None) -> Segment:
+        """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`)."""
         try:
-            segment = Segment.create(layout, directory=self.directory, uid=uid, gid=gid)
+            return Segment.create(layout, directory=self.directory, uid=uid, gid=gid)
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
+
+    def adopt(self, segment: Segment, *, owner: int, now: float) -> Segment:
+        """Register a segment from :meth:`make` as ``owner``'s, leased from ``now``."""
         self._entries[segment.name] = _Entry(segment, owner, now + self.lease_s)
         return segment
 

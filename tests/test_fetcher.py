@@ -19,7 +19,7 @@ import torch
 from kvpeer import codec
 from kvpeer.errors import ErrorCode, ProtocolError, TransportError
 from kvpeer.fetch_policy import SchedulerConfig
-from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, LevelServer
+from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, FetchEvent, LevelServer
 
 TOKENS = 256
 LAYERS, HEADS, DIM = 2, 2, 16
@@ -84,7 +84,7 @@ class Sink:
         self.done: list[tuple[int, str]] = []
         self.on_view = on_view
 
-    def allocate(self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, chunk_tokens: int) -> None:
+    async def allocate(self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, chunk_tokens: int) -> None:
         dt = getattr(torch, dtype)
         self.k = torch.zeros(layers, kv_heads, tokens, head_dim, dtype=dt)
         self.v = torch.zeros(layers, kv_heads, tokens, head_dim, dtype=dt)
@@ -101,9 +101,8 @@ class Sink:
 
 
 class Cache:
-    def __init__(self, on_put: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.blobs: dict[bytes, dict[str, bytes]] = {}
-        self.on_put = on_put
 
     def has(self, k: bytes) -> bool:
         return k in self.blobs
@@ -119,8 +118,6 @@ class Cache:
 
     async def put(self, k: bytes, level: str, data: bytes) -> None:
         self.blobs.setdefault(k, {})[level] = data
-        if self.on_put is not None:
-            self.on_put(k)
 
 
 def fetcher(peers: dict[str, Peer], cache: Cache | None = None, **cfg: Any) -> Fetcher:
@@ -197,18 +194,17 @@ def test_decode_of_one_chunk_overlaps_the_receive_of_the_next() -> None:
         for i in range(1, n):
             peer.gates[i] = views[i - 1]
         executor = GatedExecutor()
-        # ... and the decode of chunk i finishes only after chunk i+1 was received (stored).
+        # ... and the decode of chunk i finishes only after chunk i+1 was received.
         for i in range(n - 1):
             executor.gates[blob(i, "exact")] = threading.Event()
-        loop = asyncio.get_running_loop()
 
-        def on_put(k: bytes) -> None:
-            prev = k[0] - 1
-            if prev >= 0:
-                loop.call_soon(executor.gates[blob(prev, "exact")].set)
+        def on_event(event: FetchEvent) -> None:
+            if event.kind == "received" and event.index >= 1:
+                executor.gates[blob(event.index - 1, "exact")].set()
 
-        f = fetcher({"a": peer}, cache=Cache(on_put=on_put))
+        f = fetcher({"a": peer})
         f.executor = executor
+        f.on_event = on_event
         sink = Sink(on_view=lambda i: views[i].set())
         try:
             out = await f.fetch([key(i) for i in range(n)], [{"a"}] * n, sink, policy="fixed:exact")
@@ -351,6 +347,56 @@ def test_local_chunks_need_no_peer_and_fetched_ones_are_cached() -> None:
         assert [c[0] for c in peer.calls] == [1]
         assert cache.has(key(1))
         assert any(e.kind == "received" and e.peer == LOCAL for e in out.events)
+
+    asyncio.run(main())
+
+
+class CorruptingPeer(Peer):
+    """Sends chunk ``bad`` with one payload byte flipped (its header still parses)."""
+
+    def __init__(self, name: str, bad: int) -> None:
+        super().__init__(name)
+        self.bad = bad
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        data = await super().fetch_blob(k, level, timeout)
+        if k[0] != self.bad:
+            return data
+        flipped = bytearray(data)
+        flipped[-1] ^= 0x40
+        return bytes(flipped)
+
+
+def test_a_peer_chunk_that_fails_its_digest_is_cut_and_never_cached() -> None:
+    async def main() -> None:
+        cache = Cache()
+        f = fetcher({"a": CorruptingPeer("a", bad=1)}, cache=cache)
+        sink = Sink()
+        out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, sink, policy="fixed:exact")
+        assert out.chunks == 1 and out.reason == "error"
+        assert cache.has(key(0)) and not cache.has(key(1))
+
+    asyncio.run(main())
+
+
+def test_the_memory_is_allocated_with_the_models_dtype_before_the_first_chunk_arrives() -> None:
+    async def main() -> None:
+        peer = Peer("a")
+        arrived = asyncio.Event()
+        peer.gates[0] = arrived
+        sink = Sink()
+        f = fetcher({"a": peer})
+        fetch = asyncio.create_task(
+            f.fetch([key(0)], [{"a"}], sink, policy="fixed:exact", kv_dtype="float32",
+                    chunk_shape=(LAYERS, HEADS, DIM))
+        )  # fmt: skip
+        await wait_until(lambda: sink.k is not None)
+        assert sink.k is not None and sink.k.dtype == torch.float32  # chunk 0 still on the wire
+        arrived.set()
+        out = await fetch
+        assert out.chunks == 1
+        k, _ = expected(1)  # float16 chunks, converted by the copy
+        assert torch.equal(sink.k, k.float())
 
     asyncio.run(main())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import grp
 import itertools
 import logging
@@ -139,9 +140,10 @@ class FetchSink:
         self.segment: shm.Segment | None = None
         self._announce: asyncio.Task[None] | None = None
         self._levels: dict[int, str] = {}
+        self._allocating = False
         self.closed = False  # set when the fetch is over: late chunk_done calls are ignored
 
-    def allocate(
+    async def allocate(
         self,
         *,
         layers: int,
@@ -151,7 +153,7 @@ class FetchSink:
         dtype: str | torch.dtype,
         chunk_tokens: int,
     ) -> None:
-        if self.segment is not None:
+        if self.segment is not None or self._allocating:
             raise ProtocolError(ErrorCode.INTERNAL, "fetch sink allocated twice")
         fp = self.request.fingerprint
         if (layers, kv_heads, head_dim) != (fp.layers, fp.kv_heads, fp.head_dim):
@@ -161,7 +163,8 @@ class FetchSink:
             dtype=name, layers=layers, kv_heads=kv_heads, tokens=tokens, head_dim=head_dim,
             chunk_tokens=chunk_tokens,
         )
-        self.segment = self._server._create_segment(layout, self._conn)
+        self._allocating = True
+        self.segment = await self._server._create_segment_off_loop(layout, self._conn)
         # Announce the segment now, not with the first chunk: the client maps (and faults in)
         # the pages while chunks are still being decoded, off the critical path.
         self._announce = asyncio.get_running_loop().create_task(
@@ -234,6 +237,16 @@ class FetchSink:
 
     def _chunk_tokens(self) -> int:
         return self.segment.layout.chunk_tokens if self.segment is not None else 1
+
+
+def _discard(segment: shm.Segment) -> None:
+    segment.unlink()
+    segment.close()
+
+
+def _discard_made_segment(job: asyncio.Future[shm.Segment]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        _discard(job.result())
 
 
 def _error_code(exc: BaseException) -> ErrorCode:
@@ -332,12 +345,34 @@ class ApiServer:
 
     # ------------------------------------------------------------------ segments
     def _create_segment(self, layout: shm.SegmentLayout, conn: _Connection) -> shm.Segment:
-        segment = self.registry.create(
-            layout, owner=conn.id, now=time.monotonic(), uid=conn.uid, gid=self._gid
-        )
+        self.registry.admit(layout, conn.id)
+        return self._adopt(self.registry.make(layout, uid=conn.uid, gid=self._gid), conn)
+
+    def _adopt(self, segment: shm.Segment, conn: _Connection) -> shm.Segment:
+        self.registry.adopt(segment, owner=conn.id, now=time.monotonic())
         self.counters["segments"] += 1
         self._segments_changed.set()
         return segment
+
+    async def _create_segment_off_loop(
+        self, layout: shm.SegmentLayout, conn: _Connection
+    ) -> shm.Segment:
+        """:meth:`_create_segment` with the page reservation (tens of ms for a large segment)
+        in a thread, so the event loop goes on receiving meanwhile."""
+        self.registry.admit(layout, conn.id)
+        job = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid)
+        )
+        try:
+            segment = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread goes on making it: unlink it once it exists, or it outlives the fetch.
+            job.add_done_callback(_discard_made_segment)
+            raise
+        if conn.closed:  # its segments were released while this one was being made
+            _discard(segment)
+            raise ProtocolError(ErrorCode.INTERNAL, "client gone")
+        return self._adopt(segment, conn)
 
     async def _reap_leases(self) -> None:
         while True:

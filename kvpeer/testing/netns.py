@@ -261,6 +261,11 @@ class Cluster:
         if proc.stdout.readline().strip() != "READY":
             raise RuntimeError("impairment relay did not start")
 
+    @property
+    def relay_pid(self) -> int | None:
+        """The running relay's process id (``ip netns exec`` execs it), for CPU accounting."""
+        return self._relay_proc.pid if self._relay_proc is not None else None
+
     def stop_relay(self) -> dict[str, Any] | None:
         """Stop the relay; its counters and CPU seconds (None if none ran)."""
         proc, self._relay_proc = self._relay_proc, None

@@ -86,7 +86,7 @@ class FakeBackend:
             return
         first_k = self.chunks[keys[0]][0]
         fp = req.fingerprint
-        sink.allocate(
+        await sink.allocate(
             layers=fp.layers,
             kv_heads=fp.kv_heads,
             head_dim=fp.head_dim,

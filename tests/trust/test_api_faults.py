@@ -17,7 +17,7 @@ class FirstChunkFails(FakeBackend):
 
     async def fetch(self, ctx: ClientContext, req: m.FetchRequest, sink: FetchSink) -> None:
         keys = self._available(ctx, req.tokens, req.fingerprint)
-        sink.allocate(
+        await sink.allocate(
             layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
             tokens=len(keys) * CHUNK, dtype="float32", chunk_tokens=CHUNK,
         )
