@@ -41,7 +41,7 @@ _LADDER = (
     Level(name="q6", code=6, bits=6, step_log2=-4.75),
     Level(name="q5", code=5, bits=5, step_log2=-3.5),
     Level(name="q4", code=4, bits=4, step_log2=-2.5),
-    Level(name="q3", code=3, bits=3, step_log2=-2.0),
+    Level(name="q3", code=3, bits=3, step_log2=-2.25),
 )
 
 LEVELS: tuple[str, ...] = tuple(level.name for level in _LADDER)
