@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -202,6 +204,33 @@ def test_disconnect_releases_segments() -> None:
         assert len(our_segments() - before) == 1
         client.close()  # no release: the connection closing must free it
         wait_until(lambda: not (our_segments() - before))
+
+
+def test_a_client_gone_while_its_fetch_segment_is_being_made_leaves_no_segment() -> None:
+    """The segment is reserved in a thread; the fetch is cancelled meanwhile (the client
+    closed): the segment made after that must be unlinked, not left in /dev/shm."""
+    before = our_segments()
+    with serving() as api:
+        k, v = kv(8)
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(8)), k, v, FP)
+        making, release = threading.Event(), threading.Event()
+        make = api.server.registry.make
+
+        def slow_make(*args: Any, **kwargs: Any) -> Any:
+            making.set()
+            assert release.wait(10)
+            return make(*args, **kwargs)
+
+        api.server.registry.make = slow_make  # type: ignore[method-assign]
+        client = KVPeerClient(api.socket_path)
+        client._send(m.FetchRequest(id=7, tokens=list(range(8)), fingerprint=FP))
+        assert making.wait(10)
+        client.close()
+        wait_until(lambda: api.server.stats()["connected"] == 0)
+        release.set()
+        wait_until(lambda: not (our_segments() - before))
+        assert len(api.server.registry) == 0
 
 
 def test_lease_expiry_releases_segments() -> None:
