@@ -83,8 +83,10 @@ from kvpeer.transport.netinfo import sysctl_int
 logger = logging.getLogger(__name__)
 
 AIORTC_VERSION = "1.16.0"
-#: Acknowledge every this many DATA packets when nothing is missing...
-SACK_EVERY = 8
+#: Acknowledge every this many DATA packets when nothing is missing... (each SACK costs the
+#: receiver a send and the sender a walk of its SACK path: 16 measured 15% less CPU per GB at
+#: both ends than 8 at MTU 1500, same share of a shaped or lossy link)
+SACK_EVERY = 16
 #: ... or this long after the first unacknowledged one (RFC 9260: at most 200 ms; short here
 #: because the sender's window only grows on SACKs).
 SACK_DELAY_S = 0.005
