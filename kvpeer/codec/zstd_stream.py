@@ -75,7 +75,8 @@ _INT16 = 2
 _NIBBLE = 3  # -8..7, two per byte
 _DELTA = 4  # mode bit: the row holds its first symbol, then differences of successive tokens
 _SCALE_SHIFT = 3  # mode bits 3-7: the residuals' scale bucket (half octaves of mean |residual|)
-_MARKER = 6  # payload format of this module (5: v2's per-(packing, spread) frames, refused)
+# payload formats of this module: symbols all within int8 / some wider (5: v2's frames, refused)
+_MARKER_INT8, _MARKER_INT16 = 6, 7
 
 
 def _pack(flat: np.ndarray, kind: int) -> bytes:
@@ -162,17 +163,21 @@ def encode_symbols(symbols: np.ndarray, level: int = DEFAULT_ZSTD_LEVEL) -> byte
     int16 (zstd's Huffman stage codes whole bytes: packing lets it spend under one bit per
     symbol and code neighbouring tokens jointly). Rows of one mode (packing, delta, and the
     half-octave scale of their residuals) share one zstd frame, so each Huffman table fits
-    one width of distribution. Layout: marker byte (6) | u32 length + zstd frame of one mode
+    one width of distribution. Layout: marker byte (6: every symbol fits int8, 7: some do not)
+    | u32 length + zstd frame of one mode
     byte per row | per mode present, ascending: u32 frame length + frame.
     """
     rows = symbols.reshape(symbols.shape[0], -1) if symbols.ndim > 1 else symbols.reshape(1, -1)
+    narrow = True
     if rows.shape[1]:
         res, delta = _residuals(rows)
         modes = _row_modes(res, delta)
+        narrow = bool(rows.min() >= -128 and rows.max() <= 127)
     else:
         res, modes = rows, np.zeros(rows.shape[0], np.uint8)
     mode_frame = compress(modes.tobytes(), level)
-    out = [bytes((_MARKER,)), len(mode_frame).to_bytes(4, "little"), mode_frame]
+    marker = _MARKER_INT8 if narrow else _MARKER_INT16  # lets the decoder keep int8 (faster dequantize)
+    out = [bytes((marker,)), len(mode_frame).to_bytes(4, "little"), mode_frame]
     for mode in np.unique(modes).tolist():
         picked = np.flatnonzero(modes == mode)
         chosen = res if picked.size == rows.shape[0] else res[picked]
@@ -195,16 +200,16 @@ def _frame_at(view: memoryview, pos: int) -> tuple[memoryview, int]:
 def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np.ndarray:
     """Inverse of :func:`encode_symbols`: [rows, count // rows] symbols (int8 or int16).
 
-    Every mode byte is a valid mode; a forged one can only give wrong (int16-wrapped) symbols,
-    which the blob digest already rules out.
+    Every mode byte is a valid mode; a forged one (or a forged int8 marker) can only give wrong,
+    wrapped symbols of the right shape, which the blob digest already rules out.
     """
     view = memoryview(payload)
-    if rows < 1 or count % rows or len(view) < 1 or view[0] != _MARKER:
+    if rows < 1 or count % rows or len(view) < 1 or view[0] not in (_MARKER_INT8, _MARKER_INT16):
         raise CodecError("bad symbol payload")
+    dtype = np.int8 if view[0] == _MARKER_INT8 else np.int16
     per_row = count // rows
     frame, pos = _frame_at(view, 1)
     modes = np.frombuffer(decompress(frame, rows), np.uint8)
-    wide = bool(((modes & 3) == _INT16).any() or (modes & _DELTA).any())
     out: np.ndarray | None = None
     for mode in np.unique(modes).tolist():
         picked = np.flatnonzero(modes == mode)
@@ -213,12 +218,12 @@ def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np
         kind = mode & 3
         values = _unpack(decompress(frame, _packed_len(kind, n)), kind, n).reshape(picked.size, per_row)
         if mode & _DELTA:
-            values = np.cumsum(values, axis=1, dtype=np.int16)  # wraps like the encoder's int16
+            values = np.cumsum(values, axis=1, dtype=dtype)  # exact: the symbols fit ``dtype``
         if picked.size == rows:
             out = values  # one mode for all rows: no copy
         else:
             if out is None:
-                out = np.empty((rows, per_row), np.int16 if wide else np.int8)
+                out = np.empty((rows, per_row), dtype)
             out[picked] = values
     if pos != len(view) or out is None:
         raise CodecError("trailing bytes after the symbol frames")

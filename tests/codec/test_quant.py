@@ -146,3 +146,15 @@ def test_forged_mode_bytes_give_a_codec_error_or_right_shaped_symbols() -> None:
         except codec.CodecError:
             continue
         assert out.shape == rows.shape
+
+
+def test_narrow_symbols_decode_as_int8_even_from_differences() -> None:
+    rng = np.random.default_rng(9)
+    walk = np.cumsum(rng.integers(-2, 3, size=(4, 200)), axis=1)
+    rows = np.clip(walk, -128, 127).astype(np.int16)  # every symbol fits int8, rows drift
+    payload = zstd_stream.encode_symbols(rows)
+    assert np.all(_modes(payload, 4) & zstd_stream._DELTA)
+    back = zstd_stream.decode_symbols(payload, rows.size, 4)
+    assert back.dtype == np.int8 and np.array_equal(back.astype(np.int16), rows)
+    rows[0, 7] = 300  # one wide symbol: int16 out
+    assert zstd_stream.decode_symbols(zstd_stream.encode_symbols(rows), rows.size, 4).dtype == np.int16
