@@ -190,11 +190,13 @@ class Segment:
         directory: Path = SHM_DIR,
         uid: int | None = None,
         gid: int | None = None,
+        populate: bool = False,
     ) -> Segment:
         """Create, reserve and map a new segment (the daemon's side).
 
         ``uid``: hand the file to that user (a client of another uid must open it read-write);
-        if we may not chown, ``gid`` makes it group-accessible instead.
+        if we may not chown, ``gid`` makes it group-accessible instead. ``populate``: map every
+        page now (one pass, cheaper than a fault per page later, when the decoder writes).
         """
         name = new_name()
         path = directory / name
@@ -204,7 +206,8 @@ class Segment:
             # SIGBUS whoever touches it, daemon included.
             os.posix_fallocate(fd, 0, layout.size)
             _hand_over(fd, uid, gid)
-            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            mapping = mmap.mmap(fd, layout.size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -392,10 +395,13 @@ class SegmentRegistry:
                 ErrorCode.BUSY, "too much shared memory held by this client: release segments"
             )
 
-    def make(self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None) -> Segment:
+    def make(
+        self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None,
+        populate: bool = False,
+    ) -> Segment:
         """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`)."""
         try:
-            return Segment.create(layout, directory=self.directory, uid=uid, gid=gid)
+            return Segment.create(layout, directory=self.directory, uid=uid, gid=gid, populate=populate)
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
 

@@ -357,11 +357,12 @@ class ApiServer:
     async def _create_segment_off_loop(
         self, layout: shm.SegmentLayout, conn: _Connection
     ) -> shm.Segment:
-        """:meth:`_create_segment` with the page reservation (tens of ms for a large segment)
-        in a thread, so the event loop goes on receiving meanwhile."""
+        """:meth:`_create_segment` with the page reservation and mapping (tens of ms for a
+        large segment) in a thread, so the event loop goes on receiving meanwhile."""
         self.registry.admit(layout, conn.id)
         job = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid)
+            None,
+            functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=True),
         )
         try:
             segment = await asyncio.shield(job)
