@@ -44,6 +44,9 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   byte 20-63, RFC 7983) to the connection without parsing them as STUN first (a ValueError
   per packet) and drops empty datagrams (any host could close a connection with one: aiortc's
   DTLS reader died on ``data[0]``). Together about half the CPU per packet at MTU 1500.
+* a transmit burst leaves in one ``sendmsg`` per run of equal-size records with UDP
+  segmentation offload (:func:`_send_batch`; Linux >= 4.18, else one send per packet): the
+  kernel's per-datagram send path was the sender's largest cost once the Python layers shrank.
 
 Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
 lost-retransmission detection, no T3 resend of gap-acknowledged chunks, reassembly without the
@@ -51,16 +54,19 @@ rescan, a retransmit-pending flag), as parameters of ``RTCSctpTransport`` (packe
 policy, minimum RTO, loss response, a pluggable congestion controller), as a buffer size
 constant in the DTLS transport, as the DTLS transport's read/write calls (or a record API in
 pyOpenSSL that neither allocates nor raises per record), and in aioice as a per-connection
-address list, the RFC 7983 demux and the empty-datagram check. ``tests/transport/test_aiortc_patches.py`` fails
+address list, the RFC 7983 demux, the empty-datagram check and a batched send (GSO). ``tests/transport/test_aiortc_patches.py`` fails
 loudly when an aiortc upgrade moves what these rely on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
+import os
 import socket
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -104,6 +110,7 @@ QUEUE_RTT_SLACK_S = 0.010
 #: DTLS plaintext is at most 16 KiB; a record adds header, explicit nonce and tag.
 DTLS_BUFFER = 16_384 + 256
 _STOCK_DTLS_BUFFER = 1500
+_DTLS_CONNECTED = rtcdtlstransport.State.CONNECTED
 #: SCTP common header + DATA chunk header: the packet size minus these is the payload size.
 SCTP_OVERHEAD = (
     rtcsctptransport.SCTP_COMMON_HEADER_LENGTH + rtcsctptransport.SCTP_DATA_CHUNK_HEADER_LENGTH
@@ -323,7 +330,8 @@ def configure_association(
     else:
         sctp._receive_sack_chunk = _resend_restruck(sctp, receive_sack_chunk)  # type: ignore[method-assign,assignment]
         sctp._t3_expired = t3_expired_marking  # type: ignore[method-assign]
-    sctp._transmit = types.MethodType(_transmit, sctp)  # type: ignore[method-assign]
+    transmit = types.MethodType(_transmit, sctp)
+    sctp._transmit = functools.partial(_transmit_in_one_batch, sctp, transmit)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
     sctp._mark_received = types.MethodType(_mark_received, sctp)  # type: ignore[method-assign]
     sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
@@ -672,9 +680,13 @@ def _install_delayed_sack(sctp: Any) -> None:
 
 
 class _RecordPath:
-    """Raw OpenSSL handles and reusable buffers of one connected DTLS transport."""
+    """Raw OpenSSL handles and reusable buffers of one connected DTLS transport, and the
+    records of a transmit burst waiting to go out together (:func:`_transmit_in_one_batch`)."""
 
-    __slots__ = ("ssl", "into_ssl", "from_ssl", "out", "out_view", "plain", "plain_view", "ice")
+    __slots__ = (
+        "ssl", "into_ssl", "from_ssl", "out", "out_view", "plain", "plain_view", "ice",
+        "batch", "gso", "gso_protocol",
+    )  # fmt: skip
 
     def __init__(self, dtls: Any) -> None:
         connection = dtls._ssl
@@ -686,27 +698,130 @@ class _RecordPath:
         self.plain = _ffi.new("char[]", DTLS_BUFFER)
         self.plain_view = _ffi.buffer(self.plain)
         self.ice = dtls.transport._connection
+        self.batch: list[bytes] | None = None
+        self.gso: socket.socket | None = None
+        self.gso_protocol: Any = None
+
+    def close(self) -> None:
+        if self.gso is not None:
+            self.gso.close()
+            self.gso = None
 
 
 def _record_path(dtls: Any) -> _RecordPath:
     path: _RecordPath | None = dtls._kvpeer_records
     if path is None:
         path = dtls._kvpeer_records = _RecordPath(dtls)
+
+        def closed() -> None:
+            if dtls._state != _DTLS_CONNECTED:
+                path.close()  # the duplicate socket would keep the port bound
+
+        dtls.on("statechange", closed)
     return path
 
 
 def _flush_records(dtls: Any, path: _RecordPath) -> None:
-    """aiortc's ``_write_ssl``: send what OpenSSL queued, straight to the nominated socket."""
+    """aiortc's ``_write_ssl``: send what OpenSSL queued, straight to the nominated socket
+    (or keep it for the burst being transmitted)."""
     size = _lib.BIO_read(path.from_ssl, path.out, DTLS_BUFFER)
     if size <= 0:
         return  # nothing queued: pyOpenSSL raised WantReadError here, aiortc caught it
+    record = path.out_view[:size]
+    dtls._RTCDtlsTransport__tx_bytes += size
+    dtls._RTCDtlsTransport__tx_packets += 1
+    if path.batch is not None:
+        path.batch.append(record)
+        return
+    pair = _nominated(path)
+    remote = pair.remote_candidate
+    pair.protocol.transport.sendto(record, (remote._network_host, remote.port))
+
+
+def _nominated(path: _RecordPath) -> Any:
     pair = path.ice._nominated.get(1)
     if pair is None:
         raise ConnectionError("Cannot send data, not connected")
+    return pair
+
+
+#: Linux UDP segmentation offload (``socket.UDP_SEGMENT`` from Python 3.12 on): one
+#: ``sendmsg`` carries up to 64 equal datagrams (the last may be shorter) through the stack.
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65_000  # the super-datagram is one UDP datagram until it is segmented
+
+
+def _gso_socket(path: _RecordPath, protocol: Any) -> socket.socket | None:
+    """A duplicate of *protocol*'s socket for ``sendmsg`` (uvloop's transport has none)."""
+    if path.gso_protocol is _NO_GSO:
+        return None
+    if path.gso_protocol is not protocol:
+        path.close()
+        path.gso_protocol = protocol
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            gso = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+            gso.setblocking(False)
+            path.gso = gso
+    return path.gso
+
+
+def _send_batch(path: _RecordPath, records: list[bytes]) -> None:
+    """Send a burst of records: runs of equal size in one ``sendmsg`` each (UDP GSO)."""
+    pair = _nominated(path)
+    transport = pair.protocol.transport
     remote = pair.remote_candidate
-    pair.protocol.transport.sendto(path.out_view[:size], (remote._network_host, remote.port))
-    dtls._RTCDtlsTransport__tx_bytes += size
-    dtls._RTCDtlsTransport__tx_packets += 1
+    addr = (remote._network_host, remote.port)
+    gso = _gso_socket(path, pair.protocol) if len(records) > 1 else None
+    start, count = 0, len(records)
+    while start < count:
+        size = len(records[start])
+        limit = min(count, start + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+        end = start + 1
+        while end < limit and len(records[end]) == size:
+            end += 1
+        if end < limit and len(records[end]) < size:
+            end += 1  # a shorter segment may end the run
+        # Only while uvloop holds nothing queued: its queue would go out after ours.
+        if end - start > 1 and gso is not None and not transport.get_write_buffer_size():
+            try:
+                gso.sendmsg(
+                    [b"".join(records[start:end])],
+                    [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
+                    0,
+                    addr,
+                )
+                start = end
+                continue
+            except BlockingIOError:
+                pass  # socket buffer full: uvloop queues them below
+            except OSError as exc:  # no UDP GSO here (old kernel, device without offload)
+                logger.info("UDP segmentation offload unavailable (%s): one send per packet", exc)
+                path.close()
+                path.gso_protocol = _NO_GSO
+                gso = None
+        for record in records[start:end]:
+            transport.sendto(record, addr)
+        start = end
+
+
+_NO_GSO = object()
+
+
+async def _transmit_in_one_batch(sctp: Any, transmit: Callable[[], Any]) -> None:
+    """Run aiortc's transmit with the records it makes sent together at the end."""
+    path: _RecordPath | None = sctp.transport._kvpeer_records
+    if path is None or path.batch is not None:
+        await transmit()
+        return
+    path.batch = []
+    try:
+        await transmit()
+    finally:
+        records, path.batch = path.batch, None
+        if records:
+            _send_batch(path, records)
 
 
 async def _send_data(self: Any, data: bytes) -> None:

@@ -256,3 +256,44 @@ def test_record_path_carries_the_session_and_survives_an_empty_datagram() -> Non
     first, used, second = asyncio.run(asyncio.wait_for(body(), 60))
     assert first and used
     assert second
+
+
+def test_send_batch_keeps_datagram_boundaries_and_order() -> None:
+    """Runs of equal records leave in one sendmsg (UDP GSO) and arrive as the same datagrams."""
+    import socket
+
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.bind(("127.0.0.1", 0))
+        sent_alone: list[bytes] = []
+
+        class Transport:
+            def get_extra_info(self, name: str) -> Any:
+                return tx if name == "socket" else None
+
+            def get_write_buffer_size(self) -> int:
+                return 0
+
+            def sendto(self, data: bytes, addr: Any) -> None:
+                sent_alone.append(data)
+                tx.sendto(data, addr)
+
+        host, port = rx.getsockname()
+        pair = SimpleNamespace(
+            protocol=SimpleNamespace(transport=Transport()),
+            remote_candidate=SimpleNamespace(_network_host=host, port=port),
+        )
+        path = aiortc_patches._RecordPath.__new__(aiortc_patches._RecordPath)
+        path.ice = SimpleNamespace(_nominated={1: pair})
+        path.gso, path.gso_protocol, path.batch = None, None, None
+        sizes = [1000] * 5 + [500] + [1000] * 70 + [300, 300, 9000]
+        records = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+        aiortc_patches._send_batch(path, records)
+        received = [rx.recv(65536) for _ in records]
+        path.close()
+    assert received == records
+    assert len(sent_alone) < len(records) / 4  # the runs went as segmented sends
