@@ -55,14 +55,22 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
     param = next(model.parameters())
     cache = DynamicCache(config=model.config)
     for index in range(layers):
-        cache.update(
-            # copy=True: .to() returns the same storage when nothing changes, which would keep
-            # the cache pointing into a shared-memory segment the client is about to release.
-            k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype, copy=True),
-            v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype, copy=True),
+        keys, values = cache.update(
+            k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
+            v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
             index,
         )
+        # DynamicCache.update concatenates (one copy: a second one here would double the work
+        # of a 2,048-token restore); a cache that kept the given tensors instead would still
+        # point into the shared-memory segment the client is about to release.
+        layer = cache.layers[index]
+        if _shares_memory(keys, k) or _shares_memory(values, v):
+            layer.keys, layer.values = keys.clone(), values.clone()
     return cache
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _tokens(tokens: Sequence[int] | torch.Tensor) -> list[int]:

@@ -43,8 +43,12 @@ def test_kv_cache_conversion_round_trips(smollm2, prompt: list[int]) -> None:  #
     k, v = kv_from_cache(prefill(smollm2.model, prompt[:40]).past_key_values)
     fp = smollm2.fingerprint
     assert k.shape == (fp.layers, fp.kv_heads, 40, fp.head_dim) == v.shape
-    k2, v2 = kv_from_cache(cache_from_kv(k, v, smollm2.model))
+    cache = cache_from_kv(k, v, smollm2.model)
+    k2, v2 = kv_from_cache(cache)
     assert torch.equal(k, k2) and torch.equal(v, v2)
+    # The cache owns its memory: the source (a fetched segment) may go away.
+    k.zero_()
+    assert torch.equal(kv_from_cache(cache)[0], k2)
 
 
 def test_generation_from_fetched_kv_equals_plain_generation(
