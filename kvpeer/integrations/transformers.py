@@ -63,7 +63,7 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
         # DynamicCache.update concatenates (one copy: a second one here would double the work
         # of a 2,048-token restore); a cache that kept the given tensors instead would still
         # point into the shared-memory segment the client is about to release.
-        layer = cache.layers[index]
+        layer: Any = cache.layers[index]
         if _shares_memory(keys, k) or _shares_memory(values, v):
             layer.keys, layer.values = keys.clone(), values.clone()
     return cache
