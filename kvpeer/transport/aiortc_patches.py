@@ -30,6 +30,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     Mbit/s, Mathis et al.) and slow start counts the packets a SACK acknowledges (RFC 3465);
   - a T3 expiry does not resend chunks the peer already acknowledged in gap reports
     (aiortc resends the whole sent queue; Linux SCTP skips them);
+  - a packet that is exactly one DATA chunk is read without aiortc's chunk list, type
+    dispatch and body copy (about 2 of 4 us per packet in a microbenchmark);
   - a DATA chunk that cannot complete a message skips the reassembly scan (aiortc's is
     quadratic in the fragments of a message);
   - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
@@ -66,6 +68,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 import types
@@ -112,9 +115,9 @@ DTLS_BUFFER = 16_384 + 256
 _STOCK_DTLS_BUFFER = 1500
 _DTLS_CONNECTED = rtcdtlstransport.State.CONNECTED
 #: SCTP common header + DATA chunk header: the packet size minus these is the payload size.
-SCTP_OVERHEAD = (
-    rtcsctptransport.SCTP_COMMON_HEADER_LENGTH + rtcsctptransport.SCTP_DATA_CHUNK_HEADER_LENGTH
-)
+SCTP_COMMON_HEADER = rtcsctptransport.SCTP_COMMON_HEADER_LENGTH
+SCTP_DATA_HEADER = rtcsctptransport.SCTP_DATA_CHUNK_HEADER_LENGTH
+SCTP_OVERHEAD = SCTP_COMMON_HEADER + SCTP_DATA_HEADER
 
 _applied = False
 #: Miss count of a retransmitted chunk: never reaches the fast-retransmit threshold again.
@@ -333,6 +336,7 @@ def configure_association(
     transmit = types.MethodType(_transmit, sctp)
     sctp._transmit = functools.partial(_transmit_in_one_batch, sctp, transmit)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
+    sctp._handle_data = _handle_one_data_chunk(sctp, sctp._handle_data)  # type: ignore[method-assign]
     sctp._mark_received = types.MethodType(_mark_received, sctp)  # type: ignore[method-assign]
     sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
     sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
@@ -553,6 +557,47 @@ def _install_rate_control(
 
     sctp._receive_sack_chunk = _resend_restruck(sctp, receive_sack_chunk)
     sctp._t3_expired = t3_expired_keeping_window
+
+
+#: Verification tag, then the DATA chunk header (type, flags, length, TSN, stream, sequence
+#: number, payload protocol): a packet's first 28 bytes when it carries one DATA chunk.
+_DATA_PACKET = struct.Struct("!4xL4xBBHLHHL")
+_ZERO_CHECKSUM = bytes(4)
+
+
+def _handle_one_data_chunk(sctp: Any, handle_data: Callable[[bytes], Any]) -> Callable[..., Any]:
+    """aiortc's ``_handle_data`` with a short path for a packet that is exactly one DATA chunk
+    (every bulk packet): no chunk list, no per-chunk type dispatch and debug-log formatting,
+    no copy of the chunk body before its payload. Every other packet takes aiortc's path.
+    """
+    data_type = rtcsctptransport.DataChunk.type
+    new_chunk = rtcsctptransport.DataChunk.__new__
+    data_chunk = rtcsctptransport.DataChunk
+    crc32c = rtcsctptransport.crc32c
+
+    async def handle(data: bytes) -> None:
+        size = len(data)
+        if size >= _DATA_PACKET.size:
+            tag, kind, flags, length, tsn, stream, seq, protocol = _DATA_PACKET.unpack_from(data)
+            end = SCTP_COMMON_HEADER + length
+            # One chunk: nothing but padding (< 4 bytes) after it, as aiortc's parse loop reads.
+            if kind == data_type and length >= SCTP_DATA_HEADER and end <= size < end + 4:
+                checksum = int.from_bytes(data[8:12], "little")
+                if checksum != crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
+                    return  # what aiortc does with a bad checksum
+                if tag != sctp._local_verification_tag:
+                    return
+                chunk = new_chunk(data_chunk)
+                chunk.flags, chunk.tsn, chunk.stream_id = flags, tsn, stream
+                chunk.stream_seq, chunk.protocol = seq, protocol
+                chunk.user_data = data[_DATA_PACKET.size : end]
+                await sctp._receive_data_chunk(chunk)
+                if sctp._sack_needed:
+                    await sctp._send_sack()
+                return
+        await handle_data(data)
+
+    return handle
 
 
 def _tsn_after(a: int, b: int) -> bool:

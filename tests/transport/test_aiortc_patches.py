@@ -297,3 +297,48 @@ def test_send_batch_keeps_datagram_boundaries_and_order() -> None:
         path.close()
     assert received == records
     assert len(sent_alone) < len(records) / 4  # the runs went as segmented sends
+
+
+def test_one_data_chunk_path_reads_what_aiortc_parses() -> None:
+    """The short path for one-DATA-chunk packets yields aiortc's chunk; all else goes to aiortc."""
+    rng = random.Random(3)
+    received: list[DataChunk] = []
+    fallback: list[bytes] = []
+
+    async def receive_data_chunk(chunk: DataChunk) -> None:
+        received.append(chunk)
+
+    async def send_sack() -> None:
+        sctp._sack_needed = False
+
+    async def stock(data: bytes) -> None:
+        fallback.append(data)
+
+    sctp = SimpleNamespace(
+        _local_verification_tag=1234, _sack_needed=False,
+        _receive_data_chunk=receive_data_chunk, _send_sack=send_sack,
+    )  # fmt: skip
+    handle = aiortc_patches._handle_one_data_chunk(sctp, stock)
+    for size in (0, 1, 2, 3, 4, 1383, 8884):
+        chunk = DataChunk()
+        chunk.flags, chunk.tsn, chunk.stream_id = rng.randrange(8), rng.randrange(2**32), 3
+        chunk.stream_seq, chunk.protocol = rng.randrange(2**16), 53
+        chunk.user_data = rng.randbytes(size)
+        packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, chunk)
+        parsed = rtcsctptransport.parse_packet(packet)[3][0]
+        asyncio.run(handle(packet))
+        ours = received.pop()
+        for field in ("flags", "tsn", "stream_id", "stream_seq", "protocol", "user_data"):
+            assert getattr(ours, field) == getattr(parsed, field), (size, field)
+        tampered = packet[:-1] + bytes([packet[-1] ^ 1])
+        asyncio.run(handle(tampered))  # bad checksum: dropped, as aiortc drops it
+        other_tag = rtcsctptransport.serialize_packet(5000, 5000, 99, chunk)
+        asyncio.run(handle(other_tag))
+        assert not received
+        bundled = packet + bytes(chunk)  # two chunks: aiortc's parser handles it
+        asyncio.run(handle(bundled))
+        assert fallback.pop() == bundled
+    sack = SackChunk()
+    sack_packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, sack)
+    asyncio.run(handle(sack_packet))
+    assert fallback == [sack_packet] and not received
