@@ -49,6 +49,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
 * a transmit burst leaves in one ``sendmsg`` per run of equal-size records with UDP
   segmentation offload (:func:`_send_batch`; Linux >= 4.18, else one send per packet): the
   kernel's per-datagram send path was the sender's largest cost once the Python layers shrank.
+  The receiving socket asks for UDP GRO, so such a burst arrives as one read; the demux splits
+  it back into its DTLS records (:func:`_split_records`), one per datagram as sent.
 
 Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
 lost-retransmission detection, no T3 resend of gap-acknowledged chunks, reassembly without the
@@ -197,6 +199,7 @@ async def gather_host_candidates(
             sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
             if sock is not None:
                 size_socket_buffers(sock, config.socket_buffer_bytes)
+                _receive_coalesced(sock)
             _demux_dtls_first(protocol)
 
 
@@ -948,9 +951,47 @@ def _demux_dtls_first(protocol: Any) -> None:
     def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
         if not data:
             return
-        if 19 < data[0] < 64:
-            receiver.data_received(data, protocol.local_candidate.component)
-        else:
+        if not 19 < data[0] < 64:
             stock(data, addr)
+        elif data[0] == _DTLS_APPLICATION_DATA and len(data) > _record_end(data, 0):
+            # Several datagrams the kernel coalesced (UDP GRO): one record each.
+            component = protocol.local_candidate.component
+            for record in _split_records(data):
+                receiver.data_received(record, component)
+        else:
+            receiver.data_received(data, protocol.local_candidate.component)
 
     protocol.datagram_received = datagram_received
+
+
+#: Linux: deliver a burst of equal datagrams of one flow as one buffer (``socket.UDP_GRO``
+#: from Python 3.12 on). With the sender's UDP_SEGMENT, the kernel hands over the burst as sent.
+UDP_GRO = 104
+_DTLS_APPLICATION_DATA = 23
+_DTLS_HEADER = 13  # content type, version, epoch, sequence number (6 bytes), length
+
+
+def _record_end(data: bytes, start: int) -> int:
+    return start + _DTLS_HEADER + int.from_bytes(data[start + 11 : start + 13], "big")
+
+
+def _split_records(data: bytes) -> list[bytes]:
+    """The DTLS records of coalesced datagrams (each held one); a truncated tail is dropped,
+    as DTLS drops a record longer than its datagram."""
+    records = []
+    start, size = 0, len(data)
+    while start + _DTLS_HEADER <= size:
+        end = _record_end(data, start)
+        if end > size:
+            break
+        records.append(data[start:end])
+        start = end
+    return records
+
+
+def _receive_coalesced(sock: Any) -> None:
+    """Ask for UDP GRO on an ICE socket: data bursts then arrive as one read each."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        pass  # older kernel: one read per datagram, as before

@@ -342,3 +342,32 @@ def test_one_data_chunk_path_reads_what_aiortc_parses() -> None:
     sack_packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, sack)
     asyncio.run(handle(sack_packet))
     assert fallback == [sack_packet] and not received
+
+
+def test_coalesced_datagrams_are_split_into_their_records() -> None:
+    """UDP GRO hands over a burst as one buffer: each DTLS record goes on as its own datagram."""
+
+    def record(kind: int, payload: bytes) -> bytes:
+        return (
+            bytes([kind, 0xFE, 0xFD, 0, 1]) + bytes(6) + len(payload).to_bytes(2, "big") + payload
+        )
+
+    records = [record(23, os.urandom(n)) for n in (1400, 1400, 1400, 900)]
+    assert aiortc_patches._split_records(b"".join(records)) == records
+    assert aiortc_patches._split_records(b"".join(records) + records[0][:100]) == records
+    queued: list[bytes] = []
+    stun: list[bytes] = []
+    protocol = SimpleNamespace(
+        datagram_received=lambda data, addr: stun.append(data),
+        receiver=SimpleNamespace(data_received=lambda data, component: queued.append(data)),
+        local_candidate=SimpleNamespace(component=1),
+    )
+    aiortc_patches._demux_dtls_first(protocol)
+    protocol.datagram_received(b"".join(records), ("10.0.0.1", 1))
+    assert queued == records
+    # A handshake datagram (several records of a flight) goes on whole, as aiortc expects.
+    flight = record(22, b"hello") + record(22, b"certificate")
+    protocol.datagram_received(flight, ("10.0.0.1", 1))
+    binding = bytes([0, 1]) + bytes(18)  # STUN: first byte 0-3
+    protocol.datagram_received(binding, ("10.0.0.1", 1))
+    assert queued[-1] == flight and stun == [binding]
