@@ -7,6 +7,7 @@ the GIL for the heavy parts. torch is touched only at the edges (tensor in, tens
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -180,9 +181,19 @@ def _exact_positions(kv: torch.Tensor, sink: int, tokens: int) -> np.ndarray:
 
 
 def decode(
-    blob: bytes | bytearray | memoryview, device: str | torch.device | None = None
+    blob: bytes | bytearray | memoryview,
+    device: str | torch.device | None = None,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a blob into (k, v) of the shape and dtype it states; CodecError if bad."""
+    """Decode a blob into (k, v) of the shape and dtype it states; CodecError if bad.
+
+    ``out``: CPU tensors (k, v) of the blob's shape (any float dtype, any strides, e.g. views
+    of a chunk in shared memory) to decode into, saving a full-size temporary and a copy;
+    they are returned. If decoding fails they may hold part of the chunk.
+    """
+    if out is not None:
+        return _decode_into(blob, out)
     header = verify(blob)
     side, payload = container.sections(blob, header)
     spec = levels.get(header.level)
@@ -202,7 +213,76 @@ def decode(
     return k, v
 
 
-def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_into(
+    blob: bytes | bytearray | memoryview, out: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    header = read_header(blob)
+    k_out, v_out = out
+    for dst in out:
+        if tuple(dst.shape) != header.shape or dst.device.type != "cpu" or not dst.is_floating_point():
+            raise CodecError(
+                f"out tensor {tuple(dst.shape)} {dst.dtype} on {dst.device} does not fit a "
+                f"{header.shape} chunk (CPU float tensors of that shape)"
+            )
+    header = verify(blob)
+    if levels.get(header.level).lossless:
+        k, v = decode(blob)
+        k_out.copy_(k)
+        v_out.copy_(v)
+        return k_out, v_out
+    side, payload = container.sections(blob, header)
+    k, v = _decode_quantized(header, side, payload, out)
+    if k is not k_out:  # keys before RoPE: decoded whole, then rotated, then copied
+        k_out.copy_(k)
+        v_out.copy_(v)
+    return k_out, v_out
+
+
+def _dequantize_body_into(
+    dst: torch.Tensor, symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray,
+    exact: np.ndarray, tensor: int, shape: tuple[int, int, int, int], rest: int,
+    dtype: torch.dtype,
+) -> None:
+    """Tensor ``tensor`` (0 = K, 1 = V) of the channel-major symbols, dequantized straight into
+    ``dst`` [L, H, T, D] around the exact positions: the symbols are read transposed (1-2 bytes
+    an element, not 4) and float32 destinations are scaled in place, with the same float32
+    arithmetic as :func:`layout.dequantize_stream`, rounded to the blob's ``dtype`` before any
+    other dtype (the same values as ``decode(blob)`` copied into ``dst``)."""
+    layers, heads, _, head_dim = shape
+    half = slice(tensor * layers, (tensor + 1) * layers)
+    with warnings.catch_warnings():
+        # symbols may view a read-only decompressed buffer; it is only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(symbols).view(2 * layers, heads, head_dim, rest)[half]
+    body = source.transpose(-1, -2)  # [L, H, T', D]
+    step = torch.from_numpy(np.ascontiguousarray(steps[half], np.float32))[:, :, None, :]
+    offset = torch.from_numpy((zeros[half] * steps[half]).astype(np.float32))[:, :, None, :]
+    for start, stop, taken in _body_spans(exact, dst.shape[-2]):
+        part = body[:, :, taken : taken + stop - start, :]
+        target = dst[:, :, start:stop, :]
+        if dst.dtype == torch.float32 == dtype:
+            target.copy_(part)
+            target.mul_(step).add_(offset)
+        else:
+            target.copy_(part.to(torch.float32).mul_(step).add_(offset).to(dtype))
+
+
+def _body_spans(exact: np.ndarray, tokens: int) -> list[tuple[int, int, int]]:
+    """(start, stop, first body token) of each run of non-exact positions in [0, tokens)."""
+    spans = []
+    start = 0
+    positions = exact.tolist()
+    for position in [*positions, tokens]:
+        if position > start:
+            spans.append((start, position, start - sum(1 for e in positions if e < start)))
+        start = position + 1
+    return spans
+
+
+def _decode_quantized(
+    header: Header, side: memoryview, payload: memoryview,
+    out_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     layers, heads, tokens, head_dim = header.shape
     rest = tokens - header.sink
     side_raw = zstd_stream.decompress(side, _side_len(header))
@@ -242,6 +322,17 @@ def _decode_quantized(header: Header, side: memoryview, payload: memoryview) -> 
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
         raise CodecError(f"stream {header.stream} cannot hold this chunk")
+    if out_kv is not None and rope is None:
+        for index, dst in enumerate(out_kv):
+            _dequantize_body_into(
+                dst, symbols, step, zeros, exact, index, header.shape, rest, _DTYPE_TORCH[header.dtype]
+            )
+        if header.sink:
+            exact_kv = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
+            positions = torch.from_numpy(exact)
+            for index, dst in enumerate(out_kv):
+                dst[:, :, positions] = exact_kv[index].to(dst.dtype)
+        return out_kv
     values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     dt = _DTYPE_TORCH[header.dtype]
@@ -263,12 +354,8 @@ def _scatter_body(out: torch.Tensor, body: torch.Tensor, exact: np.ndarray) -> N
 
     Slice copies between the few exact tokens (a fancy-index scatter measured 3x slower).
     """
-    start = 0
-    for position in [*exact.tolist(), out.shape[-2]]:
-        if position > start:
-            taken = start - sum(1 for e in exact.tolist() if e < start)
-            out[..., start:position, :].copy_(body[..., taken : taken + position - start, :])
-        start = position + 1
+    for start, stop, taken in _body_spans(exact, out.shape[-2]):
+        out[..., start:stop, :].copy_(body[..., taken : taken + stop - start, :])
 
 
 def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -> bytes:

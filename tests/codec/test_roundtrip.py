@@ -113,3 +113,36 @@ def test_single_token_chunk() -> None:
     k1, v1 = k[:, :, :1].contiguous(), v[:, :, :1].contiguous()
     k2, v2 = codec.decode(codec.encode(k1, v1, "q4"))
     assert torch.equal(k2, k1) and torch.equal(v2, v1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", ["exact", "q8", "q3"])
+@pytest.mark.parametrize("rope", [False, True])
+def test_decode_into_views_equals_decode_then_copy(dtype: torch.dtype, level: str, rope: bool) -> None:
+    """``decode(blob, out=...)`` writes the same values as ``decode(blob)`` copied there, into
+    strided views of a bigger tensor (a chunk of a shared-memory segment), of the blob's dtype
+    or another, touching nothing outside them."""
+    k, v = _kv(dtype)
+    k[:, :, 7] *= 0.001  # a short key: kept exact too, so the body has several spans
+    spec = codec.RopeSpec(theta=10000.0, start=40) if rope else None
+    blob = codec.encode(k, v, level, rope=spec)
+    reference = codec.decode(blob)
+    layers, heads, tokens, dim = SHAPE
+    for out_dtype in (dtype, torch.float32):
+        segment = torch.full((2, layers, heads, 3 * tokens, dim), 5.0, dtype=out_dtype)
+        views = (segment[0, :, :, tokens : 2 * tokens], segment[1, :, :, tokens : 2 * tokens])
+        returned = codec.decode(blob, out=views)
+        assert returned[0] is views[0] and returned[1] is views[1]
+        for got, want in zip(views, reference, strict=True):
+            assert torch.equal(got, want.to(out_dtype))
+        assert bool((segment[..., :tokens, :] == 5).all() and (segment[..., 2 * tokens :, :] == 5).all())
+
+
+def test_decode_into_a_wrong_shape_is_a_codec_error() -> None:
+    k, v = _kv(torch.float16)
+    blob = codec.encode(k, v, "q8")
+    layers, heads, tokens, dim = SHAPE
+    with pytest.raises(codec.CodecError, match="does not fit"):
+        codec.decode(blob, out=(torch.empty(layers, heads, tokens + 1, dim), torch.empty(SHAPE)))
+    with pytest.raises(codec.CodecError, match="does not fit"):
+        codec.decode(blob, out=(torch.empty(SHAPE, dtype=torch.int16), torch.empty(SHAPE)))
