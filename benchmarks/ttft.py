@@ -396,36 +396,39 @@ def main(argv: list[str] | None = None) -> int:
             if relay:
                 # One-way delay and loss each direction, in the router between the two nodes.
                 cluster.net.set_impairment(delay_ms=_seconds(args.delay) * 1000, loss_pct=args.loss)
-            run_index = 0
-            warmup: Run | None = None
-            if args.warmup:
-                # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
-                # grown on the idle fast link and loses ~1 s more in loss recovery than any
-                # later one: an untimed run first, so every policy starts from the same state.
-                warmup = _fetch_once(
-                    args, cluster, model, fp, tokens, continuation, reference, k, v,
-                    policies[0], recompute_s, run_index, peer_counts[0], "warmup",
-                )
-                run_index += 1
-            for peers in peer_counts:
-                for policy in policies:
-                    label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
-                    runs.append(
-                        _fetch_once(
-                            args, cluster, model, fp, tokens, continuation, reference, k, v,
-                            policy, recompute_s, run_index, peers, label,
-                        )
+            try:
+                run_index = 0
+                warmup: Run | None = None
+                if args.warmup:
+                    # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
+                    # grown on the idle fast link and loses ~1 s more in loss recovery than any
+                    # later one: an untimed run first, so every policy starts from the same state.
+                    warmup = _fetch_once(
+                        args, cluster, model, fp, tokens, continuation, reference, k, v,
+                        policies[0], recompute_s, run_index, peer_counts[0], "warmup",
                     )
                     run_index += 1
-            if relay:
-                for node in cluster.nodes:  # first: their goodbyes still need the relay
-                    cluster.stop_node(node)
-                relay_stats = cluster.net.stop_relay()
-            if args.logs:
-                # The daemons log each fetch's level switches, preemptions and stalls.
-                Path(args.logs).mkdir(parents=True, exist_ok=True)
-                for node in cluster.nodes:
-                    shutil.copyfile(node.log_path, Path(args.logs) / f"{node.node_id}.log")
+                for peers in peer_counts:
+                    for policy in policies:
+                        label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
+                        runs.append(
+                            _fetch_once(
+                                args, cluster, model, fp, tokens, continuation, reference, k, v,
+                                policy, recompute_s, run_index, peers, label,
+                            )
+                        )
+                        run_index += 1
+                if relay:
+                    for node in cluster.nodes:  # first: their goodbyes still need the relay
+                        cluster.stop_node(node)
+                    relay_stats = cluster.net.stop_relay()
+            finally:
+                if args.logs:
+                    # The daemons log each fetch's level switches, preemptions and stalls (kept
+                    # when a run failed too: that is when they are needed).
+                    Path(args.logs).mkdir(parents=True, exist_ok=True)
+                    for node in cluster.nodes:
+                        shutil.copyfile(node.log_path, Path(args.logs) / f"{node.node_id}.log")
 
     title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
              + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))

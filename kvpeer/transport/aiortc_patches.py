@@ -795,6 +795,11 @@ def _nominated(path: _RecordPath) -> Any:
 
 #: Linux UDP segmentation offload (``socket.UDP_SEGMENT`` from Python 3.12 on): one
 #: ``sendmsg`` carries up to 64 equal datagrams (the last may be shorter) through the stack.
+#: Off: with it, a tbf-shaped link dropping from 100 to 10 Mbit/s mid-transfer left both peers
+#: silent for 2 s (declared down) and the path unusable for 30 s (benchmarks.ttft --drop-to,
+#: 3 of 3 runs, also with 8-segment bursts; 0 of 3 without). It saves ~2 CPU-s/GB at the sender
+#: on an unshaped link; turn it on only where the cause is understood.
+UDP_GSO = False
 UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65_000  # the super-datagram is one UDP datagram until it is segmented
@@ -821,7 +826,7 @@ def _send_batch(path: _RecordPath, records: list[bytes]) -> None:
     transport = pair.protocol.transport
     remote = pair.remote_candidate
     addr = (remote._network_host, remote.port)
-    gso = _gso_socket(path, pair.protocol) if len(records) > 1 else None
+    gso = _gso_socket(path, pair.protocol) if UDP_GSO and len(records) > 1 else None
     start, count = 0, len(records)
     while start < count:
         size = len(records[start])

@@ -7,6 +7,7 @@ benchmark (benchmarks/ttft.py) runs the same path on real SmolLM2 KV.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,28 @@ def test_fetch_through_the_relay_with_delay_and_loss_is_exact(tmp_path: Path) ->
             cluster.stop_node(node)
         stats = cluster.net.stop_relay()
     assert stats is not None and stats["dropped"] > 0, stats
+
+
+def test_a_bandwidth_drop_mid_fetch_keeps_the_session_and_the_path_alive(tmp_path: Path) -> None:
+    """100 -> 10 Mbit/s on the holder's link 0.3 s into a fetch (what benchmarks.ttft
+    --drop-to does): the fetch completes, neither side declares the other down, and the link
+    carries the next prefix's inventory afterwards. (UDP GSO bursts once kept the holder's
+    egress full for 30 s after such a drop: both peers went silent, then signalling timed out.)"""
+    tokens, k, v = prefix(8, seed=4)
+    with DaemonCluster(2, workdir=tmp_path, config=CONFIG, relay=True) as cluster:
+        cluster.net.set_impairment(delay_ms=2.0)
+        node_a, node_b = cluster.nodes
+        put_and_wait_until_visible(cluster, node_a, node_b, tokens, k, v)
+        cluster.net.set_rate(node_a.host, "100mbit")
+        drop = threading.Timer(0.3, cluster.net.set_rate, (node_a.host, "10mbit"))
+        with KVPeerClient(socket_path=node_b.socket_path, timeout_s=120) as client:
+            drop.start()
+            try:
+                with client.fetch(tokens, FP, min_level="q5") as result:
+                    assert result.matched_tokens == 8 * CHUNK, node_b.log_text()[-4000:]
+            finally:
+                drop.cancel()
+        for node in (node_a, node_b):
+            assert " down" not in node.log_text(), node.log_text()[-4000:]
+        more, k2, v2 = prefix(1, seed=5)
+        put_and_wait_until_visible(cluster, node_a, node_b, more, k2, v2)

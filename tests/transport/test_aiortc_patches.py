@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiortc
+import pytest
 from aiortc import rtcdtlstransport, rtcsctptransport
 from aiortc.rtcsctptransport import DataChunk, InboundStream, RTCSctpTransport, SackChunk
 
@@ -258,9 +259,12 @@ def test_record_path_carries_the_session_and_survives_an_empty_datagram() -> Non
     assert second
 
 
-def test_send_batch_keeps_datagram_boundaries_and_order() -> None:
-    """Runs of equal records leave in one sendmsg (UDP GSO) and arrive as the same datagrams."""
+def test_send_batch_keeps_datagram_boundaries_and_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of equal records leave in one sendmsg (UDP GSO, when on) and arrive as the same
+    datagrams."""
     import socket
+
+    monkeypatch.setattr(aiortc_patches, "UDP_GSO", True)
 
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
