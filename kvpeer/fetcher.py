@@ -480,7 +480,10 @@ class _FetchRun:
         )
         self.events.append(event)
         if self.f.on_event is not None:
-            self.f.on_event(event)
+            try:
+                self.f.on_event(event)
+            except Exception:  # a tracing hook must not end the fetch
+                log.exception("fetch: on_event hook failed")
 
     # ----------------------------------------------------------------- coordinator
     async def run(self) -> FetchOutcome:

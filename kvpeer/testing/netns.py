@@ -326,8 +326,12 @@ class Cluster:
         # The bucket must hold a few full frames and ~4 ms of traffic, or tbf under-delivers
         # at high rates (timer granularity); the queue holds ~50 ms so TCP/SCTP see loss late.
         burst = max(4 * host.mtu + 64, bits // 8 // 250)
+        # A new qdisc, not "replace": tbf keeps its queue across a change, and a queued UDP GSO
+        # packet that fit the old bucket but is larger than the new one can never be sent:
+        # the link stalls for good (100 -> 10 Mbit/s with 50 KB GSO packets queued did).
+        self.set_rate(host, None)
         _tc(
-            host.netns, "qdisc", "replace", "dev", host.ifname, "root", "tbf",
+            host.netns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
             "rate", str(bits), "burst", str(burst), "latency", "50ms",
         )  # fmt: skip
 

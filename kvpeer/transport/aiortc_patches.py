@@ -795,11 +795,10 @@ def _nominated(path: _RecordPath) -> Any:
 
 #: Linux UDP segmentation offload (``socket.UDP_SEGMENT`` from Python 3.12 on): one
 #: ``sendmsg`` carries up to 64 equal datagrams (the last may be shorter) through the stack.
-#: Off: with it, a tbf-shaped link dropping from 100 to 10 Mbit/s mid-transfer left both peers
-#: silent for 2 s (declared down) and the path unusable for 30 s (benchmarks.ttft --drop-to,
-#: 3 of 3 runs, also with 8-segment bursts; 0 of 3 without). It saves ~2 CPU-s/GB at the sender
-#: on an unshaped link; turn it on only where the cause is understood.
-UDP_GSO = False
+#: (A test harness note: tbf keeps its queue across ``tc qdisc change``, and a queued GSO
+#: packet larger than the new bucket stalls the link for good; kvpeer.testing.netns re-creates
+#: the qdisc on every rate change.)
+UDP_GSO = True
 UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65_000  # the super-datagram is one UDP datagram until it is segmented

@@ -138,8 +138,9 @@ def test_fetch_through_the_relay_with_delay_and_loss_is_exact(tmp_path: Path) ->
 def test_a_bandwidth_drop_mid_fetch_keeps_the_session_and_the_path_alive(tmp_path: Path) -> None:
     """100 -> 10 Mbit/s on the holder's link 0.3 s into a fetch (what benchmarks.ttft
     --drop-to does): the fetch completes, neither side declares the other down, and the link
-    carries the next prefix's inventory afterwards. (UDP GSO bursts once kept the holder's
-    egress full for 30 s after such a drop: both peers went silent, then signalling timed out.)"""
+    carries the next prefix's inventory afterwards. (The harness once changed tbf in place: a
+    queued UDP GSO packet larger than the new bucket stalled the link for good, both peers were
+    declared down and signalling timed out.)"""
     tokens, k, v = prefix(8, seed=4)
     with DaemonCluster(2, workdir=tmp_path, config=CONFIG, relay=True) as cluster:
         cluster.net.set_impairment(delay_ms=2.0)
