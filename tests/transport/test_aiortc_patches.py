@@ -93,22 +93,33 @@ def test_packet_size_agreement() -> None:
     assert sctp_packet_size(1000, 1500, **kwargs) == 1_189  # aiortc's own floor
 
 
+class _ServesOneBlob:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    async def handle_request(self, *_: Any) -> dict[str, Any]:
+        return {}
+
+    async def open_blob(self, *_: Any) -> bytes:
+        return self.blob
+
+
+async def _loopback_pair(config: TransportConfig, blob: bytes) -> tuple[PeerTransport, PeerTransport]:
+    """Two started transports on loopback, each serving ``blob`` for any key."""
+    a = PeerTransport("a", config, _ServesOneBlob(blob))
+    b = PeerTransport("b", config, _ServesOneBlob(blob))
+    await a.start()
+    await b.start()
+    return a, b
+
+
 def test_patched_session_uses_big_packets_and_fewer_sacks() -> None:
     async def body() -> tuple[int, int, int, bool]:
         key = os.urandom(32)
         config = TransportConfig(host="127.0.0.1", allow_loopback=True, psk=key)
         blob = os.urandom(4 << 20)
 
-        class Handler:
-            async def handle_request(self, *_: Any) -> dict[str, Any]:
-                return {}
-
-            async def open_blob(self, *_: Any) -> bytes:
-                return blob
-
-        a, b = PeerTransport("a", config, Handler()), PeerTransport("b", config, Handler())
-        await a.start()
-        await b.start()
+        a, b = await _loopback_pair(config, blob)
         try:
             session = await a.connect("b", "127.0.0.1", b.port)
             sctp = session._pc.sctp  # the association of the fetching side
@@ -227,16 +238,7 @@ def test_record_path_carries_the_session_and_survives_an_empty_datagram() -> Non
         config = TransportConfig(host="127.0.0.1", allow_loopback=True, psk=os.urandom(32))
         blob = os.urandom(1 << 20)
 
-        class Handler:
-            async def handle_request(self, *_: Any) -> dict[str, Any]:
-                return {}
-
-            async def open_blob(self, *_: Any) -> bytes:
-                return blob
-
-        a, b = PeerTransport("a", config, Handler()), PeerTransport("b", config, Handler())
-        await a.start()
-        await b.start()
+        a, b = await _loopback_pair(config, blob)
         try:
             session = await a.connect("b", "127.0.0.1", b.port)
             first = await session.fetch_blob(b"k", "") == blob
