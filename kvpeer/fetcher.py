@@ -757,7 +757,7 @@ class _FetchRun:
         return n
 
     def _launch(self, index: int, peer: str, level: str, now: float) -> None:
-        if self.allocation is None and self.chunk_shape is not None:
+        if self.allocation is None and self.chunk_shape is not None and self.kv_dtype in _DTYPE_BYTES:
             self._allocate(self.chunk_shape, self.kv_dtype)
         task = self.tg.create_task(self._transfer(index, peer, level))
         self.tasks.add(task)
