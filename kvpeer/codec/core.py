@@ -195,22 +195,27 @@ def decode(
     if out is not None:
         return _decode_into(blob, out)
     header = verify(blob)
-    side, payload = container.sections(blob, header)
-    spec = levels.get(header.level)
-    shape = header.shape
-    n = header.elements
-    if spec.lossless:
-        if header.sink or header.side_len or header.stream != "zstd":
-            raise CodecError("lossless blob with side info")
-        raw_dtype = _RAW_NUMPY[header.dtype]
-        raw = zstd_stream.unshuffle(zstd_stream.decompress(payload, 2 * n * raw_dtype.itemsize), raw_dtype, 2 * n)
-        k = _from_raw(raw[:n], header.dtype, shape)
-        v = _from_raw(raw[n:], header.dtype, shape)
-    else:
-        k, v = _decode_quantized(header, side, payload)
+    k, v = _decode_verified(blob, header)
     if device is not None:
         k, v = k.to(device), v.to(device)
     return k, v
+
+
+def _decode_verified(
+    blob: bytes | bytearray | memoryview, header: Header,
+    out_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a blob whose digest was checked; quantized levels write into ``out_kv`` if given
+    (lossless ones always return new tensors)."""
+    side, payload = container.sections(blob, header)
+    if not levels.get(header.level).lossless:
+        return _decode_quantized(header, side, payload, out_kv)
+    if header.sink or header.side_len or header.stream != "zstd":
+        raise CodecError("lossless blob with side info")
+    n = header.elements
+    raw_dtype = _RAW_NUMPY[header.dtype]
+    raw = zstd_stream.unshuffle(zstd_stream.decompress(payload, 2 * n * raw_dtype.itemsize), raw_dtype, 2 * n)
+    return _from_raw(raw[:n], header.dtype, header.shape), _from_raw(raw[n:], header.dtype, header.shape)
 
 
 def _decode_into(
@@ -224,15 +229,8 @@ def _decode_into(
                 f"out tensor {tuple(dst.shape)} {dst.dtype} on {dst.device} does not fit a "
                 f"{header.shape} chunk (CPU float tensors of that shape)"
             )
-    header = verify(blob)
-    if levels.get(header.level).lossless:
-        k, v = decode(blob)
-        k_out.copy_(k)
-        v_out.copy_(v)
-        return k_out, v_out
-    side, payload = container.sections(blob, header)
-    k, v = _decode_quantized(header, side, payload, out)
-    if k is not k_out:  # keys before RoPE: decoded whole, then rotated, then copied
+    k, v = _decode_verified(blob, verify(blob), out)
+    if k is not k_out:  # lossless, or keys before RoPE: decoded whole, then copied
         k_out.copy_(k)
         v_out.copy_(v)
     return k_out, v_out
@@ -246,7 +244,7 @@ def _dequantize_body_into(
     """Tensor ``tensor`` (0 = K, 1 = V) of the channel-major symbols, dequantized straight into
     ``dst`` [L, H, T, D] around the exact positions: the symbols are read transposed (1-2 bytes
     an element, not 4) and float32 destinations are scaled in place, with the same float32
-    arithmetic as :func:`layout.dequantize_stream`, rounded to the blob's ``dtype`` before any
+    arithmetic as :func:`layout.dequantize_stream` (:func:`layout.channel_scale`), rounded to the blob's ``dtype`` before any
     other dtype (the same values as ``decode(blob)`` copied into ``dst``)."""
     layers, heads, _, head_dim = shape
     half = slice(tensor * layers, (tensor + 1) * layers)
@@ -255,8 +253,8 @@ def _dequantize_body_into(
         warnings.simplefilter("ignore", UserWarning)
         source = torch.from_numpy(symbols).view(2 * layers, heads, head_dim, rest)[half]
     body = source.transpose(-1, -2)  # [L, H, T', D]
-    step = torch.from_numpy(np.ascontiguousarray(steps[half], np.float32))[:, :, None, :]
-    offset = torch.from_numpy((zeros[half] * steps[half]).astype(np.float32))[:, :, None, :]
+    step, offset = layout.channel_scale(steps[half], zeros[half])
+    step, offset = step[:, :, None, :], offset[:, :, None, :]
     for start, stop, taken in _body_spans(exact, dst.shape[-2]):
         part = body[:, :, taken : taken + stop - start, :]
         target = dst[:, :, start:stop, :]
@@ -271,10 +269,10 @@ def _body_spans(exact: np.ndarray, tokens: int) -> list[tuple[int, int, int]]:
     """(start, stop, first body token) of each run of non-exact positions in [0, tokens)."""
     spans = []
     start = 0
-    positions = exact.tolist()
-    for position in [*positions, tokens]:
+    # before the i-th boundary exactly i exact positions lie below ``start`` (they are sorted)
+    for before, position in enumerate([*exact.tolist(), tokens]):
         if position > start:
-            spans.append((start, position, start - sum(1 for e in positions if e < start)))
+            spans.append((start, position, start - before))
         start = position + 1
     return spans
 

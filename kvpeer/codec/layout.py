@@ -20,6 +20,14 @@ def to_stream(symbols: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(symbols.transpose(0, 1, 3, 2))
 
 
+def channel_scale(steps: np.ndarray, zeros: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float32 ``step`` and ``offset`` (= zero x step): a value is symbol x step +
+    offset, computed in float32 (the same arithmetic on every host and in every decode path)."""
+    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))
+    offset = torch.from_numpy((zeros * steps).astype(np.float32))
+    return step, offset
+
+
 def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int) -> torch.Tensor:
     """Channel-major float32 values [N, H, D, T] from channel-major symbols.
 
@@ -28,8 +36,8 @@ def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray,
     the same on every host.
     """
     n, heads, dim = zeros.shape
-    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))[:, :, :, None]
-    offset = torch.from_numpy((zeros * steps).astype(np.float32))[:, :, :, None]
+    step, offset = channel_scale(steps, zeros)
+    step, offset = step[:, :, :, None], offset[:, :, :, None]
     with warnings.catch_warnings():
         # symbols may view a read-only decompressed buffer; it is only read, never written
         warnings.simplefilter("ignore", UserWarning)
