@@ -781,16 +781,17 @@ def _flush_records(dtls: Any, path: _RecordPath) -> None:
     if path.batch is not None:
         path.batch.append(record)
         return
-    pair = _nominated(path)
-    remote = pair.remote_candidate
-    pair.protocol.transport.sendto(record, (remote._network_host, remote.port))
+    protocol, addr = _destination(path)
+    protocol.transport.sendto(record, addr)
 
 
-def _nominated(path: _RecordPath) -> Any:
+def _destination(path: _RecordPath) -> tuple[Any, tuple[str, int]]:
+    """The nominated pair's local socket protocol and its remote address."""
     pair = path.ice._nominated.get(1)
     if pair is None:
         raise ConnectionError("Cannot send data, not connected")
-    return pair
+    remote = pair.remote_candidate
+    return pair.protocol, (remote._network_host, remote.port)
 
 
 #: Linux UDP segmentation offload (``socket.UDP_SEGMENT`` from Python 3.12 on): one
@@ -821,11 +822,9 @@ def _gso_socket(path: _RecordPath, protocol: Any) -> socket.socket | None:
 
 def _send_batch(path: _RecordPath, records: list[bytes]) -> None:
     """Send a burst of records: runs of equal size in one ``sendmsg`` each (UDP GSO)."""
-    pair = _nominated(path)
-    transport = pair.protocol.transport
-    remote = pair.remote_candidate
-    addr = (remote._network_host, remote.port)
-    gso = _gso_socket(path, pair.protocol) if UDP_GSO and len(records) > 1 else None
+    protocol, addr = _destination(path)
+    transport = protocol.transport
+    gso = _gso_socket(path, protocol) if UDP_GSO and len(records) > 1 else None
     start, count = 0, len(records)
     while start < count:
         size = len(records[start])
