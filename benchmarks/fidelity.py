@@ -1,11 +1,13 @@
 """Fidelity per codec level: next-token top-1 agreement, KL divergence and perplexity change.
 
     python -m benchmarks.fidelity [--json] [--model PATH_OR_GGUF] [--text FILE] [--windows N]
-                                  [--profile auto|none|FILE[,...]] [--plot PNG]
+                                  [--profile auto|none|FILE[,...]] [--tail last|every|none[,...]]
+                                  [--chunk TOKENS] [--plot PNG]
     python -m benchmarks.fidelity --fisher SAMPLES [--windows 2] [--levels q8]   (calibration text)
 
-For each window of the text: the prefix's KV is computed, cut into 256-token chunks, each chunk
-encoded and decoded at the level (fp16 in, as engines hold it), and the continuation is run
+For each window of the text: the prefix's KV is computed, cut into 256-token chunks (--chunk), each
+chunk encoded and decoded at the level (fp16 in, as engines hold it; tail steps on the prefix's
+last chunk as the daemon encodes, --tail), and the continuation is run
 teacher-forced on the decoded cache and on the original one. KL(original || decoded) and
 top-1 agreement are averaged over all continuation positions (>= 1,000 by default: 4 windows of
 256), perplexity over the continuation's true next tokens. The default text is the evaluation
@@ -47,7 +49,9 @@ def _profile(spec: str, model: Any) -> profiles.CodecProfile | None:
 
 def run(model_spec: str | None, text: str, windows: int, prefix: int, continuation: int,
         levels: list[str], profile_spec: str = "auto", model_tok: tuple[Any, Any] | None = None,
-        use_rope: bool = False) -> dict[str, Any]:
+        use_rope: bool = False, tail: str = "last", chunk: int = _kv.CHUNK) -> dict[str, Any]:
+    if tail not in ("last", "every", "none"):
+        raise SystemExit(f"--tail {tail!r}: last, every or none")
     model, tok = model_tok or load_model(model_spec)
     profile = _profile(profile_spec, model)
     theta = model_fingerprint(model).rope_theta if use_rope else 0.0
@@ -64,9 +68,12 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
         size = fp16 = 0
         for k, v, cont, ref, targets in prepared:
             ks, vs = [], []
-            for i, (kc, vc) in enumerate(_kv.chunks(k, v)):
-                rope = codec.RopeSpec(theta=theta, start=i * _kv.CHUNK) if theta else None
-                blob = codec.encode(kc, vc, level, profile=profile, rope=rope)
+            chunks = list(_kv.chunks(k, v, chunk))
+            for i, (kc, vc) in enumerate(chunks):
+                rope = codec.RopeSpec(theta=theta, start=i * chunk) if theta else None
+                # "last": what the daemon does; "every": the plain call on each chunk
+                is_tail = tail == "every" or (tail == "last" and i == len(chunks) - 1)
+                blob = codec.encode(kc, vc, level, profile=profile, rope=rope, tail=is_tail)
                 size += len(blob)
                 fp16 += kc.numel() * 4
                 k2, v2 = codec.decode(blob)
@@ -89,7 +96,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     return {
         "model": getattr(model.config, "kvpeer_model_name", model_spec),
         "profile": profile.source if profile else "none",
-        "keys_pre_rope": bool(theta),
+        "keys_pre_rope": bool(theta), "tail": tail, "chunk": chunk,
         "windows": len(wins), "prefix": prefix, "continuation": continuation, "rows": rows,
     }
 
@@ -149,7 +156,8 @@ def fisher_table(result: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}; {result['windows']} windows of {result['prefix']}-token prefix + "
-        f"{result['continuation']} continuation; profile: {result['profile']}; keys pre-RoPE: {result['keys_pre_rope']}",
+        f"{result['continuation']} continuation; profile: {result['profile']}; keys pre-RoPE: {result['keys_pre_rope']}; "
+        f"{result['chunk']}-token chunks, tail steps: {result['tail']}",
         f"{'level':<7} {'ratio':>6} {'KL':>9} {'top-1':>7} {'ppl':>8} {'Δppl':>8} {'positions':>9}",
     ]
     for r in result["rows"]:
@@ -214,6 +222,11 @@ def main() -> None:
     parser.add_argument("--profile", default="auto",
                         help="auto (stored for the model), none, or a JSON file; comma-separated: each on the same windows")
     parser.add_argument("--rope", action="store_true", help="quantize keys before RoPE (default rope only)")
+    parser.add_argument("--tail", default="last",
+                        help="which chunks get the codec's tail steps: last (what the daemon does), every (the "
+                             "plain call on each chunk), none; comma-separated: each on the same windows")
+    parser.add_argument("--chunk", type=int, default=_kv.CHUNK,
+                        help="tokens per encoded chunk (the prefix length: the whole prefix in one plain call)")
     parser.add_argument("--plot", default="fidelity.png")
     parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
                         help="instead: where each level's KL comes from (Fisher map, calibration text)")
@@ -227,16 +240,18 @@ def main() -> None:
         return
     text = _kv.read_text(args.text, _kv.evaluation_text)
     model_tok = load_model(args.model)
+    runs = [(spec, tail) for spec in args.profile.split(",") for tail in args.tail.split(",")]
+    names = [spec if "," not in args.tail else f"{spec}/tail {tail}" for spec, tail in runs]
     results = [
         run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), spec,
-            model_tok=model_tok, use_rope=args.rope)
-        for spec in args.profile.split(",")
+            model_tok=model_tok, use_rope=args.rope, tail=tail, chunk=args.chunk)
+        for spec, tail in runs
     ]
     for result in results:
         print(table(result))
     if len(results) > 1:
-        print(side_by_side(results, args.profile.split(",")))
-    if args.plot and plot(results, Path(args.plot), args.profile.split(",")):
+        print(side_by_side(results, names))
+    if args.plot and plot(results, Path(args.plot), names):
         print(f"plot written to {args.plot}")
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))

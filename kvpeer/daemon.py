@@ -64,13 +64,14 @@ def encode_chunk_blocking(
     """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
 
     ``model``: the fingerprint hex; the codec uses that model's calibration profile when one
-    is stored (decoding never needs it).
+    is stored (decoding never needs it). Only the prefix's last chunk gets the codec's finer
+    tail steps: the tokens after the prefix read its end most, not the end of every chunk.
     """
     start = index * chunk_tokens
     stop = start + chunk_tokens
     return codec.encode(
         k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
-        profile=model,
+        profile=model, tail=stop >= k.shape[2],
     )
 
 

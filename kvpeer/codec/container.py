@@ -43,7 +43,8 @@ MAX_SECTION_BYTES = 1 << 31
 MAX_SINK = 16
 
 FLAG_KEYS_PRE_ROPE = 0x01
-_KNOWN_FLAGS = FLAG_KEYS_PRE_ROPE
+FLAG_TOKEN_RUNS = 0x02  # side info ends with token runs at their own step codes (tail steps)
+_KNOWN_FLAGS = FLAG_KEYS_PRE_ROPE | FLAG_TOKEN_RUNS
 
 DTYPES: dict[int, str] = {1: "float16", 2: "bfloat16", 3: "float32"}
 DTYPE_CODES = {name: code for code, name in DTYPES.items()}
@@ -116,6 +117,10 @@ class Header:
     @property
     def keys_pre_rope(self) -> bool:
         return bool(self.flags & FLAG_KEYS_PRE_ROPE)
+
+    @property
+    def token_runs(self) -> bool:
+        return bool(self.flags & FLAG_TOKEN_RUNS)
 
 
 def _prefix_bytes(h: Header) -> bytes:

@@ -28,6 +28,9 @@ _DTYPE_TORCH = {name: dt for dt, name in _TORCH_DTYPES.items()}
 _RAW_NUMPY: dict[str, np.dtype[Any]] = {"float16": np.dtype("<u2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<u4")}
 _INT_TORCH = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32}
 DEFAULT_SINK = 1  # 1: position 0 and sink-like tokens are kept exact (quant.exact_tokens); 0: none
+DEFAULT_TAIL = True  # the KV given ends a prefix: its last tokens get finer steps (quant.TAIL_RULE)
+_RUN = np.dtype([("count", "<u2"), ("code", "i1")])
+RUNS_BYTES = quant.MAX_TOKEN_RUNS * _RUN.itemsize  # the token-run table at the end of the side info
 
 
 def _check_pair(k: torch.Tensor, v: torch.Tensor) -> str:
@@ -61,6 +64,7 @@ def encode(
     sink: int = DEFAULT_SINK,
     profile: CodecProfile | str | None = None,
     rope: RopeSpec | None = None,
+    tail: bool = DEFAULT_TAIL,
 ) -> bytes:
     """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
 
@@ -69,7 +73,10 @@ def encode(
     and the chunk's sink-like tokens exact (:func:`quant.exact_tokens`, at most 16). ``profile``: a
     :class:`CodecProfile` or a model fingerprint hex whose stored profile scales the base step of
     every (tensor, layer, head) (none: the plain rules). ``rope``: theta and the chunk's first absolute position; keys are then
-    quantized before RoPE and re-rotated on decode. Decoding never needs any of these.
+    quantized before RoPE and re-rotated on decode. ``tail``: the KV ends a prefix, so the next
+    tokens read its last ones most: those get finer steps (:data:`quant.TAIL_RULE`); pass False
+    for a chunk in the middle of a prefix (smaller blob); video streams ignore it. Decoding never
+    needs any of these.
     """
     dtype = _check_pair(k, v)
     spec = levels.get(level)
@@ -103,7 +110,9 @@ def encode(
             # the scaled base steps are what the side info stores: decoding needs no profile
             steps = (steps * np.asarray(resolved.grid(heads, spec.name), np.float32)).astype(np.float32)
             steps, codes = quant.fit_codes(x, steps, codes)
-        q = quant.quantize(x, steps, codes)
+        # video planes hold 8 bits: the tail's finer steps would push the chunk to zstd anyway
+        runs = quant.tail_runs(np.flatnonzero(body_mask), tokens) if tail and stream == "zstd" else ()
+        q = quant.quantize(x, steps, codes, runs)
         side_raw = b"".join((
             q.steps.astype("<f4").tobytes(),
             q.codes.astype(np.int8).tobytes(),
@@ -111,6 +120,7 @@ def encode(
             exact.astype("<u2").tobytes(),
             zstd_stream.shuffle(exact_raw),  # byte planes: the exponent bytes compress
             rope.pack() if rope is not None else b"",
+            _pack_runs(q.runs) if q.runs else b"",
         ))
         side = zstd_stream.compress(side_raw)
         sink = len(exact)
@@ -120,7 +130,8 @@ def encode(
             log.debug("symbols exceed 8 bits: zstd stream instead of %s", stream)
             stream = "zstd"
         if stream == "zstd":
-            payload = zstd_stream.encode_symbols(symbols.reshape(2 * layers * heads * head_dim, rest))
+            rows = symbols.reshape(2 * layers * heads * head_dim, rest)
+            payload = zstd_stream.encode_runs(rows, [count for count, _ in q.runs])
         else:
             payload = video.encode(symbols.reshape(2 * layers, heads * head_dim, rest), stream)
     header = Header(
@@ -135,9 +146,26 @@ def encode(
         side_len=len(side),
         payload_len=len(payload),
         sink=sink,
-        flags=container.FLAG_KEYS_PRE_ROPE if rope is not None and not spec.lossless else 0,
+        flags=(container.FLAG_KEYS_PRE_ROPE if rope is not None and not spec.lossless else 0)
+        | (container.FLAG_TOKEN_RUNS if not spec.lossless and q.runs else 0),
     )
     return container.pack(header, side, payload)
+
+
+def _pack_runs(runs: tuple[tuple[int, int], ...]) -> bytes:
+    table = np.zeros(quant.MAX_TOKEN_RUNS, _RUN)
+    table[: len(runs)] = list(runs)
+    return table.tobytes()
+
+
+def _unpack_runs(raw: bytes, rest: int) -> tuple[tuple[int, int], ...]:
+    """The token runs of a flagged blob; CodecError unless they cover its quantized tokens."""
+    table = np.frombuffer(raw, _RUN)
+    used = int(np.count_nonzero(table["count"]))
+    runs = tuple((int(c), int(e)) for c, e in table[:used].tolist())
+    if np.any(table[used:]["count"]) or np.any(table[used:]["code"]) or sum(c for c, _ in runs) != rest:
+        raise CodecError("token runs do not cover the chunk's quantized tokens")
+    return runs
 
 
 def _resolve_profile(profile: CodecProfile | str | None) -> CodecProfile | None:
@@ -168,7 +196,7 @@ def _side_len(h: Header) -> int:
     channels = pairs * h.head_dim
     exact_bytes = h.sink * 2 + 2 * h.layers * h.kv_heads * h.sink * h.head_dim * container.DTYPE_BYTES[h.dtype]
     rope_bytes = rope_mod.PACKED_BYTES if h.keys_pre_rope else 0
-    return pairs * 4 + channels * 5 + exact_bytes + rope_bytes
+    return pairs * 4 + channels * 5 + exact_bytes + rope_bytes + (RUNS_BYTES if h.token_runs else 0)
 
 
 def _exact_positions(kv: torch.Tensor, sink: int, tokens: int) -> np.ndarray:
@@ -238,8 +266,8 @@ def _decode_into(
 
 def _dequantize_body_into(
     dst: torch.Tensor, symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray,
-    exact: np.ndarray, tensor: int, shape: tuple[int, int, int, int], rest: int,
-    dtype: torch.dtype,
+    exact: np.ndarray, runs: tuple[tuple[int, int], ...], tensor: int,
+    shape: tuple[int, int, int, int], rest: int, dtype: torch.dtype,
 ) -> None:
     """Tensor ``tensor`` (0 = K, 1 = V) of the channel-major symbols, dequantized straight into
     ``dst`` [L, H, T, D] around the exact positions: the symbols are read transposed (1-2 bytes
@@ -253,9 +281,10 @@ def _dequantize_body_into(
         warnings.simplefilter("ignore", UserWarning)
         source = torch.from_numpy(symbols).view(2 * layers, heads, head_dim, rest)[half]
     body = source.transpose(-1, -2)  # [L, H, T', D]
-    step, offset = layout.channel_scale(steps[half], zeros[half])
-    step, offset = step[:, :, None, :], offset[:, :, None, :]
-    for start, stop, taken in _body_spans(exact, dst.shape[-2]):
+    steps_by_code, offset = layout.channel_scale(steps[half], zeros[half], runs)
+    offset = offset[:, :, None, :]
+    for start, stop, taken, code in _pieces(exact, dst.shape[-2], runs, rest):
+        step = steps_by_code[code][:, :, None, :]
         part = body[:, :, taken : taken + stop - start, :]
         target = dst[:, :, start:stop, :]
         if dst.dtype == torch.float32 == dtype:
@@ -263,6 +292,20 @@ def _dequantize_body_into(
             target.mul_(step).add_(offset)
         else:
             target.copy_(part.to(torch.float32).mul_(step).add_(offset).to(dtype))
+
+
+def _pieces(
+    exact: np.ndarray, tokens: int, runs: tuple[tuple[int, int], ...], rest: int
+) -> list[tuple[int, int, int, int]]:
+    """(start, stop, first body token, step code): the body spans around the exact positions,
+    cut where a token run's step code changes."""
+    out = []
+    for start, stop, taken in _body_spans(exact, tokens):
+        for first, last, code in layout.run_spans(rest, runs):
+            lo, hi = max(taken, first), min(taken + stop - start, last)
+            if lo < hi:
+                out.append((start + lo - taken, start + hi - taken, lo, code))
+    return out
 
 
 def _body_spans(exact: np.ndarray, tokens: int) -> list[tuple[int, int, int]]:
@@ -297,15 +340,8 @@ def _decode_quantized(
     codes = np.frombuffer(take(channels), np.int8).reshape(2 * layers, heads, head_dim)
     zeros = zstd_stream.unshuffle(take(channels * 4), np.dtype("<i4"), channels)
     zeros = zeros.reshape(2 * layers, heads, head_dim).astype(np.int32)
-    with np.errstate(over="ignore", under="ignore"):  # checked just below
+    with np.errstate(over="ignore", under="ignore"):  # checked below
         step = quant.channel_steps(steps, codes)
-    # A forged side info can hold a bad base step, or push base step x code past float32 (inf,
-    # then NaN in the KV) or to 0; our encoder never does (fit_codes bounds them). Symbols are at
-    # most int16. Checked before the payload is decoded.
-    limit = np.float64(np.finfo(np.float32).max) / 4
-    if (not np.all(np.isfinite(step)) or np.any(step <= 0)
-            or np.any((np.abs(zeros.astype(np.float64)) + 32768.0) * step > limit)):
-        raise CodecError("side info gives a channel step out of range (non-finite, <= 0 or too large)")
     exact = np.frombuffer(take(header.sink * 2), "<u2").astype(np.int64)
     if exact.size and (np.any(np.diff(exact) <= 0) or exact[-1] >= tokens):
         raise CodecError("exact token positions are not increasing or out of range")
@@ -313,9 +349,10 @@ def _decode_quantized(
     exact_count = 2 * layers * heads * header.sink * head_dim
     exact_raw = zstd_stream.unshuffle(take(exact_count * raw_dtype.itemsize), raw_dtype, exact_count)
     rope = rope_mod.RopeSpec.unpack(take(rope_mod.PACKED_BYTES)) if header.keys_pre_rope else None
-    count = channels * rest
+    runs = _unpack_runs(take(RUNS_BYTES), rest) if header.token_runs else ()
+    _check_steps(step, zeros, runs)
     if header.stream == "zstd":
-        symbols = zstd_stream.decode_symbols(payload, count, channels)
+        symbols = zstd_stream.decode_runs(payload, channels, [count for count, _ in runs] or [rest])
     elif header.stream in ("hevc", "ffv1") and rest:
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
@@ -323,7 +360,7 @@ def _decode_quantized(
     if out_kv is not None and rope is None:
         for index, dst in enumerate(out_kv):
             _dequantize_body_into(
-                dst, symbols, step, zeros, exact, index, header.shape, rest, _DTYPE_TORCH[header.dtype]
+                dst, symbols, step, zeros, exact, runs, index, header.shape, rest, _DTYPE_TORCH[header.dtype]
             )
         if header.sink:
             exact_kv = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
@@ -331,7 +368,7 @@ def _decode_quantized(
             for index, dst in enumerate(out_kv):
                 dst[:, :, positions] = exact_kv[index].to(dst.dtype)
         return out_kv
-    values = layout.dequantize_stream(symbols, step, zeros, rest)  # [2L, H, D, T'] float32
+    values = layout.dequantize_stream(symbols, step, zeros, rest, runs)  # [2L, H, D, T'] float32
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
     dt = _DTYPE_TORCH[header.dtype]
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
@@ -345,6 +382,20 @@ def _decode_quantized(
     if header.sink:
         out[:, :, :, torch.from_numpy(exact)] = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
     return out[0], out[1]
+
+
+def _check_steps(step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...]) -> None:
+    """A forged side info can hold a bad base step, or push base step x code (x a run's code)
+    past float32 (inf, then NaN in the KV) or to 0; our encoder never does (fit_codes and
+    quantize bound them). Symbols are at most int16. Checked before the payload is decoded."""
+    limit = np.float64(np.finfo(np.float32).max) / 4
+    base = np.abs(zeros.astype(np.float64)) * step
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for code in {code for _, code in runs} | {0}:
+            finer = quant.run_step(step, code)
+            if (not np.all(np.isfinite(finer)) or np.any(finer <= 0) or not np.all(np.isfinite(base))
+                    or np.any(base + 32768.0 * finer > limit)):
+                raise CodecError("side info gives a channel step out of range (non-finite, <= 0 or too large)")
 
 
 def _scatter_body(out: torch.Tensor, body: torch.Tensor, exact: np.ndarray) -> None:
@@ -366,6 +417,7 @@ def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -
         verify(blob)
         return bytes(blob)
     k, v = decode(blob)
+    kwargs.setdefault("tail", header.token_runs)  # a prefix's last chunk stays one
     if header.keys_pre_rope and "rope" not in kwargs:
         kwargs["rope"] = _blob_rope(blob, header)  # keep quantizing keys before RoPE
     return encode(k, v, target.name, **kwargs)
@@ -374,7 +426,8 @@ def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -
 def _blob_rope(blob: bytes | bytearray | memoryview, header: Header) -> RopeSpec:
     side, _ = container.sections(blob, header)
     side_raw = zstd_stream.decompress(side, _side_len(header))
-    return rope_mod.RopeSpec.unpack(side_raw[len(side_raw) - rope_mod.PACKED_BYTES :])
+    end = len(side_raw) - (RUNS_BYTES if header.token_runs else 0)  # the run table follows it
+    return rope_mod.RopeSpec.unpack(side_raw[end - rope_mod.PACKED_BYTES : end])
 
 
 BACKENDS = ("zstd", "ffmpeg", "hevc", "ffv1", "nvenc")

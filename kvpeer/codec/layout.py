@@ -14,33 +14,51 @@ import warnings
 import numpy as np
 import torch
 
+from kvpeer.codec import quant
+
 
 def to_stream(symbols: np.ndarray) -> np.ndarray:
     """[N, H, T, D] symbols -> contiguous channel-major [N, H, D, T]."""
     return np.ascontiguousarray(symbols.transpose(0, 1, 3, 2))
 
 
-def channel_scale(steps: np.ndarray, zeros: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float32 ``step`` and ``offset`` (= zero x step): a value is symbol x step +
-    offset, computed in float32 (the same arithmetic on every host and in every decode path)."""
-    step = torch.from_numpy(np.ascontiguousarray(steps, np.float32))
-    offset = torch.from_numpy((zeros * steps).astype(np.float32))
-    return step, offset
+def channel_scale(
+    steps: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...] = ()
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """float32 channel steps per token-run step code, and the channel ``offset`` (zero x step):
+    a value is symbol x its run's step + offset, computed in float32 (the same arithmetic on
+    every host and in every decode path)."""
+    codes = {code for _, code in runs} | {0}
+    step = {code: torch.from_numpy(quant.run_step(steps, code)) for code in sorted(codes)}
+    return step, torch.from_numpy(quant.channel_offset(steps, zeros))
 
 
-def dequantize_stream(symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int) -> torch.Tensor:
+def run_spans(tokens: int, runs: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
+    """(start, stop, step code) of each token run; one code-0 run when there are none."""
+    spans, start = [], 0
+    for count, code in runs or ((tokens, 0),):
+        spans.append((start, start + count, code))
+        start += count
+    return spans
+
+
+def dequantize_stream(
+    symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int,
+    runs: tuple[tuple[int, int], ...] = (),
+) -> torch.Tensor:
     """Channel-major float32 values [N, H, D, T] from channel-major symbols.
 
-    ``steps`` [N, H, D] per channel, ``zeros`` [N, H, D] (in steps). Computes symbol * step + zero * step in
-    float32 with in-place torch ops (two passes over the data on one thread, fastest measured);
-    the same on every host.
+    ``steps`` [N, H, D] per channel, ``zeros`` [N, H, D] (in steps), ``runs`` the token runs'
+    step codes. Computes symbol * step + zero * step in float32 with in-place torch ops (two
+    passes over the data on one thread, fastest measured); the same on every host.
     """
     n, heads, dim = zeros.shape
-    step, offset = channel_scale(steps, zeros)
-    step, offset = step[:, :, :, None], offset[:, :, :, None]
+    step, offset = channel_scale(steps, zeros, runs)
     with warnings.catch_warnings():
         # symbols may view a read-only decompressed buffer; it is only read, never written
         warnings.simplefilter("ignore", UserWarning)
         source = torch.from_numpy(symbols)
     values = source.view(n, heads, dim, tokens).to(torch.float32)
-    return values.mul_(step).add_(offset)
+    for start, stop, code in run_spans(tokens, runs):
+        values[..., start:stop].mul_(step[code][:, :, :, None])
+    return values.add_(offset[:, :, :, None])

@@ -13,6 +13,10 @@ chosen from a Fisher-information map of SmolLM2's KV (README "Where the KL comes
   head's median key (secondary attention sinks: 1-3 tokens of 256 carried ~half the KL) are kept
   bit-exact (:func:`exact_tokens`).
 
+* **Tail steps**: when a chunk ends a prefix, its last tokens are what the next tokens read most
+  (local heads; the last 128 positions carried ~60% of the KL that remained): they are
+  quantized finer, in runs of tokens that share a step code (:data:`TAIL_RULE`, :func:`tail_runs`).
+
 A zero point per channel in units of that channel's step centres the symbols (no fidelity
 cost). Decoded value = symbol * step + zero * step in float32, identical on every host (a
 channel's step is a float32 base times a fixed float32 table entry); the decoder recovers
@@ -36,6 +40,10 @@ CHANNEL_GAMMA = 0.5  # channel step ∝ (channel rms / head GM rms) ** -gamma
 CODE_STEPS_PER_OCTAVE = 4
 EXACT_KEY_NORM = 0.33  # tokens whose key, in some head, is < this x the head's median stay exact
 MAX_EXACT = 16
+# Tail steps, screened on the calibration text's Fisher map (README "Tail steps"): tokens this
+# close to the chunk's last one (exclusive bound) get steps finer by code/4 octaves.
+TAIL_RULE = ((8, 10), (16, 8), (64, 6), (128, 2))
+MAX_TOKEN_RUNS = 8
 
 # step multiplier per code e in -128..127: 2**(-e/4), a fixed float32 table (same on every host)
 _OCTAVE = np.array([1.0, 2.0**-0.25, 2.0**-0.5, 2.0**-0.75], dtype=np.float64)
@@ -52,6 +60,33 @@ class Quantized:
     codes: np.ndarray  # int8 [N, H, D] per-channel step code
     zeros: np.ndarray  # int32 [N, H, D], in units of the channel step
     symbols: np.ndarray  # int16 [N, H, T, D]
+    runs: tuple[tuple[int, int], ...] = ()  # (tokens, step code) along T; () = one run, code 0
+
+
+def run_step(step: np.ndarray, code: int) -> np.ndarray:
+    """float32 channel steps of a token run with step ``code`` (the same product on every host)."""
+    return (step * MULTIPLIERS[code + 128]).astype(np.float32)
+
+
+def channel_offset(step: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """float32 offset (zero point x channel step) that every token run shares."""
+    return (zeros * step).astype(np.float32)
+
+
+def tail_runs(positions: np.ndarray, tokens: int) -> tuple[tuple[int, int], ...]:
+    """(tokens, step code) runs over the sorted quantized ``positions`` of a chunk of ``tokens``
+    that ends a prefix: finer codes towards its last token (:data:`TAIL_RULE`)."""
+    distance = tokens - 1 - np.asarray(positions, np.int64)
+    codes = np.zeros(distance.shape, np.int64)
+    for bound, code in reversed(TAIL_RULE):
+        codes[distance < bound] = code
+    runs: list[tuple[int, int]] = []
+    for code in map(int, codes):
+        if runs and runs[-1][1] == code:
+            runs[-1] = (runs[-1][0] + 1, code)
+        else:
+            runs.append((1, code))
+    return tuple(runs) if any(code for _, code in runs) else ()
 
 
 def channel_steps(steps: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -123,8 +158,13 @@ def fit_codes(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> tuple[np.n
     return steps.astype(np.float32), np.clip(codes, -128, 127).astype(np.int8)
 
 
-def quantize(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> Quantized:
-    """Quantize float32 ``x`` [N, H, T, D] with base ``steps`` [N, H] and ``codes`` [N, H, D]."""
+def quantize(
+    x: np.ndarray, steps: np.ndarray, codes: np.ndarray, runs: tuple[tuple[int, int], ...] = ()
+) -> Quantized:
+    """Quantize float32 ``x`` [N, H, T, D] with base ``steps`` [N, H] and ``codes`` [N, H, D].
+
+    ``runs``: (tokens, step code) along T (:func:`tail_runs`); a run's code is lowered where its
+    finer steps would overflow the symbols, and the runs kept are in the result."""
     if x.ndim != 4 or steps.shape != x.shape[:2] or codes.shape != (*x.shape[:2], x.shape[3]):
         raise CodecError("quantize: shapes do not match")
     steps = np.maximum(steps.astype(np.float32), _TINY)
@@ -138,14 +178,41 @@ def quantize(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> Quantized:
     q = np.rint(scaled) - zeros[:, :, None, :]
     if q.size and np.abs(q).max() > SYMBOL_LIMIT:
         raise CodecError("quantization step too small for the value range")
-    return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=q.astype(np.int16))
+    if runs:
+        runs = _quantize_runs(x, q, step[:, :, 0, :], zeros, runs)
+    return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=q.astype(np.int16), runs=runs)
+
+
+def _quantize_runs(
+    x: np.ndarray, q: np.ndarray, step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int], ...]:
+    """Re-quantize ``q``'s token runs of nonzero code at their finer steps (in place)."""
+    if sum(count for count, _ in runs) != x.shape[2] or len(runs) > MAX_TOKEN_RUNS:
+        raise CodecError("token runs do not cover the tokens")
+    offset = channel_offset(step, zeros)[:, :, None, :]
+    kept = []
+    start = 0
+    for count, code in runs:
+        part = slice(start, start + count)
+        start += count
+        while code > 0:
+            finer = np.rint((x[:, :, part, :] - offset) / run_step(step, code)[:, :, None, :])
+            if np.abs(finer).max(initial=0) <= SYMBOL_LIMIT:
+                q[:, :, part, :] = finer
+                break
+            code -= 1  # this run's values span too many of its steps: a little coarser
+        kept.append((count, max(code, 0)))
+    return tuple(kept) if any(code for _, code in kept) else ()
 
 
 def dequantize(q: Quantized) -> np.ndarray:
     """float32 [N, H, T, D] from the integers and side info (same arithmetic as the decoder's)."""
     step = channel_steps(q.steps, q.codes)
-    offset = (q.zeros * step).astype(np.float32)[:, :, None, :]
+    offset = channel_offset(step, q.zeros)[:, :, None, :]
     values = q.symbols.astype(np.float32)
-    values *= step[:, :, None, :]
+    start = 0
+    for count, code in q.runs or ((values.shape[2], 0),):
+        values[:, :, start : start + count, :] *= run_step(step, code)[:, :, None, :]
+        start += count
     values += offset
     return values

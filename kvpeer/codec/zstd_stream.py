@@ -228,3 +228,32 @@ def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np
     if pos != len(view) or out is None:
         raise CodecError("trailing bytes after the symbol frames")
     return out
+
+
+def encode_runs(symbols: np.ndarray, counts: list[int], level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
+    """[rows, tokens] symbols whose token runs (``counts``, summing to ``tokens``) were quantized
+    at different steps: each run is coded apart (u32 length + :func:`encode_symbols`), so a fine
+    run's wide symbols do not widen the other runs' packing and tables. One run: encode_symbols."""
+    if len(counts) <= 1:
+        return encode_symbols(symbols, level)
+    out, start = [], 0
+    for count in counts:
+        part = encode_symbols(np.ascontiguousarray(symbols[:, start : start + count]), level)
+        out += [len(part).to_bytes(4, "little"), part]
+        start += count
+    return b"".join(out)
+
+
+def decode_runs(payload: bytes | memoryview, rows: int, counts: list[int]) -> np.ndarray:
+    """Inverse of :func:`encode_runs`: [rows, sum(counts)] symbols (int8 if every run's are)."""
+    if len(counts) <= 1:
+        return decode_symbols(payload, rows * sum(counts), rows)
+    view = memoryview(payload)
+    parts, pos = [], 0
+    for count in counts:
+        frame, pos = _frame_at(view, pos)
+        parts.append(decode_symbols(frame, rows * count, rows))
+    if pos != len(view):
+        raise CodecError("trailing bytes after the symbol runs")
+    dtype = np.int8 if all(p.dtype == np.int8 for p in parts) else np.int16
+    return np.concatenate(parts, axis=1, dtype=dtype)
