@@ -121,7 +121,7 @@ def fisher(model_spec: str | None, windows: int, prefix: int, continuation: int,
         fk, fv = _kv.fisher_diagonal(model, k, v, w.continuation, samples, seed=i)
         info = torch.stack([fk, fv])
         for level in levels:
-            decoded = [codec.decode(codec.encode(kc.half(), vc.half(), level)) for kc, vc in _kv.chunks(k, v)]
+            decoded = [codec.decode(codec.encode(kc.half(), vc.half(), level, tail=False)) for kc, vc in _kv.chunks(k, v)]
             err = torch.stack([torch.cat([d[0] for d in decoded], 2), torch.cat([d[1] for d in decoded], 2)]).float()
             contrib = 0.5 * info * (err - torch.stack([k, v])) ** 2  # [2, L, H, T, D]
             total = float(contrib.sum())

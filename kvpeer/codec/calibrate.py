@@ -199,7 +199,7 @@ def equal_size_scales(profile: CodecProfile, chunks: list[tuple[torch.Tensor, to
     """
     def size(level: str, scale: float | None) -> int:
         tuned = None if scale is None else dataclasses.replace(profile, level_scale={level: scale})
-        return sum(len(core.encode(k, v, level, profile=tuned)) for k, v in chunks)
+        return sum(len(core.encode(k, v, level, profile=tuned, tail=False)) for k, v in chunks)
 
     scales = {}
     for spec in (levels.get(name) for name in levels.LEVELS if not levels.get(name).lossless):
