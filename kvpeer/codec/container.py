@@ -44,7 +44,8 @@ MAX_SINK = 16
 
 FLAG_KEYS_PRE_ROPE = 0x01
 FLAG_TOKEN_RUNS = 0x02  # side info ends with token runs at their own step codes (tail steps)
-_KNOWN_FLAGS = FLAG_KEYS_PRE_ROPE | FLAG_TOKEN_RUNS
+FLAG_ENDS_PREFIX = 0x04  # encoded with tail=True: levels made from it (transcode) take tail steps
+_KNOWN_FLAGS = FLAG_KEYS_PRE_ROPE | FLAG_TOKEN_RUNS | FLAG_ENDS_PREFIX
 
 DTYPES: dict[int, str] = {1: "float16", 2: "bfloat16", 3: "float32"}
 DTYPE_CODES = {name: code for code, name in DTYPES.items()}
@@ -121,6 +122,10 @@ class Header:
     @property
     def token_runs(self) -> bool:
         return bool(self.flags & FLAG_TOKEN_RUNS)
+
+    @property
+    def ends_prefix(self) -> bool:
+        return bool(self.flags & FLAG_ENDS_PREFIX)
 
 
 def _prefix_bytes(h: Header) -> bytes:

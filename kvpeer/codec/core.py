@@ -147,7 +147,8 @@ def encode(
         payload_len=len(payload),
         sink=sink,
         flags=(container.FLAG_KEYS_PRE_ROPE if rope is not None and not spec.lossless else 0)
-        | (container.FLAG_TOKEN_RUNS if not spec.lossless and q.runs else 0),
+        | (container.FLAG_TOKEN_RUNS if not spec.lossless and q.runs else 0)
+        | (container.FLAG_ENDS_PREFIX if tail else 0),
     )
     return container.pack(header, side, payload)
 
@@ -238,7 +239,7 @@ def _decode_verified(
     side, payload = container.sections(blob, header)
     if not levels.get(header.level).lossless:
         return _decode_quantized(header, side, payload, out_kv)
-    if header.sink or header.side_len or header.stream != "zstd":
+    if header.sink or header.side_len or header.stream != "zstd" or header.token_runs:
         raise CodecError("lossless blob with side info")
     n = header.elements
     raw_dtype = _RAW_NUMPY[header.dtype]
@@ -417,7 +418,7 @@ def transcode(blob: bytes | bytearray | memoryview, level: str, **kwargs: Any) -
         verify(blob)
         return bytes(blob)
     k, v = decode(blob)
-    kwargs.setdefault("tail", header.token_runs)  # a prefix's last chunk stays one
+    kwargs.setdefault("tail", header.ends_prefix)  # a prefix's last chunk stays one (exact ones too)
     if header.keys_pre_rope and "rope" not in kwargs:
         kwargs["rope"] = _blob_rope(blob, header)  # keep quantizing keys before RoPE
     return encode(k, v, target.name, **kwargs)

@@ -50,6 +50,17 @@ def test_tail_steps_refine_only_the_last_tokens(level: str) -> None:
     assert not codec.read_header(codec.transcode(plain, "q3")).token_runs
 
 
+def test_an_exact_chunk_that_ends_a_prefix_gives_tail_steps_to_its_lower_levels() -> None:
+    """The daemon may store a prefix's last chunk lossless and make lower levels on demand."""
+    k, v = _kv()
+    ends, middle = codec.encode(k, v, "exact"), codec.encode(k, v, "exact", tail=False)
+    assert codec.read_header(ends).ends_prefix and not codec.read_header(middle).ends_prefix
+    assert torch.equal(codec.decode(ends)[0], k)
+    assert codec.transcode(ends, "q5") == codec.encode(k, v, "q5")
+    assert codec.transcode(middle, "q5") == codec.encode(k, v, "q5", tail=False)
+    assert codec.read_header(codec.transcode(ends, "q5")).token_runs
+
+
 def test_a_run_too_fine_for_the_symbols_is_made_coarser() -> None:
     x = np.zeros((1, 1, 20, 2), np.float32)
     x[0, 0, :, 0] = np.linspace(-1, 1, 20)
