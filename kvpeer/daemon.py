@@ -59,19 +59,21 @@ class _Plan:
 
 
 def encode_chunk_blocking(
-    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str, model: str
+    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str, model: str,
+    last: bool,
 ) -> bytes:
     """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
 
     ``model``: the fingerprint hex; the codec uses that model's calibration profile when one
-    is stored (decoding never needs it). Only the prefix's last chunk gets the codec's finer
-    tail steps: the tokens after the prefix read its end most, not the end of every chunk.
+    is stored (decoding never needs it). ``last``: the last full chunk of the prefix, the only
+    one that gets the codec's finer tail steps: what follows (the prefix's partial rest, then
+    the question) reads the end of the cached KV most, not the end of every chunk.
     """
     start = index * chunk_tokens
     stop = start + chunk_tokens
     return codec.encode(
         k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
-        profile=model, tail=stop >= k.shape[2],
+        profile=model, tail=last,
     )
 
 
@@ -241,7 +243,8 @@ class Daemon:
                 continue
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
-                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, fp.hex
+                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, fp.hex,
+                index == len(keys) - 1,
             )
             self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
             try:

@@ -19,8 +19,10 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvpeer import codec
 from kvpeer.api.client import KVPeerClient
 from kvpeer.hashing import ModelFingerprint
+from kvpeer.store import decode_record
 from kvpeer.testing.cluster import DaemonCluster, Node
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -103,6 +105,14 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
 
             put = client.put(tokens, k, v, FP, level="exact")
             assert put.chunks == 2 and put.stored == 2
+            _wait_for_disk(client)
+        # Only the prefix's last full chunk is flagged as its end (its lower levels take the
+        # codec's tail steps), though 88 tokens of the prefix follow it.
+        flagged = {
+            start: codec.read_header(blob).ends_prefix
+            for start, blob in ((_chunk_start(blob, k), blob) for blob in _stored_blobs(node, "exact"))
+        }
+        assert flagged == {0: False, 256: True}
         metrics = scrape(cluster, node)
         assert metrics[("kvpeer_ready", ())] == 1
         assert metrics[("kvpeer_store_chunks", ())] == 2
@@ -130,6 +140,28 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
             assert metrics[("kvpeer_prefix_tokens_total", (("result", "recompute"),))] == 0
             code = cluster.stop_node(node, sig=signal.SIGKILL if crash else signal.SIGTERM)
             assert code == (-signal.SIGKILL if crash else 0), node.log_text()
+
+
+def _wait_for_disk(client: KVPeerClient, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.stats()["store"]["pending_entries"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _stored_blobs(node: Node, level: str) -> list[bytes]:
+    """The blobs of ``level`` in a node's disk tier, read back through the store's record format."""
+    out = []
+    for path in sorted((node.workdir / "state" / "store").rglob(f"*.{level}")):
+        out.append(decode_record(path.read_bytes(), bytes.fromhex(path.stem), level))
+    return out
+
+
+def _chunk_start(blob: bytes, k: torch.Tensor) -> int:
+    """Which 256-token chunk of ``k`` an exact blob holds."""
+    decoded, _ = codec.decode(blob)
+    starts = [s for s in range(0, k.shape[2] - 255, 256) if torch.equal(decoded, k[:, :, s : s + 256])]
+    assert len(starts) == 1
+    return starts[0]
 
 
 def test_full_disk_is_reported_and_the_daemon_keeps_serving_from_ram(tmp_path: Path) -> None:
