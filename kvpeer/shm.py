@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ MAX_SEGMENT_BYTES = 1 << 40  # sanity bound on what a header may claim
 _HEADER = struct.Struct("<4sHHIB3xIIIIIIIIQQQ")
 _MATCHED_AT = 40  # offset of matched_tokens in _HEADER
 _NAME = re.compile(r"^kvpeer-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
+# Pages reserved ahead for the next segment (SegmentRegistry.reserve_spare): renamed to a
+# segment name when used, so no client ever opens a spare, and swept like segments.
+_SPARE_NAME = re.compile(r"^kvpeer\.spare-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -198,24 +202,38 @@ class Segment:
         if we may not chown, ``gid`` makes it group-accessible instead. ``populate``: map every
         page now (one pass, cheaper than a fault per page later, when the decoder writes).
         """
-        name = new_name()
-        path = directory / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return cls.from_reserved(
+            Reserved.make(layout.size, directory=directory, populate=populate), layout,
+            uid=uid, gid=gid,
+        )  # fmt: skip
+
+    @classmethod
+    def from_reserved(
+        cls, reserved: Reserved, layout: SegmentLayout, *, uid: int | None = None,
+        gid: int | None = None,
+    ) -> Segment:
+        """Turn reserved, never-shared pages into a segment of ``layout`` for client ``uid``
+        (takes ownership of ``reserved``; it must hold at least ``layout.size`` bytes)."""
+        if reserved.size < layout.size:
+            reserved.discard()
+            raise ValueError(f"{reserved.size} bytes reserved, {layout.size} needed")
         try:
-            # Reserve the pages now: a sparse tmpfs file that cannot be backed later would
-            # SIGBUS whoever touches it, daemon included.
-            os.posix_fallocate(fd, 0, layout.size)
-            _hand_over(fd, uid, gid)
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            mapping = mmap.mmap(fd, layout.size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            if not valid_name(reserved.name):  # a spare: it becomes a segment now
+                name = new_name()
+                os.rename(reserved.path, reserved.path.with_name(name))
+                reserved.name, reserved.path = name, reserved.path.with_name(name)
+            if reserved.size > layout.size:
+                # Give back the pages past the end (nothing maps them but our own mapping,
+                # which never reaches past layout.size).
+                os.ftruncate(reserved.fd, layout.size)
+            _hand_over(reserved.fd, uid, gid)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            reserved.discard()
             raise
-        os.close(fd)
+        os.close(reserved.fd)
+        mapping = reserved.mapping
         mapping[: _HEADER.size] = layout.pack_header()
-        return cls(name, layout, mapping, path)
+        return cls(reserved.name, layout, mapping, reserved.path)
 
     @classmethod
     def open(cls, name: str, *, directory: Path = SHM_DIR) -> Segment:
@@ -314,6 +332,45 @@ class Segment:
             os.unlink(self.path)
 
 
+@dataclass(slots=True)
+class Reserved:
+    """Pages reserved and mapped for a segment that is not a segment yet: a fresh, zero-filled
+    file of the daemon's own (mode 0600, shared with no client), open and mapped."""
+
+    name: str
+    path: Path
+    fd: int
+    mapping: mmap.mmap
+    size: int
+
+    @classmethod
+    def make(
+        cls, size: int, *, directory: Path = SHM_DIR, populate: bool = False, spare: bool = False
+    ) -> Reserved:
+        name = new_name().replace("kvpeer-", "kvpeer.spare-", 1) if spare else new_name()
+        path = directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            # Reserve the pages now: a sparse tmpfs file that cannot be backed later would
+            # SIGBUS whoever touches it, daemon included.
+            os.posix_fallocate(fd, 0, size)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            mapping = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return cls(name, path, fd, mapping, size)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.mapping.close()
+
+
 def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
     """Let the client ``uid`` open the segment read-write.
 
@@ -368,6 +425,9 @@ class SegmentRegistry:
         self.lease_s = lease_s
         self.max_bytes_per_owner = max_bytes_per_owner
         self._entries: dict[str, _Entry] = {}
+        # One segment's pages reserved and mapped ahead (see reserve_spare); threads take it.
+        self._spare: Reserved | None = None
+        self._spare_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -399,11 +459,56 @@ class SegmentRegistry:
         self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None,
         populate: bool = False,
     ) -> Segment:
-        """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`)."""
+        """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`).
+        Takes the spare when it is large enough (see :meth:`reserve_spare`)."""
         try:
+            spare = self._take_spare(layout.size)
+            if spare is not None:
+                return Segment.from_reserved(spare, layout, uid=uid, gid=gid)
             return Segment.create(layout, directory=self.directory, uid=uid, gid=gid, populate=populate)
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
+
+    # A fetch's segment is zero-filled and mapped page by page: 94 MB took 0.05-0.5 s of CPU
+    # here, varying with the kernel's state, inside the fetch and beside the event loop. The
+    # spare moves that work to when the daemon is idle. Only fresh pages ever become a spare,
+    # never a released segment: its client may still map it, and it holds another fetch's KV.
+    def reserve_spare(self, size: int, *, max_bytes: int) -> bool:
+        """Reserve and map ``size`` bytes for the next :meth:`make` (blocking: run it in a
+        thread, when idle). Keeps a spare already large enough; False when ``size`` is over
+        ``max_bytes`` (nothing is reserved)."""
+        with self._spare_lock:
+            if self._spare is not None and size <= self._spare.size <= 2 * size:
+                return True
+        if size > max_bytes:
+            return False
+        reserved = Reserved.make(size, directory=self.directory, populate=True, spare=True)
+        with self._spare_lock:
+            old, self._spare = self._spare, reserved
+        if old is not None:
+            old.discard()
+        return True
+
+    @property
+    def spare_bytes(self) -> int:
+        spare = self._spare
+        return 0 if spare is None else spare.size
+
+    def _take_spare(self, size: int) -> Reserved | None:
+        with self._spare_lock:
+            spare = self._spare
+            # One over twice the size waits for a fetch of its own size: truncating it would
+            # throw away most of what was reserved.
+            if spare is None or not size <= spare.size <= 2 * size:
+                return None
+            self._spare = None
+        return spare
+
+    def drop_spare(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
 
     def adopt(self, segment: Segment, *, owner: int, now: float) -> Segment:
         """Register a segment from :meth:`make` as ``owner``'s, leased from ``now``."""
@@ -442,6 +547,7 @@ class SegmentRegistry:
     def close(self) -> None:
         for name in list(self._entries):
             self._drop(name)
+        self.drop_spare()
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)
@@ -464,14 +570,14 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale(directory: Path = SHM_DIR, names: Iterable[str] | None = None) -> list[str]:
-    """Unlink ``kvpeer-<pid>-*`` segments whose creating process is gone."""
+    """Unlink ``kvpeer-<pid>-*`` segments (and spares) whose creating process is gone."""
     removed: list[str] = []
     try:
         candidates = list(names) if names is not None else os.listdir(directory)
     except OSError:
         return removed
     for name in candidates:
-        match = _NAME.match(name)
+        match = _NAME.match(name) or _SPARE_NAME.match(name)
         if match is None or _alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):

@@ -90,12 +90,46 @@ def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_registry_makes_the_next_segment_from_a_spare_of_fresh_pages(tmp_path: Path) -> None:
+    registry = shm.SegmentRegistry(directory=tmp_path)
+    assert registry.reserve_spare(LAYOUT.size, max_bytes=LAYOUT.size - 1) is False
+    assert registry.spare_bytes == 0 and not any(tmp_path.iterdir())
+    assert registry.reserve_spare(LAYOUT.size + shm.PAGE, max_bytes=1 << 20)
+    (spare_file,) = tmp_path.iterdir()
+    assert spare_file.stat().st_mode & 0o777 == 0o600  # no client can open a spare...
+    assert not shm.valid_name(spare_file.name)  # ... nor name it
+    inode = spare_file.stat().st_ino
+    segment = registry.create(LAYOUT, owner=1, now=0.0)
+    assert shm.valid_name(segment.name) and registry.spare_bytes == 0
+    assert [p.name for p in tmp_path.iterdir()] == [segment.name]
+    assert segment.path.stat().st_ino == inode  # the spare's pages, renamed
+    assert segment.path.stat().st_size == LAYOUT.size  # the pages past the layout given back
+    assert torch.all(segment.k == 0) and torch.all(segment.v == 0)
+    reader = shm.Segment.open(segment.name, directory=tmp_path)
+    assert reader.layout == LAYOUT and reader.levels() == [None, None, None]
+    reader.close()
+    # A released segment never becomes a spare (its client may still map it): the next one
+    # is made anew.
+    segment.k.fill_(5.0)
+    registry.release(segment.name, owner=1)
+    again = registry.create(LAYOUT, owner=1, now=0.0)
+    assert again.name != segment.name and torch.all(again.k == 0)
+    # One over twice the size is kept for a fetch of its own size; close() removes it.
+    assert registry.reserve_spare(4 * LAYOUT.size, max_bytes=1 << 20)
+    small = registry.create(LAYOUT, owner=2, now=0.0)
+    assert registry.spare_bytes == 4 * LAYOUT.size
+    registry.close()
+    assert not (tmp_path / small.name).exists() and not any(tmp_path.iterdir())
+
+
 def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead_name = f"kvpeer-{int(dead.stdout)}-{'d' * 32}"
+    dead_spare = f"kvpeer.spare-{int(dead.stdout)}-{'d' * 32}"
     live_name = f"kvpeer-{os.getpid()}-{'l' * 32}"
-    for name in (dead_name, live_name, "unrelated"):
+    live_spare = f"kvpeer.spare-{os.getpid()}-{'l' * 32}"
+    for name in (dead_name, dead_spare, live_name, live_spare, "unrelated"):
         (tmp_path / name).write_bytes(b"x")
-    assert shm.sweep_stale(tmp_path) == [dead_name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, "unrelated"])
+    assert sorted(shm.sweep_stale(tmp_path)) == sorted([dead_name, dead_spare])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, live_spare, "unrelated"])

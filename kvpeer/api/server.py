@@ -49,6 +49,11 @@ READ_BYTES = 1 << 16
 FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
+#: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
+#: (reserving takes CPU a fetch or its client needs on a small machine)...
+SPARE_IDLE_S = 0.5
+#: ... if it is at most this large (a spare is memory held while idle).
+SPARE_MAX_BYTES = 1 << 30
 _PEERCRED = struct.Struct("3i")
 
 
@@ -299,6 +304,9 @@ class ApiServer:
         self._ids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
         self._segments_changed = asyncio.Event()
+        self._fetching = 0
+        self._last_fetch = 0.0  # when the last fetch ended (monotonic)
+        self._spare_task: asyncio.Task[None] | None = None
         self.counters = {"connections": 0, "requests": 0, "errors": 0, "segments": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -321,6 +329,10 @@ class ApiServer:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._spare_task
         for conn in list(self._connections.values()):
             conn.closed = True
             conn.writer.close()
@@ -374,6 +386,27 @@ class ApiServer:
             _discard(segment)
             raise ProtocolError(ErrorCode.INTERNAL, "client gone")
         return self._adopt(segment, conn)
+
+    def _want_spare(self, size: int) -> None:
+        """Have a segment of ``size`` bytes reserved for the next fetch, once idle."""
+        if self._spare_task is None or self._spare_task.done():
+            self._spare_task = asyncio.get_running_loop().create_task(
+                self._reserve_spare_when_idle(size), name="kvpeer-api-spare"
+            )
+
+    async def _reserve_spare_when_idle(self, size: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            quiet_for = time.monotonic() - self._last_fetch
+            if self._fetching == 0 and quiet_for >= SPARE_IDLE_S:
+                break
+            await asyncio.sleep(SPARE_IDLE_S - quiet_for if self._fetching == 0 else SPARE_IDLE_S)
+        try:
+            await loop.run_in_executor(
+                None, functools.partial(self.registry.reserve_spare, size, max_bytes=SPARE_MAX_BYTES)
+            )
+        except OSError as exc:  # /dev/shm full: fetches make their own segment, as before
+            log.info("api: could not reserve a spare segment of %d bytes: %s", size, exc)
 
     async def _reap_leases(self) -> None:
         while True:
@@ -547,6 +580,14 @@ class ApiServer:
 
     # ------------------------------------------------------------------ fetch
     async def _fetch(self, conn: _Connection, req: m.FetchRequest) -> m.FetchResult:
+        self._fetching += 1
+        try:
+            return await self._fetch_into_sink(conn, req)
+        finally:
+            self._fetching -= 1
+            self._last_fetch = time.monotonic()
+
+    async def _fetch_into_sink(self, conn: _Connection, req: m.FetchRequest) -> m.FetchResult:
         sink = FetchSink(self, conn, req)
         # The backend honors deadline_s itself (it stops cleanly, with no decode still writing
         # into the segment); this cut is only a backstop for one that does not.
@@ -571,6 +612,8 @@ class ApiServer:
             self._drop_sink(conn, sink)
             raise
         result = sink.result()
+        if sink.segment is not None:
+            self._want_spare(sink.segment.layout.size)
         if not result.segment:
             self._drop_sink(conn, sink)
         return result

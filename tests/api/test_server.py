@@ -332,3 +332,35 @@ def test_a_client_of_another_uid_maps_its_segment_and_only_it_can() -> None:
                         and result.zero_copy() and torch.equal(result.k, k))
 
         assert as_user(nobody, maps_its_segment)
+
+
+def test_the_next_fetch_takes_the_segment_reserved_while_idle() -> None:
+    """After a fetch, once idle, the server reserves the next fetch's pages (a spare no client
+    can name); the next fetch of that size is made from them, the one after from a new spare."""
+    before = our_segments()
+    with serving() as api:
+        registry = api.server.registry
+        taken: list[bool] = []
+        take = registry._take_spare
+
+        def recording_take(size: int) -> Any:
+            spare = take(size)
+            taken.append(spare is not None)
+            return spare
+
+        registry._take_spare = recording_take  # type: ignore[method-assign]
+        k, v = kv(8)
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(8)), k, v, FP)
+            taken.clear()  # the put's segment is not a fetch's
+            with client.fetch(list(range(8)), FP) as first:
+                assert first.segment is not None
+                size = first.segment.layout.size
+            assert taken == [False]
+            wait_until(lambda: registry.spare_bytes >= size)
+            assert not (our_segments() - before)  # a spare is not a segment
+            with client.fetch(list(range(8)), FP) as second:
+                assert torch.equal(second.k, k) and torch.equal(second.v, v)
+            assert taken == [False, True]
+            wait_until(lambda: registry.spare_bytes >= size)
+    assert registry.spare_bytes == 0 and not (our_segments() - before)
