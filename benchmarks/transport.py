@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cc=args.cc, receive_window=args.receive_window, trace=args.trace,
             )  # fmt: skip
         )
+        # Drops at the sender's shaped egress (its tbf queue, ~50 ms, overflowed), apart from
+        # the relay's random loss.
+        tbf_dropped = cluster.qdisc_drops(cluster.hosts[0]) if rate_bps else None
         relay_stats = cluster.stop_relay() if relayed else None
         baseline: dict[str, Any] | None = None
         if not args.no_baseline:
@@ -165,7 +168,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else round(patched["goodput_mbps"] / baseline["goodput_mbps"], 1),
         "relay_cpu_s_per_gb": None if relay_cpu_per_gb is None else round(relay_cpu_per_gb, 2),
         "relay_dropped": None if relay_stats is None else relay_stats["dropped"],
+        "relay_write_errors": None if relay_stats is None else relay_stats.get("write_errors"),
+        "tbf_dropped": tbf_dropped,
         "sender_t3_expiries": sctp.get("t3_expiries"),
+        "sender_t3_causes": sctp.get("t3_causes"),
         "sender_random_losses": sctp.get("random_losses"),
         "sender_congestion_events": sctp.get("congestion_events"),
     }
@@ -201,10 +207,13 @@ def _table(r: dict[str, Any]) -> str:
     if r["relay_cpu_s_per_gb"] is not None:
         lines.append(
             f"  impairment relay: {r['relay_cpu_s_per_gb']:.1f} CPU-s/GB, "
-            f"{r['relay_dropped']} packets dropped on purpose"
+            f"{r['relay_dropped']} packets dropped on purpose, "
+            f"{r['relay_write_errors']} lost to a full TUN queue"
         )
+    if r["tbf_dropped"] is not None:
+        lines.append(f"  shaper (tbf) queue overflow: {r['tbf_dropped']} packets dropped")
     lines.append(
-        f"  sender: {r['sender_t3_expiries']} retransmission timeouts, "
+        f"  sender: {r['sender_t3_expiries']} retransmission timeouts {r['sender_t3_causes']}, "
         f"{r['sender_random_losses']} losses taken as random, "
         f"{r['sender_congestion_events']} as congestion"
     )

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,6 +335,17 @@ class Cluster:
             host.netns, "qdisc", "add", "dev", host.ifname, "root", "tbf",
             "rate", str(bits), "burst", str(burst), "latency", "50ms",
         )  # fmt: skip
+
+    def qdisc_drops(self, host: Host) -> int | None:
+        """Packets *host*'s egress qdisc dropped so far (tbf: its queue was full); None when
+        unshaped or unreadable."""
+        self._check_open()
+        out = subprocess.run(
+            self.netns_argv(host, ["tc", "-s", "qdisc", "show", "dev", host.ifname]),
+            capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        match = re.search(r"qdisc tbf .*?dropped (\d+)", out.stdout, re.S)
+        return int(match.group(1)) if match else None
 
     def kill_all(self, timeout: float = 5.0) -> None:
         """Stop every process started through :meth:`popen` (SIGTERM, then SIGKILL)."""

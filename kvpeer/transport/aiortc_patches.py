@@ -290,6 +290,7 @@ def configure_association(
     sctp._kvpeer_restrikes = 0  # type: ignore[attr-defined]
     sctp._kvpeer_random_losses = 0  # type: ignore[attr-defined]
     sctp._kvpeer_t3_expiries = 0  # type: ignore[attr-defined]
+    sctp._kvpeer_t3_causes = dict.fromkeys(T3_CAUSES, 0)  # type: ignore[attr-defined]
     # What we advertise (sent in INIT / INIT-ACK and every SACK) and what the peer advertised.
     sctp._advertised_rwnd = receive_window
     sctp._kvpeer_peer_rwnd = receive_window  # type: ignore[attr-defined]
@@ -327,6 +328,7 @@ def configure_association(
     def t3_expired_marking() -> None:
         sctp._kvpeer_rtx_pending = True  # type: ignore[attr-defined]
         sctp._kvpeer_t3_expiries += 1  # type: ignore[attr-defined]
+        _note_t3_cause(sctp)
         t3_expired()
         _keep_gap_acked(sctp)
 
@@ -360,6 +362,7 @@ def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
         "srtt_s": getattr(sctp, "_srtt", None),
         "rto_s": sctp._rto,
         "t3_expiries": getattr(sctp, "_kvpeer_t3_expiries", None),
+        "t3_causes": getattr(sctp, "_kvpeer_t3_causes", None),
         "restrikes": getattr(sctp, "_kvpeer_restrikes", None),
         "random_losses": getattr(sctp, "_kvpeer_random_losses", None),
         **_rate_stats(getattr(sctp, "_kvpeer_rate", None)),
@@ -506,6 +509,39 @@ def _resend_restruck(sctp: Any, receive_sack: Callable[[Any], Any]) -> Callable[
     return receive
 
 
+#: Why a retransmission timeout fired, judged from the sent queue when it did:
+#: ``retransmission`` the earliest outstanding chunk was already resent (a lost retransmission
+#: that :func:`_restrike` did not catch); ``few_strikes`` the peer reported chunks after it but
+#: fewer than three SACKs struck it (the sender ran out of data to draw SACKs); ``no_report``
+#: no chunk after it was reported (a lost tail, or SACKs later than the timeout).
+T3_CAUSES = ("retransmission", "few_strikes", "no_report")
+
+
+def _note_t3_cause(sctp: Any) -> None:
+    earliest = next((c for c in sctp._sent_queue if not c._acked), None)
+    if earliest is None:
+        return
+    if earliest._sent_count > 1:
+        cause = "retransmission"
+    elif any(c._acked for c in sctp._sent_queue):
+        cause = "few_strikes"
+    else:
+        cause = "no_report"
+    sctp._kvpeer_t3_causes[cause] += 1
+    if logger.isEnabledFor(logging.DEBUG):
+        watched = [mark for c, mark in sctp._kvpeer_rtx_watch if c is earliest]
+        logger.debug(
+            "T3 expired (%s): tsn %d sent %d times %.3f s ago, misses %d, marked %s, watched %s "
+            "(highest sent %d), %d chunks queued after it, %d not sent yet, flight %d cwnd %d "
+            "peer rwnd %d, rto %.3f srtt %s, last sacked %d", cause, earliest.tsn,
+            earliest._sent_count, time.time() - earliest._sent_time, earliest._misses,
+            earliest._retransmit, watched, sctp._kvpeer_tsn.unwrap(sctp._sent_queue[-1].tsn),
+            len(sctp._sent_queue), len(sctp._outbound_queue), sctp._flight_size, sctp._cwnd,
+            sctp._kvpeer_peer_rwnd, sctp._rto, getattr(sctp, "_srtt", None),
+            sctp._kvpeer_tsn.unwrap(sctp._last_sacked_tsn),
+        )  # fmt: skip
+
+
 def _keep_gap_acked(sctp: Any) -> None:
     """Right after aiortc's T3 expiry: unmark the chunks the peer acknowledged in gap reports.
 
@@ -553,6 +589,7 @@ def _install_rate_control(
     def t3_expired_keeping_window() -> None:
         sctp._kvpeer_rtx_pending = True
         sctp._kvpeer_t3_expiries += 1
+        _note_t3_cause(sctp)
         t3_expired()
         _keep_gap_acked(sctp)
         rate.on_timeout(time.monotonic())

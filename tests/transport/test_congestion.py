@@ -315,3 +315,24 @@ def test_a_retransmission_struck_again_goes_out_with_this_sack_not_the_next() ->
     assert transmits == []
     asyncio.run(receive("strikes"))
     assert transmits == [1]
+
+
+# -- why a retransmission timeout fired (aiortc_patches._note_t3_cause) ------------------------
+
+
+def test_a_timeout_is_put_down_to_what_the_sent_queue_shows() -> None:
+    from kvpeer.transport.aiortc_patches import T3_CAUSES, _note_t3_cause
+
+    def cause(*queue: SimpleNamespace) -> str:
+        sctp = SimpleNamespace(_sent_queue=list(queue), _kvpeer_t3_causes=dict.fromkeys(T3_CAUSES, 0))
+        _note_t3_cause(sctp)
+        (found,) = [name for name, count in sctp._kvpeer_t3_causes.items() if count]
+        return found
+
+    def chunk(*, sent: int = 1, acked: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(_sent_count=sent, _acked=acked)
+
+    assert cause(chunk(sent=2), chunk(acked=True)) == "retransmission"
+    assert cause(chunk(), chunk(), chunk(acked=True)) == "few_strikes"
+    assert cause(chunk(), chunk()) == "no_report"
+    assert cause(chunk(acked=True), chunk(sent=3)) == "retransmission"  # the earliest not acked
