@@ -88,6 +88,17 @@ def _transfer(
     return result
 
 
+def _udp_errors(cluster: Cluster, host: Any) -> dict[str, int]:
+    """The kernel's UDP error counters in *host*'s namespace (a full socket buffer drops
+    datagrams silently: RcvbufErrors, SndbufErrors)."""
+    out = cluster.run(host, ["cat", "/proc/net/snmp"], check=False)
+    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2:
+        return {}
+    counters = dict(zip(rows[0], (int(v) for v in rows[1]), strict=False))
+    return {k: v for k, v in counters.items() if "Error" in k}
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     gigabytes = result["bytes_verified"] / 1e9
     return {
@@ -122,6 +133,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Drops at the sender's shaped egress (its tbf queue, ~50 ms, overflowed), apart from
         # the relay's random loss.
         tbf_dropped = cluster.qdisc_drops(cluster.hosts[0]) if rate_bps else None
+        sender_host, receiver_host = cluster.hosts
+        udp_errors = {
+            "sender": _udp_errors(cluster, sender_host),
+            "receiver": _udp_errors(cluster, receiver_host),
+        }
         relay_stats = cluster.stop_relay() if relayed else None
         baseline: dict[str, Any] | None = None
         if not args.no_baseline:
@@ -170,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "relay_dropped": None if relay_stats is None else relay_stats["dropped"],
         "relay_write_errors": None if relay_stats is None else relay_stats.get("write_errors"),
         "tbf_dropped": tbf_dropped,
+        "udp_errors": udp_errors,
         "sender_t3_expiries": sctp.get("t3_expiries"),
         "sender_t3_causes": sctp.get("t3_causes"),
         "sender_random_losses": sctp.get("random_losses"),
@@ -210,6 +227,8 @@ def _table(r: dict[str, Any]) -> str:
             f"{r['relay_dropped']} packets dropped on purpose, "
             f"{r['relay_write_errors']} lost to a full TUN queue"
         )
+    if r.get("udp_errors"):
+        lines.append(f"  kernel UDP errors: {r['udp_errors']}")
     if r["tbf_dropped"] is not None:
         lines.append(f"  shaper (tbf) queue overflow: {r['tbf_dropped']} packets dropped")
     lines.append(
