@@ -9,7 +9,8 @@ Real model (SmolLM2 by default), real daemons in network namespaces (kvpeer.test
 policy, at LEVEL for ``fixed:LEVEL``), one more node fetches it for a client in the root
 namespace. Every serving host's egress is tbf-shaped to ``--rate``; ``--drop-to`` changes it
 (``tc qdisc replace``) ``--drop-after`` seconds into the fetch. The same prefix is recomputed
-(prefill) in the same run. ``fetch_s`` is request -> KV usable, including the recompute of any
+(prefill) in the same run, best of ``--recompute-runs`` with the daemons up (as the client's own
+fallback prefill runs). ``fetch_s`` is request -> KV usable, including the recompute of any
 tail the fetcher left to the client. top-1 agreement compares the next-token argmax over a
 teacher-forced continuation, fetched cache vs the original cache. Several policies
 (comma-separated) run on the same cluster, each on a cold client cache.
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "store": {"ram_bytes": "1GiB", "disk_bytes": "2GiB"},
     }
     runs: list[Run] = []
+    up_times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="kvpeer-ttft-") as tmp:
         with DaemonCluster(
             max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config,
@@ -397,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
                 # One-way delay and loss each direction, in the router between the two nodes.
                 cluster.net.set_impairment(delay_ms=_seconds(args.delay) * 1000, loss_pct=args.loss)
             try:
+                # The reference prefill again, now under the conditions the client's own
+                # fallback prefill meets (daemons and relay up, idle): measured before they
+                # started it read 5-10% faster than the same prefill during a fetch that gave up.
+                for _ in range(max(1, args.recompute_runs)):
+                    t0 = time.perf_counter()
+                    _prefill(model, tokens)
+                    up_times.append(time.perf_counter() - t0)
+                recompute_s = min(up_times)
                 run_index = 0
                 warmup: Run | None = None
                 if args.warmup:
@@ -433,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
              + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))
     print(f"ttft: {title}; model {fp.name} ({fp.layers}x{fp.kv_heads}x{fp.head_dim} {fp.dtype})")
-    print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s "
-          f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
+    print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s, best of runs with "
+          f"the daemons up: {', '.join(f'{t:.2f}' for t in up_times)} (before they started: "
+          f"{', '.join(f'{t:.2f}' for t in times)})")
     if not delay_applied:
         print(f"note: --delay {args.delay} / --loss {args.loss}% not applied (the impairment "
               "relay joins two nodes: one serving peer only)")
