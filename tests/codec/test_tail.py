@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvpeer import codec
 from kvpeer.codec import container, core, quant, zstd_stream
@@ -122,3 +124,33 @@ def test_the_untouched_run_table_decodes() -> None:
     raw = zstd_stream.decompress(bytes(side), core._side_len(h))
     table = np.frombuffer(raw[len(raw) - core.RUNS_BYTES :], core._RUN)
     assert torch.equal(codec.decode(_with_runs(blob, table.copy()))[0], codec.decode(blob)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 300),
+    level=st.sampled_from(["q8", "q5", "q3"]),
+    short=st.lists(st.integers(0, 299), max_size=4),
+    sink=st.sampled_from([0, 1]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
+def test_decode_into_equals_decode_for_any_tail(
+    tokens: int, level: str, short: list[int], sink: int, dtype: torch.dtype
+) -> None:
+    """Exact tokens anywhere (inside runs, at their edges), chunks shorter than the tail, any
+    dtype: decode(out=) writes what decode() returns, and the integers survive (error bound)."""
+    g = torch.Generator().manual_seed(tokens)
+    k = torch.randn(2, 1, tokens, 8, generator=g)
+    v = torch.randn(2, 1, tokens, 8, generator=g)
+    for t in short:
+        if t < tokens:
+            k[:, :, t] *= 0.01  # a sink-like token: kept exact when sink=1
+    k, v = k.to(dtype), v.to(dtype)
+    blob = codec.encode(k, v, level, sink=sink)
+    ref = codec.decode(blob)
+    out = torch.full((2, 1, tokens, 8), 7.0), torch.full((2, 1, tokens, 8), 7.0)
+    codec.decode(blob, out=out)
+    for got, want, original in zip(out, ref, (k, v), strict=True):
+        assert torch.equal(got, want.float())
+        assert bool(torch.isfinite(got).all())
+        assert float((want.float() - original.float()).abs().max()) < 1.0
