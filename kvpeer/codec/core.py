@@ -302,7 +302,7 @@ def _pieces(
     cut where a token run's step code changes."""
     out = []
     for start, stop, taken in _body_spans(exact, tokens):
-        for first, last, code in layout.run_spans(rest, runs):
+        for first, last, code in quant.run_spans(rest, runs):
             lo, hi = max(taken, first), min(taken + stop - start, last)
             if lo < hi:
                 out.append((start + lo - taken, start + hi - taken, lo, code))

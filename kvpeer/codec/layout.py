@@ -33,15 +33,6 @@ def channel_scale(
     return step, torch.from_numpy(quant.channel_offset(steps, zeros))
 
 
-def run_spans(tokens: int, runs: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
-    """(start, stop, step code) of each token run; one code-0 run when there are none."""
-    spans, start = [], 0
-    for count, code in runs or ((tokens, 0),):
-        spans.append((start, start + count, code))
-        start += count
-    return spans
-
-
 def dequantize_stream(
     symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int,
     runs: tuple[tuple[int, int], ...] = (),
@@ -59,6 +50,6 @@ def dequantize_stream(
         warnings.simplefilter("ignore", UserWarning)
         source = torch.from_numpy(symbols)
     values = source.view(n, heads, dim, tokens).to(torch.float32)
-    for start, stop, code in run_spans(tokens, runs):
+    for start, stop, code in quant.run_spans(tokens, runs):
         values[..., start:stop].mul_(step[code][:, :, :, None])
     return values.add_(offset[:, :, :, None])

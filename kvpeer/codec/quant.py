@@ -73,6 +73,15 @@ def channel_offset(step: np.ndarray, zeros: np.ndarray) -> np.ndarray:
     return (zeros * step).astype(np.float32)
 
 
+def run_spans(tokens: int, runs: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
+    """(start, stop, step code) of each token run; one code-0 run when there are none."""
+    spans, start = [], 0
+    for count, code in runs or ((tokens, 0),):
+        spans.append((start, start + count, code))
+        start += count
+    return spans
+
+
 def tail_runs(positions: np.ndarray, tokens: int) -> tuple[tuple[int, int], ...]:
     """(tokens, step code) runs over the sorted quantized ``positions`` of a chunk of ``tokens``
     that ends a prefix: finer codes towards its last token (:data:`TAIL_RULE`)."""
@@ -191,17 +200,15 @@ def _quantize_runs(
         raise CodecError("token runs do not cover the tokens")
     offset = channel_offset(step, zeros)[:, :, None, :]
     kept = []
-    start = 0
-    for count, code in runs:
-        part = slice(start, start + count)
-        start += count
+    for start, stop, code in run_spans(x.shape[2], runs):
+        part = slice(start, stop)
         while code > 0:
             finer = np.rint((x[:, :, part, :] - offset) / run_step(step, code)[:, :, None, :])
             if np.abs(finer).max(initial=0) <= SYMBOL_LIMIT:
                 q[:, :, part, :] = finer
                 break
             code -= 1  # this run's values span too many of its steps: a little coarser
-        kept.append((count, max(code, 0)))
+        kept.append((stop - start, max(code, 0)))
     return tuple(kept) if any(code for _, code in kept) else ()
 
 
@@ -210,9 +217,7 @@ def dequantize(q: Quantized) -> np.ndarray:
     step = channel_steps(q.steps, q.codes)
     offset = channel_offset(step, q.zeros)[:, :, None, :]
     values = q.symbols.astype(np.float32)
-    start = 0
-    for count, code in q.runs or ((values.shape[2], 0),):
-        values[:, :, start : start + count, :] *= run_step(step, code)[:, :, None, :]
-        start += count
+    for start, stop, code in run_spans(values.shape[2], q.runs):
+        values[:, :, start:stop, :] *= run_step(step, code)[:, :, None, :]
     values += offset
     return values
