@@ -65,6 +65,7 @@ def encode(
     profile: CodecProfile | str | None = None,
     rope: RopeSpec | None = None,
     tail: bool = DEFAULT_TAIL,
+    rotate_half: bool = True,
 ) -> bytes:
     """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
 
@@ -75,7 +76,10 @@ def encode(
     every (tensor, layer, head) (none: the plain rules). ``rope``: theta and the chunk's first absolute position; keys are then
     quantized before RoPE and re-rotated on decode. ``tail``: the KV ends a prefix, so the next
     tokens read its last ones most: those get finer steps (:data:`quant.TAIL_RULE`); pass False
-    for a chunk in the middle of a prefix (smaller blob); video streams ignore it. Decoding never
+    for a chunk in the middle of a prefix (smaller blob); video streams ignore it. ``rotate_half``:
+    the keys' RoPE pairs channel c with c + head_dim/2 (transformers' Llama family, GPT-NeoX, vLLM's
+    default), so slow-frequency key channels get finer steps (:data:`quant.ROTARY_PRIOR_OCTAVES`);
+    pass False for models that pair neighbouring channels; video streams ignore it. Decoding never
     needs any of these.
     """
     dtype = _check_pair(k, v)
@@ -102,7 +106,9 @@ def encode(
             full[0] = rope_mod.unrotate(full[0], rope, 0)
         body = full[:, :, :, torch.from_numpy(body_mask), :]
         x = body.numpy().reshape(2 * layers, heads, -1, head_dim)
-        steps, codes = quant.plan_steps(x, spec.step_log2)
+        # video planes hold 8 bits: finer slow channels (like the tail) would push them to zstd
+        prior = quant.ROTARY_PRIOR_OCTAVES if rotate_half and stream == "zstd" else 0.0
+        steps, codes = quant.plan_steps(x, spec.step_log2, rotary_prior=prior)
         resolved = _resolve_profile(profile)
         if resolved is not None:
             if resolved.layers != layers:

@@ -9,6 +9,10 @@ chosen from a Fisher-information map of SmolLM2's KV (README "Where the KL comes
 * **Per-channel step code** ``e`` (int8): channel step = base * 2**(-e/4), with ``e`` from the
   channel's RMS relative to the head's geometric mean RMS (:data:`CHANNEL_GAMMA`): large key
   channels meet large query channels, so they get finer steps.
+* **Rotary-index prior** on key channels (:data:`ROTARY_PRIOR_OCTAVES`): in the rotate-half RoPE
+  layout, channel c and c + D/2 share rotary frequency index c mod D/2, and after the rules above
+  the slow (high-index) key channels still cost ~2.5 octaves more than the fast ones within a head
+  (Fisher map, both texts alike); their steps get finer and the fast ones' coarser, mean unchanged.
 * **Exact tokens**: besides position 0, tokens whose key in some head is far shorter than that
   head's median key (secondary attention sinks: 1-3 tokens of 256 carried ~half the KL) are kept
   bit-exact (:func:`exact_tokens`).
@@ -38,6 +42,10 @@ _ZERO_LIMIT = 2.0**30  # |value| / step stays well inside int32 (zero points)
 V_SCALE = 1.4  # value steps relative to key steps (Fisher map: keys dominate at equal steps)
 CHANNEL_GAMMA = 0.5  # channel step ∝ (channel rms / head GM rms) ** -gamma
 CODE_STEPS_PER_OCTAVE = 4
+# Key channel steps from the fastest to the slowest rotary frequency span this many octaves
+# (finer for the slow ones): screened 1.4 / 1.9 / 2.4 / 3.4 on the calibration text (README
+# "Rotary-index prior"). 0 turns it off (models whose RoPE pairs neighbouring channels).
+ROTARY_PRIOR_OCTAVES = 1.9
 EXACT_KEY_NORM = 0.33  # tokens whose key, in some head, is < this x the head's median stay exact
 MAX_EXACT = 16
 # Tail steps, screened on the calibration text's Fisher map (README "Tail steps"): tokens this
@@ -128,11 +136,15 @@ def exact_tokens(keys: np.ndarray, limit: int = MAX_EXACT) -> np.ndarray:
     return np.array(sorted(picked), np.int64)
 
 
-def plan_steps(x: np.ndarray, level_log2: float, tensors: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def plan_steps(
+    x: np.ndarray, level_log2: float, tensors: int = 2, rotary_prior: float = ROTARY_PRIOR_OCTAVES
+) -> tuple[np.ndarray, np.ndarray]:
     """Base steps [N, H] and channel codes [N, H, D] for float32 ``x`` [N, H, T, D].
 
     ``level_log2``: the level's base step as log2 of a fraction of the head's geometric-mean
     channel span. The first N/tensors rows are keys, the rest values (coarser by V_SCALE).
+    ``rotary_prior``: octaves between the key channels of the fastest and the slowest rotary
+    frequency (rotate-half layout); 0 for none.
     """
     n, heads, tokens, dim = x.shape
     if not np.all(np.isfinite(x)):
@@ -150,7 +162,16 @@ def plan_steps(x: np.ndarray, level_log2: float, tensors: int = 2) -> tuple[np.n
     log_rel = np.log2(np.maximum(rms, rms_floor))
     log_rel -= log_rel.mean(axis=-1, keepdims=True)
     codes = np.rint(CODE_STEPS_PER_OCTAVE * CHANNEL_GAMMA * log_rel)
+    if rotary_prior and dim >= 4 and dim % 2 == 0:
+        codes[: n // tensors] += rotary_codes(dim, rotary_prior)
     return fit_codes(x, steps.astype(np.float32), codes)
+
+
+def rotary_codes(dim: int, octaves: float) -> np.ndarray:
+    """Step codes [dim] that refine key channels by rotary frequency index (rotate-half layout:
+    channels c and c + dim/2 share index c mod dim/2; a higher index turns slower), mean ~0."""
+    index = np.arange(dim) % (dim // 2)
+    return np.rint(CODE_STEPS_PER_OCTAVE * octaves * (index / (dim // 2 - 1) - 0.5))
 
 
 def fit_codes(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

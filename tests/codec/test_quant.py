@@ -158,3 +158,26 @@ def test_narrow_symbols_decode_as_int8_even_from_differences() -> None:
     assert back.dtype == np.int8 and np.array_equal(back.astype(np.int16), rows)
     rows[0, 7] = 300  # one wide symbol: int16 out
     assert zstd_stream.decode_symbols(zstd_stream.encode_symbols(rows), rows.size, 4).dtype == np.int16
+
+
+def test_rotary_prior_refines_slow_key_channels_only() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4, 2, 200, 16)).astype(np.float32)  # every channel alike
+    _, plain = quant.plan_steps(x, -6.5, rotary_prior=0.0)
+    _, prior = quant.plan_steps(x, -6.5)
+    shift = prior.astype(int) - plain.astype(int)
+    index = np.arange(16) % 8  # rotate-half: channels c and c + 8 share a frequency
+    assert np.all(shift[:2, :, index == 7] > 0) and np.all(shift[:2, :, index == 0] < 0)  # keys
+    assert np.array_equal(shift[:2, :, :8], shift[:2, :, 8:])
+    assert not shift[2:].any()  # values: no rotary structure
+    assert abs(shift[:2].mean()) < 0.5  # finer and coarser balance: the rate stays
+
+
+def test_rotate_half_false_encodes_without_the_prior() -> None:
+    g = torch.Generator().manual_seed(8)
+    k, v = (torch.randn(2, 2, 64, 16, generator=g).half() for _ in range(2))
+    with_prior, without = codec.encode(k, v, "q5"), codec.encode(k, v, "q5", rotate_half=False)
+    assert with_prior != without
+    for blob in (with_prior, without):  # both decode with no side information
+        k2, _ = codec.decode(blob)
+        assert k2.shape == k.shape and float((k2.float() - k.float()).abs().max()) < 0.5

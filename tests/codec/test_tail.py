@@ -153,4 +153,5 @@ def test_decode_into_equals_decode_for_any_tail(
     for got, want, original in zip(out, ref, (k, v), strict=True):
         assert torch.equal(got, want.float())
         assert bool(torch.isfinite(got).all())
-        assert float((want.float() - original.float()).abs().max()) < 1.0
+        # q3's half step on unit-variance data, an octave coarser on the fastest rotary channels
+        assert float((want.float() - original.float()).abs().max()) < 1.5
