@@ -461,7 +461,9 @@ def scenario_clients(workdir: Path, clients: int = 50, seconds: float = 60.0,
                         else:
                             with client.fetch(tokens, fp, deadline_s=10) as result:
                                 n = result.matched_tokens
-                                if n and not torch.allclose(result.k.float(), k[:, :, :n].float(), atol=0.05):
+                                # q8 of unit-variance keys errs up to ~0.07 (fast rotary channels
+                                # are coarser); another prefix's keys differ by ~1
+                                if n and not torch.allclose(result.k.float(), k[:, :, :n].float(), atol=0.2):
                                     errors["wrong data"] += 1
                         ops[("put", "lookup", "fetch")[op]] += 1
                     except KVPeerError as exc:
