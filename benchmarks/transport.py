@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sender_t3_causes": sctp.get("t3_causes"),
         "sender_random_losses": sctp.get("random_losses"),
         "sender_congestion_events": sctp.get("congestion_events"),
+        "sender_local_drops": sctp.get("local_drops"),
+        "sender_local_drop_chunks": sctp.get("local_drop_chunks"),
     }
 
 
@@ -234,7 +236,8 @@ def _table(r: dict[str, Any]) -> str:
     lines.append(
         f"  sender: {r['sender_t3_expiries']} retransmission timeouts {r['sender_t3_causes']}, "
         f"{r['sender_random_losses']} losses taken as random, "
-        f"{r['sender_congestion_events']} as congestion"
+        f"{r['sender_congestion_events']} as congestion, "
+        f"{r.get('sender_local_drops')} datagrams dropped by its own egress queue"
     )
     lines.append(f"  bytes verified: {r['bytes_verified']:,}")
     return "\n".join(lines)

@@ -51,6 +51,11 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
   kernel's per-datagram send path was the sender's largest cost once the Python layers shrank.
   The receiving socket asks for UDP GRO, so such a burst arrives as one read; the demux splits
   it back into its DTLS records (:func:`_split_records`), one per datagram as sent.
+* local drops (:func:`_report_local_drops`, :func:`_local_drop`): the ICE socket sets
+  ``IP_RECVERR``, so a datagram the sender's own egress queue (a qdisc) drops fails its send
+  with ``ENOBUFS`` instead of vanishing; its DATA chunks are marked for retransmission at once
+  and the congestion control takes it as congestion. Without it a full shaper queue dropped
+  whole GSO bursts, retransmissions among them, and only T3 found those.
 
 Each change could go upstream: as bug fixes (respect the peer's rwnd, fast-retransmit once,
 lost-retransmission detection, no T3 resend of gap-acknowledged chunks, reassembly without the
@@ -65,6 +70,7 @@ loudly when an aiortc upgrade moves what these rely on.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
@@ -200,6 +206,7 @@ async def gather_host_candidates(
             if sock is not None:
                 size_socket_buffers(sock, config.socket_buffer_bytes)
                 _receive_coalesced(sock)
+                _report_local_drops(sock, protocol)
             _demux_dtls_first(protocol)
 
 
@@ -291,6 +298,9 @@ def configure_association(
     sctp._kvpeer_random_losses = 0  # type: ignore[attr-defined]
     sctp._kvpeer_t3_expiries = 0  # type: ignore[attr-defined]
     sctp._kvpeer_t3_causes = dict.fromkeys(T3_CAUSES, 0)  # type: ignore[attr-defined]
+    sctp._kvpeer_local_drops = 0  # type: ignore[attr-defined]
+    sctp._kvpeer_local_drop_chunks = 0  # type: ignore[attr-defined]
+    sctp._kvpeer_local_cut_at = 0.0  # type: ignore[attr-defined]
     # What we advertise (sent in INIT / INIT-ACK and every SACK) and what the peer advertised.
     sctp._advertised_rwnd = receive_window
     sctp._kvpeer_peer_rwnd = receive_window  # type: ignore[attr-defined]
@@ -365,6 +375,8 @@ def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
         "t3_causes": getattr(sctp, "_kvpeer_t3_causes", None),
         "restrikes": getattr(sctp, "_kvpeer_restrikes", None),
         "random_losses": getattr(sctp, "_kvpeer_random_losses", None),
+        "local_drops": getattr(sctp, "_kvpeer_local_drops", None),
+        "local_drop_chunks": getattr(sctp, "_kvpeer_local_drop_chunks", None),
         **_rate_stats(getattr(sctp, "_kvpeer_rate", None)),
     }
 
@@ -421,6 +433,7 @@ async def _transmit(self: Any) -> None:
                 last = self._sent_queue[-1].tsn
                 self._kvpeer_rtx_watch.append((chunk, self._kvpeer_tsn.unwrap(last)))
                 await self._send_chunk(chunk)
+                _note_batched(self, chunk)
                 if self._kvpeer_rate is not None:
                     self._kvpeer_rate.on_retransmit(1)
                 if earliest:
@@ -436,6 +449,7 @@ async def _transmit(self: Any) -> None:
         chunk._sent_count += 1
         chunk._sent_time = time.time()
         await self._send_chunk(chunk)
+        _note_batched(self, chunk)
         if not self._t3_handle:
             self._t3_start()
     if chunk is not None and self._kvpeer_rate is not None:
@@ -770,7 +784,7 @@ class _RecordPath:
 
     __slots__ = (
         "ssl", "into_ssl", "from_ssl", "out", "out_view", "plain", "plain_view", "ice",
-        "batch", "gso", "gso_protocol",
+        "batch", "batch_chunks", "gso", "gso_protocol", "gso_ok",
     )  # fmt: skip
 
     def __init__(self, dtls: Any) -> None:
@@ -784,8 +798,11 @@ class _RecordPath:
         self.plain_view = _ffi.buffer(self.plain)
         self.ice = dtls.transport._connection
         self.batch: list[bytes] | None = None
-        self.gso: socket.socket | None = None
+        #: (index in batch, DATA chunk) of the batch's records that carry one.
+        self.batch_chunks: list[tuple[int, Any]] = []
+        self.gso: socket.socket | None = None  # the send socket (a duplicate of the ICE one)
         self.gso_protocol: Any = None
+        self.gso_ok = True  # False once the kernel refused UDP_SEGMENT
 
     def close(self) -> None:
         if self.gso is not None:
@@ -844,8 +861,6 @@ GSO_MAX_BYTES = 65_000  # the super-datagram is one UDP datagram until it is seg
 
 def _gso_socket(path: _RecordPath, protocol: Any) -> socket.socket | None:
     """A duplicate of *protocol*'s socket for ``sendmsg`` (uvloop's transport has none)."""
-    if path.gso_protocol is _NO_GSO:
-        return None
     if path.gso_protocol is not protocol:
         path.close()
         path.gso_protocol = protocol
@@ -857,11 +872,22 @@ def _gso_socket(path: _RecordPath, protocol: Any) -> socket.socket | None:
     return path.gso
 
 
-def _send_batch(path: _RecordPath, records: list[bytes]) -> None:
-    """Send a burst of records: runs of equal size in one ``sendmsg`` each (UDP GSO)."""
+#: sendmsg errors that mean the kernel cannot segment (old kernel, device without checksum
+#: offload): GSO is switched off for the path. Any other error lost the datagrams.
+_NO_OFFLOAD = frozenset((errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT))
+
+
+def _send_batch(path: _RecordPath, records: list[bytes]) -> tuple[list[int], bool]:
+    """Send a burst of records: runs of equal size in one ``sendmsg`` each (UDP GSO).
+
+    Returns the indices of the records the kernel refused (a local drop, see
+    :func:`_report_local_drops`) and whether a refusal was ``ENOBUFS`` (the egress queue full).
+    """
     protocol, addr = _destination(path)
     transport = protocol.transport
-    gso = _gso_socket(path, protocol) if UDP_GSO and len(records) > 1 else None
+    sock = _gso_socket(path, protocol)
+    dropped: list[int] = []
+    congested = False
     start, count = 0, len(records)
     while start < count:
         size = len(records[start])
@@ -871,30 +897,40 @@ def _send_batch(path: _RecordPath, records: list[bytes]) -> None:
             end += 1
         if end < limit and len(records[end]) < size:
             end += 1  # a shorter segment may end the run
+        gso = UDP_GSO and path.gso_ok and end - start > 1
+        if not gso:
+            end = start + 1
         # Only while uvloop holds nothing queued: its queue would go out after ours.
-        if end - start > 1 and gso is not None and not transport.get_write_buffer_size():
+        if sock is not None and not transport.get_write_buffer_size():
             try:
-                gso.sendmsg(
-                    [b"".join(records[start:end])],
-                    [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
-                    0,
-                    addr,
-                )
+                if gso:
+                    sock.sendmsg(
+                        [b"".join(records[start:end])],
+                        [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
+                        0,
+                        addr,
+                    )
+                else:
+                    sock.sendto(records[start], addr)
                 start = end
                 continue
             except BlockingIOError:
                 pass  # socket buffer full: uvloop queues them below
-            except OSError as exc:  # no UDP GSO here (old kernel, device without offload)
-                logger.info("UDP segmentation offload unavailable (%s): one send per packet", exc)
-                path.close()
-                path.gso_protocol = _NO_GSO
-                gso = None
+            except OSError as exc:
+                if gso and exc.errno in _NO_OFFLOAD:
+                    logger.info("no UDP segmentation offload (%s): one send per packet", exc)
+                    path.gso_ok = False
+                else:
+                    dropped.extend(range(start, end))
+                    congested = congested or exc.errno == errno.ENOBUFS
+                    if exc.errno != errno.ENOBUFS:
+                        _drain_error_queue(sock)
+                    start = end
+                    continue
         for record in records[start:end]:
             transport.sendto(record, addr)
         start = end
-
-
-_NO_GSO = object()
+    return dropped, congested
 
 
 async def _transmit_in_one_batch(sctp: Any, transmit: Callable[[], Any]) -> None:
@@ -908,8 +944,63 @@ async def _transmit_in_one_batch(sctp: Any, transmit: Callable[[], Any]) -> None
         await transmit()
     finally:
         records, path.batch = path.batch, None
+        chunks, path.batch_chunks = path.batch_chunks, []
         if records:
-            _send_batch(path, records)
+            dropped, congested = _send_batch(path, records)
+            if dropped:
+                _local_drop(sctp, dropped, chunks, congested)
+
+
+def _note_batched(sctp: Any, chunk: Any) -> None:
+    """After ``_send_chunk``: remember which record of the batch carries *chunk*."""
+    path: _RecordPath | None = sctp.transport._kvpeer_records
+    if path is not None and path.batch:
+        path.batch_chunks.append((len(path.batch) - 1, chunk))
+
+
+#: After a local drop that left nothing in flight (so no SACK will come), resend this soon.
+LOCAL_DROP_RETRY_S = 0.005
+
+
+def _local_drop(
+    sctp: Any, dropped: list[int], chunks: list[tuple[int, Any]], congested: bool
+) -> None:
+    """Records *dropped* never left this host (the egress queue, e.g. a qdisc, was full).
+
+    Their DATA chunks are lost for certain: mark them for retransmission now, as a fast
+    retransmit would, rather than waiting for three SACKs or T3 (a burst of drops also took
+    the retransmissions of earlier losses, which only T3 found). A full queue is congestion
+    (TCP's local congestion, ``tcp_enter_cwr``): the window shrinks, once per round trip.
+    """
+    sctp._kvpeer_local_drops += len(dropped)
+    lost = set(dropped)
+    marked = 0
+    for index, chunk in chunks:
+        if index in lost and not chunk._acked and not chunk._retransmit:
+            if not sctp._maybe_abandon(chunk):
+                chunk._retransmit = True
+            sctp._flight_size_decrease(chunk)
+            marked += 1
+    if marked:
+        sctp._kvpeer_local_drop_chunks += marked
+        sctp._kvpeer_rtx_pending = True
+    if congested:
+        now = time.monotonic()
+        rate: RateControl | None = sctp._kvpeer_rate
+        if rate is not None:
+            rate.on_local_drop(now, len(dropped))
+            sctp._cwnd = rate.cwnd
+        elif now - sctp._kvpeer_local_cut_at > (getattr(sctp, "_srtt", None) or RTO_MIN_S):
+            sctp._kvpeer_local_cut_at = now
+            sctp._ssthresh = max(sctp._cwnd // 2, 4 * sctp._kvpeer_userdata)
+            sctp._cwnd = sctp._ssthresh
+    if marked and sctp._flight_size == 0:
+        asyncio.get_running_loop().call_later(LOCAL_DROP_RETRY_S, _retransmit_soon, sctp)
+
+
+def _retransmit_soon(sctp: Any) -> None:
+    if sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
+        asyncio.ensure_future(sctp._transmit())
 
 
 async def _send_data(self: Any, data: bytes) -> None:
@@ -1035,3 +1126,50 @@ def _receive_coalesced(sock: Any) -> None:
         sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
     except OSError:
         pass  # older kernel: one read per datagram, as before
+
+
+#: Linux ``IP_RECVERR`` / ``IPV6_RECVERR`` (not in Python's socket module).
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+
+
+def _report_local_drops(sock: Any, protocol: Any) -> None:
+    """Have the kernel tell the sender when its own egress queue drops a datagram.
+
+    Linux's UDP ``sendmsg`` succeeds silently when the qdisc drops the datagram (only counted
+    as ``SndbufErrors``) unless the socket has ``IP_RECVERR``; then it fails with
+    ``ENOBUFS`` and :func:`_send_batch` takes the datagram as lost (:func:`_local_drop`).
+    The option also queues ICMP errors on the socket's error queue, which holds receive-buffer
+    memory and keeps the socket polling as in error until read: it is drained whenever the
+    event loop reports an error on the socket (an ``error_received`` that is not ENOBUFS).
+    """
+    level, option = (
+        (socket.IPPROTO_IPV6, IPV6_RECVERR)
+        if sock.family == socket.AF_INET6
+        else (socket.IPPROTO_IP, IP_RECVERR)
+    )
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError:
+        return  # not Linux: drops stay silent, as before
+    stock = protocol.error_received
+
+    def error_received(exc: Exception) -> None:
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOBUFS):
+            transport = protocol.transport
+            raw = transport.get_extra_info("socket") if transport is not None else None
+            if raw is not None:
+                with socket.socket(fileno=os.dup(raw.fileno())) as dup:
+                    _drain_error_queue(dup)
+        stock(exc)
+
+    protocol.error_received = error_received
+
+
+def _drain_error_queue(sock: socket.socket) -> None:
+    """Read and discard what ``IP_RECVERR`` queued (ICMP errors, local errors)."""
+    for _ in range(1024):
+        try:
+            sock.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+        except OSError:
+            return  # empty (EAGAIN)

@@ -131,6 +131,7 @@ class RateControl:
         self.congestion_events = 0
         self.queue_congestion = 0  # of which a loss with a standing queue
         self.timeouts = 0
+        self.local_drops = 0  # packets the sender's own egress queue dropped
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -176,6 +177,13 @@ class RateControl:
     def on_retransmit(self, packets: int) -> None:
         """*packets* were sent again: counted toward this round's loss (persistent loss)."""
         self._round_lost += packets
+
+    def on_local_drop(self, now: float, packets: int) -> None:
+        """*packets* never left this host: its egress queue (a qdisc) was full. That is
+        congestion for certain, whatever the RTT says (TCP's local congestion): start-up
+        ends and the bandwidth estimate is cut, once per round."""
+        self.local_drops += packets
+        self._congestion()
 
     def on_timeout(self, now: float) -> None:
         """The retransmission timer expired (a lost retransmission, a tail loss or a dead

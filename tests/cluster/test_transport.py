@@ -209,3 +209,26 @@ def test_peer_with_a_wrong_key_is_refused_between_namespaces() -> None:
         assert str(result["error"]).startswith("AuthError")
         # What the refused peer saw is the generic refusal: no node id, no SDP, no key hint.
         assert "refused us: authentication failed" in str(result["error"])
+
+
+def test_drops_in_the_senders_own_queue_are_resent_at_once() -> None:
+    """A tbf with a tiny queue on the sender's interface drops whole bursts before they leave
+    the host. With IP_RECVERR the send fails (ENOBUFS), the sender counts a local drop and
+    resends those chunks; every byte arrives."""
+    with Cluster(n_hosts=2, mtu=1500) as cluster:
+        a, b = cluster.hosts
+        # The bucket holds a whole GSO packet (tbf would split a larger one and report
+        # nothing); the queue holds about one more.
+        cluster.run(a, ["tc", "qdisc", "replace", "dev", a.ifname, "root", "tbf",
+                        "rate", "50mbit", "burst", "70000", "limit", "80000"])  # fmt: skip
+        _, port = _serve(cluster, a, "--blob-bytes", str(1 << 20))
+        out = cluster.run(
+            b,
+            _client_argv("fetch", b, a, port, "--blob-bytes", str(1 << 20), "--count", "16"),
+            timeout=120,
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["ok"], result
+        assert result["bytes_verified"] == 16 << 20
+        sctp = result["sender_sctp"]
+        assert sctp["local_drops"] > 0 and sctp["local_drop_chunks"] > 0, sctp

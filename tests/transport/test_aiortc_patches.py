@@ -296,6 +296,7 @@ def test_send_batch_keeps_datagram_boundaries_and_order(monkeypatch: pytest.Monk
         path = aiortc_patches._RecordPath.__new__(aiortc_patches._RecordPath)
         path.ice = SimpleNamespace(_nominated={1: pair})
         path.gso, path.gso_protocol, path.batch = None, None, None
+        path.gso_ok = True
         sizes = [1000] * 5 + [500] + [1000] * 70 + [300, 300, 9000]
         records = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
         aiortc_patches._send_batch(path, records)
@@ -377,3 +378,98 @@ def test_coalesced_datagrams_are_split_into_their_records() -> None:
     binding = bytes([0, 1]) + bytes(18)  # STUN: first byte 0-3
     protocol.datagram_received(binding, ("10.0.0.1", 1))
     assert queued[-1] == flight and stun == [binding]
+
+
+class _RefusingSocket:
+    """A send socket whose kernel refuses some sends with *error* (sendmsg: every call)."""
+
+    def __init__(self, error: int, refuse_single: bool = False) -> None:
+        self.error, self.refuse_single = error, refuse_single
+        self.sent: list[bytes] = []
+
+    def sendmsg(self, buffers: list[bytes], *args: Any) -> int:
+        raise OSError(self.error, os.strerror(self.error))
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.refuse_single:
+            raise OSError(self.error, os.strerror(self.error))
+        self.sent.append(data)
+        return len(data)
+
+    def recvmsg(self, *args: Any) -> Any:
+        raise BlockingIOError
+
+    def close(self) -> None:
+        pass
+
+
+def _path_sending_to(sock: _RefusingSocket, fallback: list[bytes]) -> Any:
+    transport = SimpleNamespace(
+        get_write_buffer_size=lambda: 0, sendto=lambda data, addr: fallback.append(data)
+    )
+    protocol = SimpleNamespace(transport=transport)
+    pair = SimpleNamespace(
+        protocol=protocol, remote_candidate=SimpleNamespace(_network_host="10.0.0.2", port=9)
+    )
+    path = aiortc_patches._RecordPath.__new__(aiortc_patches._RecordPath)
+    path.ice = SimpleNamespace(_nominated={1: pair})
+    path.batch, path.batch_chunks, path.gso_ok = None, [], True
+    path.gso, path.gso_protocol = sock, protocol
+    return path
+
+
+def test_send_batch_reports_datagrams_the_egress_queue_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With IP_RECVERR, a qdisc drop fails the send with ENOBUFS: those records come back as
+    dropped (congestion); a GSO refusal switches GSO off and drops nothing."""
+    import errno
+
+    monkeypatch.setattr(aiortc_patches, "UDP_GSO", True)
+    records = [b"\x17" * 1000] * 4 + [b"\x17" * 300]
+    fallback: list[bytes] = []
+    path = _path_sending_to(_RefusingSocket(errno.ENOBUFS), fallback)
+    assert aiortc_patches._send_batch(path, records) == ([0, 1, 2, 3, 4], True)
+    assert path.gso_ok and not fallback
+
+    path = _path_sending_to(_RefusingSocket(errno.ENOBUFS, refuse_single=True), fallback)
+    path.gso_ok = False  # one sendto per record: each refusal is its own record
+    assert aiortc_patches._send_batch(path, records[3:]) == ([0, 1], True)
+
+    path = _path_sending_to(_RefusingSocket(errno.ECONNREFUSED), fallback)
+    assert aiortc_patches._send_batch(path, records) == ([0, 1, 2, 3, 4], False)
+
+    sock = _RefusingSocket(errno.EIO)
+    path = _path_sending_to(sock, fallback)
+    assert aiortc_patches._send_batch(path, records) == ([], False)
+    assert not path.gso_ok and fallback == records  # this run through the event loop
+    assert aiortc_patches._send_batch(path, records[:2]) == ([], False)
+    assert sock.sent == records[:2]  # later ones one sendto each
+
+
+def test_a_local_drop_marks_its_chunks_for_retransmission_and_cuts_the_window() -> None:
+    """The chunks of dropped records are marked at once (no three SACKs, no T3), leave the
+    flight, and the rate control takes the drop as congestion."""
+    from kvpeer.transport.congestion import RateControl, RateControlParams
+
+    chunks = [
+        SimpleNamespace(tsn=i, _acked=False, _retransmit=False, _abandoned=False,
+                        _max_retransmits=None, _expiry=None, _sent_count=1, _book_size=1000)
+        for i in range(4)
+    ]  # fmt: skip
+    rate = RateControl(RateControlParams(packet_bytes=1000, min_cwnd_bytes=8000))
+    rate._cwnd = 100_000
+    decreased: list[Any] = []
+    sctp = SimpleNamespace(
+        _kvpeer_local_drops=0, _kvpeer_local_drop_chunks=0, _kvpeer_rtx_pending=False,
+        _kvpeer_rate=rate, _cwnd=100_000, _flight_size=4000,
+        _maybe_abandon=lambda chunk: False, _flight_size_decrease=decreased.append,
+    )  # fmt: skip
+    # Records 0 (a SACK), 1-4 (chunks 0-3); the kernel refused records 2 and 3.
+    batch = [(i + 1, chunk) for i, chunk in enumerate(chunks)]
+    aiortc_patches._local_drop(sctp, [2, 3], batch, congested=True)
+    assert [c._retransmit for c in chunks] == [False, True, True, False]
+    assert decreased == chunks[1:3] and sctp._kvpeer_rtx_pending
+    assert sctp._kvpeer_local_drops == 2 and sctp._kvpeer_local_drop_chunks == 2
+    assert rate.local_drops == 2 and rate.congestion_events == 1 and not rate.startup
+    assert sctp._cwnd == rate.cwnd < 100_000

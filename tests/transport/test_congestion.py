@@ -336,3 +336,18 @@ def test_a_timeout_is_put_down_to_what_the_sent_queue_shows() -> None:
     assert cause(chunk(), chunk(), chunk(acked=True)) == "few_strikes"
     assert cause(chunk(), chunk()) == "no_report"
     assert cause(chunk(acked=True), chunk(sent=3)) == "retransmission"  # the earliest not acked
+
+
+def test_a_local_drop_is_congestion_whatever_the_rtt() -> None:
+    """The sender's own egress queue dropped packets: start-up ends and the estimate is cut,
+    once per round, though no standing queue shows in the RTT."""
+    rc = _control(min_cwnd_bytes=16 * 1024)
+    now = _steady(rc, rate=12.5e6, rtt=0.030, rounds=4)
+    assert rc.startup
+    before_bw = rc.bandwidth
+    assert before_bw is not None
+    rc.on_local_drop(now, 30)
+    rc.on_local_drop(now, 5)  # the same round: no second cut
+    assert not rc.startup
+    assert rc.local_drops == 35 and rc.congestion_events == 1
+    assert rc.bandwidth == pytest.approx(before_bw * 0.7)
