@@ -394,6 +394,7 @@ def _rate_stats(rate: RateControl | None) -> dict[str, Any]:
         "rate_srtt_s": rate.srtt_s,
         "rate_cwnd_target": rate.target_cwnd(),
         "startup": rate.startup,
+        "inflight_hi": rate.inflight_hi,
     }
 
 
@@ -973,6 +974,7 @@ def _local_drop(
     (TCP's local congestion, ``tcp_enter_cwr``): the window shrinks, once per round trip.
     """
     sctp._kvpeer_local_drops += len(dropped)
+    inflight = sctp._flight_size  # the dropped ones included: what the queue could not hold
     lost = set(dropped)
     marked = 0
     for index, chunk in chunks:
@@ -988,7 +990,7 @@ def _local_drop(
         now = time.monotonic()
         rate: RateControl | None = sctp._kvpeer_rate
         if rate is not None:
-            rate.on_local_drop(now, len(dropped))
+            rate.on_local_drop(now, len(dropped), inflight)
             sctp._cwnd = rate.cwnd
         elif now - sctp._kvpeer_local_cut_at > (getattr(sctp, "_srtt", None) or RTO_MIN_S):
             sctp._kvpeer_local_cut_at = now

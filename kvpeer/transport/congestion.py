@@ -132,6 +132,10 @@ class RateControl:
         self.queue_congestion = 0  # of which a loss with a standing queue
         self.timeouts = 0
         self.local_drops = 0  # packets the sender's own egress queue dropped
+        #: Bound on the window from the last local drop (see on_local_drop), raised by a packet
+        #: per round without one.
+        self._inflight_hi = math.inf
+        self._round_local_drop = False
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class RateControl:
             self._cwnd += newly
         self._cwnd = self._clamp(max(self._cwnd, self.target_cwnd()) if self.startup
                                  else self.target_cwnd())  # fmt: skip
+        self._cwnd = min(self._cwnd, self._inflight_hi)
 
     def on_loss(self, now: float) -> bool:
         """A SACK reported a new loss. True if taken as congestion (the window shrank)."""
@@ -178,12 +183,21 @@ class RateControl:
         """*packets* were sent again: counted toward this round's loss (persistent loss)."""
         self._round_lost += packets
 
-    def on_local_drop(self, now: float, packets: int) -> None:
+    def on_local_drop(self, now: float, packets: int, inflight_bytes: int | None = None) -> None:
         """*packets* never left this host: its egress queue (a qdisc) was full. That is
         congestion for certain, whatever the RTT says (TCP's local congestion): start-up
-        ends and the bandwidth estimate is cut, once per round."""
+        ends and the bandwidth estimate is cut, once per round. With *inflight_bytes* (what
+        was in flight when the queue overflowed) the window is also held below ``beta`` of
+        that until rounds without a drop raise the bound again (BBRv2's ``inflight_hi``): a
+        minimum RTT taken while our own queue stood (no drain phase here) makes the window
+        outgrow the queue, and the cut alone is undone by the next bandwidth sample."""
         self.local_drops += packets
+        self._round_local_drop = True
+        if inflight_bytes is not None and self._reduced_round != self.round:
+            p = self.params
+            self._inflight_hi = max(p.min_cwnd_bytes, p.beta * inflight_bytes)
         self._congestion()
+        self._cwnd = min(self._cwnd, self._inflight_hi)
 
     def on_timeout(self, now: float) -> None:
         """The retransmission timer expired (a lost retransmission, a tail loss or a dead
@@ -197,6 +211,11 @@ class RateControl:
     @property
     def cwnd(self) -> int:
         return int(self._cwnd)
+
+    @property
+    def inflight_hi(self) -> float | None:
+        """The window's bound from local drops (None: none seen)."""
+        return None if math.isinf(self._inflight_hi) else self._inflight_hi
 
     @property
     def bandwidth(self) -> float | None:
@@ -268,6 +287,9 @@ class RateControl:
                 self._congestion()
             self._round_lost = 0
             self._round_delivered_at_start = self.delivered
+        if not self._round_local_drop and not math.isinf(self._inflight_hi):
+            self._inflight_hi += p.packet_bytes
+        self._round_local_drop = False
         self.round += 1
         self._round_end_seq = self._highest_sent
         self._last_round_rtt_min, self._round_rtt_min = self._round_rtt_min, math.inf

@@ -351,3 +351,22 @@ def test_a_local_drop_is_congestion_whatever_the_rtt() -> None:
     assert not rc.startup
     assert rc.local_drops == 35 and rc.congestion_events == 1
     assert rc.bandwidth == pytest.approx(before_bw * 0.7)
+
+
+def test_a_local_drop_bounds_the_window_below_what_was_in_flight() -> None:
+    """A minimum RTT taken with our own queue standing lets the window outgrow the queue;
+    the flight that overflowed it bounds the window (beta of it), raised a packet per round
+    without a drop."""
+    rc = _control(min_cwnd_bytes=16 * 1024)
+    now = _steady(rc, rate=12.5e6, rtt=0.060, rounds=30)  # window ~1.5 MB
+    assert rc.cwnd > 1_000_000
+    rc.on_local_drop(now, 30, inflight_bytes=800_000)
+    assert rc.inflight_hi == pytest.approx(0.7 * 800_000)
+    assert rc.cwnd <= 560_000
+    rounds = 5
+    _steady(rc, rate=12.5e6, rtt=0.060, rounds=rounds, t0=now)
+    hi = rc.inflight_hi
+    assert hi is not None
+    # (_steady's rounds end twice each: the first ack after a round is past its end.)
+    assert 560_000 + rounds * MSS <= hi <= 560_000 + 2 * rounds * MSS
+    assert rc.cwnd <= rc.inflight_hi  # the new bandwidth samples do not lift it
