@@ -1158,11 +1158,11 @@ def _report_local_drops(sock: Any, protocol: Any) -> None:
 
     def error_received(exc: Exception) -> None:
         if not (isinstance(exc, OSError) and exc.errno == errno.ENOBUFS):
-            transport = protocol.transport
-            raw = transport.get_extra_info("socket") if transport is not None else None
-            if raw is not None:
-                with socket.socket(fileno=os.dup(raw.fileno())) as dup:
+            try:
+                with socket.socket(fileno=os.dup(sock.fileno())) as dup:
                     _drain_error_queue(dup)
+            except OSError:
+                pass  # closed meanwhile
         stock(exc)
 
     protocol.error_received = error_received

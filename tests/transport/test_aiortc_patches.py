@@ -473,3 +473,40 @@ def test_a_local_drop_marks_its_chunks_for_retransmission_and_cuts_the_window() 
     assert sctp._kvpeer_local_drops == 2 and sctp._kvpeer_local_drop_chunks == 2
     assert rate.local_drops == 2 and rate.congestion_events == 1 and not rate.startup
     assert sctp._cwnd == rate.cwnd < 100_000
+
+
+def test_icmp_errors_that_ip_recverr_queues_are_drained() -> None:
+    """With IP_RECVERR an unconnected socket also queues ICMP errors on its error queue (held
+    against the receive buffer, the socket polling as in error until read): drained when the
+    event loop reports the error, which still reaches the protocol."""
+    import socket
+
+    errors: list[Exception] = []
+
+    class Protocol(asyncio.DatagramProtocol):
+        def error_received(self, exc: Exception) -> None:
+            errors.append(exc)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            Protocol, local_addr=("127.0.0.1", 0)
+        )
+        sock = transport.get_extra_info("socket")
+        aiortc_patches._report_local_drops(sock, protocol)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        transport.sendto(b"x", ("127.0.0.1", port))  # nobody listens: ICMP port unreachable
+        for _ in range(200):
+            if errors:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            assert errors and isinstance(errors[0], ConnectionRefusedError), errors
+            with socket.socket(fileno=os.dup(sock.fileno())) as dup, pytest.raises(BlockingIOError):
+                dup.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+        finally:
+            transport.close()
+
+    asyncio.run(body())
