@@ -25,7 +25,10 @@ _SCTP_ATTRIBUTES = (
     "_local_tsn",
 )  # fmt: skip
 # What the patches read or set on DataChunk (annotated on the class, set in aiortc's _send).
-_DATA_CHUNK_ATTRIBUTES = ("_acked", "_retransmit", "_misses", "_sent_count", "_sent_time")
+# (_in_flight: _flight_size_decrease does nothing twice, which _local_drop relies on.)
+_DATA_CHUNK_ATTRIBUTES = (
+    "_acked", "_retransmit", "_misses", "_sent_count", "_sent_time", "_in_flight",
+)  # fmt: skip
 
 
 def test_pinned_version_and_patch_points_exist() -> None:
