@@ -9,6 +9,8 @@ Two sans-IO state machines the fetcher drives (kvpeer/fetcher.py does the I/O):
 * :class:`ChunkScheduler` assigns the chunks of one prefix to the peers holding them, weighted by
   their bandwidth (earliest estimated finish first), takes back the chunks of a dead or stalled
   peer, and reports completion in prefix order.
+* :class:`LinkEvidence` says whether a peer's live bandwidth estimate stands on enough data to
+  condemn the link ("recompute the rest"), and remembers the last one that did.
 
 Time is always passed in (``now``, seconds on any monotonic clock); nothing here reads a clock,
 sleeps, or imports asyncio, torch or the codec. Level names are constructor input, most
@@ -609,3 +611,73 @@ class ChunkScheduler:
             self._peers[p].inflight.pop(i, None)
         self._pending = {i for i in self._pending if i < self._limit}
         return sorted(cancelled)
+
+
+# --------------------------------------------------------------------------- link evidence
+@dataclass(slots=True)
+class _Sighting:
+    bps: float | None  # the estimate as last seen; None: awaiting a first sample (after idle)
+    total_bytes: int  # the session's delivered bytes when last seen
+    new_samples: int  # times the estimate changed while watched (each change: a new sample)
+    stood_before: bool  # first seen already standing on evidence_bytes (measured before us)
+
+
+class LinkEvidence:
+    """Which live bandwidth estimates may condemn a link, and the last of them per peer.
+
+    The transport's estimate is an EWMA of samples of delivered bytes over busy time; its first
+    sample on a session spans the request's set-up, the first byte's wait and slow start, so over
+    a 1 Gbit/s link it can read 5 Mbit/s. Bytes the session delivers without a new sample (the
+    rest of a transfer abandoned after a give-up) do not correct it. So an estimate is evidence
+    only when the session delivered ``evidence_bytes`` *and* the estimate is not the first sample
+    seen: it changed at least once while watched (a later sample came in), or it stood on
+    ``evidence_bytes`` already when first seen (measured before this watcher, e.g. by another
+    fetcher). A session that went stale (no estimate) starts over: its next sample may be slow
+    start again after the idle time.
+
+    Evidence is remembered for ``memory_s`` after the transport forgot the estimate (it drops it
+    30 s after its last sample, and a client recomputing after a given-up fetch can ask again
+    later than that); a peer's remembered rate is replaced by the next evidence, never by a
+    non-evidence estimate.
+    """
+
+    def __init__(self, *, evidence_bytes: int, memory_s: float) -> None:
+        if evidence_bytes < 0 or memory_s < 0:
+            raise ValueError("evidence_bytes and memory_s must be >= 0")
+        self.evidence_bytes = evidence_bytes
+        self.memory_s = memory_s
+        self._seen: dict[str, _Sighting] = {}
+        self._remembered: dict[str, tuple[float, float]] = {}  # peer -> (bits/s, when)
+
+    def observe(
+        self, peer: str, now: float, bps: float | None, total_bytes: int | None
+    ) -> tuple[float | None, bool]:
+        """The estimate to use for ``peer`` and whether it is evidence. ``bps``/``total_bytes``:
+        the session's live estimate and delivered bytes now (None: no session or no estimate)."""
+        seen = self._seen.get(peer)
+        if total_bytes is None:  # no session: the next one is new
+            self._seen.pop(peer, None)
+        elif bps is None or bps <= 0:
+            if seen is not None:  # stale: the next sample is a first one again
+                seen.bps, seen.new_samples, seen.stood_before = None, 0, False
+        if bps is None or bps <= 0 or total_bytes is None:
+            remembered = self.remembered(peer, now)
+            return remembered, remembered is not None
+        if seen is None or total_bytes < seen.total_bytes:  # first sight, or a new session
+            seen = _Sighting(bps, total_bytes, 0, total_bytes >= self.evidence_bytes)
+            self._seen[peer] = seen
+        elif seen.bps is not None and bps != seen.bps:
+            seen.new_samples += 1
+        seen.bps = bps
+        seen.total_bytes = total_bytes
+        evidence = total_bytes >= self.evidence_bytes and (seen.new_samples > 0 or seen.stood_before)
+        if evidence:
+            self._remembered[peer] = (bps, now)
+        return bps, evidence
+
+    def remembered(self, peer: str, now: float) -> float | None:
+        """The last evidence estimate of ``peer`` if still within ``memory_s``."""
+        entry = self._remembered.get(peer)
+        if entry is None or now - entry[1] > self.memory_s:
+            return None
+        return entry[0]

@@ -40,6 +40,7 @@ from kvpeer.fetch_policy import (
     ChunkScheduler,
     ControllerConfig,
     FetchAt,
+    LinkEvidence,
     RecomputeRest,
     ResolutionController,
     SchedulerConfig,
@@ -155,18 +156,20 @@ class FetcherConfig:
     chunk saves only what lies beyond them."""
     evidence_s: float = 2.0
     """Before a whole chunk from some peer was measured, "recompute the rest" waits this long,
-    unless the transport's live estimate is evidence enough (``evidence_bytes``)."""
+    unless the transport's live estimate is evidence (:class:`~kvpeer.fetch_policy.LinkEvidence`:
+    ``evidence_bytes`` delivered and more than the session's first sample)."""
     evidence_bytes: int = 512 * 1024
-    """Bytes a peer's session has delivered (in this fetch or earlier ones: an abandoned
-    transfer's bytes count) before its live estimate may decide "recompute the rest". Two of the
-    transport's 256 KiB samples, so one sample read during slow start does not decide alone."""
+    """Bytes a peer's session has delivered (in this fetch or earlier ones) before its live
+    estimate may decide "recompute the rest" — and then only once a sample after the first one
+    came in: the first spans set-up and slow start (a 1 Gbit/s link read 5 Mbit/s)."""
     link_memory_s: float = 120.0
     """How long the fetcher remembers a peer's live estimate that was evidence, after the
     transport forgot it (it drops an estimate 30 s after its last sample: a client recomputing
     after an abandoned fetch can easily take that long before it asks again)."""
     recompute_margin: float = 1.25
     """On the live estimate alone (no whole chunk measured, ``evidence_s`` not over), recompute
-    only when even the floor would finish this many times later than recomputing."""
+    only when it is evidence and even the floor would finish this many times later than
+    recomputing."""
     max_retries: int = 3
     """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
@@ -295,9 +298,10 @@ class Fetcher:
         self.bytes_from_peers = 0
         self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
         self.chunk_samples: dict[str, int] = {}
-        # peer -> (bits/s, when): the transport's live estimate once it stood on evidence_bytes,
-        # kept for link_memory_s (partial-chunk evidence, abandoned transfers included).
-        self.link_rates: dict[str, tuple[float, float]] = {}
+        # Which live estimates may condemn a link; the last of them per peer, for link_memory_s.
+        self.links = LinkEvidence(
+            evidence_bytes=self.config.evidence_bytes, memory_s=self.config.link_memory_s
+        )
 
     def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
         """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
@@ -581,7 +585,7 @@ class _FetchRun:
         delays included), unless the transport's live estimate shows a sharp drop first."""
         if peer == LOCAL:
             return 1e12
-        live, _ = self._live(peer, now)
+        live, evidence = self._live(peer, now)
         chunks = self.f.chunk_rates.get(peer)
         if live or chunks:
             self.sched.set_window(peer, self.cfg.scheduler.window)
@@ -591,8 +595,9 @@ class _FetchRun:
         if chunks is None:
             return float(live or 0.0)
         # The live estimate's first samples catch slow start: trust it for drops only once the
-        # peer has a chunk-level baseline of a few samples.
-        if live and live < 0.5 * chunks and self.f.chunk_samples.get(peer, 0) >= 2:
+        # peer has a chunk-level baseline of a few samples, and only as evidence (not the
+        # session's first sample).
+        if live and evidence and live < 0.5 * chunks and self.f.chunk_samples.get(peer, 0) >= 2:
             return float(live)
         return chunks
 
@@ -600,20 +605,16 @@ class _FetchRun:
         return peer in self.f.chunk_rates or self._live(peer, now)[0] is not None
 
     def _live(self, peer: str, now: float) -> tuple[float | None, bool]:
-        """The transport's live estimate of ``peer`` and whether it is evidence (stands on
-        ``evidence_bytes`` of the session's data); once the transport forgot it, the last one
+        """The transport's live estimate of ``peer`` and whether it is evidence
+        (:class:`~kvpeer.fetch_policy.LinkEvidence`); once the transport forgot it, the last one
         that was evidence, for ``link_memory_s``."""
         session = self.f.sessions(peer)
-        live = session.estimator.bandwidth_bps(now) if session is not None else None
-        if session is not None and live:
-            if session.estimator.total_bytes >= self.cfg.evidence_bytes:
-                self.f.link_rates[peer] = (float(live), now)
-                return float(live), True
-            return float(live), False
-        remembered = self.f.link_rates.get(peer)
-        if remembered is not None and now - remembered[1] <= self.cfg.link_memory_s:
-            return remembered[0], True
-        return None, False
+        if session is None:
+            return self.f.links.observe(peer, now, None, None)
+        live = session.estimator.bandwidth_bps(now)
+        return self.f.links.observe(
+            peer, now, float(live) if live else None, session.estimator.total_bytes
+        )
 
     def _chunk_rate(self, peer: str, launched: float, now: float, nbytes: int) -> None:
         """One whole-chunk goodput sample (the transport's first samples catch SCTP's slow
@@ -692,15 +693,14 @@ class _FetchRun:
             self.ctl.allow_recompute = True
 
     def _may_recompute(self, decision: RecomputeRest, now: float) -> bool:
-        """Giving up needs evidence (the transport's first samples read slow start, and a wrong
-        "recompute" costs the whole prefix): a whole chunk measured from some peer, or
-        ``evidence_s`` into the fetch, or a link hopeless by 3x; or, on the live estimate of a
-        peer that delivered ``evidence_bytes`` (possibly in an earlier, abandoned fetch: the
-        estimate lasts across fetches), a clear loss by ``recompute_margin``."""
+        """Giving up needs evidence (the transport's first sample reads set-up and slow start,
+        and a wrong "recompute" costs the whole prefix): a whole chunk measured from some peer,
+        or ``evidence_s`` into the fetch; or, on live estimates that are evidence (possibly from
+        an earlier, abandoned fetch: they last across fetches), a clear loss by
+        ``recompute_margin``. However hopeless a first sample looks, it decides nothing: over a
+        fresh session it read 5 Mbit/s on a 1 Gbit/s link."""
         fetch_left = decision.predicted_finish - now
         recompute_left = decision.recompute_finish - now
-        if fetch_left > 3 * recompute_left:
-            return True
         peers = [p for p in self.sched.peers() if p != LOCAL]
         if any(p in self.f.chunk_rates for p in peers) or now - self.start >= self.cfg.evidence_s:
             return True

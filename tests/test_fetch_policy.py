@@ -11,6 +11,7 @@ from kvpeer.fetch_policy import (
     ChunkScheduler,
     ControllerConfig,
     FetchAt,
+    LinkEvidence,
     RecomputeRest,
     ResolutionController,
     SchedulerConfig,
@@ -418,3 +419,55 @@ def test_should_recompute_keeps_the_received_prefix_and_obeys_a_guessed_rate() -
     assert ctl.should_recompute(1.0, 2 * MBIT) is None
     with pytest.raises(ValueError):
         controller().should_recompute(0.0, MBIT, margin=0.5)
+
+
+# --------------------------------------------------------------------------- link evidence
+KIB = 1024
+
+
+def evidence(memory_s: float = 120.0) -> LinkEvidence:
+    return LinkEvidence(evidence_bytes=512 * KIB, memory_s=memory_s)
+
+
+def test_a_first_sample_is_not_evidence_however_many_bytes_follow_it() -> None:
+    """The warm-up that gave up at 1 Gbit/s: one sample (set-up and slow start: 5 Mbit/s),
+    then the abandoned transfer's rest arrives without a new sample."""
+    links = evidence()
+    assert links.observe("a", 0.0, None, 0) == (None, False)  # fresh session: nothing yet
+    assert links.observe("a", 0.3, 5 * MBIT, 300 * KIB) == (5 * MBIT, False)
+    assert links.observe("a", 0.5, 5 * MBIT, 4096 * KIB) == (5 * MBIT, False)
+    assert links.remembered("a", 0.5) is None  # nothing for the next fetch to give up on
+
+
+def test_a_second_sample_over_enough_bytes_is_evidence_and_remembered() -> None:
+    """The 10 Mbit/s link: the second sample, after 512 KiB, may condemn it; the transport
+    forgets it after 30 s, the fetcher keeps it for memory_s."""
+    links = evidence(memory_s=120.0)
+    links.observe("a", 0.3, 4 * MBIT, 256 * KIB)
+    assert links.observe("a", 0.5, 6 * MBIT, 300 * KIB) == (6 * MBIT, False)  # too few bytes
+    assert links.observe("a", 0.7, 7 * MBIT, 560 * KIB) == (7 * MBIT, True)
+    assert links.observe("a", 40.0, None, 560 * KIB) == (7 * MBIT, True)  # stale there
+    assert links.remembered("a", 0.7 + 120.0) == 7 * MBIT
+    assert links.observe("a", 0.7 + 121.0, None, 560 * KIB) == (None, False)
+
+
+def test_an_estimate_measured_before_we_watched_is_evidence() -> None:
+    links = evidence()
+    assert links.observe("a", 0.0, 5 * MBIT, 1024 * KIB) == (5 * MBIT, True)
+
+
+def test_a_new_or_idle_session_starts_over() -> None:
+    """A session replaced (its byte count went down) or gone stale may be in slow start again:
+    its next first sample is not evidence, and does not replace the remembered rate."""
+    links = evidence()
+    links.observe("a", 0.0, 50 * MBIT, 1024 * KIB)  # evidence: remembered
+    assert links.observe("a", 1.0, 2 * MBIT, 300 * KIB) == (2 * MBIT, False)  # new session
+    assert links.observe("a", 2.0, 2 * MBIT, 900 * KIB) == (2 * MBIT, False)
+    assert links.remembered("a", 2.0) == 50 * MBIT
+    links.observe("a", 40.0, None, 900 * KIB)  # stale: idle, maybe slow start again
+    assert links.observe("a", 41.0, 3 * MBIT, 1200 * KIB) == (3 * MBIT, False)
+    assert links.observe("a", 41.2, 4 * MBIT, 1500 * KIB) == (4 * MBIT, True)
+    links.observe("a", 42.0, None, None)  # no session: the next one is watched from its start
+    assert links.observe("a", 43.0, 5 * MBIT, 100 * KIB) == (5 * MBIT, False)
+    with pytest.raises(ValueError):
+        LinkEvidence(evidence_bytes=-1, memory_s=1.0)

@@ -274,6 +274,7 @@ def test_the_prefix_stops_at_a_chunk_only_a_dead_peer_held() -> None:
 def test_hopeless_link_means_recompute_without_waiting() -> None:
     async def main() -> None:
         peer = Peer("a", bps=1e3)  # 1 kbit/s
+        peer.estimator.total_bytes = 1 << 20  # measured on this session before
         f = fetcher({"a": peer})
         out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=1000.0)
         assert out.reason == "recompute" and out.chunks == 0
@@ -282,9 +283,34 @@ def test_hopeless_link_means_recompute_without_waiting() -> None:
     asyncio.run(main())
 
 
+def test_a_first_sample_over_a_fresh_session_does_not_condemn_the_link() -> None:
+    """The transport's first sample spans set-up and slow start (over a 1 Gbit/s link it read
+    5 Mbit/s): however hopeless it looks, the fetch asks for chunks — nor does the session's
+    later bytes without a new sample (an abandoned transfer's rest) turn it into evidence."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=1e3)  # "1 kbit/s", from one 256 KiB sample
+        peer.estimator.total_bytes = 300 * 1024
+        f = fetcher({"a": peer})
+        keys = [key(i) for i in range(4)]
+        out = await f.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=1000.0)
+        assert out.reason == "complete" and peer.calls
+        # The same sample, the session's bytes grown: still no evidence, in a new fetcher too
+        # (the first fetch measured whole chunks; a new one starts without them).
+        peer.estimator.total_bytes = 4 << 20
+        fresh = fetcher({"a": peer})
+        fresh.links.observe("a", 0.0, 1e3, 300 * 1024)  # it watched the first sample come in
+        calls = len(peer.calls)
+        again = await fresh.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=1000.0)
+        assert again.reason == "complete" and len(peer.calls) > calls
+
+    asyncio.run(main())
+
+
 def test_a_recompute_rate_learned_from_puts_lets_the_fetch_give_up_for_that_model_only() -> None:
     async def main() -> None:
         peer = Peer("a", bps=1e3)  # 1 kbit/s: hopeless against any known recompute speed
+        peer.estimator.total_bytes = 1 << 20  # measured on this session before
         f = fetcher({"a": peer})
         keys = [key(i) for i in range(4)]
         f.learn_recompute_rate(4 * TOKENS, 1.0, model="m1")
@@ -313,6 +339,7 @@ def test_one_odd_put_does_not_move_the_learned_recompute_rate() -> None:
 def test_adaptive_levels_respect_the_floor_and_pick_small_levels_on_a_slow_link() -> None:
     async def main() -> None:
         peer = Peer("a", bps=2e5)
+        peer.estimator.total_bytes = 1 << 20  # measured (the stand-in itself answers at once)
         f = fetcher({"a": peer})
         out = await f.fetch(
             [key(i) for i in range(4)], [{"a"}] * 4, Sink(), min_level="q5", recompute_rate=50.0
