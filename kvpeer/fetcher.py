@@ -1036,17 +1036,32 @@ class LevelServer:
         When the store only holds levels below the asked one, the best held is sent: the asking
         fetcher checks the level against its floor.
         """
+        started = time.monotonic()
         if level:
             blob = await self.store.get(key, level)
             if blob is not None:
+                self._log_open(key, level, "held", started)
                 return blob
         top = await self.store.get(key)
         if top is None or not level:
+            self._log_open(key, level, "top" if top is not None else "missing", started)
             return top
         held = codec.read_header(top).level
         if level not in codec.LEVELS or codec.level_rank(held) >= codec.level_rank(level):
+            self._log_open(key, level, "top", started)
             return top
-        return await self._make(key, top, held, level)
+        read = time.monotonic()
+        blob = await self._make(key, top, held, level)
+        self._log_open(key, level, f"transcoded after a {read - started:.4f}s read", started)
+        return blob
+
+    def _log_open(self, key: bytes, level: str, how: str, started: float) -> None:
+        # Where a slow first chunk's serving time went (store read vs on-demand transcode).
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "serve: chunk %s at %s: %s, %.4fs", key[:4].hex(), level or "best", how,
+                time.monotonic() - started,
+            )
 
     async def _make(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
         making = self._making.get((key, level))
