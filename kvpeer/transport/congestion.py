@@ -10,9 +10,12 @@ its window on every loss event, so 1 % random loss on a 40 ms path caps it at a 
   last ``rate_interval_s`` (at least two minimum RTTs: longer than BBR's one round trip, which
   on a busy host counted bursts of delayed acknowledgements as bandwidth);
 * the minimum RTT is the smallest sample over the last ``min_rtt_window_s`` (two halves);
-* ``cwnd = max(min_cwnd, cwnd_gain x bandwidth x min RTT) + headroom``: gain 2 lets the
+* ``cwnd = max(floor, cwnd_gain x bandwidth x min RTT) + headroom``: gain 2 lets the
   estimate double per round when the path has more to give, and bounds the queue this
-  association builds at a bottleneck to about one bandwidth-delay product;
+  association builds at a bottleneck to about one bandwidth-delay product; the floor is
+  ``min_cwnd_bytes`` or ``min_cwnd_s`` of the measured bandwidth, whichever is smaller (a
+  fixed 256 KiB is 210 ms of a 10 Mbit/s link: four times a 50 ms shaper queue), and before
+  any bandwidth sample the initial window, grown by slow start;
 * start-up grows the window by the bytes acknowledged (slow start) until the bandwidth stops
   growing by 25 % for three rounds, a queue stands, or congestion is seen;
 * a loss is congestion only when the RTT shows a standing queue (the smallest sample of this
@@ -41,6 +44,12 @@ class RateControlParams:
     #: Smallest window. On this project's CPU-bound hosts RTT samples under load are mostly
     #: the receiver's scheduling, so bandwidth x min RTT alone would starve a fast LAN.
     min_cwnd_bytes: int = 256 * 1024
+    #: ...but never more than this much of the measured bandwidth (at least
+    #: ``min_cwnd_packets``): on a slow link the fixed floor alone overfilled the bottleneck's
+    #: queue for a whole transfer. 30 ms covers the scheduling delays above; the floor stays
+    #: ``min_cwnd_bytes`` from about 70 Mbit/s up.
+    min_cwnd_s: float = 0.030
+    min_cwnd_packets: int = 16
     #: Largest window (the peer's receive window still bounds what is in flight).
     max_cwnd_bytes: int = 64 * 1024 * 1024
     initial_cwnd_bytes: int | None = None
@@ -64,6 +73,8 @@ class RateControlParams:
             raise ValueError("packet_bytes must be >= 1")
         if not 0 < self.min_cwnd_bytes <= self.max_cwnd_bytes:
             raise ValueError("need 0 < min_cwnd_bytes <= max_cwnd_bytes")
+        if self.min_cwnd_s <= 0 or self.min_cwnd_packets < 1:
+            raise ValueError("need min_cwnd_s > 0 and min_cwnd_packets >= 1")
         if self.cwnd_gain < 1 or not 0 < self.beta < 1 or self.startup_growth <= 1:
             raise ValueError("need cwnd_gain >= 1, 0 < beta < 1, startup_growth > 1")
         if self.queue_rtt_factor <= self.cwnd_gain:
@@ -100,7 +111,8 @@ class RateControl:
     def __init__(self, params: RateControlParams) -> None:
         self.params = params
         p = params
-        self._cwnd = float(p.initial_cwnd_bytes or min(p.min_cwnd_bytes, 10 * p.packet_bytes))
+        self._initial_cwnd = float(p.initial_cwnd_bytes or min(p.min_cwnd_bytes, 10 * p.packet_bytes))
+        self._cwnd = self._initial_cwnd
         self._sent: deque[_Sent] = deque()
         self._acks: deque[tuple[float, int]] = deque()  # (time, delivered) of recent acks
         self._bw: deque[_BwSample] = deque()  # sliding maximum: rates decrease front to back
@@ -194,8 +206,7 @@ class RateControl:
         self.local_drops += packets
         self._round_local_drop = True
         if inflight_bytes is not None and self._reduced_round != self.round:
-            p = self.params
-            self._inflight_hi = max(p.min_cwnd_bytes, p.beta * inflight_bytes)
+            self._inflight_hi = max(self.floor(), self.params.beta * inflight_bytes)
         self._congestion()
         self._cwnd = min(self._cwnd, self._inflight_hi)
 
@@ -230,16 +241,25 @@ class RateControl:
     def min_rtt_s(self) -> float | None:
         return None if math.isinf(self._min_rtt) else self._min_rtt
 
+    def floor(self) -> float:
+        """The smallest window now: ``min_cwnd_bytes``, or less on a link measured slow;
+        before any bandwidth sample the initial window (slow start finds the rest)."""
+        p = self.params
+        bw = self.bandwidth
+        if bw is None:
+            return self._initial_cwnd
+        return max(p.min_cwnd_packets * p.packet_bytes, min(p.min_cwnd_bytes, bw * p.min_cwnd_s))
+
     def target_cwnd(self) -> float:
         p = self.params
         bw, rtt = self.bandwidth, self.min_rtt_s
         bdp = 0.0 if bw is None or rtt is None else p.cwnd_gain * bw * rtt
-        return max(p.min_cwnd_bytes, bdp) + p.headroom_packets * p.packet_bytes
+        return max(self.floor(), bdp) + p.headroom_packets * p.packet_bytes
 
     # -- internals --------------------------------------------------------------------------
 
     def _clamp(self, cwnd: float) -> float:
-        return min(max(cwnd, self.params.min_cwnd_bytes), self.params.max_cwnd_bytes)
+        return min(max(cwnd, self.floor()), self.params.max_cwnd_bytes)
 
     def _on_rtt(self, now: float, rtt: float) -> None:
         self.srtt_s = rtt if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * rtt

@@ -247,8 +247,9 @@ def test_shaped_link_is_filled_with_a_bounded_queue_and_no_tail_drops() -> None:
     link = _Link(rate=12.5e6, delay_s=0.002, loss=0.0, queue_s=0.050)
     goodput, rc = _simulate(link, seconds=2.0)
     assert goodput >= 0.9 * link.rate
-    # Start-up may overshoot once; after it the queue stays well below the tbf limit.
-    assert rc.congestion_events <= 1 and link.max_queue_s < 0.050
+    # Start-up may overshoot once (its losses are found over up to two rounds: two events);
+    # after it the queue stays below the tbf limit.
+    assert rc.congestion_events <= 2 and link.max_queue_s < 0.050
 
 
 # -- lost retransmissions (aiortc_patches._restrike) -------------------------------------------
@@ -370,3 +371,21 @@ def test_a_local_drop_bounds_the_window_below_what_was_in_flight() -> None:
     # (_steady's rounds end twice each: the first ack after a round is past its end.)
     assert 560_000 + rounds * MSS <= hi <= 560_000 + 2 * rounds * MSS
     assert rc.cwnd <= rc.inflight_hi  # the new bandwidth samples do not lift it
+
+
+def test_a_slow_link_is_not_overfilled_by_the_window_floor() -> None:
+    """10 Mbit/s behind a 50 ms shaper queue (62 KB): a fixed 256 KiB floor is 210 ms of this
+    link, so the queue overflowed for the whole transfer (a first fetch at 10 Mbit/s read
+    ~1.4 Mbit/s, retransmissions lost up to 9 times). The floor scales with the measured
+    bandwidth: after start-up the queue stays below the shaper's limit."""
+    link = _Link(rate=1.25e6, delay_s=0.002, loss=0.0, queue_s=0.050)
+    goodput, rc = _simulate(link, seconds=3.0)
+    assert goodput >= 0.85 * link.rate, (goodput, rc.congestion_events)
+    assert rc.congestion_events <= 2, rc.congestion_events
+    assert rc.cwnd < 64 * 1024
+
+
+def test_the_floor_is_unchanged_on_a_fast_link() -> None:
+    rc = _control()
+    _steady(rc, rate=125e6, rtt=0.0005, rounds=400)  # 1 Gbit/s, 0.5 ms
+    assert not rc.startup and rc.cwnd == 256 * 1024 + 4 * MSS
