@@ -9,15 +9,19 @@ Real model (SmolLM2 by default), real daemons in network namespaces (kvpeer.test
 policy, at LEVEL for ``fixed:LEVEL``), one more node fetches it for a client in the root
 namespace. Every serving host's egress is tbf-shaped to ``--rate``; ``--drop-to`` changes it
 (``tc qdisc replace``) ``--drop-after`` seconds into the fetch. The same prefix is recomputed
-(prefill) in the same run, best of ``--recompute-runs`` with the daemons up (as the client's own
-fallback prefill runs). ``fetch_s`` is request -> KV usable, including the recompute of any
-tail the fetcher left to the client. top-1 agreement compares the next-token argmax over a
+(prefill) in the same run with the daemons up (as the client's own fallback prefill runs):
+``--recompute-runs`` times before the fetches and once more before each of ``--repeat`` rounds,
+so the reference prefills are interleaved with the fetches; ``recompute_s`` is their median
+(a fetch is one sample: against the best of several prefills, a fetch that gives up and
+prefills read 0.9x for the same prefill), ``recompute_best_s`` their minimum. ``fetch_s`` is
+request -> KV usable, including the recompute of any tail the fetcher left to the client. top-1 agreement compares the next-token argmax over a
 teacher-forced continuation, fetched cache vs the original cache. Several policies
 (comma-separated) run on the same cluster, each on a cold client cache.
 
-With --json the last line is one JSON object: ``fetch_s``, ``recompute_s``,
-``speedup_vs_recompute``, ``bytes_moved``, ``levels_used``, ``top1_agreement`` (first policy),
-and ``runs`` (every policy). Needs root. A ``--delay``/``--loss`` other than 0 puts the two
+With --json the last line is one JSON object: ``fetch_s`` (the first policy's median over the
+rounds), ``recompute_s``, ``speedup_vs_recompute`` (of those two), ``speedups`` (the first
+policy's, per round), ``bytes_moved``, ``levels_used``, ``top1_agreement`` (the first policy's
+median round), and ``runs`` (every policy and round). Needs root. A ``--delay``/``--loss`` other than 0 puts the two
 nodes (one serving peer) on routed subnets through the user-space impairment relay
 (kvpeer.testing.relay; its CPU seconds are reported) with static discovery; with several peers
 they are not applied (``delay_applied: false``). ``--delay 0 --loss 0``: one plain bridge.
@@ -172,7 +176,6 @@ def _fetch_once(
     k: torch.Tensor,
     v: torch.Tensor,
     policy: str,
-    recompute_s: float,
     run_index: int,
     peers: int,
     label: str,
@@ -248,7 +251,6 @@ def _fetch_once(
     predicted = _argmax_continuation(model, fetched_cache, continuation)
     run.top1_agreement = float((predicted == reference).float().mean())
     run.levels_used = dict(Counter(run.levels))
-    run.speedup_vs_recompute = recompute_s / run.fetch_s if run.fetch_s > 0 else 0.0
     return run
 
 
@@ -327,7 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="adaptive")
     parser.add_argument("--min-level", default=None, help="quality floor of the adaptive policy")
     parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--recompute-runs", type=int, default=2)
+    parser.add_argument(
+        "--recompute-runs", type=int, default=2,
+        help="reference prefills before the fetches (one more before each round)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="rounds: every policy (and peer count) is fetched once per round, each round after a "
+        "reference prefill",
+    )
     parser.add_argument(
         "--recompute-rate", type=float, default=None,
         help="tokens/s the daemon is told the client recomputes at (default: measured); sets "
@@ -383,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs: list[Run] = []
     up_times: list[float] = []
+    warmup: Run | None = None
     with tempfile.TemporaryDirectory(prefix="kvpeer-ttft-") as tmp:
         with DaemonCluster(
             max(peer_counts) + 1, workdir=Path(tmp), mtu=args.mtu, rate=args.rate, config=config,
@@ -392,38 +403,42 @@ def main(argv: list[str] | None = None) -> int:
                 # One-way delay and loss each direction, in the router between the two nodes.
                 cluster.net.set_impairment(delay_ms=_seconds(args.delay) * 1000, loss_pct=args.loss)
             try:
-                # The reference prefill (best of a few: the machine is shared, and the fetch
-                # side gets one try too but mostly waits on the link), under the conditions the
-                # client's own fallback prefill meets (daemons and relay up, idle): timed before
-                # they started it read 5-10% faster than the same prefill in a fetch that gave up.
-                for _ in range(max(1, args.recompute_runs)):
+                # The reference prefill, under the conditions the client's own fallback prefill
+                # meets (daemons and relay up, idle): timed before they started it read 5-10%
+                # faster than the same prefill in a fetch that gave up.
+                def reference_prefill() -> None:
                     t0 = time.perf_counter()
                     _prefill(model, tokens)
                     up_times.append(time.perf_counter() - t0)
-                recompute_s = min(up_times)
+
+                for _ in range(max(1, args.recompute_runs)):
+                    reference_prefill()
                 # What the client tells its daemon with each fetch: its own prefill speed.
                 args.recompute_tokens_per_s = args.recompute_rate or args.tokens / statistics.median(up_times)
                 run_index = 0
-                warmup: Run | None = None
                 if args.warmup:
                     # The first fetch over fresh sessions meets a bandwidth drop with SCTP's window
                     # grown on the idle fast link and loses ~1 s more in loss recovery than any
                     # later one: an untimed run first, so every policy starts from the same state.
                     warmup = _fetch_once(
                         args, cluster, model, fp, tokens, continuation, reference, k, v,
-                        policies[0], recompute_s, run_index, peer_counts[0], "warmup",
+                        policies[0], run_index, peer_counts[0], "warmup",
                     )
                     run_index += 1
-                for peers in peer_counts:
-                    for policy in policies:
-                        label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
-                        runs.append(
-                            _fetch_once(
-                                args, cluster, model, fp, tokens, continuation, reference, k, v,
-                                policy, recompute_s, run_index, peers, label,
+                for round_index in range(max(1, args.repeat)):
+                    if round_index:
+                        # Interleaved with the fetches: the machine's load drifts over a run.
+                        reference_prefill()
+                    for peers in peer_counts:
+                        for policy in policies:
+                            label = policy if len(peer_counts) == 1 else f"{policy}@{peers}p"
+                            runs.append(
+                                _fetch_once(
+                                    args, cluster, model, fp, tokens, continuation, reference,
+                                    k, v, policy, run_index, peers, label,
+                                )
                             )
-                        )
-                        run_index += 1
+                            run_index += 1
                 if relay:
                     for node in cluster.nodes:  # first: their goodbyes still need the relay
                         cluster.stop_node(node)
@@ -436,10 +451,14 @@ def main(argv: list[str] | None = None) -> int:
                     for node in cluster.nodes:
                         shutil.copyfile(node.log_path, Path(args.logs) / f"{node.node_id}.log")
 
+    # A fetch is one sample, so it is compared with the typical prefill, not the luckiest one.
+    recompute_s = statistics.median(up_times)
+    for run in [*runs, *([warmup] if warmup is not None else [])]:
+        run.speedup_vs_recompute = recompute_s / run.fetch_s if run.fetch_s > 0 else 0.0
     title = (f"{args.tokens} tokens, {args.peers} peer(s) at {args.rate}"
              + (f" -> {args.drop_to} after {args.drop_after:g}s" if args.drop_to else ""))
     print(f"ttft: {title}; model {fp.name} ({fp.layers}x{fp.kv_heads}x{fp.head_dim} {fp.dtype})")
-    print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s, best of runs with "
+    print(f"recompute (prefill) of {args.tokens} tokens: {recompute_s:.2f} s, median of runs with "
           f"the daemons up: {', '.join(f'{t:.2f}' for t in up_times)} (one before they started: "
           f"{before_s:.2f})")
     if not delay_applied:
@@ -482,11 +501,21 @@ def main(argv: list[str] | None = None) -> int:
     plotted = _plot(Path(args.plot), runs, recompute_s, title) if args.plot else False
     if plotted:
         print(f"timeline: {args.plot}")
-    first = runs[0]
+    # The first policy's rounds; its median round speaks for it (the only round by default).
+    first_runs = [run for run in runs if run.policy == runs[0].policy]
+    first = sorted(first_runs, key=lambda run: run.fetch_s)[(len(first_runs) - 1) // 2]
+    fetch_s = statistics.median(run.fetch_s for run in first_runs)
+    if len(first_runs) > 1:
+        speedups = ", ".join(f"{run.speedup_vs_recompute:.1f}x" for run in first_runs)
+        print(f"{runs[0].policy}: {len(first_runs)} rounds, median fetch {fetch_s:.2f} s, "
+              f"{recompute_s / fetch_s:.1f}x; per round {speedups}")
     result = {
-        "fetch_s": round(first.fetch_s, 4),
+        "fetch_s": round(fetch_s, 4),
         "recompute_s": round(recompute_s, 4),
-        "speedup_vs_recompute": round(first.speedup_vs_recompute, 3),
+        "recompute_best_s": round(min(up_times), 4),
+        "recompute_runs_s": [round(t, 4) for t in up_times],
+        "speedup_vs_recompute": round(recompute_s / fetch_s, 3) if fetch_s > 0 else 0.0,
+        "speedups": [round(run.speedup_vs_recompute, 3) for run in first_runs],
         "bytes_moved": first.bytes_moved,
         "levels_used": first.levels_used,
         "top1_agreement": round(first.top1_agreement, 4),
