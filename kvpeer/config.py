@@ -131,6 +131,11 @@ class ApiSection:
         60.0, "Seconds a client may hold a fetched shared-memory segment before the daemon "
         "reclaims it.", lo=0.001
     )
+    spare_bytes: int = setting(
+        1 << 30, "Once idle after a fetch, the daemon maps the next fetch's shared memory ahead "
+        "(making it during a fetch delayed its first chunk on a small machine), if at most this "
+        "large: memory held in /dev/shm while idle. 0: never.", kind="size", lo=0,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

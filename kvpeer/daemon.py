@@ -125,6 +125,7 @@ class Daemon:
             group=config.api.socket_group,
             allowed_uids=config.api.allowed_uids,
             lease_s=config.api.lease_s,
+            spare_bytes=config.api.spare_bytes,
         )
         self.ready = False
         self.metrics = Metrics(node_id=self.node_id, version=__version__)

@@ -52,7 +52,7 @@ DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer 
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
 #: (reserving takes CPU a fetch or its client needs on a small machine)...
 SPARE_IDLE_S = 0.5
-#: ... if it is at most this large (a spare is memory held while idle).
+#: ... if it is at most this large (a spare is memory held while idle; ``api.spare_bytes``).
 SPARE_MAX_BYTES = 1 << 30
 _PEERCRED = struct.Struct("3i")
 
@@ -271,7 +271,8 @@ class ApiServer:
 
     ``mode``/``group``: permissions of the socket file (who may connect at all);
     ``allowed_uids``: if non-empty, only these users (and our own) are served;
-    ``lease_s``: how long a client may hold a segment without releasing it.
+    ``lease_s``: how long a client may hold a segment without releasing it;
+    ``spare_bytes``: the largest segment reserved ahead for the next fetch while idle (0: none).
     """
 
     def __init__(
@@ -285,6 +286,7 @@ class ApiServer:
         lease_s: float = 600.0,
         max_inflight: int = 16,
         max_shm_bytes_per_client: int = 64 << 30,
+        spare_bytes: int = SPARE_MAX_BYTES,
         shm_dir: Path = shm.SHM_DIR,
     ) -> None:
         self.socket_path = Path(socket_path)
@@ -294,6 +296,7 @@ class ApiServer:
         # None or empty: the socket file's mode and group alone decide who may connect.
         self.allowed_uids = frozenset(allowed_uids) if allowed_uids else None
         self.max_inflight = max_inflight
+        self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
             directory=shm_dir, lease_s=lease_s, max_bytes_per_owner=max_shm_bytes_per_client
         )
@@ -389,6 +392,8 @@ class ApiServer:
 
     def _want_spare(self, size: int) -> None:
         """Have a segment of ``size`` bytes reserved for the next fetch, once idle."""
+        if size > self.spare_bytes:  # the fetch makes its own (spare_bytes = 0: never reserve)
+            return
         if self._spare_task is None or self._spare_task.done():
             self._spare_task = asyncio.get_running_loop().create_task(
                 self._reserve_spare_when_idle(size), name="kvpeer-api-spare"
@@ -403,7 +408,7 @@ class ApiServer:
             await asyncio.sleep(SPARE_IDLE_S - quiet_for if self._fetching == 0 else SPARE_IDLE_S)
         try:
             await loop.run_in_executor(
-                None, functools.partial(self.registry.reserve_spare, size, max_bytes=SPARE_MAX_BYTES)
+                None, functools.partial(self.registry.reserve_spare, size, max_bytes=self.spare_bytes)
             )
         except OSError as exc:  # /dev/shm full: fetches make their own segment, as before
             log.info("api: could not reserve a spare segment of %d bytes: %s", size, exc)

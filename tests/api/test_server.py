@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
+from kvpeer.api.server import SPARE_IDLE_S
 from kvpeer.errors import ApiError, ErrorCode
 from tests.api.fakes import CHUNK, FP, ServerThread, kv, our_segments, serving, wait_until
 
@@ -364,3 +366,28 @@ def test_the_next_fetch_takes_the_segment_reserved_while_idle() -> None:
             assert taken == [False, True]
             wait_until(lambda: registry.spare_bytes >= size)
     assert registry.spare_bytes == 0 and not (our_segments() - before)
+
+
+def test_no_segment_is_reserved_ahead_with_spare_bytes_zero() -> None:
+    """``api.spare_bytes = 0``: fetches make their own segments and nothing is held while idle."""
+    before = our_segments()
+    with serving(spare_bytes=0) as api:
+        registry = api.server.registry
+        reserved: list[int] = []
+        reserve = registry.reserve_spare
+
+        def recording_reserve(size: int, *, max_bytes: int) -> bool:
+            reserved.append(size)
+            return reserve(size, max_bytes=max_bytes)
+
+        registry.reserve_spare = recording_reserve  # type: ignore[method-assign]
+        k, v = kv(8)
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(8)), k, v, FP)
+            for _ in range(2):
+                with client.fetch(list(range(8)), FP) as result:
+                    assert torch.equal(result.k, k)
+            # The idle wait the spare would start after (SPARE_IDLE_S) passes with none made.
+            time.sleep(3 * SPARE_IDLE_S)
+            assert reserved == [] and registry.spare_bytes == 0
+            assert not (our_segments() - before)
