@@ -30,8 +30,9 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     Mbit/s, Mathis et al.) and slow start counts the packets a SACK acknowledges (RFC 3465);
   - a T3 expiry does not resend chunks the peer already acknowledged in gap reports
     (aiortc resends the whole sent queue; Linux SCTP skips them);
-  - a packet that is exactly one DATA chunk is read without aiortc's chunk list, type
-    dispatch and body copy (about 2 of 4 us per packet in a microbenchmark);
+  - a packet that is exactly one DATA chunk is read in one synchronous call
+    (:class:`_DataReader`): no chunk list, type dispatch, body copies or the five coroutines
+    aiortc awaits per packet; only a completed message or a SACK due now is awaited;
   - a DATA chunk that cannot complete a message skips the reassembly scan (aiortc's is
     quadratic in the fragments of a message);
   - the retransmit scan over the whole sent queue is skipped when nothing can be marked for
@@ -49,8 +50,11 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
 * a transmit burst leaves in one ``sendmsg`` per run of equal-size records with UDP
   segmentation offload (:func:`_send_batch`; Linux >= 4.18, else one send per packet): the
   kernel's per-datagram send path was the sender's largest cost once the Python layers shrank.
-  The receiving socket asks for UDP GRO, so such a burst arrives as one read; the demux splits
-  it back into its DTLS records (:func:`_split_records`), one per datagram as sent.
+  The receiving socket asks for UDP GRO, so such a burst arrives as one read; once the
+  handshake is done that read is queued whole and the record path hands its DTLS records to
+  OpenSSL one by one, as the datagrams they were sent in (before, :func:`_split_records`
+  queues them one by one for aiortc's reader): one queue hop and one coroutine chain per
+  read, not per packet.
 * local drops (:func:`_report_local_drops`, :func:`_local_drop`): the ICE socket sets
   ``IP_RECVERR``, so a datagram the sender's own egress queue (a qdisc) drops fails its send
   with ``ENOBUFS`` instead of vanishing; its DATA chunks are marked for retransmission at once
@@ -351,12 +355,13 @@ def configure_association(
     transmit = types.MethodType(_transmit, sctp)
     sctp._transmit = functools.partial(_transmit_in_one_batch, sctp, transmit)  # type: ignore[method-assign]
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
-    sctp._handle_data = _handle_one_data_chunk(sctp, sctp._handle_data)  # type: ignore[method-assign]
     sctp._mark_received = types.MethodType(_mark_received, sctp)  # type: ignore[method-assign]
     sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
     sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
-    _install_delayed_sack(sctp)
+    sack = _DelayedSack(sctp)
+    sctp._send_sack = sack.on_sack_needed  # type: ignore[method-assign]
     _install_record_path(sctp.transport)
+    sctp.transport._kvpeer_reader = _DataReader(sctp, sack)  # type: ignore[attr-defined]
 
 
 def association_stats(pc: RTCPeerConnection) -> dict[str, Any]:
@@ -617,42 +622,101 @@ def _install_rate_control(
 #: Verification tag, then the DATA chunk header (type, flags, length, TSN, stream, sequence
 #: number, payload protocol): a packet's first 28 bytes when it carries one DATA chunk.
 _DATA_PACKET = struct.Struct("!4xL4xBBHLHHL")
+_CHECKSUM = struct.Struct("<L")
 _ZERO_CHECKSUM = bytes(4)
+_TSN_MASK = rtcsctptransport.SCTP_TSN_MODULO - 1
+_TSN_HALF = rtcsctptransport.SCTP_TSN_MODULO // 2
+_ESTABLISHED = RTCSctpTransport.State.ESTABLISHED
+DataChunk = rtcsctptransport.DataChunk
+_new_chunk = DataChunk.__new__
+crc32c = rtcsctptransport.crc32c
 
 
-def _handle_one_data_chunk(sctp: Any, handle_data: Callable[[bytes], Any]) -> Callable[..., Any]:
-    """aiortc's ``_handle_data`` with a short path for a packet that is exactly one DATA chunk
-    (every bulk packet): no chunk list, no per-chunk type dispatch and debug-log formatting,
-    no copy of the chunk body before its payload. Every other packet takes aiortc's path.
+class _DataReader:
+    """What aiortc does with a packet that is exactly one DATA chunk (every bulk packet),
+    in one synchronous call per packet: checksum, verification tag, :func:`_mark_received`,
+    the stream's reassembly list and the receive window, without aiortc's chunk list, type
+    dispatch, debug-log formatting, body copy and the five coroutines it awaits per packet
+    (``_handle_data``, ``_receive_chunk``, ``_receive_data_chunk``,
+    ``_reset_deferred_streams``, ``_send_sack``). Only what can suspend or deliver is left to
+    :meth:`follow`: a completed message, a deferred stream reset, a SACK due now (about one
+    packet in 16). Every other packet takes aiortc's path.
+
+    It reads the plaintext where the record path decrypted it (a writable buffer), so the
+    checksum is computed over one copy of the packet, not three.
     """
-    data_type = rtcsctptransport.DataChunk.type
-    new_chunk = rtcsctptransport.DataChunk.__new__
-    data_chunk = rtcsctptransport.DataChunk
-    crc32c = rtcsctptransport.crc32c
 
-    async def handle(data: bytes) -> None:
-        size = len(data)
-        if size >= _DATA_PACKET.size:
-            tag, kind, flags, length, tsn, stream, seq, protocol = _DATA_PACKET.unpack_from(data)
-            end = SCTP_COMMON_HEADER + length
-            # One chunk: nothing but padding (< 4 bytes) after it, as aiortc's parse loop reads.
-            if kind == data_type and length >= SCTP_DATA_HEADER and end <= size < end + 4:
-                checksum = int.from_bytes(data[8:12], "little")
-                if checksum != crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
-                    return  # what aiortc does with a bad checksum
-                if tag != sctp._local_verification_tag:
-                    return
-                chunk = new_chunk(data_chunk)
-                chunk.flags, chunk.tsn, chunk.stream_id = flags, tsn, stream
-                chunk.stream_seq, chunk.protocol = seq, protocol
-                chunk.user_data = data[_DATA_PACKET.size : end]
-                await sctp._receive_data_chunk(chunk)
-                if sctp._sack_needed:
-                    await sctp._send_sack()
-                return
-        await handle_data(data)
+    OTHER = -1  #: not one DATA chunk: hand the packet to aiortc's ``_handle_data``
+    MESSAGES = 1  #: a message may be complete, or the chunk arrived out of order
+    RESET = 2  #: the peer's stream reset waits for data
+    SACK = 4  #: a SACK is due now
 
-    return handle
+    __slots__ = ("sctp", "sack", "stream")
+
+    def __init__(self, sctp: Any, sack: _DelayedSack) -> None:
+        self.sctp = sctp
+        self.sack = sack
+        self.stream: Any = None  # the stream of the last chunk read
+
+    def read(self, buffer: Any, size: int) -> int:
+        """The packet in ``buffer[:size]``: 0 when done with it, else what :meth:`follow`
+        must do (or :attr:`OTHER`). The buffer's checksum field is zeroed if it is one DATA
+        chunk."""
+        if size < _DATA_PACKET.size:
+            return self.OTHER
+        tag, kind, flags, length, tsn, stream_id, seq, protocol = _DATA_PACKET.unpack_from(buffer)
+        end = SCTP_COMMON_HEADER + length
+        # One chunk: nothing but padding (< 4 bytes) after it, as aiortc's parse loop reads.
+        if kind != 0 or length < SCTP_DATA_HEADER or not end <= size < end + 4:
+            return self.OTHER
+        (checksum,) = _CHECKSUM.unpack_from(buffer, 8)
+        buffer[8:12] = _ZERO_CHECKSUM
+        packet = buffer[:size]
+        sctp = self.sctp
+        if checksum != crc32c(packet) or tag != sctp._local_verification_tag:
+            return 0  # what aiortc does with a bad checksum or another association's tag
+        chunk = _new_chunk(DataChunk)
+        chunk.flags, chunk.tsn, chunk.stream_id = flags, tsn, stream_id
+        chunk.stream_seq, chunk.protocol = seq, protocol
+        chunk.user_data = user_data = packet[_DATA_PACKET.size : end]
+        sctp._sack_needed = True
+        last = sctp._last_received_tsn
+        # In order with nothing held above a hole (the common case): _mark_received's
+        # outcome without its calls.
+        if tsn == (last + 1) & _TSN_MASK and not sctp._sack_misordered and not sctp._sack_duplicates:
+            sctp._last_received_tsn = sctp._kvpeer_highest_tsn = tsn
+        elif _mark_received(sctp, tsn):
+            return self.SACK if self.sack.due() else 0  # a duplicate: acknowledged at once
+        stream = sctp._inbound_streams.get(stream_id)
+        if stream is None:
+            stream = sctp._get_inbound_stream(stream_id)
+        self.stream = stream
+        reassembly = stream.reassembly
+        # _receive_data_chunk's test, inline: see there for why in-order chunks skip the scan.
+        if not reassembly or 0 < (tsn - reassembly[-1].tsn) & _TSN_MASK < _TSN_HALF:
+            reassembly.append(chunk)
+            status = self.MESSAGES if flags & rtcsctptransport.SCTP_DATA_LAST_FRAG else 0
+        else:
+            stream.add_chunk(chunk)
+            status = self.MESSAGES
+        sctp._advertised_rwnd -= len(user_data)
+        if sctp._reconfig_deferred is not None:
+            status |= self.RESET
+        if status:
+            return status  # follow() decides on the SACK after delivering, as aiortc does
+        return self.SACK if self.sack.due() else 0
+
+    async def follow(self, status: int) -> None:
+        """The rest of aiortc's handling of the packet :meth:`read` returned *status* for."""
+        sctp = self.sctp
+        if status & self.MESSAGES:
+            for message in self.stream.pop_messages():
+                sctp._advertised_rwnd += len(message[2])
+                await sctp._receive(*message)
+        if status & self.RESET:
+            await sctp._reset_deferred_streams()
+        if status & self.SACK or (status & (self.MESSAGES | self.RESET) and self.sack.due()):
+            await self.sack.send()
 
 
 def _tsn_after(a: int, b: int) -> bool:
@@ -691,7 +755,7 @@ def _mark_received(self: Any, tsn: int) -> bool:
     behind a lost packet that was most of the receiver's CPU on a lossy path (and its plain
     sort misorders TSNs across the 32-bit wrap). Also notes in ``_kvpeer_sack_now`` whether
     this TSN changed the gap report other than by extending it (a new hole, or a hole filled):
-    only those SACKs are urgent (see :func:`_install_delayed_sack`).
+    only those SACKs are urgent (see :class:`_DelayedSack`).
     """
     last = self._last_received_tsn
     misordered = self._sack_misordered
@@ -721,54 +785,68 @@ def _mark_received(self: Any, tsn: int) -> bool:
     return False
 
 
-def _install_delayed_sack(sctp: Any) -> None:
-    send_sack_now = sctp._send_sack
-    state = {"unacked": 0}
-    timer: list[asyncio.TimerHandle] = []
-    tasks: set[asyncio.Task[None]] = set()  # owned here; aiortc owns the association
+class _DelayedSack:
+    """Delayed SACK for one association: acknowledge every ``SACK_EVERY`` packets or after
+    ``SACK_DELAY_S``, at once when the gap report changed shape (a new hole: the sender
+    counts strikes toward fast retransmit; a filled hole: the cumulative ack jumps) or on
+    duplicates. While a hole merely persists, every SACK_EVERY packets: aiortc's sender walks
+    its whole sent queue per SACK, and a SACK per packet behind a hole cost it most of a core
+    on a 1 %-loss path. :meth:`on_sack_needed` replaces aiortc's ``_send_sack``;
+    :class:`_DataReader` calls :meth:`due` and :meth:`send` itself."""
 
-    def cancel_timer() -> None:
-        while timer:
-            timer.pop().cancel()
+    __slots__ = ("sctp", "send_now", "unacked", "timer", "tasks")
 
-    async def send_sack_quietly() -> None:
+    def __init__(self, sctp: Any) -> None:
+        self.sctp = sctp
+        self.send_now: Callable[[], Any] = sctp._send_sack  # aiortc's: build and send one
+        self.unacked = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # owned here; aiortc owns the association
+
+    def due(self) -> bool:
+        """A packet to acknowledge arrived: True if the SACK must go now (else the timer
+        runs; ``_sack_needed`` stays set, so the next packet counts here too)."""
+        sctp = self.sctp
+        self.unacked += 1
+        if (
+            self.unacked >= SACK_EVERY
+            or sctp._kvpeer_sack_now
+            or sctp._sack_duplicates
+            or sctp._association_state != _ESTABLISHED
+        ):
+            return True
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(SACK_DELAY_S, self._fired)
+        return False
+
+    async def send(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.unacked = 0
+        self.sctp._kvpeer_sack_now = False
+        await self.send_now()
+
+    async def on_sack_needed(self) -> None:
+        if self.due():
+            await self.send()
+
+    def _fired(self) -> None:
+        self.timer = None
+        sctp = self.sctp
+        if sctp._sack_needed and sctp._association_state == _ESTABLISHED:
+            self.unacked = 0
+            sctp._kvpeer_sack_now = False
+            task = asyncio.get_running_loop().create_task(self._send_quietly())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send_quietly(self) -> None:
         # The association may close while the timer runs; aiortc raises ConnectionError then.
         try:
-            await send_sack_now()
+            await self.send_now()
         except ConnectionError:
             pass
-
-    def timer_fired() -> None:
-        timer.clear()
-        if sctp._sack_needed and sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
-            state["unacked"] = 0
-            sctp._kvpeer_sack_now = False
-            task = asyncio.get_running_loop().create_task(send_sack_quietly())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async def send_sack() -> None:
-        # At once when the gap report changed shape (a new hole: the sender counts strikes
-        # toward fast retransmit; a filled hole: the cumulative ack jumps) or on duplicates.
-        # While a hole merely persists, every SACK_EVERY packets: aiortc's sender walks its
-        # whole sent queue per SACK, and a SACK per packet behind a hole cost it most of a
-        # core on a 1 %-loss path.
-        urgent = (
-            sctp._kvpeer_sack_now
-            or sctp._sack_duplicates
-            or sctp._association_state != RTCSctpTransport.State.ESTABLISHED
-        )
-        state["unacked"] += 1
-        if urgent or state["unacked"] >= SACK_EVERY:
-            cancel_timer()
-            state["unacked"] = 0
-            sctp._kvpeer_sack_now = False
-            await send_sack_now()
-        elif not timer:
-            # _sack_needed stays set, so the next packet comes back here and counts.
-            timer.append(asyncio.get_running_loop().call_later(SACK_DELAY_S, timer_fired))
-
-    sctp._send_sack = send_sack
 
 
 # -- DTLS records and ICE datagrams ---------------------------------------------------------
@@ -1029,29 +1107,68 @@ def _read_failed(connection: Any, ssl: Any, result: int) -> bytes | None:
 
 def _install_record_path(dtls: Any) -> None:
     stock_recv_next = type(dtls)._recv_next  # already with apply()'s buffer size
+    connection = dtls.transport._connection
 
     async def recv_next() -> None:
         # The handshake (and DTLS 1.3's last-flight timer) stays aiortc's.
         if not dtls._RTCDtlsTransport__handshake_done or dtls._ssl is None:
             await stock_recv_next(dtls)
             return
+        # From now on the demux queues a coalesced read whole (see _demux_dtls_first).
+        connection._kvpeer_whole_reads = True
         data = await dtls.transport._recv()
         dtls._RTCDtlsTransport__rx_bytes += len(data)
-        dtls._RTCDtlsTransport__rx_packets += 1
         if not 19 < data[0] < 64:
+            dtls._RTCDtlsTransport__rx_packets += 1
             await _receive_srtp(dtls, data)
             return
         path = _record_path(dtls)
-        _lib.BIO_write(path.into_ssl, data, len(data))
-        size = _lib.SSL_read(path.ssl, path.plain, DTLS_BUFFER)
-        plain = path.plain_view[:size] if size > 0 else _read_failed(dtls._ssl, path.ssl, size)
+        reader: _DataReader | None = dtls._kvpeer_reader
+        receiver = dtls._data_receiver
+        into_ssl, ssl, plain, plain_view = path.into_ssl, path.ssl, path.plain, path.plain_view
+        # Several DTLS records when UDP GRO coalesced a burst, one per datagram as sent: each
+        # goes to OpenSSL as its own datagram, and a truncated tail is dropped, as DTLS drops
+        # a record longer than its datagram. Other content types go whole, as aiortc has it.
+        total = len(data)
+        split = data[0] == _DTLS_APPLICATION_DATA
+        start = 0
+        records = 0
+        closed = False
+        while start < total:
+            if split:
+                if start + _DTLS_HEADER > total:
+                    break
+                end = start + _DTLS_HEADER + (data[start + 11] << 8 | data[start + 12])
+                if end > total:
+                    break
+                record = data if end == total and not start else data[start:end]
+            else:
+                end, record = total, data
+            start = end
+            records += 1
+            _lib.BIO_write(into_ssl, record, len(record))
+            size = _lib.SSL_read(ssl, plain, DTLS_BUFFER)
+            if size <= 0:
+                if _read_failed(dtls._ssl, ssl, size) is None:
+                    closed = True
+                    break
+                continue
+            if reader is not None:
+                status = reader.read(plain_view, size)
+                if status >= 0:
+                    if status:
+                        await reader.follow(status)
+                    continue
+            if receiver:
+                await receiver._handle_data(plain_view[:size])
+        dtls._RTCDtlsTransport__rx_packets += records
+        # What reading made OpenSSL send (an alert, a handshake retransmission): once a read.
         _flush_records(dtls, path)
-        if plain is None:
+        if closed:
             raise ConnectionError("DTLS shutdown by remote party")
-        if plain and dtls._data_receiver:
-            await dtls._data_receiver._handle_data(plain)
 
     dtls._kvpeer_records = None
+    dtls._kvpeer_reader = None
     dtls._recv_next = recv_next
     dtls._send_data = types.MethodType(_send_data, dtls)
 
@@ -1080,14 +1197,21 @@ def _demux_dtls_first(protocol: Any) -> None:
     """
     stock = protocol.datagram_received
     receiver = protocol.receiver
+    if not hasattr(receiver, "_kvpeer_whole_reads"):
+        receiver._kvpeer_whole_reads = False  # set by the record path once it reads
 
     def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
         if not data:
             return
         if not 19 < data[0] < 64:
             stock(data, addr)
-        elif data[0] == _DTLS_APPLICATION_DATA and len(data) > _record_end(data, 0):
-            # Several datagrams the kernel coalesced (UDP GRO): one record each.
+        elif (
+            data[0] == _DTLS_APPLICATION_DATA
+            and len(data) > _record_end(data, 0)
+            and not receiver._kvpeer_whole_reads
+        ):
+            # Several datagrams the kernel coalesced (UDP GRO), before the record path reads
+            # them whole: one record each, as aiortc's DTLS reader expects.
             component = protocol.local_candidate.component
             for record in _split_records(data):
                 receiver.data_received(record, component)

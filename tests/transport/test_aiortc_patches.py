@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import random
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -309,49 +310,99 @@ def test_send_batch_keeps_datagram_boundaries_and_order(monkeypatch: pytest.Monk
     assert len(sent_alone) < len(records) / 4  # the runs went as segmented sends
 
 
-def test_one_data_chunk_path_reads_what_aiortc_parses() -> None:
-    """The short path for one-DATA-chunk packets yields aiortc's chunk; all else goes to aiortc."""
+def _receiving_association(patched: bool) -> tuple[Any, list[tuple[int, int, bytes]]]:
+    """An established RTCSctpTransport that only receives (call inside an event loop); with
+    *patched*, the receive side of configure_association. Returns it and what it delivers."""
+    sctp = RTCSctpTransport.__new__(RTCSctpTransport)
+    RTCSctpTransport.__init__(sctp, _FakeDtls())  # type: ignore[arg-type]
+    sctp._association_state = RTCSctpTransport.State.ESTABLISHED
+    sctp._local_verification_tag = 1234
+    sctp._last_received_tsn = 999
+    delivered: list[tuple[int, int, bytes]] = []
+
+    async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
+        delivered.append((stream_id, pp_id, data))
+
+    async def send_chunk(chunk: Any) -> None:
+        pass  # SACKs go nowhere
+
+    sctp._receive = receive  # type: ignore[method-assign]
+    sctp._send_chunk = send_chunk  # type: ignore[method-assign]
+    if patched:
+        sctp._receive_data_chunk = types.MethodType(aiortc_patches._receive_data_chunk, sctp)  # type: ignore[method-assign]
+        sctp._mark_received = types.MethodType(aiortc_patches._mark_received, sctp)  # type: ignore[method-assign]
+        sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
+        sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
+        sack = aiortc_patches._DelayedSack(sctp)
+        sctp._send_sack = sack.on_sack_needed  # type: ignore[method-assign]
+        sctp._kvpeer_reader = aiortc_patches._DataReader(sctp, sack)  # type: ignore[attr-defined]
+    return sctp, delivered
+
+
+def test_data_reader_does_what_aiortc_does_with_each_packet() -> None:
+    """The one-DATA-chunk reader against aiortc's own receive path, packet by packet, on a
+    lossy, reordering, duplicating arrival order of fragmented messages: the same messages
+    delivered in the same order, the same cumulative TSN, holes, duplicates and window; bad
+    checksums and other tags dropped; bundled and control packets left to aiortc."""
+    from OpenSSL.SSL import _ffi
+
     rng = random.Random(3)
-    received: list[DataChunk] = []
-    fallback: list[bytes] = []
+    packets: list[bytes] = []
+    tsn = 1000
+    for seq in range(40):
+        size = rng.choice((1, 1383, 1384 * 3, 5000, 20_000))
+        pieces = [rng.randbytes(min(1384, size - i)) for i in range(0, size, 1384)]
+        for index, piece in enumerate(pieces):
+            chunk = DataChunk()
+            chunk.flags = (index == 0) * 2 | (index == len(pieces) - 1)  # FIRST / LAST
+            chunk.tsn, chunk.stream_id, chunk.stream_seq = tsn, seq % 3, seq // 3
+            chunk.protocol, chunk.user_data = 53, piece
+            packets.append(rtcsctptransport.serialize_packet(5000, 5000, 1234, chunk))
+            tsn += 1
+    arrivals = sorted(packets, key=lambda p: packets.index(p) + rng.gauss(0, 4))
+    arrivals = [p for p in arrivals if rng.random() > 0.03] + arrivals[:20]  # losses, dups
+    arrivals += packets  # the retransmissions: everything arrives in the end
+    extra = [
+        packets[0][:-1] + bytes([packets[0][-1] ^ 1]),  # bad checksum
+        rtcsctptransport.serialize_packet(5000, 5000, 99, DataChunk()),  # another tag
+        rtcsctptransport.serialize_packet(5000, 5000, 1234, SackChunk()),  # control
+    ]
 
-    async def receive_data_chunk(chunk: DataChunk) -> None:
-        received.append(chunk)
+    async def body() -> None:
+        stock, stock_out = _receiving_association(patched=False)
+        ours, ours_out = _receiving_association(patched=True)
+        reader = ours._kvpeer_reader
+        buffer = _ffi.new("char[]", 32_768)
+        view = _ffi.buffer(buffer)
+        others: list[bytes] = []
+        stock_handle, ours_handle = stock._handle_data, ours._handle_data
 
-    async def send_sack() -> None:
-        sctp._sack_needed = False
+        async def other(data: bytes) -> None:
+            others.append(data)
+            await ours_handle(data)
 
-    async def stock(data: bytes) -> None:
-        fallback.append(data)
+        for packet in arrivals + extra:
+            await stock_handle(packet)
+            view[: len(packet)] = packet
+            status = reader.read(view, len(packet))
+            if status > 0:
+                await reader.follow(status)
+            elif status == reader.OTHER:
+                await other(view[: len(packet)])
+            assert ours._last_received_tsn == stock._last_received_tsn
+            assert ours._sack_misordered == stock._sack_misordered
+            assert ours._advertised_rwnd == stock._advertised_rwnd
+            assert not ours._sack_duplicates  # reported at once (stock: a SACK per packet)
+        assert ours_out == stock_out and len(stock_out) == 40
+        assert ours._last_received_tsn == tsn - 1
+        # A bundled packet (two chunks) is aiortc's; so is anything but DATA.
+        assert others == extra[2:]
+        bundled = packets[0] + bytes(DataChunk())
+        view[: len(bundled)] = bundled
+        assert reader.read(view, len(bundled)) == reader.OTHER
+        assert view[: len(bundled)] == bundled  # untouched for aiortc's checksum check
 
-    sctp = SimpleNamespace(
-        _local_verification_tag=1234, _sack_needed=False,
-        _receive_data_chunk=receive_data_chunk, _send_sack=send_sack,
-    )  # fmt: skip
-    handle = aiortc_patches._handle_one_data_chunk(sctp, stock)
-    for size in (0, 1, 2, 3, 4, 1383, 8884):
-        chunk = DataChunk()
-        chunk.flags, chunk.tsn, chunk.stream_id = rng.randrange(8), rng.randrange(2**32), 3
-        chunk.stream_seq, chunk.protocol = rng.randrange(2**16), 53
-        chunk.user_data = rng.randbytes(size)
-        packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, chunk)
-        parsed = rtcsctptransport.parse_packet(packet)[3][0]
-        asyncio.run(handle(packet))
-        ours = received.pop()
-        for field in ("flags", "tsn", "stream_id", "stream_seq", "protocol", "user_data"):
-            assert getattr(ours, field) == getattr(parsed, field), (size, field)
-        tampered = packet[:-1] + bytes([packet[-1] ^ 1])
-        asyncio.run(handle(tampered))  # bad checksum: dropped, as aiortc drops it
-        other_tag = rtcsctptransport.serialize_packet(5000, 5000, 99, chunk)
-        asyncio.run(handle(other_tag))
-        assert not received
-        bundled = packet + bytes(chunk)  # two chunks: aiortc's parser handles it
-        asyncio.run(handle(bundled))
-        assert fallback.pop() == bundled
-    sack = SackChunk()
-    sack_packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, sack)
-    asyncio.run(handle(sack_packet))
-    assert fallback == [sack_packet] and not received
+    asyncio.run(body())
 
 
 def test_coalesced_datagrams_are_split_into_their_records() -> None:
@@ -381,6 +432,11 @@ def test_coalesced_datagrams_are_split_into_their_records() -> None:
     binding = bytes([0, 1]) + bytes(18)  # STUN: first byte 0-3
     protocol.datagram_received(binding, ("10.0.0.1", 1))
     assert queued[-1] == flight and stun == [binding]
+    # Once the record path reads (the handshake is done), a coalesced read is queued whole:
+    # it takes the records apart itself, one queue hop per read.
+    protocol.receiver._kvpeer_whole_reads = True
+    protocol.datagram_received(b"".join(records), ("10.0.0.1", 1))
+    assert queued[-1] == b"".join(records)
 
 
 class _RefusingSocket:
