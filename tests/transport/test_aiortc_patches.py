@@ -71,6 +71,12 @@ def test_pinned_version_and_patch_points_exist() -> None:
                  "add_chunk(chunk)", "_advertised_rwnd -= len(chunk.user_data)",
                  "pop_messages()", "_reset_deferred_streams()"):  # fmt: skip
         assert step in stock, step
+    # The send loop inlines _flight_size_increase and serialises DATA packets itself.
+    increase = inspect.getsource(RTCSctpTransport._flight_size_increase)
+    assert "chunk._in_flight = True" in increase
+    assert "self._flight_size += chunk._book_size" in increase
+    serialize = inspect.getsource(rtcsctptransport.serialize_packet)
+    assert 'pack("<L", checksum)' in serialize and "crc32c(header" in serialize
     aiortc_patches.apply()
     dtls = rtcdtlstransport.RTCDtlsTransport
     for name in ("_recv_next", "_write_ssl"):
@@ -403,6 +409,19 @@ def test_data_reader_does_what_aiortc_does_with_each_packet() -> None:
         assert view[: len(bundled)] == bundled  # untouched for aiortc's checksum check
 
     asyncio.run(body())
+
+
+def test_data_packets_are_serialised_as_aiortc_does() -> None:
+    rng = random.Random(7)
+    for size in (*range(10), 1383, 1384, 8884):
+        chunk = DataChunk()
+        chunk.flags, chunk.tsn, chunk.stream_id = rng.randrange(16), rng.randrange(2**32), 7
+        chunk.stream_seq, chunk.protocol = rng.randrange(2**16), 53
+        chunk.user_data = rng.randbytes(size)
+        ports = (5000, 5001, rng.randrange(2**32))
+        assert aiortc_patches._data_packet(ports, chunk) == rtcsctptransport.serialize_packet(
+            *ports, chunk
+        ), size
 
 
 def test_coalesced_datagrams_are_split_into_their_records() -> None:
