@@ -82,12 +82,21 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         print(config.as_toml(), end="")
         return 0
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
+    limit_torch_threads(config.daemon.torch_threads)
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
     try:
         return _run(_serve(config), use_uvloop)
     except KVPeerError as exc:
         log.error("kvpeerd failed: %s", exc)
         return 1
+
+
+def limit_torch_threads(threads: int) -> None:
+    """Cap torch's intra-op threads for this process (0: leave torch's default)."""
+    if threads:
+        import torch  # the codec imported it already
+
+        torch.set_num_threads(threads)
 
 
 def _run(main: Any, use_uvloop: bool) -> int:

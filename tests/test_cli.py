@@ -53,3 +53,17 @@ def test_client_without_daemon_says_so(tmp_path: Path) -> None:
     result = run("client_main", "--socket", str(tmp_path / "absent.sock"), "status")
     assert result.returncode == 1
     assert "absent.sock" in result.stderr or "daemon" in result.stderr
+
+
+def test_the_daemon_caps_torch_threads_as_configured() -> None:
+    """``daemon.torch_threads``: N caps torch's intra-op threads, 0 leaves torch's default (in a
+    child process, so this one keeps its own)."""
+    code = (
+        "import torch; from kvpeer.cli import limit_torch_threads; from kvpeer.config import Config\n"
+        "before = torch.get_num_threads(); limit_torch_threads(0)\n"
+        "assert torch.get_num_threads() == before\n"
+        "limit_torch_threads(Config().daemon.torch_threads); print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
