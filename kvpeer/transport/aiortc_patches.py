@@ -771,8 +771,10 @@ class _DataReader:
         chunk.flags, chunk.tsn, chunk.stream_id = flags, tsn, stream_id
         chunk.stream_seq, chunk.protocol = seq, protocol
         chunk.user_data = user_data = packet[_DATA_PACKET.size : end]
-        sctp._sack_needed = True
         last = sctp._last_received_tsn
+        if last is None:
+            return 0  # DATA before the handshake told us the peer's first TSN (aiortc raised)
+        sctp._sack_needed = True
         # In order with nothing held above a hole (the common case): _mark_received's
         # outcome without its calls.
         if tsn == (last + 1) & _TSN_MASK and not sctp._sack_misordered and not sctp._sack_duplicates:
@@ -1215,12 +1217,18 @@ def _install_record_path(dtls: Any) -> None:
             await _receive_srtp(dtls, data)
             return
         path = _record_path(dtls)
-        reader: _DataReader | None = dtls._kvpeer_reader
         receiver = dtls._data_receiver
+        # The fast reader serves only the SCTP transport still registered: once it stopped
+        # (unregistered), aiortc drops what arrives, and so do we.
+        reader: _DataReader | None = dtls._kvpeer_reader
+        if reader is not None and reader.sctp is not receiver:
+            reader = None
         into_ssl, ssl, plain, plain_view = path.into_ssl, path.ssl, path.plain, path.plain_view
         # Several DTLS records when UDP GRO coalesced a burst, one per datagram as sent: each
         # goes to OpenSSL as its own datagram, and a truncated tail is dropped, as DTLS drops
-        # a record longer than its datagram. Other content types go whole, as aiortc has it.
+        # a record longer than its datagram. Other content types go whole, as aiortc has it,
+        # and are read until OpenSSL has no more plaintext (a datagram may hold several records
+        # of a kind we do not split, e.g. DTLS 1.3's).
         total = len(data)
         split = data[0] == _DTLS_APPLICATION_DATA
         start = 0
@@ -1239,20 +1247,28 @@ def _install_record_path(dtls: Any) -> None:
             start = end
             records += 1
             _lib.BIO_write(into_ssl, record, len(record))
-            size = _lib.SSL_read(ssl, plain, DTLS_BUFFER)
-            if size <= 0:
-                if _read_failed(dtls._ssl, ssl, size) is None:
-                    closed = True
+            while True:
+                size = _lib.SSL_read(ssl, plain, DTLS_BUFFER)
+                if size <= 0:
+                    # A handshake retransmission or an alert may have queued a reply: out now,
+                    # before the next DATA record's write could pick it up.
+                    _flush_records(dtls, path)
+                    closed = _read_failed(dtls._ssl, ssl, size) is None
                     break
-                continue
-            if reader is not None:
-                status = reader.read(plain_view, size)
-                if status >= 0:
-                    if status:
-                        await reader.follow(status)
-                    continue
-            if receiver:
-                await receiver._handle_data(plain_view[:size])
+                if reader is not None:
+                    status = reader.read(plain_view, size)
+                    if status >= 0:
+                        if status:
+                            await reader.follow(status)
+                        if split:
+                            break
+                        continue
+                if receiver:
+                    await _handle_sctp_packet(dtls, receiver, plain_view[:size])
+                if split:
+                    break
+            if closed:
+                break
         dtls._RTCDtlsTransport__rx_packets += records
         # What reading made OpenSSL send (an alert, a handshake retransmission): once a read.
         _flush_records(dtls, path)
@@ -1263,6 +1279,24 @@ def _install_record_path(dtls: Any) -> None:
     dtls._kvpeer_reader = None
     dtls._recv_next = recv_next
     dtls._send_data = types.MethodType(_send_data, dtls)
+
+
+# What aiortc's SCTP parser and handlers raise on a malformed packet besides the ValueError
+# it catches itself (a short chunk or parameter: struct.error; an INIT bundled with other
+# chunks: AssertionError; ...). Uncaught, any of them closed the DTLS transport.
+_MALFORMED_SCTP = (struct.error, AssertionError, IndexError, KeyError, TypeError, ValueError)
+
+
+async def _handle_sctp_packet(dtls: Any, receiver: Any, packet: bytes) -> None:
+    """aiortc's ``_handle_data`` for a packet the fast reader left to it; a malformed packet
+    from the (authenticated) peer is dropped and logged, never closes the association."""
+    try:
+        await receiver._handle_data(packet)
+    except _MALFORMED_SCTP as exc:
+        level = logging.DEBUG if getattr(dtls, "_kvpeer_malformed_seen", False) else logging.WARNING
+        dtls._kvpeer_malformed_seen = True
+        logger.log(level, "transport: dropped a malformed SCTP packet from the peer (%d bytes): %s: %s",
+                len(packet), type(exc).__name__, exc)
 
 
 async def _receive_srtp(dtls: Any, data: bytes) -> None:

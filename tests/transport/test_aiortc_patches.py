@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import random
+import re
+import struct
 import types
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +27,9 @@ _SCTP_ATTRIBUTES = (
     "_outbound_queue", "_flight_size", "_cwnd", "_t3_handle", "_sack_misordered",
     "_sack_duplicates", "_sack_needed", "_association_state", "_last_sacked_tsn",
     "_local_tsn",
+    # read or set by the fast DATA reader and the batched send (_DataReader, _data_packet)
+    "_inbound_streams", "_last_received_tsn", "_local_verification_tag", "_reconfig_deferred",
+    "_advertised_rwnd", "_local_port", "_remote_port", "_remote_verification_tag",
 )  # fmt: skip
 # What the patches read or set on DataChunk (annotated on the class, set in aiortc's _send).
 # (_in_flight: _flight_size_decrease does nothing twice, which _local_drop relies on.)
@@ -75,6 +81,22 @@ def test_pinned_version_and_patch_points_exist() -> None:
     increase = inspect.getsource(RTCSctpTransport._flight_size_increase)
     assert "chunk._in_flight = True" in increase
     assert "self._flight_size += chunk._book_size" in increase
+    # The fast reader does _handle_data's tag rule and its "SACK if needed" itself, relies on
+    # _send_sack clearing what it owes, and calls _reset_deferred_streams only when a reset
+    # waits (aiortc's does nothing otherwise).
+    handle = inspect.getsource(RTCSctpTransport._handle_data)
+    assert "expected_tag = self._local_verification_tag" in handle
+    assert "if self._sack_needed:" in handle and "await self._send_sack()" in handle
+    sack = inspect.getsource(RTCSctpTransport._send_sack)
+    assert "self._sack_duplicates.clear()" in sack and "self._sack_needed = False" in sack
+    reset = inspect.getsource(RTCSctpTransport._reset_deferred_streams)
+    assert "request = self._reconfig_deferred" in reset and "if request is not None" in reset
+    # DATA chunks are built with __new__ and their fields set one by one: __init__ must set
+    # no other field.
+    init = inspect.getsource(DataChunk.__init__)
+    assert set(re.findall(r"self\.(\w+)", init)) == {
+        "flags", "tsn", "stream_id", "stream_seq", "protocol", "user_data"
+    }, "DataChunk.__init__ changed: check _new_chunk's users in aiortc_patches"
     serialize = inspect.getsource(rtcsctptransport.serialize_packet)
     assert 'pack("<L", checksum)' in serialize and "crc32c(header" in serialize
     aiortc_patches.apply()
@@ -599,5 +621,63 @@ def test_icmp_errors_that_ip_recverr_queues_are_drained() -> None:
                 dup.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
         finally:
             transport.close()
+
+    asyncio.run(body())
+
+
+def _short_data_chunk_packet(tag: int) -> bytes:
+    """An SCTP packet with a valid checksum whose one DATA chunk is 8 bytes long (its header
+    alone is 16): aiortc's parser raises struct.error on it, which it does not catch."""
+    header = struct.pack("!HHL", 5000, 5000, tag)
+    chunk = struct.pack("!BBH", 0, 3, 8) + bytes(4)
+    checksum = rtcsctptransport.crc32c(header + bytes(4) + chunk)
+    return header + struct.pack("<L", checksum) + chunk
+
+
+def test_a_malformed_packet_from_the_peer_is_dropped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """What aiortc's parser raises past its own ValueError (here struct.error) used to close
+    the DTLS transport: the record path drops the packet, warns once, and keeps receiving."""
+    packet = _short_data_chunk_packet(1234)
+
+    async def body() -> None:
+        stock, _ = _receiving_association(patched=False)
+        with pytest.raises(struct.error):  # the packet is what the fix is about
+            await stock._handle_data(packet)
+        ours, delivered = _receiving_association(patched=True)
+        dtls = SimpleNamespace()
+        with caplog.at_level(logging.DEBUG, logger=aiortc_patches.__name__):
+            for _ in range(3):
+                await aiortc_patches._handle_sctp_packet(dtls, ours, packet)
+        warnings = [r for r in caplog.records if "malformed SCTP packet" in r.getMessage()]
+        assert [r.levelno for r in warnings] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+        # ... and the association still takes the next good packet.
+        chunk = DataChunk()
+        chunk.flags, chunk.tsn, chunk.stream_id, chunk.stream_seq = 3, 1000, 1, 0
+        chunk.protocol, chunk.user_data = 53, b"after"
+        good = rtcsctptransport.serialize_packet(5000, 5000, 1234, chunk)
+        await aiortc_patches._handle_sctp_packet(dtls, ours, good)
+        assert delivered == [(1, 53, b"after")]
+
+    asyncio.run(body())
+
+
+def test_data_before_the_handshake_set_the_peers_tsn_is_dropped() -> None:
+    """aiortc raises TypeError on DATA while its last received TSN is still None; the fast
+    reader drops such a packet (nothing marked, nothing delivered, no SACK owed)."""
+    from OpenSSL.SSL import _ffi
+
+    async def body() -> None:
+        ours, delivered = _receiving_association(patched=True)
+        ours._last_received_tsn = None
+        chunk = DataChunk()
+        chunk.flags, chunk.tsn, chunk.stream_id, chunk.stream_seq = 3, 7, 1, 0
+        chunk.protocol, chunk.user_data = 53, b"early"
+        packet = rtcsctptransport.serialize_packet(5000, 5000, 1234, chunk)
+        buffer = _ffi.new("char[]", 2048)
+        view = _ffi.buffer(buffer)
+        view[: len(packet)] = packet
+        ours._sack_needed = False
+        assert ours._kvpeer_reader.read(view, len(packet)) == 0
+        assert ours._last_received_tsn is None and not ours._sack_needed and delivered == []
 
     asyncio.run(body())
