@@ -133,3 +133,34 @@ def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     assert sorted(shm.sweep_stale(tmp_path)) == sorted([dead_name, dead_spare])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, live_spare, "unrelated"])
+
+
+def _resident_bytes(path: Path) -> int:
+    """Rss of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.endswith(str(path)):
+            for detail in lines[index + 1 :]:
+                if detail.startswith("Rss:"):
+                    return int(detail.split()[1]) * 1024
+    raise AssertionError(f"{path} is not mapped")
+
+
+def test_map_populated_maps_every_page_now_and_changes_nothing(tmp_path: Path) -> None:
+    """The page tables are made at map time (by reads in numpy, which release the GIL, not by
+    MAP_POPULATE inside mmap.mmap, which holds it), and what the pages hold is untouched."""
+    size = 64 * shm.PAGE
+    path = tmp_path / "segment"
+    pattern = os.urandom(size)
+    path.write_bytes(pattern)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        lazy = shm.mmap.mmap(fd, size, shm.mmap.MAP_SHARED)
+        assert _resident_bytes(path) < size  # a plain mapping faults its pages in later
+        lazy.close()
+        mapping = shm.map_populated(fd, size)
+    finally:
+        os.close(fd)
+    assert _resident_bytes(path) == size
+    assert mapping[:] == pattern
+    mapping.close()  # no export of the buffer outlives the call
