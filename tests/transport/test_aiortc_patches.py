@@ -116,6 +116,18 @@ class _FakeDtls:
         pass
 
 
+def test_a_sack_comes_every_32_packets_and_at_least_twice_a_lan_window() -> None:
+    """32 packets at MTU 1500; at MTU 9000, 32 packets (284 KB) are about the whole LAN window
+    (256 KiB + 4 packets): only the delay timer would acknowledge, so 16 there."""
+    assert aiortc_patches.sack_every(1412 - aiortc_patches.SCTP_OVERHEAD) == 32
+    assert aiortc_patches.sack_every(8912 - aiortc_patches.SCTP_OVERHEAD) == 16
+    assert aiortc_patches.sack_every(16_384 - aiortc_patches.SCTP_OVERHEAD) == 9
+    window = 256 * 1024 + 4 * 16_356
+    for userdata in range(500, 16_357, 97):
+        every = aiortc_patches.sack_every(userdata)
+        assert 2 <= every <= 32 and every * userdata <= window / 1.7
+
+
 def test_packet_size_agreement() -> None:
     kwargs = {"maximum": 16_384, "minimum": 1_189}
     assert sctp_packet_size(1500, 9000, **kwargs) == 1412
@@ -361,6 +373,7 @@ def _receiving_association(patched: bool) -> tuple[Any, list[tuple[int, int, byt
         sctp._mark_received = types.MethodType(aiortc_patches._mark_received, sctp)  # type: ignore[method-assign]
         sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
         sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
+        sctp._kvpeer_sack_every = aiortc_patches.sack_every(1384)  # type: ignore[attr-defined]
         sack = aiortc_patches._DelayedSack(sctp)
         sctp._send_sack = sack.on_sack_needed  # type: ignore[method-assign]
         sctp._kvpeer_reader = aiortc_patches._DataReader(sctp, sack)  # type: ignore[attr-defined]
