@@ -14,17 +14,19 @@ namespace. Every serving host's egress is tbf-shaped to ``--rate``; ``--drop-to`
 so the reference prefills are interleaved with the fetches; ``recompute_s`` is their median
 (a fetch is one sample: against the best of several prefills, a fetch that gives up and
 prefills read 0.9x for the same prefill), ``recompute_best_s`` their minimum. ``fetch_s`` is
-request -> KV usable, including the recompute of any tail the fetcher left to the client. top-1 agreement compares the next-token argmax over a
-teacher-forced continuation, fetched cache vs the original cache. Several policies
-(comma-separated) run on the same cluster, each on a cold client cache.
+request -> KV usable, including the recompute of any tail the fetcher left to the client. top-1
+agreement compares the next-token argmax over a teacher-forced continuation, fetched cache vs
+the original cache. Several policies (comma-separated) run on the same cluster, each on a cold
+client cache.
 
 With --json the last line is one JSON object: ``fetch_s`` (the first policy's median over the
 rounds), ``recompute_s``, ``speedup_vs_recompute`` (of those two), ``speedups`` (the first
 policy's, per round), ``bytes_moved``, ``levels_used``, ``top1_agreement`` (the first policy's
-median round), and ``runs`` (every policy and round). Needs root. A ``--delay``/``--loss`` other than 0 puts the two
-nodes (one serving peer) on routed subnets through the user-space impairment relay
-(kvpeer.testing.relay; its CPU seconds are reported) with static discovery; with several peers
-they are not applied (``delay_applied: false``). ``--delay 0 --loss 0``: one plain bridge.
+median round), and ``runs`` (every policy and round). Needs root. A ``--delay``/``--loss``
+other than 0 puts the two nodes (one serving peer) on routed subnets through the user-space
+impairment relay (kvpeer.testing.relay; its CPU seconds are reported) with static discovery;
+with several peers they are not applied (``delay_applied: false``). ``--delay 0 --loss 0``:
+one plain bridge.
 """
 
 from __future__ import annotations
