@@ -15,7 +15,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     on a new or filled gap or duplicates (RFC 9260 6.2 allows every second packet; the
     sender's window is grown per SACK, so the burst limit is raised with it);
   - received TSNs are tracked in O(1) per packet (aiortc sorts all TSNs held above a hole on
-    every packet; also wrong across the 32-bit TSN wrap);
+    every packet; also wrong across the 32-bit TSN wrap), and the SACK's gap blocks are built
+    in serial-number order (aiortc's came out of order across the wrap: :func:`sack_gaps`);
   - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
   - the peer's advertised receive window is respected (aiortc ignores it, so its window only
     stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
@@ -879,6 +880,32 @@ def _mark_received(self: Any, tsn: int) -> bool:
     return False
 
 
+def sack_gaps(last_received: int, misordered: set[int]) -> list[tuple[int, int]]:
+    """Gap ack blocks (start, end offsets from ``last_received``) of the TSNs held above a hole,
+    ascending and merged as RFC 9260 asks. aiortc's ``_send_sack`` sorts the TSNs as plain
+    integers, so across the 32-bit wrap its blocks came out of order and unmerged; the sender
+    reads its highest TSN seen from the last block and then counts too few strikes."""
+    gaps: list[list[int]] = []
+    for pos in sorted((tsn - last_received) % rtcsctptransport.SCTP_TSN_MODULO for tsn in misordered):
+        if gaps and pos == gaps[-1][1] + 1:
+            gaps[-1][1] = pos
+        else:
+            gaps.append([pos, pos])
+    return [(start, end) for start, end in gaps]
+
+
+async def _send_sack(self: Any) -> None:
+    """aiortc's ``RTCSctpTransport._send_sack`` with :func:`sack_gaps` (wrap-safe order)."""
+    sack = rtcsctptransport.SackChunk()
+    sack.cumulative_tsn = self._last_received_tsn
+    sack.advertised_rwnd = max(0, self._advertised_rwnd)
+    sack.duplicates = self._sack_duplicates[:]
+    sack.gaps = sack_gaps(self._last_received_tsn, self._sack_misordered)
+    await self._send_chunk(sack)
+    self._sack_duplicates.clear()
+    self._sack_needed = False
+
+
 class _DelayedSack:
     """Delayed SACK for one association: acknowledge every :func:`sack_every` packets or after
     ``SACK_DELAY_S``, at once when the gap report changed shape (a new hole: the sender
@@ -892,7 +919,7 @@ class _DelayedSack:
 
     def __init__(self, sctp: Any) -> None:
         self.sctp = sctp
-        self.send_now: Callable[[], Any] = sctp._send_sack  # aiortc's: build and send one
+        self.send_now: Callable[[], Any] = types.MethodType(_send_sack, sctp)  # build and send one
         self.unacked = 0
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # owned here; aiortc owns the association
