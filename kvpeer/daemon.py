@@ -27,6 +27,8 @@ import torch
 from kvpeer import __version__, codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.codec import container as codec_container
+from kvpeer.codec import profile as codec_profiles
+from kvpeer.codec.profile import CodecProfile
 from kvpeer.config import Config
 from kvpeer.discovery import (
     Advertisement,
@@ -59,13 +61,13 @@ class _Plan:
 
 
 def encode_chunk_blocking(
-    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str, model: str,
-    last: bool,
+    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str,
+    profile: CodecProfile | None, last: bool,
 ) -> bytes:
     """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
 
-    ``model``: the fingerprint hex; the codec uses that model's calibration profile when one
-    is stored (decoding never needs it). ``last``: the last full chunk of the prefix, the only
+    ``profile``: the model's calibration profile (:func:`codec_profiles.for_fingerprint`), None
+    for the plain rules (decoding never needs it). ``last``: the last full chunk of the prefix, the only
     one that gets the codec's finer tail steps: what follows (the prefix's partial rest, then
     the question) reads the end of the cached KV most, not the end of every chunk.
     """
@@ -73,7 +75,7 @@ def encode_chunk_blocking(
     stop = start + chunk_tokens
     return codec.encode(
         k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
-        profile=model, tail=last,
+        profile=profile, tail=last,
     )
 
 
@@ -95,6 +97,7 @@ class Daemon:
         self.inventory = InventoryLog()
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"
         self.fingerprints = load_fingerprints(self.fingerprints_path)
+        self._profiles_reported: set[tuple[str, str]] = set()  # (fingerprint, what was said)
         self.discovery = make_discovery(discovery_config(config))
         # What each peer holds, kept current by pulling inventory deltas when epochs move.
         self.peer_table = InventoryTable()
@@ -220,6 +223,20 @@ class Daemon:
         self.discovery.mark_dead(peer_id)
 
     # ----------------------------------------------------------------- local API backend
+    def _codec_profile(self, fp: ModelFingerprint) -> CodecProfile | None:
+        """The model's calibration profile for encoding (blocking: reads a small file), None for
+        the plain rules; a profile that cannot be read is logged and skipped, not fatal to puts."""
+        level = logging.INFO
+        try:
+            profile = codec_profiles.for_fingerprint(fp)
+            said = f"calibration profile {profile.model}" if profile else "no calibration profile: plain steps"
+        except (codec.CodecError, OSError) as exc:
+            profile, said, level = None, f"calibration profile unreadable ({exc}): plain steps", logging.WARNING
+        if (fp.hex, said) not in self._profiles_reported:  # once per model and outcome
+            self._profiles_reported.add((fp.hex, said))
+            log.log(level, "codec: model %s (%s, %s): %s", fp.name, fp.dtype, fp.hex[:12], said)
+        return profile
+
     def _keys(self, ctx: ClientContext, tokens: np.ndarray, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
@@ -239,12 +256,15 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(
                 None, save_fingerprints_blocking, self.fingerprints_path, self.fingerprints
             )
+        profile = None
+        if not all(map(self.store.has, keys)):
+            profile = await loop.run_in_executor(None, self._codec_profile, fp)
         for index, key in enumerate(keys):
             if self.store.has(key):
                 continue
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
-                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, fp.hex,
+                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, profile,
                 index == len(keys) - 1,
             )
             self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)

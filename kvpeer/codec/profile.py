@@ -13,6 +13,7 @@ No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from kvpeer.codec import levels
 from kvpeer.errors import CodecError
+from kvpeer.hashing import ModelFingerprint
 
 PROFILE_VERSION = 2  # 2: multipliers of the v2 base step (geometric-mean channel span)
 _DIR = Path(__file__).with_name("profiles")
@@ -144,6 +146,18 @@ def load(model: str, directory: Path | None = None) -> CodecProfile | None:
     profile = CodecProfile.from_json(path.read_text())
     if profile.model != model:
         raise CodecError(f"profile {path} is for {profile.model}, not {model}")
+    return profile
+
+
+def for_fingerprint(fingerprint: ModelFingerprint, directory: Path | None = None) -> CodecProfile | None:
+    """The profile for an engine's model: the one stored for its exact fingerprint, else the one
+    calibrated on the same model in float32 (``kvpeer.codec.calibrate`` loads weights in float32).
+    The sensitivities are the weights', so they do not depend on the dtype the engine's KV comes
+    in; the fingerprint does (KV of different dtypes must not be exchanged), and a bf16 or fp16
+    engine got no profile before."""
+    profile = load(fingerprint.hex, directory)
+    if profile is None and fingerprint.dtype != "float32":
+        profile = load(dataclasses.replace(fingerprint, dtype="float32").hex, directory)
     return profile
 
 

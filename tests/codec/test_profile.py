@@ -133,3 +133,20 @@ def test_stored_smollm2_profile_is_valid() -> None:
         p = CodecProfile.from_json(path.read_text())
         assert p.model == path.stem and profiles.load(p.model) == p
         assert abs(sum(math.log(w) for w in p.multipliers())) / len(p.multipliers()) < 1e-3
+
+
+def test_a_float32_calibration_serves_the_same_model_in_other_dtypes(tmp_path: Path) -> None:
+    from kvpeer.hashing import ModelFingerprint
+
+    fp32 = ModelFingerprint(name="m", layers=2, kv_heads=1, head_dim=8, dtype="float32", rope_theta=1e4)
+    bf16 = dataclasses.replace(fp32, dtype="bfloat16")
+    other = dataclasses.replace(fp32, name="other", dtype="bfloat16")
+    assert bf16.hex != fp32.hex  # KV of different dtypes is never exchanged
+    calibrated = CodecProfile.from_sensitivities(fp32.hex, [1.0, 2.0], [3.0, 4.0])
+    profiles.save(calibrated, tmp_path)
+    assert profiles.for_fingerprint(fp32, tmp_path) == calibrated
+    assert profiles.for_fingerprint(bf16, tmp_path) == calibrated
+    assert profiles.for_fingerprint(other, tmp_path) is None
+    own = CodecProfile.from_sensitivities(bf16.hex, [2.0, 1.0], [1.0, 1.0])
+    profiles.save(own, tmp_path)
+    assert profiles.for_fingerprint(bf16, tmp_path) == own  # the engine's own dtype first

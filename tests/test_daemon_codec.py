@@ -1,0 +1,61 @@
+"""The daemon's side of the codec: which calibration profile a put encodes with."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvpeer import codec
+from kvpeer.codec import profile as profiles
+from kvpeer.codec.profile import CodecProfile
+from kvpeer.hashing import ModelFingerprint
+
+daemon = pytest.importorskip("kvpeer.daemon")
+
+FP32 = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=16, dtype="float32", rope_theta=1e4)
+
+
+def _kv(tokens: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 2, tokens, 16)
+    return (torch.randn(shape, generator=gen).to(torch.bfloat16), torch.randn(shape, generator=gen).to(torch.bfloat16))
+
+
+def test_a_bf16_engine_encodes_with_its_models_float32_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(profiles, "_DIR", tmp_path)
+    calibrated = CodecProfile.from_sensitivities(FP32.hex, [1.0, 50.0, 1.0, 50.0], [1.0, 1.0, 50.0, 1.0], heads=2)
+    profiles.save(calibrated, tmp_path)
+    node = SimpleNamespace(_profiles_reported=set())
+    bf16 = dataclasses.replace(FP32, dtype="bfloat16")
+    with caplog.at_level(logging.INFO, logger="kvpeer.daemon"):
+        profile = daemon.Daemon._codec_profile(node, bf16)
+        daemon.Daemon._codec_profile(node, bf16)
+    assert profile == calibrated
+    said = [r.getMessage() for r in caplog.records if "calibration profile" in r.getMessage()]
+    assert len(said) == 1 and FP32.hex in said[0] and "bfloat16" in said[0]  # once per model
+    k, v = _kv()
+    blob = daemon.encode_chunk_blocking(k, v, 0, 64, "q5", profile, False)
+    plain = daemon.encode_chunk_blocking(k, v, 0, 64, "q5", None, False)
+    assert blob == codec.encode(k, v, "q5", profile=calibrated, tail=False)
+    assert blob != plain
+
+
+def test_an_unreadable_profile_leaves_puts_on_the_plain_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(profiles, "_DIR", tmp_path)
+    profiles.path_for(FP32.hex, tmp_path).write_text("{ not json")
+    node = SimpleNamespace(_profiles_reported=set())
+    with caplog.at_level(logging.INFO, logger="kvpeer.daemon"):
+        assert daemon.Daemon._codec_profile(node, FP32) is None
+    assert any(r.levelno == logging.WARNING and "unreadable" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="kvpeer.daemon"):
+        assert daemon.Daemon._codec_profile(node, dataclasses.replace(FP32, name="unknown")) is None
+    assert any("no calibration profile" in r.getMessage() for r in caplog.records)
