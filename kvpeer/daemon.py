@@ -62,20 +62,22 @@ class _Plan:
 
 def encode_chunk_blocking(
     k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str,
-    profile: CodecProfile | None, last: bool,
+    profile: CodecProfile | None, last: bool, rotary: bool = True,
 ) -> bytes:
     """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
 
     ``profile``: the model's calibration profile (:func:`codec_profiles.for_fingerprint`), None
     for the plain rules (decoding never needs it). ``last``: the last full chunk of the prefix, the only
     one that gets the codec's finer tail steps: what follows (the prefix's partial rest, then
-    the question) reads the end of the cached KV most, not the end of every chunk.
+    the question) reads the end of the cached KV most, not the end of every chunk. ``rotary``: the
+    model's keys carry RoPE (its fingerprint has a theta), so the codec's rotary-index prior
+    applies; a model without RoPE (GPT-2's learned positions) has no slow and fast key channels.
     """
     start = index * chunk_tokens
     stop = start + chunk_tokens
     return codec.encode(
         k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
-        profile=profile, tail=last,
+        profile=profile, tail=last, rotate_half=rotary,
     )
 
 
@@ -120,7 +122,7 @@ class Daemon:
             chunk_tokens=self.chunk_tokens,
             config=FetcherConfig(request_timeout_s=config.transport.request_timeout_s),
         )
-        self.level_server = LevelServer(self.store)
+        self.level_server = LevelServer(self.store, transcode_options=self._transcode_options)
         self.api = ApiServer(
             config.api.socket_path,
             self,
@@ -237,6 +239,25 @@ class Daemon:
             log.log(level, "codec: model %s (%s, %s): %s", fp.name, fp.dtype, fp.hex[:12], said)
         return profile
 
+    def _transcode_options(self, header: codec.Header) -> dict[str, Any]:
+        """Encode keywords for a lower level made from a held chunk (runs in an executor): the
+        profile and RoPE layout of its model, as a put at that level would use. A blob names no
+        model, so it is the model this node has served with the blob's shape; if several such
+        models disagree, the plain rules."""
+        shape = (header.layers, header.kv_heads, header.head_dim)
+        known = list(self.fingerprints.values())  # puts add to it on the event loop
+        models = [fp for fp in known if (fp.layers, fp.kv_heads, fp.head_dim) == shape]
+        if not models:
+            return {}
+        profiles = [self._codec_profile(fp) for fp in models]
+        rotary = {fp.rope_theta > 0 for fp in models}
+        options: dict[str, Any] = {}
+        if all(p == profiles[0] for p in profiles) and profiles[0] is not None:
+            options["profile"] = profiles[0]
+        if len(rotary) == 1:
+            options["rotate_half"] = rotary.pop()
+        return options
+
     def _keys(self, ctx: ClientContext, tokens: np.ndarray, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
@@ -265,7 +286,7 @@ class Daemon:
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
                 None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, profile,
-                index == len(keys) - 1,
+                index == len(keys) - 1, fp.rope_theta > 0,
             )
             self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
             try:

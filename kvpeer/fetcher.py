@@ -185,9 +185,13 @@ def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) 
     return time.perf_counter() - started
 
 
-def transcode_blocking(blob: bytes, level: str) -> bytes:
-    """A lower level made from a held blob (runs in an executor)."""
-    return codec.transcode(blob, level)
+TranscodeOptions = Callable[[codec.Header], dict[str, Any]]
+
+
+def transcode_blocking(blob: bytes, level: str, options: TranscodeOptions | None = None) -> bytes:
+    """A lower level made from a held blob (runs in an executor). ``options``: encode keywords
+    for the blob's model (its calibration profile, its RoPE layout), from the blob's header."""
+    return codec.transcode(blob, level, **(options(codec.read_header(blob)) if options else {}))
 
 
 # --------------------------------------------------------------------------- shared transfers
@@ -986,9 +990,13 @@ class LevelServer:
         executor: Any = None,
         concurrency: int = 1,
         warm_levels: Sequence[str] | None = None,
+        transcode_options: TranscodeOptions | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
+        # What the chunk's model encodes with (profile, RoPE layout): the plain rules without it,
+        # which would lose the per-head allocation the put level had.
+        self.transcode_options = transcode_options
         self._making: dict[tuple[bytes, str], asyncio.Future[bytes]] = {}
         # One transcode at a time by default: on a small CPU the decoder and the event loop
         # need the other core.
@@ -1072,7 +1080,7 @@ class LevelServer:
         try:
             async with self._slots:
                 blob = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, transcode_blocking, top, level
+                    self.executor, transcode_blocking, top, level, self.transcode_options
                 )
             self.transcoded += 1
             log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))

@@ -59,3 +59,30 @@ def test_an_unreadable_profile_leaves_puts_on_the_plain_steps(
     with caplog.at_level(logging.INFO, logger="kvpeer.daemon"):
         assert daemon.Daemon._codec_profile(node, dataclasses.replace(FP32, name="unknown")) is None
     assert any("no calibration profile" in r.getMessage() for r in caplog.records)
+
+
+def _header(layers: int, heads: int, head_dim: int) -> codec.Header:
+    k = torch.zeros(layers, heads, 4, head_dim, dtype=torch.float16)
+    return codec.read_header(codec.encode(k, k, "exact"))
+
+
+def test_lower_levels_made_on_demand_use_the_chunks_models_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps the put level; a peer asking for less gets a transcode, which must encode
+    as a put at that level would (the profile, the RoPE layout), not with the plain rules."""
+    monkeypatch.setattr(profiles, "_DIR", tmp_path)
+    calibrated = CodecProfile.from_sensitivities(FP32.hex, [1.0, 9.0, 1.0, 9.0], [9.0, 1.0, 1.0, 1.0], heads=2)
+    profiles.save(calibrated, tmp_path)
+    gpt2_like = ModelFingerprint(name="learned-positions", layers=3, kv_heads=2, head_dim=16, dtype="float32")
+    node = SimpleNamespace(_profiles_reported=set(), fingerprints={FP32.hex: FP32, gpt2_like.hex: gpt2_like})
+    node._codec_profile = lambda fp: daemon.Daemon._codec_profile(node, fp)
+    options = daemon.Daemon._transcode_options
+    assert options(node, _header(2, 2, 16)) == {"profile": calibrated, "rotate_half": True}
+    assert options(node, _header(3, 2, 16)) == {"rotate_half": False}  # no RoPE, no profile
+    assert options(node, _header(2, 4, 16)) == {}  # no model of this shape: the plain rules
+    # Two models of one shape with different profiles: the blob does not say which it is.
+    twin = dataclasses.replace(FP32, name="twin")
+    profiles.save(CodecProfile.from_sensitivities(twin.hex, [9.0, 1.0, 9.0, 1.0], [1.0] * 4, heads=2), tmp_path)
+    node.fingerprints[twin.hex] = twin
+    assert options(node, _header(2, 2, 16)) == {"rotate_half": True}

@@ -473,6 +473,34 @@ def test_level_server_transcodes_once_and_caches() -> None:
     asyncio.run(main())
 
 
+def test_level_server_transcodes_with_the_chunks_models_options() -> None:
+    """A lower level made on demand uses the encode options of the chunk's model (its profile),
+    as a put at that level would, not the plain rules."""
+    from kvpeer.codec.profile import CodecProfile
+
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        k, _ = chunk_kv(0)
+        layers, heads = k.shape[0], k.shape[1]
+        profile = CodecProfile.from_sensitivities(
+            "m", [float(1 + 30 * (i % 2)) for i in range(layers * heads)], [1.0] * (layers * heads), heads=heads
+        )
+        seen: list[codec.Header] = []
+
+        def options(header: codec.Header) -> dict[str, Any]:
+            seen.append(header)
+            return {"profile": profile}
+
+        server = LevelServer(cache, transcode_options=options)
+        got = await server.open_blob(key(0), "q5")
+        assert seen and seen[0].level == "exact" and seen[0].layers == layers
+        assert got == codec.encode(*chunk_kv(0), level="q5", profile=profile)
+        assert got != codec.transcode(blob(0, "exact"), "q5")  # the plain rules differ
+
+    asyncio.run(main())
+
+
 def test_level_server_sends_what_it_has_when_it_only_holds_less() -> None:
     async def main() -> None:
         cache = Cache()
