@@ -2,7 +2,7 @@
 
     python -m benchmarks.fidelity [--json] [--model PATH_OR_GGUF] [--text FILE] [--windows N]
                                   [--profile auto|none|FILE[,...]] [--tail last|every|none[,...]]
-                                  [--chunk TOKENS] [--plot PNG]
+                                  [--chunk TOKENS] [--rotary-prior auto|on|off] [--plot PNG]
     python -m benchmarks.fidelity --fisher SAMPLES [--windows 2] [--levels q8]   (calibration text)
 
 For each window of the text: the prefix's KV is computed, cut into 256-token chunks (--chunk), each
@@ -49,12 +49,18 @@ def _profile(spec: str, model: Any) -> profiles.CodecProfile | None:
 
 def run(model_spec: str | None, text: str, windows: int, prefix: int, continuation: int,
         levels: list[str], profile_spec: str = "auto", model_tok: tuple[Any, Any] | None = None,
-        use_rope: bool = False, tail: str = "last", chunk: int = _kv.CHUNK) -> dict[str, Any]:
+        use_rope: bool = False, tail: str = "last", chunk: int = _kv.CHUNK,
+        rotary_prior: str = "auto") -> dict[str, Any]:
     if tail not in ("last", "every", "none"):
         raise SystemExit(f"--tail {tail!r}: last, every or none")
     model, tok = model_tok or load_model(model_spec)
     profile = _profile(profile_spec, model)
-    theta = model_fingerprint(model).rope_theta if use_rope else 0.0
+    fingerprint = model_fingerprint(model)
+    theta = fingerprint.rope_theta if use_rope else 0.0
+    if rotary_prior not in ("auto", "on", "off"):
+        raise SystemExit(f"--rotary-prior {rotary_prior!r}: auto, on or off")
+    # auto: what the daemon does (the prior for models with RoPE); "on" is the plain call's default
+    rotate_half = fingerprint.rope_theta > 0 if rotary_prior == "auto" else rotary_prior == "on"
     wins = _kv.windows(tok, text, prefix, continuation, windows)
     prepared = []
     for w in wins:
@@ -73,7 +79,8 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
                 rope = codec.RopeSpec(theta=theta, start=i * chunk) if theta else None
                 # "last": what the daemon does; "every": the plain call on each chunk
                 is_tail = tail == "every" or (tail == "last" and i == len(chunks) - 1)
-                blob = codec.encode(kc, vc, level, profile=profile, rope=rope, tail=is_tail)
+                blob = codec.encode(kc, vc, level, profile=profile, rope=rope, tail=is_tail,
+                                    rotate_half=rotate_half)
                 size += len(blob)
                 fp16 += kc.numel() * 4
                 k2, v2 = codec.decode(blob)
@@ -96,7 +103,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     return {
         "model": getattr(model.config, "kvpeer_model_name", model_spec),
         "profile": profile.source if profile else "none",
-        "keys_pre_rope": bool(theta), "tail": tail, "chunk": chunk,
+        "keys_pre_rope": bool(theta), "tail": tail, "chunk": chunk, "rotary_prior": rotate_half,
         "windows": len(wins), "prefix": prefix, "continuation": continuation, "rows": rows,
     }
 
@@ -227,6 +234,9 @@ def main() -> None:
                              "plain call on each chunk), none; comma-separated: each on the same windows")
     parser.add_argument("--chunk", type=int, default=_kv.CHUNK,
                         help="tokens per encoded chunk (the prefix length: the whole prefix in one plain call)")
+    parser.add_argument("--rotary-prior", default="auto", choices=("auto", "on", "off"),
+                        help="the codec's rotary-index prior on keys: auto (on for models with RoPE, as the "
+                             "daemon does), on (the plain call's default), off")
     parser.add_argument("--plot", default="fidelity.png")
     parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
                         help="instead: where each level's KL comes from (Fisher map, calibration text)")
@@ -244,7 +254,8 @@ def main() -> None:
     names = [spec if "," not in args.tail else f"{spec}/tail {tail}" for spec, tail in runs]
     results = [
         run(args.model, text, args.windows, args.prefix, args.continuation, args.levels.split(","), spec,
-            model_tok=model_tok, use_rope=args.rope, tail=tail, chunk=args.chunk)
+            model_tok=model_tok, use_rope=args.rope, tail=tail, chunk=args.chunk,
+            rotary_prior=args.rotary_prior)
         for spec, tail in runs
     ]
     for result in results:

@@ -106,11 +106,13 @@ def fisher_diagonal(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Te
     return fk * scale, fv * scale
 
 
-def head_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int = 1, chunk: int = 256) -> np.ndarray:
+def head_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int = 1, chunk: int = 256,
+               rotary: bool = True) -> np.ndarray:
     """C_h [2*layers, heads]: sum of Fisher x the codec's channel step**2 at multiplier 1.
 
     ``kv``, ``info``: float32 [2, layers, heads, tokens, head_dim] (values and their Fisher
     diagonal). Cut into ``chunk``-token chunks as the daemon encodes them; exact tokens skipped.
+    ``rotary``: the model has RoPE, so the codec's rotary-index prior shapes the key steps.
     """
     _, layers, heads, tokens, dim = kv.shape
     cost = np.zeros((2 * layers, heads))
@@ -120,7 +122,8 @@ def head_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int = 
         body = np.ones(x.shape[2], bool)
         if sink:
             body[quant.exact_tokens(x[:layers], min(x.shape[2], quant.MAX_EXACT))] = False
-        steps, codes = quant.plan_steps(np.ascontiguousarray(x[:, :, body]), level_log2)
+        prior = quant.ROTARY_PRIOR_OCTAVES if rotary else 0.0
+        steps, codes = quant.plan_steps(np.ascontiguousarray(x[:, :, body]), level_log2, rotary_prior=prior)
         step = quant.channel_steps(steps, codes).astype(np.float64)  # [2L, H, D]
         cost += (f[:, :, body].astype(np.float64) * step[:, :, None, :] ** 2).sum(axis=(2, 3))
     return cost
@@ -138,13 +141,15 @@ def calibrate(
     samples: int = 6,
     limit: float = 8.0,
     sink: int = 1,
+    rotary: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> CodecProfile:
     """Fisher-map ``windows`` spans of ``text`` and return the model's per-head profile.
 
     Each window: the KV of a ``prefix_tokens`` prefix (fp16-rounded, as engines hold it) and
     ``samples`` backward passes over the next ``continuation_tokens``. Costs add up over windows;
-    multipliers end within [1/limit, limit]. SmolLM2 with these defaults: ~3 min on 2 busy cores.
+    multipliers end within [1/limit, limit]. ``rotary``: the model has RoPE (rotate-half), as the
+    daemon decides from its fingerprint's theta. SmolLM2 with these defaults: ~3 min on 2 busy cores.
     """
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
     span = prefix_tokens + continuation_tokens
@@ -164,7 +169,7 @@ def calibrate(
         kv = torch.stack([k, v]).numpy()
         chunks += [(k[:, :, i : i + 256].half().contiguous(), v[:, :, i : i + 256].half().contiguous())
                    for i in range(0, prefix_tokens, 256)]
-        per_window.append(head_costs(kv, torch.stack([fk, fv]).numpy(), step_log2, sink))
+        per_window.append(head_costs(kv, torch.stack([fk, fv]).numpy(), step_log2, sink, rotary=rotary))
         if progress:
             progress(f"window {w + 1}/{windows}: predicted q8 KL {0.5 / 12 * per_window[-1].sum():.2e}")
     cost = np.sum(per_window, axis=0)
@@ -183,14 +188,14 @@ def calibrate(
             f"level scales: equal size on those windows' chunks"
         ),
     )
-    scales = equal_size_scales(profile, chunks)
+    scales = equal_size_scales(profile, chunks, rotary=rotary)
     if progress:
         progress("level scales (equal size): " + ", ".join(f"{name} {x:.3f}" for name, x in scales.items()))
     return dataclasses.replace(profile, level_scale=scales)
 
 
 def equal_size_scales(profile: CodecProfile, chunks: list[tuple[torch.Tensor, torch.Tensor]],
-                      rounds: int = 7) -> dict[str, float]:
+                      rounds: int = 7, rotary: bool = True) -> dict[str, float]:
     """Per lossy level, the common factor on ``profile`` that encodes ``chunks`` to the plain call's size.
 
     Geometric mean 1 keeps the nominal rate, but at few bits per element the entropy coder's
@@ -199,7 +204,7 @@ def equal_size_scales(profile: CodecProfile, chunks: list[tuple[torch.Tensor, to
     """
     def size(level: str, scale: float | None) -> int:
         tuned = None if scale is None else dataclasses.replace(profile, level_scale={level: scale})
-        return sum(len(core.encode(k, v, level, profile=tuned, tail=False)) for k, v in chunks)
+        return sum(len(core.encode(k, v, level, profile=tuned, tail=False, rotate_half=rotary)) for k, v in chunks)
 
     scales = {}
     for spec in (levels.get(name) for name in levels.LEVELS if not levels.get(name).lossless):
@@ -238,8 +243,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     model, tok = load_model(args.model)
-    profile = calibrate(model, tok, model_fingerprint(model).hex, windows=args.windows, samples=args.samples,
-                        limit=args.limit, progress=print)
+    fingerprint = model_fingerprint(model)
+    profile = calibrate(model, tok, fingerprint.hex, windows=args.windows, samples=args.samples,
+                        limit=args.limit, rotary=fingerprint.rope_theta > 0, progress=print)
     print(f"{profile.source}\nwritten to {profiles.save(profile, Path(args.out) if args.out else None)}")
 
 
