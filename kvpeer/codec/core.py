@@ -65,7 +65,7 @@ def encode(
     profile: CodecProfile | str | None = None,
     rope: RopeSpec | None = None,
     tail: bool = DEFAULT_TAIL,
-    rotate_half: bool = True,
+    rotate_half: bool | None = None,
 ) -> bytes:
     """Encode one chunk's K and V ([layers, kv_heads, tokens, head_dim]) at ``level``.
 
@@ -79,8 +79,9 @@ def encode(
     for a chunk in the middle of a prefix (smaller blob); video streams ignore it. ``rotate_half``:
     the keys' RoPE pairs channel c with c + head_dim/2 (transformers' Llama family, GPT-NeoX, vLLM's
     default), so slow-frequency key channels get finer steps (:data:`quant.ROTARY_PRIOR_OCTAVES`);
-    pass False for models that pair neighbouring channels; video streams ignore it. Decoding never
-    needs any of these.
+    False for models without RoPE or that pair neighbouring channels; None (default): read from
+    the keys (:func:`quant.looks_rotate_half`; True with ``rope``); video streams ignore it.
+    Decoding never needs any of these.
     """
     dtype = _check_pair(k, v)
     spec = levels.get(level)
@@ -106,6 +107,8 @@ def encode(
             full[0] = rope_mod.unrotate(full[0], rope, 0)
         body = full[:, :, :, torch.from_numpy(body_mask), :]
         x = body.numpy().reshape(2 * layers, heads, -1, head_dim)
+        if rotate_half is None:
+            rotate_half = rope is not None or quant.looks_rotate_half(x[:layers])
         # video planes hold 8 bits: finer slow channels (like the tail) would push them to zstd
         prior = quant.ROTARY_PRIOR_OCTAVES if rotate_half and stream == "zstd" else 0.0
         steps, codes = quant.plan_steps(x, spec.step_log2, rotary_prior=prior)

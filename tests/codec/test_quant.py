@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kvpeer import codec
-from kvpeer.codec import layout, quant, zstd_stream
+from kvpeer.codec import layout, quant, rope, zstd_stream
+from kvpeer.codec.rope import RopeSpec
 
 
 def _x(seed: int = 0) -> np.ndarray:
@@ -176,8 +177,31 @@ def test_rotary_prior_refines_slow_key_channels_only() -> None:
 def test_rotate_half_false_encodes_without_the_prior() -> None:
     g = torch.Generator().manual_seed(8)
     k, v = (torch.randn(2, 2, 64, 16, generator=g).half() for _ in range(2))
-    with_prior, without = codec.encode(k, v, "q5"), codec.encode(k, v, "q5", rotate_half=False)
+    with_prior = codec.encode(k, v, "q5", rotate_half=True)
+    without = codec.encode(k, v, "q5", rotate_half=False)
     assert with_prior != without
     for blob in (with_prior, without):  # both decode with no side information
         k2, _ = codec.decode(blob)
         assert k2.shape == k.shape and float((k2.float() - k.float()).abs().max()) < 0.5
+
+
+def _keys_with_channel_scales(rotary: bool, tokens: int = 256, dim: int = 64) -> torch.Tensor:
+    """Keys whose channels differ in scale (as real ones do), rotated by RoPE (rotate-half,
+    theta 1e4) or not."""
+    g = torch.Generator().manual_seed(9)
+    scales = torch.exp(torch.randn(3, 2, 1, dim, generator=g))
+    k = (torch.randn(3, 2, tokens, dim, generator=g) + 0.5) * scales
+    return rope.rotate(k, RopeSpec(theta=1e4, start=0), 0) if rotary else k
+
+
+def test_keys_are_read_for_the_rotate_half_layout() -> None:
+    """The rotary prior is for rotate-half RoPE; a model without it (GPT-2's learned positions)
+    must not get it, and the plain call has only the KV to tell by."""
+    rotated, plain = _keys_with_channel_scales(True), _keys_with_channel_scales(False)
+    assert quant.looks_rotate_half(rotated.numpy())
+    assert not quant.looks_rotate_half(plain.numpy())
+    assert quant.looks_rotate_half(plain[:, :, :16].numpy())  # too few tokens to tell: the default
+    v = torch.randn(plain.shape, generator=torch.Generator().manual_seed(10))
+    for k, rotary in ((rotated, True), (plain, False)):
+        k16, v16 = k.half(), v.half()
+        assert codec.encode(k16, v16, "q5") == codec.encode(k16, v16, "q5", rotate_half=rotary)
