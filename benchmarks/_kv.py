@@ -36,6 +36,14 @@ def read_text(path: str | None, default: Callable[[], str]) -> str:
     return Path(path).read_text() if path else default()
 
 
+def check_positions(model: Any, needed: int, option: str) -> None:
+    """A clear error, not an IndexError deep in the model, when a run needs more positions than
+    the model has (GPT-2's learned position table, e.g. benchmarks.tiny_model's 768)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and needed > limit:
+        raise SystemExit(f"the model takes at most {limit} positions; {option} asks for {needed}")
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """One evaluation window: a prefix whose KV is coded and a teacher-forced continuation."""

@@ -54,6 +54,7 @@ def plain_q8(k: torch.Tensor, v: torch.Tensor) -> bytes:
 def run(model_spec: str | None, tokens: int, backends: list[str], levels: list[str], tail: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)
     model, tok = load_model(model_spec)
+    _kv.check_positions(model, tokens, "--tokens")
     ids = tok(_kv.evaluation_text(), return_tensors="pt").input_ids[:, :tokens]
     k, v = _kv.prefix_kv(model, ids)
     pairs = list(_kv.chunks(k.half(), v.half()))
@@ -240,6 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.entropy:
         model, tok = load_model(args.model)
+        _kv.check_positions(model, args.tokens, "--tokens")
         ids = tok(_kv.evaluation_text(), return_tensors="pt").input_ids[:, : args.tokens]
         k, v = _kv.prefix_kv(model, ids)
         print(entropy_table(list(_kv.chunks(k.half(), v.half())), args.levels.split(",")))

@@ -54,6 +54,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     if tail not in ("last", "every", "none"):
         raise SystemExit(f"--tail {tail!r}: last, every or none")
     model, tok = model_tok or load_model(model_spec)
+    _kv.check_positions(model, prefix + continuation, "--prefix + --continuation")
     profile = _profile(profile_spec, model)
     fingerprint = model_fingerprint(model)
     theta = fingerprint.rope_theta if use_rope else 0.0
