@@ -113,9 +113,9 @@ def encode(
         prior = quant.ROTARY_PRIOR_OCTAVES if rotate_half and stream == "zstd" else 0.0
         steps, codes = quant.plan_steps(x, spec.step_log2, rotary_prior=prior)
         resolved = _resolve_profile(profile)
-        if resolved is not None:
-            if resolved.layers != layers:
-                raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
+        if resolved is not None and resolved.layers != layers:
+            raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
+        if resolved is not None and resolved.applies_to(spec.name):
             # the scaled base steps are what the side info stores: decoding needs no profile
             steps = (steps * np.asarray(resolved.grid(heads, spec.name), np.float32)).astype(np.float32)
             steps, codes = quant.fit_codes(x, steps, codes)

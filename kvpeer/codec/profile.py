@@ -43,6 +43,8 @@ class CodecProfile:
     # per lossy level, a common factor on every multiplier that keeps that level's size equal to
     # the plain call's (the rate does not follow -log2(step) exactly at few bits); absent = 1
     level_scale: dict[str, float] = field(default_factory=dict)
+    # lossy levels the profile made worse on its own calibration windows: they keep the plain steps
+    skip_levels: tuple[str, ...] = ()
     source: str = ""  # how it was measured (calibration text, Fisher samples)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,13 @@ class CodecProfile:
                 raise CodecError(f"profile scale for unknown or lossless level {name!r}")
             if not (isinstance(scale, float) and LEVEL_SCALE_RANGE[0] <= scale <= LEVEL_SCALE_RANGE[1]):
                 raise CodecError(f"profile level scale {scale} out of range")
+        for name in self.skip_levels:
+            if name not in levels.BY_NAME or levels.BY_NAME[name].lossless:
+                raise CodecError(f"profile skips unknown or lossless level {name!r}")
+
+    def applies_to(self, level: str) -> bool:
+        """Whether ``level`` is encoded with this profile (else with the plain steps)."""
+        return level not in self.skip_levels
 
     @property
     def layers(self) -> int:
@@ -104,7 +113,8 @@ class CodecProfile:
     def to_json(self) -> str:
         return json.dumps(
             {"version": PROFILE_VERSION, "model": self.model, "heads": self.heads, "source": self.source,
-             "level_scale": self.level_scale, "k": list(self.k), "v": list(self.v)},
+             "level_scale": self.level_scale, "skip_levels": list(self.skip_levels),
+             "k": list(self.k), "v": list(self.v)},
             indent=1,
         )
 
@@ -122,12 +132,16 @@ class CodecProfile:
             scales = raw.get("level_scale", {})
             if not isinstance(scales, dict):
                 raise CodecError("profile level_scale must map level names to factors")
+            skip = raw.get("skip_levels", [])
+            if not isinstance(skip, list) or not all(isinstance(name, str) for name in skip):
+                raise CodecError("profile skip_levels must list level names")
             return cls(
                 model=str(raw["model"]),
                 k=tuple(float(x) for x in raw["k"]),
                 v=tuple(float(x) for x in raw["v"]),
                 heads=heads,
                 level_scale={str(name): float(x) for name, x in scales.items()},
+                skip_levels=tuple(skip),
                 source=str(raw.get("source", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -150,3 +150,22 @@ def test_a_float32_calibration_serves_the_same_model_in_other_dtypes(tmp_path: P
     own = CodecProfile.from_sensitivities(bf16.hex, [2.0, 1.0], [1.0, 1.0])
     profiles.save(own, tmp_path)
     assert profiles.for_fingerprint(bf16, tmp_path) == own  # the engine's own dtype first
+
+
+def test_a_profile_can_leave_levels_on_the_plain_steps(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(2, 2, 64, 16, generator=g).half() for _ in range(2))
+    base = CodecProfile.from_sensitivities("m", [1.0, 30.0, 1.0, 30.0], [30.0, 1.0, 1.0, 1.0], heads=2)
+    skipping = dataclasses.replace(base, skip_levels=("q5",))
+    assert CodecProfile.from_json(skipping.to_json()) == skipping
+    assert codec.encode(k, v, "q5", profile=skipping) == codec.encode(k, v, "q5")
+    assert codec.encode(k, v, "q6", profile=skipping) == codec.encode(k, v, "q6", profile=base)
+    assert codec.encode(k, v, "q6", profile=skipping) != codec.encode(k, v, "q6")
+    for bad in (("exact",), ("q9",)):
+        with pytest.raises(codec.CodecError):
+            dataclasses.replace(base, skip_levels=bad)
+    with pytest.raises(codec.CodecError):
+        CodecProfile.from_json(skipping.to_json().replace('"skip_levels": [\n  "q5"\n ]', '"skip_levels": "q5"'))
+    wrong_layers = CodecProfile.from_sensitivities("m", [1.0] * 6, [1.0] * 6, heads=2, source="3 layers")
+    with pytest.raises(codec.CodecError, match="layers"):  # checked even where it would not apply
+        codec.encode(k, v, "q5", profile=dataclasses.replace(wrong_layers, skip_levels=("q5",)))
