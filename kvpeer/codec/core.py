@@ -116,8 +116,11 @@ def encode(
         if resolved is not None and resolved.layers != layers:
             raise CodecError(f"profile has {resolved.layers} layers, the chunk {layers}")
         if resolved is not None and resolved.applies_to(spec.name):
-            # the scaled base steps are what the side info stores: decoding needs no profile
+            # the scaled base steps and codes are what the side info stores: decoding needs no profile
             steps = (steps * np.asarray(resolved.grid(heads, spec.name), np.float32)).astype(np.float32)
+            offsets = resolved.channel_offsets(heads, head_dim)
+            if offsets is not None:
+                codes = codes.astype(np.int64) + np.asarray(offsets, np.int64).reshape(codes.shape)
             steps, codes = quant.fit_codes(x, steps, codes)
         # video planes hold 8 bits: the tail's finer steps would push the chunk to zstd anyway
         runs = quant.tail_runs(np.flatnonzero(body_mask), tokens) if tail and stream == "zstd" else ()

@@ -29,6 +29,7 @@ _MAX_LAYERS = 1024
 _MAX_HEADS = 1024
 _MAX_BYTES = 4 << 20  # a profile file is a few KB; refuse to parse anything absurd
 MULTIPLIER_RANGE = (1e-4, 1e4)
+CHANNEL_OFFSET_LIMIT = 16  # quarter octaves: a channel's step within 16x of the plain rule's
 LEVEL_SCALE_RANGE = (0.25, 4.0)
 
 
@@ -45,6 +46,9 @@ class CodecProfile:
     level_scale: dict[str, float] = field(default_factory=dict)
     # lossy levels the profile made worse on its own calibration windows: they keep the plain steps
     skip_levels: tuple[str, ...] = ()
+    # optional per-channel step offsets in quarter octaves (positive: finer), added to the codec's
+    # channel codes: [2 * layers, heads, head_dim] flattened, K then V; needs heads = the chunk's
+    channels: tuple[int, ...] = ()
     source: str = ""  # how it was measured (calibration text, Fisher samples)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,28 @@ class CodecProfile:
         for name in self.skip_levels:
             if name not in levels.BY_NAME or levels.BY_NAME[name].lossless:
                 raise CodecError(f"profile skips unknown or lossless level {name!r}")
+        if self.channels:
+            if len(self.channels) % (2 * len(self.k)):
+                raise CodecError("profile channel offsets need one per (tensor, layer, head, channel)")
+            if not all(isinstance(c, int) and abs(c) <= CHANNEL_OFFSET_LIMIT for c in self.channels):
+                raise CodecError(f"profile channel offsets must be integers within ±{CHANNEL_OFFSET_LIMIT}")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head the channel offsets are for (0: none)."""
+        return len(self.channels) // (2 * len(self.k)) if self.channels else 0
+
+    def channel_offsets(self, heads: int, head_dim: int) -> list[int] | None:
+        """Per-channel code offsets, flat [2*layers, heads, head_dim], for a chunk of that shape
+        (None when the profile has none)."""
+        if not self.channels:
+            return None
+        if self.heads != heads or self.head_dim != head_dim:
+            raise CodecError(
+                f"profile channel offsets are for {self.heads} heads of {self.head_dim}, "
+                f"the chunk has {heads} of {head_dim}"
+            )
+        return list(self.channels)
 
     def applies_to(self, level: str) -> bool:
         """Whether ``level`` is encoded with this profile (else with the plain steps)."""
@@ -114,9 +140,14 @@ class CodecProfile:
         return json.dumps(
             {"version": PROFILE_VERSION, "model": self.model, "heads": self.heads, "source": self.source,
              "level_scale": self.level_scale, "skip_levels": list(self.skip_levels),
-             "k": list(self.k), "v": list(self.v)},
+             "k": list(self.k), "v": list(self.v), "channels": self._channel_rows()},
             indent=1,
         )
+
+    def _channel_rows(self) -> list[str]:
+        """Channel offsets as one line of integers per (tensor, layer, head): readable JSON."""
+        dim = self.head_dim
+        return [" ".join(map(str, self.channels[i : i + dim])) for i in range(0, len(self.channels), dim or 1)]
 
     @classmethod
     def from_json(cls, text: str) -> CodecProfile:
@@ -132,6 +163,7 @@ class CodecProfile:
             scales = raw.get("level_scale", {})
             if not isinstance(scales, dict):
                 raise CodecError("profile level_scale must map level names to factors")
+            channels = _parse_channel_rows(raw.get("channels", []))
             skip = raw.get("skip_levels", [])
             if not isinstance(skip, list) or not all(isinstance(name, str) for name in skip):
                 raise CodecError("profile skip_levels must list level names")
@@ -142,10 +174,21 @@ class CodecProfile:
                 heads=heads,
                 level_scale={str(name): float(x) for name, x in scales.items()},
                 skip_levels=tuple(skip),
+                channels=tuple(channels),
                 source=str(raw.get("source", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CodecError(f"bad codec profile: {exc}") from None
+
+
+def _parse_channel_rows(rows: object) -> list[int]:
+    """The JSON's channel offsets: a list of lines of integers, one line per (tensor, layer, head)."""
+    if not isinstance(rows, list) or not all(isinstance(row, str) for row in rows):
+        raise CodecError("profile channels must be lines of integer offsets")
+    parsed = [[int(x) for x in row.split()] for row in rows]  # ValueError: caught as a bad profile
+    if len({len(row) for row in parsed}) > 1:
+        raise CodecError("profile channel lines differ in length")
+    return [x for row in parsed for x in row]
 
 
 def path_for(model: str, directory: Path | None = None) -> Path:

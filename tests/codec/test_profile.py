@@ -169,3 +169,47 @@ def test_a_profile_can_leave_levels_on_the_plain_steps(tmp_path: Path) -> None:
     wrong_layers = CodecProfile.from_sensitivities("m", [1.0] * 6, [1.0] * 6, heads=2, source="3 layers")
     with pytest.raises(codec.CodecError, match="layers"):  # checked even where it would not apply
         codec.encode(k, v, "q5", profile=dataclasses.replace(wrong_layers, skip_levels=("q5",)))
+
+
+def test_channel_offsets_refine_and_coarsen_single_channels() -> None:
+    g = torch.Generator().manual_seed(12)
+    k, v = (torch.randn(2, 2, 128, 16, generator=g).half() for _ in range(2))
+    offsets = [0] * (2 * 2 * 2 * 16)
+    offsets[3] = 8  # K, layer 0, head 0, channel 3: two octaves finer
+    offsets[5] = -8  # ... channel 5: two octaves coarser
+    base = CodecProfile.from_sensitivities("m", [1.0] * 4, [1.0] * 4, heads=2)
+    prof = dataclasses.replace(base, channels=tuple(offsets))
+    assert CodecProfile.from_json(prof.to_json()) == prof and prof.head_dim == 16
+    plain_k, _ = codec.decode(codec.encode(k, v, "q5", profile=base, tail=False))
+    tuned_k, _ = codec.decode(codec.encode(k, v, "q5", profile=prof, tail=False))  # no profile to decode
+
+    def err(decoded: torch.Tensor, channel: int) -> float:
+        return float((decoded[0, 0, 1:, channel].float() - k[0, 0, 1:, channel].float()).abs().max())
+
+    assert err(tuned_k, 3) < 0.4 * err(plain_k, 3)
+    assert err(tuned_k, 5) > 2.5 * err(plain_k, 5)
+    assert torch.equal(tuned_k[1], plain_k[1]) and torch.equal(tuned_k[0, 1], plain_k[0, 1])  # others untouched
+    with pytest.raises(codec.CodecError, match="channel offsets"):
+        codec.encode(k[:, :, :, :8].contiguous(), v[:, :, :, :8].contiguous(), "q5", profile=prof)
+    for bad in ((1,) * 7, (99,) + (0,) * 127):
+        with pytest.raises(codec.CodecError):
+            dataclasses.replace(base, channels=bad)
+    with pytest.raises(codec.CodecError):
+        CodecProfile.from_json(prof.to_json().replace('"0 0 0 8 0 -8', '"0 0 0 0.5 0 -8'))
+    with pytest.raises(codec.CodecError):
+        CodecProfile.from_json(prof.to_json().replace('"0 0 0 8 0 -8', '"0 0 0 8 -8'))  # a short line
+    assert '"0 0 0 8 0 -8 0 0 0 0 0 0 0 0 0 0"' in prof.to_json()  # one line per head
+
+
+def test_calibrated_channel_offsets_follow_cost_and_keep_the_rate() -> None:
+    import numpy as np
+
+    from kvpeer.codec import calibrate
+
+    costs = np.ones((2, 1, 8))
+    costs[0, 0, 2] = 2.0**8  # a channel 8 octaves costlier: finer, within the clamp
+    costs[0, 0, 6] = 2.0**-2
+    offsets = calibrate.channel_offsets(costs)
+    assert offsets[0, 0, 2] == calibrate.CHANNEL_OFFSET_CLAMP and offsets[0, 0, 6] < 0
+    assert not offsets[1].any()  # equal costs: nothing moves
+    assert abs(offsets[0, 0].mean()) < 1.0
