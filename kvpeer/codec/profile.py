@@ -6,8 +6,11 @@ in the KV a chunk carries (codec README, "Where the KL comes from"). A profile h
 multiplier per (tensor, layer, head) (or per (tensor, layer): ``heads=1`` applies to every head),
 measured on a calibration text (never the evaluated text) by :mod:`kvpeer.codec.calibrate`,
 normalised to a geometric mean of 1 so it moves bits between heads rather than changing the rate.
+Optionally it also holds per-channel step offsets (quarter octaves on the codec's channel codes),
+which move bits between a head's channels by the same map, and the levels it leaves alone.
 Profiles are stored as JSON by model fingerprint. The encoder multiplies its per-head base steps
-by the profile; those steps travel in the blob's side info, so the decoder never needs a profile.
+by the profile and adds the offsets to its channel codes; steps and codes travel in the blob's
+side info, so the decoder never needs a profile.
 No torch here.
 """
 
@@ -27,7 +30,7 @@ PROFILE_VERSION = 2  # 2: multipliers of the v2 base step (geometric-mean channe
 _DIR = Path(__file__).with_name("profiles")
 _MAX_LAYERS = 1024
 _MAX_HEADS = 1024
-_MAX_BYTES = 4 << 20  # a profile file is a few KB; refuse to parse anything absurd
+_MAX_BYTES = 4 << 20  # SmolLM2's is 30 KB with channel offsets; refuse to parse anything absurd
 MULTIPLIER_RANGE = (1e-4, 1e4)
 CHANNEL_OFFSET_LIMIT = 16  # quarter octaves: a channel's step within 16x of the plain rule's
 LEVEL_SCALE_RANGE = (0.25, 4.0)
