@@ -17,6 +17,7 @@ No torch here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -201,12 +202,22 @@ def path_for(model: str, directory: Path | None = None) -> Path:
 def load(model: str, directory: Path | None = None) -> CodecProfile | None:
     """The stored profile of a model fingerprint (hex), or None if there is none."""
     path = path_for(model, directory)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
     if not path.is_file():
         return None
-    profile = CodecProfile.from_json(path.read_text())
+    # a daemon reads it for every put and every lower level it makes: parse a file once per version
+    profile = _parsed(str(path), stat.st_mtime_ns, stat.st_size)
     if profile.model != model:
         raise CodecError(f"profile {path} is for {profile.model}, not {model}")
     return profile
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(path: str, mtime_ns: int, size: int) -> CodecProfile:
+    return CodecProfile.from_json(Path(path).read_text())
 
 
 def for_fingerprint(fingerprint: ModelFingerprint, directory: Path | None = None) -> CodecProfile | None:

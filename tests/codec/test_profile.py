@@ -213,3 +213,15 @@ def test_calibrated_channel_offsets_follow_cost_and_keep_the_rate() -> None:
     assert offsets[0, 0, 2] == calibrate.CHANNEL_OFFSET_CLAMP and offsets[0, 0, 6] < 0
     assert not offsets[1].any()  # equal costs: nothing moves
     assert abs(offsets[0, 0].mean()) < 1.0
+
+
+def test_a_rewritten_profile_is_read_again(tmp_path: Path) -> None:
+    first = CodecProfile.from_sensitivities("m", [1.0, 2.0], [3.0, 4.0])
+    profiles.save(first, tmp_path)
+    assert profiles.load("m", tmp_path) == first
+    assert profiles.load("m", tmp_path) is profiles.load("m", tmp_path)  # parsed once
+    second = CodecProfile.from_sensitivities("m", [4.0, 2.0], [3.0, 1.0])
+    profiles.save(second, tmp_path)
+    assert profiles.load("m", tmp_path) == second
+    profiles.path_for("m", tmp_path).unlink()
+    assert profiles.load("m", tmp_path) is None
