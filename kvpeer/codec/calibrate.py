@@ -7,8 +7,11 @@ error**2), error**2 ~ step**2 / 12. With the codec's own per-channel steps at mu
 head's cost C_h = sum over its elements of F * channel_step**2 is its KL per unit of squared
 multiplier. Minimising the size (-log2 of the step per element, equal element counts per head)
 at a fixed total KL gives multiplier_h ∝ 1/sqrt(C_h), normalised to a geometric mean of 1 and
-clamped (:meth:`CodecProfile.from_sensitivities`). The plain rules' step ratios between levels
-are fixed, so one profile serves every level. Run once per model (minutes on a CPU); the result
+clamped (:meth:`CodecProfile.from_sensitivities`). Before that, the same costs kept per channel
+move bits between a head's channels (:func:`channel_offsets`), and the head costs are those the
+moved steps leave. The plain rules' step ratios between levels are fixed, so one profile serves
+every level, except that each level is checked on the calibration windows (:func:`level_kls`) and
+one the profile does not improve keeps the plain steps. Run once per model (minutes on a CPU); the result
 is stored by model fingerprint. The calibration text must not be the evaluated text: the
 default is one half of Python's bundled pydoc topics, benchmarks evaluate the other.
 
@@ -106,12 +109,6 @@ def fisher_diagonal(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Te
     return fk * scale, fv * scale
 
 
-def head_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int = 1, chunk: int = 256,
-               rotary: bool = True) -> np.ndarray:
-    """C_h [2*layers, heads]: sum of Fisher x the codec's channel step**2 at multiplier 1."""
-    return channel_costs(kv, info, level_log2, sink, chunk, rotary).sum(axis=-1)
-
-
 # Channel offsets take this fraction of the calibration windows' within-head log cost spread:
 # held out (calibration -> evaluation text, SmolLM2, Fisher-predicted) 0.25 / 0.5 / 0.75 / 1 gave
 # KL 0.87 / 0.81 / 0.79 / 0.80x; keys' channel costs correlate 0.88 between the texts, values' 0.53.
@@ -130,13 +127,13 @@ def channel_costs(kv: np.ndarray, info: np.ndarray, level_log2: float, sink: int
     """
     _, layers, heads, tokens, dim = kv.shape
     cost = np.zeros((2 * layers, heads, dim))
+    prior = quant.ROTARY_PRIOR_OCTAVES if rotary else 0.0
     for start in range(0, tokens, chunk):
         x = kv[:, :, :, start : start + chunk].reshape(2 * layers, heads, -1, dim)
         f = info[:, :, :, start : start + chunk].reshape(2 * layers, heads, -1, dim)
         body = np.ones(x.shape[2], bool)
         if sink:
             body[quant.exact_tokens(x[:layers], min(x.shape[2], quant.MAX_EXACT))] = False
-        prior = quant.ROTARY_PRIOR_OCTAVES if rotary else 0.0
         steps, codes = quant.plan_steps(np.ascontiguousarray(x[:, :, body]), level_log2, rotary_prior=prior)
         step = quant.channel_steps(steps, codes).astype(np.float64)  # [2L, H, D]
         cost += (f[:, :, body].astype(np.float64) * step[:, :, None, :] ** 2).sum(axis=2)
