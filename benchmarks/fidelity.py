@@ -43,7 +43,7 @@ def _profile(spec: str, model: Any) -> profiles.CodecProfile | None:
     if spec == "none":
         return None
     if spec == "auto":
-        return profiles.load(model_fingerprint(model).hex)
+        return profiles.for_fingerprint(model_fingerprint(model))
     return profiles.CodecProfile.from_json(Path(spec).read_text())
 
 
@@ -60,8 +60,9 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     theta = fingerprint.rope_theta if use_rope else 0.0
     if rotary_prior not in ("auto", "on", "off"):
         raise SystemExit(f"--rotary-prior {rotary_prior!r}: auto, on or off")
-    # auto: what the daemon does (the prior for models with RoPE); "on" is the plain call's default
-    rotate_half = fingerprint.rope_theta > 0 if rotary_prior == "auto" else rotary_prior == "on"
+    # auto: the plain call reads the keys (for a model with rotate-half RoPE that is what the
+    # daemon decides from the fingerprint's theta too); on / off force it
+    rotate_half = None if rotary_prior == "auto" else rotary_prior == "on"
     wins = _kv.windows(tok, text, prefix, continuation, windows)
     prepared = []
     for w in wins:
@@ -104,7 +105,7 @@ def run(model_spec: str | None, text: str, windows: int, prefix: int, continuati
     return {
         "model": getattr(model.config, "kvpeer_model_name", model_spec),
         "profile": profile.source if profile else "none",
-        "keys_pre_rope": bool(theta), "tail": tail, "chunk": chunk, "rotary_prior": rotate_half,
+        "keys_pre_rope": bool(theta), "tail": tail, "chunk": chunk, "rotary_prior": rotary_prior,
         "windows": len(wins), "prefix": prefix, "continuation": continuation, "rows": rows,
     }
 
@@ -236,8 +237,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=_kv.CHUNK,
                         help="tokens per encoded chunk (the prefix length: the whole prefix in one plain call)")
     parser.add_argument("--rotary-prior", default="auto", choices=("auto", "on", "off"),
-                        help="the codec's rotary-index prior on keys: auto (on for models with RoPE, as the "
-                             "daemon does), on (the plain call's default), off")
+                        help="the codec's rotary-index prior on keys: auto (the plain call: read from the "
+                             "keys), on, off (forced)")
     parser.add_argument("--plot", default="fidelity.png")
     parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
                         help="instead: where each level's KL comes from (Fisher map, calibration text)")
