@@ -45,6 +45,9 @@ from kvpeer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# The API server's keyword default too (kvpeer.api.server.SPARE_MAX_BYTES): one number.
+SPARE_BYTES_DEFAULT = 1 << 30
+
 DEFAULT_CONFIG_PATH = Path("/etc/kvpeer/kvpeer.toml")
 ENV_PREFIX = "KVPEER_"
 MACHINE_ID_PATH = Path("/etc/machine-id")
@@ -132,7 +135,7 @@ class ApiSection:
         "reclaims it.", lo=0.001
     )
     spare_bytes: int = setting(
-        1 << 30, "Once idle after a fetch, the daemon maps the next fetch's shared memory ahead "
+        SPARE_BYTES_DEFAULT, "Once idle after a fetch, the daemon maps the next fetch's shared memory ahead "
         "(making it during a fetch delayed its first chunk on a small machine), if at most this "
         "large: memory held in /dev/shm while idle. 0: never.", kind="size", lo=0,
     )

@@ -32,6 +32,7 @@ import torch
 
 from kvpeer import shm
 from kvpeer.api import messages as m
+from kvpeer.config import SPARE_BYTES_DEFAULT
 from kvpeer.errors import (
     CodecError,
     ConfigError,
@@ -53,7 +54,7 @@ DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer 
 #: (reserving takes CPU a fetch or its client needs on a small machine)...
 SPARE_IDLE_S = 0.5
 #: ... if it is at most this large (a spare is memory held while idle; ``api.spare_bytes``).
-SPARE_MAX_BYTES = 1 << 30
+SPARE_MAX_BYTES = SPARE_BYTES_DEFAULT
 _PEERCRED = struct.Struct("3i")
 
 
