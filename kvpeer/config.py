@@ -45,7 +45,7 @@ from kvpeer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The API server's keyword default too (kvpeer.api.server.SPARE_MAX_BYTES): one number.
+# api.spare_bytes, also the API server's keyword default: one number.
 SPARE_BYTES_DEFAULT = 1 << 30
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvpeer/kvpeer.toml")

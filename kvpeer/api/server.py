@@ -51,10 +51,9 @@ FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
-#: (reserving takes CPU a fetch or its client needs on a small machine)...
+#: (reserving takes CPU a fetch or its client needs on a small machine), if it is at most
+#: ``spare_bytes`` (``api.spare_bytes``: a spare is memory held while idle).
 SPARE_IDLE_S = 0.5
-#: ... if it is at most this large (a spare is memory held while idle; ``api.spare_bytes``).
-SPARE_MAX_BYTES = SPARE_BYTES_DEFAULT
 _PEERCRED = struct.Struct("3i")
 
 
@@ -287,7 +286,7 @@ class ApiServer:
         lease_s: float = 600.0,
         max_inflight: int = 16,
         max_shm_bytes_per_client: int = 64 << 30,
-        spare_bytes: int = SPARE_MAX_BYTES,
+        spare_bytes: int = SPARE_BYTES_DEFAULT,
         shm_dir: Path = shm.SHM_DIR,
     ) -> None:
         self.socket_path = Path(socket_path)

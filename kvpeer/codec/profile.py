@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from kvpeer.codec import levels
 from kvpeer.errors import CodecError
@@ -206,7 +207,7 @@ def load(model: str, directory: Path | None = None) -> CodecProfile | None:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    if not path.is_file():
+    if not S_ISREG(stat.st_mode):
         return None
     # a daemon reads it for every put and every lower level it makes: parse a file once per version
     profile = _parsed(str(path), stat.st_mtime_ns, stat.st_size)
