@@ -567,10 +567,17 @@ class ChunkScheduler:
 
     def chunk_failed(self, index: int, peer: str) -> None:
         """``peer`` could not serve chunk ``index`` (not held any more, corrupt): try another."""
+        self._holders[index].discard(peer)
+        self.chunk_retry(index, peer)
+
+    def chunk_retry(self, index: int, peer: str) -> None:
+        """``peer`` could not serve chunk ``index`` just now (busy): ask again, it still holds it.
+
+        The peer's slot is freed: a retry must not wait on the failed transfer's window.
+        """
         if self._owner.get(index) == peer:
             del self._owner[index]
             self._peers[peer].inflight.pop(index, None)
-        self._holders[index].discard(peer)
         if index not in self._done:
             self._pending.add(index)
         self._update_limit()
@@ -581,7 +588,7 @@ class ChunkScheduler:
         if state is None or not state.alive:
             return []
         state.alive = False
-        returned = sorted(state.inflight)
+        returned = sorted(i for i in state.inflight if i not in self._done)
         for index in returned:
             self._owner.pop(index, None)
             self._pending.add(index)

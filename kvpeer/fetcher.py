@@ -880,7 +880,7 @@ class _FetchRun:
         self.retries[index] = retries
         if transient and retries <= self.cfg.max_retries:
             log.info("fetch: chunk %d from %s: %s; retrying", index, peer or "local", exc)
-            self.sched.chunk_failed(index, "\0")  # back to pending, holders unchanged
+            self.sched.chunk_retry(index, peer)
         else:
             log.warning("fetch: chunk %d from %s failed: %s", index, peer or "local", exc)
             self.sched.chunk_failed(index, peer)

@@ -370,6 +370,24 @@ def test_scheduler_chunk_failure_tries_another_holder() -> None:
     assert sched.limit == 0 and sched.finished
 
 
+def test_scheduler_retry_frees_the_busy_peers_slot_and_keeps_it_as_holder() -> None:
+    sched = ChunkScheduler(holders=[{"a"}] * 2, now=0.0, config=SchedulerConfig(window=1))
+    (first,) = sched.assign(0.0)
+    sched.chunk_retry(first.index, "a")
+    assert sched.in_flight() == {} and sched.holders(first.index) == ["a"]
+    (again,) = sched.assign(0.1)  # the one slot is free again: the retry goes out
+    assert (again.index, again.peer) == (first.index, "a")
+
+
+def test_scheduler_lost_peer_does_not_return_a_chunk_another_peer_finished() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}] * 2, now=0.0, config=SchedulerConfig(window=1))
+    got = {a.peer: a.index for a in sched.assign(0.0)}
+    sched.chunk_retry(got["a"], "b")  # a stale answer about b: a keeps its chunk in flight
+    sched.completed(got["b"], 0.1)
+    assert sched.peer_lost("a") == [got["a"]]
+    assert sched.peer_lost("b") == []
+
+
 def test_scheduler_abandon_cancels_what_is_past_the_cut() -> None:
     sched = ChunkScheduler(holders=[{"a", "b"}] * 6, now=0.0)
     got = sched.assign(0.0)

@@ -513,8 +513,11 @@ def test_level_server_sends_what_it_has_when_it_only_holds_less() -> None:
 
 
 def test_busy_peer_is_retried() -> None:
+    """Even by a peer with one transfer slot (not measured yet): the retry must not wait on the
+    failed transfer's slot."""
+
     async def main() -> None:
-        peer = Peer("a")
+        peer = Peer("a", bps=None)
         busy = {"left": 1}
         original = peer.fetch_blob
 
@@ -526,8 +529,9 @@ def test_busy_peer_is_retried() -> None:
 
         peer.fetch_blob = flaky  # type: ignore[method-assign]
         f = fetcher({"a": peer})
-        out = await f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q8")
-        assert out.chunks == 1
+        out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, Sink(), policy="fixed:q8")
+        assert (out.chunks, out.reason) == (3, "complete")
+        assert peer.calls == [(0, "q8"), (1, "q8"), (2, "q8")]
 
     asyncio.run(main())
 
