@@ -30,7 +30,7 @@ import re
 import secrets
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -572,11 +572,21 @@ class SegmentRegistry:
         entry.segment.close()
 
     def sweep_stale(self) -> list[str]:
-        """Unlink segments left by daemons that no longer run (their pid is in the name)."""
-        return sweep_stale(self.directory)
+        """Unlink segments left by daemons that no longer run (their pid is in the name), and
+        by an earlier run of this pid (pid 1 in a container) that this registry does not hold.
+        For start-up: a segment being made in another thread is not held yet."""
+        held = set(self._entries)
+        with self._spare_lock:
+            if self._spare is not None:
+                held.add(self._spare.name)
+        return sweep_stale(self.directory, held=held)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, *, held_by_me: bool) -> bool:
+    if pid == os.getpid():
+        return held_by_me
+    if not 0 < pid < 1 << 22:  # beyond Linux's largest pid_max: no process has it
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -586,8 +596,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(directory: Path = SHM_DIR, names: Iterable[str] | None = None) -> list[str]:
-    """Unlink ``kvpeer-<pid>-*`` segments (and spares) whose creating process is gone."""
+def sweep_stale(
+    directory: Path = SHM_DIR,
+    names: Iterable[str] | None = None,
+    *,
+    held: Collection[str] | None = None,
+) -> list[str]:
+    """Unlink ``kvpeer-<pid>-*`` segments (and spares) whose creating process is gone.
+
+    ``held``: the names this process holds; one of this pid not in it is an earlier run's.
+    Without it, every name of this pid counts as live.
+    """
     removed: list[str] = []
     try:
         candidates = list(names) if names is not None else os.listdir(directory)
@@ -595,11 +614,19 @@ def sweep_stale(directory: Path = SHM_DIR, names: Iterable[str] | None = None) -
         return removed
     for name in candidates:
         match = _NAME.match(name) or _SPARE_NAME.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        mine = held is None or name in held
+        if _alive(int(match.group(1)), held_by_me=mine):
+            continue
+        try:
             os.unlink(directory / name)
-            removed.append(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # another user's file in a sticky /dev/shm: leave it, say so
+            log.warning("could not remove stale shared-memory segment %s: %s", name, exc)
+            continue
+        removed.append(name)
     if removed:
         log.info("removed %d shared-memory segments left by stopped daemons", len(removed))
     return removed

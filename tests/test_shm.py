@@ -135,6 +135,23 @@ def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, live_spare, "unrelated"])
 
 
+def test_sweep_survives_impossible_pids_and_removes_an_earlier_run_of_its_own_pid(
+    tmp_path: Path,
+) -> None:
+    """/dev/shm is world-writable: a name no daemon made must not stop the next start. A segment
+    of this very pid that the registry does not hold is an earlier run's (pid 1 in a container)."""
+    huge = f"kvpeer-9999999999-{'h' * 22}"
+    zero = f"kvpeer.spare-0-{'z' * 22}"
+    earlier = f"kvpeer-{os.getpid()}-{'e' * 32}"
+    for name in (huge, zero, earlier):
+        (tmp_path / name).write_bytes(b"x")
+    registry = shm.SegmentRegistry(directory=tmp_path)
+    held = registry.create(LAYOUT, owner=1, now=0.0)
+    assert sorted(registry.sweep_stale()) == sorted([huge, zero, earlier])
+    assert [p.name for p in tmp_path.iterdir()] == [held.name]
+    registry.close()
+
+
 def _resident_bytes(path: Path) -> int:
     """Rss of this process's mapping of ``path`` (from /proc/self/smaps)."""
     lines = Path("/proc/self/smaps").read_text().splitlines()
