@@ -12,7 +12,10 @@ or the writer's queue) and one writer thread persists it, so a fetch never waits
 The queue is bounded (``max_pending_bytes``; a put waits beyond it). :meth:`flush` waits for
 it to drain; :meth:`close` flushes. When the disk fails (full, read-only, ...) the error is
 logged, counted in ``stats()``, and for the next ``DISK_RETRY_S`` seconds puts keep chunks in
-RAM only and raise StoreError saying so: the daemon keeps running on the RAM tier.
+RAM only and raise StoreError saying so: the daemon keeps running on the RAM tier. Chunks whose
+write failed were acknowledged already: they move to the RAM tier (as far as it holds them).
+When the file system fills before ``disk_bytes`` does (others write there too), the oldest
+files are evicted for the failed bytes, so that the retry finds room.
 
 Crash safety. A file is written under a temporary name, fsynced, renamed into place and its
 directory fsynced, so after ``kill -9`` (or power loss) at any point a chunk's file either is
@@ -413,6 +416,16 @@ class ChunkStore:
             self._counters.disk_evictions += 1
             self._disk_remove(victim, changes)
 
+    def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
+        """Evict the least recently used files until ``size`` bytes are freed; returns how many."""
+        freed = 0
+        while freed < size and self._disk:
+            victim = next(iter(self._disk))
+            freed += self._disk[victim]
+            self._counters.disk_evictions += 1
+            self._disk_remove(victim, changes)
+        return freed
+
     def _unqueue(self, slot: _Slot, changes: _Changes) -> None:
         entry = self._pending.pop(slot, None)
         if entry is not None:
@@ -588,6 +601,7 @@ class ChunkStore:
             except OSError as exc:
                 log.warning("store: cannot fsync %s: %s", directory, exc)
         changes = _Changes()
+        freed = 0
         with self._cond:
             for slot, entry, path in written:
                 if self._pending.get(slot) is not entry:  # deleted (or replaced) meanwhile
@@ -599,7 +613,14 @@ class ChunkStore:
             for slot, entry in failed:
                 self._counters.disk_errors += 1
                 if self._pending.get(slot) is entry:
+                    # The put was acknowledged: keep its bytes in RAM (evicting colder chunks)
+                    # rather than drop them with the queue entry.
+                    self._ram_insert(slot, entry.blob, changes)
                     self._unqueue(slot, changes)
+            if error is not None and error.errno == errno.ENOSPC:
+                # The file system filled before our budget did (others write there too): make
+                # the failed bytes' room from our coldest files, so the retry can land.
+                freed = self._disk_evict_bytes(sum(entry.file_size for _s, entry in failed), changes)
             if error is not None:
                 message = _describe_os_error(error)
                 first = self._disk_failed_at is None
@@ -613,6 +634,8 @@ class ChunkStore:
                 "store: disk tier %s: %s; chunks stay in RAM only, retrying in %.0fs",
                 self.directory, message, DISK_RETRY_S,
             )
+        if freed:
+            log.warning("store: file system full: evicted %d bytes of the oldest chunks", freed)
         self._notify(changes)
 
     def _open_disk(self, directory: Path) -> None:

@@ -278,11 +278,20 @@ def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    with contextlib.suppress(OSError), open(path, "wb") as filler:
+        while True:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+
+
 def test_disk_full_is_a_clear_error_and_ram_keeps_working(
     tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = ChunkStore(ram_bytes=64 << 20, disk_bytes=1 << 30, directory=tiny_tmpfs / "store")
-    for i in range(64):  # 64 x 64 KiB = 4 MiB into a 2 MiB file system
+    _fill(tiny_tmpfs / "filler")  # another program filled the file system: no file of ours to evict
+    for i in range(64):
         with contextlib.suppress(StoreError):
             store.put_blocking(key(i), "q8", blob(i, 64 << 10))
     store.flush(timeout_s=30)
@@ -294,8 +303,43 @@ def test_disk_full_is_a_clear_error_and_ram_keeps_working(
     assert stats["disk_errors"] >= 1 and stats["chunks"] == 65
     assert stats["last_disk_error"] == "no space left on device"
     assert not list((tiny_tmpfs / "store").rglob("*.tmp"))
-    store.clear()  # room again: after the retry delay the disk tier works
+    (tiny_tmpfs / "filler").unlink()  # room again: after the retry delay the disk tier works
     monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
     store.put_blocking(key(100), "q8", blob(100, 64 << 10))
+    assert store.flush(timeout_s=30) and store.stats()["disk_entries"] == 1
+    store.close()
+
+
+def test_disk_full_keeps_acknowledged_puts_and_frees_room_from_the_oldest_files(
+    tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put is acknowledged before its write; when the write then finds the file system full
+    (filled by someone else), the chunk stays readable from RAM and our oldest files make room."""
+    size = 64 << 10
+    store = ChunkStore(ram_bytes=2 * size + 4096, disk_bytes=1 << 30,
+                       directory=tiny_tmpfs / "store", writers=1)
+    for i in range(2):
+        store.put_blocking(key(i), "q8", blob(i, size))
+    assert store.flush(timeout_s=30)
+    _fill(tiny_tmpfs / "filler")  # another program fills the file system
+    gate = threading.Event()
+    write = store_mod._write_file_blocking
+
+    def gated_write(*args: object) -> None:
+        gate.wait(30)
+        write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", gated_write)
+    for i in (10, 11):  # acknowledged, queued behind the gate
+        store.put_blocking(key(i), "q8", blob(i, size))
+    for i in range(2):  # reads pull the older chunks into RAM: the queued ones leave it
+        assert store.get_blocking(key(i)) == blob(i, size)
+    gate.set()
+    assert store.flush(timeout_s=30)
+    assert [store.get_blocking(key(i)) == blob(i, size) for i in (10, 11)] == [True, True]
+    stats = store.stats()
+    assert stats["disk_errors"] == 2 and stats["disk_evictions"] == 2 and stats["disk_entries"] == 0
+    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
+    store.put_blocking(key(12), "q8", blob(12, size))  # the room freed takes the next put
     assert store.flush(timeout_s=30) and store.stats()["disk_entries"] == 1
     store.close()
