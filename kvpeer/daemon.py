@@ -99,6 +99,7 @@ class Daemon:
         self.inventory = InventoryLog()
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"
         self.fingerprints = load_fingerprints(self.fingerprints_path)
+        self._fingerprints_saving = asyncio.Lock()
         self._profiles_reported: set[tuple[str, str]] = set()  # (fingerprint, what was said)
         self.discovery = make_discovery(discovery_config(config))
         # What each peer holds, kept current by pulling inventory deltas when epochs move.
@@ -258,6 +259,18 @@ class Daemon:
             options["rotate_half"] = rotary.pop()
         return options
 
+    async def _save_fingerprints(self) -> None:
+        """Persist the served models (one save at a time; each writes the list as it is now).
+        A failure is logged: the file only lets a restart advertise them, the put goes on."""
+        async with self._fingerprints_saving:
+            snapshot = list(self.fingerprints.values())
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, save_fingerprints_blocking, self.fingerprints_path, snapshot
+                )
+            except OSError as exc:
+                log.warning("cannot save %s: %s", self.fingerprints_path, exc)
+
     def _keys(self, ctx: ClientContext, tokens: np.ndarray, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
@@ -274,9 +287,7 @@ class Daemon:
         started = time.perf_counter()
         if fp.hex not in self.fingerprints:
             self.fingerprints[fp.hex] = fp
-            await asyncio.get_running_loop().run_in_executor(
-                None, save_fingerprints_blocking, self.fingerprints_path, self.fingerprints
-            )
+            await self._save_fingerprints()
         profile = None
         if not all(map(self.store.has, keys)):
             profile = await loop.run_in_executor(None, self._codec_profile, fp)
@@ -461,15 +472,20 @@ def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
         return {}
 
 
-def save_fingerprints_blocking(path: Path, fingerprints: dict[str, ModelFingerprint]) -> None:
-    """Write the served fingerprints atomically (temp file, fsync, rename)."""
+def save_fingerprints_blocking(path: Path, fingerprints: Sequence[ModelFingerprint]) -> None:
+    """Write the served fingerprints atomically (temp file, fsync, rename, fsync the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as out:
-        json.dump([dataclasses.asdict(fp) for fp in fingerprints.values()], out)
+        json.dump([dataclasses.asdict(fp) for fp in fingerprints], out)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def transport_config(config: Config, default_host: str) -> TransportConfig:

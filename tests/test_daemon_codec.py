@@ -86,3 +86,39 @@ def test_lower_levels_made_on_demand_use_the_chunks_models_profile(
     profiles.save(CodecProfile.from_sensitivities(twin.hex, [9.0, 1.0, 9.0, 1.0], [1.0] * 4, heads=2), tmp_path)
     node.fingerprints[twin.hex] = twin
     assert options(node, _header(2, 2, 16)) == {"rotate_half": True}
+
+
+def test_concurrent_saves_of_new_models_leave_a_whole_fingerprints_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Puts of new models at once each save the served list: one at a time, each whole."""
+    import asyncio
+    import time
+
+    save = daemon.save_fingerprints_blocking
+
+    def slow_save(path: Path, fingerprints: list[ModelFingerprint]) -> None:
+        time.sleep(0.005)  # threads would interleave their temp files here
+        save(path, fingerprints)
+
+    monkeypatch.setattr(daemon, "save_fingerprints_blocking", slow_save)
+    node = SimpleNamespace(
+        fingerprints={}, fingerprints_path=tmp_path / "state" / "fingerprints.json",
+        _fingerprints_saving=asyncio.Lock(),
+    )
+    models = [dataclasses.replace(FP32, name=f"model-{i}") for i in range(12)]
+
+    async def put(fp: ModelFingerprint) -> None:
+        node.fingerprints[fp.hex] = fp
+        await daemon.Daemon._save_fingerprints(node)
+
+    async def main() -> None:
+        await asyncio.gather(*(put(fp) for fp in models))
+
+    asyncio.run(main())
+    assert set(daemon.load_fingerprints(node.fingerprints_path)) == {fp.hex for fp in models}
+    node.fingerprints_path = tmp_path / "not-a-dir" / "fingerprints.json"
+    (tmp_path / "not-a-dir").write_text("")
+    with caplog.at_level(logging.WARNING, logger="kvpeer.daemon"):
+        asyncio.run(put(dataclasses.replace(FP32, name="one-more")))  # logged, not raised
+    assert any("cannot save" in r.getMessage() for r in caplog.records)
