@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvpeer import __version__
+from kvpeer import __version__, aio
 from kvpeer.errors import ConfigError, KVPeerError
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ async def _serve(config: Any) -> int:
             watchdog.cancel()
     finally:
         try:
-            await asyncio.wait_for(daemon.stop(), timeout=config.daemon.shutdown_grace_s)
+            await aio.wait_for(daemon.stop(), timeout=config.daemon.shutdown_grace_s)
         except TimeoutError:
             log.warning("shutdown took longer than %.0fs; exiting anyway", config.daemon.shutdown_grace_s)
         if endpoint is not None:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvpeer import codec
+from kvpeer import aio, codec
 from kvpeer.errors import CodecError, ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetch_policy import (
     ChunkScheduler,
@@ -567,7 +567,7 @@ class _FetchRun:
                 timeout = max(0.0, min(timeout, self.hard_deadline - now))
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+                await aio.wait_for(self.wake.wait(), timeout)
 
     def _cut_at(self, index: int, reason: str) -> None:
         if index >= self.cut:

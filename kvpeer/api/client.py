@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kvpeer import shm
+from kvpeer import aio, shm
 from kvpeer.api import messages as m
 from kvpeer.errors import ApiError, ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint
@@ -558,7 +558,7 @@ class AsyncKVPeerClient:
         return self._ids
 
     async def connect(self) -> AsyncKVPeerClient:
-        reader, self._writer = await asyncio.wait_for(
+        reader, self._writer = await aio.wait_for(
             asyncio.open_unix_connection(self.socket_path), self.timeout_s
         )
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
@@ -608,11 +608,11 @@ class AsyncKVPeerClient:
         if self._writer is None or self._closed_reason is not None:
             raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
         self._writer.write(m.encode(message))
-        await asyncio.wait_for(self._writer.drain(), self.timeout_s)
+        await aio.wait_for(self._writer.drain(), self.timeout_s)
 
     async def _get(self, queue: asyncio.Queue[m.Message]) -> m.Message:
         try:
-            return await asyncio.wait_for(queue.get(), self.timeout_s)
+            return await aio.wait_for(queue.get(), self.timeout_s)
         except TimeoutError:
             raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
 
@@ -678,7 +678,7 @@ class AsyncKVPeerClient:
         if writer is not None:
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 5.0)
+                await aio.wait_for(writer.wait_closed(), 5.0)
         task, self._reader_task = self._reader_task, None
         if task is not None:
             task.cancel()

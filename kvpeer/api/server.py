@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from kvpeer import shm
+from kvpeer import aio, shm
 from kvpeer.api import messages as m
 from kvpeer.config import SPARE_BYTES_DEFAULT
 from kvpeer.errors import (
@@ -123,7 +123,7 @@ class _Connection:
         async with self._send_lock:
             try:
                 self.writer.write(data)
-                await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
+                await aio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
             except (ConnectionError, TimeoutError, RuntimeError) as exc:
                 log.info("api: client %d unreachable (%s); dropping it", self.id, exc)
                 self.closed = True
@@ -419,7 +419,7 @@ class ApiServer:
             timeout = None if nearest is None else max(0.0, nearest - time.monotonic())
             self._segments_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._segments_changed.wait(), timeout)
+                await aio.wait_for(self._segments_changed.wait(), timeout)
             self.registry.expire(time.monotonic())
 
     # ------------------------------------------------------------------ connections
@@ -464,7 +464,7 @@ class ApiServer:
         while not conn.closed:
             timeout = FRAME_TIMEOUT_S if decoder.pending else None
             try:
-                data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
+                data = await aio.wait_for(reader.read(READ_BYTES), timeout)
             except TimeoutError:
                 await conn.send(m.ErrorResponse(code=ErrorCode.TIMEOUT, reason="frame not finished in time"))
                 return
@@ -660,7 +660,7 @@ async def _remove_stale_socket(path: Path) -> None:
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"api.socket_path: {path} exists and is not a socket")
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+        _, writer = await aio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
     except (OSError, TimeoutError):
         os.unlink(path)
         return

@@ -16,6 +16,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+from kvpeer import aio
 from kvpeer.discovery.advert import Advertisement, decode_record, encode_record, validate_node_id
 from kvpeer.discovery.base import Discovery
 from kvpeer.errors import ConfigError, ErrorCode, ProtocolError, TransportError
@@ -58,7 +59,7 @@ class EtcdDiscovery(Discovery):
 
     async def _call(self, coro: Any) -> Any:
         try:
-            return await asyncio.wait_for(coro, self.config.request_timeout_s)
+            return await aio.wait_for(coro, self.config.request_timeout_s)
         except TimeoutError:
             raise TransportError("etcd request timed out") from None
         except Exception as exc:  # aetcd maps gRPC failures onto its own exception tree

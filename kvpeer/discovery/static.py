@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 
+from kvpeer import aio
 from kvpeer.discovery.advert import Advertisement, decode_record, encode_record
 from kvpeer.discovery.base import Discovery
 from kvpeer.discovery.beacon import Beacon
@@ -38,7 +39,7 @@ class StaticDiscovery(Discovery):
         pending, self._unresolved = self._unresolved, []
         for host, port in pending:
             try:
-                infos = await asyncio.wait_for(
+                infos = await aio.wait_for(
                     loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM),
                     self.config.request_timeout_s,
                 )

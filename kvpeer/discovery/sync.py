@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kvpeer import aio
 from kvpeer.discovery.advert import PeerEvent, PeerInfo
 from kvpeer.discovery.inventory import MAX_PAGES, InventoryTable, StaleDeltaError
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError
@@ -49,7 +50,7 @@ async def _inventory(
     request: Request, peer_id: str, since: int | None, timeout_s: float
 ) -> dict[str, Any]:
     """One inventory answer; a paged full inventory is fetched page by page and joined."""
-    answer = await asyncio.wait_for(request(peer_id, "inventory", {"since": since}), timeout_s)
+    answer = await aio.wait_for(request(peer_id, "inventory", {"since": since}), timeout_s)
     pages = answer.get("pages", 1) if isinstance(answer, dict) else 1
     if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= MAX_PAGES:
         raise ProtocolError(ErrorCode.INVALID, f"inventory pages {pages!r}")
@@ -57,7 +58,7 @@ async def _inventory(
         return answer
     keys = list(answer.get("keys", []))
     for page in range(1, pages):
-        part = await asyncio.wait_for(
+        part = await aio.wait_for(
             request(peer_id, "inventory", {"since": None, "page": page}), timeout_s
         )
         if part.get("epoch") != answer.get("epoch") or part.get("pages") != pages:
@@ -150,7 +151,7 @@ class InventorySync:
             return held is not None and held >= epoch
 
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(done), timeout_s)
+            await aio.wait_for(self._changed.wait_for(done), timeout_s)
 
     async def close(self) -> None:
         self._closed = True

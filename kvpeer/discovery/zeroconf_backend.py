@@ -18,6 +18,7 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from kvpeer import aio
 from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement, decode_fields, encode_fields
 from kvpeer.discovery.base import Discovery
 from kvpeer.errors import ErrorCode, ProtocolError
@@ -56,7 +57,7 @@ class ZeroconfDiscovery(Discovery):
         self._azc = AsyncZeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
         self._info = self._service_info(advert)
         # The awaitable returned completes once the announcements are sent.
-        await asyncio.wait_for(
+        await aio.wait_for(
             await self._azc.async_register_service(self._info), self._register_timeout()
         )
         self._browser = AsyncServiceBrowser(
@@ -66,7 +67,7 @@ class ZeroconfDiscovery(Discovery):
     async def _publish(self, advert: Advertisement) -> None:
         assert self._azc is not None
         self._info = self._service_info(advert)
-        await asyncio.wait_for(
+        await aio.wait_for(
             await self._azc.async_update_service(self._info), self._register_timeout()
         )
 
@@ -83,7 +84,7 @@ class ZeroconfDiscovery(Discovery):
                 # Without awaiting this task no goodbye leaves, and peers keep our records
                 # for up to 75 minutes.
                 with contextlib.suppress(TimeoutError, OSError):
-                    await asyncio.wait_for(
+                    await aio.wait_for(
                         await self._azc.async_unregister_service(self._info),
                         self._register_timeout(),
                     )

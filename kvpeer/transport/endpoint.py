@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from kvpeer import aio
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError
 from kvpeer.transport.aiortc_patches import association_stats
 from kvpeer.transport.config import TransportConfig
@@ -197,7 +198,7 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         print("CONNECTED", flush=True)
         async with asyncio.TaskGroup() as group:
             busy = group.create_task(keep_fetching(session)) if args.busy else None
-            await asyncio.wait_for(down.wait(), args.request_timeout)
+            await aio.wait_for(down.wait(), args.request_timeout)
             down_at = time.monotonic()
             if busy is not None:
                 busy.cancel()

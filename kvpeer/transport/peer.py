@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from kvpeer import aio
 from kvpeer.errors import AuthError, ErrorCode, KVPeerError, ProtocolError, TransportError
 from kvpeer.transport import aiortc_patches
 from kvpeer.transport import messages as m
@@ -148,7 +149,7 @@ class PeerTransport:
             await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.config.close_timeout_s)
+                await aio.wait_for(self._server.wait_closed(), self.config.close_timeout_s)
 
     # -- outgoing --------------------------------------------------------------------------
 
@@ -372,4 +373,4 @@ class PeerTransport:
 async def _close_pc(pc: RTCPeerConnection | None) -> None:
     if pc is not None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(pc.close(), 5.0)
+            await aio.wait_for(pc.close(), 5.0)

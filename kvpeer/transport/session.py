@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from kvpeer import aio
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, TransportError
 from kvpeer.transport import messages as m
 from kvpeer.transport.aiortc_patches import association_stats
@@ -64,7 +65,7 @@ class _Channel:
 
     async def wait_open(self, limit_s: float) -> None:
         try:
-            await asyncio.wait_for(self._opened.wait(), limit_s)
+            await aio.wait_for(self._opened.wait(), limit_s)
         except TimeoutError:
             raise TransportError(f"data channel {self.channel.label} did not open") from None
 
@@ -74,7 +75,7 @@ class _Channel:
         if self.channel.bufferedAmount > self._high:
             self._low_event.clear()
             try:
-                await asyncio.wait_for(self._low_event.wait(), limit_s)
+                await aio.wait_for(self._low_event.wait(), limit_s)
             except TimeoutError:
                 raise TransportError("peer stopped reading (send buffer stayed full)") from None
             if self.channel.readyState != "open":
@@ -225,7 +226,7 @@ class PeerSession:
         with contextlib.suppress(KVPeerError):
             await self._send_control(m.Bye())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._bye_ack), timeout)
+                await aio.wait_for(asyncio.shield(self._bye_ack), timeout)
         await self._end(by_peer=False)
 
     # -- internals -------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class PeerSession:
     async def _wait(self, future: asyncio.Future[_T], limit_s: float | None, what: str) -> _T:
         limit = self._config.request_timeout_s if limit_s is None else limit_s
         try:
-            return await asyncio.wait_for(asyncio.shield(future), limit)
+            return await aio.wait_for(asyncio.shield(future), limit)
         except TimeoutError:
             raise TransportError(f"{what} to {self.peer_id} timed out after {limit:g} s") from None
 
@@ -449,7 +450,7 @@ class PeerSession:
             for frame in iter_frames(request.id, blob, frame_bytes):
                 await channel.send(frame, timeout)
             # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
-            await asyncio.wait_for(asyncio.shield(done), timeout)
+            await aio.wait_for(asyncio.shield(done), timeout)
             self.sent_bytes += len(blob)
         except ProtocolError as exc:
             await self._send_quietly(m.Error(id=request.id, code=exc.code, reason=exc.reason))
@@ -492,7 +493,7 @@ class PeerSession:
     async def _end_after_bye(self) -> None:
         # Let the ByeAck go out before closing: aiortc's close aborts the association.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain_control(), self._config.close_timeout_s)
+            await aio.wait_for(self._drain_control(), self._config.close_timeout_s)
         await self._end(by_peer=True)
 
     async def _drain_control(self) -> None:
@@ -521,7 +522,7 @@ class PeerSession:
                 task.cancel()
         self._on_end(self, by_peer)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._pc.close(), self._config.close_timeout_s)
+            await aio.wait_for(self._pc.close(), self._config.close_timeout_s)
         # Exceptions nobody waits for would be logged as "never retrieved": mark them seen.
         for future in futures:
             if future.done() and not future.cancelled():

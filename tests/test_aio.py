@@ -1,0 +1,47 @@
+"""kvpeer.aio.wait_for: a cancel that coincides with the awaited event is not lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvpeer import aio
+
+
+@pytest.mark.parametrize("spins", [0, 1, 2])
+def test_a_cancel_landing_as_the_event_fires_is_kept(spins: int) -> None:
+    """Python 3.11's asyncio.wait_for returned normally here (gh-86296): a loop waiting on a busy
+    event went on after its task was cancelled."""
+
+    async def main() -> bool:
+        event = asyncio.Event()
+
+        async def waiter() -> None:
+            while True:
+                event.clear()
+                await aio.wait_for(event.wait(), 30.0)
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        event.set()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        cancelled = task.cancelled()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return cancelled
+
+    assert asyncio.run(main())
+
+
+def test_timeout_and_result() -> None:
+    async def main() -> None:
+        assert await aio.wait_for(asyncio.sleep(0, "done"), 1.0) == "done"
+        assert await aio.wait_for(asyncio.sleep(0, "done"), None) == "done"
+        with pytest.raises(TimeoutError):
+            await aio.wait_for(asyncio.sleep(10), 0.01)
+
+    asyncio.run(main())
