@@ -997,7 +997,7 @@ class LevelServer:
         # What the chunk's model encodes with (profile, RoPE layout): the plain rules without it,
         # which would lose the per-head allocation the put level had.
         self.transcode_options = transcode_options
-        self._making: dict[tuple[bytes, str], asyncio.Future[bytes]] = {}
+        self._making: dict[tuple[bytes, str], asyncio.Task[bytes]] = {}
         # One transcode at a time by default: on a small CPU the decoder and the event loop
         # need the other core.
         self._slots = asyncio.Semaphore(concurrency)
@@ -1033,10 +1033,14 @@ class LevelServer:
                     break
 
     async def close(self) -> None:
+        tasks = list(self._making.values())
         if self._warmer is not None:
-            self._warmer.cancel()
+            tasks.append(self._warmer)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(BaseException):
-                await self._warmer
+                await task
 
     async def open_blob(self, key: bytes, level: str) -> bytes | None:
         """The chunk at ``level`` (or the best held when ``level`` is empty); None if not held.
@@ -1072,29 +1076,30 @@ class LevelServer:
             )
 
     async def _make(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
+        # The transcode is this server's task, not the first requester's: a peer that cancels
+        # its request only stops waiting, and the others (and the warm loop) still get the blob.
         making = self._making.get((key, level))
-        if making is not None:
-            return await asyncio.shield(making)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._making[(key, level)] = future
-        try:
-            async with self._slots:
-                blob = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, transcode_blocking, top, level, self.transcode_options
-                )
-            self.transcoded += 1
-            log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
-            with contextlib.suppress(StoreError):
-                await self.store.put(key, level, blob)
-            future.set_result(blob)
-            return blob
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc if isinstance(exc, Exception) else CodecError("cancelled"))
-                future.exception()
-            raise
-        finally:
-            del self._making[(key, level)]
+        if making is None:
+            making = asyncio.get_running_loop().create_task(self._transcode(key, top, held, level))
+            self._making[(key, level)] = making
+            making.add_done_callback(lambda task: self._made(key, level, task))
+        return await asyncio.shield(making)
+
+    def _made(self, key: bytes, level: str, task: asyncio.Task[bytes]) -> None:
+        self._making.pop((key, level), None)
+        if not task.cancelled():
+            task.exception()  # retrieved: requesters that gave up are not told, nor is asyncio
+
+    async def _transcode(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
+        async with self._slots:
+            blob = await asyncio.get_running_loop().run_in_executor(
+                self.executor, transcode_blocking, top, level, self.transcode_options
+            )
+        self.transcoded += 1
+        log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
+        with contextlib.suppress(StoreError):
+            await self.store.put(key, level, blob)
+        return blob
 
 
 def total_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> float:

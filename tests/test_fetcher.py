@@ -536,6 +536,40 @@ def test_busy_peer_is_retried() -> None:
     asyncio.run(main())
 
 
+def test_a_requester_that_cancels_does_not_fail_the_others_waiting_on_its_transcode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer's BlobCancel cancels its serving task; another peer asked for the same chunk and
+    level meanwhile and waits on the same transcode."""
+    import kvpeer.fetcher as fetcher_mod
+
+    transcode = fetcher_mod.transcode_blocking
+    started = threading.Event()
+
+    def slow_transcode(*args: Any) -> bytes:
+        started.set()
+        time.sleep(0.2)
+        return transcode(*args)
+
+    monkeypatch.setattr(fetcher_mod, "transcode_blocking", slow_transcode)
+
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        server = LevelServer(cache, executor=ThreadPoolExecutor(1))
+        first = asyncio.create_task(server.open_blob(key(0), "q4"))
+        await asyncio.to_thread(started.wait, 5)
+        second = asyncio.create_task(server.open_blob(key(0), "q4"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        got = await second
+        assert got is not None and codec.read_header(got).level == "q4"
+        assert server.transcoded == 1 and await cache.get(key(0), "q4") == got
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_level_server_warms_lower_levels_in_the_background() -> None:
     async def main() -> None:
         cache = Cache()
