@@ -1033,7 +1033,7 @@ class LevelServer:
                     break
 
     async def close(self) -> None:
-        tasks = list(self._making.values())
+        tasks: list[asyncio.Task[Any]] = list(self._making.values())
         if self._warmer is not None:
             tasks.append(self._warmer)
         for task in tasks:
