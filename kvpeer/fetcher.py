@@ -215,12 +215,12 @@ class _Transfers:
         self._live: dict[tuple[bytes, str], _Transfer] = {}
         self.shared = 0  # transfers joined by a second fetch (for stats and tests)
 
-    def find(self, key: bytes, acceptable: Collection[str]) -> _Transfer | None:
-        """A live transfer of ``key`` (from any peer) at a level in ``acceptable``."""
-        for (k, _peer), transfer in self._live.items():
+    def find(self, key: bytes, acceptable: Collection[str]) -> tuple[str, _Transfer] | None:
+        """A live transfer of ``key`` (from any peer) at a level in ``acceptable``, and its peer."""
+        for (k, peer), transfer in self._live.items():
             task = transfer.task
             if k == key and transfer.level in acceptable and not task.done() and not task.cancelling():
-                return transfer
+                return peer, transfer
         return None
 
     async def get(
@@ -230,19 +230,26 @@ class _Transfers:
         level: str,
         acceptable: Collection[str],
         start: Callable[[], Coroutine[Any, Any, bytes]],
-    ) -> bytes:
-        transfer = self.find(key, acceptable)
-        if transfer is None:
+    ) -> tuple[bytes, str]:
+        """The blob, and the peer that sent it: a joined transfer may come from another peer
+        than ``peer``. Its failure is that peer's, so it reaches the joiner as BUSY (ask again)."""
+        found = self.find(key, acceptable)
+        if found is None:
             task: asyncio.Task[bytes] = asyncio.get_running_loop().create_task(start())
-            transfer = _Transfer(task, level)
+            sender, transfer = peer, _Transfer(task, level)
             self._live[(key, peer)] = transfer
             entry = (key, peer)
             task.add_done_callback(lambda _t: self._forget(entry, transfer))
         else:
+            sender, transfer = found
             self.shared += 1
         transfer.waiters += 1
         try:
-            return await asyncio.shield(transfer.task)
+            return await asyncio.shield(transfer.task), sender
+        except KVPeerError as exc:
+            if sender == peer:
+                raise
+            raise ProtocolError(ErrorCode.BUSY, f"shared transfer from {sender} failed: {exc}") from exc
         finally:
             transfer.waiters -= 1
             if transfer.waiters == 0 and not transfer.task.done():
@@ -805,7 +812,7 @@ class _FetchRun:
     async def _transfer(self, index: int, peer: str, level: str) -> None:
         key = self.keys[index]
         try:
-            blob = await self._get_blob(key, peer, level)
+            blob, sender = await self._get_blob(key, peer, level)
             # Header only (CRC-checked): the digest of the whole blob is checked by the decoder,
             # off the event loop, and a peer's chunk is cached only once it decoded.
             header = codec.read_header(blob)
@@ -836,7 +843,7 @@ class _FetchRun:
             return
         now = self.f.clock()
         entry = self.transfers.get(index)
-        if peer != LOCAL and entry is not None and entry[0] is asyncio.current_task():
+        if peer != LOCAL and sender == peer and entry is not None and entry[0] is asyncio.current_task():
             self._chunk_rate(peer, entry[3], now, len(blob))
         self._forget_transfer(index)
         wire = len(blob) if peer != LOCAL else 0
@@ -849,13 +856,14 @@ class _FetchRun:
         # Backpressure: a full decode queue holds this task (and its blob) here.
         await self.queue.put((index, next(self._seq), _Received(index, blob, header.level, peer)))
 
-    async def _get_blob(self, key: bytes, peer: str, level: str) -> bytes:
+    async def _get_blob(self, key: bytes, peer: str, level: str) -> tuple[bytes, str]:
+        """The chunk and who sent it (``peer``, or another one whose transfer this joined)."""
         if peer == LOCAL:
             assert self.f.cache is not None
             blob = await self.f.cache.get(key)
             if blob is None:
                 raise StoreError("chunk evicted while fetching")
-            return blob
+            return blob, LOCAL
         session = self.f.sessions(peer)
         if session is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {peer}")

@@ -570,6 +570,30 @@ def test_a_requester_that_cancels_does_not_fail_the_others_waiting_on_its_transc
     asyncio.run(main())
 
 
+def test_a_shared_transfer_that_fails_is_not_blamed_on_the_joining_fetchs_peer() -> None:
+    """Fetch B joins fetch A's transfer of a chunk from peer a; a dies. B's own peer b is
+    healthy: B asks it again rather than dropping it."""
+
+    async def main() -> None:
+        a, b = Peer("a"), Peer("b")
+        a.gates[0] = asyncio.Event()
+        a.fail_on.add(0)
+        f = fetcher({"a": a, "b": b})
+        keys = [key(0), key(1)]
+        fetch_a = asyncio.create_task(f.fetch(keys, [{"a"}] * 2, Sink(), policy="fixed:q8"))
+        await wait_until(lambda: (0, "q8") in a.calls)
+        fetch_b = asyncio.create_task(f.fetch(keys, [{"b"}] * 2, Sink(), policy="fixed:q8"))
+        await wait_until(lambda: f.transfers.shared == 1)
+        a.gates[0].set()
+        out_a, out_b = await fetch_a, await fetch_b
+        assert out_a.chunks == 0
+        assert (out_b.chunks, out_b.reason) == (2, "complete")
+        assert not [e for e in out_b.events if e.kind == "peer_lost"]
+        assert (0, "q8") in b.calls
+
+    asyncio.run(main())
+
+
 def test_level_server_warms_lower_levels_in_the_background() -> None:
     async def main() -> None:
         cache = Cache()
