@@ -359,10 +359,6 @@ class ApiServer:
         await self.close()
 
     # ------------------------------------------------------------------ segments
-    def _create_segment(self, layout: shm.SegmentLayout, conn: _Connection) -> shm.Segment:
-        self.registry.admit(layout, conn.id)
-        return self._adopt(self.registry.make(layout, uid=conn.uid, gid=self._gid), conn)
-
     def _adopt(self, segment: shm.Segment, conn: _Connection) -> shm.Segment:
         self.registry.adopt(segment, owner=conn.id, now=time.monotonic())
         self.counters["segments"] += 1
@@ -370,14 +366,16 @@ class ApiServer:
         return segment
 
     async def _create_segment_off_loop(
-        self, layout: shm.SegmentLayout, conn: _Connection
+        self, layout: shm.SegmentLayout, conn: _Connection, *, populate: bool = True
     ) -> shm.Segment:
-        """:meth:`_create_segment` with the page reservation and mapping (tens of ms for a
-        large segment) in a thread, so the event loop goes on receiving meanwhile."""
+        """A segment for ``conn``, its pages reserved (and mapped, with ``populate``) in a
+        thread: tens of ms per GiB, which the event loop spends receiving meanwhile."""
         self.registry.admit(layout, conn.id)
         job = asyncio.get_running_loop().run_in_executor(
             None,
-            functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=True),
+            functools.partial(
+                self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=populate
+            ),
         )
         try:
             segment = await asyncio.shield(job)
@@ -420,7 +418,9 @@ class ApiServer:
             self._segments_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await aio.wait_for(self._segments_changed.wait(), timeout)
-            self.registry.expire(time.monotonic())
+            for name in self.registry.expire(time.monotonic()):
+                for conn in self._connections.values():  # a put never committed: forget it
+                    conn.pending_puts.pop(name, None)
 
     # ------------------------------------------------------------------ connections
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -527,7 +527,7 @@ class ApiServer:
             log.info("api: client %d is %r in namespace %r", conn.id, message.client, message.namespace)
             return m.HelloOk(id=rid, server=SERVER_NAME, namespace=message.namespace)
         if isinstance(message, m.PutRequest):
-            return self._begin_put(conn, message)
+            return await self._begin_put(conn, message)
         if isinstance(message, m.PutCommit):
             return await self._commit_put(conn, message)
         if isinstance(message, m.LookupRequest):
@@ -560,14 +560,15 @@ class ApiServer:
         }
 
     # ------------------------------------------------------------------ put
-    def _begin_put(self, conn: _Connection, req: m.PutRequest) -> m.SegmentReady:
+    async def _begin_put(self, conn: _Connection, req: m.PutRequest) -> m.SegmentReady:
         fp = req.fingerprint
         tokens = int(req.tokens.size)
         layout = shm.SegmentLayout(
             dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,
             head_dim=fp.head_dim, chunk_tokens=tokens,
         )
-        segment = self._create_segment(layout, conn)
+        # The client writes the pages: the daemon only reserves them (no populate).
+        segment = await self._create_segment_off_loop(layout, conn, populate=False)
         conn.pending_puts[segment.name] = req
         return m.SegmentReady(id=req.id, segment=segment.name, size=layout.size)
 

@@ -151,6 +151,27 @@ def test_stats_peers_evict(api: ServerThread) -> None:
         assert client.lookup(list(range(8)), FP).matched_tokens == 0
 
 
+def test_put_and_fetch_segments_are_made_off_the_event_loop(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reserving a segment's pages zero-fills them (~0.3 s per GiB): on the loop, every other
+    client and every peer would wait that long."""
+    made_in: list[threading.Thread] = []
+    make = api.server.registry.make
+
+    def recording_make(*args: Any, **kwargs: Any) -> Any:
+        made_in.append(threading.current_thread())
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(api.server.registry, "make", recording_make)
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(8)), k, v, FP)
+        with client.fetch(list(range(8)), FP) as result:
+            assert result.matched_tokens == 8
+    assert len(made_in) == 2 and api._thread not in made_in
+
+
 def test_put_rejects_a_shape_that_does_not_match_the_fingerprint(api: ServerThread) -> None:
     k, v = kv(8)
     with KVPeerClient(api.socket_path) as client, pytest.raises(ApiError) as info:
@@ -248,6 +269,21 @@ def test_lease_expiry_releases_segments() -> None:
             assert torch.equal(handle.k, kept), "our mapping stays valid after the name is gone"
             handle.release()  # nothing left to release: not an error
             assert client.lookup(list(range(8)), FP).matched_tokens == 8
+
+
+def test_a_put_never_committed_is_forgotten_when_its_segment_expires() -> None:
+    """Its request (up to 16 MiB of tokens) would otherwise stay for the connection's life."""
+    with serving(lease_s=0.2) as api, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(api.socket_path))
+        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(8)), fingerprint=FP)))
+        decoder = m.FrameDecoder()
+        while not (frames := list(decoder.frames())):
+            decoder.feed(sock.recv(65536))
+        assert isinstance(m.decode_body(frames[0]), m.SegmentReady)
+        (conn,) = api.server._connections.values()
+        assert len(conn.pending_puts) == 1
+        wait_until(lambda: not conn.pending_puts)
 
 
 def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
