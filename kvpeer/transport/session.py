@@ -114,6 +114,7 @@ class PeerSession:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._incoming: dict[int, tuple[BlobAssembler, asyncio.Future[bytes]]] = {}
         self._serving: dict[int, tuple[asyncio.Task[None], asyncio.Future[None]]] = {}
+        self._sent_whole: set[asyncio.Task[Any] | None] = set()  # serving tasks past their last frame
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bye_ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._liveness = Liveness(
@@ -300,6 +301,8 @@ class PeerSession:
                         m.Error(id=req_id, code=ErrorCode.BUSY, reason="too many requests")
                     )
                 else:
+                    # Counted now, not when the task starts: one read may carry many requests.
+                    self._requests_in_flight += 1
                     self._spawn(self._serve_request(message))
             case m.Response(id=req_id, body=body):
                 future = self._pending.get(req_id)
@@ -323,7 +326,12 @@ class PeerSession:
                 serving = self._serving.pop(blob_id, None)
                 if serving is not None:
                     task, done = serving
-                    if isinstance(message, m.BlobCancel):
+                    early = isinstance(message, m.BlobDone) and task not in self._sent_whole
+                    if early:  # "received" before we sent it all: a cancel, not a slot to reuse
+                        self._peer_error(
+                            ProtocolError(ErrorCode.INVALID, f"blob {blob_id} done before it was sent")
+                        )
+                    if early or isinstance(message, m.BlobCancel):
                         task.cancel()
                     if not done.done():
                         done.set_result(None)
@@ -380,7 +388,6 @@ class PeerSession:
     # -- serving ---------------------------------------------------------------------------
 
     async def _serve_request(self, request: m.Request) -> None:
-        self._requests_in_flight += 1
         try:
             await self._answer_request(request)
         finally:
@@ -423,7 +430,9 @@ class PeerSession:
 
         def finished(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._serving.pop(request.id, None)
+            self._sent_whole.discard(t)
+            if self._serving.get(request.id, (None,))[0] is t:
+                del self._serving[request.id]
             if not done.done():
                 done.set_result(None)
 
@@ -449,6 +458,7 @@ class PeerSession:
             self._next_bulk += 1
             for frame in iter_frames(request.id, blob, frame_bytes):
                 await channel.send(frame, timeout)
+            self._sent_whole.add(asyncio.current_task())
             # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
             await aio.wait_for(asyncio.shield(done), timeout)
             self.sent_bytes += len(blob)

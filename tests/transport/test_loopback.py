@@ -307,3 +307,75 @@ def test_a_fetch_cancelled_while_its_digest_is_checked_frees_the_peers_slot(
             release.set()
 
     _run(body)
+
+
+class _SlowHandler(Handler):
+    """open_blob takes a while (a disk read, a transcode): counts how many run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = self.peak = 0
+
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(0.3)
+            return b"x" * 100_000
+        finally:
+            self.active -= 1
+
+
+def test_blob_done_before_the_blob_was_sent_does_not_free_a_transfer_slot() -> None:
+    """BlobDone frees the slot early only once every frame went out; sent before that, it is a
+    cancel (and a protocol error), so a peer cannot stack transfers past max_transfers_per_peer."""
+    from kvpeer.transport import messages as m
+
+    async def body() -> None:
+        hb = _SlowHandler()
+        a = PeerTransport("a", _config(), Handler())
+        b = PeerTransport("b", _config(max_transfers_per_peer=1), hb)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("b", "127.0.0.1", b.port)
+            for i in range(1, 11):
+                session._send_control_now(m.BlobRequest(id=100 + i, key=b"k", level=""))
+                session._send_control_now(m.BlobDone(id=100 + i))
+            served = b.session("a")
+            assert served is not None
+            await asyncio.sleep(0.8)
+            assert hb.peak == 1 and served.protocol_errors >= 1
+            assert await session.fetch_blob(b"k", "") == b"x" * 100_000  # a proper fetch still works
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
+
+
+def test_requests_in_one_read_count_against_the_cap_before_their_handlers_start() -> None:
+    from kvpeer.transport import messages as m
+    from kvpeer.transport.session import MAX_REQUESTS_IN_FLIGHT
+
+    async def body() -> None:
+        class Slow(Handler):
+            running = 0
+            peak = 0
+
+            async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+                Slow.running += 1
+                Slow.peak = max(Slow.peak, Slow.running)
+                await asyncio.sleep(0.2)
+                Slow.running -= 1
+                return {}
+
+        async with _session_to_b(Slow()) as (_session, b):
+            served = b.session("node-a")
+            assert served is not None
+            for i in range(3 * MAX_REQUESTS_IN_FLIGHT):  # as one batched read hands them over
+                served._dispatch(m.Request(id=i, method="echo", body={}))
+            await asyncio.sleep(0.5)
+            assert Slow.peak == MAX_REQUESTS_IN_FLIGHT and served._requests_in_flight == 0
+
+    _run(body)
