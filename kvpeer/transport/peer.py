@@ -259,6 +259,10 @@ class PeerTransport:
         except asyncio.CancelledError:
             await _close_pc(pc)
             raise
+        except Exception as exc:  # aiortc on an SDP it cannot take (KeyError, ValueError, ...)
+            self.counters["handshakes_failed"] += 1
+            logger.info("handshake with %s failed: %r", peer, exc)
+            await _close_pc(pc)
         finally:
             writer.close()
             self._handshakes.discard(task)
@@ -354,6 +358,8 @@ class PeerTransport:
         return session
 
     def _session_ended(self, session: PeerSession, by_peer: bool) -> None:
+        if session not in self._all:  # its handshake failed: the peer was never up
+            return
         self._all.discard(session)
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]

@@ -379,3 +379,69 @@ def test_requests_in_one_read_count_against_the_cap_before_their_handlers_start(
             assert Slow.peak == MAX_REQUESTS_IN_FLIGHT and served._requests_in_flight == 0
 
     _run(body)
+
+
+def test_a_handshake_that_fails_after_the_session_was_made_reports_no_peer_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Channels that do not open in time: the half-made session's close must not tell discovery
+    that a peer which was never up went down."""
+    from kvpeer.transport import session as session_mod
+
+    async def never_opens(self: Any, limit_s: float) -> None:
+        await asyncio.sleep(limit_s + 1)
+
+    async def body() -> None:
+        down_a: list[str] = []
+        down_b: list[str] = []
+        a = PeerTransport("a", _config(connect_timeout_s=1.0), Handler(), on_peer_down=down_a.append)
+        b = PeerTransport("b", _config(connect_timeout_s=1.0), Handler(), on_peer_down=down_b.append)
+        await a.start()
+        await b.start()
+        monkeypatch.setattr(session_mod.PeerSession, "wait_open", never_opens)
+        try:
+            with pytest.raises(TransportError):
+                await a.connect("b", "127.0.0.1", b.port)
+            await asyncio.sleep(1.5)
+            assert (down_a, down_b) == ([], [])
+            assert a.counters["peers_down"] == b.counters["peers_down"] == 0
+            assert a.counters["handshakes_failed"] == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
+
+
+def test_an_sdp_that_aiortc_cannot_take_is_a_counted_failed_handshake() -> None:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from kvpeer.transport import messages as m
+    from kvpeer.transport.auth import ClientHandshake
+    from kvpeer.transport.peer import _expect, _write_message
+
+    async def body() -> None:
+        unhandled: list[Any] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
+        b = PeerTransport("b", _config(), Handler())
+        await b.start()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.createDataChannel("x")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp.replace("a=setup:actpass", "a=setup:bogus")
+        await pc.close()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+            handshake = ClientHandshake((KEY,))
+            await _write_message(writer, handshake.hello())
+            await _write_message(writer, handshake.on_challenge(await _expect(reader, m.Challenge)))
+            handshake.on_server_proof(await _expect(reader, m.ServerProof))
+            await _write_message(writer, handshake.offer("evil", 1500, sdp))
+            assert await asyncio.wait_for(reader.read(1), 10) == b""  # b hangs up
+            writer.close()
+            await asyncio.sleep(0.1)
+            assert b.counters["handshakes_failed"] == 1 and not unhandled
+        finally:
+            await b.close()
+
+    _run(body)
