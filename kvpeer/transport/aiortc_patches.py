@@ -102,7 +102,7 @@ from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
 from kvpeer.errors import TransportError
-from kvpeer.transport.config import TransportConfig
+from kvpeer.transport.config import MAX_DATA_CHANNEL_MESSAGE, TransportConfig
 from kvpeer.transport.congestion import RateControl, RateControlParams
 from kvpeer.transport.netinfo import sysctl_int
 
@@ -376,6 +376,7 @@ def configure_association(
     sctp._receive_data_chunk = types.MethodType(_receive_data_chunk, sctp)  # type: ignore[method-assign]
     sctp._mark_received = types.MethodType(_mark_received, sctp)  # type: ignore[method-assign]
     sctp._kvpeer_highest_tsn = None  # type: ignore[attr-defined]
+    sctp._kvpeer_overrun = False  # type: ignore[attr-defined]
     sctp._kvpeer_sack_now = False  # type: ignore[attr-defined]
     sack = _DelayedSack(sctp)
     sctp._send_sack = sack.on_sack_needed  # type: ignore[method-assign]
@@ -775,6 +776,8 @@ class _DataReader:
         last = sctp._last_received_tsn
         if last is None:
             return 0  # DATA before the handshake told us the peer's first TSN (aiortc raised)
+        if sctp._advertised_rwnd < 0 and _over_window(sctp, tsn):
+            return 0
         sctp._sack_needed = True
         # In order with nothing held above a hole (the common case): _mark_received's
         # outcome without its calls.
@@ -814,6 +817,31 @@ class _DataReader:
             await self.sack.send()
 
 
+# How far past its advertised window a receiver holds data before it drops new DATA (RFC 9260
+# 6.2). Our sender keeps within the window (one packet when nothing is in flight), so only a
+# peer that ignores it comes here: without a bound, one message of any size was reassembled in
+# memory. The slack lets a partial message on every stream (17 channels) complete.
+_RWND_OVERSHOOT = 17 * MAX_DATA_CHANNEL_MESSAGE
+
+
+def _over_window(sctp: Any, tsn: int) -> bool:
+    """Drop this DATA chunk, unacknowledged: the window is overrun and ``tsn`` is new data
+    (a chunk filling a hole below the highest TSN is still taken)."""
+    if sctp._advertised_rwnd >= -_RWND_OVERSHOOT:
+        return False
+    last = sctp._last_received_tsn
+    highest = sctp._kvpeer_highest_tsn
+    if highest is None or rtcsctptransport.uint32_gt(last, highest):
+        highest = last
+    if not rtcsctptransport.uint32_gt(tsn, highest):
+        return False
+    if not sctp._kvpeer_overrun:
+        sctp._kvpeer_overrun = True
+        logger.warning("SCTP peer overruns our receive window by %d bytes: dropping its new data",
+                       -sctp._advertised_rwnd)
+    return True
+
+
 def _tsn_after(a: int, b: int) -> bool:
     """Serial-number order of 32-bit TSNs (RFC 1982): is *a* after *b*?"""
     return a != b and (a - b) % rtcsctptransport.SCTP_TSN_MODULO < 2**31
@@ -828,6 +856,8 @@ async def _receive_data_chunk(self: Any, chunk: Any) -> None:
     its last missing fragment; a chunk appended in TSN order is that fragment only if it is
     the message's last, so every other in-order chunk skips the scan.
     """
+    if self._advertised_rwnd < 0 and _over_window(self, chunk.tsn):
+        return
     self._sack_needed = True
     if self._mark_received(chunk.tsn):
         return

@@ -22,6 +22,14 @@ from kvpeer.transport.messages import (
 )
 
 
+# A sender's frames carry at least this much (transport.frame_bytes is 1 KiB at the least),
+# except a blob's last frame: tiny frames would cost the receiver far more in bookkeeping than
+# the size cap counts.
+MIN_FRAME_PAYLOAD = 1024 - FRAME_HEADER.size
+# What one held frame costs beyond its payload (dict slot, bytes object): charged to the cap.
+FRAME_OVERHEAD = 128
+
+
 def digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
@@ -70,6 +78,10 @@ class BlobAssembler:
             raise ProtocolError(ErrorCode.INVALID, f"blob {self.blob_id}: started twice")
         if start.size > self._max_blob_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"blob of {start.size} bytes")
+        if start.frames > 1 and start.frame_payload < MIN_FRAME_PAYLOAD:
+            raise ProtocolError(
+                ErrorCode.INVALID, f"blob {self.blob_id}: frames of {start.frame_payload} bytes"
+            )
         if self._key is not None and start.key != self._key:
             raise ProtocolError(ErrorCode.INTEGRITY, f"blob {self.blob_id}: another chunk's key")
         if self._level and start.level != self._level:
@@ -88,10 +100,13 @@ class BlobAssembler:
             raise ProtocolError(ErrorCode.INVALID, f"blob {self.blob_id}: frame {index} twice")
         if self._start is not None:
             self._check_frame(index, payload)
-        elif self._buffered + len(payload) > self._max_blob_bytes:
+        elif (
+            self._buffered + len(payload) + FRAME_OVERHEAD
+            > self._max_blob_bytes + FRAME_OVERHEAD * (self._max_blob_bytes // MIN_FRAME_PAYLOAD + 1)
+        ):  # before BlobStart: as much as the largest blob in the smallest frames may hold
             raise ProtocolError(ErrorCode.TOO_LARGE, f"blob {self.blob_id}: too many frames")
         self._frames[index] = payload
-        self._buffered += len(payload)
+        self._buffered += len(payload) + FRAME_OVERHEAD
         self.received_bytes += len(frame)
 
     def _check_frame(self, index: int, payload: bytes) -> None:

@@ -445,3 +445,33 @@ def test_an_sdp_that_aiortc_cannot_take_is_a_counted_failed_handshake() -> None:
             await b.close()
 
     _run(body)
+
+
+def test_a_peer_overrunning_the_receive_window_is_dropped_not_buffered() -> None:
+    """A sender that ignores max-message-size and the window (one 16 MiB message): the receiver
+    holds at most the window plus a bounded slack, not the whole message."""
+    from kvpeer.transport import aiortc_patches
+
+    async def body() -> None:
+        async with _session_to_b(Handler()) as (session, b):
+            served = b.session("node-a")
+            assert served is not None
+            sctp = served._pc.sctp
+            delivered: list[int] = []
+            served._control.channel.remove_all_listeners("message")
+            served._control.channel.on("message", lambda data: delivered.append(len(data)))
+            session._pc.sctp._remote_max_message_size = 0  # the sender ignores the limit
+            session._control.channel.send(b"\0" * (16 << 20))
+            lowest = 0
+            for _ in range(400):
+                lowest = min(lowest, sctp._advertised_rwnd)
+                if sctp._kvpeer_overrun:
+                    break
+                await asyncio.sleep(0.05)
+            assert sctp._kvpeer_overrun
+            await asyncio.sleep(0.5)
+            lowest = min(lowest, sctp._advertised_rwnd)
+            assert lowest >= -aiortc_patches._RWND_OVERSHOOT - 65536
+            assert max(delivered, default=0) < 1 << 20  # heartbeats only
+
+    _run(body)

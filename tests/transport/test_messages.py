@@ -111,6 +111,23 @@ def test_assembler_bounds_size() -> None:
             early.add(frame)
 
 
+def test_assembler_counts_each_held_frame_not_only_its_payload() -> None:
+    """Empty or tiny frames cost bookkeeping the payload bytes do not show: before BlobStart
+    their count is bounded, and a BlobStart of tiny frames is refused."""
+    early = BlobAssembler(4, 10_000)
+    with pytest.raises(ProtocolError) as raised:
+        for index in range(10_000):
+            early.add(m.encode_frame(4, index, b""))
+    assert raised.value.code == ErrorCode.TOO_LARGE and index < 200
+    tiny = BlobAssembler(4, 10_000)
+    with pytest.raises(ProtocolError):
+        tiny.start(blob_start(4, b"x" * 5000, 64 + m.FRAME_HEADER.size, key=KEY, level="q8"))
+    small_blob = BlobAssembler(4, 10_000)  # one short frame is what a small blob is
+    small_blob.start(blob_start(4, b"x" * 10, 64 + m.FRAME_HEADER.size, key=KEY, level="q8"))
+    small_blob.add(m.encode_frame(4, 0, b"x" * 10))
+    assert small_blob.result() == b"x" * 10
+
+
 def test_a_blob_stating_another_key_or_level_is_refused() -> None:
     blob = b"x" * 5000
     wrong_key = BlobAssembler(3, 1 << 20, key=bytes(32), level="q8")
