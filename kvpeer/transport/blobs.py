@@ -21,7 +21,6 @@ from kvpeer.transport.messages import (
     frames_for,
 )
 
-
 # A sender's frames carry at least this much (transport.frame_bytes is 1 KiB at the least),
 # except a blob's last frame: tiny frames would cost the receiver far more in bookkeeping than
 # the size cap counts.
