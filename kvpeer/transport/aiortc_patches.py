@@ -1388,18 +1388,23 @@ def _demux_dtls_first(protocol: Any) -> None:
             return
         if not 19 < data[0] < 64:
             stock(data, addr)
-        elif (
-            data[0] == _DTLS_APPLICATION_DATA
-            and len(data) > _record_end(data, 0)
-            and not receiver._kvpeer_whole_reads
-        ):
-            # Several datagrams the kernel coalesced (UDP GRO), before the record path reads
-            # them whole: one record each, as aiortc's DTLS reader expects.
-            component = protocol.local_candidate.component
-            for record in _split_records(data):
-                receiver.data_received(record, component)
-        else:
-            receiver.data_received(data, protocol.local_candidate.component)
+            return
+        if data[0] == _DTLS_APPLICATION_DATA and len(data) > _record_end(data, 0):
+            # Several datagrams the kernel coalesced (UDP GRO). The last may be a smaller one
+            # of another kind (a STUN consent check of the same flow): that one is aioice's,
+            # or six missed checks in a long transfer would close the connection.
+            cut = _dtls_records_end(data)
+            if cut < len(data):
+                stock(data[cut:], addr)
+                data = data[:cut]
+            if not receiver._kvpeer_whole_reads:
+                # Before the record path reads them whole: one record each, as aiortc's DTLS
+                # reader expects.
+                component = protocol.local_candidate.component
+                for record in _split_records(data):
+                    receiver.data_received(record, component)
+                return
+        receiver.data_received(data, protocol.local_candidate.component)
 
     protocol.datagram_received = datagram_received
 
@@ -1413,6 +1418,18 @@ _DTLS_HEADER = 13  # content type, version, epoch, sequence number (6 bytes), le
 
 def _record_end(data: bytes, start: int) -> int:
     return start + _DTLS_HEADER + int.from_bytes(data[start + 11 : start + 13], "big")
+
+
+def _dtls_records_end(data: bytes) -> int:
+    """Where a coalesced read's whole DTLS records end, if a datagram of another kind (first
+    byte outside 20-63, RFC 7983) follows them; else its length."""
+    start, size = 0, len(data)
+    while start + _DTLS_HEADER <= size and 19 < data[start] < 64:
+        end = _record_end(data, start)
+        if end > size:
+            return size
+        start = end
+    return start if start < size and not 19 < data[start] < 64 else size
 
 
 def _split_records(data: bytes) -> list[bytes]:

@@ -491,6 +491,17 @@ def test_coalesced_datagrams_are_split_into_their_records() -> None:
     protocol.receiver._kvpeer_whole_reads = True
     protocol.datagram_received(b"".join(records), ("10.0.0.1", 1))
     assert queued[-1] == b"".join(records)
+    # GRO puts a smaller datagram of the same flow last: a STUN consent check is aioice's, in
+    # either mode (dropped as a "truncated record", six missed checks closed the connection).
+    consent = bytes([0, 1, 0, 8]) + bytes(16) + bytes(8)
+    protocol.datagram_received(b"".join(records) + consent, ("10.0.0.1", 1))
+    assert queued[-1] == b"".join(records) and stun[-1] == consent
+    protocol.receiver._kvpeer_whole_reads = False
+    del queued[:]
+    protocol.datagram_received(b"".join(records) + consent, ("10.0.0.1", 1))
+    assert queued == records and stun[-2:] == [consent, consent]
+    protocol.datagram_received(b"".join(records) + records[0][:100], ("10.0.0.1", 1))
+    assert len(stun) == 3  # a truncated DTLS record is no STUN: dropped by the split, as before
 
 
 class _RefusingSocket:
