@@ -33,6 +33,10 @@ _LENGTH = struct.Struct("!I")
 _SIGNALLING_LIMIT = 128 * 1024
 #: Addresses whose failed authentication was logged loudly (bounded: peers choose them).
 _MAX_WARNED = 256
+# Handshakes in progress (accepted, key not proven yet or channels not open): at most this many
+# at once, and this many from one address; more connections are closed at once.
+MAX_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_ADDRESS = 8
 
 
 async def _read_message(reader: asyncio.StreamReader) -> m.Message:
@@ -83,13 +87,14 @@ class PeerTransport:
         self.config = config
         self.handler = handler
         self.on_peer_down = on_peer_down
-        #: auth_failures, handshakes_failed, sessions_opened, peers_down: for metrics.
+        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down.
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._sessions: dict[str, PeerSession] = {}
         self._all: set[PeerSession] = set()
         self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
+        self._handshake_sources: dict[asyncio.Task[Any], str] = {}
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
         self._auth_warned: set[str] = set()
@@ -213,8 +218,17 @@ class PeerTransport:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handshakes.add(task)
         peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        from_address = sum(1 for a in self._handshake_sources.values() if a == address)
+        if len(self._handshakes) >= MAX_HANDSHAKES or from_address >= MAX_HANDSHAKES_PER_ADDRESS:
+            # Anyone on the LAN may connect before proving the key: each open handshake holds a
+            # task and a descriptor for up to connect_timeout_s, so their number is bounded.
+            self.counters["handshakes_refused"] += 1
+            writer.close()
+            return
+        self._handshakes.add(task)
+        self._handshake_sources[task] = address
         pc: RTCPeerConnection | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
@@ -266,6 +280,7 @@ class PeerTransport:
         finally:
             writer.close()
             self._handshakes.discard(task)
+            self._handshake_sources.pop(task, None)
 
     def _log_auth_failure(self, peer: Any, exc: AuthError) -> None:
         # Anyone on the LAN can trigger this: warn once per address, then only count.

@@ -475,3 +475,28 @@ def test_a_peer_overrunning_the_receive_window_is_dropped_not_buffered() -> None
             assert max(delivered, default=0) < 1 << 20  # heartbeats only
 
     _run(body)
+
+
+def test_connections_that_never_prove_the_key_are_bounded_per_address() -> None:
+    from kvpeer.transport.peer import MAX_HANDSHAKES_PER_ADDRESS
+
+    async def body() -> None:
+        async with _session_to_b(Handler()) as (_session, b):
+            idle = [await asyncio.open_connection("127.0.0.1", b.port) for _ in range(MAX_HANDSHAKES_PER_ADDRESS)]
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+            assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed at once
+            assert b.counters["handshakes_refused"] == 1
+            writer.close()
+            for _reader, idle_writer in idle:
+                idle_writer.close()
+            await asyncio.sleep(0.2)
+            late = PeerTransport("node-c", _config(), Handler())
+            await late.start()
+            try:  # the slots came back: a real peer gets in
+                session = await late.connect("node-b", "127.0.0.1", b.port)
+                assert await session.request("echo", {}) == {"from": "node-c"}
+            finally:
+                await late.close()
+
+    _run(body)
