@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 WRITE_BATCH = 64  # files written before their directories are fsynced once
+CLEAR_BATCH = 128  # keys dropped per hold of the lock by clear()
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"
@@ -173,6 +174,11 @@ class ChunkStore:
         self._disk: OrderedDict[_Slot, int] = OrderedDict()  # slot -> file size, LRU first
         self._pending: dict[_Slot, _PendingWrite] = {}  # queued or being written
         self._queue: deque[_Slot] = deque()
+        # Slots a writer thread has in hand, and slots queued again meanwhile (after a delete
+        # and a new put): one writer per slot at a time, or the older write's clean-up could
+        # unlink the newer file.
+        self._writing: set[_Slot] = set()
+        self._deferred: list[_Slot] = []
         self._levels: dict[bytes, set[str]] = {}  # readable levels per key (RAM, queue, disk)
         self.ram_used = 0
         self.disk_used = 0  # files on disk + the file sizes of queued writes
@@ -252,11 +258,18 @@ class ChunkStore:
         return found
 
     def clear(self) -> int:
-        """Drop every chunk; returns how many keys were held."""
+        """Drop every chunk; returns how many keys were held.
+
+        In batches: each file is an unlink under the lock, and readers on the event loop
+        (``has``) must not wait for all of them (20,000 files: seconds).
+        """
         changes = _Changes()
         with self._lock:
-            for key in list(self._levels):
-                self._drop_key(key, changes)
+            keys = list(self._levels)
+        for start in range(0, len(keys), CLEAR_BATCH):
+            with self._lock:
+                for key in keys[start : start + CLEAR_BATCH]:
+                    self._drop_key(key, changes)
         count = len(changes.removed)
         self._notify(changes)
         return count
@@ -577,8 +590,13 @@ class ChunkStore:
                 while self._queue and len(batch) < share:
                     slot = self._queue.popleft()
                     entry = self._pending.get(slot)
-                    if entry is not None:
-                        batch.append((slot, entry))
+                    if entry is None:
+                        continue
+                    if slot in self._writing:
+                        self._deferred.append(slot)
+                        continue
+                    self._writing.add(slot)
+                    batch.append((slot, entry))
             self._write_batch(batch)
 
     def _write_batch(self, batch: list[tuple[_Slot, _PendingWrite]]) -> None:
@@ -603,9 +621,17 @@ class ChunkStore:
         changes = _Changes()
         freed = 0
         with self._cond:
+            for slot, _entry in batch:
+                self._writing.discard(slot)
+            if self._deferred:
+                self._queue.extend(self._deferred)
+                self._deferred.clear()
             for slot, entry, path in written:
                 if self._pending.get(slot) is not entry:  # deleted (or replaced) meanwhile
-                    path.unlink(missing_ok=True)
+                    try:  # our own file: no other writer had this slot in hand
+                        path.unlink(missing_ok=True)
+                    except OSError as exc:
+                        log.warning("store: cannot remove %s: %s", path, exc)
                     continue
                 del self._pending[slot]
                 self.pending_bytes -= len(entry.blob)

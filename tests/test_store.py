@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -342,4 +343,39 @@ def test_disk_full_keeps_acknowledged_puts_and_frees_room_from_the_oldest_files(
     monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
     store.put_blocking(key(12), "q8", blob(12, size))  # the room freed takes the next put
     assert store.flush(timeout_s=30) and store.stats()["disk_entries"] == 1
+    store.close()
+
+
+def test_delete_and_put_again_while_the_first_write_is_in_flight_keeps_the_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evict-all, then the same prefix put again, while the first write still fsyncs: the
+    first writer's clean-up must not unlink the second writer's file."""
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, writers=2)
+    store.put_blocking(key(1), "q8", blob(1))
+    time.sleep(0.1)  # a writer has it in hand
+    store.delete(key(1))
+    store.put_blocking(key(1), "q8", blob(1))
+    assert store.flush(timeout_s=30)
+    time.sleep(0.5)
+    assert store.get_blocking(key(1), "q8") == blob(1)
+    assert files(tmp_path) and store.stats()["disk_entries"] == 1
+    store.close()
+
+
+def test_clear_drops_everything_batch_by_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "CLEAR_BATCH", 3)
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path)
+    for i in range(10):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    assert store.clear() == 10
+    assert not store.keys() and not files(tmp_path) and store.stats()["disk_bytes"] == 0
     store.close()
