@@ -445,6 +445,7 @@ class SegmentRegistry:
         # One segment's pages reserved and mapped ahead (see reserve_spare); threads take it.
         self._spare: Reserved | None = None
         self._spare_lock = threading.Lock()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -493,7 +494,7 @@ class SegmentRegistry:
     def reserve_spare(self, size: int, *, max_bytes: int) -> bool:
         """Reserve and map ``size`` bytes for the next :meth:`make` (blocking: run it in a
         thread, when idle). Keeps a spare already large enough; False when ``size`` is over
-        ``max_bytes`` (nothing is reserved)."""
+        ``max_bytes`` or the registry closed meanwhile (nothing is kept)."""
         with self._spare_lock:
             if self._spare is not None and size <= self._spare.size <= 2 * size:
                 return True
@@ -501,10 +502,13 @@ class SegmentRegistry:
             return False
         reserved = Reserved.make(size, directory=self.directory, populate=True, spare=True)
         with self._spare_lock:
-            old, self._spare = self._spare, reserved
+            if self._closed:  # closed while this thread reserved: nobody would unlink it
+                old, kept = reserved, False
+            else:
+                old, self._spare, kept = self._spare, reserved, True
         if old is not None:
             old.discard()
-        return True
+        return kept
 
     @property
     def spare_bytes(self) -> int:
@@ -562,6 +566,8 @@ class SegmentRegistry:
         return min((e.expires for e in self._entries.values()), default=None)
 
     def close(self) -> None:
+        with self._spare_lock:
+            self._closed = True
         for name in list(self._entries):
             self._drop(name)
         self.drop_spare()

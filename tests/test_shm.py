@@ -122,6 +122,14 @@ def test_registry_makes_the_next_segment_from_a_spare_of_fresh_pages(tmp_path: P
     assert not (tmp_path / small.name).exists() and not any(tmp_path.iterdir())
 
 
+def test_a_spare_reserved_while_the_registry_closed_is_not_left_behind(tmp_path: Path) -> None:
+    """The reservation runs in a thread: one finishing after close() unlinks its own file."""
+    registry = shm.SegmentRegistry(directory=tmp_path)
+    registry.close()
+    assert registry.reserve_spare(LAYOUT.size, max_bytes=1 << 20) is False
+    assert registry.spare_bytes == 0 and not any(tmp_path.iterdir())
+
+
 def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
