@@ -442,6 +442,7 @@ class SegmentRegistry:
         self.lease_s = lease_s
         self.max_bytes_per_owner = max_bytes_per_owner
         self._entries: dict[str, _Entry] = {}
+        self._admitted: dict[int, int] = {}  # owner -> bytes of segments being made for it
         # One segment's pages reserved and mapped ahead (see reserve_spare); threads take it.
         self._spare: Reserved | None = None
         self._spare_lock = threading.Lock()
@@ -461,17 +462,34 @@ class SegmentRegistry:
         uid: int | None = None, gid: int | None = None,
     ) -> Segment:
         self.admit(layout, owner)
-        return self.adopt(self.make(layout, uid=uid, gid=gid), owner=owner, now=now)
+        try:
+            segment = self.make(layout, uid=uid, gid=gid)
+        except BaseException:
+            self.withdraw(layout, owner)
+            raise
+        return self.adopt(segment, owner=owner, now=now)
 
     # create() in three steps, for callers that make the segment off the event loop: reserving
     # the pages of a large segment zero-fills them (tens of ms), and only make() touches no
     # registry state, so only make() may run in another thread.
     def admit(self, layout: SegmentLayout, owner: int) -> None:
-        """BUSY if ``owner`` may not hold another segment of this size."""
-        if self.bytes_of(owner) + layout.size > self.max_bytes_per_owner:
+        """BUSY if ``owner`` may not hold another segment of this size; else its bytes count
+        against ``owner`` until :meth:`adopt` (or :meth:`withdraw`), so that segments being
+        made at once cannot all pass the cap."""
+        admitted = self._admitted.get(owner, 0)
+        if self.bytes_of(owner) + admitted + layout.size > self.max_bytes_per_owner:
             raise ProtocolError(
                 ErrorCode.BUSY, "too much shared memory held by this client: release segments"
             )
+        self._admitted[owner] = admitted + layout.size
+
+    def withdraw(self, layout: SegmentLayout, owner: int) -> None:
+        """An admitted segment will not be adopted (its making failed or its client left)."""
+        left = self._admitted.get(owner, 0) - layout.size
+        if left > 0:
+            self._admitted[owner] = left
+        else:
+            self._admitted.pop(owner, None)
 
     def make(
         self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None,
@@ -532,7 +550,9 @@ class SegmentRegistry:
             spare.discard()
 
     def adopt(self, segment: Segment, *, owner: int, now: float) -> Segment:
-        """Register a segment from :meth:`make` as ``owner``'s, leased from ``now``."""
+        """Register a segment from :meth:`make` (admitted for ``owner``) as ``owner``'s,
+        leased from ``now``."""
+        self.withdraw(segment.layout, owner)
         self._entries[segment.name] = _Entry(segment, owner, now + self.lease_s)
         return segment
 

@@ -88,6 +88,16 @@ def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
     assert registry.release_owner(1) == 3
     assert not (tmp_path / b.name).exists() and len(registry) == 0
     assert not any(tmp_path.iterdir())
+    # Segments being made at once (off the event loop) count from admission on.
+    for _ in range(3):
+        registry.admit(LAYOUT, owner=3)
+    with pytest.raises(ProtocolError):
+        registry.admit(LAYOUT, owner=3)
+    registry.withdraw(LAYOUT, owner=3)  # one failed to be made
+    registry.adopt(registry.make(LAYOUT), owner=3, now=0.0)
+    registry.admit(LAYOUT, owner=3)
+    with pytest.raises(ProtocolError):
+        registry.admit(LAYOUT, owner=3)
 
 
 def test_registry_makes_the_next_segment_from_a_spare_of_fresh_pages(tmp_path: Path) -> None:

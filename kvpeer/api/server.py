@@ -371,21 +371,25 @@ class ApiServer:
         """A segment for ``conn``, its pages reserved (and mapped, with ``populate``) in a
         thread: tens of ms per GiB, which the event loop spends receiving meanwhile."""
         self.registry.admit(layout, conn.id)
-        job = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(
-                self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=populate
-            ),
-        )
         try:
-            segment = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The thread goes on making it: unlink it once it exists, or it outlives the fetch.
-            job.add_done_callback(_discard_made_segment)
+            job = asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=populate
+                ),
+            )
+            try:
+                segment = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # The thread goes on making it: unlink it once it exists, or it outlives the fetch.
+                job.add_done_callback(_discard_made_segment)
+                raise
+            if conn.closed:  # its segments were released while this one was being made
+                _discard(segment)
+                raise ProtocolError(ErrorCode.INTERNAL, "client gone")
+        except BaseException:
+            self.registry.withdraw(layout, conn.id)
             raise
-        if conn.closed:  # its segments were released while this one was being made
-            _discard(segment)
-            raise ProtocolError(ErrorCode.INTERNAL, "client gone")
         return self._adopt(segment, conn)
 
     def _want_spare(self, size: int) -> None:
