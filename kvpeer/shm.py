@@ -519,11 +519,11 @@ class SegmentRegistry:
         if size > max_bytes:
             return False
         reserved = Reserved.make(size, directory=self.directory, populate=True, spare=True)
+        old: Reserved | None = reserved
         with self._spare_lock:
-            if self._closed:  # closed while this thread reserved: nobody would unlink it
-                old, kept = reserved, False
-            else:
-                old, self._spare, kept = self._spare, reserved, True
+            kept = not self._closed  # closed while this thread reserved: nobody would unlink it
+            if kept:
+                old, self._spare = self._spare, reserved
         if old is not None:
             old.discard()
         return kept
