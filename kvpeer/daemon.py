@@ -333,13 +333,16 @@ class Daemon:
     async def fetch(self, ctx: ClientContext, req: Any, sink: FetchSink) -> None:
         fp: ModelFingerprint = req.fingerprint
         started = time.monotonic()
-        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
+        defaults = self.config.fetch
+        deadline_s = req.deadline_s or defaults.deadline_s or None
+        # A quarter of the deadline at most to find the holders: the rest is the fetch's.
+        plan = await self._plan(
+            self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
+        )
         if not plan.sources:
             log.info("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
             self.metrics.record_miss(wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens)
             return
-        defaults = self.config.fetch
-        deadline_s = req.deadline_s or defaults.deadline_s or None
         outcome = await self.fetcher.fetch(
             plan.keys[: len(plan.sources)],
             plan.holders,
@@ -366,8 +369,11 @@ class Daemon:
             outcome.bytes_moved, time.monotonic() - started,
         )
 
-    async def _plan(self, keys: Sequence[bytes], fp: ModelFingerprint) -> _Plan:
-        """Longest prefix of ``keys`` held locally or by some peer, and who holds each chunk."""
+    async def _plan(
+        self, keys: Sequence[bytes], fp: ModelFingerprint, limit_s: float | None = None
+    ) -> _Plan:
+        """Longest prefix of ``keys`` held locally or by some peer, and who holds each chunk.
+        ``limit_s``: how long peers not synced yet may take to say what they hold."""
         plan = _Plan(keys=list(keys))
         local = 0
         for key in keys:
@@ -381,21 +387,34 @@ class Daemon:
             return plan
         _, known = self.peer_table.longest_prefix(wanted, fp.hex)
         holders: list[set[str]] = [set(known[i]) if i < len(known) else set() for i in range(len(wanted))]
-        for peer in list(self.discovery.peers().values()):
-            if fp.hex not in peer.fingerprints or self.peer_table.epoch(peer.node_id) == peer.epoch:
-                continue  # serves another model, or its inventory is already in the table
-            # Not synced yet (just appeared, or its epoch moved a moment ago): ask directly.
+        # Peers not synced yet (just appeared, or their epoch moved a moment ago): ask them
+        # directly, all at once, and go on without those that take longer than ``limit_s``.
+        unsynced = [
+            peer.node_id for peer in list(self.discovery.peers().values())
+            if fp.hex in peer.fingerprints and self.peer_table.epoch(peer.node_id) != peer.epoch
+        ]  # fmt: skip
+        asking = {
+            asyncio.create_task(self._peer_request(peer_id, "has", {"keys": wanted})): peer_id
+            for peer_id in unsynced
+        }
+        answered: set[asyncio.Task[dict[str, Any]]] = set()
+        if asking:
+            answered, late = await asyncio.wait(asking, timeout=limit_s)
+            for task in late:
+                log.info("peer %s not asked: no answer within %.2fs", asking[task], limit_s)
+                task.cancel()
+        for task in answered:
+            peer_id = asking[task]
             try:
-                answer = await self._peer_request(peer.node_id, "has", {"keys": wanted})
+                have = task.result().get("have", [])
             except KVPeerError as exc:
-                log.info("peer %s not asked: %s", peer.node_id, exc)
+                log.info("peer %s not asked: %s", peer_id, exc)
                 continue
-            have = answer.get("have", [])
             if not isinstance(have, list):
                 continue
             for index, held in enumerate(have[: len(wanted)]):
                 if held is True:
-                    holders[index].add(peer.node_id)
+                    holders[index].add(peer_id)
         for peers in holders:
             if not peers:
                 break

@@ -122,3 +122,35 @@ def test_concurrent_saves_of_new_models_leave_a_whole_fingerprints_file(
     with caplog.at_level(logging.WARNING, logger="kvpeer.daemon"):
         asyncio.run(put(dataclasses.replace(FP32, name="one-more")))  # logged, not raised
     assert any("cannot save" in r.getMessage() for r in caplog.records)
+
+
+def test_planning_asks_unsynced_peers_at_once_and_goes_on_without_a_silent_one() -> None:
+    """A peer discovery still lists but that does not answer must not hold every fetch for
+    the request timeouts: peers are asked together, for at most the planning limit."""
+    import asyncio
+
+    keys = [bytes([i]) * 32 for i in range(3)]
+    cancelled: list[str] = []
+
+    async def peer_request(peer_id: str, method: str, body: dict[str, object]) -> dict[str, object]:
+        assert method == "has" and body["keys"] == keys
+        if peer_id == "silent":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(peer_id)
+                raise
+        return {"have": [True, True, False]}
+
+    def peer(node_id: str) -> SimpleNamespace:
+        return SimpleNamespace(node_id=node_id, fingerprints={FP32.hex}, epoch=1)
+
+    node = SimpleNamespace(
+        store=SimpleNamespace(has=lambda key: False),
+        peer_table=SimpleNamespace(longest_prefix=lambda wanted, model: (0, []), epoch=lambda node_id: 0),
+        discovery=SimpleNamespace(peers=lambda: {"silent": peer("silent"), "fast": peer("fast")}),
+        _peer_request=peer_request,
+    )
+    plan = asyncio.run(daemon.Daemon._plan(node, keys, FP32, 0.2))
+    assert plan.sources == ["fast", "fast"] and plan.holders == [{"fast"}, {"fast"}]
+    assert cancelled == ["silent"]
