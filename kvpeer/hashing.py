@@ -12,6 +12,7 @@ This module is pure: no I/O, no torch.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,11 +42,21 @@ class ModelFingerprint:
     rope_scaling: str = ""  # canonical text of the RoPE scaling config, "" for none
 
     def __post_init__(self) -> None:
+        # Fields arrive from clients and peers: a wrong type must fail here, not deep in a put.
+        for text in ("name", "revision", "dtype", "rope_scaling"):
+            if not isinstance(getattr(self, text), str):
+                raise TypeError(f"model fingerprint: {text} must be a string")
         if not self.name:
             raise ValueError("model fingerprint needs a model name")
         for field in ("layers", "kv_heads", "head_dim"):
-            if getattr(self, field) <= 0:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"model fingerprint: {field} must be an integer")
+            if value <= 0:
                 raise ValueError(f"model fingerprint: {field} must be positive")
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or not math.isfinite(theta):
+            raise TypeError("model fingerprint: rope_theta must be a finite number")
 
     def digest(self) -> bytes:
         """16-byte digest of every field, in a fixed canonical order."""

@@ -140,6 +140,22 @@ def test_fingerprint_hex_must_match_its_fields() -> None:
     assert info.value.code == ErrorCode.INVALID
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rope_theta", [1]), ("rope_theta", True), ("rope_theta", float("nan")), ("layers", 2.5),
+     ("layers", True), ("name", 7), ("dtype", None), ("rope_scaling", {})],
+)  # fmt: skip
+def test_a_fingerprint_field_of_the_wrong_type_is_refused_at_the_door(field: str, value: object) -> None:
+    """It used to pass, fail later in the daemon as an internal error, and be saved to disk."""
+    wire = m.fingerprint_to_wire(FP)
+    wire.pop("hex", None)
+    wire[field] = value
+    payload = body(v=1, t="lookup", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
+    with pytest.raises(ProtocolError) as info:
+        m.decode_body(payload)
+    assert info.value.code == ErrorCode.INVALID and "fingerprint" in info.value.reason
+
+
 def test_request_id_is_recovered_from_a_body_that_fails_validation() -> None:
     assert m.request_id_of(body(v=1, t="release", id=42)) == 42
     assert m.request_id_of(b"\xc1") == 0

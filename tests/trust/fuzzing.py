@@ -77,8 +77,8 @@ TRANSPORT_SEEDS = [
 ]
 ALL_TRANSPORT_TYPES = {**tm.SIGNALLING_TYPES, **tm.CONTROL_TYPES}
 
-FRAME_BLOB = bytes(range(256)) * 3
-FRAME_BYTES = 300
+FRAME_BLOB = bytes(range(256)) * 10
+FRAME_BYTES = 1024  # transport.frame_bytes is 1 KiB at the least
 FRAME_SEEDS = list(blobs.iter_frames(5, FRAME_BLOB, FRAME_BYTES))
 FRAME_START = blobs.blob_start(5, FRAME_BLOB, FRAME_BYTES, key=b"k" * 32, level="q8")
 
