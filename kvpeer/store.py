@@ -597,7 +597,8 @@ class ChunkStore:
                         continue
                     self._writing.add(slot)
                     batch.append((slot, entry))
-            self._write_batch(batch)
+            if batch:  # else all deferred: their holder queues them again, and wakes us
+                self._write_batch(batch)
 
     def _write_batch(self, batch: list[tuple[_Slot, _PendingWrite]]) -> None:
         written: list[tuple[_Slot, _PendingWrite, Path]] = []

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -358,6 +359,14 @@ def test_delete_and_put_again_while_the_first_write_is_in_flight_keeps_the_new_f
         fsync(fd)
 
     monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
+    batches: list[int] = []
+    write_batch = ChunkStore._write_batch
+
+    def counting(self: ChunkStore, batch: list[Any]) -> None:
+        batches.append(len(batch))
+        write_batch(self, batch)
+
+    monkeypatch.setattr(ChunkStore, "_write_batch", counting)
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, writers=2)
     store.put_blocking(key(1), "q8", blob(1))
     time.sleep(0.1)  # a writer has it in hand
@@ -367,6 +376,7 @@ def test_delete_and_put_again_while_the_first_write_is_in_flight_keeps_the_new_f
     time.sleep(0.5)
     assert store.get_blocking(key(1), "q8") == blob(1)
     assert files(tmp_path) and store.stats()["disk_entries"] == 1
+    assert 0 not in batches  # the idle writer waited for the slot; it did not spin on it
     store.close()
 
 
