@@ -1005,7 +1005,7 @@ class LevelServer:
         # What the chunk's model encodes with (profile, RoPE layout): the plain rules without it,
         # which would lose the per-head allocation the put level had.
         self.transcode_options = transcode_options
-        self._making: dict[tuple[bytes, str], asyncio.Task[bytes]] = {}
+        self._making: dict[tuple[bytes, str], _Transcode] = {}
         # One transcode at a time by default: on a small CPU the decoder and the event loop
         # need the other core.
         self._slots = asyncio.Semaphore(concurrency)
@@ -1041,7 +1041,7 @@ class LevelServer:
                     break
 
     async def close(self) -> None:
-        tasks: list[asyncio.Task[Any]] = list(self._making.values())
+        tasks: list[asyncio.Task[Any]] = [making.task for making in self._making.values()]
         if self._warmer is not None:
             tasks.append(self._warmer)
         for task in tasks:
@@ -1087,19 +1087,35 @@ class LevelServer:
         # The transcode is this server's task, not the first requester's: a peer that cancels
         # its request only stops waiting, and the others (and the warm loop) still get the blob.
         making = self._making.get((key, level))
-        if making is None:
-            making = asyncio.get_running_loop().create_task(self._transcode(key, top, held, level))
+        if making is None or making.task.cancelling():
+            making = _Transcode()
+            making.task = asyncio.get_running_loop().create_task(
+                self._transcode(making, key, top, held, level)
+            )
             self._making[(key, level)] = making
-            making.add_done_callback(lambda task: self._made(key, level, task))
-        return await asyncio.shield(making)
+            making.task.add_done_callback(lambda task: self._made(key, level, making))
+        making.waiters += 1
+        try:
+            return await asyncio.shield(making.task)
+        finally:
+            making.waiters -= 1
+            # Nobody waits for it and it has no slot yet: it leaves the queue, so that requests
+            # given up on (deadlines, cancels) do not hold live ones behind them. One running
+            # goes on: its blob is cached.
+            if making.waiters == 0 and not making.started and not making.task.done():
+                making.task.cancel()
 
-    def _made(self, key: bytes, level: str, task: asyncio.Task[bytes]) -> None:
-        self._making.pop((key, level), None)
-        if not task.cancelled():
-            task.exception()  # retrieved: requesters that gave up are not told, nor is asyncio
+    def _made(self, key: bytes, level: str, making: _Transcode) -> None:
+        if self._making.get((key, level)) is making:
+            del self._making[(key, level)]
+        if not making.task.cancelled():
+            making.task.exception()  # retrieved: requesters that gave up are not told, nor is asyncio
 
-    async def _transcode(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
+    async def _transcode(
+        self, making: _Transcode, key: bytes, top: bytes, held: str, level: str
+    ) -> bytes:
         async with self._slots:
+            making.started = True
             blob = await asyncio.get_running_loop().run_in_executor(
                 self.executor, transcode_blocking, top, level, self.transcode_options
             )
@@ -1108,6 +1124,16 @@ class LevelServer:
         with contextlib.suppress(StoreError):
             await self.store.put(key, level, blob)
         return blob
+
+
+class _Transcode:
+    """One on-demand transcode, how many requests wait on it, and whether it has its slot."""
+
+    task: asyncio.Task[bytes]
+
+    def __init__(self) -> None:
+        self.waiters = 0
+        self.started = False
 
 
 def total_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> float:

@@ -594,6 +594,38 @@ def test_a_shared_transfer_that_fails_is_not_blamed_on_the_joining_fetchs_peer()
     asyncio.run(main())
 
 
+def test_transcodes_nobody_waits_for_leave_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests given up on (deadline, BlobCancel) must not hold a live request behind their
+    queued transcodes; the one already running finishes (its blob is cached)."""
+    import kvpeer.fetcher as fetcher_mod
+
+    transcode = fetcher_mod.transcode_blocking
+
+    def slow_transcode(*args: Any) -> bytes:
+        time.sleep(0.1)
+        return transcode(*args)
+
+    monkeypatch.setattr(fetcher_mod, "transcode_blocking", slow_transcode)
+
+    async def main() -> None:
+        cache = Cache()
+        for i in range(7):
+            await cache.put(key(i), "exact", blob(i, "exact"))
+        server = LevelServer(cache, executor=ThreadPoolExecutor(1))
+        given_up = [asyncio.create_task(server.open_blob(key(i), "q4")) for i in range(6)]
+        await asyncio.sleep(0.02)
+        for task in given_up:
+            task.cancel()
+        await asyncio.gather(*given_up, return_exceptions=True)
+        live = await server.open_blob(key(6), "q4")
+        assert live is not None and codec.read_header(live).level == "q4"
+        assert server.transcoded <= 2  # the one that had the slot, and the live one
+        assert not server._making
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_level_server_warms_lower_levels_in_the_background() -> None:
     async def main() -> None:
         cache = Cache()
