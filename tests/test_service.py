@@ -175,6 +175,18 @@ def test_unit_declares_what_the_issue_asks() -> None:
     assert exec_start[0].endswith("/kvpeerd") and exec_start[1:] == ["--config", "/etc/kvpeer/kvpeer.toml"]
 
 
+def test_unit_leaves_the_gpu_devices_reachable() -> None:
+    """Before systemd 252, ProtectClock=yes implies DeviceAllow=char-rtc, which under
+    DevicePolicy=auto denies every other device: /dev/nvidia* fail and NVENC silently falls back
+    to the CPU. The clock is protected by the capability set and the syscall allow-list instead."""
+    s = unit_settings()
+    for device_rule in ("ProtectClock", "PrivateDevices", "DeviceAllow", "DevicePolicy"):
+        assert device_rule not in s, device_rule
+    assert s["CapabilityBoundingSet"] == [""]  # no CAP_SYS_TIME
+    syscalls = " ".join(s["SystemCallFilter"]).split()
+    assert "@system-service" in syscalls and "@clock" not in syscalls
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None and not os.environ.get("CI"),
                     reason="systemd-analyze is not installed")
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -207,6 +219,7 @@ def test_unit_hardening_exposure_stays_low(tmp_path: Path) -> None:
         ["systemd-analyze", "security", "--offline=true", "--threshold=25", str(copy)],
         capture_output=True, text=True, timeout=120,
     )
-    # 0 (locked down) .. 10 (exposed); --threshold is in tenths. 1.8 when this test was written.
+    # 0 (locked down) .. 10 (exposed); --threshold is in tenths. 1.8 when this test was written,
+    # 2.0 without ProtectClock= (see test_unit_leaves_the_gpu_devices_reachable).
     match = re.search(r"Overall exposure level for kvpeer.service: (\d+\.\d)", done.stdout)
     assert match and done.returncode == 0, done.stdout[-2000:] + done.stderr
