@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +99,17 @@ def limit_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run(main: Any, use_uvloop: bool) -> int:
+def _run(main: Coroutine[Any, Any, int], use_uvloop: bool) -> int:
+    run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if use_uvloop:
+        # Only the import is guarded: an ImportError raised by the daemon itself is its own.
         try:
             import uvloop
-
-            return int(uvloop.run(main))
         except ImportError:
             log.info("uvloop is not installed; using asyncio's event loop")
-    return int(asyncio.run(main))
+        else:
+            run = uvloop.run
+    return int(run(main))
 
 
 async def _serve(config: Any) -> int:

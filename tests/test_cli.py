@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from kvpeer import cli
 
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,3 +72,27 @@ def test_the_daemon_caps_torch_threads_as_configured() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def test_an_import_error_inside_the_daemon_is_not_taken_for_a_missing_uvloop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> int:
+        raise ImportError("No module named 'an_optional_dependency'")
+
+    with caplog.at_level(logging.INFO), pytest.raises(ImportError, match="an_optional_dependency"):
+        cli._run(main(), use_uvloop=True)
+    assert "uvloop is not installed" not in caplog.text
+
+
+def test_without_uvloop_the_daemon_runs_on_asyncio(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+
+    async def main() -> int:
+        return 7
+
+    with caplog.at_level(logging.INFO):
+        assert cli._run(main(), use_uvloop=True) == 7
+    assert "uvloop is not installed" in caplog.text
