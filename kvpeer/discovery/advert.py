@@ -48,10 +48,14 @@ def _check_common(
     if len(addresses) > MAX_ADDRESSES:
         raise ProtocolError(ErrorCode.INVALID, f"{len(addresses)} addresses")
     for addr in addresses:
+        # IPv4 only, like our own sockets: a peer's IPv6 address would become a heartbeat
+        # target that an IPv4 socket cannot send to.
         try:
-            ipaddress.ip_address(addr)
+            if not isinstance(addr, str):
+                raise ValueError(addr)
+            ipaddress.IPv4Address(addr)
         except ValueError:
-            raise ProtocolError(ErrorCode.INVALID, f"bad address {addr!r}") from None
+            raise ProtocolError(ErrorCode.INVALID, f"bad IPv4 address {addr!r}") from None
     if not 0 < port < 65536:
         raise ProtocolError(ErrorCode.INVALID, f"bad port {port}")
     if len(fingerprints) > MAX_FINGERPRINTS:

@@ -96,8 +96,7 @@ class Discovery(ABC):
             # the peers' liveness timeout.
             bye = Beacon(kind="bye", node_id=self._advert.node_id)
             for target in self._heartbeat_targets():
-                with contextlib.suppress(OSError):
-                    self._send(bye, target)
+                self._send(bye, target)
             await self._close()
         if self._beacons is not None:
             self._beacons.close()
@@ -188,8 +187,15 @@ class Discovery(ABC):
         self._dispatch(self._table.withdraw(node_id))
 
     def _send(self, beacon: Beacon, target: tuple[str, int]) -> None:
-        if self._beacons is not None:
+        """Send one beacon; a failure is logged, never raised (targets come from peers)."""
+        if self._beacons is None:
+            return
+        try:
             self._beacons.send(encode_beacon(beacon), target)
+        except (OSError, ValueError) as exc:
+            # uvloop raises ValueError (not OSError) for a target the socket's family cannot
+            # reach; either way one bad target must not stop the beacons to the others.
+            log.debug("beacon to %s failed: %r", target, exc)
 
     @staticmethod
     def _now() -> float:
@@ -239,22 +245,24 @@ class Discovery(ABC):
         if beacon is None:
             return
         for target in self._heartbeat_targets():
-            try:
-                self._send(beacon, target)
-            except OSError as exc:
-                log.debug("heartbeat to %s failed: %s", target, exc)
+            self._send(beacon, target)
 
     async def _liveness_loop(self) -> None:
         interval = self._heartbeat_interval()
         period = interval if interval else self._tick_period()
         while True:
+            # Each step on its own: a failure in backend work or in sending (a bug, or peer
+            # input we did not foresee) must not keep silent peers from expiring.
             try:
                 await self._tick()
                 if interval:
                     self._send_heartbeats()
-                self._dispatch(self._table.expire(self._now()))
-            except Exception:  # a bug here must not end liveness for good
+            except Exception:
                 log.exception("discovery liveness round failed")
+            try:
+                self._dispatch(self._table.expire(self._now()))
+            except Exception:
+                log.exception("discovery expiry failed")
             wake = period
             next_expiry = self._table.next_expiry()
             if next_expiry is not None:

@@ -110,3 +110,11 @@ def test_invalid_advertisement_is_refused() -> None:
         advert(port=0)
     with pytest.raises(ProtocolError):
         advert(addresses=("not-an-ip",))
+
+
+@pytest.mark.parametrize("address", ["::1", "fe80::1%lo", "::ffff:10.0.0.1", "010.0.0.1"])
+def test_non_ipv4_peer_addresses_are_refused(address: str) -> None:
+    """Only IPv4 is supported: an IPv6 address would become a heartbeat target that our IPv4
+    beacon socket cannot send to (uvloop raises ValueError)."""
+    with pytest.raises(ProtocolError):
+        decode_record(encode_record(advert(), [address, "10.0.0.1"]))

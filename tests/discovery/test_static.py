@@ -6,9 +6,11 @@ import asyncio
 import os
 import socket
 
+import pytest
+
 from kvpeer.discovery import Advertisement, DiscoveryConfig, PeerEvent, StaticDiscovery
 from kvpeer.discovery.advert import encode_record
-from kvpeer.discovery.beacon import Beacon, encode_beacon
+from kvpeer.discovery.beacon import Beacon, BeaconSocket, encode_beacon
 
 TIMEOUT_S = 20.0
 
@@ -139,6 +141,36 @@ def test_garbage_beacons_are_ignored() -> None:
             await a.start(advert("a", pa))
             await seen.wait("added", "a")  # still working after the garbage
             await a.close()
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_send_neither_stops_expiry_nor_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop raises ValueError, not OSError, for a target the socket cannot reach: the
+    liveness round must still expire silent peers, and close() must still finish."""
+
+    def refuse(self: BeaconSocket, data: bytes, address: tuple[str, int]) -> None:
+        raise ValueError("socket family mismatch or a DNS lookup is required")
+
+    monkeypatch.setattr(BeaconSocket, "send", refuse)
+
+    async def main() -> None:
+        pa, pb = free_port(), free_port()
+        b = StaticDiscovery(config(pa))
+        seen = Recorder()
+        b.subscribe(seen)
+        await b.start(advert("b", pb))
+        beacon = encode_beacon(
+            Beacon(kind="ad", node_id="a", record=encode_record(advert("a", pa), ["127.0.0.1"]))
+        )
+        try:
+            with socket.socket(type=socket.SOCK_DGRAM) as a:
+                a.bind(("127.0.0.1", pa))
+                a.sendto(beacon, ("127.0.0.1", pb))
+                await seen.wait("added", "a")
+                assert (await seen.wait("removed", "a")).reason == "timeout"
         finally:
             await b.close()
 
