@@ -30,7 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -204,6 +204,12 @@ class _Transfer:
         self.waiters = 0
 
 
+class _Delivery(NamedTuple):
+    blob: bytes
+    sender: str  # the peer it came from (LOCAL: this node's store)
+    shared: bool  # another fetch's transfer, joined: its bytes crossed the wire for that one
+
+
 class _Transfers:
     """Deduplication: concurrent fetches of the same chunk from the same peer share a transfer.
 
@@ -230,9 +236,10 @@ class _Transfers:
         level: str,
         acceptable: Collection[str],
         start: Callable[[], Coroutine[Any, Any, bytes]],
-    ) -> tuple[bytes, str]:
-        """The blob, and the peer that sent it: a joined transfer may come from another peer
-        than ``peer``. Its failure is that peer's, so it reaches the joiner as BUSY (ask again)."""
+    ) -> _Delivery:
+        """The blob, the peer that sent it and whether this joined another fetch's transfer
+        (which may come from another peer than ``peer``: its failure is that peer's, so it
+        reaches the joiner as BUSY, ask again)."""
         found = self.find(key, acceptable)
         if found is None:
             task: asyncio.Task[bytes] = asyncio.get_running_loop().create_task(start())
@@ -245,7 +252,7 @@ class _Transfers:
             self.shared += 1
         transfer.waiters += 1
         try:
-            return await asyncio.shield(transfer.task), sender
+            return _Delivery(await asyncio.shield(transfer.task), sender, found is not None)
         except KVPeerError as exc:
             if sender == peer:
                 raise
@@ -811,8 +818,9 @@ class _FetchRun:
     # ----------------------------------------------------------------- receive
     async def _transfer(self, index: int, peer: str, level: str) -> None:
         key = self.keys[index]
+        sender = peer
         try:
-            blob, sender = await self._get_blob(key, peer, level)
+            blob, sender, shared = await self._get_blob(key, peer, level)
             # Header only (CRC-checked): the digest of the whole blob is checked by the decoder,
             # off the event loop, and a peer's chunk is cached only once it decoded.
             header = codec.read_header(blob)
@@ -830,10 +838,12 @@ class _FetchRun:
         except asyncio.CancelledError:
             raise
         except ProtocolError as exc:
-            self._transfer_failed(index, peer, exc, transient=exc.code == ErrorCode.BUSY)
+            # A bad blob of a joined transfer is its sender's: this fetch's peer is asked again.
+            transient = exc.code == ErrorCode.BUSY or sender != peer
+            self._transfer_failed(index, peer, exc, transient=transient)
             return
         except (CodecError, StoreError) as exc:
-            self._transfer_failed(index, peer, exc, transient=False)
+            self._transfer_failed(index, peer, exc, transient=sender != peer)
             return
         except KVPeerError as exc:  # transport: the session died or timed out
             self._forget_transfer(index)
@@ -843,27 +853,28 @@ class _FetchRun:
             return
         now = self.f.clock()
         entry = self.transfers.get(index)
-        if peer != LOCAL and sender == peer and entry is not None and entry[0] is asyncio.current_task():
+        if peer != LOCAL and not shared and entry is not None and entry[0] is asyncio.current_task():
             self._chunk_rate(peer, entry[3], now, len(blob))
         self._forget_transfer(index)
-        wire = len(blob) if peer != LOCAL else 0
+        size = len(blob) if peer != LOCAL else 0
+        wire = 0 if shared else size  # a joined transfer's bytes are the fetch's that started it
         self.bytes_moved += wire
-        self.note("received", index=index, level=header.level, peer=peer, nbytes=len(blob))
-        self.ctl.chunk_received(index, header.level, wire)
+        self.note("received", index=index, level=header.level, peer=sender, nbytes=wire)
+        self.ctl.chunk_received(index, header.level, size)
         self.sched.completed(index, now)
         self.received.add(index)
         self.wake.set()
         # Backpressure: a full decode queue holds this task (and its blob) here.
-        await self.queue.put((index, next(self._seq), _Received(index, blob, header.level, peer)))
+        await self.queue.put((index, next(self._seq), _Received(index, blob, header.level, sender)))
 
-    async def _get_blob(self, key: bytes, peer: str, level: str) -> tuple[bytes, str]:
+    async def _get_blob(self, key: bytes, peer: str, level: str) -> _Delivery:
         """The chunk and who sent it (``peer``, or another one whose transfer this joined)."""
         if peer == LOCAL:
             assert self.f.cache is not None
             blob = await self.f.cache.get(key)
             if blob is None:
                 raise StoreError("chunk evicted while fetching")
-            return blob, LOCAL
+            return _Delivery(blob, LOCAL, False)
         session = self.f.sessions(peer)
         if session is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {peer}")

@@ -626,6 +626,50 @@ def test_transcodes_nobody_waits_for_leave_the_queue(monkeypatch: pytest.MonkeyP
     asyncio.run(main())
 
 
+def test_a_joined_transfer_counts_its_bytes_once_and_its_bad_blob_is_its_senders() -> None:
+    """Fetch B joins A's transfer from peer a. Its bytes crossed the wire once (for A); and a
+    blob B cannot take (a sent a level below B's floor) does not drop B's own peer b."""
+
+    async def main() -> None:
+        a, b = Peer("a"), Peer("b")
+        a.gates[0] = asyncio.Event()
+        a.send_level = "q3"  # a answers every request with its q3
+        f = fetcher({"a": a, "b": b})
+        fetch_a = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q8"))
+        await wait_until(lambda: (0, "q8") in a.calls)
+        fetch_b = asyncio.create_task(
+            f.fetch([key(0)], [{"b"}], Sink(), policy="fixed:q8", min_level="q8")
+        )
+        await wait_until(lambda: f.transfers.shared == 1)
+        a.gates[0].set()
+        out_a, out_b = await fetch_a, await fetch_b
+        assert out_a.chunks == 1 and out_a.bytes_moved > 0
+        assert (out_b.chunks, out_b.reason) == (1, "complete") and b.calls == [(0, "q8")]
+        assert out_b.bytes_moved == len(blob(0, "q8"))  # its own transfer from b only
+        received = [e for e in out_b.events if e.kind == "received"]
+        assert [(e.peer, e.nbytes) for e in received] == [("b", len(blob(0, "q8")))]
+
+    asyncio.run(main())
+
+
+def test_joined_transfers_move_their_bytes_once() -> None:
+    async def main() -> None:
+        a = Peer("a")
+        a.gates[0] = asyncio.Event()
+        f = fetcher({"a": a})
+        first = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q8"))
+        await wait_until(lambda: (0, "q8") in a.calls)
+        second = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q8"))
+        await wait_until(lambda: f.transfers.shared == 1)
+        a.gates[0].set()
+        outcomes = [await first, await second]
+        assert [o.chunks for o in outcomes] == [1, 1] and a.calls == [(0, "q8")]
+        assert sum(o.bytes_moved for o in outcomes) == len(blob(0, "q8"))
+        assert f.bytes_from_peers == len(blob(0, "q8"))
+
+    asyncio.run(main())
+
+
 def test_level_server_warms_lower_levels_in_the_background() -> None:
     async def main() -> None:
         cache = Cache()
