@@ -215,6 +215,16 @@ class _Tracked:
     load_planned: bool = False
 
 
+def _resumed(cached: Any, index: int, req_id: str) -> bool:
+    """Whether cached request ``index`` comes back from preemption (new blocks replace its old
+    ones). Newer vLLM lists such requests in ``resumed_req_ids``; older releases flag each in
+    ``resumed_from_preemption``."""
+    resumed_ids = getattr(cached, "resumed_req_ids", None)
+    if resumed_ids is not None:
+        return req_id in resumed_ids
+    return bool(cached.resumed_from_preemption[index])
+
+
 def _role_name(role: Any) -> str:
     return str(getattr(role, "name", role)).lower()
 
@@ -297,13 +307,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 new.req_id, _Tracked([int(t) for t in (new.prompt_token_ids or [])])
             )
             tracked.block_ids = list(new.block_ids[0])
-            if tracked.load_planned:
-                start = tracked.num_computed
-                meta.loads.append(LoadSpec(
-                    req_id=new.req_id, tokens=tracked.tokens, block_ids=tracked.block_ids,
-                    start=start, stop=start + tracked.load_tokens,
-                ))
-                tracked.load_planned = False
+            self._plan_load(meta, new.req_id, tracked)
             computed = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
             self._maybe_save(meta, new.req_id, tracked, computed)
         cached = scheduler_output.scheduled_cached_reqs
@@ -312,14 +316,30 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             if tracked_or_none is None:
                 continue
             new_blocks = cached.new_block_ids[i]
+            resumed = _resumed(cached, i, req_id)
             if new_blocks is not None:
-                if req_id in cached.resumed_req_ids:
+                if resumed:
                     tracked_or_none.block_ids = list(new_blocks[0])
                 else:
                     tracked_or_none.block_ids.extend(new_blocks[0])
+            if resumed:
+                # A preempted request lost its blocks; vLLM asked us again when it came back and
+                # now counts the external tokens as computed in its fresh, unwritten blocks.
+                self._plan_load(meta, req_id, tracked_or_none)
             computed = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id]
             self._maybe_save(meta, req_id, tracked_or_none, computed)
         return meta
+
+    def _plan_load(self, meta: KVPeerConnectorMetadata, req_id: str, tracked: _Tracked) -> None:
+        """Load what ``update_state_after_alloc`` promised vLLM, once, past its own prefix hit."""
+        if not tracked.load_planned:
+            return
+        start = tracked.num_computed
+        meta.loads.append(LoadSpec(
+            req_id=req_id, tokens=tracked.tokens, block_ids=list(tracked.block_ids),
+            start=start, stop=start + tracked.load_tokens,
+        ))
+        tracked.load_planned = False
 
     def _maybe_save(self, meta: KVPeerConnectorMetadata, req_id: str, tracked: _Tracked, computed: int) -> None:
         stop = self.map.saveable_tokens(len(tracked.tokens))

@@ -180,3 +180,44 @@ def test_chunks_gone_between_lookup_and_load_are_reported_for_recompute(api: Ser
     b.start_load_kv(None)
     assert b.get_block_ids_with_load_errors() == set(blocks[:8])
     b.shutdown()
+
+
+def test_request_resumed_after_preemption_loads_into_its_new_blocks(api: ServerThread) -> None:
+    """After a preemption vLLM asks again, allocates fresh blocks and schedules the request as a
+    *cached* one listed in ``resumed_req_ids``: the tokens it was promised must be loaded there."""
+    prompt = list(range(3000, 3040))
+    truth_k, truth_v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    b, caches = engine(api)
+    b._client.put(prompt, truth_k, truth_v, b.fingerprint)
+    new, _ = b.get_num_new_matched_tokens(request("r", prompt), 0)
+    b.update_state_after_alloc(request("r", prompt), None, new)
+    meta = b.build_connector_meta(scheduler_output("r", prompt, list(range(10)), 0))
+    assert [(s.start, s.stop) for s in meta.loads] == [(0, 32)]
+
+    # Preempted: its blocks are freed. Resumed with its own prefix-cache hit of one block.
+    new, _ = b.get_num_new_matched_tokens(request("r", prompt), 4)
+    assert new == 28
+    b.update_state_after_alloc(request("r", prompt), None, new)
+    blocks = [31, 3, 17, 5, 22, 8, 12, 27, 1, 19]
+    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids={"r"}, new_block_ids=[(blocks,)],
+                             num_computed_tokens=[4 + new])
+    meta = b.build_connector_meta(SimpleNamespace(
+        scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={"r": 40 - 32},
+    ))
+    assert [(s.req_id, s.start, s.stop, s.block_ids) for s in meta.loads] == [("r", 4, 32, blocks)]
+    b.bind_connector_metadata(meta)
+    b.start_load_kv(None)
+    assert b.get_block_ids_with_load_errors() == set()
+    for i, cache in enumerate(caches.values()):
+        k, v = read_paged(cache, blocks[1:8], LAYOUTS[0])
+        assert torch.equal(k, truth_k[i, :, 4:32]) and torch.equal(v, truth_v[i, :, 4:32])
+    b.clear_connector_metadata()
+
+    # A later step of the same request (not resumed) loads nothing again.
+    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None],
+                             num_computed_tokens=[40])
+    meta = b.build_connector_meta(SimpleNamespace(
+        scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={"r": 1},
+    ))
+    assert not meta.loads and not meta.saves
+    b.shutdown()
