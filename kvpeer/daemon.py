@@ -398,17 +398,20 @@ class Daemon:
             for peer_id in unsynced
         }
         answered: set[asyncio.Task[dict[str, Any]]] = set()
-        if asking:
-            answered, late = await asyncio.wait(asking, timeout=limit_s)
-            for task in late:
-                log.info("peer %s not asked: no answer within %.2fs", asking[task], limit_s)
+        try:
+            if asking:
+                answered, late = await asyncio.wait(asking, timeout=limit_s)
+                for task in late:
+                    log.info("peer %s not asked: no answer within %.2fs", asking[task], limit_s)
+        finally:  # late answers, or the fetch itself cancelled: nobody waits for the rest
+            for task in asking:
                 task.cancel()
         for task in answered:
             peer_id = asking[task]
             try:
                 have = task.result().get("have", [])
-            except KVPeerError as exc:
-                log.info("peer %s not asked: %s", peer_id, exc)
+            except (KVPeerError, OSError, AttributeError) as exc:
+                log.info("peer %s not asked: %r", peer_id, exc)
                 continue
             if not isinstance(have, list):
                 continue
@@ -483,12 +486,23 @@ def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
     """Fingerprints of the models this node served before (so a restart advertises them)."""
     try:
         entries = json.loads(path.read_text())
-        return {fp.hex: fp for fp in (ModelFingerprint(**entry) for entry in entries)}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable %s: %s", path, exc)
         return {}
+    if not isinstance(entries, list):
+        log.warning("ignoring %s: not a list of fingerprints", path)
+        return {}
+    fingerprints: dict[str, ModelFingerprint] = {}
+    for entry in entries:  # one bad entry (an older version wrote some) costs only itself
+        try:
+            fp = ModelFingerprint(**entry)
+        except (TypeError, ValueError) as exc:
+            log.warning("ignoring a fingerprint in %s: %s", path, exc)
+            continue
+        fingerprints[fp.hex] = fp
+    return fingerprints
 
 
 def save_fingerprints_blocking(path: Path, fingerprints: Sequence[ModelFingerprint]) -> None:

@@ -55,7 +55,11 @@ class ModelFingerprint:
             if value <= 0:
                 raise ValueError(f"model fingerprint: {field} must be positive")
         theta = self.rope_theta
-        if isinstance(theta, bool) or not isinstance(theta, int | float) or not math.isfinite(theta):
+        try:
+            finite = not isinstance(theta, bool) and isinstance(theta, int | float) and math.isfinite(theta)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
             raise TypeError("model fingerprint: rope_theta must be a finite number")
 
     def digest(self) -> bytes:

@@ -154,3 +154,28 @@ def test_planning_asks_unsynced_peers_at_once_and_goes_on_without_a_silent_one()
     plan = asyncio.run(daemon.Daemon._plan(node, keys, FP32, 0.2))
     assert plan.sources == ["fast", "fast"] and plan.holders == [{"fast"}, {"fast"}]
     assert cancelled == ["silent"]
+
+    async def client_gone() -> None:  # the fetch is cancelled while peers are being asked
+        planning = asyncio.create_task(daemon.Daemon._plan(node, keys, FP32, None))
+        await asyncio.sleep(0.1)
+        planning.cancel()
+        await asyncio.gather(planning, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert cancelled == ["silent", "silent"]  # not left asking on its own
+
+    asyncio.run(client_gone())
+
+
+def test_one_bad_saved_fingerprint_costs_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version saved fingerprints that are refused now (rope_theta [1]): the others
+    are still advertised after the upgrade."""
+    import json
+
+    path = tmp_path / "fingerprints.json"
+    good = dataclasses.asdict(FP32)
+    path.write_text(json.dumps([good, {**good, "rope_theta": [1]}, {**good, "rope_theta": 10**400}, "junk"]))
+    with caplog.at_level(logging.WARNING, logger="kvpeer.daemon"):
+        assert daemon.load_fingerprints(path) == {FP32.hex: FP32}
+    assert sum("ignoring a fingerprint" in r.getMessage() for r in caplog.records) == 3
