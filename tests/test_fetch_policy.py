@@ -380,12 +380,18 @@ def test_scheduler_retry_frees_the_busy_peers_slot_and_keeps_it_as_holder() -> N
 
 
 def test_scheduler_lost_peer_does_not_return_a_chunk_another_peer_finished() -> None:
+    """A chunk may stay listed on a peer after another peer delivered it (a retry answered for
+    the wrong peer): losing the first peer must not queue the finished chunk again."""
     sched = ChunkScheduler(holders=[{"a", "b"}] * 2, now=0.0, config=SchedulerConfig(window=1))
     got = {a.peer: a.index for a in sched.assign(0.0)}
-    sched.chunk_retry(got["a"], "b")  # a stale answer about b: a keeps its chunk in flight
+    x = got["a"]
+    sched.chunk_retry(x, "b")  # answered for b: a keeps x in flight, and x is pending again
     sched.completed(got["b"], 0.1)
-    assert sched.peer_lost("a") == [got["a"]]
-    assert sched.peer_lost("b") == []
+    (again,) = sched.assign(0.2)
+    assert (again.index, again.peer) == (x, "b")
+    sched.completed(x, 0.3)
+    assert sched.peer_lost("a") == []
+    assert sched.finished
 
 
 def test_scheduler_abandon_cancels_what_is_past_the_cut() -> None:
