@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
     try:
         return _run(_serve(config), use_uvloop)
+    except ConfigError as exc:  # found while building or starting the daemon: as bad as at load
+        log.error("config error: %s", exc)
+        return EXIT_CONFIG
     except KVPeerError as exc:
         log.error("kvpeerd failed: %s", exc)
         return 1
@@ -112,17 +117,63 @@ def _run(main: Coroutine[Any, Any, int], use_uvloop: bool) -> int:
     return int(run(main))
 
 
-async def _serve(config: Any) -> int:
-    from kvpeer.daemon import Daemon
+# Exit status for a problem a restart cannot fix (config, or the machine not matching it); the
+# unit's RestartPreventExitStatus= names it, so systemd stops retrying and says "failed".
+EXIT_CONFIG = 2
+
+# OSErrors at start that can clear by themselves: exit 1, and systemd's Restart= tries again.
+# Any other (port taken, address not on this machine, no permission) waits for a person.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ENOMEM, errno.ENETDOWN, errno.ENETUNREACH,
+     errno.EHOSTUNREACH}
+)
+
+# What the daemon was doing, by the module an OSError came from, and the keys that decide it.
+_START_STEPS = (
+    ("kvpeer.transport", "listen for peers (transport.host, transport.port)"),
+    ("kvpeer.api", "open the local API socket (api.socket_path)"),
+    ("kvpeer.discovery", "start discovery ([discovery])"),
+    ("kvpeer.store", "open the disk store (store.dir)"),
+    ("kvpeer.shm", "set up shared memory (/dev/shm)"),
+)
+
+
+def start_failure(exc: OSError) -> tuple[str, int]:
+    """One line saying what the daemon could not do at start and why, and the exit status."""
+    what = "start"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        module = str(frame.f_globals.get("__name__", ""))
+        for prefix, step in _START_STEPS:
+            if module == prefix or module.startswith(prefix + "."):
+                what = step  # the innermost kvpeer frame wins
+    status = 1 if exc.errno in _TRANSIENT_ERRNOS else EXIT_CONFIG
+    return f"cannot {what}: {exc}", status
+
+
+async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -> int:
     from kvpeer.service import ShutdownSignals, SystemdNotifier
 
+    if make_daemon is None:
+        from kvpeer.daemon import Daemon
+
+        make_daemon = Daemon
     notifier = SystemdNotifier(watchdog=config.daemon.watchdog)
     signals = ShutdownSignals()
     signals.install(asyncio.get_running_loop())
-    daemon = Daemon(config)
+    try:
+        daemon = make_daemon(config)
+    except OSError as exc:
+        message, status = start_failure(exc)
+        log.error("%s", message)
+        return status
     endpoint = _start_metrics(config, daemon)  # before start(): /healthz answers 503 meanwhile
     try:
-        await daemon.start()
+        try:
+            await daemon.start()
+        except OSError as exc:  # a one-line reason, not a traceback through the event loop
+            message, status = start_failure(exc)
+            log.error("%s", message)
+            return status
         notifier.ready(f"serving {len(daemon.inventory)} chunks")
         async with asyncio.TaskGroup() as tasks:
             watchdog = tasks.create_task(notifier.watchdog_loop())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,56 @@ def test_without_uvloop_the_daemon_runs_on_asyncio(
     with caplog.at_level(logging.INFO):
         assert cli._run(main(), use_uvloop=True) == 7
     assert "uvloop is not installed" in caplog.text
+
+
+def daemon_config(tmp_path: Path, transport: str = "", discovery: str = "") -> Path:
+    """A config for a daemon on loopback with a static peer list, no metrics, no GPU needed."""
+    psk = tmp_path / "psk.key"
+    psk.write_text("ab" * 32)
+    psk.chmod(0o600)
+    config = tmp_path / "kvpeer.toml"
+    config.write_text(
+        f'[node]\nnode_id = "cli-test"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'runtime_dir = "{tmp_path / "run"}"\n'
+        '[store]\nram_bytes = "16MiB"\ndisk_bytes = "16MiB"\n'
+        f'[transport]\npsk_file = "{psk}"\nallow_loopback = true\n'
+        + (transport or 'host = "127.0.0.1"\nport = 0\n')
+        + '[discovery]\nbackend = "static"\n'
+        + (discovery or 'interfaces = ["127.0.0.1"]\n')
+        + "[metrics]\nenabled = false\n"
+    )
+    return config
+
+
+def test_a_taken_port_is_one_line_and_no_restart(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = daemon_config(tmp_path, transport=f'host = "127.0.0.1"\nport = {port}\n')
+        result = run("daemon_main", "--config", str(config), "--no-uvloop")
+    assert result.returncode == 2, result.stderr  # the unit's RestartPreventExitStatus=
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "ERROR" in x]
+    assert "cannot listen for peers (transport.host, transport.port)" in line
+    assert str(port) in line and "in use" in line
+
+
+def test_an_address_not_on_this_machine_is_one_line(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, transport='host = "192.0.2.1"\nport = 0\n')  # TEST-NET-1
+    result = run("daemon_main", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cannot listen for peers" in result.stderr and "192.0.2.1" in result.stderr
+
+
+def test_a_config_error_found_when_the_daemon_is_built_exits_2(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, discovery='interfaces = ["kvpeer-no-such-if0"]\n')
+    result = run("daemon_main", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "discovery.interfaces" in result.stderr and "kvpeer-no-such-if0" in result.stderr
+
+
+def test_start_failure_transient_errors_may_be_retried() -> None:
+    assert cli.start_failure(OSError(errno.ENOBUFS, "No buffer space available"))[1] == 1
+    message, status = cli.start_failure(OSError(errno.EACCES, "Permission denied"))
+    assert status == cli.EXIT_CONFIG and message == "cannot start: [Errno 13] Permission denied"

@@ -171,6 +171,8 @@ def test_unit_declares_what_the_issue_asks() -> None:
     for hardening in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert s[hardening] == ["yes"], hardening
     assert s["ProtectSystem"] == ["strict"]
+    # kvpeerd exits 2 on a config error or a start the machine refuses: restarting won't help.
+    assert s["RestartPreventExitStatus"] == ["2"] and s["Restart"] == ["on-failure"]
     exec_start = s["ExecStart"][0].split()
     assert exec_start[0].endswith("/kvpeerd") and exec_start[1:] == ["--config", "/etc/kvpeer/kvpeer.toml"]
 
