@@ -141,7 +141,10 @@ class InventorySync:
                     return
                 previous = epoch
         finally:
-            self._tasks.pop(peer_id, None)
+            # A "removed" then "added" in one loop iteration registers a new task before this
+            # cancelled one unwinds: leave that one in place.
+            if self._tasks.get(peer_id) is asyncio.current_task():
+                del self._tasks[peer_id]
 
     async def wait_synced(self, peer_id: str, timeout_s: float, epoch: int = 0) -> None:
         """Wait until the table holds ``peer_id`` at ``epoch`` or later (tests, benchmarks)."""

@@ -137,7 +137,9 @@ class ZeroconfDiscovery(Discovery):
                 if name not in self._dirty:
                     return
         finally:
-            self._resolving.pop(name, None)
+            # A Removed then Added event may already have registered a newer resolve.
+            if self._resolving.get(name) is asyncio.current_task():
+                del self._resolving[name]
 
     async def _resolve_once(self, name: str) -> None:
         assert self._azc is not None

@@ -82,3 +82,42 @@ def test_an_advert_that_arrives_during_the_pull_sets_the_models() -> None:
         await sync.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_removed_and_added_at_once_has_one_sync_task() -> None:
+    """The cancelled task of the removed peer must not unregister its successor: that let a
+    second sync of the same peer run alongside, and the successor outlive close()."""
+
+    async def main() -> None:
+        in_flight = 0
+        most = 0
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.Event().wait()  # a slow peer
+                raise AssertionError("unreachable")
+            finally:
+                in_flight -= 1
+
+        log = InventoryLog(epoch=1)
+        sync = InventorySync(InventoryTable(), request)
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await asyncio.sleep(0)
+        # The transport says the peer died and, in the same loop iteration, a heartbeat
+        # brings it back.
+        sync.on_event(PeerEvent(kind="removed", peer=peer(log), reason="transport"))
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        log.add([os.urandom(32)])
+        sync.on_event(PeerEvent(kind="updated", peer=peer(log), epoch_changed=True))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert most == 1
+        await sync.close()
+        assert in_flight == 0  # no task outlived close()
+
+    asyncio.run(main())
