@@ -23,6 +23,7 @@ leaves the lifecycle to the one owner, the daemon's :class:`SegmentRegistry`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -53,6 +54,8 @@ _MATCHED_AT = 40  # offset of matched_tokens in _HEADER
 _NAME = re.compile(r"^kvpeer-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
 # Pages reserved ahead for the next segment (SegmentRegistry.reserve_spare): renamed to a
 # segment name when used, so no client ever opens a spare, and swept like segments.
+# Held (flock) by the registry that swept the directory, for its life: see sweep_stale.
+DIR_LOCK = ".kvpeer-registry.lock"
 _SPARE_NAME = re.compile(r"^kvpeer\.spare-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -447,6 +450,7 @@ class SegmentRegistry:
         self._spare: Reserved | None = None
         self._spare_lock = threading.Lock()
         self._closed = False
+        self._dir_lock: int | None = None  # fd holding DIR_LOCK (see sweep_stale)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -591,6 +595,11 @@ class SegmentRegistry:
         for name in list(self._entries):
             self._drop(name)
         self.drop_spare()
+        if self._dir_lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / DIR_LOCK)
+            os.close(self._dir_lock)
+            self._dir_lock = None
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)
@@ -598,14 +607,33 @@ class SegmentRegistry:
         entry.segment.close()
 
     def sweep_stale(self) -> list[str]:
-        """Unlink segments left by daemons that no longer run (their pid is in the name), and
-        by an earlier run of this pid (pid 1 in a container) that this registry does not hold.
-        For start-up: a segment being made in another thread is not held yet."""
+        """Unlink segments left by daemons that no longer run (their pid is in the name), and,
+        when no other registry uses the directory, by an earlier run of this pid (pid 1 in a
+        container) that this registry does not hold. For start-up: a segment being made in
+        another thread is not held yet."""
         held = set(self._entries)
         with self._spare_lock:
             if self._spare is not None:
                 held.add(self._spare.name)
-        return sweep_stale(self.directory, held=held)
+        # Another daemon with our pid (a second container's pid 1 on a shared /dev/shm) would
+        # hold the lock: then names of our pid may be its live segments, and stay.
+        return sweep_stale(self.directory, held=held if self._lock_directory() else None)
+
+    def _lock_directory(self) -> bool:
+        """Hold the directory's registry lock for this registry's life; False if another has it."""
+        if self._dir_lock is not None:
+            return True
+        try:
+            fd = os.open(self.directory / DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._dir_lock = fd
+        return True
 
 
 def _alive(pid: int, *, held_by_me: bool) -> bool:

@@ -166,8 +166,27 @@ def test_sweep_survives_impossible_pids_and_removes_an_earlier_run_of_its_own_pi
     registry = shm.SegmentRegistry(directory=tmp_path)
     held = registry.create(LAYOUT, owner=1, now=0.0)
     assert sorted(registry.sweep_stale()) == sorted([huge, zero, earlier])
-    assert [p.name for p in tmp_path.iterdir()] == [held.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, shm.DIR_LOCK])
     registry.close()
+
+
+def test_a_second_registry_of_this_pid_leaves_the_first_ones_segments_alone(tmp_path: Path) -> None:
+    """Two daemons with one pid on one directory (pid 1 in two containers sharing /dev/shm):
+    the one that swept first holds the directory; the other must not take its live segments
+    for an earlier run's."""
+    first = shm.SegmentRegistry(directory=tmp_path)
+    first.sweep_stale()
+    live = first.create(LAYOUT, owner=1, now=0.0)
+    second = shm.SegmentRegistry(directory=tmp_path)
+    assert second.sweep_stale() == [] and (tmp_path / live.name).exists()
+    second.close()
+    first.close()
+    leftover = f"kvpeer-{os.getpid()}-{'e' * 32}"
+    (tmp_path / leftover).write_bytes(b"x")
+    third = shm.SegmentRegistry(directory=tmp_path)
+    assert third.sweep_stale() == [leftover]  # alone now: an earlier run's segment goes
+    third.close()
+    assert not any(tmp_path.iterdir())
 
 
 def _resident_bytes(path: Path) -> int:
