@@ -56,19 +56,25 @@ async def _inventory(
         raise ProtocolError(ErrorCode.INVALID, f"inventory pages {pages!r}")
     if pages == 1:
         return answer
-    keys = list(answer.get("keys", []))
+    keys = _page_keys(answer)
     for page in range(1, pages):
         part = await aio.wait_for(
             request(peer_id, "inventory", {"since": None, "page": page}), timeout_s
         )
+        part_keys = _page_keys(part)
         if part.get("epoch") != answer.get("epoch") or part.get("pages") != pages:
             # The inventory moved while paging: the caller retries from the new epoch.
             raise ProtocolError(ErrorCode.INVALID, "inventory changed while paging")
-        part_keys = part.get("keys")
-        if not isinstance(part_keys, list):
-            raise ProtocolError(ErrorCode.INVALID, "inventory page without keys")
         keys.extend(part_keys)
     return {**answer, "keys": keys}
+
+
+def _page_keys(page: Any) -> list[Any]:
+    """The keys of one page, checked to be a list (each key is checked when applied)."""
+    keys = page.get("keys") if isinstance(page, dict) else None
+    if not isinstance(keys, list):
+        raise ProtocolError(ErrorCode.INVALID, "inventory page without a list of keys")
+    return keys
 
 
 class InventorySync:
@@ -119,10 +125,16 @@ class InventorySync:
             while (peer := self._latest.get(peer_id)) is not None:
                 try:
                     epoch = await sync_peer(self.table, self._request, peer, self._timeout_s)
-                except (KVPeerError, TimeoutError, OSError) as exc:
+                except Exception as exc:
                     # The advertisement may not change again for a long time: retry, backing
-                    # off, while the peer is still listed.
-                    log.info("inventory of %s not synced (%s); retry in %.0fs", peer_id, exc, backoff)
+                    # off, while the peer is still listed. An unexpected error (a peer's answer
+                    # we did not foresee) is retried too, else the peer is never synced.
+                    expected = isinstance(exc, KVPeerError | TimeoutError | OSError)
+                    log.log(
+                        logging.INFO if expected else logging.WARNING,
+                        "inventory of %s not synced (%r); retry in %.0fs", peer_id, exc, backoff,
+                        exc_info=not expected,
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RETRY_MAX_S)
                     continue

@@ -121,3 +121,32 @@ def test_a_peer_removed_and_added_at_once_has_one_sync_task() -> None:
         assert in_flight == 0  # no task outlived close()
 
     asyncio.run(main())
+
+
+def test_a_malformed_paged_answer_or_an_unexpected_error_is_retried() -> None:
+    """A page whose keys are not a list is a ProtocolError, and even an error nobody foresaw
+    leaves the sync task retrying instead of dying with the peer never synced."""
+
+    async def main() -> None:
+        log = InventoryLog(epoch=5)
+        log.add([os.urandom(32)])
+        answers: list[Any] = [
+            {"v": 1, "kind": "full", "epoch": 5, "keys": 7, "pages": 2},
+            RuntimeError("a bug in the transport"),
+        ]
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            if answers:
+                answer = answers.pop(0)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer  # type: ignore[no-any-return]
+            return log.since(body["since"])
+
+        sync = InventorySync(InventoryTable(), request, retry_s=0.01)
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await sync.wait_synced("p", 10, epoch=log.epoch)
+        assert sync.table.keys_of("p") == log.keys()
+        await sync.close()
+
+    asyncio.run(main())
