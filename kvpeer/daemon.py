@@ -472,14 +472,15 @@ class Daemon:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown method {method!r}")
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
-        blob = await self.level_server.open_blob(key, level)
-        if blob is not None:
-            try:
-                sent_level = codec.read_header(blob).level
-            except KVPeerError:
-                sent_level = "unknown"
-            self.metrics.sent(peer_id, sent_level, len(blob))
-        return blob
+        return await self.level_server.open_blob(key, level)
+
+    def blob_sent(self, peer_id: str, blob: bytes) -> None:
+        """The peer confirmed it received ``blob`` whole: count it as sent."""
+        try:
+            sent_level = codec.read_header(blob).level
+        except KVPeerError:
+            sent_level = "unknown"
+        self.metrics.sent(peer_id, sent_level, len(blob))
 
 
 def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:

@@ -45,7 +45,11 @@ class RequestHandler(Protocol):
         ...
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
-        """Bytes of one encoded chunk to stream to the peer; None answers NOT_FOUND."""
+        """Bytes of one encoded chunk to stream to the peer; None answers NOT_FOUND.
+
+        A handler may also define ``blob_sent(peer_id, blob)``: called once the peer confirmed
+        that a blob arrived whole (what to count as sent; an opened blob may still be refused
+        or cancelled)."""
         ...
 
 
@@ -462,6 +466,9 @@ class PeerSession:
             # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
             await aio.wait_for(asyncio.shield(done), timeout)
             self.sent_bytes += len(blob)
+            blob_sent = getattr(self._handler, "blob_sent", None)
+            if blob_sent is not None:
+                blob_sent(self.peer_id, blob)
         except ProtocolError as exc:
             await self._send_quietly(m.Error(id=request.id, code=exc.code, reason=exc.reason))
         except TimeoutError:

@@ -500,3 +500,34 @@ def test_connections_that_never_prove_the_key_are_bounded_per_address() -> None:
                 await late.close()
 
     _run(body)
+
+
+def test_a_blob_counts_as_sent_only_once_the_peer_confirmed_it() -> None:
+    class Counting(Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: list[tuple[str, int]] = []
+
+        def blob_sent(self, peer_id: str, blob: bytes) -> None:
+            self.sent.append((peer_id, len(blob)))
+
+    async def body() -> None:
+        hb = Counting()
+        a = PeerTransport("a", _config(max_blob_bytes=10_000), Handler())
+        b = PeerTransport("b", _config(), hb)
+        await a.start()
+        await b.start()
+        try:
+            session = await a.connect("b", "127.0.0.1", b.port)
+            hb.blobs[b"small"] = b"s" * 5000
+            hb.blobs[b"big"] = b"b" * 50_000  # over a's max_blob_bytes: refused on arrival
+            assert await session.fetch_blob(b"small", "") == hb.blobs[b"small"]
+            with pytest.raises(ProtocolError):
+                await session.fetch_blob(b"big", "")
+            await asyncio.sleep(0.2)
+            assert hb.sent == [("a", 5000)]
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
