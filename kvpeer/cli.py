@@ -169,11 +169,14 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
     endpoint = _start_metrics(config, daemon)  # before start(): /healthz answers 503 meanwhile
     try:
         try:
-            await daemon.start()
+            started = await _start_unless_stopped(daemon, signals)
         except OSError as exc:  # a one-line reason, not a traceback through the event loop
             message, status = start_failure(exc)
             log.error("%s", message)
             return status
+        if not started:
+            notifier.stopping("stopped while starting")
+            return 0
         notifier.ready(f"serving {len(daemon.inventory)} chunks")
         async with asyncio.TaskGroup() as tasks:
             watchdog = tasks.create_task(notifier.watchdog_loop())
@@ -188,6 +191,29 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
     return 0
+
+
+async def _start_unless_stopped(daemon: Any, signals: Any) -> bool:
+    """Run ``daemon.start()`` unless a shutdown request comes first, which cancels it.
+
+    True when the daemon started and no request came meanwhile (then, and only then, READY=1
+    may be sent). A start can take a while (the GPU probe, a large store); SIGTERM must not
+    wait for it, nor be followed by a READY that says the opposite.
+    """
+    start = asyncio.create_task(daemon.start(), name="kvpeerd-start")
+    stop = asyncio.create_task(signals.wait(), name="kvpeerd-stop-request")
+    try:
+        await asyncio.wait((start, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (start, stop):
+            task.cancel()
+        await asyncio.wait((start, stop))
+    if not start.cancelled() and start.exception() is not None:
+        start.result()  # the start's own error wins over a stop request that came with it
+    if signals.triggered:
+        log.info("stopped while starting")
+        return False
+    return True
 
 
 def _start_metrics(config: Any, daemon: Any) -> Any:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import errno
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvpeer import cli
+from kvpeer.config import Config
 
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -151,3 +157,52 @@ def test_start_failure_transient_errors_may_be_retried() -> None:
     assert cli.start_failure(OSError(errno.ENOBUFS, "No buffer space available"))[1] == 1
     message, status = cli.start_failure(OSError(errno.EACCES, "Permission denied"))
     assert status == cli.EXIT_CONFIG and message == "cannot start: [Errno 13] Permission denied"
+
+
+def test_sigterm_during_start_cancels_it_and_no_ready_follows(tmp_path: Path) -> None:
+    """A slow start (the GPU probe: up to ~20 s) must not hold SIGTERM back, and READY=1 must not
+    follow a stop request."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    config = Config()
+    config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, enabled=False))
+    seen: list[str] = []
+
+    class SlowStart:
+        inventory: list[bytes] = []
+
+        def __init__(self, config: Config) -> None:
+            self.starting = asyncio.Event()
+
+        async def start(self) -> None:
+            self.starting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("start cancelled")
+                raise
+
+        async def stop(self) -> None:
+            seen.append("stopped")
+
+    async def main() -> int:
+        daemon = SlowStart(config)
+        serving = asyncio.create_task(cli._serve(config, lambda _: daemon))
+        await asyncio.wait_for(daemon.starting.wait(), 10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serving, 10)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+            assert asyncio.run(main()) == 0
+        messages = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(notify.recv(4096).decode())
+    finally:
+        notify.close()
+    assert seen == ["start cancelled", "stopped"]
+    assert not any("READY=1" in m for m in messages), messages
+    assert any(m.startswith("STOPPING=1") for m in messages), messages
