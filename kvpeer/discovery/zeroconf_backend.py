@@ -19,7 +19,13 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from kvpeer import aio
-from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement, decode_fields, encode_fields
+from kvpeer.discovery.advert import (
+    SERVICE_TYPE,
+    Advertisement,
+    decode_fields,
+    encode_fields,
+    validate_node_id,
+)
 from kvpeer.discovery.base import Discovery
 from kvpeer.errors import ErrorCode, ProtocolError
 
@@ -28,6 +34,17 @@ log = logging.getLogger(__name__)
 
 def instance_name(node_id: str) -> str:
     return f"{node_id}.{SERVICE_TYPE}"
+
+
+def _node_id(name: str) -> str | None:
+    """The node id of an instance name, or None if the name is not one of ours."""
+    suffix = "." + SERVICE_TYPE
+    if not name.endswith(suffix):
+        return None
+    try:
+        return validate_node_id(name.removesuffix(suffix))
+    except ProtocolError:
+        return None
 
 
 class ZeroconfDiscovery(Discovery):
@@ -102,10 +119,18 @@ class ZeroconfDiscovery(Discovery):
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
-        node_id = name.removesuffix("." + SERVICE_TYPE)
+        if self._closed:
+            return
+        node_id = _node_id(name)
+        if node_id is None:
+            # Any LAN host can send a PTR of our type pointing anywhere; resolving such a
+            # name would only fail (zeroconf refuses it).
+            self._warn(name[:100], "ignored service name that is not <node id>.%s", SERVICE_TYPE)
+            return
         if self._advert is not None and node_id == self._advert.node_id:
             return
         if state_change is ServiceStateChange.Removed:
+            self._dirty.discard(name)
             task = self._resolving.pop(name, None)
             if task is not None:
                 task.cancel()
@@ -143,9 +168,14 @@ class ZeroconfDiscovery(Discovery):
 
     async def _resolve_once(self, name: str) -> None:
         assert self._azc is not None
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
         timeout_ms = int(self.config.request_timeout_s * 1000)
-        if not await info.async_request(self._azc.zeroconf, timeout_ms):
+        try:
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            resolved = await info.async_request(self._azc.zeroconf, timeout_ms)
+        except Exception as exc:  # zeroconf raises its own types; this task has no awaiter
+            self._warn(name, "service did not resolve: %r", exc)
+            return
+        if not resolved:
             self._warn(name, "service did not resolve within %.1fs", self.config.request_timeout_s)
             return
         try:

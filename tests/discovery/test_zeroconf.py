@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 from zeroconf import ServiceStateChange
 
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery
+from kvpeer.discovery.advert import SERVICE_TYPE
 from kvpeer.discovery.zeroconf_backend import instance_name
 
 
@@ -17,9 +22,11 @@ class StubResolve(ZeroconfDiscovery):
         super().__init__(DiscoveryConfig(interfaces=("127.0.0.1",)))
         self.in_flight = 0
         self.most = 0
+        self.calls = 0
         self.release = asyncio.Event()
 
     async def _resolve_once(self, name: str) -> None:
+        self.calls += 1
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
         try:
@@ -28,7 +35,7 @@ class StubResolve(ZeroconfDiscovery):
             self.in_flight -= 1
 
     def event(self, name: str, change: ServiceStateChange) -> None:
-        self._on_state_change(None, "_kvpeer._tcp.local.", name, change)
+        self._on_state_change(None, SERVICE_TYPE, name, change)
 
 
 async def turns(n: int = 3) -> None:
@@ -52,5 +59,60 @@ def test_a_service_removed_and_added_at_once_has_one_resolve() -> None:
         assert d.most == 1
         await d._close()
         assert d.in_flight == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["evil.example.com.", "x._other._tcp.local.", "a" * 300 + "._kvpeer._tcp.local.",
+     "bad id!._kvpeer._tcp.local.", "_kvpeer._tcp.local."],
+)
+def test_a_name_that_is_not_a_node_of_ours_is_not_resolved(name: str) -> None:
+    """Any LAN host can point a PTR of our type anywhere: zeroconf refuses to resolve such a
+    name, which killed the resolve task with an exception nobody retrieved."""
+
+    async def main() -> None:
+        d = StubResolve()
+        for change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            d.event(name, change)
+        await turns()
+        assert d.calls == 0
+
+    asyncio.run(main())
+
+
+def test_a_failing_resolve_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        d = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.1",), request_timeout_s=0.1))
+        d._azc = SimpleNamespace(zeroconf=None)  # type: ignore[assignment]  # requests fail
+        d._on_state_change(None, SERVICE_TYPE, instance_name("peer"), ServiceStateChange.Added)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if "did not resolve" in caplog.text:
+                break
+        assert "did not resolve" in caplog.text
+        assert errors == []
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+
+
+def test_events_after_close_or_removal_leave_nothing_behind() -> None:
+    async def main() -> None:
+        d = StubResolve()
+        name = instance_name("peer")
+        d.event(name, ServiceStateChange.Added)
+        await turns()
+        d.event(name, ServiceStateChange.Updated)  # resolve again after the running one...
+        d.event(name, ServiceStateChange.Removed)  # ...unless the service is gone
+        await turns()
+        assert not d._dirty
+        await d.close()
+        d.event(instance_name("other"), ServiceStateChange.Added)
+        await turns()
+        assert d.calls == 1
 
     asyncio.run(main())
