@@ -8,11 +8,11 @@ directory. transformers is imported lazily: the daemon never needs it.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 from kvpeer.hashing import ModelFingerprint
+from kvpeer.integrations._fingerprint import fingerprint, model_name
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -55,19 +55,20 @@ def load_model(spec: str | Path | None = None, dtype: str = "float32") -> tuple[
 
 
 def model_fingerprint(model: Any, name: str | None = None, dtype: str | None = None) -> ModelFingerprint:
-    """Fingerprint of a transformers model: what makes its KV incompatible with another's."""
+    """Fingerprint of a transformers model: what makes its KV incompatible with another's.
+
+    The name is ``name``, else the ``kvpeer_model_name`` :func:`load_model` sets, else the last
+    part of the path or hub id it was loaded from: what vLLM's connector takes for the same
+    model (:mod:`kvpeer.integrations._fingerprint`)."""
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 0.0)) or 0.0)
-    scaling = {k: v for k, v in dict(rope).items() if k != "rope_theta"}
-    return ModelFingerprint(
-        name=name or getattr(config, "kvpeer_model_name", "") or config.model_type,
+    source = getattr(config, "name_or_path", "") or ""
+    return fingerprint(
+        config,
+        name=name or getattr(config, "kvpeer_model_name", "") or model_name(source) or config.model_type,
         layers=config.num_hidden_layers,
         kv_heads=getattr(config, "num_key_value_heads", heads),
         head_dim=head_dim,
-        dtype=dtype or str(model.dtype).removeprefix("torch."),
-        rope_theta=theta,
-        rope_scaling=json.dumps(scaling, sort_keys=True, default=str),
+        dtype=dtype or model.dtype,
     )

@@ -19,7 +19,8 @@ window / mamba) models are refused, not guessed at.
 
 Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_both",
 "kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
-{"kvpeer_socket": "/run/kvpeer/kvpeer.sock", "kvpeer_namespace": "default"}}'``.
+{"kvpeer_socket": "/run/kvpeer/kvpeer.sock", "kvpeer_namespace": "default"}}'``. Add
+``"kvpeer_model_name"`` where vLLM's model path does not end in the name the other engines use.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ConfigError, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
+from kvpeer.integrations._fingerprint import fingerprint, model_name
 
 log = logging.getLogger(__name__)
 
@@ -457,20 +459,23 @@ def _extra_config(vllm_config: Any) -> dict[str, Any]:
 
 
 def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
-    """The kvpeer fingerprint of the model vLLM serves (single GPU, standard attention)."""
+    """The kvpeer fingerprint of the model vLLM serves (single GPU, standard attention).
+
+    Built like the transformers side's (:func:`kvpeer.models.model_fingerprint`), so engines of
+    both kinds share chunks: the name is ``kvpeer_model_name`` from the connector's extra config,
+    else the last part of vLLM's model path or hub id."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if getattr(parallel, "tensor_parallel_size", 1) != 1 or getattr(parallel, "pipeline_parallel_size", 1) != 1:
         raise ConfigError("kvpeer's vLLM connector supports tensor/pipeline parallel size 1 only")
     hf = getattr(model, "hf_text_config", None) or getattr(model, "hf_config", None)
-    rope = getattr(hf, "rope_scaling", None) or {}
-    return ModelFingerprint(
-        name=str(model.model),
+    name = _extra_config(vllm_config).get("kvpeer_model_name") or model_name(model.model)
+    return fingerprint(
+        hf,
+        name=str(name),
         revision=str(getattr(model, "revision", "") or ""),
-        layers=int(model.get_num_layers(parallel)),
-        kv_heads=int(model.get_num_kv_heads(parallel)),
-        head_dim=int(model.get_head_size()),
-        dtype=str(model.dtype).removeprefix("torch."),
-        rope_theta=float(getattr(hf, "rope_theta", 0.0) or 0.0),
-        rope_scaling=repr(sorted(dict(rope).items())) if rope else "",
+        layers=model.get_num_layers(parallel),
+        kv_heads=model.get_num_kv_heads(parallel),
+        head_dim=model.get_head_size(),
+        dtype=model.dtype,
     )

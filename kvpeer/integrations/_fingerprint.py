@@ -1,0 +1,109 @@
+"""The one recipe for an engine's :class:`~kvpeer.hashing.ModelFingerprint`.
+
+Two engines exchange KV only if every fingerprint field matches, so the fields read from a
+Hugging Face config must come out the same whichever engine (transformers, vLLM) and whichever
+transformers release (4.x keeps ``rope_theta``/``rope_scaling`` at the top of the config, 5.x
+moves them into ``rope_parameters``; vLLM patches one into the other) holds it. The shapes
+(layers, KV heads, head dim) each engine reads its own way; this module owns the rest.
+
+Must not change a digest that is already published: the shipped codec profiles are keyed by the
+transformers-side fingerprint (SmolLM2: ``rope_scaling='{"rope_type": "default"}'``).
+
+Pure: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from kvpeer.hashing import ModelFingerprint
+
+# Config fields older configs keep beside the RoPE dict, under their spellings (vLLM's too).
+_THETA_NAMES = ("rope_theta", "rotary_emb_base")
+_PARTIAL_NAMES = ("partial_rotary_factor", "rotary_pct", "rotary_emb_fraction")
+
+
+def model_name(source: object) -> str:
+    """A model's name that is the same on every host: the last part of its local path, hub id
+    (``org/name``) or file (``name.gguf``)."""
+    text = str(source).rstrip("/")
+    return PurePosixPath(text).name or text
+
+
+def dtype_name(dtype: object) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def rope_fields(config: Any) -> tuple[float, str]:
+    """``(rope_theta, rope_scaling)`` of a Hugging Face (text) config, the same for transformers
+    4.x and 5.x configs and for vLLM's patched ones; ``(0.0, "")`` for a model without RoPE.
+
+    ``rope_scaling`` is the JSON (sorted keys) of the RoPE parameters without ``rope_theta``:
+    the legacy ``type`` key read as ``rope_type``, ``rope_type`` "default" when absent, fields
+    kept beside the dict (``partial_rotary_factor``, ``original_max_position_embeddings``)
+    moved into it, a partial rotary factor of 1 (all of the head) left out.
+    """
+    raw = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = dict(raw) if isinstance(raw, Mapping) else {}
+    top_theta = _first(config, _THETA_NAMES)
+    if params and all(isinstance(value, Mapping) for value in params.values()):
+        # One dict per attention type (sliding / full): each is canonical on its own.
+        parts = {kind: _canonical(dict(part), config, top_theta) for kind, part in params.items()}
+        thetas = [theta for theta, _ in parts.values() if theta > 0]
+        if not thetas:
+            return 0.0, ""
+        full = parts.get("full_attention")
+        theta = full[0] if full is not None and full[0] > 0 else max(thetas)
+        return theta, json.dumps({kind: rope for kind, (_, rope) in parts.items()}, sort_keys=True, default=str)
+    theta, rope = _canonical(params, config, top_theta)
+    if theta <= 0 and not rope:
+        return 0.0, ""
+    return theta, json.dumps(rope, sort_keys=True, default=str)
+
+
+def _canonical(params: dict[str, Any], config: Any, top_theta: Any) -> tuple[float, dict[str, Any]]:
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = top_theta
+    theta = float(theta or 0.0)
+    if not math.isfinite(theta):
+        theta = 0.0
+    if theta <= 0 and not params:
+        return 0.0, {}  # no RoPE: the fields beside it mean nothing
+    legacy = params.pop("type", None)
+    if legacy is not None:
+        params.setdefault("rope_type", legacy)
+    partial = params.get("partial_rotary_factor", _first(config, _PARTIAL_NAMES))
+    params.pop("partial_rotary_factor", None)
+    if partial is not None and float(partial) != 1.0:
+        params["partial_rotary_factor"] = partial
+    ompe = getattr(config, "original_max_position_embeddings", None)
+    if ompe is not None:
+        params.setdefault("original_max_position_embeddings", ompe)
+    params.setdefault("rope_type", "default")
+    return theta, params
+
+
+def _first(config: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def fingerprint(
+    config: Any, *, name: str, layers: int, kv_heads: int, head_dim: int, dtype: object,
+    revision: str = "",
+) -> ModelFingerprint:
+    """The fingerprint of a model served with ``config`` (its Hugging Face text config)."""
+    theta, scaling = rope_fields(config)
+    return ModelFingerprint(
+        name=name, revision=revision, layers=int(layers), kv_heads=int(kv_heads),
+        head_dim=int(head_dim), dtype=dtype_name(dtype), rope_theta=theta, rope_scaling=scaling,
+    )

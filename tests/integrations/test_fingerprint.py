@@ -1,0 +1,97 @@
+"""One model, one fingerprint: the transformers and vLLM integrations build it alike (else their
+engines never share a chunk), and the shipped codec profile stays keyed by it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from kvpeer.codec import profile as profiles
+from kvpeer.integrations._fingerprint import model_name, rope_fields
+from kvpeer.integrations.vllm import fingerprint_from_vllm
+from kvpeer.models import SMOLLM2_GGUF, model_fingerprint
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 100}
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+class FakeModelConfig:
+    """What the connector reads of vLLM's ``ModelConfig``."""
+
+    def __init__(self, model: str, hf: Any, dtype: torch.dtype) -> None:
+        self.model, self.revision, self.dtype, self.hf_text_config = model, None, dtype, hf
+
+    def get_num_layers(self, parallel: Any) -> int:
+        return int(self.hf_text_config.num_hidden_layers)
+
+    def get_num_kv_heads(self, parallel: Any) -> int:
+        return int(self.hf_text_config.num_key_value_heads)
+
+    def get_head_size(self) -> int:
+        return int(self.hf_text_config.head_dim)
+
+
+def vllm_config(model: str, hf: Any, dtype: torch.dtype, **extra: Any) -> Any:
+    return SimpleNamespace(
+        model_config=FakeModelConfig(model, hf, dtype),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+    )
+
+
+def test_smollm2_fingerprint_is_the_shipped_profiles_key() -> None:
+    config = transformers.LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, rope_theta=100000.0,
+    )
+    fp = model_fingerprint(SimpleNamespace(config=config, dtype=torch.float32), name=SMOLLM2_GGUF)
+    assert fp.rope_theta == 100000.0 and fp.rope_scaling == '{"rope_type": "default"}'
+    assert fp.hex == "459229244ac2962daef625113e35787e"
+    assert profiles.load(fp.hex) is not None
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, LLAMA3_SCALING],
+                         ids=["plain", "legacy-linear", "llama3"])
+def test_transformers_and_vllm_fingerprint_one_model_alike(scaling: dict[str, Any] | None) -> None:
+    config = transformers.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=scaling,
+                                      max_position_embeddings=131072)
+    config.name_or_path = "/srv/models/Llama-3.1-8B-Instruct"  # what from_pretrained records
+    hf_side = model_fingerprint(SimpleNamespace(config=config, dtype=torch.bfloat16))
+    vllm_side = fingerprint_from_vllm(vllm_config("meta-llama/Llama-3.1-8B-Instruct", config, torch.bfloat16))
+    assert hf_side == vllm_side
+    assert vllm_side.name == "Llama-3.1-8B-Instruct"
+    assert vllm_side.rope_theta == 500000.0  # 0.0 would make the daemon treat the model as non-RoPE
+
+
+def test_rope_fields_agree_across_transformers_releases() -> None:
+    v5 = transformers.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
+                                  max_position_embeddings=131072)
+    v4 = SimpleNamespace(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    vllm_patched_v4 = SimpleNamespace(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
+                                      rope_parameters={**LLAMA3_SCALING, "rope_theta": 500000.0})
+    assert rope_fields(v5) == rope_fields(v4) == rope_fields(vllm_patched_v4)
+    plain = (100000.0, '{"rope_type": "default"}')
+    assert rope_fields(SimpleNamespace(rope_theta=100000.0, rope_scaling=None)) == plain
+    assert rope_fields(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 100000.0})) == plain
+    # a partial rotary factor beside the dict (4.x) or in it (5.x); a factor of 1 is no factor
+    assert rope_fields(SimpleNamespace(rope_theta=1e4, partial_rotary_factor=0.25, rope_scaling=None)) == \
+        rope_fields(SimpleNamespace(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.25}))
+    assert rope_fields(SimpleNamespace(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 1.0})) == \
+        (1e4, '{"rope_type": "default"}')
+    assert rope_fields(SimpleNamespace(n_positions=1024)) == (0.0, "")  # no RoPE (GPT-2)
+
+
+def test_vllm_model_name_comes_from_the_extra_config_when_given() -> None:
+    config = transformers.LlamaConfig(**SMALL)
+    fp = fingerprint_from_vllm(vllm_config("/mnt/cache/abc123", config, torch.float16,
+                                           kvpeer_model_name="SmolLM2-135M-Instruct"))
+    assert fp.name == "SmolLM2-135M-Instruct"
+    assert model_name("HuggingFaceTB/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct"
+    assert model_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == SMOLLM2_GGUF
