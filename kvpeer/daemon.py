@@ -10,7 +10,6 @@ transport, the fetch pipeline in fetcher. This module must stay glue: no protoco
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpeer import __version__, codec
+from kvpeer import __version__, aio, codec
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.codec import container as codec_container
 from kvpeer.codec import profile as codec_profiles
@@ -48,6 +47,7 @@ from kvpeer.transport import PeerTransport, TransportConfig
 
 log = logging.getLogger(__name__)
 
+STOP_NETWORK_SHARE = 0.6  # of daemon.shutdown_grace_s, for closing the API, peers and discovery
 MAX_HAS_KEYS = 4096  # a "has" request names at most this many keys (about 4k chunks = 1M tokens)
 
 
@@ -167,18 +167,19 @@ class Daemon:
         log.info("kvpeerd %s stopping", self.node_id)
         for task in list(self._background):
             task.cancel()
-        with contextlib.suppress(Exception):
-            await self.api.close()
-        with contextlib.suppress(Exception):
-            await self.discovery.close()
-        with contextlib.suppress(Exception):
-            await self.inventory_sync.close()
-        with contextlib.suppress(Exception):
-            await self.fetcher.close()
-        with contextlib.suppress(Exception):
-            await self.level_server.close()
-        with contextlib.suppress(Exception):
-            await self.transport.close()
+        # The network side shares part of the grace period, so that the store's drain of
+        # acknowledged puts is never the step the caller's timeout cuts.
+        ends = time.monotonic() + STOP_NETWORK_SHARE * self.config.daemon.shutdown_grace_s
+        for close in (
+            self.api.close, self.discovery.close, self.inventory_sync.close, self.fetcher.close,
+            self.level_server.close, self.transport.close,
+        ):  # fmt: skip
+            try:
+                await aio.wait_for(close(), max(0.1, ends - time.monotonic()))
+            except TimeoutError:
+                log.warning("stopping: %s took too long; going on", close.__qualname__)
+            except Exception:
+                log.exception("stopping: %s failed", close.__qualname__)
         await self.store.aclose()  # drains queued disk writes off the event loop
         log.info("kvpeerd %s stopped", self.node_id)
 

@@ -179,3 +179,33 @@ def test_one_bad_saved_fingerprint_costs_only_itself(
     with caplog.at_level(logging.WARNING, logger="kvpeer.daemon"):
         assert daemon.load_fingerprints(path) == {FP32.hex: FP32}
     assert sum("ignoring a fingerprint" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_stop_drains_the_store_even_when_a_network_part_hangs() -> None:
+    """The caller gives stop() the grace period: a hung close must not use it all, or the
+    store's acknowledged, queued writes would be cut at exit."""
+    import asyncio
+
+    from kvpeer import aio
+
+    drained: list[bool] = []
+
+    async def hangs() -> None:
+        await asyncio.sleep(3600)
+
+    async def closes() -> None:
+        return None
+
+    async def drain() -> None:
+        drained.append(True)
+
+    node = SimpleNamespace(
+        ready=True, node_id="n", _background=set(),
+        config=SimpleNamespace(daemon=SimpleNamespace(shutdown_grace_s=1.0)),
+        api=SimpleNamespace(close=hangs), discovery=SimpleNamespace(close=closes),
+        inventory_sync=SimpleNamespace(close=closes), fetcher=SimpleNamespace(close=closes),
+        level_server=SimpleNamespace(close=hangs), transport=SimpleNamespace(close=closes),
+        store=SimpleNamespace(aclose=drain),
+    )  # fmt: skip
+    asyncio.run(aio.wait_for(daemon.Daemon.stop(node), 1.0))
+    assert drained == [True]
