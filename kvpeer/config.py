@@ -320,7 +320,9 @@ class DaemonSection:
         10.0, "Seconds a graceful shutdown may take before the rest is cancelled.", lo=0.001
     )
     watchdog: bool = setting(
-        True, "Ping systemd's watchdog (when the unit sets WatchdogSec=)."
+        True, "Ping systemd's watchdog (when the unit sets WatchdogSec=). It is pinged even when "
+        "false, with a warning: systemd kills a unit whose watchdog goes unpinged. To turn it "
+        "off, set WatchdogSec=0 in the unit (systemctl edit kvpeer).",
     )
     torch_threads: int = setting(
         1, "Threads each torch operation may use (torch.set_num_threads); 0: torch's default, one "

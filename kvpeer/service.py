@@ -44,7 +44,15 @@ class SystemdNotifier:
             log.warning("ignoring NOTIFY_SOCKET=%r: not a Unix socket path", address)
         self._socket: socket.socket | None = None
         self._warned = False
-        self.watchdog_interval_s = _watchdog_interval(env) if watchdog else None
+        self.watchdog_interval_s = _watchdog_interval(env)
+        if not watchdog and self.watchdog_interval_s is not None:
+            # systemd kills a unit whose watchdog goes unpinged; not pinging cannot turn it off.
+            log.warning(
+                "daemon.watchdog = false is overridden: systemd set a %gs watchdog for this "
+                "process (WatchdogSec=), so it is pinged anyway; set WatchdogSec=0 in the unit "
+                "to turn it off",
+                self.watchdog_interval_s,
+            )
 
     @property
     def enabled(self) -> bool:

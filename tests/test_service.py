@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -85,7 +86,25 @@ def test_watchdog_pings_at_half_the_interval(notify_socket: tuple[socket.socket,
 
     assert asyncio.run(main()) == [b"WATCHDOG=1"] * 3
     assert SystemdNotifier({**env, "WATCHDOG_PID": "1"}).watchdog_interval_s is None
-    assert SystemdNotifier(env, watchdog=False).watchdog_interval_s is None
+
+
+def test_a_watchdog_systemd_set_is_pinged_even_with_watchdog_false(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """systemd kills a unit whose watchdog goes unpinged (WatchdogSec=30s in the shipped unit):
+    daemon.watchdog = false cannot turn it off, so it is overridden, and the log says so once."""
+    env = {"NOTIFY_SOCKET": "/run/x.sock", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
+    with caplog.at_level(logging.WARNING, logger="kvpeer.service"):
+        assert SystemdNotifier(env, watchdog=False).watchdog_interval_s == 30.0
+    [record] = caplog.records
+    assert "daemon.watchdog = false is overridden" in record.getMessage()
+    assert "WatchdogSec=0" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvpeer.service"):
+        assert SystemdNotifier(env, watchdog=True).watchdog_interval_s == 30.0
+        assert SystemdNotifier({**env, "WATCHDOG_PID": "1"}, watchdog=False).watchdog_interval_s is None
+        assert SystemdNotifier({}, watchdog=False).watchdog_interval_s is None
+    assert not caplog.records  # nothing to override: no warning
 
 
 def test_sigterm_starts_graceful_shutdown_second_sigint_forces_exit() -> None:
