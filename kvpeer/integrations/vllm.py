@@ -15,7 +15,7 @@ NOT run inside a vLLM engine. Its signatures follow vLLM 0.33's ``KVConnectorBas
 block/chunk mapping and both paged layouts are tested as pure code, and the connector's
 scheduler and worker halves are tested end to end against a real daemon socket with stand-ins
 for vLLM's request and scheduler-output objects. Tensor parallelism > 1 and hybrid (sliding
-window / mamba) models are refused, not guessed at.
+window / mamba) models and quantized (fp8) KV caches are refused, not guessed at.
 
 Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_both",
 "kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
@@ -37,7 +37,7 @@ import torch
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ConfigError, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
-from kvpeer.integrations._fingerprint import fingerprint, model_name
+from kvpeer.integrations._fingerprint import dtype_name, fingerprint, model_name
 
 log = logging.getLogger(__name__)
 
@@ -477,5 +477,25 @@ def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
         layers=model.get_num_layers(parallel),
         kv_heads=model.get_num_kv_heads(parallel),
         head_dim=model.get_head_size(),
-        dtype=model.dtype,
+        dtype=_kv_dtype(vllm_config),
+    )
+
+
+# vLLM's --kv-cache-dtype values whose cache holds plain floating-point KV.
+_PLAIN_KV_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
+                    "float32": "float32", "float": "float32"}
+
+
+def _kv_dtype(vllm_config: Any) -> str:
+    """The dtype of the KV in vLLM's cache: the model's for ``auto``. A quantized cache (fp8 and
+    the like) is refused: its blocks hold KV divided by per-layer k/v scales that kvpeer neither
+    stores nor applies, so a load would cast the daemon's KV into them unscaled."""
+    cache_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", None) or "auto")
+    if cache_dtype == "auto":
+        return dtype_name(vllm_config.model_config.dtype)
+    if cache_dtype in _PLAIN_KV_DTYPES:
+        return _PLAIN_KV_DTYPES[cache_dtype]
+    raise ConfigError(
+        f"kvpeer's vLLM connector cannot use a {cache_dtype!r} KV cache (quantized KV needs the "
+        "layers' k/v scales, which kvpeer does not carry); serve with --kv-cache-dtype auto"
     )

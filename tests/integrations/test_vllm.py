@@ -221,3 +221,21 @@ def test_request_resumed_after_preemption_loads_into_its_new_blocks(api: ServerT
     ))
     assert not meta.loads and not meta.saves
     b.shutdown()
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_a_quantized_kv_cache_is_refused_at_construction(tmp_path: Any, cache_dtype: str) -> None:
+    """Loads would cast bf16 KV into fp8 blocks without the layers' k/v scales: wrong output."""
+    config = vllm_config(tmp_path / "kvpeer.sock")
+    config.cache_config.cache_dtype = cache_dtype
+    with pytest.raises(ConfigError, match=cache_dtype):
+        KVPeerConnector(config, SimpleNamespace(name="BOTH"))
+
+
+def test_an_explicit_plain_kv_cache_dtype_is_the_fingerprints(api: ServerThread) -> None:
+    config = vllm_config(api.socket_path)
+    for cache_dtype, dtype in (("auto", "float32"), ("bfloat16", "bfloat16")):
+        config.cache_config.cache_dtype = cache_dtype
+        connector = KVPeerConnector(config, SimpleNamespace(name="BOTH"))
+        assert connector.fingerprint.dtype == dtype
+        connector.shutdown()
