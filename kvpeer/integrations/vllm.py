@@ -243,6 +243,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._vllm_config = vllm_config
         self._role_name = _role_name(role)
         extra = _extra_config(vllm_config)
+        _check_kv_cache_groups(kv_cache_config)
         self.fingerprint = fingerprint_from_vllm(vllm_config)
         self.layout = str(extra.get("kvpeer_layout", LAYOUTS[0]))
         self.level = extra.get("kvpeer_level")
@@ -456,6 +457,21 @@ def _extra_config(vllm_config: Any) -> dict[str, Any]:
     transfer = getattr(vllm_config, "kv_transfer_config", None)
     extra = getattr(transfer, "kv_connector_extra_config", None) or {}
     return dict(extra)
+
+
+def _check_kv_cache_groups(kv_cache_config: Any) -> None:
+    """Refuse a model whose KV is not one group of full-attention layers: the connector maps
+    chunks onto the first group's block table only, in a full-attention layout, so other groups'
+    blocks (sliding window, mamba, a draft model) would stay unwritten and a sliding window's
+    freed blocks would be read. (vLLM versions that pass no ``kv_cache_config`` are not checked
+    here; :meth:`KVPeerConnector.register_kv_caches` still refuses layers it cannot number.)"""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    kinds = [type(group.kv_cache_spec).__name__ for group in groups]
+    if len(kinds) > 1 or (kinds and kinds[0] != "FullAttentionSpec"):
+        raise ConfigError(
+            f"kvpeer's vLLM connector supports one group of full-attention layers; this model's "
+            f"KV cache groups are {', '.join(kinds)}"
+        )
 
 
 def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:

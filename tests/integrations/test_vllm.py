@@ -239,3 +239,25 @@ def test_an_explicit_plain_kv_cache_dtype_is_the_fingerprints(api: ServerThread)
         connector = KVPeerConnector(config, SimpleNamespace(name="BOTH"))
         assert connector.fingerprint.dtype == dtype
         connector.shutdown()
+
+
+def kv_cache_config(*spec_names: str) -> Any:
+    """A stand-in for vLLM's ``KVCacheConfig``: one group per spec class name."""
+    groups = [SimpleNamespace(layer_names=[], kv_cache_spec=type(name, (), {})()) for name in spec_names]
+    return SimpleNamespace(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=groups)
+
+
+@pytest.mark.parametrize("specs", [("FullAttentionSpec", "SlidingWindowSpec"), ("SlidingWindowSpec",),
+                                   ("FullAttentionSpec", "MambaSpec"), ("MLAAttentionSpec",)])
+def test_a_model_whose_kv_is_not_one_full_attention_group_is_refused(tmp_path: Any, specs: tuple[str, ...]) -> None:
+    """The connector loads into and saves from the first group's blocks only, in a full-attention
+    layout: other groups would keep unwritten blocks, sliding windows freed ones."""
+    with pytest.raises(ConfigError, match=specs[-1]):
+        KVPeerConnector(vllm_config(tmp_path / "kvpeer.sock"), SimpleNamespace(name="BOTH"),
+                        kv_cache_config(*specs))
+
+
+def test_one_full_attention_group_is_taken(api: ServerThread) -> None:
+    connector = KVPeerConnector(vllm_config(api.socket_path), SimpleNamespace(name="BOTH"),
+                                kv_cache_config("FullAttentionSpec"))
+    connector.shutdown()
