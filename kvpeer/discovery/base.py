@@ -222,23 +222,37 @@ class Discovery(ABC):
         except ProtocolError as exc:
             self._warn(source_ip, "ignored beacon: %s", exc)
 
-    async def _publish_pending(self) -> None:
+    async def _publish_pending(self) -> bool:
+        """Publish the pending advertisement; False if that failed (it stays pending)."""
         advert, self._pending = self._pending, None
         if advert is None:
-            return
+            return True
         self._advert = advert
         self._throttle.published(self._now())
         try:
             await self._publish(advert)
-        except Exception as exc:  # a background task: log it, the next update tries again
-            log.warning("advertisement update failed: %r", exc)
+        except Exception as exc:  # a background task: log it, the liveness loop retries
+            log.warning("advertisement update failed (retrying): %r", exc)
+            # Peers must not keep an old epoch until some later update happens to succeed.
+            if self._pending is None:
+                self._pending = advert
+            return False
+        return True
 
     async def _flush_loop(self) -> None:
         while self._pending is not None:
             delay = self._throttle.delay(self._now())
             if delay:
                 await asyncio.sleep(delay)
-            await self._publish_pending()
+            if not await self._publish_pending():
+                return  # the next liveness round tries again, not a tight loop here
+
+    def _retry_publish(self) -> None:
+        """Start publishing an advertisement left pending by a failure, unless under way."""
+        if self._pending is not None and not self._closed and (
+            self._flush is None or self._flush.done()
+        ):
+            self._flush = asyncio.create_task(self._flush_loop(), name="discovery-flush")
 
     def _send_heartbeats(self) -> None:
         beacon = self._heartbeat()
@@ -255,6 +269,7 @@ class Discovery(ABC):
             # input we did not foresee) must not keep silent peers from expiring.
             try:
                 await self._tick()
+                self._retry_publish()
                 if interval:
                     self._send_heartbeats()
             except Exception:

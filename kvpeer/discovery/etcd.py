@@ -40,6 +40,10 @@ class EtcdDiscovery(Discovery):
     _client: Any = None
     _lease: Any = None
     _watcher: asyncio.Task[None] | None = None
+    # Whether the advertisement is stored under the current lease: a lease granted again
+    # after expiring holds no key until a put succeeds, and refreshing it alone keeps the
+    # node invisible.
+    _stored = False
 
     def _heartbeat_interval(self) -> float:
         return 0.0  # the lease is the heartbeat
@@ -97,8 +101,11 @@ class EtcdDiscovery(Discovery):
         await self._put(advert)
 
     async def _put(self, advert: Advertisement) -> None:
-        record = encode_record(advert, self.addresses)
-        await self._call(self._client.put(self._key(advert.node_id), record, lease=self._lease))
+        lease, record = self._lease, encode_record(advert, self.addresses)
+        self._stored = False
+        await self._call(self._client.put(self._key(advert.node_id), record, lease=lease))
+        # Not stored if the lease or the advertisement changed while this put was on its way.
+        self._stored = lease is self._lease and advert is self._advert
 
     async def _publish(self, advert: Advertisement) -> None:
         await self._put(advert)
@@ -111,7 +118,9 @@ class EtcdDiscovery(Discovery):
             if reply is None or reply.TTL <= 0:
                 # The lease expired (we were partitioned or stalled): our key is gone too.
                 log.warning("etcd lease expired; registering again")
-                await self._register(self._pending or self._advert)
+                await self._register(self._advert)
+            elif not self._stored:
+                await self._put(self._advert)
         except TransportError as exc:
             log.warning("etcd keep-alive failed: %s", exc)
 
