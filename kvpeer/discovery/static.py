@@ -9,6 +9,7 @@ Works across routed subnets; needs no multicast and no registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -21,36 +22,53 @@ from kvpeer.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
+MAX_LOOKUPS = 8  # static peers' names resolved at once
+
 
 class StaticDiscovery(Discovery):
     """Peers named in the config file."""
 
     _targets: list[tuple[str, int]]
     _unresolved: list[tuple[str, int]]
+    _resolver: asyncio.Task[None] | None = None
 
     async def _open(self, advert: Advertisement) -> None:
         self._targets, self._unresolved = [], [
             parse_host_port(p, key="discovery.static_peers") for p in self.config.static_peers
         ]
-        await self._resolve_targets()
+        self._start_resolving()
+
+    def _start_resolving(self) -> None:
+        # Names resolve in their own task: a DNS server that does not answer must hold up
+        # neither start() nor the heartbeats that keep this node alive at its peers.
+        if self._unresolved and (self._resolver is None or self._resolver.done()):
+            self._resolver = asyncio.create_task(self._resolve_targets(), name="static-resolve")
 
     async def _resolve_targets(self) -> None:
-        loop = asyncio.get_running_loop()
         pending, self._unresolved = self._unresolved, []
-        for host, port in pending:
+        limit = asyncio.Semaphore(MAX_LOOKUPS)  # each lookup holds an executor thread
+        await asyncio.gather(*(self._resolve_target(host, port, limit) for host, port in pending))
+
+    async def _resolve_target(self, host: str, port: int, limit: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        async with limit:
             try:
                 infos = await aio.wait_for(
                     loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM),
                     self.config.request_timeout_s,
                 )
-            except (OSError, TimeoutError) as exc:
-                log.warning("static peer %s:%d does not resolve (%s); will retry", host, port, exc)
+            except (OSError, TimeoutError, UnicodeError) as exc:
+                self._warn(f"{host}:{port}", "static peer does not resolve (%r); will retry", exc)
                 self._unresolved.append((host, port))
-                continue
-            ip = str(infos[0][4][0])
-            if ip in self.addresses and port == (self._advert.port if self._advert else 0):
-                continue  # this node itself, listed in a config shared by the cluster
-            self._targets.append((ip, port))
+                return
+        target = (str(infos[0][4][0]), port)
+        if target[0] in self.addresses and port == (self._advert.port if self._advert else 0):
+            return  # this node itself, listed in a config shared by the cluster
+        if target not in self._targets:
+            self._targets.append(target)
+            # Announce ourselves now rather than at the next heartbeat.
+            if (beacon := self._heartbeat()) is not None:
+                self._send(beacon, target)
 
     async def _publish(self, advert: Advertisement) -> None:
         beacon = self._heartbeat()
@@ -59,7 +77,11 @@ class StaticDiscovery(Discovery):
                 self._send(beacon, target)
 
     async def _close(self) -> None:
-        return None  # the base class sends the "bye" beacons
+        # The base class sends the "bye" beacons.
+        if self._resolver is not None:
+            self._resolver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resolver
 
     def _heartbeat_interval(self) -> float:
         # Beacons are how static peers learn of each other at all: never off.
@@ -75,8 +97,7 @@ class StaticDiscovery(Discovery):
         return list(dict.fromkeys([*self._targets, *super()._heartbeat_targets()]))
 
     async def _tick(self) -> None:
-        if self._unresolved:
-            await self._resolve_targets()
+        self._start_resolving()
 
     def _on_beacon(self, beacon: Beacon, source_ip: str) -> None:
         if beacon.kind != "ad":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import Any
 
 import pytest
 
@@ -172,6 +173,43 @@ def test_a_failing_send_neither_stops_expiry_nor_close(monkeypatch: pytest.Monke
                 await seen.wait("added", "a")
                 assert (await seen.wait("removed", "a")).reason == "timeout"
         finally:
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_names_that_do_not_resolve_hold_up_neither_start_nor_heartbeats() -> None:
+    """Static peers' names were resolved one after another in start() and then in front of
+    every heartbeat round: a DNS server that does not answer made peers expire a live node."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+
+        async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+            if host.startswith("hang"):
+                await asyncio.Event().wait()  # no answer, ever (request_timeout_s is longer)
+            return await real(host, *args, **kwargs)
+
+        loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
+        pa, pb = free_port(), free_port()
+        hanging = tuple(f"hang{i}.example:{pb}" for i in range(3))
+        a = StaticDiscovery(DiscoveryConfig(
+            backend="static", interfaces=("127.0.0.1",), peer_timeout_s=1.0,
+            heartbeat_interval_s=0.25, request_timeout_s=60.0,
+            static_peers=(*hanging, f"127.0.0.1:{pb}"),
+        ))
+        b = StaticDiscovery(config(pa))
+        seen = Recorder()
+        b.subscribe(seen)
+        try:
+            await asyncio.wait_for(a.start(advert("a", pa)), TIMEOUT_S / 4)
+            await b.start(advert("b", pb))
+            await seen.wait("added", "a")
+            await asyncio.sleep(3.0)  # three of a's peer timeouts
+            assert [e.kind for e in seen.events] == ["added"]
+        finally:
+            await a.close()
             await b.close()
 
     asyncio.run(main())
