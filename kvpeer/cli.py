@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpeer import __version__, aio
+from kvpeer.config import LOG_LEVELS
 from kvpeer.errors import ConfigError, KVPeerError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ def daemon_parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the config, print it, and exit"
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
-    parser.add_argument("--log-level", help="override log.level (debug, info, warning, error)")
+    parser.add_argument(
+        "--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+        help=f"override log.level ({', '.join(LOG_LEVELS)})",
+    )
     parser.add_argument("--version", action="version", version=f"kvpeerd {__version__}")
     return parser
 
@@ -81,6 +85,11 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         print(f"kvpeerd: config error: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
+        try:
+            check_start_config(config)
+        except ConfigError as exc:
+            print(f"kvpeerd: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         print(config.as_toml(), end="")
         return 0
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
@@ -94,6 +103,26 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     except KVPeerError as exc:
         log.error("kvpeerd failed: %s", exc)
         return 1
+
+
+def check_start_config(config: Any) -> None:
+    """Make the config checks that building and starting the daemon make, and start nothing.
+
+    Reads the psk files, resolves discovery.interfaces to addresses and looks up
+    api.socket_group, with the daemon's own functions, so --check-config fails on what start
+    would. Raises ConfigError naming the key.
+    """
+    from kvpeer.api.server import _resolve_group
+    from kvpeer.daemon import discovery_config, transport_config
+    from kvpeer.discovery.config import advertisable_addresses
+
+    # As Daemon.__init__ does: the first address is the signalling host's default.
+    addresses = config.transport.advertise_addresses or advertisable_addresses(
+        config.discovery.interfaces
+    )
+    transport_config(config, default_host=addresses[0])
+    discovery_config(config)
+    _resolve_group(config.api.socket_group)
 
 
 def limit_torch_threads(threads: int) -> None:

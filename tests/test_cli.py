@@ -41,7 +41,9 @@ def test_fetch_takes_the_clients_recompute_speed() -> None:
 
 def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     config = tmp_path / "kvpeer.toml"
-    config.write_text('[store]\nram_bytes = "64MiB"\n[node]\nnode_id = "edge-7"\n')
+    config.write_text('[store]\nram_bytes = "64MiB"\n[node]\nnode_id = "edge-7"\n'
+                      '[discovery]\ninterfaces = ["127.0.0.1"]\n'  # a host with only loopback too
+                      '[transport]\nallow_loopback = true\n')
     result = run("daemon_main", "--config", str(config), "--check-config")
     assert result.returncode == 0, result.stderr
     assert "edge-7" in result.stdout
@@ -206,3 +208,35 @@ def test_sigterm_during_start_cancels_it_and_no_ready_follows(tmp_path: Path) ->
     assert seen == ["start cancelled", "stopped"]
     assert not any("READY=1" in m for m in messages), messages
     assert any(m.startswith("STOPPING=1") for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ("psk_unreadable", "transport.psk_file"),
+        ("interface", "discovery.interfaces"),
+        ("group", "api.socket_group"),
+    ],
+)
+def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key: str) -> None:
+    config = daemon_config(tmp_path)
+    assert run("daemon_main", "--config", str(config), "--check-config").returncode == 0
+    text = config.read_text()
+    if change == "psk_unreadable":
+        text = text.replace(str(tmp_path / "psk.key"), str(tmp_path / "absent.key"))
+    elif change == "interface":
+        text = text.replace('interfaces = ["127.0.0.1"]', 'interfaces = ["kvpeer-no-such-if0"]')
+    else:
+        text += '[api]\nsocket_group = "kvpeer-no-such-group"\n'
+    config.write_text(text)
+    result = run("daemon_main", "--config", str(config), "--check-config")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert key in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_log_level_takes_any_case_and_refuses_typos(tmp_path: Path) -> None:
+    assert cli.daemon_parser().parse_args(["--log-level", "WARNING"]).log_level == "warning"
+    result = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--log-level", "WARN")
+    assert result.returncode == 2  # argparse's usage error, not a ValueError traceback
+    assert "invalid choice: 'warn'" in result.stderr and "Traceback" not in result.stderr
