@@ -139,13 +139,6 @@ class Metrics:
             registry=r,
         )
         self.peers_up = Gauge("kvpeer_peers_up", "Peers currently known and alive", registry=r)
-        self.rejected = Counter(
-            "kvpeer_rejected_inputs", "Malformed or refused inputs, by reason", ["reason"], registry=r
-        )
-        self.auth_failures = Counter(
-            "kvpeer_auth_failures", "Peers that failed authentication, by reason", ["reason"],
-            registry=r,
-        )
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
