@@ -157,8 +157,12 @@ class InventoryLog:
 
     def update_since(self, epoch: int | None) -> InventoryUpdate:
         """Delta since ``epoch`` when the history covers it and it is smaller, else full."""
+        return self._delta_since(epoch) or self.full()
+
+    def _delta_since(self, epoch: int | None) -> InventoryUpdate | None:
+        """Delta since ``epoch``; None when the history does not cover it or full is smaller."""
         if epoch is None or not self._oldest <= epoch <= self.epoch:
-            return self.full()
+            return None
         first_op: dict[bytes, bool] = {}
         for entry_epoch, added, keys in self._history:
             if entry_epoch <= epoch:
@@ -168,7 +172,7 @@ class InventoryLog:
         add = tuple(k for k, was_add in first_op.items() if was_add and k in self._keys)
         remove = tuple(k for k, was_add in first_op.items() if not was_add and k not in self._keys)
         if len(add) + len(remove) >= len(self._keys):
-            return self.full()
+            return None
         return InventoryUpdate(
             kind="delta", epoch=self.epoch, base_epoch=epoch, added=add, removed=remove
         )
@@ -179,15 +183,19 @@ class InventoryLog:
         A delta that fits one answer is sent whole; otherwise the full inventory is cut into
         pages of ``PAGE_KEYS`` keys (sorted, so pages of one epoch fit together) and the answer
         says how many there are: the asker fetches the rest with ``since=None, page=N``.
+        Pages are cut from the sorted keys directly, never from one full `InventoryUpdate`
+        (which refuses more than MAX_INVENTORY_KEYS keys); beyond that many keys, peers are
+        sent the first MAX_INVENTORY_KEYS (the rest are cache misses to them).
         """
-        update = self.update_since(epoch)
-        if update.kind == "delta" and len(update.added) + len(update.removed) <= PAGE_KEYS:
-            return update.to_dict()
+        delta = self._delta_since(epoch)
+        if delta is not None and len(delta.added) + len(delta.removed) <= PAGE_KEYS:
+            return delta.to_dict()
         keys = self._sorted_keys()
-        pages = max(1, -(-len(keys) // PAGE_KEYS))
+        count = min(len(keys), MAX_INVENTORY_KEYS)
+        pages = max(1, -(-count // PAGE_KEYS))
         if not 0 <= page < pages:
             raise ProtocolError(ErrorCode.INVALID, f"inventory page {page} of {pages}")
-        chunk = keys[page * PAGE_KEYS : (page + 1) * PAGE_KEYS]
+        chunk = keys[page * PAGE_KEYS : min((page + 1) * PAGE_KEYS, count)]
         answer = InventoryUpdate(kind="full", epoch=self.epoch, keys=chunk).to_dict()
         answer.update(page=page, pages=pages)
         return answer

@@ -130,3 +130,28 @@ def test_a_large_full_inventory_is_paged_and_joins_up() -> None:
     asyncio.run(sync_peer(table, request, peer, timeout_s=5))
     assert table.keys_of("p") == frozenset(keys)
     assert [b.get("page", 0) for b in asked] == [0, 1, 2]
+
+
+def test_a_log_over_the_key_limit_still_answers_in_pages() -> None:
+    """Every answer used to build one full update of all keys first, which refuses more than
+    MAX_INVENTORY_KEYS: such a node answered every inventory request with TOO_LARGE."""
+    import asyncio
+
+    from kvpeer.discovery.advert import PeerInfo
+    from kvpeer.discovery.inventory import MAX_PAGES
+    from kvpeer.discovery.sync import sync_peer
+
+    log = InventoryLog(epoch=1)
+    held = [i.to_bytes(32, "big") for i in range(MAX_INVENTORY_KEYS + 10)]
+    log.add(held)
+
+    async def request(peer_id: str, method: str, body: dict) -> dict:
+        return log.since(body["since"], body.get("page", 0))
+
+    assert log.since(None)["pages"] == MAX_PAGES
+    assert log.since(1)["pages"] == MAX_PAGES  # a delta of more than a page: full, paged
+    table = InventoryTable()
+    peer = PeerInfo(node_id="p", addresses=("10.0.0.1",), port=7457, fingerprints=(),
+                    epoch=log.epoch, chunk_count=len(held))
+    asyncio.run(sync_peer(table, request, peer, timeout_s=5))
+    assert table.keys_of("p") == frozenset(held[:MAX_INVENTORY_KEYS])  # the first, sorted
