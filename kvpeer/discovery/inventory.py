@@ -10,7 +10,7 @@ No asyncio, no sockets: the daemon moves the messages (see sync.py).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +25,8 @@ DEFAULT_HISTORY_KEYS = 65_536
 # 256 KiB control-message limit. A larger full inventory is sent as numbered pages.
 PAGE_KEYS = 6_000
 MAX_PAGES = -(-MAX_INVENTORY_KEYS // PAGE_KEYS)
+# Epochs whose sorted keys are kept for askers still paging through them (8 bytes a key each).
+MAX_SNAPSHOTS = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,7 +112,9 @@ class InventoryLog:
         self._history: deque[tuple[int, bool, tuple[bytes, ...]]] = deque()  # epoch, added, keys
         self._history_keys = 0
         self._history_cap = history_keys
-        self._sorted_cache: tuple[int, tuple[bytes, ...]] | None = None
+        # Sorted keys of recent epochs that full answers were cut from, least recently used
+        # first: the later pages of a full inventory come from its first page's epoch.
+        self._snapshots: OrderedDict[int, tuple[bytes, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -182,28 +186,43 @@ class InventoryLog:
 
         A delta that fits one answer is sent whole; otherwise the full inventory is cut into
         pages of ``PAGE_KEYS`` keys (sorted, so pages of one epoch fit together) and the answer
-        says how many there are: the asker fetches the rest with ``since=None, page=N``.
+        says how many there are: the asker fetches the rest with ``since=<epoch of page 0>,
+        page=N``. Those come from that epoch's keys, kept for the last MAX_SNAPSHOTS epochs
+        paged, so the pages fit together even while the chunk set changes (restarting at every
+        change, a busy node was never synced); a page of an epoch no longer kept is refused.
+        ``since=None, page=N`` pages the current epoch (askers from before this).
         Pages are cut from the sorted keys directly, never from one full `InventoryUpdate`
         (which refuses more than MAX_INVENTORY_KEYS keys); beyond that many keys, peers are
         sent the first MAX_INVENTORY_KEYS (the rest are cache misses to them).
         """
-        delta = self._delta_since(epoch)
-        if delta is not None and len(delta.added) + len(delta.removed) <= PAGE_KEYS:
-            return delta.to_dict()
-        keys = self._sorted_keys()
+        at = self.epoch
+        if page == 0:
+            delta = self._delta_since(epoch)
+            if delta is not None and len(delta.added) + len(delta.removed) <= PAGE_KEYS:
+                return delta.to_dict()
+        elif epoch is not None and epoch != self.epoch:
+            if epoch not in self._snapshots:
+                raise ProtocolError(ErrorCode.INVALID, f"inventory of epoch {epoch} is gone")
+            at = epoch
+        keys = self._sorted_keys(at)
         count = min(len(keys), MAX_INVENTORY_KEYS)
         pages = max(1, -(-count // PAGE_KEYS))
         if not 0 <= page < pages:
             raise ProtocolError(ErrorCode.INVALID, f"inventory page {page} of {pages}")
         chunk = keys[page * PAGE_KEYS : min((page + 1) * PAGE_KEYS, count)]
-        answer = InventoryUpdate(kind="full", epoch=self.epoch, keys=chunk).to_dict()
+        answer = InventoryUpdate(kind="full", epoch=at, keys=chunk).to_dict()
         answer.update(page=page, pages=pages)
         return answer
 
-    def _sorted_keys(self) -> tuple[bytes, ...]:
-        if self._sorted_cache is None or self._sorted_cache[0] != self.epoch:
-            self._sorted_cache = (self.epoch, tuple(sorted(self._keys)))
-        return self._sorted_cache[1]
+    def _sorted_keys(self, epoch: int) -> tuple[bytes, ...]:
+        """Sorted keys of ``epoch``: the current one, or one in ``_snapshots``."""
+        keys = self._snapshots.get(epoch)
+        if keys is None:
+            keys = self._snapshots[epoch] = tuple(sorted(self._keys))
+            while len(self._snapshots) > MAX_SNAPSHOTS:
+                self._snapshots.popitem(last=False)
+        self._snapshots.move_to_end(epoch)
+        return keys
 
 
 @dataclass(slots=True)

@@ -57,14 +57,19 @@ async def _inventory(
     if pages == 1:
         return answer
     keys = _page_keys(answer)
+    epoch = answer.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise ProtocolError(ErrorCode.INVALID, f"inventory epoch {epoch!r}")
     for page in range(1, pages):
+        # Every page of page 0's epoch, even if the peer's chunk set moved on meanwhile (the
+        # peer keeps that epoch's keys for a while): this yields a full inventory at that
+        # epoch, and the next round asks for the delta since it.
         part = await aio.wait_for(
-            request(peer_id, "inventory", {"since": None, "page": page}), timeout_s
+            request(peer_id, "inventory", {"since": epoch, "page": page}), timeout_s
         )
         part_keys = _page_keys(part)
-        if part.get("epoch") != answer.get("epoch") or part.get("pages") != pages:
-            # The inventory moved while paging: the caller retries from the new epoch.
-            raise ProtocolError(ErrorCode.INVALID, "inventory changed while paging")
+        if part.get("epoch") != epoch or part.get("pages") != pages:
+            raise ProtocolError(ErrorCode.INVALID, "inventory pages of different epochs")
         keys.extend(part_keys)
     return {**answer, "keys": keys}
 

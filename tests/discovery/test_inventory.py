@@ -155,3 +155,23 @@ def test_a_log_over_the_key_limit_still_answers_in_pages() -> None:
                     epoch=log.epoch, chunk_count=len(held))
     asyncio.run(sync_peer(table, request, peer, timeout_s=5))
     assert table.keys_of("p") == frozenset(held[:MAX_INVENTORY_KEYS])  # the first, sorted
+
+
+def test_later_pages_come_from_the_first_pages_epoch() -> None:
+    from kvpeer.discovery.inventory import MAX_SNAPSHOTS, PAGE_KEYS
+
+    log = InventoryLog(epoch=1)
+    held = [i.to_bytes(32, "big") for i in range(2 * PAGE_KEYS)]
+    log.add(held)
+    first = log.since(None)
+    log.remove(held[:10])  # the chunk set moves on between pages
+    log.add(keys(5))
+    second = log.since(first["epoch"], 1)
+    assert second["epoch"] == first["epoch"] and second["pages"] == 2
+    assert first["keys"] + second["keys"] == held
+    assert log.since(None, 1)["epoch"] == log.epoch  # an asker from before: current epoch
+    for _ in range(MAX_SNAPSHOTS):  # others page through newer epochs: the old one goes
+        log.add(keys(1))
+        log.since(None)
+    with pytest.raises(ProtocolError):
+        log.since(first["epoch"], 1)

@@ -150,3 +150,28 @@ def test_a_malformed_paged_answer_or_an_unexpected_error_is_retried() -> None:
         await sync.close()
 
     asyncio.run(main())
+
+
+def test_a_large_inventory_that_changes_while_paged_is_synced() -> None:
+    """Paging restarted from page 0 whenever the peer's epoch moved between two pages: a busy
+    peer with more than one page of keys was never synced."""
+    from kvpeer.discovery.inventory import PAGE_KEYS
+
+    async def main() -> None:
+        log = InventoryLog(epoch=1)
+        log.add([os.urandom(32) for _ in range(3 * PAGE_KEYS)])
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            if body.get("page"):
+                log.add([os.urandom(32)])  # a put lands between every two pages
+            return log.since(body["since"], body.get("page", 0))
+
+        sync = InventorySync(InventoryTable(), request, retry_s=0.01)
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await sync.wait_synced("p", 5)
+        sync.on_event(PeerEvent(kind="updated", peer=peer(log), epoch_changed=True))
+        await sync.wait_synced("p", 5, epoch=log.epoch)
+        assert sync.table.keys_of("p") == log.keys()
+        await sync.close()
+
+    asyncio.run(main())
