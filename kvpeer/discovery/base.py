@@ -181,7 +181,13 @@ class Discovery(ABC):
         return None
 
     def _observe(self, info: PeerInfo) -> None:
+        refused = self._table.refused
         self._dispatch(self._table.observe(info, self._now()))
+        if self._table.refused != refused:
+            self._warn(
+                "peer table", "full: ignored new peer %s (%d refused so far)",
+                info.node_id, self._table.refused,
+            )
 
     def _withdraw(self, node_id: str) -> None:
         self._dispatch(self._table.withdraw(node_id))

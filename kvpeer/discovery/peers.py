@@ -16,6 +16,10 @@ from typing import Literal
 
 from kvpeer.discovery.advert import PeerEvent, PeerInfo
 
+# Peers are unauthenticated here and choose their node ids: bound the table. Clusters are
+# tens or hundreds of nodes.
+MAX_PEERS = 4096
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -28,9 +32,15 @@ class PeerTable:
     """Peers by node id; every mutating call returns the events it caused."""
 
     def __init__(
-        self, self_id: str, timeout_s: float | None, forget_after_s: float | None = None
+        self,
+        self_id: str,
+        timeout_s: float | None,
+        forget_after_s: float | None = None,
+        max_peers: int = MAX_PEERS,
     ) -> None:
         self._self_id = self_id
+        self._max_peers = max_peers
+        self.refused = 0  # new peers not taken because the table was full
         self._timeout_s = timeout_s  # None: no timeout-based liveness
         # A dead peer's record is kept this long (for a heartbeat to revive it), then dropped
         # so that the table of a long-running node does not grow with every peer ever seen.
@@ -57,6 +67,9 @@ class PeerTable:
             return []
         entry = self._entries.get(info.node_id)
         if entry is None:
+            if len(self._entries) >= self._max_peers:
+                self.refused += 1
+                return []
             self._entries[info.node_id] = _Entry(info, now)
             self._alive[info.node_id] = info
             return [PeerEvent(kind="added", peer=info)]
@@ -136,3 +149,23 @@ class UpdateThrottle:
 
     def published(self, now: float) -> None:
         self._last = now
+
+
+class RateLimit:
+    """A token bucket: `allow` is True at most ``rate_per_s`` times a second on average,
+    ``burst`` times in a row."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True

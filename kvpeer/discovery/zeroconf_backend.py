@@ -27,9 +27,16 @@ from kvpeer.discovery.advert import (
     validate_node_id,
 )
 from kvpeer.discovery.base import Discovery
+from kvpeer.discovery.peers import RateLimit
 from kvpeer.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
+
+
+# Heartbeats are unauthenticated and carry any node id: resolves (mDNS queries to the whole
+# LAN) for nodes we do not know start at most this often, however many ids a host makes up.
+UNKNOWN_RESOLVES_PER_S = 2.0
+UNKNOWN_RESOLVE_BURST = 16
 
 
 def instance_name(node_id: str) -> str:
@@ -59,6 +66,7 @@ class ZeroconfDiscovery(Discovery):
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._asked: dict[str, float] = {}  # node id -> when a heartbeat last made us resolve it
+        self._unknown_resolves = RateLimit(UNKNOWN_RESOLVES_PER_S, UNKNOWN_RESOLVE_BURST)
 
     def _service_info(self, advert: Advertisement) -> AsyncServiceInfo:
         return AsyncServiceInfo(
@@ -147,6 +155,8 @@ class ZeroconfDiscovery(Discovery):
         now = self._now()
         if now - self._asked.get(node_id, -1e9) < self.config.peer_timeout_s or self._closed:
             return
+        if not self._unknown_resolves.allow(now):
+            return  # a real peer's next heartbeat asks again
         if len(self._asked) > 4096:  # peers choose node ids: bound what we remember
             self._asked.clear()
         self._asked[node_id] = now

@@ -1,5 +1,5 @@
 from kvpeer.discovery.advert import PeerInfo
-from kvpeer.discovery.peers import PeerTable, UpdateThrottle
+from kvpeer.discovery.peers import PeerTable, RateLimit, UpdateThrottle
 
 
 def info(node_id: str = "b", epoch: int = 1) -> PeerInfo:
@@ -57,3 +57,23 @@ def test_throttle_coalesces() -> None:
     throttle.published(0.0)
     assert throttle.delay(0.25) == 0.75
     assert throttle.delay(1.5) == 0.0
+
+
+def test_the_table_is_bounded() -> None:
+    """Any host can announce fresh node ids: beyond the cap new peers are refused, counted."""
+    table = PeerTable("a", timeout_s=10.0, max_peers=2)
+    assert kinds(table.observe(info("b"), 0.0)) == ["added"]
+    assert kinds(table.observe(info("c"), 0.0)) == ["added"]
+    assert table.observe(info("d"), 0.0) == [] and table.refused == 1
+    assert "d" not in table.alive()
+    assert kinds(table.observe(info("b", epoch=2), 1.0)) == ["updated"]  # known peers still change
+    table.withdraw("b")
+    assert kinds(table.observe(info("d"), 2.0)) == ["added"]
+
+
+def test_rate_limit_with_fake_clock() -> None:
+    limit = RateLimit(2.0, burst=3)
+    assert [limit.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert limit.allow(0.25) is False
+    assert limit.allow(0.5) is True  # one token back after 1/rate seconds
+    assert [limit.allow(100.0) for _ in range(4)] == [True, True, True, False]

@@ -213,3 +213,32 @@ def test_names_that_do_not_resolve_hold_up_neither_start_nor_heartbeats() -> Non
             await b.close()
 
     asyncio.run(main())
+
+
+def test_an_advertisement_is_taken_only_from_its_first_address() -> None:
+    """Heartbeats go to a peer's first address: an advertisement sent from another address
+    it lists would make us send beacons to a third party of the sender's choice."""
+
+    async def main() -> None:
+        pa, pb = free_port(), free_port()
+        b = StaticDiscovery(config(pa))
+        seen = Recorder()
+        b.subscribe(seen)
+        await b.start(advert("b", pb))
+
+        def ad(node_id: str, addresses: list[str]) -> bytes:
+            record = encode_record(advert(node_id, pa), addresses)
+            return encode_beacon(Beacon(kind="ad", node_id=node_id, record=record))
+
+        try:
+            with socket.socket(type=socket.SOCK_DGRAM) as a:
+                a.bind(("127.0.0.1", pa))
+                a.sendto(ad("reflector", ["127.0.0.2", "127.0.0.1"]), ("127.0.0.1", pb))
+                a.sendto(ad("a", ["127.0.0.1", "127.0.0.2"]), ("127.0.0.1", pb))
+                await seen.wait("added", "a")
+                assert "reflector" not in b.peers()
+                assert [e.peer.node_id for e in seen.events] == ["a"]
+        finally:
+            await b.close()
+
+    asyncio.run(main())

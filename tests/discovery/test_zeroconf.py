@@ -12,7 +12,8 @@ from zeroconf import ServiceStateChange
 
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery
 from kvpeer.discovery.advert import SERVICE_TYPE
-from kvpeer.discovery.zeroconf_backend import instance_name
+from kvpeer.discovery.beacon import Beacon, encode_beacon
+from kvpeer.discovery.zeroconf_backend import UNKNOWN_RESOLVE_BURST, instance_name
 
 
 class StubResolve(ZeroconfDiscovery):
@@ -114,5 +115,20 @@ def test_events_after_close_or_removal_leave_nothing_behind() -> None:
         d.event(instance_name("other"), ServiceStateChange.Added)
         await turns()
         assert d.calls == 1
+
+    asyncio.run(main())
+
+
+def test_heartbeats_of_made_up_nodes_start_few_resolves() -> None:
+    """Each heartbeat from an unknown node id started a resolve (an mDNS query to the LAN);
+    a host making up ids had us query without bound."""
+
+    async def main() -> None:
+        d = StubResolve()
+        for i in range(200):
+            d._on_datagram(encode_beacon(Beacon(kind="hb", node_id=f"n{i}")), "10.0.0.9")
+        await turns()
+        assert 0 < d.calls <= UNKNOWN_RESOLVE_BURST
+        await d._close()
 
     asyncio.run(main())
