@@ -105,6 +105,11 @@ class Discovery(ABC):
         """Live peers by node id; never this node."""
         return self._table.alive()
 
+    @property
+    def counters(self) -> Mapping[str, int]:
+        """Event counts for metrics: new peers refused because the table was full."""
+        return {"peers_refused": self._table.refused}
+
     def subscribe(self, callback: PeerCallback) -> None:
         """Call ``callback`` (in the event loop, must not block) for each added/updated/removed."""
         self._subscribers.append(callback)

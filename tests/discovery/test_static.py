@@ -242,3 +242,16 @@ def test_an_advertisement_is_taken_only_from_its_first_address() -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+def test_peers_refused_by_a_full_table_are_counted_for_metrics() -> None:
+    from kvpeer.discovery.advert import PeerInfo
+    from kvpeer.discovery.peers import PeerTable
+
+    d = StaticDiscovery(config(free_port()))
+    d._table = PeerTable("me", timeout_s=10.0, max_peers=0)
+    assert d.counters == {"peers_refused": 0}
+    d._table.observe(
+        PeerInfo(node_id="x", addresses=("10.0.0.9",), port=1, fingerprints=(), epoch=1, chunk_count=0), 0.0
+    )
+    assert d.counters == {"peers_refused": 1}
