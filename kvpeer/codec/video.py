@@ -144,7 +144,12 @@ def decode(data: bytes | memoryview, stream: str, images: int, rows: int, cols: 
             packets = list(ctx.parse(bytes(data))) + list(ctx.parse(None))
         decoded = []
         for pkt in [*packets, None]:
-            decoded.extend(ctx.decode(pkt))
+            for frame in ctx.decode(pkt):
+                # At once: an HEVC stream states its own picture size, and frames far larger
+                # than the header's would cost GBs and seconds each before a later check.
+                if (frame.width, frame.height, frame.format.name) != (width, height, PIX_FMT):
+                    raise CodecError(f"{stream} frame has the wrong geometry")
+                decoded.append(frame)
             if len(decoded) > frames:
                 break
     except CodecError:
@@ -155,8 +160,6 @@ def decode(data: bytes | memoryview, stream: str, images: int, rows: int, cols: 
         raise CodecError(f"{stream} stream holds {len(decoded)} frames, expected {frames}")
     out = np.empty((frames * 3, height, width), np.uint8)
     for i, frame in enumerate(decoded):
-        if (frame.width, frame.height, frame.format.name) != (width, height, PIX_FMT):
-            raise CodecError(f"{stream} frame has the wrong geometry")
         for p in range(3):
             plane = frame.planes[p]
             buf = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)

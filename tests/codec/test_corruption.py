@@ -153,3 +153,60 @@ def test_a_lossy_chunk_longer_than_the_exact_position_field_is_refused() -> None
     k = torch.zeros(1, 1, 65537, 1, dtype=torch.float16)
     with pytest.raises(codec.CodecError, match="at most 65536 tokens"):
         codec.encode(k, k, "q8")
+
+
+def test_an_hevc_stream_of_larger_pictures_than_its_header_stops_at_the_first_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The HEVC bitstream states its own picture size: a re-signed blob whose stream holds far
+    larger frames than the header's geometry must fail on the first one, not after decoding
+    (and holding) them all: at 8192x8192 that was GBs and seconds per chunk."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    k, v = torch.randn(2, 2, 64, 32).half(), torch.randn(2, 2, 64, 32).half()
+    honest = codec.encode(k, v, "q8", backend="hevc", sink=0, tail=False)
+    header = codec.read_header(honest)
+    side, _ = container.sections(honest, header)
+    encoder = av.CodecContext.create("libx265", "w")
+    encoder.width = encoder.height = 256
+    encoder.pix_fmt, encoder.time_base, encoder.framerate = "yuv444p", Fraction(1, 25), 25
+    encoder.options = {"x265-params": "bframes=0:log-level=error:repeat-headers=1", "preset": "ultrafast"}
+    packets = []
+    for i in range(6):
+        frame = av.VideoFrame(256, 256, "yuv444p")
+        for plane in frame.planes:
+            np.frombuffer(plane, np.uint8)[:] = 128
+        frame.pts = i
+        packets += [bytes(p) for p in encoder.encode(frame)]
+    payload = b"".join(packets + [bytes(p) for p in encoder.encode(None)])
+    fields = {n: getattr(header, n) for n in header.__slots__ if n not in ("payload_len", "digest")}
+    forged = container.pack(container.Header(**fields, payload_len=len(payload)), bytes(side), payload)
+
+    decoded: list[object] = []
+    create = av.CodecContext.create
+
+    class Counting:
+        def __init__(self, ctx: object) -> None:
+            self._ctx = ctx
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._ctx, name)
+
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "_ctx":
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self._ctx, name, value)
+
+        def decode(self, packet: object) -> list[object]:
+            frames = list(self._ctx.decode(packet))  # type: ignore[attr-defined]
+            decoded.extend(frames)
+            return frames
+
+    monkeypatch.setattr(av.CodecContext, "create", lambda *a, **kw: Counting(create(*a, **kw)))
+    with pytest.raises(codec.CodecError, match="geometry"):
+        codec.decode(forged)
+    assert len(decoded) == 1
