@@ -33,7 +33,8 @@ _DIGEST_AT = _PREFIX.size
 _CRC = struct.Struct("<I")
 HEADER_BYTES = _PREFIX.size + DIGEST_BYTES + _CRC.size
 
-# Limits applied before any allocation: a header cannot make us reserve absurd memory.
+# Limits applied before any allocation: a header cannot make us reserve more than this (callers
+# of untrusted blobs bound it further: decode's out= or max_elements).
 MAX_LAYERS = 1024
 MAX_KV_HEADS = 1024
 MAX_TOKENS = 1 << 20

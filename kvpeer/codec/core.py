@@ -226,16 +226,23 @@ def decode(
     device: str | torch.device | None = None,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a blob into (k, v) of the shape and dtype it states; CodecError if bad.
 
     ``out``: CPU tensors (k, v) of the blob's shape (any float dtype, any strides, e.g. views
     of a chunk in shared memory) to decode into, saving a full-size temporary and a copy;
     they are returned. If decoding fails they may hold part of the chunk.
+    ``max_elements``: refuse a blob stating more elements per tensor than this, before any
+    allocation. A blob's digest proves only that it is whole, not who made it: without ``out``
+    (whose shape bounds it) an untrusted blob may otherwise claim up to
+    ``container.MAX_ELEMENTS`` per tensor, and get it allocated.
     """
     if out is not None:
         return _decode_into(blob, out)
     header = verify(blob)
+    if max_elements is not None and header.elements > max_elements:
+        raise CodecError(f"chunk of {header.elements} elements per tensor, at most {max_elements} taken")
     k, v = _decode_verified(blob, header)
     if device is not None:
         k, v = k.to(device), v.to(device)

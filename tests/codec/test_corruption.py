@@ -70,6 +70,14 @@ def test_header_cannot_claim_huge_tensor() -> None:
     assert h.elements == 2 * 2 * 24 * 8
 
 
+def test_decode_of_an_untrusted_blob_can_bound_its_size_before_allocating() -> None:
+    h = codec.read_header(BLOBS["q8"])
+    k, _ = codec.decode(BLOBS["q8"], max_elements=h.elements)
+    assert k.numel() == h.elements
+    with pytest.raises(codec.CodecError, match="at most"):
+        codec.decode(BLOBS["q8"], max_elements=h.elements - 1)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     level=st.sampled_from(sorted(BLOBS)),
