@@ -86,6 +86,11 @@ def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
         segment.close()
 
 
+def _connection_lost(exc: OSError) -> ApiError:
+    code = ErrorCode.TIMEOUT if isinstance(exc, TimeoutError) else ErrorCode.SHUTTING_DOWN
+    return ApiError(code, f"daemon connection lost: {exc or type(exc).__name__}")
+
+
 def _released_already(exc: ApiError) -> None:
     # The daemon dropped the segment first (lease ran out, or the fetch failed after
     # announcing it): our mapping stays valid and there is nothing left to release.
@@ -281,7 +286,11 @@ class FetchHandle(_FetchHandleBase):
 
 
 class KVPeerClient:
-    """Blocking client of the local daemon. One thread at a time; requests run in order."""
+    """Blocking client of the local daemon. One thread at a time; requests run in order.
+
+    A lost connection (the daemon restarted or died) fails the call that finds it with an
+    ApiError; the next call connects again. Only :meth:`close` ends the client for good.
+    """
 
     def __init__(
         self,
@@ -294,18 +303,15 @@ class KVPeerClient:
         self.socket_path = str(socket_path or default_socket_path())
         self.namespace = namespace
         self.timeout_s = timeout_s
+        self.client_name = client_name or f"pid {os.getpid()}"
         self._ids = 0
         self._decoder = m.FrameDecoder()
         self._inbox: list[m.Message] = []
         self._fetch: _FetchState | None = None
-        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout_s)
+        self._sock: socket.socket | None = None
+        self._closed = False
         try:
-            self._sock.connect(self.socket_path)
-            self._call(
-                m.Hello(id=self._new_id(), namespace=namespace, client=client_name or f"pid {os.getpid()}"),
-                m.HelloOk,
-            )
+            self._connect()
         except BaseException:
             self.close()
             raise
@@ -319,14 +325,55 @@ class KVPeerClient:
         return self._ids
 
     # ------------------------------------------------------------------ wire
+    def _connect(self) -> socket.socket:
+        """Connect and say hello (raises OSError if the daemon cannot be reached)."""
+        sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout_s)
+        try:
+            sock.connect(self.socket_path)
+            self._call(
+                m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
+            )
+        except BaseException:
+            self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "not connected to the daemon"))
+            raise
+        return sock
+
+    def _drop_connection(self, reason: ApiError) -> None:
+        """Forget the connection and everything in flight on it (a running fetch fails)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        self._decoder = m.FrameDecoder()
+        self._inbox.clear()
+        fetch, self._fetch = self._fetch, None
+        if fetch is not None and not fetch.finished:
+            fetch.error = reason
+
+    def _lost(self, exc: OSError) -> ApiError:
+        # Whatever was sent or half-received cannot be matched up any more (a sendall that
+        # timed out may have left half a frame): only a new connection is in a known state.
+        reason = _connection_lost(exc)
+        self._drop_connection(reason)
+        return reason
+
     def _send(self, message: m.Message) -> None:
-        if self._sock is None:
-            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
-        self._sock.sendall(m.encode(message))
+        sock = self._sock
+        if sock is None:
+            if self._closed:
+                raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+            try:
+                sock = self._connect()  # the daemon went away since the last call: try again now
+            except OSError as exc:
+                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon: {exc}") from None
+        try:
+            sock.sendall(m.encode(message))
+        except OSError as exc:
+            raise self._lost(exc) from None
 
     def _receive(self) -> m.Message:
         if self._sock is None:
-            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed" if self._closed else "daemon connection lost")
         while True:
             for frame in self._decoder.frames():
                 if isinstance(frame, ProtocolError):
@@ -335,10 +382,14 @@ class KVPeerClient:
             try:
                 data = self._sock.recv(1 << 16)
             except TimeoutError:
+                # Nothing half-done on our side: the answer may still come, the stream is intact.
                 raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
+            except OSError as exc:
+                raise self._lost(exc) from None
             if not data:
-                self.close()
-                raise ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+                reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+                self._drop_connection(reason)
+                raise reason
             self._decoder.feed(data)
 
     def _pump(self) -> None:
@@ -427,9 +478,8 @@ class KVPeerClient:
         return self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult).result
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        self._closed = True
+        self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed"))
 
     def __enter__(self) -> KVPeerClient:
         return self
@@ -590,10 +640,15 @@ class AsyncKVPeerClient:
                     elif message.id == 0:  # not tied to a request: everyone waiting hears it
                         for waiting in self._routes.values():
                             waiting.put_nowait(message)
-        except (ProtocolError, ApiError, ConnectionError) as exc:
+        except (ProtocolError, ApiError) as exc:
             reason = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.MALFORMED, str(exc))
+        except OSError as exc:
+            reason = _connection_lost(exc)
         finally:
-            self._closed_reason = reason
+            # A reason set first (the send that lost the connection) says more than the EOF.
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            reason = self._closed_reason
             closing = m.ErrorResponse(code=int(reason.code), reason=reason.reason)
             for waiting in self._routes.values():
                 waiting.put_nowait(closing)
@@ -607,8 +662,15 @@ class AsyncKVPeerClient:
     async def _send(self, message: m.Message) -> None:
         if self._writer is None or self._closed_reason is not None:
             raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
-        self._writer.write(m.encode(message))
-        await aio.wait_for(self._writer.drain(), self.timeout_s)
+        writer = self._writer
+        try:
+            writer.write(m.encode(message))
+            await aio.wait_for(writer.drain(), self.timeout_s)
+        except OSError as exc:
+            # A frame may be half out: nothing more can go on this connection.
+            self._closed_reason = reason = _connection_lost(exc)
+            writer.transport.abort()
+            raise reason from None
 
     async def _get(self, queue: asyncio.Queue[m.Message]) -> m.Message:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -149,6 +150,110 @@ class ServerThread:
             self.loop.close()
             with contextlib.suppress(OSError):
                 os.rmdir(self.dir)
+
+
+class ScriptedDaemon:
+    """A fake daemon on a Unix socket that speaks the wire format and does what a test says,
+    faults included (stop reading, drop a connection, answer late), for client tests.
+
+    Each connection is served in its own thread; ``handle`` answers one message (override it).
+    ``seen`` holds every message received, with the number of the connection it came on.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kvpfake", dir="/tmp"))
+        self.socket_path = self.dir / "api.sock"
+        self.seen: list[tuple[int, m.Message]] = []
+        self._changed = threading.Condition()
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(self.socket_path))
+        self._server.listen(8)
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        """Answer ``message`` from connection number ``index`` (default: hello and release)."""
+        if isinstance(message, m.Hello):
+            send(conn, m.HelloOk(id=message.id))
+        elif isinstance(message, m.Release):
+            send(conn, m.Released(id=message.id))
+
+    def wait_for(self, kind: type[m.Message], count: int = 1, timeout_s: float = 10.0) -> list[m.Message]:
+        """Block until ``count`` messages of ``kind`` have come; returns them."""
+        def found() -> list[m.Message]:
+            return [msg for _, msg in self.seen if isinstance(msg, kind)]
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(found()) >= count, timeout_s):
+                raise TimeoutError(f"{count} {kind.TYPE} message(s) not received in time")
+            return found()
+
+    def received(self, kind: type[m.Message]) -> list[m.Message]:
+        with self._changed:
+            return [msg for _, msg in self.seen if isinstance(msg, kind)]
+
+    def drop(self, index: int) -> None:
+        """Close connection ``index`` as a daemon that exits does."""
+        with self._changed:
+            conn = self._conns[index]
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with self._changed:
+                index = len(self._conns)
+                self._conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn, index), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        decoder = m.FrameDecoder()
+        with contextlib.suppress(OSError):
+            while conn.fileno() != -1:
+                data = conn.recv(1 << 16)
+                if not data:
+                    return
+                decoder.feed(data)
+                for frame in decoder.frames():
+                    assert isinstance(frame, bytes)
+                    message = m.decode_body(frame)
+                    with self._changed:
+                        self.seen.append((index, message))
+                        self._changed.notify_all()
+                    self.handle(conn, index, message)
+
+    def __enter__(self) -> ScriptedDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
+        self._server.close()
+        with self._changed:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._accepting.join(10)
+        for thread in self._threads:
+            thread.join(10)
+        for conn in conns:
+            conn.close()
+        with contextlib.suppress(OSError):
+            self.socket_path.unlink()
+            os.rmdir(self.dir)
+
+
+def send(conn: socket.socket, message: m.Message) -> None:
+    conn.sendall(m.encode(message))
 
 
 def our_segments() -> set[str]:

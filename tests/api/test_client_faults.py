@@ -1,0 +1,131 @@
+"""The clients against a daemon that fails: a lost connection, a stalled socket, answers that
+come late or race the client (a scripted fake daemon does what a real one only does by fault)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from kvpeer.api import messages as m
+from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
+from kvpeer.errors import ApiError, ErrorCode
+from tests.api.fakes import FP, ScriptedDaemon, send
+
+BIG = list(range(1 << 20))  # a 4 MB request: more than a stalled socket's buffers take
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class LookupDaemon(ScriptedDaemon):
+    """Answers lookups (matched_tokens = the connection's number, so a test sees which one)."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.LookupRequest):
+            send(conn, m.LookupResult(id=message.id, matched_tokens=index, chunk_tokens=4, sources=[]))
+        else:
+            super().handle(conn, index, message)
+
+
+class DiesWithTheRequestUnread(LookupDaemon):
+    """Connection 0 closes once a request is waiting in it, unread (the client sees a reset)."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        super().handle(conn, index, message)
+        if index == 0 and isinstance(message, m.Hello):
+            conn.recv(1, socket.MSG_PEEK)
+            conn.close()
+
+
+class StopsReading(LookupDaemon):
+    """Connection 0 stops reading after the hello until ``resume`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        super().handle(conn, index, message)
+        if index == 0 and isinstance(message, m.Hello):
+            self.resume.wait(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume.set()
+        super().__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- lost connection
+
+
+def test_a_daemon_gone_while_idle_fails_one_call_with_an_api_error_and_the_next_reconnects() -> None:
+    with LookupDaemon() as daemon, KVPeerClient(daemon.socket_path, timeout_s=10) as client:
+        daemon.drop(0)  # restarted while the client was idle
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN
+        assert not client.connected
+        assert client.lookup([1, 2, 3], FP).matched_tokens == 1  # answered on connection 1
+        assert client.connected
+
+
+def test_a_daemon_that_dies_with_the_request_unread_is_an_api_error() -> None:
+    with DiesWithTheRequestUnread() as daemon, KVPeerClient(daemon.socket_path, timeout_s=10) as client:
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN
+        assert not client.connected
+        assert client.lookup([1, 2, 3], FP).matched_tokens == 1
+
+
+def test_a_send_that_times_out_drops_the_half_sent_frame_with_its_connection() -> None:
+    with StopsReading() as daemon, KVPeerClient(daemon.socket_path, timeout_s=0.5) as client:
+        with pytest.raises(ApiError) as info:
+            client.lookup(BIG, FP)
+        assert info.value.code == ErrorCode.TIMEOUT
+        assert "connection lost" in info.value.reason
+        assert not client.connected
+        daemon.resume.set()
+        assert client.lookup([1, 2, 3], FP).matched_tokens == 1  # a fresh connection, whole frames
+        assert daemon.received(m.LookupRequest) == [daemon.wait_for(m.LookupRequest)[0]]
+
+
+def test_a_connect_that_fails_on_a_later_call_is_an_api_error() -> None:
+    with LookupDaemon() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+    with client:  # the daemon is gone: nothing listens on the socket any more
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert "cannot reach the daemon" in info.value.reason
+
+
+def test_a_closed_client_stays_closed() -> None:
+    with LookupDaemon() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+        client.close()
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert info.value.reason == "the client is closed"
+        assert len(daemon.received(m.Hello)) == 1
+
+
+def test_async_send_that_times_out_is_an_api_error_and_closes_the_connection() -> None:
+    async def main() -> None:
+        with StopsReading() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=0.5) as client:
+                with pytest.raises(ApiError) as info:
+                    await client.lookup(BIG, FP)
+                assert info.value.code == ErrorCode.TIMEOUT
+                assert not client.connected
+                with pytest.raises(ApiError) as info:
+                    await client.lookup([1, 2, 3], FP)
+                assert info.value.code == ErrorCode.TIMEOUT and "connection lost" in info.value.reason
+
+    run(main())
