@@ -736,6 +736,8 @@ class AsyncKVPeerClient:
         return (await self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult)).result
 
     async def close(self) -> None:
+        if self._closed_reason is None:  # waiters hear why (the read loop only sees an EOF)
+            self._closed_reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()

@@ -129,3 +129,29 @@ def test_async_send_that_times_out_is_an_api_error_and_closes_the_connection() -
                 assert info.value.code == ErrorCode.TIMEOUT and "connection lost" in info.value.reason
 
     run(main())
+
+
+# --------------------------------------------------------------------------- closing
+
+
+class NeverAnswers(ScriptedDaemon):
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.Hello | m.Release):
+            super().handle(conn, index, message)
+
+
+def test_async_close_tells_waiters_the_client_was_closed() -> None:
+    async def main() -> None:
+        with NeverAnswers() as daemon:
+            client = await AsyncKVPeerClient(daemon.socket_path, timeout_s=30).connect()
+            waiting = asyncio.create_task(client.lookup([1, 2, 3], FP))
+            await asyncio.to_thread(daemon.wait_for, m.LookupRequest)
+            await client.close()
+            with pytest.raises(ApiError) as info:
+                await waiting
+            assert (info.value.code, info.value.reason) == (ErrorCode.SHUTTING_DOWN, "the client was closed")
+            with pytest.raises(ApiError) as info:
+                await client.stats()
+            assert info.value.reason == "the client was closed"
+
+    run(main())
