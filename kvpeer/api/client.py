@@ -508,7 +508,10 @@ class AsyncFetchHandle(_FetchHandleBase):
             try:
                 self._state.segment = await loop.run_in_executor(None, shm.Segment.open, message.segment)
             except (OSError, ProtocolError) as exc:
-                self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+                if not (isinstance(message, m.FetchStarted) and isinstance(exc, OSError)):
+                    self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+                # else as in _FetchState.on_message: a fetch that restores nothing drops the
+                # announced segment, maybe before we map it. The final message decides.
                 return
         self._state.on_message(message)
 

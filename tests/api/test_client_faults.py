@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
@@ -153,5 +154,49 @@ def test_async_close_tells_waiters_the_client_was_closed() -> None:
             with pytest.raises(ApiError) as info:
                 await client.stats()
             assert info.value.reason == "the client was closed"
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- async fetch
+
+
+class FetchDaemon(ScriptedDaemon):
+    """Answers a fetch with the messages ``answer`` makes of its id."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.FetchRequest):
+            for reply in self.answer(message.id):
+                send(conn, reply)
+        else:
+            super().handle(conn, index, message)
+
+
+@pytest.mark.parametrize("final", ["nothing restored", "error"])
+def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_already_gone(final: str) -> None:
+    gone = shm.new_name()  # announced, then dropped by the daemon before the client maps it
+
+    def answer(rid: int) -> list[m.Message]:
+        last: m.Message = m.FetchResult(id=rid, chunk_tokens=4)
+        if final == "error":
+            last = m.ErrorResponse(id=rid, code=int(ErrorCode.INTEGRITY), reason="chunk 0 was corrupt")
+        return [m.FetchStarted(id=rid, segment=gone, size=1 << 20), last]
+
+    async def main() -> None:
+        with FetchDaemon(answer) as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=10) as client:
+                if final == "error":
+                    with pytest.raises(ApiError) as info:
+                        async with client.fetch(list(range(8)), FP):
+                            pass
+                    assert info.value.code == ErrorCode.INTEGRITY
+                else:
+                    async with client.fetch(list(range(8)), FP) as result:
+                        assert result.matched_tokens == 0 and result.k.shape[2] == 0
+                assert daemon.received(m.Release) == []  # the daemon dropped it: nothing to release
 
     run(main())
