@@ -499,20 +499,31 @@ class AsyncFetchHandle(_FetchHandleBase):
         self._client = client
         self._queue: asyncio.Queue[m.Message] = asyncio.Queue()
         self._wait_on_enter = wait
+        # The message being applied and the mapping of its segment, kept until both are done:
+        # a caller cancelled while the segment maps must not lose the daemon's answer (the
+        # next wait, release()'s included, takes them up again).
+        self._pending: m.Message | None = None
+        self._mapping: asyncio.Future[shm.Segment] | None = None
 
     async def _next(self) -> None:
-        message = await self._client._get(self._queue)
+        if self._pending is None:
+            self._pending = await self._client._get(self._queue)
+        message = self._pending
         if isinstance(message, m.FetchStarted | m.FetchResult) and message.segment and self._state.segment is None:
-            # Mapping populates the page tables (milliseconds for large KV): keep it off the loop.
-            loop = asyncio.get_running_loop()
+            if self._mapping is None:
+                # Mapping populates the page tables (milliseconds for large KV): keep it off the loop.
+                loop = asyncio.get_running_loop()
+                self._mapping = loop.run_in_executor(None, shm.Segment.open, message.segment)
             try:
-                self._state.segment = await loop.run_in_executor(None, shm.Segment.open, message.segment)
+                self._state.segment = await asyncio.shield(self._mapping)
             except (OSError, ProtocolError) as exc:
+                self._pending = self._mapping = None
                 if not (isinstance(message, m.FetchStarted) and isinstance(exc, OSError)):
                     self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
                 # else as in _FetchState.on_message: a fetch that restores nothing drops the
                 # announced segment, maybe before we map it. The final message decides.
                 return
+        self._pending = self._mapping = None
         self._state.on_message(message)
 
     async def wait(self) -> m.FetchResult:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint, chunk_keys
 
 CHUNK = 4
+_M = TypeVar("_M", bound=m.Message)
 FP = ModelFingerprint(name="tiny", layers=2, kv_heads=3, head_dim=8, dtype="float32")
 
 
@@ -180,18 +181,19 @@ class ScriptedDaemon:
         elif isinstance(message, m.Release):
             send(conn, m.Released(id=message.id))
 
-    def wait_for(self, kind: type[m.Message], count: int = 1, timeout_s: float = 10.0) -> list[m.Message]:
+    def wait_for(self, kind: type[_M], count: int = 1, timeout_s: float = 10.0) -> list[_M]:
         """Block until ``count`` messages of ``kind`` have come; returns them."""
-        def found() -> list[m.Message]:
-            return [msg for _, msg in self.seen if isinstance(msg, kind)]
         with self._changed:
-            if not self._changed.wait_for(lambda: len(found()) >= count, timeout_s):
+            if not self._changed.wait_for(lambda: len(self._received(kind)) >= count, timeout_s):
                 raise TimeoutError(f"{count} {kind.TYPE} message(s) not received in time")
-            return found()
+            return self._received(kind)
 
-    def received(self, kind: type[m.Message]) -> list[m.Message]:
+    def received(self, kind: type[_M]) -> list[_M]:
         with self._changed:
-            return [msg for _, msg in self.seen if isinstance(msg, kind)]
+            return self._received(kind)
+
+    def _received(self, kind: type[_M]) -> list[_M]:
+        return [msg for _, msg in self.seen if isinstance(msg, kind)]
 
     def drop(self, index: int) -> None:
         """Close connection ``index`` as a daemon that exits does."""
@@ -230,7 +232,7 @@ class ScriptedDaemon:
                         self._changed.notify_all()
                     self.handle(conn, index, message)
 
-    def __enter__(self) -> ScriptedDaemon:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -200,3 +200,44 @@ def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_alread
                 assert daemon.received(m.Release) == []  # the daemon dropped it: nothing to release
 
     run(main())
+
+
+def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    segment = shm.Segment.create(
+        shm.SegmentLayout(dtype=FP.dtype, layers=FP.layers, kv_heads=FP.kv_heads, tokens=8,
+                          head_dim=FP.head_dim, chunk_tokens=4)
+    )
+    mapping, may_finish = threading.Event(), threading.Event()
+    open_segment = shm.Segment.open
+
+    def slow_open(name: str) -> shm.Segment:  # a large segment's page tables take a while
+        mapping.set()
+        may_finish.wait(10)
+        return open_segment(name)
+
+    monkeypatch.setattr(shm.Segment, "open", staticmethod(slow_open))
+
+    def answer(rid: int) -> list[m.Message]:
+        return [m.FetchResult(id=rid, segment=segment.name, matched_tokens=8, chunk_tokens=4,
+                              levels=["exact", "exact"], recompute_from=8)]
+
+    async def fetch(client: AsyncKVPeerClient) -> None:
+        async with client.fetch(list(range(8)), FP):
+            pass
+
+    async def main() -> None:
+        with FetchDaemon(answer) as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=2) as client:
+                task = asyncio.create_task(fetch(client))
+                await asyncio.to_thread(mapping.wait, 10)
+                task.cancel()  # e.g. the engine's own timeout, while the answer's segment maps
+                may_finish.set()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert [r.segment for r in daemon.received(m.Release)] == [segment.name]
+
+    try:
+        run(main())
+    finally:
+        segment.unlink()
+        segment.close()
