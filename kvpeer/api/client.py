@@ -91,6 +91,26 @@ def _connection_lost(exc: OSError) -> ApiError:
     return ApiError(code, f"daemon connection lost: {exc or type(exc).__name__}")
 
 
+def _late_segment(message: m.Message) -> str:
+    """The segment a late answer hands us ("" if none): a put's, or a finished fetch's (a
+    FetchStarted's segment is named again by the final answer, or dropped by the daemon)."""
+    if isinstance(message, m.SegmentReady | m.FetchResult):
+        return message.segment
+    return ""
+
+
+def _drain(queue: asyncio.Queue[m.Message]) -> list[m.Message]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: nobody is left to care
+
+
 def _released_already(exc: ApiError) -> None:
     # The daemon dropped the segment first (lease ran out, or the fetch failed after
     # announcing it): our mapping stays valid and there is nothing left to release.
@@ -268,6 +288,10 @@ class FetchHandle(_FetchHandleBase):
         self._released = True
         with contextlib.suppress(ApiError):
             self.wait()
+        if not self._state.finished:  # gave up waiting: the final answer names what to release
+            self._client._abandon_fetch(self._state)
+            self._state.close_segment()
+            return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
             try:
@@ -308,6 +332,9 @@ class KVPeerClient:
         self._decoder = m.FrameDecoder()
         self._inbox: list[m.Message] = []
         self._fetch: _FetchState | None = None
+        # Requests given up on (a timeout, an interrupt) whose answers may still come: a
+        # segment such an answer hands us is released at once.
+        self._abandoned: set[int] = set()
         self._sock: socket.socket | None = None
         self._closed = False
         try:
@@ -346,6 +373,7 @@ class KVPeerClient:
             sock.close()
         self._decoder = m.FrameDecoder()
         self._inbox.clear()
+        self._abandoned.clear()
         fetch, self._fetch = self._fetch, None
         if fetch is not None and not fetch.finished:
             fetch.error = reason
@@ -399,8 +427,25 @@ class KVPeerClient:
             self._fetch.on_message(message)
             if self._fetch.finished:
                 self._fetch = None
+        elif message.id in self._abandoned:
+            self._drop_late(message)
         else:
             self._inbox.append(message)
+
+    def _drop_late(self, message: m.Message) -> None:
+        """Drop an answer to a request given up on, releasing the segment it hands us."""
+        if not isinstance(message, m.FetchStarted | m.FetchProgress):
+            self._abandoned.discard(message.id)
+        segment = _late_segment(message)
+        if segment:
+            rid = self._new_id()
+            self._abandoned.add(rid)  # its answer is dropped too
+            self._send(m.Release(id=rid, segment=segment))
+
+    def _abandon_fetch(self, state: _FetchState) -> None:
+        if self._fetch is state:
+            self._fetch = None
+            self._abandoned.add(state.request.id)
 
     def _finish_fetch(self) -> None:
         # Answers arrive in order on one connection: a running fetch's events come first.
@@ -410,11 +455,20 @@ class KVPeerClient:
     def _call(self, request: m.Message, kind: type[_T]) -> _T:
         self._finish_fetch()
         self._send(request)
+        try:
+            answer = self._answer(request.id)
+        except BaseException:
+            if self._sock is not None:  # the answer may still come
+                self._abandoned.add(request.id)
+            raise
+        return _expect(answer, kind)
+
+    def _answer(self, rid: int) -> m.Message:
         while True:
             for i, message in enumerate(self._inbox):
-                if message.id in (request.id, 0):
+                if message.id in (rid, 0):
                     del self._inbox[i]
-                    return _expect(message, kind)
+                    return message
             self._pump()
 
     # ------------------------------------------------------------------ API
@@ -567,9 +621,24 @@ class AsyncFetchHandle(_FetchHandleBase):
         if self._released:
             return
         self._released = True
-        with contextlib.suppress(ApiError):
-            await self.wait()
-        self._client._unroute(self._state.request.id)
+        rid = self._state.request.id
+        task = asyncio.current_task()
+        try:
+            # A cancelled caller does not wait for the daemon (up to timeout_s): abandoning the
+            # fetch below has the final answer's segment released whenever that answer comes.
+            if task is None or not task.cancelling():
+                with contextlib.suppress(ApiError):
+                    await self.wait()
+        finally:
+            self._client._unroute(rid)
+            if not self._state.finished:  # gave up waiting: the final answer names what to release
+                taken = [self._pending] if self._pending is not None else []
+                self._client._abandon(rid, taken + _drain(self._queue))
+                self._state.close_segment()
+                if self._mapping is not None:  # its segment, if it maps, is unmapped when freed
+                    self._mapping.add_done_callback(_ignore_outcome)
+        if not self._state.finished:
+            return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
             try:
@@ -612,6 +681,9 @@ class AsyncKVPeerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_reason: ApiError | None = None
+        # Requests given up on (a timeout, a cancel) whose answers may still come: a segment
+        # such an answer hands us is released at once.
+        self._abandoned: set[int] = set()
 
     @property
     def connected(self) -> bool:
@@ -651,6 +723,8 @@ class AsyncKVPeerClient:
                     queue = self._routes.get(message.id)
                     if queue is not None:
                         queue.put_nowait(message)
+                    elif message.id in self._abandoned:
+                        self._drop_late(message)
                     elif message.id == 0:  # not tied to a request: everyone waiting hears it
                         for waiting in self._routes.values():
                             waiting.put_nowait(message)
@@ -672,6 +746,26 @@ class AsyncKVPeerClient:
 
     def _unroute(self, rid: int) -> None:
         self._routes.pop(rid, None)
+
+    def _abandon(self, rid: int, taken: list[m.Message]) -> None:
+        """Give up on request ``rid``; ``taken``: its answers already received, unread."""
+        if not self.connected:
+            return  # the daemon released what the connection held
+        self._abandoned.add(rid)
+        for message in taken:
+            if message.id == rid:
+                self._drop_late(message)
+
+    def _drop_late(self, message: m.Message) -> None:
+        """Drop an answer to a request given up on, releasing the segment it hands us."""
+        if not isinstance(message, m.FetchStarted | m.FetchProgress):
+            self._abandoned.discard(message.id)
+        segment = _late_segment(message)
+        if segment and self._writer is not None and self._closed_reason is None:
+            rid = self._new_id()
+            self._abandoned.add(rid)  # its answer is dropped too
+            # Not awaited: this runs in the read loop (or a finally), where no answer can be waited for.
+            self._writer.write(m.encode(m.Release(id=rid, segment=segment)))
 
     async def _send(self, message: m.Message) -> None:
         if self._writer is None or self._closed_reason is not None:
@@ -695,11 +789,15 @@ class AsyncKVPeerClient:
     async def _call(self, request: m.Message, kind: type[_T]) -> _T:
         queue: asyncio.Queue[m.Message] = asyncio.Queue()
         self._route(request.id, queue)
+        answer: m.Message | None = None
         try:
             await self._send(request)
-            return _expect(await self._get(queue), kind)
+            answer = await self._get(queue)
         finally:
             self._unroute(request.id)
+            if answer is None:
+                self._abandon(request.id, _drain(queue))
+        return _expect(answer, kind)
 
     # ------------------------------------------------------------------ API
     async def put(

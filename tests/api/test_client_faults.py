@@ -14,7 +14,7 @@ from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
-from tests.api.fakes import FP, ScriptedDaemon, send
+from tests.api.fakes import FP, ScriptedDaemon, kv, send
 
 BIG = list(range(1 << 20))  # a 4 MB request: more than a stalled socket's buffers take
 
@@ -234,10 +234,95 @@ def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypa
                 may_finish.set()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                assert [r.segment for r in daemon.received(m.Release)] == [segment.name]
+                releases = await asyncio.to_thread(daemon.wait_for, m.Release)
+                assert [r.segment for r in releases] == [segment.name]
 
     try:
         run(main())
     finally:
         segment.unlink()
         segment.close()
+
+
+# --------------------------------------------------------------------------- late answers
+
+
+class AnswersLate(ScriptedDaemon):
+    """Holds back its answer to a put or fetch until ``go`` is set; lookups are answered at once.
+
+    The put's answer is a segment to fill, the fetch's a restored segment: both the client's to
+    release, even when it gave up waiting for them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self.segment = shm.new_name()
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.PutRequest | m.FetchRequest):
+            self.go.wait(30)
+        if isinstance(message, m.PutRequest):
+            send(conn, m.SegmentReady(id=message.id, segment=self.segment, size=1 << 12))
+        elif isinstance(message, m.FetchRequest):
+            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12))
+            send(conn, m.FetchResult(id=message.id, segment=self.segment, matched_tokens=4,
+                                     chunk_tokens=4, levels=["exact"], recompute_from=4))
+        elif isinstance(message, m.LookupRequest):
+            send(conn, m.LookupResult(id=message.id, matched_tokens=0, chunk_tokens=4, sources=[]))
+        else:
+            super().handle(conn, index, message)
+
+    def __exit__(self, *exc: object) -> None:
+        self.go.set()
+        super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("request_kind", ["put", "fetch"])
+def test_a_segment_that_comes_after_the_client_gave_up_is_released(request_kind: str) -> None:
+    with AnswersLate() as daemon, KVPeerClient(daemon.socket_path, timeout_s=0.3) as client:
+        with pytest.raises(ApiError) as info:
+            if request_kind == "put":
+                client.put(list(range(4)), *kv(4), FP)
+            else:
+                with client.fetch(list(range(4)), FP) as result:
+                    result.wait()
+        assert info.value.code == ErrorCode.TIMEOUT
+        daemon.go.set()
+        client.timeout_s = 10
+        client.lookup([1, 2, 3], FP)  # the blocking client reads the late answer on its next call
+        assert [r.segment for r in daemon.wait_for(m.Release)] == [daemon.segment]
+        assert client.lookup([1, 2, 3], FP).matched_tokens == 0  # the Released answer was dropped
+
+
+@pytest.mark.parametrize("request_kind", ["put", "fetch"])
+@pytest.mark.parametrize("give_up", ["timeout", "cancel"])
+def test_async_a_segment_that_comes_after_the_client_gave_up_is_released(request_kind: str, give_up: str) -> None:
+    async def ask(client: AsyncKVPeerClient) -> None:
+        if request_kind == "put":
+            await client.put(list(range(4)), *kv(4), FP)
+        else:
+            async with client.fetch(list(range(4)), FP):
+                pass
+
+    async def main() -> None:
+        with AnswersLate() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=0.3 if give_up == "timeout" else 30) as client:
+                task = asyncio.create_task(ask(client))
+                if give_up == "timeout":
+                    with pytest.raises(ApiError) as info:
+                        await task
+                    assert info.value.code == ErrorCode.TIMEOUT
+                else:
+                    await asyncio.to_thread(daemon.wait_for, m.PutRequest if request_kind == "put" else m.FetchRequest)
+                    task.cancel()
+                    async with asyncio.timeout(5):  # not timeout_s: a cancelled caller does not wait
+                        with pytest.raises(asyncio.CancelledError):
+                            await task
+                daemon.go.set()
+                releases = await asyncio.to_thread(daemon.wait_for, m.Release)
+                assert [r.segment for r in releases] == [daemon.segment]
+                client.timeout_s = 10
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 0
+
+    run(main())
