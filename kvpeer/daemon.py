@@ -467,10 +467,13 @@ class Daemon:
                 raise ProtocolError(ErrorCode.INVALID, "has: keys must be a list of <= 4096 keys")
             return {"have": [isinstance(k, bytes) and self.store.has(k) for k in keys]}
         if method == "inventory":
-            since, page = body.get("since"), body.get("page", 0)
+            since, page, at = body.get("since"), body.get("page", 0), body.get("at")
             if not isinstance(page, int) or isinstance(page, bool):
                 raise ProtocolError(ErrorCode.INVALID, "inventory: page must be an integer")
-            return self.inventory.since(since if isinstance(since, int) else None, page)
+            return self.inventory.since(
+                since if isinstance(since, int) else None, page,
+                at if isinstance(at, int) and not isinstance(at, bool) else None,
+            )
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown method {method!r}")
 
     async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:

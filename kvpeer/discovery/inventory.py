@@ -181,29 +181,30 @@ class InventoryLog:
             kind="delta", epoch=self.epoch, base_epoch=epoch, added=add, removed=remove
         )
 
-    def since(self, epoch: int | None, page: int = 0) -> dict[str, Any]:
+    def since(self, epoch: int | None, page: int = 0, at: int | None = None) -> dict[str, Any]:
         """The answer to an "inventory" request, msgpack-able.
 
         A delta that fits one answer is sent whole; otherwise the full inventory is cut into
         pages of ``PAGE_KEYS`` keys (sorted, so pages of one epoch fit together) and the answer
-        says how many there are: the asker fetches the rest with ``since=<epoch of page 0>,
-        page=N``. Those come from that epoch's keys, kept for the last MAX_SNAPSHOTS epochs
+        says how many there are: the asker fetches the rest with ``page=N, at=<epoch of page
+        0>``. Those come from that epoch's keys, kept for the last MAX_SNAPSHOTS epochs
         paged, so the pages fit together even while the chunk set changes (restarting at every
         change, a busy node was never synced); a page of an epoch no longer kept is refused.
-        ``since=None, page=N`` pages the current epoch (askers from before this).
+        ``page=N`` without ``at`` pages the current epoch (askers from before this).
         Pages are cut from the sorted keys directly, never from one full `InventoryUpdate`
         (which refuses more than MAX_INVENTORY_KEYS keys); beyond that many keys, peers are
         sent the first MAX_INVENTORY_KEYS (the rest are cache misses to them).
         """
-        at = self.epoch
         if page == 0:
+            at = self.epoch
             delta = self._delta_since(epoch)
             if delta is not None and len(delta.added) + len(delta.removed) <= PAGE_KEYS:
                 return delta.to_dict()
-        elif epoch is not None and epoch != self.epoch:
-            if epoch not in self._snapshots:
-                raise ProtocolError(ErrorCode.INVALID, f"inventory of epoch {epoch} is gone")
-            at = epoch
+        elif at is not None and at != self.epoch:
+            if at not in self._snapshots:
+                raise ProtocolError(ErrorCode.INVALID, f"inventory of epoch {at} is gone")
+        else:
+            at = self.epoch
         keys = self._sorted_keys(at)
         count = min(len(keys), MAX_INVENTORY_KEYS)
         pages = max(1, -(-count // PAGE_KEYS))

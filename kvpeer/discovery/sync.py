@@ -63,9 +63,11 @@ async def _inventory(
     for page in range(1, pages):
         # Every page of page 0's epoch, even if the peer's chunk set moved on meanwhile (the
         # peer keeps that epoch's keys for a while): this yields a full inventory at that
-        # epoch, and the next round asks for the delta since it.
+        # epoch, and the next round asks for the delta since it. The epoch travels as "at":
+        # a node from before reads "since" as a delta request, and ignores "at" (it pages its
+        # current epoch, and the epoch check below catches a move).
         part = await aio.wait_for(
-            request(peer_id, "inventory", {"since": epoch, "page": page}), timeout_s
+            request(peer_id, "inventory", {"since": None, "page": page, "at": epoch}), timeout_s
         )
         part_keys = _page_keys(part)
         if part.get("epoch") != epoch or part.get("pages") != pages:

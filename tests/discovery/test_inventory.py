@@ -166,7 +166,7 @@ def test_later_pages_come_from_the_first_pages_epoch() -> None:
     first = log.since(None)
     log.remove(held[:10])  # the chunk set moves on between pages
     log.add(keys(5))
-    second = log.since(first["epoch"], 1)
+    second = log.since(None, 1, at=first["epoch"])
     assert second["epoch"] == first["epoch"] and second["pages"] == 2
     assert first["keys"] + second["keys"] == held
     assert log.since(None, 1)["epoch"] == log.epoch  # an asker from before: current epoch
@@ -174,4 +174,4 @@ def test_later_pages_come_from_the_first_pages_epoch() -> None:
         log.add(keys(1))
         log.since(None)
     with pytest.raises(ProtocolError):
-        log.since(first["epoch"], 1)
+        log.since(None, 1, at=first["epoch"])

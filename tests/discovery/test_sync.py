@@ -164,13 +164,36 @@ def test_a_large_inventory_that_changes_while_paged_is_synced() -> None:
         async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
             if body.get("page"):
                 log.add([os.urandom(32)])  # a put lands between every two pages
-            return log.since(body["since"], body.get("page", 0))
+            return log.since(body["since"], body.get("page", 0), body.get("at"))
 
         sync = InventorySync(InventoryTable(), request, retry_s=0.01)
         sync.on_event(PeerEvent(kind="added", peer=peer(log)))
         await sync.wait_synced("p", 5)
         sync.on_event(PeerEvent(kind="updated", peer=peer(log), epoch_changed=True))
         await sync.wait_synced("p", 5, epoch=log.epoch)
+        assert sync.table.keys_of("p") == log.keys()
+        await sync.close()
+
+    asyncio.run(main())
+
+
+def test_a_large_inventory_of_a_node_from_before_paging_at_an_epoch_is_synced() -> None:
+    """Such a node reads "since" as a delta request and knows no "at": the page requests must
+    still get pages (of its current epoch) from it, not an empty delta."""
+    from kvpeer.discovery.inventory import PAGE_KEYS
+
+    async def main() -> None:
+        log = InventoryLog(epoch=1)
+        log.add([os.urandom(32) for _ in range(3 * PAGE_KEYS)])
+
+        async def old_node(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            if body["since"] is not None:  # it answers any request naming an epoch with a delta
+                return log.since(body["since"])
+            return log.since(None, body.get("page", 0))  # and knows no "at"
+
+        sync = InventorySync(InventoryTable(), old_node, retry_s=0.01)
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await sync.wait_synced("p", 5)
         assert sync.table.keys_of("p") == log.keys()
         await sync.close()
 
