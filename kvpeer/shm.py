@@ -54,7 +54,7 @@ _MATCHED_AT = 40  # offset of matched_tokens in _HEADER
 _NAME = re.compile(r"^kvpeer-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
 # Pages reserved ahead for the next segment (SegmentRegistry.reserve_spare): renamed to a
 # segment name when used, so no client ever opens a spare, and swept like segments.
-# Held (flock) by the registry that swept the directory, for its life: see sweep_stale.
+# Held shared (flock) by every registry on a directory, for its life: see sweep_stale.
 DIR_LOCK = ".kvpeer-registry.lock"
 _SPARE_NAME = re.compile(r"^kvpeer\.spare-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
 DTYPES: dict[str, torch.dtype] = {
@@ -596,9 +596,7 @@ class SegmentRegistry:
             self._drop(name)
         self.drop_spare()
         if self._dir_lock is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.directory / DIR_LOCK)
-            os.close(self._dir_lock)
+            os.close(self._dir_lock)  # releases the shared lock
             self._dir_lock = None
 
     def _drop(self, name: str) -> None:
@@ -620,20 +618,31 @@ class SegmentRegistry:
         return sweep_stale(self.directory, held=held if self._lock_directory() else None)
 
     def _lock_directory(self) -> bool:
-        """Hold the directory's registry lock for this registry's life; False if another has it."""
+        """Hold the directory's registry lock, shared, for this registry's life; True if no
+        other registry held it when asked (this one alone uses the directory).
+
+        Every registry holds it shared, so whichever starts (or restarts) later sees the others;
+        the exclusive try is the question "anyone else?". The file is never unlinked: a new
+        file would answer that question for nobody.
+        """
         if self._dir_lock is not None:
-            return True
+            return False
         try:
             fd = os.open(self.directory / DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:
+            alone = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: a downgrade
         except OSError:
             os.close(fd)
             return False
         self._dir_lock = fd
-        return True
+        return alone
 
 
 def _alive(pid: int, *, held_by_me: bool) -> bool:

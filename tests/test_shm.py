@@ -172,21 +172,25 @@ def test_sweep_survives_impossible_pids_and_removes_an_earlier_run_of_its_own_pi
 
 def test_a_second_registry_of_this_pid_leaves_the_first_ones_segments_alone(tmp_path: Path) -> None:
     """Two daemons with one pid on one directory (pid 1 in two containers sharing /dev/shm):
-    the one that swept first holds the directory; the other must not take its live segments
-    for an earlier run's."""
+    neither may take the other's live segments for an earlier run's, whichever started or
+    restarted last."""
     first = shm.SegmentRegistry(directory=tmp_path)
     first.sweep_stale()
     live = first.create(LAYOUT, owner=1, now=0.0)
     second = shm.SegmentRegistry(directory=tmp_path)
     assert second.sweep_stale() == [] and (tmp_path / live.name).exists()
+    other = second.create(LAYOUT, owner=1, now=0.0)
+    first.close()  # the first one restarts, while the second still serves
+    restarted = shm.SegmentRegistry(directory=tmp_path)
+    assert restarted.sweep_stale() == [] and (tmp_path / other.name).exists()
+    restarted.close()
     second.close()
-    first.close()
     leftover = f"kvpeer-{os.getpid()}-{'e' * 32}"
     (tmp_path / leftover).write_bytes(b"x")
-    third = shm.SegmentRegistry(directory=tmp_path)
-    assert third.sweep_stale() == [leftover]  # alone now: an earlier run's segment goes
-    third.close()
-    assert not any(tmp_path.iterdir())
+    alone = shm.SegmentRegistry(directory=tmp_path)
+    assert alone.sweep_stale() == [leftover]  # alone now: an earlier run's segment goes
+    alone.close()
+    assert [p.name for p in tmp_path.iterdir()] == [shm.DIR_LOCK]
 
 
 def _resident_bytes(path: Path) -> int:
