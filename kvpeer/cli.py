@@ -21,7 +21,7 @@ from typing import Any
 
 from kvpeer import __version__, aio
 from kvpeer.config import LOG_LEVELS
-from kvpeer.errors import ConfigError, KVPeerError
+from kvpeer.errors import ConfigError, KVPeerError, NotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
     try:
         return _run(_serve(config), use_uvloop)
+    except NotReadyError as exc:  # right config, machine not there yet: systemd starts again
+        log.error("not ready: %s", exc)
+        return 1
     except ConfigError as exc:  # found while building or starting the daemon: as bad as at load
         log.error("config error: %s", exc)
         return EXIT_CONFIG
@@ -151,10 +154,10 @@ def _run(main: Coroutine[Any, Any, int], use_uvloop: bool) -> int:
 EXIT_CONFIG = 2
 
 # OSErrors at start that can clear by themselves: exit 1, and systemd's Restart= tries again.
-# Any other (port taken, address not on this machine, no permission) waits for a person.
+# Any other (port taken, no permission) waits for a person.
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ENOMEM, errno.ENETDOWN, errno.ENETUNREACH,
-     errno.EHOSTUNREACH}
+     errno.EHOSTUNREACH, errno.EADDRNOTAVAIL}  # the last: an address not assigned *yet* at boot
 )
 
 # What the daemon was doing, by the module an OSError came from, and the keys that decide it.

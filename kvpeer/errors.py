@@ -36,6 +36,11 @@ class ConfigError(KVPeerError):
     """A configuration key is unknown or has a bad value; the message names the key."""
 
 
+class NotReadyError(ConfigError):
+    """The config names something this machine has, but not yet in a usable state (an
+    interface still without its address at boot): worth starting again later."""
+
+
 class CodecError(KVPeerError):
     """A blob is malformed, truncated, corrupted or uses an unsupported format or backend.
 

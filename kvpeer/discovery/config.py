@@ -15,7 +15,7 @@ from typing import Any
 
 import ifaddr
 
-from kvpeer.errors import ConfigError
+from kvpeer.errors import ConfigError, NotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,11 @@ def advertisable_addresses(
                 ip = ipaddress.ip_address(entry)
             except ValueError:
                 match = [i for i in ifaces if i.name == entry]
-                if not match or not match[0].addresses:
-                    raise ConfigError(
-                        f"discovery.interfaces: no IPv4 address on interface {entry!r}"
+                if not match:
+                    raise ConfigError(f"discovery.interfaces: no interface {entry!r}") from None
+                if not match[0].addresses:  # at boot, DHCP or a floating address may come later
+                    raise NotReadyError(
+                        f"discovery.interfaces: no IPv4 address on interface {entry!r} (yet)"
                     ) from None
                 chosen.extend(match[0].addresses)
             else:

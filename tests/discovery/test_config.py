@@ -34,6 +34,18 @@ def test_nothing_usable_is_an_error() -> None:
         advertisable_addresses(["wlan9"], HOST)
 
 
+def test_an_interface_still_without_its_address_is_not_ready_an_unknown_one_is_wrong() -> None:
+    """At boot DHCP or a floating address may come later: the start is worth retrying (exit 1);
+    a name the machine has no interface for is a config error (exit 2, no retry)."""
+    from kvpeer.errors import NotReadyError
+
+    with pytest.raises(NotReadyError, match="eth1"):
+        advertisable_addresses(["eth1"], [*HOST, HostInterface("eth1", ())])
+    with pytest.raises(ConfigError) as raised:
+        advertisable_addresses(["wlan9"], HOST)
+    assert not isinstance(raised.value, NotReadyError)
+
+
 def test_advertised_addresses_must_be_on_configured_interfaces() -> None:
     assert check_advertised((), ("10.0.0.1",)) == ("10.0.0.1",)
     with pytest.raises(ConfigError, match="127.0.0.1"):
