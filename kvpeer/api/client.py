@@ -883,7 +883,10 @@ class _AsyncFetchStart:
         try:
             await self._client._send(self._request)
         except BaseException:
+            # Cancelled while the written request drained: its answer will name a segment to
+            # release, as for any request given up on.
             self._client._unroute(self._request.id)
+            self._client._abandon(self._request.id, _drain(handle._queue))
             raise
         self._handle = handle
         return handle

@@ -326,3 +326,44 @@ def test_async_a_segment_that_comes_after_the_client_gave_up_is_released(request
                 assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 0
 
     run(main())
+
+
+class AnswersAtOnce(ScriptedDaemon):
+    """Answers a fetch at once, naming a segment for the client to release."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.segment = shm.new_name()
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.FetchRequest):
+            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12))
+            send(conn, m.FetchResult(id=message.id, segment=self.segment, matched_tokens=4,
+                                     chunk_tokens=4, levels=["exact"], recompute_from=4))
+        else:
+            super().handle(conn, index, message)
+
+
+def test_async_fetch_cancelled_while_its_request_drains_releases_the_answers_segment() -> None:
+    """The request was written, the caller cancelled in drain(): the daemon still answers, and
+    the segment it names must be released, not left for its lease."""
+
+    async def main() -> None:
+        with AnswersAtOnce() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=5) as client:
+                real_send = client._send
+
+                async def written_then_cancelled(message: m.Message) -> None:
+                    await real_send(message)
+                    if isinstance(message, m.FetchRequest):
+                        raise asyncio.CancelledError
+
+                client._send = written_then_cancelled  # type: ignore[method-assign]
+                with pytest.raises(asyncio.CancelledError):
+                    async with client.fetch(list(range(4)), FP):
+                        pass
+                client._send = real_send  # type: ignore[method-assign]
+                releases = await asyncio.to_thread(daemon.wait_for, m.Release)
+                assert [r.segment for r in releases] == [daemon.segment]
+
+    run(main())
