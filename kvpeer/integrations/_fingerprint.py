@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
@@ -27,11 +28,32 @@ _THETA_NAMES = ("rope_theta", "rotary_emb_base")
 _PARTIAL_NAMES = ("partial_rotary_factor", "rotary_pct", "rotary_emb_fraction")
 
 
+# Last path parts that name a training run's output, not a model: two such paths (``/runs/a/final``,
+# ``/runs/b/final``) must not come out as one model, so the parts above them are kept too.
+_GENERIC_PART = re.compile(
+    r"(final|latest|best|last|model|main|merged|output|export|hf|snapshots?|"
+    r"checkpoint[-_]?\d*|step[-_]?\d+|epoch[-_]?\d+|[0-9a-f]{40})(\.\w+)?",
+    re.IGNORECASE,
+)
+
+
 def model_name(source: object) -> str:
     """A model's name that is the same on every host: the last part of its local path, hub id
-    (``org/name``) or file (``name.gguf``)."""
+    (``org/name``) or file (``name.gguf``); from a Hugging Face cache path
+    (``…/models--org--name/snapshots/<sha>``) the model's name; below a generic last part
+    (``final``, ``checkpoint-500``, ``model.gguf``) the parts above it as well (``run-a/final``).
+    Where that is still ambiguous, engines take an explicit ``kvpeer_model_name``."""
     text = str(source).rstrip("/")
-    return PurePosixPath(text).name or text
+    parts = [part for part in PurePosixPath(text).parts if part != "/"]
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.rsplit("--", 1)[-1]
+    kept: list[str] = []
+    for part in reversed(parts):
+        kept.insert(0, part)
+        if not _GENERIC_PART.fullmatch(part):
+            break
+    return "/".join(kept) or text
 
 
 def dtype_name(dtype: object) -> str:

@@ -95,3 +95,13 @@ def test_vllm_model_name_comes_from_the_extra_config_when_given() -> None:
     assert fp.name == "SmolLM2-135M-Instruct"
     assert model_name("HuggingFaceTB/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct"
     assert model_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == SMOLLM2_GGUF
+
+
+def test_two_runs_outputs_of_one_generic_name_are_two_models() -> None:
+    """``/runs/a/final`` and ``/runs/b/final`` (same shapes, other weights) must not share KV;
+    a Hugging Face cache path names its model."""
+    assert model_name("/runs/a/final") == "a/final" != model_name("/runs/b/final")
+    assert model_name("/x/run7/checkpoint-500/") == "run7/checkpoint-500"
+    assert model_name("/data/exp/model.gguf") == "exp/model.gguf"
+    snapshot = "/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/" + "0" * 40
+    assert model_name(snapshot) == "Llama-3.1-8B" == model_name("meta-llama/Llama-3.1-8B")
