@@ -9,7 +9,6 @@ Works across routed subnets; needs no multicast and no registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
@@ -80,8 +79,7 @@ class StaticDiscovery(Discovery):
         # The base class sends the "bye" beacons.
         if self._resolver is not None:
             self._resolver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resolver
+            await asyncio.wait([self._resolver])  # its end; a cancel of our own still comes through
 
     def _heartbeat_interval(self) -> float:
         # Beacons are how static peers learn of each other at all: never off.
