@@ -342,13 +342,15 @@ class ApiServer:
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=10.0)
-        self.registry.close()
-        with contextlib.suppress(FileNotFoundError):
-            if self._server is not None:
-                os.unlink(self.socket_path)
-        self._server = None
+        try:
+            if handlers:
+                await asyncio.wait(handlers, timeout=10.0)
+        finally:  # also when the caller's stop budget cuts the wait: no segment outlives us
+            self.registry.close()
+            with contextlib.suppress(FileNotFoundError):
+                if self._server is not None:
+                    os.unlink(self.socket_path)
+            self._server = None
         log.info("api: closed")
 
     async def __aenter__(self) -> ApiServer:
