@@ -115,7 +115,7 @@ def check_start_config(config: Any) -> None:
     api.socket_group, with the daemon's own functions, so --check-config fails on what start
     would. Raises ConfigError naming the key.
     """
-    from kvpeer.api.server import _resolve_group
+    from kvpeer.api.server import resolve_group
     from kvpeer.daemon import discovery_config, transport_config
     from kvpeer.discovery.config import advertisable_addresses
 
@@ -125,7 +125,7 @@ def check_start_config(config: Any) -> None:
     )
     transport_config(config, default_host=addresses[0])
     discovery_config(config)
-    _resolve_group(config.api.socket_group)
+    resolve_group(config.api.socket_group)
 
 
 def limit_torch_threads(threads: int) -> None:

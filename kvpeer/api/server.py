@@ -314,7 +314,7 @@ class ApiServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._gid = _resolve_group(self.group)
+        self._gid = resolve_group(self.group)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         await _remove_stale_socket(self.socket_path)
         self.registry.sweep_stale()
@@ -647,7 +647,9 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
     return int(pid), int(uid), int(gid)
 
 
-def _resolve_group(group: str | int | None) -> int | None:
+def resolve_group(group: str | int | None) -> int | None:
+    """The gid of ``api.socket_group`` (a name or a gid; None or "" for none); ConfigError if
+    no such group (kvpeerd --check-config asks this too)."""
     if group is None or group == "":
         return None
     if isinstance(group, int):
