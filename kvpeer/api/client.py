@@ -658,6 +658,9 @@ class AsyncFetchHandle(_FetchHandleBase):
 class AsyncKVPeerClient:
     """asyncio client of the local daemon; requests may run concurrently on one connection.
 
+    A lost connection (the daemon restarted or died) fails the requests in flight on it with an
+    ApiError; the next request connects again. Only :meth:`close` ends the client for good.
+
         async with AsyncKVPeerClient(namespace="team-a") as client:
             await client.put(tokens, k, v, fingerprint)
             async with client.fetch(tokens, fingerprint, stream=True) as result:
@@ -681,6 +684,8 @@ class AsyncKVPeerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_reason: ApiError | None = None
+        self._closed = False  # by close(): no reconnecting after that
+        self._connecting = asyncio.Lock()
         # Requests given up on (a timeout, a cancel) whose answers may still come: a segment
         # such an answer hands us is released at once.
         self._abandoned: set[int] = set()
@@ -694,18 +699,63 @@ class AsyncKVPeerClient:
         return self._ids
 
     async def connect(self) -> AsyncKVPeerClient:
-        reader, self._writer = await aio.wait_for(
-            asyncio.open_unix_connection(self.socket_path), self.timeout_s
-        )
-        self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
         try:
-            await self._call(
-                m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
-            )
+            await self._open()
         except BaseException:
             await self.close()
             raise
         return self
+
+    async def _open(self) -> None:
+        """Connect and say hello (raises OSError if the daemon cannot be reached)."""
+        reader, self._writer = await aio.wait_for(
+            asyncio.open_unix_connection(self.socket_path), self.timeout_s
+        )
+        self._closed_reason = None
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
+        await self._request(
+            m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
+        )
+
+    async def _ensure_connected(self) -> None:
+        """Connect again if the daemon went away since the last request (not after close())."""
+        if self.connected:
+            return
+        if self._closed:
+            raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
+        async with self._connecting:
+            if self.connected:
+                return  # another request connected while this one waited
+            if self._closed:
+                raise ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
+            # The old reader tells the requests still routed (all of the old connection: new ones
+            # wait on this lock before they route) why their connection ended.
+            await self._retire_connection()
+            try:
+                await self._open()
+            except OSError as exc:
+                await self._retire_connection()
+                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon: {exc}") from None
+            except BaseException:
+                await self._retire_connection()
+                raise
+            if self._closed:  # close() ran while this connected
+                await self._retire_connection()
+                raise ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
+
+    async def _retire_connection(self) -> None:
+        """Close the connection and its reader; what it held, the daemon releases with it."""
+        if self._closed_reason is None:
+            self._closed_reason = ApiError(ErrorCode.SHUTTING_DOWN, "daemon connection lost")
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.transport.abort()
+        task, self._reader_task = self._reader_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._abandoned.clear()
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         decoder = m.FrameDecoder()
@@ -787,6 +837,10 @@ class AsyncKVPeerClient:
             raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
 
     async def _call(self, request: m.Message, kind: type[_T]) -> _T:
+        await self._ensure_connected()
+        return await self._request(request, kind)
+
+    async def _request(self, request: m.Message, kind: type[_T]) -> _T:
         queue: asyncio.Queue[m.Message] = asyncio.Queue()
         self._route(request.id, queue)
         answer: m.Message | None = None
@@ -848,6 +902,7 @@ class AsyncKVPeerClient:
         return (await self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult)).result
 
     async def close(self) -> None:
+        self._closed = True
         if self._closed_reason is None:  # waiters hear why (the read loop only sees an EOF)
             self._closed_reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
         writer, self._writer = self._writer, None
@@ -878,6 +933,7 @@ class _AsyncFetchStart:
         self._handle: AsyncFetchHandle | None = None
 
     async def start(self) -> AsyncFetchHandle:
+        await self._client._ensure_connected()
         handle = AsyncFetchHandle(self._client, _FetchState(self._request), wait=not self._stream)
         self._client._route(self._request.id, handle._queue)
         try:

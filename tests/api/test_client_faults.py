@@ -43,6 +43,14 @@ class DiesWithTheRequestUnread(LookupDaemon):
             conn.close()
 
 
+class NeverAnswersOnTheFirst(LookupDaemon):
+    """Connection 0 reads requests and never answers them."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if index > 0 or isinstance(message, m.Hello):
+            super().handle(conn, index, message)
+
+
 class StopsReading(LookupDaemon):
     """Connection 0 stops reading after the hello until ``resume`` is set."""
 
@@ -123,13 +131,81 @@ def test_async_send_that_times_out_is_an_api_error_and_closes_the_connection() -
             async with AsyncKVPeerClient(daemon.socket_path, timeout_s=0.5) as client:
                 with pytest.raises(ApiError) as info:
                     await client.lookup(BIG, FP)
-                assert info.value.code == ErrorCode.TIMEOUT
-                assert not client.connected
-                with pytest.raises(ApiError) as info:
-                    await client.lookup([1, 2, 3], FP)
                 assert info.value.code == ErrorCode.TIMEOUT and "connection lost" in info.value.reason
+                assert not client.connected
+                daemon.resume.set()
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 1  # a fresh connection
+                assert len(daemon.received(m.LookupRequest)) == 1  # the half-sent frame went nowhere
 
     run(main())
+
+
+async def _until_disconnected(client: AsyncKVPeerClient) -> None:
+    while client.connected:  # noqa: ASYNC110 - no hook: the reader sees the EOF
+        await asyncio.sleep(0.01)
+
+
+def test_async_client_reconnects_after_the_daemon_went_away_while_idle() -> None:
+    async def main() -> None:
+        with LookupDaemon() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=10) as client:
+                daemon.drop(0)  # restarted while the client was idle
+                await aio_wait(_until_disconnected(client))
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 1  # on connection 1
+                assert client.connected
+
+    run(main())
+
+
+def test_async_requests_in_flight_on_a_lost_connection_fail_and_the_next_ones_share_one_reconnect() -> None:
+    async def main() -> None:
+        with NeverAnswersOnTheFirst() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=10) as client:
+                waiting = asyncio.create_task(client.lookup([1, 2, 3], FP))
+                await asyncio.to_thread(daemon.wait_for, m.LookupRequest)
+                daemon.drop(0)
+                with pytest.raises(ApiError) as info:
+                    await waiting
+                assert info.value.code == ErrorCode.SHUTTING_DOWN
+                answers = await asyncio.gather(*(client.lookup([1, 2, 3], FP) for _ in range(3)))
+                assert [a.matched_tokens for a in answers] == [1, 1, 1]
+                assert len(daemon.received(m.Hello)) == 2  # one reconnect for the three
+
+    run(main())
+
+
+def test_async_client_that_cannot_reach_the_daemon_says_so_and_is_not_closed_for_good() -> None:
+    async def main() -> None:
+        with LookupDaemon() as daemon:
+            client = await AsyncKVPeerClient(daemon.socket_path, timeout_s=10).connect()
+        try:  # the daemon is gone: nothing listens on the socket any more
+            await aio_wait(_until_disconnected(client))
+            for _ in range(2):  # every call tries again
+                with pytest.raises(ApiError) as info:
+                    await client.lookup([1, 2, 3], FP)
+                assert info.value.code == ErrorCode.SHUTTING_DOWN
+                assert "cannot reach the daemon" in info.value.reason
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_async_closed_client_stays_closed() -> None:
+    async def main() -> None:
+        with LookupDaemon() as daemon:
+            client = await AsyncKVPeerClient(daemon.socket_path, timeout_s=10).connect()
+            await client.close()
+            with pytest.raises(ApiError) as info:
+                await client.lookup([1, 2, 3], FP)
+            assert info.value.code == ErrorCode.SHUTTING_DOWN
+            assert len(daemon.received(m.Hello)) == 1
+
+    run(main())
+
+
+def aio_wait(coro: Any) -> Any:
+    return asyncio.wait_for(coro, 10)
 
 
 # --------------------------------------------------------------------------- closing
