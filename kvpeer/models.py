@@ -49,8 +49,9 @@ def load_model(spec: str | Path | None = None, dtype: str = "float32") -> tuple[
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     model.eval()
-    # A name that is the same on every host (a directory path is not).
-    model.config.kvpeer_model_name = path.name
+    # A name that is the same on every host (a directory path is not) and that keeps the parts
+    # above a generic last part (/runs/a/final and /runs/b/final are two models).
+    model.config.kvpeer_model_name = model_name(path)
     return model, tokenizer
 
 

@@ -3,6 +3,7 @@ engines never share a chunk), and the shipped codec profile stays keyed by it.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -105,3 +106,22 @@ def test_two_runs_outputs_of_one_generic_name_are_two_models() -> None:
     assert model_name("/data/exp/model.gguf") == "exp/model.gguf"
     snapshot = "/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/" + "0" * 40
     assert model_name(snapshot) == "Llama-3.1-8B" == model_name("meta-llama/Llama-3.1-8B")
+
+
+def test_load_model_names_two_runs_outputs_of_one_generic_name_apart(tmp_path: Path) -> None:
+    """load_model takes the fingerprint's name rule: it named both ``a/final`` and ``b/final``
+    'final', so two fine-tunes of one shape shared a fingerprint (and KV)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from kvpeer.models import load_model, smollm2_gguf
+
+    names = []
+    for run in ("a", "b"):
+        directory = tmp_path / run / "final"
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).save_pretrained(directory)
+        word_level = tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(word_level)).save_pretrained(directory)
+        model, _ = load_model(directory)
+        names.append(model_fingerprint(model).name)
+    assert names == ["a/final", "b/final"]
+    # the shipped file keeps the name the shipped profile's key was made with
+    assert model_name(smollm2_gguf()) == SMOLLM2_GGUF
