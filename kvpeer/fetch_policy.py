@@ -467,6 +467,7 @@ class ChunkScheduler:
                         self.config.default_bandwidth_bps, self.config.window, last_progress=now
                     )
         self._pending: set[int] = set(range(len(holders)))
+        self._not_before: dict[int, float] = {}  # pending chunk -> when it may be asked again
         self._owner: dict[int, str] = {}
         self._done: set[int] = set()
         self._reported = 0  # chunks [0, _reported) were reported complete in order
@@ -504,6 +505,33 @@ class ChunkScheduler:
         if peer in self._peers and window >= 1:
             self._peers[peer].window = window
 
+    def working_peers(self) -> list[str]:
+        """Live peers with chunks in flight or holding a chunk still to request."""
+        names = set(self._owner.values())
+        for index in self._pending:
+            if index < self._limit:
+                names.update(self._holders[index])
+        return [name for name, p in self._peers.items() if p.alive and name in names]
+
+    def retry_wait(self, now: float) -> float | None:
+        """Seconds until the first chunk held back after a retry may be asked again (0: one may
+        be now); None when no chunk is held back."""
+        waits = [t for i, t in self._not_before.items() if i in self._pending and i < self._limit]
+        return max(0.0, min(waits) - now) if waits else None
+
+    def silent_bound(self, peer: str, now: float, floor_s: float) -> float | None:
+        """An upper bound on ``peer``'s rate (bits/s) once it has gone silent: nothing arrived for
+        longer than its chunks in flight should take (twice that, and at least ``floor_s``), so
+        at most all of them arrive right now. None while it is not silent."""
+        state = self._peers.get(peer)
+        if state is None or not state.alive or not state.inflight:
+            return None
+        silent = now - state.last_progress
+        queued_bits = sum(state.inflight.values()) * 8.0
+        if silent <= max(floor_s, 2.0 * queued_bits / state.bandwidth_bps):
+            return None
+        return queued_bits / silent
+
     def holders(self, index: int) -> list[str]:
         """Live peers holding chunk ``index``."""
         return [p for p in self._holders[index] if self._peers[p].alive]
@@ -529,6 +557,8 @@ class ChunkScheduler:
         for index in sorted(i for i in self._pending if i < self._limit):
             if not any(v > 0 for v in slots.values()):
                 break
+            if self._not_before.get(index, now) > now:
+                continue  # backing off after a retry
             candidates = [p for p in self._holders[index] if p in queued]
             if not candidates:
                 continue
@@ -542,6 +572,7 @@ class ChunkScheduler:
                 continue
             slots[best] -= 1
             self._pending.discard(index)
+            self._not_before.pop(index, None)
             self._owner[index] = best
             peer = self._peers[best]
             if not peer.inflight:
@@ -570,8 +601,9 @@ class ChunkScheduler:
         self._holders[index].discard(peer)
         self.chunk_retry(index, peer)
 
-    def chunk_retry(self, index: int, peer: str) -> None:
-        """``peer`` could not serve chunk ``index`` just now (busy): ask again, it still holds it.
+    def chunk_retry(self, index: int, peer: str, not_before: float | None = None) -> None:
+        """``peer`` could not serve chunk ``index`` just now (busy): ask again, it still holds it,
+        not before ``not_before`` if given (a busy peer asked again at once is busy still).
 
         The peer's slot is freed: a retry must not wait on the failed transfer's window.
         """
@@ -580,6 +612,8 @@ class ChunkScheduler:
             self._peers[peer].inflight.pop(index, None)
         if index not in self._done:
             self._pending.add(index)
+            if not_before is not None:
+                self._not_before[index] = not_before
         self._update_limit()
 
     def peer_lost(self, peer: str) -> list[int]:

@@ -172,6 +172,13 @@ class FetcherConfig:
     recomputing."""
     max_retries: int = 3
     """Transient failures (BUSY) of one chunk before it is treated as unavailable."""
+    retry_backoff_s: float = 0.1
+    """Wait before asking for a chunk again after a transient failure, doubled per retry (a busy
+    peer asked again at once is still busy: three retries would be spent in milliseconds)."""
+    silent_after_s: float = 1.0
+    """A peer with chunks in flight and nothing arriving for this long (and twice what its
+    chunks should take) is taken at the rate "everything in flight arrives now", falling with
+    the silence, so the recompute rule sees a link that went quiet before the request timeout."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -311,15 +318,31 @@ class Fetcher:
         self.decode_rate = self.config.initial_decode_rate
         # model -> the last prefill speeds (tokens/s) puts stated; their median is used
         self.recompute_samples: dict[str, collections.deque[float]] = {}
-        # Learned sizes, kept across fetches (per cache dtype: the lossless level depends on it).
-        self._bytes_per_token: dict[int, dict[str, float]] = {}
+        # Learned sizes, kept across fetches, per (model, cache dtype): models compress
+        # differently, and the lossless level's size depends on the dtype.
+        self._bytes_per_token: dict[tuple[str, int], dict[str, float]] = {}
         self.bytes_from_peers = 0
         self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
         self.chunk_samples: dict[str, int] = {}
+        self.chunk_rate_at: dict[str, float] = {}  # peer -> when its last whole chunk arrived
         # Which live estimates may condemn a link; the last of them per peer, for link_memory_s.
         self.links = LinkEvidence(
             evidence_bytes=self.config.evidence_bytes, memory_s=self.config.link_memory_s
         )
+
+    def chunk_rate(self, peer: str, now: float) -> float | None:
+        """``peer``'s whole-chunk goodput if a chunk measured it within ``link_memory_s``.
+
+        An older rate is forgotten: after one congested fetch the controller recomputes rather
+        than ask that peer, so nothing else would ever correct the rate.
+        """
+        at = self.chunk_rate_at.get(peer)
+        if at is None or now - at > self.config.link_memory_s:
+            self.chunk_rates.pop(peer, None)
+            self.chunk_samples.pop(peer, None)
+            self.chunk_rate_at.pop(peer, None)
+            return None
+        return self.chunk_rates.get(peer)
 
     def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
         """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
@@ -389,6 +412,7 @@ class Fetcher:
             policy=policy,
             chunk_shape=chunk_shape,
             kv_dtype=kv_dtype,
+            model=model,
         )
         outcome = await run.run()
         self.bytes_from_peers += outcome.bytes_moved
@@ -422,6 +446,7 @@ class _FetchRun:
         policy: str,
         chunk_shape: tuple[int, int, int] | None = None,
         kv_dtype: str = "float16",
+        model: str = "",
     ) -> None:
         self.f = fetcher
         self.cfg = fetcher.config
@@ -444,10 +469,10 @@ class _FetchRun:
             raise ValueError(f"policy must be adaptive or fixed:LEVEL, not {policy!r}")
         if min_level is not None and min_level not in fetcher.levels:
             raise ProtocolError(ErrorCode.INVALID, f"unknown min_level {min_level!r}")
-        bpt = fetcher._bytes_per_token.get(dtype_bytes) or prior_bytes_per_token(
+        self.sizes_key = (model, dtype_bytes)
+        bpt = fetcher._bytes_per_token.get(self.sizes_key) or prior_bytes_per_token(
             fetcher.levels, kv_bytes_per_token * 2 / dtype_bytes, dtype_bytes
         )
-        self.dtype_bytes = dtype_bytes
         self.ctl = ResolutionController(
             levels=fetcher.levels,
             chunk_count=len(keys),
@@ -522,7 +547,7 @@ class _FetchRun:
             log.warning("fetch failed: %s", group.exceptions[0])
             self.reason = "error"
         restored = self.reported
-        self.f._bytes_per_token[self.dtype_bytes] = {
+        self.f._bytes_per_token[self.sizes_key] = {
             name: self.ctl.bytes_per_token(name) for name in self.f.levels
         }
         if restored < len(self.keys) and self.reason == "complete":
@@ -572,11 +597,12 @@ class _FetchRun:
             # The decoder may be inside the sink's chunk_done for restored chunks not yet
             # reported: that is progress in hand, not a prefix that ran out.
             reporting = self.reported in self.restored
-            if not self.transfers and not decoding and not reporting:
+            retry_wait = self.sched.retry_wait(now)
+            if not self.transfers and not decoding and not reporting and retry_wait is None:
                 # Nothing in flight, nothing to decode and nothing startable: the rest is gone.
                 self._cut_at(self.reported, "unavailable")
                 return
-            timeout = self.cfg.tick_s
+            timeout = self.cfg.tick_s if retry_wait is None else min(self.cfg.tick_s, retry_wait)
             if self.hard_deadline is not None:
                 timeout = max(0.0, min(timeout, self.hard_deadline - now))
             self.wake.clear()
@@ -604,7 +630,7 @@ class _FetchRun:
         if peer == LOCAL:
             return 1e12
         live, evidence = self._live(peer, now)
-        chunks = self.f.chunk_rates.get(peer)
+        chunks = self.f.chunk_rate(peer, now)
         if live or chunks:
             self.sched.set_window(peer, self.cfg.scheduler.window)
         else:
@@ -620,7 +646,7 @@ class _FetchRun:
         return chunks
 
     def _measured(self, peer: str, now: float) -> bool:
-        return peer in self.f.chunk_rates or self._live(peer, now)[0] is not None
+        return self.f.chunk_rate(peer, now) is not None or self._live(peer, now)[0] is not None
 
     def _live(self, peer: str, now: float) -> tuple[float | None, bool]:
         """The transport's live estimate of ``peer`` and whether it is evidence
@@ -642,9 +668,14 @@ class _FetchRun:
         if now - begin <= 0 or nbytes <= 0:
             return
         sample = nbytes * 8 / (now - begin)
-        old = self.f.chunk_rates.get(peer)
+        old = self.f.chunk_rate(peer, now)
+        if old is not None:
+            # Two chunks that shared the link and ended close together read as one chunk over
+            # that small gap: bound one sample's pull.
+            sample = min(sample, 4.0 * old)
         self.f.chunk_rates[peer] = sample if old is None else 0.5 * old + 0.5 * sample
         self.f.chunk_samples[peer] = self.f.chunk_samples.get(peer, 0) + 1
+        self.f.chunk_rate_at[peer] = now
 
     def _probe(self, level: str) -> str:
         probe = self.cfg.probe_level
@@ -653,17 +684,26 @@ class _FetchRun:
         allowed = self.ctl.allowed
         return allowed[max(allowed.index(level), allowed.index(probe))]
 
+    def _rate(self, peer: str, now: float) -> float:
+        """What ``peer`` delivers now: its bandwidth, unless it has gone silent
+        (:meth:`ChunkScheduler.silent_bound`)."""
+        bw = self._bandwidth(peer, now)
+        bound = self.sched.silent_bound(peer, now, self.cfg.silent_after_s)
+        return bw if bound is None else min(bw, bound)
+
     def _link(self, now: float) -> tuple[float, float]:
-        """Aggregate bandwidth and worst RTT of the live peers still holding work."""
-        peers = [p for p in self.sched.peers() if p != LOCAL]
+        """Aggregate rate and worst RTT of the live peers still holding work (a peer that only
+        held chunks done already cannot speed up the rest)."""
+        for peer in self.sched.peers():
+            if peer != LOCAL:  # the scheduler weighs holders by bandwidth, silences aside
+                self.sched.set_bandwidth(peer, self._bandwidth(peer, now))
+        peers = [p for p in self.sched.working_peers() if p != LOCAL]
         if not peers:
             return 1e12, 0.0
         total = 0.0
         rtt = 0.0
         for peer in peers:
-            bw = self._bandwidth(peer, now)
-            self.sched.set_bandwidth(peer, bw)
-            total += bw
+            total += self._rate(peer, now)
             session = self.f.sessions(peer)
             if session is not None and session.rtt_s:
                 rtt = max(rtt, session.rtt_s)
@@ -720,7 +760,8 @@ class _FetchRun:
         fetch_left = decision.predicted_finish - now
         recompute_left = decision.recompute_finish - now
         peers = [p for p in self.sched.peers() if p != LOCAL]
-        if any(p in self.f.chunk_rates for p in peers) or now - self.start >= self.cfg.evidence_s:
+        measured = any(self.f.chunk_rate(p, now) is not None for p in peers)
+        if measured or now - self.start >= self.cfg.evidence_s:
             return True
         if peers and all(self._live(p, now)[1] for p in peers):
             return fetch_left > self.cfg.recompute_margin * recompute_left
@@ -757,7 +798,11 @@ class _FetchRun:
             _task, peer, level, started = self.transfers[end]
             bw = self._bandwidth(peer, now)
             size = self.ctl.chunk_bytes(end, level) if level else 0.0
-            left = max(0.0, size - (now - started) * bw / 8)
+            bound = self.sched.silent_bound(peer, now, self.cfg.silent_after_s)
+            if bound is None:
+                left = max(0.0, size - (now - started) * bw / 8)
+            else:  # gone silent: none of it is known to have arrived
+                bw, left = min(bw, bound), size
             if left * 8 / bw > per_chunk:
                 break
             end = self._received_prefix(end + 1)
@@ -898,8 +943,11 @@ class _FetchRun:
         retries = self.retries.get(index, 0) + 1
         self.retries[index] = retries
         if transient and retries <= self.cfg.max_retries:
-            log.info("fetch: chunk %d from %s: %s; retrying", index, peer or "local", exc)
-            self.sched.chunk_retry(index, peer)
+            backoff = self.cfg.retry_backoff_s * 2 ** (retries - 1)
+            log.info(
+                "fetch: chunk %d from %s: %s; retrying in %.2fs", index, peer or "local", exc, backoff
+            )
+            self.sched.chunk_retry(index, peer, not_before=self.f.clock() + backoff)
         else:
             log.warning("fetch: chunk %d from %s failed: %s", index, peer or "local", exc)
             self.sched.chunk_failed(index, peer)

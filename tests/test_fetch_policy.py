@@ -379,6 +379,43 @@ def test_scheduler_retry_frees_the_busy_peers_slot_and_keeps_it_as_holder() -> N
     assert (again.index, again.peer) == (first.index, "a")
 
 
+def test_scheduler_holds_a_retried_chunk_back_until_its_time() -> None:
+    sched = ChunkScheduler(holders=[{"a"}] * 2, now=0.0, config=SchedulerConfig(window=1))
+    (first,) = sched.assign(0.0)
+    sched.chunk_retry(first.index, "a", not_before=0.5)
+    assert sched.retry_wait(0.1) == pytest.approx(0.4)
+    (other,) = sched.assign(0.1)  # the free slot serves the next chunk meanwhile
+    assert other.index != first.index
+    sched.completed(other.index, 0.2)
+    assert sched.assign(0.3) == []
+    (again,) = sched.assign(0.5)
+    assert again.index == first.index and sched.retry_wait(0.5) is None
+
+
+def test_scheduler_working_peers_are_those_holding_chunks_still_to_come() -> None:
+    sched = ChunkScheduler(holders=[{"a", "b"}, {"b"}, {"b"}], now=0.0, config=SchedulerConfig(window=1))
+    assert sorted(sched.working_peers()) == ["a", "b"]
+    got = {a.peer: a.index for a in sched.assign(0.0)}
+    sched.completed(got["a"], 0.1)
+    sched.completed(got["b"], 0.1)  # chunk 0 and 1 done: only b holds chunk 2
+    assert sched.working_peers() == ["b"]
+    (last,) = sched.assign(0.2)
+    assert sched.working_peers() == ["b"]  # in flight
+    sched.completed(last.index, 0.3)
+    assert sched.working_peers() == []
+
+
+def test_scheduler_bounds_a_silent_peers_rate_by_what_it_has_in_flight() -> None:
+    sched = ChunkScheduler(holders=[{"a"}], now=0.0)
+    sched.set_bandwidth("a", 1e9)
+    sched.assign(0.0, {0: 1e6})  # 8 Mbit: 8 ms at 1 Gbit/s
+    assert sched.silent_bound("a", 0.5, floor_s=1.0) is None  # within the floor
+    assert sched.silent_bound("a", 2.0, floor_s=1.0) == pytest.approx(8e6 / 2.0)
+    assert sched.silent_bound("a", 4.0, floor_s=1.0) == pytest.approx(8e6 / 4.0)  # falls with it
+    sched.completed(0, 4.1)
+    assert sched.silent_bound("a", 10.0, floor_s=1.0) is None  # nothing in flight
+
+
 def test_scheduler_lost_peer_does_not_return_a_chunk_another_peer_finished() -> None:
     """A chunk may stay listed on a peer after another peer delivered it (a retry answered for
     the wrong peer): losing the first peer must not queue the finished chunk again."""

@@ -18,8 +18,8 @@ import torch
 
 from kvpeer import codec
 from kvpeer.errors import ErrorCode, ProtocolError, TransportError
-from kvpeer.fetch_policy import SchedulerConfig
-from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, FetchEvent, LevelServer
+from kvpeer.fetch_policy import RecomputeRest, SchedulerConfig
+from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, FetchEvent, LevelServer, _FetchRun
 
 TOKENS = 256
 LAYERS, HEADS, DIM = 2, 2, 16
@@ -531,7 +531,8 @@ def test_busy_peer_is_retried() -> None:
         f = fetcher({"a": peer})
         out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, Sink(), policy="fixed:q8")
         assert (out.chunks, out.reason) == (3, "complete")
-        assert peer.calls == [(0, "q8"), (1, "q8"), (2, "q8")]
+        # Chunk 0 backs off before it is asked again; the freed slot serves chunk 1 meanwhile.
+        assert sorted(peer.calls) == [(0, "q8"), (1, "q8"), (2, "q8")]
 
     asyncio.run(main())
 
@@ -786,5 +787,173 @@ def test_a_sink_slow_to_take_the_last_chunks_does_not_cut_the_prefix() -> None:
         out = await f.fetch([key(i) for i in range(3)], [{"a"}] * 3, sink, policy="fixed:exact")
         assert out.chunks == 3 and out.reason == "complete", out.reason
         assert [i for i, _ in sink.done] == [0, 1, 2]
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- link knowledge
+
+
+def measured(f: Fetcher, peer: str, bps: float) -> None:
+    """As if a whole chunk from ``peer`` had just measured it at ``bps``."""
+    f.chunk_rates[peer] = bps
+    f.chunk_samples[peer] = 3
+    f.chunk_rate_at[peer] = f.clock()
+
+
+class ShiftedClock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_a_peer_measured_slow_is_asked_again_once_the_measurement_is_old() -> None:
+    """One congested fetch must not write a peer off for good: with no chunk asked of it, its
+    rate would never be corrected."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=None)
+        clock = ShiftedClock()
+        f = Fetcher(
+            sessions={"a": peer}.get, cache=Cache(), chunk_tokens=TOKENS, clock=clock,
+            config=FetcherConfig(kv_bytes_per_token=2 * LAYERS * HEADS * DIM * 2),
+        )
+        measured(f, "a", 1e4)
+        keys = [key(i) for i in range(4)]
+        for i in range(4):  # encoded ahead: the peer answers at once
+            for level in codec.LEVELS:
+                blob(i, level)
+        out = await f.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=4000.0)
+        assert (out.reason, peer.calls) == ("recompute", [])  # the slow rate still stands
+        clock.offset += f.config.link_memory_s + 1
+        out = await f.fetch(keys, [{"a"}] * 4, Sink(), recompute_rate=4000.0)
+        assert (out.chunks, out.reason) == (4, "complete")
+        assert len(peer.calls) == 4
+
+    asyncio.run(main())
+
+
+BIG = (16, 8, 64)  # layers, kv_heads, head_dim: 64x the KV of the tests' model
+
+
+class BigPeer(Peer):
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        self.calls.append((k[0], level))
+        gen = torch.Generator().manual_seed(k[0])
+        kv = [torch.randn(BIG[0], BIG[1], TOKENS, BIG[2], generator=gen).half() for _ in range(2)]
+        return codec.encode(*kv, level=level or "exact")
+
+
+def test_sizes_learned_from_one_models_fetch_do_not_steer_another_models() -> None:
+    async def main() -> None:
+        small, big = Peer("a", bps=None), BigPeer("b", bps=None)
+        f = fetcher({"a": small, "b": big})
+        out = await f.fetch(
+            [bytes([200]) * 32], [{"b"}], Sink(), policy="fixed:q3", model="big",
+            kv_bytes_per_token=2 * BIG[0] * BIG[1] * BIG[2] * 2, chunk_shape=BIG,
+        )
+        assert out.chunks == 1
+        # 20 Mbit/s: the small model's q3 chunk takes ~5 ms against 64 ms to recompute it, the
+        # big one's ~0.3 s.
+        measured(f, "a", 20e6)
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=4000.0, model="small")
+        assert (out.chunks, out.reason) == (4, "complete")
+
+    asyncio.run(main())
+
+
+class SilentAfterFirst(Peer):
+    """Serves chunk 0, then goes silent: each later request waits out its timeout."""
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if k[0] >= 1:
+            self.calls.append((k[0], level))
+            await asyncio.sleep(timeout or 60)
+            raise TransportError("blob fetch timed out")
+        return await super().fetch_blob(k, level, timeout)
+
+
+def test_a_link_that_goes_silent_is_given_up_for_recompute_before_the_request_timeout() -> None:
+    async def main() -> None:
+        peer = SilentAfterFirst("a")
+        f = fetcher({"a": peer}, request_timeout_s=8.0)
+        measured(f, "a", 1e9)
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=8000.0)
+        # Not "unavailable" at the request timeout: the silence showed recomputing is faster.
+        assert (out.chunks, out.reason) == (1, "recompute")
+        assert "peer_lost" not in {e.kind for e in out.events}
+
+    asyncio.run(main())
+
+
+class BusyFor(Peer):
+    """Answers BUSY until ``until`` (a peer whose transfer slots are full for a while)."""
+
+    def __init__(self, name: str, busy_s: float) -> None:
+        super().__init__(name)
+        self.until = time.monotonic() + busy_s
+        self.busy = 0
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if time.monotonic() < self.until:
+            self.busy += 1
+            raise ProtocolError(ErrorCode.BUSY, "too many transfers")
+        return await super().fetch_blob(k, level, timeout)
+
+
+def test_a_peer_busy_for_a_moment_is_asked_again_after_a_backoff_not_given_up() -> None:
+    async def main() -> None:
+        peer = BusyFor("a", busy_s=0.05)
+        f = fetcher({"a": peer})
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), policy="fixed:q8")
+        assert (out.chunks, out.reason) == (4, "complete")
+        assert peer.busy > 0
+
+    asyncio.run(main())
+
+
+def fetch_run(f: Fetcher, holders: list[set[str]]) -> _FetchRun:
+    """One fetch's state, to drive its decisions by hand (no transfers run)."""
+    return _FetchRun(
+        f, keys=[key(i) for i in range(len(holders))], holders=holders, sink=Sink(),
+        deadline=None, min_level=None, recompute_rate=4000.0, recompute_known=True,
+        kv_bytes_per_token=256.0, dtype_bytes=2, policy="adaptive",
+    )
+
+
+def test_one_chunk_cannot_pull_a_peers_rate_up_more_than_fourfold() -> None:
+    """Two chunks that shared the link and ended 1 ms apart: the second reads as its bytes over
+    that millisecond."""
+
+    async def main() -> None:
+        f = fetcher({"a": Peer("a")})
+        run = fetch_run(f, [{"a"}] * 2)
+        now = f.clock()
+        run._chunk_rate("a", now - 1.0, now, 125_000)  # 1 Mbit/s over a second
+        assert f.chunk_rates["a"] == pytest.approx(1e6)
+        run._chunk_rate("a", now - 1.0, now + 0.001, 125_000)
+        assert f.chunk_rates["a"] == pytest.approx(0.5e6 + 0.5 * 4e6)
+
+    asyncio.run(main())
+
+
+def test_the_link_rate_counts_only_peers_holding_chunks_still_to_come() -> None:
+    """A fast peer that held only chunk 0 does not speed up chunks only a slow one holds."""
+
+    async def main() -> None:
+        f = fetcher({"a": Peer("a", bps=None), "b": Peer("b", bps=None)})
+        measured(f, "a", 1e9)
+        measured(f, "b", 1e6)
+        run = fetch_run(f, [{"a", "b"}] + [{"b"}] * 7)
+        now = run.start
+        assert run._link(now)[0] == pytest.approx(1e9 + 1e6)
+        (first,) = [a for a in run.sched.assign(now) if a.index == 0]
+        run.sched.completed(0, now)
+        bandwidth, rtt = run._link(now)
+        assert bandwidth == pytest.approx(1e6)
+        # At b's rate, chunks 1-7 lose to recomputing them at 4,000 tokens/s.
+        assert isinstance(run.ctl.decide(1, now, bandwidth, rtt), RecomputeRest)
 
     asyncio.run(main())
