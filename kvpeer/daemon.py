@@ -412,8 +412,13 @@ class Daemon:
             peer_id = asking[task]
             try:
                 have = task.result().get("have", [])
-            except (KVPeerError, OSError, AttributeError) as exc:
+            except (KVPeerError, OSError, AttributeError) as exc:  # AttributeError: not a dict
                 log.info("peer %s not asked: %r", peer_id, exc)
+                continue
+            except Exception as exc:
+                # A bug of ours or a library's met with this one peer: the others still answer,
+                # so skip it rather than fail the whole lookup or fetch as INTERNAL.
+                log.warning("peer %s not asked, unexpected error: %r", peer_id, exc)
                 continue
             if not isinstance(have, list):
                 continue

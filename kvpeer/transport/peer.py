@@ -203,7 +203,14 @@ class PeerTransport:
             if isinstance(exc, KVPeerError):
                 raise
             raise TransportError(f"connecting to {peer_id} at {host}:{port}: {exc}") from None
-        except BaseException:
+        except Exception as exc:  # aiortc on an SDP it cannot take (AssertionError, KeyError, ...)
+            # The answer's MAC held, so a key holder sent it: still one bad peer, which callers
+            # skip like any other failed connection, not a bug of ours to raise as such.
+            self.counters["handshakes_failed"] += 1
+            logger.info("handshake with %s at %s:%d failed: %r", peer_id, host, port, exc)
+            await _close_pc(pc)
+            raise TransportError(f"connecting to {peer_id} at {host}:{port}: {exc!r}") from exc
+        except BaseException:  # cancelled
             await _close_pc(pc)
             raise
         finally:
