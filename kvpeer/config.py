@@ -180,7 +180,8 @@ class TransportSection:
         (), "Addresses put in this node's advertisement. Empty: those of discovery.interfaces."
     )
     psk_file: Path | None = setting(
-        None, "File holding the cluster's pre-shared key (hex). Peers without it are refused.",
+        None, "File holding the cluster's pre-shared key: at least 64 hex digits (openssl rand -hex "
+        "32), mode 0600. Peers without it are refused.",
         example="/etc/kvpeer/cluster.key",
     )
     next_psk_file: Path | None = setting(

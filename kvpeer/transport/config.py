@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import stat
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 MAX_SCTP_PACKET = 16_384
 #: What aiortc uses when nothing else is known: fits any IPv4/IPv6 path (1280 minus headroom).
 DEFAULT_SCTP_PACKET = 1_189
-MIN_PSK_BYTES = 16
+#: Cluster keys are at least this many bytes (64 hex digits), as many as the HMAC's output.
+MIN_PSK_BYTES = 32
+#: A key file holds one hex key and a newline; anything much larger is not a key file.
+PSK_FILE_LIMIT = 4096
 #: aiortc announces (and enforces on the sender) a 256 KiB data-channel message limit.
 MAX_DATA_CHANNEL_MESSAGE = 256 * 1024
 CONGESTION_CONTROLS = ("rate", "reno")
@@ -182,7 +186,7 @@ class TransportConfig:
         for field_name, file_key in (("psk", "psk_file"), ("next_psk", "next_psk_file")):
             path = values.get(file_key)
             if path:
-                kwargs[field_name] = load_psk(path)
+                kwargs[field_name] = load_psk(path, f"transport.{file_key}")
         if "mtu" in kwargs and kwargs["mtu"] == 0:
             del kwargs["mtu"]
         return cls(**kwargs)
@@ -191,24 +195,68 @@ class TransportConfig:
         return replace(self, port=port)
 
 
-def load_psk(path: str | os.PathLike[str]) -> bytes:
-    """Read the cluster key file: raw bytes, or hex text. Refuse it if others may read it."""
+def load_psk(path: str | os.PathLike[str], key: str = "transport.psk_file") -> bytes:
+    """Read a cluster key file: at least ``MIN_PSK_BYTES`` bytes written as hex
+    (``openssl rand -hex 32``), whitespace around it ignored.
+
+    Refused, with a message that names the problem and never shows the key: a file that is not
+    a regular file or that others may read, one over ``PSK_FILE_LIMIT`` bytes, a character that
+    is not a hex digit (its position), an odd number of digits, too few bytes. Raw bytes and
+    passphrases are not taken: a typo or a CRLF silently made another key of them, and a
+    passphrase can be guessed offline from one recorded handshake.
+    """
     p = Path(path)
     try:
-        st = p.stat()
-        data = p.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"transport.psk_file: cannot read {p}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{key}: cannot read {p}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb", buffering=0) as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{key}: {p} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{key}: {p} is group/world accessible "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+            )
+        try:
+            data = file.read(PSK_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {p}: {exc.strerror}") from None
+    if len(data) > PSK_FILE_LIMIT:
         raise ConfigError(
-            f"transport.psk_file: {p} is group/world accessible (mode {stat.S_IMODE(st.st_mode):o});"
-            " chmod 600 it"
+            f"{key}: {p} is larger than {PSK_FILE_LIMIT} bytes; it should hold "
+            f"one hex key (openssl rand -hex 32)"
         )
-    text = data.strip()
-    try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        key = data
+    return _parse_hex_key(data.strip(), f"{key}: {p}")
+
+
+def _parse_hex_key(text: bytes, where: str) -> bytes:
+    for position, byte in enumerate(text, start=1):
+        if chr(byte) not in string.hexdigits:
+            hint = " (write the digits without 0x)" if text[:2].lower() == b"0x" else ""
+            raise ConfigError(
+                f"{where}: character {position} is {_describe_byte(byte)}, not a hex digit{hint}; "
+                f"the file must hold the key as hex (openssl rand -hex 32)"
+            )
+    if len(text) % 2:
+        raise ConfigError(f"{where}: an odd number of hex digits ({len(text)}): one is missing or extra")
+    key = bytes.fromhex(text.decode("ascii"))
     if len(key) < MIN_PSK_BYTES:
-        raise ConfigError(f"transport.psk_file: {p} holds fewer than {MIN_PSK_BYTES} key bytes")
+        raise ConfigError(
+            f"{where}: a key of {len(key)} bytes is too short; at least {MIN_PSK_BYTES} bytes "
+            f"({2 * MIN_PSK_BYTES} hex digits: openssl rand -hex 32)"
+        )
     return key
+
+
+def _describe_byte(byte: int) -> str:
+    """What a refused key character is, without showing one that may be part of a secret (a
+    letter or digit of a passphrase): only whitespace, punctuation and control bytes by name."""
+    char = chr(byte)
+    if byte >= 0x80:
+        return "a non-ASCII byte"
+    if char.isalnum():
+        return "a letter other than a-f"
+    return repr(char)
