@@ -185,7 +185,10 @@ class TransportSection:
         example="/etc/kvpeer/cluster.key",
     )
     next_psk_file: Path | None = setting(
-        None, "The next cluster key, also accepted, while keys are rotated.",
+        None, "The next cluster key (same format) while keys are rotated: accepted, and used with "
+        "peers that hold it too. Once `kvpeer peers` shows key \"next\" for every peer, all "
+        "hold it: make it psk_file and drop the old key (sessions by key: "
+        "kvpeer_transport_events_total{event=\"sessions_key_next\"}).",
         example="/etc/kvpeer/cluster.next.key",
     )
     mtu: int = setting(

@@ -460,6 +460,9 @@ class Daemon:
                 "fingerprints": sorted(p.fingerprints),
                 "chunks": p.chunk_count,
                 "epoch": p.epoch,
+                # which cluster key our session with it uses ("current", "next", "none"); None:
+                # no session open. A key rotation is over once every peer says "next".
+                "key": self.transport.session_key(p.node_id),
             }
             for p in self.discovery.peers().values()
         ]

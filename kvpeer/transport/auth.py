@@ -13,7 +13,9 @@ The server proves itself only after the client did, and nobody sends an SDP (and
 DTLS fingerprint, addresses and node id) before both proofs verified: a peer without the key
 learns nothing but two random nonces. Role labels stop reflection; the answer MAC chains the
 offer MAC, so the whole transcript is bound. Holding two keys (current + next) lets a cluster
-rotate keys without a flag day: the client proves with both, the server accepts either.
+rotate keys without a flag day: the client proves with both, the server accepts either and,
+where both sides hold the next key, uses it, so that a rotation is over (the old key can go)
+once every session uses the next key.
 """
 
 from __future__ import annotations
@@ -123,12 +125,13 @@ class ServerHandshake:
     def on_client_proof(self, proof: ClientProof) -> ServerProof:
         if self._nonce_c is None:
             raise AuthError("handshake out of order: no hello")
-        # Compare every pair, so timing does not tell which key (if any) was close.
+        # Compare every pair, so timing does not tell which key (if any) was close. The last
+        # key that matches wins: the next key, when the client holds both.
         matched: bytes | None = None
         for key in self._keys:
             expected = _mac(key, "client", self._nonce_c, self._nonce_s)
             for candidate in proof.proofs:
-                if hmac.compare_digest(expected, candidate) and matched is None:
+                if hmac.compare_digest(expected, candidate):
                     matched = key
         if matched is None:
             raise AuthError("client does not hold the cluster key")
@@ -152,4 +155,5 @@ class ServerHandshake:
 
     @property
     def key_index(self) -> int | None:
+        """Which of our keys the client proved (0 current, 1 next); None before the proof."""
         return None if self._key is None else self._keys.index(self._key)

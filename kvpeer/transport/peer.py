@@ -87,8 +87,14 @@ class PeerTransport:
         self.config = config
         self.handler = handler
         self.on_peer_down = on_peer_down
-        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down.
+        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down, and
+        #: sessions_key_current / sessions_key_next / sessions_key_none: the key each session
+        #: opened with (a rotation is over when peers only open sessions with the next key).
         self.counters: Counter[str] = Counter()
+        self._key_names = tuple(
+            name for name, key in (("current", config.psk), ("next", config.next_psk)) if key is not None
+        ) or ("none",)  # fmt: skip
+        self._session_keys: dict[PeerSession, str] = {}
         self._server: asyncio.Server | None = None
         self._sessions: dict[str, PeerSession] = {}
         self._all: set[PeerSession] = set()
@@ -124,6 +130,12 @@ class PeerTransport:
 
     def sessions(self) -> list[PeerSession]:
         return [s for s in self._sessions.values() if not s.closed]
+
+    def session_key(self, peer_id: str) -> str | None:
+        """Which of our keys the open session with *peer_id* authenticated with: ``"current"``
+        (transport.psk), ``"next"`` (next_psk) or ``"none"`` (no key); None without a session."""
+        session = self.session(peer_id)
+        return None if session is None else self._session_keys.get(session)
 
     async def connect(self, peer_id: str, host: str, port: int) -> PeerSession:
         """An open, authenticated session with *peer_id* (reused when one exists)."""
@@ -216,7 +228,7 @@ class PeerTransport:
         finally:
             if writer is not None:
                 writer.close()
-        return self._register(session)
+        return self._register(session, handshake.key_index)
 
     # -- incoming --------------------------------------------------------------------------
 
@@ -268,7 +280,7 @@ class PeerTransport:
                 await _write_message(writer, answer)
                 session = self._new_session(offer.node_id, pc, control, bulk, packet)
                 await session.wait_open(self.config.connect_timeout_s)
-            self._register(session)
+            self._register(session, handshake.key_index)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             self._log_auth_failure(peer, exc)
@@ -365,9 +377,12 @@ class PeerTransport:
             packet_bytes=packet,
         )
 
-    def _register(self, session: PeerSession) -> PeerSession:
+    def _register(self, session: PeerSession, key_index: int | None) -> PeerSession:
         session.start()
         self._all.add(session)
+        key = self._key_names[key_index or 0]
+        self._session_keys[session] = key
+        self.counters[f"sessions_key_{key}"] += 1
         current = self.session(session.peer_id)
         # Both sides may connect at once: keep the first open session as the one callers get;
         # the other stays up (the peer may use it) until either side closes it.
@@ -375,14 +390,16 @@ class PeerTransport:
             self._sessions[session.peer_id] = session
         self.counters["sessions_opened"] += 1
         logger.info(
-            "session with %s open (SCTP packets of %d bytes)", session.peer_id, session.packet_bytes
-        )
+            "session with %s open (%s key, SCTP packets of %d bytes)",
+            session.peer_id, key, session.packet_bytes,
+        )  # fmt: skip
         return session
 
     def _session_ended(self, session: PeerSession, by_peer: bool) -> None:
         if session not in self._all:  # its handshake failed: the peer was never up
             return
         self._all.discard(session)
+        self._session_keys.pop(session, None)
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
             replacement = next((s for s in self._all if s.peer_id == session.peer_id), None)
