@@ -287,13 +287,14 @@ def _decode_into(
 def _dequantize_body_into(
     dst: torch.Tensor, symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray,
     exact: np.ndarray, runs: tuple[tuple[int, int], ...], tensor: int,
-    shape: tuple[int, int, int, int], rest: int, dtype: torch.dtype,
+    shape: tuple[int, int, int, int], rest: int, dtype: torch.dtype, limit: float | None,
 ) -> None:
     """Tensor ``tensor`` (0 = K, 1 = V) of the channel-major symbols, dequantized straight into
     ``dst`` [L, H, T, D] around the exact positions: the symbols are read transposed (1-2 bytes
     an element, not 4) and float32 destinations are scaled in place, with the same float32
     arithmetic as :func:`layout.dequantize_stream` (:func:`layout.channel_scale`), rounded to the blob's ``dtype`` before any
-    other dtype (the same values as ``decode(blob)`` copied into ``dst``)."""
+    other dtype (the same values as ``decode(blob)`` copied into ``dst``), clamped to
+    ``limit`` first when :func:`layout.clamp_limit` gives one."""
     layers, heads, _, head_dim = shape
     half = slice(tensor * layers, (tensor + 1) * layers)
     with warnings.catch_warnings():
@@ -311,7 +312,10 @@ def _dequantize_body_into(
             target.copy_(part)
             target.mul_(step).add_(offset)
         else:
-            target.copy_(part.to(torch.float32).mul_(step).add_(offset).to(dtype))
+            values = part.to(torch.float32).mul_(step).add_(offset)
+            if limit is not None:
+                values.clamp_(-limit, limit)
+            target.copy_(values.to(dtype))
 
 
 def _pieces(
@@ -377,11 +381,11 @@ def _decode_quantized(
         symbols = video.decode(payload, header.stream, 2 * layers, heads * head_dim, rest)
     else:
         raise CodecError(f"stream {header.stream} cannot hold this chunk")
+    dt = _DTYPE_TORCH[header.dtype]
+    limit = layout.clamp_limit(step, zeros, runs, symbols, dt, rotated=rope is not None)
     if out_kv is not None and rope is None:
         for index, dst in enumerate(out_kv):
-            _dequantize_body_into(
-                dst, symbols, step, zeros, exact, runs, index, header.shape, rest, _DTYPE_TORCH[header.dtype]
-            )
+            _dequantize_body_into(dst, symbols, step, zeros, exact, runs, index, header.shape, rest, dt, limit)
         if header.sink:
             exact_kv = _from_raw(exact_raw, header.dtype, (2, layers, heads, header.sink, head_dim))
             positions = torch.from_numpy(exact)
@@ -389,13 +393,15 @@ def _decode_quantized(
                 dst[:, :, positions] = exact_kv[index].to(dst.dtype)
         return out_kv
     values = layout.dequantize_stream(symbols, step, zeros, rest, runs)  # [2L, H, D, T'] float32
+    if limit is not None:  # keys before RoPE are clamped once rotated, not before
+        (values[layers:] if rope is not None else values).clamp_(-limit, limit)
     restored = values.view(2, layers, heads, head_dim, rest).transpose(-1, -2)
-    dt = _DTYPE_TORCH[header.dtype]
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=dt)
     if rope is not None:
         keys = torch.zeros((layers, heads, tokens, head_dim), dtype=torch.float32)
         _scatter_body(keys, restored[0], exact)
-        out[0] = rope_mod.rotate(keys, rope, 0)
+        rotated = rope_mod.rotate(keys, rope, 0)
+        out[0] = rotated.clamp_(-limit, limit) if limit is not None else rotated
         _scatter_body(out[1], restored[1], exact)
     else:
         _scatter_body(out, restored, exact)

@@ -33,6 +33,35 @@ def channel_scale(
     return step, torch.from_numpy(quant.channel_offset(steps, zeros))
 
 
+def clamp_limit(
+    steps: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...], symbols: np.ndarray,
+    dtype: torch.dtype, rotated: bool = False,
+) -> float | None:
+    """The largest finite value of ``dtype`` if a decoded value could pass it, else None.
+
+    A finite input within half a step of fp16's maximum (65504) can dequantize past it, and the
+    cast would make it inf; clamping to the maximum only moves such a value towards the input.
+    Bounded per channel by |offset| + the widest symbol x the coarsest run step (x2 for keys
+    ``rotated`` after decoding, which mixes pairs of channels): first with the widest symbol the
+    symbols' dtype holds (side info only), then, if that is not enough, with the widest present
+    (one pass over the 1-2 byte symbols), so an ordinary chunk pays no pass over its values. bf16
+    and float32 never need it: decode's step check keeps every value below a quarter of float32's
+    maximum."""
+    limit = float(torch.finfo(dtype).max)
+    coarsest = np.max([quant.run_step(steps, code) for code in {code for _, code in runs} | {0}], axis=0)
+    offset = np.abs(quant.channel_offset(steps, zeros).astype(np.float64))
+
+    def reaches(widest: int) -> bool:
+        # 1.001: room for the float32 rounding of symbol x step + offset
+        bound = (offset + widest * coarsest.astype(np.float64)).max(initial=0.0)
+        return bool(bound * (2.0 if rotated else 1.0) * 1.001 >= limit)
+
+    if not reaches(int(np.iinfo(symbols.dtype).max) + 1):
+        return None
+    widest = max(-int(symbols.min(initial=0)), int(symbols.max(initial=0)))
+    return limit if reaches(widest) else None
+
+
 def dequantize_stream(
     symbols: np.ndarray, steps: np.ndarray, zeros: np.ndarray, tokens: int,
     runs: tuple[tuple[int, int], ...] = (),

@@ -146,3 +146,26 @@ def test_decode_into_a_wrong_shape_is_a_codec_error() -> None:
         codec.decode(blob, out=(torch.empty(layers, heads, tokens + 1, dim), torch.empty(SHAPE)))
     with pytest.raises(codec.CodecError, match="does not fit"):
         codec.decode(blob, out=(torch.empty(SHAPE, dtype=torch.int16), torch.empty(SHAPE)))
+
+
+@pytest.mark.parametrize("level", codec.LEVELS[1:])
+@pytest.mark.parametrize("rope", [False, True])
+def test_finite_fp16_near_its_maximum_decodes_finite(level: str, rope: bool) -> None:
+    """A value within half a step of 65504 dequantizes past it in float32: decode clamps it to
+    fp16's maximum instead of letting the cast make it inf (into ``out=`` views too)."""
+    ramp = torch.linspace(-65504, 65504, 32).half()
+    k = ramp.view(1, 1, 32, 1).expand(2, 1, 32, 8).contiguous()
+    v = ramp.flip(0).view(1, 1, 32, 1).expand(2, 1, 32, 8).contiguous()
+    spec = codec.RopeSpec(theta=10000.0, start=3) if rope else None
+    blob = codec.encode(k, v, level, rope=spec)
+    steps = _channel_steps(blob)
+    decoded = codec.decode(blob)
+    for out_dtype in (torch.float16, torch.float32):
+        views = (torch.empty(k.shape, dtype=out_dtype), torch.empty(k.shape, dtype=out_dtype))
+        into = codec.decode(blob, out=views)
+        assert all(torch.equal(a, b.to(out_dtype)) for a, b in zip(into, decoded, strict=True))
+    for index, (a, b) in enumerate(((k, decoded[0]), (v, decoded[1]))):
+        assert bool(b.isfinite().all()), f"{level}: finite input decoded to inf"
+        if not rope:  # error within half the channel's step (a rotation spreads it over a pair)
+            err = (a.float() - b.float()).abs().amax(dim=2)
+            assert torch.all(err <= steps[index] * 0.5 * 1.001 + 32)  # + fp16's half ulp there
