@@ -112,10 +112,10 @@ def check_start_config(config: Any) -> None:
     """Make the config checks that building and starting the daemon make, and start nothing.
 
     Reads the psk files, resolves discovery.interfaces to addresses and looks up
-    api.socket_group, with the daemon's own functions, so --check-config fails on what start
-    would. Raises ConfigError naming the key.
+    api.socket_group and the users and groups of api.namespaces, with the daemon's own
+    functions, so --check-config fails on what start would. Raises ConfigError naming the key.
     """
-    from kvpeer.api.server import resolve_group
+    from kvpeer.api.server import resolve_group, resolve_namespaces
     from kvpeer.daemon import discovery_config, transport_config
     from kvpeer.discovery.config import advertisable_addresses
 
@@ -126,6 +126,7 @@ def check_start_config(config: Any) -> None:
     transport_config(config, default_host=addresses[0])
     discovery_config(config)
     resolve_group(config.api.socket_group)
+    resolve_namespaces(config.api.namespaces)
 
 
 def limit_torch_threads(threads: int) -> None:

@@ -65,7 +65,8 @@ def setting(default: T, doc: str, *, kind: str = "", example: Any = None, lo: fl
     """A config field: its default, its documentation and how to read and check its value.
 
     ``kind`` is "size" (bytes, accepts "512MiB"), "mode" (file mode, accepts "0660"),
-    "auto_int" (an int, "auto" meaning 0) or "". ``example`` is shown (commented out) in the
+    "auto_int" (an int, "auto" meaning 0), "table" (a TOML table of lists of strings, kept as
+    sorted ``(key, (str, ...))`` pairs so the section stays frozen) or "". ``example`` is shown (commented out) in the
     example file for optional fields. Typed as returning the default so sections type-check.
     """
     meta = {"doc": doc, "kind": kind, "example": example, "lo": lo, "hi": hi, "choices": choices}
@@ -129,6 +130,17 @@ class ApiSection:
     allowed_uids: tuple[int, ...] = setting(
         (), "Only these user ids may use the API (checked with SO_PEERCRED). Empty: anyone the "
         "socket permissions let in.", lo=0,
+    )
+    namespaces: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (), "Namespaces are cooperative unless [api] namespaces is set: while it is empty, "
+        "every user the socket lets in may put into and read any namespace. Set, it says who may "
+        "use each: namespace = [members], a member being a user name or uid, \"@\" and a group "
+        "name or gid (the client's primary group, or /etc/group membership read at start), or "
+        "\"*\" (every user the socket lets in); e.g. { team-a = [\"alice\", \"@engines\"], "
+        "default = [\"*\"] }. A hello for a namespace not listed for the client is refused "
+        "(FORBIDDEN), and so are the requests of a client that sent none (it is in \"default\") "
+        "unless \"default\" lists it; the daemon's own user may use every namespace.",
+        kind="table",
     )
     lease_s: float = setting(
         60.0, "Seconds a client may hold a fetched shared-memory segment before the daemon "
@@ -425,6 +437,8 @@ def _describe(tp: Any, kind: str) -> str:
         return "a file mode like 0o660 or '0660'"
     if kind == "auto_int":
         return "an integer or 'auto'"
+    if kind == "table":
+        return "a table of lists of names, like { name = [\"a\", \"b\"] }"
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(a, "") for a in typing.get_args(tp) if a is not type(None))
@@ -443,6 +457,16 @@ def _coerce(tp: Any, kind: str, value: Any) -> Any:
         return parse_size(value)
     if kind == "auto_int":
         return 0 if value == "auto" else _coerce(int, "", value)
+    if kind == "table":
+        if not isinstance(value, Mapping):
+            raise ValueError("not a table")
+        pairs = []
+        for name, members in value.items():
+            members = _coerce(tuple[str, ...], "", members)
+            if not name or not members or not all(member.strip() for member in members):
+                raise ValueError("an empty name or list")
+            pairs.append((name, members))
+        return tuple(sorted(pairs))
     if kind == "mode":
         if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value):
             return int(value.removeprefix("0o"), 8)
@@ -605,11 +629,11 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, st
 
 
 def _env_value(text: str) -> Any:
-    """A TOML array or inline value if ``text`` is one ("[1, 2]", "0o660", "7500"), else the text.
+    """A TOML array or inline table if ``text`` is one ("[1, 2]", "{ a = [\"b\"] }"), else the text.
 
     The typed coercion that follows turns "7500" back into a string where a string is wanted.
     """
-    if text.strip().startswith("["):
+    if text.strip().startswith(("[", "{")):
         try:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -653,6 +677,8 @@ def default_node_id(state_dir: Path, *, machine_id_path: Path = MACHINE_ID_PATH,
 
 # ----------------------------------------------------------------------------- rendering
 def _plain(value: Any, kind: str) -> Any:
+    if kind == "table":
+        return {name: list(members) for name, members in value}
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple):
@@ -683,6 +709,8 @@ def toml_value(value: Any, kind: str = "") -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 

@@ -130,6 +130,7 @@ class Daemon:
             mode=config.api.socket_mode,
             group=config.api.socket_group,
             allowed_uids=config.api.allowed_uids,
+            namespaces=config.api.namespaces,
             lease_s=config.api.lease_s,
             spare_bytes=config.api.spare_bytes,
         )

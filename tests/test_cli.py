@@ -217,6 +217,8 @@ def test_sigterm_during_start_cancels_it_and_no_ready_follows(tmp_path: Path) ->
         ("psk_unreadable", "transport.psk_file"),
         ("interface", "discovery.interfaces"),
         ("group", "api.socket_group"),
+        ("namespace_user", "api.namespaces.team-a: no user named 'kvpeer-no-such-user'"),
+        ("namespace_group", "api.namespaces.team-a: no group named 'kvpeer-no-such-group'"),
     ],
 )
 def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key: str) -> None:
@@ -227,8 +229,12 @@ def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key
         text = text.replace(str(tmp_path / "psk.key"), str(tmp_path / "absent.key"))
     elif change == "interface":
         text = text.replace('interfaces = ["127.0.0.1"]', 'interfaces = ["kvpeer-no-such-if0"]')
-    else:
+    elif change == "group":
         text += '[api]\nsocket_group = "kvpeer-no-such-group"\n'
+    elif change == "namespace_user":
+        text += '[api.namespaces]\nteam-a = ["root", "kvpeer-no-such-user"]\n'
+    else:
+        text += '[api.namespaces]\nteam-a = ["@kvpeer-no-such-group"]\n'
     config.write_text(text)
     result = run("daemon_main", "--config", str(config), "--check-config")
     assert result.returncode == 2, result.stdout + result.stderr

@@ -217,3 +217,18 @@ def test_kvpeerd_check_config(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "store.ram_bytes: expected a size like '2GiB', got 'lots'" in bad.stderr
+
+
+def test_api_namespaces_is_a_table_of_members_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    text = '[node]\nnode_id = "n1"\n[api.namespaces]\nteam-a = ["alice", "@engines"]\n"default" = ["*"]\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert config.api.namespaces == (("default", ("*",)), ("team-a", ("alice", "@engines")))
+    printed = config.as_toml()
+    assert 'namespaces = {"default" = ["*"], "team-a" = ["alice", "@engines"]}' in printed
+    assert load_config(write(tmp_path, printed), env={}) == config  # --check-config round trips
+    env = {"KVPEER_API__NAMESPACES": '{ team-b = ["bob"] }'}
+    assert load_config(write(tmp_path, '[node]\nnode_id = "n1"\n'), env=env).api.namespaces == (("team-b", ("bob",)),)
+    assert load_config(write(tmp_path, '[node]\nnode_id = "n1"\n'), env={}).api.namespaces == ()
+    for bad in ('namespaces = ["alice"]', 'namespaces = { team-a = [] }', 'namespaces = { team-a = [1] }'):
+        with pytest.raises(ConfigError, match=r"api\.namespaces: expected a table of lists of names"):
+            load_config(write(tmp_path, f'[node]\nnode_id = "n1"\n[api]\n{bad}\n'), env={})

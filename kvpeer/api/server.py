@@ -1,7 +1,7 @@
 """The daemon's side of the local API: a Unix-socket server in front of an :class:`ApiBackend`.
 
-Owns connections (peer credentials, the tenant namespace of each, limits on in-flight
-requests), turning frames into messages and errors into error responses, and the shared-memory
+Owns connections (peer credentials, the tenant namespace of each and who may use it, limits on
+in-flight requests), turning frames into messages and errors into error responses, and the shared-memory
 segments handed to clients (through :class:`~kvpeer.shm.SegmentRegistry`). What a request
 *means* (keys, store, peers) is the backend's job: the daemon implements it.
 
@@ -20,10 +20,12 @@ import grp
 import itertools
 import logging
 import os
+import pwd
 import socket
 import stat
 import struct
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -102,6 +104,7 @@ class _Connection:
         self.gid = gid
         self.pid = pid
         self.namespace = "default"
+        self.namespace_allowed = True  # api.namespaces lets this uid use self.namespace
         self.client = ""
         self.greeted = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -271,6 +274,7 @@ class ApiServer:
 
     ``mode``/``group``: permissions of the socket file (who may connect at all);
     ``allowed_uids``: if non-empty, only these users (and our own) are served;
+    ``namespaces``: ``api.namespaces``, who may use which namespace (None or empty: anyone any);
     ``lease_s``: how long a client may hold a segment without releasing it;
     ``spare_bytes``: the largest segment reserved ahead for the next fetch while idle (0: none).
     """
@@ -283,6 +287,7 @@ class ApiServer:
         mode: int = 0o660,
         group: str | int | None = None,
         allowed_uids: list[int] | tuple[int, ...] | frozenset[int] | None = None,
+        namespaces: NamespaceTable | None = None,
         lease_s: float = 600.0,
         max_inflight: int = 16,
         max_shm_bytes_per_client: int = 64 << 30,
@@ -295,6 +300,8 @@ class ApiServer:
         self.group = group
         # None or empty: the socket file's mode and group alone decide who may connect.
         self.allowed_uids = frozenset(allowed_uids) if allowed_uids else None
+        self.namespaces = namespaces
+        self._namespace_policy: NamespacePolicy | None = None
         self.max_inflight = max_inflight
         self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
@@ -315,6 +322,9 @@ class ApiServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._gid = resolve_group(self.group)
+        self._namespace_policy = resolve_namespaces(self.namespaces)
+        if self._namespace_policy is None:
+            log.info("api: namespaces are cooperative (api.namespaces is not set)")
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         await _remove_stale_socket(self.socket_path)
         self.registry.sweep_stale()
@@ -444,6 +454,7 @@ class ApiServer:
                 log.warning("api: client %d (uid %d) not allowed; closing", conn_id, uid)
                 await conn.send(m.ErrorResponse(code=ErrorCode.FORBIDDEN, reason="uid not allowed"))
                 return
+            conn.namespace_allowed = self._may_use(conn, conn.namespace)
             await self._read_loop(reader, conn)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -464,6 +475,19 @@ class ApiServer:
         if self.allowed_uids is None:
             return True
         return uid in self.allowed_uids or uid == os.geteuid()
+
+    def _may_use(self, conn: _Connection, namespace: str) -> bool:
+        policy = self._namespace_policy
+        return policy is None or policy.allows(namespace, conn.uid, conn.gid)
+
+    @staticmethod
+    def _check_namespace(conn: _Connection) -> None:
+        if not conn.namespace_allowed:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"namespace {conn.namespace!r} is not allowed for uid {conn.uid} (api.namespaces); "
+                "say hello with a namespace that is",
+            )
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         decoder = m.FrameDecoder()
@@ -527,11 +551,25 @@ class ApiServer:
         if isinstance(message, m.Hello):
             if conn.greeted:
                 raise ProtocolError(ErrorCode.INVALID, "hello was already sent on this connection")
+            if not self._may_use(conn, message.namespace):
+                # The namespace salts the chunk keys: a user let into another tenant's could
+                # read its prefixes and put KV that its engines would then take (poisoning).
+                log.warning(
+                    "api: client %d (uid %d gid %d) refused namespace %r (api.namespaces)",
+                    conn.id, conn.uid, conn.gid, message.namespace,
+                )  # fmt: skip
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"namespace {message.namespace!r} is not allowed for uid {conn.uid} (api.namespaces)",
+                )
             conn.greeted = True
             conn.namespace = message.namespace
+            conn.namespace_allowed = True
             conn.client = message.client
             log.info("api: client %d is %r in namespace %r", conn.id, message.client, message.namespace)
             return m.HelloOk(id=rid, server=SERVER_NAME, namespace=message.namespace)
+        if isinstance(message, m.PutRequest | m.PutCommit | m.LookupRequest | m.FetchRequest):
+            self._check_namespace(conn)
         if isinstance(message, m.PutRequest):
             return await self._begin_put(conn, message)
         if isinstance(message, m.PutCommit):
@@ -658,6 +696,75 @@ def resolve_group(group: str | int | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"api.socket_group: no group named {group!r}") from None
+
+
+#: ``api.namespaces``: namespace -> members, as a mapping or as the config's sorted pairs.
+NamespaceTable = Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Members:
+    uids: frozenset[int]
+    gids: frozenset[int]
+    anyone: bool
+
+
+class NamespacePolicy:
+    """Who may use which namespace, names resolved to ids (:func:`resolve_namespaces`): a
+    namespace not listed is refused to everyone but the daemon's own user."""
+
+    def __init__(self, members: Mapping[str, _Members]) -> None:
+        self._members = dict(members)
+
+    def allows(self, namespace: str, uid: int, gid: int) -> bool:
+        """Whether a client of ``uid``/``gid`` (SO_PEERCRED) may use ``namespace``."""
+        if uid == os.geteuid():
+            return True
+        members = self._members.get(namespace)
+        return members is not None and (members.anyone or uid in members.uids or gid in members.gids)
+
+
+def resolve_namespaces(table: NamespaceTable | None) -> NamespacePolicy | None:
+    """``api.namespaces`` with its user and group names resolved to ids, at start (a lookup may
+    go to NSS); None when it is not set: namespaces are cooperative. ConfigError naming the
+    entry for an unknown user or group (kvpeerd --check-config asks this too)."""
+    entries = dict(table.items() if isinstance(table, Mapping) else table or ())
+    if not entries:
+        return None
+    return NamespacePolicy({
+        namespace: _resolve_members(f"api.namespaces.{namespace}", members)
+        for namespace, members in entries.items()
+    })  # fmt: skip
+
+
+def _resolve_members(key: str, members: Sequence[str]) -> _Members:
+    uids: set[int] = set()
+    gids: set[int] = set()
+    anyone = False
+    for member in members:
+        if member == "*":
+            anyone = True
+        elif member.startswith("@"):
+            name = member[1:]
+            try:
+                group = grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
+            except KeyError:
+                if not name.isdigit():
+                    raise ConfigError(f"{key}: no group named {name!r}") from None
+                gids.add(int(name))  # a gid without a name: its primary members still match
+                continue
+            gids.add(group.gr_gid)
+            for user in group.gr_mem:  # supplementary members: SO_PEERCRED gives only the gid
+                with contextlib.suppress(KeyError):
+                    uids.add(pwd.getpwnam(user).pw_uid)
+        elif member.isdigit():
+            uids.add(int(member))  # a uid, as in api.allowed_uids
+        else:
+            try:
+                uids.add(pwd.getpwnam(member).pw_uid)
+            except KeyError:
+                raise ConfigError(f"{key}: no user named {member!r}") from None
+    return _Members(uids=frozenset(uids), gids=frozenset(gids), anyone=anyone)
 
 
 async def _remove_stale_socket(path: Path) -> None:
