@@ -7,7 +7,6 @@ the GIL for the heavy parts. torch is touched only at the edges (tensor in, tens
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -297,10 +296,7 @@ def _dequantize_body_into(
     ``limit`` first when :func:`layout.clamp_limit` gives one."""
     layers, heads, _, head_dim = shape
     half = slice(tensor * layers, (tensor + 1) * layers)
-    with warnings.catch_warnings():
-        # symbols may view a read-only decompressed buffer; it is only read, never written
-        warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(symbols).view(2 * layers, heads, head_dim, rest)[half]
+    source = torch.from_numpy(symbols).view(2 * layers, heads, head_dim, rest)[half]
     body = source.transpose(-1, -2)  # [L, H, T', D]
     steps_by_code, offset = layout.channel_scale(steps[half], zeros[half], runs)
     offset = offset[:, :, None, :]

@@ -9,8 +9,6 @@ benchmarks/codec.py --layouts; numbers in kvpeer/codec/README.md).
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -74,11 +72,7 @@ def dequantize_stream(
     """
     n, heads, dim = zeros.shape
     step, offset = channel_scale(steps, zeros, runs)
-    with warnings.catch_warnings():
-        # symbols may view a read-only decompressed buffer; it is only read, never written
-        warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(symbols)
-    values = source.view(n, heads, dim, tokens).to(torch.float32)
+    values = torch.from_numpy(symbols).view(n, heads, dim, tokens).to(torch.float32)
     for start, stop, code in quant.run_spans(tokens, runs):
         values[..., start:stop].mul_(step[code][:, :, :, None])
     return values.add_(offset[:, :, :, None])

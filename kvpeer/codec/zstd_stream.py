@@ -198,7 +198,9 @@ def _frame_at(view: memoryview, pos: int) -> tuple[memoryview, int]:
 
 
 def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np.ndarray:
-    """Inverse of :func:`encode_symbols`: [rows, count // rows] symbols (int8 or int16).
+    """Inverse of :func:`encode_symbols`: [rows, count // rows] symbols (int8 or int16), in
+    writable memory (never a view of the read-only decompressed bytes: torch takes the symbols
+    without a copy, and warns on read-only arrays).
 
     Every mode byte is a valid mode; a forged one (or a forged int8 marker) can only give wrong,
     wrapped symbols of the right shape, which the blob digest already rules out.
@@ -219,7 +221,7 @@ def decode_symbols(payload: bytes | memoryview, count: int, rows: int = 1) -> np
         values = _unpack(decompress(frame, _packed_len(kind, n)), kind, n).reshape(picked.size, per_row)
         if mode & _DELTA:
             values = np.cumsum(values, axis=1, dtype=dtype)  # exact: the symbols fit ``dtype``
-        if picked.size == rows:
+        if picked.size == rows and values.flags.writeable:
             out = values  # one mode for all rows: no copy
         else:
             if out is None:

@@ -205,3 +205,13 @@ def test_keys_are_read_for_the_rotate_half_layout() -> None:
     for k, rotary in ((rotated, True), (plain, False)):
         k16, v16 = k.half(), v.half()
         assert codec.encode(k16, v16, "q5") == codec.encode(k16, v16, "q5", rotate_half=rotary)
+
+
+def test_decoded_symbols_are_writable_even_in_one_int8_mode() -> None:
+    """torch takes the symbols without a copy and warns on read-only memory: one int8 mode for
+    every row must not hand back a view of the decompressed bytes."""
+    rows = np.tile(np.random.default_rng(11).integers(-100, 100, size=64), (3, 1)).astype(np.int16)
+    payload = zstd_stream.encode_symbols(rows)
+    assert len(set(_modes(payload, 3).tolist())) == 1
+    back = zstd_stream.decode_symbols(payload, rows.size, 3)
+    assert back.flags.writeable and np.array_equal(back.astype(np.int16), rows)

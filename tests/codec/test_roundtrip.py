@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +172,27 @@ def test_finite_fp16_near_its_maximum_decodes_finite(level: str, rope: bool) -> 
         if not rope:  # error within half the channel's step (a rotation spreads it over a pair)
             err = (a.float() - b.float()).abs().amax(dim=2)
             assert torch.all(err <= steps[index] * 0.5 * 1.001 + 32)  # + fp16's half ulp there
+
+
+@pytest.mark.filterwarnings("error")
+def test_decode_neither_warns_nor_swaps_the_warning_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes run on executor threads at once: ``warnings.catch_warnings`` swaps process-wide
+    state and is not thread-safe (overlapping decodes left an "ignore UserWarning" filter
+    installed for the whole daemon). Nor may decode warn: its symbols are writable memory."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 1, 64, 2, generator=g).half(), torch.randn(1, 1, 64, 2, generator=g).half()
+    blob = codec.encode(k, v, "q8", sink=0, tail=False)  # its rows share one int8 mode: no copy
+
+    swaps = []
+    real = warnings.catch_warnings
+
+    def counted(*args: Any, **kwargs: Any) -> warnings.catch_warnings:
+        swaps.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warnings, "catch_warnings", counted)
+    reference = codec.decode(blob)
+    into = codec.decode(blob, out=(torch.empty(k.shape), torch.empty(k.shape)))
+    monkeypatch.undo()
+    assert not swaps, "decode swapped the process-wide warning filters"
+    assert torch.equal(into[0], reference[0].float()) and torch.equal(into[1], reference[1].float())
