@@ -54,7 +54,7 @@ def main() -> int:
         return 2
 
     from kvpeer.api.client import KVPeerClient
-    from kvpeer.integrations.transformers import cache_from_kv, generate, prefill_and_put
+    from kvpeer.integrations.transformers import cache_from_kv, cache_of, generate, prefill_and_put
     from kvpeer.models import load_model, model_fingerprint
     from kvpeer.testing.cluster import DaemonCluster
 
@@ -93,7 +93,7 @@ def main() -> int:
 
         answer_fetched = generate(model, tokenizer, tokens, cache, matched, args.max_new_tokens)
         answer_local = generate(
-            model, tokenizer, tokens, local.past_key_values, matched, args.max_new_tokens
+            model, tokenizer, tokens, cache_of(local), matched, args.max_new_tokens
         )
 
     cfg = model.config

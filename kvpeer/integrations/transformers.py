@@ -4,13 +4,16 @@ Owns the conversion between kvpeer's canonical KV (``k``, ``v``: ``[layers, kv_h
 head_dim]``) and transformers' cache objects (``DynamicCache``: one layer per decoder layer,
 ``keys``/``values`` ``[batch, kv_heads, tokens, head_dim]``), and small helpers that prefill and
 put, fetch into a cache, and continue generation from the longest shared prefix. Works with
-any decoder-only model on the standard (non-sliding) dynamic cache; batch size 1.
+any decoder-only model on the standard dynamic cache with full attention in every layer (a
+sliding-window layer keeps only its window: its KV is refused, never shared); batch size 1.
+transformers 4.56 or later (``DynamicCache(config=)`` and cache ``layers``).
 
 transformers is imported lazily: importing this module does not need it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +31,23 @@ log = logging.getLogger(__name__)
 def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, v)`` ``[layers, kv_heads, tokens, head_dim]`` of a batch-1 cache (copies once).
 
-    Accepts a transformers ``Cache`` with ``.layers`` (5.x), or the legacy tuple of
-    ``(key, value)`` per layer.
+    Accepts a transformers ``Cache`` with ``.layers`` (4.56+), or the legacy tuple of
+    ``(key, value)`` per layer. A sliding-window layer is refused (ValueError): after its window
+    filled it holds only the last positions, which would be stored as the prefix's first ones.
     """
     if hasattr(cache, "layers"):
-        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            raise ValueError(
+                "the cache has sliding-window layers: they hold only the last window of positions, "
+                "and kvpeer shares the KV of every position of a prefix"
+            )
+        pairs = []
+        for layer in cache.layers:
+            keys, values = layer.keys, layer.values
+            if keys is not None and keys.dim() == 4:  # a static layer is allocated past its length
+                held = int(layer.get_seq_length())
+                keys, values = keys[:, :, :held], values[:, :, :held]
+            pairs.append((keys, values))
     else:
         pairs = [(layer[0], layer[1]) for layer in cache]
     if not pairs or any(k is None or k.dim() != 4 for k, _ in pairs):
@@ -79,11 +94,34 @@ def _tokens(tokens: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(t) for t in tokens]
 
 
+def _cache_argument(model: Any) -> str:
+    # transformers 5 names it ``cache``; ``past_key_values`` is a deprecated alias there, and a
+    # model's forward takes unknown keywords silently: once the alias goes, the cache would be
+    # ignored and the prompt's rest computed without its prefix.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The cache a forward pass returned (``output.cache`` in transformers 5, else
+    ``output.past_key_values``)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
 def prefill(model: Any, tokens: Sequence[int] | torch.Tensor, cache: Any = None) -> Any:
-    """Run the model over ``tokens`` (continuing ``cache`` if given); returns its output."""
+    """Run the model over ``tokens`` (continuing ``cache`` if given); returns its output
+    (:func:`cache_of` gives its cache)."""
     ids = torch.tensor([_tokens(tokens)], device=next(model.parameters()).device)
+    before = cache.get_seq_length() if cache is not None else 0
     with torch.no_grad():
-        return model(ids, past_key_values=cache, use_cache=True)
+        output = model(ids, use_cache=True, **{_cache_argument(model): cache})
+    after = cache_of(output).get_seq_length()
+    if after != before + ids.shape[1]:
+        raise RuntimeError(
+            f"the model did not continue the given cache ({before} + {ids.shape[1]} tokens "
+            f"gave {after}): this transformers version passes the cache another way"
+        )
+    return output
 
 
 def prefill_and_put(
@@ -95,7 +133,7 @@ def prefill_and_put(
 ) -> PutResult:
     """Prefill ``tokens`` and put their KV into the daemon (full chunks are stored)."""
     output = prefill(model, tokens)
-    k, v = kv_from_cache(output.past_key_values)
+    k, v = kv_from_cache(cache_of(output))
     return client.put(_tokens(tokens), k, v, fingerprint, level=level)
 
 
@@ -155,7 +193,7 @@ def greedy_continue(
         out.append(nxt)
         if nxt in stops:
             break
-        output = prefill(model, [nxt], output.past_key_values)
+        output = prefill(model, [nxt], cache_of(output))
     return out
 
 
@@ -193,9 +231,9 @@ def generate_with_kvpeer(
     ids = _tokens(tokens)
     text = generate(model, tokenizer, ids, cache, matched, max_new_tokens)
     if put:
-        k, v = kv_from_cache(cache)
         try:
+            k, v = kv_from_cache(cache)
             client.put(ids, k[:, :, : len(ids)], v[:, :, : len(ids)], fingerprint)
-        except KVPeerError as exc:
+        except (KVPeerError, ValueError) as exc:
             log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
     return text, matched

@@ -1,0 +1,96 @@
+"""The transformers hand-off on tiny random models (no weights to load): which caches convert
+to kvpeer KV, and that a prefill really continues the cache it is given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvpeer.errors import ApiError, ErrorCode
+from kvpeer.hashing import ModelFingerprint
+from kvpeer.integrations import transformers as hf
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(kind: str, **extra: Any) -> Any:
+    common = dict(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    if kind == "mistral":
+        config = transformers.MistralConfig(**common, **extra)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(**common, **extra)
+        model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    return model.eval()
+
+
+def test_full_attention_cache_converts_with_every_position() -> None:
+    model = tiny("llama")
+    out = hf.prefill(model, list(range(1, 41)))
+    k, v = hf.kv_from_cache(hf.cache_of(out))
+    assert k.shape == v.shape == (2, 2, 40, 8)
+
+
+def test_a_sliding_window_cache_is_refused_not_stored_as_the_wrong_positions() -> None:
+    model = tiny("mistral", sliding_window=16)
+    cache = hf.cache_of(hf.prefill(model, list(range(1, 41))))  # past the window: it keeps the last 15
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf.kv_from_cache(cache)
+
+
+class NoDaemon:
+    """A client whose daemon is down: fetches fail, puts are recorded."""
+
+    def __init__(self) -> None:
+        self.puts: list[int] = []
+
+    def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        raise ApiError(ErrorCode.SHUTTING_DOWN, "not connected")
+
+    def put(self, tokens: list[int], *args: Any, **kwargs: Any) -> None:
+        self.puts.append(len(tokens))
+
+
+class Tokenizer:
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_generate_with_put_on_a_sliding_window_model_answers_and_shares_nothing() -> None:
+    model = tiny("mistral", sliding_window=16)
+    client = NoDaemon()
+    fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
+    text, matched = hf.generate_with_kvpeer(
+        client, model, Tokenizer(), list(range(1, 41)), fp, max_new_tokens=4, put=True  # type: ignore[arg-type]
+    )
+    assert matched == 0 and len(text.split()) == 4
+    assert client.puts == []
+
+
+def test_a_full_attention_model_still_puts_after_generating() -> None:
+    model = tiny("llama")
+    client = NoDaemon()
+    fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
+    hf.generate_with_kvpeer(client, model, Tokenizer(), list(range(1, 41)), fp, max_new_tokens=4, put=True)  # type: ignore[arg-type]
+    assert client.puts == [40]
+
+
+def test_prefill_continues_the_given_cache_and_says_so_when_the_model_ignores_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny("llama")
+    cache = hf.cache_of(hf.prefill(model, list(range(1, 21))))
+    assert hf.cache_of(hf.prefill(model, [21, 22], cache)).get_seq_length() == 22
+    # A transformers that renamed the argument again: the model would take the old name
+    # silently and compute the rest without its prefix.
+    monkeypatch.setattr(hf, "_cache_argument", lambda model: "past_key_valuez")
+    with pytest.raises(RuntimeError, match="did not continue the given cache"):
+        hf.prefill(model, [23], cache)
