@@ -17,11 +17,14 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvpeer import __version__, aio
 from kvpeer.config import LOG_LEVELS
 from kvpeer.errors import ConfigError, KVPeerError, NotReadyError
+
+if TYPE_CHECKING:
+    from kvpeer.transport.config import TransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +89,15 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check_config:
         try:
-            check_start_config(config)
+            transport = check_start_config(config)
         except ConfigError as exc:
             print(f"kvpeerd: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if transport.keyless_risk is not None:  # a valid config: still exit 0
+            from kvpeer.transport.config import KEYLESS_RISK
+
+            level = logging.getLevelName(transport.keyless_risk)
+            print(f"kvpeerd: {level}: {KEYLESS_RISK}", file=sys.stderr)
         print(config.as_toml(), end="")
         return 0
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
@@ -108,8 +116,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def check_start_config(config: Any) -> None:
-    """Make the config checks that building and starting the daemon make, and start nothing.
+def check_start_config(config: Any) -> TransportConfig:
+    """Make the config checks that building and starting the daemon make, and start nothing;
+    returns the transport's config (with its keys).
 
     Reads the psk files, resolves discovery.interfaces to addresses and looks up
     api.socket_group and the users and groups of api.namespaces, with the daemon's own
@@ -123,10 +132,11 @@ def check_start_config(config: Any) -> None:
     addresses = config.transport.advertise_addresses or advertisable_addresses(
         config.discovery.interfaces
     )
-    transport_config(config, default_host=addresses[0])
+    transport = transport_config(config, default_host=addresses[0])
     discovery_config(config)
     resolve_group(config.api.socket_group)
     resolve_namespaces(config.api.namespaces)
+    return transport
 
 
 def limit_torch_threads(threads: int) -> None:

@@ -247,3 +247,15 @@ def test_log_level_takes_any_case_and_refuses_typos(tmp_path: Path) -> None:
     result = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--log-level", "WARN")
     assert result.returncode == 2  # argparse's usage error, not a ValueError traceback
     assert "invalid choice: 'warn'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("host", "level"), [("192.0.2.1", "ERROR"), ("127.0.0.1", "WARNING")])
+def test_check_config_says_loudly_that_no_cluster_key_is_set(tmp_path: Path, host: str, level: str) -> None:
+    config = daemon_config(tmp_path, transport=f'host = "{host}"\nport = 0\n')
+    text = config.read_text()
+    config.write_text("\n".join(line for line in text.splitlines() if not line.startswith("psk_file")) + "\n")
+    result = run("daemon_main", "--config", str(config), "--check-config")
+    assert result.returncode == 0, result.stderr  # keyless is valid: the demo runs so
+    assert f"kvpeerd: {level}: no cluster key" in result.stderr and "any host on the LAN" in result.stderr
+    keyed = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--check-config")
+    assert keyed.returncode == 0 and "no cluster key" not in keyed.stderr

@@ -32,6 +32,13 @@ PSK_FILE_LIMIT = 4096
 #: aiortc announces (and enforces on the sender) a 256 KiB data-channel message limit.
 MAX_DATA_CHANNEL_MESSAGE = 256 * 1024
 CONGESTION_CONTROLS = ("rate", "reno")
+#: Said by the transport at start and by ``kvpeerd --check-config`` when no key is set, at the
+#: level of :attr:`TransportConfig.keyless_risk`. Not refused: the demo and tests run keyless.
+KEYLESS_RISK = (
+    "no cluster key (transport.psk_file is not set): any host on the LAN that has none either "
+    "joins as a full peer: it reads every cached prefix of every namespace and puts KV that "
+    "engines will use. Set transport.psk_file to a file made by `openssl rand -hex 32`"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +160,15 @@ class TransportConfig:
             )
         if self.max_blob_bytes < 1:
             raise ConfigError("transport.max_blob_bytes must be >= 1")
+
+    @property
+    def keyless_risk(self) -> int | None:
+        """How loudly to say that no key is set: ``logging.ERROR`` (the handshake runs with the
+        empty key, which every keyless host on the LAN holds), ``logging.WARNING`` on a loopback
+        host (the demo, tests: no other host reaches it), None when a key is set."""
+        if self.psk is not None or self.next_psk is not None:
+            return None
+        return logging.WARNING if ipaddress.ip_address(self.host).is_loopback else logging.ERROR
 
     @property
     def keys(self) -> tuple[bytes, ...]:

@@ -22,7 +22,7 @@ from kvpeer.errors import AuthError, ErrorCode, KVPeerError, ProtocolError, Tran
 from kvpeer.transport import aiortc_patches
 from kvpeer.transport import messages as m
 from kvpeer.transport.auth import ClientHandshake, ServerHandshake
-from kvpeer.transport.config import DEFAULT_SCTP_PACKET, TransportConfig
+from kvpeer.transport.config import DEFAULT_SCTP_PACKET, KEYLESS_RISK, TransportConfig
 from kvpeer.transport.netinfo import interface_mtu, sctp_packet_size
 from kvpeer.transport.session import PeerSession, RequestHandler
 
@@ -104,8 +104,8 @@ class PeerTransport:
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
         self._auth_warned: set[str] = set()
-        if config.psk is None:
-            logger.warning("no cluster key: any host on the LAN that has none either can connect")
+        if config.keyless_risk is not None:
+            logger.log(config.keyless_risk, "%s", KEYLESS_RISK)
         if config.patch_aiortc:
             aiortc_patches.apply()
 
