@@ -23,6 +23,7 @@ DEFAULT_CHUNK_TOKENS = 256
 KEY_BYTES = 32
 _ZERO_KEY = b"\x00" * KEY_BYTES
 _MAX_TOKEN_ID = 2**32 - 1
+KV_DTYPES = ("float16", "bfloat16", "float32")  # torch's names of the KV dtypes kvpeer carries
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +62,10 @@ class ModelFingerprint:
             finite = False
         if not finite:
             raise TypeError("model fingerprint: rope_theta must be a finite number")
+        # Equal fingerprints must digest alike: repr tells 10000 from 10000.0.
+        object.__setattr__(self, "rope_theta", float(theta))
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"model fingerprint: dtype must be one of {KV_DTYPES}, not {self.dtype!r}")
 
     def digest(self) -> bytes:
         """16-byte digest of every field, in a fixed canonical order."""

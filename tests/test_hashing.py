@@ -50,3 +50,15 @@ def test_bad_tokens_are_rejected() -> None:
         chunk_keys([2**32] * 4, FP, chunk_tokens=4)
     with pytest.raises(ValueError):
         ModelFingerprint(name="m", layers=0, kv_heads=1, head_dim=4, dtype="float16")
+
+
+def test_equal_fingerprints_digest_alike() -> None:
+    as_int = ModelFingerprint(name="m", layers=2, kv_heads=2, head_dim=8, dtype="float16", rope_theta=10000)
+    as_float = ModelFingerprint(name="m", layers=2, kv_heads=2, head_dim=8, dtype="float16", rope_theta=10000.0)
+    assert as_int == as_float and as_int.hex == as_float.hex
+
+
+@pytest.mark.parametrize("dtype", ["torch.float16", "fp16", "int8", ""])
+def test_a_fingerprint_names_its_dtype_as_kvpeer_does(dtype: str) -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ModelFingerprint(name="m", layers=2, kv_heads=2, head_dim=8, dtype=dtype)
