@@ -479,7 +479,9 @@ def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
 
     Built like the transformers side's (:func:`kvpeer.models.model_fingerprint`), so engines of
     both kinds share chunks: the name is ``kvpeer_model_name`` from the connector's extra config,
-    else the last part of vLLM's model path or hub id."""
+    else the last part of vLLM's model path or hub id; the revision is the hub commit the config
+    was loaded at (``--revision main`` and the commit it names are one model), as on the
+    transformers side."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if getattr(parallel, "tensor_parallel_size", 1) != 1 or getattr(parallel, "pipeline_parallel_size", 1) != 1:
@@ -489,7 +491,6 @@ def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
     return fingerprint(
         hf,
         name=str(name),
-        revision=str(getattr(model, "revision", "") or ""),
         layers=model.get_num_layers(parallel),
         kv_heads=model.get_num_kv_heads(parallel),
         head_dim=model.get_head_size(),
