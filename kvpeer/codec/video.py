@@ -58,31 +58,61 @@ def _frames(symbols: np.ndarray) -> np.ndarray:
     return padded.reshape(frames, 3, height, width)
 
 
-def _encoder(stream: str, width: int, height: int) -> Any:
+# libx265, lossless 4:4:4, IDR first, no B-frames, parameter sets in band
+_HEVC_OPTIONS = {
+    "x265-params": "lossless=1:bframes=0:keyint=1000:min-keyint=1000:scenecut=0:log-level=error:repeat-headers=1:info=0",
+    "preset": "ultrafast",
+}
+_FFV1_OPTIONS = {"level": "3", "coder": "1", "context": "1", "g": "1000"}
+# One slice codes best (ffv1's own count, 4 for small frames, is 4-9% larger), but ffv1 refuses
+# one slice for frames wider than 352 or taller than 288: those take the count it picks. The
+# count travels in the extradata, so the decoder needs neither.
+_FFV1_ONE_SLICE = {**_FFV1_OPTIONS, "slices": "1"}
+
+
+def _context(stream: str, width: int, height: int, options: dict[str, str]) -> Any:
     import av
 
     ctx: Any = av.CodecContext.create(_ENCODERS[stream], "w")
     ctx.width, ctx.height, ctx.pix_fmt = width, height, PIX_FMT
     ctx.time_base = Fraction(1, 25)
     ctx.framerate = 25
-    if stream == "hevc":
-        ctx.options = {
-            "x265-params": "lossless=1:bframes=0:keyint=1000:min-keyint=1000:scenecut=0:log-level=error:repeat-headers=1:info=0",
-            "preset": "ultrafast",
-        }
-    else:
-        ctx.options = {"level": "3", "coder": "1", "context": "1", "slices": "1", "g": "1000"}
+    ctx.options = dict(options)
     ctx.thread_count = 1
     return ctx
 
 
-def encode(symbols: np.ndarray, stream: str) -> bytes:
-    """Encode int symbols [N, rows, cols] (all within -128..127) losslessly as ``stream``."""
+def _encoder(stream: str, width: int, height: int) -> Any:
+    """An opened encoder context: ffv1 with one slice where it takes one."""
     import av
 
+    if stream == "ffv1":
+        ctx = _context(stream, width, height, _FFV1_ONE_SLICE)
+        try:
+            ctx.open()
+            return ctx
+        except av.error.FFmpegError:
+            pass  # wider than 352 or taller than 288: ffv1 picks the count
+    ctx = _context(stream, width, height, _HEVC_OPTIONS if stream == "hevc" else _FFV1_OPTIONS)
+    ctx.open()
+    return ctx
+
+
+def encode(symbols: np.ndarray, stream: str) -> bytes:
+    """Encode int symbols [N, rows, cols] (all within -128..127) losslessly as ``stream``;
+    CodecError if FFmpeg refuses."""
     if symbols.size and (symbols.min() < -128 or symbols.max() > 127):
         raise CodecError("symbols do not fit 8-bit video planes")
     planes = _frames(symbols)
+    try:
+        return _encode_planes(planes, stream)
+    except Exception as exc:  # FFmpeg reports a refused geometry or option in many ways
+        raise CodecError(f"{stream} encoder refused a {planes.shape[3]}x{planes.shape[2]} frame: {exc}") from None
+
+
+def _encode_planes(planes: np.ndarray, stream: str) -> bytes:
+    import av
+
     frames, _, height, width = planes.shape
     ctx = _encoder(stream, width, height)
     out: list[bytes] = []

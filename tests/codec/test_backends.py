@@ -102,3 +102,22 @@ def test_unknown_backend() -> None:
     k, v = _kv()
     with pytest.raises(codec.CodecError):
         codec.encode(k, v, "q8", backend="jpeg")
+
+
+@needs_ffv1
+def test_ffv1_takes_chunks_wider_than_one_slice_allows() -> None:
+    """ffv1 refuses one slice for frames wider than 352: longer chunks take the slice count ffv1
+    picks (it travels in the stream) and decode to the same values as zstd."""
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, 2, 400, 16, generator=g).half(), torch.randn(1, 2, 400, 16, generator=g).half()
+    blob = codec.encode(k, v, "q4", backend="ffmpeg")
+    assert codec.read_header(blob).stream == "ffv1"
+    reference = codec.decode(codec.encode(k, v, "q4", tail=False, rotate_half=False))
+    decoded = codec.decode(blob)
+    assert torch.equal(decoded[0], reference[0]) and torch.equal(decoded[1], reference[1])
+
+
+@needs_hevc
+def test_a_frame_the_encoder_refuses_is_a_codec_error() -> None:
+    with pytest.raises(codec.CodecError, match="refused"):
+        video.encode(np.zeros((3, 8, 8), np.int16), "hevc")  # x265 opens no 8-pixel plane
