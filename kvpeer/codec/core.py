@@ -98,6 +98,10 @@ def encode(
             raise CodecError(f"a lossy chunk holds at most {MAX_EXACT_POSITION + 1} tokens, got {tokens}")
         kv = torch.stack([k, v]).detach().cpu()
         exact = _exact_positions(kv, sink, tokens)
+        if stream != "zstd" and not video.fits(stream, heads * head_dim, tokens - len(exact)):
+            # decided before the steps, so the chunk gets what backend="zstd" writes
+            log.debug("%s cannot hold %d x %d planes: zstd stream instead", stream, heads * head_dim, tokens - len(exact))
+            stream = "zstd"
         body_mask = np.ones(tokens, bool)
         body_mask[exact] = False
         exact_raw = _raw(kv[:, :, :, exact, :].contiguous(), dtype)

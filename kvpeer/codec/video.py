@@ -36,6 +36,12 @@ def geometry(images: int, rows: int, cols: int) -> tuple[int, int, int]:
     return (images + 2) // 3, _pad8(rows), _pad8(cols)
 
 
+def fits(stream: str, rows: int, cols: int) -> bool:
+    """Can ``stream`` hold images of ``rows`` x ``cols``? Not without a column; x265 opens no
+    plane of 8 pixels (the padded minimum) either way, so hevc needs more than 8 of each."""
+    return cols > 0 and (stream != "hevc" or min(rows, cols) > 8)
+
+
 def available(stream: str) -> bool:
     try:
         import av

@@ -121,3 +121,36 @@ def test_ffv1_takes_chunks_wider_than_one_slice_allows() -> None:
 def test_a_frame_the_encoder_refuses_is_a_codec_error() -> None:
     with pytest.raises(codec.CodecError, match="refused"):
         video.encode(np.zeros((3, 8, 8), np.int16), "hevc")  # x265 opens no 8-pixel plane
+
+
+def _small(shape: tuple[int, int, int, int], zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return (k * 0, v * 0) if zeros else (k.half(), v.half())
+
+
+@pytest.mark.parametrize("backend", ["hevc", "nvenc", "ffmpeg"])
+@pytest.mark.parametrize(
+    ("shape", "zeros"),
+    [
+        ((2, 8, 9, 64), False),  # 8 quantized tokens: x265 opens no 8-pixel-wide plane
+        ((2, 8, 3, 64), False),
+        ((4, 1, 40, 2), False),  # heads x head_dim = 2: nor an 8-pixel-tall one
+        ((2, 2, 1, 8), False),  # the only token is kept exact: nothing left to quantize
+        ((2, 2, 12, 8), True),  # every token of an all-zero chunk is sink-like, so exact
+    ],
+)
+def test_chunks_too_small_for_a_video_stream_take_the_zstd_stream(
+    backend: str, shape: tuple[int, int, int, int], zeros: bool
+) -> None:
+    if not video.available("ffv1" if backend == "ffmpeg" else "hevc"):
+        pytest.skip("FFmpeg build lacks the codec")
+    k, v = _small(shape, zeros)
+    blob = codec.encode(k, v, "q4", backend=backend)
+    if backend == "ffmpeg" and shape[2] > 1 and not zeros:
+        assert codec.read_header(blob).stream == "ffv1"  # ffv1 takes any plane with a column
+        return
+    assert codec.read_header(blob).stream == "zstd"  # the header records the stream written
+    assert blob == codec.encode(k, v, "q4")  # what backend="zstd" writes
+    k2, v2 = codec.decode(blob)
+    assert k2.shape == k.shape and v2.shape == v.shape
