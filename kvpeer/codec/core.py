@@ -80,7 +80,9 @@ def encode(
     default), so slow-frequency key channels get finer steps (:data:`quant.ROTARY_PRIOR_OCTAVES`);
     False for models without RoPE or that pair neighbouring channels; None (default): read from
     the keys (:func:`quant.looks_rotate_half`; True with ``rope``); video streams ignore it.
-    Decoding never needs any of these.
+    Decoding never needs any of these. Lossy levels refuse (CodecError) non-finite values and
+    fp32/bf16 values so large that their steps would leave float32's range on decode (from ~4e33
+    at q3, ~7e34 at q8); ``exact`` keeps anything.
     """
     dtype = _check_pair(k, v)
     spec = levels.get(level)
@@ -128,6 +130,13 @@ def encode(
         # video planes hold 8 bits: the tail's finer steps would push the chunk to zstd anyway
         runs = quant.tail_runs(np.flatnonzero(body_mask), tokens) if tail and stream == "zstd" else ()
         q = quant.quantize(x, steps, codes, runs)
+        with np.errstate(over="ignore"):
+            in_range = _steps_in_range(quant.channel_steps(q.steps, q.codes), q.zeros, q.runs)
+        if not in_range:  # the decoder would refuse the blob (_check_steps)
+            raise CodecError(
+                f"values up to {float(np.abs(x).max()):.3g} are too large for level {spec.name} (its steps "
+                "would leave float32's range on decode); the exact level keeps them"
+            )
         side_raw = b"".join((
             q.steps.astype("<f4").tobytes(),
             q.codes.astype(np.int8).tobytes(),
@@ -410,10 +419,9 @@ def _decode_quantized(
     return out[0], out[1]
 
 
-def _check_steps(step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...]) -> None:
-    """A forged side info can hold a bad base step, or push base step x code (x a run's code)
-    past float32 (inf, then NaN in the KV) or to 0; our encoder never does (fit_codes and
-    quantize bound them). Symbols are at most int16. Checked before the payload is decoded."""
+def _steps_in_range(step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...]) -> bool:
+    """Do base step x code (x a run's code) stay finite and positive, and every symbol x step +
+    offset below a quarter of float32's maximum? Symbols are at most int16."""
     limit = np.float64(np.finfo(np.float32).max) / 4
     base = np.abs(zeros.astype(np.float64)) * step
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -421,7 +429,16 @@ def _check_steps(step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int
             finer = quant.run_step(step, code)
             if (not np.all(np.isfinite(finer)) or np.any(finer <= 0) or not np.all(np.isfinite(base))
                     or np.any(base + 32768.0 * finer > limit)):
-                raise CodecError("side info gives a channel step out of range (non-finite, <= 0 or too large)")
+                return False
+    return True
+
+
+def _check_steps(step: np.ndarray, zeros: np.ndarray, runs: tuple[tuple[int, int], ...]) -> None:
+    """A forged side info can hold a bad base step, or push base step x code (x a run's code)
+    past float32 (inf, then NaN in the KV) or to 0; our encoder refuses to write such a blob
+    (:func:`_steps_in_range` in encode). Checked before the payload is decoded."""
+    if not _steps_in_range(step, zeros, runs):
+        raise CodecError("side info gives a channel step out of range (non-finite, <= 0 or too large)")
 
 
 def _scatter_body(out: torch.Tensor, body: torch.Tensor, exact: np.ndarray) -> None:

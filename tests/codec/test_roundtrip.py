@@ -196,3 +196,27 @@ def test_decode_neither_warns_nor_swaps_the_warning_filters(monkeypatch: pytest.
     monkeypatch.undo()
     assert not swaps, "decode swapped the process-wide warning filters"
     assert torch.equal(into[0], reference[0].float()) and torch.equal(into[1], reference[1].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("level", ["q8", "q3"])
+@pytest.mark.parametrize("tail", [False, True])
+def test_encode_never_writes_a_blob_its_decoder_refuses(dtype: torch.dtype, level: str, tail: bool) -> None:
+    """Huge finite fp32/bf16 values make steps that decode's range check refuses (from ~4e33 at
+    q3, ~7e34 at q8): encode refuses them first, pointing at the exact level."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 32, 8, generator=g).clamp(-3, 3) / 3
+    refused = 0
+    for magnitude in (1e30, 1e33, 3e33, 1e34, 1e35, 1e36, 1e37, 1e38):
+        x = (base * magnitude).to(dtype)
+        try:
+            blob = codec.encode(x, x, level, tail=tail)
+        except codec.CodecError as exc:
+            assert "exact level" in str(exc)
+            refused += 1
+            continue
+        k2, v2 = codec.decode(blob)
+        assert bool(k2.isfinite().all() and v2.isfinite().all())
+    assert refused >= 3
+    x = (base * 1e38).to(dtype)
+    assert torch.equal(codec.decode(codec.encode(x, x, "exact"))[0], x)
