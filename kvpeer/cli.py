@@ -286,12 +286,17 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--namespace", default="default", help="tenant namespace (default: default)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
+    # --json after the command too (`kvpeer peers --json`); SUPPRESS keeps the one given before.
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="is the daemon up; what it holds")
-    sub.add_parser("peers", help="peers the daemon knows")
-    sub.add_parser("stats", help="the daemon's counters")
+    sub.add_parser("status", parents=[as_json], help="is the daemon up; what it holds")
+    sub.add_parser("peers", parents=[as_json], help="peers the daemon knows")
+    sub.add_parser("stats", parents=[as_json], help="the daemon's counters")
     for name, text in (("lookup", "how much of a prefix is available"), ("fetch", "fetch a prefix's KV")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, parents=[as_json], help=text)
         cmd.add_argument("--tokens", type=Path, required=True, help="file of token ids")
         cmd.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
         if name == "fetch":
@@ -303,7 +308,7 @@ def client_parser() -> argparse.ArgumentParser:
                 help="how fast this client prefills; the daemon stops fetching where recomputing "
                 "is quicker",
             )
-    put = sub.add_parser("put", help="store a prefix's KV from a file")
+    put = sub.add_parser("put", parents=[as_json], help="store a prefix's KV from a file")
     put.add_argument("--tokens", type=Path, required=True, help="file of token ids")
     put.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
     put.add_argument("--kv", type=Path, required=True, help="torch.save'd (k, v) tensors")
@@ -314,7 +319,7 @@ def client_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument(
         "model_path", nargs="?", help="GGUF file or transformers directory (default: SmolLM2)"
     )
-    evict = sub.add_parser("evict", help="drop cached chunks")
+    evict = sub.add_parser("evict", parents=[as_json], help="drop cached chunks")
     evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
     return parser
 
@@ -350,7 +355,7 @@ def _print(result: Any, as_json: bool) -> None:
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
-    from kvpeer.api.client import KVPeerClient
+    from kvpeer.api.client import KVPeerClient, default_socket_path
 
     args = client_parser().parse_args(argv)
     if args.command == "fingerprint":
@@ -358,7 +363,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     try:
         client = KVPeerClient(socket_path=args.socket, namespace=args.namespace)
     except (OSError, KVPeerError) as exc:
-        print(f"kvpeer: cannot reach the daemon: {exc}", file=sys.stderr)
+        socket_path = args.socket or default_socket_path()
+        print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}", file=sys.stderr)
         return 1
     try:
         with client:

@@ -64,10 +64,21 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
     assert "nope.toml" in result.stderr
 
 
-def test_client_without_daemon_says_so(tmp_path: Path) -> None:
+def test_client_without_daemon_says_so_and_where_it_looked(tmp_path: Path) -> None:
     result = run("client_main", "--socket", str(tmp_path / "absent.sock"), "status")
     assert result.returncode == 1
-    assert "absent.sock" in result.stderr or "daemon" in result.stderr
+    assert f"cannot reach the daemon at {tmp_path / 'absent.sock'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["--json", "stats"], ["stats", "--json"], ["peers", "--json"], ["evict", "--all", "--json"]]
+)
+def test_json_goes_before_or_after_the_command(argv: list[str]) -> None:
+    assert cli.client_parser().parse_args(argv).json is True
+
+
+def test_without_json_the_output_is_a_table() -> None:
+    assert cli.client_parser().parse_args(["stats"]).json is False
 
 
 def test_the_daemon_caps_torch_threads_as_configured() -> None:

@@ -393,7 +393,7 @@ class KVPeerClient:
             try:
                 sock = self._connect()  # the daemon went away since the last call: try again now
             except OSError as exc:
-                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon: {exc}") from None
+                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon at {self.socket_path}: {exc}") from None
         try:
             sock.sendall(m.encode(message))
         except OSError as exc:
@@ -735,7 +735,7 @@ class AsyncKVPeerClient:
                 await self._open()
             except OSError as exc:
                 await self._retire_connection()
-                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon: {exc}") from None
+                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon at {self.socket_path}: {exc}") from None
             except BaseException:
                 await self._retire_connection()
                 raise
