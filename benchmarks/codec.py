@@ -205,12 +205,12 @@ def entropy_models(pairs: list[tuple[torch.Tensor, torch.Tensor]], level: str) -
     return {name: bits / count for name, bits in out.items()}
 
 
-def entropy_table(pairs: list[tuple[torch.Tensor, torch.Tensor]], levels: list[str]) -> str:
+def entropy_table(entropy: dict[str, dict[str, float]], chunks: int) -> str:
+    """``entropy``: level -> entropy model -> bits per symbol (:func:`entropy_models`)."""
     lines = []
-    for level in levels:
-        models = entropy_models(pairs, level)
+    for level, models in entropy.items():
         payload = models["payload (zstd stream)"]
-        lines.append(f"{level}: bits per symbol, {len(pairs)} chunks")
+        lines.append(f"{level}: bits per symbol, {chunks} chunks")
         lines += [f"  {name:<40} {bits:6.3f} {100 * (bits / payload - 1):+6.1f}%" for name, bits in models.items()]
     return "\n".join(lines)
 
@@ -244,7 +244,11 @@ def main() -> None:
         _kv.check_positions(model, args.tokens, "--tokens")
         ids = tok(_kv.evaluation_text(), return_tensors="pt").input_ids[:, : args.tokens]
         k, v = _kv.prefix_kv(model, ids)
-        print(entropy_table(list(_kv.chunks(k.half(), v.half())), args.levels.split(",")))
+        pairs = list(_kv.chunks(k.half(), v.half()))
+        entropy = {level: entropy_models(pairs, level) for level in args.levels.split(",")}
+        print(entropy_table(entropy, len(pairs)))
+        if args.json:
+            print(json.dumps({"tokens": int(ids.shape[1]), "chunks": len(pairs), "entropy": entropy}))
         return
     if "nvenc" in args.backend.split(","):
         from kvpeer.codec import nvenc

@@ -215,6 +215,7 @@ def plot(results: list[dict[str, Any]], path: Path, names: list[str] | None = No
             axis.legend()
     fig.suptitle(f"kvpeer codec fidelity: {results[0]['model']}")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return True
 
@@ -239,7 +240,7 @@ def main() -> None:
     parser.add_argument("--rotary-prior", default="auto", choices=("auto", "on", "off"),
                         help="the codec's rotary-index prior on keys: auto (the plain call: read from the "
                              "keys), on, off (forced)")
-    parser.add_argument("--plot", default="fidelity.png")
+    parser.add_argument("--plot", default="benchmarks/out/fidelity.png", help="PNG to write (its folder is made)")
     parser.add_argument("--fisher", type=int, default=0, metavar="SAMPLES",
                         help="instead: where each level's KL comes from (Fisher map, calibration text)")
     args = parser.parse_args()

@@ -49,9 +49,10 @@ def _run(body: Callable[[], Awaitable[None]]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _session_to_b(hb: Handler) -> AsyncIterator[tuple[Any, PeerTransport]]:
+async def _session_to_b(hb: Handler, **overrides: Any) -> AsyncIterator[tuple[Any, PeerTransport]]:
     """node-a's session to node-b (serving from ``hb``) and node-b's transport; both closed."""
-    a, b = PeerTransport("node-a", _config(), Handler()), PeerTransport("node-b", _config(), hb)
+    a = PeerTransport("node-a", _config(**overrides), Handler())
+    b = PeerTransport("node-b", _config(**overrides), hb)
     await a.start()
     await b.start()
     try:
@@ -453,7 +454,9 @@ def test_a_peer_overrunning_the_receive_window_is_dropped_not_buffered() -> None
     from kvpeer.transport import aiortc_patches
 
     async def body() -> None:
-        async with _session_to_b(Handler()) as (session, b):
+        # Taking in 16 MiB holds the loop for seconds on a loaded machine: heartbeats must not
+        # declare the session down before the overrun shows.
+        async with _session_to_b(Handler(), peer_dead_after_s=30.0) as (session, b):
             served = b.session("node-a")
             assert served is not None
             sctp = served._pc.sctp
