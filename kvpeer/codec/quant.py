@@ -21,6 +21,9 @@ chosen from a Fisher-information map of SmolLM2's KV (README "Where the KL comes
   (local heads; the last 128 positions carried ~60% of the KL that remained): they are
   quantized finer, in runs of tokens that share a step code (:data:`TAIL_RULE`, :func:`tail_runs`).
 
+Steps are scale-free down to :data:`STEP_FLOOR` (~7.9e-31): fp32/bf16 data below ~1e-28 is
+quantized coarser than its scale.
+
 A zero point per channel in units of that channel's step centres the symbols (no fidelity
 cost). Decoded value = symbol * step + zero * step in float32, identical on every host (a
 channel's step is a float32 base times a fixed float32 table entry); the decoder recovers
@@ -35,7 +38,12 @@ import numpy as np
 
 from kvpeer.errors import CodecError
 
-_TINY = np.float32(1e-12)
+# The smallest base step: scale-free above it (fp32/bf16 data down to ~1e-28 quantizes like any
+# other), and channel steps stay normal float32 under any code the rules give. A head whose
+# channels are all constant has no spread to take a step from: it keeps the 1e-12 it always had
+# (its codes then fit the zero points; its blobs are unchanged).
+STEP_FLOOR = 2.0**-100
+_CONSTANT_HEAD_STEP = 1e-12
 SYMBOL_LIMIT = 32767  # symbols travel as int16 at most
 _SPAN_LIMIT = 16383  # a channel's span in steps stays well inside int16 (codes coarsen to fit)
 _ZERO_LIMIT = 2.0**30  # |value| / step stays well inside int32 (zero points)
@@ -152,19 +160,26 @@ def plan_steps(
     if tokens == 0:
         return np.ones((n, heads), np.float32), np.zeros((n, heads, dim), np.int8)
     span = (x.max(axis=2) - x.min(axis=2)).astype(np.float64)  # [N, H, D]
-    floor = np.maximum(span.max(axis=-1, keepdims=True) * 1e-3, 1e-12)
+    floor = _relative_floor(span.max(axis=-1, keepdims=True))
     gm_span = np.exp(np.log(np.maximum(span, floor)).mean(axis=-1))  # [N, H]
     steps = gm_span * 2.0**level_log2
     if tensors == 2:
         steps[n // 2 :] *= V_SCALE
     rms = np.sqrt(np.square(x, dtype=np.float64).mean(axis=2))  # [N, H, D]
-    rms_floor = np.maximum(rms.max(axis=-1, keepdims=True) * 1e-3, 1e-12)
+    rms_floor = _relative_floor(rms.max(axis=-1, keepdims=True))
     log_rel = np.log2(np.maximum(rms, rms_floor))
     log_rel -= log_rel.mean(axis=-1, keepdims=True)
     codes = np.rint(CODE_STEPS_PER_OCTAVE * CHANNEL_GAMMA * log_rel)
     if rotary_prior and dim >= 4 and dim % 2 == 0:
         codes[: n // tensors] += rotary_codes(dim, rotary_prior)
     return fit_codes(x, steps.astype(np.float32), codes)
+
+
+def _relative_floor(widest: np.ndarray) -> np.ndarray:
+    """1e-3 of a head's widest channel statistic: no channel sets the head's step or code from
+    much narrower than that. Relative at any scale (an absolute 1e-12 here made every fp32 head
+    narrower than 1e-9 look constant); 1e-12 only where the head has no spread at all."""
+    return np.where(widest > 0, widest * 1e-3, _CONSTANT_HEAD_STEP)
 
 
 # Below this many tokens the fastest RoPE pairs have not turned enough to tell (assume rotate-half).
@@ -199,10 +214,13 @@ def rotary_codes(dim: int, octaves: float) -> np.ndarray:
 
 
 def fit_codes(x: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and int8 codes with no channel so fine that its span exceeds the symbol range."""
-    steps = np.maximum(steps.astype(np.float64), 1e-12)
+    """Steps (at least :data:`STEP_FLOOR`) and int8 codes with no channel so fine that its span
+    exceeds the symbol range."""
+    steps = np.maximum(steps.astype(np.float64), STEP_FLOOR)
     if x.shape[2]:
         span = (x.max(axis=2) - x.min(axis=2)).astype(np.float64)
+        constant = span.max(axis=-1) == 0  # [N, H]
+        steps = np.where(constant, np.maximum(steps, _CONSTANT_HEAD_STEP), steps)
         # zero points (value / step) must fit int32 too: constant channels far from 0
         coarsest_needed = np.maximum(span / _SPAN_LIMIT, np.abs(x).max(axis=2) / _ZERO_LIMIT)
         # the base step alone must cover what the coarsest code (x 2**32) cannot
@@ -221,7 +239,7 @@ def quantize(
     finer steps would overflow the symbols, and the runs kept are in the result."""
     if x.ndim != 4 or steps.shape != x.shape[:2] or codes.shape != (*x.shape[:2], x.shape[3]):
         raise CodecError("quantize: shapes do not match")
-    steps = np.maximum(steps.astype(np.float32), _TINY)
+    steps = np.maximum(steps.astype(np.float32), np.float32(STEP_FLOOR))
     if x.shape[2] == 0:
         zeros = np.zeros(codes.shape, np.int32)
         return Quantized(steps=steps, codes=codes, zeros=zeros, symbols=np.zeros(x.shape, np.int16))

@@ -215,3 +215,19 @@ def test_decoded_symbols_are_writable_even_in_one_int8_mode() -> None:
     assert len(set(_modes(payload, 3).tolist())) == 1
     back = zstd_stream.decode_symbols(payload, rows.size, 3)
     assert back.flags.writeable and np.array_equal(back.astype(np.int16), rows)
+
+
+@pytest.mark.parametrize("octaves", [-40, -60, -90])
+def test_steps_scale_with_tiny_data(octaves: int) -> None:
+    """Steps and codes follow the data down by any power of two (an absolute 1e-12 floor made
+    fp32/bf16 values ~1e-13 decode to 0), and fp32 / bf16 round trips keep their relative error."""
+    x = _x()
+    steps, codes = quant.plan_steps(x, -6.35)
+    tiny_steps, tiny_codes = quant.plan_steps(x * np.float32(2.0**octaves), -6.35)
+    assert np.array_equal(tiny_steps, steps * np.float32(2.0**octaves)) and np.array_equal(tiny_codes, codes)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 2, 64, 8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        k = (base * 2.0**octaves).to(dtype)
+        k2, _ = codec.decode(codec.encode(k, k, "q8", sink=0, tail=False))
+        assert float((k2.float() - k.float()).abs().max() / k.float().abs().max()) < 0.03
