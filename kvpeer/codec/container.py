@@ -58,6 +58,19 @@ STREAMS: dict[int, str] = {1: "zstd", 2: "ffv1", 3: "hevc", 4: "ans"}
 STREAM_CODES = {name: code for code, name in STREAMS.items()}
 
 
+def check_shape(shape: tuple[int, int, int, int]) -> None:
+    """CodecError unless [layers, kv_heads, tokens, head_dim] is within the format's limits."""
+    for name, value, limit in zip(
+        ("layers", "kv_heads", "tokens", "head_dim"), shape, (MAX_LAYERS, MAX_KV_HEADS, MAX_TOKENS, MAX_HEAD_DIM),
+        strict=True,
+    ):
+        if not 1 <= value <= limit:
+            raise CodecError(f"{name}={value} outside 1..{limit}")
+    elements = shape[0] * shape[1] * shape[2] * shape[3]
+    if elements > MAX_ELEMENTS:
+        raise CodecError(f"tensor of {elements} elements exceeds {MAX_ELEMENTS}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Header:
     """Everything a blob states about itself; validated on construction."""
@@ -84,16 +97,7 @@ class Header:
             raise CodecError(f"unsupported dtype {self.dtype!r}")
         if self.stream not in STREAM_CODES:
             raise CodecError(f"unsupported stream {self.stream!r}")
-        for name, value, limit in (
-            ("layers", self.layers, MAX_LAYERS),
-            ("kv_heads", self.kv_heads, MAX_KV_HEADS),
-            ("tokens", self.tokens, MAX_TOKENS),
-            ("head_dim", self.head_dim, MAX_HEAD_DIM),
-        ):
-            if not 1 <= value <= limit:
-                raise CodecError(f"{name}={value} outside 1..{limit}")
-        if self.elements > MAX_ELEMENTS:
-            raise CodecError(f"tensor of {self.elements} elements exceeds {MAX_ELEMENTS}")
+        check_shape(self.shape)
         for name, value in (("side_len", self.side_len), ("payload_len", self.payload_len)):
             if not 0 <= value <= MAX_SECTION_BYTES:
                 raise CodecError(f"{name}={value} out of range")

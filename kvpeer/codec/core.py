@@ -39,6 +39,11 @@ def _check_pair(k: torch.Tensor, v: torch.Tensor) -> str:
         raise CodecError(f"k and v must share a [layers, kv_heads, tokens, head_dim] shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.dtype != v.dtype or k.dtype not in _TORCH_DTYPES:
         raise CodecError(f"unsupported dtypes {k.dtype}/{v.dtype}")
+    for t in (k, v):
+        if t.is_meta or t.layout != torch.strided:
+            raise CodecError(f"k and v must be dense tensors holding data, got a {t.layout} tensor on {t.device}")
+    layers, heads, tokens, head_dim = (int(n) for n in k.shape)
+    container.check_shape((layers, heads, tokens, head_dim))
     return _TORCH_DTYPES[k.dtype]
 
 
@@ -480,6 +485,8 @@ FFMPEG_STREAM = "ffv1"
 
 
 def _stream_for(backend: str, spec: levels.Level) -> str:
+    if backend not in BACKENDS:  # checked at every level, though lossless ones write zstd
+        raise CodecError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "zstd" or spec.lossless:
         return "zstd"
     if backend == "ffmpeg":
@@ -490,8 +497,6 @@ def _stream_for(backend: str, spec: levels.Level) -> str:
         if nvenc.available():
             log.info("nvenc present but its encode path is unverified; encoding HEVC on the CPU")
         backend = "hevc"
-    if backend not in ("hevc", "ffv1"):
-        raise CodecError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if not video.available(backend):
         raise CodecError(f"backend {backend!r} is not available here (FFmpeg lacks it)")
     return backend

@@ -51,7 +51,9 @@ NAMES_BY_CODE: dict[int, str] = {level.code: level.name for level in _LADDER}
 
 
 def get(name: str) -> Level:
-    """The level called ``name``; CodecError for an unknown one."""
+    """The level called ``name``; CodecError for an unknown one (or not a string)."""
+    if not isinstance(name, str):
+        raise CodecError(f"codec level must be a name, one of {', '.join(LEVELS)}; got {name!r}")
     try:
         return BY_NAME[name]
     except KeyError:

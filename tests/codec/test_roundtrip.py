@@ -220,3 +220,25 @@ def test_encode_never_writes_a_blob_its_decoder_refuses(dtype: torch.dtype, leve
     assert refused >= 3
     x = (base * 1e38).to(dtype)
     assert torch.equal(codec.decode(codec.encode(x, x, "exact"))[0], x)
+
+
+@pytest.mark.parametrize("level", ["exact", "q8"])
+def test_malformed_encode_calls_are_codec_errors_at_every_level(level: str) -> None:
+    """Checked up front, the same at every level: empty dimensions (a lossy level raised a
+    ValueError), tensors without data (NotImplementedError), a level that is not a name
+    (TypeError) and an unknown backend (accepted by ``exact``, which writes zstd anyway)."""
+    k, v = _kv(torch.float16)
+    for shape in ((0, 2, 4, 4), (1, 0, 4, 4), (1, 2, 0, 4), (1, 2, 4, 0)):
+        empty = torch.zeros(shape, dtype=torch.float16)
+        with pytest.raises(codec.CodecError, match="outside"):
+            codec.encode(empty, empty, level)
+    meta = torch.empty(SHAPE, dtype=torch.float16, device="meta")
+    sparse = k.float().to_sparse()
+    for bad in (meta, sparse):
+        with pytest.raises(codec.CodecError, match="holding data"):
+            codec.encode(bad, bad, level)
+    with pytest.raises(codec.CodecError, match="unknown backend"):
+        codec.encode(k, v, level, backend="bogus")
+    for name in ([level], None, 8):
+        with pytest.raises(codec.CodecError, match="level"):
+            codec.encode(k, v, name)  # type: ignore[arg-type]
