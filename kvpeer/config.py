@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from kvpeer.errors import ConfigError
+from kvpeer.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -667,8 +668,8 @@ def default_node_id(state_dir: Path, *, machine_id_path: Path = MACHINE_ID_PATH,
         return f"{host}-{digest}"
     node_id = f"{host}-{secrets.token_hex(4)}"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(node_id + "\n")
+        # Atomically: a crash mid-write would leave an empty file, and the node a new identity.
+        write_text_atomically(saved, node_id + "\n")
     except OSError as exc:
         log.warning("cannot save the generated node id in %s (%s); it will change on restart",
                     saved, exc.strerror or exc)

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from kvpeer.discovery import (
 from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
+from kvpeer.files import write_text_atomically
 from kvpeer.hashing import ModelFingerprint, chunk_keys
 from kvpeer.metrics import Metrics
 from kvpeer.store import ChunkStore
@@ -521,19 +521,8 @@ def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
 
 
 def save_fingerprints_blocking(path: Path, fingerprints: Sequence[ModelFingerprint]) -> None:
-    """Write the served fingerprints atomically (temp file, fsync, rename, fsync the directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as out:
-        json.dump([dataclasses.asdict(fp) for fp in fingerprints], out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Write the served fingerprints atomically (a crash leaves the old file or the new)."""
+    write_text_atomically(path, json.dumps([dataclasses.asdict(fp) for fp in fingerprints]))
 
 
 def transport_config(config: Config, default_host: str) -> TransportConfig:

@@ -86,6 +86,12 @@ class ChunkCache(Protocol):
     async def put(self, key: bytes, level: str, blob: bytes) -> Any: ...
 
 
+class LevelStore(ChunkCache, Protocol):
+    """The store a :class:`LevelServer` serves from (kvpeer.store.ChunkStore fits)."""
+
+    async def put_if_held(self, key: bytes, level: str, blob: bytes) -> bool: ...
+
+
 class FetchSink(Protocol):
     """Where restored chunks go (kvpeer.api.server.FetchSink fits)."""
 
@@ -1052,7 +1058,7 @@ class LevelServer:
 
     def __init__(
         self,
-        store: ChunkCache,
+        store: LevelStore,
         *,
         executor: Any = None,
         concurrency: int = 1,
@@ -1180,8 +1186,9 @@ class LevelServer:
             )
         self.transcoded += 1
         log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
+        # Only while the chunk is still held: one evicted meanwhile (evict --all) stays gone.
         with contextlib.suppress(StoreError):
-            await self.store.put(key, level, blob)
+            await self.store.put_if_held(key, level, blob)
         return blob
 
 

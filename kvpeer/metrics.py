@@ -65,9 +65,14 @@ class _StoreCollector(Collector):
             "kvpeer_store_events", "Store events since start", labels=["event"]
         )
         for event in ("hits", "misses", "puts", "ram_evictions", "disk_evictions", "corrupt",
-                      "disk_errors"):
+                      "disk_errors", "ram_only_puts"):
             events.add_metric([event], s.get(event, 0))
-        return [used, limit, entries, chunks, events]
+        down = GaugeMetricFamily(
+            "kvpeer_store_disk_unavailable",
+            "1 when the configured disk tier could not be opened at start (running on RAM only)",
+            value=1 if s.get("disk_unavailable") else 0,
+        )
+        return [used, limit, entries, chunks, events, down]
 
 
 class _EventsCollector(Collector):

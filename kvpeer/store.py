@@ -12,8 +12,11 @@ or the writer's queue) and one writer thread persists it, so a fetch never waits
 The queue is bounded (``max_pending_bytes``; a put waits beyond it). :meth:`flush` waits for
 it to drain; :meth:`close` flushes. When the disk fails (full, read-only, ...) the error is
 logged, counted in ``stats()``, and for the next ``DISK_RETRY_S`` seconds puts keep chunks in
-RAM only and raise StoreError saying so: the daemon keeps running on the RAM tier. Chunks whose
-write failed were acknowledged already: they move to the RAM tier (as far as it holds them).
+RAM only (``ram_only_puts``; StoreError only for a chunk RAM cannot hold either): the daemon
+keeps running on the RAM tier. Chunks whose write failed were acknowledged already: they move
+to the RAM tier (as far as it holds them). A disk that is down when the store opens (read-only,
+full, failing) leaves the store on its RAM tier (``stats()["disk_unavailable"]`` says why);
+other errors there (no permission, not a directory) are the configuration's and raise OSError.
 When the file system fills before ``disk_bytes`` does (others write there too), the oldest
 files are evicted for the failed bytes, so that the retry finds room.
 
@@ -33,6 +36,7 @@ calling thread when subscribed outside any loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
+# Errors opening the disk tier that mean the disk, not the configuration, is down: the store
+# then starts on its RAM tier instead of failing the daemon's start (and systemd's restarts).
+_DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 WRITE_BATCH = 64  # files written before their directories are fsynced once
 CLEAR_BATCH = 128  # keys dropped per hold of the lock by clear()
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
@@ -135,6 +142,7 @@ class _Counters:
     disk_evictions: int = 0
     corrupt: int = 0
     disk_errors: int = 0
+    ram_only_puts: int = 0
 
 
 class ChunkStore:
@@ -188,11 +196,24 @@ class ChunkStore:
         self._lock_fd: int | None = None
         self._disk_failed_at: float | None = None
         self._last_disk_error = ""
+        self.disk_unavailable = ""  # why the disk tier did not open, if it did not
         self._closing = False
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
         if self.directory is not None:
-            self._open_disk(self.directory)
+            try:
+                self._open_disk(self.directory)
+            except OSError as exc:
+                if exc.errno not in _DISK_DOWN_ERRNOS:
+                    raise
+                self._release_lock()
+                self.disk_unavailable = _describe_os_error(exc)
+                log.error(
+                    "store %s: %s; running on the RAM tier only (%d bytes) until a restart finds "
+                    "the disk usable", self.directory, self.disk_unavailable, self.ram_limit,
+                )
+                self.directory, self.disk_limit = None, 0
+        if self.directory is not None:
             for n in range(self._n_writers):
                 thread = threading.Thread(
                     target=self._writer_loop, name=f"kvpeer-store-writer-{n}", daemon=True
@@ -229,12 +250,23 @@ class ChunkStore:
     def put_blocking(self, key: bytes, level: str, blob: bytes) -> None:
         """Store ``blob`` as ``key`` at ``level``: in RAM and queued for the disk.
 
-        StoreError when it fits no tier, or while the disk is failing (the chunk is then held
-        in RAM only, if it fits there; the message says which).
+        StoreError when it fits no tier (while the disk is failing: when RAM cannot hold it).
         """
         changes = _Changes()
         try:
             self._put(key, level, blob, changes)
+        finally:
+            self._notify(changes)
+
+    def put_if_held_blocking(self, key: bytes, level: str, blob: bytes) -> bool:
+        """:meth:`put_blocking`, only while ``key`` is held at some level; True if it was.
+
+        For a level made from a held one: one made while the key was deleted (an eviction,
+        ``evict --all``) must not bring the key back.
+        """
+        changes = _Changes()
+        try:
+            return self._put(key, level, blob, changes, if_held=True)
         finally:
             self._notify(changes)
 
@@ -304,6 +336,8 @@ class ChunkStore:
                 "corrupt": c.corrupt,
                 "disk_errors": c.disk_errors,
                 "last_disk_error": self._last_disk_error,
+                "ram_only_puts": c.ram_only_puts,
+                "disk_unavailable": self.disk_unavailable,
             }
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -317,6 +351,9 @@ class ChunkStore:
             for thread in self._writers:
                 thread.join(timeout=timeout_s)
             self._writers.clear()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -329,6 +366,10 @@ class ChunkStore:
     async def put(self, key: bytes, level: str, blob: bytes) -> None:
         changes = _Changes()
         await self._in_executor(changes, self._put, key, level, blob, changes)
+
+    async def put_if_held(self, key: bytes, level: str, blob: bytes) -> bool:
+        changes = _Changes()
+        return await self._in_executor(changes, self._put, key, level, blob, changes, True)
 
     async def get(self, key: bytes, level: str | None = None) -> bytes | None:
         changes = _Changes()
@@ -469,7 +510,9 @@ class ChunkStore:
         return True
 
     # Operations (called without the lock).
-    def _put(self, key: bytes, level: str, blob: bytes, changes: _Changes) -> None:
+    def _put(
+        self, key: bytes, level: str, blob: bytes, changes: _Changes, if_held: bool = False
+    ) -> bool:
         self._check(key, level)
         if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
             raise StoreError("a blob is non-empty bytes")
@@ -478,6 +521,8 @@ class ChunkStore:
         file_size = record_size(level, len(blob))
         failing = ""
         with self._cond:
+            if if_held and key not in self._levels:
+                return False
             self._counters.puts += 1
             to_disk = (
                 self.directory is not None and slot not in self._disk
@@ -505,14 +550,17 @@ class ChunkStore:
                 self._disk.move_to_end(slot)
             in_ram = slot in self._ram
             held = in_ram or slot in self._disk or slot in self._pending
-        if not held and not failing:
+        if failing and not in_ram:
+            raise StoreError(f"disk tier {self.directory}: {failing}; not stored")
+        if not held:
             raise StoreError(
                 f"a {len(blob)}-byte chunk exceeds the store's budgets "
                 f"(ram {self.ram_limit}, disk {self.disk_limit} bytes)"
             )
-        if failing:
-            where = "kept in RAM only" if in_ram else "not stored"
-            raise StoreError(f"disk tier {self.directory}: {failing}; {where}")
+        if failing:  # held: the disk's error was logged when it happened
+            with self._lock:
+                self._counters.ram_only_puts += 1
+        return True
 
     def _get(self, key: bytes, level: str | None, changes: _Changes) -> bytes | None:
         with self._lock:
@@ -522,17 +570,13 @@ class ChunkStore:
             with self._lock:
                 blob = self._ram.get(slot)
                 on_disk = slot in self._disk
-                if on_disk:
-                    self._disk.move_to_end(slot)
-                if blob is not None:
-                    self._ram.move_to_end(slot)
-                elif slot in self._pending:
+                if blob is None and slot in self._pending:
                     blob = self._pending[slot].blob
                 if blob is not None:
                     self._counters.hits += 1
+                    used = self._used_key(key)
             if blob is not None:
-                if on_disk:
-                    self._touch(slot)
+                self._touch(used)
                 return blob
             if not on_disk:
                 continue
@@ -543,6 +587,8 @@ class ChunkStore:
                 self._counters.hits += 1
                 if slot in self._disk:
                     self._ram_insert(slot, blob, changes)
+                used = self._used_key(key)
+            self._touch(used)
             return blob
         with self._lock:
             self._counters.misses += 1
@@ -568,14 +614,26 @@ class ChunkStore:
                 self._counters.corrupt += 1
                 self._disk_remove(slot, changes)
             return None
-        self._touch(slot)
         return blob
 
-    def _touch(self, slot: _Slot) -> None:
-        try:
-            os.utime(self._path(slot))  # a file's mtime is its last use: the LRU order after a restart
-        except OSError:
-            pass
+    def _used_key(self, key: bytes) -> list[_Slot]:
+        """A read of one level is a use of the key: all its levels move to the LRUs' recent end
+        (else a hot prefix would lose its other levels first). Returns its slots on disk.
+        Called with the lock held."""
+        on_disk = []
+        for level in self._levels.get(key, ()):
+            slot = (key, level)
+            if slot in self._ram:
+                self._ram.move_to_end(slot)
+            if slot in self._disk:
+                self._disk.move_to_end(slot)
+                on_disk.append(slot)
+        return on_disk
+
+    def _touch(self, slots: list[_Slot]) -> None:
+        for slot in slots:  # a file's mtime is its last use: the LRU order after a restart
+            with contextlib.suppress(OSError):
+                os.utime(self._path(slot))
 
     # ------------------------------------------------------------------ the disk writer
     def _writer_loop(self) -> None:
@@ -673,12 +731,11 @@ class ChunkStore:
                       if p.is_dir() and p.name.startswith(FORMAT_DIR) and p.name != self._format_dir]
             self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
-            raise StoreError(f"store directory {directory}: {_describe_os_error(exc)}") from exc
+            raise _store_dir_error(directory, exc) from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._release_lock()
             raise StoreError(f"store directory {directory} is in use by another process") from exc
         found: list[tuple[int, _Slot, int]] = []
         removed_tmp = 0
@@ -688,7 +745,8 @@ class ChunkStore:
                 sub.mkdir(exist_ok=True)
                 entries = list(os.scandir(sub))
             except OSError as exc:
-                raise StoreError(f"store directory {sub}: {_describe_os_error(exc)}") from exc
+                self._release_lock()
+                raise _store_dir_error(sub, exc) from exc
             for entry in entries:
                 if entry.name.endswith(TMP_SUFFIX):  # a write that a crash interrupted
                     Path(entry.path).unlink(missing_ok=True)
@@ -722,6 +780,11 @@ class ChunkStore:
                 "they do not count against store.disk_bytes: delete them to free the space)",
                 directory, ", ".join(sorted(others)),
             )
+
+
+def _store_dir_error(path: Path, exc: OSError) -> OSError:
+    """An OSError that keeps the errno (what start does with it) and names the directory."""
+    return OSError(exc.errno, f"store directory {path}: {_describe_os_error(exc)}")
 
 
 def _write_file_blocking(path: Path, header: bytes, blob: bytes) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kvpeer import codec
+from kvpeer import fetcher as fetcher_mod
 from kvpeer.errors import ErrorCode, ProtocolError, TransportError
 from kvpeer.fetch_policy import RecomputeRest, SchedulerConfig
 from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, FetchEvent, LevelServer, _FetchRun
@@ -118,6 +119,12 @@ class Cache:
 
     async def put(self, k: bytes, level: str, data: bytes) -> None:
         self.blobs.setdefault(k, {})[level] = data
+
+    async def put_if_held(self, k: bytes, level: str, data: bytes) -> bool:
+        if k not in self.blobs:
+            return False
+        await self.put(k, level, data)
+        return True
 
 
 def fetcher(peers: dict[str, Peer], cache: Cache | None = None, **cfg: Any) -> Fetcher:
@@ -497,6 +504,27 @@ def test_level_server_transcodes_with_the_chunks_models_options() -> None:
         assert seen and seen[0].level == "exact" and seen[0].layers == layers
         assert got == codec.encode(*chunk_kv(0), level="q5", profile=profile)
         assert got != codec.transcode(blob(0, "exact"), "q5")  # the plain rules differ
+
+    asyncio.run(main())
+
+
+def test_a_transcode_that_ends_after_an_evict_does_not_bring_the_chunk_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        real = fetcher_mod.transcode_blocking
+
+        def evicted_meanwhile(*args: Any) -> bytes:
+            cache.blobs.clear()  # evict --all while the transcode runs
+            return real(*args)
+
+        monkeypatch.setattr(fetcher_mod, "transcode_blocking", evicted_meanwhile)
+        server = LevelServer(cache)
+        got = await server.open_blob(key(0), "q5")
+        assert got is not None and codec.read_header(got).level == "q5"  # the asker gets it
+        assert cache.blobs == {}
 
     asyncio.run(main())
 

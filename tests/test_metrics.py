@@ -70,6 +70,8 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     assert got[("kvpeer_store_bytes", (("tier", "ram"),))] == 100
     assert got[("kvpeer_store_chunks", ())] == 1
     assert got[("kvpeer_store_events_total", (("event", "misses"),))] == 1
+    assert got[("kvpeer_store_events_total", (("event", "ram_only_puts"),))] == 0
+    assert got[("kvpeer_store_disk_unavailable", ())] == 0
     assert got[("kvpeer_peers_up", ())] == 3
     assert got[("kvpeer_transport_events_total", (("event", "auth_failures"),))] == 2
     # Auth failures are counted by the transport, above; no family that nothing feeds (an

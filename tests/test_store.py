@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from kvpeer import cli
 from kvpeer import store as store_mod
 from kvpeer.errors import StoreError
 from kvpeer.store import FORMAT_DIR, ChunkStore, record_size
@@ -297,12 +299,11 @@ def test_disk_full_is_a_clear_error_and_ram_keeps_working(
         with contextlib.suppress(StoreError):
             store.put_blocking(key(i), "q8", blob(i, 64 << 10))
     store.flush(timeout_s=30)
-    with pytest.raises(StoreError) as err:  # the writer found the disk full: puts say so
-        store.put_blocking(key(64), "q8", blob(64, 64 << 10))
-    assert "no space left on device" in str(err.value) and "kept in RAM only" in str(err.value)
+    # The writer found the disk full: puts are held in RAM, stored all the same, and counted.
+    store.put_blocking(key(64), "q8", blob(64, 64 << 10))
     assert all(store.get_blocking(key(i)) == blob(i, 64 << 10) for i in range(65))
     stats = store.stats()
-    assert stats["disk_errors"] >= 1 and stats["chunks"] == 65
+    assert stats["disk_errors"] >= 1 and stats["chunks"] == 65 and stats["ram_only_puts"] >= 1
     assert stats["last_disk_error"] == "no space left on device"
     assert not list((tiny_tmpfs / "store").rglob("*.tmp"))
     (tiny_tmpfs / "filler").unlink()  # room again: after the retry delay the disk tier works
@@ -388,4 +389,61 @@ def test_clear_drops_everything_batch_by_batch(tmp_path: Path, monkeypatch: pyte
     assert store.flush(timeout_s=30)
     assert store.clear() == 10
     assert not store.keys() and not files(tmp_path) and store.stats()["disk_bytes"] == 0
+    store.close()
+
+
+def test_put_if_held_does_not_bring_back_a_deleted_key(tmp_path: Path) -> None:
+    """A lower level made from a held one (a transcode) lands after an evict: the key stays gone."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    store.put_blocking(key(1), "q8", blob(1))
+    assert store.put_if_held_blocking(key(1), "q4", blob(2))
+    assert store.levels(key(1)) == ["q8", "q4"]
+    store.clear()
+    assert not store.put_if_held_blocking(key(1), "q4", blob(2))
+    assert not store.has(key(1)) and store.stats()["puts"] == 2
+    store.close()
+
+
+def test_a_disk_that_is_down_at_start_leaves_the_store_on_its_ram_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only (or full, or failing) file system under store.dir: the daemon still serves
+    from RAM, rather than failing its start (and systemd restarting it in a loop)."""
+    real_open = os.open
+
+    def read_only(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(store_mod.LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_mod.os, "open", read_only)
+    with caplog.at_level(logging.ERROR, logger="kvpeer.store"):
+        store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path / "store")
+    assert "running on the RAM tier only" in caplog.text
+    store.put_blocking(key(1), "q8", blob(1))
+    assert store.get_blocking(key(1)) == blob(1)
+    stats = store.stats()
+    assert stats["disk_unavailable"] == "read-only file system" and stats["disk_dir"] is None
+    store.close()
+
+
+def test_a_store_dir_the_configuration_got_wrong_fails_start_with_its_errno(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OSError) as info:
+        ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path / "file" / "store")
+    assert info.value.errno == errno.ENOTDIR and "store directory" in str(info.value)
+    message, status = cli.start_failure(info.value)  # one line, and no restart loop
+    assert message.startswith("cannot open the disk store (store.dir)") and status == cli.EXIT_CONFIG
+
+
+def test_reading_one_level_keeps_the_keys_other_levels_from_eviction() -> None:
+    """A hot prefix must not lose its lower levels first because only one level is read."""
+    store = ChunkStore(ram_bytes=4000, level_order=LEVELS)
+    for k in (1, 2):
+        store.put_blocking(key(k), "q8", blob(k))
+        store.put_blocking(key(k), "q4", blob(k + 10))
+    assert store.get_blocking(key(1), "q8") == blob(1)  # key 1 is the recently used one
+    store.put_blocking(key(3), "q8", blob(3))  # room for it: one blob goes
+    assert store.levels(key(1)) == ["q8", "q4"]
+    assert store.levels(key(2)) == ["q4"]
     store.close()
