@@ -514,10 +514,12 @@ class ChunkScheduler:
         return [name for name, p in self._peers.items() if p.alive and name in names]
 
     def retry_wait(self, now: float) -> float | None:
-        """Seconds until the first chunk held back after a retry may be asked again (0: one may
-        be now); None when no chunk is held back."""
-        waits = [t for i, t in self._not_before.items() if i in self._pending and i < self._limit]
-        return max(0.0, min(waits) - now) if waits else None
+        """Seconds until the first chunk still held back after a retry may be asked again; None
+        when none is (one whose time has come waits for a slot like any pending chunk)."""
+        waits = [
+            t for i, t in self._not_before.items() if t > now and i in self._pending and i < self._limit
+        ]
+        return min(waits) - now if waits else None
 
     def silent_bound(self, peer: str, now: float, floor_s: float) -> float | None:
         """An upper bound on ``peer``'s rate (bits/s) once it has gone silent: nothing arrived for

@@ -388,6 +388,7 @@ def test_scheduler_holds_a_retried_chunk_back_until_its_time() -> None:
     assert other.index != first.index
     sched.completed(other.index, 0.2)
     assert sched.assign(0.3) == []
+    assert sched.retry_wait(0.5) is None  # its time has come: a pending chunk like any other
     (again,) = sched.assign(0.5)
     assert again.index == first.index and sched.retry_wait(0.5) is None
 

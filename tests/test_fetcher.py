@@ -967,6 +967,50 @@ def test_one_chunk_cannot_pull_a_peers_rate_up_more_than_fourfold() -> None:
     asyncio.run(main())
 
 
+class BusyOnceOnChunk0(Peer):
+    """BUSY once for chunk 0; every other chunk takes ``slow_s`` (they fill the peer's window)."""
+
+    def __init__(self, name: str, slow_s: float) -> None:
+        super().__init__(name)
+        self.slow_s = slow_s
+        self.busy = False
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if k[0] == 0 and not self.busy:
+            self.busy = True
+            raise ProtocolError(ErrorCode.BUSY, "too many transfers")
+        if k[0] != 0:
+            await asyncio.sleep(self.slow_s)
+        return await super().fetch_blob(k, level, timeout)
+
+
+def test_a_backed_off_chunk_waiting_for_a_slot_does_not_spin_the_coordinator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its backoff over and the peer's window full of other chunks, it waits for a slot like
+    any pending chunk: the coordinator ticks, it does not loop with a zero timeout."""
+    from kvpeer.fetch_policy import ChunkScheduler
+
+    looks = {"n": 0}
+    retry_wait = ChunkScheduler.retry_wait
+
+    def counted(self: ChunkScheduler, now: float) -> float | None:
+        looks["n"] += 1
+        return retry_wait(self, now)
+
+    monkeypatch.setattr(ChunkScheduler, "retry_wait", counted)
+
+    async def main() -> None:
+        peer = BusyOnceOnChunk0("a", slow_s=1.0)
+        f = fetcher({"a": peer}, scheduler=SchedulerConfig(window=2))
+        out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), policy="fixed:q8")
+        assert (out.chunks, out.reason) == (4, "complete")
+        # ~2 s at one tick per 0.1 s plus the events: tens of looks, not tens of thousands.
+        assert looks["n"] < 500
+
+    asyncio.run(main())
+
+
 def test_the_link_rate_counts_only_peers_holding_chunks_still_to_come() -> None:
     """A fast peer that held only chunk 0 does not speed up chunks only a slow one holds."""
 
