@@ -55,7 +55,9 @@ def load_model(spec: str | Path | None = None, dtype: str = "float32") -> tuple[
     return model, tokenizer
 
 
-def model_fingerprint(model: Any, name: str | None = None, dtype: str | None = None) -> ModelFingerprint:
+def model_fingerprint(
+    model: Any, name: str | None = None, dtype: str | None = None, revision: str = ""
+) -> ModelFingerprint:
     """Fingerprint of a transformers model: what makes its KV incompatible with another's.
 
     The name is ``name``, else the ``kvpeer_model_name`` :func:`load_model` sets, else the last
@@ -72,4 +74,5 @@ def model_fingerprint(model: Any, name: str | None = None, dtype: str | None = N
         kv_heads=getattr(config, "num_key_value_heads", heads),
         head_dim=head_dim,
         dtype=dtype or model.dtype,
+        revision=revision,
     )

@@ -119,25 +119,18 @@ def _first(config: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def model_revision(config: Any) -> str:
-    """The hub commit a config was loaded at (transformers records it as ``_commit_hash`` when
-    the files come from the hub or its cache, in either engine), "" for a plain local copy.
-
-    Names drop the hub organisation (a host-independent name), so this is what tells
-    ``alice/X`` from ``meta/X`` and one revision of a repository from another."""
-    commit = getattr(config, "_commit_hash", None)
-    return commit if isinstance(commit, str) and _COMMIT.fullmatch(commit) else ""
-
-
 def fingerprint(
     config: Any, *, name: str, layers: int, kv_heads: int, head_dim: int, dtype: object,
+    revision: str = "",
 ) -> ModelFingerprint:
-    """The fingerprint of a model served with ``config`` (its Hugging Face text config)."""
+    """The fingerprint of a model served with ``config`` (its Hugging Face text config).
+
+    ``revision`` is the operator's to give (``kvpeer_revision``): nothing both engines read
+    alike names a model's weights (transformers 4 records the hub commit in the config, 5 does
+    not, and vLLM's ``--revision`` may be a branch name), so by default one name and shape is
+    one model."""
     theta, scaling = rope_fields(config)
     return ModelFingerprint(
-        name=name, revision=model_revision(config), layers=int(layers), kv_heads=int(kv_heads),
+        name=name, revision=revision, layers=int(layers), kv_heads=int(kv_heads),
         head_dim=int(head_dim), dtype=dtype_name(dtype), rope_theta=theta, rope_scaling=scaling,
     )

@@ -479,18 +479,25 @@ def fingerprint_from_vllm(vllm_config: Any) -> ModelFingerprint:
 
     Built like the transformers side's (:func:`kvpeer.models.model_fingerprint`), so engines of
     both kinds share chunks: the name is ``kvpeer_model_name`` from the connector's extra config,
-    else the last part of vLLM's model path or hub id; the revision is the hub commit the config
-    was loaded at (``--revision main`` and the commit it names are one model), as on the
-    transformers side."""
+    else the last part of vLLM's model path or hub id; the revision is ``kvpeer_revision`` from
+    it, else "" (as on the transformers side, whose ``model_fingerprint`` takes ``revision=``)."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if getattr(parallel, "tensor_parallel_size", 1) != 1 or getattr(parallel, "pipeline_parallel_size", 1) != 1:
         raise ConfigError("kvpeer's vLLM connector supports tensor/pipeline parallel size 1 only")
     hf = getattr(model, "hf_text_config", None) or getattr(model, "hf_config", None)
-    name = _extra_config(vllm_config).get("kvpeer_model_name") or model_name(model.model)
+    extra = _extra_config(vllm_config)
+    name = extra.get("kvpeer_model_name") or model_name(model.model)
+    revision = str(extra.get("kvpeer_revision") or "")
+    if getattr(model, "revision", None) and not revision:
+        log.info(
+            "kvpeer: --revision %s is not part of the KV fingerprint; set kvpeer_revision (the "
+            "same on every engine of this model) to keep revisions of %s apart", model.revision, name,
+        )
     return fingerprint(
         hf,
         name=str(name),
+        revision=revision,
         layers=model.get_num_layers(parallel),
         kv_heads=model.get_num_kv_heads(parallel),
         head_dim=model.get_head_size(),

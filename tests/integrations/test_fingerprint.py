@@ -127,24 +127,17 @@ def test_load_model_names_two_runs_outputs_of_one_generic_name_apart(tmp_path: P
     assert model_name(smollm2_gguf()) == SMOLLM2_GGUF
 
 
-def test_two_hub_commits_of_one_name_are_two_models_alike_in_both_engines() -> None:
-    """``alice/X`` and ``meta/X`` (or two revisions of one repository) share a name once the
-    organisation is dropped: the commit transformers records for a hub load tells them apart."""
-    prints = []
-    for commit in ("a" * 40, "b" * 40):
-        config = transformers.LlamaConfig(**SMALL)
-        config.name_or_path = f"/cache/models--org--Tiny-1B/snapshots/{commit}"
-        config._commit_hash = commit
-        hf_side = model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16))
-        served = vllm_config("org/Tiny-1B", config, torch.float16)
-        served.model_config.revision = "main"  # vLLM's --revision: a branch naming that commit
-        assert fingerprint_from_vllm(served) == hf_side
-        prints.append(hf_side)
-    assert prints[0].name == prints[1].name == "Tiny-1B"
-    assert prints[0].revision == "a" * 40 and prints[0].hex != prints[1].hex
 
-
-def test_a_local_copy_without_a_hub_commit_has_no_revision() -> None:
+def test_revisions_are_the_operators_to_name_and_alike_in_both_engines() -> None:
+    """One name and shape is one model unless a revision is given (nothing both engines read
+    alike names the weights: transformers 5 keeps no hub commit, vLLM's --revision may be a
+    branch); given as kvpeer_revision, it keeps two revisions apart on either engine."""
     config = transformers.LlamaConfig(**SMALL)
     config.name_or_path = "/srv/models/Tiny-1B"
-    assert model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16)).revision == ""
+    plain = model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16))
+    served = vllm_config("org/Tiny-1B", config, torch.float16)
+    served.model_config.revision = "main"  # vLLM's --revision alone changes nothing
+    assert fingerprint_from_vllm(served) == plain and plain.revision == ""
+    v2 = model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16), revision="v2")
+    assert fingerprint_from_vllm(vllm_config("org/Tiny-1B", config, torch.float16, kvpeer_revision="v2")) == v2
+    assert v2.hex != plain.hex
