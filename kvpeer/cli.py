@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvpeer import __version__, aio
 from kvpeer.config import LOG_LEVELS
-from kvpeer.errors import ConfigError, KVPeerError, NotReadyError
+from kvpeer.errors import ApiError, ConfigError, ErrorCode, KVPeerError, NotReadyError
 
 if TYPE_CHECKING:
     from kvpeer.transport.config import TransportConfig
@@ -283,7 +283,9 @@ def client_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", help="daemon socket (default $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)")
-    parser.add_argument("--namespace", default="default", help="tenant namespace (default: default)")
+    parser.add_argument(
+        "--namespace", help="tenant namespace of lookup, fetch and put (default: default)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
     # --json after the command too (`kvpeer peers --json`); SUPPRESS keeps the one given before.
@@ -360,11 +362,19 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = client_parser().parse_args(argv)
     if args.command == "fingerprint":
         return _fingerprint_command(args)
+    # status, stats, peers and evict concern no namespace: no hello unless one is named (a
+    # user whom api.namespaces gives no "default" can still ask them).
+    namespace = args.namespace
+    if namespace is None and args.command in ("lookup", "fetch", "put"):
+        namespace = "default"
     try:
-        client = KVPeerClient(socket_path=args.socket, namespace=args.namespace)
+        client = KVPeerClient(socket_path=args.socket, namespace=namespace)
     except (OSError, KVPeerError) as exc:
-        socket_path = args.socket or default_socket_path()
-        print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}", file=sys.stderr)
+        if isinstance(exc, ApiError) and exc.code == ErrorCode.FORBIDDEN:
+            print(f"kvpeer: the daemon refused: {exc.reason}", file=sys.stderr)
+        else:
+            socket_path = args.socket or default_socket_path()
+            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}", file=sys.stderr)
         return 1
     try:
         with client:

@@ -139,8 +139,10 @@ class ApiSection:
         "name or gid (the client's primary group, or /etc/group membership read at start), or "
         "\"*\" (every user the socket lets in); e.g. { team-a = [\"alice\", \"@engines\"], "
         "default = [\"*\"] }. A hello for a namespace not listed for the client is refused "
-        "(FORBIDDEN), and so are the requests of a client that sent none (it is in \"default\") "
-        "unless \"default\" lists it; the daemon's own user may use every namespace.",
+        "(FORBIDDEN), and so are the put, lookup and fetch requests of a client that sent none "
+        "(it is in \"default\") unless \"default\" lists it; status, stats and peers need no "
+        "namespace; evict (every namespace's chunks) is then for root and the daemon's own user, "
+        "who may also use every namespace.",
         kind="table",
     )
     lease_s: float = setting(

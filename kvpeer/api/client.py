@@ -319,7 +319,7 @@ class KVPeerClient:
     def __init__(
         self,
         socket_path: str | Path | None = None,
-        namespace: str = "default",
+        namespace: str | None = "default",
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         client_name: str = "",
@@ -353,14 +353,17 @@ class KVPeerClient:
 
     # ------------------------------------------------------------------ wire
     def _connect(self) -> socket.socket:
-        """Connect and say hello (raises OSError if the daemon cannot be reached)."""
+        """Connect and say hello (raises OSError if the daemon cannot be reached); with no
+        namespace, no hello (status, stats, peers and evict need none)."""
         sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
             sock.connect(self.socket_path)
-            self._call(
-                m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
-            )
+            if self.namespace is not None:
+                self._call(
+                    m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name),
+                    m.HelloOk,
+                )
         except BaseException:
             self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "not connected to the daemon"))
             raise
@@ -670,7 +673,7 @@ class AsyncKVPeerClient:
     def __init__(
         self,
         socket_path: str | Path | None = None,
-        namespace: str = "default",
+        namespace: str | None = "default",
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         client_name: str = "",
@@ -713,9 +716,10 @@ class AsyncKVPeerClient:
         )
         self._closed_reason = None
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
-        await self._request(
-            m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
-        )
+        if self.namespace is not None:
+            await self._request(
+                m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
+            )
 
     async def _ensure_connected(self) -> None:
         """Connect again if the daemon went away since the last request (not after close())."""

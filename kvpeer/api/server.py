@@ -480,6 +480,16 @@ class ApiServer:
         policy = self._namespace_policy
         return policy is None or policy.allows(namespace, conn.uid, conn.gid)
 
+    def _check_admin(self, conn: _Connection) -> None:
+        """Evicting drops every tenant's chunks: with api.namespaces set, only root and the
+        daemon's own user may (without it, namespaces are cooperative and so is this)."""
+        if self._namespace_policy is not None and conn.uid not in (0, os.geteuid()):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"evict drops every namespace's chunks: only root or the daemon's user may, not "
+                f"uid {conn.uid} (api.namespaces is set)",
+            )
+
     @staticmethod
     def _check_namespace(conn: _Connection) -> None:
         if not conn.namespace_allowed:
@@ -590,6 +600,7 @@ class ApiServer:
         if isinstance(message, m.PeersRequest):
             return m.PeersResult(id=rid, peers=list(await self.backend.peers()))
         if isinstance(message, m.EvictRequest):
+            self._check_admin(conn)
             evict = getattr(self.backend, "evict", None)
             if evict is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "this daemon does not support evict")

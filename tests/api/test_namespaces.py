@@ -112,3 +112,35 @@ def _raw(path: object, payload: bytes) -> list[m.Message]:
             if frames:
                 return [m.decode_body(frame) for frame in frames if isinstance(frame, bytes)]
             decoder.feed(sock.recv(65536))
+
+
+def test_evict_drops_every_tenants_chunks_so_only_root_or_the_daemons_user_may(peer: SimpleNamespace) -> None:
+    k, v = kv(8)
+    with serving(namespaces=POLICY) as api:
+        with KVPeerClient(api.socket_path, namespace="team-a") as alice:
+            alice.put(list(range(8)), k, v, FP)
+            error = _forbidden(alice.evict_all)
+            assert "evict" in error.reason and str(ALICE) in error.reason
+        assert api.backend.chunks  # nothing dropped
+        peer.uid = peer.gid = os.geteuid()
+        with KVPeerClient(api.socket_path, namespace=None) as own:
+            assert own.evict_all() == {"evicted": 2}
+    with serving() as api, KVPeerClient(api.socket_path, namespace=None) as anyone:
+        assert anyone.evict_all() == {"evicted": 0}  # cooperative: as before
+
+
+def test_the_cli_asks_stats_and_peers_without_a_namespace(
+    peer: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user whom api.namespaces gives no "default" (an operator's own account) still gets
+    kvpeer status, stats and peers; a refusal reads as one, not as an unreachable daemon."""
+    from kvpeer import cli
+
+    peer.uid = peer.gid = BOB
+    with serving(namespaces=POLICY) as api:
+        assert cli.client_main(["--socket", str(api.socket_path), "--json", "stats"]) == 0
+        assert cli.client_main(["--socket", str(api.socket_path), "peers"]) == 0
+        capsys.readouterr()
+        assert cli.client_main(["--socket", str(api.socket_path), "--namespace", "team-a", "stats"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("kvpeer: the daemon refused: namespace 'team-a'")
