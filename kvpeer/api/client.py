@@ -689,13 +689,15 @@ class AsyncKVPeerClient:
         self._closed_reason: ApiError | None = None
         self._closed = False  # by close(): no reconnecting after that
         self._connecting = asyncio.Lock()
+        self._ready = False  # the hello of the current connection was answered
+        self._generation = 0  # connections made: a put must commit on the one it began on
         # Requests given up on (a timeout, a cancel) whose answers may still come: a segment
         # such an answer hands us is released at once.
         self._abandoned: set[int] = set()
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and self._closed_reason is None
+        return self._writer is not None and self._closed_reason is None and self._ready
 
     def _new_id(self) -> int:
         self._ids += 1
@@ -711,15 +713,18 @@ class AsyncKVPeerClient:
 
     async def _open(self) -> None:
         """Connect and say hello (raises OSError if the daemon cannot be reached)."""
+        self._ready = False  # until the hello is answered, requests wait in _ensure_connected
         reader, self._writer = await aio.wait_for(
             asyncio.open_unix_connection(self.socket_path), self.timeout_s
         )
+        self._generation += 1
         self._closed_reason = None
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
         if self.namespace is not None:
             await self._request(
                 m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
             )
+        self._ready = True
 
     async def _ensure_connected(self) -> None:
         """Connect again if the daemon went away since the last request (not after close())."""
@@ -757,8 +762,12 @@ class AsyncKVPeerClient:
         task, self._reader_task = self._reader_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller is being cancelled, not only the reader
         self._abandoned.clear()
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -864,6 +873,7 @@ class AsyncKVPeerClient:
     ) -> m.PutResult:
         request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
         ready = await self._call(request, m.SegmentReady)
+        connection = self._generation
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, _fill_segment_blocking, ready.segment, k, v)
@@ -871,6 +881,10 @@ class AsyncKVPeerClient:
             with contextlib.suppress(ApiError, OSError):
                 await self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
             raise
+        if self._generation != connection or not self.connected:
+            # The daemon went away while the segment filled: it dropped the put with the old
+            # connection (a commit on a new one would only find nothing waiting).
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the daemon connection was lost during the put")
         return await self._call(m.PutCommit(id=self._new_id(), segment=ready.segment), m.PutResult)
 
     async def lookup(self, tokens: Any, fingerprint: ModelFingerprint) -> m.LookupResult:

@@ -86,3 +86,32 @@ def test_async_errors_are_typed(api: ServerThread) -> None:
             assert info.value.code == ErrorCode.NOT_FOUND
 
     run(main())
+
+
+def test_async_put_whose_connection_was_lost_while_it_filled_says_so(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another request found the daemon gone and connected again while this put filled its
+    segment: the put is lost with the old connection, and it says so (a commit on the new one
+    only found "no put is waiting")."""
+    from kvpeer.api import client as client_mod
+
+    fill = client_mod._fill_segment_blocking
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            loop = asyncio.get_running_loop()
+
+            def fill_then_lose(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+                fill(name, k, v)
+                asyncio.run_coroutine_threadsafe(client._retire_connection(), loop).result(10)
+
+            monkeypatch.setattr(client_mod, "_fill_segment_blocking", fill_then_lose)
+            k, v = kv(8)
+            with pytest.raises(ApiError) as info:
+                await client.put(list(range(8)), k, v, FP)
+            assert info.value.code == ErrorCode.SHUTTING_DOWN and "during the put" in info.value.reason
+            monkeypatch.setattr(client_mod, "_fill_segment_blocking", fill)
+            assert (await client.put(list(range(8)), k, v, FP)).stored == 2  # on a new connection
+
+    asyncio.run(asyncio.wait_for(main(), 60))
