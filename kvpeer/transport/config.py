@@ -213,7 +213,7 @@ class TransportConfig:
 
 def load_psk(path: str | os.PathLike[str], key: str = "transport.psk_file") -> bytes:
     """Read a cluster key file: at least ``MIN_PSK_BYTES`` bytes written as hex
-    (``openssl rand -hex 32``), whitespace around it ignored.
+    (``openssl rand -hex 32``), whitespace around and between the digits ignored.
 
     Refused, with a message that names the problem and never shows the key: a file that is not
     a regular file or that others may read, one over ``PSK_FILE_LIMIT`` bytes, a character that
@@ -245,7 +245,8 @@ def load_psk(path: str | os.PathLike[str], key: str = "transport.psk_file") -> b
             f"{key}: {p} is larger than {PSK_FILE_LIMIT} bytes; it should hold "
             f"one hex key (openssl rand -hex 32)"
         )
-    return _parse_hex_key(data.strip(), f"{key}: {p}")
+    # Whitespace anywhere is layout (xxd -p wraps its lines, editors add CRLF), not key.
+    return _parse_hex_key(b"".join(data.split()), f"{key}: {p}")
 
 
 def _parse_hex_key(text: bytes, where: str) -> bytes:
