@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from kvpeer import codec
+from kvpeer.integrations.transformers import cache_argument, cache_of
 from kvpeer.testing.netns import parse_rate
 
 CHUNK = 256
@@ -140,7 +141,7 @@ def _text(tokenizer: Any, need: int) -> list[int]:
 
 def _prefill(model: Any, ids: list[int], cache: Any = None) -> Any:
     with torch.no_grad():
-        return model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        return model(torch.tensor([ids]), use_cache=True, **{cache_argument(model): cache})
 
 
 def _argmax_continuation(model: Any, cache: Any, continuation: list[int]) -> torch.Tensor:
@@ -247,7 +248,7 @@ def _fetch_once(
     rest_started = time.perf_counter()
     if matched < len(tokens):
         out = _prefill(model, tokens[matched:], fetched_cache)
-        fetched_cache = out.past_key_values
+        fetched_cache = cache_of(out)
     run.recompute_rest_s = time.perf_counter() - rest_started if matched < len(tokens) else 0.0
     run.fetch_s = fetched_at + run.recompute_rest_s
     predicted = _argmax_continuation(model, fetched_cache, continuation)
@@ -380,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = _prefill(model, tokens)
     before_s = time.perf_counter() - t0
-    k, v = kv_from_cache(out.past_key_values)
-    reference = _argmax_continuation(model, out.past_key_values, continuation)
+    k, v = kv_from_cache(cache_of(out))
+    reference = _argmax_continuation(model, cache_of(out), continuation)
 
     impaired = _seconds(args.delay) > 0 or args.loss > 0
     # The relay joins exactly two namespaces (one serving peer): with more peers the links are

@@ -54,8 +54,10 @@ def evaluation_text() -> str:
 @torch.no_grad()
 def prefix_kv(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of a prefix (batch 1), [layers, kv_heads, tokens, head_dim] each."""
+    from kvpeer.integrations.transformers import cache_of
+
     out = model(ids, use_cache=True)
-    layers = out.past_key_values.layers
+    layers = cache_of(out).layers
     return torch.stack([layer.keys[0] for layer in layers]), torch.stack([layer.values[0] for layer in layers])
 
 
@@ -70,12 +72,19 @@ def cache_from(model: Any, k: torch.Tensor, v: torch.Tensor) -> Any:
     return cache
 
 
+def _with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The forward keyword that hands ``model`` its cache (transformers 5: ``cache``)."""
+    from kvpeer.integrations.transformers import cache_argument
+
+    return {cache_argument(model): cache}
+
+
 @torch.no_grad()
 def continuation_logprobs(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
     """log-softmax of the next-token logits over a teacher-forced continuation [1, C]."""
     prefix = k.shape[2]
     positions = torch.arange(prefix, prefix + cont.shape[1])[None]
-    out = model(cont, past_key_values=cache_from(model, k, v), position_ids=positions, use_cache=True)
+    out = model(cont, position_ids=positions, use_cache=True, **_with_cache(model, cache_from(model, k, v)))
     return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
@@ -99,7 +108,7 @@ def fisher_diagonal(model: Any, k: torch.Tensor, v: torch.Tensor, cont: torch.Te
     positions = torch.arange(k.shape[2], k.shape[2] + cont.shape[1])[None]
     for _ in range(samples):
         kk, vv = k.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
-        out = model(cont, past_key_values=cache_from(model, kk, vv), position_ids=positions, use_cache=True)
+        out = model(cont, position_ids=positions, use_cache=True, **_with_cache(model, cache_from(model, kk, vv)))
         drawn = torch.multinomial(probs, 1, generator=gen)
         torch.log_softmax(out.logits[0].float(), -1).gather(1, drawn).sum().backward()
         assert kk.grad is not None and vv.grad is not None

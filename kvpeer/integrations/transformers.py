@@ -4,8 +4,8 @@ Owns the conversion between kvpeer's canonical KV (``k``, ``v``: ``[layers, kv_h
 head_dim]``) and transformers' cache objects (``DynamicCache``: one layer per decoder layer,
 ``keys``/``values`` ``[batch, kv_heads, tokens, head_dim]``), and small helpers that prefill and
 put, fetch into a cache, and continue generation from the longest shared prefix. Works with
-any decoder-only model on the standard dynamic cache with full attention in every layer (a
-sliding-window layer keeps only its window: its KV is refused, never shared); batch size 1.
+any decoder-only model on the standard dynamic cache (a sliding-window layer past its window
+keeps only the window: such KV is refused, never shared); batch size 1.
 transformers 4.56 or later (``DynamicCache(config=)`` and cache ``layers``).
 
 transformers is imported lazily: importing this module does not need it.
@@ -32,21 +32,21 @@ def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, v)`` ``[layers, kv_heads, tokens, head_dim]`` of a batch-1 cache (copies once).
 
     Accepts a transformers ``Cache`` with ``.layers`` (4.56+), or the legacy tuple of
-    ``(key, value)`` per layer. A sliding-window layer is refused (ValueError): after its window
-    filled it holds only the last positions, which would be stored as the prefix's first ones.
+    ``(key, value)`` per layer. A sliding-window layer past its window is refused (ValueError): it
+    holds only the last positions, which would be stored as the prefix's first ones.
     """
     if hasattr(cache, "layers"):
-        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-            raise ValueError(
-                "the cache has sliding-window layers: they hold only the last window of positions, "
-                "and kvpeer shares the KV of every position of a prefix"
-            )
         pairs = []
         for layer in cache.layers:
             keys, values = layer.keys, layer.values
-            if keys is not None and keys.dim() == 4:  # a static layer is allocated past its length
-                held = int(layer.get_seq_length())
-                keys, values = keys[:, :, :held], values[:, :, :held]
+            if keys is not None and keys.dim() == 4:
+                seen = int(layer.get_seq_length())
+                if getattr(layer, "is_sliding", False) and keys.shape[-2] < seen:
+                    raise ValueError(
+                        f"a sliding-window layer holds only the last {keys.shape[-2]} of {seen} "
+                        "positions, and kvpeer shares the KV of every position of a prefix"
+                    )
+                keys, values = keys[:, :, :seen], values[:, :, :seen]  # a static layer is longer
             pairs.append((keys, values))
     else:
         pairs = [(layer[0], layer[1]) for layer in cache]
@@ -94,7 +94,7 @@ def _tokens(tokens: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     # transformers 5 names it ``cache``; ``past_key_values`` is a deprecated alias there, and a
     # model's forward takes unknown keywords silently: once the alias goes, the cache would be
     # ignored and the prompt's rest computed without its prefix.
@@ -114,7 +114,7 @@ def prefill(model: Any, tokens: Sequence[int] | torch.Tensor, cache: Any = None)
     ids = torch.tensor([_tokens(tokens)], device=next(model.parameters()).device)
     before = cache.get_seq_length() if cache is not None else 0
     with torch.no_grad():
-        output = model(ids, use_cache=True, **{_cache_argument(model): cache})
+        output = model(ids, use_cache=True, **{cache_argument(model): cache})
     after = cache_of(output).get_seq_length()
     if after != before + ids.shape[1]:
         raise RuntimeError(

@@ -37,11 +37,18 @@ def test_full_attention_cache_converts_with_every_position() -> None:
     assert k.shape == v.shape == (2, 2, 40, 8)
 
 
-def test_a_sliding_window_cache_is_refused_not_stored_as_the_wrong_positions() -> None:
+def test_a_sliding_window_cache_past_its_window_is_refused_not_stored_as_the_wrong_positions() -> None:
     model = tiny("mistral", sliding_window=16)
     cache = hf.cache_of(hf.prefill(model, list(range(1, 41))))  # past the window: it keeps the last 15
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(ValueError, match="sliding-window layer holds only the last"):
         hf.kv_from_cache(cache)
+
+
+def test_a_sliding_window_cache_within_its_window_holds_every_position() -> None:
+    model = tiny("mistral", sliding_window=64)
+    k, _ = hf.kv_from_cache(hf.cache_of(hf.prefill(model, list(range(1, 41)))))
+    full, _ = hf.kv_from_cache(hf.cache_of(hf.prefill(tiny("llama"), list(range(1, 41)))))
+    assert k.shape == full.shape == (2, 2, 40, 8)
 
 
 class NoDaemon:
@@ -91,6 +98,6 @@ def test_prefill_continues_the_given_cache_and_says_so_when_the_model_ignores_it
     assert hf.cache_of(hf.prefill(model, [21, 22], cache)).get_seq_length() == 22
     # A transformers that renamed the argument again: the model would take the old name
     # silently and compute the rest without its prefix.
-    monkeypatch.setattr(hf, "_cache_argument", lambda model: "past_key_valuez")
+    monkeypatch.setattr(hf, "cache_argument", lambda model: "past_key_valuez")
     with pytest.raises(RuntimeError, match="did not continue the given cache"):
         hf.prefill(model, [23], cache)
