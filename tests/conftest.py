@@ -30,8 +30,8 @@ def smollm2() -> LoadedModel:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Cluster tests need root and iproute2. Skip them elsewhere, but never in CI (CI=true)
-    when some are selected."""
+    """Cluster tests need root and iproute2. Skip them elsewhere, but never in CI (CI set, and
+    not to 0/false) when some are selected."""
     reason = None
     if os.geteuid() != 0:
         reason = "cluster tests need root (network namespaces)"
@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cluster = [item for item in items if "cluster" in item.keywords]
     if reason is None or not cluster:
         return
-    if os.environ.get("CI", "").lower() == "true":
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         raise pytest.UsageError(f"{reason}; CI must run them")
     for item in cluster:
         item.add_marker(pytest.mark.skip(reason=reason))
