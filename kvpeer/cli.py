@@ -321,6 +321,11 @@ def client_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument(
         "model_path", nargs="?", help="GGUF file or transformers directory (default: SmolLM2)"
     )
+    fingerprint.add_argument(
+        "--revision", default="",
+        help="keeps this model apart from others of its name and shape (as kvpeer_revision does "
+        "for the engines; the same on every engine of the model)",
+    )
     evict = sub.add_parser("evict", parents=[as_json], help="drop cached chunks")
     evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
     return parser
@@ -433,7 +438,7 @@ def _fingerprint_command(args: argparse.Namespace) -> int:
     from kvpeer.models import load_model, model_fingerprint
 
     model, _ = load_model(args.model_path)
-    print(json.dumps(dataclasses.asdict(model_fingerprint(model))))
+    print(json.dumps(dataclasses.asdict(model_fingerprint(model, revision=args.revision))))
     return 0
 
 

@@ -163,7 +163,8 @@ class StoreSection:
     ram_bytes: int = setting(2 << 30, "Byte budget of the RAM tier.", kind="size", lo=0)
     disk_bytes: int = setting(
         20 << 30, "Byte budget of the disk tier; 0 turns the disk tier off. Keep it below the "
-        "free space of the file system: a full disk is an error, not an eviction.",
+        "free space of the file system: when others fill it first, puts are kept in RAM "
+        "(ram_only_puts) and our oldest files are evicted to make room.",
         kind="size", lo=0,
     )
     dir: Path = setting(Path("{state_dir}/store"), "Directory of the disk tier.")

@@ -537,6 +537,8 @@ class ChunkStore:
                     lambda: self.pending_bytes + len(blob) <= self.max_pending_bytes
                     or not self._pending or self._closing
                 )
+                if if_held and key not in self._levels:
+                    return False  # deleted while this waited (clear() empties the queue, too)
             self._ram_insert(slot, blob, changes)
             if to_disk and slot not in self._disk and slot not in self._pending:
                 self._disk_make_room(file_size, changes)
@@ -570,13 +572,16 @@ class ChunkStore:
             with self._lock:
                 blob = self._ram.get(slot)
                 on_disk = slot in self._disk
-                if blob is None and slot in self._pending:
+                if blob is not None:
+                    self._ram.move_to_end(slot)
+                elif slot in self._pending:
                     blob = self._pending[slot].blob
                 if blob is not None:
                     self._counters.hits += 1
-                    used = self._used_key(key)
+                    self._used_key(key)
             if blob is not None:
-                self._touch(used)
+                if on_disk:  # the hot path: one file's mtime, not every level's
+                    self._touch([slot])
                 return blob
             if not on_disk:
                 continue
@@ -588,7 +593,7 @@ class ChunkStore:
                 if slot in self._disk:
                     self._ram_insert(slot, blob, changes)
                 used = self._used_key(key)
-            self._touch(used)
+            self._touch(used)  # a read from disk: every level's file (the order after a restart)
             return blob
         with self._lock:
             self._counters.misses += 1
@@ -617,14 +622,13 @@ class ChunkStore:
         return blob
 
     def _used_key(self, key: bytes) -> list[_Slot]:
-        """A read of one level is a use of the key: all its levels move to the LRUs' recent end
-        (else a hot prefix would lose its other levels first). Returns its slots on disk.
-        Called with the lock held."""
+        """A read of one level is a use of the key: all its levels move to the disk LRU's recent
+        end (else a hot prefix would lose its other levels first); in RAM only the read one does
+        (RAM is a cache of the disk: unread levels there would crowd out read ones). Returns the
+        key's slots on disk. Called with the lock held."""
         on_disk = []
         for level in self._levels.get(key, ()):
             slot = (key, level)
-            if slot in self._ram:
-                self._ram.move_to_end(slot)
             if slot in self._disk:
                 self._disk.move_to_end(slot)
                 on_disk.append(slot)
@@ -737,33 +741,11 @@ class ChunkStore:
         except OSError as exc:
             self._release_lock()
             raise StoreError(f"store directory {directory} is in use by another process") from exc
-        found: list[tuple[int, _Slot, int]] = []
-        removed_tmp = 0
-        for prefix in range(256):
-            sub = base / f"{prefix:02x}"
-            try:
-                sub.mkdir(exist_ok=True)
-                entries = list(os.scandir(sub))
-            except OSError as exc:
-                self._release_lock()
-                raise _store_dir_error(sub, exc) from exc
-            for entry in entries:
-                if entry.name.endswith(TMP_SUFFIX):  # a write that a crash interrupted
-                    Path(entry.path).unlink(missing_ok=True)
-                    removed_tmp += 1
-                    continue
-                match = _NAME_RE.match(entry.name)
-                if match is None:
-                    continue
-                key, level = bytes.fromhex(match.group(1)), match.group(2)
-                if self._order and level not in self._order:
-                    continue  # a level this version does not know: leave the file alone
-                st = entry.stat()
-                if st.st_size < record_size(level, 1):
-                    Path(entry.path).unlink(missing_ok=True)
-                    continue
-                found.append((st.st_mtime_ns, (key, level), st.st_size))
-        found.sort()
+        try:
+            found, removed_tmp = self._scan_disk(base)
+        except BaseException:
+            self._release_lock()
+            raise
         changes = _Changes()  # nobody has subscribed yet; the daemon lists keys() at start
         for _mtime, slot, size in found:
             self._disk[slot] = size
@@ -780,6 +762,41 @@ class ChunkStore:
                 "they do not count against store.disk_bytes: delete them to free the space)",
                 directory, ", ".join(sorted(others)),
             )
+
+    def _scan_disk(self, base: Path) -> tuple[list[tuple[int, _Slot, int]], int]:
+        """The chunk files under ``base`` as (mtime, slot, size), oldest first, and how many
+        interrupted writes were removed. A file that cannot be looked at is skipped."""
+        found: list[tuple[int, _Slot, int]] = []
+        removed_tmp = 0
+        for prefix in range(256):
+            sub = base / f"{prefix:02x}"
+            try:
+                sub.mkdir(exist_ok=True)
+                entries = list(os.scandir(sub))
+            except OSError as exc:
+                raise _store_dir_error(sub, exc) from exc
+            for entry in entries:
+                try:
+                    if entry.name.endswith(TMP_SUFFIX):  # a write that a crash interrupted
+                        Path(entry.path).unlink(missing_ok=True)
+                        removed_tmp += 1
+                        continue
+                    match = _NAME_RE.match(entry.name)
+                    if match is None:
+                        continue
+                    key, level = bytes.fromhex(match.group(1)), match.group(2)
+                    if self._order and level not in self._order:
+                        continue  # a level this version does not know: leave the file alone
+                    st = entry.stat()
+                    if st.st_size < record_size(level, 1):
+                        Path(entry.path).unlink(missing_ok=True)
+                        continue
+                except OSError as exc:  # one file: skipped, not the whole tier
+                    log.warning("store: skipping %s: %s", entry.path, _describe_os_error(exc))
+                    continue
+                found.append((st.st_mtime_ns, (key, level), st.st_size))
+        found.sort()
+        return found, removed_tmp
 
 
 def _store_dir_error(path: Path, exc: OSError) -> OSError:

@@ -270,3 +270,9 @@ def test_check_config_says_loudly_that_no_cluster_key_is_set(tmp_path: Path, hos
     assert f"kvpeerd: {level}: no cluster key" in result.stderr and "any host on the LAN" in result.stderr
     keyed = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--check-config")
     assert keyed.returncode == 0 and "no cluster key" not in keyed.stderr
+
+
+def test_fingerprint_takes_a_revision() -> None:
+    args = cli.client_parser().parse_args(["fingerprint", "model.gguf", "--revision", "v2"])
+    assert (args.model_path, args.revision) == ("model.gguf", "v2")
+    assert cli.client_parser().parse_args(["fingerprint"]).revision == ""

@@ -436,14 +436,69 @@ def test_a_store_dir_the_configuration_got_wrong_fails_start_with_its_errno(tmp_
     assert message.startswith("cannot open the disk store (store.dir)") and status == cli.EXIT_CONFIG
 
 
-def test_reading_one_level_keeps_the_keys_other_levels_from_eviction() -> None:
-    """A hot prefix must not lose its lower levels first because only one level is read."""
-    store = ChunkStore(ram_bytes=4000, level_order=LEVELS)
+def test_reading_one_level_keeps_the_keys_other_levels_from_eviction(tmp_path: Path) -> None:
+    """A hot prefix must not lose its lower levels on disk first because only one level is read
+    (its levels are made and served together)."""
+    budget = 2 * record_size("q8", 1000) + 2 * record_size("q4", 1000)
+    store = ChunkStore(ram_bytes=0, disk_bytes=budget, directory=tmp_path, level_order=LEVELS, writers=1)
     for k in (1, 2):
         store.put_blocking(key(k), "q8", blob(k))
         store.put_blocking(key(k), "q4", blob(k + 10))
+    assert store.flush(timeout_s=30)
     assert store.get_blocking(key(1), "q8") == blob(1)  # key 1 is the recently used one
-    store.put_blocking(key(3), "q8", blob(3))  # room for it: one blob goes
+    store.put_blocking(key(3), "q8", blob(3))  # room for it: one file goes
+    assert store.flush(timeout_s=30)
     assert store.levels(key(1)) == ["q8", "q4"]
     assert store.levels(key(2)) == ["q4"]
     store.close()
+
+
+def test_put_if_held_that_waited_for_the_writer_does_not_bring_back_a_key_cleared_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The put waits (back-pressure) without the lock; clear() empties the queue and so wakes
+    it: it must look again before it stores."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path,
+                       level_order=LEVELS, max_pending_bytes=1500, writers=1)
+    store.put_blocking(key(2), "q8", blob(2))
+    assert store.flush(timeout_s=30)
+    gate = threading.Event()
+    write = store_mod._write_file_blocking
+
+    def gated_write(*args: object) -> None:
+        gate.wait(30)
+        write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", gated_write)
+    store.put_blocking(key(1), "q8", blob(1))  # the queue is now full behind the gate
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(store.put_if_held_blocking(key(2), "q4", blob(3))))
+    waiting.start()
+    time.sleep(0.2)  # it waits for the writer (no hook: the wait is inside the store's lock)
+    assert waiting.is_alive()
+    store.clear()
+    waiting.join(10)
+    gate.set()
+    assert result == [False] and not store.has(key(2))
+    store.close()
+
+
+def test_a_file_that_cannot_be_looked_at_is_skipped_not_the_whole_disk_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    for i in (1, 2):
+        store.put_blocking(key(i), "q8", blob(i))
+    store.close()
+    bad = files(tmp_path)[0]
+    stat = os.DirEntry.stat
+
+    def failing_stat(entry: os.DirEntry[str], *args: Any, **kwargs: Any) -> os.stat_result:
+        if entry.path == str(bad):
+            raise OSError(errno.EIO, "Input/output error")
+        return stat(entry, *args, **kwargs)
+
+    monkeypatch.setattr(os.DirEntry, "stat", failing_stat, raising=False)
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    assert len(reopened.keys()) == 1 and reopened.stats()["disk_unavailable"] == ""
+    reopened.close()

@@ -111,6 +111,19 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()  # retrieved: nobody is left to care
 
 
+async def _stop_reader(task: asyncio.Task[None] | None) -> None:
+    """Cancel a connection's reader and wait for it; a cancel of our own caller still raises."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
 def _released_already(exc: ApiError) -> None:
     # The daemon dropped the segment first (lease ran out, or the fetch failed after
     # announcing it): our mapping stays valid and there is nothing left to release.
@@ -760,14 +773,7 @@ class AsyncKVPeerClient:
         if writer is not None:
             writer.transport.abort()
         task, self._reader_task = self._reader_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # our caller is being cancelled, not only the reader
+        await _stop_reader(task)
         self._abandoned.clear()
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -929,10 +935,7 @@ class AsyncKVPeerClient:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await aio.wait_for(writer.wait_closed(), 5.0)
         task, self._reader_task = self._reader_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop_reader(task)
 
     async def __aenter__(self) -> AsyncKVPeerClient:
         return await self.connect()
