@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kvpeer import __version__, aio, codec
+from kvpeer.activity import Activity
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.codec import container as codec_container
 from kvpeer.codec import profile as codec_profiles
@@ -34,6 +35,7 @@ from kvpeer.discovery import (
     InventoryLog,
     InventorySync,
     InventoryTable,
+    PeerEvent,
     make_discovery,
 )
 from kvpeer.discovery.config import advertisable_addresses
@@ -44,10 +46,16 @@ from kvpeer.hashing import ModelFingerprint, chunk_keys
 from kvpeer.metrics import Metrics
 from kvpeer.store import ChunkStore
 from kvpeer.transport import PeerTransport, TransportConfig
+from kvpeer.transport.peer import PeerBackingOff
 
 log = logging.getLogger(__name__)
 
 STOP_NETWORK_SHARE = 0.6  # of daemon.shutdown_grace_s, for closing the API, peers and discovery
+# Without a deadline (a lookup, a fetch without one), how long peers not synced yet may take to
+# say what they hold: a peer that accepts and never answers would hold each request for the
+# whole connect timeout.
+PLAN_ASK_S = 3.0
+ACTIVITY_LOG_S = 60.0  # the served requests are summed up in one INFO line this often
 MAX_HAS_KEYS = 4096  # a "has" request names at most this many keys (about 4k chunks = 1M tokens)
 
 
@@ -137,13 +145,18 @@ class Daemon:
         self.ready = False
         self.metrics = Metrics(node_id=self.node_id, version=__version__)
         self.metrics.watch_store(self.store.stats)
-        self.metrics.watch_peers(lambda: len(self.discovery.peers()))
+        self.metrics.watch_peers(
+            lambda: len(self.discovery.peers()),
+            sessions=lambda: len(self.transport.sessions()),
+            unreachable=lambda: len(self.transport.backing_off()),
+        )
         self.metrics.watch_counters("transport", lambda: self.transport.counters)
         self.metrics.watch_counters("api", lambda: self.api.counters)
         self.metrics.watch_counters("discovery", lambda: self.discovery.counters)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()  # short advertisement updates
+        self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
+        self.activity = Activity()
         self.codec_backends: list[str] = []  # probed at start
 
     # ----------------------------------------------------------------- lifecycle
@@ -156,9 +169,13 @@ class Daemon:
         self.store.subscribe(self._store_changed)
         await self.transport.start()
         await self.api.start()
+        self.discovery.subscribe(self._peer_event)  # before the sync, which connects
         self.discovery.subscribe(self.inventory_sync.on_event)
         await self.discovery.start(self._advertisement())
         self.ready = True
+        summaries = asyncio.get_running_loop().create_task(self._log_activity())
+        self._background.add(summaries)
+        summaries.add_done_callback(self._background.discard)
         log.info(
             "kvpeerd %s ready: api %s, signalling port %d, %d chunks in store",
             self.node_id, self.config.api.socket_path, self.transport.port, len(self.inventory),
@@ -184,6 +201,14 @@ class Daemon:
                 log.exception("stopping: %s failed", close.__qualname__)
         await self.store.aclose()  # drains queued disk writes off the event loop
         log.info("kvpeerd %s stopped", self.node_id)
+
+    async def _log_activity(self) -> None:
+        """One INFO line per ``ACTIVITY_LOG_S`` with what was served (requests log at DEBUG)."""
+        while True:
+            await asyncio.sleep(ACTIVITY_LOG_S)
+            line = self.activity.take_summary(ACTIVITY_LOG_S)
+            if line is not None:
+                log.info("%s", line)
 
     def _advertisement(self) -> Advertisement:
         return Advertisement(
@@ -223,6 +248,12 @@ class Daemon:
         timeout = self.config.transport.request_timeout_s
         answer: dict[str, Any] = await session.request(method, body, timeout=timeout)
         return answer
+
+    def _peer_event(self, event: PeerEvent) -> None:
+        # A peer that (re)appears (restarted, back after an outage) is worth a connect at once,
+        # whatever the backoff of its failed connects says.
+        if event.kind == "added":
+            self.transport.forget_failures(event.peer.node_id)
 
     def _peer_down(self, peer_id: str) -> None:
         log.info("peer %s is down", peer_id)
@@ -309,7 +340,8 @@ class Daemon:
                 log.warning("put: chunk %d not cached: %s", index, exc)
                 continue
             stored += 1
-        log.info(
+        self.activity.put(len(keys), stored)
+        log.debug(
             "put ns=%s tokens=%d chunks=%d new=%d level=%s in %.3fs",
             ctx.namespace, len(req.tokens), len(keys), stored, level,
             time.perf_counter() - started,
@@ -343,8 +375,9 @@ class Daemon:
             self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
         )
         if not plan.sources:
-            log.info("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
+            log.debug("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
             self.metrics.record_miss(wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens)
+            self.activity.fetch("miss", time.monotonic() - started)
             return
         outcome = await self.fetcher.fetch(
             plan.keys[: len(plan.sources)],
@@ -365,7 +398,8 @@ class Daemon:
         self.metrics.record_fetch(
             outcome, wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens
         )
-        log.info(
+        self.activity.fetch(outcome.reason, time.monotonic() - started, outcome.bytes_moved)
+        log.debug(
             "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
             ctx.namespace, len(req.tokens), outcome.chunks, len(plan.sources), outcome.reason,
             sorted({s or "local" for s in plan.sources}), ",".join(outcome.levels),
@@ -376,7 +410,8 @@ class Daemon:
         self, keys: Sequence[bytes], fp: ModelFingerprint, limit_s: float | None = None
     ) -> _Plan:
         """Longest prefix of ``keys`` held locally or by some peer, and who holds each chunk.
-        ``limit_s``: how long peers not synced yet may take to say what they hold."""
+        ``limit_s``: how long peers not synced yet may take to say what they hold (None:
+        ``PLAN_ASK_S``; a connect that takes longer goes on for the next request)."""
         plan = _Plan(keys=list(keys))
         local = 0
         for key in keys:
@@ -403,9 +438,10 @@ class Daemon:
         answered: set[asyncio.Task[dict[str, Any]]] = set()
         try:
             if asking:
-                answered, late = await asyncio.wait(asking, timeout=limit_s)
-                for task in late:
-                    log.info("peer %s not asked: no answer within %.2fs", asking[task], limit_s)
+                limit = PLAN_ASK_S if limit_s is None else limit_s
+                answered, late = await asyncio.wait(asking, timeout=limit)
+                for task in late:  # per request: DEBUG (a failing connect is said once)
+                    log.debug("peer %s not asked: no answer within %.2fs", asking[task], limit)
         finally:  # late answers, or the fetch itself cancelled: nobody waits for the rest
             for task in asking:
                 task.cancel()
@@ -413,6 +449,8 @@ class Daemon:
             peer_id = asking[task]
             try:
                 have = task.result().get("have", [])
+            except PeerBackingOff:
+                continue  # its failed connect was said once, by the transport
             except (KVPeerError, OSError, AttributeError) as exc:  # AttributeError: not a dict
                 log.info("peer %s not asked: %r", peer_id, exc)
                 continue

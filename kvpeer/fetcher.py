@@ -924,7 +924,7 @@ class _FetchRun:
             assert self.f.cache is not None
             blob = await self.f.cache.get(key)
             if blob is None:
-                raise StoreError("chunk evicted while fetching")
+                raise StoreError("chunk no longer readable from the local store (evicted, or its file failed)")
             return _Delivery(blob, LOCAL, False)
         session = self.f.sessions(peer)
         if session is None:

@@ -65,14 +65,19 @@ class _StoreCollector(Collector):
             "kvpeer_store_events", "Store events since start", labels=["event"]
         )
         for event in ("hits", "misses", "puts", "ram_evictions", "disk_evictions", "corrupt",
-                      "disk_errors", "ram_only_puts"):
+                      "disk_errors", "disk_read_errors", "ram_only_puts"):
             events.add_metric([event], s.get(event, 0))
         down = GaugeMetricFamily(
             "kvpeer_store_disk_unavailable",
             "1 when the configured disk tier could not be opened at start (running on RAM only)",
             value=1 if s.get("disk_unavailable") else 0,
         )
-        return [used, limit, entries, chunks, events, down]
+        failing = GaugeMetricFamily(
+            "kvpeer_store_disk_failing",
+            "1 while puts skip a disk whose last write failed (they are kept in RAM meanwhile)",
+            value=1 if s.get("disk_failing") else 0,
+        )
+        return [used, limit, entries, chunks, events, down, failing]
 
 
 class _EventsCollector(Collector):
@@ -144,6 +149,14 @@ class Metrics:
             registry=r,
         )
         self.peers_up = Gauge("kvpeer_peers_up", "Peers currently known and alive", registry=r)
+        self.peer_sessions = Gauge(
+            "kvpeer_peer_sessions", "Peers with an open authenticated session", registry=r
+        )
+        self.peers_unreachable = Gauge(
+            "kvpeer_peers_unreachable",
+            "Known peers whose last connect failed (not dialled again until their backoff ends)",
+            registry=r,
+        )
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -210,9 +223,17 @@ class Metrics:
         """Export a subsystem's counters (e.g. the transport's auth_failures) at each scrape."""
         self.registry.register(_EventsCollector(subsystem, counters))
 
-    def watch_peers(self, count: Callable[[], int]) -> None:
-        """Read the number of live peers at each scrape."""
+    def watch_peers(
+        self, count: Callable[[], int], sessions: Callable[[], int] | None = None,
+        unreachable: Callable[[], int] | None = None,
+    ) -> None:
+        """Read the number of live peers (and of open sessions, and of peers whose connects
+        fail) at each scrape: a peer discovery lists is not one that can be reached."""
         self.peers_up.set_function(lambda: float(count()))
+        if sessions is not None:
+            self.peer_sessions.set_function(lambda: float(sessions()))
+        if unreachable is not None:
+            self.peers_unreachable.set_function(lambda: float(unreachable()))
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
+READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
 # Errors opening the disk tier that mean the disk, not the configuration, is down: the store
 # then starts on its RAM tier instead of failing the daemon's start (and systemd's restarts).
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
@@ -142,6 +143,7 @@ class _Counters:
     disk_evictions: int = 0
     corrupt: int = 0
     disk_errors: int = 0
+    disk_read_errors: int = 0
     ram_only_puts: int = 0
 
 
@@ -196,6 +198,7 @@ class ChunkStore:
         self._lock_fd: int | None = None
         self._disk_failed_at: float | None = None
         self._last_disk_error = ""
+        self._read_warned_at = -READ_WARN_S
         self.disk_unavailable = ""  # why the disk tier did not open, if it did not
         self._closing = False
         self._writers: list[threading.Thread] = []
@@ -337,6 +340,9 @@ class ChunkStore:
                 "disk_errors": c.disk_errors,
                 "last_disk_error": self._last_disk_error,
                 "ram_only_puts": c.ram_only_puts,
+                "disk_read_errors": c.disk_read_errors,
+                "disk_failing": self._disk_failed_at is not None
+                and time.monotonic() - self._disk_failed_at < DISK_RETRY_S,
                 "disk_unavailable": self.disk_unavailable,
             }
 
@@ -609,7 +615,21 @@ class ChunkStore:
                     self._disk_remove(slot, changes)
             return None
         except OSError as exc:
-            log.warning("store: cannot read %s: %s", path, exc)
+            # Out of the index: lookups stop offering a chunk that every fetch would fail on.
+            with self._lock:
+                self._counters.disk_read_errors += 1
+                errors = self._counters.disk_read_errors
+                if slot in self._disk:
+                    self._disk_remove(slot, changes)
+                now = time.monotonic()
+                loud = now - self._read_warned_at >= READ_WARN_S
+                if loud:
+                    self._read_warned_at = now
+            log.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "store: cannot read %s: %s; dropped from the index (%d read errors so far)",
+                path, _describe_os_error(exc), errors,
+            )
             return None
         try:
             blob = decode_record(data, *slot)

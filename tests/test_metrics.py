@@ -47,7 +47,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     store.put_blocking(b"k" * 32, "q8", b"x" * 100)
     store.get_blocking(b"z" * 32)
     metrics.watch_store(store.stats)
-    metrics.watch_peers(lambda: 3)
+    metrics.watch_peers(lambda: 3, sessions=lambda: 2, unreachable=lambda: 1)
     metrics.watch_counters("transport", lambda: {"auth_failures": 2, "sessions_opened": 5})
     metrics.fetches.labels("complete").inc()
     metrics.chunk_hits.labels("peer").inc(2)
@@ -72,6 +72,8 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     assert got[("kvpeer_store_events_total", (("event", "misses"),))] == 1
     assert got[("kvpeer_store_events_total", (("event", "ram_only_puts"),))] == 0
     assert got[("kvpeer_store_disk_unavailable", ())] == 0
+    assert got[("kvpeer_store_disk_failing", ())] == 0
+    assert got[("kvpeer_peer_sessions", ())] == 2 and got[("kvpeer_peers_unreachable", ())] == 1
     assert got[("kvpeer_peers_up", ())] == 3
     assert got[("kvpeer_transport_events_total", (("event", "auth_failures"),))] == 2
     # Auth failures are counted by the transport, above; no family that nothing feeds (an

@@ -304,6 +304,7 @@ def test_disk_full_is_a_clear_error_and_ram_keeps_working(
     assert all(store.get_blocking(key(i)) == blob(i, 64 << 10) for i in range(65))
     stats = store.stats()
     assert stats["disk_errors"] >= 1 and stats["chunks"] == 65 and stats["ram_only_puts"] >= 1
+    assert stats["disk_failing"] is True
     assert stats["last_disk_error"] == "no space left on device"
     assert not list((tiny_tmpfs / "store").rglob("*.tmp"))
     (tiny_tmpfs / "filler").unlink()  # room again: after the retry delay the disk tier works
@@ -502,3 +503,24 @@ def test_a_file_that_cannot_be_looked_at_is_skipped_not_the_whole_disk_tier(
     reopened = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     assert len(reopened.keys()) == 1 and reopened.stats()["disk_unavailable"] == ""
     reopened.close()
+
+
+def test_a_file_that_cannot_be_read_leaves_the_index_is_counted_and_logged_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It stayed listed: lookups answered "local" and every fetch failed on it again, with a
+    warning per read (hundreds a second under load) and no counter."""
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    for i in (1, 2):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    for path in files(tmp_path):  # unreadable: a directory where the file was
+        path.unlink()
+        path.mkdir()
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.store"):
+        assert store.get_blocking(key(1)) is None and store.get_blocking(key(2)) is None
+    assert not store.has(key(1)) and not store.has(key(2))
+    assert store.stats()["disk_read_errors"] == 2
+    loud = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot read" in r.getMessage()]
+    assert len(loud) == 1
+    store.close()

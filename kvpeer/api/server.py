@@ -448,7 +448,7 @@ class ApiServer:
         conn = _Connection(conn_id, writer, uid, gid, pid)
         self._connections[conn_id] = conn
         self.counters["connections"] += 1
-        log.info("api: client %d connected: pid=%d uid=%d gid=%d", conn_id, pid, uid, gid)
+        log.debug("api: client %d connected: pid=%d uid=%d gid=%d", conn_id, pid, uid, gid)
         try:
             if not self._allowed(uid):
                 log.warning("api: client %d (uid %d) not allowed; closing", conn_id, uid)
@@ -469,7 +469,11 @@ class ApiServer:
             self._connections.pop(conn_id, None)
             if task is not None:
                 self._handlers.discard(task)
-            log.info("api: client %d gone; %d segments released", conn_id, released)
+            # Routine for a script's short connection; a client gone with segments held is news.
+            log.log(
+                logging.INFO if released else logging.DEBUG,
+                "api: client %d gone; %d segments released", conn_id, released,
+            )
 
     def _allowed(self, uid: int) -> bool:
         if self.allowed_uids is None:
@@ -576,7 +580,7 @@ class ApiServer:
             conn.namespace = message.namespace
             conn.namespace_allowed = True
             conn.client = message.client
-            log.info("api: client %d is %r in namespace %r", conn.id, message.client, message.namespace)
+            log.debug("api: client %d is %r in namespace %r", conn.id, message.client, message.namespace)
             return m.HelloOk(id=rid, server=SERVER_NAME, namespace=message.namespace)
         if isinstance(message, m.PutRequest | m.PutCommit | m.LookupRequest | m.FetchRequest):
             self._check_namespace(conn)

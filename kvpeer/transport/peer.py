@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
@@ -37,6 +39,20 @@ _MAX_WARNED = 256
 # at once, and this many from one address; more connections are closed at once.
 MAX_HANDSHAKES = 64
 MAX_HANDSHAKES_PER_ADDRESS = 8
+#: After a failed connect, a peer is not tried again for the first wait, doubled per failure up
+#: to the second (seconds); a success ends the episode.
+CONNECT_BACKOFF_S = (1.0, 30.0)
+
+
+class PeerBackingOff(TransportError):
+    """A connect refused at once: the peer's last connect failed and its wait is not over."""
+
+
+@dataclass(slots=True)
+class _Backoff:
+    retry_at: float
+    wait_s: float
+    reason: str
 
 
 async def _read_message(reader: asyncio.StreamReader) -> m.Message:
@@ -99,6 +115,8 @@ class PeerTransport:
         self._sessions: dict[str, PeerSession] = {}
         self._all: set[PeerSession] = set()
         self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
+        # Peers whose last connect failed: when to try again, the wait after that, and why.
+        self._backoff: dict[str, _Backoff] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._handshake_sources: dict[asyncio.Task[Any], str] = {}
         self._mtu = config.mtu or interface_mtu(config.host)
@@ -148,11 +166,49 @@ class PeerTransport:
             return existing
         task = self._connecting.get(peer_id)
         if task is None:
+            failed = self._backoff.get(peer_id)
+            now = time.monotonic()
+            if failed is not None and now < failed.retry_at:
+                # Every lookup and fetch asks an unsynced peer: without this, one unreachable
+                # peer costs each of them a handshake (or a connect timeout) and a log line.
+                raise PeerBackingOff(
+                    f"{peer_id} unreachable ({failed.reason}); next try in {failed.retry_at - now:.1f}s"
+                )
             task = asyncio.get_running_loop().create_task(self._connect(peer_id, host, port))
             self._connecting[peer_id] = task
-            task.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
+            task.add_done_callback(lambda done: self._connect_done(peer_id, host, port, done))
         # Several callers may wait on one attempt; cancelling one must not cancel the others.
         return await asyncio.shield(task)
+
+    def _connect_done(self, peer_id: str, host: str, port: int, task: asyncio.Task[PeerSession]) -> None:
+        self._connecting.pop(peer_id, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        failed = self._backoff.get(peer_id)
+        if exc is None:
+            if failed is not None:
+                del self._backoff[peer_id]
+                logger.info("peer %s at %s:%d is reachable again", peer_id, host, port)
+            return
+        wait = CONNECT_BACKOFF_S[0] if failed is None else min(failed.wait_s * 2, CONNECT_BACKOFF_S[1])
+        self._backoff[peer_id] = _Backoff(time.monotonic() + wait, wait, str(exc))
+        if failed is None:  # once per episode; the counters keep the rest
+            logger.warning(
+                "cannot connect to peer %s at %s:%d: %s; retrying after %.0f s, backing off to "
+                "%.0f s", peer_id, host, port, exc, wait, CONNECT_BACKOFF_S[1],
+            )
+        else:
+            logger.debug("connect to peer %s failed again: %s; next try in %.0f s", peer_id, exc, wait)
+
+    def forget_failures(self, peer_id: str) -> None:
+        """Try ``peer_id`` at the next connect, whatever its backoff (it was seen to come back)."""
+        self._backoff.pop(peer_id, None)
+
+    def backing_off(self) -> list[str]:
+        """Peers whose last connect failed and that are not tried again yet."""
+        now = time.monotonic()
+        return [peer for peer, failed in self._backoff.items() if now < failed.retry_at]
 
     async def close(self) -> None:
         """Stop accepting, close every session gracefully (bounded), then stop."""
@@ -202,7 +258,9 @@ class PeerTransport:
                 await session.wait_open(timeout)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
-            logger.warning("authentication with %s at %s:%d failed: %s", peer_id, host, port, exc)
+            # Said once per episode by _connect_done (with the reason): a peer holding another key
+            # would otherwise log a warning per lookup and fetch.
+            logger.debug("authentication with %s at %s:%d failed: %s", peer_id, host, port, exc)
             await _close_pc(pc)
             raise
         except TimeoutError:

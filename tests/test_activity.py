@@ -1,0 +1,29 @@
+"""The once-a-minute summary of served requests (requests themselves log at DEBUG)."""
+
+from __future__ import annotations
+
+from kvpeer.activity import Activity
+
+
+def test_nothing_served_says_nothing() -> None:
+    assert Activity().take_summary(60) is None
+
+
+def test_the_summary_counts_outcomes_bytes_and_times_and_then_starts_over() -> None:
+    activity = Activity()
+    for seconds in (0.1, 0.2, 0.3):
+        activity.fetch("complete", seconds, wire_bytes=2_000_000)
+    activity.fetch("miss", 0.001)
+    activity.put(chunks=4, stored=3)
+    line = activity.take_summary(60)
+    assert line == (
+        "last 60 s: 4 fetches (complete 3, miss 1), 6.0 MB from peers, p50 150 ms, p99 300 ms; "
+        "1 puts, 3 of 4 chunks new"
+    )
+    assert activity.take_summary(60) is None
+
+
+def test_only_puts() -> None:
+    activity = Activity()
+    activity.put(chunks=2, stored=0)
+    assert activity.take_summary(60) == "last 60 s: 1 puts, 0 of 2 chunks new"
