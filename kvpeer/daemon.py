@@ -251,8 +251,8 @@ class Daemon:
 
     def _peer_event(self, event: PeerEvent) -> None:
         # A peer that (re)appears (restarted, back after an outage) is worth a connect at once,
-        # whatever the backoff of its failed connects says.
-        if event.kind == "added":
+        # whatever the backoff of its failed connects says; one that left is forgotten.
+        if event.kind in ("added", "removed"):
             self.transport.forget_failures(event.peer.node_id)
 
     def _peer_down(self, peer_id: str) -> None:

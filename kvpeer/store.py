@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
+# Read errors that say nothing about the file (the process is short of descriptors or memory,
+# a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
+_PASSING_READ_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ESTALE}
+)
 # Errors opening the disk tier that mean the disk, not the configuration, is down: the store
 # then starts on its RAM tier instead of failing the daemon's start (and systemd's restarts).
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
@@ -615,20 +620,23 @@ class ChunkStore:
                     self._disk_remove(slot, changes)
             return None
         except OSError as exc:
-            # Out of the index: lookups stop offering a chunk that every fetch would fail on.
+            passing = exc.errno in _PASSING_READ_ERRNOS
             with self._lock:
                 self._counters.disk_read_errors += 1
                 errors = self._counters.disk_read_errors
-                if slot in self._disk:
-                    self._disk_remove(slot, changes)
+                if not passing and slot in self._disk:
+                    # Out of the index (no I/O here, under the lock): lookups stop offering a
+                    # chunk every fetch would fail on. The file stays; a restart looks again.
+                    self.disk_used -= self._disk.pop(slot)
+                    self._mark_gone(slot, changes)
                 now = time.monotonic()
                 loud = now - self._read_warned_at >= READ_WARN_S
                 if loud:
                     self._read_warned_at = now
             log.log(
                 logging.WARNING if loud else logging.DEBUG,
-                "store: cannot read %s: %s; dropped from the index (%d read errors so far)",
-                path, _describe_os_error(exc), errors,
+                "store: cannot read %s: %s; %s (%d read errors so far)",
+                path, _describe_os_error(exc), "kept" if passing else "dropped from the index", errors,
             )
             return None
         try:

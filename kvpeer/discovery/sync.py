@@ -133,6 +133,13 @@ class InventorySync:
                 try:
                     epoch = await sync_peer(self.table, self._request, peer, self._timeout_s)
                 except Exception as exc:
+                    waiting = getattr(exc, "retry_in_s", None)
+                    if isinstance(waiting, float):
+                        # Not dialled: the transport waits out a failed connect (said once,
+                        # there); try when its wait ends, without backing off further.
+                        log.debug("inventory of %s not synced yet: %s", peer_id, exc)
+                        await asyncio.sleep(min(waiting, RETRY_MAX_S))
+                        continue
                     # The advertisement may not change again for a long time: retry, backing
                     # off, while the peer is still listed. An unexpected error (a peer's answer
                     # we did not foresee) is retried too, else the peer is never synced.

@@ -44,8 +44,16 @@ MAX_HANDSHAKES_PER_ADDRESS = 8
 CONNECT_BACKOFF_S = (1.0, 30.0)
 
 
+#: Peers remembered as failing at most (ids come from unauthenticated adverts): the oldest go.
+MAX_BACKOFFS = 4096
+
+
 class PeerBackingOff(TransportError):
     """A connect refused at once: the peer's last connect failed and its wait is not over."""
+
+    def __init__(self, reason: str, retry_in_s: float) -> None:
+        super().__init__(reason)
+        self.retry_in_s = retry_in_s  # when a connect is worth trying again
 
 
 @dataclass(slots=True)
@@ -53,6 +61,7 @@ class _Backoff:
     retry_at: float
     wait_s: float
     reason: str
+    address: tuple[str, int]  # where it failed: a peer at a new address is tried at once
 
 
 async def _read_message(reader: asyncio.StreamReader) -> m.Message:
@@ -168,11 +177,12 @@ class PeerTransport:
         if task is None:
             failed = self._backoff.get(peer_id)
             now = time.monotonic()
-            if failed is not None and now < failed.retry_at:
+            if failed is not None and now < failed.retry_at and failed.address == (host, port):
                 # Every lookup and fetch asks an unsynced peer: without this, one unreachable
                 # peer costs each of them a handshake (or a connect timeout) and a log line.
+                wait = failed.retry_at - now
                 raise PeerBackingOff(
-                    f"{peer_id} unreachable ({failed.reason}); next try in {failed.retry_at - now:.1f}s"
+                    f"{peer_id} unreachable ({failed.reason}); next try in {wait:.1f}s", wait
                 )
             task = asyncio.get_running_loop().create_task(self._connect(peer_id, host, port))
             self._connecting[peer_id] = task
@@ -185,14 +195,14 @@ class PeerTransport:
         if task.cancelled():
             return
         exc = task.exception()
-        failed = self._backoff.get(peer_id)
         if exc is None:
-            if failed is not None:
-                del self._backoff[peer_id]
-                logger.info("peer %s at %s:%d is reachable again", peer_id, host, port)
-            return
+            return  # _register ended its episode
+        failed = self._backoff.get(peer_id)
         wait = CONNECT_BACKOFF_S[0] if failed is None else min(failed.wait_s * 2, CONNECT_BACKOFF_S[1])
-        self._backoff[peer_id] = _Backoff(time.monotonic() + wait, wait, str(exc))
+        self._backoff.pop(peer_id, None)  # re-inserted last: the dict stays in age order
+        self._backoff[peer_id] = _Backoff(time.monotonic() + wait, wait, str(exc), (host, port))
+        while len(self._backoff) > MAX_BACKOFFS:
+            del self._backoff[next(iter(self._backoff))]
         if failed is None:  # once per episode; the counters keep the rest
             logger.warning(
                 "cannot connect to peer %s at %s:%d: %s; retrying after %.0f s, backing off to "
@@ -446,6 +456,8 @@ class PeerTransport:
         # the other stays up (the peer may use it) until either side closes it.
         if current is None:
             self._sessions[session.peer_id] = session
+        if self._backoff.pop(session.peer_id, None) is not None:  # a session, either way round
+            logger.info("peer %s is reachable again", session.peer_id)
         self.counters["sessions_opened"] += 1
         logger.info(
             "session with %s open (%s key, SCTP packets of %d bytes)",

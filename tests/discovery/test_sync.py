@@ -198,3 +198,33 @@ def test_a_large_inventory_of_a_node_from_before_paging_at_an_epoch_is_synced() 
         await sync.close()
 
     asyncio.run(main())
+
+
+class NotDialled(TransportError):
+    """What the transport raises while a peer's failed connect waits (PeerBackingOff)."""
+
+    def __init__(self, retry_in_s: float) -> None:
+        super().__init__("unreachable; next try soon")
+        self.retry_in_s = retry_in_s
+
+
+def test_a_connect_the_transport_holds_back_is_waited_for_not_backed_off_further() -> None:
+    """Nothing was dialled: the sync tries when the transport's wait ends, and its own
+    backoff (which grows to 30 s) does not grow meanwhile."""
+
+    async def main() -> None:
+        log = InventoryLog(epoch=0)
+        log.add([os.urandom(32)])
+        held_back = [NotDialled(0.05) for _ in range(4)]
+
+        async def request(peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            if held_back:
+                raise held_back.pop()
+            return log.since(body["since"])
+
+        sync = InventorySync(InventoryTable(), request, retry_s=5.0)  # a real failure: 5 s
+        sync.on_event(PeerEvent(kind="added", peer=peer(log)))
+        await sync.wait_synced("p", 3)  # four waits of 0.05 s, not 5 + 10 + 20 + 30 s
+        await sync.close()
+
+    asyncio.run(main())

@@ -100,3 +100,32 @@ def test_a_peer_with_another_key_is_one_warning_not_one_per_request_and_recovers
             await b.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_peer_at_a_new_address_or_one_that_dials_us_ends_its_backoff() -> None:
+    async def body() -> None:
+        a = PeerTransport("node-a", _config(), Handler())
+        b = PeerTransport("node-b", _config(), Handler())
+        await a.start()
+        await b.start()
+        try:
+            with pytest.raises(TransportError):
+                await a.connect("node-b", "127.0.0.1", _closed_port())  # an old address
+            assert a.backing_off() == ["node-b"]
+            session = await a.connect("node-b", "127.0.0.1", b.port)  # its new one: tried at once
+            assert session is not None and a.backing_off() == []
+            await session.close()
+            with pytest.raises(TransportError):
+                await a.connect("node-c", "127.0.0.1", _closed_port())
+            c = PeerTransport("node-c", _config(), Handler())
+            await c.start()
+            try:
+                await c.connect("node-a", "127.0.0.1", a.port)  # it dials us: it is up
+                assert a.backing_off() == []
+            finally:
+                await c.close()
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
