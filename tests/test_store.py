@@ -282,6 +282,19 @@ def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _gate_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the store's file writes until the returned event is set."""
+    gate = threading.Event()
+    write = store_mod._write_file_blocking
+
+    def gated_write(*args: object) -> None:
+        gate.wait(30)
+        write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", gated_write)
+    return gate
+
+
 def _fill(path: Path) -> None:
     """Write ``path`` until its file system is full."""
     with contextlib.suppress(OSError), open(path, "wb") as filler:
@@ -327,14 +340,7 @@ def test_disk_full_keeps_acknowledged_puts_and_frees_room_from_the_oldest_files(
         store.put_blocking(key(i), "q8", blob(i, size))
     assert store.flush(timeout_s=30)
     _fill(tiny_tmpfs / "filler")  # another program fills the file system
-    gate = threading.Event()
-    write = store_mod._write_file_blocking
-
-    def gated_write(*args: object) -> None:
-        gate.wait(30)
-        write(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store_mod, "_write_file_blocking", gated_write)
+    gate = _gate_writes(monkeypatch)
     for i in (10, 11):  # acknowledged, queued behind the gate
         store.put_blocking(key(i), "q8", blob(i, size))
     for i in range(2):  # reads pull the older chunks into RAM: the queued ones leave it
@@ -464,14 +470,7 @@ def test_put_if_held_that_waited_for_the_writer_does_not_bring_back_a_key_cleare
                        level_order=LEVELS, max_pending_bytes=1500, writers=1)
     store.put_blocking(key(2), "q8", blob(2))
     assert store.flush(timeout_s=30)
-    gate = threading.Event()
-    write = store_mod._write_file_blocking
-
-    def gated_write(*args: object) -> None:
-        gate.wait(30)
-        write(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store_mod, "_write_file_blocking", gated_write)
+    gate = _gate_writes(monkeypatch)
     store.put_blocking(key(1), "q8", blob(1))  # the queue is now full behind the gate
     result: list[bool] = []
     waiting = threading.Thread(target=lambda: result.append(store.put_if_held_blocking(key(2), "q4", blob(3))))

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import time
-from typing import Any
 
 import pytest
 
@@ -16,16 +15,9 @@ from kvpeer.errors import KVPeerError, TransportError
 from kvpeer.transport import PeerTransport, TransportConfig
 from kvpeer.transport import peer as peer_mod
 from kvpeer.transport.peer import PeerBackingOff
+from tests.transport.test_handshake_faults import Handler
 
 KEY = os.urandom(32)
-
-
-class Handler:
-    async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
-        return None
 
 
 def _config(psk: bytes = KEY) -> TransportConfig:
