@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvpeer.errors import StoreError
+from kvpeer.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -706,7 +707,7 @@ class ChunkStore:
         dirs = {path.parent for _slot, _entry, path in written}
         for directory in dirs:  # once per batch: renames become durable together
             try:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except OSError as exc:
                 log.warning("store: cannot fsync %s: %s", directory, exc)
         changes = _Changes()
@@ -853,14 +854,6 @@ def _call_listener(callback: Listener, added: list[bytes], removed: list[bytes])
         callback(added, removed)
     except Exception:  # a listener's bug must not break the store or its caller
         log.exception("store listener %r failed", callback)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe_os_error(exc: OSError) -> str:
