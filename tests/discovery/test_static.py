@@ -98,18 +98,28 @@ def test_static_peers_see_update_goodbye_and_silence() -> None:
     asyncio.run(main())
 
 
+async def _node_b_listening(pa: int, pb: int) -> tuple[StaticDiscovery, Recorder]:
+    """Node "b" on port ``pb``, its static peer "a" on ``pa``, and a recorder of b's events."""
+    b = StaticDiscovery(config(pa))
+    seen = Recorder()
+    b.subscribe(seen)
+    await b.start(advert("b", pb))
+    return b, seen
+
+
+def _ad_beacon_of_a(pa: int) -> bytes:
+    return encode_beacon(
+        Beacon(kind="ad", node_id="a", record=encode_record(advert("a", pa), ["127.0.0.1"]))
+    )
+
+
 def test_silent_static_peer_times_out_and_returns() -> None:
     async def main() -> None:
         pa, pb = free_port(), free_port()
-        b = StaticDiscovery(config(pa))
-        seen = Recorder()
-        b.subscribe(seen)
-        await b.start(advert("b", pb))
+        b, seen = await _node_b_listening(pa, pb)
         # Node "a" is a bare socket sending beacons by hand, so it can fall silent like a
         # crashed process (no goodbye).
-        beacon = encode_beacon(
-            Beacon(kind="ad", node_id="a", record=encode_record(advert("a", pa), ["127.0.0.1"]))
-        )
+        beacon = _ad_beacon_of_a(pa)
         with socket.socket(type=socket.SOCK_DGRAM) as a:
             a.bind(("127.0.0.1", pa))
             try:
@@ -159,13 +169,8 @@ def test_a_failing_send_neither_stops_expiry_nor_close(monkeypatch: pytest.Monke
 
     async def main() -> None:
         pa, pb = free_port(), free_port()
-        b = StaticDiscovery(config(pa))
-        seen = Recorder()
-        b.subscribe(seen)
-        await b.start(advert("b", pb))
-        beacon = encode_beacon(
-            Beacon(kind="ad", node_id="a", record=encode_record(advert("a", pa), ["127.0.0.1"]))
-        )
+        b, seen = await _node_b_listening(pa, pb)
+        beacon = _ad_beacon_of_a(pa)
         try:
             with socket.socket(type=socket.SOCK_DGRAM) as a:
                 a.bind(("127.0.0.1", pa))
