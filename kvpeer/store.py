@@ -347,8 +347,7 @@ class ChunkStore:
                 "last_disk_error": self._last_disk_error,
                 "ram_only_puts": c.ram_only_puts,
                 "disk_read_errors": c.disk_read_errors,
-                "disk_failing": self._disk_failed_at is not None
-                and time.monotonic() - self._disk_failed_at < DISK_RETRY_S,
+                "disk_failing": self._disk_failing(),
                 "disk_unavailable": self.disk_unavailable,
             }
 
