@@ -208,6 +208,16 @@ def transcode_blocking(blob: bytes, level: str, options: TranscodeOptions | None
 
 
 # --------------------------------------------------------------------------- shared transfers
+@dataclass(slots=True)
+class ChunkRate:
+    """What whole chunks from one peer measured: the goodput (bits/s, an EWMA), how many chunks
+    it rests on, and when the last of them arrived (it is forgotten after ``link_memory_s``)."""
+
+    bps: float
+    samples: int
+    at: float
+
+
 class _Transfer:
     """One chunk transfer that several fetches may wait on."""
 
@@ -328,27 +338,40 @@ class Fetcher:
         # differently, and the lossless level's size depends on the dtype.
         self._bytes_per_token: dict[tuple[str, int], dict[str, float]] = {}
         self.bytes_from_peers = 0
-        self.chunk_rates: dict[str, float] = {}  # peer -> whole-chunk goodput, bits/s (EWMA)
-        self.chunk_samples: dict[str, int] = {}
-        self.chunk_rate_at: dict[str, float] = {}  # peer -> when its last whole chunk arrived
+        self.chunk_rates: dict[str, ChunkRate] = {}
         # Which live estimates may condemn a link; the last of them per peer, for link_memory_s.
         self.links = LinkEvidence(
             evidence_bytes=self.config.evidence_bytes, memory_s=self.config.link_memory_s
         )
 
-    def chunk_rate(self, peer: str, now: float) -> float | None:
-        """``peer``'s whole-chunk goodput if a chunk measured it within ``link_memory_s``.
+    def chunk_rate(self, peer: str, now: float) -> ChunkRate | None:
+        """What whole chunks measured of ``peer``, if one did within ``link_memory_s``.
 
         An older rate is forgotten: after one congested fetch the controller recomputes rather
         than ask that peer, so nothing else would ever correct the rate.
         """
-        at = self.chunk_rate_at.get(peer)
-        if at is None or now - at > self.config.link_memory_s:
-            self.chunk_rates.pop(peer, None)
-            self.chunk_samples.pop(peer, None)
-            self.chunk_rate_at.pop(peer, None)
+        rate = self.chunk_rates.get(peer)
+        if rate is not None and now - rate.at > self.config.link_memory_s:
+            del self.chunk_rates[peer]
             return None
-        return self.chunk_rates.get(peer)
+        return rate
+
+    def measure_chunk_rate(self, peer: str, sample_bps: float, now: float) -> None:
+        """Fold one whole chunk's goodput into ``peer``'s rate."""
+        old = self.chunk_rate(peer, now)
+        if old is None:
+            # A new peer's record: drop the ones nothing has asked of for too long, so peers
+            # that came and went do not pile up.
+            memory = self.config.link_memory_s
+            for stale in [p for p, r in self.chunk_rates.items() if now - r.at > memory]:
+                del self.chunk_rates[stale]
+            self.chunk_rates[peer] = ChunkRate(bps=sample_bps, samples=1, at=now)
+            return
+        # Two chunks that shared the link and ended close together read as one chunk over that
+        # small gap: bound one sample's pull.
+        old.bps = 0.5 * old.bps + 0.5 * min(sample_bps, 4.0 * old.bps)
+        old.samples += 1
+        old.at = now
 
     def learn_recompute_rate(self, tokens: int, seconds: float, model: str = "") -> None:
         """A put showed how fast a client of ``model`` computes a prefix (its prefill time)."""
@@ -636,7 +659,8 @@ class _FetchRun:
         if peer == LOCAL:
             return 1e12
         live, evidence = self._live(peer, now)
-        chunks = self.f.chunk_rate(peer, now)
+        rate = self.f.chunk_rate(peer, now)
+        chunks = rate.bps if rate is not None else None
         if live or chunks:
             self.sched.set_window(peer, self.cfg.scheduler.window)
         else:
@@ -647,7 +671,7 @@ class _FetchRun:
         # The live estimate's first samples catch slow start: trust it for drops only once the
         # peer has a chunk-level baseline of a few samples, and only as evidence (not the
         # session's first sample).
-        if live and evidence and live < 0.5 * chunks and self.f.chunk_samples.get(peer, 0) >= 2:
+        if live and evidence and live < 0.5 * chunks and rate is not None and rate.samples >= 2:
             return float(live)
         return chunks
 
@@ -673,15 +697,7 @@ class _FetchRun:
         self.last_done[peer] = now
         if now - begin <= 0 or nbytes <= 0:
             return
-        sample = nbytes * 8 / (now - begin)
-        old = self.f.chunk_rate(peer, now)
-        if old is not None:
-            # Two chunks that shared the link and ended close together read as one chunk over
-            # that small gap: bound one sample's pull.
-            sample = min(sample, 4.0 * old)
-        self.f.chunk_rates[peer] = sample if old is None else 0.5 * old + 0.5 * sample
-        self.f.chunk_samples[peer] = self.f.chunk_samples.get(peer, 0) + 1
-        self.f.chunk_rate_at[peer] = now
+        self.f.measure_chunk_rate(peer, nbytes * 8 / (now - begin), now)
 
     def _probe(self, level: str) -> str:
         probe = self.cfg.probe_level

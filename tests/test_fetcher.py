@@ -20,7 +20,15 @@ from kvpeer import codec
 from kvpeer import fetcher as fetcher_mod
 from kvpeer.errors import ErrorCode, ProtocolError, TransportError
 from kvpeer.fetch_policy import RecomputeRest, SchedulerConfig
-from kvpeer.fetcher import LOCAL, Fetcher, FetcherConfig, FetchEvent, LevelServer, _FetchRun
+from kvpeer.fetcher import (
+    LOCAL,
+    ChunkRate,
+    Fetcher,
+    FetcherConfig,
+    FetchEvent,
+    LevelServer,
+    _FetchRun,
+)
 
 TOKENS = 256
 LAYERS, HEADS, DIM = 2, 2, 16
@@ -824,9 +832,7 @@ def test_a_sink_slow_to_take_the_last_chunks_does_not_cut_the_prefix() -> None:
 
 def measured(f: Fetcher, peer: str, bps: float) -> None:
     """As if a whole chunk from ``peer`` had just measured it at ``bps``."""
-    f.chunk_rates[peer] = bps
-    f.chunk_samples[peer] = 3
-    f.chunk_rate_at[peer] = f.clock()
+    f.chunk_rates[peer] = ChunkRate(bps=bps, samples=3, at=f.clock())
 
 
 class ShiftedClock:
@@ -861,6 +867,21 @@ def test_a_peer_measured_slow_is_asked_again_once_the_measurement_is_old() -> No
         assert len(peer.calls) == 4
 
     asyncio.run(main())
+
+
+def test_chunk_rates_of_peers_gone_quiet_are_dropped_when_a_new_peer_is_measured() -> None:
+    """Peers come and go; the rates of those nothing asked of within ``link_memory_s`` must not
+    pile up for the daemon's lifetime."""
+    clock = ShiftedClock()
+    f = Fetcher(sessions={}.get, cache=Cache(), chunk_tokens=TOKENS, clock=clock)
+    for i in range(100):
+        f.measure_chunk_rate(f"old{i}", 1e6, clock())
+    f.measure_chunk_rate("old0", 3e6, clock())
+    assert f.chunk_rates["old0"].samples == 2
+    assert f.chunk_rates["old0"].bps == pytest.approx(2e6)
+    clock.offset += f.config.link_memory_s + 1
+    f.measure_chunk_rate("new", 1e6, clock())
+    assert list(f.chunk_rates) == ["new"]
 
 
 BIG = (16, 8, 64)  # layers, kv_heads, head_dim: 64x the KV of the tests' model
@@ -960,9 +981,9 @@ def test_one_chunk_cannot_pull_a_peers_rate_up_more_than_fourfold() -> None:
         run = fetch_run(f, [{"a"}] * 2)
         now = f.clock()
         run._chunk_rate("a", now - 1.0, now, 125_000)  # 1 Mbit/s over a second
-        assert f.chunk_rates["a"] == pytest.approx(1e6)
+        assert f.chunk_rates["a"].bps == pytest.approx(1e6)
         run._chunk_rate("a", now - 1.0, now + 0.001, 125_000)
-        assert f.chunk_rates["a"] == pytest.approx(0.5e6 + 0.5 * 4e6)
+        assert f.chunk_rates["a"].bps == pytest.approx(0.5e6 + 0.5 * 4e6)
 
     asyncio.run(main())
 
