@@ -265,7 +265,9 @@ def _start_metrics(config: Any, daemon: Any) -> Any:
         return None
     metrics = daemon.metrics
     try:
-        return metrics.start_http(config.metrics.host, config.metrics.port, lambda: daemon.ready)
+        return metrics.start_http(
+            config.metrics.host, config.metrics.port, lambda: daemon.ready, daemon.degraded
+        )
     except OSError as exc:
         log.error(
             "metrics: cannot listen on %s:%d (%s); running without /metrics and /healthz",

@@ -471,10 +471,23 @@ class Daemon:
             plan.holders.append(peers)
         return plan
 
+    def degraded(self) -> list[str]:
+        """What works less well than configured, one line each (``/healthz``, ``kvpeer status``).
+
+        Read from the metrics thread too: it only reads state, never waits on the event loop.
+        """
+        return degraded_reasons(
+            self.store.stats(),
+            keyless=self.transport.config.keyless_risk == logging.ERROR,
+            unreachable=len(self.transport.backing_off()),
+            peers=len(self.discovery.peers()),
+        )
+
     async def stats(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "ready": self.ready,
+            "degraded": self.degraded(),
             "store": self.store.stats(),
             "inventory_epoch": self.inventory.epoch,
             "chunks": len(self.inventory),
@@ -556,6 +569,30 @@ def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
             continue
         fingerprints[fp.hex] = fp
     return fingerprints
+
+
+def degraded_reasons(
+    store: dict[str, Any], *, keyless: bool, unreachable: int, peers: int
+) -> list[str]:
+    """The ways a serving daemon is worse off than its configuration asks, in words.
+
+    None of them stops it serving, so ``/healthz`` stays 200 (restarting would not mend a full
+    disk or a peer that is down) and says them in its body; the gauges carry each as a number.
+    """
+    reasons = []
+    if store.get("disk_unavailable"):
+        reasons.append(
+            f"store: the disk tier did not open ({store['disk_unavailable']}); "
+            "running on the RAM tier only"
+        )
+    elif store.get("disk_failing"):
+        why = store.get("last_disk_error") or "write errors"
+        reasons.append(f"store: disk writes failing ({why}); new chunks are held in RAM only")
+    if keyless:
+        reasons.append("transport: no cluster key (transport.psk_file): any host on the LAN joins")
+    if unreachable:
+        reasons.append(f"peers: {unreachable} of {peers} listed peers cannot be connected to")
+    return reasons
 
 
 def save_fingerprints_blocking(path: Path, fingerprints: Sequence[ModelFingerprint]) -> None:

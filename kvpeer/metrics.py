@@ -238,8 +238,14 @@ class Metrics:
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
-    def start_http(self, host: str, port: int, ready: Callable[[], bool]) -> HttpEndpoint:
-        return start_http(self, host, port, ready)
+    def start_http(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        degraded: Callable[[], list[str]] | None = None,
+    ) -> HttpEndpoint:
+        return start_http(self, host, port, ready, degraded)
 
 
 # ----------------------------------------------------------------------------- HTTP endpoint
@@ -256,6 +262,16 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("http %s: " + format, self.client_address[0], *args)
 
 
+def _health_text(degraded: Callable[[], list[str]] | None) -> str:
+    try:
+        reasons = degraded() if degraded is not None else []
+    except Exception as exc:  # a failing probe of the details must not fail the health check
+        reasons = [f"health details unavailable: {exc!r}"]
+    if not reasons:
+        return "ok\n"
+    return "ok, degraded:\n" + "".join(f"- {reason}\n" for reason in reasons)
+
+
 class HttpEndpoint:
     """The running /metrics + /healthz server; :meth:`close` stops it."""
 
@@ -270,11 +286,18 @@ class HttpEndpoint:
         self._thread.join(timeout=5)
 
 
-def start_http(metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> HttpEndpoint:
+def start_http(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    ready: Callable[[], bool],
+    degraded: Callable[[], list[str]] | None = None,
+) -> HttpEndpoint:
     """Serve ``/metrics`` and ``/healthz`` on ``host:port`` (port 0: any free port) in a thread.
 
-    The server runs in its own thread so a scrape never waits on the event loop; ``ready`` is
-    read from that thread (a bool attribute read is enough). OSError if the port is taken.
+    The server runs in its own thread so a scrape never waits on the event loop; ``ready`` and
+    ``degraded`` are called from that thread. ``/healthz`` is 503 until ready, then 200 with
+    "ok" or "ok, degraded:" and one reason a line. OSError if the port is taken.
     """
     metrics_app = make_wsgi_app(metrics.registry)
 
@@ -285,7 +308,7 @@ def start_http(metrics: Metrics, host: str, port: int, ready: Callable[[], bool]
                 ok = bool(ready())
             except Exception:  # a failing readiness probe means "not ready", not a 500
                 ok = False
-            body = b"ok\n" if ok else b"not ready\n"
+            body = (_health_text(degraded) if ok else "not ready\n").encode()
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
             return iter([body])

@@ -209,3 +209,43 @@ def test_stop_drains_the_store_even_when_a_network_part_hangs() -> None:
     )  # fmt: skip
     asyncio.run(aio.wait_for(daemon.Daemon.stop(node), 1.0))
     assert drained == [True]
+
+
+def test_degraded_names_each_state_that_serves_worse_than_configured() -> None:
+    healthy = {"disk_unavailable": "", "disk_failing": False, "last_disk_error": ""}
+    assert daemon.degraded_reasons(healthy, keyless=False, unreachable=0, peers=3) == []
+    reasons = daemon.degraded_reasons(
+        {**healthy, "disk_failing": True, "last_disk_error": "No space left on device"},
+        keyless=True, unreachable=2, peers=3,
+    )
+    assert reasons == [
+        "store: disk writes failing (No space left on device); new chunks are held in RAM only",
+        "transport: no cluster key (transport.psk_file): any host on the LAN joins",
+        "peers: 2 of 3 listed peers cannot be connected to",
+    ]
+    # A disk that never opened is said as that, not also as failing.
+    [reason] = daemon.degraded_reasons(
+        {**healthy, "disk_unavailable": "read-only file system", "disk_failing": True},
+        keyless=False, unreachable=0, peers=0,
+    )
+    assert "did not open (read-only file system)" in reason
+
+
+def test_a_daemon_reads_its_degraded_state_from_store_transport_and_discovery() -> None:
+    import logging as logging_mod
+
+    from kvpeer.store import ChunkStore
+
+    store = ChunkStore(ram_bytes=1 << 20)
+    node = SimpleNamespace(
+        store=store,
+        transport=SimpleNamespace(
+            config=SimpleNamespace(keyless_risk=logging_mod.WARNING),  # loopback: not degraded
+            backing_off=lambda: ["b"],
+        ),
+        discovery=SimpleNamespace(peers=lambda: {"a": None, "b": None}),
+    )
+    assert daemon.Daemon.degraded(node) == ["peers: 1 of 2 listed peers cannot be connected to"]
+    node.transport.config.keyless_risk = logging_mod.ERROR
+    assert len(daemon.Daemon.degraded(node)) == 2
+    store.close()

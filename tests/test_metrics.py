@@ -91,6 +91,35 @@ def test_healthz_is_503_until_ready(served) -> None:  # type: ignore[no-untyped-
     assert scrape(endpoint, "/nope")[0] == 404
 
 
+def test_healthz_stays_200_when_degraded_and_says_why() -> None:
+    metrics = Metrics(process=False)
+    reasons: list[str] = []
+    endpoint = metrics.start_http("127.0.0.1", 0, lambda: True, lambda: reasons)
+    try:
+        assert scrape(endpoint, "/healthz") == (200, "ok\n")
+        reasons[:] = ["store: disk writes failing", "peers: 1 of 2 listed peers cannot be connected to"]
+        assert scrape(endpoint, "/healthz") == (
+            200,
+            "ok, degraded:\n- store: disk writes failing\n"
+            "- peers: 1 of 2 listed peers cannot be connected to\n",
+        )
+    finally:
+        endpoint.close()
+
+
+def test_healthz_is_still_answered_when_its_details_fail() -> None:
+    def broken() -> list[str]:
+        raise RuntimeError("boom")
+
+    metrics = Metrics(process=False)
+    endpoint = metrics.start_http("127.0.0.1", 0, lambda: True, broken)
+    try:
+        status, body = scrape(endpoint, "/healthz")
+        assert status == 200 and body.startswith("ok, degraded:\n- health details unavailable")
+    finally:
+        endpoint.close()
+
+
 def test_registries_are_per_instance_and_peer_labels_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics_mod, "MAX_PEER_LABELS", 2)
     a, b = Metrics(process=False), Metrics(process=False)

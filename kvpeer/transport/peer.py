@@ -218,7 +218,8 @@ class PeerTransport:
     def backing_off(self) -> list[str]:
         """Peers whose last connect failed and that are not tried again yet."""
         now = time.monotonic()
-        return [peer for peer, failed in self._backoff.items() if now < failed.retry_at]
+        # A copy first: the metrics thread asks too, while the loop may change the dict.
+        return [peer for peer, failed in self._backoff.copy().items() if now < failed.retry_at]
 
     async def close(self) -> None:
         """Stop accepting, close every session gracefully (bounded), then stop."""
