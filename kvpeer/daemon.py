@@ -26,6 +26,7 @@ from kvpeer import __version__, aio, codec
 from kvpeer.activity import Activity
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink
 from kvpeer.codec import container as codec_container
+from kvpeer.codec import nvenc
 from kvpeer.codec import profile as codec_profiles
 from kvpeer.codec.profile import CodecProfile
 from kvpeer.config import Config
@@ -161,9 +162,9 @@ class Daemon:
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        # The GPU probe runs a subprocess (up to ~20 s): once, off the event loop.
-        self.codec_backends = await loop.run_in_executor(None, codec.available_backends)
+        # The GPU probe runs a subprocess (up to ~20 s); a stop meanwhile kills it.
+        await nvenc.probe_async()
+        self.codec_backends = codec.available_backends(probe=False)
         for key in self.store.keys():
             self.inventory.add([key])
         self.store.subscribe(self._store_changed)

@@ -13,7 +13,7 @@ kept out of this module until they have run on a GPU.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import logging
 import subprocess
@@ -102,6 +102,12 @@ def parse_probe_output(text: str) -> NvCapabilities:
         return NvCapabilities(reason=f"probe output unreadable: {exc}")
 
 
+def _finished_probe(returncode: int, stdout: str, stderr: str) -> NvCapabilities:
+    if returncode != 0:
+        return NvCapabilities(reason=f"probe exited {returncode}: {stderr.strip()[-300:]}")
+    return parse_probe_output(stdout)
+
+
 def _run_probe(timeout: float) -> NvCapabilities:
     try:
         done = subprocess.run(
@@ -115,22 +121,49 @@ def _run_probe(timeout: float) -> NvCapabilities:
         return NvCapabilities(reason=f"probe timed out after {timeout:.0f} s")
     except OSError as exc:
         return NvCapabilities(reason=f"probe could not start: {exc}")
-    if done.returncode != 0:
-        return NvCapabilities(reason=f"probe exited {done.returncode}: {done.stderr.strip()[-300:]}")
-    return parse_probe_output(done.stdout)
+    return _finished_probe(done.returncode, done.stdout, done.stderr)
+
+
+async def _run_probe_async(limit_s: float) -> NvCapabilities:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE_SCRIPT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except OSError as exc:
+        return NvCapabilities(reason=f"probe could not start: {exc}")
+    try:
+        async with asyncio.timeout(limit_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        return NvCapabilities(reason=f"probe timed out after {limit_s:.0f} s")
+    finally:
+        if proc.returncode is None:  # timed out, or the caller gave up (a stop during start)
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return _finished_probe(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 _probed: NvCapabilities | None = None
 
 
-@functools.cache
-def probe(timeout: float = PROBE_TIMEOUT_S) -> NvCapabilities:
-    """Probe NVENC/NVDEC once per process (blocking; run it in an executor from asyncio)."""
+def _remember(caps: NvCapabilities) -> NvCapabilities:
     global _probed
-    caps = _run_probe(timeout)
     log.info("nvenc probe: %s", caps.as_dict())
     _probed = caps
     return caps
+
+
+def probe(timeout: float = PROBE_TIMEOUT_S) -> NvCapabilities:
+    """Probe NVENC/NVDEC once per process (blocking; from asyncio use :func:`probe_async`)."""
+    return _probed if _probed is not None else _remember(_run_probe(timeout))
+
+
+async def probe_async(limit_s: float = PROBE_TIMEOUT_S) -> NvCapabilities:
+    """:func:`probe` for the event loop: cancelling it (a stop while the daemon starts) kills
+    the probe's process at once instead of leaving a thread waiting out the timeout."""
+    return _probed if _probed is not None else _remember(await _run_probe_async(limit_s))
 
 
 def cached() -> NvCapabilities | None:

@@ -76,19 +76,59 @@ def test_nvenc_probe_parses_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> N
     assert caps.usable and caps.decode and not caps.encode
     assert not nvenc.parse_probe_output("garbage").usable
     assert not nvenc.parse_probe_output('{"module": false, "error": "No module"}').usable
-    nvenc.probe.cache_clear()
     monkeypatch.setattr(nvenc, "_probed", None)
     monkeypatch.setattr(nvenc, "_run_probe", lambda timeout: nvenc.NvCapabilities(reason="no GPU"))
     assert nvenc.cached() is None and codec.available_backends(probe=False)[0] == "zstd"
-    try:
-        assert not nvenc.available()
-        assert "nvenc" not in codec.available_backends()
-        k, v = _kv()
-        blob = codec.encode(k, v, "q8", backend="nvenc")  # falls back to a CPU HEVC encode
-        assert codec.read_header(blob).stream == "hevc"
-        assert codec.decode(blob)[0].shape == k.shape
-    finally:
-        nvenc.probe.cache_clear()
+    assert not nvenc.available()
+    assert "nvenc" not in codec.available_backends()
+    k, v = _kv()
+    blob = codec.encode(k, v, "q8", backend="nvenc")  # falls back to a CPU HEVC encode
+    assert codec.read_header(blob).stream == "hevc"
+    assert codec.decode(blob)[0].shape == k.shape
+
+
+def test_a_probe_cancelled_while_it_runs_kills_its_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop while the daemon starts cancels the probe; its process must not live on (nor a
+    thread wait out the 20 s limit before the daemon can exit)."""
+    import asyncio
+    import os
+
+    monkeypatch.setattr(nvenc, "_probed", None)
+    monkeypatch.setattr(nvenc, "_PROBE_SCRIPT", "import time; time.sleep(60)")
+    started: list[asyncio.subprocess.Process] = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def exec_and_note(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        proc = await real_exec(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", exec_and_note)
+
+    async def main() -> None:
+        probing = asyncio.create_task(nvenc.probe_async())
+        while not started:
+            await asyncio.sleep(0.01)
+        probing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probing
+
+    asyncio.run(main())
+    [proc] = started
+    assert proc.returncode is not None  # reaped, not left running
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
+    assert nvenc.cached() is None  # nothing remembered: the next start probes again
+
+
+def test_a_probe_past_its_limit_reports_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    monkeypatch.setattr(nvenc, "_probed", None)
+    monkeypatch.setattr(nvenc, "_PROBE_SCRIPT", "import time; time.sleep(60)")
+    caps = asyncio.run(nvenc.probe_async(limit_s=0.5))
+    assert not caps.usable and "timed out" in caps.reason
+    assert nvenc.cached() is caps
 
 
 def test_real_probe_never_raises() -> None:
