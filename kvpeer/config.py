@@ -76,7 +76,8 @@ def setting(default: T, doc: str, *, kind: str = "", example: Any = None, lo: fl
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A node id is the DNS label of its service instance (kvpeer.discovery.advert): no dots.
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _LEVEL_RE = re.compile(r"^[a-z0-9_]{1,16}$")
 
 
@@ -100,7 +101,7 @@ class NodeSection:
 
     node_id: str = setting(
         "",
-        "Name of this node on the LAN (letters, digits, '.', '_', '-'; at most 63). Empty: a stable "
+        "Name of this node on the LAN (letters, digits, '_', '-'; at most 63). Empty: a stable "
         "id derived from /etc/machine-id and the host name, else a random one saved in state_dir.",
     )
     state_dir: Path = setting(
@@ -109,9 +110,10 @@ class NodeSection:
     runtime_dir: Path = setting(Path("/run/kvpeer"), "Runtime files: the local API socket.")
 
     def __post_init__(self) -> None:
-        if self.node_id and not _NAME_RE.match(self.node_id):
+        if self.node_id and not _NODE_ID_RE.match(self.node_id):
             raise ConfigError(
-                f"node.node_id: {self.node_id!r} must be 1-63 letters, digits, '.', '_' or '-'"
+                f"node.node_id: {self.node_id!r} must be 1-63 letters, digits, '_' or '-', "
+                "starting with a letter or digit (it is a DNS label: no dots)"
             )
 
 
@@ -656,7 +658,7 @@ def default_node_id(state_dir: Path, *, machine_id_path: Path = MACHINE_ID_PATH,
     saved = state_dir / NODE_ID_FILE
     try:
         text = saved.read_text().strip()
-        if _NAME_RE.match(text):
+        if _NODE_ID_RE.match(text):
             return text
         log.warning("ignoring malformed node id in %s", saved)
     except OSError:

@@ -245,6 +245,8 @@ class Daemon:
         if session is None or session.closed:
             if peer is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, f"peer {peer_id} is not known")
+            if not peer.addresses:  # discovery refuses such adverts; a bug must not IndexError
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"peer {peer_id} has no address")
             session = await self.transport.connect(peer_id, peer.addresses[0], peer.port)
         timeout = self.config.transport.request_timeout_s
         answer: dict[str, Any] = await session.request(method, body, timeout=timeout)

@@ -11,6 +11,7 @@ import pytest
 
 from kvpeer import config as cfg
 from kvpeer.config import Config, example_toml, load_config, parse_size
+from kvpeer.discovery.advert import validate_node_id
 from kvpeer.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[1] / "systemd" / "kvpeer.example.toml"
@@ -84,6 +85,8 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ('[log]\nlevel = "loud"\n', {}, "log.level: expected one of"),
         ('[codec]\nlevel = "q9"\n', {}, "codec.level: unknown codec level 'q9'"),
         ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
+        # discovery announces the id as a DNS label: a dot passed here and failed at start
+        ('[node]\nnode_id = "gpu01.rack3"\n', {}, "node.node_id: 'gpu01.rack3' must be"),
         ('[fetch]\npolicy = "greedy"\n', {}, "fetch.policy: expected 'adaptive' or 'fixed:LEVEL'"),
         ('[fetch]\npolicy = "fixed:q9"\n', {}, "fetch.policy: unknown codec level 'q9'"),
         ('[api]\nsocket_path = "{home}/s"\n', {}, "api.socket_path: unknown placeholder"),
@@ -122,6 +125,11 @@ def test_node_id_is_stable(tmp_path: Path) -> None:
     first = cfg.default_node_id(state, machine_id_path=tmp_path / "none", hostname=lambda: "h")
     again = cfg.default_node_id(state, machine_id_path=tmp_path / "none", hostname=lambda: "h")
     assert first == again and (state / "node_id").read_text().strip() == first
+    # A saved id discovery would refuse (a dot) is replaced, not carried into a failing start.
+    (state / "node_id").write_text("gpu01.rack3\n")
+    replaced = cfg.default_node_id(state, machine_id_path=tmp_path / "none", hostname=lambda: "h")
+    assert "." not in replaced
+    validate_node_id(replaced)
 
 
 def test_sizes() -> None:

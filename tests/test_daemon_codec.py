@@ -249,3 +249,17 @@ def test_a_daemon_reads_its_degraded_state_from_store_transport_and_discovery() 
     node.transport.config.keyless_risk = logging_mod.ERROR
     assert len(daemon.Daemon.degraded(node)) == 2
     store.close()
+
+
+def test_a_request_to_a_peer_without_an_address_is_not_found_not_an_index_error() -> None:
+    import asyncio
+
+    from kvpeer.errors import ErrorCode, ProtocolError
+
+    node = SimpleNamespace(
+        discovery=SimpleNamespace(peers=lambda: {"v6only": SimpleNamespace(addresses=(), port=1)}),
+        transport=SimpleNamespace(session=lambda peer_id: None),
+    )
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(daemon.Daemon._peer_request(node, "v6only", "has", {}))
+    assert info.value.code == ErrorCode.NOT_FOUND and "no address" in str(info.value)
