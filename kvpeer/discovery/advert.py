@@ -108,6 +108,10 @@ class PeerInfo:
             self.node_id, self.addresses, self.port, self.fingerprints, self.epoch,
             self.chunk_count,
         )
+        # Peers are dialled and sent heartbeats at their first address: one without (a host
+        # answering AAAA only, an etcd record with "addr": []) would be listed but unreachable.
+        if not self.addresses:
+            raise ProtocolError(ErrorCode.INVALID, "no IPv4 address")
 
     def serves(self, fingerprint_hex: str) -> bool:
         return fingerprint_hex in self.fingerprints

@@ -118,3 +118,13 @@ def test_non_ipv4_peer_addresses_are_refused(address: str) -> None:
     beacon socket cannot send to (uvloop raises ValueError)."""
     with pytest.raises(ProtocolError):
         decode_record(encode_record(advert(), [address, "10.0.0.1"]))
+
+
+def test_a_peer_without_an_ipv4_address_is_refused() -> None:
+    """A host answering AAAA only (zeroconf) or an etcd record with "addr": [] became a live
+    peer that every request to failed with IndexError at its first address."""
+    with pytest.raises(ProtocolError, match="no IPv4 address"):
+        decode_fields(encode_fields(advert()), [])
+    with pytest.raises(ProtocolError, match="no IPv4 address"):
+        decode_record(encode_record(advert(), []))
+    assert advert(addresses=()).addresses == ()  # our own: empty means "the interfaces'"
