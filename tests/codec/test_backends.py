@@ -96,19 +96,20 @@ def test_a_probe_cancelled_while_it_runs_kills_its_process(monkeypatch: pytest.M
     monkeypatch.setattr(nvenc, "_probed", None)
     monkeypatch.setattr(nvenc, "_PROBE_SCRIPT", "import time; time.sleep(60)")
     started: list[asyncio.subprocess.Process] = []
+    running = asyncio.Event()
     real_exec = asyncio.create_subprocess_exec
 
     async def exec_and_note(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
         proc = await real_exec(*args, **kwargs)  # type: ignore[arg-type]
         started.append(proc)
+        running.set()
         return proc
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", exec_and_note)
 
     async def main() -> None:
         probing = asyncio.create_task(nvenc.probe_async())
-        while not started:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(running.wait(), 30)
         probing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probing
