@@ -4,7 +4,9 @@ Each node puts its advertisement record (advert.py) at ``<prefix><node_id>`` und
 ``etcd_lease_ttl_s`` that it keeps alive from the liveness loop; it lists the prefix once and
 then watches it. A clean stop deletes the key and revokes the lease (peers see the delete at
 once); a node that dies stops refreshing and etcd deletes its key when the lease expires, so
-liveness here is the lease TTL plus the transport's `mark_dead`, without UDP heartbeats.
+liveness here is the lease TTL plus the transport's `mark_dead`, without UDP heartbeats. A
+peer the transport marks dead is looked up again a lease TTL later: if its key is still there,
+its node refreshed the lease since and runs, so it comes back; if not, it is forgotten.
 The client is aetcd (gRPC), imported only when this backend is used.
 """
 
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 from kvpeer import aio
 from kvpeer.discovery.advert import Advertisement, decode_record, encode_record, validate_node_id
 from kvpeer.discovery.base import Discovery
+from kvpeer.discovery.config import DiscoveryConfig
 from kvpeer.errors import ConfigError, ErrorCode, ProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ class EtcdDiscovery(Discovery):
     # after expiring holds no key until a put succeeds, and refreshing it alone keeps the
     # node invisible.
     _stored = False
+
+    def __init__(self, config: DiscoveryConfig) -> None:
+        super().__init__(config)
+        self._dead_at: dict[str, float] = {}  # node id -> when the transport marked it dead
 
     def _heartbeat_interval(self) -> float:
         return 0.0  # the lease is the heartbeat
@@ -90,6 +97,11 @@ class EtcdDiscovery(Discovery):
             return client
         raise TransportError("no etcd endpoint answered: " + "; ".join(errors))
 
+    def mark_dead(self, node_id: str) -> None:
+        if node_id in self.peers():
+            self._dead_at[node_id] = self._now()
+        super().mark_dead(node_id)
+
     async def _open(self, advert: Advertisement) -> None:
         self._client = await self._connect()
         await self._register(advert)
@@ -123,6 +135,28 @@ class EtcdDiscovery(Discovery):
                 await self._put(self._advert)
         except TransportError as exc:
             log.warning("etcd keep-alive failed: %s", exc)
+            return
+        try:
+            await self._recheck_dead()
+        except TransportError as exc:
+            log.debug("etcd look-up of dead peers failed (next tick tries again): %s", exc)
+
+    async def _recheck_dead(self) -> None:
+        """Bring back, or forget, peers the transport marked dead a lease TTL ago or more.
+
+        Here only a put brings a peer back, and a running peer's key may never change again.
+        """
+        now = self._now()
+        for node_id, dead_at in list(self._dead_at.items()):
+            if node_id in self.peers() or self._table.known(node_id) is None:
+                del self._dead_at[node_id]  # back (a put) or gone (a delete) meanwhile
+            elif now - dead_at >= self.config.etcd_lease_ttl_s:
+                kv = await self._call(self._client.get(self._key(node_id)))
+                # The watch may have brought it back or removed it while we asked.
+                if node_id not in self.peers() and self._table.known(node_id) is not None:
+                    if kv is None or self._on_put(kv.key, kv.value) is None:
+                        self._withdraw(node_id)
+                del self._dead_at[node_id]
 
     async def _list(self) -> int:
         listing = await self._call(self._client.get_prefix(self._prefix))
@@ -131,7 +165,7 @@ class EtcdDiscovery(Discovery):
             node_id = self._on_put(kv.key, kv.value)
             if node_id is not None:
                 present.add(node_id)
-        for node_id in list(self.peers()):
+        for node_id in self._table.known_ids():  # dead ones too: they are never forgotten else
             if node_id not in present:
                 self._withdraw(node_id)
         return int(listing.header.revision)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
 from kvpeer.discovery import Advertisement, DiscoveryConfig
-from kvpeer.discovery.advert import decode_record
+from kvpeer.discovery.advert import decode_record, encode_record
 from kvpeer.discovery.etcd import EtcdDiscovery
 
 KEY = b"/kvpeer/nodes/me"
 
 
 class FakeLease:
+    _ids = itertools.count(1)
+
     def __init__(self) -> None:
+        self.id = next(self._ids)
         self.alive = True
 
     async def refresh(self) -> SimpleNamespace:
@@ -29,13 +33,19 @@ class Listing(list[Any]):
     header = SimpleNamespace(revision=1)
 
 
+def _kv(key: bytes, value: bytes, lease: FakeLease | None) -> SimpleNamespace:
+    return SimpleNamespace(key=key, value=value, lease=lease.id if lease else 0, mod_revision=1)
+
+
 class FakeEtcd:
-    """Keys with leases; ``fail_puts`` puts fail like a flaky connection."""
+    """Keys with leases, watched by every client; ``fail_puts`` puts fail like a flaky
+    connection."""
 
     def __init__(self) -> None:
         self.kv: dict[bytes, tuple[bytes, FakeLease]] = {}
         self.fail_puts = 0
         self.changed = asyncio.Event()
+        self._watchers: list[asyncio.Queue[SimpleNamespace]] = []
 
     async def status(self) -> None:
         return None
@@ -48,20 +58,33 @@ class FakeEtcd:
             self.fail_puts -= 1
             raise RuntimeError("connection reset")  # what a transient gRPC error looks like
         self.kv[key] = (value, lease)
-        self.changed.set()
+        self._notify("PUT", _kv(key, value, lease))
+
+    async def get(self, key: bytes) -> SimpleNamespace | None:
+        entry = self.kv.get(key)
+        return None if entry is None else _kv(key, *entry)
 
     async def get_prefix(self, prefix: bytes) -> Listing:
-        return Listing()
+        return Listing(_kv(k, v, lease) for k, (v, lease) in self.kv.items() if k.startswith(prefix))
 
     async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Any]:
-        async def never() -> AsyncIterator[Any]:
-            await asyncio.Event().wait()
-            yield None
+        events: asyncio.Queue[SimpleNamespace] = asyncio.Queue()
+        self._watchers.append(events)
 
-        return never()
+        async def stream() -> AsyncIterator[Any]:
+            while True:
+                yield await events.get()
+
+        return stream()
 
     async def delete(self, key: bytes) -> None:
-        self.kv.pop(key, None)
+        if self.kv.pop(key, None) is not None:
+            self._notify("DELETE", _kv(key, b"", None))
+
+    def _notify(self, kind: str, kv: SimpleNamespace) -> None:
+        for events in self._watchers:
+            events.put_nowait(SimpleNamespace(kind=kind, kv=kv))
+        self.changed.set()
 
     async def close(self) -> None:
         return None
@@ -71,6 +94,7 @@ class FakeEtcd:
         for key, (_, lease) in list(self.kv.items()):
             lease.alive = False
             del self.kv[key]
+            self._notify("DELETE", _kv(key, b"", None))
 
     def stored_epoch(self) -> int | None:
         entry = self.kv.get(KEY)
@@ -92,13 +116,36 @@ class FakeEtcdDiscovery(EtcdDiscovery):
         super().__init__(DiscoveryConfig(backend="etcd", interfaces=("127.0.0.1",),
                                          etcd_lease_ttl_s=2, update_min_interval_s=0))
         self.fake = client
+        self.ticked = asyncio.Event()
 
     async def _connect(self) -> Any:
         return self.fake
 
+    async def _tick(self) -> None:
+        await super()._tick()
+        self.ticked.set()
+
+    async def ticks_until(self, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Wait, checking after each liveness round, until ``condition`` holds."""
+
+        async def until() -> None:
+            while not condition():
+                self.ticked.clear()
+                await self.ticked.wait()
+
+        await asyncio.wait_for(until(), timeout_s)
+
 
 def advert(epoch: int) -> Advertisement:
     return Advertisement(node_id="me", port=9, epoch=epoch)
+
+
+async def register_peer(etcd: FakeEtcd, node_id: str = "peer") -> bytes:
+    """A peer's key under a lease of its own, as its daemon puts it; returns the key."""
+    key = b"/kvpeer/nodes/" + node_id.encode()
+    record = encode_record(Advertisement(node_id=node_id, port=7000, epoch=5), ["10.0.0.2"])
+    await etcd.put(key, record, FakeLease())
+    return key
 
 
 def test_a_failed_put_after_the_lease_expired_is_put_again() -> None:
@@ -131,6 +178,62 @@ def test_a_failed_update_is_published_again() -> None:
             etcd.fail_puts = 1
             await d.update(advert(2))
             await etcd.wait(lambda: etcd.stored_epoch() == 2)
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_peer_marked_dead_whose_key_stays_comes_back() -> None:
+    """The transport marks a peer dead on a lost session (a blip, a stalled loop); with etcd
+    only a put brought it back, and a running peer's key may never change again."""
+
+    async def main() -> None:
+        etcd = FakeEtcd()
+        await register_peer(etcd)
+        d = FakeEtcdDiscovery(etcd)
+        await d.start(advert(1))
+        try:
+            assert "peer" in d.peers()
+            d.mark_dead("peer")
+            assert "peer" not in d.peers()
+            await d.ticks_until(lambda: "peer" in d.peers())  # its key outlived a lease TTL
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_dead_peer_whose_key_went_unseen_is_forgotten() -> None:
+    """Dead entries were never forgotten with etcd (no timeout), and a re-list withdrew only
+    live peers: a key deleted while the watch was down left its entry for good."""
+
+    async def main() -> None:
+        etcd = FakeEtcd()
+        key = await register_peer(etcd)
+        d = FakeEtcdDiscovery(etcd)
+        await d.start(advert(1))
+        try:
+            d.mark_dead("peer")
+            del etcd.kv[key]  # no watch event: the watch was down
+            await d.ticks_until(lambda: d._table.known("peer") is None)
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_relisting_forgets_dead_peers_whose_key_went() -> None:
+    async def main() -> None:
+        etcd = FakeEtcd()
+        key = await register_peer(etcd)
+        d = FakeEtcdDiscovery(etcd)
+        await d.start(advert(1))
+        try:
+            d.mark_dead("peer")
+            del etcd.kv[key]
+            await d._list()  # what a failed watch does before watching again
+            assert d._table.known("peer") is None
         finally:
             await d.close()
 
