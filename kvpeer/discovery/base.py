@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 from kvpeer.discovery._warn import WarnOnce
@@ -42,6 +43,7 @@ class Discovery(ABC):
         self._liveness: asyncio.Task[None] | None = None
         self._beacons: BeaconSocket | None = None
         self._warn = WarnOnce(log)
+        self._events: Counter[str] = Counter()  # peer-caused trouble, for metrics
         self._closed = False
 
     # ----------------------------------------------------------------- public interface
@@ -107,8 +109,9 @@ class Discovery(ABC):
 
     @property
     def counters(self) -> Mapping[str, int]:
-        """Event counts for metrics: new peers refused because the table was full."""
-        return {"peers_refused": self._table.refused}
+        """Event counts for metrics: new peers refused because the table was full, and
+        whatever else peers made us ignore or repair (each counted once it happens)."""
+        return {"peers_refused": self._table.refused, **self._events}
 
     def subscribe(self, callback: PeerCallback) -> None:
         """Call ``callback`` (in the event loop, must not block) for each added/updated/removed."""

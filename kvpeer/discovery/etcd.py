@@ -47,6 +47,11 @@ class EtcdDiscovery(Discovery):
     # after expiring holds no key until a put succeeds, and refreshing it alone keeps the
     # node invisible.
     _stored = False
+    # Where another node holds our key: one that has our node id too (a cloned image hashes
+    # the same machine-id and host name). We leave the key to it rather than overwrite each
+    # other every tick (each overwrite has every peer fetch a full inventory), and put ours
+    # again once that key goes.
+    _taken_by: str | None = None
 
     def __init__(self, config: DiscoveryConfig) -> None:
         super().__init__(config)
@@ -120,7 +125,8 @@ class EtcdDiscovery(Discovery):
         self._stored = lease is self._lease and advert is self._advert
 
     async def _publish(self, advert: Advertisement) -> None:
-        await self._put(advert)
+        if self._taken_by is None:  # else put once the key is free
+            await self._put(advert)
 
     async def _tick(self) -> None:
         if self._client is None or self._lease is None or self._advert is None:
@@ -131,7 +137,7 @@ class EtcdDiscovery(Discovery):
                 # The lease expired (we were partitioned or stalled): our key is gone too.
                 log.warning("etcd lease expired; registering again")
                 await self._register(self._advert)
-            elif not self._stored:
+            elif not self._stored and self._taken_by is None:
                 await self._put(self._advert)
         except TransportError as exc:
             log.warning("etcd keep-alive failed: %s", exc)
@@ -154,7 +160,7 @@ class EtcdDiscovery(Discovery):
                 kv = await self._call(self._client.get(self._key(node_id)))
                 # The watch may have brought it back or removed it while we asked.
                 if node_id not in self.peers() and self._table.known(node_id) is not None:
-                    if kv is None or self._on_put(kv.key, kv.value) is None:
+                    if kv is None or self._on_put(kv) is None:
                         self._withdraw(node_id)
                 del self._dead_at[node_id]
 
@@ -162,9 +168,11 @@ class EtcdDiscovery(Discovery):
         listing = await self._call(self._client.get_prefix(self._prefix))
         present = set()
         for kv in listing:
-            node_id = self._on_put(kv.key, kv.value)
+            node_id = self._on_put(kv)
             if node_id is not None:
                 present.add(node_id)
+        if self._advert is not None and self._advert.node_id not in present:
+            self._own_key_gone()
         for node_id in self._table.known_ids():  # dead ones too: they are never forgotten else
             if node_id not in present:
                 self._withdraw(node_id)
@@ -177,12 +185,15 @@ class EtcdDiscovery(Discovery):
             self._warn(repr(key), "ignored etcd key with a bad node id")
             return None
 
-    def _on_put(self, key: bytes, value: bytes) -> str | None:
-        node_id = self._node_id(key)
+    def _on_put(self, kv: Any) -> str | None:
+        node_id = self._node_id(kv.key)
         if node_id is None:
             return None
+        if self._advert is not None and node_id == self._advert.node_id:
+            self._on_own_put(kv)
+            return node_id
         try:
-            info = decode_record(value)
+            info = decode_record(kv.value)
             if info.node_id != node_id:
                 raise ProtocolError(ErrorCode.INVALID, f"record of {info.node_id} under {node_id}")
         except ProtocolError as exc:
@@ -191,6 +202,39 @@ class EtcdDiscovery(Discovery):
         self._observe(info)
         return node_id
 
+    def _on_delete(self, node_id: str) -> None:
+        if self._advert is not None and node_id == self._advert.node_id:
+            self._own_key_gone()
+        else:
+            self._withdraw(node_id)
+
+    def _on_own_put(self, kv: Any) -> None:
+        """Our key was put: by us (our lease), or by another node with our node id."""
+        if self._lease is not None and kv.lease == self._lease.id:
+            self._taken_by = None
+            return
+        try:
+            other = ",".join(decode_record(kv.value).addresses)
+        except ProtocolError:
+            other = "a malformed record"
+        if self._taken_by is None:
+            self._events["node_id_clashes"] += 1
+            assert self._advert is not None
+            self._warn(
+                f"node id {self._advert.node_id}",
+                "also registered in etcd by %s, which replaced our key; ours is put again "
+                "once that key goes (give each node its own node.node_id)", other,
+            )
+        self._taken_by, self._stored = other, False
+
+    def _own_key_gone(self) -> None:
+        """Our key was deleted (its lease expired, or another client deleted it): put it again."""
+        if self._taken_by is not None:
+            log.info("etcd key of our node id, held by %s, is gone; putting ours again", self._taken_by)
+        elif self._stored:
+            log.warning("our etcd key was deleted (lease expired, or by another client); putting it again")
+        self._taken_by, self._stored = None, False
+
     async def _watch(self, revision: int) -> None:
         while True:
             try:
@@ -198,9 +242,9 @@ class EtcdDiscovery(Discovery):
                 async for event in watch:
                     revision = int(event.kv.mod_revision) + 1
                     if event.kind == "PUT":
-                        self._on_put(event.kv.key, event.kv.value)
+                        self._on_put(event.kv)
                     elif (node_id := self._node_id(event.kv.key)) is not None:
-                        self._withdraw(node_id)
+                        self._on_delete(node_id)
                 raise TransportError("etcd watch ended")
             except Exception as exc:  # gRPC/aetcd errors of any type: re-list and re-watch
                 log.warning("etcd watch failed (%s); listing again in %.0fs", exc, RETRY_S)

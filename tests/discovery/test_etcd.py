@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from kvpeer.discovery import Advertisement, DiscoveryConfig
 from kvpeer.discovery.advert import decode_record, encode_record
@@ -33,19 +36,16 @@ class Listing(list[Any]):
     header = SimpleNamespace(revision=1)
 
 
-def _kv(key: bytes, value: bytes, lease: FakeLease | None) -> SimpleNamespace:
-    return SimpleNamespace(key=key, value=value, lease=lease.id if lease else 0, mod_revision=1)
-
-
 class FakeEtcd:
-    """Keys with leases, watched by every client; ``fail_puts`` puts fail like a flaky
-    connection."""
+    """Keys with leases and revisions, watched by every client; ``fail_puts`` puts fail like
+    a flaky connection. Changes ``kv`` directly are ones no watch sees (it was down)."""
 
     def __init__(self) -> None:
         self.kv: dict[bytes, tuple[bytes, FakeLease]] = {}
         self.fail_puts = 0
         self.changed = asyncio.Event()
-        self._watchers: list[asyncio.Queue[SimpleNamespace]] = []
+        self._history: list[SimpleNamespace] = []  # watch events, one revision each
+        self._grown = asyncio.Event()
 
     async def status(self) -> None:
         return None
@@ -58,33 +58,36 @@ class FakeEtcd:
             self.fail_puts -= 1
             raise RuntimeError("connection reset")  # what a transient gRPC error looks like
         self.kv[key] = (value, lease)
-        self._notify("PUT", _kv(key, value, lease))
+        self._record("PUT", key, value, lease)
 
     async def get(self, key: bytes) -> SimpleNamespace | None:
         entry = self.kv.get(key)
-        return None if entry is None else _kv(key, *entry)
+        return None if entry is None else self._kv(key, *entry)
 
     async def get_prefix(self, prefix: bytes) -> Listing:
-        return Listing(_kv(k, v, lease) for k, (v, lease) in self.kv.items() if k.startswith(prefix))
+        listing = Listing(
+            self._kv(k, v, lease) for k, (v, lease) in self.kv.items() if k.startswith(prefix)
+        )
+        listing.header = SimpleNamespace(revision=len(self._history))
+        return listing
 
     async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[Any]:
-        events: asyncio.Queue[SimpleNamespace] = asyncio.Queue()
-        self._watchers.append(events)
-
         async def stream() -> AsyncIterator[Any]:
+            seen = max(0, start_revision - 1)
             while True:
-                yield await events.get()
+                grown = self._grown
+                while seen < len(self._history):
+                    event = self._history[seen]
+                    seen += 1
+                    if event.kv.key.startswith(prefix):
+                        yield event
+                await grown.wait()
 
         return stream()
 
     async def delete(self, key: bytes) -> None:
         if self.kv.pop(key, None) is not None:
-            self._notify("DELETE", _kv(key, b"", None))
-
-    def _notify(self, kind: str, kv: SimpleNamespace) -> None:
-        for events in self._watchers:
-            events.put_nowait(SimpleNamespace(kind=kind, kv=kv))
-        self.changed.set()
+            self._record("DELETE", key, b"", None)
 
     async def close(self) -> None:
         return None
@@ -94,7 +97,20 @@ class FakeEtcd:
         for key, (_, lease) in list(self.kv.items()):
             lease.alive = False
             del self.kv[key]
-            self._notify("DELETE", _kv(key, b"", None))
+            self._record("DELETE", key, b"", None)
+
+    def _kv(self, key: bytes, value: bytes, lease: FakeLease | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            key=key, value=value, lease=lease.id if lease else 0, mod_revision=len(self._history)
+        )
+
+    def _record(self, kind: str, key: bytes, value: bytes, lease: FakeLease | None) -> None:
+        kv = self._kv(key, value, lease)
+        kv.mod_revision += 1
+        self._history.append(SimpleNamespace(kind=kind, kv=kv))
+        self._grown.set()
+        self._grown = asyncio.Event()
+        self.changed.set()
 
     def stored_epoch(self) -> int | None:
         entry = self.kv.get(KEY)
@@ -117,12 +133,14 @@ class FakeEtcdDiscovery(EtcdDiscovery):
                                          etcd_lease_ttl_s=2, update_min_interval_s=0))
         self.fake = client
         self.ticked = asyncio.Event()
+        self.ticks = 0
 
     async def _connect(self) -> Any:
         return self.fake
 
     async def _tick(self) -> None:
         await super()._tick()
+        self.ticks += 1
         self.ticked.set()
 
     async def ticks_until(self, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -234,6 +252,48 @@ def test_a_relisting_forgets_dead_peers_whose_key_went() -> None:
             del etcd.kv[key]
             await d._list()  # what a failed watch does before watching again
             assert d._table.known("peer") is None
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_id_a_second_node_takes_warns_and_returns_when_it_leaves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two nodes with one node id (a cloned image): the second's put replaced the first's
+    key, and when it stopped and deleted the key the first, still running, stayed
+    unregistered for good, with nothing said about the clash."""
+
+    async def main() -> None:
+        etcd = FakeEtcd()
+        first, clone = FakeEtcdDiscovery(etcd), FakeEtcdDiscovery(etcd)
+        await first.start(advert(1))
+        try:
+            await clone.start(advert(2))
+            await first.ticks_until(lambda: first.counters.get("node_id_clashes") == 1)
+            ticks = first.ticks
+            await first.ticks_until(lambda: first.ticks >= ticks + 2)
+            assert etcd.stored_epoch() == 2  # the key is left to the clone while it runs
+            await clone.close()
+            await etcd.wait(lambda: etcd.stored_epoch() == 1)
+        finally:
+            await clone.close()
+            await first.close()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert "node id me: also registered in etcd by 127.0.0.1" in caplog.text
+
+
+def test_a_node_whose_key_another_client_deletes_puts_it_again() -> None:
+    async def main() -> None:
+        etcd = FakeEtcd()
+        d = FakeEtcdDiscovery(etcd)
+        await d.start(advert(1))
+        try:
+            await etcd.delete(KEY)
+            await etcd.wait(lambda: etcd.stored_epoch() == 1)
         finally:
             await d.close()
 
