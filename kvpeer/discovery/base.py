@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from kvpeer.discovery._warn import WarnOnce
+from kvpeer.discovery._warn import WarnOnce, WarnRarely
 from kvpeer.discovery.advert import Advertisement, PeerEvent, PeerInfo
 from kvpeer.discovery.beacon import Beacon, BeaconSocket, decode_beacon, encode_beacon
 from kvpeer.discovery.config import DiscoveryConfig, advertisable_addresses, check_advertised
@@ -43,6 +43,7 @@ class Discovery(ABC):
         self._liveness: asyncio.Task[None] | None = None
         self._beacons: BeaconSocket | None = None
         self._warn = WarnOnce(log)
+        self._warn_beacon = WarnRarely(log)  # beacons' source addresses are easy to spoof
         self._events: Counter[str] = Counter()  # peer-caused trouble, for metrics
         self._closed = False
 
@@ -184,6 +185,10 @@ class Discovery(ABC):
         else:
             self._dispatch(self._table.heard(beacon.node_id, self._now()))
 
+    def _ignore_beacon(self, source_ip: str, message: str, *args: object) -> None:
+        self._events["beacons_ignored"] += 1
+        self._warn_beacon("ignored beacon from %s: " + message, source_ip, *args)
+
     def _unknown_peer(self, node_id: str) -> None:
         """A heartbeat from a node we hold no advertisement of (forgotten, or missed)."""
         return None
@@ -234,7 +239,7 @@ class Discovery(ABC):
             beacon = decode_beacon(data)
             self._on_beacon(beacon, source_ip)
         except ProtocolError as exc:
-            self._warn(source_ip, "ignored beacon: %s", exc)
+            self._ignore_beacon(source_ip, "%s", exc)
 
     async def _publish_pending(self) -> bool:
         """Publish the pending advertisement; False if that failed (it stays pending)."""

@@ -104,11 +104,11 @@ class StaticDiscovery(Discovery):
         try:
             info = decode_record(beacon.record)
         except ProtocolError as exc:
-            self._warn(source_ip, "ignored malformed advertisement: %s", exc)
+            self._ignore_beacon(source_ip, "malformed advertisement: %s", exc)
             return
         # Beacons leave from a node's first address, and our heartbeats go back there: one
         # from elsewhere could make us send beacons to a third party of the sender's choice.
         if info.node_id != beacon.node_id or info.addresses[:1] != (source_ip,):
-            self._warn(source_ip, "ignored advertisement of %s from another address", info.node_id)
+            self._ignore_beacon(source_ip, "advertisement of %s from another address", info.node_id)
             return
         self._observe(info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from typing import Any
@@ -260,3 +261,16 @@ def test_peers_refused_by_a_full_table_are_counted_for_metrics() -> None:
         PeerInfo(node_id="x", addresses=("10.0.0.9",), port=1, fingerprints=(), epoch=1, chunk_count=0), 0.0
     )
     assert d.counters == {"peers_refused": 1}
+
+
+def test_garbage_from_many_addresses_is_counted_and_seldom_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Beacon sources are easy to spoof: warnings keyed by source address came at the
+    sender's packet rate once it used more addresses than WarnOnce remembers."""
+    d = StaticDiscovery(config(free_port()))
+    with caplog.at_level(logging.WARNING):
+        for i in range(900):
+            d._on_datagram(b"\xc1garbage", f"10.0.{i // 256}.{i % 256}")
+    assert sum(r.levelno >= logging.WARNING for r in caplog.records) <= 3
+    assert d.counters["beacons_ignored"] == 900
