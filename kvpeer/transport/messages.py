@@ -29,6 +29,8 @@ MAX_KEY = 64
 MAX_LEVEL = 32
 _U32 = 2**32 - 1
 _U63 = 2**63 - 1
+#: What a decode error quotes of msgpack's own message.
+_MAX_DETAIL = 160
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -209,8 +211,20 @@ class Error(Message):
 
     def _validate(self) -> None:
         _check(0 <= self.id <= _U63, "err.id: out of range")
-        _check(self.code in ErrorCode._value2member_map_, "err.code: unknown")
+        # Any code is taken: a newer peer may know codes we do not (see as_exception).
+        _check(0 <= self.code <= _U32, "err.code: out of range")
         _check(len(self.reason) <= MAX_REASON, "err.reason: too long")
+
+    @classmethod
+    def of(cls, request_id: int, exc: ProtocolError) -> Error:
+        """The Error answering *request_id* with *exc*, its reason cut to what the wire takes."""
+        return cls(id=request_id, code=exc.code, reason=exc.reason[:MAX_REASON])
+
+    def as_exception(self, origin: str) -> ProtocolError:
+        """What the remote error means here; a code this build does not know reads as INTERNAL."""
+        if self.code in ErrorCode._value2member_map_:
+            return ProtocolError(ErrorCode(self.code), f"{origin}: {self.reason}")
+        return ProtocolError(ErrorCode.INTERNAL, f"{origin}: error code {self.code}: {self.reason}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,10 +333,14 @@ CONTROL_TYPES: dict[str, type[Message]] = {
 
 
 def encode(message: Message, limit: int) -> bytes:
-    """msgpack bytes of *message*; ProtocolError TOO_LARGE above *limit*."""
+    """msgpack bytes of *message*; ProtocolError TOO_LARGE above *limit*, INVALID for a map key
+    that :func:`decode` would refuse (the peer would drop the whole message)."""
     payload: dict[str, Any] = {"v": VERSION, "t": message.TYPE}
     for f in fields(message):  # type: ignore[arg-type]
-        payload[f.name] = getattr(message, f.name)
+        value = getattr(message, f.name)
+        if isinstance(value, dict | list):
+            _check_map_keys(value, f"{message.TYPE}.{f.name}")
+        payload[f.name] = value
     data: bytes = msgpack.packb(payload, use_bin_type=True)
     if len(data) > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{message.TYPE}: {len(data)} > {limit} bytes")
@@ -336,7 +354,9 @@ def decode(data: bytes, types: dict[str, type[Message]], limit: int) -> Message:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+        # Valid msgpack is refused too (an int map key): say what msgpack objected to.
+        detail = f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL]
+        raise ProtocolError(ErrorCode.MALFORMED, f"undecodable message: {detail}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "message is not a map")
     if obj.pop("v", None) != VERSION:
@@ -350,6 +370,46 @@ def decode(data: bytes, types: dict[str, type[Message]], limit: int) -> Message:
     if set(obj) != names:
         raise ProtocolError(ErrorCode.INVALID, f"{cls.TYPE}: fields {sorted(map(str, obj))}")
     return cls(**obj)
+
+
+def _check_map_keys(value: dict[Any, Any] | list[Any], where: str) -> None:
+    """Refuse map keys other than str and bytes anywhere in *value* (decode's strict_map_key)."""
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str | bytes):
+                    raise ProtocolError(
+                        ErrorCode.INVALID,
+                        f"{where}: map key {key!r:.40} ({type(key).__name__}); only str or bytes",
+                    )
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+
+
+def peek_type_and_id(data: bytes) -> tuple[str, int] | None:
+    """Type and id of a control message that :func:`decode` refused, when its outer map still
+    reads (the body is skipped, not built): which request or blob a bad answer was meant for."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+    unpacker.feed(data)
+    kind: object = None
+    ident: object = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            name = unpacker.unpack()
+            if name == "t":
+                kind = unpacker.unpack()
+            elif name == "id":
+                ident = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # msgpack raises several unrelated types on garbage
+        return None
+    if not isinstance(kind, str) or not isinstance(ident, int) or isinstance(ident, bool):
+        return None
+    return kind, ident
 
 
 # -- bulk frames -----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcsctptransport import REMOTE_DEFAULT_MAX_MESSAGE_SIZE
+from aiortc.sdp import SessionDescription
 
 from kvpeer import aio
 from kvpeer.errors import AuthError, ErrorCode, KVPeerError, ProtocolError, TransportError
@@ -265,7 +267,8 @@ class PeerTransport:
                     )
                 packet = self._configure_association(pc, answer.mtu)
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
-                session = self._new_session(peer_id, pc, control, bulk, packet)
+                limit = self._message_limit(peer_id, answer.sdp)
+                session = self._new_session(peer_id, pc, control, bulk, packet, limit)
                 await session.wait_open(timeout)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
@@ -341,13 +344,18 @@ class PeerTransport:
                     raise ProtocolError(ErrorCode.SHUTTING_DOWN, "shutting down")
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+                try:
+                    limit = self._message_limit(offer.node_id, offer.sdp)
+                except ProtocolError as exc:  # the peer proved the key: tell it why
+                    await _write_message(writer, m.Reject(code=exc.code, reason=exc.reason[: m.MAX_REASON]))
+                    raise
                 control, bulk = self._channels(pc)
                 await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)
                 packet = self._configure_association(pc, offer.mtu)
                 await pc.setLocalDescription(await pc.createAnswer())
                 answer = handshake.answer(self.node_id, self._mtu, pc.localDescription.sdp)
                 await _write_message(writer, answer)
-                session = self._new_session(offer.node_id, pc, control, bulk, packet)
+                session = self._new_session(offer.node_id, pc, control, bulk, packet, limit)
                 await session.wait_open(self.config.connect_timeout_s)
             self._register(session, handshake.key_index)
         except AuthError as exc:
@@ -400,6 +408,24 @@ class PeerTransport:
             )
         return packet
 
+    def _message_limit(self, peer_id: str, remote_sdp: str) -> int:
+        """Largest control message to send *peer_id*: ours, or less if its SDP says so.
+
+        aiortc's send raises ValueError above the peer's a=max-message-size (64 KiB when the
+        attribute is absent, RFC 8841). Bulk frames have no smaller size to fall back to, so a
+        peer that cannot take our frame_bytes is refused here, in the handshake.
+        """
+        remote = _max_message_size(remote_sdp)
+        if remote == 0:  # "any size"
+            return self.config.max_message_bytes
+        if self.config.frame_bytes > remote:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"peer {peer_id} takes data-channel messages of at most {remote} bytes, less than "
+                f"transport.frame_bytes ({self.config.frame_bytes}) on {self.node_id}",
+            )
+        return min(self.config.max_message_bytes, remote)
+
     def _packet_bytes(self, remote_mtu: int) -> int:
         if not self.config.patch_aiortc:
             return DEFAULT_SCTP_PACKET
@@ -434,6 +460,7 @@ class PeerTransport:
         control: RTCDataChannel,
         bulk: list[RTCDataChannel],
         packet: int,
+        message_limit: int,
     ) -> PeerSession:
         return PeerSession(
             peer_id=peer_id,
@@ -444,6 +471,7 @@ class PeerTransport:
             handler=self.handler,
             on_end=self._session_ended,
             packet_bytes=packet,
+            message_limit=message_limit,
         )
 
     def _register(self, session: PeerSession, key_index: int | None) -> PeerSession:
@@ -484,6 +512,16 @@ class PeerTransport:
                     self.on_peer_down(session.peer_id)
                 except Exception:
                     logger.exception("on_peer_down callback failed")
+
+
+def _max_message_size(sdp: str) -> int:
+    """The data-channel message limit an SDP states (0: any size), as aiortc reads it."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "application":
+            if media.sctpCapabilities is None:
+                return REMOTE_DEFAULT_MAX_MESSAGE_SIZE
+            return int(media.sctpCapabilities.maxMessageSize)
+    return REMOTE_DEFAULT_MAX_MESSAGE_SIZE
 
 
 async def _close_pc(pc: RTCPeerConnection | None) -> None:

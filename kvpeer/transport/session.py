@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc.exceptions import InvalidStateError
 
 from kvpeer import aio
 from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, TransportError
@@ -54,13 +55,18 @@ class RequestHandler(Protocol):
 
 
 class _Channel:
-    """A data channel with flow control on bufferedAmount (event driven, never polled)."""
+    """A data channel with flow control on bufferedAmount (event driven, never polled).
+
+    Sends raise only KVPeerError: ProtocolError TOO_LARGE for a message over the peer's
+    max-message-size, TransportError once the channel or the session is closed.
+    """
 
     def __init__(self, channel: RTCDataChannel, config: TransportConfig) -> None:
         self.channel = channel
         self._high = config.buffer_high_bytes
         self._low_event = asyncio.Event()
         self._opened = asyncio.Event()
+        self._closed_reason: str | None = None
         channel.bufferedAmountLowThreshold = config.buffer_low_bytes
         channel.on("bufferedamountlow", self._low_event.set)
         channel.on("open", self._opened.set)
@@ -74,17 +80,30 @@ class _Channel:
             raise TransportError(f"data channel {self.channel.label} did not open") from None
 
     async def send(self, data: bytes, limit_s: float) -> None:
-        if self.channel.readyState != "open":
-            raise TransportError(f"data channel {self.channel.label} is {self.channel.readyState}")
+        self._check_open()
         if self.channel.bufferedAmount > self._high:
             self._low_event.clear()
             try:
                 await aio.wait_for(self._low_event.wait(), limit_s)
             except TimeoutError:
                 raise TransportError("peer stopped reading (send buffer stayed full)") from None
-            if self.channel.readyState != "open":
-                raise TransportError(f"data channel {self.channel.label} closed")
-        self.channel.send(data)
+        self.send_now(data)
+
+    def send_now(self, data: bytes) -> None:
+        """Queue *data* past flow control (small control messages, pings)."""
+        self._check_open()
+        try:
+            self.channel.send(data)
+        except ValueError as exc:  # aiortc: over the peer's SDP max-message-size
+            raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        except InvalidStateError:
+            raise TransportError(f"data channel {self.channel.label} closed") from None
+
+    def _check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise TransportError(self._closed_reason)
+        if self.channel.readyState != "open":
+            raise TransportError(f"data channel {self.channel.label} is {self.channel.readyState}")
 
 
 class PeerSession:
@@ -101,9 +120,12 @@ class PeerSession:
         handler: RequestHandler,
         on_end: Callable[[PeerSession, bool], None],
         packet_bytes: int,
+        message_limit: int,
     ) -> None:
         self.peer_id = peer_id
         self.packet_bytes = packet_bytes
+        #: Largest control message we send: max_message_bytes, or less if the peer takes less.
+        self.message_limit = message_limit
         self.estimator = BandwidthEstimator()
         self.delivered_bytes = 0  # blob bytes received from the peer, digest-verified
         self.sent_bytes = 0  # blob bytes the peer confirmed
@@ -259,16 +281,23 @@ class PeerSession:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug of ours, not the peer's: said here, not as asyncio's "never retrieved".
+            logger.error("peer %s: session task failed", self.peer_id, exc_info=task.exception())
 
     async def _send_control(self, message: m.Message) -> None:
-        data = m.encode(message, self._config.max_message_bytes)
+        data = m.encode(message, self.message_limit)
         await self._control.send(data, self._config.request_timeout_s)
 
     def _send_control_now(self, message: m.Message) -> None:
-        """Queue a small control message at once, past flow control (acks, pongs)."""
-        if self._control.channel.readyState == "open":
-            self._control.channel.send(m.encode(message, self._config.max_message_bytes))
+        """Queue a small control message at once, past flow control (acks, pongs). Never
+        raises: it runs inside aiortc's receive callbacks; a closed channel drops it."""
+        with contextlib.suppress(KVPeerError):
+            self._control.send_now(m.encode(message, self.message_limit))
 
     def _send_control_soon(self, message: m.Message) -> None:
         self._spawn(self._send_quietly(message))
@@ -286,9 +315,35 @@ class PeerSession:
             return
         try:
             message = m.decode(data, m.CONTROL_TYPES, self._config.max_message_bytes)
+        except ProtocolError as exc:
+            self._peer_error(exc)
+            self._settle_refused(data, exc)
+            return
+        try:
             self._dispatch(message)
         except ProtocolError as exc:
             self._peer_error(exc)
+
+    def _settle_refused(self, data: bytes, exc: ProtocolError) -> None:
+        """A message we refused may answer one of our requests, or ask one: fail or answer that
+        at once, else a request on one side waits out its whole timeout."""
+        peeked = m.peek_type_and_id(data)
+        if peeked is None:
+            return
+        kind, ident = peeked
+        if kind in ("req", "blob_req"):
+            with contextlib.suppress(ProtocolError):  # an id out of range: nothing to answer
+                self._send_control_now(m.Error.of(ident, exc))
+            return
+        target: asyncio.Future[Any] | None = None
+        if kind in ("resp", "err"):
+            target = self._pending.get(ident)
+        if target is None and kind in ("err", "blob_start") and ident in self._incoming:
+            target = self._incoming[ident][1]
+        if target is not None and not target.done():
+            target.set_exception(
+                ProtocolError(exc.code, f"peer {self.peer_id} sent a {kind} we refused: {exc.reason}")
+            )
 
     def _dispatch(self, message: m.Message) -> None:
         match message:
@@ -312,8 +367,8 @@ class PeerSession:
                 future = self._pending.get(req_id)
                 if future is not None and not future.done():
                     future.set_result(body)
-            case m.Error(id=req_id, code=code, reason=reason):
-                error = ProtocolError(ErrorCode(code), f"peer {self.peer_id}: {reason}")
+            case m.Error(id=req_id):
+                error = message.as_exception(f"peer {self.peer_id}")
                 target: asyncio.Future[Any] | None = self._pending.get(req_id)
                 if target is None and req_id in self._incoming:
                     target = self._incoming[req_id][1]
@@ -398,20 +453,31 @@ class PeerSession:
             self._requests_in_flight -= 1
 
     async def _answer_request(self, request: m.Request) -> None:
+        data = await self._reply_to(request)
+        try:
+            await self._control.send(data, self._config.request_timeout_s)
+        except ProtocolError as exc:  # over the peer's message size: only aiortc's send knows
+            await self._send_quietly(m.Error.of(request.id, exc))
+        except KVPeerError:
+            pass  # the session is ending: nobody is left to answer
+
+    async def _reply_to(self, request: m.Request) -> bytes:
+        """The encoded Response to *request*, or the Error that answers it instead."""
         try:
             body = await self._handler.handle_request(self.peer_id, request.method, request.body)
-            reply: m.Message = m.Response(id=request.id, body=body)
-            data = m.encode(reply, self._config.max_message_bytes)
         except ProtocolError as exc:
-            reply = m.Error(id=request.id, code=exc.code, reason=exc.reason[: m.MAX_REASON])
+            reply: m.Message = m.Error.of(request.id, exc)
         except Exception:
             logger.exception("handler failed on %s from %s", request.method, self.peer_id)
             reply = m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
         else:
-            with contextlib.suppress(KVPeerError):
-                await self._control.send(data, self._config.request_timeout_s)
-            return
-        await self._send_quietly(reply)
+            try:
+                return m.encode(m.Response(id=request.id, body=body), self.message_limit)
+            except ProtocolError as exc:  # too large for the peer, or a body it cannot decode
+                if exc.code != ErrorCode.TOO_LARGE:
+                    logger.warning("answer to %s from %s not sent: %s", request.method, self.peer_id, exc)
+                reply = m.Error.of(request.id, exc)
+        return m.encode(reply, self.message_limit)
 
     def _start_serving(self, request: m.BlobRequest) -> None:
         if self._closing or self._closed:
@@ -433,7 +499,7 @@ class PeerSession:
         self._tasks.add(task)
 
         def finished(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
+            self._task_done(t)
             self._sent_whole.discard(t)
             if self._serving.get(request.id, (None,))[0] is t:
                 del self._serving[request.id]
@@ -469,14 +535,14 @@ class PeerSession:
             blob_sent = getattr(self._handler, "blob_sent", None)
             if blob_sent is not None:
                 blob_sent(self.peer_id, blob)
-        except ProtocolError as exc:
-            await self._send_quietly(m.Error(id=request.id, code=exc.code, reason=exc.reason))
+        except ProtocolError as exc:  # from open_blob, or a frame over the peer's message size
+            await self._send_quietly(m.Error.of(request.id, exc))
         except TimeoutError:
             logger.info("peer %s did not confirm blob %d", self.peer_id, request.id)
         except TransportError as exc:
             logger.info("serving blob to %s failed: %s", self.peer_id, exc)
         except Exception:
-            logger.exception("open_blob failed for %s", self.peer_id)
+            logger.exception("serving blob %d to %s failed", request.id, self.peer_id)
             await self._send_quietly(
                 m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
             )
@@ -495,10 +561,7 @@ class PeerSession:
             if self._liveness.ping_due(now):
                 seq = self._liveness.next_ping(now)
                 # Never wait on a full buffer here: a stuck peer must still be declared dead.
-                if self._control.channel.readyState == "open":
-                    self._control.channel.send(
-                        m.encode(m.Ping(seq=seq, sent=now), self._config.max_message_bytes)
-                    )
+                self._send_control_now(m.Ping(seq=seq, sent=now))
             await asyncio.sleep(
                 max(0.01, self._liveness.next_deadline(time.monotonic()) - time.monotonic())
             )

@@ -140,3 +140,47 @@ def test_a_blob_stating_another_key_or_level_is_refused() -> None:
     assert raised.value.code == ErrorCode.INTEGRITY
     any_level = BlobAssembler(3, 1 << 20, key=KEY)
     any_level.start(blob_start(3, blob, 4096, key=KEY, level="q3"))
+
+
+def test_encode_refuses_map_keys_that_decode_would_refuse() -> None:
+    """msgpack packs an int key; the peer's strict decode refuses the whole message, so the
+    request it answers would wait out its timeout. Refused here, where the bug is."""
+    with pytest.raises(ProtocolError) as info:
+        m.encode(m.Response(id=1, body={"per_level": [{"ok": 1}, {0: 1}]}), LIMIT)
+    assert info.value.code == ErrorCode.INVALID and "map key 0 (int)" in info.value.reason
+    body = {"s": {"b": [b"x", (1, {b"k": None})]}, b"raw": 1}
+    assert m.decode(m.encode(m.Response(id=1, body=body), LIMIT), m.CONTROL_TYPES, LIMIT) == m.Response(
+        id=1, body={"s": {"b": [b"x", [1, {b"k": None}]]}, b"raw": 1}
+    )
+
+
+def test_a_refused_message_still_names_its_type_and_id() -> None:
+    int_keys = msgpack.packb({"v": 1, "t": "resp", "id": 5, "body": {0: 1}})
+    with pytest.raises(ProtocolError) as info:
+        m.decode(int_keys, m.CONTROL_TYPES, LIMIT)
+    assert info.value.code == ErrorCode.MALFORMED and "undecodable" in info.value.reason
+    assert "int is not allowed for map key" in info.value.reason  # not "not msgpack"
+    assert m.peek_type_and_id(int_keys) == ("resp", 5)
+    assert m.peek_type_and_id(msgpack.packb({"t": "err", "id": True})) is None
+    assert m.peek_type_and_id(msgpack.packb([1, 2])) is None
+    assert m.peek_type_and_id(b"\x81") is None  # a map cut short
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_peeking_garbage_never_raises(data: bytes) -> None:
+    m.peek_type_and_id(data)
+
+
+def test_an_error_code_from_a_newer_peer_reads_as_internal_with_its_reason() -> None:
+    newer = msgpack.packb({"v": 1, "t": "err", "id": 2, "code": 14, "reason": "rate limited"})
+    error = m.decode(newer, m.CONTROL_TYPES, LIMIT)
+    assert isinstance(error, m.Error)
+    exc = error.as_exception("peer x")
+    assert exc.code == ErrorCode.INTERNAL and exc.reason == "peer x: error code 14: rate limited"
+    assert m.Error(id=2, code=ErrorCode.BUSY, reason="later").as_exception("p").code == ErrorCode.BUSY
+
+
+def test_an_error_built_from_an_exception_fits_the_wire() -> None:
+    error = m.Error.of(4, ProtocolError(ErrorCode.NOT_FOUND, "x" * 2000))
+    assert error.code == ErrorCode.NOT_FOUND and len(error.reason) == m.MAX_REASON

@@ -1,0 +1,200 @@
+"""A session must answer every request and fail every wait promptly, whatever goes wrong on the
+way: a reply too large for the peer, a reason too long for the wire, a reply the requester
+cannot decode, a close racing the peer's, a peer dying under a full send buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from aiortc import RTCSctpCapabilities
+from aiortc.rtcsctptransport import RTCSctpTransport
+
+from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.transport import messages as m
+from tests.transport.pairs import Handler, pair, run, unhandled_exceptions
+
+#: Requests in these tests time out after this long; a prompt answer takes far less.
+TIMEOUT_S = 5.0
+PROMPT_S = 2.0
+
+
+class _Big(Handler):
+    async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method == "big":
+            return {"pad": b"x" * 100_000}  # an inventory page is about 200 KB
+        return await super().handle_request(peer_id, method, body)
+
+
+async def _outcome(call: Any) -> tuple[ProtocolError, float]:
+    started = time.monotonic()
+    with pytest.raises(ProtocolError) as info:
+        await call
+    return info.value, time.monotonic() - started
+
+
+def _no_task_failures(caplog: pytest.LogCaptureFixture, unhandled: list[dict[str, Any]]) -> None:
+    gc.collect()  # a task that died unseen is reported when collected
+    assert not unhandled
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.fixture
+def peers_take_64k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every peer connection announces a=max-message-size:65536 (what an SDP without the
+    attribute means too), not aiortc's 256 KiB."""
+    monkeypatch.setattr(
+        RTCSctpTransport, "getCapabilities", classmethod(lambda cls: RTCSctpCapabilities(maxMessageSize=65536))
+    )
+
+
+# -- 1: messages over the peer's max-message-size -------------------------------------------
+
+
+@pytest.mark.usefixtures("peers_take_64k")
+def test_a_reply_over_the_peers_message_size_is_answered_too_large(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        unhandled = unhandled_exceptions()
+        async with pair(_Big(), request_timeout_s=TIMEOUT_S) as (session, served):
+            assert session.message_limit == served.message_limit == 65536
+            error, took = await _outcome(session.request("big", {}))
+            assert error.code == ErrorCode.TOO_LARGE and took < PROMPT_S
+            assert await session.request("echo", {}) == {"from": "node-a"}  # the session goes on
+            _no_task_failures(caplog, unhandled)
+
+    run(body)
+
+
+@pytest.mark.usefixtures("peers_take_64k")
+@pytest.mark.parametrize("side", ["a", "b"], ids=["connecting-side", "accepting-side"])
+def test_frames_larger_than_the_peer_takes_refuse_the_handshake(side: str) -> None:
+    async def body() -> None:
+        with pytest.raises(ProtocolError) as info:
+            async with pair(**{side: {"frame_bytes": 128 * 1024}}):
+                pass
+        assert info.value.code == ErrorCode.TOO_LARGE
+        assert "at most 65536 bytes" in info.value.reason and "frame_bytes (131072)" in info.value.reason
+
+    run(body)
+
+
+def test_a_send_over_the_peers_limit_found_only_by_aiortc_is_still_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defence in depth: the peer's limit drops below what the handshake said (aiortc raises
+    ValueError on send). The request and the blob fetch still get TOO_LARGE at once."""
+
+    async def body() -> None:
+        unhandled = unhandled_exceptions()
+        hb = _Big()
+        hb.blobs[b"k"] = b"z" * 200_000
+        async with pair(hb, request_timeout_s=TIMEOUT_S, b={"frame_bytes": 128 * 1024}) as (session, served):
+            served._pc.sctp._remote_max_message_size = 65536
+            error, took = await _outcome(session.request("big", {}))
+            assert error.code == ErrorCode.TOO_LARGE and took < PROMPT_S
+            error, took = await _outcome(session.fetch_blob(b"k", ""))
+            assert error.code == ErrorCode.TOO_LARGE and took < PROMPT_S
+            assert served._requests_in_flight == 0
+            _no_task_failures(caplog, unhandled)
+
+    run(body)
+
+
+# -- 2: reasons longer than the wire takes ---------------------------------------------------
+
+
+class _LongReason(Handler):
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "chunk " + key.hex() * 40 + " is not here")
+
+
+def test_a_long_error_reason_from_open_blob_reaches_the_fetcher_cut_short(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        unhandled = unhandled_exceptions()
+        async with pair(_LongReason(), request_timeout_s=TIMEOUT_S) as (session, _served):
+            error, took = await _outcome(session.fetch_blob(b"k" * 32, ""))
+            assert error.code == ErrorCode.NOT_FOUND and took < PROMPT_S
+            assert error.reason == f"peer node-b: chunk {(b'k' * 32).hex() * 40}"[: 13 + m.MAX_REASON]
+            _no_task_failures(caplog, unhandled)
+
+    run(body)
+
+
+# -- 5: replies the requester cannot decode --------------------------------------------------
+
+
+class _IntKeys(Handler):
+    async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"per_level": {0: 1, 1: 2}}  # e.g. a dict keyed by level rank
+
+
+def _answer_raw(served: Any, reply: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Make *served* answer each request with the raw map *reply* builds (an old or newer peer)."""
+
+    def on_control(data: bytes) -> None:
+        message = msgpack.unpackb(data)
+        if message.get("t") == "req":
+            served._control.channel.send(msgpack.packb(reply(message)))
+        else:
+            served._on_control(data)
+
+    served._control.channel.remove_all_listeners("message")
+    served._control.channel.on("message", on_control)
+
+
+def test_a_handler_body_the_peer_cannot_decode_fails_the_request_at_once() -> None:
+    async def body() -> None:
+        async with pair(_IntKeys(), request_timeout_s=TIMEOUT_S) as (session, _served):
+            error, took = await _outcome(session.request("stats", {}))
+            assert took < PROMPT_S and "map key 0 (int)" in error.reason
+            with pytest.raises(ProtocolError, match="map key"):  # and never leaves the requester
+                await session.request("echo", {"by_rank": {1: "a"}})
+
+    run(body)
+
+
+def test_a_reply_refused_on_arrival_fails_its_request_at_once() -> None:
+    async def body() -> None:
+        async with pair(request_timeout_s=TIMEOUT_S) as (session, served):
+            _answer_raw(served, lambda req: {"v": 1, "t": "resp", "id": req["id"], "body": {0: 1}})
+            error, took = await _outcome(session.request("echo", {}))
+            assert error.code == ErrorCode.MALFORMED and took < PROMPT_S
+            assert "undecodable" in error.reason and "map key" in error.reason
+
+    run(body)
+
+
+def test_an_error_code_from_a_newer_peer_fails_the_request_at_once() -> None:
+    async def body() -> None:
+        async with pair(request_timeout_s=TIMEOUT_S) as (session, served):
+            _answer_raw(
+                served, lambda req: {"v": 1, "t": "err", "id": req["id"], "code": 14, "reason": "rate limited"}
+            )
+            error, took = await _outcome(session.request("echo", {}))
+            assert error.code == ErrorCode.INTERNAL and took < PROMPT_S
+            assert error.reason == "peer node-b: error code 14: rate limited"
+
+    run(body)
+
+
+def test_a_request_the_peer_refuses_on_arrival_is_answered_at_once() -> None:
+    async def body() -> None:
+        async with pair(request_timeout_s=TIMEOUT_S) as (session, _served):
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            session._pending[999] = future  # as request() would, for a message it cannot build
+            session._control.channel.send(
+                msgpack.packb({"v": 1, "t": "req", "id": 999, "method": "echo", "body": {0: 1}})
+            )
+            with pytest.raises(ProtocolError) as info:
+                await asyncio.wait_for(future, PROMPT_S)
+            assert info.value.code == ErrorCode.MALFORMED
+
+    run(body)
