@@ -19,6 +19,7 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from kvpeer import aio
+from kvpeer.discovery._warn import WarnRarely
 from kvpeer.discovery.advert import (
     SERVICE_TYPE,
     Advertisement,
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 # LAN) for nodes we do not know start at most this often, however many ids a host makes up.
 UNKNOWN_RESOLVES_PER_S = 2.0
 UNKNOWN_RESOLVE_BURST = 16
+# Any LAN host can multicast PTRs of made-up names for free, each a browser event: resolves
+# run this many at a time, and this many names wait; beyond that a name is dropped (counted;
+# a real peer's heartbeats or next update bring it back).
+MAX_RESOLVES = 16
+MAX_WAITING_RESOLVES = 1024
 
 
 def instance_name(node_id: str) -> str:
@@ -64,7 +70,13 @@ class ZeroconfDiscovery(Discovery):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, None] = {}  # names to resolve once a resolve ends, in order
         self._dirty: set[str] = set()
+        # Warnings by kind, not by service name: names are the sender's to make up.
+        self._warn_name = WarnRarely(log)
+        self._warn_dropped = WarnRarely(log)
+        self._warn_unresolved = WarnRarely(log)
+        self._warn_malformed = WarnRarely(log)
         self._asked: dict[str, float] = {}  # node id -> when a heartbeat last made us resolve it
         self._unknown_resolves = RateLimit(UNKNOWN_RESOLVES_PER_S, UNKNOWN_RESOLVE_BURST)
 
@@ -97,6 +109,7 @@ class ZeroconfDiscovery(Discovery):
         )
 
     async def _close(self) -> None:
+        self._waiting.clear()
         for task in list(self._resolving.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -133,21 +146,39 @@ class ZeroconfDiscovery(Discovery):
         if node_id is None:
             # Any LAN host can send a PTR of our type pointing anywhere; resolving such a
             # name would only fail (zeroconf refuses it).
-            self._warn(name[:100], "ignored service name that is not <node id>.%s", SERVICE_TYPE)
+            self._events["services_ignored"] += 1
+            self._warn_name(
+                "ignored service name %r: not <node id>.%s", name[:100], SERVICE_TYPE
+            )
             return
         if self._advert is not None and node_id == self._advert.node_id:
             return
         if state_change is ServiceStateChange.Removed:
             self._dirty.discard(name)
+            self._waiting.pop(name, None)
             task = self._resolving.pop(name, None)
             if task is not None:
                 task.cancel()
+                self._start_resolves()
             self._withdraw(node_id)
             return
+        self._queue_resolve(name)
+
+    def _queue_resolve(self, name: str) -> None:
         if name in self._resolving:
             self._dirty.add(name)  # resolve again once the running resolve finishes
-            return
-        self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
+        elif name in self._waiting or len(self._waiting) < MAX_WAITING_RESOLVES:
+            self._waiting[name] = None
+            self._start_resolves()
+        else:
+            self._events["resolves_dropped"] += 1
+            self._warn_dropped("too many services to resolve: dropped %r", name)
+
+    def _start_resolves(self) -> None:
+        while self._waiting and len(self._resolving) < MAX_RESOLVES and not self._closed:
+            name = next(iter(self._waiting))
+            del self._waiting[name]
+            self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
 
     def _unknown_peer(self, node_id: str) -> None:
         # A peer we forgot (dead too long) or never resolved is sending heartbeats: its
@@ -162,7 +193,7 @@ class ZeroconfDiscovery(Discovery):
         self._asked[node_id] = now
         name = instance_name(node_id)
         if name not in self._resolving:
-            self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
+            self._queue_resolve(name)
 
     async def _resolve(self, name: str) -> None:
         try:
@@ -175,6 +206,7 @@ class ZeroconfDiscovery(Discovery):
             # A Removed then Added event may already have registered a newer resolve.
             if self._resolving.get(name) is asyncio.current_task():
                 del self._resolving[name]
+                self._start_resolves()
 
     async def _resolve_once(self, name: str) -> None:
         assert self._azc is not None
@@ -183,17 +215,22 @@ class ZeroconfDiscovery(Discovery):
             info = AsyncServiceInfo(SERVICE_TYPE, name)
             resolved = await info.async_request(self._azc.zeroconf, timeout_ms)
         except Exception as exc:  # zeroconf raises its own types; this task has no awaiter
-            self._warn(name, "service did not resolve: %r", exc)
+            self._events["resolves_failed"] += 1
+            self._warn_unresolved("service %s did not resolve: %r", name, exc)
             return
         if not resolved:
-            self._warn(name, "service did not resolve within %.1fs", self.config.request_timeout_s)
+            self._events["resolves_failed"] += 1
+            self._warn_unresolved(
+                "service %s did not resolve within %.1fs", name, self.config.request_timeout_s
+            )
             return
         try:
             peer = decode_fields(info.properties, info.parsed_addresses(IPVersion.V4Only))
             if instance_name(peer.node_id) != name:
                 raise ProtocolError(ErrorCode.INVALID, f"TXT id {peer.node_id!r} does not match the name")
         except ProtocolError as exc:
-            self._warn(name, "ignored malformed advertisement: %s", exc)
+            self._events["services_ignored"] += 1
+            self._warn_malformed("ignored malformed advertisement of %s: %s", name, exc)
             return
         self._observe(peer)
 

@@ -13,7 +13,12 @@ from zeroconf import ServiceStateChange
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery
 from kvpeer.discovery.advert import SERVICE_TYPE
 from kvpeer.discovery.beacon import Beacon, encode_beacon
-from kvpeer.discovery.zeroconf_backend import UNKNOWN_RESOLVE_BURST, instance_name
+from kvpeer.discovery.zeroconf_backend import (
+    MAX_RESOLVES,
+    MAX_WAITING_RESOLVES,
+    UNKNOWN_RESOLVE_BURST,
+    instance_name,
+)
 
 
 class StubResolve(ZeroconfDiscovery):
@@ -132,3 +137,42 @@ def test_heartbeats_of_made_up_nodes_start_few_resolves() -> None:
         await d._close()
 
     asyncio.run(main())
+
+
+def test_a_flood_of_made_up_service_names_starts_few_resolves_at_once() -> None:
+    """Each browser event started a resolve at once: PTRs of made-up names, free to send,
+    had us multicast queries for all of them together."""
+
+    async def main() -> None:
+        d = StubResolve()
+        for i in range(5000):
+            d.event(instance_name(f"n{i}"), ServiceStateChange.Added)
+        await turns()
+        assert d.most == MAX_RESOLVES
+        dropped = 5000 - MAX_RESOLVES - MAX_WAITING_RESOLVES
+        assert d.counters["resolves_dropped"] == dropped
+        d.release.set()  # the resolves end: the waiting names come next
+        await turns()
+        assert d.calls > MAX_RESOLVES and d.most == MAX_RESOLVES
+        await d._close()
+
+    asyncio.run(main())
+
+
+def test_made_up_service_names_are_warned_of_by_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """A WARNING per name that did not resolve or was not ours: the sender picks the names."""
+
+    async def main() -> None:
+        d = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.1",), request_timeout_s=0.1))
+        d._azc = SimpleNamespace(zeroconf=None)  # type: ignore[assignment]  # resolves fail
+        for i in range(300):
+            d._on_state_change(None, SERVICE_TYPE, instance_name(f"n{i}"), ServiceStateChange.Added)
+            d._on_state_change(None, SERVICE_TYPE, f"x{i}.example.", ServiceStateChange.Added)
+        while d._resolving:
+            await asyncio.wait(list(d._resolving.values()))
+        assert d.counters["resolves_failed"] == 300
+        assert d.counters["services_ignored"] == 300
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert sum(r.levelno >= logging.WARNING for r in caplog.records) <= 6
