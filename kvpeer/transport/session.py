@@ -89,6 +89,12 @@ class _Channel:
                 raise TransportError("peer stopped reading (send buffer stayed full)") from None
         self.send_now(data)
 
+    def close(self, reason: str) -> None:
+        """Fail every send from now on with *reason*, waiting ones too: a closed aiortc channel
+        never emits bufferedamountlow, so they would wait out their whole limit."""
+        self._closed_reason = reason
+        self._low_event.set()
+
     def send_now(self, data: bytes) -> None:
         """Queue *data* past flow control (small control messages, pings)."""
         self._check_open()
@@ -396,10 +402,15 @@ class PeerSession:
                         done.set_result(None)
             case m.Bye():
                 self._send_control_now(m.ByeAck())
+                if self._closing:  # both sides closing at once: its Bye answers ours
+                    self._bye_acked()
                 self._spawn(self._end_after_bye())
             case m.ByeAck():
-                if not self._bye_ack.done():
-                    self._bye_ack.set_result(None)
+                self._bye_acked()
+
+    def _bye_acked(self) -> None:
+        if not self._bye_ack.done():
+            self._bye_ack.set_result(None)
 
     def _on_bulk(self, data: bytes | str) -> None:
         now = time.monotonic()
@@ -588,7 +599,11 @@ class PeerSession:
         if self._closed:
             return
         self._closed = True
-        error = TransportError(f"session to {self.peer_id} closed")
+        self._bye_acked()  # close() waits for no ByeAck once the association is gone
+        reason = f"session to {self.peer_id} closed"
+        for channel in (self._control, *self._bulk):
+            channel.close(reason)
+        error = TransportError(reason)
         futures: list[asyncio.Future[Any]] = [
             *self._pending.values(),
             *(f for _, f in self._incoming.values()),

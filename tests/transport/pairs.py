@@ -41,12 +41,18 @@ def run(body: Callable[[], Awaitable[None]]) -> None:
 
 @contextlib.asynccontextmanager
 async def pair(
-    hb: Any = None, *, a: dict[str, Any] | None = None, b: dict[str, Any] | None = None, **both: Any
+    hb: Any = None,
+    *,
+    a: dict[str, Any] | None = None,
+    b: dict[str, Any] | None = None,
+    on_a_down: Callable[[str], None] | None = None,
+    **both: Any,
 ) -> AsyncIterator[tuple[PeerSession, PeerSession]]:
     """node-a's session to node-b and node-b's side of it (b serves from *hb*); both closed after.
 
-    *both* overrides the config of either node, *a* / *b* only that node's."""
-    ta = PeerTransport("node-a", config(**{**both, **(a or {})}), Handler())
+    *both* overrides the config of either node, *a* / *b* only that node's; *on_a_down* is
+    node-a's on_peer_down."""
+    ta = PeerTransport("node-a", config(**{**both, **(a or {})}), Handler(), on_peer_down=on_a_down)
     tb = PeerTransport("node-b", config(**{**both, **(b or {})}), hb or Handler())
     await ta.start()
     await tb.start()
@@ -58,6 +64,20 @@ async def pair(
     finally:
         await ta.close()
         await tb.close()
+
+
+def silence(session: PeerSession) -> None:
+    """The peer of *session* vanishes: its UDP sockets close, nothing it was sent is acked."""
+    connection = session._pc.sctp.transport.transport._connection
+    for protocol in connection._protocols:
+        protocol.transport.close()
+
+
+def freeze(session: PeerSession) -> None:
+    """*session* stops answering (no pongs, no ByeAck) though its socket still acks packets."""
+    session._control.channel.remove_all_listeners("message")
+    for task in list(session._tasks):
+        task.cancel()
 
 
 def unhandled_exceptions() -> list[dict[str, Any]]:

@@ -16,9 +16,10 @@ import pytest
 from aiortc import RTCSctpCapabilities
 from aiortc.rtcsctptransport import RTCSctpTransport
 
-from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.errors import ErrorCode, ProtocolError, TransportError
+from kvpeer.transport import PeerTransport
 from kvpeer.transport import messages as m
-from tests.transport.pairs import Handler, pair, run, unhandled_exceptions
+from tests.transport.pairs import Handler, config, freeze, pair, run, silence, unhandled_exceptions
 
 #: Requests in these tests time out after this long; a prompt answer takes far less.
 TIMEOUT_S = 5.0
@@ -196,5 +197,69 @@ def test_a_request_the_peer_refuses_on_arrival_is_answered_at_once() -> None:
             with pytest.raises(ProtocolError) as info:
                 await asyncio.wait_for(future, PROMPT_S)
             assert info.value.code == ErrorCode.MALFORMED
+
+    run(body)
+
+
+# -- 3: close() racing the end of the session ------------------------------------------------
+
+
+def test_both_sides_closing_at_once_do_not_wait_for_a_bye_ack() -> None:
+    async def body() -> None:
+        async with pair(close_timeout_s=TIMEOUT_S) as (session, served):
+            started = time.monotonic()
+            await asyncio.gather(session.close(), served.close())
+            assert time.monotonic() - started < PROMPT_S
+
+    run(body)
+
+
+def test_two_transports_stopping_together_do_not_wait_for_a_bye_ack() -> None:
+    async def body() -> None:
+        ta, tb = PeerTransport("node-a", config(), Handler()), PeerTransport("node-b", config(), Handler())
+        await ta.start()
+        await tb.start()
+        try:
+            await (await ta.connect("node-b", "127.0.0.1", tb.port)).request("echo", {})
+        finally:
+            started = time.monotonic()
+            await asyncio.gather(ta.close(), tb.close())
+        assert time.monotonic() - started < PROMPT_S  # close_timeout_s is 5 s
+
+    run(body)
+
+
+def test_close_returns_once_the_silent_peer_is_declared_dead() -> None:
+    async def body() -> None:
+        async with pair(close_timeout_s=8.0, heartbeat_interval_s=0.2, peer_dead_after_s=1.0) as (
+            session,
+            served,
+        ):
+            freeze(served)
+            started = time.monotonic()
+            await session.close()
+            assert session.closed and time.monotonic() - started < 1.0 + PROMPT_S
+
+    run(body)
+
+
+# -- 4: callers waiting on flow control when the session ends --------------------------------
+
+
+def test_requests_waiting_on_a_full_send_buffer_fail_when_the_session_ends() -> None:
+    async def body() -> None:
+        down = asyncio.Event()
+        async with pair(
+            request_timeout_s=8.0, heartbeat_interval_s=0.2, peer_dead_after_s=1.0,
+            buffer_high_bytes=256 * 1024, buffer_low_bytes=64 * 1024,
+            on_a_down=lambda _peer: down.set(),
+        ) as (session, served):  # fmt: skip
+            silence(served)
+            calls = [asyncio.create_task(session.request("echo", {"pad": b"x" * 60_000})) for _ in range(12)]
+            await asyncio.wait_for(down.wait(), 5)
+            ended = time.monotonic()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert time.monotonic() - ended < 0.5  # not the rest of request_timeout_s
+            assert all(isinstance(o, TransportError) and "closed" in str(o) for o in outcomes), outcomes
 
     run(body)
