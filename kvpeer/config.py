@@ -25,9 +25,11 @@ This module reads files and the environment only; it opens no sockets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -401,6 +403,7 @@ def _fill(text: str, places: Mapping[str, str], key: str) -> str:
 
 # ----------------------------------------------------------------------------- value parsing
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+MAX_SIZE = 1 << 62  # 4 EiB: past any disk or RAM, and still an int64
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -422,8 +425,9 @@ def parse_size(value: object) -> int:
         match = _SIZE_RE.match(value)
         if match:
             unit = (match.group(2) or "").lower()
-            if unit in _SIZE_UNITS:
-                return int(float(match.group(1)) * _SIZE_UNITS[unit])
+            size = float(match.group(1)) * _SIZE_UNITS[unit] if unit in _SIZE_UNITS else math.inf
+            if size < MAX_SIZE:
+                return int(size)
     raise ValueError("not a size")
 
 
@@ -452,7 +456,7 @@ def _describe(tp: Any, kind: str) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(tp)[0], '')}s"
-    names = {bool: "true or false", int: "an integer", float: "a number",
+    names = {bool: "true or false", int: "an integer", float: "a finite number",
              str: "a string", Path: "a path"}
     return names.get(tp, str(tp))
 
@@ -513,14 +517,17 @@ def _coerce(tp: Any, kind: str, value: Any) -> Any:
             return int(value)
         raise ValueError("not an int")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError("not a float")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        # TOML and the environment both spell nan and inf; no setting means either (a nan lease
+        # made the reaper spin: every comparison with it is False).
+        if number is not None and math.isfinite(number):
+            return number
+        raise ValueError("not a finite float")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -132,6 +132,37 @@ def test_node_id_is_stable(tmp_path: Path) -> None:
     validate_node_id(replaced)
 
 
+def _float_keys() -> list[str]:
+    keys = []
+    for section in dataclasses.fields(Config):
+        for name, tp in cfg._hints(type(getattr(Config(), section.name))).items():
+            if tp is float:
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+@pytest.mark.parametrize("spelling", ["nan", "inf", "-inf"])
+def test_no_float_setting_takes_nan_or_infinity(tmp_path: Path, spelling: str) -> None:
+    """Every comparison with nan is False, so a nan passed every range check (a nan api.lease_s
+    made the lease reaper spin at 100% CPU)."""
+    keys = _float_keys()
+    assert "api.lease_s" in keys and len(keys) > 10
+    for key in keys:
+        section, name = key.split(".")
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(write(tmp_path, f"[{section}]\n{name} = {spelling}\n"), env={})
+        env = {f"KVPEER_{section.upper()}__{name.upper()}": spelling}
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(write(tmp_path, ""), env=env)
+
+
+def test_a_size_too_large_for_an_integer_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="store.ram_bytes"):
+        load_config(write(tmp_path, ""), env={"KVPEER_STORE__RAM_BYTES": "9" * 400})
+    with pytest.raises(ConfigError, match="store.disk_bytes"):
+        load_config(write(tmp_path, '[store]\ndisk_bytes = "99999999PiB"\n'), env={})
+
+
 def test_sizes() -> None:
     assert parse_size("512MiB") == 512 << 20
     assert parse_size("2GB") == 2_000_000_000
