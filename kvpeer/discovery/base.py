@@ -110,9 +110,16 @@ class Discovery(ABC):
 
     @property
     def counters(self) -> Mapping[str, int]:
-        """Event counts for metrics: new peers refused because the table was full, and
-        whatever else peers made us ignore or repair (each counted once it happens)."""
-        return {"peers_refused": self._table.refused, **self._events}
+        """Event counts for metrics: new peers refused because the table was full or their
+        address held its share, dead peers evicted to make room, and whatever else peers made
+        us ignore or repair (each counted once it happens)."""
+        table = self._table
+        return {
+            "peers_refused": table.refused,
+            "peers_refused_per_address": table.crowded,
+            "peers_evicted": table.evicted,
+            **self._events,
+        }
 
     def subscribe(self, callback: PeerCallback) -> None:
         """Call ``callback`` (in the event loop, must not block) for each added/updated/removed."""
@@ -193,13 +200,18 @@ class Discovery(ABC):
         """A heartbeat from a node we hold no advertisement of (forgotten, or missed)."""
         return None
 
-    def _observe(self, info: PeerInfo) -> None:
-        refused = self._table.refused
-        self._dispatch(self._table.observe(info, self._now()))
+    def _observe(self, info: PeerInfo, listed: bool = False) -> None:
+        refused, crowded = self._table.refused, self._table.crowded
+        self._dispatch(self._table.observe(info, self._now(), listed))
         if self._table.refused != refused:
             self._warn(
                 "peer table", "full: ignored new peer %s (%d refused so far)",
                 info.node_id, self._table.refused,
+            )
+        elif self._table.crowded != crowded:
+            self._warn(
+                "peer table (per address)", "%s holds its share: ignored new peer %s "
+                "(%d refused so far)", info.addresses[0], info.node_id, self._table.crowded,
             )
 
     def _withdraw(self, node_id: str) -> None:

@@ -16,7 +16,7 @@ from kvpeer import aio
 from kvpeer.discovery.advert import Advertisement, decode_record, encode_record
 from kvpeer.discovery.base import Discovery
 from kvpeer.discovery.beacon import Beacon
-from kvpeer.discovery.config import parse_host_port
+from kvpeer.discovery.config import DiscoveryConfig, parse_host_port
 from kvpeer.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,12 @@ MAX_LOOKUPS = 8  # static peers' names resolved at once
 class StaticDiscovery(Discovery):
     """Peers named in the config file."""
 
-    _targets: list[tuple[str, int]]
-    _unresolved: list[tuple[str, int]]
     _resolver: asyncio.Task[None] | None = None
+
+    def __init__(self, config: DiscoveryConfig) -> None:
+        super().__init__(config)
+        self._targets: list[tuple[str, int]] = []  # listed peers, resolved
+        self._unresolved: list[tuple[str, int]] = []
 
     async def _open(self, advert: Advertisement) -> None:
         self._targets, self._unresolved = [], [
@@ -111,4 +114,5 @@ class StaticDiscovery(Discovery):
         if info.node_id != beacon.node_id or info.addresses[:1] != (source_ip,):
             self._ignore_beacon(source_ip, "advertisement of %s from another address", info.node_id)
             return
-        self._observe(info)
+        # A peer the operator listed is never refused for a full table.
+        self._observe(info, listed=(source_ip, info.port) in self._targets)

@@ -77,3 +77,41 @@ def test_rate_limit_with_fake_clock() -> None:
     assert limit.allow(0.25) is False
     assert limit.allow(0.5) is True  # one token back after 1/rate seconds
     assert [limit.allow(100.0) for _ in range(4)] == [True, True, True, False]
+
+
+def at(node_id: str, address: str) -> PeerInfo:
+    return PeerInfo(node_id=node_id, addresses=(address,), port=7457, fingerprints=(), epoch=1,
+                    chunk_count=1)
+
+
+def test_a_full_table_makes_room_by_evicting_the_entry_dead_the_longest() -> None:
+    """One burst of made-up ids filled the table, and their dead entries kept every new or
+    restarted peer out until forgotten (6 peer timeouts)."""
+    table = PeerTable("a", timeout_s=10.0, max_peers=3)
+    for i, node_id in enumerate(["x", "y", "z"]):
+        table.observe(at(node_id, f"10.0.0.{i + 1}"), float(i))
+    table.mark_dead("y")
+    table.expire(12.5)  # x and z too; y died first
+    assert kinds(table.observe(info("b"), 13.0)) == ["added"]
+    assert table.known("y") is None and table.evicted == 1 and table.refused == 0
+    assert kinds(table.observe(info("c"), 13.0)) == ["added"]
+    assert table.known("x") is None
+    assert table.heard("z", 14.0) != []  # still there to be revived
+
+
+def test_one_address_holds_a_bounded_share_of_the_table() -> None:
+    table = PeerTable("a", timeout_s=10.0, max_per_address=2)
+    assert kinds(table.observe(at("x", "10.0.0.9"), 0.0)) == ["added"]
+    assert kinds(table.observe(at("y", "10.0.0.9"), 0.0)) == ["added"]
+    assert table.observe(at("z", "10.0.0.9"), 0.0) == [] and table.crowded == 1
+    assert kinds(table.observe(at("z", "10.0.0.8"), 0.0)) == ["added"]  # another address
+    table.mark_dead("x")
+    assert kinds(table.observe(at("w", "10.0.0.9"), 1.0)) == ["added"]  # x made room
+    assert table.known("x") is None
+
+
+def test_a_listed_peer_is_taken_into_a_full_table() -> None:
+    table = PeerTable("a", timeout_s=10.0, max_peers=1)
+    table.observe(at("x", "10.0.0.9"), 0.0)
+    assert table.observe(info("b"), 0.0) == [] and table.refused == 1
+    assert kinds(table.observe(info("b"), 0.0, listed=True)) == ["added"]

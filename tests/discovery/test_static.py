@@ -256,11 +256,11 @@ def test_peers_refused_by_a_full_table_are_counted_for_metrics() -> None:
 
     d = StaticDiscovery(config(free_port()))
     d._table = PeerTable("me", timeout_s=10.0, max_peers=0)
-    assert d.counters == {"peers_refused": 0}
+    assert d.counters["peers_refused"] == 0
     d._table.observe(
         PeerInfo(node_id="x", addresses=("10.0.0.9",), port=1, fingerprints=(), epoch=1, chunk_count=0), 0.0
     )
-    assert d.counters == {"peers_refused": 1}
+    assert d.counters["peers_refused"] == 1
 
 
 def test_garbage_from_many_addresses_is_counted_and_seldom_warned_of(
@@ -274,3 +274,24 @@ def test_garbage_from_many_addresses_is_counted_and_seldom_warned_of(
             d._on_datagram(b"\xc1garbage", f"10.0.{i // 256}.{i % 256}")
     assert sum(r.levelno >= logging.WARNING for r in caplog.records) <= 3
     assert d.counters["beacons_ignored"] == 900
+
+
+def test_a_listed_peer_is_taken_although_made_up_peers_fill_the_table() -> None:
+    async def main() -> None:
+        from kvpeer.discovery.peers import PeerTable
+
+        d = StaticDiscovery(config(free_port()))
+        d._table = PeerTable("me", timeout_s=10.0, max_peers=2)
+        d._targets = [("10.0.0.1", 7000)]  # what static_peers = ["10.0.0.1:7000"] resolves to
+
+        def ad(node_id: str, address: str) -> Beacon:
+            record = encode_record(advert(node_id, 7000), [address])
+            return Beacon(kind="ad", node_id=node_id, record=record)
+
+        for node_id in ("x", "y", "z"):
+            d._on_beacon(ad(node_id, "10.0.0.66"), "10.0.0.66")
+        assert set(d.peers()) == {"x", "y"} and d.counters["peers_refused"] == 1
+        d._on_beacon(ad("listed", "10.0.0.1"), "10.0.0.1")
+        assert "listed" in d.peers()
+
+    asyncio.run(main())
