@@ -189,12 +189,13 @@ class PeerSession:
     ) -> dict[str, Any]:
         """Call *method* on the peer; ProtocolError for a remote error, TransportError else."""
         self._check_usable()
+        limit = self._limit(timeout)
         req_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = future
         try:
             await self._send_control(m.Request(id=req_id, method=method, body=body))
-            return await self._wait(future, timeout, f"request {method}")
+            return await self._wait(future, f"request {method}", limit)
         finally:
             self._pending.pop(req_id, None)
 
@@ -204,12 +205,25 @@ class PeerSession:
         level: str,
         timeout: float | None = None,  # noqa: ASYNC109 - the agreed contract; None: config
     ) -> bytes:
-        """The whole blob stored under *key*; every frame CRC-checked, the whole digest-checked."""
-        self._check_usable()
-        async with self._fetch_slots:
-            return await self._fetch_blob(key, level, timeout)
+        """The whole blob stored under *key*; every frame CRC-checked, the whole digest-checked.
 
-    async def _fetch_blob(self, key: bytes, level: str, limit_s: float | None) -> bytes:
+        *timeout* covers the whole call, the wait for one of our transfer slots included: the
+        fetcher times a chunk from this call to its last byte, so queueing must not hide here.
+        """
+        self._check_usable()
+        limit = self._limit(timeout)
+        started = time.monotonic()
+        try:
+            await aio.wait_for(self._fetch_slots.acquire(), limit)
+        except TimeoutError:
+            raise self._timed_out("blob fetch (waiting for a transfer slot)", limit) from None
+        try:
+            self._check_usable()  # it may have ended while we queued
+            return await self._fetch_blob(key, level, limit, started)
+        finally:
+            self._fetch_slots.release()
+
+    async def _fetch_blob(self, key: bytes, level: str, limit_s: float, started: float) -> bytes:
         blob_id = next(self._ids) & 0xFFFFFFFF
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         assembler = BlobAssembler(blob_id, self._config.max_blob_bytes, key=key, level=level)
@@ -218,7 +232,7 @@ class PeerSession:
         answered = False  # the peer was told BlobDone or BlobCancel (it frees its slot then)
         try:
             await self._send_control(m.BlobRequest(id=blob_id, key=key, level=level))
-            await self._wait(future, limit_s, "blob fetch")
+            await self._wait(future, "blob fetch", limit_s, started=started)
             try:
                 blob = await _off_loop(assembler.result, assembler.received_bytes)
             except ProtocolError as exc:  # the digest did not match
@@ -277,12 +291,21 @@ class PeerSession:
         if self._closed or self._closing:
             raise TransportError(f"session to {self.peer_id} is closed")
 
-    async def _wait(self, future: asyncio.Future[_T], limit_s: float | None, what: str) -> _T:
-        limit = self._config.request_timeout_s if limit_s is None else limit_s
+    def _limit(self, timeout: float | None) -> float:
+        return self._config.request_timeout_s if timeout is None else timeout
+
+    async def _wait(
+        self, future: asyncio.Future[_T], what: str, limit_s: float, *, started: float | None = None
+    ) -> _T:
+        """*future*'s result, at most *limit_s* after *started* (monotonic; now if None)."""
+        elapsed = 0.0 if started is None else time.monotonic() - started
         try:
-            return await aio.wait_for(asyncio.shield(future), limit)
+            return await aio.wait_for(asyncio.shield(future), max(0.0, limit_s - elapsed))
         except TimeoutError:
-            raise TransportError(f"{what} to {self.peer_id} timed out after {limit:g} s") from None
+            raise self._timed_out(what, limit_s) from None
+
+    def _timed_out(self, what: str, limit_s: float) -> TransportError:
+        return TransportError(f"{what} to {self.peer_id} timed out after {limit_s:g} s")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -263,3 +263,33 @@ def test_requests_waiting_on_a_full_send_buffer_fail_when_the_session_ends() -> 
             assert all(isinstance(o, TransportError) and "closed" in str(o) for o in outcomes), outcomes
 
     run(body)
+
+
+# -- 6: fetch_blob's timeout ------------------------------------------------------------------
+
+
+class _SlowBlobs(Handler):
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        await asyncio.sleep(0.6)  # a disk read, a transcode
+        return b"x" * 1000
+
+
+def test_a_fetch_timeout_covers_the_wait_for_a_transfer_slot() -> None:
+    async def body() -> None:
+        async with pair(_SlowBlobs(), a={"max_transfers_per_peer": 1}) as (session, _served):
+
+            async def fetch(key: bytes) -> tuple[str, float]:
+                started = time.monotonic()
+                try:
+                    await session.fetch_blob(key, "", timeout=1.0)
+                    outcome = "ok"
+                except TransportError as exc:
+                    outcome = str(exc)
+                return outcome, time.monotonic() - started
+
+            results = await asyncio.gather(*(fetch(b"k%d" % i) for i in range(4)))
+            assert results[0][0] == "ok"
+            assert all(took < 1.4 for _, took in results), results  # was 0.6, 1.2, 1.8, 2.4 s
+            assert all("timed out after 1 s" in outcome for outcome, _ in results[1:]), results
+
+    run(body)
