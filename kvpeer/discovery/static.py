@@ -114,5 +114,15 @@ class StaticDiscovery(Discovery):
         if info.node_id != beacon.node_id or info.addresses[:1] != (source_ip,):
             self._ignore_beacon(source_ip, "advertisement of %s from another address", info.node_id)
             return
+        incumbent = self.peers().get(info.node_id)
+        if incumbent is not None and incumbent.addresses[0] != source_ip:
+            # Two hosts announce one node id (a cloned image): keep the one we have while it
+            # lives, rather than flip between them, re-syncing inventories, at every beacon.
+            self._events["node_id_clashes"] += 1
+            self._warn(
+                f"node id {info.node_id}", "announced from %s and %s; keeping %s while it runs",
+                incumbent.addresses[0], source_ip, incumbent.addresses[0],
+            )
+            return
         # A peer the operator listed is never refused for a full table.
         self._observe(info, listed=(source_ip, info.port) in self._targets)

@@ -295,3 +295,33 @@ def test_a_listed_peer_is_taken_although_made_up_peers_fill_the_table() -> None:
         assert "listed" in d.peers()
 
     asyncio.run(main())
+
+
+def test_a_node_id_announced_from_two_hosts_keeps_the_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two hosts with one node id (a cloned image) made the entry flip address and epoch at
+    every beacon, each flip an inventory re-sync, with nothing saying why."""
+
+    async def main() -> list[PeerEvent]:
+        d = StaticDiscovery(config(free_port()))
+        events: list[PeerEvent] = []
+        d.subscribe(events.append)
+
+        def ad(address: str, epoch: int) -> Beacon:
+            record = encode_record(advert("gpu", 7000, epoch=epoch), [address])
+            return Beacon(kind="ad", node_id="gpu", record=record)
+
+        for _ in range(10):
+            d._on_beacon(ad("10.0.0.1", 100), "10.0.0.1")
+            d._on_beacon(ad("10.0.0.2", 900), "10.0.0.2")
+        assert d.peers()["gpu"].addresses == ("10.0.0.1",)
+        assert d.counters["node_id_clashes"] == 10
+        return events
+
+    with caplog.at_level(logging.WARNING):
+        events = asyncio.run(main())
+    assert [e.kind for e in events] == ["added"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "node id gpu: announced from 10.0.0.1 and 10.0.0.2; keeping 10.0.0.1 while it runs"
+    ]
