@@ -48,6 +48,10 @@ CONNECT_BACKOFF_S = (1.0, 30.0)
 
 #: Peers remembered as failing at most (ids come from unauthenticated adverts): the oldest go.
 MAX_BACKOFFS = 4096
+#: Open sessions kept per peer id: two, for both sides connecting at once. A newer one closes
+#: the oldest, so a peer reconnecting in a loop (or two hosts sharing a node id) cannot pile up
+#: peer connections, each with its UDP socket, buffers and tasks.
+MAX_SESSIONS_PER_PEER = 2
 
 
 class PeerBackingOff(TransportError):
@@ -114,7 +118,8 @@ class PeerTransport:
         self.config = config
         self.handler = handler
         self.on_peer_down = on_peer_down
-        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down, and
+        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down,
+        #: sessions_replaced (closed for a newer one past MAX_SESSIONS_PER_PEER), and
         #: sessions_key_current / sessions_key_next / sessions_key_none: the key each session
         #: opened with (a rotation is over when peers only open sessions with the next key).
         self.counters: Counter[str] = Counter()
@@ -124,7 +129,9 @@ class PeerTransport:
         self._session_keys: dict[PeerSession, str] = {}
         self._server: asyncio.Server | None = None
         self._sessions: dict[str, PeerSession] = {}
-        self._all: set[PeerSession] = set()
+        self._all: dict[PeerSession, None] = {}  # every open session, oldest first
+        self._replaced: set[asyncio.Task[None]] = set()  # closing sessions a newer one replaced
+        self._crowded_warned: set[str] = set()
         self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
         # Peers whose last connect failed: when to try again, the wait after that, and why.
         self._backoff: dict[str, _Backoff] = {}
@@ -230,9 +237,9 @@ class PeerTransport:
             self._server.close()
         for task in [*self._connecting.values(), *self._handshakes]:
             task.cancel()
-        sessions = list(self._all)
-        if sessions:
-            await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        closing = [*(s.close() for s in list(self._all)), *self._replaced]
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 await aio.wait_for(self._server.wait_closed(), self.config.close_timeout_s)
@@ -476,7 +483,7 @@ class PeerTransport:
 
     def _register(self, session: PeerSession, key_index: int | None) -> PeerSession:
         session.start()
-        self._all.add(session)
+        self._all[session] = None
         key = self._key_names[key_index or 0]
         self._session_keys[session] = key
         self.counters[f"sessions_key_{key}"] += 1
@@ -492,16 +499,46 @@ class PeerTransport:
             "session with %s open (%s key, SCTP packets of %d bytes)",
             session.peer_id, key, session.packet_bytes,
         )  # fmt: skip
+        self._replace_oldest(session)
         return session
+
+    def _replace_oldest(self, newest: PeerSession) -> None:
+        """Close the oldest sessions of newest's peer id beyond MAX_SESSIONS_PER_PEER."""
+        peer_id = newest.peer_id
+        older = [
+            s for s in self._all
+            if s.peer_id == peer_id and s is not newest and not (s.closed or s.closing)
+        ]  # fmt: skip
+        excess = older[: max(0, len(older) + 1 - MAX_SESSIONS_PER_PEER)]
+        if not excess:
+            return
+        for old in excess:
+            if self._sessions.get(peer_id) is old:
+                self._sessions[peer_id] = newest
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._replaced.add(task)
+            task.add_done_callback(self._replaced.discard)
+        self.counters["sessions_replaced"] += len(excess)
+        # Worth saying (a duplicated node id is a misconfiguration), but once: it may repeat.
+        first = peer_id not in self._crowded_warned
+        if first and len(self._crowded_warned) < _MAX_WARNED:
+            self._crowded_warned.add(peer_id)
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "peer %s opened a session while it had %d open (a reconnect loop, or two hosts with "
+            "one node id?): closing the oldest", peer_id, len(older),
+        )  # fmt: skip
 
     def _session_ended(self, session: PeerSession, by_peer: bool) -> None:
         if session not in self._all:  # its handshake failed: the peer was never up
             return
-        self._all.discard(session)
+        del self._all[session]
         self._session_keys.pop(session, None)
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
-            replacement = next((s for s in self._all if s.peer_id == session.peer_id), None)
+            replacement = next(
+                (s for s in self._all if s.peer_id == session.peer_id and not s.closing), None
+            )
             if replacement is not None:
                 self._sessions[session.peer_id] = replacement
         if by_peer and not self._closing and self.session(session.peer_id) is None:

@@ -172,6 +172,11 @@ class PeerSession:
         return self._closed
 
     @property
+    def closing(self) -> bool:
+        """close() began: the session takes no new work."""
+        return self._closing
+
+    @property
     def rtt_s(self) -> float | None:
         """Round-trip time: SCTP's smoothed RTT when known, else the heartbeat's.
 

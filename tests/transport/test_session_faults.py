@@ -293,3 +293,40 @@ def test_a_fetch_timeout_covers_the_wait_for_a_transfer_slot() -> None:
             assert all("timed out after 1 s" in outcome for outcome, _ in results[1:]), results
 
     run(body)
+
+
+# -- 7: sessions per peer id -----------------------------------------------------------------
+
+
+def test_a_peer_id_reconnecting_keeps_at_most_two_sessions_the_newest_winning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that forgets its sessions (a retry loop, two hosts with one node id) connects
+    again and again: each connect is a new peer connection on our side, and was kept."""
+
+    async def body() -> None:
+        tb = PeerTransport("node-b", config(), Handler())
+        await tb.start()
+        clients: list[PeerTransport] = []
+        replaced = asyncio.Semaphore(0)
+        try:
+            for _ in range(5):
+                client = PeerTransport("node-a", config(), Handler(), on_peer_down=lambda _p: replaced.release())
+                await client.start()
+                clients.append(client)
+                await client.connect("node-b", "127.0.0.1", tb.port)
+            for _ in range(3):  # the three oldest were told Bye
+                await asyncio.wait_for(replaced.acquire(), 5)
+            assert [c.session("node-b") is not None for c in clients] == [False] * 3 + [True] * 2
+            assert len([s for s in tb._all if s.peer_id == "node-a"]) == 2
+            assert tb.counters["sessions_replaced"] == 3
+            newest = tb.session("node-a")
+            assert newest is not None and await newest.request("echo", {}) == {"from": "node-b"}
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "closing the oldest" in r.message]
+            assert len(warnings) == 1
+        finally:
+            for client in clients:
+                await client.close()
+            await tb.close()
+
+    run(body)
