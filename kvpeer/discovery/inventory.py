@@ -250,6 +250,12 @@ class InventoryTable:
 
     def __init__(self) -> None:
         self._peers: dict[str, _PeerInventory] = {}
+        self.keys_refused = 0  # peers' keys beyond MAX_INVENTORY_KEYS, not held
+
+    @property
+    def counters(self) -> Mapping[str, int]:
+        """Event counts for metrics."""
+        return {"inventory_keys_refused": self.keys_refused}
 
     def apply(
         self,
@@ -275,11 +281,22 @@ class InventoryTable:
             held = None if peer is None else peer.epoch
             raise StaleDeltaError(f"delta from epoch {update.base_epoch}, table holds {held}")
         peer.keys.difference_update(update.removed)
-        peer.keys.update(update.added)
+        self._add_capped(peer.keys, update.added)
         peer.epoch = update.epoch
         if fps is not None:
             peer.fingerprints = fps
         return update.epoch
+
+    def _add_capped(self, keys: set[bytes], added: Sequence[bytes]) -> None:
+        """Each delta is within the cap, but deltas add up: hold no more than a full inventory
+        holds. Keys left out are cache misses to us, as they are beyond a full inventory."""
+        room = MAX_INVENTORY_KEYS - len(keys)
+        if len(added) <= room:
+            keys.update(added)
+            return
+        new = [key for key in dict.fromkeys(added) if key not in keys]
+        keys.update(new[:room])
+        self.keys_refused += max(len(new) - room, 0)
 
     def set_fingerprints(self, peer_id: str, fingerprints: Iterable[str]) -> None:
         peer = self._peers.get(peer_id)

@@ -175,3 +175,16 @@ def test_later_pages_come_from_the_first_pages_epoch() -> None:
         log.since(None)
     with pytest.raises(ProtocolError):
         log.since(None, 1, at=first["epoch"])
+
+
+def test_deltas_do_not_grow_a_peer_past_the_inventory_cap() -> None:
+    """Each delta was checked against the cap, the running total never was."""
+    table = InventoryTable()
+    table.apply("p", InventoryUpdate(kind="full", epoch=1, keys=()))
+    step = 40_000
+    for i in range(7):
+        added = tuple(os.urandom(32) for _ in range(step))
+        table.apply("p", InventoryUpdate(kind="delta", epoch=i + 2, base_epoch=i + 1, added=added))
+    assert len(table.keys_of("p")) == MAX_INVENTORY_KEYS
+    assert table.counters == {"inventory_keys_refused": 7 * step - MAX_INVENTORY_KEYS}
+    assert table.epoch("p") == 8
