@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import dataclasses
 import errno
+import importlib.util
 import json
 import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
@@ -93,6 +95,12 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"kvpeerd: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if not address_is_here(transport.host):  # valid: at boot it may come later
+            print(
+                f"kvpeerd: WARNING: transport.host {transport.host} is not an address of this "
+                "machine (yet): a start exits 1 and systemd tries again until it is",
+                file=sys.stderr,
+            )
         if transport.keyless_risk is not None:  # a valid config: still exit 0
             from kvpeer.transport.config import KEYLESS_RISK
 
@@ -100,6 +108,11 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
             print(f"kvpeerd: {level}: {KEYLESS_RISK}", file=sys.stderr)
         print(config.as_toml(), end="")
         return 0
+    try:
+        preflight(config)
+    except ConfigError as exc:
+        print(f"kvpeerd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
     limit_torch_threads(config.daemon.torch_threads)
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
@@ -124,7 +137,7 @@ def check_start_config(config: Any) -> TransportConfig:
     api.socket_group and the users and groups of api.namespaces, with the daemon's own
     functions, so --check-config fails on what start would. Raises ConfigError naming the key.
     """
-    from kvpeer.api.server import resolve_group, resolve_namespaces
+    from kvpeer.api.server import resolve_namespaces
     from kvpeer.daemon import discovery_config, transport_config
     from kvpeer.discovery.config import advertisable_addresses
 
@@ -134,9 +147,48 @@ def check_start_config(config: Any) -> TransportConfig:
     )
     transport = transport_config(config, default_host=addresses[0])
     discovery_config(config)
-    resolve_group(config.api.socket_group)
+    preflight(config)
     resolve_namespaces(config.api.namespaces)
     return transport
+
+
+def preflight(config: Any) -> None:
+    """What the config asks of this install and this user, checked before anything starts (by
+    --check-config and by a real start alike): each used to fail half-way through the start with
+    a traceback or a message naming the wrong key, exit 1, and systemd restarting it forever."""
+    from kvpeer.api.server import resolve_group
+
+    if config.discovery.backend == "etcd":
+        if not _has_module("aetcd"):
+            raise ConfigError(
+                'discovery.backend = "etcd" needs the etcd extra: pip install "kvpeer[etcd]"'
+            )
+        from kvpeer.discovery.etcd import parse_endpoint
+
+        for endpoint in config.discovery.etcd_endpoints:
+            parse_endpoint(endpoint)
+    gid = resolve_group(config.api.socket_group)
+    if gid is not None and os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ConfigError(
+            f"api.socket_group: this user is not in group {config.api.socket_group!r}, so it "
+            "cannot give the socket to it (add the user to the group; under systemd "
+            "SupplementaryGroups= in `systemctl edit kvpeer`)"
+        )
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def address_is_here(host: str) -> bool:
+    """Whether ``host`` is an address of this machine now (a bind to it works)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 def limit_torch_threads(threads: int) -> None:

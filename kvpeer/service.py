@@ -125,7 +125,11 @@ def _watchdog_interval(env: Mapping[str, str]) -> float | None:
 
 # ----------------------------------------------------------------------------- signals
 class ShutdownSignals:
-    """SIGTERM or SIGINT starts a graceful shutdown; a second SIGINT forces the exit.
+    """SIGTERM, SIGINT or SIGHUP starts a graceful shutdown; a second SIGINT forces the exit.
+
+    SIGHUP is what a foreground kvpeerd gets when its terminal or ssh session goes: without a
+    handler it died on the spot (no goodbye to peers, queued store writes not drained).
+    There is no reload; the log line says so for a ``kill -HUP`` meant as one.
 
     ``force_exit`` defaults to ``os._exit``: when the graceful path is stuck, nothing that still
     runs Python code (``sys.exit`` unwinding into the same stuck awaits) can be trusted.
@@ -140,7 +144,7 @@ class ShutdownSignals:
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
             self._installed.append(sig)
 
@@ -170,7 +174,11 @@ class ShutdownSignals:
                 logging.shutdown()
                 self._force_exit(128 + sig)
             return
-        log.info("%s: shutting down gracefully", sig.name)
+        if sig == signal.SIGHUP:
+            log.info("SIGHUP: shutting down gracefully (kvpeerd has no reload: restart it to apply "
+                     "a changed configuration)")
+        else:
+            log.info("%s: shutting down gracefully", sig.name)
         self.received = sig
         self._event.set()
 

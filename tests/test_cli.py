@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvpeer import cli
-from kvpeer.config import Config
+from kvpeer.config import Config, load_config
+from kvpeer.errors import ConfigError
 
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -251,6 +252,50 @@ def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key
     assert result.returncode == 2, result.stdout + result.stderr
     assert key in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+def test_the_etcd_backend_without_its_extra_is_a_config_error_at_check_and_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It passed --check-config, then start died of ModuleNotFoundError with exit 1, which
+    systemd restarts forever."""
+    config = daemon_config(tmp_path)
+    config.write_text(config.read_text().replace(
+        'backend = "static"', 'backend = "etcd"\netcd_endpoints = ["http://127.0.0.1:2379"]'
+    ))
+    monkeypatch.setattr(cli, "_has_module", lambda name: name != "aetcd")
+    for mode in (["--check-config"], []):
+        assert cli.daemon_main(["--config", str(config), *mode]) == cli.EXIT_CONFIG
+        assert 'needs the etcd extra: pip install "kvpeer[etcd]"' in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_has_module", lambda name: True)
+    config.write_text(config.read_text().replace("http://127.0.0.1:2379", "https://127.0.0.1:2379"))
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
+    assert "discovery.etcd_endpoints" in capsys.readouterr().err
+
+
+def test_a_socket_group_the_user_is_not_in_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start failed with EPERM blamed on api.socket_path; --check-config had passed."""
+    config = daemon_config(tmp_path)
+    config.write_text(config.read_text() + '[api]\nsocket_group = "root"\n')
+    assert cli.check_start_config(load_config(config, env={}))  # root may give it to any group
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(cli.os, "getegid", lambda: 1000)
+    monkeypatch.setattr(cli.os, "getgroups", lambda: [1000, 27])
+    with pytest.raises(ConfigError, match="api.socket_group: this user is not in group 'root'"):
+        cli.check_start_config(load_config(config, env={}))
+    monkeypatch.setattr(cli.os, "getgroups", lambda: [1000, 0])
+    cli.check_start_config(load_config(config, env={}))
+
+
+def test_check_config_warns_of_a_transport_host_that_is_not_here(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, transport='host = "192.0.2.99"\nport = 0\n')
+    result = run("daemon_main", "--config", str(config), "--check-config")
+    assert result.returncode == 0, result.stderr  # at boot the address may come later
+    assert "transport.host 192.0.2.99 is not an address of this machine" in result.stderr
+    here = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--check-config")
+    assert "not an address of this machine" not in here.stderr
 
 
 def test_log_level_takes_any_case_and_refuses_typos(tmp_path: Path) -> None:

@@ -133,6 +133,23 @@ def test_sigterm_starts_graceful_shutdown_second_sigint_forces_exit() -> None:
     assert forced == [128 + signal.SIGINT]
 
 
+def test_sighup_stops_gracefully_and_says_there_is_no_reload(caplog: pytest.LogCaptureFixture) -> None:
+    """A foreground kvpeerd whose terminal closes gets SIGHUP: it used to die on the spot."""
+
+    async def main() -> signal.Signals | None:
+        signals = ShutdownSignals(force_exit=lambda code: None)
+        signals.install(asyncio.get_running_loop())
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            return await asyncio.wait_for(signals.wait(), timeout=10)
+        finally:
+            signals.uninstall()
+
+    with caplog.at_level(logging.INFO, logger="kvpeer.service"):
+        assert asyncio.run(main()) == signal.SIGHUP
+    assert "no reload" in caplog.text
+
+
 LOGGING_CHILD = textwrap.dedent(
     """
     import logging, os, sys
@@ -194,6 +211,15 @@ def test_unit_declares_what_the_issue_asks() -> None:
     assert s["RestartPreventExitStatus"] == ["2"] and s["Restart"] == ["on-failure"]
     exec_start = s["ExecStart"][0].split()
     assert exec_start[0].endswith("/kvpeerd") and exec_start[1:] == ["--config", "/etc/kvpeer/kvpeer.toml"]
+
+
+def test_unit_sets_no_kvpeer_setting_that_would_override_the_config_file() -> None:
+    """The environment wins over the file: a KVPEER_NODE__STATE_DIR here silently ignored the
+    state_dir an operator set in /etc/kvpeer/kvpeer.toml."""
+    settings = unit_settings()
+    assert not [e for e in settings.get("Environment", []) if e.startswith("KVPEER_")]
+    # A cause of exit 1 that stays (a typo in transport.host) must end in "failed", not loop.
+    assert settings["StartLimitBurst"] and settings["StartLimitIntervalSec"]
 
 
 def test_unit_leaves_the_gpu_devices_reachable() -> None:
