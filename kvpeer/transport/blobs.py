@@ -121,6 +121,13 @@ class BlobAssembler:
             raise ProtocolError(ErrorCode.INVALID, f"blob {self.blob_id}: frame {index} size")
 
     @property
+    def reserved_bytes(self) -> int:
+        """What this blob may hold: its stated size once started (at least what it holds), what
+        it holds before that; frames count with their overhead. Never shrinks."""
+        stated = 0 if self._start is None else self._start.size
+        return max(self._buffered, stated)
+
+    @property
     def complete(self) -> bool:
         return self._start is not None and len(self._frames) == self._start.frames
 

@@ -101,6 +101,14 @@ class TransportConfig:
     bulk_channels: int = 1
     #: Blob transfers served to one peer at a time; more are answered BUSY.
     max_transfers_per_peer: int = 16
+    #: Bytes the blobs arriving from one peer may hold at once, all its fetches together: a
+    #: blob counts its stated size (frames buffered before BlobStart as they come). A blob past
+    #: it fails BUSY, which the fetcher treats as transient. Without a cap, one peer could
+    #: make us hold max_transfers_per_peer x max_blob_bytes (4.5 GiB at the defaults).
+    #: ``None``: 4 x max_blob_bytes (1 GiB at the defaults; the fetcher keeps 2 in flight per
+    #: peer). At least max_blob_bytes. Not counted: the one joined copy per blob while its
+    #: digest is checked.
+    max_incoming_blob_bytes: int | None = None
     #: Flow control: stop writing a bulk channel above ``high``, resume below ``low``.
     buffer_high_bytes: int = 4 * 1024 * 1024
     buffer_low_bytes: int = 1024 * 1024
@@ -160,6 +168,15 @@ class TransportConfig:
             )
         if self.max_blob_bytes < 1:
             raise ConfigError("transport.max_blob_bytes must be >= 1")
+        if self.max_incoming_blob_bytes is not None and self.max_incoming_blob_bytes < self.max_blob_bytes:
+            raise ConfigError("transport.max_incoming_blob_bytes must be >= max_blob_bytes")
+
+    @property
+    def incoming_blob_budget(self) -> int:
+        """max_incoming_blob_bytes, its default filled in."""
+        if self.max_incoming_blob_bytes is None:
+            return 4 * self.max_blob_bytes
+        return self.max_incoming_blob_bytes
 
     @property
     def keyless_risk(self) -> int | None:

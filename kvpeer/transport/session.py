@@ -145,6 +145,7 @@ class PeerSession:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._incoming: dict[int, tuple[BlobAssembler, asyncio.Future[bytes]]] = {}
+        self._incoming_bytes = 0  # reserved_bytes of the blobs in _incoming, summed
         self._serving: dict[int, tuple[asyncio.Task[None], asyncio.Future[None]]] = {}
         self._sent_whole: set[asyncio.Task[Any] | None] = set()  # serving tasks past their last frame
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -261,7 +262,7 @@ class PeerSession:
                         await self._send_control(m.BlobCancel(id=blob_id))
             raise
         finally:
-            self._incoming.pop(blob_id, None)
+            self._forget_incoming(blob_id)
             self.estimator.transfer_finished(time.monotonic())
         self.delivered_bytes += len(blob)
         return blob
@@ -465,17 +466,35 @@ class PeerSession:
         assembler, future = entry
         if future.done():
             return
+        before = assembler.reserved_bytes
         try:
             step(assembler)
-            if assembler.complete:
-                # Every frame is in: _fetch_blob joins and digest-checks them off the event
-                # loop. Frames that still arrive for this blob are ignored (future done).
-                future.set_result(b"")
         except ProtocolError as exc:
             self._peer_error(exc)
-            future.set_exception(exc)
-            self._incoming.pop(assembler.blob_id, None)
-            self._send_control_now(m.BlobCancel(id=assembler.blob_id))
+            self._incoming_bytes += assembler.reserved_bytes - before
+            self._fail_incoming(assembler, future, exc)
+            return
+        self._incoming_bytes += assembler.reserved_bytes - before
+        budget = self._config.incoming_blob_budget
+        if self._incoming_bytes > budget:  # our limit, not the peer's fault: no protocol error
+            reason = f"blobs arriving from {self.peer_id} would hold over {budget} bytes"
+            self._fail_incoming(assembler, future, ProtocolError(ErrorCode.BUSY, reason))
+        elif assembler.complete:
+            # Every frame is in: _fetch_blob joins and digest-checks them off the event
+            # loop. Frames that still arrive for this blob are ignored (future done).
+            future.set_result(b"")
+
+    def _fail_incoming(
+        self, assembler: BlobAssembler, future: asyncio.Future[bytes], exc: ProtocolError
+    ) -> None:
+        future.set_exception(exc)
+        self._forget_incoming(assembler.blob_id)
+        self._send_control_now(m.BlobCancel(id=assembler.blob_id))
+
+    def _forget_incoming(self, blob_id: int) -> None:
+        entry = self._incoming.pop(blob_id, None)
+        if entry is not None:
+            self._incoming_bytes -= entry[0].reserved_bytes
 
     def _peer_error(self, exc: ProtocolError) -> None:
         self.protocol_errors += 1

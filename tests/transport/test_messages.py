@@ -184,3 +184,20 @@ def test_an_error_code_from_a_newer_peer_reads_as_internal_with_its_reason() -> 
 def test_an_error_built_from_an_exception_fits_the_wire() -> None:
     error = m.Error.of(4, ProtocolError(ErrorCode.NOT_FOUND, "x" * 2000))
     assert error.code == ErrorCode.NOT_FOUND and len(error.reason) == m.MAX_REASON
+
+
+def test_an_assembler_reserves_its_stated_size_or_what_it_holds() -> None:
+    blob = bytes(range(256)) * 40  # 10 KiB in frames of 4 KiB
+    start = blob_start(3, blob, 4096, key=KEY, level="")
+    frames = list(iter_frames(3, blob, 4096))
+    asm = BlobAssembler(3, LIMIT, key=KEY)
+    asm.add(frames[0])
+    early = asm.reserved_bytes
+    assert 4096 - 16 < early < 4096 + 256  # a frame before BlobStart: its payload and overhead
+    asm.start(start)
+    assert asm.reserved_bytes == len(blob)  # the stated size from then on
+    for frame in frames[1:]:
+        asm.add(frame)
+    assert asm.reserved_bytes >= len(blob) and asm.complete
+    reserved = asm.reserved_bytes
+    assert asm.result() == blob and asm.reserved_bytes == reserved  # released by the owner

@@ -16,7 +16,7 @@ import pytest
 from aiortc import RTCSctpCapabilities
 from aiortc.rtcsctptransport import RTCSctpTransport
 
-from kvpeer.errors import ErrorCode, ProtocolError, TransportError
+from kvpeer.errors import ConfigError, ErrorCode, ProtocolError, TransportError
 from kvpeer.transport import PeerTransport
 from kvpeer.transport import messages as m
 from tests.transport.pairs import Handler, config, freeze, pair, run, silence, unhandled_exceptions
@@ -330,3 +330,48 @@ def test_a_peer_id_reconnecting_keeps_at_most_two_sessions_the_newest_winning(
             await tb.close()
 
     run(body)
+
+
+# -- receive memory: blobs in flight from one peer --------------------------------------------
+
+
+def test_blobs_arriving_from_one_peer_are_capped_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fetch holds its 1 MB (every frame in, the digest check not done); a second 1 MB
+    blob would pass the 1.5 MB cap, so it fails BUSY at once; once the first is done, it fits."""
+    from kvpeer.transport import session as session_module
+
+    checking = asyncio.Event()
+    release = asyncio.Event()
+    real_off_loop = session_module._off_loop
+
+    async def held_off_loop(work: Callable[[], Any], size: int) -> Any:
+        if getattr(work, "__name__", "") == "result" and not release.is_set():  # the digest check
+            checking.set()
+            await release.wait()
+        return await real_off_loop(work, size)
+
+    monkeypatch.setattr(session_module, "_off_loop", held_off_loop)
+
+    async def body() -> None:
+        hb = Handler()
+        hb.blobs = {b"one": b"1" * 1_000_000, b"two": b"2" * 1_000_000}
+        caps = {"max_blob_bytes": 1_000_000, "max_incoming_blob_bytes": 1_500_000}
+        async with pair(hb, a=caps, request_timeout_s=TIMEOUT_S) as (session, _served):
+            first = asyncio.create_task(session.fetch_blob(b"one", ""))
+            await asyncio.wait_for(checking.wait(), PROMPT_S)
+            error, took = await _outcome(session.fetch_blob(b"two", ""))
+            assert error.code == ErrorCode.BUSY and took < PROMPT_S
+            assert session.protocol_errors == 0  # our limit, not the peer's fault
+            release.set()
+            assert await first == hb.blobs[b"one"]
+            assert await session.fetch_blob(b"two", "") == hb.blobs[b"two"]
+            assert session._incoming_bytes == 0
+
+    run(body)
+
+
+def test_the_incoming_blob_cap_defaults_to_four_blobs_and_holds_one_at_least() -> None:
+    assert config().incoming_blob_budget == 4 * config().max_blob_bytes
+    assert config(max_incoming_blob_bytes=10**9).incoming_blob_budget == 10**9
+    with pytest.raises(ConfigError, match="max_incoming_blob_bytes"):
+        config(max_blob_bytes=1000, max_incoming_blob_bytes=999)
