@@ -388,9 +388,31 @@ def client_parser() -> argparse.ArgumentParser:
 def _read_tokens(path: Path) -> Any:
     import numpy as np
 
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.int64)
-    return np.array(path.read_text().split(), dtype=np.int64)
+    try:
+        if path.suffix == ".npy":
+            return np.load(path).astype(np.int64)
+        return np.array(path.read_text().split(), dtype=np.int64)
+    except (OSError, ValueError, TypeError, OverflowError) as exc:
+        raise SystemExit(f"kvpeer: bad tokens file {path} (token ids, whitespace apart, or .npy): {exc}") from exc
+
+
+def _read_kv(path: Path) -> tuple[Any, Any]:
+    import torch
+
+    try:
+        k, v = torch.load(path)
+    except Exception as exc:  # torch.load raises what its unpickler meets: all mean a bad file
+        raise SystemExit(f"kvpeer: bad KV file {path} (torch.save((k, v), path)): {exc}") from exc
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        raise SystemExit(f"kvpeer: bad KV file {path}: expected a (k, v) pair of tensors")
+    return k, v
+
+
+def _check_writable(path: Path) -> None:
+    """Before a fetch, not after it: the output's directory exists and takes files."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SystemExit(f"kvpeer: cannot write {path}: {parent} is not a writable directory")
 
 
 def _read_fingerprint(path: Path) -> Any:
@@ -449,7 +471,8 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
     elif args.command == "peers":
         _print(client.peers(), args.json)
     elif args.command == "lookup":
-        result = client.lookup(_read_tokens(args.tokens), _read_fingerprint(args.model))
+        tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
+        result = client.lookup(tokens, fingerprint)
         _print(dataclasses.asdict(result), args.json)
     elif args.command == "fetch":
         import torch
@@ -457,6 +480,7 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
 
         tokens = _read_tokens(args.tokens)
         fingerprint = _read_fingerprint(args.model)
+        _check_writable(args.out)
         available = client.lookup(tokens, fingerprint)
         expected = available.matched_tokens // max(available.chunk_tokens, 1)
         show = not args.json and sys.stderr.isatty()
@@ -468,7 +492,10 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
                 if not result.wait_for_chunk(index):
                     break
                 bar.update(1)
-            torch.save((result.k.clone(), result.v.clone()), args.out)
+            try:
+                torch.save((result.k.clone(), result.v.clone()), args.out)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: torch's own writer failing
+                raise SystemExit(f"kvpeer: cannot write {args.out}: {exc}") from exc
             summary = {
                 "matched_tokens": result.matched_tokens,
                 "levels": list(result.levels),
@@ -477,10 +504,9 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
             }
         _print(summary, args.json)
     elif args.command == "put":
-        import torch
-
-        k, v = torch.load(args.kv)
-        result = client.put(_read_tokens(args.tokens), k, v, _read_fingerprint(args.model), level=args.level)
+        k, v = _read_kv(args.kv)
+        tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
+        result = client.put(tokens, k, v, fingerprint, level=args.level)
         _print(dataclasses.asdict(result), args.json)
     elif args.command == "evict":
         _print(client.evict_all(), args.json)
@@ -489,8 +515,12 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
 
 def _fingerprint_command(args: argparse.Namespace) -> int:
     """Print the fingerprint JSON of a local model (what --model takes)."""
-    from kvpeer.models import load_model, model_fingerprint
-
+    try:
+        from kvpeer.models import load_model, model_fingerprint
+    except ImportError as exc:
+        print(f'kvpeer fingerprint: needs the transformers extra: pip install "kvpeer[transformers]" '
+              f"({exc})", file=sys.stderr)
+        return 1
     model, _ = load_model(args.model_path)
     print(json.dumps(dataclasses.asdict(model_fingerprint(model, revision=args.revision))))
     return 0

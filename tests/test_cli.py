@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import signal
@@ -13,12 +14,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvpeer import cli
 from kvpeer.config import Config, load_config
 from kvpeer.errors import ConfigError
+from kvpeer.hashing import ModelFingerprint
 
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -321,3 +324,55 @@ def test_fingerprint_takes_a_revision() -> None:
     args = cli.client_parser().parse_args(["fingerprint", "model.gguf", "--revision", "v2"])
     assert (args.model_path, args.revision) == ("model.gguf", "v2")
     assert cli.client_parser().parse_args(["fingerprint"]).revision == ""
+
+
+class RecordingClient:
+    """Stands in for KVPeerClient: records calls, answers none of them."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        raise AssertionError(f"the client was asked {name} despite bad input")
+
+
+@pytest.mark.parametrize("case", ["tokens", "kv", "kv_not_a_pair", "out_dir"])
+def test_bad_input_files_are_one_line_and_nothing_is_asked_of_the_daemon(
+    tmp_path: Path, case: str
+) -> None:
+    import torch
+
+    tokens, model, kv = tmp_path / "prompt.tokens", tmp_path / "model.json", tmp_path / "kv.pt"
+    tokens.write_text("1 2 3 4")
+    model.write_text(json.dumps(dataclasses.asdict(
+        ModelFingerprint(name="m", layers=1, kv_heads=1, head_dim=8, dtype="float16", rope_theta=1e4)
+    )))
+    torch.save((torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), kv)
+    command = ["put", "--tokens", str(tokens), "--model", str(model), "--kv", str(kv)]
+    expected = "bad KV file"
+    if case == "tokens":
+        tokens.write_text("1 2 not-a-token")
+        expected = "bad tokens file"
+    elif case == "kv":
+        kv.write_bytes(b"not a pickle")
+    elif case == "kv_not_a_pair":
+        torch.save({"k": 1}, kv)
+    else:  # found only after the whole fetch, before
+        command = ["fetch", "--tokens", str(tokens), "--model", str(model),
+                   "--out", str(tmp_path / "absent" / "kv.pt")]
+        expected = "is not a writable directory"
+    client = RecordingClient()
+    with pytest.raises(SystemExit) as info:
+        cli._client_command(client, cli.client_parser().parse_args(command))
+    assert expected in str(info.value.code) and client.calls == []
+
+
+def test_fingerprint_without_transformers_names_the_extra() -> None:
+    hide = "import sys; sys.modules['transformers'] = None; sys.modules['kvpeer.models'] = None; "
+    done = subprocess.run(
+        [sys.executable, "-c", hide + "from kvpeer.cli import client_main; sys.exit(client_main(['fingerprint']))"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert 'pip install "kvpeer[transformers]"' in done.stderr
