@@ -32,6 +32,8 @@ PSK_FILE_LIMIT = 4096
 #: aiortc announces (and enforces on the sender) a 256 KiB data-channel message limit.
 MAX_DATA_CHANNEL_MESSAGE = 256 * 1024
 CONGESTION_CONTROLS = ("rate", "reno")
+#: What the blobs arriving from one peer may hold unless configured (max_incoming_blob_bytes).
+DEFAULT_INCOMING_BLOB_BYTES = 1 << 30
 #: Said by the transport at start and by ``kvpeerd --check-config`` when no key is set, at the
 #: level of :attr:`TransportConfig.keyless_risk`. Not refused: the demo and tests run keyless.
 KEYLESS_RISK = (
@@ -105,9 +107,9 @@ class TransportConfig:
     #: blob counts its stated size (frames buffered before BlobStart as they come). A blob past
     #: it fails BUSY, which the fetcher treats as transient. Without a cap, one peer could
     #: make us hold max_transfers_per_peer x max_blob_bytes (4.5 GiB at the defaults).
-    #: ``None``: 4 x max_blob_bytes (1 GiB at the defaults; the fetcher keeps 2 in flight per
-    #: peer). At least max_blob_bytes. Not counted: the one joined copy per blob while its
-    #: digest is checked.
+    #: ``None``: 1 GiB, or max_blob_bytes if larger (the fetcher keeps 2 chunks in flight per
+    #: peer, and chunks are far below 256 MiB). At least max_blob_bytes. Not counted: the one
+    #: joined copy per blob while its digest is checked.
     max_incoming_blob_bytes: int | None = None
     #: Flow control: stop writing a bulk channel above ``high``, resume below ``low``.
     buffer_high_bytes: int = 4 * 1024 * 1024
@@ -175,7 +177,7 @@ class TransportConfig:
     def incoming_blob_budget(self) -> int:
         """max_incoming_blob_bytes, its default filled in."""
         if self.max_incoming_blob_bytes is None:
-            return 4 * self.max_blob_bytes
+            return max(DEFAULT_INCOMING_BLOB_BYTES, self.max_blob_bytes)
         return self.max_incoming_blob_bytes
 
     @property

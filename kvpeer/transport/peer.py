@@ -354,7 +354,8 @@ class PeerTransport:
                 try:
                     limit = self._message_limit(offer.node_id, offer.sdp)
                 except ProtocolError as exc:  # the peer proved the key: tell it why
-                    await _write_message(writer, m.Reject(code=exc.code, reason=exc.reason[: m.MAX_REASON]))
+                    reject = m.Reject(code=exc.code, reason=exc.reason[: m.MAX_REASON])
+                    await _write_message(writer, reject)
                     raise
                 control, bulk = self._channels(pc)
                 await aiortc_patches.gather_host_candidates(pc, self._ice_addresses(), self.config)

@@ -370,8 +370,9 @@ def test_blobs_arriving_from_one_peer_are_capped_in_bytes(monkeypatch: pytest.Mo
     run(body)
 
 
-def test_the_incoming_blob_cap_defaults_to_four_blobs_and_holds_one_at_least() -> None:
-    assert config().incoming_blob_budget == 4 * config().max_blob_bytes
+def test_the_incoming_blob_cap_defaults_to_1_gib_and_holds_one_blob_at_least() -> None:
+    assert config().incoming_blob_budget == 1 << 30
+    assert config(max_blob_bytes=3 << 30).incoming_blob_budget == 3 << 30
     assert config(max_incoming_blob_bytes=10**9).incoming_blob_budget == 10**9
     with pytest.raises(ConfigError, match="max_incoming_blob_bytes"):
         config(max_blob_bytes=1000, max_incoming_blob_bytes=999)
