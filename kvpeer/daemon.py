@@ -154,6 +154,7 @@ class Daemon:
         self.metrics.watch_counters("transport", lambda: self.transport.counters)
         self.metrics.watch_counters("api", lambda: self.api.counters)
         self.metrics.watch_counters("discovery", lambda: self.discovery.counters)
+        self.metrics.watch_counters("inventory", lambda: self.peer_table.counters)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -135,26 +136,39 @@ def _host_interfaces() -> list[HostInterface]:
     return out
 
 
+def _interface_names() -> list[str]:
+    """Every interface of the host, down or without an address too (ifaddr lists only those
+    with one)."""
+    return [name for _index, name in socket.if_nameindex()]
+
+
 def advertisable_addresses(
-    interfaces: Sequence[str], host: Iterable[HostInterface] | None = None
+    interfaces: Sequence[str],
+    host: Iterable[HostInterface] | None = None,
+    names: Iterable[str] | None = None,
 ) -> tuple[str, ...]:
     """IPv4 addresses this node may advertise and listen on, from ``interfaces``.
 
     An entry is an IP address or an interface name; both are taken as given (explicit
     configuration is trusted). With no entries, every address of every interface except
-    loopback and container/VM bridges. Raises ConfigError when nothing usable remains.
+    loopback and container/VM bridges. Raises ConfigError when nothing usable remains, and
+    NotReadyError when an interface that exists has no IPv4 address yet (at boot: the link is
+    still down or DHCP pending; systemd starts the daemon again).
     """
     ifaces = list(host) if host is not None else _host_interfaces()
+    if names is None:
+        names = _interface_names() if host is None else ()
+    all_names = {*names, *(i.name for i in ifaces)}
     chosen: list[str] = []
     if interfaces:
         for entry in interfaces:
             try:
                 ip = ipaddress.ip_address(entry)
             except ValueError:
-                match = [i for i in ifaces if i.name == entry]
-                if not match:
+                if entry not in all_names:
                     raise ConfigError(f"discovery.interfaces: no interface {entry!r}") from None
-                if not match[0].addresses:  # at boot, DHCP or a floating address may come later
+                match = [i for i in ifaces if i.name == entry]
+                if not match or not match[0].addresses:  # at boot, DHCP may come later
                     raise NotReadyError(
                         f"discovery.interfaces: no IPv4 address on interface {entry!r} (yet)"
                     ) from None
@@ -174,6 +188,12 @@ def advertisable_addresses(
                 chosen.append(addr)
     unique = tuple(dict.fromkeys(chosen))
     if not unique:
+        waiting = sorted(n for n in all_names if n != "lo" and not _is_bridge(n))
+        if not interfaces and waiting:
+            raise NotReadyError(
+                "discovery.interfaces: no IPv4 address on any interface yet "
+                f"({', '.join(waiting)})"
+            )
         raise ConfigError(
             "discovery.interfaces: no usable address (loopback and bridges must be named)"
         )

@@ -120,6 +120,8 @@ def test_daemon_lifecycle_under_a_fake_systemd(tmp_path: Path) -> None:
         assert metrics[("kvpeer_store_events_total", (("event", "puts"),))] >= 2  # + warmed levels
         assert metrics[("kvpeer_codec_encode_seconds_count", (("level", "exact"),))] == 2
         assert metrics[("kvpeer_api_events_total", (("event", "requests"),))] >= 2
+        # the cap on peers' inventories is exported, zero or not
+        assert metrics[("kvpeer_inventory_events_total", (("event", "inventory_keys_refused"),))] == 0
 
         assert cluster.stop_node(node, timeout_s=GRACE_S + 15) == 0, node.log_text()
         wait_for_line(node, "STOPPING=1", timeout_s=5)

@@ -46,6 +46,30 @@ def test_an_interface_still_without_its_address_is_not_ready_an_unknown_one_is_w
     assert not isinstance(raised.value, NotReadyError)
 
 
+def test_at_boot_an_interface_still_down_is_not_ready_not_unknown() -> None:
+    """ifaddr lists only interfaces with an address: a NIC still down at boot was "no
+    interface" (exit 2, never retried), and so was the default with DHCP pending."""
+    from kvpeer.errors import NotReadyError
+
+    names = ["lo", "eth0", "d0"]
+    with pytest.raises(NotReadyError, match="'d0'"):
+        advertisable_addresses(["d0"], HOST[:1], names)
+    with pytest.raises(NotReadyError, match="eth0"):
+        advertisable_addresses([], HOST[:1], names)
+    with pytest.raises(ConfigError) as raised:  # only loopback and bridges: nothing to wait for
+        advertisable_addresses([], HOST[:1], ["lo", "docker0"])
+    assert not isinstance(raised.value, NotReadyError)
+    with pytest.raises(ConfigError) as raised:
+        advertisable_addresses(["wlan9"], HOST, names)
+    assert not isinstance(raised.value, NotReadyError)
+
+
+def test_the_host_lists_its_interfaces_down_ones_too() -> None:
+    from kvpeer.discovery import config as discovery_config
+
+    assert "lo" in discovery_config._interface_names()
+
+
 def test_advertised_addresses_must_be_on_configured_interfaces() -> None:
     assert check_advertised((), ("10.0.0.1",)) == ("10.0.0.1",)
     with pytest.raises(ConfigError, match="127.0.0.1"):
