@@ -234,6 +234,11 @@ class TransportSection:
     max_transfers_per_peer: int = setting(
         16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024
     )
+    max_incoming_blob_bytes: int = setting(
+        0, "Bytes of blobs arriving from one peer at once (what a peer can make us buffer); a "
+        "blob past it is refused BUSY and asked again. 0: 1GiB, or max_blob_bytes if larger.",
+        kind="size", lo=0,
+    )
     congestion_control: str = setting(
         "rate", "SCTP congestion control: \"rate\" (window from the measured delivery rate and "
         "min RTT; random loss does not shrink it) or \"reno\" (aiortc's: halves on every loss).",

@@ -624,6 +624,8 @@ def transport_config(config: Config, default_host: str) -> TransportConfig:
     }
     if section.mtu != "auto":
         values["mtu"] = section.mtu
+    if section.max_incoming_blob_bytes:
+        values["max_incoming_blob_bytes"] = section.max_incoming_blob_bytes
     return TransportConfig.from_section(values)
 
 

@@ -226,6 +226,19 @@ def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
         assert getattr(mapped, name) == getattr(section, name), name
     unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
     assert unset.host == "10.0.0.3"
+    assert unset.incoming_blob_budget == max(1 << 30, unset.max_blob_bytes)  # 0: the default
+
+
+def test_the_incoming_blob_cap_reaches_the_daemons_transport(tmp_path: Path) -> None:
+    daemon = pytest.importorskip("kvpeer.daemon")
+    text = '[node]\nnode_id = "n"\n[transport]\nmax_incoming_blob_bytes = "2GiB"\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert daemon.transport_config(config, "10.0.0.2").incoming_blob_budget == 2 << 30
+    default = load_config(write(tmp_path, '[node]\nnode_id = "n"\n'), env={})
+    assert daemon.transport_config(default, "10.0.0.2").incoming_blob_budget == 1 << 30
+    small = '[node]\nnode_id = "n"\n[transport]\nmax_incoming_blob_bytes = "1MiB"\n'
+    with pytest.raises(ConfigError, match="transport.max_incoming_blob_bytes"):
+        daemon.transport_config(load_config(write(tmp_path, small), env={}), "10.0.0.2")
 
 
 def test_congestion_control_reaches_the_daemons_transport(tmp_path: Path) -> None:

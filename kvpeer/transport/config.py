@@ -222,8 +222,9 @@ class TransportConfig:
             path = values.get(file_key)
             if path:
                 kwargs[field_name] = load_psk(path, f"transport.{file_key}")
-        if "mtu" in kwargs and kwargs["mtu"] == 0:
-            del kwargs["mtu"]
+        for unset_as_zero in ("mtu", "max_incoming_blob_bytes"):  # the config file's 0: default
+            if kwargs.get(unset_as_zero) == 0:
+                del kwargs[unset_as_zero]
         return cls(**kwargs)
 
     def with_port(self, port: int) -> TransportConfig:
