@@ -21,21 +21,33 @@ Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_
 "kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
 {"kvpeer_socket": "/run/kvpeer/kvpeer.sock", "kvpeer_namespace": "default"}}'``. Add
 ``"kvpeer_model_name"`` where vLLM's model path does not end in the name the other engines use.
+
+The daemon may be down, restarting or hung; the engine must not wait on it. The connector connects
+on first use (and again after a failure), and bounds each wait by keys of the same extra config
+(seconds, see :class:`DaemonWaits`): ``kvpeer_lookup_timeout_s`` (0.5) for the scheduler's lookup,
+``kvpeer_load_deadline_s`` (2) for a load (the daemon stops there; vLLM recomputes the rest),
+``kvpeer_save_timeout_s`` (60) for a save. After the daemon fails to answer, lookups, loads and
+saves are skipped for ``kvpeer_backoff_s`` (10): requests are computed as if nothing matched.
+Then a quick probe (within the lookup timeout) says whether to use the daemon again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvpeer.api.client import KVPeerClient
-from kvpeer.errors import ConfigError, KVPeerError
+from kvpeer.api import messages as m
+from kvpeer.api.client import DEFAULT_TIMEOUT_S, KVPeerClient, default_socket_path
+from kvpeer.errors import ApiError, ConfigError, ErrorCode, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
 from kvpeer.integrations._fingerprint import dtype_name, fingerprint, model_name
 
@@ -65,6 +77,10 @@ else:
 #                            (K in channels [0, D), V in [D, 2D)).
 #  "kv_blocks_tokens_heads": the classic FlashAttention cache [2, num_blocks, block, kv_heads, head_dim].
 LAYOUTS = ("blocks_heads_tokens_2d", "kv_blocks_tokens_heads")
+
+# Past a load's deadline, how long the daemon may take to say what it restored before the worker
+# stops waiting for it (the answer is due at the deadline; this covers a busy event loop).
+LOAD_ANSWER_GRACE_S = 1.0
 
 
 # --------------------------------------------------------------------------- pure mapping
@@ -231,6 +247,121 @@ def _role_name(role: Any) -> str:
     return str(getattr(role, "name", role)).lower()
 
 
+# --------------------------------------------------------------------------- waiting for the daemon
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonWaits:
+    """How long the connector waits for the daemon: each field is the extra-config key
+    ``kvpeer_<field>``, in seconds. vLLM waits with it (the scheduler for a lookup, the whole
+    batch for a load or a save), so a daemon that is slow or gone costs a recompute, not a stall."""
+
+    lookup_timeout_s: float = 0.5
+    """The scheduler's wait for a lookup; past it the request is computed. Also bounds the probe
+    that ends a back-off. (A daemon still asking peers it has not synced with may take up to 3 s
+    to answer a lookup: such a lookup is given up too.)"""
+    load_deadline_s: float = 2.0
+    """A load's deadline, passed to the fetch: the daemon stops there and vLLM recomputes what
+    was not restored (the worker gives up :data:`LOAD_ANSWER_GRACE_S` later)."""
+    save_timeout_s: float = DEFAULT_TIMEOUT_S
+    """The worker's wait for each answer to a save (a healthy daemon encodes the chunks first)."""
+    backoff_s: float = 10.0
+    """After the daemon failed to answer, how long lookups, loads and saves are skipped."""
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> DaemonWaits:
+        given = {f.name: _seconds(f"kvpeer_{f.name}", extra[f"kvpeer_{f.name}"])
+                 for f in fields(cls) if f"kvpeer_{f.name}" in extra}
+        return cls(**given)
+
+
+def _seconds(key: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Whether to call the daemon now: after it failed to answer, not for ``backoff_s`` (a
+    call would only wait for its timeout again), then one call tries. Time is passed in."""
+
+    backoff_s: float
+    _retry_at: float | None = None
+
+    def allows(self, now: float) -> bool:
+        return self._retry_at is None or now >= self._retry_at
+
+    def retrying(self, now: float) -> bool:
+        """True once the back-off is over but nothing has succeeded since: the next call is a trial."""
+        return self._retry_at is not None and now >= self._retry_at
+
+    def failed(self, now: float) -> bool:
+        """Back off from ``now``; True if the daemon was answering until now (worth a warning)."""
+        first = self._retry_at is None
+        self._retry_at = now + self.backoff_s
+        return first
+
+    def succeeded(self) -> bool:
+        """Stop backing off; True if it was (worth saying the daemon is back)."""
+        was_backing_off = self._retry_at is not None
+        self._retry_at = None
+        return was_backing_off
+
+
+def _daemon_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the daemon is not answering (down, restarting, hung), rather than
+    that it turned this one request down."""
+    return isinstance(exc, ApiError) and exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN)
+
+
+class _Connection:
+    """A client of the daemon with its own timeout, made on first use and again after
+    :meth:`drop`: the daemon may be down when vLLM starts, or restart. Hold ``lock`` to use it
+    (the blocking client serves one call at a time)."""
+
+    def __init__(self, socket_path: str, namespace: str, *, timeout_s: float, client_name: str) -> None:
+        self.lock = threading.Lock()
+        self._socket_path = socket_path
+        self._namespace = namespace
+        self._timeout_s = timeout_s
+        self._client_name = client_name
+        self._client: KVPeerClient | None = None
+
+    def client(self) -> KVPeerClient:
+        """The client, connected now if it is not (ApiError if the daemon cannot be reached)."""
+        if self._client is None:
+            try:
+                self._client = KVPeerClient(self._socket_path, namespace=self._namespace,
+                                            timeout_s=self._timeout_s, client_name=self._client_name)
+            except OSError as exc:
+                raise ApiError(ErrorCode.SHUTTING_DOWN,
+                               f"cannot reach the daemon at {self._socket_path}: {exc}") from None
+        return self._client
+
+    def drop(self) -> None:
+        """Close the connection, giving up what is in flight on it (the daemon frees a fetch's
+        segment when the connection goes); the next :meth:`client` connects again."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @contextlib.contextmanager
+    def dropped_on_timeout(self) -> Iterator[None]:
+        """Drop the connection when the daemon times out inside: a fetch handle's release would
+        otherwise wait a second timeout for the fetch's answer."""
+        try:
+            yield
+        except ApiError as exc:
+            if exc.code == ErrorCode.TIMEOUT:
+                self.drop()
+            raise
+
+
 # --------------------------------------------------------------------------- the connector
 
 
@@ -251,11 +382,21 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             block_size=int(vllm_config.cache_config.block_size),
             chunk_tokens=int(extra.get("kvpeer_chunk_tokens", DEFAULT_CHUNK_TOKENS)),
         )
-        self._client = KVPeerClient(
-            extra.get("kvpeer_socket"), namespace=str(extra.get("kvpeer_namespace", "default")),
-            client_name=f"vllm {self._role_name}",
-        )
-        self._lock = threading.Lock()  # the blocking client serves one call at a time
+        self.waits = DaemonWaits.from_extra(extra)
+        socket_path = str(extra.get("kvpeer_socket") or default_socket_path())
+        namespace = str(extra.get("kvpeer_namespace", "default"))
+
+        def connection(purpose: str, timeout_s: float) -> _Connection:
+            return _Connection(socket_path, namespace, timeout_s=timeout_s,
+                               client_name=f"vllm {self._role_name} {purpose}")
+
+        # One connection per kind of wait, as the client's timeout is per connection. Nothing
+        # connects yet: vLLM must start while the daemon is down.
+        self._quick = connection("lookups", self.waits.lookup_timeout_s)  # and probes
+        self._loads = connection("loads", self.waits.load_deadline_s + LOAD_ANSWER_GRACE_S)
+        self._saves = connection("saves", self.waits.save_timeout_s)
+        self._backoff = Backoff(self.waits.backoff_s)
+        self.clock: Callable[[], float] = time.monotonic  # tests pass a fake one
         # scheduler side
         self._requests: dict[str, _Tracked] = {}
         # worker side
@@ -280,11 +421,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         tokens = [int(t) for t in (request.prompt_token_ids or [])]
         if self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens:
             return 0, False  # nothing kvpeer could add past vLLM's own prefix cache
-        try:
-            with self._lock:
-                found = self._client.lookup(tokens, self.fingerprint)
-        except KVPeerError as exc:
-            log.warning("kvpeer lookup failed (%s): computing request %s", exc, request.request_id)
+        found = self._lookup(tokens, request.request_id)
+        if found is None:
             return 0, False
         if found.chunk_tokens != self.map.chunk_tokens:
             log.warning("daemon chunk size %d differs from kvpeer_chunk_tokens %d; not loading",
@@ -295,6 +433,20 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         tracked.num_computed = num_computed_tokens
         tracked.load_tokens = new
         return new, False
+
+    def _lookup(self, tokens: list[int], req_id: str) -> m.LookupResult | None:
+        """The daemon's answer, or None (the request is computed): it failed, or is being let be."""
+        if not self._daemon_usable():
+            return None
+        try:
+            with self._quick.lock:
+                found = self._quick.client().lookup(tokens, self.fingerprint)
+        except (KVPeerError, OSError) as exc:
+            if not self._daemon_failed("lookup", exc):
+                log.warning("kvpeer lookup failed (%s): computing request %s", exc, req_id)
+            return None
+        self._daemon_answered()
+        return found
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         tracked = self._requests.setdefault(
@@ -388,13 +540,31 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _load(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> None:
         loaded_to = spec.start
-        try:
-            with self._lock, self._client.fetch(spec.tokens[: spec.stop], self.fingerprint) as result:
+        if self._daemon_usable():
+            try:
+                for restored_to in self._restore(spec, layers):
+                    loaded_to = restored_to  # a failure later keeps the chunks written so far
+                self._daemon_answered()
+            except (KVPeerError, OSError) as exc:
+                if not self._daemon_failed("load", exc):
+                    log.warning("kvpeer load for %s stopped at token %d: %s", spec.req_id, loaded_to, exc)
+        if loaded_to < spec.stop:
+            # vLLM recomputes what it is told failed; never leave blocks half-promised.
+            self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
+
+    def _restore(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> Iterator[int]:
+        """Fetch ``spec``'s chunks into its blocks; yields the token restored up to after each."""
+        with self._loads.lock:
+            fetch = self._loads.client().fetch(
+                spec.tokens[: spec.stop], self.fingerprint, deadline_s=self.waits.load_deadline_s,
+            )
+            # The connection is dropped before the handle's release, which waits for the answer.
+            with fetch as result, self._loads.dropped_on_timeout():
                 chunk = spec.start // self.map.chunk_tokens
                 while True:
                     span = self.map.chunk_span(chunk, spec.start, spec.stop)
                     if span is None or not result.wait_for_chunk(chunk):
-                        break
+                        return
                     k, v = result.chunk(chunk)  # [L, H, C, D], chunk-local tokens
                     lo, hi = span
                     offset = chunk * self.map.chunk_tokens
@@ -402,13 +572,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                     for index, cache in layers.items():
                         write_paged(cache, k[index, :, lo - offset : hi - offset],
                                     v[index, :, lo - offset : hi - offset], blocks, self.layout)
-                    loaded_to = hi
+                    yield hi
                     chunk += 1
-        except KVPeerError as exc:
-            log.warning("kvpeer load for %s stopped at token %d: %s", spec.req_id, loaded_to, exc)
-        if loaded_to < spec.stop:
-            # vLLM recomputes what it is told failed; never leave blocks half-promised.
-            self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv restores every layer of each chunk before returning
@@ -440,17 +605,60 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             return
         for spec in meta.saves:
             kv = staged.get(spec.req_id)
-            if kv is None:
-                continue
-            try:
-                with self._lock:
-                    self._client.put(spec.tokens[: spec.stop], kv[0], kv[1], self.fingerprint, level=self.level)
-            except KVPeerError as exc:
-                log.warning("kvpeer put for %s failed: %s", spec.req_id, exc)
+            if kv is not None:
+                self._save(spec, *kv)
+
+    def _save(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._daemon_usable():
+            log.debug("kvpeer put for %s skipped: backing off from the daemon", spec.req_id)
+            return
+        try:
+            with self._saves.lock:
+                self._saves.client().put(spec.tokens[: spec.stop], k, v, self.fingerprint, level=self.level)
+        except Exception as exc:  # a save is best effort: whatever put raises, the batch goes on
+            if not self._daemon_failed("save", exc):
+                log.warning("kvpeer put for %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
+            return
+        self._daemon_answered()
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._client.close()
+        for connection in (self._quick, self._loads, self._saves):
+            with connection.lock:
+                connection.drop()
+
+    # ------------------------------------------------------------------ backing off
+    def _daemon_usable(self) -> bool:
+        """False while backing off from the daemon. When the back-off ends, a quick probe (within
+        the lookup timeout) goes first: a daemon still hung costs that, not a load's or a save's
+        longer wait, each time the back-off ends."""
+        now = self.clock()
+        if not self._backoff.allows(now):
+            return False
+        if not self._backoff.retrying(now):
+            return True
+        try:
+            with self._quick.lock:
+                self._quick.client().stats()
+        except (KVPeerError, OSError) as exc:
+            return not self._daemon_failed("probe", exc)
+        self._daemon_answered()
+        return True
+
+    def _daemon_failed(self, what: str, exc: BaseException) -> bool:
+        """Back off if ``exc`` says the daemon is not answering (warning once, not per request);
+        False if it turned down this one request instead (the caller says so)."""
+        if not _daemon_away(exc):
+            return False
+        if self._backoff.failed(self.clock()):
+            log.warning("kvpeer daemon did not answer a %s (%s): computing without it, trying again "
+                        "every %g s", what, exc, self._backoff.backoff_s)
+        else:
+            log.debug("kvpeer daemon still not answering a %s: %s", what, exc)
+        return True
+
+    def _daemon_answered(self) -> None:
+        if self._backoff.succeeded():
+            log.info("kvpeer daemon answers again: lookups, loads and saves resume")
 
 
 def _extra_config(vllm_config: Any) -> dict[str, Any]:

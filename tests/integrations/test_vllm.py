@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from kvpeer.api import messages as m
+from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ConfigError
 from kvpeer.integrations.vllm import (
     LAYOUTS,
     BlockChunkMap,
+    DaemonWaits,
     KVPeerConnector,
     layer_index,
     read_paged,
@@ -121,6 +124,11 @@ def request(req_id: str, tokens: list[int]) -> Any:
     return SimpleNamespace(request_id=req_id, prompt_token_ids=tokens)
 
 
+def daemon_client(api: ServerThread) -> KVPeerClient:
+    """Another client of the test daemon, to put or evict behind the engines' backs."""
+    return KVPeerClient(api.socket_path, client_name="test")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, layout: str) -> None:
     prompt = list(range(1000, 1040))  # 40 tokens: 2 whole chunks of 16
@@ -155,6 +163,8 @@ def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, l
     for name in b_caches:
         b.wait_for_layer_load(name)
     assert b.get_block_ids_with_load_errors() == set()
+    fetches = [r for r in api.backend.requests if isinstance(r, m.FetchRequest)]
+    assert [r.deadline_s for r in fetches] == [DaemonWaits().load_deadline_s]
     for i, cache in enumerate(b_caches.values()):
         k, v = read_paged(cache, blocks_b[1:8], layout)  # tokens 4..32
         assert torch.equal(k, truth_k[i, :, 4:32]) and torch.equal(v, truth_v[i, :, 4:32])
@@ -169,13 +179,14 @@ def test_chunks_gone_between_lookup_and_load_are_reported_for_recompute(api: Ser
     prompt = list(range(2000, 2040))
     k, v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
     b, _ = engine(api)
-    b._client.put(prompt, k, v, b.fingerprint)
-    new, _ = b.get_num_new_matched_tokens(request("r3", prompt), 0)
-    assert new == 32
-    b.update_state_after_alloc(request("r3", prompt), None, new)
-    blocks = list(range(10))
-    meta = b.build_connector_meta(scheduler_output("r3", prompt, blocks, 0))
-    b._client.evict_all()  # the daemon loses the chunks before the worker loads
+    with daemon_client(api) as client:
+        client.put(prompt, k, v, b.fingerprint)
+        new, _ = b.get_num_new_matched_tokens(request("r3", prompt), 0)
+        assert new == 32
+        b.update_state_after_alloc(request("r3", prompt), None, new)
+        blocks = list(range(10))
+        meta = b.build_connector_meta(scheduler_output("r3", prompt, blocks, 0))
+        client.evict_all()  # the daemon loses the chunks before the worker loads
     b.bind_connector_metadata(meta)
     b.start_load_kv(None)
     assert b.get_block_ids_with_load_errors() == set(blocks[:8])
@@ -188,7 +199,8 @@ def test_request_resumed_after_preemption_loads_into_its_new_blocks(api: ServerT
     prompt = list(range(3000, 3040))
     truth_k, truth_v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
     b, caches = engine(api)
-    b._client.put(prompt, truth_k, truth_v, b.fingerprint)
+    with daemon_client(api) as client:
+        client.put(prompt, truth_k, truth_v, b.fingerprint)
     new, _ = b.get_num_new_matched_tokens(request("r", prompt), 0)
     b.update_state_after_alloc(request("r", prompt), None, new)
     meta = b.build_connector_meta(scheduler_output("r", prompt, list(range(10)), 0))
