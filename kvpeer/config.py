@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -250,6 +251,13 @@ class TransportSection:
             raise ConfigError(f"transport.mtu: must be 0 (auto) or 576-65536, got {self.mtu}")
         if self.heartbeat_interval_s * 2 > self.peer_dead_after_s:
             raise ConfigError("transport.heartbeat_interval_s: must be at most peer_dead_after_s / 2")
+        for address in self.advertise_addresses:
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ConfigError(
+                    f"transport.advertise_addresses: {address!r} is not an IPv4 address"
+                ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,7 +40,7 @@ from kvpeer.discovery import (
     make_discovery,
 )
 from kvpeer.discovery.config import advertisable_addresses
-from kvpeer.errors import ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.errors import ConfigError, ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
 from kvpeer.files import write_text_atomically
 from kvpeer.hashing import ModelFingerprint, chunk_keys
@@ -626,7 +626,20 @@ def transport_config(config: Config, default_host: str) -> TransportConfig:
         values["mtu"] = section.mtu
     if section.max_incoming_blob_bytes:
         values["max_incoming_blob_bytes"] = section.max_incoming_blob_bytes
-    return TransportConfig.from_section(values)
+    try:
+        return TransportConfig.from_section(values)
+    except ConfigError as exc:
+        if section.host or not str(exc).startswith("transport.host"):
+            raise
+        # The operator set no host: name the keys the address came from.
+        source = (
+            "transport.advertise_addresses" if section.advertise_addresses
+            else "discovery.interfaces"
+        )
+        raise ConfigError(
+            f"{exc} (transport.host is unset, so it is {default_host}, the first address of "
+            f"{source})"
+        ) from None
 
 
 def discovery_config(config: Config) -> DiscoveryConfig:

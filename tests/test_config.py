@@ -87,6 +87,7 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
         # discovery announces the id as a DNS label: a dot passed here and failed at start
         ('[node]\nnode_id = "gpu01.rack3"\n', {}, "node.node_id: 'gpu01.rack3' must be"),
+        ('[transport]\nadvertise_addresses = ["gpu-node-1"]\n', {}, "transport.advertise_addresses: 'gpu-node-1'"),
         ('[fetch]\npolicy = "greedy"\n', {}, "fetch.policy: expected 'adaptive' or 'fixed:LEVEL'"),
         ('[fetch]\npolicy = "fixed:q9"\n', {}, "fetch.policy: unknown codec level 'q9'"),
         ('[api]\nsocket_path = "{home}/s"\n', {}, "api.socket_path: unknown placeholder"),
@@ -227,6 +228,18 @@ def test_transport_section_maps_onto_transport_config(tmp_path: Path) -> None:
     unset = transport.TransportConfig.from_section(Config().transport, default_host="10.0.0.3")
     assert unset.host == "10.0.0.3"
     assert unset.incoming_blob_budget == max(1 << 30, unset.max_blob_bytes)  # 0: the default
+
+
+def test_a_defaulted_transport_host_names_where_it_came_from(tmp_path: Path) -> None:
+    daemon = pytest.importorskip("kvpeer.daemon")
+    config = load_config(write(tmp_path, '[node]\nnode_id = "n"\n'), env={})
+    with pytest.raises(ConfigError) as info:
+        daemon.transport_config(config, "127.0.0.1")
+    assert "loopback" in str(info.value) and "the first address of discovery.interfaces" in str(info.value)
+    text = '[node]\nnode_id = "n"\n[transport]\nhost = "127.0.0.1"\n'
+    with pytest.raises(ConfigError) as info:  # set by the operator: said as it was
+        daemon.transport_config(load_config(write(tmp_path, text), env={}), "10.0.0.2")
+    assert "first address" not in str(info.value)
 
 
 def test_the_incoming_blob_cap_reaches_the_daemons_transport(tmp_path: Path) -> None:
