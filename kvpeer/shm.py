@@ -1,6 +1,6 @@
 """Shared-memory segments that carry KV between the daemon and the engines of its node.
 
-Owns the segment byte layout, creating/mapping/unlinking segments, and the daemon's registry
+Owns the segment byte layout, creating/opening/unlinking segments, and the daemon's registry
 of live segments with their owners and leases. A segment is a file under ``/dev/shm`` that the
 daemon creates (never a client), named ``kvpeer-<daemon pid>-<random>``: unguessable, and
 traceable to its creator so a restarted daemon can sweep what a crashed one left behind.
@@ -13,6 +13,13 @@ Layout (little-endian)::
     levels: chunks x 16 bytes (ASCII level name of each restored chunk, NUL = not restored)
     ... K at k_offset, V at v_offset, each [layers, kv_heads, tokens, head_dim] C-contiguous,
     page aligned so ``torch.frombuffer`` maps them without a copy.
+
+The daemon never maps a segment: a client may open it read-write, and so may shrink it
+(``ftruncate``), after which any access through a mapping past the new end is a SIGBUS that
+no Python code can catch. The daemon holds a :class:`DaemonSegment`, a file descriptor, and
+moves bytes with ``pread``/``pwrite`` (a shrunk file is then a short read, an error for that
+request only). Clients map (:class:`Segment`): a client that shrinks its own segment only
+hurts itself.
 
 Python's ``multiprocessing.shared_memory`` is deliberately not used: its resource tracker
 unlinks segments it believes its process owns when that process exits, which would delete a
@@ -31,7 +38,7 @@ import re
 import secrets
 import struct
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +174,7 @@ def new_name() -> str:
 
 
 class Segment:
-    """One mapped segment: its header and zero-copy K/V tensors."""
+    """One mapped segment, as a client sees it: its header and zero-copy K/V tensors."""
 
     def __init__(self, name: str, layout: SegmentLayout, mapping: mmap.mmap, path: Path) -> None:
         self.name = name
@@ -188,56 +195,7 @@ class Segment:
         ).view(layout.shape)
         del view
 
-    # ------------------------------------------------------------------ create / open
-    @classmethod
-    def create(
-        cls,
-        layout: SegmentLayout,
-        *,
-        directory: Path = SHM_DIR,
-        uid: int | None = None,
-        gid: int | None = None,
-        populate: bool = False,
-    ) -> Segment:
-        """Create, reserve and map a new segment (the daemon's side).
-
-        ``uid``: hand the file to that user (a client of another uid must open it read-write);
-        if we may not chown, ``gid`` makes it group-accessible instead. ``populate``: map every
-        page now (one pass, cheaper than a fault per page later, when the decoder writes).
-        """
-        return cls.from_reserved(
-            Reserved.make(layout.size, directory=directory, populate=populate), layout,
-            uid=uid, gid=gid,
-        )  # fmt: skip
-
-    @classmethod
-    def from_reserved(
-        cls, reserved: Reserved, layout: SegmentLayout, *, uid: int | None = None,
-        gid: int | None = None,
-    ) -> Segment:
-        """Turn reserved, never-shared pages into a segment of ``layout`` for client ``uid``
-        (takes ownership of ``reserved``; it must hold at least ``layout.size`` bytes)."""
-        if reserved.size < layout.size:
-            reserved.discard()
-            raise ValueError(f"{reserved.size} bytes reserved, {layout.size} needed")
-        try:
-            if not valid_name(reserved.name):  # a spare: it becomes a segment now
-                name = new_name()
-                os.rename(reserved.path, reserved.path.with_name(name))
-                reserved.name, reserved.path = name, reserved.path.with_name(name)
-            if reserved.size > layout.size:
-                # Give back the pages past the end (nothing maps them but our own mapping,
-                # which never reaches past layout.size).
-                os.ftruncate(reserved.fd, layout.size)
-            _hand_over(reserved.fd, uid, gid)
-        except BaseException:
-            reserved.discard()
-            raise
-        os.close(reserved.fd)
-        mapping = reserved.mapping
-        mapping[: _HEADER.size] = layout.pack_header()
-        return cls(reserved.name, layout, mapping, reserved.path)
-
+    # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, name: str, *, directory: Path = SHM_DIR) -> Segment:
         """Map a segment the daemon named (the client's side)."""
@@ -266,19 +224,6 @@ class Segment:
         if self._mmap is None:
             raise ProtocolError(ErrorCode.INVALID, f"segment {self.name} is closed")
         return self._mmap
-
-    def set_level(self, index: int, level: str) -> None:
-        """Mark chunk ``index`` restored at ``level`` in the header."""
-        if not 0 <= index < self.layout.chunks:
-            raise ProtocolError(ErrorCode.INVALID, f"chunk {index} outside the segment")
-        raw = level.encode("ascii")
-        if not 0 < len(raw) < LEVEL_SLOT:
-            raise ProtocolError(ErrorCode.INVALID, f"level name {level!r} does not fit")
-        start = _HEADER.size + LEVEL_SLOT * index
-        self._buf()[start : start + LEVEL_SLOT] = raw.ljust(LEVEL_SLOT, b"\0")
-
-    def set_matched_tokens(self, tokens: int) -> None:
-        struct.pack_into("<I", self._buf(), _MATCHED_AT, tokens)
 
     @property
     def matched_tokens(self) -> int:
@@ -334,53 +279,223 @@ class Segment:
             os.unlink(self.path)
 
 
+class DaemonSegment:
+    """One segment as the daemon holds it: an open file, never a mapping (see the module
+    docstring). Reads and writes are ``pread``/``pwrite`` and check the file's length, so a
+    client that shrank it gets an error for its request, and nobody a SIGBUS.
+
+    Thread-safe: the bulk reads and writes run in executor threads (``*_blocking``) while the
+    event loop may release the segment; the file is closed when the last of them ends, so a
+    released segment's descriptor number is never reused under a write still running.
+    """
+
+    def __init__(self, name: str, layout: SegmentLayout, fd: int, path: Path) -> None:
+        self.name = name
+        self.layout = layout
+        self.path = path
+        self._fd = fd
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(
+        cls, layout: SegmentLayout, *, directory: Path = SHM_DIR, uid: int | None = None,
+        gid: int | None = None,
+    ) -> DaemonSegment:
+        """Create and reserve a new segment for client ``uid``.
+
+        ``uid``: hand the file to that user (a client of another uid must open it read-write);
+        if we may not chown, ``gid`` makes it group-accessible instead.
+        """
+        return cls.from_reserved(Reserved.make(layout.size, directory=directory), layout, uid=uid, gid=gid)
+
+    @classmethod
+    def from_reserved(
+        cls, reserved: Reserved, layout: SegmentLayout, *, uid: int | None = None,
+        gid: int | None = None,
+    ) -> DaemonSegment:
+        """Turn reserved, never-shared pages into a segment of ``layout`` for client ``uid``
+        (takes ownership of ``reserved``; it must hold at least ``layout.size`` bytes)."""
+        if reserved.size < layout.size:
+            reserved.discard()
+            raise ValueError(f"{reserved.size} bytes reserved, {layout.size} needed")
+        try:
+            if not valid_name(reserved.name):  # a spare: it becomes a segment now
+                name = new_name()
+                os.rename(reserved.path, reserved.path.with_name(name))
+                reserved.name, reserved.path = name, reserved.path.with_name(name)
+            if reserved.size > layout.size:
+                os.ftruncate(reserved.fd, layout.size)  # give back the pages past the end
+            # Before any client may open it: nobody can race the header.
+            _pwrite_all(reserved.fd, layout.pack_header(), 0)
+            _hand_over(reserved.fd, uid, gid)
+        except BaseException:
+            reserved.discard()
+            raise
+        return cls(reserved.name, layout, reserved.fd, reserved.path)
+
+    # ------------------------------------------------------------------ the client's K/V
+    def read_kv_blocking(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V as the client wrote them, in the daemon's own memory: what it
+        encodes and stores cannot change under it, nor vanish (INVALID if the file was
+        shrunk)."""
+        with self._using() as fd:
+            return self._read_tensor(fd, self.layout.k_offset), self._read_tensor(fd, self.layout.v_offset)
+
+    def _read_tensor(self, fd: int, offset: int) -> torch.Tensor:
+        raw = torch.empty(self.layout.tensor_bytes, dtype=torch.uint8)
+        view = raw.numpy().data
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise self._shrunk()
+            done += got
+        return raw.view(DTYPES[self.layout.dtype]).view(self.layout.shape)
+
+    def write_chunk_blocking(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write chunk ``index`` from ``k``/``v``: contiguous ``[layers, kv_heads, rows,
+        head_dim]`` tensors whose first rows hold the chunk's tokens (rows >= its length)."""
+        start, stop = self.chunk_span(index)
+        with self._using() as fd:
+            self._check_length(fd)
+            self._write_rows(fd, k, self.layout.k_offset, start, stop)
+            self._write_rows(fd, v, self.layout.v_offset, start, stop)
+
+    def _write_rows(self, fd: int, source: torch.Tensor, offset: int, start: int, stop: int) -> None:
+        """In the file a chunk is one run of bytes per (layer, head): one pwrite each."""
+        layout = self.layout
+        if not source.is_contiguous() or source.dtype != DTYPES[layout.dtype]:
+            raise ProtocolError(ErrorCode.INTERNAL, "chunk source must be contiguous, of the segment's dtype")
+        rows = source.shape[2]
+        flat = source.view(-1).view(torch.uint8).numpy().data
+        row_bytes = layout.head_dim * DTYPES[layout.dtype].itemsize
+        run = (stop - start) * row_bytes
+        for lane in range(layout.layers * layout.kv_heads):
+            src = lane * rows * row_bytes
+            dst = offset + (lane * layout.tokens + start) * row_bytes
+            _pwrite_all(fd, flat[src : src + run], dst)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """[start, stop) of chunk ``index``'s tokens."""
+        if not 0 <= index < self.layout.chunks:
+            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} outside the segment")
+        start = index * self.layout.chunk_tokens
+        return start, min(start + self.layout.chunk_tokens, self.layout.tokens)
+
+    # ------------------------------------------------------------------ header state
+    def set_level(self, index: int, level: str) -> None:
+        """Mark chunk ``index`` restored at ``level`` in the header."""
+        if not 0 <= index < self.layout.chunks:
+            raise ProtocolError(ErrorCode.INVALID, f"chunk {index} outside the segment")
+        raw = level.encode("ascii")
+        if not 0 < len(raw) < LEVEL_SLOT:
+            raise ProtocolError(ErrorCode.INVALID, f"level name {level!r} does not fit")
+        with self._using() as fd:
+            _pwrite_all(fd, raw.ljust(LEVEL_SLOT, b"\0"), _HEADER.size + LEVEL_SLOT * index)
+
+    def set_matched_tokens(self, tokens: int) -> None:
+        with self._using() as fd:
+            _pwrite_all(fd, struct.pack("<I", tokens), _MATCHED_AT)
+
+    # ------------------------------------------------------------------ file lifetime
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        with self._lock:
+            if self._closing:
+                raise ProtocolError(
+                    ErrorCode.NOT_FOUND,
+                    f"segment {self.name} was released (by its client, its lease or a disconnect)",
+                )
+            self._users += 1
+        try:
+            yield self._fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closing and self._users == 0
+            if last:
+                os.close(self._fd)
+
+    def _check_length(self, fd: int) -> None:
+        # A pwrite past the end would quietly grow the file back: say what happened instead.
+        if os.fstat(fd).st_size < self.layout.size:
+            raise self._shrunk()
+
+    def _shrunk(self) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.INVALID,
+            f"segment {self.name} is shorter than its {self.layout.size} bytes: its client truncated it",
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close the file now, or when the last read or write still running ends."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._users == 0
+        if idle:
+            os.close(self._fd)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
+
+
 @dataclass(slots=True)
 class Reserved:
-    """Pages reserved and mapped for a segment that is not a segment yet: a fresh, zero-filled
-    file of the daemon's own (mode 0600, shared with no client), open and mapped."""
+    """Pages reserved for a segment that is not a segment yet: a fresh, zero-filled file of
+    the daemon's own (mode 0600, shared with no client), open."""
 
     name: str
     path: Path
     fd: int
-    mapping: mmap.mmap
     size: int
 
     @classmethod
-    def make(
-        cls, size: int, *, directory: Path = SHM_DIR, populate: bool = False, spare: bool = False
-    ) -> Reserved:
+    def make(cls, size: int, *, directory: Path = SHM_DIR, spare: bool = False) -> Reserved:
         name = new_name().replace("kvpeer-", "kvpeer.spare-", 1) if spare else new_name()
         path = directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            # Reserve the pages now: a sparse tmpfs file that cannot be backed later would
-            # SIGBUS whoever touches it, daemon included.
+            # Reserve the pages now (zero-filled, tens of ms per GiB): a sparse tmpfs file that
+            # cannot be backed later would SIGBUS the client that maps it.
             os.posix_fallocate(fd, 0, size)
-            if populate:
-                mapping = map_populated(fd, size)
-            else:
-                mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        return cls(name, path, fd, mapping, size)
+        return cls(name, path, fd, size)
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         with contextlib.suppress(OSError):
             os.close(self.fd)
-        self.mapping.close()
 
 
 def map_populated(fd: int, size: int) -> mmap.mmap:
     """Map ``fd`` shared read-write with every page's table entry made now, by reading one byte
     of each page in numpy, which releases the GIL. (``MAP_POPULATE`` does the same inside
     ``mmap.mmap``, which holds the GIL: 45-55 ms for a 94 MB segment here, 200 ms on a loaded
-    machine, during which the daemon's event loop sent no SACK and the peer's retransmission
-    timer fired at the start of a fetch.) Reading never changes what a page holds."""
+    machine, during which no other thread of the process ran, an event loop included.)
+    Reading never changes what a page holds."""
     mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         pages = np.frombuffer(mapping, dtype=np.uint8)[:: mmap.PAGESIZE]
@@ -422,7 +537,7 @@ def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
 
 @dataclass(slots=True)
 class _Entry:
-    segment: Segment
+    segment: DaemonSegment
     owner: int  # connection id
     expires: float
 
@@ -464,7 +579,7 @@ class SegmentRegistry:
     def create(
         self, layout: SegmentLayout, *, owner: int, now: float,
         uid: int | None = None, gid: int | None = None,
-    ) -> Segment:
+    ) -> DaemonSegment:
         self.admit(layout, owner)
         try:
             segment = self.make(layout, uid=uid, gid=gid)
@@ -497,21 +612,20 @@ class SegmentRegistry:
 
     def make(
         self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None,
-        populate: bool = False,
-    ) -> Segment:
+    ) -> DaemonSegment:
         """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`).
         Takes the spare when it is large enough (see :meth:`reserve_spare`)."""
         try:
             spare = self._take_spare(layout.size)
             if spare is not None:
-                return Segment.from_reserved(spare, layout, uid=uid, gid=gid)
-            return Segment.create(layout, directory=self.directory, uid=uid, gid=gid, populate=populate)
+                return DaemonSegment.from_reserved(spare, layout, uid=uid, gid=gid)
+            return DaemonSegment.create(layout, directory=self.directory, uid=uid, gid=gid)
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
 
-    # A fetch's segment is zero-filled and mapped page by page: 94 MB took 0.05-0.5 s of CPU
-    # here, varying with the kernel's state, inside the fetch and beside the event loop. The
-    # spare moves that work to when the daemon is idle. Only fresh pages ever become a spare,
+    # A fetch's segment is zero-filled when its pages are reserved: tens of ms of CPU per
+    # GiB, inside the fetch and beside the event loop. The spare moves that work to when the
+    # daemon is idle. Only fresh pages ever become a spare,
     # never a released segment: its client may still map it, and it holds another fetch's KV.
     def reserve_spare(self, size: int, *, max_bytes: int) -> bool:
         """Reserve and map ``size`` bytes for the next :meth:`make` (blocking: run it in a
@@ -522,7 +636,7 @@ class SegmentRegistry:
                 return True
         if size > max_bytes:
             return False
-        reserved = Reserved.make(size, directory=self.directory, populate=True, spare=True)
+        reserved = Reserved.make(size, directory=self.directory, spare=True)
         old: Reserved | None = reserved
         with self._spare_lock:
             kept = not self._closed  # closed while this thread reserved: nobody would unlink it
@@ -553,14 +667,14 @@ class SegmentRegistry:
         if spare is not None:
             spare.discard()
 
-    def adopt(self, segment: Segment, *, owner: int, now: float) -> Segment:
+    def adopt(self, segment: DaemonSegment, *, owner: int, now: float) -> DaemonSegment:
         """Register a segment from :meth:`make` (admitted for ``owner``) as ``owner``'s,
         leased from ``now``."""
         self.withdraw(segment.layout, owner)
         self._entries[segment.name] = _Entry(segment, owner, now + self.lease_s)
         return segment
 
-    def get(self, name: str, owner: int) -> Segment:
+    def get(self, name: str, owner: int) -> DaemonSegment:
         entry = self._entries.get(name)
         if entry is None or entry.owner != owner:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such segment for this client")

@@ -28,22 +28,41 @@ def test_layout_is_page_aligned_and_round_trips() -> None:
         shm.SegmentLayout.parse_header(b"XXXX" + header[4:], LAYOUT.size)
 
 
-def test_created_segment_is_shared_zero_copy_with_an_opener(tmp_path: Path) -> None:
-    owner = shm.Segment.create(LAYOUT, directory=tmp_path)
+def _kv(layout: shm.SegmentLayout = LAYOUT, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.shape, generator=g).half(), torch.randn(layout.shape, generator=g).half()
+
+
+def _write_chunks(segment: shm.DaemonSegment, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write ``k``/``v`` chunk by chunk, each through a chunk-sized buffer, as a fetch does."""
+    shape = (LAYOUT.layers, LAYOUT.kv_heads, LAYOUT.chunk_tokens, LAYOUT.head_dim)
+    k_buf, v_buf = torch.full(shape, 99.0).half(), torch.full(shape, 99.0).half()
+    for index in range(segment.layout.chunks):
+        start, stop = segment.chunk_span(index)
+        k_buf[:, :, : stop - start] = k[:, :, start:stop]
+        v_buf[:, :, : stop - start] = v[:, :, start:stop]
+        segment.write_chunk_blocking(index, k_buf, v_buf)
+
+
+def test_the_daemon_writes_and_reads_a_segment_an_opener_maps_zero_copy(tmp_path: Path) -> None:
+    owner = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)
     try:
-        owner.k.fill_(1.5)
-        owner.v[1].fill_(-2.0)
+        k, v = _kv()
+        _write_chunks(owner, k, v)
         owner.set_level(0, "exact")
         owner.set_level(2, "q8")
         owner.set_matched_tokens(4)
         reader = shm.Segment.open(owner.name, directory=tmp_path)
         assert reader.layout == LAYOUT
         assert reader.levels() == ["exact", None, "q8"] and reader.matched_tokens == 4
-        assert torch.all(reader.k == 1.5) and torch.all(reader.v[1] == -2.0)
+        assert torch.equal(reader.k, k) and torch.equal(reader.v, v)
         assert reader.holds(reader.k) and reader.holds(reader.v[:, :, 4:8])
         assert not reader.holds(reader.k.clone())
-        reader.k[0, 0, 0, 0] = 7.0  # a write on one side is seen on the other: same pages
-        assert owner.k[0, 0, 0, 0] == 7.0
+        reader.k[0, 0, 0, 0] = 7.0  # what the client writes (a put), the daemon reads
+        read_k, read_v = owner.read_kv_blocking()
+        assert read_k[0, 0, 0, 0] == 7.0 and torch.equal(read_v, v)
+        reader.k[0, 0, 0, 0] = 8.0  # ... into its own memory: later writes do not reach it
+        assert read_k[0, 0, 0, 0] == 7.0
         assert reader.close()
     finally:
         owner.unlink()
@@ -51,9 +70,68 @@ def test_created_segment_is_shared_zero_copy_with_an_opener(tmp_path: Path) -> N
     assert not any(tmp_path.iterdir())
 
 
-def test_close_never_unmaps_under_a_live_tensor(tmp_path: Path) -> None:
-    segment = shm.Segment.create(LAYOUT, directory=tmp_path)
+def test_the_daemon_never_maps_a_segment(tmp_path: Path) -> None:
+    """A client may shrink its segment; a mapping of the daemon's would then SIGBUS it."""
+    segment = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)
+    _write_chunks(segment, *_kv())
+    segment.read_kv_blocking()
+    assert str(segment.path) not in Path("/proc/self/maps").read_text()
     segment.unlink()
+    segment.close()
+
+
+def test_a_shrunk_segment_is_an_error_for_its_request_not_a_crash(tmp_path: Path) -> None:
+    """The client truncates its segment: reading the put or writing a fetch chunk is INVALID
+    (in a child process: before the fix, the daemon's side died of SIGBUS)."""
+    script = f"""
+import os, sys
+from pathlib import Path
+import torch
+from kvpeer import shm
+from kvpeer.errors import ProtocolError
+layout = shm.SegmentLayout(dtype="float16", layers=2, kv_heads=3, tokens=10, head_dim=8, chunk_tokens=4)
+registry = shm.SegmentRegistry(directory=Path({str(tmp_path)!r}))
+for step in ("read", "write"):
+    segment = registry.create(layout, owner=1, now=0.0)
+    client = os.open(segment.path, os.O_RDWR)
+    os.ftruncate(client, shm.PAGE)
+    os.close(client)
+    try:
+        if step == "read":
+            segment.read_kv_blocking()
+        else:
+            chunk = torch.zeros(2, 3, 4, 8, dtype=torch.float16)
+            segment.write_chunk_blocking(2, chunk, chunk)
+    except ProtocolError as exc:
+        print(step, exc.code.name, "truncated" in exc.reason)
+registry.close()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    assert run.stdout.split() == ["read", "INVALID", "True", "write", "INVALID", "True"]
+
+
+def test_a_released_segment_waits_for_a_write_still_running(tmp_path: Path) -> None:
+    """Released (client gone) while a thread writes a chunk: the file is closed after the
+    write, never under it (a reused descriptor number would take the write elsewhere)."""
+    segment = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)
+    with segment._using():  # a write in flight
+        segment.close()
+        assert segment.closed
+        os.fstat(segment._fd)  # still open
+    with pytest.raises(OSError):
+        os.fstat(segment._fd)
+    with pytest.raises(ProtocolError) as info:
+        segment.set_matched_tokens(4)
+    assert info.value.code == ErrorCode.NOT_FOUND and "released" in info.value.reason
+    segment.unlink()
+
+
+def test_close_never_unmaps_under_a_live_tensor(tmp_path: Path) -> None:
+    owner = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)
+    segment = shm.Segment.open(owner.name, directory=tmp_path)
+    owner.unlink()
+    owner.close()
     kept = segment.k[0]
     kept.fill_(3.0)
     assert segment.close() is False  # the tensor still uses the mapping
@@ -114,16 +192,16 @@ def test_registry_makes_the_next_segment_from_a_spare_of_fresh_pages(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == [segment.name]
     assert segment.path.stat().st_ino == inode  # the spare's pages, renamed
     assert segment.path.stat().st_size == LAYOUT.size  # the pages past the layout given back
-    assert torch.all(segment.k == 0) and torch.all(segment.v == 0)
+    assert all(torch.all(t == 0) for t in segment.read_kv_blocking())
     reader = shm.Segment.open(segment.name, directory=tmp_path)
     assert reader.layout == LAYOUT and reader.levels() == [None, None, None]
     reader.close()
     # A released segment never becomes a spare (its client may still map it): the next one
     # is made anew.
-    segment.k.fill_(5.0)
+    _write_chunks(segment, *_kv())
     registry.release(segment.name, owner=1)
     again = registry.create(LAYOUT, owner=1, now=0.0)
-    assert again.name != segment.name and torch.all(again.k == 0)
+    assert again.name != segment.name and all(torch.all(t == 0) for t in again.read_kv_blocking())
     # One over twice the size is kept for a fetch of its own size; close() removes it.
     assert registry.reserve_spare(4 * LAYOUT.size, max_bytes=1 << 20)
     small = registry.create(LAYOUT, owner=2, now=0.0)

@@ -139,13 +139,21 @@ class FetchSink:
     Created by the API layer for one fetch request; the backend calls :meth:`allocate` once
     (with the most tokens it may restore), then for each chunk fills :meth:`chunk_view` and
     awaits :meth:`chunk_done`.
+
+    The views are the daemon's own memory, not the segment: the client may shrink the segment
+    at any time, and a decoder writing through a mapping would then die of SIGBUS. chunk_done
+    copies the chunk into the segment with pwrite (an error for this fetch if it shrank), and
+    its buffer serves the next chunk.
     """
 
     def __init__(self, server: ApiServer, conn: _Connection, request: m.FetchRequest) -> None:
         self._server = server
         self._conn = conn
         self.request = request
-        self.segment: shm.Segment | None = None
+        self.segment: shm.DaemonSegment | None = None
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # chunk -> its buffers
+        self._spare_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.failed: ProtocolError | None = None  # the segment broke: the fetch fails with this
         self._announce: asyncio.Task[None] | None = None
         self._levels: dict[int, str] = {}
         self._allocating = False
@@ -192,20 +200,27 @@ class FetchSink:
         if self._announce is not None:
             self._announce.cancel()
 
-    def _need_segment(self) -> shm.Segment:
-        if self.segment is None or self.segment.closed:
+    def _need_segment(self) -> shm.DaemonSegment:
+        if self.failed is not None:
+            raise self.failed
+        if self.segment is None:
             raise ProtocolError(ErrorCode.INTERNAL, "fetch sink used before allocate()")
+        if self.segment.closed:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                "the fetch's segment was released (by its client or a disconnect) before the fetch ended",
+            )
         return self.segment
 
     def chunk_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views ``[layers, kv_heads, chunk_tokens, head_dim]`` of chunk ``index``."""
+        """K and V ``[layers, kv_heads, chunk_tokens, head_dim]`` to write chunk ``index`` into
+        (a buffer of the daemon's: see the class docstring)."""
         segment = self._need_segment()
-        layout = segment.layout
-        if not 0 <= index < layout.chunks:
-            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} outside the fetch")
-        start = index * layout.chunk_tokens
-        stop = min(start + layout.chunk_tokens, layout.tokens)
-        return segment.k[:, :, start:stop, :], segment.v[:, :, start:stop, :]
+        start, stop = segment.chunk_span(index)
+        if index not in self._staged:
+            self._staged[index] = self._spare_buffers.pop() if self._spare_buffers else _chunk_buffers(segment.layout)
+        k, v = self._staged[index]
+        return k[:, :, : stop - start, :], v[:, :, : stop - start, :]
 
     @property
     def matched_tokens(self) -> int:
@@ -222,6 +237,18 @@ class FetchSink:
         if self.closed:
             return
         segment = self._need_segment()
+        staged = self._staged.pop(index, None)
+        if staged is None:
+            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} done but never viewed")
+        try:
+            await _write_chunk_off_loop(segment, index, staged)
+        except ProtocolError as exc:
+            self.failed = exc
+            raise
+        except OSError as exc:  # /dev/shm full, or the like: this fetch fails, not the daemon
+            self.failed = ProtocolError(ErrorCode.INTERNAL, f"cannot write the fetch's segment: {exc}")
+            raise self.failed from None
+        self._spare_buffers.append(staged)
         segment.set_level(index, level)
         self._levels[index] = level
         segment.set_matched_tokens(self.matched_tokens)
@@ -247,12 +274,34 @@ class FetchSink:
         return self.segment.layout.chunk_tokens if self.segment is not None else 1
 
 
-def _discard(segment: shm.Segment) -> None:
+def _chunk_buffers(layout: shm.SegmentLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (layout.layers, layout.kv_heads, layout.chunk_tokens, layout.head_dim)
+    dtype = shm.DTYPES[layout.dtype]
+    return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+
+
+async def _write_chunk_off_loop(
+    segment: shm.DaemonSegment, index: int, staged: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """A chunk is MBs: copied in a thread, while the event loop serves others."""
+    job = asyncio.get_running_loop().run_in_executor(
+        None, segment.write_chunk_blocking, index, *staged
+    )
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        # The thread still reads the buffer: it must end before the buffer can be reused.
+        with contextlib.suppress(BaseException):
+            await job
+        raise
+
+
+def _discard(segment: shm.DaemonSegment) -> None:
     segment.unlink()
     segment.close()
 
 
-def _discard_made_segment(job: asyncio.Future[shm.Segment]) -> None:
+def _discard_made_segment(job: asyncio.Future[shm.DaemonSegment]) -> None:
     if not job.cancelled() and job.exception() is None:
         _discard(job.result())
 
@@ -371,24 +420,22 @@ class ApiServer:
         await self.close()
 
     # ------------------------------------------------------------------ segments
-    def _adopt(self, segment: shm.Segment, conn: _Connection) -> shm.Segment:
+    def _adopt(self, segment: shm.DaemonSegment, conn: _Connection) -> shm.DaemonSegment:
         self.registry.adopt(segment, owner=conn.id, now=time.monotonic())
         self.counters["segments"] += 1
         self._segments_changed.set()
         return segment
 
     async def _create_segment_off_loop(
-        self, layout: shm.SegmentLayout, conn: _Connection, *, populate: bool = True
-    ) -> shm.Segment:
-        """A segment for ``conn``, its pages reserved (and mapped, with ``populate``) in a
-        thread: tens of ms per GiB, which the event loop spends receiving meanwhile."""
+        self, layout: shm.SegmentLayout, conn: _Connection
+    ) -> shm.DaemonSegment:
+        """A segment for ``conn``, its pages reserved in a thread: tens of ms per GiB, which
+        the event loop spends receiving meanwhile."""
         self.registry.admit(layout, conn.id)
         try:
             job = asyncio.get_running_loop().run_in_executor(
                 None,
-                functools.partial(
-                    self.registry.make, layout, uid=conn.uid, gid=self._gid, populate=populate
-                ),
+                functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid),
             )
             try:
                 segment = await asyncio.shield(job)
@@ -626,8 +673,7 @@ class ApiServer:
             dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,
             head_dim=fp.head_dim, chunk_tokens=tokens,
         )
-        # The client writes the pages: the daemon only reserves them (no populate).
-        segment = await self._create_segment_off_loop(layout, conn, populate=False)
+        segment = await self._create_segment_off_loop(layout, conn)
         conn.pending_puts[segment.name] = req
         return m.SegmentReady(id=req.id, segment=segment.name, size=layout.size)
 
@@ -637,7 +683,8 @@ class ApiServer:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no put is waiting for this segment")
         segment = self.registry.get(commit.segment, conn.id)
         try:
-            result = await self.backend.put(conn.ctx, req, segment.k, segment.v)
+            k, v = await _read_put_off_loop(segment)
+            result = await self.backend.put(conn.ctx, req, k, v)
         finally:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(commit.segment, conn.id)
@@ -664,13 +711,17 @@ class ApiServer:
             log.info("api: fetch %d hit its %.3fs deadline after %d tokens",
                      req.id, req.deadline_s or 0.0, sink.matched_tokens)
         except KVPeerError as exc:
-            if sink.matched_tokens == 0:
+            if sink.matched_tokens == 0 and sink.failed is None:
                 self._drop_sink(conn, sink)
                 raise
-            log.warning("api: fetch %d stopped after %d tokens: %s", req.id, sink.matched_tokens, exc)
+            if sink.failed is None:
+                log.warning("api: fetch %d stopped after %d tokens: %s", req.id, sink.matched_tokens, exc)
         except BaseException:
             self._drop_sink(conn, sink)
             raise
+        if sink.failed is not None:  # the segment itself broke: nothing in it can be trusted
+            self._drop_sink(conn, sink)
+            raise sink.failed
         try:
             await sink.flush()
         except BaseException:
@@ -688,6 +739,15 @@ class ApiServer:
         if sink.segment is not None:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(sink.segment.name, conn.id)
+
+
+async def _read_put_off_loop(segment: shm.DaemonSegment) -> tuple[torch.Tensor, torch.Tensor]:
+    """The put's K/V, copied out of the segment in a thread (a read of GBs takes a while).
+    Copied, not mapped: the client may shrink the file, which must fail this put only."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, segment.read_kv_blocking)
+    except OSError as exc:
+        raise ProtocolError(ErrorCode.INTERNAL, f"cannot read the put's segment: {exc}") from None
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:

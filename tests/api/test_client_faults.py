@@ -279,7 +279,7 @@ def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_alread
 
 
 def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    segment = shm.Segment.create(
+    segment = shm.DaemonSegment.create(
         shm.SegmentLayout(dtype=FP.dtype, layers=FP.layers, kv_heads=FP.kv_heads, tokens=8,
                           head_dim=FP.head_dim, chunk_tokens=4)
     )

@@ -1,0 +1,118 @@
+"""Clients that misbehave, by bug or on purpose: the daemon answers them with an error, or drops
+them, and goes on serving everyone else."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvpeer.api import messages as m
+from kvpeer.api.client import KVPeerClient
+from kvpeer.errors import ErrorCode
+from tests.api.fakes import FP, kv
+
+# A server in a child process: a SIGBUS (the bug this guards against) would kill the test run.
+_SERVER = """
+import sys
+from tests.api.fakes import serving
+with serving() as api:
+    api.backend.stall_after = 1  # fetches write chunk 0, then wait for "release" on stdin
+    print(api.socket_path, flush=True)
+    for line in sys.stdin:
+        api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+"""
+
+
+@pytest.fixture
+def server_process() -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.stdout is not None
+    try:
+        yield proc, Path(proc.stdout.readline().strip())
+    finally:
+        if proc.poll() is None:
+            assert proc.stdin is not None
+            proc.stdin.close()  # the server closes and exits
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(str(path))
+    return sock
+
+
+def _answers(sock: socket.socket, decoder: m.FrameDecoder) -> Iterator[m.Message]:
+    while True:
+        for frame in decoder.frames():
+            assert isinstance(frame, bytes)
+            yield m.decode_body(frame)
+        data = sock.recv(1 << 16)
+        if not data:
+            return
+        decoder.feed(data)
+
+
+def _final(sock: socket.socket, decoder: m.FrameDecoder) -> m.Message:
+    """The answer that ends a request (a fetch's progress messages skipped)."""
+    for message in _answers(sock, decoder):
+        if not isinstance(message, m.FetchStarted | m.FetchProgress):
+            return message
+    raise AssertionError("the daemon closed the connection")
+
+
+def _truncate(segment: str) -> None:
+    fd = os.open(f"/dev/shm/{segment}", os.O_RDWR)
+    try:
+        os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def test_a_client_that_truncates_its_segment_cannot_crash_the_daemon(
+    server_process: tuple[subprocess.Popen[str], Path],
+) -> None:
+    """The client shrinks its put segment before committing, and its fetch segment while the
+    fetch writes: each request fails (INVALID), the daemon lives on and serves."""
+    proc, path = server_process
+    tokens = list(range(8))
+    k, v = kv(8)
+    with KVPeerClient(path) as client:
+        client.put(tokens, k, v, FP)  # for the fetch below
+    with _connect(path) as sock:
+        decoder = m.FrameDecoder()
+        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(100, 108)), fingerprint=FP)))
+        ready = _final(sock, decoder)
+        assert isinstance(ready, m.SegmentReady)
+        _truncate(ready.segment)
+        sock.sendall(m.encode(m.PutCommit(id=2, segment=ready.segment)))
+        answer = _final(sock, decoder)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.INVALID, answer
+        assert "truncated" in answer.reason and proc.poll() is None
+
+        sock.sendall(m.encode(m.FetchRequest(id=3, tokens=tokens, fingerprint=FP)))
+        started = next(_answers(sock, decoder))
+        assert isinstance(started, m.FetchStarted)
+        _truncate(started.segment)
+        assert proc.stdin is not None
+        proc.stdin.write("release\n")
+        proc.stdin.flush()
+        answer = _final(sock, decoder)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.INVALID, answer
+    assert proc.poll() is None, f"the daemon died (exit {proc.returncode})"
+    with KVPeerClient(path) as client, client.fetch(tokens, FP) as result:
+        assert result.matched_tokens == 8
