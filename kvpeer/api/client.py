@@ -78,12 +78,33 @@ def _put_request(
 
 
 def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
-    segment = shm.Segment.open(name)
+    try:
+        segment = shm.Segment.open(name)
+    except OSError as exc:
+        raise _unusable_put_segment(name, exc) from None
+    except ProtocolError as exc:
+        raise ApiError(exc.code, f"put segment {name}: {exc.reason}") from None
     try:
         segment.k.copy_(k)
         segment.v.copy_(v)
     finally:
         segment.close()
+
+
+def _unusable_put_segment(name: str, exc: OSError) -> ApiError:
+    """The segment the daemon handed us cannot be opened: callers catch ApiError, not OSError."""
+    if isinstance(exc, FileNotFoundError):
+        return ApiError(
+            ErrorCode.NOT_FOUND,
+            f"put segment {name} is gone (the daemon restarted, or the segment's lease ran out)",
+        )
+    if isinstance(exc, PermissionError):
+        return ApiError(
+            ErrorCode.FORBIDDEN,
+            f"cannot open put segment {name} ({exc.strerror}): this user must be in the daemon's "
+            "socket group (api.socket_group), or be the user the daemon runs as",
+        )
+    return ApiError(ErrorCode.INTERNAL, f"cannot open put segment {name}: {exc}")
 
 
 def _connection_lost(exc: OSError) -> ApiError:

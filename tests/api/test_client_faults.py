@@ -443,3 +443,47 @@ def test_async_fetch_cancelled_while_its_request_drains_releases_the_answers_seg
                 assert [r.segment for r in releases] == [daemon.segment]
 
     run(main())
+
+
+# --------------------------------------------------------------------------- unusable put segments
+
+
+class LosesThePutSegment(ScriptedDaemon):
+    """Names a put segment that is already gone, as after a restart or an expired lease."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.PutRequest):
+            send(conn, m.SegmentReady(id=message.id, segment=shm.new_name(), size=4096))
+        else:
+            super().handle(conn, index, message)
+
+
+def test_a_put_segment_that_is_gone_is_an_api_error_and_is_released() -> None:
+    """Callers (the engine integrations) catch ApiError: a raw FileNotFoundError stopped them."""
+    k, v = kv(8)
+    with LosesThePutSegment() as daemon:
+        with KVPeerClient(daemon.socket_path) as client, pytest.raises(ApiError) as info:
+            client.put(list(range(8)), k, v, FP)
+        assert info.value.code == ErrorCode.NOT_FOUND and "gone" in info.value.reason
+
+        async def put_async() -> None:
+            async with AsyncKVPeerClient(daemon.socket_path) as client:
+                await client.put(list(range(8)), k, v, FP)
+
+        with pytest.raises(ApiError) as info:
+            run(put_async())
+        assert info.value.code == ErrorCode.NOT_FOUND
+        assert len(daemon.wait_for(m.Release, count=2)) == 2
+
+
+def test_a_put_segment_this_user_may_not_open_is_forbidden_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(name: str) -> shm.Segment:  # root opens anything: the refusal is simulated
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shm.Segment, "open", staticmethod(refused))
+    with LosesThePutSegment() as daemon, KVPeerClient(daemon.socket_path) as client:
+        with pytest.raises(ApiError) as info:
+            client.put(list(range(8)), *kv(8), FP)
+    assert info.value.code == ErrorCode.FORBIDDEN and "api.socket_group" in info.value.reason
