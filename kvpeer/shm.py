@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import mmap
 import os
 import re
@@ -667,12 +668,19 @@ class SegmentRegistry:
         if spare is not None:
             spare.discard()
 
-    def adopt(self, segment: DaemonSegment, *, owner: int, now: float) -> DaemonSegment:
+    def adopt(self, segment: DaemonSegment, *, owner: int, now: float | None) -> DaemonSegment:
         """Register a segment from :meth:`make` (admitted for ``owner``) as ``owner``'s,
-        leased from ``now``."""
+        leased from ``now``; None: not leased until :meth:`lease` (a fetch's segment, which
+        its client gets when the fetch ends, however long it runs)."""
         self.withdraw(segment.layout, owner)
-        self._entries[segment.name] = _Entry(segment, owner, now + self.lease_s)
+        expires = math.inf if now is None else now + self.lease_s
+        self._entries[segment.name] = _Entry(segment, owner, expires)
         return segment
+
+    def lease(self, name: str, owner: int, now: float) -> None:
+        """The segment is handed to its client now: it has ``lease_s`` from here to release it."""
+        self.get(name, owner)
+        self._entries[name].expires = now + self.lease_s
 
     def get(self, name: str, owner: int) -> DaemonSegment:
         entry = self._entries.get(name)
@@ -701,7 +709,9 @@ class SegmentRegistry:
         return names
 
     def next_expiry(self) -> float | None:
-        return min((e.expires for e in self._entries.values()), default=None)
+        """When the next lease runs out (None: no segment is leased)."""
+        nearest = min((e.expires for e in self._entries.values()), default=math.inf)
+        return None if nearest == math.inf else nearest
 
     def close(self) -> None:
         with self._spare_lock:

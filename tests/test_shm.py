@@ -300,3 +300,13 @@ def test_map_populated_maps_every_page_now_and_changes_nothing(tmp_path: Path) -
     assert _resident_bytes(path) == size
     assert mapping[:] == pattern
     mapping.close()  # no export of the buffer outlives the call
+
+
+def test_a_segment_adopted_unleased_expires_only_after_its_lease_starts(tmp_path: Path) -> None:
+    registry = shm.SegmentRegistry(directory=tmp_path, lease_s=10.0)
+    fetching = registry.adopt(registry.make(LAYOUT), owner=1, now=None)  # a fetch still writes it
+    assert registry.next_expiry() is None and registry.expire(now=1e9) == []
+    registry.lease(fetching.name, owner=1, now=100.0)  # handed to its client
+    assert registry.next_expiry() == 110.0
+    assert registry.expire(now=109.0) == [] and registry.expire(now=110.0) == [fetching.name]
+    registry.close()

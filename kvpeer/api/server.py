@@ -180,7 +180,7 @@ class FetchSink:
             chunk_tokens=chunk_tokens,
         )
         self._allocating = True
-        self.segment = await self._server._create_segment_off_loop(layout, self._conn)
+        self.segment = await self._server._create_segment_off_loop(layout, self._conn, leased=False)
         # Announce the segment now, not with the first chunk: the client maps (and faults in)
         # the pages while chunks are still being decoded, off the critical path.
         self._announce = asyncio.get_running_loop().create_task(
@@ -420,17 +420,18 @@ class ApiServer:
         await self.close()
 
     # ------------------------------------------------------------------ segments
-    def _adopt(self, segment: shm.DaemonSegment, conn: _Connection) -> shm.DaemonSegment:
-        self.registry.adopt(segment, owner=conn.id, now=time.monotonic())
+    def _adopt(self, segment: shm.DaemonSegment, conn: _Connection, *, leased: bool) -> shm.DaemonSegment:
+        self.registry.adopt(segment, owner=conn.id, now=time.monotonic() if leased else None)
         self.counters["segments"] += 1
         self._segments_changed.set()
         return segment
 
     async def _create_segment_off_loop(
-        self, layout: shm.SegmentLayout, conn: _Connection
+        self, layout: shm.SegmentLayout, conn: _Connection, *, leased: bool
     ) -> shm.DaemonSegment:
         """A segment for ``conn``, its pages reserved in a thread: tens of ms per GiB, which
-        the event loop spends receiving meanwhile."""
+        the event loop spends receiving meanwhile. ``leased``: its lease starts now (else at
+        :meth:`SegmentRegistry.lease`)."""
         self.registry.admit(layout, conn.id)
         try:
             job = asyncio.get_running_loop().run_in_executor(
@@ -449,7 +450,7 @@ class ApiServer:
         except BaseException:
             self.registry.withdraw(layout, conn.id)
             raise
-        return self._adopt(segment, conn)
+        return self._adopt(segment, conn, leased=leased)
 
     def _want_spare(self, size: int) -> None:
         """Have a segment of ``size`` bytes reserved for the next fetch, once idle."""
@@ -673,7 +674,7 @@ class ApiServer:
             dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,
             head_dim=fp.head_dim, chunk_tokens=tokens,
         )
-        segment = await self._create_segment_off_loop(layout, conn)
+        segment = await self._create_segment_off_loop(layout, conn, leased=True)  # the client's now
         conn.pending_puts[segment.name] = req
         return m.SegmentReady(id=req.id, segment=segment.name, size=layout.size)
 
@@ -732,6 +733,9 @@ class ApiServer:
             self._want_spare(sink.segment.layout.size)
         if not result.segment:
             self._drop_sink(conn, sink)
+        else:  # handed over now: the lease counts from here, not from the allocation
+            self.registry.lease(result.segment, conn.id, time.monotonic())
+            self._segments_changed.set()
         return result
 
     def _drop_sink(self, conn: _Connection, sink: FetchSink) -> None:

@@ -271,6 +271,28 @@ def test_lease_expiry_releases_segments() -> None:
             assert client.lookup(list(range(8)), FP).matched_tokens == 8
 
 
+def test_a_fetch_longer_than_the_lease_keeps_its_segment_leased_from_the_handover() -> None:
+    """The lease is the client's time to use the segment: it starts when the fetch hands the
+    segment over. Counted from the allocation, a fetch slower than api.lease_s lost its
+    segment mid-way (and stopped with a misleading INTERNAL error)."""
+    before = our_segments()
+    with serving(lease_s=0.5, spare_bytes=0) as api:
+        k, v = kv(16)
+        with KVPeerClient(api.socket_path) as client:
+            client.put(list(range(16)), k, v, FP)  # 4 chunks
+            api.backend.stall_after = 2  # a slow link: chunks 2 and 3 come after the lease
+            go = threading.Timer(1.0, lambda: api.loop.call_soon_threadsafe(api.backend.release_stall.set))
+            go.start()
+            handle = client.fetch(list(range(16)), FP)
+            handed_over = time.monotonic()
+            assert handle.matched_tokens == 16 and torch.equal(handle.k, k)
+            assert handle.segment is not None and handle.segment.name in our_segments()
+            wait_until(lambda: not (our_segments() - before))  # the lease still runs out
+            assert time.monotonic() - handed_over >= 0.4
+            handle.release()
+            go.join()
+
+
 def test_a_put_never_committed_is_forgotten_when_its_segment_expires() -> None:
     """Its request (up to 16 MiB of tokens) would otherwise stay for the connection's life."""
     with serving(lease_s=0.2) as api, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
