@@ -49,7 +49,15 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "kvpeerd"
 READ_BYTES = 1 << 16
-FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this
+FRAME_TIMEOUT_S = 30.0  # a frame that started arriving must finish within this, all of it
+#: A connection that sends no request this long after connecting is closed: until then it is
+#: a file descriptor held for nothing (a flood of them ran the daemon out of descriptors).
+FIRST_FRAME_TIMEOUT_S = 10.0
+#: Connections served at once, in all and per user: one more is refused with BUSY. An engine
+#: uses a few (one per worker process); without a cap, idle connections exhausted the daemon's
+#: descriptors and well-behaved engines then timed out.
+MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_UID = 128
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
@@ -325,7 +333,9 @@ class ApiServer:
     ``allowed_uids``: if non-empty, only these users (and our own) are served;
     ``namespaces``: ``api.namespaces``, who may use which namespace (None or empty: anyone any);
     ``lease_s``: how long a client may hold a segment without releasing it;
-    ``spare_bytes``: the largest segment reserved ahead for the next fetch while idle (0: none).
+    ``spare_bytes``: the largest segment reserved ahead for the next fetch while idle (0: none);
+    ``max_connections``/``max_connections_per_uid``: connections served at once, in all and per
+    user (one more gets BUSY and is closed).
     """
 
     def __init__(
@@ -342,6 +352,8 @@ class ApiServer:
         max_shm_bytes_per_client: int = 64 << 30,
         spare_bytes: int = SPARE_BYTES_DEFAULT,
         shm_dir: Path = shm.SHM_DIR,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.backend = backend
@@ -352,6 +364,9 @@ class ApiServer:
         self.namespaces = namespaces
         self._namespace_policy: NamespacePolicy | None = None
         self.max_inflight = max_inflight
+        self.max_connections = max_connections
+        self.max_connections_per_uid = max_connections_per_uid
+        self._refusing = False  # connections are being refused: warned once until one is served
         self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
             directory=shm_dir, lease_s=lease_s, max_bytes_per_owner=max_shm_bytes_per_client
@@ -366,7 +381,9 @@ class ApiServer:
         self._fetching = 0
         self._last_fetch = 0.0  # when the last fetch ended (monotonic)
         self._spare_task: asyncio.Task[None] | None = None
-        self.counters = {"connections": 0, "requests": 0, "errors": 0, "segments": 0}
+        self.counters = {
+            "connections": 0, "requests": 0, "errors": 0, "segments": 0, "connections_refused": 0,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -502,6 +519,10 @@ class ApiServer:
                 log.warning("api: client %d (uid %d) not allowed; closing", conn_id, uid)
                 await conn.send(m.ErrorResponse(code=ErrorCode.FORBIDDEN, reason="uid not allowed"))
                 return
+            refusal = self._over_capacity(conn)
+            if refusal:
+                await conn.send(m.ErrorResponse(code=ErrorCode.BUSY, reason=refusal))
+                return
             conn.namespace_allowed = self._may_use(conn, conn.namespace)
             await self._read_loop(reader, conn)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -522,6 +543,26 @@ class ApiServer:
                 logging.INFO if released else logging.DEBUG,
                 "api: client %d gone; %d segments released", conn_id, released,
             )
+
+    def _over_capacity(self, conn: _Connection) -> str:
+        """Why ``conn`` (already counted) may not be served now; "" if it may."""
+        same_user = sum(1 for c in self._connections.values() if c.uid == conn.uid)
+        if len(self._connections) > self.max_connections:
+            refusal = f"the daemon serves {self.max_connections} connections at most: try again later"
+        elif same_user > self.max_connections_per_uid:
+            refusal = (
+                f"uid {conn.uid} holds {self.max_connections_per_uid} connections, the most one "
+                "user may: close some (a leaked client?)"
+            )
+        else:
+            self._refusing = False
+            return ""
+        self.counters["connections_refused"] += 1
+        # A flood would log a line per connection: once, then at DEBUG until one is served.
+        log.log(logging.DEBUG if self._refusing else logging.WARNING,
+                "api: client %d (uid %d pid %d) refused: %s", conn.id, conn.uid, conn.pid, refusal)
+        self._refusing = True
+        return refusal
 
     def _allowed(self, uid: int) -> bool:
         if self.allowed_uids is None:
@@ -553,18 +594,30 @@ class ApiServer:
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
         decoder = m.FrameDecoder()
+        loop = asyncio.get_running_loop()
+        # Deadlines bound whole frames, not single reads: a client trickling a byte at a time
+        # would otherwise hold a frame buffer (up to 16 MiB) for ever.
+        deadline: float | None = loop.time() + FIRST_FRAME_TIMEOUT_S
+        first = True
         while not conn.closed:
-            timeout = FRAME_TIMEOUT_S if decoder.pending else None
             try:
-                data = await aio.wait_for(reader.read(READ_BYTES), timeout)
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_BYTES)
             except TimeoutError:
-                await conn.send(m.ErrorResponse(code=ErrorCode.TIMEOUT, reason="frame not finished in time"))
+                reason = "no request in time after connecting" if first else "frame not finished in time"
+                await conn.send(m.ErrorResponse(code=ErrorCode.TIMEOUT, reason=reason))
                 return
             if not data:
                 return
             decoder.feed(data)
+            framed = False
             for frame in decoder.frames():
+                framed, first = True, False
                 await self._on_frame(conn, frame)
+            if not decoder.pending:
+                deadline = None
+            elif framed or deadline is None:  # the frame now pending began with this read
+                deadline = loop.time() + FRAME_TIMEOUT_S
 
     async def _on_frame(self, conn: _Connection, frame: bytes | ProtocolError) -> None:
         self.counters["requests"] += 1

@@ -3,19 +3,24 @@ them, and goes on serving everyone else."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvpeer.api import messages as m
+from kvpeer.api import server as server_module
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ErrorCode
-from tests.api.fakes import FP, kv
+from tests.api.fakes import FP, kv, serving, wait_until
 
 # A server in a child process: a SIGBUS (the bug this guards against) would kill the test run.
 _SERVER = """
@@ -116,3 +121,64 @@ def test_a_client_that_truncates_its_segment_cannot_crash_the_daemon(
     assert proc.poll() is None, f"the daemon died (exit {proc.returncode})"
     with KVPeerClient(path) as client, client.fetch(tokens, FP) as result:
         assert result.matched_tokens == 8
+
+
+def _wait_answer_then_close(sock: socket.socket) -> m.Message | None:
+    """The daemon's one answer before it closes the connection (None: closed without one)."""
+    answers = list(_answers(sock, m.FrameDecoder()))
+    assert len(answers) <= 1, answers
+    return answers[0] if answers else None
+
+
+def test_a_frame_trickled_a_byte_at_a_time_times_out_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FRAME_TIMEOUT_S bounds the frame, not each read: each byte came in time, and 40 such
+    clients held 640 MiB of frame buffers in the daemon for as long as they liked."""
+    monkeypatch.setattr(server_module, "FRAME_TIMEOUT_S", 0.5)
+    with serving() as api, _connect(api.socket_path) as sock:
+        sock.sendall(m.encode(m.Hello(id=1)))
+        assert isinstance(next(_answers(sock, m.FrameDecoder())), m.HelloOk)
+        sock.sendall(struct.pack(">I", 1000))  # a frame of 1000 bytes begins
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the daemon may close between two bytes
+            for _ in range(40):  # 4 s at 0.1 s a byte: each read well within the timeout
+                sock.sendall(b"\0")
+                time.sleep(0.1)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+        answer = _wait_answer_then_close(sock)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.TIMEOUT, answer
+        assert time.monotonic() - started < 2.0
+        wait_until(lambda: api.server.stats()["connected"] == 0)
+
+
+def test_a_connection_that_sends_nothing_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "FIRST_FRAME_TIMEOUT_S", 0.3)
+    with serving() as api, _connect(api.socket_path) as sock:
+        answer = _wait_answer_then_close(sock)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.TIMEOUT
+        assert "no request" in answer.reason
+        with KVPeerClient(api.socket_path) as client:  # a client that speaks stays served
+            assert client.stats()["api"]["connected"] == 1
+
+
+def test_connections_past_the_caps_are_refused_and_engines_are_still_served() -> None:
+    """Idle connections without a cap ran the daemon out of file descriptors."""
+    with serving(max_connections=5, max_connections_per_uid=3) as api, contextlib.ExitStack() as held:
+        idle = [held.enter_context(_connect(api.socket_path)) for _ in range(3)]
+        wait_until(lambda: api.server.stats()["connected"] == 3)
+        with _connect(api.socket_path) as one_too_many:
+            answer = _wait_answer_then_close(one_too_many)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.BUSY
+        assert "uid" in answer.reason
+        idle.pop().close()
+        wait_until(lambda: api.server.stats()["connected"] == 2)
+        with KVPeerClient(api.socket_path) as client:
+            assert client.stats()["api"]["connections_refused"] == 1
+    # The total cap, whoever asks, with the per-user cap out of the way.
+    with serving(max_connections=2, max_connections_per_uid=10) as api, contextlib.ExitStack() as held:
+        for _ in range(2):
+            held.enter_context(_connect(api.socket_path))
+        wait_until(lambda: api.server.stats()["connected"] == 2)
+        with _connect(api.socket_path) as one_too_many:
+            answer = _wait_answer_then_close(one_too_many)
+        assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.BUSY
