@@ -2,8 +2,12 @@
 
 Owns the segment byte layout, creating/opening/unlinking segments, and the daemon's registry
 of live segments with their owners and leases. A segment is a file under ``/dev/shm`` that the
-daemon creates (never a client), named ``kvpeer-<daemon pid>-<random>``: unguessable, and
-traceable to its creator so a restarted daemon can sweep what a crashed one left behind.
+daemon creates (never a client), named ``kvpeer-<daemon pid>-<instance>-<random>``:
+unguessable, and traceable to its creator so a restarted daemon can sweep what a crashed one
+left behind. ``<instance>`` names the registry's instance file, ``.kvpeer-instance-<instance>``,
+which the registry holds locked (shared flock) for its life: a segment is live while someone
+holds its instance file's lock. Unlike a pid, that answer is the same from every pid namespace
+(daemons in containers share /dev/shm with ``--ipc=host``) and never goes to a new process.
 
 Layout (little-endian)::
 
@@ -37,9 +41,10 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +64,14 @@ MAX_SEGMENT_BYTES = 1 << 40  # sanity bound on what a header may claim
 
 _HEADER = struct.Struct("<4sHHIB3xIIIIIIIIQQQ")
 _MATCHED_AT = 40  # offset of matched_tokens in _HEADER
+# What a client accepts: also the names of older versions, which had no instance part.
 _NAME = re.compile(r"^kvpeer-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
-# Pages reserved ahead for the next segment (SegmentRegistry.reserve_spare): renamed to a
-# segment name when used, so no client ever opens a spare, and swept like segments.
-# Held shared (flock) by every registry on a directory, for its life: see sweep_stale.
-DIR_LOCK = ".kvpeer-registry.lock"
-_SPARE_NAME = re.compile(r"^kvpeer\.spare-(\d{1,10})-[A-Za-z0-9_-]{22,64}$")
+# Segments, and pages reserved ahead for the next segment (SegmentRegistry.reserve_spare),
+# renamed to a segment name when used so no client ever opens a spare: group 1 the instance.
+_SWEEPABLE = re.compile(r"^kvpeer(?:\.spare)?-\d{1,10}-([0-9a-f]{16})-[0-9a-f]{40}$")
+_LEGACY = re.compile(r"^kvpeer(?:\.spare)?-\d{1,10}-[A-Za-z0-9_-]{22,64}$")
+INSTANCE_PREFIX = ".kvpeer-instance-"
+_INSTANCE = re.compile(r"^\.kvpeer-instance-([0-9a-f]{16})$")
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -170,8 +177,14 @@ def valid_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def new_name() -> str:
-    return f"kvpeer-{os.getpid()}-{secrets.token_urlsafe(24)}"
+def new_instance() -> str:
+    return secrets.token_hex(8)
+
+
+def new_name(instance: str | None = None, *, spare: bool = False) -> str:
+    """A fresh segment (or spare) name of registry ``instance`` (None: of no live registry)."""
+    kind = "kvpeer.spare" if spare else "kvpeer"
+    return f"{kind}-{os.getpid()}-{instance or new_instance()}-{secrets.token_hex(20)}"
 
 
 class Segment:
@@ -301,15 +314,16 @@ class DaemonSegment:
 
     @classmethod
     def create(
-        cls, layout: SegmentLayout, *, directory: Path = SHM_DIR, uid: int | None = None,
-        gid: int | None = None,
+        cls, layout: SegmentLayout, *, directory: Path = SHM_DIR, instance: str | None = None,
+        uid: int | None = None, gid: int | None = None,
     ) -> DaemonSegment:
-        """Create and reserve a new segment for client ``uid``.
+        """Create and reserve a new segment of registry ``instance`` for client ``uid``.
 
         ``uid``: hand the file to that user (a client of another uid must open it read-write);
         if we may not chown, ``gid`` makes it group-accessible instead.
         """
-        return cls.from_reserved(Reserved.make(layout.size, directory=directory), layout, uid=uid, gid=gid)
+        reserved = Reserved.make(layout.size, directory=directory, instance=instance)
+        return cls.from_reserved(reserved, layout, uid=uid, gid=gid)
 
     @classmethod
     def from_reserved(
@@ -322,8 +336,9 @@ class DaemonSegment:
             reserved.discard()
             raise ValueError(f"{reserved.size} bytes reserved, {layout.size} needed")
         try:
-            if not valid_name(reserved.name):  # a spare: it becomes a segment now
-                name = new_name()
+            if reserved.spare:  # it becomes a segment now
+                name = new_name(reserved.instance)
+                reserved.spare = False
                 os.rename(reserved.path, reserved.path.with_name(name))
                 reserved.name, reserved.path = name, reserved.path.with_name(name)
             if reserved.size > layout.size:
@@ -467,10 +482,15 @@ class Reserved:
     path: Path
     fd: int
     size: int
+    instance: str
+    spare: bool
 
     @classmethod
-    def make(cls, size: int, *, directory: Path = SHM_DIR, spare: bool = False) -> Reserved:
-        name = new_name().replace("kvpeer-", "kvpeer.spare-", 1) if spare else new_name()
+    def make(
+        cls, size: int, *, directory: Path = SHM_DIR, instance: str | None = None, spare: bool = False
+    ) -> Reserved:
+        instance = instance or new_instance()
+        name = new_name(instance, spare=spare)
         path = directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -482,7 +502,7 @@ class Reserved:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        return cls(name, path, fd, size)
+        return cls(name, path, fd, size, instance, spare)
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -566,7 +586,10 @@ class SegmentRegistry:
         self._spare: Reserved | None = None
         self._spare_lock = threading.Lock()
         self._closed = False
-        self._dir_lock: int | None = None  # fd holding DIR_LOCK (see sweep_stale)
+        # This registry's instance file, held locked while it lives (see the module docstring);
+        # claimed before the first file bearing its name is made.
+        self._instance: str | None = None
+        self._instance_fd: int | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -620,7 +643,9 @@ class SegmentRegistry:
             spare = self._take_spare(layout.size)
             if spare is not None:
                 return DaemonSegment.from_reserved(spare, layout, uid=uid, gid=gid)
-            return DaemonSegment.create(layout, directory=self.directory, uid=uid, gid=gid)
+            return DaemonSegment.create(
+                layout, directory=self.directory, instance=self._hold_instance(), uid=uid, gid=gid
+            )
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
 
@@ -637,7 +662,11 @@ class SegmentRegistry:
                 return True
         if size > max_bytes:
             return False
-        reserved = Reserved.make(size, directory=self.directory, spare=True)
+        try:
+            instance = self._hold_instance()
+        except OSError:  # closed meanwhile
+            return False
+        reserved = Reserved.make(size, directory=self.directory, instance=instance, spare=True)
         old: Reserved | None = reserved
         with self._spare_lock:
             kept = not self._closed  # closed while this thread reserved: nobody would unlink it
@@ -719,101 +748,136 @@ class SegmentRegistry:
         for name in list(self._entries):
             self._drop(name)
         self.drop_spare()
-        if self._dir_lock is not None:
-            os.close(self._dir_lock)  # releases the shared lock
-            self._dir_lock = None
+        with self._spare_lock:
+            fd, self._instance_fd = self._instance_fd, None
+        if fd is not None and self._instance is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / f"{INSTANCE_PREFIX}{self._instance}")
+            os.close(fd)  # releases the lock
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)
         entry.segment.unlink()
         entry.segment.close()
 
-    def sweep_stale(self) -> list[str]:
-        """Unlink segments left by daemons that no longer run (their pid is in the name), and,
-        when no other registry uses the directory, by an earlier run of this pid (pid 1 in a
-        container) that this registry does not hold. For start-up: a segment being made in
-        another thread is not held yet."""
-        held = set(self._entries)
+    def _hold_instance(self) -> str:
+        """This registry's instance, its file claimed and locked on first use (thread-safe);
+        OSError once the registry is closed (a file made then would outlive it)."""
         with self._spare_lock:
-            if self._spare is not None:
-                held.add(self._spare.name)
-        # Another daemon with our pid (a second container's pid 1 on a shared /dev/shm) would
-        # hold the lock: then names of our pid may be its live segments, and stay.
-        return sweep_stale(self.directory, held=held if self._lock_directory() else None)
+            if self._closed:
+                raise OSError("the segment registry is closed")
+            if self._instance_fd is None:
+                self._instance, self._instance_fd = _claim_instance(self.directory)
+            assert self._instance is not None
+            return self._instance
 
-    def _lock_directory(self) -> bool:
-        """Hold the directory's registry lock, shared, for this registry's life; True if no
-        other registry held it when asked (this one alone uses the directory).
-
-        Every registry holds it shared, so whichever starts (or restarts) later sees the others;
-        the exclusive try is the question "anyone else?". The file is never unlinked: a new
-        file would answer that question for nobody.
-        """
-        if self._dir_lock is not None:
-            return False
+    def sweep_stale(self) -> list[str]:
+        """Unlink the segments, spares and instance files of registries that no longer run
+        (see :func:`sweep_stale`); ours stay, as do those of live registries in any pid
+        namespace. For start-up, before the API socket exists."""
         try:
-            fd = os.open(self.directory / DIR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            self._hold_instance()
+        except OSError as exc:  # without our own instance we could not tell ours from others'
+            log.warning("shared-memory sweep skipped: %s", exc)
+            return []
+        return sweep_stale(self.directory)
+
+
+def _claim_instance(directory: Path) -> tuple[str, int]:
+    """Create and lock (shared) a fresh instance file; returns its instance and descriptor.
+
+    A sweeper may take the new file for a dead registry's between its creation and the lock:
+    it then removes it holding the exclusive lock, so our lock fails or the path no longer
+    names our file, and we try another name. Never blocks.
+    """
+    for _ in range(8):
+        instance = new_instance()
+        path = directory / f"{INSTANCE_PREFIX}{instance}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return instance, fd
         except OSError:
-            return False
+            pass
+        os.close(fd)
+    raise OSError(f"could not claim an instance file in {directory}")
+
+
+@contextlib.contextmanager
+def _dead_instance(directory: Path, instance: str) -> Iterator[bool]:
+    """Whether no live registry holds ``instance``; while True, its file is locked exclusive,
+    so that no registry can claim it meanwhile. Never blocks, whoever made the file.
+
+    Can't tell (another user's file we may not open, not a regular file): False, which keeps
+    its segments.
+    """
+    path = directory / f"{INSTANCE_PREFIX}{instance}"
+    try:
+        # O_NONBLOCK: a FIFO planted under this name would block a plain open for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield True  # no registry ever held it (or a sweep removed it): nothing is live
+        return
+    except OSError:
+        yield False
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            yield False
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
         except OSError:
-            alone = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: a downgrade
-        except OSError:
-            os.close(fd)
-            return False
-        self._dir_lock = fd
-        return alone
+            yield False  # held: its registry lives, in whatever pid namespace
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
-def _alive(pid: int, *, held_by_me: bool) -> bool:
-    if pid == os.getpid():
-        return held_by_me
-    if not 0 < pid < 1 << 22:  # beyond Linux's largest pid_max: no process has it
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale(
-    directory: Path = SHM_DIR,
-    names: Iterable[str] | None = None,
-    *,
-    held: Collection[str] | None = None,
-) -> list[str]:
-    """Unlink ``kvpeer-<pid>-*`` segments (and spares) whose creating process is gone.
-
-    ``held``: the names this process holds; one of this pid not in it is an earlier run's.
-    Without it, every name of this pid counts as live.
-    """
-    removed: list[str] = []
+def sweep_stale(directory: Path = SHM_DIR, names: Iterable[str] | None = None) -> list[str]:
+    """Unlink segments and spares whose registry is gone (nobody holds its instance file's lock),
+    then that instance file. Names of older versions (no instance part) are left alone: their
+    pid alone cannot tell a dead daemon from one in another pid namespace."""
     try:
         candidates = list(names) if names is not None else os.listdir(directory)
     except OSError:
-        return removed
+        return []
+    by_instance: dict[str, list[str]] = {}
+    legacy = 0
     for name in candidates:
-        match = _NAME.match(name) or _SPARE_NAME.match(name)
-        if match is None:
-            continue
-        mine = held is None or name in held
-        if _alive(int(match.group(1)), held_by_me=mine):
-            continue
+        if match := _SWEEPABLE.match(name):
+            by_instance.setdefault(match.group(1), []).append(name)
+        elif match := _INSTANCE.match(name):
+            by_instance.setdefault(match.group(1), [])
+        elif _LEGACY.match(name):
+            legacy += 1
+    removed: list[str] = []
+    for instance, owned in by_instance.items():
+        with _dead_instance(directory, instance) as dead:
+            if dead:
+                removed += _unlink_all(directory, [*owned, f"{INSTANCE_PREFIX}{instance}"])
+    removed = [name for name in removed if not name.startswith(INSTANCE_PREFIX)]
+    if removed:
+        log.info("removed %d shared-memory segments left by stopped daemons", len(removed))
+    if legacy:
+        log.warning(
+            "%d shared-memory segments of an older kvpeer left in %s: remove them by hand "
+            "(kvpeer-<pid>-*) once no older daemon runs", legacy, directory,
+        )
+    return removed
+
+
+def _unlink_all(directory: Path, names: Iterable[str]) -> list[str]:
+    removed: list[str] = []
+    for name in names:
         try:
             os.unlink(directory / name)
         except FileNotFoundError:
             continue
         except OSError as exc:  # another user's file in a sticky /dev/shm: leave it, say so
-            log.warning("could not remove stale shared-memory segment %s: %s", name, exc)
+            log.warning("could not remove stale shared-memory file %s: %s", name, exc)
             continue
         removed.append(name)
-    if removed:
-        log.info("removed %d shared-memory segments left by stopped daemons", len(removed))
     return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ def test_layout_is_page_aligned_and_round_trips() -> None:
         shm.SegmentLayout.parse_header(header, LAYOUT.size - 1)
     with pytest.raises(ProtocolError):
         shm.SegmentLayout.parse_header(b"XXXX" + header[4:], LAYOUT.size)
+
+
+def _segment_files(directory: Path) -> list[str]:
+    """Segment and spare files (a live registry's instance file aside)."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("kvpeer"))
 
 
 def _kv(layout: shm.SegmentLayout = LAYOUT, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +171,7 @@ def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
     assert registry.expire(now=10.0) == [c.name]
     assert registry.release_owner(1) == 3
     assert not (tmp_path / b.name).exists() and len(registry) == 0
-    assert not any(tmp_path.iterdir())
+    assert _segment_files(tmp_path) == []
     # Segments being made at once (off the event loop) count from admission on.
     for _ in range(3):
         registry.admit(LAYOUT, owner=3)
@@ -181,15 +187,15 @@ def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
 def test_registry_makes_the_next_segment_from_a_spare_of_fresh_pages(tmp_path: Path) -> None:
     registry = shm.SegmentRegistry(directory=tmp_path)
     assert registry.reserve_spare(LAYOUT.size, max_bytes=LAYOUT.size - 1) is False
-    assert registry.spare_bytes == 0 and not any(tmp_path.iterdir())
+    assert registry.spare_bytes == 0 and _segment_files(tmp_path) == []
     assert registry.reserve_spare(LAYOUT.size + shm.PAGE, max_bytes=1 << 20)
-    (spare_file,) = tmp_path.iterdir()
+    (spare_file,) = (tmp_path / name for name in _segment_files(tmp_path))
     assert spare_file.stat().st_mode & 0o777 == 0o600  # no client can open a spare...
     assert not shm.valid_name(spare_file.name)  # ... nor name it
     inode = spare_file.stat().st_ino
     segment = registry.create(LAYOUT, owner=1, now=0.0)
     assert shm.valid_name(segment.name) and registry.spare_bytes == 0
-    assert [p.name for p in tmp_path.iterdir()] == [segment.name]
+    assert _segment_files(tmp_path) == [segment.name]
     assert segment.path.stat().st_ino == inode  # the spare's pages, renamed
     assert segment.path.stat().st_size == LAYOUT.size  # the pages past the layout given back
     assert all(torch.all(t == 0) for t in segment.read_kv_blocking())
@@ -218,57 +224,113 @@ def test_a_spare_reserved_while_the_registry_closed_is_not_left_behind(tmp_path:
     assert registry.spare_bytes == 0 and not any(tmp_path.iterdir())
 
 
-def test_sweep_removes_only_segments_of_dead_processes(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_name = f"kvpeer-{int(dead.stdout)}-{'d' * 32}"
-    dead_spare = f"kvpeer.spare-{int(dead.stdout)}-{'d' * 32}"
-    live_name = f"kvpeer-{os.getpid()}-{'l' * 32}"
-    live_spare = f"kvpeer.spare-{os.getpid()}-{'l' * 32}"
-    for name in (dead_name, dead_spare, live_name, live_spare, "unrelated"):
-        (tmp_path / name).write_bytes(b"x")
-    assert sorted(shm.sweep_stale(tmp_path)) == sorted([dead_name, dead_spare])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_name, live_spare, "unrelated"])
+def _instance_file(directory: Path, instance: str) -> Path:
+    return directory / f"{shm.INSTANCE_PREFIX}{instance}"
 
 
-def test_sweep_survives_impossible_pids_and_removes_an_earlier_run_of_its_own_pid(
-    tmp_path: Path,
-) -> None:
-    """/dev/shm is world-writable: a name no daemon made must not stop the next start. A segment
-    of this very pid that the registry does not hold is an earlier run's (pid 1 in a container)."""
-    huge = f"kvpeer-9999999999-{'h' * 22}"
-    zero = f"kvpeer.spare-0-{'z' * 22}"
-    earlier = f"kvpeer-{os.getpid()}-{'e' * 32}"
-    for name in (huge, zero, earlier):
+def test_sweep_removes_what_registries_no_longer_running_left_and_keeps_the_rest(tmp_path: Path) -> None:
+    """A registry is live while its instance file is locked, whatever its pid says: a daemon
+    in another pid namespace has a pid we cannot see (the old pid check swept its live
+    segments). A crashed one's file is unlocked, or gone."""
+    crashed, vanished, elsewhere = shm.new_instance(), shm.new_instance(), shm.new_instance()
+    _instance_file(tmp_path, crashed).write_bytes(b"")
+    held = os.open(_instance_file(tmp_path, elsewhere), os.O_RDWR | os.O_CREAT, 0o600)
+    shm.fcntl.flock(held, shm.fcntl.LOCK_SH)  # a live daemon, its pid invisible to us
+    invisible_pid = 4_000_000  # over pid_max: no process here has it
+    names = {
+        "crashed": f"kvpeer-{invisible_pid}-{crashed}-{'c' * 40}",
+        "crashed spare": f"kvpeer.spare-{invisible_pid}-{crashed}-{'c' * 40}",
+        "vanished": f"kvpeer-{os.getpid()}-{vanished}-{'d' * 40}",
+        "live elsewhere": f"kvpeer-{invisible_pid}-{elsewhere}-{'e' * 40}",
+        "older version": f"kvpeer-{invisible_pid}-{'o' * 32}",
+        "unrelated": "unrelated",
+    }
+    for name in names.values():
         (tmp_path / name).write_bytes(b"x")
+    try:
+        assert sorted(shm.sweep_stale(tmp_path)) == sorted(
+            [names["crashed"], names["crashed spare"], names["vanished"]]
+        )
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted([
+            names["live elsewhere"], names["older version"], "unrelated",
+            _instance_file(tmp_path, elsewhere).name,
+        ])  # fmt: skip
+    finally:
+        os.close(held)
+
+
+def test_a_live_daemon_in_another_pid_namespace_keeps_its_segments(tmp_path: Path) -> None:
+    """The review's case: a second daemon starts in its own pid namespace (containers sharing
+    /dev/shm) and sweeps. Needs root for unshare."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
     registry = shm.SegmentRegistry(directory=tmp_path)
-    held = registry.create(LAYOUT, owner=1, now=0.0)
-    assert sorted(registry.sweep_stale()) == sorted([huge, zero, earlier])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, shm.DIR_LOCK])
+    registry.sweep_stale()
+    live = registry.create(LAYOUT, owner=1, now=0.0)
+    sweep = ("from pathlib import Path; from kvpeer import shm; "
+             f"print(shm.SegmentRegistry(directory=Path({str(tmp_path)!r})).sweep_stale())")
+    run = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", sweep],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]" and live.path.exists()
     registry.close()
 
 
-def test_a_second_registry_of_this_pid_leaves_the_first_ones_segments_alone(tmp_path: Path) -> None:
-    """Two daemons with one pid on one directory (pid 1 in two containers sharing /dev/shm):
-    neither may take the other's live segments for an earlier run's, whichever started or
-    restarted last."""
+def test_an_earlier_run_is_swept_and_two_registries_of_one_pid_keep_each_others(tmp_path: Path) -> None:
+    """pid 1 in two containers sharing /dev/shm, or a restart that got its old pid back: a
+    pid tells neither apart, an instance does."""
     first = shm.SegmentRegistry(directory=tmp_path)
     first.sweep_stale()
     live = first.create(LAYOUT, owner=1, now=0.0)
     second = shm.SegmentRegistry(directory=tmp_path)
-    assert second.sweep_stale() == [] and (tmp_path / live.name).exists()
+    assert second.sweep_stale() == [] and live.path.exists()
     other = second.create(LAYOUT, owner=1, now=0.0)
-    first.close()  # the first one restarts, while the second still serves
+    # The first one dies without closing (kill -9): its lock goes with its descriptor.
+    assert first._instance_fd is not None
+    os.close(first._instance_fd)
     restarted = shm.SegmentRegistry(directory=tmp_path)
-    assert restarted.sweep_stale() == [] and (tmp_path / other.name).exists()
+    assert restarted.sweep_stale() == [live.name] and other.path.exists()
     restarted.close()
     second.close()
-    leftover = f"kvpeer-{os.getpid()}-{'e' * 32}"
-    (tmp_path / leftover).write_bytes(b"x")
-    alone = shm.SegmentRegistry(directory=tmp_path)
-    assert alone.sweep_stale() == [leftover]  # alone now: an earlier run's segment goes
-    alone.close()
-    assert [p.name for p in tmp_path.iterdir()] == [shm.DIR_LOCK]
+    assert not any(tmp_path.iterdir())
+
+
+def _sweep_in_a_child(directory: Path) -> str:
+    """What a new registry's sweep of ``directory`` removes, run in a child with a timeout:
+    a sweep that blocks must fail the test, not hang it."""
+    sweep = ("from pathlib import Path; from kvpeer import shm; "
+             f"print(shm.SegmentRegistry(directory=Path({str(directory)!r})).sweep_stale())")
+    run = subprocess.run([sys.executable, "-c", sweep], capture_output=True, text=True,
+                         timeout=30, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+def test_a_sweep_never_blocks_on_a_lock_another_user_holds(tmp_path: Path) -> None:
+    """/dev/shm is world-writable: a user who created and held the old registry lock file
+    (exclusive) hung every daemon start, on the event loop, before the API socket existed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / ".kvpeer-registry.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert _sweep_in_a_child(tmp_path) == "[]"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_sweep_never_blocks_on_a_fifo_planted_as_an_instance_file(tmp_path: Path) -> None:
+    fifo_instance = shm.new_instance()
+    os.mkfifo(_instance_file(tmp_path, fifo_instance))
+    (tmp_path / f"kvpeer-1-{fifo_instance}-{'f' * 40}").write_bytes(b"x")
+    assert _sweep_in_a_child(tmp_path) == "[]"  # its "segment" stays: we cannot tell
 
 
 def _resident_bytes(path: Path) -> int:
