@@ -159,6 +159,14 @@ class ApiSection:
         "(making it during a fetch delayed its first chunk on a small machine), if at most this "
         "large: memory held in /dev/shm while idle. 0: never.", kind="size", lo=0,
     )
+    max_connections: int = setting(
+        256, "API connections served at once; one more is answered BUSY and closed.", lo=1,
+        hi=65536,
+    )
+    max_connections_per_uid: int = setting(
+        128, "API connections one client user may hold at once (so one user's leak or flood "
+        "leaves room for the others).", lo=1, hi=65536,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

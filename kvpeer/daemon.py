@@ -142,6 +142,8 @@ class Daemon:
             namespaces=config.api.namespaces,
             lease_s=config.api.lease_s,
             spare_bytes=config.api.spare_bytes,
+            max_connections=config.api.max_connections,
+            max_connections_per_uid=config.api.max_connections_per_uid,
         )
         self.ready = False
         self.metrics = Metrics(node_id=self.node_id, version=__version__)

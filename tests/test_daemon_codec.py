@@ -263,3 +263,21 @@ def test_a_request_to_a_peer_without_an_address_is_not_found_not_an_index_error(
     with pytest.raises(ProtocolError) as info:
         asyncio.run(daemon.Daemon._peer_request(node, "v6only", "has", {}))
     assert info.value.code == ErrorCode.NOT_FOUND and "no address" in str(info.value)
+
+
+def test_the_api_connection_caps_reach_the_api_server(tmp_path: Path) -> None:
+    from kvpeer.config import load_config
+
+    config_file = tmp_path / "kvpeer.toml"
+    config_file.write_text(
+        f'[node]\nnode_id = "caps"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'runtime_dir = "{tmp_path / "run"}"\n'
+        '[transport]\nhost = "127.0.0.1"\nallow_loopback = true\nport = 0\n'
+        '[discovery]\nbackend = "static"\ninterfaces = ["127.0.0.1"]\n'
+        "[api]\nmax_connections = 7\nmax_connections_per_uid = 3\n"
+    )
+    node = daemon.Daemon(load_config(config_file, env={}))
+    try:
+        assert (node.api.max_connections, node.api.max_connections_per_uid) == (7, 3)
+    finally:
+        node.store.close()
