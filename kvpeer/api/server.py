@@ -374,6 +374,7 @@ class ApiServer:
         self._gid: int | None = None
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = False  # close() has cancelled the handlers (each then ends quietly)
         self._connections: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
@@ -416,6 +417,7 @@ class ApiServer:
             conn.closed = True
             conn.writer.close()
         handlers = list(self._handlers)
+        self._closing = True
         for task in handlers:
             task.cancel()
         try:
@@ -527,6 +529,12 @@ class ApiServer:
             await self._read_loop(reader, conn)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            if not self._closing or task is None:
+                raise
+            # close() cancelled us and waits for us: end normally, or asyncio's stream callback
+            # (Python 3.11/3.12) logs the cancel at ERROR with a traceback on every stop.
+            task.uncancel()
         finally:
             for pending in list(conn.tasks):
                 pending.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -18,7 +19,16 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.api.server import SPARE_IDLE_S
 from kvpeer.errors import ApiError, ErrorCode
-from tests.api.fakes import CHUNK, FP, ServerThread, kv, our_segments, serving, wait_until
+from tests.api.fakes import (
+    CHUNK,
+    FP,
+    FakeBackend,
+    ServerThread,
+    kv,
+    our_segments,
+    serving,
+    wait_until,
+)
 
 
 def raw_frames(path: object, payloads: list[bytes]) -> list[m.Message]:
@@ -449,3 +459,19 @@ def test_no_segment_is_reserved_ahead_with_spare_bytes_zero() -> None:
             time.sleep(3 * SPARE_IDLE_S)
             assert reserved == [] and registry.spare_bytes == 0
             assert not (our_segments() - before)
+
+
+def test_closing_with_clients_connected_logs_no_asyncio_error() -> None:
+    """A SIGTERM with engines connected cancels their handlers; on Python 3.11/3.12 asyncio's
+    stream callback then logged the cancel at ERROR with a traceback (journalctl -p err)."""
+    errors: list[dict[str, Any]] = []
+    with ServerThread(FakeBackend()) as api:
+        api.loop.set_exception_handler(lambda loop, context: errors.append(context))
+        clients = [KVPeerClient(api.socket_path) for _ in range(3)]
+        for client in clients:
+            client.stats()  # connected, its handler waiting for the next request
+        api.call(api.server.close())
+        api.call(asyncio.sleep(0.2))  # the stream callbacks run after the handlers end
+        for client in clients:
+            client.close()
+    assert errors == []
