@@ -264,17 +264,26 @@ class FetchHandle(_FetchHandleBase):
     def __init__(self, client: KVPeerClient, state: _FetchState) -> None:
         super().__init__(state)
         self._client = client
+        self._timed_out = False  # a wait ran out of time: release does not wait once more
+
+    def _pump(self) -> None:
+        try:
+            self._client._pump()
+        except ApiError as exc:
+            if exc.code == ErrorCode.TIMEOUT:
+                self._timed_out = True
+            raise
 
     def wait(self) -> m.FetchResult:
         """Block until the daemon's final answer; ApiError if the fetch failed."""
         while not self._state.finished:
-            self._client._pump()
+            self._pump()
         return self._state.result()
 
     def wait_for_chunk(self, index: int) -> bool:
         """Block until chunk ``index`` is usable (True) or the fetch ended without it (False)."""
         while index not in self._state.done and not self._state.finished:
-            self._client._pump()
+            self._pump()
         if self._state.error is not None:
             raise self._state.error
         return index in self._state.done
@@ -320,8 +329,9 @@ class FetchHandle(_FetchHandleBase):
         if self._released:
             return
         self._released = True
-        with contextlib.suppress(ApiError):
-            self.wait()
+        if not self._timed_out:  # else it would wait a second full timeout for the same answer
+            with contextlib.suppress(ApiError):
+                self.wait()
         if not self._state.finished:  # gave up waiting: the final answer names what to release
             self._client._abandon_fetch(self._state)
             self._state.close_segment()

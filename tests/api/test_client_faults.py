@@ -487,3 +487,23 @@ def test_a_put_segment_this_user_may_not_open_is_forbidden_and_says_why(
         with pytest.raises(ApiError) as info:
             client.put(list(range(8)), *kv(8), FP)
     assert info.value.code == ErrorCode.FORBIDDEN and "api.socket_group" in info.value.reason
+
+
+def test_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:
+    """The vLLM worker's load held the forward pass for two full timeouts: the wait, then the
+    release waiting for the same final answer once more."""
+    with NeverAnswersOnTheFirst() as daemon, KVPeerClient(daemon.socket_path, timeout_s=0.5) as client:
+        handle = client.fetch([1, 2, 3, 4], FP)
+        with pytest.raises(ApiError) as info:
+            handle.wait()
+        assert info.value.code == ErrorCode.TIMEOUT
+        pumped: list[int] = []
+        real_pump = client._pump
+
+        def counting_pump() -> None:
+            pumped.append(1)
+            real_pump()
+
+        client._pump = counting_pump  # type: ignore[method-assign]
+        handle.release()
+        assert pumped == []
