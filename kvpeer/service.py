@@ -145,6 +145,8 @@ class ShutdownSignals:
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: a hang-up is meant to pass it by
             loop.add_signal_handler(sig, self._on_signal, sig)
             self._installed.append(sig)
 

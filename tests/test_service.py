@@ -150,6 +150,28 @@ def test_sighup_stops_gracefully_and_says_there_is_no_reload(caplog: pytest.LogC
     assert "no reload" in caplog.text
 
 
+def test_under_nohup_sighup_stays_ignored() -> None:
+    """nohup kvpeerd & set SIGHUP to SIG_IGN: the daemon must outlive its terminal as before."""
+    child = textwrap.dedent(
+        """
+        import asyncio, os, signal
+        from kvpeer.service import ShutdownSignals
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+        async def main():
+            signals = ShutdownSignals(force_exit=lambda code: None)
+            signals.install(asyncio.get_running_loop())
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.3)
+            print("stopping" if signals.triggered else "running")
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "running", done.stderr
+
+
 LOGGING_CHILD = textwrap.dedent(
     """
     import logging, os, sys
