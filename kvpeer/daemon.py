@@ -499,7 +499,7 @@ class Daemon:
             "chunks": len(self.inventory),
             "peers": len(self.discovery.peers()),
             "bytes_from_peers": self.fetcher.bytes_from_peers,
-            "peer_inventories": {p: len(keys) for p, keys in self.peer_table.snapshot().items()},
+            "peer_inventories": self.peer_table.sizes(),
             "codec_backends": self.codec_backends,
         }
 

@@ -341,3 +341,8 @@ class InventoryTable:
     def snapshot(self) -> dict[str, frozenset[bytes]]:
         """Every peer's key set (for tests and stats)."""
         return {p: frozenset(inv.keys) for p, inv in self._peers.items()}
+
+    def sizes(self) -> dict[str, int]:
+        """How many keys each peer holds, without copying the sets (stats asks often: the vLLM
+        connector's health probe does)."""
+        return {p: len(inv.keys) for p, inv in self._peers.items()}

@@ -31,6 +31,7 @@ def test_delta_then_full_agree() -> None:
     reference.apply("p", log.since(None))
     assert table.snapshot() == reference.snapshot()
     assert table.epoch("p") == log.epoch == 103
+    assert table.sizes() == {"p": 8} == {p: len(k) for p, k in table.snapshot().items()}
 
 
 def test_unknown_or_future_epoch_answers_full() -> None:
