@@ -442,6 +442,15 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             with self._quick.lock:
                 found = self._quick.client().lookup(tokens, self.fingerprint)
         except (KVPeerError, OSError) as exc:
+            slow = isinstance(exc, ApiError) and exc.code == ErrorCode.TIMEOUT
+            if slow and self._answers_probe():
+                # Slow, not gone: a lookup may take the daemon up to ~3 s while it asks peers
+                # it has not synced with yet. This request is computed; the next is asked.
+                log.debug(
+                    "kvpeer lookup slower than %g s: computing request %s",
+                    self.waits.lookup_timeout_s, req_id,
+                )
+                return None
             if not self._daemon_failed("lookup", exc):
                 log.warning("kvpeer lookup failed (%s): computing request %s", exc, req_id)
             return None
@@ -636,6 +645,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             return False
         if not self._backoff.retrying(now):
             return True
+        return self._answers_probe()
+
+    def _answers_probe(self) -> bool:
+        """Whether the daemon answers a cheap request within the lookup timeout (backing off
+        if not)."""
         try:
             with self._quick.lock:
                 self._quick.client().stats()

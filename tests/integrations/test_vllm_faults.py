@@ -3,8 +3,10 @@ scheduler and forward pass must not wait on the daemon longer than the connector
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,11 +145,13 @@ def test_lookup_against_a_hung_daemon_returns_within_the_configured_timeout(
             for rid in ("r2", "r3"):
                 assert conn.get_num_new_matched_tokens(request(rid, PROMPT), 0) == (0, False)
             assert len(daemon.received(m.LookupRequest)) == 1
+            # A timed-out lookup was probed (slow or hung?) before backing off.
+            assert len(daemon.received(m.StatsRequest)) == 1
             clock.now = conn.waits.backoff_s  # then a probe goes first, and finds it still hung
             started = time.monotonic()
             assert conn.get_num_new_matched_tokens(request("r4", PROMPT), 0) == (0, False)
             assert time.monotonic() - started < GENEROUS_S
-            assert len(daemon.received(m.StatsRequest)) == 1
+            assert len(daemon.received(m.StatsRequest)) == 2
             assert len(daemon.received(m.LookupRequest)) == 1
         assert [r.levelno for r in caplog.records] == [logging.WARNING]  # said once
         conn.shutdown()
@@ -233,4 +237,37 @@ def test_saves_to_a_hung_daemon_wait_once_then_only_for_a_quick_probe() -> None:
         assert time.monotonic() - started < GENEROUS_S
         assert len(daemon.received(m.PutRequest)) == 1
         assert len(daemon.received(m.StatsRequest)) == 1
+        conn.shutdown()
+
+
+def send_unless_closed(conn: socket.socket, message: m.Message) -> None:
+    with contextlib.suppress(OSError):  # a late answer may find the test over
+        send(conn, message)
+
+
+class FirstLookupSlow(ScriptedDaemon):
+    """A healthy daemon whose first lookup takes 0.6 s (it may take up to ~3 s asking peers it
+    has not synced with yet), every other request answered at once."""
+
+    lookups = 0
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.LookupRequest):
+            FirstLookupSlow.lookups += 1
+            answer = m.LookupResult(id=message.id, matched_tokens=32, chunk_tokens=16,
+                                    sources=["local", "local"])
+            delay = 0.6 if FirstLookupSlow.lookups == 1 else 0.0
+            threading.Timer(delay, send_unless_closed, (conn, answer)).start()  # concurrent, as the daemon
+        elif isinstance(message, m.StatsRequest):
+            send(conn, m.StatsResult(id=message.id, stats={}))
+        else:
+            super().handle(conn, index, message)
+
+
+def test_one_slow_lookup_of_a_healthy_daemon_does_not_start_the_back_off() -> None:
+    with FirstLookupSlow() as daemon:
+        conn, clock = connector(daemon.socket_path)  # lookup timeout 0.5 s, back-off 10 s
+        assert conn.get_num_new_matched_tokens(request("r1", PROMPT), 0) == (0, False)  # given up
+        clock.now = 1.0  # a second later: the next request is asked
+        assert conn.get_num_new_matched_tokens(request("r2", PROMPT), 0) == (32, False)
         conn.shutdown()
