@@ -192,7 +192,7 @@ def advertisable_addresses(
         if not interfaces and waiting:
             raise NotReadyError(
                 "discovery.interfaces: no IPv4 address on any interface yet "
-                f"({', '.join(waiting)})"
+                f"({', '.join(waiting)}; loopback and bridges count only when named)"
             )
         raise ConfigError(
             "discovery.interfaces: no usable address (loopback and bridges must be named)"

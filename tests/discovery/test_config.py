@@ -56,6 +56,9 @@ def test_at_boot_an_interface_still_down_is_not_ready_not_unknown() -> None:
         advertisable_addresses(["d0"], HOST[:1], names)
     with pytest.raises(NotReadyError, match="eth0"):
         advertisable_addresses([], HOST[:1], names)
+    # a host whose only address is on a bridge: waiting, and the message says how to use it
+    with pytest.raises(NotReadyError, match="bridges count only when named"):
+        advertisable_addresses([], [HOST[0], HOST[2]], names)
     with pytest.raises(ConfigError) as raised:  # only loopback and bridges: nothing to wait for
         advertisable_addresses([], HOST[:1], ["lo", "docker0"])
     assert not isinstance(raised.value, NotReadyError)
