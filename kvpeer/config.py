@@ -244,8 +244,9 @@ class TransportSection:
         16, "Blob transfers served to one peer at a time; more are answered BUSY.", lo=1, hi=1024
     )
     max_incoming_blob_bytes: int = setting(
-        0, "Bytes of blobs arriving from one peer at once (what a peer can make us buffer); a "
-        "blob past it is refused BUSY and asked again. 0: 1GiB, or max_blob_bytes if larger.",
+        0, "Bytes of blobs arriving over one session at once (what a peer can make us buffer; "
+        "at most two sessions per peer); a blob past it is refused BUSY and asked again. 0: 1GiB, "
+        "or max_blob_bytes if larger.",
         kind="size", lo=0,
     )
     congestion_control: str = setting(

@@ -103,7 +103,8 @@ class TransportConfig:
     bulk_channels: int = 1
     #: Blob transfers served to one peer at a time; more are answered BUSY.
     max_transfers_per_peer: int = 16
-    #: Bytes the blobs arriving from one peer may hold at once, all its fetches together: a
+    #: Bytes the blobs arriving over one session may hold at once, all its fetches together
+    #: (a peer id has at most two sessions, so a peer can make us hold twice this): a
     #: blob counts its stated size (frames buffered before BlobStart as they come). A blob past
     #: it fails BUSY, which the fetcher treats as transient. Without a cap, one peer could
     #: make us hold max_transfers_per_peer x max_blob_bytes (4.5 GiB at the defaults).
