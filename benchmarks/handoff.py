@@ -58,7 +58,7 @@ class _Backend:
         self.stamps = stamps
         self.source = torch.randn(FP.layers, FP.kv_heads, 8192, FP.head_dim).to(torch.float16)
 
-    async def put(self, ctx: Any, req: Any, k: torch.Tensor, v: torch.Tensor) -> m.PutResult:
+    async def put(self, ctx: Any, req: Any, kv: Any) -> m.PutResult:
         raise NotImplementedError
 
     async def lookup(self, ctx: Any, req: Any) -> m.LookupResult:

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kvpeer import __version__, aio, codec
 from kvpeer.activity import Activity
-from kvpeer.api.server import ApiServer, ClientContext, FetchSink
+from kvpeer.api.server import ApiServer, ClientContext, FetchSink, PutKV
 from kvpeer.codec import container as codec_container
 from kvpeer.codec import nvenc
 from kvpeer.codec import profile as codec_profiles
@@ -70,7 +69,7 @@ class _Plan:
 
 
 def encode_chunk_blocking(
-    k: torch.Tensor, v: torch.Tensor, index: int, chunk_tokens: int, level: str,
+    kv: PutKV, index: int, chunk_tokens: int, level: str,
     profile: CodecProfile | None, last: bool, rotary: bool = True,
 ) -> bytes:
     """Encode tokens [index*chunk, (index+1)*chunk) of a prefix's KV (runs in an executor).
@@ -83,11 +82,8 @@ def encode_chunk_blocking(
     applies; a model without RoPE (GPT-2's learned positions) has no slow and fast key channels.
     """
     start = index * chunk_tokens
-    stop = start + chunk_tokens
-    return codec.encode(
-        k[:, :, start:stop, :].contiguous(), v[:, :, start:stop, :].contiguous(), level=level,
-        profile=profile, tail=last, rotate_half=rotary,
-    )
+    k, v = kv.read_blocking(start, start + chunk_tokens)  # read here: one chunk in memory
+    return codec.encode(k, v, level=level, profile=profile, tail=last, rotate_half=rotary)
 
 
 class Daemon:
@@ -314,7 +310,7 @@ class Daemon:
     def _keys(self, ctx: ClientContext, tokens: np.ndarray, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
-    async def put(self, ctx: ClientContext, req: Any, k: torch.Tensor, v: torch.Tensor) -> Any:
+    async def put(self, ctx: ClientContext, req: Any, kv: PutKV) -> Any:
         from kvpeer.api.messages import PutResult
 
         fp: ModelFingerprint = req.fingerprint
@@ -336,7 +332,7 @@ class Daemon:
                 continue
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
-                None, encode_chunk_blocking, k, v, index, self.chunk_tokens, level, profile,
+                None, encode_chunk_blocking, kv, index, self.chunk_tokens, level, profile,
                 index == len(keys) - 1, fp.rope_theta > 0,
             )
             self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)

@@ -352,23 +352,40 @@ class DaemonSegment:
         return cls(reserved.name, layout, reserved.fd, reserved.path)
 
     # ------------------------------------------------------------------ the client's K/V
-    def read_kv_blocking(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of K and V as the client wrote them, in the daemon's own memory: what it
-        encodes and stores cannot change under it, nor vanish (INVALID if the file was
-        shrunk)."""
+    def read_rows_blocking(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of tokens [start, stop) of K and V as the client wrote them, in the daemon's
+        own memory: what it encodes cannot change under it (INVALID if the file was shrunk).
+        A put is read a chunk at a time, and only the chunks it encodes: a whole put copied at
+        once would hold all of its KV (GBs) in the daemon."""
+        layout = self.layout
+        if not 0 <= start < stop <= layout.tokens:
+            raise ProtocolError(ErrorCode.INTERNAL, f"tokens [{start}, {stop}) outside the segment")
+        shape = (layout.layers, layout.kv_heads, stop - start, layout.head_dim)
+        k = torch.empty(shape, dtype=DTYPES[layout.dtype])
+        v = torch.empty(shape, dtype=DTYPES[layout.dtype])
         with self._using() as fd:
-            return self._read_tensor(fd, self.layout.k_offset), self._read_tensor(fd, self.layout.v_offset)
+            self._read_rows(fd, k, layout.k_offset, start, stop)
+            self._read_rows(fd, v, layout.v_offset, start, stop)
+        return k, v
 
-    def _read_tensor(self, fd: int, offset: int) -> torch.Tensor:
-        raw = torch.empty(self.layout.tensor_bytes, dtype=torch.uint8)
-        view = raw.numpy().data
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise self._shrunk()
-            done += got
-        return raw.view(DTYPES[self.layout.dtype]).view(self.layout.shape)
+    def read_kv_blocking(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole of K and V (copies): see :meth:`read_rows_blocking`."""
+        return self.read_rows_blocking(0, self.layout.tokens)
+
+    def _read_rows(self, fd: int, target: torch.Tensor, offset: int, start: int, stop: int) -> None:
+        """The inverse of :meth:`_write_rows`: one run of bytes per (layer, head)."""
+        flat = target.view(-1).view(torch.uint8).numpy().data
+        row_bytes = self.layout.head_dim * DTYPES[self.layout.dtype].itemsize
+        run = (stop - start) * row_bytes
+        for lane in range(self.layout.layers * self.layout.kv_heads):
+            dst = flat[lane * run : (lane + 1) * run]
+            src = offset + (lane * self.layout.tokens + start) * row_bytes
+            done = 0
+            while done < run:
+                got = os.preadv(fd, [dst[done:]], src + done)
+                if got == 0:
+                    raise self._shrunk()
+                done += got
 
     def write_chunk_blocking(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write chunk ``index`` from ``k``/``v``: contiguous ``[layers, kv_heads, rows,

@@ -41,8 +41,9 @@ def test_a_bf16_engine_encodes_with_its_models_float32_profile(
     said = [r.getMessage() for r in caplog.records if "calibration profile" in r.getMessage()]
     assert len(said) == 1 and FP32.hex in said[0] and "bfloat16" in said[0]  # once per model
     k, v = _kv()
-    blob = daemon.encode_chunk_blocking(k, v, 0, 64, "q5", profile, False)
-    plain = daemon.encode_chunk_blocking(k, v, 0, 64, "q5", None, False)
+    kv = SimpleNamespace(read_blocking=lambda start, stop: (k[:, :, start:stop], v[:, :, start:stop]))
+    blob = daemon.encode_chunk_blocking(kv, 0, 64, "q5", profile, False)
+    plain = daemon.encode_chunk_blocking(kv, 0, 64, "q5", None, False)
     assert blob == codec.encode(k, v, "q5", profile=calibrated, tail=False)
     assert blob != plain
 

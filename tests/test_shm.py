@@ -76,6 +76,27 @@ def test_the_daemon_writes_and_reads_a_segment_an_opener_maps_zero_copy(tmp_path
     assert not any(tmp_path.iterdir())
 
 
+def test_a_put_is_read_a_few_tokens_at_a_time_into_the_daemons_memory(tmp_path: Path) -> None:
+    """The daemon reads only the chunks it encodes, one at a time (a whole put copied at once
+    held GBs in the daemon); what it reads is exactly what the client wrote."""
+    segment = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)
+    try:
+        k, v = _kv()
+        reader = shm.Segment.open(segment.name, directory=tmp_path)
+        reader.k.copy_(k)
+        reader.v.copy_(v)
+        for start, stop in ((0, 4), (4, 8), (3, 9), (0, LAYOUT.tokens)):
+            got_k, got_v = segment.read_rows_blocking(start, stop)
+            assert got_k.is_contiguous() and got_k.shape == k[:, :, start:stop].shape
+            assert torch.equal(got_k, k[:, :, start:stop]) and torch.equal(got_v, v[:, :, start:stop])
+        with pytest.raises(ProtocolError):
+            segment.read_rows_blocking(4, LAYOUT.tokens + 1)
+        reader.close()
+    finally:
+        segment.unlink()
+        segment.close()
+
+
 def test_the_daemon_never_maps_a_segment(tmp_path: Path) -> None:
     """A client may shrink its segment; a mapping of the daemon's would then SIGBUS it."""
     segment = shm.DaemonSegment.create(LAYOUT, directory=tmp_path)

@@ -89,9 +89,7 @@ class ApiBackend(Protocol):
     An ``evict(ctx, all=True) -> dict`` method is optional.
     """
 
-    async def put(
-        self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor
-    ) -> m.PutResult: ...
+    async def put(self, ctx: ClientContext, req: m.PutRequest, kv: PutKV) -> m.PutResult: ...
 
     async def lookup(self, ctx: ClientContext, req: m.LookupRequest) -> m.LookupResult: ...
 
@@ -100,6 +98,24 @@ class ApiBackend(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
     async def peers(self) -> list[dict[str, Any]]: ...
+
+
+class PutKV:
+    """A put's K and V as the backend reads them: tokens [start, stop) at a time, copied out of
+    the client's segment (never mapped: a client that shrinks it fails its own put, nobody
+    gets a SIGBUS). Read only the chunks that are encoded, in an executor."""
+
+    def __init__(self, segment: shm.DaemonSegment) -> None:
+        self._segment = segment
+        self.tokens = segment.layout.tokens
+        self.dtype = shm.DTYPES[segment.layout.dtype]
+
+    def read_blocking(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[layers, kv_heads, stop - start, head_dim]`` K and V, contiguous, the daemon's own."""
+        try:
+            return self._segment.read_rows_blocking(start, stop)
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, f"cannot read the put's segment: {exc}") from None
 
 
 class _Connection:
@@ -745,8 +761,7 @@ class ApiServer:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no put is waiting for this segment")
         segment = self.registry.get(commit.segment, conn.id)
         try:
-            k, v = await _read_put_off_loop(segment)
-            result = await self.backend.put(conn.ctx, req, k, v)
+            result = await self.backend.put(conn.ctx, req, PutKV(segment))
         finally:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(commit.segment, conn.id)
@@ -804,15 +819,6 @@ class ApiServer:
         if sink.segment is not None:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(sink.segment.name, conn.id)
-
-
-async def _read_put_off_loop(segment: shm.DaemonSegment) -> tuple[torch.Tensor, torch.Tensor]:
-    """The put's K/V, copied out of the segment in a thread (a read of GBs takes a while).
-    Copied, not mapped: the client may shrink the file, which must fail this put only."""
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, segment.read_kv_blocking)
-    except OSError as exc:
-        raise ProtocolError(ErrorCode.INTERNAL, f"cannot read the put's segment: {exc}") from None
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from typing import Any, Self, TypeVar
 import torch
 
 from kvpeer.api import messages as m
-from kvpeer.api.server import ApiServer, ClientContext, FetchSink
+from kvpeer.api.server import ApiServer, ClientContext, FetchSink, PutKV
 from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint, chunk_keys
 
@@ -49,16 +49,13 @@ class FakeBackend:
     def _keys(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
-    async def put(
-        self, ctx: ClientContext, req: m.PutRequest, k: torch.Tensor, v: torch.Tensor
-    ) -> m.PutResult:
+    async def put(self, ctx: ClientContext, req: m.PutRequest, kv: PutKV) -> m.PutResult:
         self.requests.append(req)
         keys = self._keys(ctx, req.tokens, req.fingerprint)
         stored = 0
         for i, key in enumerate(keys):
             if key not in self.chunks:
-                sl = slice(i * self.chunk_tokens, (i + 1) * self.chunk_tokens)
-                self.chunks[key] = (k[:, :, sl].clone(), v[:, :, sl].clone())
+                self.chunks[key] = kv.read_blocking(i * self.chunk_tokens, (i + 1) * self.chunk_tokens)
                 stored += 1
         return m.PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
 
