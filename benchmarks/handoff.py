@@ -75,6 +75,9 @@ class _Backend:
             v.copy_(self.source[:, :, index * CHUNK : (index + 1) * CHUNK])
             if index == chunks - 1:
                 self.stamps[0] = time.perf_counter_ns()
+            # As the fetcher's decoding thread does: the daemon's copy into the client's
+            # segment (it never maps one) is part of the hand-off measured.
+            await asyncio.get_running_loop().run_in_executor(None, sink.chunk_decoded_blocking, index)
             await sink.chunk_done(index, "exact")
 
     async def stats(self) -> dict[str, Any]:

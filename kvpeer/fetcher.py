@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import statistics
@@ -102,6 +103,9 @@ class FetchSink(Protocol):
     def chunk_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     async def chunk_done(self, index: int, level: str) -> Any: ...
+
+    # Optional: ``chunk_decoded_blocking(index)``, called in the decoding thread once chunk
+    # ``index``'s views are filled (a sink whose views are staging buffers copies them on).
 
 
 # --------------------------------------------------------------------------- results
@@ -190,12 +194,18 @@ class FetcherConfig:
 
 
 # --------------------------------------------------------------------------- blocking work
-def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> float:
-    """Decode one chunk straight into the client's views (CodecError if it does not fit them);
-    returns the seconds it took."""
+def decode_into_blocking(
+    blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor,
+    then: Callable[[], None] | None = None,
+) -> float:
+    """Decode one chunk straight into the client's views (CodecError if it does not fit them),
+    then run ``then`` in the same thread; returns the seconds the decode took."""
     started = time.perf_counter()
     codec.decode(blob, out=(k_out, v_out))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if then is not None:
+        then()
+    return seconds
 
 
 TranscodeOptions = Callable[[codec.Header], dict[str, Any]]
@@ -990,8 +1000,10 @@ class _FetchRun:
                 self._undecodable(item, exc)
                 continue
             self.note("decode_start", index=item.index, level=item.level)
+            decoded = getattr(self.sink, "chunk_decoded_blocking", None)
             job = loop.run_in_executor(
-                self.f.executor, decode_into_blocking, item.blob, k_view, v_view
+                self.f.executor, decode_into_blocking, item.blob, k_view, v_view,
+                None if decoded is None else functools.partial(decoded, item.index),
             )
             try:
                 seconds = await asyncio.shield(job)

@@ -25,7 +25,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -256,23 +256,37 @@ class FetchSink:
             count += 1
         return min(count * self.segment.layout.chunk_tokens, self.segment.layout.tokens)
 
-    async def chunk_done(self, index: int, level: str) -> None:
-        """Chunk ``index`` is fully written at ``level``: tell the client it may use it."""
-        if self.closed:
-            return
-        segment = self._need_segment()
+    def chunk_decoded_blocking(self, index: int) -> None:
+        """Chunk ``index``'s views are filled (called in the decoding thread, right after the
+        decode): copy it into the client's segment now, so a chunk decoded ahead of an earlier
+        one does not wait in daemon memory, and the hand-off after the last decode is short."""
         staged = self._staged.pop(index, None)
         if staged is None:
-            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} done but never viewed")
+            raise ProtocolError(ErrorCode.INTERNAL, f"chunk {index} decoded but never viewed")
+        self._write(self._need_segment(), index, staged)
+        self._spare_buffers.append(staged)
+
+    def _write(
+        self, segment: shm.DaemonSegment, index: int, staged: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         try:
-            await _write_chunk_off_loop(segment, index, staged)
+            segment.write_chunk_blocking(index, *staged)
         except ProtocolError as exc:
             self.failed = exc
             raise
         except OSError as exc:  # /dev/shm full, or the like: this fetch fails, not the daemon
             self.failed = ProtocolError(ErrorCode.INTERNAL, f"cannot write the fetch's segment: {exc}")
             raise self.failed from None
-        self._spare_buffers.append(staged)
+
+    async def chunk_done(self, index: int, level: str) -> None:
+        """Chunk ``index`` is fully written at ``level``: tell the client it may use it."""
+        if self.closed:
+            return
+        segment = self._need_segment()
+        staged = self._staged.pop(index, None)
+        if staged is not None:  # a caller that filled the views without chunk_decoded_blocking
+            await _in_thread(self._write, segment, index, staged)
+            self._spare_buffers.append(staged)
         segment.set_level(index, level)
         self._levels[index] = level
         segment.set_matched_tokens(self.matched_tokens)
@@ -304,13 +318,9 @@ def _chunk_buffers(layout: shm.SegmentLayout) -> tuple[torch.Tensor, torch.Tenso
     return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
 
-async def _write_chunk_off_loop(
-    segment: shm.DaemonSegment, index: int, staged: tuple[torch.Tensor, torch.Tensor]
-) -> None:
+async def _in_thread(work: Callable[..., None], *args: Any) -> None:
     """A chunk is MBs: copied in a thread, while the event loop serves others."""
-    job = asyncio.get_running_loop().run_in_executor(
-        None, segment.write_chunk_blocking, index, *staged
-    )
+    job = asyncio.get_running_loop().run_in_executor(None, work, *args)
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:

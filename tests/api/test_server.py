@@ -475,3 +475,39 @@ def test_closing_with_clients_connected_logs_no_asyncio_error() -> None:
         for client in clients:
             client.close()
     assert errors == []
+
+
+class DecodesOutOfOrder(FakeBackend):
+    """Restores chunk 0 last, as a fetch does when its first peer is slow, and hands each chunk
+    to the sink as the fetcher's decoding thread does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged_after_decode: list[int] = []
+
+    async def fetch(self, ctx: Any, req: m.FetchRequest, sink: Any) -> None:
+        keys = self._keys(ctx, req.tokens, req.fingerprint)
+        await sink.allocate(layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
+                            tokens=len(keys) * CHUNK, dtype="float32", chunk_tokens=CHUNK)
+        loop = asyncio.get_running_loop()
+        for index in [*range(1, len(keys)), 0]:
+            k_view, v_view = sink.chunk_view(index)
+            k_view.copy_(self.chunks[keys[index]][0])
+            v_view.copy_(self.chunks[keys[index]][1])
+            await loop.run_in_executor(None, sink.chunk_decoded_blocking, index)
+            self.staged_after_decode.append(len(sink._staged))
+        for index in range(len(keys)):
+            await sink.chunk_done(index, "exact")
+
+
+def test_chunks_decoded_ahead_go_to_the_segment_at_once_not_held_in_daemon_memory() -> None:
+    """A chunk decoded before an earlier one used to wait in a daemon buffer until its turn
+    (GBs with a slow first chunk), then be copied in at the end, after the last decode."""
+    backend = DecodesOutOfOrder()
+    with ServerThread(backend) as api, KVPeerClient(api.socket_path) as client:
+        k, v = kv(4 * CHUNK)
+        client.put(list(range(4 * CHUNK)), k, v, FP)
+        with client.fetch(list(range(4 * CHUNK)), FP) as result:
+            assert result.matched_tokens == 4 * CHUNK
+            assert torch.equal(result.k, k) and torch.equal(result.v, v)
+    assert backend.staged_after_decode == [0, 0, 0, 0]
