@@ -433,16 +433,30 @@ class KVPeerClient:
         return reason
 
     def _send(self, message: m.Message) -> None:
+        data = m.encode(message)
         sock = self._sock
-        if sock is None:
-            if self._closed:
-                raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+        if sock is not None:
             try:
-                sock = self._connect()  # the daemon went away since the last call: try again now
+                sock.sendall(data)
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The daemon closed this connection before the request reached it (it closes
+                # one that stays silent after connecting; or it restarted): nothing of the
+                # request was taken, so it goes once more on a new connection.
+                fetching = self._fetch is not None
+                lost = self._lost(exc)
+                if fetching or self._closed:  # the fetch failed with it: say so
+                    raise lost from None
             except OSError as exc:
-                raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon at {self.socket_path}: {exc}") from None
+                raise self._lost(exc) from None
+        if self._closed:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
         try:
-            sock.sendall(m.encode(message))
+            sock = self._connect()  # the daemon went away since the last call: try again now
+        except OSError as exc:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, f"cannot reach the daemon at {self.socket_path}: {exc}") from None
+        try:
+            sock.sendall(data)
         except OSError as exc:
             raise self._lost(exc) from None
 

@@ -392,6 +392,9 @@ class ApiServer:
         self.max_inflight = max_inflight
         self.max_connections = max_connections
         self.max_connections_per_uid = max_connections_per_uid
+        # root and the daemon's own user are not counted against the caps: tenants filling them
+        # must not lock out `kvpeer status`/`evict` (cap tests running as root clear it)
+        self.uncapped_uids = frozenset({0, os.geteuid()})
         self._refusing = False  # connections are being refused: warned once until one is served
         self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
@@ -581,6 +584,8 @@ class ApiServer:
     def _over_capacity(self, conn: _Connection) -> str:
         """Why ``conn`` (already counted) may not be served now; "" if it may."""
         same_user = sum(1 for c in self._connections.values() if c.uid == conn.uid)
+        if conn.uid in self.uncapped_uids:
+            return ""  # the operator's CLI and the daemon's own user: never locked out by tenants
         if len(self._connections) > self.max_connections:
             refusal = f"the daemon serves {self.max_connections} connections at most: try again later"
         elif same_user > self.max_connections_per_uid:

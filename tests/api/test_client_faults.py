@@ -71,13 +71,11 @@ class StopsReading(LookupDaemon):
 # --------------------------------------------------------------------------- lost connection
 
 
-def test_a_daemon_gone_while_idle_fails_one_call_with_an_api_error_and_the_next_reconnects() -> None:
+def test_a_connection_the_daemon_closed_while_idle_sends_the_next_call_on_a_new_one() -> None:
+    """The daemon restarted, or closed a connection that said nothing for 10 s (its first-frame
+    timeout): the request never reached it, so it is sent again, not failed (it was, once)."""
     with LookupDaemon() as daemon, KVPeerClient(daemon.socket_path, timeout_s=10) as client:
         daemon.drop(0)  # restarted while the client was idle
-        with pytest.raises(ApiError) as info:
-            client.lookup([1, 2, 3], FP)
-        assert info.value.code == ErrorCode.SHUTTING_DOWN
-        assert not client.connected
         assert client.lookup([1, 2, 3], FP).matched_tokens == 1  # answered on connection 1
         assert client.connected
 

@@ -164,6 +164,7 @@ def test_a_connection_that_sends_nothing_is_closed(monkeypatch: pytest.MonkeyPat
 def test_connections_past_the_caps_are_refused_and_engines_are_still_served() -> None:
     """Idle connections without a cap ran the daemon out of file descriptors."""
     with serving(max_connections=5, max_connections_per_uid=3) as api, contextlib.ExitStack() as held:
+        api.server.uncapped_uids = frozenset()  # the tests run as root, whom the caps pass by
         idle = [held.enter_context(_connect(api.socket_path)) for _ in range(3)]
         wait_until(lambda: api.server.stats()["connected"] == 3)
         with _connect(api.socket_path) as one_too_many:
@@ -176,9 +177,21 @@ def test_connections_past_the_caps_are_refused_and_engines_are_still_served() ->
             assert client.stats()["api"]["connections_refused"] == 1
     # The total cap, whoever asks, with the per-user cap out of the way.
     with serving(max_connections=2, max_connections_per_uid=10) as api, contextlib.ExitStack() as held:
+        api.server.uncapped_uids = frozenset()
         for _ in range(2):
             held.enter_context(_connect(api.socket_path))
         wait_until(lambda: api.server.stats()["connected"] == 2)
         with _connect(api.socket_path) as one_too_many:
             answer = _wait_answer_then_close(one_too_many)
         assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.BUSY
+
+
+def test_root_and_the_daemons_user_are_served_past_the_caps() -> None:
+    """Tenants at their caps must not lock the operator's `kvpeer status` out."""
+    with serving(max_connections=2, max_connections_per_uid=1) as api, contextlib.ExitStack() as held:
+        assert os.geteuid() in api.server.uncapped_uids and 0 in api.server.uncapped_uids
+        for _ in range(3):
+            held.enter_context(_connect(api.socket_path))
+        wait_until(lambda: api.server.stats()["connected"] == 3)
+        with KVPeerClient(api.socket_path) as client:
+            assert client.stats()["api"]["connections_refused"] == 0
