@@ -71,6 +71,9 @@ class ZeroconfDiscovery(Discovery):
         super().__init__(*args, **kwargs)
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._waiting: dict[str, None] = {}  # names to resolve once a resolve ends, in order
+        # Names whose node sends heartbeats (rate-limited): resolved before the browser's, so
+        # a flood of made-up service names cannot starve a real peer.
+        self._heard: dict[str, None] = {}
         self._dirty: set[str] = set()
         # Warnings by kind, not by service name: names are the sender's to make up.
         self._warn_name = WarnRarely(log)
@@ -110,6 +113,7 @@ class ZeroconfDiscovery(Discovery):
 
     async def _close(self) -> None:
         self._waiting.clear()
+        self._heard.clear()
         for task in list(self._resolving.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,6 +160,7 @@ class ZeroconfDiscovery(Discovery):
         if state_change is ServiceStateChange.Removed:
             self._dirty.discard(name)
             self._waiting.pop(name, None)
+            self._heard.pop(name, None)
             task = self._resolving.pop(name, None)
             if task is not None:
                 task.cancel()
@@ -164,21 +169,29 @@ class ZeroconfDiscovery(Discovery):
             return
         self._queue_resolve(name)
 
-    def _queue_resolve(self, name: str) -> None:
+    def _queue_resolve(self, name: str, *, heard: bool = False) -> None:
+        queue = self._heard if heard else self._waiting
         if name in self._resolving:
             self._dirty.add(name)  # resolve again once the running resolve finishes
-        elif name in self._waiting or len(self._waiting) < MAX_WAITING_RESOLVES:
-            self._waiting[name] = None
+        elif name in queue or len(queue) < MAX_WAITING_RESOLVES:
+            queue[name] = None
             self._start_resolves()
         else:
             self._events["resolves_dropped"] += 1
             self._warn_dropped("too many services to resolve: dropped %r", name)
 
     def _start_resolves(self) -> None:
-        while self._waiting and len(self._resolving) < MAX_RESOLVES and not self._closed:
-            name = next(iter(self._waiting))
-            del self._waiting[name]
-            self._resolving[name] = asyncio.create_task(self._resolve(name), name=f"resolve {name}")
+        while len(self._resolving) < MAX_RESOLVES and not self._closed:
+            queue = self._heard or self._waiting
+            if not queue:
+                return
+            name = next(iter(queue))
+            del queue[name]
+            self._waiting.pop(name, None)
+            if name not in self._resolving:
+                self._resolving[name] = asyncio.create_task(
+                    self._resolve(name), name=f"resolve {name}"
+                )
 
     def _unknown_peer(self, node_id: str) -> None:
         # A peer we forgot (dead too long) or never resolved is sending heartbeats: its
@@ -193,7 +206,7 @@ class ZeroconfDiscovery(Discovery):
         self._asked[node_id] = now
         name = instance_name(node_id)
         if name not in self._resolving:
-            self._queue_resolve(name)
+            self._queue_resolve(name, heard=True)
 
     async def _resolve(self, name: str) -> None:
         try:

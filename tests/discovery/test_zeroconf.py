@@ -159,6 +159,32 @@ def test_a_flood_of_made_up_service_names_starts_few_resolves_at_once() -> None:
     asyncio.run(main())
 
 
+def test_a_peer_that_sends_heartbeats_is_resolved_before_a_flood_of_made_up_names() -> None:
+    """Names queued behind a flood waited minutes, and a real peer's heartbeat-asked resolve
+    was dropped once the queue was full."""
+
+    async def main() -> None:
+        d = StubResolve()
+        for i in range(5000):
+            d.event(instance_name(f"n{i}"), ServiceStateChange.Added)
+        await turns()
+        resolved: list[str] = []
+        real_resolve_once = d._resolve_once
+
+        async def noting(name: str) -> None:
+            resolved.append(name)
+            await real_resolve_once(name)
+
+        d._resolve_once = noting  # type: ignore[method-assign]
+        d._unknown_peer("real-peer")  # its heartbeat arrived
+        d.release.set()
+        await turns()
+        assert resolved and resolved[0] == instance_name("real-peer")
+        await d._close()
+
+    asyncio.run(main())
+
+
 def test_made_up_service_names_are_warned_of_by_kind(caplog: pytest.LogCaptureFixture) -> None:
     """A WARNING per name that did not resolve or was not ours: the sender picks the names."""
 
