@@ -160,12 +160,12 @@ class ApiSection:
         "large: memory held in /dev/shm while idle. 0: never.", kind="size", lo=0,
     )
     max_connections: int = setting(
-        256, "API connections served at once; one more is answered BUSY and closed.", lo=1,
-        hi=65536,
+        256, "API connections served at once; one more is answered BUSY and closed (root and "
+        "the daemon's own user get 8 more, so `kvpeer status` still answers).", lo=1, hi=65536,
     )
     max_connections_per_uid: int = setting(
         128, "API connections one client user may hold at once (so one user's leak or flood "
-        "leaves room for the others).", lo=1, hi=65536,
+        "leaves room for the others; not root or the daemon's own user).", lo=1, hi=65536,
     )
 
 

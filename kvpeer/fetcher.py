@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import itertools
 import logging
 import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -56,6 +55,9 @@ _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 # --------------------------------------------------------------------------- what we talk to
+_T = TypeVar("_T")
+
+
 class BandwidthSource(Protocol):
     """A session's estimator (kvpeer.transport.estimator.BandwidthEstimator fits)."""
 
@@ -194,18 +196,12 @@ class FetcherConfig:
 
 
 # --------------------------------------------------------------------------- blocking work
-def decode_into_blocking(
-    blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor,
-    then: Callable[[], None] | None = None,
-) -> float:
-    """Decode one chunk straight into the client's views (CodecError if it does not fit them),
-    then run ``then`` in the same thread; returns the seconds the decode took."""
+def decode_into_blocking(blob: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> float:
+    """Decode one chunk straight into the client's views (CodecError if it does not fit them);
+    returns the seconds it took."""
     started = time.perf_counter()
     codec.decode(blob, out=(k_out, v_out))
-    seconds = time.perf_counter() - started
-    if then is not None:
-        then()
-    return seconds
+    return time.perf_counter() - started
 
 
 TranscodeOptions = Callable[[codec.Header], dict[str, Any]]
@@ -226,6 +222,15 @@ class ChunkRate:
     bps: float
     samples: int
     at: float
+
+
+class _SinkFailed(Exception):
+    """The client's memory failed (allocation, a released or shrunk segment): not the chunk's
+    or its peer's fault."""
+
+    def __init__(self, error: KVPeerError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Transfer:
@@ -987,7 +992,6 @@ class _FetchRun:
 
     # ----------------------------------------------------------------- decode + restore
     async def _decode_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             _, _, item = await self.queue.get()
             if item is None:
@@ -996,22 +1000,17 @@ class _FetchRun:
                 continue
             try:
                 k_view, v_view = await self._views(item)
+            except _SinkFailed as failed:
+                self._not_handed_over(item.index, failed.error)
+                continue
             except KVPeerError as exc:
                 self._undecodable(item, exc)
                 continue
             self.note("decode_start", index=item.index, level=item.level)
-            decoded = getattr(self.sink, "chunk_decoded_blocking", None)
-            job = loop.run_in_executor(
-                self.f.executor, decode_into_blocking, item.blob, k_view, v_view,
-                None if decoded is None else functools.partial(decoded, item.index),
-            )
             try:
-                seconds = await asyncio.shield(job)
-            except asyncio.CancelledError:
-                # The job writes into the client's memory: it must end before we return.
-                with contextlib.suppress(BaseException):
-                    await job
-                raise
+                seconds = await self._in_executor(
+                    decode_into_blocking, item.blob, k_view, v_view
+                )
             except KVPeerError as exc:
                 self._undecodable(item, exc)
                 continue
@@ -1021,12 +1020,43 @@ class _FetchRun:
                 # Decoded means digest-checked: a corrupt or tampered chunk never enters the
                 # store (it would be served on to others).
                 self.tg.create_task(self._cache(self.keys[item.index], item))
+            if not await self._hand_over(item.index):
+                continue
             self.restored[item.index] = item.level
             while self.reported < self._end() and self.reported in self.restored:
                 await self.sink.chunk_done(self.reported, self.restored[self.reported])
                 self.note("done", index=self.reported, level=self.restored[self.reported])
                 self.reported += 1
             self.wake.set()
+
+    async def _hand_over(self, index: int) -> bool:
+        """Let a sink whose views are staging buffers copy chunk ``index`` on, in a thread;
+        False if that failed (the client's memory did, not the peer's chunk: the fetch stops
+        there, and no peer is blamed)."""
+        decoded = getattr(self.sink, "chunk_decoded_blocking", None)
+        if decoded is None:
+            return True
+        try:
+            await self._in_executor(decoded, index)
+        except KVPeerError as exc:
+            self._not_handed_over(index, exc)
+            return False
+        return True
+
+    def _not_handed_over(self, index: int, exc: KVPeerError) -> None:
+        log.info("fetch: chunk %d cannot be handed over: %s", index, exc)
+        self._cut_at(index, "error")
+        self.wake.set()
+
+    async def _in_executor(self, work: Callable[..., _T], *args: Any) -> _T:
+        job = asyncio.get_running_loop().run_in_executor(self.f.executor, work, *args)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The job writes into the client's memory: it must end before we return.
+            with contextlib.suppress(BaseException):
+                await job
+            raise
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
         log.warning("fetch: chunk %d from %s does not decode: %s", item.index, item.peer, exc)
@@ -1066,10 +1096,13 @@ class _FetchRun:
         assert self.allocation is not None
         failed = await self.allocation
         if failed is not None:
-            raise failed
+            raise _SinkFailed(failed)
         if shape != self.shape:
             raise ProtocolError(ErrorCode.INVALID, f"chunk {item.index} has another shape")
-        return self.sink.chunk_view(item.index)
+        try:
+            return self.sink.chunk_view(item.index)
+        except KVPeerError as exc:
+            raise _SinkFailed(exc) from None
 
 
 # --------------------------------------------------------------------------- serving side

@@ -728,6 +728,13 @@ class SegmentRegistry:
         self.get(name, owner)
         self._entries[name].expires = now + self.lease_s
 
+    def hold(self, name: str, owner: int) -> DaemonSegment:
+        """The daemon works on the segment now (a put being read and encoded, which may take
+        longer than a lease): it does not expire until released."""
+        segment = self.get(name, owner)
+        self._entries[name].expires = math.inf
+        return segment
+
     def get(self, name: str, owner: int) -> DaemonSegment:
         entry = self._entries.get(name)
         if entry is None or entry.owner != owner:

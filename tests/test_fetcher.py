@@ -7,10 +7,12 @@ cluster tests (tests/cluster/test_fetch*.py) run the same pipeline over real Web
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1050,3 +1052,45 @@ def test_the_link_rate_counts_only_peers_holding_chunks_still_to_come() -> None:
         assert isinstance(run.ctl.decide(1, now, bandwidth, rtt), RecomputeRest)
 
     asyncio.run(main())
+
+
+def test_a_client_segment_that_fails_is_not_blamed_on_the_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client truncated its segment: the chunks' hand-over fails, which used to be logged
+    and noted as the peer's chunk not decoding (and its valid blob was not cached)."""
+    import os
+    from types import SimpleNamespace
+
+    from kvpeer import shm
+    from kvpeer.api.server import FetchSink
+
+    class ShrinkingServer:
+        async def _create_segment_off_loop(self, layout: Any, conn: Any, *, leased: bool) -> Any:
+            segment = shm.DaemonSegment.create(layout, directory=tmp_path)
+            os.truncate(segment.path, 4096)  # the client shrinks its segment (its right)
+            return segment
+
+    class Conn:
+        async def send(self, message: Any) -> None:
+            pass
+
+    async def main() -> Any:
+        request = SimpleNamespace(
+            id=1, fingerprint=SimpleNamespace(layers=LAYERS, kv_heads=HEADS, head_dim=DIM)
+        )
+        sink = FetchSink(ShrinkingServer(), Conn(), request)  # type: ignore[arg-type]
+        cache = Cache()
+        out = await fetcher({"a": Peer("a")}, cache).fetch(
+            [key(i) for i in range(4)], [{"a"}] * 4, sink, policy="fixed:exact"
+        )
+        sink.segment.unlink()
+        sink.segment.close()
+        return out, sink, cache
+
+    with caplog.at_level(logging.INFO, logger="kvpeer.fetcher"):
+        out, sink, cache = asyncio.run(main())
+    assert sink.failed is not None and out.chunks == 0  # the API layer fails the fetch with it
+    assert not any("does not decode" in r.getMessage() for r in caplog.records)
+    assert any("cannot be handed over" in r.getMessage() for r in caplog.records)
+    assert not [e for e in out.events if e.kind == "failed" and e.peer == "a"]

@@ -112,6 +112,12 @@ def _connection_lost(exc: OSError) -> ApiError:
     return ApiError(code, f"daemon connection lost: {exc or type(exc).__name__}")
 
 
+#: Requests that stand on their own: sent again on a new connection if the old one was found
+#: closed before they reached the daemon. Not a hello (its connection is new), a put's commit or
+#: a release (they name a segment of the old connection).
+_RESENDABLE = (m.LookupRequest, m.StatsRequest, m.PeersRequest, m.EvictRequest, m.PutRequest)
+
+
 def _late_segment(message: m.Message) -> str:
     """The segment a late answer hands us ("" if none): a put's, or a finished fetch's (a
     FetchStarted's segment is named again by the final answer, or dropped by the daemon)."""
@@ -432,7 +438,11 @@ class KVPeerClient:
         self._drop_connection(reason)
         return reason
 
-    def _send(self, message: m.Message) -> None:
+    def _send(self, message: m.Message, *, resend: bool = False) -> None:
+        """Send ``message``, connecting first if the connection was lost. ``resend``: a request
+        that stands on its own (no state on the connection: see :data:`_RESENDABLE`) goes
+        once more on a new connection when the daemon had closed the old one before it got
+        there (a restart; or it closes one that says nothing for 10 s after connecting)."""
         data = m.encode(message)
         sock = self._sock
         if sock is not None:
@@ -440,12 +450,8 @@ class KVPeerClient:
                 sock.sendall(data)
                 return
             except (BrokenPipeError, ConnectionResetError) as exc:
-                # The daemon closed this connection before the request reached it (it closes
-                # one that stays silent after connecting; or it restarted): nothing of the
-                # request was taken, so it goes once more on a new connection.
-                fetching = self._fetch is not None
-                lost = self._lost(exc)
-                if fetching or self._closed:  # the fetch failed with it: say so
+                lost = self._lost(exc)  # nothing of the request was taken: the daemon acts on
+                if not resend or self._closed:  # whole frames only
                     raise lost from None
             except OSError as exc:
                 raise self._lost(exc) from None
@@ -515,7 +521,7 @@ class KVPeerClient:
 
     def _call(self, request: m.Message, kind: type[_T]) -> _T:
         self._finish_fetch()
-        self._send(request)
+        self._send(request, resend=isinstance(request, _RESENDABLE))
         try:
             answer = self._answer(request.id)
         except BaseException:
@@ -579,7 +585,7 @@ class KVPeerClient:
             raise ApiError(exc.code, exc.reason) from None
         self._finish_fetch()
         state = _FetchState(request)
-        self._send(request)
+        self._send(request, resend=True)
         self._fetch = state
         return FetchHandle(self, state)
 

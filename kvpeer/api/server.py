@@ -58,6 +58,7 @@ FIRST_FRAME_TIMEOUT_S = 10.0
 #: descriptors and well-behaved engines then timed out.
 MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_UID = 128
+OPERATOR_RESERVE = 8  # connections root and the daemon's user get past max_connections
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
@@ -165,9 +166,10 @@ class FetchSink:
     awaits :meth:`chunk_done`.
 
     The views are the daemon's own memory, not the segment: the client may shrink the segment
-    at any time, and a decoder writing through a mapping would then die of SIGBUS. chunk_done
-    copies the chunk into the segment with pwrite (an error for this fetch if it shrank), and
-    its buffer serves the next chunk.
+    at any time, and a decoder writing through a mapping would then die of SIGBUS.
+    chunk_decoded_blocking (the decoding thread, right after the decode) copies the chunk into
+    the segment with pwrite (an error for this fetch if it shrank), and its buffer serves the
+    next chunk; chunk_done marks it in the header and tells the client.
     """
 
     def __init__(self, server: ApiServer, conn: _Connection, request: m.FetchRequest) -> None:
@@ -392,9 +394,8 @@ class ApiServer:
         self.max_inflight = max_inflight
         self.max_connections = max_connections
         self.max_connections_per_uid = max_connections_per_uid
-        # root and the daemon's own user are not counted against the caps: tenants filling them
-        # must not lock out `kvpeer status`/`evict` (cap tests running as root clear it)
-        self.uncapped_uids = frozenset({0, os.geteuid()})
+        # root and the daemon's own user: see _over_capacity (cap tests, run as root, clear it)
+        self.operator_uids = frozenset({0, os.geteuid()})
         self._refusing = False  # connections are being refused: warned once until one is served
         self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
@@ -584,11 +585,13 @@ class ApiServer:
     def _over_capacity(self, conn: _Connection) -> str:
         """Why ``conn`` (already counted) may not be served now; "" if it may."""
         same_user = sum(1 for c in self._connections.values() if c.uid == conn.uid)
-        if conn.uid in self.uncapped_uids:
-            return ""  # the operator's CLI and the daemon's own user: never locked out by tenants
-        if len(self._connections) > self.max_connections:
+        # The operator (root) and the daemon's own user have no per-user cap and a few slots
+        # past the total, so tenants at their caps cannot lock out `kvpeer status`.
+        operator = conn.uid in self.operator_uids
+        limit = self.max_connections + (OPERATOR_RESERVE if operator else 0)
+        if len(self._connections) > limit:
             refusal = f"the daemon serves {self.max_connections} connections at most: try again later"
-        elif same_user > self.max_connections_per_uid:
+        elif same_user > self.max_connections_per_uid and not operator:
             refusal = (
                 f"uid {conn.uid} holds {self.max_connections_per_uid} connections, the most one "
                 "user may: close some (a leaked client?)"
@@ -774,7 +777,8 @@ class ApiServer:
         req = conn.pending_puts.pop(commit.segment, None)
         if req is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no put is waiting for this segment")
-        segment = self.registry.get(commit.segment, conn.id)
+        # Read a chunk at a time while it is encoded: no lease may end under that.
+        segment = self.registry.hold(commit.segment, conn.id)
         try:
             result = await self.backend.put(conn.ctx, req, PutKV(segment))
         finally:

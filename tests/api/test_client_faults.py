@@ -505,3 +505,32 @@ def test_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:
         client._pump = counting_pump  # type: ignore[method-assign]
         handle.release()
         assert pumped == []
+
+
+def test_a_put_whose_connection_the_daemon_dropped_before_the_commit_says_shutting_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit names a segment of the old connection: it is not sent again on a new one
+    (that answered NOT_FOUND, which the vLLM connector does not read as the daemon gone)."""
+    from kvpeer.api import client as client_mod
+    from tests.api.fakes import CHUNK, FakeBackend, ServerThread, wait_until
+
+    with ServerThread(FakeBackend(), spare_bytes=0) as api, \
+            KVPeerClient(api.socket_path, timeout_s=5) as client:
+        fill = client_mod._fill_segment_blocking
+
+        def fill_then_daemon_drops_us(*args: Any) -> None:
+            fill(*args)
+
+            async def drop_all() -> None:
+                for conn in list(api.server._connections.values()):
+                    conn.writer.close()
+
+            api.call(drop_all())
+            wait_until(lambda: api.server.stats()["connected"] == 0)
+
+        monkeypatch.setattr(client_mod, "_fill_segment_blocking", fill_then_daemon_drops_us)
+        k, v = kv(2 * CHUNK)
+        with pytest.raises(ApiError) as info:
+            client.put(list(range(2 * CHUNK)), k, v, FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN, info.value

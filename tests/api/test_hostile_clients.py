@@ -164,7 +164,7 @@ def test_a_connection_that_sends_nothing_is_closed(monkeypatch: pytest.MonkeyPat
 def test_connections_past_the_caps_are_refused_and_engines_are_still_served() -> None:
     """Idle connections without a cap ran the daemon out of file descriptors."""
     with serving(max_connections=5, max_connections_per_uid=3) as api, contextlib.ExitStack() as held:
-        api.server.uncapped_uids = frozenset()  # the tests run as root, whom the caps pass by
+        api.server.operator_uids = frozenset()  # the tests run as root, whom the caps pass by
         idle = [held.enter_context(_connect(api.socket_path)) for _ in range(3)]
         wait_until(lambda: api.server.stats()["connected"] == 3)
         with _connect(api.socket_path) as one_too_many:
@@ -177,7 +177,7 @@ def test_connections_past_the_caps_are_refused_and_engines_are_still_served() ->
             assert client.stats()["api"]["connections_refused"] == 1
     # The total cap, whoever asks, with the per-user cap out of the way.
     with serving(max_connections=2, max_connections_per_uid=10) as api, contextlib.ExitStack() as held:
-        api.server.uncapped_uids = frozenset()
+        api.server.operator_uids = frozenset()
         for _ in range(2):
             held.enter_context(_connect(api.socket_path))
         wait_until(lambda: api.server.stats()["connected"] == 2)
@@ -186,12 +186,16 @@ def test_connections_past_the_caps_are_refused_and_engines_are_still_served() ->
         assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.BUSY
 
 
-def test_root_and_the_daemons_user_are_served_past_the_caps() -> None:
-    """Tenants at their caps must not lock the operator's `kvpeer status` out."""
+def test_root_and_the_daemons_user_have_a_reserve_past_the_caps_not_no_cap() -> None:
+    """Tenants at their caps must not lock the operator's `kvpeer status` out; but an engine
+    running as root must not escape the total cap either (its leaks would exhaust the fds)."""
     with serving(max_connections=2, max_connections_per_uid=1) as api, contextlib.ExitStack() as held:
-        assert os.geteuid() in api.server.uncapped_uids and 0 in api.server.uncapped_uids
-        for _ in range(3):
+        assert os.geteuid() in api.server.operator_uids and 0 in api.server.operator_uids
+        for _ in range(2 + server_module.OPERATOR_RESERVE - 1):
             held.enter_context(_connect(api.socket_path))
-        wait_until(lambda: api.server.stats()["connected"] == 3)
-        with KVPeerClient(api.socket_path) as client:
+        wait_until(lambda: api.server.stats()["connected"] == 1 + server_module.OPERATOR_RESERVE)
+        with KVPeerClient(api.socket_path) as client:  # the last slot of the reserve
             assert client.stats()["api"]["connections_refused"] == 0
+            with _connect(api.socket_path) as one_too_many:
+                answer = _wait_answer_then_close(one_too_many)
+            assert isinstance(answer, m.ErrorResponse) and answer.code == ErrorCode.BUSY

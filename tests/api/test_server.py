@@ -511,3 +511,27 @@ def test_chunks_decoded_ahead_go_to_the_segment_at_once_not_held_in_daemon_memor
             assert result.matched_tokens == 4 * CHUNK
             assert torch.equal(result.k, k) and torch.equal(result.v, v)
     assert backend.staged_after_decode == [0, 0, 0, 0]
+
+
+class SlowEncoder(FakeBackend):
+    """Reads each chunk in an executor as Daemon.put does, then 'encodes' it for a while."""
+
+    async def put(self, ctx: Any, req: m.PutRequest, put_kv: Any) -> m.PutResult:
+        keys = self._keys(ctx, req.tokens, req.fingerprint)
+        loop = asyncio.get_running_loop()
+        for i, key in enumerate(keys):
+            self.chunks[key] = await loop.run_in_executor(
+                None, put_kv.read_blocking, i * self.chunk_tokens, (i + 1) * self.chunk_tokens
+            )
+            await asyncio.sleep(0.3)  # one chunk's encode: seconds, for a big put
+        return m.PutResult(chunks=len(keys), stored=len(keys), chunk_tokens=self.chunk_tokens)
+
+
+def test_a_put_that_encodes_longer_than_the_lease_keeps_its_segment() -> None:
+    """The put is read a chunk at a time while it encodes: a lease ending meanwhile cut it
+    off half-way (NOT_FOUND after storing a prefix)."""
+    with ServerThread(SlowEncoder(), lease_s=0.3, spare_bytes=0) as api, \
+            KVPeerClient(api.socket_path, timeout_s=10) as client:
+        k, v = kv(4 * CHUNK)
+        assert client.put(list(range(4 * CHUNK)), k, v, FP).stored == 4
+        wait_until(lambda: api.server.stats()["live_segments"] == 0)
