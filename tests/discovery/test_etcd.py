@@ -119,12 +119,18 @@ class FakeEtcd:
         return decode_record(entry[0]).epoch
 
     async def wait(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-        async def until() -> None:
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
+        await wait_on(self.changed, condition, timeout_s)
 
-        await asyncio.wait_for(until(), timeout_s)
+
+async def wait_on(event: asyncio.Event, condition: Callable[[], bool], timeout_s: float) -> None:
+    """Wait until ``condition`` holds, checking it each time ``event`` is set."""
+
+    async def until() -> None:
+        while not condition():
+            event.clear()
+            await event.wait()
+
+    await asyncio.wait_for(until(), timeout_s)
 
 
 class FakeEtcdDiscovery(EtcdDiscovery):
@@ -145,13 +151,7 @@ class FakeEtcdDiscovery(EtcdDiscovery):
 
     async def ticks_until(self, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         """Wait, checking after each liveness round, until ``condition`` holds."""
-
-        async def until() -> None:
-            while not condition():
-                self.ticked.clear()
-                await self.ticked.wait()
-
-        await asyncio.wait_for(until(), timeout_s)
+        await wait_on(self.ticked, condition, timeout_s)
 
 
 def advert(epoch: int) -> Advertisement:
