@@ -54,10 +54,10 @@ RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-# --------------------------------------------------------------------------- what we talk to
 _T = TypeVar("_T")
 
 
+# --------------------------------------------------------------------------- what we talk to
 class BandwidthSource(Protocol):
     """A session's estimator (kvpeer.transport.estimator.BandwidthEstimator fits)."""
 
