@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import contextlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -19,3 +21,16 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+
+async def in_thread_to_the_end(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in ``executor`` (None: the loop's default); a cancelled caller still
+    waits for it to end before the cancel goes on, because such work reads or writes buffers
+    the caller reuses or releases as soon as it returns."""
+    job = asyncio.get_running_loop().run_in_executor(executor, work, *args)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await job
+        raise

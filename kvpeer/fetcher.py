@@ -30,7 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -52,9 +52,6 @@ log = logging.getLogger(__name__)
 LOCAL = ""  # holder name of chunks in this node's own store
 RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
-_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- what we talk to
@@ -1008,8 +1005,9 @@ class _FetchRun:
                 continue
             self.note("decode_start", index=item.index, level=item.level)
             try:
-                seconds = await self._in_executor(
-                    decode_into_blocking, item.blob, k_view, v_view
+                # It writes into the client's memory: it must end before we return.
+                seconds = await aio.in_thread_to_the_end(
+                    self.f.executor, decode_into_blocking, item.blob, k_view, v_view
                 )
             except KVPeerError as exc:
                 self._undecodable(item, exc)
@@ -1037,7 +1035,7 @@ class _FetchRun:
         if decoded is None:
             return True
         try:
-            await self._in_executor(decoded, index)
+            await aio.in_thread_to_the_end(self.f.executor, decoded, index)
         except KVPeerError as exc:
             self._not_handed_over(index, exc)
             return False
@@ -1047,16 +1045,6 @@ class _FetchRun:
         log.info("fetch: chunk %d cannot be handed over: %s", index, exc)
         self._cut_at(index, "error")
         self.wake.set()
-
-    async def _in_executor(self, work: Callable[..., _T], *args: Any) -> _T:
-        job = asyncio.get_running_loop().run_in_executor(self.f.executor, work, *args)
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The job writes into the client's memory: it must end before we return.
-            with contextlib.suppress(BaseException):
-                await job
-            raise
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
         log.warning("fetch: chunk %d from %s does not decode: %s", item.index, item.peer, exc)

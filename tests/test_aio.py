@@ -1,4 +1,5 @@
-"""kvpeer.aio.wait_for: a cancel that coincides with the awaited event is not lost."""
+"""kvpeer.aio: wait_for keeps a cancel that coincides with the awaited event; work run in a
+thread ends before a cancel of its caller returns."""
 
 from __future__ import annotations
 
@@ -43,5 +44,29 @@ def test_timeout_and_result() -> None:
         assert await aio.wait_for(asyncio.sleep(0, "done"), None) == "done"
         with pytest.raises(TimeoutError):
             await aio.wait_for(asyncio.sleep(10), 0.01)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_caller_waits_for_its_thread_work_to_end() -> None:
+    """The work writes buffers the caller reuses as soon as it returns: a cancel must not
+    return before the thread is done with them."""
+    import threading
+    import time
+
+    started, finished = threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        time.sleep(0.3)
+        finished.set()
+
+    async def main() -> None:
+        task = asyncio.create_task(aio.in_thread_to_the_end(None, work))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set()
 
     asyncio.run(main())

@@ -25,7 +25,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -108,8 +108,6 @@ class PutKV:
 
     def __init__(self, segment: shm.DaemonSegment) -> None:
         self._segment = segment
-        self.tokens = segment.layout.tokens
-        self.dtype = shm.DTYPES[segment.layout.dtype]
 
     def read_blocking(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[layers, kv_heads, stop - start, head_dim]`` K and V, contiguous, the daemon's own."""
@@ -287,7 +285,7 @@ class FetchSink:
         segment = self._need_segment()
         staged = self._staged.pop(index, None)
         if staged is not None:  # a caller that filled the views without chunk_decoded_blocking
-            await _in_thread(self._write, segment, index, staged)
+            await aio.in_thread_to_the_end(None, self._write, segment, index, staged)
             self._spare_buffers.append(staged)
         segment.set_level(index, level)
         self._levels[index] = level
@@ -318,18 +316,6 @@ def _chunk_buffers(layout: shm.SegmentLayout) -> tuple[torch.Tensor, torch.Tenso
     shape = (layout.layers, layout.kv_heads, layout.chunk_tokens, layout.head_dim)
     dtype = shm.DTYPES[layout.dtype]
     return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-
-
-async def _in_thread(work: Callable[..., None], *args: Any) -> None:
-    """A chunk is MBs: copied in a thread, while the event loop serves others."""
-    job = asyncio.get_running_loop().run_in_executor(None, work, *args)
-    try:
-        await asyncio.shield(job)
-    except asyncio.CancelledError:
-        # The thread still reads the buffer: it must end before the buffer can be reused.
-        with contextlib.suppress(BaseException):
-            await job
-        raise
 
 
 def _discard(segment: shm.DaemonSegment) -> None:
