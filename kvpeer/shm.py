@@ -374,15 +374,10 @@ class DaemonSegment:
 
     def _read_rows(self, fd: int, target: torch.Tensor, offset: int, start: int, stop: int) -> None:
         """The inverse of :meth:`_write_rows`: one run of bytes per (layer, head)."""
-        flat = target.view(-1).view(torch.uint8).numpy().data
-        row_bytes = self.layout.head_dim * DTYPES[self.layout.dtype].itemsize
-        run = (stop - start) * row_bytes
-        for lane in range(self.layout.layers * self.layout.kv_heads):
-            dst = flat[lane * run : (lane + 1) * run]
-            src = offset + (lane * self.layout.tokens + start) * row_bytes
+        for buffer, at in self._runs(target, offset, start, stop):
             done = 0
-            while done < run:
-                got = os.preadv(fd, [dst[done:]], src + done)
+            while done < len(buffer):
+                got = os.preadv(fd, [buffer[done:]], at + done)
                 if got == 0:
                     raise self._shrunk()
                 done += got
@@ -398,17 +393,25 @@ class DaemonSegment:
 
     def _write_rows(self, fd: int, source: torch.Tensor, offset: int, start: int, stop: int) -> None:
         """In the file a chunk is one run of bytes per (layer, head): one pwrite each."""
-        layout = self.layout
-        if not source.is_contiguous() or source.dtype != DTYPES[layout.dtype]:
+        if not source.is_contiguous() or source.dtype != DTYPES[self.layout.dtype]:
             raise ProtocolError(ErrorCode.INTERNAL, "chunk source must be contiguous, of the segment's dtype")
-        rows = source.shape[2]
-        flat = source.view(-1).view(torch.uint8).numpy().data
+        for buffer, at in self._runs(source, offset, start, stop):
+            _pwrite_all(fd, buffer, at)
+
+    def _runs(
+        self, tensor: torch.Tensor, offset: int, start: int, stop: int
+    ) -> Iterator[tuple[memoryview, int]]:
+        """For each (layer, head), the bytes of tokens [start, stop) in ``tensor`` (contiguous
+        ``[layers, kv_heads, rows, head_dim]``, its first rows those tokens) and where they lie
+        in the file (K or V at ``offset``)."""
+        layout = self.layout
+        flat = tensor.view(-1).view(torch.uint8).numpy().data
         row_bytes = layout.head_dim * DTYPES[layout.dtype].itemsize
         run = (stop - start) * row_bytes
+        lane_bytes = tensor.shape[2] * row_bytes
         for lane in range(layout.layers * layout.kv_heads):
-            src = lane * rows * row_bytes
-            dst = offset + (lane * layout.tokens + start) * row_bytes
-            _pwrite_all(fd, flat[src : src + run], dst)
+            at = offset + (lane * layout.tokens + start) * row_bytes
+            yield flat[lane * lane_bytes : lane * lane_bytes + run], at
 
     def chunk_span(self, index: int) -> tuple[int, int]:
         """[start, stop) of chunk ``index``'s tokens."""
