@@ -348,6 +348,15 @@ class MetricsSection:
     host: str = setting("127.0.0.1", "Listen address. Keep it on localhost unless scraped remotely.")
     port: int = setting(9457, "Listen port (0: any free port).", lo=0, hi=65535)
 
+    def __post_init__(self) -> None:
+        # An empty host (KVPEER_METRICS__HOST= left blank) binds every interface: say so
+        # rather than expose /metrics to the LAN by accident.
+        if not self.host.strip():
+            raise ConfigError(
+                'metrics.host: empty; it would listen on every interface. Give "127.0.0.1" '
+                '(this host only) or, to be scraped remotely, "0.0.0.0" or "::"'
+            )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogSection:

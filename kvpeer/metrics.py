@@ -100,6 +100,21 @@ class _EventsCollector(Collector):
         return [family]
 
 
+def _tolerant(name: str, read: Callable[[], int]) -> Callable[[], float]:
+    """A gauge function that reads NaN, not an exception, when ``read`` fails: it runs in the
+    HTTP thread while the event loop changes what it reads, and one failing gauge must not turn
+    the whole scrape into a 500 (as :class:`_StoreCollector` does for the store)."""
+
+    def value() -> float:
+        try:
+            return float(read())
+        except Exception:
+            log.debug("%s unavailable", name, exc_info=True)
+            return float("nan")
+
+    return value
+
+
 class Metrics:
     """Every metric of one kvpeerd, in its own registry."""
 
@@ -229,11 +244,11 @@ class Metrics:
     ) -> None:
         """Read the number of live peers (and of open sessions, and of peers whose connects
         fail) at each scrape: a peer discovery lists is not one that can be reached."""
-        self.peers_up.set_function(lambda: float(count()))
+        self.peers_up.set_function(_tolerant("kvpeer_peers_up", count))
         if sessions is not None:
-            self.peer_sessions.set_function(lambda: float(sessions()))
+            self.peer_sessions.set_function(_tolerant("kvpeer_peer_sessions", sessions))
         if unreachable is not None:
-            self.peers_unreachable.set_function(lambda: float(unreachable()))
+            self.peers_unreachable.set_function(_tolerant("kvpeer_peers_unreachable", unreachable))
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
@@ -317,15 +332,14 @@ def start_http(
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return iter([b"not found: try /metrics or /healthz\n"])
 
-    try:
-        if not ipaddress.ip_address(host).is_loopback:
-            log.warning("metrics listen on %s, beyond localhost: firewall the port", host)
-    except ValueError:
-        pass
     server_class = _Server6 if ":" in host else _Server
     server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="kvpeer-metrics", daemon=True)
     thread.start()
     endpoint = HttpEndpoint(server, thread)
+    # Judged on the address bound, not the one asked for: "" and host names bind too, and ""
+    # means every interface.
+    if not ipaddress.ip_address(str(endpoint.host)).is_loopback:
+        log.warning("metrics listen on %s, beyond localhost: firewall the port", endpoint.host)
     log.info("metrics on http://%s:%d/metrics, health on /healthz", endpoint.host, endpoint.port)
     return endpoint

@@ -97,6 +97,9 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ("", {"KVPEER_METRIX__PORT": "1"}, "metrix: unknown key (from KVPEER_METRIX__PORT)"),
         ("", {"KVPEER_METRICS__ENABLED": "maybe"}, "metrics.enabled: expected true or false, got 'maybe' (from KVPEER_METRICS__ENABLED)"),
         ("", {"KVPEER_STORE__": "1"}, "KVPEER_STORE__: expected KVPEER_<SECTION>__<KEY>"),
+        # An empty host binds every interface: /metrics on the LAN by a blank env line.
+        ("", {"KVPEER_METRICS__HOST": ""}, "metrics.host: empty; it would listen on every interface"),
+        ('[metrics]\nhost = " "\n', {}, "metrics.host: empty"),
         ("[node\n", {}, "invalid TOML"),
     ],
 )

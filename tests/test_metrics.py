@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -155,3 +157,34 @@ def test_record_fetch_from_an_outcome_timeline() -> None:
     assert value("kvpeer_codec_decode_seconds_count", {"level": "q8"}) == 1
     assert value("kvpeer_prefix_tokens_total", {"result": "matched"}) == 512
     assert value("kvpeer_prefix_tokens_total", {"result": "recompute"}) == 768
+
+
+def test_a_failing_gauge_reads_nan_and_the_scrape_still_answers() -> None:
+    """kvpeer_peer_sessions is read in the HTTP thread while the loop changes the sessions: a
+    read that fails must cost that gauge, not the whole scrape (a 500)."""
+
+    def broken() -> int:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    metrics = Metrics(process=False)
+    metrics.watch_peers(lambda: 3, sessions=broken, unreachable=lambda: 1)
+    endpoint = metrics.start_http("127.0.0.1", 0, lambda: True)
+    try:
+        status, text = scrape(endpoint)
+    finally:
+        endpoint.close()
+    assert status == 200
+    got = samples(text)
+    assert got[("kvpeer_peers_up", ())] == 3 and got[("kvpeer_peers_unreachable", ())] == 1
+    assert math.isnan(got[("kvpeer_peer_sessions", ())])
+
+
+def test_listening_on_every_interface_is_warned_about_whatever_host_said_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """"" binds 0.0.0.0 like "0.0.0.0" does; the warning follows the address bound."""
+    caplog.set_level(logging.WARNING, logger="kvpeer.metrics")
+    for host in ("", "0.0.0.0", "127.0.0.1"):
+        Metrics(process=False).start_http(host, 0, lambda: True).close()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["metrics listen on 0.0.0.0, beyond localhost: firewall the port"] * 2

@@ -165,7 +165,10 @@ class PeerTransport:
         return session if session is not None and not session.closed else None
 
     def sessions(self) -> list[PeerSession]:
-        return [s for s in self._sessions.values() if not s.closed]
+        """The open sessions. Also called from the metrics thread while the loop adds and
+        removes sessions: it copies the table first (one C call, under the GIL) and then asks
+        each session, so the loop's changes meanwhile never break the iteration."""
+        return [s for s in list(self._sessions.values()) if not s.closed]
 
     def session_key(self, peer_id: str) -> str | None:
         """Which of our keys the open session with *peer_id* authenticated with: ``"current"``
