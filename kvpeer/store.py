@@ -13,12 +13,17 @@ The queue is bounded (``max_pending_bytes``; a put waits beyond it). :meth:`flus
 it to drain; :meth:`close` flushes. When the disk fails (full, read-only, ...) the error is
 logged, counted in ``stats()``, and for the next ``DISK_RETRY_S`` seconds puts keep chunks in
 RAM only (``ram_only_puts``; StoreError only for a chunk RAM cannot hold either): the daemon
-keeps running on the RAM tier. Chunks whose write failed were acknowledged already: they move
+keeps running on the RAM tier. An outage is logged at ERROR once (again only if its error
+changes), its retries at DEBUG, the first write that works again at INFO. A file that eviction
+cannot remove (a read-only disk) stays indexed and readable; the put that needed its room
+stays in RAM. Chunks whose write failed were acknowledged already: they move
 to the RAM tier (as far as it holds them). A disk that is down when the store opens (read-only,
 full, failing) leaves the store on its RAM tier (``stats()["disk_unavailable"]`` says why);
 other errors there (no permission, not a directory) are the configuration's and raise OSError.
-When the file system fills before ``disk_bytes`` does (others write there too), the oldest
-files are evicted for the failed bytes, so that the retry finds room.
+When the file system (or the quota on it) fills before ``disk_bytes`` does (others write there
+too), the oldest files are evicted for the failed bytes, so that the retry finds room. Store
+subdirectories removed under a running store (a tmpfiles cleaner) are made again by the next
+write into them.
 
 Crash safety. A file is written under a temporary name, fsynced, renamed into place and its
 directory fsynced, so after ``kill -9`` (or power loss) at any point a chunk's file either is
@@ -27,8 +32,11 @@ was still queued is lost (it is a cache); what :meth:`flush` returned for is not
 rebuilt at start-up from file names and ``stat`` alone (no file is read), in the order of last
 use (file mtimes). One process uses a directory at a time (an ``flock`` on ``.lock``).
 
-Threads. ``*_blocking`` methods may run in executor threads concurrently; the async wrappers
-run them in the loop's default executor. Inventory callbacks (``subscribe``) run on the event
+Threads. ``*_blocking`` methods may run in executor threads concurrently. The async wrappers
+run them in the store's own small thread pools, one for puts (which wait while the disk writers
+are behind) and one for reads, created with the store and shut down by :meth:`close`: a slow
+disk holds up store work only, never the loop's default executor that decodes, transcodes and
+encodes share, and a RAM hit never waits behind puts. Inventory callbacks (``subscribe``) run on the event
 loop they were subscribed from (from other threads via ``call_soon_threadsafe``), or in the
 calling thread when subscribed outside any loop.
 """
@@ -36,6 +44,7 @@ calling thread when subscribed outside any loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -69,6 +78,11 @@ _PASSING_READ_ERRNOS = frozenset(
 # Errors opening the disk tier that mean the disk, not the configuration, is down: the store
 # then starts on its RAM tier instead of failing the daemon's start (and systemd's restarts).
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
+# Write errors that our own oldest files can make room for: the file system is full, or our
+# user's quota on it is.
+_NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+PUT_THREADS = 2  # the async puts' pool: a put waiting for the writers holds one of these
+READ_THREADS = 4  # the async reads' pool (disk reads and checksums of files)
 WRITE_BATCH = 64  # files written before their directories are fsynced once
 CLEAR_BATCH = 128  # keys dropped per hold of the lock by clear()
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
@@ -204,11 +218,17 @@ class ChunkStore:
         self._lock_fd: int | None = None
         self._disk_failed_at: float | None = None
         self._last_disk_error = ""
+        # The error an outage was logged with at ERROR ("" while writes work): its retries fail
+        # the same way for as long as it lasts (a read-only remount: hours) and log at DEBUG.
+        self._disk_outage = ""
         self._read_warned_at = -READ_WARN_S
         self.disk_unavailable = ""  # why the disk tier did not open, if it did not
         self._closing = False
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
+        # Threads start on first use: a store nobody awaits costs none.
+        self._put_pool = concurrent.futures.ThreadPoolExecutor(PUT_THREADS, "kvpeer-store-put")
+        self._read_pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, "kvpeer-store-read")
         if self.directory is not None:
             try:
                 self._open_disk(self.directory)
@@ -352,7 +372,11 @@ class ChunkStore:
             }
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush queued writes (for at most ``timeout_s``), stop the writer, release the lock."""
+        """Flush queued writes (for at most ``timeout_s``), stop the writer, release the lock.
+
+        The async methods raise StoreError from here on; calls already running finish (a put
+        waiting for the writers stops waiting) without close waiting for them.
+        """
         if self._writers:
             if not self.flush(timeout_s):
                 log.warning("store: %d queued chunks not written at close", len(self._pending))
@@ -362,6 +386,8 @@ class ChunkStore:
             for thread in self._writers:
                 thread.join(timeout=timeout_s)
             self._writers.clear()
+        for pool in (self._put_pool, self._read_pool):
+            pool.shutdown(wait=False)  # a read stuck on a hung disk must not hang close
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -376,20 +402,25 @@ class ChunkStore:
 
     async def put(self, key: bytes, level: str, blob: bytes) -> None:
         changes = _Changes()
-        await self._in_executor(changes, self._put, key, level, blob, changes)
+        await self._in_pool(self._put_pool, changes, self._put, key, level, blob, changes)
 
     async def put_if_held(self, key: bytes, level: str, blob: bytes) -> bool:
         changes = _Changes()
-        return await self._in_executor(changes, self._put, key, level, blob, changes, True)
+        return await self._in_pool(self._put_pool, changes, self._put, key, level, blob, changes, True)
 
     async def get(self, key: bytes, level: str | None = None) -> bytes | None:
         changes = _Changes()
-        return await self._in_executor(changes, self._get, key, level, changes)
+        return await self._in_pool(self._read_pool, changes, self._get, key, level, changes)
 
-    async def _in_executor(self, changes: _Changes, fn: Callable[..., R], *args: Any) -> R:
+    async def _in_pool(
+        self, pool: concurrent.futures.Executor, changes: _Changes, fn: Callable[..., R], *args: Any
+    ) -> R:
+        try:
+            future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except RuntimeError as exc:  # the pool is shut down
+            raise StoreError("the store is closed") from exc
         # Shielded: a cancelled caller must not lose the inventory changes the thread goes on
         # making; they are announced when the thread is done.
-        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         try:
             return await asyncio.shield(future)
         finally:
@@ -475,21 +506,44 @@ class ChunkStore:
             log.warning("store: cannot remove %s: %s", self._path(slot), exc)
         self._mark_gone(slot, changes)
 
+    def _disk_evict_oldest(self, changes: _Changes) -> int:
+        """Evict the least recently used file; returns its size. OSError when it cannot be
+        removed: it then stays indexed, since it is still there and readable (forgotten, it would
+        be a good chunk nobody is offered and bytes the budget no longer counts)."""
+        victim = next(iter(self._disk))
+        self._path(victim).unlink(missing_ok=True)
+        size = self._disk.pop(victim)
+        self.disk_used -= size
+        self._counters.disk_evictions += 1
+        self._mark_gone(victim, changes)
+        return size
+
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
+        """Evict until ``size`` more bytes fit the disk budget; OSError if a file resists."""
         while self.disk_used + size > self.disk_limit and self._disk:
-            victim = next(iter(self._disk))
-            self._counters.disk_evictions += 1
-            self._disk_remove(victim, changes)
+            self._disk_evict_oldest(changes)
 
     def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
-        """Evict the least recently used files until ``size`` bytes are freed; returns how many."""
+        """Evict the least recently used files until ``size`` bytes are freed (or one cannot be
+        removed); returns how many."""
         freed = 0
-        while freed < size and self._disk:
-            victim = next(iter(self._disk))
-            freed += self._disk[victim]
-            self._counters.disk_evictions += 1
-            self._disk_remove(victim, changes)
+        with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
+            while freed < size and self._disk:
+                freed += self._disk_evict_oldest(changes)
         return freed
+
+    def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
+        """Record a failed disk write or eviction: puts keep chunks in RAM only for the next
+        ``DISK_RETRY_S``. Returns the level and line to log once the lock is released: ERROR for
+        an outage's first error (and for a different one), DEBUG for its retries."""
+        kind = _describe_os_error(exc)
+        self._disk_failed_at = time.monotonic()
+        self._last_disk_error = kind
+        line = f"store: disk tier {self.directory}: cannot {doing} {path}: {kind}"
+        if kind == self._disk_outage:
+            return logging.DEBUG, f"{line} (still; retrying every {DISK_RETRY_S:.0f}s)"
+        self._disk_outage = kind
+        return logging.ERROR, f"{line}; chunks stay in RAM only, retrying every {DISK_RETRY_S:.0f}s"
 
     def _unqueue(self, slot: _Slot, changes: _Changes) -> None:
         entry = self._pending.pop(slot, None)
@@ -531,6 +585,7 @@ class ChunkStore:
         slot = (key, level)
         file_size = record_size(level, len(blob))
         failing = ""
+        note: tuple[int, str] | None = None
         with self._cond:
             if if_held and key not in self._levels:
                 return False
@@ -552,17 +607,25 @@ class ChunkStore:
                     return False  # deleted while this waited (clear() empties the queue, too)
             self._ram_insert(slot, blob, changes)
             if to_disk and slot not in self._disk and slot not in self._pending:
-                self._disk_make_room(file_size, changes)
-                self._pending[slot] = _PendingWrite(blob=blob, file_size=file_size)
-                self.pending_bytes += len(blob)
-                self.disk_used += file_size
-                self._queue.append(slot)
-                self._mark_present(slot, changes)
-                self._cond.notify_all()
+                try:
+                    self._disk_make_room(file_size, changes)
+                except OSError as exc:  # no room: the disk is down (read-only, failing)
+                    resisted = self._path(next(iter(self._disk)))  # still the oldest
+                    note = self._note_disk_error(exc, "remove", resisted)
+                    failing = self._last_disk_error
+                else:
+                    self._pending[slot] = _PendingWrite(blob=blob, file_size=file_size)
+                    self.pending_bytes += len(blob)
+                    self.disk_used += file_size
+                    self._queue.append(slot)
+                    self._mark_present(slot, changes)
+                    self._cond.notify_all()
             elif slot in self._disk:
                 self._disk.move_to_end(slot)
             in_ram = slot in self._ram
             held = in_ram or slot in self._disk or slot in self._pending
+        if note is not None:
+            log.log(note[0], "%s", note[1])
         if failing and not in_ram:
             raise StoreError(f"disk tier {self.directory}: {failing}; not stored")
         if not held:
@@ -694,12 +757,13 @@ class ChunkStore:
         written: list[tuple[_Slot, _PendingWrite, Path]] = []
         failed: list[tuple[_Slot, _PendingWrite]] = []
         error: OSError | None = None
+        error_path = Path()
         for slot, entry in batch:
             path = self._path(slot)
             try:
-                _write_file_blocking(path, encode_record(*slot, entry.blob), entry.blob)
+                self._write_one_blocking(path, encode_record(*slot, entry.blob), entry.blob)
             except OSError as exc:
-                error = exc
+                error, error_path = exc, path
                 failed.append((slot, entry))
             else:
                 written.append((slot, entry, path))
@@ -711,6 +775,8 @@ class ChunkStore:
                 log.warning("store: cannot fsync %s: %s", directory, exc)
         changes = _Changes()
         freed = 0
+        note: tuple[int, str] | None = None
+        recovered = ""
         with self._cond:
             for slot, _entry in batch:
                 self._writing.discard(slot)
@@ -734,26 +800,44 @@ class ChunkStore:
                     # rather than drop them with the queue entry.
                     self._ram_insert(slot, entry.blob, changes)
                     self._unqueue(slot, changes)
-            if error is not None and error.errno == errno.ENOSPC:
-                # The file system filled before our budget did (others write there too): make
-                # the failed bytes' room from our coldest files, so the retry can land.
+            if error is not None and error.errno in _NO_ROOM_ERRNOS:
+                # The file system (or our quota on it) filled before our budget did (others
+                # write there too): make the failed bytes' room from our coldest files, so the
+                # retry can land.
                 freed = self._disk_evict_bytes(sum(entry.file_size for _s, entry in failed), changes)
             if error is not None:
-                message = _describe_os_error(error)
-                first = self._disk_failed_at is None
-                self._disk_failed_at = time.monotonic()
-                self._last_disk_error = message
+                note = self._note_disk_error(error, "write", error_path)
             elif written:
                 self._disk_failed_at = None
+                recovered, self._disk_outage = self._disk_outage, ""
             self._cond.notify_all()
-        if error is not None and first:
-            log.error(
-                "store: disk tier %s: %s; chunks stay in RAM only, retrying in %.0fs",
-                self.directory, message, DISK_RETRY_S,
-            )
+        if note is not None:
+            log.log(note[0], "%s", note[1])
+        if recovered:
+            log.info("store: disk tier %s: writing again (it had failed: %s)", self.directory, recovered)
         if freed:
-            log.warning("store: file system full: evicted %d bytes of the oldest chunks", freed)
+            log.warning("store: no room on the file system: evicted %d bytes of the oldest chunks", freed)
         self._notify(changes)
+
+    def _write_one_blocking(self, path: Path, header: bytes, blob: bytes) -> None:
+        try:
+            _write_file_blocking(path, header, blob)
+        except FileNotFoundError:
+            # Our directories were removed under us (a tmpfiles cleaner, an rm -rf of the
+            # cache): made again, once, rather than the disk tier broken until a restart.
+            self._make_dirs_again_blocking(path.parent)
+            _write_file_blocking(path, header, blob)
+
+    def _make_dirs_again_blocking(self, prefix_dir: Path) -> None:
+        """The format directory and ``prefix_dir`` in it, where missing, each made durable in its
+        parent (a file renamed into a new directory is lost with it in a crash). The store
+        directory itself is the configuration's: a missing one fails the write."""
+        for directory in (prefix_dir.parent, prefix_dir):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                continue
+            fsync_dir(directory.parent)
 
     def _open_disk(self, directory: Path) -> None:
         try:
@@ -779,7 +863,13 @@ class ChunkStore:
             self._disk[slot] = size
             self.disk_used += size
             self._mark_present(slot, changes)
-        self._disk_make_room(0, changes)  # the budget may have shrunk since the last run
+        try:
+            self._disk_make_room(0, changes)  # the budget may have shrunk since the last run
+        except OSError as exc:
+            log.warning(
+                "store %s: over its budget, and cannot evict %s: %s",
+                directory, exc.filename, _describe_os_error(exc),
+            )
         log.info(
             "store %s: %d chunks, %d bytes on disk (limit %d); %d interrupted writes removed",
             directory, len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
@@ -856,8 +946,10 @@ def _call_listener(callback: Listener, added: list[bytes], removed: list[bytes])
 
 
 def _describe_os_error(exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno == errno.ENOSPC:
         return "no space left on device"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
     if exc.errno == errno.EROFS:
         return "read-only file system"
     if exc.errno in (errno.EACCES, errno.EPERM):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kvpeer import cli
+from kvpeer import aio, cli
 from kvpeer import store as store_mod
 from kvpeer.errors import StoreError
 from kvpeer.store import FORMAT_DIR, ChunkStore, record_size
@@ -544,4 +546,182 @@ def test_a_read_error_of_the_process_not_the_file_keeps_the_chunk(
     monkeypatch.setattr(Path, "read_bytes", read)
     assert store.has(key(1)) and store.get_blocking(key(1)) == blob(1)
     assert store.stats()["disk_read_errors"] == 1 and len(files(tmp_path)) == 1
+    store.close()
+
+
+def test_puts_waiting_for_a_slow_disk_hold_up_neither_the_default_executor_nor_ram_hits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetcher starts a cache put per decoded chunk, unbounded: puts waiting for the writers
+    (back-pressure) filled the loop's default executor, and its decodes and transcodes waited
+    for the disk too."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path,
+                       max_pending_bytes=1500, writers=1)
+    store.put_blocking(key(0), "q8", blob(0))
+    assert store.flush(timeout_s=30)
+    gate = _gate_writes(monkeypatch)  # the disk stalls: puts wait for the writer's queue
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(2) as default:
+            loop.set_default_executor(default)
+            puts = [asyncio.create_task(store.put(key(i), "q8", blob(i))) for i in range(1, 9)]
+            try:
+                # Neither waits for the gate: the timeouts only keep a regression from hanging.
+                assert await aio.wait_for(loop.run_in_executor(None, lambda: "decoded"), 30) == "decoded"
+                assert await aio.wait_for(store.get(key(0)), 30) == blob(0)
+                assert not all(put.done() for put in puts)  # back-pressure as before
+            finally:
+                gate.set()
+                await asyncio.gather(*puts)
+
+    asyncio.run(main())
+    assert store.flush(timeout_s=30) and store.stats()["disk_entries"] == 9
+    store.close()
+
+    async def after_close() -> None:
+        with pytest.raises(StoreError, match="closed"):
+            await store.get(key(0))
+
+    asyncio.run(after_close())
+
+
+def test_store_subdirectories_removed_under_a_running_store_are_made_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tmpfiles cleaner or an rm -rf of the cache left the disk tier broken until a restart
+    (the directories were made only at start), and its error named the store directory."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path / "store")
+    for sub in (tmp_path / "store" / FORMAT_DIR).iterdir():
+        sub.rmdir()
+    for i in range(1, 5):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    shutil.rmtree(tmp_path / "store" / FORMAT_DIR)  # the whole tree this time, files and all
+    for i in range(5, 10):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    stats = store.stats()
+    assert stats["disk_entries"] == 9 and stats["disk_errors"] == 0
+    store.close()
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path / "store")
+    assert sorted(reopened.keys()) == sorted(key(i) for i in range(5, 10))
+    assert reopened.get_blocking(key(5)) == blob(5)
+    # The store directory itself is the configuration's: not made again, and the error says
+    # which file could not be written.
+    (tmp_path / "store").rename(tmp_path / "elsewhere")
+    with caplog.at_level(logging.ERROR, logger="kvpeer.store"):
+        reopened.put_blocking(key(20), "q8", blob(20))
+        reopened.close()  # the writer has logged
+    assert not (tmp_path / "store").exists() and reopened.stats()["disk_errors"] == 1
+    assert f"cannot write {tmp_path / 'store' / FORMAT_DIR / key(20)[:1].hex()}/" in caplog.text
+
+
+@pytest.mark.parametrize(("code", "said"), [(errno.ENOSPC, "no space left on device"),
+                                            (errno.EDQUOT, "disk quota exceeded")])
+def test_a_full_quota_frees_room_from_the_oldest_files_like_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, said: str
+) -> None:
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path, writers=1)
+    for i in range(4):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+
+    def no_room(*args: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", no_room)
+    store.put_blocking(key(9), "q8", blob(9))
+    assert store.flush(timeout_s=30)
+    stats = store.stats()
+    assert stats["disk_evictions"] == 1 and stats["disk_entries"] == 3
+    assert stats["last_disk_error"] == said and store.get_blocking(key(9)) == blob(9)
+    store.close()
+
+
+def _store_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kvpeer.store" and r.levelno == level]
+
+
+def test_a_long_disk_outage_logs_one_error_its_retries_at_debug_and_its_end_at_info(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each retry window's failure was logged at ERROR as if it were the first: 360 lines an
+    hour on a read-only file system."""
+    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)  # every put retries the disk
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path, writers=1)
+    write = store_mod._write_file_blocking
+    failure = [errno.EROFS]
+
+    def failing(*args: Any) -> None:
+        if failure:
+            raise OSError(failure[0], os.strerror(failure[0]))
+        write(*args)
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", failing)
+
+    def put(i: int) -> None:
+        store.put_blocking(key(i), "q8", blob(i))
+        assert store.flush(timeout_s=30)
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.store"):
+        for i in range(5):
+            put(i)
+        failure[0] = errno.EIO  # another error: worth an ERROR of its own
+        put(5)
+        put(6)
+        failure.clear()
+        put(7)
+        failure.append(errno.EROFS)  # a new outage
+        put(8)
+        store.close()  # the writer has logged (it logs after flush() returns)
+    errors = _store_log(caplog, logging.ERROR)
+    assert [("read-only" in e, "Input/output" in e) for e in errors] == [
+        (True, False), (False, True), (True, False)
+    ]
+    assert len([m for m in _store_log(caplog, logging.DEBUG) if "(still;" in m]) == 5
+    assert len([m for m in _store_log(caplog, logging.INFO) if "writing again" in m]) == 1
+    assert store.stats()["disk_errors"] == 8 and store.stats()["disk_entries"] == 1
+
+
+def test_eviction_on_a_read_only_disk_keeps_the_files_it_cannot_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A put at the disk budget evicted the oldest file from the index although its unlink
+    failed (still there, still readable), then its own write failed too: each retry window of
+    a read-only remount lost one more good chunk from the index."""
+    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=4 * record_size("q8", 1000),
+                       directory=tmp_path, writers=1)
+    for i in range(4):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    unlink = Path.unlink
+
+    def read_only(*args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def read_only_unlink(path: Path, missing_ok: bool = False) -> None:
+        if tmp_path in path.parents:
+            read_only()
+        unlink(path, missing_ok)
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.store"):
+        for i in range(10, 16):
+            store.put_blocking(key(i), "q8", blob(i))
+        assert store.flush(timeout_s=30)
+    stats = store.stats()
+    assert stats["disk_entries"] == 4 and stats["disk_evictions"] == 0
+    assert stats["ram_only_puts"] == 6 and len(files(tmp_path)) == 4
+    assert all(store.get_blocking(key(i)) == blob(i) for i in (*range(4), *range(10, 16)))
+    assert len(_store_log(caplog, logging.ERROR)) == 1 and not _store_log(caplog, logging.WARNING)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.undo()  # writable again: the next put evicts and lands
+    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)
+    store.put_blocking(key(20), "q8", blob(20))
+    assert store.flush(timeout_s=30)
+    assert store.stats()["disk_entries"] == 4 and store.stats()["disk_evictions"] == 1
+    assert len(files(tmp_path)) == 4
     store.close()
