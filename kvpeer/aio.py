@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -34,3 +35,37 @@ async def in_thread_to_the_end(executor: Executor | None, work: Callable[..., T]
         with contextlib.suppress(BaseException):
             await job
         raise
+
+
+async def in_thread_once_started(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
+    """:func:`in_thread_to_the_end` for work that may still be queued when its caller gives up.
+
+    A cancelled caller still waits for ``work(*args)`` to end once it started; work still
+    queued behind other jobs then is dropped (it never runs, so it touches no buffer) and the
+    cancel goes on at once: a deadline is not spent waiting for a free thread.
+    """
+    lock = threading.Lock()
+    state = ["queued"]  # -> "running" in the thread, or -> "dropped" by the cancelled caller
+
+    def run() -> T:
+        with lock:
+            if state[0] == "dropped":
+                raise asyncio.CancelledError("dropped before it started")
+            state[0] = "running"
+        return work(*args)
+
+    job = asyncio.get_running_loop().run_in_executor(executor, run)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        with lock:
+            dropped = state[0] == "queued"
+            if dropped:
+                state[0] = "dropped"
+        if dropped:
+            job.cancel()  # out of the executor's queue where it still can be
+            raise
+        with contextlib.suppress(BaseException):
+            await job
+        raise
+

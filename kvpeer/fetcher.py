@@ -16,7 +16,13 @@ moves bytes and keeps the stages busy:
 A fetch ends when every reachable chunk is restored, when the controller decides that
 recomputing the rest is faster, or at the request's deadline; the outcome says where the
 client must start recomputing. It must not: decide levels itself, parse the wire, or return
-while an executor job may still write into the client's memory.
+while an executor job may still write into the client's memory (a job still queued when the
+fetch ends is dropped instead of waited for: it has not touched that memory).
+
+Logging: what happens to one fetch or one chunk logs at DEBUG, with the prefix and the peer
+(under load one line per fetch floods the journal); :attr:`Fetcher.counters` counts it for the
+metrics and the daemon's activity line. A peer that fails is warned about once, until it
+serves a chunk again.
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
 from kvpeer import aio, codec
-from kvpeer.errors import CodecError, ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.errors import (
+    CodecError,
+    ErrorCode,
+    KVPeerError,
+    ProtocolError,
+    StoreError,
+    TransportError,
+)
 from kvpeer.fetch_policy import (
     ChunkScheduler,
     ControllerConfig,
@@ -51,7 +64,9 @@ log = logging.getLogger(__name__)
 
 LOCAL = ""  # holder name of chunks in this node's own store
 RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
+MAX_TROUBLED_PEERS = 1024  # peers remembered as warned about (peer ids come from the LAN)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- what we talk to
@@ -130,7 +145,7 @@ class FetchOutcome:
     levels: tuple[str, ...]
     bytes_moved: int  # encoded bytes received from peers
     elapsed_s: float
-    reason: str  # complete, recompute, deadline, unavailable, error
+    reason: str  # complete, recompute, deadline, unavailable, error, cancelled (the caller gave up)
     switches: int = 0
     events: tuple[FetchEvent, ...] = ()
 
@@ -349,7 +364,16 @@ class Fetcher:
         # Learned sizes, kept across fetches, per (model, cache dtype): models compress
         # differently, and the lossless level's size depends on the dtype.
         self._bytes_per_token: dict[tuple[str, int], dict[str, float]] = {}
-        self.bytes_from_peers = 0
+        self.bytes_from_peers = 0  # counted as chunks arrive: fetches cancelled later too
+        #: Since start, for metrics and the activity line: preempt, retry, chunk_failed
+        #: (a holder could not serve a chunk; another one or the client takes it), peer_lost
+        #: (a peer died, stalled or had no session, counted once per fetch), undecodable.
+        self.counters: collections.Counter[str] = collections.Counter()
+        # Peers warned about, until they serve a chunk again (oldest first, capped).
+        self._troubled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Decoded peer chunks being put into the store: the fetcher's, not one fetch's, so a
+        # fetch never waits for the store (its executor may be busy) past its deadline.
+        self._caching: set[asyncio.Task[None]] = set()
         self.chunk_rates: dict[str, ChunkRate] = {}
         # Which live estimates may condemn a link; the last of them per peer, for link_memory_s.
         self.links = LinkEvidence(
@@ -404,8 +428,39 @@ class Fetcher:
         if nbytes > 0 and seconds > 0:
             self.decode_rate = 0.7 * self.decode_rate + 0.3 * (nbytes / seconds)
 
+    def peer_trouble(self, peer: str, message: str, *args: Any) -> None:
+        """A failure of ``peer``: a WARNING the first time, DEBUG until it serves a chunk again
+        (fifty fetches meeting one dead peer are one event, not fifty warnings)."""
+        if peer in self._troubled:
+            log.debug(message, *args)
+            return
+        self._troubled[peer] = None
+        if len(self._troubled) > MAX_TROUBLED_PEERS:
+            self._troubled.popitem(last=False)
+        log.warning(message + " (until it serves a chunk again, more of this at DEBUG)", *args)
+
+    def peer_served(self, peer: str) -> None:
+        """``peer`` delivered a chunk: its trouble, if any, is over (the next is warned about)."""
+        self._troubled.pop(peer, None)
+
+    def cache_soon(self, key: bytes, level: str, blob: bytes) -> None:
+        """Put a decoded peer chunk into this node's store, in the background."""
+        task = asyncio.get_running_loop().create_task(self._cache(key, level, blob))
+        self._caching.add(task)
+        task.add_done_callback(self._caching.discard)
+
+    async def _cache(self, key: bytes, level: str, blob: bytes) -> None:
+        with contextlib.suppress(StoreError):
+            await self.cache.put(key, level, blob)  # type: ignore[union-attr]
+
     async def close(self) -> None:
         await self.transfers.close()
+        caching = list(self._caching)
+        for task in caching:
+            task.cancel()
+        for task in caching:
+            with contextlib.suppress(BaseException):
+                await task
 
     async def fetch(
         self,
@@ -421,6 +476,7 @@ class Fetcher:
         policy: str = "adaptive",
         chunk_shape: tuple[int, int, int] | None = None,
         model: str = "",
+        on_end: Callable[[FetchOutcome], None] | None = None,
     ) -> FetchOutcome:
         """Restore the longest reachable prefix of ``keys`` into ``sink``.
 
@@ -435,6 +491,9 @@ class Fetcher:
         unknown, a guess steers the levels but the fetch never stops to recompute. ``policy``:
         ``adaptive`` or ``fixed:LEVEL`` (benchmarks). ``chunk_shape``: (layers, kv_heads, head_dim) the model
         fingerprint promises; a peer's chunk of another shape is refused before it is cached.
+        ``on_end``: called with the outcome as the fetch ends, however it ends; a fetch whose
+        caller cancels it raises CancelledError after ``on_end`` saw its outcome (reason
+        "cancelled": what was restored and received until then).
         """
         if len(peers_per_chunk) != len(keys):
             raise ValueError("peers_per_chunk needs one entry per key")
@@ -454,10 +513,9 @@ class Fetcher:
             chunk_shape=chunk_shape,
             kv_dtype=kv_dtype,
             model=model,
+            on_end=on_end,
         )
-        outcome = await run.run()
-        self.bytes_from_peers += outcome.bytes_moved
-        return outcome
+        return await run.run()
 
 
 @dataclass(slots=True)
@@ -488,9 +546,14 @@ class _FetchRun:
         chunk_shape: tuple[int, int, int] | None = None,
         kv_dtype: str = "float16",
         model: str = "",
+        on_end: Callable[[FetchOutcome], None] | None = None,
     ) -> None:
         self.f = fetcher
         self.cfg = fetcher.config
+        self.on_end = on_end
+        # The prefix in log lines: its last chunk's key names the whole prefix (the first
+        # chunk's is shared by every prefix that starts alike: a system prompt).
+        self.tag = keys[-1][:4].hex() if keys else "-"
         self.chunk_shape = chunk_shape
         self.keys = keys
         self.sink = sink
@@ -556,6 +619,10 @@ class _FetchRun:
         # on the wire than when it waits to be decoded), else when the first chunk arrives.
         self.allocation: asyncio.Task[KVPeerError | None] | None = None
         self.shape: tuple[int, int, int] | None = None
+        self.lost: set[str] = set()  # peers this fetch stopped asking
+        # True while the decoder waits on a thread (a decode, a hand-over): where the end of
+        # the fetch may cancel it (:meth:`_stop_decoder`).
+        self.in_thread = False
 
     def note(self, kind: str, index: int = -1, level: str = "", peer: str = "", nbytes: int = 0) -> None:
         event = FetchEvent(
@@ -572,6 +639,15 @@ class _FetchRun:
     # ----------------------------------------------------------------- coordinator
     async def run(self) -> FetchOutcome:
         try:
+            await self._run()
+        except asyncio.CancelledError:
+            self.reason = "cancelled"
+            self._end_with()
+            raise
+        return self._end_with()
+
+    async def _run(self) -> None:
+        try:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
                 decoder = tg.create_task(self._decode_loop())
@@ -579,14 +655,26 @@ class _FetchRun:
                     await self._coordinate()
                 finally:
                     self._stop_transfers()
-                    # Nothing below the cut is left to decode now: drop the rest, stop the decoder.
-                    while not self.queue.empty():
-                        self.queue.get_nowait()
-                    self.queue.put_nowait((len(self.keys) + 1, next(self._seq), None))
-                await decoder
+                    self._stop_decoder(decoder)
+                await asyncio.wait([decoder])
         except* KVPeerError as group:
-            log.warning("fetch failed: %s", group.exceptions[0])
+            log.debug("fetch %s failed: %s", self.tag, group.exceptions[0])
             self.reason = "error"
+
+    def _stop_decoder(self, decoder: asyncio.Task[None]) -> None:
+        """Nothing below the cut is left to decode: drop the rest and stop the decoder. One
+        waiting on a thread is cancelled: work still queued there (behind other fetches' decodes)
+        is dropped at once, work running is still waited for. One reporting a chunk to the sink
+        is let finish (a cancel could cut a message to the client in half)."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if self.in_thread:
+            decoder.cancel()
+        else:
+            self.queue.put_nowait((len(self.keys) + 1, next(self._seq), None))
+
+    def _end_with(self) -> FetchOutcome:
+        """The outcome, told to ``on_end``."""
         restored = self.reported
         self.f._bytes_per_token[self.sizes_key] = {
             name: self.ctl.bytes_per_token(name) for name in self.f.levels
@@ -601,7 +689,7 @@ class _FetchRun:
                     f"{e.t:.3f}:{e.kind}:{e.index}:{e.level}:{e.nbytes}" for e in self.events
                 ),
             )
-        return FetchOutcome(
+        outcome = FetchOutcome(
             chunks=restored,
             requested=len(self.keys),
             levels=tuple(self.restored[i] for i in range(restored)),
@@ -611,6 +699,9 @@ class _FetchRun:
             switches=self.ctl.switches,
             events=tuple(self.events),
         )
+        if self.on_end is not None:
+            self.on_end(outcome)
+        return outcome
 
     def _stop_transfers(self) -> None:
         for task in list(self.tasks):
@@ -815,8 +906,8 @@ class _FetchRun:
 
     def _give_up(self, decision: RecomputeRest, now: float) -> None:
         self.note("recompute", index=decision.from_index)
-        log.info(
-            "fetch: recomputing from chunk %d is faster (%.2fs vs %.2fs)",
+        log.debug(
+            "fetch %s: recomputing from chunk %d is faster (%.2fs vs %.2fs)", self.tag,
             decision.from_index, decision.recompute_finish - now, decision.predicted_finish - now,
         )
         # Chunks received below the cut are still restored, and chunks in flight right after
@@ -866,10 +957,16 @@ class _FetchRun:
             mine = [i for i, p in flights.items() if p == peer]
             if not any(len(self.sched.holders(i)) > 1 for i in mine):
                 continue  # nobody else to ask: the request timeout or the recompute rule decides
-            log.warning("fetch: peer %s stalled; its chunks go to other peers", peer)
+            self.f.peer_trouble(
+                peer, "fetch %s: peer %s stalled; its chunks go to other peers", self.tag, peer
+            )
             self._lose_peer(peer)
 
     def _lose_peer(self, peer: str) -> None:
+        if peer in self.lost:  # its other transfers failing too: one event
+            return
+        self.lost.add(peer)
+        self.f.counters["peer_lost"] += 1
         self.note("peer_lost", peer=peer)
         for index in self.sched.peer_lost(peer):
             self._cancel_transfer(index)
@@ -889,7 +986,11 @@ class _FetchRun:
             again = self.ctl.reconsider(index, level, received, now, bandwidth)
             if again is None:
                 continue
-            log.info("fetch: chunk %d restarts at %s (was %s)", index, again.level, level)
+            log.debug(
+                "fetch %s: chunk %d from %s restarts at %s (was %s)", self.tag, index, peer,
+                again.level, level,
+            )
+            self.f.counters["preempt"] += 1
             self.note("preempt", index=index, level=again.level, peer=peer)
             self._cancel_transfer(index)
             self._launch(index, peer, again.level, now)
@@ -924,9 +1025,11 @@ class _FetchRun:
         except (CodecError, StoreError) as exc:
             self._transfer_failed(index, peer, exc, transient=sender != peer)
             return
-        except KVPeerError as exc:  # transport: the session died or timed out
+        except KVPeerError as exc:  # transport: the session died, timed out or is not open
             self._forget_transfer(index)
-            log.warning("fetch: peer %s failed on chunk %d: %s", peer, index, exc)
+            self.f.peer_trouble(
+                peer, "fetch %s: peer %s failed on chunk %d: %s", self.tag, peer, index, exc
+            )
             self._lose_peer(peer)
             self.wake.set()
             return
@@ -938,6 +1041,8 @@ class _FetchRun:
         size = len(blob) if peer != LOCAL else 0
         wire = 0 if shared else size  # a joined transfer's bytes are the fetch's that started it
         self.bytes_moved += wire
+        self.f.bytes_from_peers += wire
+        self.f.peer_served(sender)
         self.note("received", index=index, level=header.level, peer=sender, nbytes=wire)
         self.ctl.chunk_received(index, header.level, size)
         self.sched.completed(index, now)
@@ -956,7 +1061,8 @@ class _FetchRun:
             return _Delivery(blob, LOCAL, False)
         session = self.f.sessions(peer)
         if session is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no session to {peer}")
+            # The peer, not this chunk: it is dropped from the fetch at once, not chunk by chunk.
+            raise TransportError(f"no session to {peer}")
         timeout = self.cfg.request_timeout_s
 
         async def start() -> bytes:
@@ -976,14 +1082,24 @@ class _FetchRun:
         self.ctl.chunk_returned(index)
         retries = self.retries.get(index, 0) + 1
         self.retries[index] = retries
+        where = peer or "local"
         if transient and retries <= self.cfg.max_retries:
             backoff = self.cfg.retry_backoff_s * 2 ** (retries - 1)
-            log.info(
-                "fetch: chunk %d from %s: %s; retrying in %.2fs", index, peer or "local", exc, backoff
+            log.debug(
+                "fetch %s: chunk %d from %s: %s; retrying in %.2fs", self.tag, index, where, exc,
+                backoff,
             )
+            self.f.counters["retry"] += 1
             self.sched.chunk_retry(index, peer, not_before=self.f.clock() + backoff)
         else:
-            log.warning("fetch: chunk %d from %s failed: %s", index, peer or "local", exc)
+            self.f.counters["chunk_failed"] += 1
+            message = "fetch %s: chunk %d from %s failed: %s"
+            if isinstance(exc, ProtocolError) and exc.code in (ErrorCode.NOT_FOUND, ErrorCode.BUSY):
+                # Evicted since the peer's inventory said it, or busy retry after retry: the
+                # chunk's lot, not a fault of the peer.
+                log.debug(message, self.tag, index, where, exc)
+            else:
+                self.f.peer_trouble(peer, message, self.tag, index, where, exc)
             self.sched.chunk_failed(index, peer)
         self.wake.set()
 
@@ -1005,10 +1121,7 @@ class _FetchRun:
                 continue
             self.note("decode_start", index=item.index, level=item.level)
             try:
-                # It writes into the client's memory: it must end before we return.
-                seconds = await aio.in_thread_to_the_end(
-                    self.f.executor, decode_into_blocking, item.blob, k_view, v_view
-                )
+                seconds = await self._in_thread(decode_into_blocking, item.blob, k_view, v_view)
             except KVPeerError as exc:
                 self._undecodable(item, exc)
                 continue
@@ -1017,7 +1130,7 @@ class _FetchRun:
             if item.peer != LOCAL and self.f.cache is not None:
                 # Decoded means digest-checked: a corrupt or tampered chunk never enters the
                 # store (it would be served on to others).
-                self.tg.create_task(self._cache(self.keys[item.index], item))
+                self.f.cache_soon(self.keys[item.index], item.level, item.blob)
             if not await self._hand_over(item.index):
                 continue
             self.restored[item.index] = item.level
@@ -1035,26 +1148,37 @@ class _FetchRun:
         if decoded is None:
             return True
         try:
-            await aio.in_thread_to_the_end(self.f.executor, decoded, index)
+            await self._in_thread(decoded, index)
         except KVPeerError as exc:
             self._not_handed_over(index, exc)
             return False
         return True
 
+    async def _in_thread(self, work: Callable[..., _T], *args: Any) -> _T:
+        """``work`` in the fetcher's executor. It writes into the client's memory, so once it
+        started it ends before the fetch returns; still queued when the fetch ends, it is
+        dropped (:meth:`_stop_decoder`)."""
+        self.in_thread = True
+        try:
+            return await aio.in_thread_once_started(self.f.executor, work, *args)
+        finally:
+            self.in_thread = False
+
     def _not_handed_over(self, index: int, exc: KVPeerError) -> None:
-        log.info("fetch: chunk %d cannot be handed over: %s", index, exc)
+        # The client's memory failed: the API server answers the client with it.
+        log.debug("fetch %s: chunk %d cannot be handed over: %s", self.tag, index, exc)
         self._cut_at(index, "error")
         self.wake.set()
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
-        log.warning("fetch: chunk %d from %s does not decode: %s", item.index, item.peer, exc)
+        self.f.counters["undecodable"] += 1
+        self.f.peer_trouble(
+            item.peer, "fetch %s: chunk %d from %s does not decode: %s", self.tag, item.index,
+            item.peer or "local", exc,
+        )
         self.note("failed", index=item.index, peer=item.peer)
         self._cut_at(item.index, "error")
         self.wake.set()
-
-    async def _cache(self, key: bytes, item: _Received) -> None:
-        with contextlib.suppress(StoreError):
-            await self.f.cache.put(key, item.level, item.blob)  # type: ignore[union-attr]
 
     def _allocate(self, shape: tuple[int, int, int], dtype: str) -> None:
         self.shape = shape

@@ -70,3 +70,74 @@ def test_a_cancelled_caller_waits_for_its_thread_work_to_end() -> None:
         assert finished.is_set()
 
     asyncio.run(main())
+
+
+def test_work_still_queued_when_its_caller_is_cancelled_is_dropped_at_once() -> None:
+    """in_thread_once_started: the only thread is busy, so the work waits in the queue; a cancel
+    returns while the thread is still busy, and the work never runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    busy, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    def blocker() -> None:
+        busy.set()
+        assert release.wait(timeout=30)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        blocking = loop.run_in_executor(executor, blocker)
+        await loop.run_in_executor(None, busy.wait)
+        task = asyncio.create_task(aio.in_thread_once_started(executor, ran.append, "work"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)  # in_thread_to_the_end would wait for the blocker
+        assert not release.is_set()
+        release.set()
+        await blocking
+        await loop.run_in_executor(executor, ran.append, "after")
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        executor.shutdown()
+    assert ran == ["after"]
+
+
+def test_work_running_when_its_caller_is_cancelled_is_waited_for() -> None:
+    """in_thread_once_started keeps in_thread_to_the_end's promise for work that started."""
+    import threading
+    import time
+
+    started, finished = threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        time.sleep(0.3)
+        finished.set()
+
+    async def main() -> None:
+        task = asyncio.create_task(aio.in_thread_once_started(None, work))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set()
+
+    asyncio.run(main())
+
+
+def test_in_thread_once_started_returns_the_result_and_raises_the_error() -> None:
+    def fail() -> None:
+        raise ValueError("no")
+
+    async def main() -> None:
+        assert await aio.in_thread_once_started(None, sum, [1, 2]) == 3
+        with pytest.raises(ValueError, match="no"):
+            await aio.in_thread_once_started(None, fail)
+
+    asyncio.run(main())

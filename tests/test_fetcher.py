@@ -1072,7 +1072,7 @@ def test_a_client_segment_that_fails_is_not_blamed_on_the_peer(
             return segment
 
     class Conn:
-        async def send(self, message: Any) -> None:
+        async def send(self, message: Any, *attached: Any) -> None:
             pass
 
     async def main() -> Any:
@@ -1088,9 +1088,230 @@ def test_a_client_segment_that_fails_is_not_blamed_on_the_peer(
         sink.segment.close()
         return out, sink, cache
 
-    with caplog.at_level(logging.INFO, logger="kvpeer.fetcher"):
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.fetcher"):
         out, sink, cache = asyncio.run(main())
     assert sink.failed is not None and out.chunks == 0  # the API layer fails the fetch with it
     assert not any("does not decode" in r.getMessage() for r in caplog.records)
     assert any("cannot be handed over" in r.getMessage() for r in caplog.records)
     assert not [e for e in out.events if e.kind == "failed" and e.peer == "a"]
+
+
+def test_a_decode_still_queued_at_the_deadline_is_dropped_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other work holds the executor's only thread, so chunk 0's decode waits in its queue when
+    the deadline comes: the fetch returns then, not once the thread is free (it used to wait for
+    the decode to start and end), and the dropped decode never writes into the client's memory."""
+    decoded: list[bytes] = []
+    real = fetcher_mod.decode_into_blocking
+
+    def counting(data: bytes, k: torch.Tensor, v: torch.Tensor) -> float:
+        decoded.append(data)
+        return real(data, k, v)
+
+    monkeypatch.setattr(fetcher_mod, "decode_into_blocking", counting)
+    executor = ThreadPoolExecutor(max_workers=1)
+    busy, release = threading.Event(), threading.Event()
+
+    def other_work() -> None:
+        busy.set()
+        release.wait(timeout=20)
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        blocker = loop.run_in_executor(executor, other_work)
+        await loop.run_in_executor(None, busy.wait, 10)
+        peer = Peer("a")
+        peer.gates[1] = asyncio.Event()  # chunk 1 never arrives
+        f = fetcher({"a": peer})
+        f.executor = executor
+        sink = Sink()
+        fetch = f.fetch(
+            [key(i) for i in range(2)], [{"a"}] * 2, sink, deadline=time.monotonic() + 0.3,
+            policy="fixed:q8",
+        )
+        try:
+            out = await asyncio.wait_for(fetch, 10)
+            returned_while_busy = not release.is_set()
+        finally:
+            release.set()
+            await blocker
+        return out, returned_while_busy, sink
+
+    try:
+        out, returned_while_busy, sink = asyncio.run(main())
+    finally:
+        release.set()
+        executor.shutdown()
+    assert returned_while_busy
+    assert out.reason == "deadline" and out.chunks == 0 and sink.done == []
+    assert [e.index for e in out.events if e.kind == "decode_start"] == [0]
+    assert decoded == [] and not [e for e in out.events if e.kind == "decode_end"]
+
+
+def test_a_decode_running_at_the_deadline_ends_before_the_fetch_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It writes into the client's memory: the fetch may not return while it runs."""
+    started, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+    real = fetcher_mod.decode_into_blocking
+
+    def slow(data: bytes, k: torch.Tensor, v: torch.Tensor) -> float:
+        started.set()
+        assert release.wait(timeout=20)
+        seconds = real(data, k, v)
+        finished.append(1)
+        return seconds
+
+    monkeypatch.setattr(fetcher_mod, "decode_into_blocking", slow)
+
+    async def main() -> Any:
+        peer = Peer("a")
+        peer.gates[1] = asyncio.Event()
+        f = fetcher({"a": peer})
+        deadline = time.monotonic() + 0.2
+        task = asyncio.create_task(
+            f.fetch([key(i) for i in range(2)], [{"a"}] * 2, Sink(), deadline=deadline, policy="fixed:q8")
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            await wait_until(lambda: time.monotonic() > deadline + 0.2)
+            still_running = not task.done()
+        finally:
+            release.set()
+        return await task, still_running
+
+    out, still_running = asyncio.run(main())
+    assert still_running and finished == [1]
+    assert out.reason == "deadline" and out.chunks == 0
+
+
+def test_a_slow_store_put_of_a_fetched_chunk_does_not_hold_the_fetch() -> None:
+    """The put of a decoded chunk into this node's store goes on after the fetch returned (the
+    store's executor may be busy); it used to belong to the fetch, which waited for it."""
+
+    class SlowCache(Cache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def put(self, k: bytes, level: str, data: bytes) -> None:
+            await self.gate.wait()
+            await super().put(k, level, data)
+
+    async def main() -> None:
+        cache = SlowCache()
+        f = fetcher({"a": Peer("a")}, cache)
+        out = await asyncio.wait_for(
+            f.fetch([key(i) for i in range(2)], [{"a"}] * 2, Sink(), policy="fixed:q8"), 10
+        )
+        assert out.reason == "complete" and not cache.has(key(0))
+        cache.gate.set()
+        await wait_until(lambda: cache.has(key(0)) and cache.has(key(1)))
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_fetch_tells_its_outcome_and_counts_its_bytes() -> None:
+    """The caller gave up (client gone, API backstop): what was restored and received until then
+    is still told (on_end, reason "cancelled") and counted in bytes_from_peers."""
+
+    async def main() -> None:
+        peer = Peer("a")
+        peer.gates[1] = asyncio.Event()  # chunk 0 arrives, chunk 1 never does
+        f = fetcher({"a": peer})
+        sink = Sink()
+        ended: list[Any] = []
+        task = asyncio.create_task(
+            f.fetch([key(i) for i in range(2)], [{"a"}] * 2, sink, policy="fixed:q8", on_end=ended.append)
+        )
+        await wait_until(lambda: bool(sink.done))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(ended) == 1
+        out = ended[0]
+        assert out.reason == "cancelled" and out.chunks == 1 and out.levels == ("q8",)
+        assert out.bytes_moved == len(blob(0, "q8")) == f.bytes_from_peers
+
+    asyncio.run(main())
+
+
+def test_a_holder_without_a_session_is_dropped_from_the_fetch_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It used to be asked chunk after chunk (NOT_FOUND, one WARNING each) and never dropped."""
+
+    async def main() -> Any:
+        f = fetcher({"a": Peer("a")})  # "b" is listed as a holder but has no session
+        out = await f.fetch([key(i) for i in range(16)], [{"a", "b"}] * 16, Sink(), policy="fixed:q8")
+        return out, f
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.fetcher"):
+        out, f = asyncio.run(main())
+    assert out.reason == "complete" and out.chunks == 16
+    assert [e.kind for e in out.events if e.peer == "b"] in ([], ["request", "peer_lost"])
+    assert not [e for e in out.events if e.kind == "failed"]
+    assert f.counters["peer_lost"] <= 1
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
+
+
+def test_per_fetch_and_per_chunk_events_log_at_debug_with_the_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hundred fetches giving up on a slow link used to be a hundred INFO lines: they are
+    counted by their outcome, and logged at DEBUG with the prefix they were about."""
+
+    async def main() -> None:
+        peer = Peer("a", bps=1e3)
+        peer.estimator.total_bytes = 1 << 20
+        f = fetcher({"a": peer})
+        for _ in range(20):
+            out = await f.fetch([key(j) for j in range(4)], [{"a"}] * 4, Sink(), recompute_rate=1000.0)
+            assert out.reason == "recompute"
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("kvpeer")]
+    gave_up = [r.getMessage() for r in caplog.records if "is faster" in r.getMessage()]
+    assert len(gave_up) == 20 and all(key(3)[:4].hex() in line for line in gave_up)
+
+
+def test_a_peer_dying_under_many_fetches_is_one_warning_per_episode(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Twenty fetches meeting one dead peer used to be twenty WARNINGs for one event. Once the
+    peer serves a chunk again, its next failure is a new episode, warned about again."""
+
+    async def dying(f: Fetcher, peer: Peer, n: int, first: int) -> None:
+        chunks = range(first, first + 4)
+        gate = asyncio.Event()
+        peer.gates = dict.fromkeys(chunks, gate)
+        peer.fail_on = set(chunks)
+        peer.calls.clear()
+        tasks = [
+            asyncio.create_task(f.fetch([key(j) for j in chunks], [{"a"}] * 4, Sink(), policy="fixed:q8"))
+            for _ in range(n)
+        ]
+        await wait_until(lambda: len(peer.calls) >= 1)
+        gate.set()
+        for out in await asyncio.gather(*tasks):
+            assert out.chunks == 0
+
+    async def main() -> Fetcher:
+        peer = Peer("a")
+        f = fetcher({"a": peer})
+        await dying(f, peer, 20, first=0)
+        peer.gates.clear()
+        peer.fail_on = set()
+        assert (await f.fetch([key(8)], [{"a"}], Sink(), policy="fixed:q8")).chunks == 1
+        await dying(f, peer, 5, first=4)
+        return f
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.fetcher"):
+        f = asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and all("peer a failed" in w for w in warnings)
+    assert f.counters["peer_lost"] == 25
