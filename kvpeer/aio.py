@@ -69,3 +69,9 @@ async def in_thread_once_started(executor: Executor | None, work: Callable[..., 
             await job
         raise
 
+
+def ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """A done-callback for work nobody waits on any more: retrieves its exception, so asyncio
+    does not log "exception was never retrieved" for it."""
+    if not future.cancelled():
+        future.exception()

@@ -2,12 +2,17 @@
 
 Owns the segment byte layout, creating/opening/unlinking segments, and the daemon's registry
 of live segments with their owners and leases. A segment is a file under ``/dev/shm`` that the
-daemon creates (never a client), named ``kvpeer-<daemon pid>-<instance>-<random>``:
-unguessable, and traceable to its creator so a restarted daemon can sweep what a crashed one
-left behind. ``<instance>`` names the registry's instance file, ``.kvpeer-instance-<instance>``,
-which the registry holds locked (shared flock) for its life: a segment is live while someone
-holds its instance file's lock. Unlike a pid, that answer is the same from every pid namespace
-(daemons in containers share /dev/shm with ``--ipc=host``) and never goes to a new process.
+daemon creates (never a client), named ``kvpeer-<daemon pid>-<instance>-<random>``, traceable
+to its creator so a restarted daemon can sweep what a crashed one left behind. ``<instance>``
+names the registry's instance file, ``.kvpeer-instance-<instance>``, which the registry holds
+locked (shared flock) for its life: a segment is live while someone holds its instance file's
+lock. Unlike a pid, that answer is the same from every pid namespace (daemons in containers
+share /dev/shm with ``--ipc=host``) and never goes to a new process.
+
+Segment files stay the daemon's own (mode 0600): a client is handed an open descriptor of its
+segment with the message that names it (``SCM_RIGHTS``, :mod:`kvpeer.api.unix`), never the
+right to open it by name. Clients of other users, the socket's group members included, cannot
+open each other's segments even though ``/dev/shm`` lists their names.
 
 Layout (little-endian)::
 
@@ -18,7 +23,7 @@ Layout (little-endian)::
     ... K at k_offset, V at v_offset, each [layers, kv_heads, tokens, head_dim] C-contiguous,
     page aligned so ``torch.frombuffer`` maps them without a copy.
 
-The daemon never maps a segment: a client may open it read-write, and so may shrink it
+The daemon never maps a segment: its client holds it read-write, and so may shrink it
 (``ftruncate``), after which any access through a mapping past the new end is a SIGBUS that
 no Python code can catch. The daemon holds a :class:`DaemonSegment`, a file descriptor, and
 moves bytes with ``pread``/``pwrite`` (a shrunk file is then a short read, an error for that
@@ -190,10 +195,12 @@ def new_name(instance: str | None = None, *, spare: bool = False) -> str:
 class Segment:
     """One mapped segment, as a client sees it: its header and zero-copy K/V tensors."""
 
-    def __init__(self, name: str, layout: SegmentLayout, mapping: mmap.mmap, path: Path) -> None:
+    def __init__(
+        self, name: str, layout: SegmentLayout, mapping: mmap.mmap, path: Path | None = None
+    ) -> None:
         self.name = name
         self.layout = layout
-        self.path = path
+        self.path = path  # None when mapped from a descriptor (a client cannot open it by name)
         self._mmap: mmap.mmap | None = mapping
         count = layout.layers * layout.kv_heads * layout.tokens * layout.head_dim
         dtype = DTYPES[layout.dtype]
@@ -212,20 +219,28 @@ class Segment:
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, name: str, *, directory: Path = SHM_DIR) -> Segment:
-        """Map a segment the daemon named (the client's side)."""
+        """Map a segment by its name (the daemon's own user and tests: a client is handed a
+        descriptor instead, see :meth:`from_descriptor`)."""
         if not valid_name(name):
             raise ProtocolError(ErrorCode.INVALID, f"not a kvpeer segment name: {name!r}")
         path = directory / name
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            size = os.fstat(fd).st_size
-            if size < _HEADER.size:
-                raise ProtocolError(ErrorCode.MALFORMED, "segment smaller than its header")
-            # Populate the page tables now: the client maps when the first chunk lands, so
-            # the faults are taken while later chunks decode, not when the engine reads.
-            mapping = map_populated(fd, size)
+            return cls.from_descriptor(name, fd, path=path)
         finally:
             os.close(fd)
+
+    @classmethod
+    def from_descriptor(cls, name: str, fd: int, *, path: Path | None = None) -> Segment:
+        """Map the segment open at ``fd`` (the client's side: the daemon sends the descriptor
+        with the message that names the segment). ``fd`` stays the caller's to close: the
+        mapping holds the file by itself."""
+        size = os.fstat(fd).st_size
+        if size < _HEADER.size:
+            raise ProtocolError(ErrorCode.MALFORMED, "segment smaller than its header")
+        # Populate the page tables now: the client maps when the first chunk lands, so
+        # the faults are taken while later chunks decode, not when the engine reads.
+        mapping = map_populated(fd, size)
         try:
             layout = SegmentLayout.parse_header(mapping, size)
         except BaseException:
@@ -289,8 +304,9 @@ class Segment:
         return True
 
     def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 class DaemonSegment:
@@ -315,23 +331,15 @@ class DaemonSegment:
     @classmethod
     def create(
         cls, layout: SegmentLayout, *, directory: Path = SHM_DIR, instance: str | None = None,
-        uid: int | None = None, gid: int | None = None,
     ) -> DaemonSegment:
-        """Create and reserve a new segment of registry ``instance`` for client ``uid``.
-
-        ``uid``: hand the file to that user (a client of another uid must open it read-write);
-        if we may not chown, ``gid`` makes it group-accessible instead.
-        """
+        """Create and reserve a new segment of registry ``instance``."""
         reserved = Reserved.make(layout.size, directory=directory, instance=instance)
-        return cls.from_reserved(reserved, layout, uid=uid, gid=gid)
+        return cls.from_reserved(reserved, layout)
 
     @classmethod
-    def from_reserved(
-        cls, reserved: Reserved, layout: SegmentLayout, *, uid: int | None = None,
-        gid: int | None = None,
-    ) -> DaemonSegment:
-        """Turn reserved, never-shared pages into a segment of ``layout`` for client ``uid``
-        (takes ownership of ``reserved``; it must hold at least ``layout.size`` bytes)."""
+    def from_reserved(cls, reserved: Reserved, layout: SegmentLayout) -> DaemonSegment:
+        """Turn reserved, never-shared pages into a segment of ``layout`` (takes ownership of
+        ``reserved``; it must hold at least ``layout.size`` bytes)."""
         if reserved.size < layout.size:
             reserved.discard()
             raise ValueError(f"{reserved.size} bytes reserved, {layout.size} needed")
@@ -343,9 +351,8 @@ class DaemonSegment:
                 reserved.name, reserved.path = name, reserved.path.with_name(name)
             if reserved.size > layout.size:
                 os.ftruncate(reserved.fd, layout.size)  # give back the pages past the end
-            # Before any client may open it: nobody can race the header.
+            # Before its descriptor goes to a client: nobody can race the header.
             _pwrite_all(reserved.fd, layout.pack_header(), 0)
-            _hand_over(reserved.fd, uid, gid)
         except BaseException:
             reserved.discard()
             raise
@@ -434,6 +441,12 @@ class DaemonSegment:
     def set_matched_tokens(self, tokens: int) -> None:
         with self._using() as fd:
             _pwrite_all(fd, struct.pack("<I", tokens), _MATCHED_AT)
+
+    def duplicate_descriptor(self) -> int:
+        """A new descriptor of the segment's file, for its client (the caller closes it);
+        NOT_FOUND once the segment is released."""
+        with self._using() as fd:
+            return os.dup(fd)
 
     # ------------------------------------------------------------------ file lifetime
     @contextlib.contextmanager
@@ -547,32 +560,6 @@ def map_populated(fd: int, size: int) -> mmap.mmap:
         raise
     return mapping
 
-def _hand_over(fd: int, uid: int | None, gid: int | None) -> None:
-    """Let the client ``uid`` open the segment read-write.
-
-    A root daemon gives the file to the client (only that user can open it). An unprivileged
-    one (the systemd unit runs as kvpeer, no capabilities) shares it the way the API socket is
-    shared: mode 0660 and the socket's group (``gid``; None: the daemon's own group, which is
-    what the socket file gets by default). The daemon stays the owner, so it can unlink it in
-    sticky /dev/shm.
-    """
-    if uid is None or uid == os.geteuid():
-        return
-    try:
-        os.fchown(fd, uid, -1)
-        return
-    except PermissionError:
-        pass
-    try:
-        if gid is not None and gid != os.getegid():
-            os.fchown(fd, -1, gid)
-        os.fchmod(fd, 0o660)
-    except PermissionError as exc:
-        raise ProtocolError(
-            ErrorCode.FORBIDDEN, f"cannot share a segment with uid {uid} through group {gid}: {exc}"
-        ) from None
-
-
 # --------------------------------------------------------------------------- registry
 
 
@@ -620,13 +607,10 @@ class SegmentRegistry:
     def bytes_of(self, owner: int) -> int:
         return sum(e.segment.layout.size for e in self._entries.values() if e.owner == owner)
 
-    def create(
-        self, layout: SegmentLayout, *, owner: int, now: float,
-        uid: int | None = None, gid: int | None = None,
-    ) -> DaemonSegment:
+    def create(self, layout: SegmentLayout, *, owner: int, now: float) -> DaemonSegment:
         self.admit(layout, owner)
         try:
-            segment = self.make(layout, uid=uid, gid=gid)
+            segment = self.make(layout)
         except BaseException:
             self.withdraw(layout, owner)
             raise
@@ -654,18 +638,14 @@ class SegmentRegistry:
         else:
             self._admitted.pop(owner, None)
 
-    def make(
-        self, layout: SegmentLayout, *, uid: int | None = None, gid: int | None = None,
-    ) -> DaemonSegment:
+    def make(self, layout: SegmentLayout) -> DaemonSegment:
         """Create and map the segment (thread-safe; not registered yet: see :meth:`adopt`).
         Takes the spare when it is large enough (see :meth:`reserve_spare`)."""
         try:
             spare = self._take_spare(layout.size)
             if spare is not None:
-                return DaemonSegment.from_reserved(spare, layout, uid=uid, gid=gid)
-            return DaemonSegment.create(
-                layout, directory=self.directory, instance=self._hold_instance(), uid=uid, gid=gid
-            )
+                return DaemonSegment.from_reserved(spare, layout)
+            return DaemonSegment.create(layout, directory=self.directory, instance=self._hold_instance())
         except OSError as exc:
             raise ProtocolError(ErrorCode.BUSY, f"cannot create a shared-memory segment: {exc}") from None
 

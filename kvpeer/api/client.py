@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ import torch
 
 from kvpeer import aio, shm
 from kvpeer.api import messages as m
+from kvpeer.api import unix
 from kvpeer.errors import ApiError, ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint
 
@@ -77,11 +79,26 @@ def _put_request(
     return request, k, v
 
 
-def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+def _map_descriptor(name: str, fd: int) -> shm.Segment:
+    """Map segment ``name`` from its descriptor, which this closes (the mapping holds the file)."""
     try:
-        segment = shm.Segment.open(name)
+        return shm.Segment.from_descriptor(name, fd)
+    finally:
+        os.close(fd)
+
+
+def _take_descriptor(descriptors: unix.SegmentDescriptors, name: str) -> int:
+    try:
+        return descriptors.take(name)
+    except ProtocolError as exc:
+        raise ApiError(exc.code, exc.reason) from None
+
+
+def _fill_segment_blocking(name: str, fd: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    try:
+        segment = _map_descriptor(name, fd)
     except OSError as exc:
-        raise _unusable_put_segment(name, exc) from None
+        raise ApiError(ErrorCode.INTERNAL, f"cannot map put segment {name}: {exc}") from None
     except ProtocolError as exc:
         raise ApiError(exc.code, f"put segment {name}: {exc.reason}") from None
     try:
@@ -89,22 +106,6 @@ def _fill_segment_blocking(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
         segment.v.copy_(v)
     finally:
         segment.close()
-
-
-def _unusable_put_segment(name: str, exc: OSError) -> ApiError:
-    """The segment the daemon handed us cannot be opened: callers catch ApiError, not OSError."""
-    if isinstance(exc, FileNotFoundError):
-        return ApiError(
-            ErrorCode.NOT_FOUND,
-            f"put segment {name} is gone (the daemon restarted, or the segment's lease ran out)",
-        )
-    if isinstance(exc, PermissionError):
-        return ApiError(
-            ErrorCode.FORBIDDEN,
-            f"cannot open put segment {name} ({exc.strerror}): this user must be in the daemon's "
-            "socket group (api.socket_group), or be the user the daemon runs as",
-        )
-    return ApiError(ErrorCode.INTERNAL, f"cannot open put segment {name}: {exc}")
 
 
 def _connection_lost(exc: OSError) -> ApiError:
@@ -126,16 +127,17 @@ def _late_segment(message: m.Message) -> str:
     return ""
 
 
+def _announced_segment(message: m.Message) -> str:
+    """The segment whose descriptor came with ``message`` ("" if none)."""
+    return message.segment if isinstance(message, m.SegmentReady | m.FetchStarted) else ""
+
+
 def _drain(queue: asyncio.Queue[m.Message]) -> list[m.Message]:
     out = []
     while not queue.empty():
         out.append(queue.get_nowait())
     return out
 
-
-def _ignore_outcome(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: nobody is left to care
 
 
 async def _stop_reader(task: asyncio.Task[None] | None) -> None:
@@ -165,8 +167,9 @@ def _released_already(exc: ApiError) -> None:
 class _FetchState:
     """Events of one fetch, folded into what an engine needs to know (no I/O)."""
 
-    def __init__(self, request: m.FetchRequest) -> None:
+    def __init__(self, request: m.FetchRequest, open_segment: Callable[[str], shm.Segment]) -> None:
         self.request = request
+        self._open_segment = open_segment  # maps a segment from the descriptor that came with it
         self.segment: shm.Segment | None = None
         self.done: dict[int, str] = {}
         self.final: m.FetchResult | None = None
@@ -207,7 +210,7 @@ class _FetchState:
 
     def _open(self, name: str) -> None:
         if self.segment is None:
-            self.segment = shm.Segment.open(name)
+            self.segment = self._open_segment(name)
         elif self.segment.name != name:
             raise ProtocolError(ErrorCode.MALFORMED, "a fetch named two segments")
 
@@ -386,6 +389,7 @@ class KVPeerClient:
         # segment such an answer hands us is released at once.
         self._abandoned: set[int] = set()
         self._sock: socket.socket | None = None
+        self._descriptors = unix.SegmentDescriptors()
         self._closed = False
         try:
             self._connect()
@@ -425,6 +429,7 @@ class KVPeerClient:
         if sock is not None:
             sock.close()
         self._decoder = m.FrameDecoder()
+        self._descriptors.close()
         self._inbox.clear()
         self._abandoned.clear()
         fetch, self._fetch = self._fetch, None
@@ -473,14 +478,26 @@ class KVPeerClient:
             for frame in self._decoder.frames():
                 if isinstance(frame, ProtocolError):
                     raise ApiError(frame.code, frame.reason)
-                return m.decode_body(frame)
+                message = m.decode_body(frame)
+                try:
+                    self._descriptors.on_message(message)
+                except ProtocolError as exc:  # descriptors and frames no longer pair up
+                    reason = ApiError(exc.code, exc.reason)
+                    self._drop_connection(reason)
+                    raise reason from None
+                return message
             try:
-                data = self._sock.recv(1 << 16)
+                data, fds = unix.receive(self._sock, 1 << 16)
             except TimeoutError:
                 # Nothing half-done on our side: the answer may still come, the stream is intact.
                 raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
             except OSError as exc:
                 raise self._lost(exc) from None
+            except ProtocolError as exc:
+                reason = ApiError(exc.code, exc.reason)
+                self._drop_connection(reason)
+                raise reason from None
+            self._descriptors.arrived(fds)
             if not data:
                 reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
                 self._drop_connection(reason)
@@ -503,6 +520,7 @@ class KVPeerClient:
         """Drop an answer to a request given up on, releasing the segment it hands us."""
         if not isinstance(message, m.FetchStarted | m.FetchProgress):
             self._abandoned.discard(message.id)
+        self._descriptors.discard(_announced_segment(message))
         segment = _late_segment(message)
         if segment:
             rid = self._new_id()
@@ -551,7 +569,7 @@ class KVPeerClient:
         request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
         ready = self._call(request, m.SegmentReady)
         try:
-            _fill_segment_blocking(ready.segment, k, v)
+            _fill_segment_blocking(ready.segment, _take_descriptor(self._descriptors, ready.segment), k, v)
         except BaseException:
             with contextlib.suppress(ApiError, OSError):
                 self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
@@ -584,10 +602,13 @@ class KVPeerClient:
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
         self._finish_fetch()
-        state = _FetchState(request)
+        state = _FetchState(request, self._map_segment)
         self._send(request, resend=True)
         self._fetch = state
         return FetchHandle(self, state)
+
+    def _map_segment(self, name: str) -> shm.Segment:
+        return _map_descriptor(name, _take_descriptor(self._descriptors, name))
 
     def stats(self) -> dict[str, Any]:
         return self._call(m.StatsRequest(id=self._new_id()), m.StatsResult).stats
@@ -631,11 +652,12 @@ class AsyncFetchHandle(_FetchHandleBase):
             self._pending = await self._client._get(self._queue)
         message = self._pending
         if isinstance(message, m.FetchStarted | m.FetchResult) and message.segment and self._state.segment is None:
-            if self._mapping is None:
-                # Mapping populates the page tables (milliseconds for large KV): keep it off the loop.
-                loop = asyncio.get_running_loop()
-                self._mapping = loop.run_in_executor(None, shm.Segment.open, message.segment)
             try:
+                if self._mapping is None:
+                    # Mapping populates the page tables (milliseconds for large KV): keep it off the loop.
+                    fd = self._client._descriptors.take(message.segment)
+                    loop = asyncio.get_running_loop()
+                    self._mapping = loop.run_in_executor(None, _map_descriptor, message.segment, fd)
                 self._state.segment = await asyncio.shield(self._mapping)
             except (OSError, ProtocolError) as exc:
                 self._pending = self._mapping = None
@@ -703,7 +725,7 @@ class AsyncFetchHandle(_FetchHandleBase):
                 self._client._abandon(rid, taken + _drain(self._queue))
                 self._state.close_segment()
                 if self._mapping is not None:  # its segment, if it maps, is unmapped when freed
-                    self._mapping.add_done_callback(_ignore_outcome)
+                    self._mapping.add_done_callback(aio.ignore_outcome)
         if not self._state.finished:
             return
         name = self._state.close_segment()
@@ -748,7 +770,8 @@ class AsyncKVPeerClient:
         self.client_name = client_name or f"pid {os.getpid()}"
         self._ids = 0
         self._routes: dict[int, asyncio.Queue[m.Message]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: unix.AsyncUnixConnection | None = None
+        self._descriptors = unix.SegmentDescriptors()
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_reason: ApiError | None = None
         self._closed = False  # by close(): no reconnecting after that
@@ -761,7 +784,7 @@ class AsyncKVPeerClient:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and self._closed_reason is None and self._ready
+        return self._conn is not None and self._closed_reason is None and self._ready
 
     def _new_id(self) -> int:
         self._ids += 1
@@ -778,12 +801,10 @@ class AsyncKVPeerClient:
     async def _open(self) -> None:
         """Connect and say hello (raises OSError if the daemon cannot be reached)."""
         self._ready = False  # until the hello is answered, requests wait in _ensure_connected
-        reader, self._writer = await aio.wait_for(
-            asyncio.open_unix_connection(self.socket_path), self.timeout_s
-        )
+        conn = self._conn = await aio.wait_for(unix.AsyncUnixConnection.open(self.socket_path), self.timeout_s)
         self._generation += 1
         self._closed_reason = None
-        self._reader_task = asyncio.create_task(self._read_loop(reader), name="kvpeer-client-reader")
+        self._reader_task = asyncio.create_task(self._read_loop(conn), name="kvpeer-client-reader")
         if self.namespace is not None:
             await self._request(
                 m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name), m.HelloOk
@@ -820,19 +841,21 @@ class AsyncKVPeerClient:
         """Close the connection and its reader; what it held, the daemon releases with it."""
         if self._closed_reason is None:
             self._closed_reason = ApiError(ErrorCode.SHUTTING_DOWN, "daemon connection lost")
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.transport.abort()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
         task, self._reader_task = self._reader_task, None
         await _stop_reader(task)
+        self._descriptors.close()
         self._abandoned.clear()
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, conn: unix.AsyncUnixConnection) -> None:
         decoder = m.FrameDecoder()
         reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
         try:
             while True:
-                data = await reader.read(1 << 16)
+                data, fds = await conn.read(1 << 16)
+                self._descriptors.arrived(fds)
                 if not data:
                     break
                 decoder.feed(data)
@@ -840,6 +863,7 @@ class AsyncKVPeerClient:
                     if isinstance(frame, ProtocolError):
                         raise ApiError(frame.code, frame.reason)
                     message = m.decode_body(frame)
+                    self._descriptors.on_message(message)
                     queue = self._routes.get(message.id)
                     if queue is not None:
                         queue.put_nowait(message)
@@ -880,24 +904,24 @@ class AsyncKVPeerClient:
         """Drop an answer to a request given up on, releasing the segment it hands us."""
         if not isinstance(message, m.FetchStarted | m.FetchProgress):
             self._abandoned.discard(message.id)
+        self._descriptors.discard(_announced_segment(message))
         segment = _late_segment(message)
-        if segment and self._writer is not None and self._closed_reason is None:
+        if segment and self._conn is not None and self._closed_reason is None:
             rid = self._new_id()
             self._abandoned.add(rid)  # its answer is dropped too
             # Not awaited: this runs in the read loop (or a finally), where no answer can be waited for.
-            self._writer.write(m.encode(m.Release(id=rid, segment=segment)))
+            self._conn.write_soon(m.encode(m.Release(id=rid, segment=segment)))
 
     async def _send(self, message: m.Message) -> None:
-        if self._writer is None or self._closed_reason is not None:
+        if self._conn is None or self._closed_reason is not None:
             raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
-        writer = self._writer
+        conn = self._conn
         try:
-            writer.write(m.encode(message))
-            await aio.wait_for(writer.drain(), self.timeout_s)
+            await aio.wait_for(conn.write(m.encode(message)), self.timeout_s)
         except OSError as exc:
             # A frame may be half out: nothing more can go on this connection.
             self._closed_reason = reason = _connection_lost(exc)
-            writer.transport.abort()
+            conn.close()
             raise reason from None
 
     async def _get(self, queue: asyncio.Queue[m.Message]) -> m.Message:
@@ -933,7 +957,8 @@ class AsyncKVPeerClient:
         connection = self._generation
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, _fill_segment_blocking, ready.segment, k, v)
+            fd = _take_descriptor(self._descriptors, ready.segment)
+            await loop.run_in_executor(None, _fill_segment_blocking, ready.segment, fd, k, v)
         except BaseException:
             with contextlib.suppress(ApiError, OSError):
                 await self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
@@ -967,6 +992,9 @@ class AsyncKVPeerClient:
             raise ApiError(exc.code, exc.reason) from None
         return _AsyncFetchStart(self, request, stream)
 
+    def _map_segment(self, name: str) -> shm.Segment:
+        return _map_descriptor(name, _take_descriptor(self._descriptors, name))
+
     async def stats(self) -> dict[str, Any]:
         return (await self._call(m.StatsRequest(id=self._new_id()), m.StatsResult)).stats
 
@@ -980,13 +1008,14 @@ class AsyncKVPeerClient:
         self._closed = True
         if self._closed_reason is None:  # waiters hear why (the read loop only sees an EOF)
             self._closed_reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client was closed")
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await aio.wait_for(writer.wait_closed(), 5.0)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError, TimeoutError):  # releases queued by late answers
+                await aio.wait_for(conn.flush(), 5.0)
+            conn.close()
         task, self._reader_task = self._reader_task, None
         await _stop_reader(task)
+        self._descriptors.close()
 
     async def __aenter__(self) -> AsyncKVPeerClient:
         return await self.connect()
@@ -1006,7 +1035,8 @@ class _AsyncFetchStart:
 
     async def start(self) -> AsyncFetchHandle:
         await self._client._ensure_connected()
-        handle = AsyncFetchHandle(self._client, _FetchState(self._request), wait=not self._stream)
+        state = _FetchState(self._request, self._client._map_segment)
+        handle = AsyncFetchHandle(self._client, state, wait=not self._stream)
         self._client._route(self._request.id, handle._queue)
         try:
             await self._client._send(self._request)

@@ -24,7 +24,7 @@ import numpy as np
 from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint
 
-API_VERSION = 1
+API_VERSION = 2  # 2: segments travel as descriptors (SCM_RIGHTS), not names to open
 MAX_FRAME_BYTES = 16 << 20  # 4M tokens of uint32 ids fit; anything larger is an error
 MAX_TOKENS = 1 << 22
 MAX_NAME_LEN = 255  # namespaces, segment names, levels, client info

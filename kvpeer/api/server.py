@@ -34,6 +34,7 @@ import torch
 
 from kvpeer import aio, shm
 from kvpeer.api import messages as m
+from kvpeer.api import unix
 from kvpeer.config import SPARE_BYTES_DEFAULT
 from kvpeer.errors import (
     CodecError,
@@ -142,13 +143,22 @@ class _Connection:
             connection_id=self.id, client=self.client,
         )
 
-    async def send(self, message: m.Message) -> None:
+    async def send(self, message: m.Message, segment: shm.DaemonSegment | None = None) -> None:
+        """Send ``message``; ``segment``: the segment it announces, whose descriptor goes with
+        it (NOT_FOUND if the segment was released meanwhile)."""
         if self.closed:
             return
         data = m.encode(message)
         async with self._send_lock:
             try:
-                self.writer.write(data)
+                if segment is None:
+                    self.writer.write(data)
+                else:
+                    fd = segment.duplicate_descriptor()
+                    try:
+                        await unix.send_with_descriptor(self.writer, data, fd, timeout_s=SEND_TIMEOUT_S)
+                    finally:
+                        os.close(fd)
                 await aio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
             except (ConnectionError, TimeoutError, RuntimeError) as exc:
                 log.info("api: client %d unreachable (%s); dropping it", self.id, exc)
@@ -209,10 +219,12 @@ class FetchSink:
         # the pages while chunks are still being decoded, off the critical path.
         self._announce = asyncio.get_running_loop().create_task(
             self._conn.send(
-                m.FetchStarted(id=self.request.id, segment=self.segment.name, size=layout.size)
+                m.FetchStarted(id=self.request.id, segment=self.segment.name, size=layout.size),
+                self.segment,
             ),
             name="kvpeer-api-fetch-started",
         )
+        self._announce.add_done_callback(aio.ignore_outcome)  # flush() raises it, if anyone waits
 
     async def flush(self) -> None:
         """Wait until the segment announcement is sent (progress must come after it)."""
@@ -316,6 +328,7 @@ def _chunk_buffers(layout: shm.SegmentLayout) -> tuple[torch.Tensor, torch.Tenso
     shape = (layout.layers, layout.kv_heads, layout.chunk_tokens, layout.head_dim)
     dtype = shm.DTYPES[layout.dtype]
     return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+
 
 
 def _discard(segment: shm.DaemonSegment) -> None:
@@ -471,7 +484,7 @@ class ApiServer:
         try:
             job = asyncio.get_running_loop().run_in_executor(
                 None,
-                functools.partial(self.registry.make, layout, uid=conn.uid, gid=self._gid),
+                    functools.partial(self.registry.make, layout)
             )
             try:
                 segment = await asyncio.shield(job)
@@ -714,7 +727,8 @@ class ApiServer:
         if isinstance(message, m.PutRequest | m.PutCommit | m.LookupRequest | m.FetchRequest):
             self._check_namespace(conn)
         if isinstance(message, m.PutRequest):
-            return await self._begin_put(conn, message)
+            await self._begin_put(conn, message)  # answers itself: its descriptor goes along
+            return None
         if isinstance(message, m.PutCommit):
             return await self._commit_put(conn, message)
         if isinstance(message, m.LookupRequest):
@@ -748,7 +762,7 @@ class ApiServer:
         }
 
     # ------------------------------------------------------------------ put
-    async def _begin_put(self, conn: _Connection, req: m.PutRequest) -> m.SegmentReady:
+    async def _begin_put(self, conn: _Connection, req: m.PutRequest) -> None:
         fp = req.fingerprint
         tokens = int(req.tokens.size)
         layout = shm.SegmentLayout(
@@ -757,7 +771,13 @@ class ApiServer:
         )
         segment = await self._create_segment_off_loop(layout, conn, leased=True)  # the client's now
         conn.pending_puts[segment.name] = req
-        return m.SegmentReady(id=req.id, segment=segment.name, size=layout.size)
+        try:
+            await conn.send(m.SegmentReady(id=req.id, segment=segment.name, size=layout.size), segment)
+        except BaseException:
+            conn.pending_puts.pop(segment.name, None)
+            with contextlib.suppress(ProtocolError):
+                self.registry.release(segment.name, conn.id)
+            raise
 
     async def _commit_put(self, conn: _Connection, commit: m.PutCommit) -> m.PutResult:
         req = conn.pending_puts.pop(commit.segment, None)

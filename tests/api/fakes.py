@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 
 import torch
 
+from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.server import ApiServer, ClientContext, FetchSink, PutKV
 from kvpeer.errors import ErrorCode, ProtocolError
@@ -251,8 +252,26 @@ class ScriptedDaemon:
             os.rmdir(self.dir)
 
 
-def send(conn: socket.socket, message: m.Message) -> None:
-    conn.sendall(m.encode(message))
+def send(conn: socket.socket, message: m.Message, segment: shm.DaemonSegment | None = None) -> None:
+    """Send ``message``; with ``segment``, its descriptor goes along, as the daemon sends it."""
+    if segment is None:
+        conn.sendall(m.encode(message))
+        return
+    fd = segment.duplicate_descriptor()
+    try:
+        data = m.encode(message)
+        sent = socket.send_fds(conn, [data], [fd])
+        conn.sendall(data[sent:])
+    finally:
+        os.close(fd)
+
+
+def small_segment(tokens: int = 4) -> shm.DaemonSegment:
+    """A real segment in /dev/shm for a scripted daemon to hand out (unlink and close it)."""
+    return shm.DaemonSegment.create(
+        shm.SegmentLayout(dtype=FP.dtype, layers=FP.layers, kv_heads=FP.kv_heads, tokens=tokens,
+                          head_dim=FP.head_dim, chunk_tokens=4)
+    )
 
 
 def our_segments() -> set[str]:

@@ -102,8 +102,8 @@ def test_async_put_whose_connection_was_lost_while_it_filled_says_so(
         async with AsyncKVPeerClient(api.socket_path) as client:
             loop = asyncio.get_running_loop()
 
-            def fill_then_lose(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
-                fill(name, k, v)
+            def fill_then_lose(name: str, fd: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                fill(name, fd, k, v)
                 asyncio.run_coroutine_threadsafe(client._retire_connection(), loop).result(10)
 
             monkeypatch.setattr(client_mod, "_fill_segment_blocking", fill_then_lose)

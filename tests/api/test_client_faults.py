@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from kvpeer import shm
+from kvpeer.api import client as client_mod
 from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
-from tests.api.fakes import FP, ScriptedDaemon, kv, send
+from tests.api.fakes import FP, ScriptedDaemon, kv, send, small_segment
 
 BIG = list(range(1 << 20))  # a 4 MB request: more than a stalled socket's buffers take
 
@@ -236,32 +237,39 @@ def test_async_close_tells_waiters_the_client_was_closed() -> None:
 
 
 class FetchDaemon(ScriptedDaemon):
-    """Answers a fetch with the messages ``answer`` makes of its id."""
+    """Answers a fetch with the messages ``answer`` makes of its id; a FetchStarted comes with
+    the descriptor of ``segment``, as the daemon sends it."""
 
     def __init__(self, answer: Any) -> None:
         super().__init__()
         self.answer = answer
+        self.segment = small_segment(8)
 
     def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
         if isinstance(message, m.FetchRequest):
             for reply in self.answer(message.id):
-                send(conn, reply)
+                send(conn, reply, self.segment if isinstance(reply, m.FetchStarted) else None)
         else:
             super().handle(conn, index, message)
 
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.segment.unlink()
+        self.segment.close()
+
 
 @pytest.mark.parametrize("final", ["nothing restored", "error"])
-def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_already_gone(final: str) -> None:
-    gone = shm.new_name()  # announced, then dropped by the daemon before the client maps it
-
-    def answer(rid: int) -> list[m.Message]:
+def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_dropped(final: str) -> None:
+    def answer(rid: int) -> list[m.Message]:  # announced, then dropped by the daemon
         last: m.Message = m.FetchResult(id=rid, chunk_tokens=4)
         if final == "error":
             last = m.ErrorResponse(id=rid, code=int(ErrorCode.INTEGRITY), reason="chunk 0 was corrupt")
-        return [m.FetchStarted(id=rid, segment=gone, size=1 << 20), last]
+        return [m.FetchStarted(id=rid, segment=daemon.segment.name, size=daemon.segment.layout.size), last]
 
     async def main() -> None:
-        with FetchDaemon(answer) as daemon:
+        with FetchDaemon(answer) as fake:
+            nonlocal daemon
+            daemon = fake
             async with AsyncKVPeerClient(daemon.socket_path, timeout_s=10) as client:
                 if final == "error":
                     with pytest.raises(ApiError) as info:
@@ -272,27 +280,27 @@ def test_async_fetch_gives_the_final_answer_when_the_announced_segment_is_alread
                     async with client.fetch(list(range(8)), FP) as result:
                         assert result.matched_tokens == 0 and result.k.shape[2] == 0
                 assert daemon.received(m.Release) == []  # the daemon dropped it: nothing to release
+                assert len(client._descriptors) == 0  # and its descriptor is closed
 
+    daemon: Any = None
     run(main())
 
 
 def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    segment = shm.DaemonSegment.create(
-        shm.SegmentLayout(dtype=FP.dtype, layers=FP.layers, kv_heads=FP.kv_heads, tokens=8,
-                          head_dim=FP.head_dim, chunk_tokens=4)
-    )
     mapping, may_finish = threading.Event(), threading.Event()
-    open_segment = shm.Segment.open
+    map_descriptor = client_mod._map_descriptor
 
-    def slow_open(name: str) -> shm.Segment:  # a large segment's page tables take a while
+    def slow_map(name: str, fd: int) -> shm.Segment:  # a large segment's page tables take a while
         mapping.set()
         may_finish.wait(10)
-        return open_segment(name)
+        return map_descriptor(name, fd)
 
-    monkeypatch.setattr(shm.Segment, "open", staticmethod(slow_open))
+    monkeypatch.setattr(client_mod, "_map_descriptor", slow_map)
 
     def answer(rid: int) -> list[m.Message]:
-        return [m.FetchResult(id=rid, segment=segment.name, matched_tokens=8, chunk_tokens=4,
+        size = daemon.segment.layout.size
+        return [m.FetchStarted(id=rid, segment=daemon.segment.name, size=size),
+                m.FetchResult(id=rid, segment=daemon.segment.name, matched_tokens=8, chunk_tokens=4,
                               levels=["exact", "exact"], recompute_from=8)]
 
     async def fetch(client: AsyncKVPeerClient) -> None:
@@ -300,7 +308,9 @@ def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypa
             pass
 
     async def main() -> None:
-        with FetchDaemon(answer) as daemon:
+        with FetchDaemon(answer) as fake:
+            nonlocal daemon
+            daemon = fake
             async with AsyncKVPeerClient(daemon.socket_path, timeout_s=2) as client:
                 task = asyncio.create_task(fetch(client))
                 await asyncio.to_thread(mapping.wait, 10)
@@ -309,13 +319,10 @@ def test_async_fetch_cancelled_while_its_segment_maps_still_releases_it(monkeypa
                 with pytest.raises(asyncio.CancelledError):
                     await task
                 releases = await asyncio.to_thread(daemon.wait_for, m.Release)
-                assert [r.segment for r in releases] == [segment.name]
+                assert [r.segment for r in releases] == [daemon.segment.name]
 
-    try:
-        run(main())
-    finally:
-        segment.unlink()
-        segment.close()
+    daemon: Any = None
+    run(main())
 
 
 # --------------------------------------------------------------------------- late answers
@@ -331,15 +338,16 @@ class AnswersLate(ScriptedDaemon):
     def __init__(self) -> None:
         super().__init__()
         self.go = threading.Event()
-        self.segment = shm.new_name()
+        self.handed = small_segment()
+        self.segment = self.handed.name
 
     def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
         if isinstance(message, m.PutRequest | m.FetchRequest):
             self.go.wait(30)
         if isinstance(message, m.PutRequest):
-            send(conn, m.SegmentReady(id=message.id, segment=self.segment, size=1 << 12))
+            send(conn, m.SegmentReady(id=message.id, segment=self.segment, size=1 << 12), self.handed)
         elif isinstance(message, m.FetchRequest):
-            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12))
+            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12), self.handed)
             send(conn, m.FetchResult(id=message.id, segment=self.segment, matched_tokens=4,
                                      chunk_tokens=4, levels=["exact"], recompute_from=4))
         elif isinstance(message, m.LookupRequest):
@@ -350,6 +358,8 @@ class AnswersLate(ScriptedDaemon):
     def __exit__(self, *exc: object) -> None:
         self.go.set()
         super().__exit__(*exc)
+        self.handed.unlink()
+        self.handed.close()
 
 
 @pytest.mark.parametrize("request_kind", ["put", "fetch"])
@@ -367,6 +377,7 @@ def test_a_segment_that_comes_after_the_client_gave_up_is_released(request_kind:
         client.lookup([1, 2, 3], FP)  # the blocking client reads the late answer on its next call
         assert [r.segment for r in daemon.wait_for(m.Release)] == [daemon.segment]
         assert client.lookup([1, 2, 3], FP).matched_tokens == 0  # the Released answer was dropped
+        assert len(client._descriptors) == 0  # the late answer's descriptor was closed
 
 
 @pytest.mark.parametrize("request_kind", ["put", "fetch"])
@@ -398,6 +409,7 @@ def test_async_a_segment_that_comes_after_the_client_gave_up_is_released(request
                 assert [r.segment for r in releases] == [daemon.segment]
                 client.timeout_s = 10
                 assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 0
+                assert len(client._descriptors) == 0  # the late answer's descriptor was closed
 
     run(main())
 
@@ -407,11 +419,17 @@ class AnswersAtOnce(ScriptedDaemon):
 
     def __init__(self) -> None:
         super().__init__()
-        self.segment = shm.new_name()
+        self.handed = small_segment()
+        self.segment = self.handed.name
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.handed.unlink()
+        self.handed.close()
 
     def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
         if isinstance(message, m.FetchRequest):
-            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12))
+            send(conn, m.FetchStarted(id=message.id, segment=self.segment, size=1 << 12), self.handed)
             send(conn, m.FetchResult(id=message.id, segment=self.segment, matched_tokens=4,
                                      chunk_tokens=4, levels=["exact"], recompute_from=4))
         else:
@@ -443,48 +461,40 @@ def test_async_fetch_cancelled_while_its_request_drains_releases_the_answers_seg
     run(main())
 
 
-# --------------------------------------------------------------------------- unusable put segments
+# --------------------------------------------------------------------------- segments without descriptors
 
 
-class LosesThePutSegment(ScriptedDaemon):
-    """Names a put segment that is already gone, as after a restart or an expired lease."""
+class SendsNoDescriptor(ScriptedDaemon):
+    """Names a put segment but sends no descriptor with it (a daemon older than the client)."""
 
     def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
         if isinstance(message, m.PutRequest):
             send(conn, m.SegmentReady(id=message.id, segment=shm.new_name(), size=4096))
+        elif isinstance(message, m.LookupRequest):
+            send(conn, m.LookupResult(id=message.id, matched_tokens=0, chunk_tokens=4, sources=[]))
         else:
             super().handle(conn, index, message)
 
 
-def test_a_put_segment_that_is_gone_is_an_api_error_and_is_released() -> None:
-    """Callers (the engine integrations) catch ApiError: a raw FileNotFoundError stopped them."""
+def test_a_segment_named_without_its_descriptor_is_an_api_error_that_says_why() -> None:
+    """Callers (the engine integrations) catch ApiError; the connection, whose descriptors and
+    answers no longer pair up, is dropped and the next call gets a new one."""
     k, v = kv(8)
-    with LosesThePutSegment() as daemon:
-        with KVPeerClient(daemon.socket_path) as client, pytest.raises(ApiError) as info:
-            client.put(list(range(8)), k, v, FP)
-        assert info.value.code == ErrorCode.NOT_FOUND and "gone" in info.value.reason
+    with SendsNoDescriptor() as daemon:
+        with KVPeerClient(daemon.socket_path) as client:
+            with pytest.raises(ApiError) as info:
+                client.put(list(range(8)), k, v, FP)
+            assert info.value.code == ErrorCode.MALFORMED and "descriptor" in info.value.reason
+            assert client.lookup([1, 2, 3], FP).matched_tokens == 0
 
         async def put_async() -> None:
             async with AsyncKVPeerClient(daemon.socket_path) as client:
-                await client.put(list(range(8)), k, v, FP)
+                with pytest.raises(ApiError) as info:
+                    await client.put(list(range(8)), k, v, FP)
+                assert info.value.code == ErrorCode.MALFORMED and "descriptor" in info.value.reason
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 0
 
-        with pytest.raises(ApiError) as info:
-            run(put_async())
-        assert info.value.code == ErrorCode.NOT_FOUND
-        assert len(daemon.wait_for(m.Release, count=2)) == 2
-
-
-def test_a_put_segment_this_user_may_not_open_is_forbidden_and_says_why(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def refused(name: str) -> shm.Segment:  # root opens anything: the refusal is simulated
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(shm.Segment, "open", staticmethod(refused))
-    with LosesThePutSegment() as daemon, KVPeerClient(daemon.socket_path) as client:
-        with pytest.raises(ApiError) as info:
-            client.put(list(range(8)), *kv(8), FP)
-    assert info.value.code == ErrorCode.FORBIDDEN and "api.socket_group" in info.value.reason
+        run(put_async())
 
 
 def test_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:

@@ -115,14 +115,15 @@ def body(**fields: object) -> bytes:
     [
         (b"\xc1", ErrorCode.MALFORMED),
         (msgpack.packb([1, 2]), ErrorCode.MALFORMED),
-        (body(v=2, t="stats", id=1), ErrorCode.UNSUPPORTED_VERSION),
+        (body(v=m.API_VERSION + 1, t="stats", id=1), ErrorCode.UNSUPPORTED_VERSION),
+        (body(v=1, t="stats", id=1), ErrorCode.UNSUPPORTED_VERSION),  # before descriptors
         (body(t="stats", id=1), ErrorCode.UNSUPPORTED_VERSION),
-        (body(v=1, t="nope", id=1), ErrorCode.UNKNOWN_TYPE),
-        (body(v=1, t="stats", id=1, extra=3), ErrorCode.INVALID),
-        (body(v=1, t="lookup", id=1, tokens=b"\x00\x00\x00", fingerprint={}), ErrorCode.INVALID),
-        (body(v=1, t="lookup", id=1, tokens=b"", fingerprint={"name": "x"}), ErrorCode.INVALID),
-        (body(v=1, t="release", id=1), ErrorCode.INVALID),
-        (body(v=1, t="release", id="1", segment="s"), ErrorCode.INVALID),
+        (body(v=m.API_VERSION, t="nope", id=1), ErrorCode.UNKNOWN_TYPE),
+        (body(v=m.API_VERSION, t="stats", id=1, extra=3), ErrorCode.INVALID),
+        (body(v=m.API_VERSION, t="lookup", id=1, tokens=b"\x00\x00\x00", fingerprint={}), ErrorCode.INVALID),
+        (body(v=m.API_VERSION, t="lookup", id=1, tokens=b"", fingerprint={"name": "x"}), ErrorCode.INVALID),
+        (body(v=m.API_VERSION, t="release", id=1), ErrorCode.INVALID),
+        (body(v=m.API_VERSION, t="release", id="1", segment="s"), ErrorCode.INVALID),
     ],
 )
 def test_decode_rejects_bad_bodies(payload: bytes, code: ErrorCode) -> None:
@@ -134,7 +135,7 @@ def test_decode_rejects_bad_bodies(payload: bytes, code: ErrorCode) -> None:
 def test_fingerprint_hex_must_match_its_fields() -> None:
     wire = m.fingerprint_to_wire(FP)
     wire["hex"] = "00" * 16
-    payload = body(v=1, t="lookup", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
+    payload = body(v=m.API_VERSION, t="lookup", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
     with pytest.raises(ProtocolError) as info:
         m.decode_body(payload)
     assert info.value.code == ErrorCode.INVALID
@@ -150,14 +151,14 @@ def test_a_fingerprint_field_of_the_wrong_type_is_refused_at_the_door(field: str
     wire = m.fingerprint_to_wire(FP)
     wire.pop("hex", None)
     wire[field] = value
-    payload = body(v=1, t="lookup", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
+    payload = body(v=m.API_VERSION, t="lookup", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
     with pytest.raises(ProtocolError) as info:
         m.decode_body(payload)
     assert info.value.code == ErrorCode.INVALID and "fingerprint" in info.value.reason
 
 
 def test_request_id_is_recovered_from_a_body_that_fails_validation() -> None:
-    assert m.request_id_of(body(v=1, t="release", id=42)) == 42
+    assert m.request_id_of(body(v=m.API_VERSION, t="release", id=42)) == 42
     assert m.request_id_of(b"\xc1") == 0
 
 

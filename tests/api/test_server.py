@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import torch
 
+from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.api.server import SPARE_IDLE_S
@@ -192,10 +193,10 @@ def test_put_rejects_a_shape_that_does_not_match_the_fingerprint(api: ServerThre
 def test_malformed_oversized_and_unknown_frames_get_errors_and_serving_goes_on(api: ServerThread) -> None:
     garbage = b"\xc1\xc1\xc1"
     oversized_len = m.MAX_FRAME_BYTES + 1
-    unknown = msgpack.packb({"v": 1, "t": "launch_missiles", "id": 7})
+    unknown = msgpack.packb({"v": m.API_VERSION, "t": "launch_missiles", "id": 7})
     old = msgpack.packb({"v": 99, "t": "stats", "id": 8})
     not_request = m.encode(m.Released(id=9))
-    bad_field = msgpack.packb({"v": 1, "t": "lookup", "id": 10, "tokens": b"abc", "fingerprint": {}})
+    bad_field = msgpack.packb({"v": m.API_VERSION, "t": "lookup", "id": 10, "tokens": b"abc", "fingerprint": {}})
     ok = m.encode(m.StatsRequest(id=11))
     answers = raw_frames(api.socket_path, [
         struct.pack(">I", len(garbage)) + garbage,
@@ -387,6 +388,8 @@ def test_uids_outside_allowed_uids_are_refused() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_a_client_of_another_uid_maps_its_segment_and_only_it_can() -> None:
+    """Segments stay the daemon's own (0600): a client gets a descriptor with the answer, so
+    it maps its segment without being able to open any segment by name, its own included."""
     nobody = 65534
     k, v = kv(8)
     with serving(mode=0o666) as api:
@@ -394,12 +397,15 @@ def test_a_client_of_another_uid_maps_its_segment_and_only_it_can() -> None:
             client.put(list(range(8)), k, v, FP)
         os.chmod(api.dir, 0o755)
 
-        def maps_its_segment() -> bool:  # the root daemon hands the segment to that uid
+        def maps_its_segment() -> bool:
             with KVPeerClient(api.socket_path) as other, other.fetch(list(range(8)), FP) as result:
                 assert result.segment is not None
-                stat = os.stat(result.segment.path)
-                return (stat.st_uid == nobody and stat.st_mode & 0o077 == 0
-                        and result.zero_copy() and torch.equal(result.k, k))
+                path = shm.SHM_DIR / result.segment.name
+                stat = os.stat(path)
+                assert stat.st_uid == 0 and stat.st_mode & 0o077 == 0
+                with pytest.raises(PermissionError):
+                    os.open(path, os.O_RDONLY)
+                return result.zero_copy() and torch.equal(result.k, k)
 
         assert as_user(nobody, maps_its_segment)
 

@@ -1,0 +1,211 @@
+"""The local API's Unix socket, with segment descriptors sent along (``SCM_RIGHTS``).
+
+Owns how a segment reaches its client: the daemon sends an open descriptor of the segment's
+file with the message that names it (:class:`~kvpeer.api.messages.SegmentReady`,
+:class:`~kvpeer.api.messages.FetchStarted`), so segment files stay the daemon's own (mode 0600)
+and no other local user can open them, whatever groups they share.
+
+Wire rule: a frame that announces a segment is written in one ``sendmsg`` carrying exactly one
+descriptor, once nothing written before it is still queued, so the descriptor rides on the
+frame's first bytes and reaches the receiver no later than they do (Linux ends a read at the
+end of bytes that carried descriptors, so one read brings at most one frame's; a read with too
+little room for descriptors loses them, ``MSG_CTRUNC``). The receiver reads with ``recvmsg``,
+keeps what arrives in order (:class:`SegmentDescriptors`), and each announcing frame, decoded
+in stream order, takes the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import deque
+from typing import Any
+
+from kvpeer import aio
+from kvpeer.api import messages as m
+from kvpeer.errors import ErrorCode, ProtocolError
+
+#: Descriptors one read may bring: one (a read ends with the bytes that carried them). Room
+#: for a few more costs nothing and tells a misbehaving sender from a short buffer.
+MAX_DESCRIPTORS_PER_READ = 8
+_POLL_S = 0.002  # how often a descriptor's frame checks that what was queued before it left
+
+
+def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    """Up to ``size`` bytes and the descriptors sent with them (close-on-exec). Raises what
+    ``recvmsg`` raises (``BlockingIOError`` on a non-blocking socket with nothing to read)."""
+    data, fds, flags, _ = socket.recv_fds(sock, size, MAX_DESCRIPTORS_PER_READ, socket.MSG_CMSG_CLOEXEC)
+    if flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise ProtocolError(ErrorCode.MALFORMED, "more segment descriptors in one read than any answer sends")
+    return data, fds
+
+
+def close_all(fds: Any) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def send_with_descriptor(writer: asyncio.StreamWriter, data: bytes, fd: int, *, timeout_s: float) -> None:
+    """Write the frame ``data`` with ``fd`` on its first bytes, after every byte the writer
+    queued before it (the server's side; the caller serialises writes on this connection).
+    TimeoutError if what was queued before does not leave in ``timeout_s``."""
+    transport = writer.transport
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    raw = writer.get_extra_info("socket")
+    if raw is None:
+        raise ConnectionResetError("the connection is closed")
+    # The transport has no sendmsg with ancillary data: write through our own handle of the
+    # same socket, only while the transport has nothing queued (else this would overtake it).
+    with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+        while True:
+            if transport.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            if transport.get_write_buffer_size() == 0:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    sent = socket.send_fds(sock, [data], [fd])
+                    break
+            if loop.time() >= deadline:
+                raise TimeoutError(f"the client read nothing for {timeout_s}s")
+            await asyncio.sleep(_POLL_S)
+    if sent < len(data):  # the descriptor went with the first bytes: the rest queues as usual
+        writer.write(data[sent:])
+
+
+class SegmentDescriptors:
+    """The client's descriptors: arrived, then paired with the message that announces each
+    segment; each is closed when taken and mapped, dropped, or with the connection."""
+
+    def __init__(self) -> None:
+        self._arrived: deque[int] = deque()
+        self._by_segment: dict[str, int] = {}
+
+    def arrived(self, fds: list[int]) -> None:
+        self._arrived.extend(fds)
+
+    def on_message(self, message: m.Message) -> None:
+        """Pair ``message`` (decoded in arrival order) with its descriptor, if it announces a
+        segment; MALFORMED if none came (a daemon older than this client)."""
+        if not isinstance(message, m.SegmentReady | m.FetchStarted):
+            return
+        if not self._arrived:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"segment {message.segment} came without its descriptor: is the daemon older "
+                "than this client? (upgrade both together)",
+            )
+        self.discard(message.segment)  # a name announced twice: keep the newest
+        self._by_segment[message.segment] = self._arrived.popleft()
+
+    def take(self, segment: str) -> int:
+        """The descriptor of ``segment``, now the caller's to close; MALFORMED if none came."""
+        fd = self._by_segment.pop(segment, None)
+        if fd is None:
+            raise ProtocolError(ErrorCode.MALFORMED, f"no descriptor came for segment {segment}")
+        return fd
+
+    def discard(self, segment: str) -> None:
+        """Close ``segment``'s descriptor, if it is still here (an answer given up on)."""
+        fd = self._by_segment.pop(segment, None)
+        if fd is not None:
+            close_all([fd])
+
+    def close(self) -> None:
+        close_all(self._arrived)
+        close_all(self._by_segment.values())
+        self._arrived.clear()
+        self._by_segment.clear()
+
+    def __len__(self) -> int:
+        return len(self._arrived) + len(self._by_segment)
+
+
+class AsyncUnixConnection:
+    """A client's connection to the daemon for asyncio: bytes and descriptors in, whole frames
+    out in order. A frame being written is finished even when its sender stops waiting (a
+    timeout, a cancel): half a frame would leave the stream unusable."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._last_write: asyncio.Future[None] | None = None
+        self._writes: set[asyncio.Future[None]] = set()  # not done yet: cancelled by close()
+        self._readable: asyncio.Future[None] | None = None  # what a read waits on
+
+    @classmethod
+    async def open(cls, path: str) -> AsyncUnixConnection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def read(self, size: int) -> tuple[bytes, list[int]]:
+        """Up to ``size`` bytes (b"" at the end) and the descriptors that came with them."""
+        while True:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                return receive(self._sock, size)
+            ready = self._readable = self._loop.create_future()
+            fileno = self._sock.fileno()
+            self._loop.add_reader(fileno, _set_once, ready)
+            try:
+                await ready
+            finally:
+                self._readable = None
+                if self._sock.fileno() == fileno:  # not closed meanwhile (the number may be reused)
+                    self._loop.remove_reader(fileno)
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` after every frame written before it."""
+        await asyncio.shield(self._queue(data))
+
+    def write_soon(self, data: bytes) -> None:
+        """Send ``data`` after every frame written before it, without waiting (errors end the
+        connection for the next reader or writer to find)."""
+        self._queue(data).add_done_callback(aio.ignore_outcome)
+
+    def _queue(self, data: bytes) -> asyncio.Future[None]:
+        job = asyncio.ensure_future(self._write_after(self._last_write, data))
+        self._last_write = job
+        self._writes.add(job)
+        job.add_done_callback(self._writes.discard)
+        return job
+
+    async def _write_after(self, previous: asyncio.Future[None] | None, data: bytes) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:  # the stream may hold half of that frame
+                raise ConnectionResetError("an earlier write on this connection failed")
+        await self._loop.sock_sendall(self._sock, data)
+
+    async def flush(self) -> None:
+        """Wait until every frame written so far has left (or failed)."""
+        if self._last_write is not None:
+            await asyncio.wait([self._last_write])
+
+    def close(self) -> None:
+        """Close at once: writes still queued are cancelled, a read waiting fails."""
+        fileno = self._sock.fileno()
+        if fileno >= 0:
+            # Unregister before the number is freed: a registration left behind would meet the
+            # next socket given that number (epoll no longer knows it: ENOENT on its first use).
+            self._loop.remove_reader(fileno)
+            self._loop.remove_writer(fileno)
+        for job in list(self._writes):
+            job.cancel()
+        self._sock.close()
+        if self._readable is not None:
+            _set_once(self._readable)  # the read then finds the socket closed (OSError)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
