@@ -117,21 +117,49 @@ def encode_record(key: bytes, level: str, blob: bytes) -> bytes:
 
 def decode_record(data: bytes, key: bytes, level: str) -> bytes:
     """The payload of a chunk file read whole; StoreError if it is not exactly what was written."""
-    if len(data) < _HEADER.size:
-        raise StoreError(f"truncated record ({len(data)} bytes)")
-    magic, version, level_len, payload_len, digest, rec_key = _HEADER.unpack_from(data)
+    payload_len, digest = _check_header(data, key, level, len(data))
+    payload = bytes(memoryview(data)[len(data) - payload_len:])
+    _check_payload(payload, key, level, digest)
+    return payload
+
+
+def read_record_blocking(path: Path, key: bytes, level: str) -> bytes:
+    """The payload of the chunk file at ``path``, read into the bytes returned (the file is not
+    read whole first: one copy of a blob fewer than ``decode_record``); StoreError if it is not
+    exactly what was written, OSError if it cannot be read."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(_HEADER.size)
+        if len(head) == _HEADER.size:
+            head += fh.read(_HEADER.unpack_from(head)[2])  # the level's name
+        payload_len, digest = _check_header(head, key, level, size)
+        payload = fh.read(payload_len)
+    if len(payload) != payload_len:  # shortened while we read it
+        raise StoreError(f"truncated record ({len(head) + len(payload)} of {size} bytes)")
+    _check_payload(payload, key, level, digest)
+    return payload
+
+
+def _check_header(head: bytes, key: bytes, level: str, size: int) -> tuple[int, bytes]:
+    """Payload length and checksum from ``head`` (the header and the level's name, at least) of
+    a ``size``-byte record; StoreError unless they are ``key``'s at ``level`` and fit ``size``."""
+    if len(head) < _HEADER.size:
+        raise StoreError(f"truncated record ({size} bytes)")
+    magic, version, level_len, payload_len, digest, rec_key = _HEADER.unpack_from(head)
     if magic != _MAGIC or version != _VERSION:
         raise StoreError("not a chunk record of this version")
     start = _HEADER.size + level_len
-    rec_level = data[_HEADER.size:start].decode(errors="replace")
+    rec_level = head[_HEADER.size:start].decode(errors="replace")
     if rec_key != key or rec_level != level:
         raise StoreError("record holds another chunk than its name says")
-    if len(data) != start + payload_len:
-        raise StoreError(f"record length {len(data)} != {start + payload_len}")
-    payload = memoryview(data)[start:]
+    if size != start + payload_len:
+        raise StoreError(f"record length {size} != {start + payload_len}")
+    return payload_len, digest
+
+
+def _check_payload(payload: bytes, key: bytes, level: str, digest: bytes) -> None:
     if _checksum(key, level, payload) != digest:
         raise StoreError("checksum mismatch")
-    return bytes(payload)
 
 
 def record_size(level: str, blob_len: int) -> int:
@@ -676,7 +704,7 @@ class ChunkStore:
     def _read_disk_blocking(self, slot: _Slot, changes: _Changes) -> bytes | None:
         path = self._path(slot)
         try:
-            data = path.read_bytes()
+            blob = read_record_blocking(path, *slot)
         except FileNotFoundError:  # evicted or deleted by another thread meanwhile
             with self._lock:
                 if slot in self._disk:
@@ -702,8 +730,6 @@ class ChunkStore:
                 path, _describe_os_error(exc), "kept" if passing else "dropped from the index", errors,
             )
             return None
-        try:
-            blob = decode_record(data, *slot)
         except StoreError as exc:
             log.warning("store: %s is corrupt (%s); deleted", path, exc)
             with self._lock:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -536,14 +537,14 @@ def test_a_read_error_of_the_process_not_the_file_keeps_the_chunk(
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     store.put_blocking(key(1), "q8", blob(1))
     assert store.flush(timeout_s=30)
-    read = Path.read_bytes
+    read = store_mod.read_record_blocking
 
-    def out_of_descriptors(path: Path) -> bytes:
+    def out_of_descriptors(*args: object) -> bytes:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(Path, "read_bytes", out_of_descriptors)
+    monkeypatch.setattr(store_mod, "read_record_blocking", out_of_descriptors)
     assert store.get_blocking(key(1)) is None
-    monkeypatch.setattr(Path, "read_bytes", read)
+    monkeypatch.setattr(store_mod, "read_record_blocking", read)
     assert store.has(key(1)) and store.get_blocking(key(1)) == blob(1)
     assert store.stats()["disk_read_errors"] == 1 and len(files(tmp_path)) == 1
     store.close()
@@ -725,3 +726,48 @@ def test_eviction_on_a_read_only_disk_keeps_the_files_it_cannot_remove(
     assert store.stats()["disk_entries"] == 4 and store.stats()["disk_evictions"] == 1
     assert len(files(tmp_path)) == 4
     store.close()
+
+
+def test_a_disk_read_holds_one_copy_of_the_blob(tmp_path: Path) -> None:
+    """The file was read whole and its payload copied out of it: two blobs' worth of memory for
+    each read from disk."""
+    size = 4 << 20
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path)
+    store.put_blocking(key(1), "q8", blob(1, size))
+    assert store.flush(timeout_s=30)
+    tracemalloc.start()
+    try:
+        got = store.get_blocking(key(1))
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == blob(1, size)
+    assert peak < size * 1.5, peak
+    store.close()
+
+
+def test_a_record_is_read_back_only_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "record"
+    payload = blob(1, 20_000)
+    record = store_mod.encode_record(key(1), "q8", payload) + payload
+    path.write_bytes(record)
+    assert store_mod.read_record_blocking(path, key(1), "q8") == payload
+    assert store_mod.decode_record(record, key(1), "q8") == payload
+    damaged = {
+        "truncated record": record[:40],
+        "record length": record[:-1],
+        "checksum mismatch": record[:-1] + bytes([record[-1] ^ 1]),
+        "not a chunk record": b"X" + record[1:],
+    }
+    for why, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(StoreError, match=why):
+            store_mod.read_record_blocking(path, key(1), "q8")
+        with pytest.raises(StoreError, match=why):
+            store_mod.decode_record(data, key(1), "q8")
+    path.write_bytes(record + b"more")
+    with pytest.raises(StoreError, match="record length"):
+        store_mod.read_record_blocking(path, key(1), "q8")
+    path.write_bytes(record)
+    with pytest.raises(StoreError, match="another chunk"):
+        store_mod.read_record_blocking(path, key(2), "q8")
