@@ -15,11 +15,11 @@ logged, counted in ``stats()``, and for the next ``DISK_RETRY_S`` seconds puts k
 RAM only (``ram_only_puts``; StoreError only for a chunk RAM cannot hold either): the daemon
 keeps running on the RAM tier. An outage is logged at ERROR once (again only if its error
 changes), its retries at DEBUG, the first write that works again at INFO. A file that eviction
-cannot remove (a read-only disk) stays indexed and readable; the put that needed its room
-stays in RAM. Chunks whose write failed were acknowledged already: they move
-to the RAM tier (as far as it holds them). A disk that is down when the store opens (read-only,
-full, failing) leaves the store on its RAM tier (``stats()["disk_unavailable"]`` says why);
-other errors there (no permission, not a directory) are the configuration's and raise OSError.
+cannot remove (a read-only disk) stays indexed and readable; the put that needed its room stays
+in RAM. Chunks whose write failed were acknowledged already: they move to the RAM tier (as far
+as it holds them). A disk that is down when the store opens (read-only, full, failing) leaves
+the store on its RAM tier (``stats()["disk_unavailable"]`` says why); other errors there (no
+permission, not a directory) are the configuration's and raise OSError.
 When the file system (or the quota on it) fills before ``disk_bytes`` does (others write there
 too), the oldest files are evicted for the failed bytes, so that the retry finds room. Store
 subdirectories removed under a running store (a tmpfiles cleaner) are made again by the next
@@ -36,9 +36,9 @@ Threads. ``*_blocking`` methods may run in executor threads concurrently. The as
 run them in the store's own small thread pools, one for puts (which wait while the disk writers
 are behind) and one for reads, created with the store and shut down by :meth:`close`: a slow
 disk holds up store work only, never the loop's default executor that decodes, transcodes and
-encodes share, and a RAM hit never waits behind puts. Inventory callbacks (``subscribe``) run on the event
-loop they were subscribed from (from other threads via ``call_soon_threadsafe``), or in the
-calling thread when subscribed outside any loop.
+encodes share, and a RAM hit never waits behind puts. Inventory callbacks (``subscribe``) run
+on the event loop they were subscribed from (from other threads via ``call_soon_threadsafe``),
+or in the calling thread when subscribed outside any loop.
 """
 
 from __future__ import annotations
