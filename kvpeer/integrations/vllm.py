@@ -29,6 +29,12 @@ on first use (and again after a failure), and bounds each wait by keys of the sa
 ``kvpeer_save_timeout_s`` (60) for a save. After the daemon fails to answer, lookups, loads and
 saves are skipped for ``kvpeer_backoff_s`` (10): requests are computed as if nothing matched.
 Then a quick probe (within the lookup timeout) says whether to use the daemon again.
+
+Saves never hold up the forward pass: ``save_kv_layer`` copies the computed KV out of the paged
+cache, and a thread of the connector's own sends the copies to the daemon (which encodes them
+before it answers) while the engine goes on. At most ``kvpeer_max_pending_save_bytes`` (1 GiB)
+of copies wait; a save past that is dropped (the daemon is a cache: the next engine to compute
+that prompt saves it). :meth:`KVPeerConnector.flush_saves` waits for the ones in flight.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -81,6 +88,8 @@ LAYOUTS = ("blocks_heads_tokens_2d", "kv_blocks_tokens_heads")
 # Past a load's deadline, how long the daemon may take to say what it restored before the worker
 # stops waiting for it (the answer is due at the deadline; this covers a busy event loop).
 LOAD_ANSWER_GRACE_S = 1.0
+MAX_PENDING_SAVE_BYTES = 1 << 30  # kvpeer_max_pending_save_bytes: KV copies waiting to be put
+SHUTDOWN_SAVE_WAIT_S = 10.0  # at shutdown, how long saves still waiting may take to go out
 
 
 # --------------------------------------------------------------------------- pure mapping
@@ -254,7 +263,8 @@ def _role_name(role: Any) -> str:
 class DaemonWaits:
     """How long the connector waits for the daemon: each field is the extra-config key
     ``kvpeer_<field>``, in seconds. vLLM waits with it (the scheduler for a lookup, the whole
-    batch for a load or a save), so a daemon that is slow or gone costs a recompute, not a stall."""
+    batch for a load; saves are put by a thread of their own), so a daemon that is slow or gone
+    costs a recompute, not a stall."""
 
     lookup_timeout_s: float = 0.5
     """The scheduler's wait for a lookup; past it the request is computed. Also bounds the probe
@@ -264,7 +274,8 @@ class DaemonWaits:
     """A load's deadline, passed to the fetch: the daemon stops there and vLLM recomputes what
     was not restored (the worker gives up :data:`LOAD_ANSWER_GRACE_S` later)."""
     save_timeout_s: float = DEFAULT_TIMEOUT_S
-    """The worker's wait for each answer to a save (a healthy daemon encodes the chunks first)."""
+    """The saving thread's wait for each answer to a save (a healthy daemon encodes the chunks
+    first); while it waits, later saves queue (see ``kvpeer_max_pending_save_bytes``)."""
     backoff_s: float = 10.0
     """After the daemon failed to answer, how long lookups, loads and saves are skipped."""
 
@@ -273,6 +284,13 @@ class DaemonWaits:
         given = {f.name: _seconds(f"kvpeer_{f.name}", extra[f"kvpeer_{f.name}"])
                  for f in fields(cls) if f"kvpeer_{f.name}" in extra}
         return cls(**given)
+
+
+def _bytes_key(extra: Mapping[str, Any], key: str, default: int) -> int:
+    value = extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number of bytes, not {value!r}")
+    return value
 
 
 def _seconds(key: str, value: Any) -> float:
@@ -317,6 +335,70 @@ def _daemon_away(exc: BaseException) -> bool:
     """Whether ``exc`` says the daemon is not answering (down, restarting, hung), rather than
     that it turned this one request down."""
     return isinstance(exc, ApiError) and exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN)
+
+
+class _Saver:
+    """Puts the worker's saves from a thread of its own, in the order given, so that no batch
+    waits for the daemon to take (and encode) a prompt's KV. ``save`` does one put and handles
+    its errors. At most ``max_bytes`` of KV copies wait (one save of any size when none does);
+    :meth:`submit` refuses past that."""
+
+    def __init__(self, save: Callable[[SaveSpec, torch.Tensor, torch.Tensor], None], max_bytes: int) -> None:
+        self._save = save
+        self.max_bytes = max_bytes
+        self._pending: deque[tuple[SaveSpec, torch.Tensor, torch.Tensor]] = deque()
+        self._bytes = 0  # of the saves waiting and the one being put
+        self._busy = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Queue a save (the tensors are the caller's copies, now ours); False if it was dropped
+        (too much waiting already, or closed)."""
+        size = k.nbytes + v.nbytes
+        with self._changed:
+            if self._closed or (self._bytes and self._bytes + size > self.max_bytes):
+                return False
+            self._pending.append((spec, k, v))
+            self._bytes += size
+            if self._thread is None:  # only a worker saves: no thread in the scheduler's process
+                self._thread = threading.Thread(target=self._run, name="kvpeer-vllm-saves", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+        return True
+
+    def flush(self, timeout_s: float | None) -> bool:
+        """Wait until every save submitted so far was put (or failed); False on the timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._busy, timeout_s)
+
+    def close(self, timeout_s: float) -> bool:
+        """Let the saves waiting go out for up to ``timeout_s``, then stop; False if some did not."""
+        flushed = self.flush(timeout_s)
+        with self._changed:
+            self._closed = True
+            self._pending.clear()
+            self._changed.notify_all()
+        return flushed
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                spec, k, v = self._pending.popleft()
+                self._busy = True
+            try:
+                self._save(spec, k, v)
+            except Exception:  # a bug must not end the thread: later saves still go out
+                log.exception("kvpeer save of %s failed", spec.req_id)
+            finally:
+                with self._changed:
+                    self._bytes -= k.nbytes + v.nbytes
+                    self._busy = False
+                    self._changed.notify_all()
 
 
 class _Connection:
@@ -404,6 +486,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._meta: KVPeerConnectorMetadata | None = None
         self._load_errors: set[int] = set()
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
+        self.saves_dropped = 0  # refused because too much KV was already waiting to be put
+        self._dropping = False  # saves are being dropped: warned once until one is taken
 
     # ------------------------------------------------------------------ metadata binding
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
@@ -608,14 +693,29 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             v_all[index].copy_(v)
 
     def wait_for_save(self) -> None:
+        """Hand this step's saves to the saving thread: their KV was copied out of the paged
+        cache layer by layer, so nothing here waits for the daemon."""
         meta = self._meta
         staged, self._staged = self._staged, {}
         if meta is None:
             return
         for spec in meta.saves:
             kv = staged.get(spec.req_id)
-            if kv is not None:
-                self._save(spec, *kv)
+            if kv is None:
+                continue
+            if self._saver.submit(spec, *kv):
+                self._dropping = False
+                continue
+            self.saves_dropped += 1
+            log.log(logging.DEBUG if self._dropping else logging.WARNING,
+                    "kvpeer put for %s dropped: %d bytes of saves are still waiting for the daemon "
+                    "(kvpeer_max_pending_save_bytes)", spec.req_id, self._saver.max_bytes)
+            self._dropping = True
+
+    def flush_saves(self, timeout_s: float | None = None) -> bool:
+        """Wait until the saves handed over so far reached the daemon (or failed); False if
+        ``timeout_s`` passed first."""
+        return self._saver.flush(timeout_s)
 
     def _save(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._daemon_usable():
@@ -631,6 +731,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._daemon_answered()
 
     def shutdown(self) -> None:
+        if not self._saver.close(min(self.waits.save_timeout_s, SHUTDOWN_SAVE_WAIT_S)):
+            log.warning("kvpeer: saves still waiting for the daemon at shutdown were dropped")
         for connection in (self._quick, self._loads, self._saves):
             with connection.lock:
                 connection.drop()

@@ -148,6 +148,7 @@ def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, l
         a.save_kv_layer(name, cache, None)
     a.wait_for_save()
     a.clear_connector_metadata()
+    assert a.flush_saves(10.0)  # saves go out from a thread of the connector's
 
     # Engine B has its own prefix-cache hit of one block (4 tokens) and loads the rest.
     b, b_caches = engine(api, layout)

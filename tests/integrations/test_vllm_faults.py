@@ -17,7 +17,7 @@ import torch
 
 from kvpeer import shm
 from kvpeer.api import messages as m
-from kvpeer.errors import ConfigError
+from kvpeer.errors import ConfigError, ErrorCode
 from kvpeer.integrations.vllm import Backoff, KVPeerConnector
 from tests.api.fakes import FakeBackend, ScriptedDaemon, ServerThread, send
 from tests.integrations.test_vllm import (
@@ -195,7 +195,7 @@ def test_loads_in_the_batch_after_a_timeout_are_not_waited_for() -> None:
 
 
 class SegmentGone(ScriptedDaemon):
-    """Names a put segment that is not there (the daemon restarted, the lease ran out)."""
+    """Names a put segment but sends no descriptor with it (a daemon older than the connector)."""
 
     def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
         if isinstance(message, m.PutRequest):
@@ -216,11 +216,16 @@ def save(conn: KVPeerConnector, req_id: str) -> None:
     conn.clear_connector_metadata()
 
 
+def save_and_flush(conn: KVPeerConnector, req_id: str) -> None:
+    save(conn, req_id)
+    assert conn.flush_saves(GENEROUS_S)
+
+
 def test_a_put_that_raises_a_raw_os_error_does_not_stop_the_worker(caplog: pytest.LogCaptureFixture) -> None:
     with SegmentGone() as daemon:
         conn, _ = connector(daemon.socket_path)
         with caplog.at_level(logging.WARNING, "kvpeer.integrations.vllm"):
-            save(conn, "r1")
+            save_and_flush(conn, "r1")
         assert "kvpeer put for r1 failed" in caplog.text
         conn.shutdown()
 
@@ -230,14 +235,67 @@ def test_saves_to_a_hung_daemon_wait_once_then_only_for_a_quick_probe() -> None:
         conn, clock = connector(daemon.socket_path, kvpeer_save_timeout_s=0.3,
                                 kvpeer_lookup_timeout_s=0.2)
         started = time.monotonic()
-        save(conn, "r1")  # waits its timeout once
-        save(conn, "r2")  # backing off: not sent
+        save_and_flush(conn, "r1")  # waits its timeout once
+        save_and_flush(conn, "r2")  # backing off: not sent
         clock.now = conn.waits.backoff_s
-        save(conn, "r3")  # the probe finds the daemon still hung: not sent either
+        save_and_flush(conn, "r3")  # the probe finds the daemon still hung: not sent either
         assert time.monotonic() - started < GENEROUS_S
         assert len(daemon.received(m.PutRequest)) == 1
         assert len(daemon.received(m.StatsRequest)) == 1
         conn.shutdown()
+
+
+class PutsWait(ScriptedDaemon):
+    """A daemon that answers a put only once ``go`` is set (it is encoding a long prompt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.PutRequest):
+            self.go.wait(30)
+            send(conn, m.ErrorResponse(id=message.id, code=int(ErrorCode.BUSY), reason="test"))
+        else:
+            super().handle(conn, index, message)
+
+    def __exit__(self, *exc: object) -> None:
+        self.go.set()
+        super().__exit__(*exc)
+
+
+def test_a_save_does_not_hold_the_forward_pass_while_the_daemon_takes_it() -> None:
+    """wait_for_save used to put the prompt itself: every batch that saved waited for the daemon
+    to take and encode it. Now the step returns while the put is still unanswered."""
+    with PutsWait() as daemon:
+        conn, _ = connector(daemon.socket_path)
+        save(conn, "r1")  # returns although the daemon has not answered
+        assert daemon.wait_for(m.PutRequest) and not daemon.go.is_set()
+        assert not conn.flush_saves(0.05)  # still in flight
+        daemon.go.set()
+        assert conn.flush_saves(GENEROUS_S)
+        conn.shutdown()
+
+
+def test_saves_past_the_pending_bytes_are_dropped_not_queued_without_end(caplog: pytest.LogCaptureFixture) -> None:
+    with PutsWait() as daemon:
+        one_save = 2 * LAYERS * HEADS * 32 * DIM * 4  # K and V of 32 tokens in float32
+        conn, _ = connector(daemon.socket_path, kvpeer_max_pending_save_bytes=2 * one_save)
+        with caplog.at_level(logging.WARNING, "kvpeer.integrations.vllm"):
+            for req_id in ("r1", "r2", "r3", "r4"):
+                save(conn, req_id)
+        assert conn.saves_dropped == 2  # r1 is being put, r2 waits, r3 and r4 find no room
+        assert caplog.text.count("dropped") == 1  # warned once, not per save
+        daemon.go.set()
+        assert conn.flush_saves(GENEROUS_S)
+        assert [p.tokens.size for p in daemon.received(m.PutRequest)] == [32, 32]
+        conn.shutdown()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "1GiB", True])
+def test_a_bad_pending_save_bytes_stops_the_connector_naming_the_key(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(ConfigError, match="kvpeer_max_pending_save_bytes"):
+        connector(tmp_path / "no.sock", kvpeer_max_pending_save_bytes=value)
 
 
 def send_unless_closed(conn: socket.socket, message: m.Message) -> None:
