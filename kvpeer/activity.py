@@ -3,21 +3,30 @@
 One INFO line per request floods the journal at an engine's rates (a busy node answers
 hundreds of lookups and fetches a second; journald keeps ~333 lines/s by default, so the one
 ERROR that matters could be dropped). Requests are logged at DEBUG, and this keeps the counts
-for one INFO line per interval with anything in it.
+for one INFO line per interval with anything in it. The fetcher's own events (chunks retried
+or restarted, peers lost: also DEBUG one by one) are read from its counters, and the line says
+how much each grew.
 """
 
 from __future__ import annotations
 
 import collections
 import statistics
+from collections.abc import Callable, Mapping
 
 
 class Activity:
-    """Counts of fetches (by outcome) and puts since the last :meth:`take_summary`."""
+    """Counts of fetches (by outcome) and puts since the last :meth:`take_summary`.
+
+    ``events``: counters that only grow (the fetcher's, since start); each summary says how much
+    they grew since the previous one.
+    """
 
     LATENCY_SAMPLES = 4096  # the latest fetch times kept for the percentiles
 
-    def __init__(self) -> None:
+    def __init__(self, events: Callable[[], Mapping[str, int]] | None = None) -> None:
+        self._events = events
+        self._events_seen: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -29,7 +38,8 @@ class Activity:
         self.put_stored = 0
 
     def fetch(self, outcome: str, seconds: float, wire_bytes: int = 0) -> None:
-        """One fetch ended: ``outcome`` is its reason ("complete", "recompute", "miss", ...)."""
+        """One fetch ended: ``outcome`` is its reason ("complete", "recompute", "miss",
+        "cancelled", ...); ``seconds`` from the request's arrival."""
         self.fetches[outcome] += 1
         self.seconds.append(seconds)
         self.wire_bytes += wire_bytes
@@ -42,7 +52,8 @@ class Activity:
     def take_summary(self, interval_s: float) -> str | None:
         """The line for the interval just ended (None if nothing happened); counts restart."""
         fetches = sum(self.fetches.values())
-        if not fetches and not self.puts:
+        grown = self._events_grown()
+        if not fetches and not self.puts and not grown:
             return None
         parts = [f"last {interval_s:.0f} s:"]
         if fetches:
@@ -55,6 +66,17 @@ class Activity:
                 f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms;"
             )
         if self.puts:
-            parts.append(f"{self.puts} puts, {self.put_stored} of {self.put_chunks} chunks new")
+            parts.append(f"{self.puts} puts, {self.put_stored} of {self.put_chunks} chunks new;")
+        if grown:
+            events = ", ".join(f"{name} {count}" for name, count in sorted(grown.items()))
+            parts.append(f"fetcher: {events}")
         self._reset()
         return " ".join(parts).rstrip(";")
+
+    def _events_grown(self) -> dict[str, int]:
+        if self._events is None:
+            return {}
+        now = {str(name): int(count) for name, count in dict(self._events()).items()}
+        grown = {n: c - self._events_seen.get(n, 0) for n, c in now.items() if c > self._events_seen.get(n, 0)}
+        self._events_seen = now
+        return grown

@@ -13,8 +13,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from kvpeer.discovery import (
 )
 from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ConfigError, ErrorCode, KVPeerError, ProtocolError, StoreError
-from kvpeer.fetcher import Fetcher, FetcherConfig, LevelServer, total_bytes_per_token
+from kvpeer.fetcher import Fetcher, FetcherConfig, FetchOutcome, LevelServer, total_bytes_per_token
 from kvpeer.files import write_text_atomically
 from kvpeer.hashing import ModelFingerprint, chunk_keys
 from kvpeer.metrics import Metrics
@@ -57,6 +59,10 @@ STOP_NETWORK_SHARE = 0.6  # of daemon.shutdown_grace_s, for closing the API, pee
 PLAN_ASK_S = 3.0
 ACTIVITY_LOG_S = 60.0  # the served requests are summed up in one INFO line this often
 MAX_HAS_KEYS = 4096  # a "has" request names at most this many keys (about 4k chunks = 1M tokens)
+# Threads decoding fetched chunks (and handing them over), apart from the loop's default
+# executor: a decode queued there behind puts' encodes and transcodes held its fetch seconds
+# past the deadline. One fetch decodes one chunk at a time; this many fetches at once.
+DECODE_THREADS = max(2, min(4, os.cpu_count() or 1))
 
 
 @dataclass(slots=True)
@@ -121,12 +127,14 @@ class Daemon:
             handler=self,
             on_peer_down=self._peer_down,
         )
+        self.decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvpeer-decode")
         self.fetcher = Fetcher(
             sessions=self.transport.session,
             cache=self.store,
             levels=codec.LEVELS,
             chunk_tokens=self.chunk_tokens,
             config=FetcherConfig(request_timeout_s=config.transport.request_timeout_s),
+            executor=self.decode_executor,
         )
         self.level_server = LevelServer(self.store, transcode_options=self._transcode_options)
         self.api = ApiServer(
@@ -153,10 +161,11 @@ class Daemon:
         self.metrics.watch_counters("api", lambda: self.api.counters)
         self.metrics.watch_counters("discovery", lambda: self.discovery.counters)
         self.metrics.watch_counters("inventory", lambda: self.peer_table.counters)
+        self.metrics.watch_counters("fetcher", lambda: self.fetcher.counters)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
-        self.activity = Activity()
+        self.activity = Activity(events=lambda: self.fetcher.counters)
         self.codec_backends: list[str] = []  # probed at start
 
     # ----------------------------------------------------------------- lifecycle
@@ -199,6 +208,8 @@ class Daemon:
                 log.warning("stopping: %s took too long; going on", close.__qualname__)
             except Exception:
                 log.exception("stopping: %s failed", close.__qualname__)
+        # Fetches ended with the API; a decode a cancel left queued is dropped, not run.
+        self.decode_executor.shutdown(wait=False, cancel_futures=True)
         await self.store.aclose()  # drains queued disk writes off the event loop
         log.info("kvpeerd %s stopped", self.node_id)
 
@@ -368,24 +379,65 @@ class Daemon:
         )
 
     async def fetch(self, ctx: ClientContext, req: Any, sink: FetchSink) -> None:
-        fp: ModelFingerprint = req.fingerprint
         started = time.monotonic()
-        defaults = self.config.fetch
-        deadline_s = req.deadline_s or defaults.deadline_s or None
-        # A quarter of the deadline at most to find the holders: the rest is the fetch's.
-        plan = await self._plan(
-            self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
-        )
-        if not plan.sources:
+        plan: _Plan | None = None
+        ended: list[FetchOutcome] = []  # the fetcher's outcome, however the fetch ended
+        try:
+            fp: ModelFingerprint = req.fingerprint
+            deadline_s = req.deadline_s or self.config.fetch.deadline_s or None
+            # A quarter of the deadline at most to find the holders: the rest is the fetch's.
+            plan = await self._plan(
+                self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
+            )
+            if plan.sources:
+                deadline = started + deadline_s if deadline_s else None
+                await self._fetch(req, plan, sink, deadline, ended.append)
+        except BaseException as exc:
+            if not ended:  # it ended before the fetcher had an outcome (planning, say)
+                ended.append(FetchOutcome(
+                    chunks=0, requested=len(plan.sources) if plan else 0, levels=(), bytes_moved=0,
+                    elapsed_s=time.monotonic() - started,
+                    reason="cancelled" if isinstance(exc, asyncio.CancelledError) else "error",
+                ))  # fmt: skip
+            raise
+        finally:
+            # Counted however it ended: a cancelled fetch (client gone, API backstop) did move
+            # bytes and take time.
+            self._fetch_ended(ctx, req, plan, ended[0] if ended else None, time.monotonic() - started)
+
+    def _fetch_ended(
+        self, ctx: ClientContext, req: Any, plan: _Plan | None, outcome: FetchOutcome | None,
+        seconds: float,
+    ) -> None:
+        wanted = len(plan.keys) if plan is not None else 0
+        if outcome is None:
             log.debug("fetch ns=%s tokens=%d: no chunk available", ctx.namespace, len(req.tokens))
-            self.metrics.record_miss(wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens)
-            self.activity.fetch("miss", time.monotonic() - started)
+            self.metrics.record_miss(wanted_chunks=wanted, chunk_tokens=self.chunk_tokens, seconds=seconds)
+            self.activity.fetch("miss", seconds)
             return
-        outcome = await self.fetcher.fetch(
+        self.metrics.record_fetch(
+            outcome, wanted_chunks=wanted, chunk_tokens=self.chunk_tokens, seconds=seconds
+        )
+        self.activity.fetch(outcome.reason, seconds, outcome.bytes_moved)
+        log.debug(
+            "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
+            ctx.namespace, len(req.tokens), outcome.chunks, outcome.requested, outcome.reason,
+            sorted({s or "local" for s in plan.sources}) if plan is not None else [],
+            ",".join(outcome.levels), outcome.bytes_moved, seconds,
+        )
+
+    async def _fetch(
+        self, req: Any, plan: _Plan, sink: FetchSink, deadline: float | None,
+        on_end: Callable[[FetchOutcome], None],
+    ) -> None:
+        """Fetch the planned chunks; the fetcher tells ``on_end`` its outcome."""
+        fp: ModelFingerprint = req.fingerprint
+        defaults = self.config.fetch
+        await self.fetcher.fetch(
             plan.keys[: len(plan.sources)],
             plan.holders,
             sink,
-            deadline=started + deadline_s if deadline_s else None,
+            deadline=deadline,
             min_level=req.min_level or defaults.min_level or None,
             # The client's own statement first, then the operator's, then what puts showed.
             recompute_rate=req.recompute_tokens_per_s or defaults.recompute_tokens_per_s or None,
@@ -396,16 +448,7 @@ class Daemon:
             kv_dtype=fp.dtype,
             policy=defaults.policy,
             chunk_shape=(fp.layers, fp.kv_heads, fp.head_dim),
-        )
-        self.metrics.record_fetch(
-            outcome, wanted_chunks=len(plan.keys), chunk_tokens=self.chunk_tokens
-        )
-        self.activity.fetch(outcome.reason, time.monotonic() - started, outcome.bytes_moved)
-        log.debug(
-            "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
-            ctx.namespace, len(req.tokens), outcome.chunks, len(plan.sources), outcome.reason,
-            sorted({s or "local" for s in plan.sources}), ",".join(outcome.levels),
-            outcome.bytes_moved, time.monotonic() - started,
+            on_end=on_end,
         )
 
     async def _plan(

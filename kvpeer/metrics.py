@@ -34,9 +34,11 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 MAX_PEER_LABELS = 256  # distinct peer label values; later peers are counted as "other"
-# The fetcher's reasons (complete, recompute, deadline, unavailable, error), and "miss": nothing
-# of the prefix was held anywhere.
-FETCH_OUTCOMES = ("complete", "recompute", "deadline", "unavailable", "error", "miss")
+# The fetcher's reasons (complete, recompute, deadline, unavailable, error), "miss": nothing of
+# the prefix was held anywhere, and "cancelled": the client went away or the API gave up on it.
+FETCH_OUTCOMES = ("complete", "recompute", "deadline", "unavailable", "error", "miss", "cancelled")
+# Why a chunk some node held was not restored (a fetch's reason, when it left chunks out).
+SKIP_REASONS = ("recompute", "deadline", "unavailable", "error")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -136,6 +138,14 @@ class Metrics:
             "kvpeer_chunk_misses", "Chunks asked for that no node held (left to recompute)",
             registry=r,
         )
+        self.chunk_skips = Counter(
+            "kvpeer_chunk_skips",
+            "Chunks some node held that a fetch left to recompute, by why: recompute (faster than "
+            "fetching), deadline, unavailable (their holders failed), error",
+            ["reason"], registry=r,
+        )
+        for reason in SKIP_REASONS:
+            self.chunk_skips.labels(reason)
         self.prefix_tokens = Counter(
             "kvpeer_prefix_tokens", "Prefix tokens by result (matched, recompute)", ["result"],
             registry=r,
@@ -160,8 +170,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.fetch_seconds = Histogram(
-            "kvpeer_fetch_seconds", "Time to answer one fetch request", buckets=FETCH_BUCKETS,
-            registry=r,
+            "kvpeer_fetch_seconds",
+            "Time to answer one fetch request, finding the holders included (misses and "
+            "cancelled fetches too)",
+            buckets=FETCH_BUCKETS, registry=r,
         )
         self.peers_up = Gauge("kvpeer_peers_up", "Peers currently known and alive", registry=r)
         self.peer_sessions = Gauge(
@@ -195,13 +207,20 @@ class Metrics:
     def sent(self, peer_id: str, level: str, n_bytes: int) -> None:
         self.bytes_out.labels(self.peer_label(peer_id), level).inc(n_bytes)
 
-    def record_fetch(self, outcome: Any, *, wanted_chunks: int, chunk_tokens: int) -> None:
+    def record_fetch(
+        self, outcome: Any, *, wanted_chunks: int, chunk_tokens: int, seconds: float | None = None
+    ) -> None:
         """Count one finished fetch from the fetcher's ``FetchOutcome`` and its event timeline.
 
-        ``wanted_chunks``: full chunks of the client's prefix, whether held anywhere or not.
+        ``wanted_chunks``: full chunks of the client's prefix, whether held anywhere or not; the
+        fetch set out to restore ``outcome.requested`` of them (those some node held). The rest
+        are misses; held ones not restored are skips, by the fetch's reason. ``seconds``: the
+        request's time, from its arrival (default: the fetcher's own time).
+
+        A cancelled fetch answered nobody: its bytes and its time count, its chunks do not.
         """
         self.fetches.labels(outcome.reason).inc()
-        self.fetch_seconds.observe(outcome.elapsed_s)
+        self.fetch_seconds.observe(outcome.elapsed_s if seconds is None else seconds)
         requested: dict[int, float] = {}
         decoding: dict[int, float] = {}
         from_peers: set[int] = set()
@@ -217,16 +236,24 @@ class Metrics:
                 decoding[event.index] = event.t
             elif event.kind == "decode_end" and event.index in decoding:
                 self.decode_seconds.labels(event.level or "unknown").observe(event.t - decoding[event.index])
+        if outcome.reason == "cancelled":
+            return
         restored_from_peers = len([i for i in from_peers if 0 <= i < outcome.chunks])
         self.chunk_hits.labels("peer").inc(restored_from_peers)
         self.chunk_hits.labels("local").inc(max(0, outcome.chunks - restored_from_peers))
-        self.chunk_misses.inc(max(0, wanted_chunks - outcome.chunks))
+        self.chunk_misses.inc(max(0, wanted_chunks - max(outcome.requested, outcome.chunks)))
+        skipped = outcome.requested - outcome.chunks
+        if skipped > 0:
+            self.chunk_skips.labels(outcome.reason).inc(skipped)
         self.prefix_tokens.labels("matched").inc(outcome.chunks * chunk_tokens)
         self.prefix_tokens.labels("recompute").inc(max(0, wanted_chunks - outcome.chunks) * chunk_tokens)
 
-    def record_miss(self, *, wanted_chunks: int, chunk_tokens: int) -> None:
-        """Count a fetch of which no chunk was held anywhere."""
+    def record_miss(self, *, wanted_chunks: int, chunk_tokens: int, seconds: float | None = None) -> None:
+        """Count a fetch of which no chunk was held anywhere (``seconds``: the time it took to
+        find that out, if known)."""
         self.fetches.labels("miss").inc()
+        if seconds is not None:
+            self.fetch_seconds.observe(seconds)
         self.chunk_misses.inc(wanted_chunks)
         self.prefix_tokens.labels("recompute").inc(wanted_chunks * chunk_tokens)
 

@@ -27,3 +27,17 @@ def test_only_puts() -> None:
     activity = Activity()
     activity.put(chunks=2, stored=0)
     assert activity.take_summary(60) == "last 60 s: 1 puts, 0 of 2 chunks new"
+
+
+def test_the_fetchers_events_are_summed_up_per_interval_not_logged_one_by_one() -> None:
+    """Retries, restarts and lost peers log at DEBUG each; the line says how many there were."""
+    counters = {"retry": 3, "peer_lost": 1}
+    activity = Activity(events=lambda: counters)
+    activity.fetch("cancelled", 0.2, wire_bytes=1_000_000)
+    assert activity.take_summary(60) == (
+        "last 60 s: 1 fetches (cancelled 1), 1.0 MB from peers, p50 200 ms, p99 200 ms; "
+        "fetcher: peer_lost 1, retry 3"
+    )
+    assert activity.take_summary(60) is None  # nothing grew
+    counters.update(retry=5, preempt=2)
+    assert activity.take_summary(60) == "last 60 s: fetcher: preempt 2, retry 2"

@@ -206,7 +206,7 @@ def test_stop_drains_the_store_even_when_a_network_part_hangs() -> None:
         api=SimpleNamespace(close=hangs), discovery=SimpleNamespace(close=closes),
         inventory_sync=SimpleNamespace(close=closes), fetcher=SimpleNamespace(close=closes),
         level_server=SimpleNamespace(close=hangs), transport=SimpleNamespace(close=closes),
-        store=SimpleNamespace(aclose=drain),
+        store=SimpleNamespace(aclose=drain), decode_executor=SimpleNamespace(shutdown=lambda **_: None),
     )  # fmt: skip
     asyncio.run(aio.wait_for(daemon.Daemon.stop(node), 1.0))
     assert drained == [True]

@@ -188,3 +188,47 @@ def test_listening_on_every_interface_is_warned_about_whatever_host_said_so(
         Metrics(process=False).start_http(host, 0, lambda: True).close()
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == ["metrics listen on 0.0.0.0, beyond localhost: firewall the port"] * 2
+
+
+def test_chunks_held_but_not_fetched_are_skips_by_reason_not_misses() -> None:
+    """Every chunk was held by a peer and the fetch chose to recompute: those used to count as
+    misses ("no node held"), so a slow link read as a cold cache."""
+    from kvpeer.fetcher import FetchOutcome
+
+    metrics = Metrics(process=False)
+    # 6 chunks wanted, 4 held (the fetch asked for those), 1 restored, the rest recomputed.
+    recompute = FetchOutcome(chunks=1, requested=4, levels=("q8",), bytes_moved=0, elapsed_s=0.2,
+                             reason="recompute")
+    metrics.record_fetch(recompute, wanted_chunks=6, chunk_tokens=256, seconds=1.5)
+    deadline = FetchOutcome(chunks=0, requested=2, levels=(), bytes_moved=0, elapsed_s=0.5,
+                            reason="deadline")
+    metrics.record_fetch(deadline, wanted_chunks=2, chunk_tokens=256, seconds=0.5)
+    value = metrics.registry.get_sample_value
+    assert value("kvpeer_chunk_misses_total", {}) == 2
+    assert value("kvpeer_chunk_skips_total", {"reason": "recompute"}) == 3
+    assert value("kvpeer_chunk_skips_total", {"reason": "deadline"}) == 2
+    assert value("kvpeer_chunk_skips_total", {"reason": "unavailable"}) == 0
+    assert value("kvpeer_prefix_tokens_total", {"result": "recompute"}) == (5 + 2) * 256
+    # The request's own time (finding the holders included), not the fetcher's part of it.
+    assert value("kvpeer_fetch_seconds_sum", {}) == 2.0
+
+
+def test_a_cancelled_fetch_counts_its_time_and_bytes_but_no_chunks() -> None:
+    from kvpeer.fetcher import FetchEvent, FetchOutcome
+
+    events = (
+        FetchEvent(t=0.0, kind="request", index=0, level="q8", peer="b"),
+        FetchEvent(t=0.2, kind="received", index=0, level="q8", peer="b", nbytes=4000),
+    )
+    outcome = FetchOutcome(chunks=1, requested=3, levels=("q8",), bytes_moved=4000,
+                           elapsed_s=0.3, reason="cancelled", events=events)
+    metrics = Metrics(process=False)
+    metrics.record_fetch(outcome, wanted_chunks=3, chunk_tokens=256, seconds=0.4)
+    metrics.record_miss(wanted_chunks=2, chunk_tokens=256, seconds=0.1)
+    value = metrics.registry.get_sample_value
+    assert value("kvpeer_fetches_total", {"outcome": "cancelled"}) == 1
+    assert value("kvpeer_fetch_seconds_count", {}) == 2  # the miss too
+    assert value("kvpeer_peer_received_bytes_total", {"peer": "b", "level": "q8"}) == 4000
+    assert value("kvpeer_chunk_hits_total", {"source": "peer"}) in (None, 0)
+    assert value("kvpeer_chunk_misses_total", {}) == 2
+    assert value("kvpeer_prefix_tokens_total", {"result": "matched"}) in (None, 0)

@@ -1,0 +1,149 @@
+"""Daemon.fetch's accounting: every fetch is counted however it ends, with the request's time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kvpeer.activity import Activity
+from kvpeer.metrics import Metrics
+from tests.test_fetcher import DIM, HEADS, LAYERS, TOKENS, Peer, Sink, fetcher, key, wait_until
+
+daemon = pytest.importorskip("kvpeer.daemon")
+
+FP = SimpleNamespace(hex="m", layers=LAYERS, kv_heads=HEADS, head_dim=DIM, dtype="float16")
+CTX = SimpleNamespace(namespace="default")
+
+
+def request(chunks: int) -> Any:
+    return SimpleNamespace(
+        fingerprint=FP, tokens=list(range(chunks * TOKENS)), deadline_s=None, min_level=None,
+        recompute_tokens_per_s=None,
+    )
+
+
+class Node:
+    """A daemon's fetch path over in-memory peers; planning says who holds what (and can take
+    time on the daemon's clock)."""
+
+    fetch = daemon.Daemon.fetch
+    # (getattr: the same test runs against an older daemon without these, and fails on what
+    # it counts, not on a missing name)
+    _fetch = getattr(daemon.Daemon, "_fetch", None)
+    _fetch_ended = getattr(daemon.Daemon, "_fetch_ended", None)
+
+    def __init__(self, peers: dict[str, Peer], *, held: int, clock: list[float] | None = None,
+                 plan_s: float = 0.0) -> None:
+        self.config = SimpleNamespace(fetch=SimpleNamespace(
+            deadline_s=0.0, min_level="", recompute_tokens_per_s=0.0, policy="fixed:q8"
+        ))  # fmt: skip
+        self.fetcher = fetcher(peers)
+        self.metrics = Metrics(process=False)
+        self.activity = Activity(events=lambda: self.fetcher.counters)
+        self.chunk_tokens = TOKENS
+        self.held = held
+        self.clock = clock
+        self.plan_s = plan_s
+
+    def _keys(self, ctx: Any, tokens: Any, fp: Any) -> list[bytes]:
+        return [key(i) for i in range(len(tokens) // TOKENS)]
+
+    async def _plan(self, keys: list[bytes], fp: Any, limit_s: float | None = None) -> Any:
+        if self.clock is not None:
+            self.clock[0] += self.plan_s
+        plan = daemon._Plan(keys=list(keys))
+        plan.sources = ["a"] * self.held
+        plan.holders = [{"a"} for _ in range(self.held)]
+        return plan
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_cancelled_fetch_is_counted_with_its_bytes() -> None:
+    """The client went away (or the API's backstop fired) after chunk 0 arrived: that fetch used
+    to vanish from every metric, the activity line and bytes_from_peers."""
+
+    async def main() -> Node:
+        peer = Peer("a")
+        peer.gates[1] = asyncio.Event()  # never arrives
+        node = Node({"a": peer}, held=4)
+        sink = Sink()
+        task = asyncio.create_task(node.fetch(CTX, request(4), sink))
+        await wait_until(lambda: bool(sink.done))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return node
+
+    node = asyncio.run(main())
+    assert node.value("kvpeer_fetches_total", outcome="cancelled") == 1
+    assert node.value("kvpeer_fetch_seconds_count") == 1
+    assert node.value("kvpeer_peer_received_bytes_total", peer="a", level="q8") > 0
+    assert node.fetcher.bytes_from_peers > 0
+    line = node.activity.take_summary(60)
+    assert line is not None and "(cancelled 1)" in line
+
+
+def test_a_fetch_cancelled_while_planning_is_counted_too() -> None:
+    async def main() -> Node:
+        node = Node({"a": Peer("a")}, held=4)
+        planning = asyncio.Event()
+
+        async def slow_plan(keys: list[bytes], fp: Any, limit_s: float | None = None) -> Any:
+            planning.set()
+            await asyncio.Event().wait()
+
+        node._plan = slow_plan  # type: ignore[method-assign]
+        task = asyncio.create_task(node.fetch(CTX, request(4), Sink()))
+        await planning.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return node
+
+    node = asyncio.run(main())
+    assert node.value("kvpeer_fetches_total", outcome="cancelled") == 1
+    assert node.value("kvpeer_fetch_seconds_count") == 1
+
+
+def test_fetch_seconds_include_planning_for_fetches_and_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding the holders may take seconds: kvpeer_fetch_seconds used to leave it out (the
+    fetcher's own time), and never observed a miss at all."""
+    clock = [1000.0]
+    monkeypatch.setattr(daemon, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+
+    async def main() -> tuple[Node, Node]:
+        fetched = Node({"a": Peer("a")}, held=4, clock=clock, plan_s=1.5)
+        await fetched.fetch(CTX, request(4), Sink())
+        missed = Node({"a": Peer("a")}, held=0, clock=clock, plan_s=2.0)
+        await missed.fetch(CTX, request(4), Sink())
+        return fetched, missed
+
+    fetched, missed = asyncio.run(main())
+    assert fetched.value("kvpeer_fetches_total", outcome="complete") == 1
+    assert fetched.value("kvpeer_fetch_seconds_sum") == 1.5  # the daemon's clock: planning only
+    assert missed.value("kvpeer_fetches_total", outcome="miss") == 1
+    assert missed.value("kvpeer_fetch_seconds_count") == 1
+    assert missed.value("kvpeer_fetch_seconds_sum") == 2.0
+    assert missed.value("kvpeer_chunk_misses_total") == 4
+
+
+def test_chunks_a_peer_held_but_the_fetch_recomputed_are_not_misses() -> None:
+    async def main() -> Node:
+        peer = Peer("a", bps=1e3)  # hopeless: recomputing is faster
+        peer.estimator.total_bytes = 1 << 20
+        node = Node({"a": peer}, held=3)
+        node.config.fetch.policy = "adaptive"
+        node.config.fetch.recompute_tokens_per_s = 1000.0
+        await node.fetch(CTX, request(4), Sink())
+        return node
+
+    node = asyncio.run(main())
+    assert node.value("kvpeer_fetches_total", outcome="recompute") == 1
+    assert node.value("kvpeer_chunk_misses_total") == 1  # chunk 3: nobody held it
+    assert node.value("kvpeer_chunk_skips_total", reason="recompute") == 3
