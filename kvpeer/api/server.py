@@ -297,7 +297,7 @@ class FetchSink:
         segment = self._need_segment()
         staged = self._staged.pop(index, None)
         if staged is not None:  # a caller that filled the views without chunk_decoded_blocking
-            await aio.in_thread_to_the_end(None, self._write, segment, index, staged)
+            await aio.in_thread_once_started(None, self._write, segment, index, staged)
             self._spare_buffers.append(staged)
         segment.set_level(index, level)
         self._levels[index] = level
@@ -685,7 +685,9 @@ class ApiServer:
         self.counters["errors"] += 1
         code = _error_code(exc)
         reason = exc.reason if isinstance(exc, ProtocolError) else str(exc) or type(exc).__name__
-        log.info("api: client %d request %d failed: %s %s", conn.id, request_id, code.name, reason)
+        # Per request, so DEBUG (counters["errors"] counts them): a client retrying a refused
+        # request in a loop would flood the journal at INFO. Bugs are logged where they happen.
+        log.debug("api: client %d request %d failed: %s %s", conn.id, request_id, code.name, reason)
         await conn.send(m.ErrorResponse(id=request_id, code=int(code), reason=reason))
 
     async def _handle(self, conn: _Connection, message: m.Message) -> None:
@@ -810,14 +812,15 @@ class ApiServer:
             async with asyncio.timeout(backstop):
                 await self.backend.fetch(conn.ctx, req, sink)
         except TimeoutError:
-            log.info("api: fetch %d hit its %.3fs deadline after %d tokens",
+            log.debug("api: fetch %d hit its %.3fs deadline after %d tokens",
                      req.id, req.deadline_s or 0.0, sink.matched_tokens)
         except KVPeerError as exc:
             if sink.matched_tokens == 0 and sink.failed is None:
                 self._drop_sink(conn, sink)
                 raise
             if sink.failed is None:
-                log.warning("api: fetch %d stopped after %d tokens: %s", req.id, sink.matched_tokens, exc)
+                # The daemon counts it (outcome "error") and the fetcher said why, once per peer.
+                log.debug("api: fetch %d stopped after %d tokens: %s", req.id, sink.matched_tokens, exc)
         except BaseException:
             self._drop_sink(conn, sink)
             raise
