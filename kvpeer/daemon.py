@@ -330,7 +330,7 @@ class Daemon:
         if req.prefill_s:
             self.fetcher.learn_recompute_rate(len(req.tokens), req.prefill_s, model=fp.hex)
         loop = asyncio.get_running_loop()
-        stored = 0
+        stored: list[bytes] = []  # the chunks this put added (the others were held already)
         started = time.perf_counter()
         if fp.hex not in self.fingerprints:
             self.fingerprints[fp.hex] = fp
@@ -352,20 +352,22 @@ class Daemon:
             except StoreError as exc:
                 log.warning("put: chunk %d not cached: %s", index, exc)
                 continue
-            stored += 1
-        self.activity.put(len(keys), stored)
+            stored.append(key)
+        self.activity.put(len(keys), len(stored))
         log.debug(
             "put ns=%s tokens=%d chunks=%d new=%d level=%s in %.3fs",
-            ctx.namespace, len(req.tokens), len(keys), stored, level,
+            ctx.namespace, len(req.tokens), len(keys), len(stored), level,
             time.perf_counter() - started,
         )
         if keys:
             self.inventory.add([k for k in keys if self.store.has(k)], first=keys[:1])
         if stored:
             await self._advertise()
-            # Lower levels are made now, in the background, so that peers never wait for them.
-            self.level_server.warm([k for k in keys if self.store.has(k)])
-        return PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
+            # Lower levels are made now, in the background, so that peers never wait for them;
+            # only the chunks this put added (a conversation's every turn re-puts its history,
+            # whose levels were made then: warming it again read every level of it from disk).
+            self.level_server.warm([k for k in stored if self.store.has(k)])
+        return PutResult(chunks=len(keys), stored=len(stored), chunk_tokens=self.chunk_tokens)
 
     async def lookup(self, ctx: ClientContext, req: Any) -> Any:
         from kvpeer.api.messages import LookupResult

@@ -106,6 +106,8 @@ class LevelStore(ChunkCache, Protocol):
 
     async def put_if_held(self, key: bytes, level: str, blob: bytes) -> bool: ...
 
+    def levels(self, key: bytes) -> list[str]: ...
+
 
 class FetchSink(Protocol):
     """Where restored chunks go (kvpeer.api.server.FetchSink fits)."""
@@ -1271,7 +1273,10 @@ class LevelServer:
         assert self._warm_queue is not None
         while not self._warm_queue.empty():
             key = self._warm_queue.get_nowait()
+            held = set(self.store.levels(key))
             for level in self.warm_levels:
+                if level in held:  # made already: reading it would only churn the store
+                    continue
                 try:
                     await self.open_blob(key, level)
                 except (KVPeerError, OSError) as exc:

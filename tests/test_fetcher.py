@@ -136,6 +136,9 @@ class Cache:
         await self.put(k, level, data)
         return True
 
+    def levels(self, k: bytes) -> list[str]:
+        return [name for name in codec.LEVELS if name in self.blobs.get(k, {})]
+
 
 def fetcher(peers: dict[str, Peer], cache: Cache | None = None, **cfg: Any) -> Fetcher:
     return Fetcher(
@@ -722,6 +725,33 @@ def test_level_server_warms_lower_levels_in_the_background() -> None:
         for i in range(2):
             for lv in ("q8", "q4"):
                 assert await cache.get(key(i), lv) is not None
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_warming_chunks_again_reads_nothing_for_the_levels_they_hold() -> None:
+    """Every turn of a conversation re-puts its history: warming it again read each level of
+    each chunk from the store (disk, once RAM was full) although all were made already."""
+
+    class CountingCache(Cache):
+        gets = 0
+
+        async def get(self, k: bytes, level: str | None = None) -> bytes | None:
+            CountingCache.gets += 1
+            return await super().get(k, level)
+
+    async def main() -> None:
+        cache = CountingCache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        server = LevelServer(cache, warm_levels=("q8", "q4"))
+        server.warm([key(0)])
+        assert server._warmer is not None
+        await server._warmer
+        made, reads = server.transcoded, CountingCache.gets
+        server.warm([key(0)])
+        await server._warmer
+        assert server.transcoded == made and CountingCache.gets == reads
         await server.close()
 
     asyncio.run(main())
