@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import traceback
@@ -115,6 +116,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
     limit_torch_threads(config.daemon.torch_threads)
+    raise_open_file_limit()
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
     try:
         return _run(_serve(config), use_uvloop)
@@ -189,6 +191,21 @@ def address_is_here(host: str) -> bool:
         except OSError as exc:
             return exc.errno != errno.EADDRNOTAVAIL
     return True
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+    Connections, segments and the descriptors handed to clients all count against it, and a
+    daemon started by hand gets the shell's 1024 (the unit sets LimitNOFILE=65536)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.debug("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
 
 
 def limit_torch_threads(threads: int) -> None:

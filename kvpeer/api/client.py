@@ -174,6 +174,8 @@ class _FetchState:
         self.done: dict[int, str] = {}
         self.final: m.FetchResult | None = None
         self.error: ApiError | None = None
+        self.answered = False  # the daemon's final answer (a result or an error) came
+        self._closed = False  # close_segment() ran
 
     @property
     def finished(self) -> bool:
@@ -182,19 +184,20 @@ class _FetchState:
     def on_message(self, message: m.Message) -> None:
         try:
             if isinstance(message, m.FetchStarted):
-                # Announced early: if the fetch then restores nothing, the daemon drops the
-                # segment, maybe before we map it. The final message decides, not this one.
-                with contextlib.suppress(OSError):
-                    self._open(message.segment)
+                # Its descriptor came with it: mapped now, while chunks decode. A failure here
+                # fails the fetch (its final answer is then dropped, its segment released).
+                self._open(message.segment)
             elif isinstance(message, m.FetchProgress):
                 self.done[message.index] = message.level
             elif isinstance(message, m.FetchResult):
+                self.answered = True
+                self.final = message  # first: a segment that fails to map is still released
                 if message.segment:
                     self._open(message.segment)
                 else:
                     self._forget_segment()
-                self.final = message
             elif isinstance(message, m.ErrorResponse):
+                self.answered = True
                 self._forget_segment()
                 self.error = ApiError(message.error_code, message.reason)
             else:
@@ -240,9 +243,13 @@ class _FetchState:
         return self.segment.k[:, :, start:stop, :], self.segment.v[:, :, start:stop, :]
 
     def close_segment(self) -> str | None:
-        """Unmap our side; returns the name to release at the daemon (None if none)."""
-        if self.segment is None:
+        """Unmap our side; returns the name to release at the daemon (None if none, or if it
+        was returned before)."""
+        if self._closed:
             return None
+        self._closed = True
+        if self.segment is None:  # never mapped (it failed to): the final answer's is released
+            return self.final.segment if self.final is not None and self.final.segment else None
         segment, self.segment = self.segment, None
         if not segment.close():
             log.debug("segment %s still used by tensors; unmapped when they are freed", segment.name)
@@ -341,8 +348,8 @@ class FetchHandle(_FetchHandleBase):
         if not self._timed_out:  # else it would wait a second full timeout for the same answer
             with contextlib.suppress(ApiError):
                 self.wait()
-        if not self._state.finished:  # gave up waiting: the final answer names what to release
-            self._client._abandon_fetch(self._state)
+        if not self._state.answered:  # gave up waiting (or failed here): the final answer names
+            self._client._abandon_fetch(self._state)  # what to release
             self._state.close_segment()
             return
         name = self._state.close_segment()
@@ -510,6 +517,8 @@ class KVPeerClient:
         if self._fetch is not None and message.id == self._fetch.request.id:
             self._fetch.on_message(message)
             if self._fetch.finished:
+                if not self._fetch.answered:  # failed here: the daemon's answers are still to come
+                    self._abandoned.add(message.id)
                 self._fetch = None
         elif message.id in self._abandoned:
             self._drop_late(message)
@@ -608,7 +617,7 @@ class KVPeerClient:
         return FetchHandle(self, state)
 
     def _map_segment(self, name: str) -> shm.Segment:
-        return _map_descriptor(name, _take_descriptor(self._descriptors, name))
+        return _map_descriptor(name, self._descriptors.take(name))
 
     def stats(self) -> dict[str, Any]:
         return self._call(m.StatsRequest(id=self._new_id()), m.StatsResult).stats
@@ -661,10 +670,10 @@ class AsyncFetchHandle(_FetchHandleBase):
                 self._state.segment = await asyncio.shield(self._mapping)
             except (OSError, ProtocolError) as exc:
                 self._pending = self._mapping = None
-                if not (isinstance(message, m.FetchStarted) and isinstance(exc, OSError)):
-                    self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
-                # else as in _FetchState.on_message: a fetch that restores nothing drops the
-                # announced segment, maybe before we map it. The final message decides.
+                self._state.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+                if isinstance(message, m.FetchResult):
+                    self._state.answered = True  # the daemon's part is over: release what it named
+                    self._state.final = message
                 return
         self._pending = self._mapping = None
         self._state.on_message(message)
@@ -720,13 +729,13 @@ class AsyncFetchHandle(_FetchHandleBase):
                     await self.wait()
         finally:
             self._client._unroute(rid)
-            if not self._state.finished:  # gave up waiting: the final answer names what to release
+            if not self._state.answered:  # gave up waiting (or failed here): the final answer
                 taken = [self._pending] if self._pending is not None else []
                 self._client._abandon(rid, taken + _drain(self._queue))
                 self._state.close_segment()
                 if self._mapping is not None:  # its segment, if it maps, is unmapped when freed
                     self._mapping.add_done_callback(aio.ignore_outcome)
-        if not self._state.finished:
+        if not self._state.answered:
             return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
@@ -791,6 +800,8 @@ class AsyncKVPeerClient:
         return self._ids
 
     async def connect(self) -> AsyncKVPeerClient:
+        if self.connected:  # e.g. `await client.connect()` and then `async with client`
+            return self
         try:
             await self._open()
         except BaseException:
@@ -955,10 +966,11 @@ class AsyncKVPeerClient:
         request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
         ready = await self._call(request, m.SegmentReady)
         connection = self._generation
-        loop = asyncio.get_running_loop()
         try:
             fd = _take_descriptor(self._descriptors, ready.segment)
-            await loop.run_in_executor(None, _fill_segment_blocking, ready.segment, fd, k, v)
+            # To the end even when cancelled: the fill owns (and closes) the descriptor, and a
+            # release sent below must not race its writes.
+            await aio.in_thread_to_the_end(None, _fill_segment_blocking, ready.segment, fd, k, v)
         except BaseException:
             with contextlib.suppress(ApiError, OSError):
                 await self._call(m.Release(id=self._new_id(), segment=ready.segment), m.Released)
@@ -993,7 +1005,7 @@ class AsyncKVPeerClient:
         return _AsyncFetchStart(self, request, stream)
 
     def _map_segment(self, name: str) -> shm.Segment:
-        return _map_descriptor(name, _take_descriptor(self._descriptors, name))
+        return _map_descriptor(name, self._descriptors.take(name))
 
     async def stats(self) -> dict[str, Any]:
         return (await self._call(m.StatsRequest(id=self._new_id()), m.StatsResult)).stats

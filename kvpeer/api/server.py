@@ -154,16 +154,23 @@ class _Connection:
                 if segment is None:
                     self.writer.write(data)
                 else:
-                    fd = segment.duplicate_descriptor()
-                    try:
-                        await unix.send_with_descriptor(self.writer, data, fd, timeout_s=SEND_TIMEOUT_S)
-                    finally:
-                        os.close(fd)
+                    await _send_with_descriptor_of(self.writer, data, segment)
                 await aio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
-            except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            except (OSError, RuntimeError) as exc:  # ConnectionError, TimeoutError and the like
                 log.info("api: client %d unreachable (%s); dropping it", self.id, exc)
                 self.closed = True
                 self.writer.close()
+
+
+async def _send_with_descriptor_of(writer: asyncio.StreamWriter, data: bytes, segment: shm.DaemonSegment) -> None:
+    try:
+        fd = segment.duplicate_descriptor()
+    except OSError as exc:  # the daemon is out of descriptors: this request fails, not the client
+        raise ProtocolError(ErrorCode.BUSY, f"cannot hand over the segment now: {exc}") from None
+    try:
+        await unix.send_with_descriptor(writer, data, fd, timeout_s=SEND_TIMEOUT_S)
+    finally:
+        os.close(fd)
 
 
 class FetchSink:

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 from collections import deque
 from typing import Any
 
@@ -30,7 +34,10 @@ from kvpeer.errors import ErrorCode, ProtocolError
 #: Descriptors one read may bring: one (a read ends with the bytes that carried them). Room
 #: for a few more costs nothing and tells a misbehaving sender from a short buffer.
 MAX_DESCRIPTORS_PER_READ = 8
-_POLL_S = 0.002  # how often a descriptor's frame checks that what was queued before it left
+# How often a descriptor's frame checks that the client read everything before it: from 1 ms,
+# doubling to 50 ms (a client that reads answers is there at once; one that does not costs
+# few wake-ups until the send times out).
+_POLL_FIRST_S, _POLL_MAX_S = 0.001, 0.05
 
 
 def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
@@ -39,6 +46,12 @@ def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
     data, fds, flags, _ = socket.recv_fds(sock, size, MAX_DESCRIPTORS_PER_READ, socket.MSG_CMSG_CLOEXEC)
     if flags & socket.MSG_CTRUNC:
         close_all(fds)
+        if not fds:  # the kernel could not install the one that came
+            raise ProtocolError(
+                ErrorCode.INTERNAL,
+                "a segment descriptor from the daemon was lost: this process is out of file "
+                "descriptors (raise its RLIMIT_NOFILE, ulimit -n)",
+            )
         raise ProtocolError(ErrorCode.MALFORMED, "more segment descriptors in one read than any answer sends")
     return data, fds
 
@@ -50,30 +63,51 @@ def close_all(fds: Any) -> None:
 
 
 async def send_with_descriptor(writer: asyncio.StreamWriter, data: bytes, fd: int, *, timeout_s: float) -> None:
-    """Write the frame ``data`` with ``fd`` on its first bytes, after every byte the writer
-    queued before it (the server's side; the caller serialises writes on this connection).
-    TimeoutError if what was queued before does not leave in ``timeout_s``."""
+    """Write the frame ``data`` with ``fd`` on its first bytes, once the client has read every
+    byte sent before it (the server's side; the caller serialises writes on this connection).
+
+    Waiting for the client to read, not only for our queue to drain, keeps at most one unread
+    descriptor per connection: descriptors in flight count against the daemon's RLIMIT_NOFILE,
+    and past it every send of one fails (ETOOMANYREFS), for every client. TimeoutError if the
+    client reads nothing for ``timeout_s``; BUSY if the kernel refuses the descriptor anyway."""
     transport = writer.transport
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     raw = writer.get_extra_info("socket")
-    if raw is None:
+    if raw is None or transport.is_closing():
         raise ConnectionResetError("the connection is closed")
+    pause = _POLL_FIRST_S
     # The transport has no sendmsg with ancillary data: write through our own handle of the
     # same socket, only while the transport has nothing queued (else this would overtake it).
     with socket.socket(fileno=os.dup(raw.fileno())) as sock:
         while True:
             if transport.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            if transport.get_write_buffer_size() == 0:
-                with contextlib.suppress(BlockingIOError, InterruptedError):
+            if transport.get_write_buffer_size() == 0 and _unread_bytes(sock) == 0:
+                try:
                     sent = socket.send_fds(sock, [data], [fd])
                     break
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.ETOOMANYREFS:
+                        raise
+                    raise ProtocolError(
+                        ErrorCode.BUSY, "too many segment descriptors in flight to clients: try again"
+                    ) from None
             if loop.time() >= deadline:
                 raise TimeoutError(f"the client read nothing for {timeout_s}s")
-            await asyncio.sleep(_POLL_S)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX_S)
     if sent < len(data):  # the descriptor went with the first bytes: the rest queues as usual
         writer.write(data[sent:])
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    """What was sent on ``sock`` and its peer has not read yet, 0 when it read all (SIOCOUTQ,
+    which is TIOCOUTQ; Linux: in memory used, not bytes)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    return int(struct.unpack("i", raw)[0])
 
 
 class SegmentDescriptors:

@@ -4,6 +4,9 @@ come late or race the client (a scripted fake daemon does what a real one only d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import os
 import socket
 import threading
 from typing import Any
@@ -544,3 +547,91 @@ def test_a_put_whose_connection_the_daemon_dropped_before_the_commit_says_shutti
         with pytest.raises(ApiError) as info:
             client.put(list(range(2 * CHUNK)), k, v, FP)
         assert info.value.code == ErrorCode.SHUTTING_DOWN, info.value
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def _fails_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next mapping of a segment fails (ENOMEM), later ones work."""
+    real = shm.map_populated
+    calls: list[int] = []
+
+    def flaky(fd: int, size: int) -> Any:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(12, "Cannot allocate memory")
+        return real(fd, size)
+
+    monkeypatch.setattr(shm, "map_populated", flaky)
+
+
+def test_a_fetch_whose_segment_fails_to_map_fails_and_its_segment_is_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mapping at FetchStarted used the descriptor up: the fetch used to raise MALFORMED at
+    its final answer, never finish, make release() wait a whole timeout and hold the segment."""
+    from tests.api.fakes import serving, wait_until
+
+    k, v = kv(8)
+    with serving() as api, KVPeerClient(api.socket_path, timeout_s=5) as client:
+        client.put(list(range(8)), k, v, FP)
+        _fails_once(monkeypatch)
+        handle = client.fetch(list(range(8)), FP)
+        with pytest.raises(ApiError) as info:
+            handle.wait()
+        assert info.value.code == ErrorCode.INTERNAL and "cannot map" in info.value.reason
+        handle.release()  # nothing to wait for
+        # Each call reads what came meanwhile: the late final answer is dropped, its segment released.
+        wait_until(lambda: bool(client.stats()) and not api.server.registry.names())
+        assert len(client._descriptors) == 0
+
+        async def async_fetch() -> None:
+            _fails_once(monkeypatch)
+            async with AsyncKVPeerClient(api.socket_path, timeout_s=5) as aclient:
+                with pytest.raises(ApiError) as info:
+                    async with aclient.fetch(list(range(8)), FP):
+                        pass
+                assert info.value.code == ErrorCode.INTERNAL
+                await asyncio.to_thread(wait_until, lambda: not api.server.registry.names())
+                assert len(aclient._descriptors) == 0
+
+        run(async_fetch())
+
+
+def test_an_async_put_cancelled_before_its_fill_ran_leaves_no_descriptor() -> None:
+    """The fill owns the segment's descriptor: cancelled while still queued in the executor, it
+    never ran and never closed it, and the segment's pages outlived the daemon's release."""
+    from tests.api.fakes import serving
+
+    def segment_fds() -> set[str]:
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if "/kvpeer-" in target:
+                    out.add(f"{fd} {target}")
+        return out
+
+    async def main(api: Any) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        k, v = kv(8)
+        async with AsyncKVPeerClient(api.socket_path, timeout_s=5) as client:
+            before = segment_fds()
+            gate = threading.Event()
+            busy = loop.run_in_executor(None, gate.wait, 10)  # the only thread is busy
+            put = asyncio.create_task(client.put(list(range(8)), k, v, FP))
+            while not len(api.server.registry) and not put.done():  # noqa: ASYNC110 - no hook
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the answer came: the fill is queued behind `busy`
+            assert not put.done()
+            put.cancel()
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            await busy
+            assert segment_fds() == before
+
+    with serving() as api:
+        run(main(api))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
 import socket
 from pathlib import Path
 
 import pytest
 
+from kvpeer import cli
 from kvpeer.api import messages as m
+from kvpeer.api import server as server_mod
 from kvpeer.api import unix
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ErrorCode, ProtocolError
-from tests.api.fakes import FP, kv, serving
+from tests.api.fakes import FP, kv, serving, small_segment
 
 
 def is_open(fd: int) -> bool:
@@ -135,3 +139,114 @@ def test_clients_hold_no_descriptor_after_their_puts_and_fetches() -> None:
                 assert open_fds() == before and len(client._descriptors) == 0
 
         asyncio.run(asyncio.wait_for(many(), 60))
+
+
+def test_a_descriptor_waits_until_the_client_read_the_last_one(tmp_path: Path) -> None:
+    """Descriptors a client leaves unread count against the daemon's open-file limit; past it
+    every client's puts and fetches failed (ETOOMANYREFS). One unread per connection at most."""
+    path = str(tmp_path / "s.sock")
+    r, w = os.pipe()
+    frame = m.encode(m.FetchStarted(id=2, segment="s", size=4096))
+    outcome: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await unix.send_with_descriptor(writer, frame, r, timeout_s=10)
+        try:
+            await unix.send_with_descriptor(writer, frame, r, timeout_s=0.3)  # first one unread
+            outcome.append("sent")
+        except TimeoutError:
+            outcome.append("timed out")
+        await unix.send_with_descriptor(writer, frame, r, timeout_s=10)  # read meanwhile
+        outcome.append("sent after the read")
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(serve, path=path)
+        conn = await unix.AsyncUnixConnection.open(path)
+        while not outcome:  # noqa: ASYNC110 - the server's side tells
+            await asyncio.sleep(0.01)
+        got: list[int] = []
+        while True:
+            data, fds = await conn.read(1 << 16)
+            got += fds
+            if not data:
+                break
+        assert len(got) == 2
+        unix.close_all(got)
+        conn.close()
+        server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert outcome == ["timed out", "sent after the read"]
+    os.close(r)
+    os.close(w)
+
+
+def test_a_client_out_of_descriptors_is_told_so_not_blamed_on_the_daemon() -> None:
+    """The kernel could not install the descriptor that came (EMFILE): the read says that."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            a, b = socket.socketpair()
+            r, _ = os.pipe()
+            socket.send_fds(a, [b"x"], [r])
+            filler = []
+            soft = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.append(os.dup(0))
+            try:
+                unix.receive(b, 100)
+            except ProtocolError as exc:
+                code = 0 if exc.code == ErrorCode.INTERNAL and "out of file descriptors" in exc.reason else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_segment_announced_to_a_client_already_gone_is_absorbed(tmp_path: Path) -> None:
+    """A plain answer to a lost client is dropped quietly; one with a descriptor raised EBADF
+    into the request, which logged a traceback."""
+    path = str(tmp_path / "s.sock")
+
+    async def main() -> None:
+        accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer)
+
+        server = await asyncio.start_unix_server(serve, path=path)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        writer = await accepted
+        conn = server_mod._Connection(1, writer, 0, 0, 0)
+        segment = small_segment()
+        try:
+            writer.transport.abort()  # as after a reset: the socket is closed
+            await asyncio.sleep(0)
+            await conn.send(m.SegmentReady(id=2, segment=segment.name, size=segment.layout.size), segment)
+            assert conn.closed
+        finally:
+            segment.unlink()
+            segment.close()
+            client.close()
+            server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_raising_the_open_file_limit_takes_the_hard_limit() -> None:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            code = 0 if cli.raise_open_file_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
