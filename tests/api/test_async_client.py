@@ -115,3 +115,16 @@ def test_async_put_whose_connection_was_lost_while_it_filled_says_so(
             assert (await client.put(list(range(8)), k, v, FP)).stored == 2  # on a new connection
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_connecting_twice_keeps_one_connection(api: ServerThread) -> None:
+    """`await client.connect()` and then `async with client` opened a second connection, whose
+    reader shared the first one's segment descriptors."""
+
+    async def main() -> None:
+        client = AsyncKVPeerClient(api.socket_path)
+        await client.connect()
+        async with client:
+            assert (await client.stats())["api"]["connected"] == 1
+
+    run(main())
