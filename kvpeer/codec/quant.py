@@ -132,9 +132,12 @@ def exact_tokens(keys: np.ndarray, limit: int = MAX_EXACT) -> np.ndarray:
         return np.zeros(0, np.int64)
     picked = [0]
     if tokens > 8:
-        norms = np.sqrt(np.square(keys, dtype=np.float32).sum(-1))  # [L, H, T]
-        median = np.median(norms, axis=-1, keepdims=True)
-        score = (norms / np.maximum(median, np.float32(1e-30))).min(axis=(0, 1))  # [T]
+        # fp32 keys past ~1e19 square to inf: their scores become inf below (never a pick),
+        # without numpy's overflow warnings on every encode of such a chunk.
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.sqrt(np.square(keys, dtype=np.float32).sum(-1))  # [L, H, T]
+            median = np.median(norms, axis=-1, keepdims=True)
+            score = (norms / np.maximum(median, np.float32(1e-30))).min(axis=(0, 1))  # [T]
         score[~np.isfinite(score)] = np.inf
         for t in np.argsort(score, kind="stable").tolist():
             if len(picked) >= limit or not score[t] < EXACT_KEY_NORM:
