@@ -72,6 +72,9 @@ DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long b
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
+#: An eviction failing with these says the disk is down (puts stay in RAM for a while); any other
+#: error concerns that one file, and eviction moves on to the next.
+_DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENODEV})
 _PASSING_READ_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ESTALE}
 )
@@ -166,6 +169,10 @@ def record_size(level: str, blob_len: int) -> int:
     return _HEADER.size + len(level.encode()) + blob_len
 
 
+class _StuckFile(OSError):
+    """A file eviction could not remove, on a disk that otherwise works."""
+
+
 @dataclass(slots=True, eq=False)
 class _PendingWrite:
     """A chunk queued for the disk writer (readable from here until its file exists)."""
@@ -251,7 +258,10 @@ class ChunkStore:
         self._disk_outage = ""
         self._read_warned_at = -READ_WARN_S
         self.disk_unavailable = ""  # why the disk tier did not open, if it did not
-        self._closing = False
+        self._closing = False  # the writers may stop once the queue is empty
+        self._closed = False  # close() began: puts are refused, waiting ones give up
+        self._stuck_warned: set[str] = set()  # files eviction could not remove (warned once)
+        self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
         # Threads start on first use: a store nobody awaits costs none.
@@ -405,6 +415,12 @@ class ChunkStore:
         The async methods raise StoreError from here on; calls already running finish (a put
         waiting for the writers stops waiting) without close waiting for them.
         """
+        with self._cond:
+            self._closed = True  # from here no put joins the queue that is being flushed
+            self._cond.notify_all()
+        for pool in (self._put_pool, self._read_pool):
+            # Not waited for: a read stuck on a hung disk must not hang close.
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._writers:
             if not self.flush(timeout_s):
                 log.warning("store: %d queued chunks not written at close", len(self._pending))
@@ -413,9 +429,9 @@ class ChunkStore:
                 self._cond.notify_all()
             for thread in self._writers:
                 thread.join(timeout=timeout_s)
+            if any(thread.is_alive() for thread in self._writers):
+                log.warning("store: a disk write still hangs at close; its chunk may be lost")
             self._writers.clear()
-        for pool in (self._put_pool, self._read_pool):
-            pool.shutdown(wait=False)  # a read stuck on a hung disk must not hang close
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -437,8 +453,53 @@ class ChunkStore:
         return await self._in_pool(self._put_pool, changes, self._put, key, level, blob, changes, True)
 
     async def get(self, key: bytes, level: str | None = None) -> bytes | None:
+        held = self._held_now(key, level)
+        if held is not None:
+            return held
         changes = _Changes()
         return await self._in_pool(self._read_pool, changes, self._get, key, level, changes)
+
+    def _held_now(self, key: bytes, level: str | None) -> bytes | None:
+        """A RAM (or queued) hit, answered on the caller's thread without waiting: never behind
+        disk reads in the pool, never blocking (the lock may be held across a file removal:
+        then the pool answers). None: not here, or not known without waiting."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed:
+                raise StoreError("the store is closed")
+            levels = [level] if level is not None else self._sorted(self._levels.get(key, ()))
+            if not levels:
+                return None
+            slot = (key, levels[0])  # the best held: a miss there is for _get to sort out
+            blob = self._ram.get(slot)
+            if blob is not None:
+                self._ram.move_to_end(slot)
+            elif slot in self._pending:
+                blob = self._pending[slot].blob
+            if blob is None:
+                return None
+            self._counters.hits += 1
+            self._used_key(key)
+            touch = slot in self._disk and self._touches < READ_THREADS
+            if touch:
+                self._touches += 1
+        finally:
+            self._lock.release()
+        if touch:  # the file's mtime, off this thread and not waited for
+            try:
+                self._read_pool.submit(self._touch_queued, slot)
+            except RuntimeError:  # the pool is shut down
+                with self._lock:
+                    self._touches -= 1
+        return blob
+
+    def _touch_queued(self, slot: _Slot) -> None:
+        try:
+            self._touch([slot])
+        finally:
+            with self._lock:
+                self._touches -= 1
 
     async def _in_pool(
         self, pool: concurrent.futures.Executor, changes: _Changes, fn: Callable[..., R], *args: Any
@@ -537,9 +598,18 @@ class ChunkStore:
     def _disk_evict_oldest(self, changes: _Changes) -> int:
         """Evict the least recently used file; returns its size. OSError when it cannot be
         removed: it then stays indexed, since it is still there and readable (forgotten, it would
-        be a good chunk nobody is offered and bytes the budget no longer counts)."""
+        be a good chunk nobody is offered and bytes the budget no longer counts). A file that
+        resists on a disk that works (immutable, another owner's) also moves to the recent end,
+        so that the next eviction tries the next file (:class:`_StuckFile`)."""
         victim = next(iter(self._disk))
-        self._path(victim).unlink(missing_ok=True)
+        path = self._path(victim)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            if exc.errno in _DISK_DOWN_ERRNOS:
+                raise
+            self._disk.move_to_end(victim)
+            raise _StuckFile(exc.errno, exc.strerror, str(path)) from exc
         size = self._disk.pop(victim)
         self.disk_used -= size
         self._counters.disk_evictions += 1
@@ -547,18 +617,37 @@ class ChunkStore:
         return size
 
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
-        """Evict until ``size`` more bytes fit the disk budget; OSError if a file resists."""
+        """Evict until ``size`` more bytes fit the disk budget, past files that resist; OSError
+        if the disk is down or every file resists."""
+        stuck = 0
         while self.disk_used + size > self.disk_limit and self._disk:
-            self._disk_evict_oldest(changes)
+            try:
+                self._disk_evict_oldest(changes)
+            except _StuckFile as exc:
+                self._warn_stuck(exc)
+                stuck += 1
+                if stuck >= len(self._disk):
+                    raise
 
     def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
-        """Evict the least recently used files until ``size`` bytes are freed (or one cannot be
-        removed); returns how many."""
-        freed = 0
+        """Evict the least recently used files until ``size`` bytes are freed (past files that
+        resist, until the disk is down or every file resists); returns how many."""
+        freed = stuck = 0
         with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
-            while freed < size and self._disk:
-                freed += self._disk_evict_oldest(changes)
+            while freed < size and self._disk and stuck < len(self._disk):
+                try:
+                    freed += self._disk_evict_oldest(changes)
+                except _StuckFile as exc:
+                    self._warn_stuck(exc)
+                    stuck += 1
         return freed
+
+    def _warn_stuck(self, exc: OSError) -> None:
+        """Once per file: it stays indexed and readable, and the budget counts it."""
+        if exc.filename not in self._stuck_warned:
+            if len(self._stuck_warned) < 1024:
+                self._stuck_warned.add(exc.filename)
+            log.warning("store: cannot evict %s (%s); evicting the next file instead", exc.filename, exc.strerror)
 
     def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
         """Record a failed disk write or eviction: puts keep chunks in RAM only for the next
@@ -615,6 +704,8 @@ class ChunkStore:
         failing = ""
         note: tuple[int, str] | None = None
         with self._cond:
+            if self._closed:
+                raise StoreError("the store is closed")
             if if_held and key not in self._levels:
                 return False
             self._counters.puts += 1
@@ -629,17 +720,20 @@ class ChunkStore:
                 # Back-pressure: a put waits while the writer is far behind.
                 self._cond.wait_for(
                     lambda: self.pending_bytes + len(blob) <= self.max_pending_bytes
-                    or not self._pending or self._closing
+                    or not self._pending or self._closed
                 )
+                if self._closed:
+                    raise StoreError("the store is closed")
                 if if_held and key not in self._levels:
                     return False  # deleted while this waited (clear() empties the queue, too)
             self._ram_insert(slot, blob, changes)
             if to_disk and slot not in self._disk and slot not in self._pending:
                 try:
                     self._disk_make_room(file_size, changes)
+                except _StuckFile:  # no room now, but the disk works: this one stays in RAM
+                    pass
                 except OSError as exc:  # no room: the disk is down (read-only, failing)
-                    resisted = self._path(next(iter(self._disk)))  # still the oldest
-                    note = self._note_disk_error(exc, "remove", resisted)
+                    note = self._note_disk_error(exc, "remove", Path(exc.filename or self.directory or "."))
                     failing = self._last_disk_error
                 else:
                     self._pending[slot] = _PendingWrite(blob=blob, file_size=file_size)

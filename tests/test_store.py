@@ -771,3 +771,96 @@ def test_a_record_is_read_back_only_as_written(tmp_path: Path) -> None:
     path.write_bytes(record)
     with pytest.raises(StoreError, match="another chunk"):
         store_mod.read_record_blocking(path, key(2), "q8")
+
+
+def test_a_file_eviction_cannot_remove_is_passed_over_not_a_wedge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One chunk file that cannot be removed (immutable, another owner's) stayed the eviction's
+    first victim for good: every put needing room failed on it, and none reached the disk again
+    although the file system was writable."""
+    size = record_size("q8", len(blob(1)))
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=4 * size, directory=tmp_path)
+    for i in range(1, 5):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    stuck = store._path((key(1), "q8"))
+    unlink = Path.unlink
+
+    def refusing_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refusing_unlink)
+    for i in range(5, 12):
+        store.put_blocking(key(i), "q8", blob(i))
+        assert store.flush(timeout_s=30)
+    stats = store.stats()
+    assert stats["ram_only_puts"] == 0 and stats["disk_entries"] == 4
+    assert stuck.exists() and store.get_blocking(key(1), "q8") == blob(1)  # still offered
+    assert all(store._path((key(i), "q8")).exists() for i in (9, 10, 11))  # the newest made it
+    store.close()
+
+
+def test_a_ram_hit_does_not_wait_behind_slow_disk_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ChunkStore(ram_bytes=len(blob(0)) + 10, disk_bytes=1 << 30, directory=tmp_path)
+    for i in range(store_mod.READ_THREADS + 1):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)  # RAM holds only the last one
+    gate = threading.Event()
+    read = store_mod.read_record_blocking
+
+    def slow_read(*args: Any) -> bytes:
+        gate.wait(30)
+        return read(*args)
+
+    monkeypatch.setattr(store_mod, "read_record_blocking", slow_read)
+
+    async def main() -> None:
+        last = store_mod.READ_THREADS
+        reads = [asyncio.create_task(store.get(key(i), "q8")) for i in range(last)]  # fill the pool
+        await asyncio.sleep(0.1)
+        try:
+            assert await aio.wait_for(store.get(key(last), "q8"), 10) == blob(last)
+            assert not any(r.done() for r in reads)
+        finally:
+            gate.set()
+            await asyncio.gather(*reads)
+
+    asyncio.run(main())
+    store.close()
+
+
+def test_puts_waiting_for_the_writer_at_close_are_refused_not_stranded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() lifted the back-pressure: puts waiting for room poured into a queue the writers
+    no longer drained, acknowledged but never written."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path,
+                       max_pending_bytes=1500, writers=1)
+    gate = _gate_writes(monkeypatch)
+    outcomes: list[str] = []
+
+    def put(i: int) -> None:
+        try:
+            store.put_blocking(key(i), "q8", blob(i))
+            outcomes.append("stored")
+        except StoreError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(1, 6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # one or two queued, the rest waiting for room
+    closing = threading.Thread(target=store.close, kwargs={"timeout_s": 5})
+    closing.start()
+    time.sleep(0.2)
+    gate.set()
+    closing.join(30)
+    for thread in threads:
+        thread.join(30)
+    assert "refused" in outcomes
+    assert store.stats()["pending_entries"] == 0
+    written = sum(store._path((key(i), "q8")).exists() for i in range(1, 6))
+    assert written == outcomes.count("stored")  # every put acknowledged reached the disk
