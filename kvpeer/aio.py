@@ -32,8 +32,7 @@ async def in_thread_to_the_end(executor: Executor | None, work: Callable[..., T]
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await job
+        await _until_done(job)
         raise
 
 
@@ -65,9 +64,17 @@ async def in_thread_once_started(executor: Executor | None, work: Callable[..., 
         if dropped:
             job.cancel()  # out of the executor's queue where it still can be
             raise
-        with contextlib.suppress(BaseException):
-            await job
+        await _until_done(job)
         raise
+
+
+async def _until_done(job: asyncio.Future[Any]) -> None:
+    """Wait for ``job`` to end, whatever cancels arrive meanwhile (each is taken up again by
+    the caller's ``raise``): ``await job`` would let a second cancel cancel the future, and
+    return while its thread still ran."""
+    while not job.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([job])
 
 
 def ignore_outcome(future: asyncio.Future[Any]) -> None:

@@ -4,6 +4,9 @@ thread ends before a cancel of its caller returns."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -141,3 +144,31 @@ def test_in_thread_once_started_returns_the_result_and_raises_the_error() -> Non
             await aio.in_thread_once_started(None, fail)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("helper", [aio.in_thread_to_the_end, aio.in_thread_once_started])
+def test_a_second_cancel_still_waits_for_the_running_work(helper: Any) -> None:
+    """The fetch cancels its decoder at a deadline, and the client's cancel reaches it again:
+    the second cancel cancelled the awaited future, and the helper returned while its thread
+    still wrote into the caller's buffer."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        release.wait(10)
+        time.sleep(0.05)
+        finished.set()
+
+    async def main() -> bool:
+        task = asyncio.create_task(helper(None, work))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return finished.is_set()
+
+    assert asyncio.run(main())
