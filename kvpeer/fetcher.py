@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 LOCAL = ""  # holder name of chunks in this node's own store
 RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
+#: Bytes of fetched chunks waiting to be put into the store at most; past it they are not kept.
+MAX_CACHING_BYTES = 256 << 20
 MAX_TROUBLED_PEERS = 1024  # peers remembered as warned about (peer ids come from the LAN)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _T = TypeVar("_T")
@@ -376,6 +378,8 @@ class Fetcher:
         # Decoded peer chunks being put into the store: the fetcher's, not one fetch's, so a
         # fetch never waits for the store (its executor may be busy) past its deadline.
         self._caching: set[asyncio.Task[None]] = set()
+        self._caching_bytes = 0
+        self._closed = False
         self.chunk_rates: dict[str, ChunkRate] = {}
         # Which live estimates may condemn a link; the last of them per peer, for link_memory_s.
         self.links = LinkEvidence(
@@ -446,16 +450,26 @@ class Fetcher:
         self._troubled.pop(peer, None)
 
     def cache_soon(self, key: bytes, level: str, blob: bytes) -> None:
-        """Put a decoded peer chunk into this node's store, in the background."""
+        """Put a decoded peer chunk into this node's store, in the background; dropped when
+        :data:`MAX_CACHING_BYTES` of such puts already wait (a slow disk's back-pressure must
+        not turn into memory held here) or the fetcher is closed."""
+        if self._closed or self._caching_bytes + len(blob) > MAX_CACHING_BYTES:
+            self.counters["cache_dropped"] += 1
+            return
+        self._caching_bytes += len(blob)
         task = asyncio.get_running_loop().create_task(self._cache(key, level, blob))
         self._caching.add(task)
         task.add_done_callback(self._caching.discard)
 
     async def _cache(self, key: bytes, level: str, blob: bytes) -> None:
-        with contextlib.suppress(StoreError):
-            await self.cache.put(key, level, blob)  # type: ignore[union-attr]
+        try:
+            with contextlib.suppress(StoreError):
+                await self.cache.put(key, level, blob)  # type: ignore[union-attr]
+        finally:
+            self._caching_bytes -= len(blob)
 
     async def close(self) -> None:
+        self._closed = True
         await self.transfers.close()
         caching = list(self._caching)
         for task in caching:
@@ -1044,7 +1058,6 @@ class _FetchRun:
         wire = 0 if shared else size  # a joined transfer's bytes are the fetch's that started it
         self.bytes_moved += wire
         self.f.bytes_from_peers += wire
-        self.f.peer_served(sender)
         self.note("received", index=index, level=header.level, peer=sender, nbytes=wire)
         self.ctl.chunk_received(index, header.level, size)
         self.sched.completed(index, now)
@@ -1129,6 +1142,9 @@ class _FetchRun:
                 continue
             self.f._observe_decode(len(item.blob), seconds)
             self.note("decode_end", index=item.index, level=item.level)
+            # Served means a chunk that decoded: one that arrives and fails its digest (or its
+            # shape) every time is one trouble, not a warning per fetch.
+            self.f.peer_served(item.peer)
             if item.peer != LOCAL and self.f.cache is not None:
                 # Decoded means digest-checked: a corrupt or tampered chunk never enters the
                 # store (it would be served on to others).
@@ -1163,6 +1179,8 @@ class _FetchRun:
         self.in_thread = True
         try:
             return await aio.in_thread_once_started(self.f.executor, work, *args)
+        except RuntimeError as exc:  # the executor was shut down (the daemon is stopping)
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, f"cannot decode now: {exc}") from None
         finally:
             self.in_thread = False
 

@@ -1345,3 +1345,56 @@ def test_a_peer_dying_under_many_fetches_is_one_warning_per_episode(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 2 and all("peer a failed" in w for w in warnings)
     assert f.counters["peer_lost"] == 25
+
+
+def test_a_peer_whose_chunks_never_decode_is_one_warning_across_fetches(caplog: pytest.LogCaptureFixture) -> None:
+    """A chunk that arrived counted as served before its digest failed: every fetch began a new
+    episode of trouble, and warned again."""
+
+    async def main() -> None:
+        f = fetcher({"a": CorruptingPeer("a", bad=0)})
+        for _ in range(10):
+            out = await f.fetch([key(0), key(1)], [{"a"}] * 2, Sink(), policy="fixed:q8")
+            assert out.chunks == 0
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer"):
+        asyncio.run(main())
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_fetched_chunks_waiting_for_a_slow_store_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decoded peer chunk became a task holding its blob until the store took it: with a
+    store held up by a slow disk, memory grew with every fetch."""
+
+    class StuckCache(Cache):
+        async def put(self, k: bytes, level: str, data: bytes) -> None:
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        f = fetcher({"a": Peer("a")}, StuckCache())
+        size = len(blob(0, "exact"))
+        monkeypatch.setattr(fetcher_mod, "MAX_CACHING_BYTES", 3 * size)
+        for n in range(4):
+            out = await f.fetch([key(n)], [{"a"}], Sink(), policy="fixed:exact")
+            assert out.chunks == 1
+        assert len(f._caching) == 3 and f.counters["cache_dropped"] == 1
+        await f.close()
+        assert all(task.done() for task in f._caching) and f._caching_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_a_fetch_meeting_a_shut_decode_pool_ends_as_a_clean_failure() -> None:
+    """At stop, the decode pool is shut once the API's fetches were given time to end: one still
+    running raised RuntimeError out of its task group and never told its outcome."""
+
+    async def main() -> None:
+        pool = ThreadPoolExecutor(2)
+        pool.shutdown(wait=False)
+        f = fetcher({"a": Peer("a")})
+        f.executor = pool
+        ended: list[Any] = []
+        out = await f.fetch([key(0), key(1)], [{"a"}] * 2, Sink(), policy="fixed:q8", on_end=ended.append)
+        assert out.chunks == 0 and ended
+
+    asyncio.run(main())
