@@ -632,6 +632,14 @@ class KVPeerClient:
         self._closed = True
         self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed"))
 
+    def abort(self) -> None:
+        """The one call another thread may make: shut the connection down, so that a call
+        blocked on it (for up to ``timeout_s``) fails now. The calling thread then drops it."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> KVPeerClient:
         return self
 

@@ -353,15 +353,33 @@ class _Saver:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Queue a save (the tensors are the caller's copies, now ours); False if it was dropped
-        (too much waiting already, or closed)."""
-        size = k.nbytes + v.nbytes
+    def reserve(self, size: int) -> bool:
+        """Count ``size`` bytes of copies about to be made for a save; False if they would pass
+        ``max_bytes`` (or the saver is closed): then make no copy. Each reservation ends in
+        :meth:`submit` or :meth:`unreserve`."""
         with self._changed:
             if self._closed or (self._bytes and self._bytes + size > self.max_bytes):
                 return False
-            self._pending.append((spec, k, v))
             self._bytes += size
+            return True
+
+    def unreserve(self, size: int) -> None:
+        with self._changed:
+            self._bytes -= size
+            self._changed.notify_all()
+
+    @property
+    def waiting_bytes(self) -> int:
+        return self._bytes
+
+    def submit(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Queue a save whose copies (the caller's, now ours) were reserved; False if the saver
+        was closed meanwhile (the reservation then ends here)."""
+        with self._changed:
+            if self._closed:
+                self._bytes -= k.nbytes + v.nbytes
+                return False
+            self._pending.append((spec, k, v))
             if self._thread is None:  # only a worker saves: no thread in the scheduler's process
                 self._thread = threading.Thread(target=self._run, name="kvpeer-vllm-saves", daemon=True)
                 self._thread.start()
@@ -374,13 +392,20 @@ class _Saver:
             return self._changed.wait_for(lambda: not self._pending and not self._busy, timeout_s)
 
     def close(self, timeout_s: float) -> bool:
-        """Let the saves waiting go out for up to ``timeout_s``, then stop; False if some did not."""
+        """Let the saves waiting go out for up to ``timeout_s``, then stop taking any; False if
+        some did not go out (they are dropped; one being put may still be, see :meth:`join`)."""
         flushed = self.flush(timeout_s)
         with self._changed:
             self._closed = True
+            for _, k, v in self._pending:
+                self._bytes -= k.nbytes + v.nbytes
             self._pending.clear()
             self._changed.notify_all()
         return flushed
+
+    def join(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -424,6 +449,13 @@ class _Connection:
                 raise ApiError(ErrorCode.SHUTTING_DOWN,
                                f"cannot reach the daemon at {self._socket_path}: {exc}") from None
         return self._client
+
+    def abort(self) -> None:
+        """From another thread, without the lock: a call blocked on this connection fails now
+        (its thread then drops the connection)."""
+        client = self._client
+        if client is not None:
+            client.abort()
 
     def drop(self) -> None:
         """Close the connection, giving up what is in flight on it (the daemon frees a fetch's
@@ -489,6 +521,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
         self._dropping = False  # saves are being dropped: warned once until one is taken
+        self._not_staged: set[str] = set()  # this step's saves without room: no copies made
 
     # ------------------------------------------------------------------ metadata binding
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
@@ -683,10 +716,16 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         index = layer_index(layer_name)
         fp = self.fingerprint
         for spec in meta.saves:
+            if spec.req_id in self._not_staged:
+                continue
             blocks = self.map.blocks(spec.block_ids, 0, spec.stop)
             k, v = read_paged(kv_layer, blocks, self.layout)
             if spec.req_id not in self._staged:
                 shape = (fp.layers, fp.kv_heads, spec.stop, fp.head_dim)
+                # Room first: a save that will be dropped must not cost this step its copies.
+                if not self._saver.reserve(2 * math.prod(shape) * k.element_size()):
+                    self._not_staged.add(spec.req_id)
+                    continue
                 self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
             k_all, v_all = self._staged[spec.req_id]
             k_all[index].copy_(k)
@@ -697,20 +736,23 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         cache layer by layer, so nothing here waits for the daemon."""
         meta = self._meta
         staged, self._staged = self._staged, {}
-        if meta is None:
-            return
-        for spec in meta.saves:
-            kv = staged.get(spec.req_id)
-            if kv is None:
-                continue
-            if self._saver.submit(spec, *kv):
+        not_staged, self._not_staged = self._not_staged, set()
+        for spec in meta.saves if meta is not None else ():
+            kv = staged.pop(spec.req_id, None)
+            if kv is not None and self._saver.submit(spec, *kv):
                 self._dropping = False
-                continue
-            self.saves_dropped += 1
-            log.log(logging.DEBUG if self._dropping else logging.WARNING,
-                    "kvpeer put for %s dropped: %d bytes of saves are still waiting for the daemon "
-                    "(kvpeer_max_pending_save_bytes)", spec.req_id, self._saver.max_bytes)
-            self._dropping = True
+            elif kv is not None or spec.req_id in not_staged:
+                self._save_dropped(spec.req_id)
+        for k, v in staged.values():  # staged for no save of this step: give the room back
+            self._saver.unreserve(k.nbytes + v.nbytes)
+
+    def _save_dropped(self, req_id: str) -> None:
+        self.saves_dropped += 1
+        log.log(logging.DEBUG if self._dropping else logging.WARNING,
+                "kvpeer put for %s dropped: %d bytes of saves are still waiting for the daemon, "
+                "%d at most (kvpeer_max_pending_save_bytes)", req_id, self._saver.waiting_bytes,
+                self._saver.max_bytes)
+        self._dropping = True
 
     def flush_saves(self, timeout_s: float | None = None) -> bool:
         """Wait until the saves handed over so far reached the daemon (or failed); False if
@@ -733,9 +775,14 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def shutdown(self) -> None:
         if not self._saver.close(min(self.waits.save_timeout_s, SHUTDOWN_SAVE_WAIT_S)):
             log.warning("kvpeer: saves still waiting for the daemon at shutdown were dropped")
+        self._saves.abort()  # a put still in flight fails now, not after kvpeer_save_timeout_s
+        self._saver.join(SHUTDOWN_SAVE_WAIT_S)
         for connection in (self._quick, self._loads, self._saves):
-            with connection.lock:
-                connection.drop()
+            if connection.lock.acquire(timeout=SHUTDOWN_SAVE_WAIT_S):
+                try:
+                    connection.drop()
+                finally:
+                    connection.lock.release()
 
     # ------------------------------------------------------------------ backing off
     def _daemon_usable(self) -> bool:

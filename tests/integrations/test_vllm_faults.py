@@ -18,6 +18,7 @@ import torch
 from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.errors import ConfigError, ErrorCode
+from kvpeer.integrations import vllm as vllm_mod
 from kvpeer.integrations.vllm import Backoff, KVPeerConnector
 from tests.api.fakes import FakeBackend, ScriptedDaemon, ServerThread, send
 from tests.integrations.test_vllm import (
@@ -329,3 +330,39 @@ def test_one_slow_lookup_of_a_healthy_daemon_does_not_start_the_back_off() -> No
         clock.now = 1.0  # a second later: the next request is asked
         assert conn.get_num_new_matched_tokens(request("r2", PROMPT), 0) == (32, False)
         conn.shutdown()
+
+
+def test_a_save_without_room_makes_no_copies(caplog: pytest.LogCaptureFixture) -> None:
+    """The pending-bytes bound was checked after every layer had been copied out of the paged
+    cache: a save bound to be dropped still cost the step all its copies."""
+    with PutsWait() as daemon:
+        one_save = 2 * LAYERS * HEADS * 32 * DIM * 4
+        conn, _ = connector(daemon.socket_path, kvpeer_max_pending_save_bytes=one_save)
+        save(conn, "r1")  # being put: the daemon holds it
+        conn.update_state_after_alloc(request("r2", PROMPT), None, 0)
+        conn.bind_connector_metadata(conn.build_connector_meta(scheduler_output("r2", PROMPT, list(range(10)), 0)))
+        for name, cache in CACHES.items():
+            conn.save_kv_layer(name, cache, None)
+        assert not conn._staged  # no room: nothing copied
+        with caplog.at_level(logging.WARNING, "kvpeer.integrations.vllm"):
+            conn.wait_for_save()
+        conn.clear_connector_metadata()
+        assert conn.saves_dropped == 1 and "dropped" in caplog.text
+        daemon.go.set()
+        assert conn.flush_saves(GENEROUS_S)
+        save_and_flush(conn, "r3")  # the room came back
+        assert conn.saves_dropped == 1 and len(daemon.received(m.PutRequest)) == 2
+        conn.shutdown()
+
+
+def test_shutdown_does_not_wait_out_the_timeout_of_a_put_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saving thread held the saves connection's lock for the put's whole timeout (60 s by
+    default), and shutdown waited for that lock."""
+    monkeypatch.setattr(vllm_mod, "SHUTDOWN_SAVE_WAIT_S", 0.3)
+    with HelloOnly() as daemon:  # never answers a put
+        conn, _ = connector(daemon.socket_path, kvpeer_save_timeout_s=HUNG_DAEMON_S)
+        save(conn, "r1")
+        daemon.wait_for(m.PutRequest)
+        started = time.monotonic()
+        conn.shutdown()
+        assert time.monotonic() - started < GENEROUS_S
