@@ -351,7 +351,7 @@ class MetricsSection:
     def __post_init__(self) -> None:
         # An empty host (KVPEER_METRICS__HOST= left blank) binds every interface: say so
         # rather than expose /metrics to the LAN by accident.
-        if not self.host.strip():
+        if self.enabled and not self.host.strip():
             raise ConfigError(
                 'metrics.host: empty; it would listen on every interface. Give "127.0.0.1" '
                 '(this host only) or, to be scraped remotely, "0.0.0.0" or "::"'

@@ -109,6 +109,11 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], mes
     assert message in str(err.value)
 
 
+def test_an_empty_metrics_host_is_fine_with_metrics_off(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[metrics]\nenabled = false\nhost = \"\"\n"), env={})
+    assert not config.metrics.enabled
+
+
 def test_missing_explicit_file_is_an_error_missing_default_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
