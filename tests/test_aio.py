@@ -51,9 +51,11 @@ def test_timeout_and_result() -> None:
     asyncio.run(main())
 
 
-def test_a_cancelled_caller_waits_for_its_thread_work_to_end() -> None:
+@pytest.mark.parametrize("helper", [aio.in_thread_to_the_end, aio.in_thread_once_started])
+def test_a_cancelled_caller_waits_for_its_thread_work_to_end(helper: Any) -> None:
     """The work writes buffers the caller reuses as soon as it returns: a cancel must not
-    return before the thread is done with them."""
+    return before the thread is done with them (in_thread_once_started keeps that promise for
+    work that started)."""
     import threading
     import time
 
@@ -65,7 +67,7 @@ def test_a_cancelled_caller_waits_for_its_thread_work_to_end() -> None:
         finished.set()
 
     async def main() -> None:
-        task = asyncio.create_task(aio.in_thread_to_the_end(None, work))
+        task = asyncio.create_task(helper(None, work))
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -109,29 +111,6 @@ def test_work_still_queued_when_its_caller_is_cancelled_is_dropped_at_once() -> 
         release.set()
         executor.shutdown()
     assert ran == ["after"]
-
-
-def test_work_running_when_its_caller_is_cancelled_is_waited_for() -> None:
-    """in_thread_once_started keeps in_thread_to_the_end's promise for work that started."""
-    import threading
-    import time
-
-    started, finished = threading.Event(), threading.Event()
-
-    def work() -> None:
-        started.set()
-        time.sleep(0.3)
-        finished.set()
-
-    async def main() -> None:
-        task = asyncio.create_task(aio.in_thread_once_started(None, work))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert finished.is_set()
-
-    asyncio.run(main())
 
 
 def test_in_thread_once_started_returns_the_result_and_raises_the_error() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -64,6 +65,15 @@ class Node:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+async def cancel_once(node: Node, sink: Sink, reached: Callable[[], Awaitable[Any]]) -> None:
+    """Start a fetch of 4 chunks, cancel it once ``reached()`` returns (the client went away)."""
+    task = asyncio.create_task(node.fetch(CTX, request(4), sink))
+    await reached()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_a_cancelled_fetch_is_counted_with_its_bytes() -> None:
     """The client went away (or the API's backstop fired) after chunk 0 arrived: that fetch used
     to vanish from every metric, the activity line and bytes_from_peers."""
@@ -73,11 +83,7 @@ def test_a_cancelled_fetch_is_counted_with_its_bytes() -> None:
         peer.gates[1] = asyncio.Event()  # never arrives
         node = Node({"a": peer}, held=4)
         sink = Sink()
-        task = asyncio.create_task(node.fetch(CTX, request(4), sink))
-        await wait_until(lambda: bool(sink.done))
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_once(node, sink, lambda: wait_until(lambda: bool(sink.done)))
         return node
 
     node = asyncio.run(main())
@@ -99,11 +105,7 @@ def test_a_fetch_cancelled_while_planning_is_counted_too() -> None:
             await asyncio.Event().wait()
 
         node._plan = slow_plan  # type: ignore[method-assign]
-        task = asyncio.create_task(node.fetch(CTX, request(4), Sink()))
-        await planning.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_once(node, Sink(), planning.wait)
         return node
 
     node = asyncio.run(main())
