@@ -1179,7 +1179,11 @@ class _FetchRun:
         self.in_thread = True
         try:
             return await aio.in_thread_once_started(self.f.executor, work, *args)
-        except RuntimeError as exc:  # the executor was shut down (the daemon is stopping)
+        except RuntimeError as exc:
+            # ThreadPoolExecutor's own flag: the daemon is stopping. (A RuntimeError of the work
+            # itself, torch's for one, is the chunk's.)
+            if not getattr(self.f.executor, "_shutdown", False):
+                raise
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, f"cannot decode now: {exc}") from None
         finally:
             self.in_thread = False
@@ -1191,6 +1195,11 @@ class _FetchRun:
         self.wake.set()
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
+        if isinstance(exc, ProtocolError) and exc.code == ErrorCode.SHUTTING_DOWN:  # we are stopping
+            log.debug("fetch %s: chunk %d not decoded: %s", self.tag, item.index, exc)
+            self._cut_at(item.index, "error")
+            self.wake.set()
+            return
         self.f.counters["undecodable"] += 1
         self.f.peer_trouble(
             item.peer, "fetch %s: chunk %d from %s does not decode: %s", self.tag, item.index,

@@ -72,6 +72,9 @@ DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long b
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
+#: Files eviction passes over in a row before it takes the disk for down (one stuck file is that
+#: file's problem; many are the directory's, or the mount's: a read-only bind, root_squash).
+MAX_STUCK_IN_A_ROW = 8
 #: An eviction failing with these says the disk is down (puts stay in RAM for a while); any other
 #: error concerns that one file, and eviction moves on to the next.
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENODEV})
@@ -512,6 +515,11 @@ class ChunkStore:
         # making; they are announced when the thread is done.
         try:
             return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and (task is None or not task.cancelling()):
+                raise StoreError("the store is closed") from None  # close() dropped the job
+            raise
         finally:
             if future.done():
                 self._notify(changes)
@@ -617,15 +625,19 @@ class ChunkStore:
         return size
 
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
-        """Evict until ``size`` more bytes fit the disk budget, past files that resist; OSError
-        if the disk is down or every file resists."""
+        """Evict until ``size`` more bytes fit the disk budget, past a few files that resist;
+        :class:`_StuckFile` if every file resists (no room now), OSError if the disk is down
+        (so do :data:`MAX_STUCK_IN_A_ROW` files resisting in a row: not one file's problem)."""
         stuck = 0
         while self.disk_used + size > self.disk_limit and self._disk:
             try:
                 self._disk_evict_oldest(changes)
+                stuck = 0
             except _StuckFile as exc:
                 self._warn_stuck(exc)
                 stuck += 1
+                if stuck >= MAX_STUCK_IN_A_ROW:
+                    raise OSError(exc.errno, exc.strerror, exc.filename) from None
                 if stuck >= len(self._disk):
                     raise
 
@@ -634,7 +646,7 @@ class ChunkStore:
         resist, until the disk is down or every file resists); returns how many."""
         freed = stuck = 0
         with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
-            while freed < size and self._disk and stuck < len(self._disk):
+            while freed < size and self._disk and stuck < min(len(self._disk), MAX_STUCK_IN_A_ROW):
                 try:
                     freed += self._disk_evict_oldest(changes)
                 except _StuckFile as exc:
@@ -644,10 +656,11 @@ class ChunkStore:
 
     def _warn_stuck(self, exc: OSError) -> None:
         """Once per file: it stays indexed and readable, and the budget counts it."""
-        if exc.filename not in self._stuck_warned:
-            if len(self._stuck_warned) < 1024:
-                self._stuck_warned.add(exc.filename)
-            log.warning("store: cannot evict %s (%s); evicting the next file instead", exc.filename, exc.strerror)
+        if exc.filename in self._stuck_warned or len(self._stuck_warned) >= MAX_STUCK_IN_A_ROW:
+            log.debug("store: cannot evict %s (%s)", exc.filename, exc.strerror)
+            return
+        self._stuck_warned.add(exc.filename)
+        log.warning("store: cannot evict %s (%s); evicting the next file instead", exc.filename, exc.strerror)
 
     def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
         """Record a failed disk write or eviction: puts keep chunks in RAM only for the next

@@ -1384,7 +1384,7 @@ def test_fetched_chunks_waiting_for_a_slow_store_are_bounded(monkeypatch: pytest
     asyncio.run(main())
 
 
-def test_a_fetch_meeting_a_shut_decode_pool_ends_as_a_clean_failure() -> None:
+def test_a_fetch_meeting_a_shut_decode_pool_ends_as_a_clean_failure(caplog: pytest.LogCaptureFixture) -> None:
     """At stop, the decode pool is shut once the API's fetches were given time to end: one still
     running raised RuntimeError out of its task group and never told its outcome."""
 
@@ -1396,5 +1396,8 @@ def test_a_fetch_meeting_a_shut_decode_pool_ends_as_a_clean_failure() -> None:
         ended: list[Any] = []
         out = await f.fetch([key(0), key(1)], [{"a"}] * 2, Sink(), policy="fixed:q8", on_end=ended.append)
         assert out.chunks == 0 and ended
+        assert f.counters["undecodable"] == 0  # stopping is not the peer's fault
 
-    asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="kvpeer"):
+        asyncio.run(main())
+    assert not caplog.records

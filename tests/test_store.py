@@ -864,3 +864,58 @@ def test_puts_waiting_for_the_writer_at_close_are_refused_not_stranded(
     assert store.stats()["pending_entries"] == 0
     written = sum(store._path((key(i), "q8")).exists() for i in range(1, 6))
     assert written == outcomes.count("stored")  # every put acknowledged reached the disk
+
+
+def test_many_files_eviction_cannot_remove_mean_the_disk_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every file resisting (a directory read-only to us, root_squash): each put tried to
+    unlink the whole index under the store's lock, with a warning per file, and never rested."""
+    size = record_size("q8", len(blob(1)))
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=40 * size, directory=tmp_path)
+    for i in range(1, 41):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    tries: list[Path] = []
+
+    def refusing_unlink(self: Path, missing_ok: bool = False) -> None:
+        tries.append(self)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refusing_unlink)
+    with caplog.at_level(logging.DEBUG, "kvpeer.store"):
+        for i in range(41, 51):
+            store.put_blocking(key(i), "q8", blob(i))
+    assert len(tries) == store_mod.MAX_STUCK_IN_A_ROW  # then the disk counts as failing
+    assert store.stats()["disk_failing"] and store.stats()["ram_only_puts"] == 10
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= store_mod.MAX_STUCK_IN_A_ROW + 1
+    monkeypatch.undo()
+    store.close()
+
+
+def test_a_put_queued_in_the_pool_at_close_gets_a_store_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() drops jobs still queued in its pools: their callers got CancelledError although
+    nobody cancelled them, which no caller catches (they catch StoreError)."""
+    store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 30, directory=tmp_path,
+                       max_pending_bytes=1500, writers=1)
+    gate = _gate_writes(monkeypatch)
+
+    async def main() -> list[str]:
+        count = 2 + store_mod.PUT_THREADS  # one for the writer, the pool's threads waiting, one queued
+        puts = [asyncio.create_task(store.put(key(i), "q8", blob(i))) for i in range(1, count + 1)]
+        await asyncio.sleep(0.3)
+        closing = asyncio.create_task(asyncio.to_thread(store.close, 5))
+        await asyncio.sleep(0.2)
+        gate.set()
+        await closing
+        outcomes = []
+        for put in puts:
+            try:
+                await put
+                outcomes.append("stored")
+            except StoreError:
+                outcomes.append("refused")
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert "refused" in outcomes and set(outcomes) <= {"stored", "refused"}

@@ -633,8 +633,10 @@ class KVPeerClient:
         self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed"))
 
     def abort(self) -> None:
-        """The one call another thread may make: shut the connection down, so that a call
-        blocked on it (for up to ``timeout_s``) fails now. The calling thread then drops it."""
+        """The one call another thread may make: close the client for good, and shut its
+        connection down so that a call blocked on it (for up to ``timeout_s``) fails now and
+        is not sent again on a new one. The calling thread then drops the connection."""
+        self._closed = True
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -438,9 +438,12 @@ class _Connection:
         self._timeout_s = timeout_s
         self._client_name = client_name
         self._client: KVPeerClient | None = None
+        self._aborted = False
 
     def client(self) -> KVPeerClient:
         """The client, connected now if it is not (ApiError if the daemon cannot be reached)."""
+        if self._aborted:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the connector is shutting down")
         if self._client is None:
             try:
                 self._client = KVPeerClient(self._socket_path, namespace=self._namespace,
@@ -451,8 +454,9 @@ class _Connection:
         return self._client
 
     def abort(self) -> None:
-        """From another thread, without the lock: a call blocked on this connection fails now
-        (its thread then drops the connection)."""
+        """From another thread, without the lock, for good: a call blocked on this connection
+        fails now (its thread then drops the connection), and none connects again."""
+        self._aborted = True
         client = self._client
         if client is not None:
             client.abort()
@@ -723,10 +727,15 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             if spec.req_id not in self._staged:
                 shape = (fp.layers, fp.kv_heads, spec.stop, fp.head_dim)
                 # Room first: a save that will be dropped must not cost this step its copies.
-                if not self._saver.reserve(2 * math.prod(shape) * k.element_size()):
+                size = 2 * math.prod(shape) * k.element_size()
+                if not self._saver.reserve(size):
                     self._not_staged.add(spec.req_id)
                     continue
-                self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
+                try:
+                    self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
+                except BaseException:
+                    self._saver.unreserve(size)
+                    raise
             k_all, v_all = self._staged[spec.req_id]
             k_all[index].copy_(k)
             v_all[index].copy_(v)

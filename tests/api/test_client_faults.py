@@ -635,3 +635,16 @@ def test_an_async_put_cancelled_before_its_fill_ran_leaves_no_descriptor() -> No
 
     with serving() as api:
         run(main(api))
+
+
+def test_an_aborted_client_does_not_connect_again() -> None:
+    """abort() (another thread ending a call blocked on a hung daemon) only shut the socket: the
+    put met it, connected again, said hello and waited out its whole timeout there."""
+    with StopsReading() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+        client.abort()
+        with pytest.raises(ApiError) as info:
+            client.put(list(range(4)), *kv(4), FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN
+        assert len(daemon.received(m.Hello)) == 1
+        client.close()

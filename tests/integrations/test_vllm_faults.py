@@ -366,3 +366,21 @@ def test_shutdown_does_not_wait_out_the_timeout_of_a_put_in_flight(monkeypatch: 
         started = time.monotonic()
         conn.shutdown()
         assert time.monotonic() - started < GENEROUS_S
+
+
+def test_a_staging_copy_that_cannot_be_made_gives_its_room_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    with PutsWait() as daemon:
+        conn, _ = connector(daemon.socket_path)
+        conn.update_state_after_alloc(request("r1", PROMPT), None, 0)
+        conn.bind_connector_metadata(conn.build_connector_meta(scheduler_output("r1", PROMPT, list(range(10)), 0)))
+
+        def no_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+        monkeypatch.setattr(torch, "empty", no_memory)
+        name, cache = next(iter(CACHES.items()))
+        with pytest.raises(RuntimeError):
+            conn.save_kv_layer(name, cache, None)
+        monkeypatch.undo()
+        assert conn._saver.waiting_bytes == 0
+        conn.shutdown()
