@@ -485,12 +485,12 @@ class KVPeerClient:
             for frame in self._decoder.frames():
                 if isinstance(frame, ProtocolError):
                     raise ApiError(frame.code, frame.reason)
-                message = m.decode_body(frame)
                 try:
+                    message = m.decode_body(frame)
                     self._descriptors.on_message(message)
-                except ProtocolError as exc:  # descriptors and frames no longer pair up
-                    reason = ApiError(exc.code, exc.reason)
-                    self._drop_connection(reason)
+                except ProtocolError as exc:  # an answer we cannot read (a daemon of another API
+                    reason = ApiError(exc.code, exc.reason)  # version?), or descriptors and
+                    self._drop_connection(reason)  # frames that no longer pair up
                     raise reason from None
                 return message
             try:

@@ -11,6 +11,7 @@ import socket
 import threading
 from typing import Any
 
+import msgpack
 import pytest
 
 from kvpeer import shm
@@ -648,3 +649,22 @@ def test_an_aborted_client_does_not_connect_again() -> None:
         assert info.value.code == ErrorCode.SHUTTING_DOWN
         assert len(daemon.received(m.Hello)) == 1
         client.close()
+
+
+class SpeaksAnotherVersion(ScriptedDaemon):
+    """A daemon of another API version: its answers carry another version number."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        body = msgpack.unpackb(m.encode(m.HelloOk(id=message.id))[m.FRAME_HEADER_BYTES:])
+        body["v"] = m.API_VERSION - 1
+        payload = msgpack.packb(body)
+        conn.sendall(len(payload).to_bytes(m.FRAME_HEADER_BYTES, "big") + payload)
+
+
+def test_a_daemon_of_another_api_version_is_an_api_error_that_says_so() -> None:
+    """Callers (the engine integrations) catch ApiError: the blocking client raised the raw
+    ProtocolError of an answer it could not read."""
+    with SpeaksAnotherVersion() as daemon:
+        with pytest.raises(ApiError) as info:
+            KVPeerClient(daemon.socket_path, timeout_s=5)
+        assert info.value.code == ErrorCode.UNSUPPORTED_VERSION and "version" in info.value.reason
