@@ -70,14 +70,14 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
-# Read errors that say nothing about the file (the process is short of descriptors or memory,
-# a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 #: Files eviction passes over in a row before it takes the disk for down (one stuck file is that
 #: file's problem; many are the directory's, or the mount's: a read-only bind, root_squash).
 MAX_STUCK_IN_A_ROW = 8
 #: An eviction failing with these says the disk is down (puts stay in RAM for a while); any other
 #: error concerns that one file, and eviction moves on to the next.
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENODEV})
+# Read errors that say nothing about the file (the process is short of descriptors or memory,
+# a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 _PASSING_READ_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ESTALE}
 )
