@@ -73,16 +73,15 @@ READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the 
 #: Files eviction passes over in a row before it takes the disk for down (one stuck file is that
 #: file's problem; many are the directory's, or the mount's: a read-only bind, root_squash).
 MAX_STUCK_IN_A_ROW = 8
-#: An eviction failing with these says the disk is down (puts stay in RAM for a while); any other
-#: error concerns that one file, and eviction moves on to the next.
-_DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENODEV})
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 _PASSING_READ_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ESTALE}
 )
-# Errors opening the disk tier that mean the disk, not the configuration, is down: the store
-# then starts on its RAM tier instead of failing the daemon's start (and systemd's restarts).
+# Errors that mean the disk, not the configuration or one file, is down. Opening the disk tier:
+# the store then starts on its RAM tier instead of failing the daemon's start (and systemd's
+# restarts). An eviction: puts stay in RAM for a while (any other error concerns that one file,
+# and eviction moves on to the next).
 _DISK_DOWN_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 # Write errors that our own oldest files can make room for: the file system is full, or our
 # user's quota on it is.
