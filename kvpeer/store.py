@@ -70,9 +70,6 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
-#: Files eviction passes over in a row before it takes the disk for down (one stuck file is that
-#: file's problem; many are the directory's, or the mount's: a read-only bind, root_squash).
-MAX_STUCK_IN_A_ROW = 8
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 _PASSING_READ_ERRNOS = frozenset(
@@ -262,7 +259,10 @@ class ChunkStore:
         self.disk_unavailable = ""  # why the disk tier did not open, if it did not
         self._closing = False  # the writers may stop once the queue is empty
         self._closed = False  # close() began: puts are refused, waiting ones give up
-        self._stuck_warned: set[str] = set()  # files eviction could not remove (warned once)
+        # Files eviction could not remove on a disk that works (immutable, another owner's, a
+        # root_squash mount): still indexed and readable, never tried again until a restart.
+        self._stuck: set[_Slot] = set()
+        self._stuck_warned_at = -READ_WARN_S
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
@@ -590,6 +590,7 @@ class ChunkStore:
             self._mark_gone(victim, changes)
 
     def _disk_remove(self, slot: _Slot, changes: _Changes) -> None:
+        self._stuck.discard(slot)
         size = self._disk.pop(slot, None)
         if size is None:
             return
@@ -603,19 +604,24 @@ class ChunkStore:
         self._mark_gone(slot, changes)
 
     def _disk_evict_oldest(self, changes: _Changes) -> int:
-        """Evict the least recently used file; returns its size. OSError when it cannot be
-        removed: it then stays indexed, since it is still there and readable (forgotten, it would
-        be a good chunk nobody is offered and bytes the budget no longer counts). A file that
-        resists on a disk that works (immutable, another owner's) also moves to the recent end,
-        so that the next eviction tries the next file (:class:`_StuckFile`)."""
-        victim = next(iter(self._disk))
+        """Evict the least recently used file that can be; returns its size. OSError (the disk
+        is down) when it cannot be removed: it then stays indexed, since it is still there and
+        readable (forgotten, it would be a good chunk nobody is offered and bytes the budget no
+        longer counts). A file that resists on a disk that works (immutable, another owner's)
+        stays indexed too, and is passed over from then on: :class:`_StuckFile` says to try
+        again (the next file), or, with only such files left, that there is no room now."""
+        victim = next((slot for slot in self._disk if slot not in self._stuck), None)
+        if victim is None:
+            raise _StuckFile(errno.EPERM, "every file left resists removal", str(self.directory))
         path = self._path(victim)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             if exc.errno in _DISK_DOWN_ERRNOS:
                 raise
-            self._disk.move_to_end(victim)
+            self._stuck.add(victim)
+            self._disk.move_to_end(victim)  # the usual victims stay at the front
+            self._warn_stuck(exc, path)
             raise _StuckFile(exc.errno, exc.strerror, str(path)) from exc
         size = self._disk.pop(victim)
         self.disk_used -= size
@@ -624,42 +630,42 @@ class ChunkStore:
         return size
 
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
-        """Evict until ``size`` more bytes fit the disk budget, past a few files that resist;
-        :class:`_StuckFile` if every file resists (no room now), OSError if the disk is down
-        (so do :data:`MAX_STUCK_IN_A_ROW` files resisting in a row: not one file's problem)."""
-        stuck = 0
+        """Evict until ``size`` more bytes fit the disk budget, passing over files that resist;
+        :class:`_StuckFile` if only such files are left (no room now), OSError if the disk is
+        down. Each file is tried at most once: a directory whose files all resist costs one
+        failed unlink per file, not one per file per put."""
         while self.disk_used + size > self.disk_limit and self._disk:
             try:
                 self._disk_evict_oldest(changes)
-                stuck = 0
-            except _StuckFile as exc:
-                self._warn_stuck(exc)
-                stuck += 1
-                if stuck >= MAX_STUCK_IN_A_ROW:
-                    raise OSError(exc.errno, exc.strerror, exc.filename) from None
-                if stuck >= len(self._disk):
+            except _StuckFile:
+                if all(slot in self._stuck for slot in self._disk):
                     raise
 
     def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
-        """Evict the least recently used files until ``size`` bytes are freed (past files that
-        resist, until the disk is down or every file resists); returns how many."""
-        freed = stuck = 0
+        """Evict the least recently used files until ``size`` bytes are freed (passing over
+        files that resist, until the disk is down or only such files are left); returns how many."""
+        freed = 0
         with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
-            while freed < size and self._disk and stuck < min(len(self._disk), MAX_STUCK_IN_A_ROW):
+            while freed < size and self._disk:
                 try:
                     freed += self._disk_evict_oldest(changes)
-                except _StuckFile as exc:
-                    self._warn_stuck(exc)
-                    stuck += 1
+                except _StuckFile:
+                    if all(slot in self._stuck for slot in self._disk):
+                        break
         return freed
 
-    def _warn_stuck(self, exc: OSError) -> None:
-        """Once per file: it stays indexed and readable, and the budget counts it."""
-        if exc.filename in self._stuck_warned or len(self._stuck_warned) >= MAX_STUCK_IN_A_ROW:
-            log.debug("store: cannot evict %s (%s)", exc.filename, exc.strerror)
-            return
-        self._stuck_warned.add(exc.filename)
-        log.warning("store: cannot evict %s (%s); evicting the next file instead", exc.filename, exc.strerror)
+    def _warn_stuck(self, exc: OSError, path: Path) -> None:
+        """A WARNING at most once a minute (the rest at DEBUG): a mount where every file resists
+        would otherwise log one per file."""
+        now = time.monotonic()
+        loud = now - self._stuck_warned_at >= READ_WARN_S
+        if loud:
+            self._stuck_warned_at = now
+        log.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "store: cannot evict %s (%s): it stays, passed over until a restart (%d such files)",
+            path, exc.strerror, len(self._stuck),
+        )
 
     def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
         """Record a failed disk write or eviction: puts keep chunks in RAM only for the next

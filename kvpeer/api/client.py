@@ -420,15 +420,23 @@ class KVPeerClient:
         sock.settimeout(self.timeout_s)
         try:
             sock.connect(self.socket_path)
+            self._unless_aborted()
             if self.namespace is not None:
                 self._call(
                     m.Hello(id=self._new_id(), namespace=self.namespace, client=self.client_name),
                     m.HelloOk,
                 )
+            self._unless_aborted()
         except BaseException:
             self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "not connected to the daemon"))
             raise
         return sock
+
+    def _unless_aborted(self) -> None:
+        # abort() from another thread may land while this one connects: it found no socket to
+        # shut, so the connection just made must not be used.
+        if self._closed:
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
 
     def _drop_connection(self, reason: ApiError) -> None:
         """Forget the connection and everything in flight on it (a running fetch fails)."""
@@ -457,6 +465,8 @@ class KVPeerClient:
         there (a restart; or it closes one that says nothing for 10 s after connecting)."""
         data = m.encode(message)
         sock = self._sock
+        if self._closed:  # closed, or aborted from another thread: nothing more goes out
+            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
         if sock is not None:
             try:
                 sock.sendall(data)

@@ -451,6 +451,9 @@ class _Connection:
             except OSError as exc:
                 raise ApiError(ErrorCode.SHUTTING_DOWN,
                                f"cannot reach the daemon at {self._socket_path}: {exc}") from None
+            if self._aborted:  # abort() came while this connected, and found nothing to abort
+                self.drop()
+                raise ApiError(ErrorCode.SHUTTING_DOWN, "the connector is shutting down")
         return self._client
 
     def abort(self) -> None:

@@ -668,3 +668,22 @@ def test_a_daemon_of_another_api_version_is_an_api_error_that_says_so() -> None:
         with pytest.raises(ApiError) as info:
             KVPeerClient(daemon.socket_path, timeout_s=5)
         assert info.value.code == ErrorCode.UNSUPPORTED_VERSION and "version" in info.value.reason
+
+
+def test_an_abort_landing_while_the_client_connects_again_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """abort() from another thread found no socket to shut while the calling thread was
+    connecting again: the call went out on the new connection."""
+    with LookupDaemon() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+        daemon.drop(0)  # restarted while idle: the next call connects again
+        connect = KVPeerClient._connect
+
+        def aborted_meanwhile(self: KVPeerClient) -> Any:
+            self.abort()  # the other thread's abort() lands here
+            return connect(self)
+
+        monkeypatch.setattr(KVPeerClient, "_connect", aborted_meanwhile)
+        with pytest.raises(ApiError) as info:
+            client.lookup([1, 2, 3], FP)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN and not client.connected
+        assert len(daemon.received(m.Hello)) == 1

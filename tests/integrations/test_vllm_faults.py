@@ -17,7 +17,8 @@ import torch
 
 from kvpeer import shm
 from kvpeer.api import messages as m
-from kvpeer.errors import ConfigError, ErrorCode
+from kvpeer.api.client import KVPeerClient
+from kvpeer.errors import ApiError, ConfigError, ErrorCode
 from kvpeer.integrations import vllm as vllm_mod
 from kvpeer.integrations.vllm import Backoff, KVPeerConnector
 from tests.api.fakes import FakeBackend, ScriptedDaemon, ServerThread, send
@@ -384,3 +385,18 @@ def test_a_staging_copy_that_cannot_be_made_gives_its_room_back(monkeypatch: pyt
         monkeypatch.undo()
         assert conn._saver.waiting_bytes == 0
         conn.shutdown()
+
+
+def test_an_abort_landing_while_a_connector_connection_is_made_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    with HelloOnly() as daemon:
+        connection = vllm_mod._Connection(str(daemon.socket_path), "default", timeout_s=10, client_name="t")
+        init = KVPeerClient.__init__
+
+        def aborted_meanwhile(self: KVPeerClient, *args: Any, **kwargs: Any) -> None:
+            connection.abort()  # shutdown() aborts while the saving thread connects
+            init(self, *args, **kwargs)
+
+        monkeypatch.setattr(KVPeerClient, "__init__", aborted_meanwhile)
+        with pytest.raises(ApiError) as info:
+            connection.client()
+        assert info.value.code == ErrorCode.SHUTTING_DOWN and connection._client is None
