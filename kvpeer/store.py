@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
+#: Files that resist removal one eviction tries before it gives up for that put (which then
+#: stays in RAM): a mount where every file resists must not cost one failed unlink per file,
+#: under the store's lock, on one put.
+MAX_STUCK_TRIES = 8
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 _PASSING_READ_ERRNOS = frozenset(
@@ -260,8 +264,11 @@ class ChunkStore:
         self._closing = False  # the writers may stop once the queue is empty
         self._closed = False  # close() began: puts are refused, waiting ones give up
         # Files eviction could not remove on a disk that works (immutable, another owner's, a
-        # root_squash mount): still indexed and readable, never tried again until a restart.
+        # root_squash mount): still indexed and readable, passed over until DISK_RETRY_S after
+        # the first of them (the cause may be gone: EBUSY, chattr -i). Kept at the LRU's
+        # recent end, so the usual victims stay at the front.
         self._stuck: set[_Slot] = set()
+        self._stuck_since = 0.0
         self._stuck_warned_at = -READ_WARN_S
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._writers: list[threading.Thread] = []
@@ -409,6 +416,7 @@ class ChunkStore:
                 "disk_read_errors": c.disk_read_errors,
                 "disk_failing": self._disk_failing(),
                 "disk_unavailable": self.disk_unavailable,
+                "disk_stuck_files": len(self._stuck),
             }
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -610,15 +618,19 @@ class ChunkStore:
         longer counts). A file that resists on a disk that works (immutable, another owner's)
         stays indexed too, and is passed over from then on: :class:`_StuckFile` says to try
         again (the next file), or, with only such files left, that there is no room now."""
-        victim = next((slot for slot in self._disk if slot not in self._stuck), None)
-        if victim is None:
+        if self._stuck and time.monotonic() - self._stuck_since >= DISK_RETRY_S:
+            self._stuck.clear()  # try them again
+        if len(self._stuck) >= len(self._disk):
             raise _StuckFile(errno.EPERM, "every file left resists removal", str(self.directory))
+        victim = next(slot for slot in self._disk if slot not in self._stuck)
         path = self._path(victim)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             if exc.errno in _DISK_DOWN_ERRNOS:
                 raise
+            if not self._stuck:
+                self._stuck_since = time.monotonic()
             self._stuck.add(victim)
             self._disk.move_to_end(victim)  # the usual victims stay at the front
             self._warn_stuck(exc, path)
@@ -631,26 +643,28 @@ class ChunkStore:
 
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
         """Evict until ``size`` more bytes fit the disk budget, passing over files that resist;
-        :class:`_StuckFile` if only such files are left (no room now), OSError if the disk is
-        down. Each file is tried at most once: a directory whose files all resist costs one
-        failed unlink per file, not one per file per put."""
+        :class:`_StuckFile` if only such files are left, or :data:`MAX_STUCK_TRIES` resisted
+        (no room now); OSError if the disk is down."""
+        tries = 0
         while self.disk_used + size > self.disk_limit and self._disk:
             try:
                 self._disk_evict_oldest(changes)
             except _StuckFile:
-                if all(slot in self._stuck for slot in self._disk):
+                tries += 1
+                if tries >= MAX_STUCK_TRIES or len(self._stuck) >= len(self._disk):
                     raise
 
     def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
         """Evict the least recently used files until ``size`` bytes are freed (passing over
         files that resist, until the disk is down or only such files are left); returns how many."""
-        freed = 0
+        freed = tries = 0
         with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
             while freed < size and self._disk:
                 try:
                     freed += self._disk_evict_oldest(changes)
                 except _StuckFile:
-                    if all(slot in self._stuck for slot in self._disk):
+                    tries += 1
+                    if tries >= MAX_STUCK_TRIES or len(self._stuck) >= len(self._disk):
                         break
         return freed
 
@@ -663,8 +677,8 @@ class ChunkStore:
             self._stuck_warned_at = now
         log.log(
             logging.WARNING if loud else logging.DEBUG,
-            "store: cannot evict %s (%s): it stays, passed over until a restart (%d such files)",
-            path, exc.strerror, len(self._stuck),
+            "store: cannot evict %s (%s): it stays, passed over for %.0fs (%d such files)",
+            path, exc.strerror, DISK_RETRY_S, len(self._stuck),
         )
 
     def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
@@ -749,7 +763,7 @@ class ChunkStore:
                 try:
                     self._disk_make_room(file_size, changes)
                 except _StuckFile:  # no room now, but the disk works: this one stays in RAM
-                    pass
+                    self._counters.ram_only_puts += 1
                 except OSError as exc:  # no room: the disk is down (read-only, failing)
                     note = self._note_disk_error(exc, "remove", Path(exc.filename or self.directory or "."))
                     failing = self._last_disk_error
@@ -830,6 +844,7 @@ class ChunkStore:
                 if not passing and slot in self._disk:
                     # Out of the index (no I/O here, under the lock): lookups stop offering a
                     # chunk every fetch would fail on. The file stays; a restart looks again.
+                    self._stuck.discard(slot)
                     self.disk_used -= self._disk.pop(slot)
                     self._mark_gone(slot, changes)
                 now = time.monotonic()
@@ -931,6 +946,7 @@ class ChunkStore:
                 del self._pending[slot]
                 self.pending_bytes -= len(entry.blob)
                 self._disk[slot] = entry.file_size
+                self._stuck.discard(slot)  # a new file of ours
             for slot, entry in failed:
                 self._counters.disk_errors += 1
                 if self._pending.get(slot) is entry:

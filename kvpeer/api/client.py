@@ -466,7 +466,9 @@ class KVPeerClient:
         data = m.encode(message)
         sock = self._sock
         if self._closed:  # closed, or aborted from another thread: nothing more goes out
-            raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+            reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+            self._drop_connection(reason)
+            raise reason
         if sock is not None:
             try:
                 sock.sendall(data)

@@ -687,3 +687,12 @@ def test_an_abort_landing_while_the_client_connects_again_is_kept(monkeypatch: p
             client.lookup([1, 2, 3], FP)
         assert info.value.code == ErrorCode.SHUTTING_DOWN and not client.connected
         assert len(daemon.received(m.Hello)) == 1
+
+
+def test_a_call_after_abort_drops_the_connection() -> None:
+    with LookupDaemon() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+        client.abort()
+        with pytest.raises(ApiError):
+            client.lookup([1, 2, 3], FP)
+        assert not client.connected and client._sock is None
