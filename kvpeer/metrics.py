@@ -79,7 +79,12 @@ class _StoreCollector(Collector):
             "1 while puts skip a disk whose last write failed (they are kept in RAM meanwhile)",
             value=1 if s.get("disk_failing") else 0,
         )
-        return [used, limit, entries, chunks, events, down, failing]
+        stuck = GaugeMetricFamily(
+            "kvpeer_store_disk_stuck_files",
+            "Chunk files eviction could not remove on a working disk (passed over, tried again later)",
+            value=s.get("disk_stuck_files", 0),
+        )
+        return [used, limit, entries, chunks, events, down, failing, stuck]
 
 
 class _EventsCollector(Collector):

@@ -70,10 +70,11 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 DISK_RETRY_S = 10.0  # after a failed disk write, puts stay RAM-only this long before retrying
 READ_WARN_S = 60.0  # read errors are logged at WARNING at most this often (the rest at DEBUG)
-#: Files that resist removal one eviction tries before it gives up for that put (which then
-#: stays in RAM): a mount where every file resists must not cost one failed unlink per file,
-#: under the store's lock, on one put.
+#: Failed removals one eviction (one put) may meet before it tries only files that never
+#: resisted, and twice that before it gives up (the put stays in RAM): a mount where every file
+#: resists must not cost one failed unlink per file, under the store's lock, on one put.
 MAX_STUCK_TRIES = 8
+STUCK_RETRY_S = 60.0  # a file eviction could not remove is tried again after this long
 # Read errors that say nothing about the file (the process is short of descriptors or memory,
 # a stale NFS handle): the chunk stays indexed. Any other leaves the index, file untouched.
 _PASSING_READ_ERRNOS = frozenset(
@@ -176,6 +177,10 @@ class _StuckFile(OSError):
     """A file eviction could not remove, on a disk that otherwise works."""
 
 
+class _NoCandidate(_StuckFile):
+    """No file left that eviction may try now: all resisted, none is due to be tried again."""
+
+
 @dataclass(slots=True, eq=False)
 class _PendingWrite:
     """A chunk queued for the disk writer (readable from here until its file exists)."""
@@ -264,11 +269,9 @@ class ChunkStore:
         self._closing = False  # the writers may stop once the queue is empty
         self._closed = False  # close() began: puts are refused, waiting ones give up
         # Files eviction could not remove on a disk that works (immutable, another owner's, a
-        # root_squash mount): still indexed and readable, passed over until DISK_RETRY_S after
-        # the first of them (the cause may be gone: EBUSY, chattr -i). Kept at the LRU's
-        # recent end, so the usual victims stay at the front.
-        self._stuck: set[_Slot] = set()
-        self._stuck_since = 0.0
+        # root_squash mount): still indexed and readable, passed over until their time to be
+        # tried again (the cause may be gone: EBUSY, chattr -i). Slot -> that time.
+        self._stuck: dict[_Slot, float] = {}
         self._stuck_warned_at = -READ_WARN_S
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._writers: list[threading.Thread] = []
@@ -598,7 +601,7 @@ class ChunkStore:
             self._mark_gone(victim, changes)
 
     def _disk_remove(self, slot: _Slot, changes: _Changes) -> None:
-        self._stuck.discard(slot)
+        self._stuck.pop(slot, None)
         size = self._disk.pop(slot, None)
         if size is None:
             return
@@ -611,30 +614,33 @@ class ChunkStore:
             log.warning("store: cannot remove %s: %s", self._path(slot), exc)
         self._mark_gone(slot, changes)
 
-    def _disk_evict_oldest(self, changes: _Changes) -> int:
+    def _disk_evict_oldest(self, changes: _Changes, *, retries: bool = True) -> int:
         """Evict the least recently used file that can be; returns its size. OSError (the disk
         is down) when it cannot be removed: it then stays indexed, since it is still there and
         readable (forgotten, it would be a good chunk nobody is offered and bytes the budget no
         longer counts). A file that resists on a disk that works (immutable, another owner's)
-        stays indexed too, and is passed over from then on: :class:`_StuckFile` says to try
-        again (the next file), or, with only such files left, that there is no room now."""
-        if self._stuck and time.monotonic() - self._stuck_since >= DISK_RETRY_S:
-            self._stuck.clear()  # try them again
-        if len(self._stuck) >= len(self._disk):
-            raise _StuckFile(errno.EPERM, "every file left resists removal", str(self.directory))
-        victim = next(slot for slot in self._disk if slot not in self._stuck)
+        stays indexed too, passed over until :data:`STUCK_RETRY_S` later (``retries``: whether
+        such files that are due count, in their LRU place): :class:`_StuckFile` says to try the
+        next file, :class:`_NoCandidate` that there is none (no room now)."""
+        now = time.monotonic()
+        victim = next(
+            (slot for slot in self._disk
+             if slot not in self._stuck or (retries and self._stuck[slot] <= now)),
+            None,
+        )
+        if victim is None:
+            raise _NoCandidate(errno.EPERM, "every file left resists removal", str(self.directory))
         path = self._path(victim)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             if exc.errno in _DISK_DOWN_ERRNOS:
                 raise
-            if not self._stuck:
-                self._stuck_since = time.monotonic()
-            self._stuck.add(victim)
-            self._disk.move_to_end(victim)  # the usual victims stay at the front
+            self._stuck[victim] = now + STUCK_RETRY_S
+            self._disk.move_to_end(victim)  # behind the files due to go before it
             self._warn_stuck(exc, path)
             raise _StuckFile(exc.errno, exc.strerror, str(path)) from exc
+        self._stuck.pop(victim, None)
         size = self._disk.pop(victim)
         self.disk_used -= size
         self._counters.disk_evictions += 1
@@ -643,28 +649,32 @@ class ChunkStore:
 
     def _disk_make_room(self, size: int, changes: _Changes) -> None:
         """Evict until ``size`` more bytes fit the disk budget, passing over files that resist;
-        :class:`_StuckFile` if only such files are left, or :data:`MAX_STUCK_TRIES` resisted
-        (no room now); OSError if the disk is down."""
-        tries = 0
+        :class:`_StuckFile` if none is left to try or too many resisted (no room now); OSError
+        if the disk is down."""
+        failures = 0
         while self.disk_used + size > self.disk_limit and self._disk:
             try:
-                self._disk_evict_oldest(changes)
+                self._disk_evict_oldest(changes, retries=failures < MAX_STUCK_TRIES)
+            except _NoCandidate:
+                raise
             except _StuckFile:
-                tries += 1
-                if tries >= MAX_STUCK_TRIES or len(self._stuck) >= len(self._disk):
+                failures += 1
+                if failures >= 2 * MAX_STUCK_TRIES:
                     raise
 
     def _disk_evict_bytes(self, size: int, changes: _Changes) -> int:
         """Evict the least recently used files until ``size`` bytes are freed (passing over
         files that resist, until the disk is down or only such files are left); returns how many."""
-        freed = tries = 0
+        freed = failures = 0
         with contextlib.suppress(OSError):  # the write's error, logged by the caller, says why
             while freed < size and self._disk:
                 try:
-                    freed += self._disk_evict_oldest(changes)
+                    freed += self._disk_evict_oldest(changes, retries=failures < MAX_STUCK_TRIES)
+                except _NoCandidate:
+                    break
                 except _StuckFile:
-                    tries += 1
-                    if tries >= MAX_STUCK_TRIES or len(self._stuck) >= len(self._disk):
+                    failures += 1
+                    if failures >= 2 * MAX_STUCK_TRIES:
                         break
         return freed
 
@@ -678,7 +688,7 @@ class ChunkStore:
         log.log(
             logging.WARNING if loud else logging.DEBUG,
             "store: cannot evict %s (%s): it stays, passed over for %.0fs (%d such files)",
-            path, exc.strerror, DISK_RETRY_S, len(self._stuck),
+            path, exc.strerror, STUCK_RETRY_S, len(self._stuck),
         )
 
     def _note_disk_error(self, exc: OSError, doing: str, path: Path) -> tuple[int, str]:
@@ -734,6 +744,7 @@ class ChunkStore:
         slot = (key, level)
         file_size = record_size(level, len(blob))
         failing = ""
+        no_room = False  # the disk works, but what resists eviction left no room for this one
         note: tuple[int, str] | None = None
         with self._cond:
             if self._closed:
@@ -763,7 +774,7 @@ class ChunkStore:
                 try:
                     self._disk_make_room(file_size, changes)
                 except _StuckFile:  # no room now, but the disk works: this one stays in RAM
-                    self._counters.ram_only_puts += 1
+                    no_room = True
                 except OSError as exc:  # no room: the disk is down (read-only, failing)
                     note = self._note_disk_error(exc, "remove", Path(exc.filename or self.directory or "."))
                     failing = self._last_disk_error
@@ -787,7 +798,7 @@ class ChunkStore:
                 f"a {len(blob)}-byte chunk exceeds the store's budgets "
                 f"(ram {self.ram_limit}, disk {self.disk_limit} bytes)"
             )
-        if failing:  # held: the disk's error was logged when it happened
+        if failing or no_room:  # held in RAM: the disk's error was logged when it happened
             with self._lock:
                 self._counters.ram_only_puts += 1
         return True
@@ -844,7 +855,7 @@ class ChunkStore:
                 if not passing and slot in self._disk:
                     # Out of the index (no I/O here, under the lock): lookups stop offering a
                     # chunk every fetch would fail on. The file stays; a restart looks again.
-                    self._stuck.discard(slot)
+                    self._stuck.pop(slot, None)
                     self.disk_used -= self._disk.pop(slot)
                     self._mark_gone(slot, changes)
                 now = time.monotonic()
@@ -946,7 +957,7 @@ class ChunkStore:
                 del self._pending[slot]
                 self.pending_bytes -= len(entry.blob)
                 self._disk[slot] = entry.file_size
-                self._stuck.discard(slot)  # a new file of ours
+                self._stuck.pop(slot, None)  # a new file of ours
             for slot, entry in failed:
                 self._counters.disk_errors += 1
                 if self._pending.get(slot) is entry:

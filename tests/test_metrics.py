@@ -75,6 +75,7 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     assert got[("kvpeer_store_events_total", (("event", "ram_only_puts"),))] == 0
     assert got[("kvpeer_store_disk_unavailable", ())] == 0
     assert got[("kvpeer_store_disk_failing", ())] == 0
+    assert got[("kvpeer_store_disk_stuck_files", ())] == 0
     assert got[("kvpeer_peer_sessions", ())] == 2 and got[("kvpeer_peers_unreachable", ())] == 1
     assert got[("kvpeer_peers_up", ())] == 3
     assert got[("kvpeer_transport_events_total", (("event", "auth_failures"),))] == 2

@@ -894,11 +894,14 @@ def test_a_mount_where_every_file_resists_costs_one_try_per_file_and_few_warning
     store.close()
 
 
+@pytest.mark.parametrize("retry_s", [60.0, 0.0])
 def test_files_eviction_cannot_remove_are_passed_over_wherever_they_are(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, retry_s: float
 ) -> None:
     """Stuck files moved to the recent end bunched together; when the bunch came round to the
-    front again, eight in a row read as a disk that is down (an ERROR, puts RAM-only)."""
+    front again, eight in a row read as a disk that is down (an ERROR, puts RAM-only). Tried
+    again when due (0: at every put), they must still not keep a put from the files that go."""
+    monkeypatch.setattr(store_mod, "STUCK_RETRY_S", retry_s)
     size = record_size("q8", len(blob(1)))
     store = ChunkStore(ram_bytes=1 << 20, disk_bytes=20 * size, directory=tmp_path, writers=1)
     for i in range(1, 21):
@@ -919,8 +922,7 @@ def test_files_eviction_cannot_remove_are_passed_over_wherever_they_are(
             assert store.flush(timeout_s=30)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     stats = store.stats()
-    # One put may stay in RAM the first time it meets MAX_STUCK_TRIES of them in a row; no more.
-    assert not stats["disk_failing"] and stats["ram_only_puts"] <= 1 and stats["disk_entries"] == 20
+    assert not stats["disk_failing"] and stats["ram_only_puts"] == 0 and stats["disk_entries"] == 20
     assert all(store._path((key(i), "q8")).exists() for i in range(51, 61))  # the newest made it
     monkeypatch.undo()
     store.close()
@@ -967,14 +969,32 @@ def test_files_that_resisted_eviction_are_tried_again_later(tmp_path: Path, monk
     def busy(self: Path, missing_ok: bool = False) -> None:
         raise OSError(errno.EBUSY, "Device or resource busy", str(self))
 
+    monkeypatch.setattr(store_mod, "STUCK_RETRY_S", 0.0)  # due again at once
     monkeypatch.setattr(Path, "unlink", busy)
     store.put_blocking(key(5), "q8", blob(5))
     stats = store.stats()
     assert stats["disk_stuck_files"] == 4 and stats["ram_only_puts"] == 1  # said, not silent
     monkeypatch.setattr(Path, "unlink", unlink)  # the cause is gone
-    monkeypatch.setattr(store_mod, "DISK_RETRY_S", 0.0)  # and the retry time has come
     for i in range(6, 10):
         store.put_blocking(key(i), "q8", blob(i))
         assert store.flush(timeout_s=30)
     assert all(store._path((key(i), "q8")).exists() for i in range(6, 10))
+    store.close()
+
+
+def test_a_refused_put_is_not_counted_as_kept_in_ram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = record_size("q8", len(blob(1)))
+    store = ChunkStore(ram_bytes=2 * len(blob(1)), disk_bytes=2 * size, directory=tmp_path)
+    for i in (1, 2):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+
+    def busy(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+
+    monkeypatch.setattr(Path, "unlink", busy)
+    with pytest.raises(StoreError):
+        store.put_blocking(key(3), "q8", blob(3, size=3 * len(blob(1))))  # fits neither tier now
+    assert store.stats()["ram_only_puts"] == 0
+    monkeypatch.undo()
     store.close()
