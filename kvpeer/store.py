@@ -173,6 +173,22 @@ def record_size(level: str, blob_len: int) -> int:
     return _HEADER.size + len(level.encode()) + blob_len
 
 
+class _OncePer:
+    """Which line of a flood of like ones logs at WARNING: at most one per ``period_s`` (the
+    rest go to DEBUG). Call under the store's lock."""
+
+    def __init__(self, period_s: float) -> None:
+        self._period_s = period_s
+        self._last = -period_s
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._period_s:
+            return False
+        self._last = now
+        return True
+
+
 class _StuckFile(OSError):
     """A file eviction could not remove, on a disk that otherwise works."""
 
@@ -264,7 +280,7 @@ class ChunkStore:
         # The error an outage was logged with at ERROR ("" while writes work): its retries fail
         # the same way for as long as it lasts (a read-only remount: hours) and log at DEBUG.
         self._disk_outage = ""
-        self._read_warned_at = -READ_WARN_S
+        self._read_warnings = _OncePer(READ_WARN_S)
         self.disk_unavailable = ""  # why the disk tier did not open, if it did not
         self._closing = False  # the writers may stop once the queue is empty
         self._closed = False  # close() began: puts are refused, waiting ones give up
@@ -272,7 +288,7 @@ class ChunkStore:
         # root_squash mount): still indexed and readable, passed over until their time to be
         # tried again (the cause may be gone: EBUSY, chattr -i). Slot -> that time.
         self._stuck: dict[_Slot, float] = {}
-        self._stuck_warned_at = -READ_WARN_S
+        self._stuck_warnings = _OncePer(READ_WARN_S)
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
@@ -681,12 +697,8 @@ class ChunkStore:
     def _warn_stuck(self, exc: OSError, path: Path) -> None:
         """A WARNING at most once a minute (the rest at DEBUG): a mount where every file resists
         would otherwise log one per file."""
-        now = time.monotonic()
-        loud = now - self._stuck_warned_at >= READ_WARN_S
-        if loud:
-            self._stuck_warned_at = now
         log.log(
-            logging.WARNING if loud else logging.DEBUG,
+            logging.WARNING if self._stuck_warnings.due() else logging.DEBUG,
             "store: cannot evict %s (%s): it stays, passed over for %.0fs (%d such files)",
             path, exc.strerror, STUCK_RETRY_S, len(self._stuck),
         )
@@ -858,10 +870,7 @@ class ChunkStore:
                     self._stuck.pop(slot, None)
                     self.disk_used -= self._disk.pop(slot)
                     self._mark_gone(slot, changes)
-                now = time.monotonic()
-                loud = now - self._read_warned_at >= READ_WARN_S
-                if loud:
-                    self._read_warned_at = now
+                loud = self._read_warnings.due()
             log.log(
                 logging.WARNING if loud else logging.DEBUG,
                 "store: cannot read %s: %s; %s (%d read errors so far)",
