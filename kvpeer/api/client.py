@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,9 +166,9 @@ def _released_already(exc: ApiError) -> None:
 class _FetchState:
     """Events of one fetch, folded into what an engine needs to know (no I/O)."""
 
-    def __init__(self, request: m.FetchRequest, open_segment: Callable[[str], shm.Segment]) -> None:
+    def __init__(self, request: m.FetchRequest, descriptors: unix.SegmentDescriptors) -> None:
         self.request = request
-        self._open_segment = open_segment  # maps a segment from the descriptor that came with it
+        self._descriptors = descriptors  # the connection's: a segment maps from the one sent with it
         self.segment: shm.Segment | None = None
         self.done: dict[int, str] = {}
         self.final: m.FetchResult | None = None
@@ -213,7 +212,7 @@ class _FetchState:
 
     def _open(self, name: str) -> None:
         if self.segment is None:
-            self.segment = self._open_segment(name)
+            self.segment = _map_descriptor(name, self._descriptors.take(name))
         elif self.segment.name != name:
             raise ProtocolError(ErrorCode.MALFORMED, "a fetch named two segments")
 
@@ -623,13 +622,10 @@ class KVPeerClient:
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
         self._finish_fetch()
-        state = _FetchState(request, self._map_segment)
+        state = _FetchState(request, self._descriptors)
         self._send(request, resend=True)
         self._fetch = state
         return FetchHandle(self, state)
-
-    def _map_segment(self, name: str) -> shm.Segment:
-        return _map_descriptor(name, self._descriptors.take(name))
 
     def stats(self) -> dict[str, Any]:
         return self._call(m.StatsRequest(id=self._new_id()), m.StatsResult).stats
@@ -1026,9 +1022,6 @@ class AsyncKVPeerClient:
             raise ApiError(exc.code, exc.reason) from None
         return _AsyncFetchStart(self, request, stream)
 
-    def _map_segment(self, name: str) -> shm.Segment:
-        return _map_descriptor(name, self._descriptors.take(name))
-
     async def stats(self) -> dict[str, Any]:
         return (await self._call(m.StatsRequest(id=self._new_id()), m.StatsResult)).stats
 
@@ -1069,7 +1062,7 @@ class _AsyncFetchStart:
 
     async def start(self) -> AsyncFetchHandle:
         await self._client._ensure_connected()
-        state = _FetchState(self._request, self._client._map_segment)
+        state = _FetchState(self._request, self._client._descriptors)
         handle = AsyncFetchHandle(self._client, state, wait=not self._stream)
         self._client._route(self._request.id, handle._queue)
         try:
