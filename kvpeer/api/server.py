@@ -337,7 +337,6 @@ def _chunk_buffers(layout: shm.SegmentLayout) -> tuple[torch.Tensor, torch.Tenso
     return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
 
-
 def _discard(segment: shm.DaemonSegment) -> None:
     segment.unlink()
     segment.close()
@@ -489,10 +488,7 @@ class ApiServer:
         :meth:`SegmentRegistry.lease`)."""
         self.registry.admit(layout, conn.id)
         try:
-            job = asyncio.get_running_loop().run_in_executor(
-                None,
-                    functools.partial(self.registry.make, layout)
-            )
+            job = asyncio.get_running_loop().run_in_executor(None, self.registry.make, layout)
             try:
                 segment = await asyncio.shield(job)
             except asyncio.CancelledError:
