@@ -340,14 +340,14 @@ def _daemon_away(exc: BaseException) -> bool:
 class _Saver:
     """Puts the worker's saves from a thread of its own, in the order given, so that no batch
     waits for the daemon to take (and encode) a prompt's KV. ``save`` does one put and handles
-    its errors. At most ``max_bytes`` of KV copies wait (one save of any size when none does);
-    :meth:`submit` refuses past that."""
+    its errors. At most ``max_bytes`` of KV copies are made and wait (one save of any size when
+    none does): :meth:`reserve` refuses past that, before a copy is made."""
 
     def __init__(self, save: Callable[[SaveSpec, torch.Tensor, torch.Tensor], None], max_bytes: int) -> None:
         self._save = save
         self.max_bytes = max_bytes
         self._pending: deque[tuple[SaveSpec, torch.Tensor, torch.Tensor]] = deque()
-        self._bytes = 0  # of the saves waiting and the one being put
+        self._bytes = 0  # reserved: copies being made, waiting, or being put
         self._busy = False
         self._closed = False
         self._changed = threading.Condition()
