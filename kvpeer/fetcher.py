@@ -1179,14 +1179,25 @@ class _FetchRun:
         self.in_thread = True
         try:
             return await aio.in_thread_once_started(self.f.executor, work, *args)
+        except KVPeerError:
+            raise
         except RuntimeError as exc:
-            # ThreadPoolExecutor's own flag: the daemon is stopping. (A RuntimeError of the work
-            # itself, torch's for one, is the chunk's.)
-            if not getattr(self.f.executor, "_shutdown", False):
-                raise
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, f"cannot decode now: {exc}") from None
+            if getattr(self.f.executor, "_shutdown", False):
+                # ThreadPoolExecutor's own flag: the daemon is stopping.
+                raise ProtocolError(ErrorCode.SHUTTING_DOWN, f"cannot decode now: {exc}") from None
+            raise self._failed_here(work, exc) from exc
+        except Exception as exc:
+            raise self._failed_here(work, exc) from exc
         finally:
             self.in_thread = False
+
+    def _failed_here(self, work: Callable[..., Any], exc: Exception) -> ProtocolError:
+        """Work that raised what no chunk should make it raise (torch's RuntimeError, a
+        MemoryError): a fault of this node, logged with its traceback; the fetch ends at that
+        chunk with what it restored, and no peer is blamed."""
+        name = getattr(work, "__name__", repr(work))
+        log.error("fetch %s: %s failed", self.tag, name, exc_info=exc)
+        return ProtocolError(ErrorCode.INTERNAL, f"{name} failed here: {type(exc).__name__}: {exc}")
 
     def _not_handed_over(self, index: int, exc: KVPeerError) -> None:
         # The client's memory failed: the API server answers the client with it.
@@ -1195,7 +1206,8 @@ class _FetchRun:
         self.wake.set()
 
     def _undecodable(self, item: _Received, exc: KVPeerError) -> None:
-        if isinstance(exc, ProtocolError) and exc.code == ErrorCode.SHUTTING_DOWN:  # we are stopping
+        if isinstance(exc, ProtocolError) and exc.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL):
+            # We are stopping, or this node failed (logged where it did): not the peer's chunk.
             log.debug("fetch %s: chunk %d not decoded: %s", self.tag, item.index, exc)
             self._cut_at(item.index, "error")
             self.wake.set()

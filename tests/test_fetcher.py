@@ -1401,3 +1401,33 @@ def test_a_fetch_meeting_a_shut_decode_pool_ends_as_a_clean_failure(caplog: pyte
     with caplog.at_level(logging.WARNING, logger="kvpeer"):
         asyncio.run(main())
     assert not caplog.records
+
+
+def test_a_decode_failing_for_a_reason_of_this_node_ends_the_fetch_at_that_chunk(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RuntimeError raised by the decode work itself (torch's, say) escaped the fetch's task
+    group: the fetch lost the chunks it had restored and its outcome was never told."""
+    real = fetcher_mod.decode_into_blocking
+    calls = [0]
+
+    def failing_second(blob_: bytes, k_out: torch.Tensor, v_out: torch.Tensor) -> float:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(blob_, k_out, v_out)
+
+    monkeypatch.setattr(fetcher_mod, "decode_into_blocking", failing_second)
+
+    async def main() -> None:
+        f = fetcher({"a": Peer("a")})
+        ended: list[Any] = []
+        out = await f.fetch([key(n) for n in range(3)], [{"a"}] * 3, Sink(), policy="fixed:q8", on_end=ended.append)
+        assert out.chunks == 1 and out.reason == "error" and ended
+        assert f.counters["undecodable"] == 0  # not the peer's chunk
+        assert "a" not in f._troubled
+
+    with caplog.at_level(logging.WARNING, logger="kvpeer"):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR and errors[0].exc_info
