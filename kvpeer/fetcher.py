@@ -1318,6 +1318,7 @@ class LevelServer:
                     continue
                 try:
                     await self.open_blob(key, level)
+                    await self._stored(key, level)  # paced by the store, not ahead of it
                 except (KVPeerError, OSError) as exc:
                     log.info("warming a chunk at %s failed: %s", level, exc)
                     break
@@ -1368,6 +1369,8 @@ class LevelServer:
     async def _make(self, key: bytes, top: bytes, held: str, level: str) -> bytes:
         # The transcode is this server's task, not the first requester's: a peer that cancels
         # its request only stops waiting, and the others (and the warm loop) still get the blob.
+        # Requesters get the blob as soon as it is made, not once the store took it too (a slow
+        # disk's write queue is no reason to keep a peer waiting).
         making = self._making.get((key, level))
         if making is None or making.task.cancelling():
             making = _Transcode()
@@ -1378,7 +1381,7 @@ class LevelServer:
             making.task.add_done_callback(lambda task: self._made(key, level, making))
         making.waiters += 1
         try:
-            return await asyncio.shield(making.task)
+            return await asyncio.shield(making.blob)
         finally:
             making.waiters -= 1
             # Nobody waits for it and it has no slot yet: it leaves the queue, so that requests
@@ -1390,12 +1393,24 @@ class LevelServer:
     def _made(self, key: bytes, level: str, making: _Transcode) -> None:
         if self._making.get((key, level)) is making:
             del self._making[(key, level)]
-        if not making.task.cancelled():
-            making.task.exception()  # retrieved: requesters that gave up are not told, nor is asyncio
+        failed = None if making.task.cancelled() else making.task.exception()
+        if not making.blob.done():  # it never made the blob: its requesters hear why
+            if failed is None:
+                making.blob.cancel()
+            else:
+                making.blob.set_exception(failed)
+        if not making.blob.cancelled():
+            making.blob.exception()  # retrieved: requesters that gave up are not told, nor is asyncio
+
+    async def _stored(self, key: bytes, level: str) -> None:
+        """Until the store took a transcode of (key, level) still being put, if there is one."""
+        making = self._making.get((key, level))
+        if making is not None:
+            await asyncio.wait([making.task])
 
     async def _transcode(
         self, making: _Transcode, key: bytes, top: bytes, held: str, level: str
-    ) -> bytes:
+    ) -> None:
         async with self._slots:
             making.started = True
             blob = await asyncio.get_running_loop().run_in_executor(
@@ -1403,18 +1418,25 @@ class LevelServer:
             )
         self.transcoded += 1
         log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
+        making.blob.set_result(blob)
         # Only while the chunk is still held: one evicted meanwhile (evict --all) stays gone.
-        with contextlib.suppress(StoreError):
+        # Until the store has it, requests for it are answered from here.
+        try:
             await self.store.put_if_held(key, level, blob)
-        return blob
+        except StoreError:  # closed, or the store said why already
+            pass
+        except OSError as exc:
+            log.warning("a chunk transcoded to %s is not kept: %s", level, exc)
 
 
 class _Transcode:
-    """One on-demand transcode, how many requests wait on it, and whether it has its slot."""
+    """One on-demand transcode: the blob once made (the task goes on to store it), how many
+    requests wait on it, and whether it has its slot."""
 
-    task: asyncio.Task[bytes]
+    task: asyncio.Task[None]
 
     def __init__(self) -> None:
+        self.blob: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiters = 0
         self.started = False
 

@@ -1431,3 +1431,33 @@ def test_a_decode_failing_for_a_reason_of_this_node_ends_the_fetch_at_that_chunk
         asyncio.run(main())
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR and errors[0].exc_info
+
+
+def test_a_transcode_is_sent_before_the_store_took_it() -> None:
+    """A peer asking for a level made on demand waited for the store's put too: on a disk slow
+    enough to fill the write queue, for that disk."""
+
+    class SlowPutCache(Cache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.let_put = asyncio.Event()
+
+        async def put_if_held(self, k: bytes, level: str, data: bytes) -> bool:
+            await self.let_put.wait()
+            return await super().put_if_held(k, level, data)
+
+    async def main() -> None:
+        cache = SlowPutCache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        server = LevelServer(cache)
+        got = await asyncio.wait_for(server.open_blob(key(0), "q4"), 10)
+        assert got is not None and codec.read_header(got).level == "q4"
+        # Asked again while the put waits: the same blob, not a second transcode.
+        assert await asyncio.wait_for(server.open_blob(key(0), "q4"), 10) == got
+        assert server.transcoded == 1 and await cache.get(key(0), "q4") is None
+        cache.let_put.set()
+        await wait_until(lambda: not server._making)
+        assert await cache.get(key(0), "q4") == got
+        await server.close()
+
+    asyncio.run(main())
