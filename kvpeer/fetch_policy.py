@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 PRIOR_RATIO_VS_FP16: dict[str, float] = {
     "exact": 0.80,
     "q8": 0.38,
+    "q7": 0.34,
     "q6": 0.30,
     "q5": 0.25,
     "q4": 0.21,
@@ -88,6 +89,19 @@ class RecomputeRest:
 
 
 Decision = FetchAt | RecomputeRest
+
+
+@dataclass(frozen=True, slots=True)
+class Carrier:
+    """The peer that will send a chunk: its rate and the bytes queued on it before the chunk."""
+
+    bandwidth_bps: float
+    queued_bytes: float
+
+
+def _rate(bps: float) -> float:
+    """A rate as the models take it: NaN or negative (a broken estimate) is no link at all."""
+    return bps if bps > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,19 +208,23 @@ class ResolutionController:
         self._sizes: list[Mapping[str, int] | None] = (
             list(sizes) if sizes is not None else [None] * chunk_count
         )
-        self._state: list[str | None] = [None] * chunk_count  # None / "flight" / "done"
+        self._state: list[str | None] = [None] * chunk_count  # None / "flight" / "done" / "cut"
+        self._limit = chunk_count  # chunks from here on will not be fetched (limit_to)
         self._flight_bytes: dict[int, float] = {}
         self._last_level: str | None = None
         self.levels_used: list[str | None] = [None] * chunk_count
         self.switches = 0
 
     # ----------------------------------------------------------------- inputs
-    def state_sizes(self, index: int, sizes: Mapping[str, int]) -> None:
-        """A serving peer stated chunk ``index``'s encoded size at some levels."""
-        self._sizes[index] = dict(sizes)
+    def state_sizes(self, index: int, sizes: Mapping[str, int] | None) -> None:
+        """A serving peer stated chunk ``index``'s encoded size at some levels (None: forget
+        what was stated, e.g. the free local copy that could not be read after all)."""
+        self._sizes[index] = dict(sizes) if sizes is not None else None
 
     def chunk_sent(self, index: int, level: str) -> None:
         """Chunk ``index`` was requested at ``level`` (by this controller's decision or not)."""
+        if index >= self._limit:
+            return
         self._state[index] = "flight"
         self._flight_bytes[index] = self.chunk_bytes(index, level)
         self.levels_used[index] = level
@@ -218,8 +236,21 @@ class ResolutionController:
         self.levels_used[index] = level
         self._observe(level, nbytes)
 
+    def limit_to(self, count: int) -> None:
+        """Only the first ``count`` chunks will be fetched (a chunk no live peer holds, a cut):
+        the rest, and their bytes in flight, no longer count against the deadline, and past
+        them the client recomputes whatever it decides (so the recompute side stops there too)."""
+        if count >= self._limit:
+            return
+        self._limit = max(0, count)
+        for index in range(self._limit, self.chunk_count):
+            self._state[index] = "cut"
+            self._flight_bytes.pop(index, None)
+
     def chunk_returned(self, index: int) -> None:
         """Chunk ``index`` is to be fetched again (its peer died or stalled)."""
+        if index >= self._limit:
+            return
         self._state[index] = None
         self._flight_bytes.pop(index, None)
         self.levels_used[index] = None
@@ -287,34 +318,47 @@ class ResolutionController:
     def recompute_finish(self, now: float) -> float:
         """When the prefix would be usable if everything after the restored prefix were recomputed."""
         first_missing = self.prefix_done()
-        tokens = (self.chunk_count - first_missing) * self.chunk_tokens
+        tokens = max(0, self._limit - first_missing) * self.chunk_tokens
         return now + tokens / self.recompute_rate
 
     def prefix_done(self) -> int:
         """Number of leading chunks already received."""
         n = 0
-        for state in self._state:
+        for state in self._state[: self._limit]:
             if state != "done":
                 break
             n += 1
         return n
 
     # ----------------------------------------------------------------- the decision
-    def decide(self, index: int, now: float, bandwidth_bps: float, rtt_s: float = 0.0) -> Decision:
-        """The level for chunk ``index`` (not yet requested), or :class:`RecomputeRest`."""
+    def decide(
+        self,
+        index: int,
+        now: float,
+        bandwidth_bps: float,
+        rtt_s: float = 0.0,
+        carrier: Carrier | None = None,
+    ) -> Decision:
+        """The level for chunk ``index`` (not yet requested), or :class:`RecomputeRest`.
+        ``bandwidth_bps``: what all peers deliver together; ``carrier``: the one peer that
+        will send this chunk, when the fetch has several (a level its link cannot deliver by
+        the deadline is not chosen because the others are fast)."""
         if not 0 <= index < self.chunk_count:
             raise ValueError(f"chunk {index} outside 0..{self.chunk_count - 1}")
-        decision = self._choose(index, now, bandwidth_bps, rtt_s)
+        decision = self._choose(index, now, _rate(bandwidth_bps), rtt_s, carrier)
         if isinstance(decision, FetchAt):
             if self._last_level is not None and decision.level != self._last_level:
                 self.switches += 1
             self._last_level = decision.level
         return decision
 
-    def _choose(self, index: int, now: float, bandwidth_bps: float, rtt_s: float) -> Decision:
+    def _choose(
+        self, index: int, now: float, bandwidth_bps: float, rtt_s: float, carrier: Carrier | None
+    ) -> Decision:
         recompute = self.recompute_finish(now)
         finishes = {name: self.finish_time(now, bandwidth_bps, name, rtt_s) for name in self.allowed}
-        fastest = min(self.allowed, key=lambda name: (finishes[name], self.allowed.index(name)))
+        # Ties (an unknown or dead link: every finish infinite) go to the smallest level.
+        fastest = min(self.allowed, key=lambda name: (finishes[name], -self.allowed.index(name)))
         if self.allow_recompute and finishes[fastest] >= recompute:
             return RecomputeRest(
                 from_index=self.prefix_done(),
@@ -330,6 +374,8 @@ class ResolutionController:
             if name != floor and self.hedged_finish(now, bandwidth_bps, index, name, rtt_s) > limit:
                 # Fits the estimate, but a drop now would leave its extra bytes on a slow link.
                 continue
+            if name != floor and carrier is not None and self._carried_by(carrier, now, index, name) > limit:
+                continue  # the whole fetch is fast enough, this chunk's own peer is not
             chosen = name
             break
         meets = chosen is not None
@@ -355,6 +401,7 @@ class ResolutionController:
             raise ValueError("margin must be >= 1")
         if not self.allow_recompute:
             return None
+        bandwidth_bps = _rate(bandwidth_bps)
         recompute = self.recompute_finish(now)
         if recompute <= now:
             return None  # the whole prefix is in: nothing left to recompute
@@ -372,11 +419,11 @@ class ResolutionController:
         drop, is it better to abandon it and ask again at a smaller level? Returns the new
         decision (already recorded as sent), or None to keep going. Only for a clear cut: the bytes
         already in are lost, and the fetcher must cancel the transfer so the sender stops."""
-        if bandwidth_bps <= 0 or level not in self.allowed or self._state[index] != "flight":
+        if not bandwidth_bps > 0 or level not in self.allowed or self._state[index] != "flight":
             return None
         saved = self._flight_bytes.pop(index)
         self._state[index] = None
-        choice = self._choose(index, now, bandwidth_bps, 0.0)
+        choice = self._choose(index, now, bandwidth_bps, 0.0, None)
         self._state[index] = "flight"
         self._flight_bytes[index] = saved
         if not isinstance(choice, FetchAt):
@@ -390,6 +437,15 @@ class ResolutionController:
         self._last_level = choice.level
         self.chunk_sent(index, choice.level)
         return choice
+
+    def _carried_by(self, carrier: Carrier, now: float, index: int, level: str) -> float:
+        """When chunk ``index`` at ``level`` would be in if ``carrier`` sends it after what it
+        has queued."""
+        rate = _rate(carrier.bandwidth_bps) * self.config.safety
+        if rate <= 0:
+            return math.inf
+        bits = (carrier.queued_bytes + self.chunk_bytes(index, level)) * 8.0
+        return now + bits / rate + self.chunk_bytes(index, level) / self.decode_rate
 
     def _budget_for(self, name: str, now: float, limit: float) -> float:
         """The latest acceptable finish for ``name``: stricter when it means switching up."""
@@ -530,9 +586,16 @@ class ChunkScheduler:
             return None
         silent = now - state.last_progress
         queued_bits = sum(state.inflight.values()) * 8.0
-        if silent <= max(floor_s, 2.0 * queued_bits / state.bandwidth_bps):
+        if queued_bits <= 0 or silent <= max(floor_s, 2.0 * queued_bits / state.bandwidth_bps):
             return None
         return queued_bits / silent
+
+    def queued_bytes(self, peer: str, but: int | None = None) -> float:
+        """Expected bytes of the chunks in flight from ``peer`` (chunk ``but`` left out)."""
+        state = self._peers.get(peer)
+        if state is None:
+            return 0.0
+        return sum(size for index, size in state.inflight.items() if index != but)
 
     def holders(self, index: int) -> list[str]:
         """Live peers holding chunk ``index``."""
@@ -700,10 +763,10 @@ class LinkEvidence:
         seen = self._seen.get(peer)
         if total_bytes is None:  # no session: the next one is new
             self._seen.pop(peer, None)
-        elif bps is None or bps <= 0:
+        elif bps is None or not bps > 0:
             if seen is not None:  # stale: the next sample is a first one again
                 seen.bps, seen.new_samples, seen.stood_before = None, 0, False
-        if bps is None or bps <= 0 or total_bytes is None:
+        if bps is None or not bps > 0 or total_bytes is None:
             remembered = self.remembered(peer, now)
             return remembered, remembered is not None
         if seen is None or total_bytes < seen.total_bytes:  # first sight, or a new session

@@ -50,6 +50,7 @@ from kvpeer.errors import (
     TransportError,
 )
 from kvpeer.fetch_policy import (
+    Carrier,
     ChunkScheduler,
     ControllerConfig,
     FetchAt,
@@ -736,6 +737,7 @@ class _FetchRun:
                 self._cut_at(self.reported, "deadline")
                 return
             self._handle_stalls(now)
+            self.ctl.limit_to(self._end())  # chunks past a gap or a cut no longer count
             self._maybe_preempt(now)
             self._check_recompute(now)
             self._start_transfers(now)
@@ -762,6 +764,7 @@ class _FetchRun:
             return
         self.cut = index
         self.reason = reason
+        self.ctl.limit_to(index)
         for i, _peer in self.sched.abandon_from(index):
             self._cancel_transfer(i)
         for i in [i for i in self.transfers if i >= index]:
@@ -866,7 +869,8 @@ class _FetchRun:
             elif self.fixed is not None:
                 level = self.fixed
             else:
-                decision = self._decide(index, now, bandwidth, rtt)
+                carrier = Carrier(self._rate(peer, now), self.sched.queued_bytes(peer, but=index))
+                decision = self._decide(index, now, bandwidth, rtt, carrier)
                 if isinstance(decision, RecomputeRest):
                     self._give_up(decision, now)
                     return
@@ -880,14 +884,14 @@ class _FetchRun:
             self.ctl.chunk_sent(index, level or self.ctl.levels[0])
             self._launch(index, peer, level, now)
 
-    def _decide(self, index: int, now: float, bandwidth: float, rtt: float) -> Any:
+    def _decide(self, index: int, now: float, bandwidth: float, rtt: float, carrier: Carrier) -> Any:
         """The controller's decision; "recompute" only when :meth:`_may_recompute` agrees."""
-        decision = self.ctl.decide(index, now, bandwidth, rtt)
+        decision = self.ctl.decide(index, now, bandwidth, rtt, carrier)
         if not isinstance(decision, RecomputeRest) or self._may_recompute(decision, now):
             return decision
         self.ctl.allow_recompute = False
         try:
-            return self.ctl.decide(index, now, bandwidth, rtt)
+            return self.ctl.decide(index, now, bandwidth, rtt, carrier)
         finally:
             self.ctl.allow_recompute = True
 
@@ -900,11 +904,17 @@ class _FetchRun:
         fresh session it read 5 Mbit/s on a 1 Gbit/s link."""
         fetch_left = decision.predicted_finish - now
         recompute_left = decision.recompute_finish - now
-        peers = [p for p in self.sched.peers() if p != LOCAL]
-        measured = any(self.f.chunk_rate(p, now) is not None for p in peers)
-        if measured or now - self.start >= self.cfg.evidence_s:
+        if now - self.start >= self.cfg.evidence_s:
             return True
-        if peers and all(self._live(p, now)[1] for p in peers):
+        # Every peer the rest depends on: one peer's measured chunk says nothing of another's
+        # first sample.
+        peers = [p for p in self.sched.working_peers() if p != LOCAL]
+        if not peers:
+            return False
+        chunked = [p for p in peers if self.f.chunk_rate(p, now) is not None]
+        if len(chunked) == len(peers):
+            return True
+        if all(p in chunked or self._live(p, now)[1] for p in peers):
             return fetch_left > self.cfg.recompute_margin * recompute_left
         return False
 
@@ -935,7 +945,12 @@ class _FetchRun:
         the client could recompute them."""
         end = self._received_prefix()
         per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
-        while end in self.transfers:
+        while end < self.sched.limit:
+            if end not in self.transfers:
+                if LOCAL not in self.sched.holders(end):
+                    break
+                end = self._received_prefix(end + 1)  # this node's own: no wire to wait for
+                continue
             _task, peer, level, started = self.transfers[end]
             bw = self._bandwidth(peer, now)
             size = self.ctl.chunk_bytes(end, level) if level else 0.0
@@ -944,7 +959,7 @@ class _FetchRun:
                 left = max(0.0, size - (now - started) * bw / 8)
             else:  # gone silent: none of it is known to have arrived
                 bw, left = min(bw, bound), size
-            if left * 8 / bw > per_chunk:
+            if left > 0 and (not bw > 0 or left * 8 / bw > per_chunk):
                 break
             end = self._received_prefix(end + 1)
         return end
@@ -1083,7 +1098,10 @@ class _FetchRun:
         async def start() -> bytes:
             return await session.fetch_blob(key, level, timeout=timeout)
 
-        return await self.f.transfers.get(key, peer, level, self.acceptable, start)
+        # Another fetch's transfer is joined only at this level or a smaller one: a bigger one
+        # would not arrive when this fetch's plan needs it.
+        smaller = self.ctl.allowed[self.ctl.allowed.index(level) :] if level in self.ctl.allowed else ()
+        return await self.f.transfers.get(key, peer, level, smaller, start)
 
     def _forget_transfer(self, index: int) -> None:
         """The running task is done with chunk ``index`` (only if it is still the one on it)."""
@@ -1095,6 +1113,8 @@ class _FetchRun:
         self._forget_transfer(index)
         self.note("failed", index=index, peer=peer)
         self.ctl.chunk_returned(index)
+        if peer == LOCAL:  # the free copy is gone: a peer's costs its real bytes
+            self.ctl.state_sizes(index, None)
         retries = self.retries.get(index, 0) + 1
         self.retries[index] = retries
         where = peer or "local"

@@ -533,3 +533,69 @@ def test_a_new_or_idle_session_starts_over() -> None:
     assert links.observe("a", 43.0, 5 * MBIT, 100 * KIB) == (5 * MBIT, False)
     with pytest.raises(ValueError):
         LinkEvidence(evidence_bytes=-1, memory_s=1.0)
+
+
+def test_prior_of_the_codecs_own_ladder_shrinks_level_by_level() -> None:
+    """q7 was missing from the table: guessed at 3/4 of q8, below q6, so the first chunks of a
+    fetch took q7 for smaller than q6."""
+    from kvpeer import codec
+
+    prior = prior_bytes_per_token(codec.LEVELS, FP16_PER_TOKEN)
+    values = [prior[name] for name in codec.LEVELS]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("nan")])
+def test_a_dead_or_broken_rate_picks_the_smallest_level(bandwidth: float) -> None:
+    """Every finish infinite (and recompute not allowed: its rate a guess): the tie went to the
+    biggest level; a NaN rate was said to meet the deadline."""
+    ctl = controller()
+    ctl.allow_recompute = False
+    decision = ctl.decide(0, 0.0, bandwidth)
+    assert isinstance(decision, FetchAt)
+    assert decision.level == LEVELS[-1] and not decision.meets_deadline
+    ctl.allow_recompute = True
+    assert ctl.should_recompute(0.0, bandwidth) is not None
+
+
+def test_chunks_past_the_limit_no_longer_count_against_the_deadline() -> None:
+    """Four of eight chunks held by nobody (or cut): the first four got the levels of an
+    eight-chunk fetch."""
+    four = controller(chunks=4, deadline=0.5)
+    eight = controller(chunks=8, deadline=0.5)
+    eight.limit_to(4)
+    for index in range(4):
+        a, b = four.decide(index, 0.0, 20 * MBIT), eight.decide(index, 0.0, 20 * MBIT)
+        assert isinstance(a, FetchAt) and isinstance(b, FetchAt)
+        assert (a.level, a.predicted_finish, a.recompute_finish) == (b.level, b.predicted_finish, b.recompute_finish)
+        four.chunk_sent(index, a.level)
+        eight.chunk_sent(index, b.level)
+    # Bytes in flight past a cut stop counting too.
+    ctl = controller(chunks=8, deadline=0.5)
+    for index in range(8):
+        ctl.chunk_sent(index, "exact")
+    before = ctl.finish_time(0.0, 20 * MBIT, "q3")
+    ctl.limit_to(2)
+    after = ctl.finish_time(0.0, 20 * MBIT, "q3")
+    assert after < before / 3
+    assert ctl.recompute_finish(0.0) == pytest.approx(2 * TOKENS / 400.0)
+
+
+def test_a_level_the_carrying_peer_cannot_deliver_in_time_is_not_chosen() -> None:
+    from kvpeer.fetch_policy import Carrier
+
+    ctl = controller(chunks=8, deadline=0.5)
+    fast = ctl.decide(7, 0.0, 10_000 * MBIT)
+    slow = ctl.decide(7, 0.0, 10_000 * MBIT, carrier=Carrier(40 * MBIT, 0.0))
+    assert isinstance(fast, FetchAt) and isinstance(slow, FetchAt)
+    assert fast.level == "exact" and slow.level == "q6"  # q8 would take 0.51 s over 40 Mbit/s
+    busy = ctl.decide(7, 0.0, 10_000 * MBIT, carrier=Carrier(10 * MBIT, 400_000.0))
+    assert isinstance(busy, FetchAt) and busy.level == LEVELS[-1]  # its queue alone takes 0.38 s
+
+
+def test_scheduler_silent_bound_ignores_a_peer_with_nothing_known_in_flight() -> None:
+    """Chunks in flight stated as 0 bytes (a local copy that could not be read, sent to a peer)
+    made a silent peer's bound 0 bits/s, and the fetcher divided by it."""
+    sched = ChunkScheduler(holders=[{"a"}], now=0.0)
+    sched.assign(0.0, {0: 0.0})
+    assert sched.silent_bound("a", 100.0, floor_s=1.0) is None

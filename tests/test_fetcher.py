@@ -1461,3 +1461,126 @@ def test_a_transcode_is_sent_before_the_store_took_it() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_giving_up_keeps_the_chunks_this_node_holds() -> None:
+    """"Recompute the rest" cut the prefix after the chunks in flight: local chunks still
+    waiting for one of the store's two slots were cut and recomputed although they cost no wire."""
+
+    async def main() -> None:
+        cache = Cache()
+        for i in range(4):
+            await cache.put(key(i), "q8", blob(i, "q8"))
+        f = fetcher({"a": Peer("a")}, cache=cache)
+        measured(f, "a", 1e3)  # the peer's link is hopeless, and measured so
+        out = await f.fetch([key(i) for i in range(8)], [set()] * 4 + [{"a"}] * 4, Sink(), recompute_rate=1000.0)
+        assert (out.chunks, out.reason) == (4, "recompute")
+
+    asyncio.run(main())
+
+
+class _Paced(Peer):
+    """Sends each blob at ``rate`` bits/s."""
+
+    def __init__(self, name: str, rate: float, delay_s: float = 0.0) -> None:
+        super().__init__(name, bps=None)
+        self.rate = rate
+        self.delay_s = delay_s
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        self.calls.append((k[0], level))
+        data = blob(k[0], level or "exact")
+        await asyncio.sleep(self.delay_s + len(data) * 8 / self.rate)
+        return data
+
+
+def test_a_local_chunk_that_cannot_be_read_is_fetched_at_its_real_cost() -> None:
+    """The store said it held chunk 0 and then could not read it: the chunk went to the peer
+    still stated as 0 bytes (the free local copy), at the top level; once the peer was silent
+    for a moment the link read 0 bits/s and the fetch died of a ZeroDivisionError."""
+
+    class Vanishing(Cache):
+        def has(self, k: bytes) -> bool:
+            return k == key(0) or super().has(k)
+
+        async def get(self, k: bytes, level: str | None = None) -> bytes | None:
+            return None if k == key(0) else await super().get(k, level)
+
+    async def main() -> None:
+        slow = _Paced("a", 1e9, delay_s=1.5)
+        f = fetcher({"a": slow}, cache=Vanishing())
+        measured(f, "a", 1e9)
+        out = await f.fetch([key(0)], [{"a"}], Sink(), recompute_rate=4000.0)
+        assert out.reason in ("complete", "recompute")
+        paced = _Paced("b", 1e6)
+        f = fetcher({"b": paced}, cache=Vanishing())
+        measured(f, "b", 1e6)
+        out = await f.fetch([key(0)], [{"b"}], Sink(), recompute_rate=400.0, deadline=f.clock() + 0.25)
+        assert paced.calls == [(0, "q3")]  # what the deadline allows at 1 Mbit/s, not exact
+
+    asyncio.run(main())
+
+
+def test_one_peers_measured_chunk_does_not_make_anothers_first_sample_evidence() -> None:
+    async def run(holders: list[set[str]]) -> tuple[int, str]:
+        a = Peer("a", bps=None)
+        b = Peer("b", bps=1e3)  # the first sample of a fresh session: set-up and slow start
+        b.estimator.total_bytes = 300 * 1024
+        for i in range(4):
+            b.gates[i] = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, lambda: [g.set() for g in b.gates.values()])
+        f = fetcher({"a": a, "b": b})
+        out = await f.fetch([key(i) for i in range(4)], holders, Sink(), recompute_rate=1000.0)
+        return out.chunks, out.reason
+
+    async def main() -> None:
+        assert await run([{"b"}] * 4) == (4, "complete")
+        assert await run([{"a"}] + [{"b"}] * 3) == (4, "complete")
+
+    asyncio.run(main())
+
+
+def test_a_chunk_only_a_slow_peer_holds_gets_a_level_its_link_delivers_in_time() -> None:
+    """Levels were chosen on the sum of all peers' rates, whichever peer sent the chunk: the
+    one chunk held only by a 1 Mbit/s peer went at exact (0.48 s) against a 0.3 s deadline."""
+
+    async def main() -> None:
+        fast, slow = _Paced("a", 1e9), _Paced("b", 1e6)
+        f = fetcher({"a": fast, "b": slow})
+        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
+        f.chunk_rates["b"] = ChunkRate(bps=1e6, samples=3, at=f.clock())
+        out = await f.fetch(
+            [key(i) for i in range(8)], [{"a"}] * 7 + [{"b"}], Sink(), recompute_rate=400.0,
+            deadline=f.clock() + 0.3,
+        )  # fmt: skip
+        assert len(slow.calls) == 1
+        level = slow.calls[0][1]
+        assert len(blob(7, level)) * 8 / 1e6 < 0.3, level
+        assert out.chunks == 8
+
+    asyncio.run(main())
+
+
+def test_a_fetch_joins_another_fetchs_transfer_only_at_its_level_or_a_smaller_one() -> None:
+    """A fetch that chose q3 for its deadline joined another fetch's exact transfer of the
+    chunk, and ended at its deadline with nothing."""
+
+    async def main() -> None:
+        peer = _Paced("a", 1e6)
+        f = fetcher({"a": peer})
+        f.chunk_rates["a"] = ChunkRate(bps=1e6, samples=3, at=f.clock())
+        big = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:exact"))
+        await wait_until(lambda: bool(peer.calls))
+        small = await f.fetch([key(0)], [{"a"}], Sink(), recompute_rate=400.0, deadline=f.clock() + 0.3)
+        assert (small.chunks, small.reason) == (1, "complete")
+        assert peer.calls == [(0, "exact"), (0, "q3")] and f.transfers.shared == 0
+        await big
+        # A smaller transfer in flight is still joined.
+        peer.calls.clear()
+        first = asyncio.create_task(f.fetch([key(1)], [{"a"}], Sink(), policy="fixed:q3"))
+        await wait_until(lambda: bool(peer.calls))
+        second = await f.fetch([key(1)], [{"a"}], Sink(), policy="fixed:q8")
+        assert second.chunks == 1 and peer.calls == [(1, "q3")] and f.transfers.shared == 1
+        await first
+
+    asyncio.run(main())
