@@ -35,6 +35,14 @@ _T = TypeVar("_T")
 #: Control-channel requests one peer may have in the handler at once; more are answered BUSY.
 MAX_REQUESTS_IN_FLIGHT = 64
 
+#: send_now skips flow control; past this many buffer_high_bytes (plus one message) queued on a
+#: channel the peer is not reading what we send, and the session ends rather than grow.
+SEND_NOW_CAP_BUFFERS = 4
+
+
+class PeerStoppedReading(TransportError):
+    """The peer takes nothing we send (its pings may still arrive): its fault, the session ends."""
+
 
 class RequestHandler(Protocol):
     """What the daemon serves to peers (called for sessions opened by either side)."""
@@ -64,11 +72,13 @@ class _Channel:
     def __init__(self, channel: RTCDataChannel, config: TransportConfig) -> None:
         self.channel = channel
         self._high = config.buffer_high_bytes
+        self._cap = SEND_NOW_CAP_BUFFERS * config.buffer_high_bytes + config.max_message_bytes
+        self._full_since: float | None = None  # monotonic; None: under buffer_high_bytes since
         self._low_event = asyncio.Event()
         self._opened = asyncio.Event()
         self._closed_reason: str | None = None
         channel.bufferedAmountLowThreshold = config.buffer_low_bytes
-        channel.on("bufferedamountlow", self._low_event.set)
+        channel.on("bufferedamountlow", self._on_low)
         channel.on("open", self._opened.set)
         if channel.readyState == "open":
             self._opened.set()
@@ -79,15 +89,36 @@ class _Channel:
         except TimeoutError:
             raise TransportError(f"data channel {self.channel.label} did not open") from None
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the send buffer has stayed over buffer_high_bytes without draining."""
+        if self._full_since is None or self.channel.bufferedAmount <= self._high:
+            return 0.0
+        return now - self._full_since
+
+    def _on_low(self) -> None:
+        self._full_since = None
+        self._low_event.set()
+
+    def _note_level(self) -> None:
+        if self.channel.bufferedAmount <= self._high:
+            self._full_since = None  # it drained: the peer is reading
+        elif self._full_since is None:
+            self._full_since = time.monotonic()
+
     async def send(self, data: bytes, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
         self._check_open()
-        if self.channel.bufferedAmount > self._high:
+        self._note_level()
+        # Checked again after each wake: all waiters wake together, and all but the first
+        # must wait again, or together they would fill the buffer far past the mark.
+        while self.channel.bufferedAmount > self._high:
             self._low_event.clear()
             try:
-                await aio.wait_for(self._low_event.wait(), limit_s)
+                await aio.wait_for(self._low_event.wait(), deadline - time.monotonic())
             except TimeoutError:
                 raise TransportError("peer stopped reading (send buffer stayed full)") from None
-        self.send_now(data)
+            self._check_open()
+        self._queue(data)
 
     def close(self, reason: str) -> None:
         """Fail every send from now on with *reason*, waiting ones too: a closed aiortc channel
@@ -96,14 +127,24 @@ class _Channel:
         self._low_event.set()
 
     def send_now(self, data: bytes) -> None:
-        """Queue *data* past flow control (small control messages, pings)."""
+        """Queue *data* past flow control (small control messages, pings); PeerStoppedReading
+        once the buffer holds more than a peer that reads would ever leave in it."""
         self._check_open()
+        if self.channel.bufferedAmount + len(data) > self._cap:
+            raise PeerStoppedReading(
+                f"over {self._cap} bytes wait to be sent on {self.channel.label}: "
+                "the peer stopped reading"
+            )
+        self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
         try:
             self.channel.send(data)
         except ValueError as exc:  # aiortc: over the peer's SDP max-message-size
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         except InvalidStateError:
             raise TransportError(f"data channel {self.channel.label} closed") from None
+        self._note_level()
 
     def _check_open(self) -> None:
         if self._closed_reason is not None:
@@ -157,6 +198,7 @@ class PeerSession:
         )
         self._closed = False
         self._closing = False
+        self._failed = False  # _peer_failed ended it
         self._next_bulk = 0
         self._requests_in_flight = 0
         # Never ask more of the peer at once than it serves (same limit cluster-wide).
@@ -329,13 +371,15 @@ class PeerSession:
         await self._control.send(data, self._config.request_timeout_s)
 
     def _send_control_now(self, message: m.Message) -> None:
-        """Queue a small control message at once, past flow control (acks, pongs). Never
-        raises: it runs inside aiortc's receive callbacks; a closed channel drops it."""
-        with contextlib.suppress(KVPeerError):
+        """Queue a small control message at once, past flow control (acks, pongs, refusals).
+        Never raises: it runs inside aiortc's receive callbacks; a closed channel drops it, a
+        peer that stopped reading ends the session."""
+        try:
             self._control.send_now(m.encode(message, self.message_limit))
-
-    def _send_control_soon(self, message: m.Message) -> None:
-        self._spawn(self._send_quietly(message))
+        except PeerStoppedReading as exc:
+            self._peer_failed(exc)
+        except KVPeerError:
+            pass
 
     async def _send_quietly(self, message: m.Message) -> None:
         with contextlib.suppress(KVPeerError):
@@ -496,6 +540,14 @@ class PeerSession:
         if entry is not None:
             self._incoming_bytes -= entry[0].reserved_bytes
 
+    def _peer_failed(self, exc: TransportError) -> None:
+        """End the session for the peer's fault (said once; it is reported down)."""
+        if self._closed or self._failed:
+            return
+        self._failed = True
+        logger.warning("peer %s: %s: ending the session", self.peer_id, exc)
+        self._spawn(self._end(by_peer=True))
+
     def _peer_error(self, exc: ProtocolError) -> None:
         self.protocol_errors += 1
         # The peer controls this text: log the first few loudly, the rest quietly.
@@ -538,8 +590,10 @@ class PeerSession:
         return m.encode(reply, self.message_limit)
 
     def _start_serving(self, request: m.BlobRequest) -> None:
+        # Refusals go out at once, not from a task each: a peer asking faster than it reads
+        # would otherwise hold one task per request.
         if self._closing or self._closed:
-            self._send_control_soon(
+            self._send_control_now(
                 m.Error(id=request.id, code=ErrorCode.SHUTTING_DOWN, reason="closing")
             )
             return
@@ -547,7 +601,7 @@ class PeerSession:
             self._peer_error(ProtocolError(ErrorCode.INVALID, f"blob id {request.id} reused"))
             return
         if len(self._serving) >= self._config.max_transfers_per_peer:
-            self._send_control_soon(
+            self._send_control_now(
                 m.Error(id=request.id, code=ErrorCode.BUSY, reason="too many transfers")
             )
             return
@@ -616,6 +670,7 @@ class PeerSession:
                 )
                 self._spawn(self._end(by_peer=True))
                 return
+            self._check_reading(now)
             if self._liveness.ping_due(now):
                 seq = self._liveness.next_ping(now)
                 # Never wait on a full buffer here: a stuck peer must still be declared dead.
@@ -623,6 +678,20 @@ class PeerSession:
             await asyncio.sleep(
                 max(0.01, self._liveness.next_deadline(time.monotonic()) - time.monotonic())
             )
+
+    def _check_reading(self, now: float) -> None:
+        """A peer whose pings still arrive but which takes nothing we send is down too: its
+        pongs, acks and refusals would queue here without end."""
+        limit = self._config.request_timeout_s
+        for channel in (self._control, *self._bulk):
+            if channel.stalled_for(now) > limit:
+                self._peer_failed(
+                    PeerStoppedReading(
+                        f"the send buffer of {channel.channel.label} stayed full for {limit:g} s: "
+                        "the peer stopped reading"
+                    )
+                )
+                return
 
     def _on_state(self) -> None:
         if self._pc.connectionState in ("failed", "closed") and not self._closed:

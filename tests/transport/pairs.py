@@ -85,3 +85,25 @@ def unhandled_exceptions() -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, context: seen.append(context))
     return seen
+
+
+def deafen(session: PeerSession) -> None:
+    """*session* takes in nothing its peer sends (no message, no SCTP ack) but still sends."""
+    sctp = session._pc.sctp
+    sctp.transport._kvpeer_reader = None  # every packet through aiortc's own receive path
+
+    async def drop(_chunk: Any) -> None:
+        return None
+
+    sctp._receive_data_chunk = drop
+
+
+def stall_sending(session: PeerSession) -> None:
+    """Nothing *session* sends leaves its data-channel buffers from now on, as when its peer
+    acks nothing and the congestion window is spent (without waiting for SCTP to get there)."""
+
+    async def hold() -> None:
+        return None
+
+    session._pc.sctp._data_channel_flush = hold
+
