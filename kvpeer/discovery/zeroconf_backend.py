@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import Any
 
-from zeroconf import IPVersion, ServiceStateChange
+from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from kvpeer import aio
@@ -29,7 +29,7 @@ from kvpeer.discovery.advert import (
 )
 from kvpeer.discovery.base import Discovery
 from kvpeer.discovery.peers import RateLimit
-from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.errors import ConfigError, ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,20 @@ class ZeroconfDiscovery(Discovery):
     async def _open(self, advert: Advertisement) -> None:
         self._azc = AsyncZeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
         self._info = self._service_info(advert)
-        # The awaitable returned completes once the announcements are sent.
-        await aio.wait_for(
-            await self._azc.async_register_service(self._info), self._register_timeout()
-        )
+        try:
+            # The awaitable returned completes once the announcements are sent.
+            await aio.wait_for(
+                await self._azc.async_register_service(self._info), self._register_timeout()
+            )
+        except NonUniqueNameException:
+            # Probing found our name taken: not our record to withdraw at close, and no restart
+            # will free it while that node runs (a cloned disk image brings its node id along).
+            self._info = None
+            raise ConfigError(
+                f"node.node_id: {advert.node_id!r} is already announced by another node on the "
+                "LAN; give each node its own node.node_id (a cloned image may have copied "
+                "node.state_dir/node_id)"
+            ) from None
         self._browser = AsyncServiceBrowser(
             self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
         )

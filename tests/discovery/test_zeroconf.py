@@ -8,10 +8,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from zeroconf import ServiceStateChange
+from zeroconf import NonUniqueNameException, ServiceStateChange
 
-from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery
-from kvpeer.discovery.advert import SERVICE_TYPE
+from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery, zeroconf_backend
+from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement
 from kvpeer.discovery.beacon import Beacon, encode_beacon
 from kvpeer.discovery.zeroconf_backend import (
     MAX_RESOLVES,
@@ -19,6 +19,7 @@ from kvpeer.discovery.zeroconf_backend import (
     UNKNOWN_RESOLVE_BURST,
     instance_name,
 )
+from kvpeer.errors import ConfigError
 
 
 class StubResolve(ZeroconfDiscovery):
@@ -202,3 +203,43 @@ def test_made_up_service_names_are_warned_of_by_kind(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING):
         asyncio.run(main())
     assert sum(r.levelno >= logging.WARNING for r in caplog.records) <= 6
+
+
+class _NameTaken:
+    """AsyncZeroconf whose probe finds our name announced already (a cloned node)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.zeroconf = None
+        self.unregistered: list[Any] = []
+        self.closed = False
+
+    async def async_register_service(self, info: Any) -> Any:
+        raise NonUniqueNameException
+
+    async def async_unregister_service(self, info: Any) -> Any:
+        self.unregistered.append(info)
+        return asyncio.sleep(0)
+
+    async def async_close(self) -> None:
+        self.closed = True
+
+
+def test_a_node_id_announced_by_another_node_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zeroconf's NonUniqueNameException escaped as a traceback and exit 1, and systemd
+    restarted a daemon whose name stays taken; nor may our close send a goodbye for the
+    other node's records."""
+    monkeypatch.setattr(zeroconf_backend, "AsyncZeroconf", _NameTaken)
+
+    async def main() -> _NameTaken:
+        d = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.1",)))
+        advert = Advertisement(node_id="gpu-7", addresses=("127.0.0.1",), port=17482)
+        with pytest.raises(ConfigError, match="node.node_id.*'gpu-7'.*already announced"):
+            await d._open(advert)
+        await d._close()
+        assert isinstance(d._azc, _NameTaken)
+        return d._azc
+
+    azc = asyncio.run(main())
+    assert azc.unregistered == [] and azc.closed
