@@ -241,9 +241,11 @@ class PeerSession:
         req_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = future
+        started = time.monotonic()
+        what = f"request {method}"
         try:
-            await self._send_control(m.Request(id=req_id, method=method, body=body))
-            return await self._wait(future, f"request {method}", limit)
+            await self._send_control_within(m.Request(id=req_id, method=method, body=body), what, limit, started)
+            return await self._wait(future, what, limit, started=started)
         finally:
             self._pending.pop(req_id, None)
 
@@ -279,7 +281,8 @@ class PeerSession:
         self.estimator.transfer_started(time.monotonic())
         answered = False  # the peer was told BlobDone or BlobCancel (it frees its slot then)
         try:
-            await self._send_control(m.BlobRequest(id=blob_id, key=key, level=level))
+            request = m.BlobRequest(id=blob_id, key=key, level=level)
+            await self._send_control_within(request, "blob fetch", limit_s, started)
             await self._wait(future, "blob fetch", limit_s, started=started)
             try:
                 blob = await _off_loop(assembler.result, assembler.received_bytes)
@@ -294,14 +297,9 @@ class PeerSession:
             self._send_control_now(m.BlobDone(id=blob_id))
         except BaseException:
             if not self._closed and not answered:
-                with contextlib.suppress(KVPeerError):
-                    if future.done():
-                        # Every byte is in but we were cancelled while checking the digest off
-                        # the loop: the peer still holds a transfer slot until told. No await:
-                        # a cancelled task must not wait for flow control.
-                        self._send_control_now(m.BlobCancel(id=blob_id))
-                    else:
-                        await self._send_control(m.BlobCancel(id=blob_id))
+                # The peer holds a transfer slot until told. No await: a cancelled or timed-out
+                # fetch must not wait for flow control again (send_now is capped).
+                self._send_control_now(m.BlobCancel(id=blob_id))
             raise
         finally:
             self._forget_incoming(blob_id)
@@ -319,7 +317,7 @@ class PeerSession:
         if confirmations:
             await asyncio.wait(confirmations, timeout=timeout)
         with contextlib.suppress(KVPeerError):
-            await self._send_control(m.Bye())
+            await self._send_control_within(m.Bye(), "bye", timeout, time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await aio.wait_for(asyncio.shield(self._bye_ack), timeout)
         await self._end(by_peer=False)
@@ -369,6 +367,19 @@ class PeerSession:
     async def _send_control(self, message: m.Message) -> None:
         data = m.encode(message, self.message_limit)
         await self._control.send(data, self._config.request_timeout_s)
+
+    async def _send_control_within(
+        self, message: m.Message, what: str, limit_s: float, started: float
+    ) -> None:
+        """Send *message* within the caller's *limit_s* from *started*, flow control included."""
+        data = m.encode(message, self.message_limit)
+        left = max(0.0, limit_s - (time.monotonic() - started))
+        try:
+            await self._control.send(data, min(left, self._config.request_timeout_s))
+        except TransportError:
+            if not self._closed and time.monotonic() - started >= limit_s:
+                raise self._timed_out(what, limit_s) from None
+            raise
 
     def _send_control_now(self, message: m.Message) -> None:
         """Queue a small control message at once, past flow control (acks, pongs, refusals).

@@ -1,16 +1,20 @@
 """A peer that keeps sending but reads nothing we send must not make us queue without end: its
 pings, requests and refused blob requests are answered past flow control, so the session ends
 once more is queued than a reading peer ever leaves, or once a send buffer stays full for
-request_timeout_s, and refusals are not a task each."""
+request_timeout_s, and refusals are not a task each. A caller's timeout covers its wait on that
+flow control, and a fetch given up on tells the peer without waiting on it again."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable
 
 import msgpack
 import pytest
 
+from kvpeer.errors import TransportError
 from kvpeer.transport import PeerSession
 from tests.transport.pairs import Handler, deafen, pair, run, stall_sending
 
@@ -96,3 +100,41 @@ def _on_end(session: PeerSession) -> asyncio.Event:
 
     session._on_end = told
     return ended
+
+
+# -- a caller's timeout covers the wait on flow control -------------------------------------
+
+
+async def _time(call: Awaitable[object]) -> tuple[BaseException | None, float]:
+    started = time.monotonic()
+    try:
+        await call
+    except (TransportError, asyncio.CancelledError) as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_request_and_fetch_timeouts_cover_a_full_send_buffer() -> None:
+    async def body() -> None:
+        async with pair(
+            request_timeout_s=8.0, close_timeout_s=1.0, buffer_high_bytes=8192, buffer_low_bytes=4096,
+            b={"peer_dead_after_s": 600.0},  # b hears nothing from a, a hears b's pings
+        ) as (session, served):  # fmt: skip
+            deafen(served)
+            fillers = [asyncio.create_task(session.request("echo", {"pad": b"x" * 60_000})) for _ in range(4)]
+            await asyncio.sleep(0)  # they queued: the send buffer is past buffer_high_bytes
+            assert session._control.channel.bufferedAmount > 8192
+            for call in (session.request("echo", {}, timeout=0.5), session.fetch_blob(b"k", "", timeout=0.5)):
+                error, took = await _time(call)
+                assert isinstance(error, TransportError) and "timed out after 0.5 s" in str(error), error
+                assert took < 3.0  # was request_timeout_s (8 s), and 8 more for the BlobCancel
+            fetch = asyncio.create_task(session.fetch_blob(b"k", "", timeout=30))
+            await asyncio.sleep(0.1)
+            fetch.cancel()
+            error, took = await _time(fetch)
+            assert isinstance(error, asyncio.CancelledError) and took < 3.0  # was 8 s for the BlobCancel
+            for filler in fillers:
+                filler.cancel()
+            await asyncio.gather(*fillers, return_exceptions=True)
+
+    run(body)
