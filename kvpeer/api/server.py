@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import grp
 import itertools
@@ -408,6 +409,7 @@ class ApiServer:
         )
         self._gid: int | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False  # close() has cancelled the handlers (each then ends quietly)
         self._connections: dict[int, _Connection] = {}
@@ -431,6 +433,8 @@ class ApiServer:
         await _remove_stale_socket(self.socket_path)
         self.registry.sweep_stale()
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        st = os.stat(self.socket_path)
+        self._bound = (st.st_dev, st.st_ino)
         os.chmod(self.socket_path, self.mode)
         if self._gid is not None:
             os.chown(self.socket_path, -1, self._gid)
@@ -460,11 +464,22 @@ class ApiServer:
                 await asyncio.wait(handlers, timeout=10.0)
         finally:  # also when the caller's stop budget cuts the wait: no segment outlives us
             self.registry.close()
-            with contextlib.suppress(FileNotFoundError):
-                if self._server is not None:
-                    os.unlink(self.socket_path)
+            self._unlink_own_socket()
             self._server = None
         log.info("api: closed")
+
+    def _unlink_own_socket(self) -> None:
+        """Unlink the socket file if it is still the one this server bound: a daemon started
+        meanwhile (after taking ours for stale) may have put its own at the same path."""
+        if self._bound is None:
+            return
+        bound, self._bound = self._bound, None
+        try:
+            st = os.lstat(self.socket_path)
+            if (st.st_dev, st.st_ino) == bound:
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
 
     async def __aenter__(self) -> ApiServer:
         await self.start()
@@ -954,8 +969,20 @@ async def _remove_stale_socket(path: Path) -> None:
         raise ConfigError(f"api.socket_path: {path} exists and is not a socket")
     try:
         _, writer = await aio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
-    except (OSError, TimeoutError):
-        os.unlink(path)
+    except OSError as exc:  # TimeoutError included
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            # EACCES: a socket of another user's daemon, maybe live; a timeout or EAGAIN: a
+            # daemon too busy to accept. Only a refused connect says nobody listens.
+            reason = exc.strerror or str(exc) or "no answer within 2 s"
+            if exc.errno == errno.EACCES:
+                reason = "permission denied"
+            raise ConfigError(
+                f"api.socket_path: {path} exists and this user cannot tell whether a daemon "
+                f"serves it: {reason}"
+            ) from None
+        log.info("api: removing the stale socket %s (no daemon listens on it)", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return
     writer.close()
     raise ConfigError(f"api.socket_path: another daemon is serving {path}")

@@ -541,3 +541,72 @@ def test_a_put_that_encodes_longer_than_the_lease_keeps_its_segment() -> None:
         k, v = kv(4 * CHUNK)
         assert client.put(list(range(4 * CHUNK)), k, v, FP).stored == 4
         wait_until(lambda: api.server.stats()["live_segments"] == 0)
+
+
+def test_a_socket_this_user_may_not_connect_to_is_not_taken_for_stale(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES (another user's daemon, maybe live) counted as stale: its socket was unlinked."""
+    import errno
+
+    from kvpeer.api.server import ApiServer
+    from kvpeer.errors import ConfigError
+    from tests.api.fakes import FakeBackend
+
+    path = tmp_path / "kvpeer.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+
+        async def denied(*args: Any, **kwargs: Any) -> Any:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(asyncio, "open_unix_connection", denied)
+        with pytest.raises(ConfigError, match="api.socket_path.*permission denied"):
+            asyncio.run(ApiServer(path, FakeBackend(), shm_dir=tmp_path).start())
+        assert path.exists()
+
+
+def test_a_stale_socket_is_removed_with_a_log_line(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvpeer.api.server import ApiServer
+    from tests.api.fakes import FakeBackend
+
+    path = tmp_path / "kvpeer.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a crashed daemon leaves
+
+    async def main() -> None:
+        server = ApiServer(path, FakeBackend(), shm_dir=tmp_path)
+        await server.start()
+        await server.close()
+
+    with caplog.at_level("INFO", logger="kvpeer.api.server"):
+        asyncio.run(main())
+    assert any("stale socket" in r.getMessage() and str(path) in r.getMessage()
+               for r in caplog.records if r.levelname == "INFO")
+
+
+def test_close_leaves_a_socket_another_daemon_put_at_the_path(tmp_path: Any) -> None:
+    """close() unlinked by path: the socket of a daemon started meanwhile went with it."""
+    from kvpeer.api.server import ApiServer
+    from tests.api.fakes import FakeBackend
+
+    path = tmp_path / "kvpeer.sock"
+
+    async def main() -> None:
+        server = ApiServer(path, FakeBackend(), shm_dir=tmp_path)
+        await server.start()
+        os.unlink(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as newer:
+            newer.bind(str(path))
+            newer.listen()
+            await server.close()
+            assert path.exists()
+        mine = ApiServer(path, FakeBackend(), shm_dir=tmp_path)  # takes it for stale now
+        await mine.start()
+        await mine.close()
+        assert not path.exists()
+
+    asyncio.run(main())
