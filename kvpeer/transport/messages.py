@@ -334,14 +334,18 @@ CONTROL_TYPES: dict[str, type[Message]] = {
 
 def encode(message: Message, limit: int) -> bytes:
     """msgpack bytes of *message*; ProtocolError TOO_LARGE above *limit*, INVALID for a map key
-    that :func:`decode` would refuse (the peer would drop the whole message)."""
+    that :func:`decode` would refuse (the peer would drop the whole message) or a value msgpack
+    cannot pack."""
     payload: dict[str, Any] = {"v": VERSION, "t": message.TYPE}
     for f in fields(message):  # type: ignore[arg-type]
         value = getattr(message, f.name)
         if isinstance(value, dict | list):
             _check_map_keys(value, f"{message.TYPE}.{f.name}")
         payload[f.name] = value
-    data: bytes = msgpack.packb(payload, use_bin_type=True)
+    try:
+        data: bytes = msgpack.packb(payload, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:  # a set, an int past 64 bits, ...
+        raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE}: cannot encode: {exc}") from None
     if len(data) > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{message.TYPE}: {len(data)} > {limit} bytes")
     return data

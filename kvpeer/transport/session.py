@@ -588,8 +588,10 @@ class PeerSession:
             body = await self._handler.handle_request(self.peer_id, request.method, request.body)
         except ProtocolError as exc:
             reply: m.Message = m.Error.of(request.id, exc)
-        except Exception:
-            logger.exception("handler failed on %s from %s", request.method, self.peer_id)
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                raise  # the session is ending
+            logger.error("handler failed on %s from %s", request.method, self.peer_id, exc_info=exc)
             reply = m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
         else:
             try:
@@ -632,33 +634,24 @@ class PeerSession:
         task.add_done_callback(finished)
 
     async def _serve_blob(self, request: m.BlobRequest, done: asyncio.Future[None]) -> None:
-        timeout = self._config.request_timeout_s
+        # Every failure before the first byte is sent is answered, else the peer waits out its
+        # whole timeout; once sending, the peer learns from the frames that stop (or BlobDone).
         try:
-            blob = await self._handler.open_blob(self.peer_id, request.key, request.level)
-            if blob is None:
-                raise ProtocolError(ErrorCode.NOT_FOUND, "no such chunk")
-            if len(blob) > self._config.max_blob_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE, "chunk larger than max_blob_bytes")
-            frame_bytes = self._config.frame_bytes
-            start = await _off_loop(
-                functools.partial(
-                    blob_start, request.id, blob, frame_bytes, key=request.key, level=request.level
-                ),
-                len(blob),
+            blob, start = await self._open_blob(request)
+        except ProtocolError as exc:
+            await self._send_quietly(m.Error.of(request.id, exc))
+            return
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                raise  # the peer cancelled, or the session is ending
+            logger.error("opening blob %d for %s failed", request.id, self.peer_id, exc_info=exc)
+            await self._send_quietly(
+                m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
             )
-            await self._send_control(start)
-            channel = self._bulk[self._next_bulk % len(self._bulk)]
-            self._next_bulk += 1
-            for frame in iter_frames(request.id, blob, frame_bytes):
-                await channel.send(frame, timeout)
-            self._sent_whole.add(asyncio.current_task())
-            # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
-            await aio.wait_for(asyncio.shield(done), timeout)
-            self.sent_bytes += len(blob)
-            blob_sent = getattr(self._handler, "blob_sent", None)
-            if blob_sent is not None:
-                blob_sent(self.peer_id, blob)
-        except ProtocolError as exc:  # from open_blob, or a frame over the peer's message size
+            return
+        try:
+            await self._send_blob(request, blob, start, done)
+        except ProtocolError as exc:  # a frame over the peer's message size
             await self._send_quietly(m.Error.of(request.id, exc))
         except TimeoutError:
             logger.info("peer %s did not confirm blob %d", self.peer_id, request.id)
@@ -669,6 +662,43 @@ class PeerSession:
             await self._send_quietly(
                 m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
             )
+
+    async def _open_blob(self, request: m.BlobRequest) -> tuple[bytes, m.BlobStart]:
+        """The handler's blob for *request* and the BlobStart announcing it."""
+        blob = await self._handler.open_blob(self.peer_id, request.key, request.level)
+        if blob is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such chunk")
+        if len(blob) > self._config.max_blob_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "chunk larger than max_blob_bytes")
+        start = await _off_loop(
+            functools.partial(
+                blob_start,
+                request.id,
+                blob,
+                self._config.frame_bytes,
+                key=request.key,
+                level=request.level,
+            ),
+            len(blob),
+        )
+        return blob, start
+
+    async def _send_blob(
+        self, request: m.BlobRequest, blob: bytes, start: m.BlobStart, done: asyncio.Future[None]
+    ) -> None:
+        timeout = self._config.request_timeout_s
+        await self._send_control(start)
+        channel = self._bulk[self._next_bulk % len(self._bulk)]
+        self._next_bulk += 1
+        for frame in iter_frames(request.id, blob, self._config.frame_bytes):
+            await channel.send(frame, timeout)
+        self._sent_whole.add(asyncio.current_task())
+        # Delivery is confirmed by the peer (BlobDone), not by our send buffer emptying.
+        await aio.wait_for(asyncio.shield(done), timeout)
+        self.sent_bytes += len(blob)
+        blob_sent = getattr(self._handler, "blob_sent", None)
+        if blob_sent is not None:
+            blob_sent(self.peer_id, blob)
 
     # -- liveness and teardown -------------------------------------------------------------
 
@@ -754,6 +784,13 @@ class PeerSession:
 #: Blobs at least this large are hashed off the event loop: hashlib releases the GIL, so the
 #: digest (a fifth of the loop's time at 100 MB/s) runs on another core.
 OFF_LOOP_BYTES = 256 * 1024
+
+
+def _cancelling() -> bool:
+    """Whether the running task was asked to stop (a CancelledError may come from elsewhere:
+    a future someone else cancelled)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _off_loop(work: Callable[[], _T], size: int) -> _T:

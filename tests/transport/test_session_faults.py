@@ -376,3 +376,57 @@ def test_the_incoming_blob_cap_defaults_to_1_gib_and_holds_one_blob_at_least() -
     assert config(max_incoming_blob_bytes=10**9).incoming_blob_budget == 10**9
     with pytest.raises(ConfigError, match="max_incoming_blob_bytes"):
         config(max_blob_bytes=1000, max_incoming_blob_bytes=999)
+
+
+# -- serving failures are answered, not left to the requester's timeout ----------------------
+
+
+class _Failing(Handler):
+    """Fails the way a handler's inner calls do: a timeout, a transport error, a future that
+    someone else cancelled; or returns a body msgpack cannot pack."""
+
+    async def open_blob(self, peer_id: str, key: bytes, level: str) -> bytes | None:
+        await self._fail(key.decode())
+        return b"never"
+
+    async def handle_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method == "set":
+            return {"ranks": {1, 2}}
+        if method == "huge":
+            return {"n": 2**64}
+        await self._fail(method)
+        return {}
+
+    async def _fail(self, how: str) -> None:
+        if how == "timeout":
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)
+        if how == "transport":
+            raise TransportError("an inner transport call failed")
+        if how == "cancelled":
+            shared = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.01, shared.cancel)
+            await asyncio.shield(shared)
+
+
+@pytest.mark.parametrize("how", ["timeout", "transport", "cancelled"])
+def test_a_blob_the_handler_fails_to_open_is_answered_internal(how: str) -> None:
+    async def body() -> None:
+        async with pair(_Failing(), request_timeout_s=TIMEOUT_S) as (session, _served):
+            error, took = await _outcome(session.fetch_blob(how.encode(), ""))
+            assert error.code == ErrorCode.INTERNAL and took < PROMPT_S  # was TIMEOUT_S, no answer
+
+    run(body)
+
+
+@pytest.mark.parametrize("method", ["cancelled", "set", "huge"])
+def test_a_request_the_handler_fails_is_answered_at_once(method: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with pair(_Failing(), request_timeout_s=TIMEOUT_S) as (session, _served):
+            error, took = await _outcome(session.request(method, {}))
+            assert took < PROMPT_S  # was TIMEOUT_S: no answer
+            assert error.code in (ErrorCode.INTERNAL, ErrorCode.INVALID), error
+            assert "session task failed" not in caplog.text
+
+    run(body)
+
