@@ -393,11 +393,21 @@ def _check_map_keys(value: dict[Any, Any] | list[Any], where: str) -> None:
             pending.extend(item)
 
 
+#: How much of a refused message :func:`peek_type_and_id` reads: "t" and "id" come first when
+#: we encode, and a refused message may be megabytes the peer made costly to parse.
+PEEK_BYTES = 4096
+
+
 def peek_type_and_id(data: bytes) -> tuple[str, int] | None:
-    """Type and id of a control message that :func:`decode` refused, when its outer map still
-    reads (the body is skipped, not built): which request or blob a bad answer was meant for."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
-    unpacker.feed(data)
+    """Type and id of a control message that :func:`decode` refused, when the start of its outer
+    map still reads (values are skipped, not built): which request or blob a bad answer was
+    meant for. Reads at most PEEK_BYTES, and no string or array longer than that."""
+    limit = PEEK_BYTES
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=limit,
+        max_str_len=limit, max_bin_len=limit, max_array_len=limit, max_map_len=limit, max_ext_len=limit,
+    )  # fmt: skip
+    unpacker.feed(data[:limit])  # never more than max_buffer_size: no BufferFull
     kind: object = None
     ident: object = None
     try:
@@ -409,8 +419,10 @@ def peek_type_and_id(data: bytes) -> tuple[str, int] | None:
                 ident = unpacker.unpack()
             else:
                 unpacker.skip()
-    except Exception:  # msgpack raises several unrelated types on garbage
-        return None
+            if kind is not None and ident is not None:
+                break
+    except Exception:  # msgpack raises several unrelated types on garbage, or past the prefix
+        pass
     if not isinstance(kind, str) or not isinstance(ident, int) or isinstance(ident, bool):
         return None
     return kind, ident

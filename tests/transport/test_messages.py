@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -164,6 +166,22 @@ def test_a_refused_message_still_names_its_type_and_id() -> None:
     assert m.peek_type_and_id(msgpack.packb({"t": "err", "id": True})) is None
     assert m.peek_type_and_id(msgpack.packb([1, 2])) is None
     assert m.peek_type_and_id(b"\x81") is None  # a map cut short
+
+
+def test_peeking_a_huge_refused_message_reads_only_its_start() -> None:
+    """A message over the size limit is refused, then peeked: a peer could make its first key
+    an array of millions of items, each built on the event loop."""
+    items = 2_000_000
+    costly = b"\x81\xdd" + items.to_bytes(4, "big") + b"\x00" * items + b"\x01"
+    tracemalloc.start()
+    try:
+        assert m.peek_type_and_id(costly) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # was a 2M-item list: 16 MB
+    big = msgpack.packb({"v": 1, "t": "resp", "id": 7, "body": {"pad": b"x" * 1_000_000, 0: 1}})
+    assert m.peek_type_and_id(big) == ("resp", 7)  # "t" and "id" come first
 
 
 @settings(max_examples=300, deadline=None)
