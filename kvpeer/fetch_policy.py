@@ -199,10 +199,8 @@ class ResolutionController:
         self.config = config or ControllerConfig()
         # False when the recompute rate is only a guess: then it steers levels, never stops.
         self.allow_recompute = allow_recompute
-        recompute_all = chunk_count * chunk_tokens / self.recompute_rate
-        self.deadline = (
-            deadline if deadline is not None else start + recompute_all / self.config.target_speedup
-        )
+        self._default_deadline = deadline is None
+        self.deadline = deadline if deadline is not None else self._aim(chunk_count)
         self._bpt = {name: float(bytes_per_token[name]) for name in self.levels}
         self._observed: set[str] = set()
         self._sizes: list[Mapping[str, int] | None] = (
@@ -236,13 +234,20 @@ class ResolutionController:
         self.levels_used[index] = level
         self._observe(level, nbytes)
 
+    def _aim(self, chunks: int) -> float:
+        """Without a deadline: usable ``target_speedup`` times sooner than recomputing these."""
+        return self.start + chunks * self.chunk_tokens / self.recompute_rate / self.config.target_speedup
+
     def limit_to(self, count: int) -> None:
         """Only the first ``count`` chunks will be fetched (a chunk no live peer holds, a cut):
         the rest, and their bytes in flight, no longer count against the deadline, and past
-        them the client recomputes whatever it decides (so the recompute side stops there too)."""
+        them the client recomputes whatever it decides (so the recompute side stops there too;
+        so does the aim when the client set no deadline)."""
         if count >= self._limit:
             return
         self._limit = max(0, count)
+        if self._default_deadline:
+            self.deadline = self._aim(self._limit)
         for index in range(self._limit, self.chunk_count):
             self._state[index] = "cut"
             self._flight_bytes.pop(index, None)
@@ -381,6 +386,8 @@ class ResolutionController:
         meets = chosen is not None
         if chosen is None:
             chosen = fastest
+        elif carrier is not None and self._carried_by(carrier, now, index, chosen) > limit:
+            meets = False  # even the floor is late over this chunk's own peer
         return FetchAt(
             index=index,
             level=chosen,
@@ -589,13 +596,6 @@ class ChunkScheduler:
         if queued_bits <= 0 or silent <= max(floor_s, 2.0 * queued_bits / state.bandwidth_bps):
             return None
         return queued_bits / silent
-
-    def queued_bytes(self, peer: str, but: int | None = None) -> float:
-        """Expected bytes of the chunks in flight from ``peer`` (chunk ``but`` left out)."""
-        state = self._peers.get(peer)
-        if state is None:
-            return 0.0
-        return sum(size for index, size in state.inflight.items() if index != but)
 
     def holders(self, index: int) -> list[str]:
         """Live peers holding chunk ``index``."""

@@ -67,6 +67,9 @@ LOCAL = ""  # holder name of chunks in this node's own store
 RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
 #: Bytes of fetched chunks waiting to be put into the store at most; past it they are not kept.
 MAX_CACHING_BYTES = 256 << 20
+#: Bytes of transcodes answered to peers before the store took them, at most; past it a peer's
+#: answer waits for the put (a slow disk's back-pressure reaches the peers asking).
+MAX_STORING_BYTES = 64 << 20
 MAX_TROUBLED_PEERS = 1024  # peers remembered as warned about (peer ids come from the LAN)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _T = TypeVar("_T")
@@ -273,12 +276,14 @@ class _Transfers:
     """
 
     def __init__(self) -> None:
-        self._live: dict[tuple[bytes, str], _Transfer] = {}
+        # (chunk, peer, level): a fetch that will not join a bigger transfer of the chunk starts
+        # its own beside it, and both stay joinable.
+        self._live: dict[tuple[bytes, str, str], _Transfer] = {}
         self.shared = 0  # transfers joined by a second fetch (for stats and tests)
 
     def find(self, key: bytes, acceptable: Collection[str]) -> tuple[str, _Transfer] | None:
         """A live transfer of ``key`` (from any peer) at a level in ``acceptable``, and its peer."""
-        for (k, peer), transfer in self._live.items():
+        for (k, peer, _level), transfer in self._live.items():
             task = transfer.task
             if k == key and transfer.level in acceptable and not task.done() and not task.cancelling():
                 return peer, transfer
@@ -299,8 +304,8 @@ class _Transfers:
         if found is None:
             task: asyncio.Task[bytes] = asyncio.get_running_loop().create_task(start())
             sender, transfer = peer, _Transfer(task, level)
-            self._live[(key, peer)] = transfer
-            entry = (key, peer)
+            entry = (key, peer, level)
+            self._live[entry] = transfer
             task.add_done_callback(lambda _t: self._forget(entry, transfer))
         else:
             sender, transfer = found
@@ -317,7 +322,7 @@ class _Transfers:
             if transfer.waiters == 0 and not transfer.task.done():
                 transfer.task.cancel()
 
-    def _forget(self, key: tuple[bytes, str], transfer: _Transfer) -> None:
+    def _forget(self, key: tuple[bytes, str, str], transfer: _Transfer) -> None:
         if self._live.get(key) is transfer:
             del self._live[key]
         if not transfer.task.cancelled():
@@ -737,7 +742,7 @@ class _FetchRun:
                 self._cut_at(self.reported, "deadline")
                 return
             self._handle_stalls(now)
-            self.ctl.limit_to(self._end())  # chunks past a gap or a cut no longer count
+            self._drop_from(self._end())  # chunks past a gap: no longer fetched nor counted
             self._maybe_preempt(now)
             self._check_recompute(now)
             self._start_transfers(now)
@@ -764,6 +769,11 @@ class _FetchRun:
             return
         self.cut = index
         self.reason = reason
+        self._drop_from(index)
+
+    def _drop_from(self, index: int) -> None:
+        """Chunks from ``index`` on will not be restored: their transfers stop, and they no
+        longer count against the deadline."""
         self.ctl.limit_to(index)
         for i, _peer in self.sched.abandon_from(index):
             self._cancel_transfer(i)
@@ -869,7 +879,7 @@ class _FetchRun:
             elif self.fixed is not None:
                 level = self.fixed
             else:
-                carrier = Carrier(self._rate(peer, now), self.sched.queued_bytes(peer, but=index))
+                carrier = Carrier(self._rate(peer, now), self._queued_on(peer, now))
                 decision = self._decide(index, now, bandwidth, rtt, carrier)
                 if isinstance(decision, RecomputeRest):
                     self._give_up(decision, now)
@@ -883,6 +893,16 @@ class _FetchRun:
                     self.note("switch", index=index, level=level)
             self.ctl.chunk_sent(index, level or self.ctl.levels[0])
             self._launch(index, peer, level, now)
+
+    def _queued_on(self, peer: str, now: float) -> float:
+        """Bytes still to come from ``peer`` for the chunks already requested from it, at the
+        levels they were requested at (the scheduler's sizes are guesses made before the level)."""
+        rate = self._bandwidth(peer, now)
+        left = 0.0
+        for index, (_task, sender, level, started) in self.transfers.items():
+            if sender == peer and level:
+                left += max(0.0, self.ctl.chunk_bytes(index, level) - (now - started) * rate / 8)
+        return left
 
     def _decide(self, index: int, now: float, bandwidth: float, rtt: float, carrier: Carrier) -> Any:
         """The controller's decision; "recompute" only when :meth:`_may_recompute` agrees."""
@@ -1305,6 +1325,7 @@ class LevelServer:
         # which would lose the per-head allocation the put level had.
         self.transcode_options = transcode_options
         self._making: dict[tuple[bytes, str], _Transcode] = {}
+        self._storing = 0  # bytes of transcodes handed out and still waiting for the store
         # One transcode at a time by default: on a small CPU the decoder and the event loop
         # need the other core.
         self._slots = asyncio.Semaphore(concurrency)
@@ -1438,15 +1459,24 @@ class LevelServer:
             )
         self.transcoded += 1
         log.debug("transcoded a chunk from %s to %s (%d bytes)", held, level, len(blob))
-        making.blob.set_result(blob)
-        # Only while the chunk is still held: one evicted meanwhile (evict --all) stays gone.
-        # Until the store has it, requests for it are answered from here.
+        # Requesters get the blob before the store took it, while few such puts wait: past
+        # MAX_STORING_BYTES they wait for the put, as the store's own back-pressure asks.
+        early = self._storing + len(blob) <= MAX_STORING_BYTES
+        if early:
+            making.blob.set_result(blob)
+        self._storing += len(blob)
         try:
+            # Only while the chunk is still held: one evicted meanwhile (evict --all) stays
+            # gone. Until the store has it, requests for it are answered from here.
             await self.store.put_if_held(key, level, blob)
         except StoreError:  # closed, or the store said why already
             pass
-        except OSError as exc:
-            log.warning("a chunk transcoded to %s is not kept: %s", level, exc)
+        except Exception:
+            log.exception("a chunk transcoded to %s is not kept", level)
+        finally:
+            self._storing -= len(blob)
+        if not early:
+            making.blob.set_result(blob)
 
 
 class _Transcode:

@@ -599,3 +599,26 @@ def test_scheduler_silent_bound_ignores_a_peer_with_nothing_known_in_flight() ->
     sched = ChunkScheduler(holders=[{"a"}], now=0.0)
     sched.assign(0.0, {0: 0.0})
     assert sched.silent_bound("a", 100.0, floor_s=1.0) is None
+
+
+def test_without_a_deadline_the_aim_follows_the_chunks_still_fetched() -> None:
+    """The aim (10x sooner than recomputing) was set for the whole prefix: after a gap at chunk
+    1 that one chunk got the budget of eight."""
+    one = controller(chunks=1)
+    eight = controller(chunks=8)
+    eight.limit_to(1)
+    assert eight.deadline == pytest.approx(one.deadline)
+    a, b = one.decide(0, 0.0, 1000 * MBIT), eight.decide(0, 0.0, 1000 * MBIT)
+    assert isinstance(a, FetchAt) and isinstance(b, FetchAt) and a.level == b.level
+    given = controller(chunks=8, deadline=3.0)
+    given.limit_to(1)
+    assert given.deadline == 3.0  # a client's deadline stays
+
+
+def test_a_floor_its_own_peer_cannot_deliver_in_time_does_not_meet_the_deadline() -> None:
+    from kvpeer.fetch_policy import Carrier
+
+    ctl = controller(chunks=8, deadline=0.5)
+    decision = ctl.decide(7, 0.0, 10_000 * MBIT, carrier=Carrier(0.1 * MBIT, 0.0))
+    assert isinstance(decision, FetchAt) and decision.level == LEVELS[-1]
+    assert not decision.meets_deadline

@@ -1584,3 +1584,150 @@ def test_a_fetch_joins_another_fetchs_transfer_only_at_its_level_or_a_smaller_on
         await first
 
     asyncio.run(main())
+
+
+class _Serial(Peer):
+    """One link: blobs go one after the other at ``rate`` bits/s."""
+
+    def __init__(self, name: str, rate: float) -> None:
+        super().__init__(name, bps=None)
+        self.rate = rate
+        self.link = asyncio.Lock()
+
+    async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        self.calls.append((k[0], level))
+        data = blob(k[0], level or "exact")
+        async with self.link:
+            await asyncio.sleep(len(data) * 8 / self.rate)
+        return data
+
+
+def test_the_carrying_peers_queue_is_what_was_requested_from_it_at_its_level() -> None:
+    """The per-peer check was told the scheduler's guesses (every chunk at the floor, the next
+    chunk counted ahead of this one): both chunks of a 4 Mbit/s peer went at exact and the
+    fetch missed its deadline."""
+
+    async def main() -> None:
+        fast, slow = _Serial("a", 1e9), _Serial("b", 4e6)
+        f = fetcher({"a": fast, "b": slow})
+        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
+        f.chunk_rates["b"] = ChunkRate(bps=4e6, samples=3, at=f.clock())
+        out = await f.fetch(
+            [key(i) for i in range(8)], [{"a"}] * 6 + [{"b"}] * 2, Sink(), recompute_rate=400.0,
+            deadline=f.clock() + 0.2,
+        )  # fmt: skip
+        on_b = sum(len(blob(index, level)) for index, level in slow.calls)
+        assert on_b * 8 / 4e6 <= 0.2, slow.calls
+        assert out.chunks == 8
+
+    asyncio.run(main())
+
+
+def test_transfers_past_a_gap_stop() -> None:
+    """The only holder of chunk 2 died: the transfers of the chunks after it went on, using the
+    link and uncounted, until the fetch ended."""
+
+    class Dies(Peer):
+        async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+            await asyncio.sleep(0.05)
+            raise TransportError("session closed")
+
+    class Watched(_Serial):
+        stopped: list[float] = []
+
+        async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+            try:
+                return await super().fetch_blob(k, level, timeout)
+            except asyncio.CancelledError:
+                self.stopped.append(time.monotonic())
+                raise
+
+    async def main() -> None:
+        a, c = _Serial("a", 4e6), Watched("c", 1e6)
+        f = fetcher({"a": a, "b": Dies("b"), "c": c})
+        for name, bps in (("a", 4e6), ("b", 1e9), ("c", 1e6)):
+            f.chunk_rates[name] = ChunkRate(bps=bps, samples=3, at=f.clock())
+        started = time.monotonic()
+        holders = [{"a"}] * 2 + [{"b"}] + [{"c"}] * 5
+        out = await f.fetch([key(i) for i in range(8)], holders, Sink(), policy="fixed:exact")
+        assert (out.chunks, out.reason) == (2, "unavailable")
+        # a needs ~0.24 s for chunks 0 and 1; c's transfers stop when b dies (0.05 s).
+        assert c.calls and c.stopped and max(c.stopped) - started < 0.2
+
+    asyncio.run(main())
+
+
+def test_a_fetch_not_joining_a_bigger_transfer_leaves_it_joinable() -> None:
+    class Held(Peer):
+        def __init__(self, name: str) -> None:
+            super().__init__(name)
+            self.let_exact = asyncio.Event()
+
+        async def fetch_blob(self, k: bytes, level: str, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+            self.calls.append((k[0], level))
+            if level == "exact":
+                await self.let_exact.wait()
+            return blob(k[0], level)
+
+    class Keeps(Cache):
+        async def put(self, k: bytes, level: str, data: bytes) -> None:
+            return None  # keeps nothing: every fetch asks the peer
+
+    async def main() -> None:
+        peer = Held("a")
+        f = fetcher({"a": peer}, cache=Keeps())
+        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
+        big = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:exact"))
+        await wait_until(lambda: bool(peer.calls))
+        small = await f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q3")
+        assert small.chunks == 1
+        third = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:exact"))
+        await wait_until(lambda: f.transfers.shared == 1)
+        peer.let_exact.set()
+        assert (await big).chunks == 1 and (await third).chunks == 1
+        assert peer.calls == [(0, "exact"), (0, "q3")]
+
+    asyncio.run(main())
+
+
+def test_transcodes_waiting_for_the_store_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered before the put, a peer asks for the next chunk at once: on a stuck disk every
+    transcode held its blob while it waited for the store."""
+
+    class StuckPut(Cache):
+        async def put_if_held(self, k: bytes, level: str, data: bytes) -> bool:
+            await asyncio.Event().wait()
+            return False
+
+    async def main() -> None:
+        cache = StuckPut()
+        for i in range(4):
+            await cache.put(key(i), "exact", blob(i, "exact"))
+        monkeypatch.setattr(fetcher_mod, "MAX_STORING_BYTES", 2 * len(blob(0, "q4")) + 100)
+        server = LevelServer(cache)
+        for i in range(2):
+            assert await asyncio.wait_for(server.open_blob(key(i), "q4"), 10) is not None
+        third = asyncio.create_task(server.open_blob(key(2), "q4"))
+        await wait_until(lambda: server.transcoded == 3)
+        await asyncio.sleep(0.05)
+        assert not third.done()  # waits for the store, as before
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_store_put_failing_oddly_after_a_transcode_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    class Odd(Cache):
+        async def put_if_held(self, k: bytes, level: str, data: bytes) -> bool:
+            raise ValueError("odd")
+
+    async def main() -> None:
+        cache = Odd()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        server = LevelServer(cache)
+        assert await server.open_blob(key(0), "q4") is not None
+        await wait_until(lambda: not server._making)
+
+    with caplog.at_level(logging.WARNING, logger="kvpeer"):
+        asyncio.run(main())
+    assert [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
