@@ -2,7 +2,8 @@
 
 Owns :class:`SystemdNotifier` (the sd_notify datagram protocol: READY=1, STATUS=, WATCHDOG=1,
 STOPPING=1; a no-op without ``NOTIFY_SOCKET``), its watchdog pinger, :class:`ShutdownSignals`
-(SIGTERM/SIGINT -> a graceful-shutdown event; a second SIGINT forces the exit) and
+(SIGTERM/SIGINT/SIGHUP -> a graceful-shutdown event; a second SIGINT forces the exit; SIGHUP
+ignored under systemd) and
 :func:`configure_logging` (one ``dictConfig`` for the whole process: text or JSON lines, no
 timestamps under journald). It knows nothing of the daemon's parts: the CLI wires them.
 """
@@ -129,15 +130,21 @@ class ShutdownSignals:
 
     SIGHUP is what a foreground kvpeerd gets when its terminal or ssh session goes: without a
     handler it died on the spot (no goodbye to peers, queued store writes not drained).
-    There is no reload; the log line says so for a ``kill -HUP`` meant as one.
+    Run as a service (systemd sets ``NOTIFY_SOCKET`` or ``INVOCATION_ID``) there is no terminal
+    to lose, so a SIGHUP is a ``kill -HUP`` meant as a reload: it is ignored with a WARNING.
+    Stopping on it exited 0, which ``Restart=on-failure`` takes for a wanted stop: the node
+    stayed down. There is no reload; the log line says so either way.
 
     ``force_exit`` defaults to ``os._exit``: when the graceful path is stuck, nothing that still
     runs Python code (``sys.exit`` unwinding into the same stuck awaits) can be trusted.
     """
 
-    def __init__(self, force_exit: Callable[[int], Any] = os._exit) -> None:
+    def __init__(
+        self, force_exit: Callable[[int], Any] = os._exit, *, env: Mapping[str, str] = os.environ
+    ) -> None:
         self._event = asyncio.Event()
         self._force_exit = force_exit
+        self.as_service = bool(env.get("NOTIFY_SOCKET") or env.get("INVOCATION_ID"))
         self._installed: list[signal.Signals] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.received: signal.Signals | None = None
@@ -175,6 +182,10 @@ class ShutdownSignals:
                 log.warning("second SIGINT: exiting now")
                 logging.shutdown()
                 self._force_exit(128 + sig)
+            return
+        if sig == signal.SIGHUP and self.as_service:
+            log.warning("SIGHUP ignored: kvpeerd has no reload; restart it to apply config "
+                        "changes (systemctl restart kvpeer)")
             return
         if sig == signal.SIGHUP:
             log.info("SIGHUP: shutting down gracefully (kvpeerd has no reload: restart it to apply "

@@ -137,7 +137,7 @@ def test_sighup_stops_gracefully_and_says_there_is_no_reload(caplog: pytest.LogC
     """A foreground kvpeerd whose terminal closes gets SIGHUP: it used to die on the spot."""
 
     async def main() -> signal.Signals | None:
-        signals = ShutdownSignals(force_exit=lambda code: None)
+        signals = ShutdownSignals(force_exit=lambda code: None, env={})
         signals.install(asyncio.get_running_loop())
         try:
             os.kill(os.getpid(), signal.SIGHUP)
@@ -148,6 +148,29 @@ def test_sighup_stops_gracefully_and_says_there_is_no_reload(caplog: pytest.LogC
     with caplog.at_level(logging.INFO, logger="kvpeer.service"):
         assert asyncio.run(main()) == signal.SIGHUP
     assert "no reload" in caplog.text
+
+
+@pytest.mark.parametrize("env", [{"NOTIFY_SOCKET": "/run/systemd/notify"}, {"INVOCATION_ID": "ab12"}])
+def test_sighup_under_systemd_is_ignored_with_a_warning(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under systemd a SIGHUP stopped the daemon with status 0, and Restart=on-failure left
+    the node down; a service has no terminal to lose, so the signal is a mistaken reload."""
+
+    async def main() -> signal.Signals | None:
+        signals = ShutdownSignals(force_exit=lambda code: None, env=env)
+        signals.install(asyncio.get_running_loop())
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled after the SIGHUP: ends the wait
+            return await asyncio.wait_for(signals.wait(), timeout=10)
+        finally:
+            signals.uninstall()
+
+    with caplog.at_level(logging.INFO, logger="kvpeer.service"):
+        assert asyncio.run(main()) == signal.SIGTERM
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "SIGHUP ignored" in warning.getMessage() and "restart it" in warning.getMessage()
 
 
 def test_under_nohup_sighup_stays_ignored() -> None:
