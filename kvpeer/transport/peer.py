@@ -200,7 +200,14 @@ class PeerTransport:
             self._connecting[peer_id] = task
             task.add_done_callback(lambda done: self._connect_done(peer_id, host, port, done))
         # Several callers may wait on one attempt; cancelling one must not cancel the others.
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or current.cancelling() == 0):
+                # close() cancelled the attempt, not our caller: say so, as for a later call.
+                raise TransportError("transport is closing") from None
+            raise
 
     def _connect_done(self, peer_id: str, host: str, port: int, task: asyncio.Task[PeerSession]) -> None:
         self._connecting.pop(peer_id, None)

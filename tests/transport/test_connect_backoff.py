@@ -121,3 +121,22 @@ def test_a_peer_at_a_new_address_or_one_that_dials_us_ends_its_backoff() -> None
             await b.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_connect_callers_get_transport_error_when_close_cancels_the_attempt() -> None:
+    async def body() -> None:
+        stuck = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)  # never answers
+        port = stuck.sockets[0].getsockname()[1]
+        transport = PeerTransport("node-a", _config(), Handler())
+        await transport.start()
+        try:
+            callers = [asyncio.create_task(transport.connect("node-b", "127.0.0.1", port)) for _ in range(2)]
+            await asyncio.sleep(0)  # both start, and wait on the one attempt
+            await transport.close()
+            outcomes = await asyncio.gather(*callers, return_exceptions=True)
+            # Was CancelledError: as if each caller itself had been cancelled.
+            assert all(isinstance(o, TransportError) and "closing" in str(o) for o in outcomes), outcomes
+        finally:
+            stuck.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
