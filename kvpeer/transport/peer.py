@@ -82,9 +82,11 @@ async def _read_message(reader: asyncio.StreamReader) -> m.Message:
     message = m.decode(data, m.SIGNALLING_TYPES, _SIGNALLING_LIMIT)
     if isinstance(message, m.Reject):
         code = ErrorCode(message.code)
+        # The reason is remote text bound for our log: quoted, so it cannot forge log lines;
+        # not even that from a host that may hold no key.
         if code == ErrorCode.UNAUTHENTICATED:
-            raise AuthError(f"peer refused us: {message.reason}")
-        raise ProtocolError(code, f"peer refused us: {message.reason}")
+            raise AuthError("peer refused us: authentication failed")
+        raise ProtocolError(code, f"peer refused us: {message.reason!r}")
     return message
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from typing import Any
 
+import msgpack
 import pytest
 
-from kvpeer.errors import TransportError
+from kvpeer.errors import ErrorCode, KVPeerError, TransportError
 from kvpeer.transport import PeerTransport, TransportConfig, auth
+from kvpeer.transport import peer as peer_mod
 
 KEY = os.urandom(32)
 
@@ -53,3 +56,20 @@ def test_an_answer_that_aiortc_cannot_take_is_a_counted_transport_error(monkeypa
             await b.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+@pytest.mark.parametrize("code", [ErrorCode.UNAUTHENTICATED, ErrorCode.BUSY])
+def test_a_rejects_reason_cannot_write_lines_into_our_log(code: ErrorCode) -> None:
+    """A host with no key answers with a Reject whose reason forges a log line."""
+
+    async def body() -> str:
+        reject = msgpack.packb({"v": 1, "t": "reject", "code": int(code), "reason": "x\nWARNING forged"})
+        reader = asyncio.StreamReader()
+        reader.feed_data(struct.pack("!I", len(reject)) + reject)
+        with pytest.raises(KVPeerError) as info:
+            await peer_mod._read_message(reader)
+        return str(info.value)
+
+    said = asyncio.run(body())
+    assert "\n" not in said and "peer refused us" in said
+    assert ("forged" in said) == (code != ErrorCode.UNAUTHENTICATED)  # no remote text unauthenticated
