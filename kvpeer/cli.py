@@ -258,8 +258,10 @@ def start_failure(exc: OSError) -> tuple[str, int]:
         for prefix, step in _START_STEPS:
             if module == prefix or module.startswith(prefix + "."):
                 what = step  # the innermost kvpeer frame wins
-    status = 1 if exc.errno in _TRANSIENT_ERRNOS else EXIT_CONFIG
-    return f"cannot {what}: {exc}", status
+    # A TimeoutError (an OSError without errno: zeroconf's registration, a slow network) is a
+    # busy or slow LAN, not a config error; its text is often empty.
+    transient = exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError)
+    return f"cannot {what}: {str(exc) or type(exc).__name__}", 1 if transient else EXIT_CONFIG
 
 
 async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -> int:

@@ -177,6 +177,13 @@ def test_start_failure_transient_errors_may_be_retried() -> None:
     assert status == cli.EXIT_CONFIG and message == "cannot start: [Errno 13] Permission denied"
 
 
+def test_start_failure_timeout_is_transient_and_named() -> None:
+    """A builtin TimeoutError (zeroconf's registration timing out) was exit 2, "config error",
+    with an empty reason: "cannot start discovery ([discovery]): "."""
+    assert cli.start_failure(TimeoutError()) == ("cannot start: TimeoutError", 1)
+    assert cli.start_failure(TimeoutError("no answer")) == ("cannot start: no answer", 1)
+
+
 def test_sigterm_during_start_cancels_it_and_no_ready_follows(tmp_path: Path) -> None:
     """A slow start (the GPU probe: up to ~20 s) must not hold SIGTERM back, and READY=1 must not
     follow a stop request."""
