@@ -645,6 +645,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the decoder's error through
+        raise ConfigError(
+            f"config file {path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}): save it as UTF-8"
+        ) from None
     origin: dict[str, str] = {}
     _apply_env(raw, env, origin)
     config = _build(Config, raw, "", origin)

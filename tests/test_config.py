@@ -109,6 +109,14 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], mes
     assert message in str(err.value)
 
 
+def test_a_file_not_in_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    """A Latin-1 file (an editor's default) raised UnicodeDecodeError: a traceback, exit 1."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[node]\nnode_id = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"config file {path}: not UTF-8 .*0xe9"):
+        load_config(path, env={})
+
+
 def test_an_empty_metrics_host_is_fine_with_metrics_off(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "[metrics]\nenabled = false\nhost = \"\"\n"), env={})
     assert not config.metrics.enabled
