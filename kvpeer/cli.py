@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import errno
+import faulthandler
 import importlib.util
 import json
 import logging
@@ -114,6 +115,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvpeerd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    enable_faulthandler()
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
     limit_torch_threads(config.daemon.torch_threads)
     raise_open_file_limit()
@@ -191,6 +193,15 @@ def address_is_here(host: str) -> bool:
         except OSError as exc:
             return exc.errno != errno.EADDRNOTAVAIL
     return True
+
+
+def enable_faulthandler() -> None:
+    """Have a fatal signal print every thread's stack to stderr (the journal). systemd's
+    watchdog kills a stuck daemon with SIGABRT: without this, nothing said where it was stuck."""
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (ValueError, OSError) as exc:  # a stderr without a file descriptor
+        log.debug("faulthandler not enabled: %s", exc)
 
 
 def raise_open_file_limit() -> int:

@@ -308,6 +308,27 @@ def test_check_config_warns_of_a_transport_host_that_is_not_here(tmp_path: Path)
     assert "not an address of this machine" not in here.stderr
 
 
+def test_a_daemon_killed_by_the_watchdog_prints_every_threads_stack(tmp_path: Path) -> None:
+    """systemd's watchdog ends a stuck daemon with SIGABRT: its journal said nothing of where."""
+    script = (
+        "import os, sys, threading; from kvpeer import cli\n"
+        "threading.Thread(target=threading.Event().wait, name='stuck', daemon=True).start()\n"
+        "def run(main, use_uvloop):\n"
+        "    main.close(); os.abort()\n"
+        "cli._run = run\n"
+        "sys.exit(cli.daemon_main(sys.argv[1:]))\n"
+    )
+    config = daemon_config(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == -signal.SIGABRT, result.stderr
+    assert "Fatal Python error: Aborted" in result.stderr
+    assert "Current thread 0x" in result.stderr and "in daemon_main" in result.stderr
+    assert "\nThread 0x" in result.stderr, result.stderr  # the other thread too
+
+
 def test_log_level_takes_any_case_and_refuses_typos(tmp_path: Path) -> None:
     assert cli.daemon_parser().parse_args(["--log-level", "WARNING"]).log_level == "warning"
     result = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--log-level", "WARN")
