@@ -103,6 +103,14 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
                 "machine (yet): a start exits 1 and systemd tries again until it is",
                 file=sys.stderr,
             )
+        store_dir = config.store.dir
+        if config.store.disk_bytes and store_dir.is_dir() and not os.access(store_dir, os.W_OK | os.X_OK):
+            print(
+                f"kvpeerd: WARNING: store.dir {store_dir} is not writable by this user: the daemon "
+                "would run on the RAM tier only (under the kvpeer unit, a store.dir outside "
+                "/var/lib/kvpeer needs ReadWritePaths=)",
+                file=sys.stderr,
+            )
         if transport.keyless_risk is not None:  # a valid config: still exit 0
             from kvpeer.transport.config import KEYLESS_RISK
 

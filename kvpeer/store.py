@@ -303,9 +303,16 @@ class ChunkStore:
                     raise
                 self._release_lock()
                 self.disk_unavailable = _describe_os_error(exc)
+                # Under the unit's ProtectSystem=strict every path but its own StateDirectory=
+                # is read-only: the usual cause of EROFS on a store.dir moved to a bigger disk.
+                hint = (
+                    f" (under the kvpeer unit, add ReadWritePaths={self.directory} with "
+                    "`systemctl edit kvpeer`)" if exc.errno == errno.EROFS else ""
+                )
                 log.error(
-                    "store %s: %s; running on the RAM tier only (%d bytes) until a restart finds "
-                    "the disk usable", self.directory, self.disk_unavailable, self.ram_limit,
+                    "store %s: %s%s; running on the RAM tier only (%d bytes) until a restart "
+                    "finds the disk usable", self.directory, self.disk_unavailable, hint,
+                    self.ram_limit,
                 )
                 self.directory, self.disk_limit = None, 0
         if self.directory is not None:

@@ -283,6 +283,23 @@ def test_the_etcd_backend_without_its_extra_is_a_config_error_at_check_and_start
     assert "discovery.etcd_endpoints" in capsys.readouterr().err
 
 
+def test_check_config_warns_of_a_store_dir_it_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store.dir the daemon cannot write leaves it on the RAM tier: say so before the start."""
+    config = daemon_config(tmp_path)
+    store_dir = load_config(config, env={}).store.dir
+    store_dir.mkdir(parents=True)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert "store.dir" not in capsys.readouterr().err
+    real_access = os.access
+    monkeypatch.setattr(
+        cli.os, "access", lambda path, mode: Path(path) != store_dir and real_access(path, mode)
+    )  # root may write anywhere: what a read-only mount or another owner does to a user
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert f"WARNING: store.dir {store_dir} is not writable" in capsys.readouterr().err
+
+
 def test_a_socket_group_the_user_is_not_in_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

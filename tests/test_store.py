@@ -431,6 +431,8 @@ def test_a_disk_that_is_down_at_start_leaves_the_store_on_its_ram_tier(
     with caplog.at_level(logging.ERROR, logger="kvpeer.store"):
         store = ChunkStore(ram_bytes=1 << 20, disk_bytes=1 << 20, directory=tmp_path / "store")
     assert "running on the RAM tier only" in caplog.text
+    # ProtectSystem=strict without ReadWritePaths= is the usual cause: the line says the fix
+    assert f"add ReadWritePaths={tmp_path / 'store'}" in caplog.text
     store.put_blocking(key(1), "q8", blob(1))
     assert store.get_blocking(key(1)) == blob(1)
     stats = store.stats()
