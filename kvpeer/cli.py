@@ -89,39 +89,39 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, os.environ)
     except ConfigError as exc:
-        print(f"kvpeerd: config error: {exc}", file=sys.stderr)
-        return 2
+        _say("ERROR", f"config error: {exc}")
+        return EXIT_CONFIG
     if args.check_config:
         try:
             transport = check_start_config(config)
         except ConfigError as exc:
-            print(f"kvpeerd: config error: {exc}", file=sys.stderr)
+            _say("ERROR", f"config error: {exc}")
             return EXIT_CONFIG
         if not address_is_here(transport.host):  # valid: at boot it may come later
-            print(
-                f"kvpeerd: WARNING: transport.host {transport.host} is not an address of this "
-                "machine (yet): a start exits 1 and systemd tries again until it is",
-                file=sys.stderr,
+            _say(
+                "WARNING",
+                f"WARNING: transport.host {transport.host} is not an address of this machine "
+                "(yet): a start exits 1 and systemd tries again until it is",
             )
         store_dir = config.store.dir
         if config.store.disk_bytes and store_dir.is_dir() and not os.access(store_dir, os.W_OK | os.X_OK):
-            print(
-                f"kvpeerd: WARNING: store.dir {store_dir} is not writable by this user: the daemon "
+            _say(
+                "WARNING",
+                f"WARNING: store.dir {store_dir} is not writable by this user: the daemon "
                 "would run on the RAM tier only (under the kvpeer unit, a store.dir outside "
                 "/var/lib/kvpeer needs ReadWritePaths=)",
-                file=sys.stderr,
             )
         if transport.keyless_risk is not None:  # a valid config: still exit 0
             from kvpeer.transport.config import KEYLESS_RISK
 
             level = logging.getLevelName(transport.keyless_risk)
-            print(f"kvpeerd: {level}: {KEYLESS_RISK}", file=sys.stderr)
+            _say(level, f"{level}: {KEYLESS_RISK}")
         print(config.as_toml(), end="")
         return 0
     try:
         preflight(config)
     except ConfigError as exc:
-        print(f"kvpeerd: config error: {exc}", file=sys.stderr)
+        _say("ERROR", f"config error: {exc}")
         return EXIT_CONFIG
     enable_faulthandler()
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
@@ -139,6 +139,14 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     except KVPeerError as exc:
         log.error("kvpeerd failed: %s", exc)
         return 1
+
+
+def _say(level: str, text: str) -> None:
+    """A line to stderr before logging is set up: under journald it starts with the syslog
+    priority, as the log lines after it do (``journalctl -p err`` showed none of these)."""
+    from kvpeer.service import journal_prefix
+
+    print(f"{journal_prefix(level)}kvpeerd: {text}", file=sys.stderr)
 
 
 def check_start_config(config: Any) -> TransportConfig:

@@ -214,6 +214,12 @@ def under_journald(env: Mapping[str, str] = os.environ) -> bool:
 _PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
 
 
+def journal_prefix(level: str, env: Mapping[str, str] = os.environ) -> str:
+    """``<N>``, the syslog priority of ``level`` ("ERROR", ...), when stderr is the journal;
+    else "". For the lines written before :func:`configure_logging` runs."""
+    return f"<{_PRIORITY.get(level, 6)}>" if under_journald(env) else ""
+
+
 class JournalFormatter(logging.Formatter):
     """Text without a timestamp (journald adds its own), prefixed with the syslog priority."""
 

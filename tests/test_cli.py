@@ -346,6 +346,35 @@ def test_a_daemon_killed_by_the_watchdog_prints_every_threads_stack(tmp_path: Pa
     assert "\nThread 0x" in result.stderr, result.stderr  # the other thread too
 
 
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [("[stor]\n", []), ('[discovery]\nbackend = "etcd"\n', []),
+     ('[discovery]\nbackend = "etcd"\n', ["--check-config"])],
+)
+def test_config_errors_before_logging_carry_the_journal_priority(
+    tmp_path: Path, text: str, mode: list[str]
+) -> None:
+    """Errors found at load time were printed bare: `journalctl -p err` missed exactly the
+    lines that say why the unit failed, while later errors carried <3>."""
+    config = tmp_path / "kvpeer.toml"
+    config.write_text(f'[node]\nnode_id = "j"\nstate_dir = "{tmp_path}"\n' + text)
+    err = tmp_path / "stderr"
+    with err.open("w") as stream:  # stderr is "the journal": JOURNAL_STREAM names it
+        st = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        script = (
+            "import sys; from kvpeer import cli; cli._has_module = lambda name: False; "
+            "sys.exit(cli.daemon_main(sys.argv[1:]))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, "--config", str(config), *mode],
+            stderr=stream, stdout=subprocess.DEVNULL, timeout=120, env=env,
+        )
+    assert result.returncode == cli.EXIT_CONFIG
+    [line] = err.read_text().splitlines()
+    assert line.startswith("<3>kvpeerd: config error: "), line
+
+
 def test_log_level_takes_any_case_and_refuses_typos(tmp_path: Path) -> None:
     assert cli.daemon_parser().parse_args(["--log-level", "WARNING"]).log_level == "warning"
     result = run("daemon_main", "--config", str(daemon_config(tmp_path)), "--log-level", "WARN")
