@@ -124,6 +124,12 @@ class ControllerConfig:
     chunks in flight, this chunk at that level and the rest at the floor would still be usable
     by the deadline. Bytes spent on quality before a drop cost hedge_factor times as much after
     it, and a chunk on the wire cannot be recalled. 1: no hedge (trust the estimate)."""
+    hedge_slack: float = 0.15
+    """...or if, after such a fall, this chunk's extra bytes over the floor would make the
+    prefix later by at most this fraction of the time left. Where even the floor would be late
+    after a fall (many chunks still to come), the first test alone kept every chunk at the floor
+    until few were left: the first chunks, which all later tokens attend to, got the lowest
+    level. Only the chunks on the wire suffer a fall, so this bounds its cost to ~window x this."""
 
     def __post_init__(self) -> None:
         if not 0 < self.safety <= 1:
@@ -138,6 +144,8 @@ class ControllerConfig:
             raise ValueError("observe_weight must be in (0, 1]")
         if self.hedge_factor < 1:
             raise ValueError("hedge_factor must be >= 1")
+        if not 0 <= self.hedge_slack < 1:
+            raise ValueError("hedge_slack must be in [0, 1)")
 
 
 class ResolutionController:
@@ -149,8 +157,9 @@ class ResolutionController:
     *all* remaining chunks would still be usable by the deadline (CacheGen's rule, which keeps
     levels steady instead of spending the whole budget on the first chunks), hedged: a level above
     the floor must also leave the deadline reachable if the link fell by ``hedge_factor`` right
-    now (the rest then at the floor), so slack is spent on quality only where a drop could not
-    turn it into a late prefix. With no level meeting the deadline it picks the fastest allowed
+    now (the rest then at the floor), or cost at most ``hedge_slack`` of the time left over the
+    floor after such a fall, so slack is spent on quality only where a drop could not turn it
+    into a much later prefix. With no level meeting the deadline it picks the fastest allowed
     level, as long as that still beats recomputing the rest at ``recompute_rate`` tokens/s;
     otherwise it answers :class:`RecomputeRest`.
     """
@@ -373,10 +382,16 @@ class ResolutionController:
         limit = min(self.deadline, recompute) if self.allow_recompute else self.deadline
         chosen = None
         floor = self.allowed[-1]
+        # After a fall now: on time, or later than the floor by at most hedge_slack of the time left.
+        hedge_limit = max(
+            limit,
+            self.hedged_finish(now, bandwidth_bps, index, floor, rtt_s)
+            + self.config.hedge_slack * max(0.0, limit - now),
+        )
         for name in self.allowed:  # most faithful first
             if finishes[name] > self._budget_for(name, now, limit):
                 continue
-            if name != floor and self.hedged_finish(now, bandwidth_bps, index, name, rtt_s) > limit:
+            if name != floor and self.hedged_finish(now, bandwidth_bps, index, name, rtt_s) > hedge_limit:
                 # Fits the estimate, but a drop now would leave its extra bytes on a slow link.
                 continue
             if name != floor and carrier is not None and self._carried_by(carrier, now, index, name) > limit:

@@ -622,3 +622,21 @@ def test_a_floor_its_own_peer_cannot_deliver_in_time_does_not_meet_the_deadline(
     decision = ctl.decide(7, 0.0, 10_000 * MBIT, carrier=Carrier(0.1 * MBIT, 0.0))
     assert isinstance(decision, FetchAt) and decision.level == LEVELS[-1]
     assert not decision.meets_deadline
+
+
+def test_where_even_the_floor_would_be_late_after_a_drop_the_first_chunks_still_get_quality() -> None:
+    """Steady 1 Gbit/s, no deadline (aim 0.51 s; all at exact would take 0.35 s): the drop
+    hedge rejected every level above the floor while the rest at the floor would miss the aim
+    after a 10x fall, so the first chunks went q3, q3, q3 and quality rose toward the end."""
+
+    def levels(slack: float) -> list[str]:
+        ctl = controller(chunks=8, config=ControllerConfig(hedge_slack=slack))
+        _, used, recomputed = simulate(ctl, lambda _t: 1000 * MBIT, step=1e-4)
+        assert not recomputed
+        return used
+
+    before, now = levels(0.0), levels(ControllerConfig().hedge_slack)
+    assert before[0] == LEVELS[-1]  # the old rule
+    assert now[0] != LEVELS[-1]
+    ranks = [LEVELS.index(level) for level in now]
+    assert ranks == sorted(ranks, reverse=True)  # never back down on a steady link
