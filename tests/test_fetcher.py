@@ -140,6 +140,18 @@ class Cache:
         return [name for name in codec.LEVELS if name in self.blobs.get(k, {})]
 
 
+class GatedCache(Cache):
+    """A store whose puts wait until ``gate`` is set (a slow disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def put(self, k: bytes, level: str, data: bytes) -> None:
+        await self.gate.wait()
+        await super().put(k, level, data)
+
+
 def fetcher(peers: dict[str, Peer], cache: Cache | None = None, **cfg: Any) -> Fetcher:
     return Fetcher(
         sessions=peers.get,
@@ -1221,17 +1233,8 @@ def test_a_slow_store_put_of_a_fetched_chunk_does_not_hold_the_fetch() -> None:
     """The put of a decoded chunk into this node's store goes on after the fetch returned (the
     store's executor may be busy); it used to belong to the fetch, which waited for it."""
 
-    class SlowCache(Cache):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = asyncio.Event()
-
-        async def put(self, k: bytes, level: str, data: bytes) -> None:
-            await self.gate.wait()
-            await super().put(k, level, data)
-
     async def main() -> None:
-        cache = SlowCache()
+        cache = GatedCache()
         f = fetcher({"a": Peer("a")}, cache)
         out = await asyncio.wait_for(
             f.fetch([key(i) for i in range(2)], [{"a"}] * 2, Sink(), policy="fixed:q8"), 10
@@ -1437,25 +1440,16 @@ def test_a_transcode_is_sent_before_the_store_took_it() -> None:
     """A peer asking for a level made on demand waited for the store's put too: on a disk slow
     enough to fill the write queue, for that disk."""
 
-    class SlowPutCache(Cache):
-        def __init__(self) -> None:
-            super().__init__()
-            self.let_put = asyncio.Event()
-
-        async def put_if_held(self, k: bytes, level: str, data: bytes) -> bool:
-            await self.let_put.wait()
-            return await super().put_if_held(k, level, data)
-
     async def main() -> None:
-        cache = SlowPutCache()
-        await cache.put(key(0), "exact", blob(0, "exact"))
+        cache = GatedCache()
+        cache.blobs[key(0)] = {"exact": blob(0, "exact")}
         server = LevelServer(cache)
         got = await asyncio.wait_for(server.open_blob(key(0), "q4"), 10)
         assert got is not None and codec.read_header(got).level == "q4"
         # Asked again while the put waits: the same blob, not a second transcode.
         assert await asyncio.wait_for(server.open_blob(key(0), "q4"), 10) == got
         assert server.transcoded == 1 and await cache.get(key(0), "q4") is None
-        cache.let_put.set()
+        cache.gate.set()
         await wait_until(lambda: not server._making)
         assert await cache.get(key(0), "q4") == got
         await server.close()
