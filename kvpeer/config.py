@@ -204,7 +204,10 @@ class TransportSection:
         None, "IP address of the signalling listener (never 0.0.0.0: only the LAN interface). "
         "Unset: the first address discovery advertises.", example="192.168.1.20",
     )
-    port: int = setting(7457, "TCP port of the signalling listener (0: any free port).", lo=0, hi=65535)
+    port: int = setting(
+        7457, "Port of the signalling listener (TCP) and of the discovery beacons (UDP, the same "
+        "number): open both between the nodes (0: any free port).", lo=0, hi=65535,
+    )
     advertise_addresses: tuple[str, ...] = setting(
         (), "Addresses put in this node's advertisement. Empty: those of discovery.interfaces."
     )

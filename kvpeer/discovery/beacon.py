@@ -11,6 +11,7 @@ peers prove who they are on the authenticated transport.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Literal
 import msgpack
 
 from kvpeer.discovery.advert import MAX_RECORD_BYTES, validate_node_id
-from kvpeer.errors import ErrorCode, ProtocolError
+from kvpeer.errors import ConfigError, ErrorCode, NotReadyError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,26 @@ class BeaconSocket:
         self._transports: list[asyncio.DatagramTransport] = []
 
     async def open(self, addresses: tuple[str, ...], port: int) -> None:
+        """Bind every address; a failure closes those bound and raises ConfigError naming
+        transport.port (NotReadyError for an address not assigned yet, as at boot)."""
         loop = asyncio.get_running_loop()
         for address in addresses:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self._on_datagram),
-                local_addr=(address, port),
-                family=socket.AF_INET,
-            )
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Protocol(self._on_datagram),
+                    local_addr=(address, port),
+                    family=socket.AF_INET,
+                )
+            except OSError as exc:
+                self.close()
+                error = NotReadyError if exc.errno == errno.EADDRNOTAVAIL else ConfigError
+                # The signalling port is taken on TCP by the transport and on UDP here: a
+                # firewall or another program may know only of the TCP one.
+                raise error(
+                    f"transport.port: cannot listen on UDP {address}:{port} for discovery "
+                    f"beacons (the signalling port is TCP and UDP): "
+                    f"{exc.strerror or exc}"
+                ) from None
             self._transports.append(transport)
 
     def send(self, data: bytes, address: tuple[str, int]) -> None:

@@ -325,3 +325,22 @@ def test_a_node_id_announced_from_two_hosts_keeps_the_first(
     assert [r.getMessage() for r in caplog.records] == [
         "node id gpu: announced from 10.0.0.1 and 10.0.0.2; keeping 10.0.0.1 while it runs"
     ]
+
+
+def test_a_beacon_port_taken_on_udp_is_a_config_error_naming_transport_port() -> None:
+    """The signalling port is also a UDP port: taken there, the start blamed [discovery] with
+    a bare errno, and nothing said UDP."""
+    from kvpeer.errors import ConfigError, NotReadyError
+
+    async def main() -> None:
+        with socket.socket(type=socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            beacons = BeaconSocket(lambda data, source: None)
+            with pytest.raises(ConfigError, match=f"transport.port: .*UDP 127.0.0.1:{port}.*in use") as err:
+                await beacons.open(("127.0.0.1",), port)
+            assert not isinstance(err.value, NotReadyError)  # exit 2: a restart cannot free it
+        with pytest.raises(NotReadyError, match="transport.port"):  # TEST-NET-1: not here (yet)
+            await BeaconSocket(lambda data, source: None).open(("192.0.2.1",), port)
+
+    asyncio.run(main())
