@@ -16,7 +16,8 @@ packets and acknowledgements move (shared/findings/transport.md). The changes, a
     sender's window is grown per SACK, so the burst limit is raised with it);
   - received TSNs are tracked in O(1) per packet (aiortc sorts all TSNs held above a hole on
     every packet; also wrong across the 32-bit TSN wrap), and the SACK's gap blocks are built
-    in serial-number order (aiortc's came out of order across the wrap: :func:`sack_gaps`);
+    in serial-number order (aiortc's came out of order across the wrap: :func:`sack_gaps`)
+    and only as many as the SACK's 16-bit fields and one packet hold;
   - a retransmission timeout of at least 200 ms instead of 1 s (a LAN, not the Internet);
   - the peer's advertised receive window is respected (aiortc ignores it, so its window only
     stops growing at a loss), and the window we advertise is sized (``receive_window_bytes``);
@@ -910,26 +911,50 @@ def _mark_received(self: Any, tsn: int) -> bool:
     return False
 
 
-def sack_gaps(last_received: int, misordered: set[int]) -> list[tuple[int, int]]:
+#: A SACK's gap blocks are offsets from the cumulative TSN in 16-bit fields: a TSN held more
+#: than this far above it cannot be reported (with 30-byte messages the receive window holds
+#: ~140k chunks, so one lost packet and a burst of small messages got there, and building the
+#: SACK raised struct.error). RFC 9260 3.3.4 lets a receiver report fewer gap blocks; the
+#: cumulative ack, which frees the sender's queue, is unaffected.
+MAX_GAP_OFFSET = 0xFFFF
+#: Gap blocks and duplicate TSNs reported per SACK, so that it fits the smallest packet size
+#: (12 + 16 + 4 x (200 + 64) = 1,084 <= 1,189 bytes; aiortc sends it whatever its size, and its
+#: 16-bit chunk length overflowed past 16,379 entries). The lowest blocks are the ones kept:
+#: they are the holes the sender must fill first.
+MAX_SACK_GAP_BLOCKS = 200
+MAX_SACK_DUPLICATES = 64
+
+
+def sack_gaps(
+    last_received: int, misordered: set[int], limit: int = MAX_SACK_GAP_BLOCKS
+) -> list[tuple[int, int]]:
     """Gap ack blocks (start, end offsets from ``last_received``) of the TSNs held above a hole,
     ascending and merged as RFC 9260 asks. aiortc's ``_send_sack`` sorts the TSNs as plain
     integers, so across the 32-bit wrap its blocks came out of order and unmerged; the sender
-    reads its highest TSN seen from the last block and then counts too few strikes."""
+    reads its highest TSN seen from the last block and then counts too few strikes.
+
+    Only the first *limit* blocks, and only offsets up to :data:`MAX_GAP_OFFSET` (a block
+    crossing it is cut there), are reported: what a SACK can carry."""
     gaps: list[list[int]] = []
     for pos in sorted((tsn - last_received) % rtcsctptransport.SCTP_TSN_MODULO for tsn in misordered):
+        if pos > MAX_GAP_OFFSET:
+            break
         if gaps and pos == gaps[-1][1] + 1:
             gaps[-1][1] = pos
-        else:
+        elif len(gaps) < limit:
             gaps.append([pos, pos])
+        else:
+            break
     return [(start, end) for start, end in gaps]
 
 
 async def _send_sack(self: Any) -> None:
-    """aiortc's ``RTCSctpTransport._send_sack`` with :func:`sack_gaps` (wrap-safe order)."""
+    """aiortc's ``RTCSctpTransport._send_sack`` with :func:`sack_gaps` (wrap-safe order, and
+    only what fits the SACK's fields and one packet)."""
     sack = rtcsctptransport.SackChunk()
     sack.cumulative_tsn = self._last_received_tsn
     sack.advertised_rwnd = max(0, self._advertised_rwnd)
-    sack.duplicates = self._sack_duplicates[:]
+    sack.duplicates = self._sack_duplicates[:MAX_SACK_DUPLICATES]
     sack.gaps = sack_gaps(self._last_received_tsn, self._sack_misordered)
     await self._send_chunk(sack)
     self._sack_duplicates.clear()
@@ -976,7 +1001,12 @@ class _DelayedSack:
             self.timer = None
         self.unacked = 0
         self.sctp._kvpeer_sack_now = False
-        await self.send_now()
+        try:
+            await self.send_now()
+        except struct.error as exc:
+            # A SACK its fields cannot hold (see sack_gaps): this one is lost, the next may
+            # fit. Raised on here it closed the DTLS transport, the whole session.
+            self._failed(exc)
 
     async def on_sack_needed(self) -> None:
         if self.due():
@@ -994,10 +1024,22 @@ class _DelayedSack:
 
     async def _send_quietly(self) -> None:
         # The association may close while the timer runs; aiortc raises ConnectionError then.
+        # Nobody awaits this task: anything else is logged here, not left to asyncio's
+        # "Task exception was never retrieved".
         try:
             await self.send_now()
         except ConnectionError:
             pass
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a SACK that could not be sent: WARNING once per association, then DEBUG."""
+        sctp = self.sctp
+        level = logging.DEBUG if getattr(sctp, "_kvpeer_sack_failed", False) else logging.WARNING
+        sctp._kvpeer_sack_failed = True
+        logger.log(level, "transport: could not send a SACK: %s: %s", type(exc).__name__, exc,
+                   exc_info=level == logging.WARNING)
 
 
 # -- DTLS records and ICE datagrams ---------------------------------------------------------

@@ -733,3 +733,49 @@ def test_sack_gap_blocks_stay_ordered_and_merged_across_the_tsn_wrap() -> None:
     stock, stock_sent = _sack_sender(last, held, [])
     asyncio.run(RTCSctpTransport._send_sack(stock))  # type: ignore[arg-type]
     assert stock_sent[0].gaps != parsed.gaps
+
+
+def test_sack_reports_only_gap_blocks_its_16_bit_fields_hold() -> None:
+    """One lost TSN and 70,000 small chunks after it: offsets past 65,535 used to reach the
+    SACK, and building it raised struct.error. Now the blocks stop at the 16-bit limit (the
+    one crossing it is cut), their number is capped, and the SACK fits the smallest packet."""
+    last = 1000
+    held = {last + 2 + i for i in range(70_000)}
+    assert aiortc_patches.sack_gaps(last, held) == [(2, 0xFFFF)]
+    state, sent = _sack_sender(last, held, [])
+    asyncio.run(aiortc_patches._send_sack(state))
+    parsed = SackChunk(flags=0, body=bytes(sent[0])[4:])
+    assert parsed.cumulative_tsn == last and parsed.gaps == [(2, 0xFFFF)]
+    # Every other TSN held, past the wrap too: only the lowest blocks, all in range.
+    last = 2**32 - 10
+    held = {(last + 2 * i) % 2**32 for i in range(1, 40_000)}
+    state, sent = _sack_sender(last, held, list(range(500)))
+    asyncio.run(aiortc_patches._send_sack(state))
+    packet = bytes(sent[0])
+    parsed = SackChunk(flags=0, body=packet[4:])
+    assert parsed.gaps == [(2 * i, 2 * i) for i in range(1, aiortc_patches.MAX_SACK_GAP_BLOCKS + 1)]
+    assert parsed.cumulative_tsn == last
+    assert len(parsed.duplicates) == aiortc_patches.MAX_SACK_DUPLICATES
+    assert 12 + len(packet) <= 1_189
+    assert not state._sack_duplicates and not state._sack_needed
+
+
+def test_a_sack_that_cannot_be_built_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """A SACK that fails to build (struct.error) neither leaves an unretrieved exception in the
+    delayed-SACK task nor escapes the fast reader's follow(), which closed the session."""
+
+    async def send_now() -> None:
+        raise struct.error("'H' format requires 0 <= number <= 65535")
+
+    async def body() -> None:
+        sctp = SimpleNamespace(_kvpeer_sack_now=False)
+        sack = aiortc_patches._DelayedSack(sctp)
+        sack.send_now = send_now
+        await sack._send_quietly()  # the timer's task
+        await aiortc_patches._DataReader(sctp, sack).follow(aiortc_patches._DataReader.SACK)
+        await sack.send()
+
+    with caplog.at_level(logging.DEBUG, logger="kvpeer.transport.aiortc_patches"):
+        asyncio.run(body())
+    levels = [r.levelno for r in caplog.records if "could not send a SACK" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
