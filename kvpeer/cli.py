@@ -375,6 +375,26 @@ def _start_metrics(config: Any, daemon: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- kvpeer
+# status, peers and stats only read counters: a daemon that does not answer them within a few
+# seconds is stuck, and a shell or a health check should not wait the 60 s of a fetch.
+READ_ONLY_TIMEOUT_S = 5.0
+READ_ONLY_COMMANDS = ("status", "peers", "stats")
+TIMEOUT_HELP = (
+    f"seconds to wait for the daemon (default {READ_ONLY_TIMEOUT_S:g} for status, peers and "
+    "stats; 60 for the others)"
+)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvpeer",
@@ -387,11 +407,16 @@ def client_parser() -> argparse.ArgumentParser:
         "--namespace", help="tenant namespace of lookup, fetch and put (default: default)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--timeout", type=_seconds, metavar="S", help=TIMEOUT_HELP)
     parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
-    # --json after the command too (`kvpeer peers --json`); SUPPRESS keeps the one given before.
+    # --json and --timeout after the command too (`kvpeer peers --json`); SUPPRESS keeps the
+    # one given before.
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
+    as_json.add_argument(
+        "--timeout", type=_seconds, metavar="S", default=argparse.SUPPRESS, help=TIMEOUT_HELP
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status", parents=[as_json], help="is the daemon up; what it holds")
@@ -494,8 +519,12 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     namespace = args.namespace
     if namespace is None and args.command in ("lookup", "fetch", "put"):
         namespace = "default"
+    timeout_s = args.timeout
+    if timeout_s is None and args.command in READ_ONLY_COMMANDS:
+        timeout_s = READ_ONLY_TIMEOUT_S
+    options = {} if timeout_s is None else {"timeout_s": timeout_s}
     try:
-        client = KVPeerClient(socket_path=args.socket, namespace=namespace)
+        client = KVPeerClient(socket_path=args.socket, namespace=namespace, **options)
     except (OSError, KVPeerError) as exc:
         if isinstance(exc, ApiError) and exc.code == ErrorCode.FORBIDDEN:
             print(f"kvpeer: the daemon refused: {exc.reason}", file=sys.stderr)

@@ -74,6 +74,47 @@ def test_client_without_daemon_says_so_and_where_it_looked(tmp_path: Path) -> No
     assert f"cannot reach the daemon at {tmp_path / 'absent.sock'}" in result.stderr
 
 
+def test_read_only_commands_give_up_on_a_stuck_daemon_within_their_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvpeer status` against a daemon that accepts but never answers hung for 60 s."""
+    path = tmp_path / "stuck.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.bind(str(path))
+        stuck.listen()  # connects complete in the backlog; nothing reads or answers
+        assert cli.client_main(["--socket", str(path), "--timeout", "0.2", "status"]) == 1
+        assert "no answer from the daemon in 0.2s" in capsys.readouterr().err
+        assert cli.client_main(["--socket", str(path), "peers", "--timeout", "0.2"]) == 1
+        assert "no answer from the daemon in 0.2s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "timeout_s"),
+    [(["status"], 5.0), (["stats"], 5.0), (["peers"], 5.0), (["--timeout", "9", "stats"], 9.0),
+     (["evict", "--all"], None), (["evict", "--all", "--timeout", "2"], 2.0)],
+)
+def test_read_only_commands_wait_a_few_seconds_by_default(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], timeout_s: float | None
+) -> None:
+    from kvpeer.api import client as client_mod
+
+    made: list[dict[str, Any]] = []
+
+    def fake_client(**kwargs: Any) -> Any:
+        made.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(client_mod, "KVPeerClient", fake_client)
+    assert cli.client_main(argv) == 1
+    assert made[0].get("timeout_s") == timeout_s  # None: the client's own default (60 s)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeout_must_be_a_positive_number(value: str) -> None:
+    with pytest.raises(SystemExit):
+        cli.client_parser().parse_args(["--timeout", value, "status"])
+
+
 @pytest.mark.parametrize(
     "argv", [["--json", "stats"], ["stats", "--json"], ["peers", "--json"], ["evict", "--all", "--json"]]
 )
