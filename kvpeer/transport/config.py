@@ -248,7 +248,10 @@ def load_psk(path: str | os.PathLike[str], key: str = "transport.psk_file") -> b
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {p}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb", buffering=0) as file:
+    # Checked on the fd before fdopen: fdopen of a directory raised IsADirectoryError (a
+    # traceback from --check-config, and at start an error that named other keys), leaving
+    # the fd open.
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{key}: {p} is not a regular file")
@@ -257,6 +260,10 @@ def load_psk(path: str | os.PathLike[str], key: str = "transport.psk_file") -> b
                 f"{key}: {p} is group/world accessible "
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as file:
         try:
             data = file.read(PSK_FILE_LIMIT + 1)
         except OSError as exc:

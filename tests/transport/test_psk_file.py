@@ -67,6 +67,11 @@ def test_what_is_not_a_small_regular_file_is_refused_before_it_is_read(tmp_path:
     os.mkfifo(fifo, 0o600)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_psk(fifo)
+    # A directory: fdopen raised IsADirectoryError (not a ConfigError) and the fd stayed open.
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match=f"transport.psk_file: {tmp_path} is not a regular file"):
+        load_psk(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == fds
     big = _key_file(tmp_path, HEX.encode() + b"\n" * 5000)
     with pytest.raises(ConfigError, match="larger than 4096 bytes"):
         load_psk(big)
