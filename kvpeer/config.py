@@ -348,7 +348,10 @@ class MetricsSection:
     """[metrics]: Prometheus /metrics and /healthz over HTTP."""
 
     enabled: bool = setting(True, "Serve /metrics and /healthz.")
-    host: str = setting("127.0.0.1", "Listen address. Keep it on localhost unless scraped remotely.")
+    host: str = setting(
+        "127.0.0.1", "Listen address: an IP address or \"localhost\". Keep it on localhost "
+        "unless scraped remotely.",
+    )
     port: int = setting(9457, "Listen port (0: any free port).", lo=0, hi=65535)
 
     def __post_init__(self) -> None:
@@ -359,6 +362,15 @@ class MetricsSection:
                 'metrics.host: empty; it would listen on every interface. Give "127.0.0.1" '
                 '(this host only) or, to be scraped remotely, "0.0.0.0" or "::"'
             )
+        if self.enabled and self.host != "localhost":
+            # A bad address ("999.1.1.1", a typo'd name) passed, and the start only logged
+            # that it runs without /metrics: a scrape target silently gone.
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                raise ConfigError(
+                    f"metrics.host: {self.host!r} is not an IP address (or \"localhost\")"
+                ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -100,6 +100,9 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         # An empty host binds every interface: /metrics on the LAN by a blank env line.
         ("", {"KVPEER_METRICS__HOST": ""}, "metrics.host: empty; it would listen on every interface"),
         ('[metrics]\nhost = " "\n', {}, "metrics.host: empty"),
+        # passed, and the start only logged that it ran without /metrics
+        ('[metrics]\nhost = "999.1.1.1"\n', {}, "metrics.host: '999.1.1.1' is not an IP address"),
+        ("", {"KVPEER_METRICS__HOST": "metrics.lan"}, "metrics.host: 'metrics.lan' is not an IP"),
         ("[node\n", {}, "invalid TOML"),
     ],
 )
@@ -115,6 +118,12 @@ def test_a_file_not_in_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
     path.write_bytes('[node]\nnode_id = "caf\u00e9"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=f"config file {path}: not UTF-8 .*0xe9"):
         load_config(path, env={})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "10.1.2.3", "localhost"])
+def test_metrics_host_takes_an_ip_address_or_localhost(tmp_path: Path, host: str) -> None:
+    config = load_config(write(tmp_path, f'[metrics]\nhost = "{host}"\n'), env={})
+    assert config.metrics.host == host
 
 
 def test_an_empty_metrics_host_is_fine_with_metrics_off(tmp_path: Path) -> None:
