@@ -52,6 +52,15 @@ MAX_BACKOFFS = 4096
 #: the oldest, so a peer reconnecting in a loop (or two hosts sharing a node id) cannot pile up
 #: peer connections, each with its UDP socket, buffers and tasks.
 MAX_SESSIONS_PER_PEER = 2
+#: Sessions opened to us from one source address, and in all (ours included). The node id is
+#: the peer's claim, so MAX_SESSIONS_PER_PEER does not bound one key holder: each session holds
+#: a UDP socket, an SCTP association whose receive window may fill (receive_window_bytes, 4 MiB
+#: by default) and tasks. A host runs one daemon (at most MAX_SESSIONS_PER_PEER sessions), so 8
+#: leaves room for a few daemons behind one address; 256 is a cluster of a couple of hundred
+#: nodes with a session to each, and at most ~1 GiB of default receive windows. Past either,
+#: a peer that proved the key is refused (Reject BUSY) before a peer connection is made.
+MAX_SESSIONS_PER_ADDRESS = 8
+MAX_SESSIONS = 256
 
 
 class PeerBackingOff(TransportError):
@@ -121,7 +130,8 @@ class PeerTransport:
         self.handler = handler
         self.on_peer_down = on_peer_down
         #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down,
-        #: sessions_replaced (closed for a newer one past MAX_SESSIONS_PER_PEER), and
+        #: sessions_replaced (closed for a newer one past MAX_SESSIONS_PER_PEER),
+        #: sessions_refused (past MAX_SESSIONS_PER_ADDRESS or MAX_SESSIONS), and
         #: sessions_key_current / sessions_key_next / sessions_key_none: the key each session
         #: opened with (a rotation is over when peers only open sessions with the next key).
         self.counters: Counter[str] = Counter()
@@ -139,6 +149,11 @@ class PeerTransport:
         self._backoff: dict[str, _Backoff] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._handshake_sources: dict[asyncio.Task[Any], str] = {}
+        # Incoming sessions by source address: those open, and handshakes admitted past the
+        # session caps that have not registered theirs yet (both count toward the caps).
+        self._session_sources: dict[PeerSession, str] = {}
+        self._admitted: dict[asyncio.Task[Any], str] = {}
+        self._refusal_warned: set[str] = set()
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
         self._auth_warned: set[str] = set()
@@ -361,6 +376,12 @@ class PeerTransport:
                     raise ProtocolError(ErrorCode.INVALID, "peer uses our node id")
                 if self._closing:
                     raise ProtocolError(ErrorCode.SHUTTING_DOWN, "shutting down")
+                refusal = self._session_refusal(address)
+                if refusal is not None:
+                    await _write_message(writer, m.Reject(code=ErrorCode.BUSY, reason=refusal))
+                    self._log_refusal(address, offer.node_id, refusal)
+                    return
+                self._admitted[task] = address
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
                 try:
@@ -377,7 +398,7 @@ class PeerTransport:
                 await _write_message(writer, answer)
                 session = self._new_session(offer.node_id, pc, control, bulk, packet, limit)
                 await session.wait_open(self.config.connect_timeout_s)
-            self._register(session, handshake.key_index)
+            self._register(session, handshake.key_index, address)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             self._log_auth_failure(peer, exc)
@@ -397,6 +418,30 @@ class PeerTransport:
             writer.close()
             self._handshakes.discard(task)
             self._handshake_sources.pop(task, None)
+            self._admitted.pop(task, None)
+
+    def _session_refusal(self, address: str) -> str | None:
+        """Why a session from *address* is refused (MAX_SESSIONS_PER_ADDRESS, MAX_SESSIONS), or
+        None: it may open."""
+        if len(self._all) + len(self._admitted) >= MAX_SESSIONS:
+            return f"too many sessions ({MAX_SESSIONS})"
+        from_address = sum(1 for a in self._session_sources.values() if a == address)
+        from_address += sum(1 for a in self._admitted.values() if a == address)
+        if from_address >= MAX_SESSIONS_PER_ADDRESS:
+            return f"too many sessions from {address} ({MAX_SESSIONS_PER_ADDRESS})"
+        return None
+
+    def _log_refusal(self, address: str, peer_id: str, reason: str) -> None:
+        # A key holder can repeat this at will: warn once per address, then only count.
+        self.counters["sessions_refused"] += 1
+        first = address not in self._refusal_warned
+        if first and len(self._refusal_warned) < _MAX_WARNED:
+            self._refusal_warned.add(address)
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "refused a session with peer %r at %s: %s (%d refused so far)",
+            peer_id, address, reason, self.counters["sessions_refused"],
+        )  # fmt: skip
 
     def _log_auth_failure(self, peer: Any, exc: AuthError) -> None:
         # Anyone on the LAN can trigger this: warn once per address, then only count.
@@ -494,9 +539,12 @@ class PeerTransport:
             message_limit=message_limit,
         )
 
-    def _register(self, session: PeerSession, key_index: int | None) -> PeerSession:
+    def _register(self, session: PeerSession, key_index: int | None, source: str | None = None) -> PeerSession:
+        """Make *session* one of ours; *source*: the address an incoming one came from."""
         session.start()
         self._all[session] = None
+        if source is not None:
+            self._session_sources[session] = source
         key = self._key_names[key_index or 0]
         self._session_keys[session] = key
         self.counters[f"sessions_key_{key}"] += 1
@@ -547,6 +595,7 @@ class PeerTransport:
             return
         del self._all[session]
         self._session_keys.pop(session, None)
+        self._session_sources.pop(session, None)
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
             replacement = next(

@@ -505,6 +505,56 @@ def test_connections_that_never_prove_the_key_are_bounded_per_address() -> None:
     _run(body)
 
 
+def test_sessions_are_capped_per_source_address_and_in_all(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key holder claiming a new node id per session opened any number of them (each a UDP
+    socket, an SCTP association, tasks). Past the caps a peer is refused after proving the key,
+    with a Reject its connect reports as BUSY, and a WARNING once per address."""
+    from kvpeer.transport import peer
+
+    monkeypatch.setattr(peer, "MAX_SESSIONS_PER_ADDRESS", 2, raising=False)
+    monkeypatch.setattr(peer, "MAX_SESSIONS", 3, raising=False)
+
+    async def body() -> None:
+        down = asyncio.Event()
+        b = PeerTransport("node-b", _config(), Handler(), on_peer_down=lambda _peer: down.set())
+        await b.start()
+        clients: list[PeerTransport] = []
+
+        async def connect(name: str, host: str = "127.0.0.1") -> Any:
+            client = PeerTransport(name, _config(host=host), Handler())
+            clients.append(client)
+            await client.start()
+            return await client.connect("node-b", "127.0.0.1", b.port)
+
+        try:
+            await connect("sybil-1")
+            await connect("sybil-2")
+            for name in ("sybil-3", "sybil-4"):  # a third from 127.0.0.1, and again
+                with pytest.raises(ProtocolError) as info:
+                    await connect(name)
+                assert info.value.code == ErrorCode.BUSY
+            await connect("other-1", "127.0.0.2")  # another address still gets in ...
+            with pytest.raises(ProtocolError):  # ... until the total is reached
+                await connect("other-2", "127.0.0.2")
+            assert len(b.sessions()) == 3 and b.counters["sessions_refused"] == 3
+            await clients[0].close()  # a session ends: its slot comes back
+            await asyncio.wait_for(down.wait(), 10)
+            assert len(b.sessions()) == 2
+            session = await connect("sybil-5")
+            assert await session.request("echo", {}) == {"from": "sybil-5"}
+        finally:
+            for client in clients:
+                await client.close()
+            await b.close()
+
+    with caplog.at_level("DEBUG", logger="kvpeer.transport.peer"):
+        _run(body)
+    refusals = [r for r in caplog.records if "refused a session" in r.getMessage()]
+    assert [r.levelname for r in refusals] == ["WARNING", "DEBUG", "WARNING"]
+
+
 def test_a_blob_counts_as_sent_only_once_the_peer_confirmed_it() -> None:
     class Counting(Handler):
         def __init__(self) -> None:
