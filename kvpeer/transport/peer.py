@@ -304,6 +304,7 @@ class PeerTransport:
                 limit = self._message_limit(peer_id, answer.sdp)
                 session = self._new_session(peer_id, pc, control, bulk, packet, limit)
                 await session.wait_open(timeout)
+                _check_not_ended(session)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             # Said once per episode by _connect_done (with the reason): a peer holding another key
@@ -398,6 +399,7 @@ class PeerTransport:
                 await _write_message(writer, answer)
                 session = self._new_session(offer.node_id, pc, control, bulk, packet, limit)
                 await session.wait_open(self.config.connect_timeout_s)
+                _check_not_ended(session)
             self._register(session, handshake.key_index, address)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
@@ -611,6 +613,14 @@ class PeerTransport:
                     self.on_peer_down(session.peer_id)
                 except Exception:
                     logger.exception("on_peer_down callback failed")
+
+
+def _check_not_ended(session: PeerSession) -> None:
+    """Raise if *session* ended before it was registered: its peer connection failed in the loop
+    turn its channels opened, and its end (a task) ran before the handshake resumed. Registered,
+    it would never end again, and stay in the transport's tables for good."""
+    if session.closed:
+        raise TransportError(f"the connection to {session.peer_id} failed as it opened")
 
 
 def _max_message_size(sdp: str) -> int:

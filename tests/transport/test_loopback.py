@@ -414,6 +414,52 @@ def test_a_handshake_that_fails_after_the_session_was_made_reports_no_peer_down(
     _run(body)
 
 
+@pytest.mark.parametrize("side", ["connecting", "accepting"])
+def test_a_session_that_ends_as_its_channels_open_is_not_registered(
+    monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """The peer connection fails in the loop turn the channels open, and the session's end (a
+    task) runs before the handshake resumes: registered anyway, the ended session stayed in the
+    transport's tables for good (and counted against its session caps)."""
+    from kvpeer.transport import session as session_mod
+
+    opened = session_mod.PeerSession.wait_open
+    ends = "b" if side == "connecting" else "a"  # the peer id of the side's session
+    ended = asyncio.Event()
+
+    async def fails_as_it_opens(self: Any, limit_s: float) -> None:
+        await opened(self, limit_s)
+        if self.peer_id == ends:
+            await self._end(by_peer=True)  # what _on_state's task does on "failed"
+            ended.set()
+
+    async def body() -> None:
+        a = PeerTransport("a", _config(), Handler())
+        b = PeerTransport("b", _config(), Handler())
+        await a.start()
+        await b.start()
+        monkeypatch.setattr(session_mod.PeerSession, "wait_open", fails_as_it_opens)
+        try:
+            if side == "connecting":
+                with pytest.raises(TransportError, match="failed as it opened"):
+                    await a.connect("b", "127.0.0.1", b.port)
+                node = a
+            else:
+                with contextlib.suppress(TransportError):
+                    await a.connect("b", "127.0.0.1", b.port)
+                await asyncio.wait_for(ended.wait(), 10)
+                await asyncio.gather(*b._handshakes)
+                node = b
+            assert node.counters["handshakes_failed"] == 1 and node.counters["sessions_opened"] == 0
+            assert not node._all and not node._sessions and not node._session_keys
+            assert not node._session_sources
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
+
+
 def test_an_sdp_that_aiortc_cannot_take_is_a_counted_failed_handshake() -> None:
     from aiortc import RTCConfiguration, RTCPeerConnection
 
