@@ -152,8 +152,9 @@ def advertisable_addresses(
     An entry is an IP address or an interface name; both are taken as given (explicit
     configuration is trusted). With no entries, every address of every interface except
     loopback and container/VM bridges. Raises ConfigError when nothing usable remains, and
-    NotReadyError when an interface that exists has no IPv4 address yet (at boot: the link is
-    still down or DHCP pending; systemd starts the daemon again).
+    NotReadyError when a named interface does not exist or has no IPv4 address yet (at boot:
+    its driver not loaded, the link still down or DHCP pending; systemd starts the daemon
+    again).
     """
     ifaces = list(host) if host is not None else _host_interfaces()
     if names is None:
@@ -166,7 +167,12 @@ def advertisable_addresses(
                 ip = ipaddress.ip_address(entry)
             except ValueError:
                 if entry not in all_names:
-                    raise ConfigError(f"discovery.interfaces: no interface {entry!r}") from None
+                    # At boot a NIC's driver may not be loaded yet (exit 1: systemd starts us
+                    # again); a typo ends in the unit's start limit, and --check-config fails.
+                    raise NotReadyError(
+                        f"discovery.interfaces: no interface {entry!r} (yet: its driver may not "
+                        "be loaded)"
+                    ) from None
                 match = [i for i in ifaces if i.name == entry]
                 if not match or not match[0].addresses:  # at boot, DHCP may come later
                     raise NotReadyError(
