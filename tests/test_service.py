@@ -315,3 +315,16 @@ def test_unit_hardening_exposure_stays_low(tmp_path: Path) -> None:
     # 2.0 without ProtectClock= (see test_unit_leaves_the_gpu_devices_reachable).
     match = re.search(r"Overall exposure level for kvpeer.service: (\d+\.\d)", done.stdout)
     assert match and done.returncode == 0, done.stdout[-2000:] + done.stderr
+
+
+def test_the_install_steps_make_the_cluster_key_unreadable_to_others_from_the_start() -> None:
+    """`openssl rand -hex 32 > cluster.key` made the key 0644 (root's umask 022) until the
+    chmod on the next line: any local user could copy it meanwhile."""
+    readme = UNIT.parents[1] / "README.md"
+    lines = [
+        line for path in (readme, UNIT) for line in path.read_text().splitlines()
+        if "openssl rand" in line and "> " in line
+    ]
+    assert len(lines) >= 2
+    for line in lines:
+        assert "(umask 077; openssl rand -hex 32 > /etc/kvpeer/cluster.key)" in line, line
