@@ -187,6 +187,12 @@ def preflight(config: Any) -> None:
 
         for endpoint in config.discovery.etcd_endpoints:
             parse_endpoint(endpoint)
+    socket_path = os.fsencode(config.api.socket_path)
+    if len(socket_path) > UNIX_PATH_MAX:  # the bind failed with "AF_UNIX path too long"
+        raise ConfigError(
+            f"api.socket_path: {config.api.socket_path} is {len(socket_path)} bytes long; a Unix "
+            f"socket's path may have at most {UNIX_PATH_MAX}"
+        )
     gid = resolve_group(config.api.socket_group)
     if gid is not None and os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
         raise ConfigError(
@@ -194,6 +200,10 @@ def preflight(config: Any) -> None:
             "cannot give the socket to it (add the user to the group; under systemd "
             "SupplementaryGroups= in `systemctl edit kvpeer`)"
         )
+
+
+# sun_path of struct sockaddr_un is 108 bytes on Linux, the terminating NUL included.
+UNIX_PATH_MAX = 107
 
 
 def _has_module(name: str) -> bool:

@@ -352,6 +352,20 @@ def test_check_config_warns_of_a_store_dir_it_cannot_write(
     assert f"WARNING: store.dir {store_dir} is not writable" in capsys.readouterr().err
 
 
+def test_a_socket_path_too_long_for_a_unix_socket_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check-config passed it; the start failed to bind ("AF_UNIX path too long")."""
+    config = daemon_config(tmp_path)
+    path = tmp_path / ("x" * 120) / "kvpeer.sock"
+    config.write_text(config.read_text() + f'[api]\nsocket_path = "{path}"\n')
+    for mode in (["--check-config"], []):
+        assert cli.daemon_main(["--config", str(config), *mode]) == cli.EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert f"api.socket_path: {path} is {len(str(path))} bytes long" in err, err
+        assert "at most 107" in err
+
+
 def test_a_socket_group_the_user_is_not_in_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
