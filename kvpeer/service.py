@@ -182,6 +182,10 @@ class ShutdownSignals:
                 log.warning("second SIGINT: exiting now")
                 logging.shutdown()
                 self._force_exit(128 + sig)
+            else:
+                # Silence read as "ignored, stuck": say the stop goes on, and how to force it.
+                log.info("%s: already shutting down gracefully (within daemon.shutdown_grace_s; "
+                         "SIGINT forces the exit)", sig.name)
             return
         if sig == signal.SIGHUP and self.as_service:
             log.warning("SIGHUP ignored: kvpeerd has no reload; restart it to apply config "
