@@ -177,9 +177,15 @@ class PeerTransport:
         )
 
     def session(self, peer_id: str) -> PeerSession | None:
-        """The open session with *peer_id*, if there is one."""
+        """The open session with *peer_id*, if there is one: not one that is ending (the peer
+        said Bye, or we close it), which takes no new work; another of the peer's, if any."""
         session = self._sessions.get(peer_id)
-        return session if session is not None and not session.closed else None
+        if session is None or not (session.closed or session.closing):
+            return session
+        # A copy first: session_key may be asked from the metrics thread.
+        return next(
+            (s for s in list(self._all) if s.peer_id == peer_id and not (s.closed or s.closing)), None
+        )
 
     def sessions(self) -> list[PeerSession]:
         """The open sessions. Also called from the metrics thread while the loop adds and

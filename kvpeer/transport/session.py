@@ -199,6 +199,7 @@ class PeerSession:
         self._closed = False
         self._closing = False
         self._failed = False  # _peer_failed ended it
+        self._ending: asyncio.Task[Any] | None = None  # the end after the peer's Bye
         self._next_bulk = 0
         self._requests_in_flight = 0
         # Never ask more of the peer at once than it serves (same limit cluster-wide).
@@ -216,7 +217,7 @@ class PeerSession:
 
     @property
     def closing(self) -> bool:
-        """close() began: the session takes no new work."""
+        """close() began, or the peer said Bye: the session takes no new work."""
         return self._closing
 
     @property
@@ -309,6 +310,9 @@ class PeerSession:
 
     async def close(self) -> None:
         """Graceful: wait (bounded) until the peer confirmed what we serve, say bye, close."""
+        if self._ending is not None and not self._closed:
+            await asyncio.shield(self._ending)  # the peer said Bye: its end is under way
+            return
         if self._closed or self._closing:
             return
         self._closing = True
@@ -353,10 +357,11 @@ class PeerSession:
     def _timed_out(self, what: str, limit_s: float) -> TransportError:
         return TransportError(f"{what} to {self.peer_id} timed out after {limit_s:g} s")
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -488,7 +493,11 @@ class PeerSession:
                 self._send_control_now(m.ByeAck())
                 if self._closing:  # both sides closing at once: its Bye answers ours
                     self._bye_acked()
-                self._spawn(self._end_after_bye())
+                # The peer is leaving: no new work from now on, so that callers stop being
+                # handed this session for the close_timeout_s its ByeAck may take to drain.
+                self._closing = True
+                if self._ending is None:
+                    self._ending = self._spawn(self._end_after_bye())
             case m.ByeAck():
                 self._bye_acked()
 

@@ -229,6 +229,51 @@ def test_two_transports_stopping_together_do_not_wait_for_a_bye_ack() -> None:
     run(body)
 
 
+def test_a_session_the_peer_said_bye_to_is_handed_out_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the peer's Bye and the session's end (up to close_timeout_s while the ByeAck
+    drains), connect() and session() handed out the ending session and requests were sent on
+    it. Now it takes no new work: connect() opens another session, close() waits for the end."""
+    from kvpeer.transport.session import PeerSession
+
+    said_bye, release = asyncio.Event(), asyncio.Event()
+    end_after_bye = PeerSession._end_after_bye
+
+    async def held(self: PeerSession) -> None:  # the ByeAck takes its time to drain
+        said_bye.set()
+        await release.wait()
+        await end_after_bye(self)
+
+    monkeypatch.setattr(PeerSession, "_end_after_bye", held)
+
+    async def body() -> None:
+        ta, tb = PeerTransport("node-a", config(), Handler()), PeerTransport("node-b", config(), Handler())
+        await ta.start()
+        await tb.start()
+        try:
+            session = await ta.connect("node-b", "127.0.0.1", tb.port)
+            served = tb.session("node-a")
+            assert served is not None
+            served._send_control_now(m.Bye())  # the peer leaves this session (not its transport)
+            await asyncio.wait_for(said_bye.wait(), TIMEOUT_S)
+            assert session.closing and ta.session("node-b") is None
+            with pytest.raises(TransportError, match="closed"):
+                await asyncio.wait_for(session.request("echo", {}), PROMPT_S)
+            fresh = await ta.connect("node-b", "127.0.0.1", tb.port)
+            assert fresh is not session and ta.session("node-b") is fresh
+            assert await fresh.request("echo", {}) == {"from": "node-a"}
+            closing = asyncio.get_running_loop().create_task(session.close())  # waits for the end
+            await asyncio.sleep(0)
+            assert not closing.done()
+            release.set()
+            await asyncio.wait_for(closing, TIMEOUT_S)
+            assert session.closed and ta.session("node-b") is fresh
+        finally:
+            release.set()
+            await asyncio.gather(ta.close(), tb.close())
+
+    run(body)
+
+
 def test_close_returns_once_the_silent_peer_is_declared_dead() -> None:
     async def body() -> None:
         async with pair(close_timeout_s=8.0, heartbeat_interval_s=0.2, peer_dead_after_s=1.0) as (
