@@ -73,7 +73,7 @@ class Advertisement:
 
     node_id: str
     addresses: tuple[str, ...] = ()  # empty: the configured interfaces' addresses
-    port: int  # signalling TCP port
+    port: int  # signalling port (TCP for the handshake, UDP for the beacon)
     fingerprints: tuple[str, ...] = ()  # hex model fingerprints this node serves
     epoch: int = 0  # inventory epoch: changes whenever the chunk set changes
     chunk_count: int = 0
