@@ -9,6 +9,7 @@ A session is symmetric: either side requests and serves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -65,6 +66,10 @@ class RequestHandler(Protocol):
 class _Channel:
     """A data channel with flow control on bufferedAmount (event driven, never polled).
 
+    Senders that find the buffer over ``buffer_high_bytes`` (or others already waiting) queue,
+    first come first served, and are let go one at a time while it has room: each sends one
+    message, so the buffer stays within the mark plus one message, and every transfer moves.
+
     Sends raise only KVPeerError: ProtocolError TOO_LARGE for a message over the peer's
     max-message-size, TransportError once the channel or the session is closed.
     """
@@ -74,7 +79,8 @@ class _Channel:
         self._high = config.buffer_high_bytes
         self._cap = SEND_NOW_CAP_BUFFERS * config.buffer_high_bytes + config.max_message_bytes
         self._full_since: float | None = None  # monotonic; None: under buffer_high_bytes since
-        self._low_event = asyncio.Event()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._turn: asyncio.Future[None] | None = None  # the waiter let go, until it has sent
         self._opened = asyncio.Event()
         self._closed_reason: str | None = None
         channel.bufferedAmountLowThreshold = config.buffer_low_bytes
@@ -97,7 +103,25 @@ class _Channel:
 
     def _on_low(self) -> None:
         self._full_since = None
-        self._low_event.set()
+        self._let_next_go()
+
+    def _let_next_go(self) -> None:
+        """The first waiter sends, if there is room and no other is about to; it calls
+        :meth:`_done` once it has sent. A closed channel lets them all go, to fail."""
+        closed = self._closed_reason is not None
+        while self._waiters and (closed or (self._turn is None and self.channel.bufferedAmount <= self._high)):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._turn = waiter
+
+    def _done(self, waiter: asyncio.Future[None]) -> None:
+        """``waiter`` sent, failed or gave up: the next one's turn, if there is room."""
+        if self._turn is waiter:
+            self._turn = None
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        self._let_next_go()
 
     def _note_level(self) -> None:
         if self.channel.bufferedAmount <= self._high:
@@ -106,30 +130,34 @@ class _Channel:
             self._full_since = time.monotonic()
 
     async def send(self, data: bytes, limit_s: float) -> None:
-        deadline = time.monotonic() + limit_s
         self._check_open()
         self._note_level()
-        # Checked again after each wake: all waiters wake together, and all but the first
-        # must wait again, or together they would fill the buffer far past the mark.
-        while self.channel.bufferedAmount > self._high:
-            self._low_event.clear()
-            try:
-                await aio.wait_for(self._low_event.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                raise TransportError("peer stopped reading (send buffer stayed full)") from None
+        if not self._waiters and self._turn is None and self.channel.bufferedAmount <= self._high:
+            self._queue(data)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._let_next_go()  # room already (it drained without a low event): no wait
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=max(0.0, limit_s))
+            if not done:
+                raise TransportError("peer stopped reading (send buffer stayed full)")
             self._check_open()
-        self._queue(data)
+            self._queue(data)
+        finally:
+            self._done(waiter)
 
     def close(self, reason: str) -> None:
         """Fail every send from now on with *reason*, waiting ones too: a closed aiortc channel
         never emits bufferedamountlow, so they would wait out their whole limit."""
         self._closed_reason = reason
-        self._low_event.set()
+        self._let_next_go()
 
     def send_now(self, data: bytes) -> None:
         """Queue *data* past flow control (small control messages, pings); PeerStoppedReading
         once the buffer holds more than a peer that reads would ever leave in it."""
         self._check_open()
+        self._note_level()
         if self.channel.bufferedAmount + len(data) > self._cap:
             raise PeerStoppedReading(
                 f"over {self._cap} bytes wait to be sent on {self.channel.label}: "
