@@ -1365,7 +1365,12 @@ class LevelServer:
                     break
 
     async def close(self) -> None:
-        tasks: list[asyncio.Task[Any]] = [making.task for making in self._making.values()]
+        tasks: list[asyncio.Task[Any]] = []
+        for making in self._making.values():
+            # Peers waiting for it hear why: a cancelled blob reads as an internal failure.
+            if not making.blob.done():
+                making.blob.set_exception(ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping"))
+            tasks.append(making.task)
         if self._warmer is not None:
             tasks.append(self._warmer)
         for task in tasks:

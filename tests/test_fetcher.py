@@ -1725,3 +1725,34 @@ def test_a_store_put_failing_oddly_after_a_transcode_is_logged(caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="kvpeer"):
         asyncio.run(main())
     assert [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+
+
+def test_closing_the_level_server_tells_waiting_requests_it_is_stopping() -> None:
+    """Its transcodes were cancelled under the peers waiting for them: the serving session saw
+    a cancel it was not sent, and logged it as an internal failure."""
+
+    async def main() -> None:
+        cache = Cache()
+        await cache.put(key(0), "exact", blob(0, "exact"))
+        gate = threading.Event()
+        real = fetcher_mod.transcode_blocking
+
+        def held(*args: Any) -> bytes:
+            gate.wait(10)
+            return real(*args)
+
+        fetcher_mod.transcode_blocking = held
+        try:
+            server = LevelServer(cache)
+            waiting = asyncio.create_task(server.open_blob(key(0), "q4"))
+            await wait_until(lambda: bool(server._making))
+            closing = asyncio.create_task(server.close())
+            with pytest.raises(ProtocolError) as info:
+                await waiting
+            assert info.value.code == ErrorCode.SHUTTING_DOWN
+            gate.set()
+            await closing
+        finally:
+            fetcher_mod.transcode_blocking = real
+
+    asyncio.run(main())

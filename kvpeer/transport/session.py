@@ -678,9 +678,16 @@ class PeerSession:
         except ProtocolError as exc:
             await self._send_quietly(m.Error.of(request.id, exc))
             return
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelling():
+        except asyncio.CancelledError:
+            if _cancelling():
                 raise  # the peer cancelled, or the session is ending
+            # Work this request shared was cancelled under it: the daemon is stopping.
+            logger.info("opening blob %d for %s was cancelled", request.id, self.peer_id)
+            await self._send_quietly(
+                m.Error(id=request.id, code=ErrorCode.SHUTTING_DOWN, reason="cancelled here")
+            )
+            return
+        except Exception as exc:
             logger.error("opening blob %d for %s failed", request.id, self.peer_id, exc_info=exc)
             await self._send_quietly(
                 m.Error(id=request.id, code=ErrorCode.INTERNAL, reason="internal error")
@@ -694,6 +701,12 @@ class PeerSession:
             logger.info("peer %s did not confirm blob %d", self.peer_id, request.id)
         except TransportError as exc:
             logger.info("serving blob to %s failed: %s", self.peer_id, exc)
+            # Frames stopped before the last: tell the peer, or it waits out its whole timeout
+            # (sent past flow control: the control channel may be the full one).
+            with contextlib.suppress(KVPeerError):
+                self._send_control_now(
+                    m.Error(id=request.id, code=ErrorCode.BUSY, reason=f"sending stopped: {exc}")
+                )
         except Exception:
             logger.exception("serving blob %d to %s failed", request.id, self.peer_id)
             await self._send_quietly(

@@ -454,12 +454,26 @@ class _Failing(Handler):
             await asyncio.shield(shared)
 
 
-@pytest.mark.parametrize("how", ["timeout", "transport", "cancelled"])
-def test_a_blob_the_handler_fails_to_open_is_answered_internal(how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        ("timeout", ErrorCode.INTERNAL),
+        ("transport", ErrorCode.INTERNAL),
+        # Shared work cancelled under the request (a stopping daemon's transcodes): no ERROR.
+        ("cancelled", ErrorCode.SHUTTING_DOWN),
+    ],
+)
+def test_a_blob_the_handler_fails_to_open_is_answered_at_once(
+    how: str, code: ErrorCode, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body() -> None:
         async with pair(_Failing(), request_timeout_s=TIMEOUT_S) as (session, _served):
             error, took = await _outcome(session.fetch_blob(how.encode(), ""))
-            assert error.code == ErrorCode.INTERNAL and took < PROMPT_S  # was TIMEOUT_S, no answer
+            assert error.code == code and took < PROMPT_S  # was TIMEOUT_S, no answer
+
+    with caplog.at_level(logging.INFO, logger="kvpeer"):
+        run(body)
+    assert bool([r for r in caplog.records if r.levelno >= logging.ERROR]) == (code == ErrorCode.INTERNAL)
 
     run(body)
 
@@ -475,3 +489,32 @@ def test_a_request_the_handler_fails_is_answered_at_once(method: str, caplog: py
 
     run(body)
 
+
+
+def test_a_blob_whose_frames_stop_midway_is_failed_at_once_for_the_requester() -> None:
+    """Serving stopped after the first frames (our send buffer stayed full past the request
+    timeout): the requester was not told and waited out its own whole timeout."""
+
+    async def body() -> None:
+        served_handler = Handler()
+        served_handler.blobs[b"k"] = b"x" * 600_000  # several frames
+        async with pair(served_handler, request_timeout_s=TIMEOUT_S) as (session, served):
+            frames = [0]
+
+            def stalls_after_one(channel: Any) -> Callable[..., Any]:
+                real = channel.send
+
+                async def send(data: bytes, limit_s: float) -> None:
+                    frames[0] += 1
+                    if frames[0] > 1:
+                        raise TransportError("peer stopped reading (send buffer stayed full)")
+                    await real(data, limit_s)
+
+                return send
+
+            for channel in served._bulk:
+                channel.send = stalls_after_one(channel)  # type: ignore[method-assign]
+            error, took = await _outcome(session.fetch_blob(b"k", "", timeout=3 * TIMEOUT_S))
+            assert error.code == ErrorCode.BUSY and took < PROMPT_S, (error, took)
+
+    run(body)
