@@ -20,7 +20,8 @@ Value syntax: sizes are integers of bytes or strings like ``"512MiB"``/``"2GB"``
 seconds (int or float); paths may use ``{state_dir}`` and ``{runtime_dir}``, filled in from the
 ``[node]`` section. The loader is generic over nested frozen dataclasses, so a section grows by
 adding a field here (and regenerating the example with ``python -m kvpeer.config --example``).
-This module reads files and the environment only; it opens no sockets.
+This module reads files and the environment only; it opens no sockets (a
+``metrics.host`` that is a name is looked up, as its bind would).
 """
 
 from __future__ import annotations
@@ -349,28 +350,47 @@ class MetricsSection:
 
     enabled: bool = setting(True, "Serve /metrics and /healthz.")
     host: str = setting(
-        "127.0.0.1", "Listen address: an IP address or \"localhost\". Keep it on localhost "
-        "unless scraped remotely.",
+        "127.0.0.1", "Listen address: an IP address, or a host name this machine resolves "
+        "(\"localhost\"). Keep it on localhost unless scraped remotely.",
     )
     port: int = setting(9457, "Listen port (0: any free port).", lo=0, hi=65535)
 
     def __post_init__(self) -> None:
+        # A padded env value (KVPEER_METRICS__HOST=" 127.0.0.1") resolves to nothing as given.
+        object.__setattr__(self, "host", self.host.strip())
+        if not self.enabled:
+            return
         # An empty host (KVPEER_METRICS__HOST= left blank) binds every interface: say so
         # rather than expose /metrics to the LAN by accident.
-        if self.enabled and not self.host.strip():
+        if not self.host:
             raise ConfigError(
                 'metrics.host: empty; it would listen on every interface. Give "127.0.0.1" '
                 '(this host only) or, to be scraped remotely, "0.0.0.0" or "::"'
             )
-        if self.enabled and self.host != "localhost":
-            # A bad address ("999.1.1.1", a typo'd name) passed, and the start only logged
-            # that it runs without /metrics: a scrape target silently gone.
-            try:
-                ipaddress.ip_address(self.host)
-            except ValueError:
-                raise ConfigError(
-                    f"metrics.host: {self.host!r} is not an IP address (or \"localhost\")"
-                ) from None
+        # A bad address ("999.1.1.1", a typo'd name) passed, and the start only logged that it
+        # runs without /metrics: a scrape target silently gone.
+        _check_listen_host("metrics.host", self.host)
+
+
+def _check_listen_host(key: str, host: str) -> None:
+    """ConfigError unless ``host`` is an IP address or a name this machine resolves now
+    ("localhost", "vm", "ip6-localhost" from /etc/hosts: what a bind takes)."""
+    if host.lower() == "localhost":
+        return
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # no resolver yet (at boot): the name may be good
+            return
+        raise ConfigError(
+            f"{key}: {host!r} is neither an IP address nor a name this machine resolves "
+            f"({exc.strerror})"
+        ) from None
+    except UnicodeError:  # a label longer than 63: not a host name at all
+        raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import tomllib
 from pathlib import Path
 
@@ -100,9 +101,9 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         # An empty host binds every interface: /metrics on the LAN by a blank env line.
         ("", {"KVPEER_METRICS__HOST": ""}, "metrics.host: empty; it would listen on every interface"),
         ('[metrics]\nhost = " "\n', {}, "metrics.host: empty"),
-        # passed, and the start only logged that it ran without /metrics
-        ('[metrics]\nhost = "999.1.1.1"\n', {}, "metrics.host: '999.1.1.1' is not an IP address"),
-        ("", {"KVPEER_METRICS__HOST": "metrics.lan"}, "metrics.host: 'metrics.lan' is not an IP"),
+        # passed, and the start only logged that it ran without /metrics (names: see below)
+        ('[metrics]\nhost = "999.1.1.1"\n', {}, "metrics.host: '999.1.1.1' is neither an IP address"),
+        ('[metrics]\nhost = "%s"\n' % ("a" * 64), {}, "is neither an IP address nor a host name"),
         ("[node\n", {}, "invalid TOML"),
     ],
 )
@@ -120,10 +121,51 @@ def test_a_file_not_in_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "10.1.2.3", "localhost"])
-def test_metrics_host_takes_an_ip_address_or_localhost(tmp_path: Path, host: str) -> None:
+class FakeResolver:
+    """socket.getaddrinfo of a machine whose /etc/hosts names "vm" and "ip6-localhost"."""
+
+    def __init__(self, known: tuple[str, ...] = ("vm", "ip6-localhost"), error: int = socket.EAI_NONAME) -> None:
+        self.known, self.error = known, error
+        self.asked: list[str] = []
+
+    def __call__(self, host: str, *args: object, **kwargs: object) -> list[object]:
+        self.asked.append(host)
+        if host in self.known:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+        raise socket.gaierror(self.error, "Name or service not known")
+
+
+@pytest.mark.parametrize(
+    ("host", "effective"),
+    [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"), ("::", "::"), ("::1", "::1"),
+     ("10.1.2.3", "10.1.2.3"), ("localhost", "localhost"),
+     # names that bind, refused since 601a0c1: a working deployment exited 2 after an upgrade
+     ("LOCALHOST", "LOCALHOST"), ("vm", "vm"), ("ip6-localhost", "ip6-localhost"),
+     (" 127.0.0.1 ", "127.0.0.1")],
+)
+def test_metrics_host_takes_an_ip_address_or_a_name_that_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, effective: str
+) -> None:
+    monkeypatch.setattr(cfg.socket, "getaddrinfo", FakeResolver())
     config = load_config(write(tmp_path, f'[metrics]\nhost = "{host}"\n'), env={})
-    assert config.metrics.host == host
+    assert config.metrics.host == effective
+    # from the environment too (a padded value: as systemd's Environment= may pass it)
+    config = load_config(write(tmp_path, ""), env={"KVPEER_METRICS__HOST": host})
+    assert config.metrics.host == effective
+
+
+def test_a_metrics_host_name_that_does_not_resolve_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver = FakeResolver()
+    monkeypatch.setattr(cfg.socket, "getaddrinfo", resolver)
+    with pytest.raises(ConfigError, match="metrics.host: 'metrics.lan' is neither an IP address "
+                       "nor a name this machine resolves"):
+        load_config(write(tmp_path, ""), env={"KVPEER_METRICS__HOST": "metrics.lan"})
+    assert resolver.asked == ["metrics.lan"]
+    # No resolver yet (at boot, EAI_AGAIN): the name may be good, the start's bind will tell.
+    monkeypatch.setattr(cfg.socket, "getaddrinfo", FakeResolver(error=socket.EAI_AGAIN))
+    assert load_config(write(tmp_path, '[metrics]\nhost = "metrics.lan"\n'), env={}).metrics.host == "metrics.lan"
 
 
 def test_an_empty_metrics_host_is_fine_with_metrics_off(tmp_path: Path) -> None:
