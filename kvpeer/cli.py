@@ -103,13 +103,12 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
                 f"WARNING: transport.host {transport.host} is not an address of this machine "
                 "(yet): a start exits 1 and systemd tries again until it is",
             )
-        store_dir = config.store.dir
-        if config.store.disk_bytes and store_dir.is_dir() and not os.access(store_dir, os.W_OK | os.X_OK):
+        if config.store.disk_bytes and store_dir_read_only(config.store.dir):
             _say(
                 "WARNING",
-                f"WARNING: store.dir {store_dir} is not writable by this user: the daemon "
-                "would run on the RAM tier only (under the kvpeer unit, a store.dir outside "
-                "/var/lib/kvpeer needs ReadWritePaths=)",
+                f"WARNING: store.dir {config.store.dir} is on a read-only file system: the "
+                "daemon would run on the RAM tier only (under the kvpeer unit, a store.dir "
+                "outside /var/lib/kvpeer needs ReadWritePaths=)",
             )
         if transport.keyless_risk is not None:  # a valid config: still exit 0
             from kvpeer.transport.config import KEYLESS_RISK
@@ -169,7 +168,45 @@ def check_start_config(config: Any) -> TransportConfig:
     discovery_config(config)
     preflight(config)
     resolve_namespaces(config.api.namespaces)
+    if config.store.disk_bytes:
+        check_store_dir(config.store.dir)
     return transport
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (what creating ``path`` writes into)."""
+    while path.parent != path:
+        try:
+            os.stat(path)
+        except OSError:  # missing, or under a directory this user may not search
+            path = path.parent
+        else:
+            break
+    return path
+
+
+def store_dir_read_only(store_dir: Path) -> bool:
+    """Whether ``store_dir`` (or, if it does not exist yet, the ancestor it would be created
+    in) is on a read-only file system: the store then runs on its RAM tier (EROFS)."""
+    try:
+        return bool(os.statvfs(_nearest_existing(store_dir)).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_store_dir(store_dir: Path) -> None:
+    """ConfigError when this user cannot create or write ``store_dir`` where the file system
+    is writable: the store's start then fails with EACCES, exit 2. (A read-only file system
+    is not an error: the store runs on its RAM tier, see :func:`store_dir_read_only`.)"""
+    target = _nearest_existing(store_dir)
+    if os.access(target, os.W_OK | os.X_OK) or store_dir_read_only(store_dir):
+        return
+    where = "" if target == store_dir else f" ({target}, where it would be created, is not writable by this user)"
+    raise ConfigError(
+        f"store.dir: cannot open the disk store: store directory {store_dir}: permission "
+        f"denied{where}; a start exits 2 (give the directory to the daemon's user, or choose "
+        "another store.dir)"
+    )
 
 
 def preflight(config: Any) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -335,21 +336,65 @@ def test_the_etcd_backend_without_its_extra_is_a_config_error_at_check_and_start
     assert "discovery.etcd_endpoints" in capsys.readouterr().err
 
 
-def test_check_config_warns_of_a_store_dir_it_cannot_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def _deny_writes(monkeypatch: pytest.MonkeyPatch, denied: Path, *, read_only: bool) -> None:
+    """What another owner (or, with ``read_only``, a read-only mount) does to this user at
+    ``denied``: root may write anywhere, so os.access and os.statvfs are told."""
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(
+        cli.os, "access", lambda path, mode: Path(path) != denied and real_access(path, mode)
+    )
+
+    def statvfs(path: Any) -> Any:
+        found = real_statvfs(path)
+        if read_only and Path(path) == denied:
+            return SimpleNamespace(f_flag=found.f_flag | os.ST_RDONLY)
+        return found
+
+    monkeypatch.setattr(cli.os, "statvfs", statvfs)
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_check_config_fails_on_a_store_dir_this_user_may_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    exists: bool,
 ) -> None:
-    """A store.dir the daemon cannot write leaves it on the RAM tier: say so before the start."""
+    """EACCES is fatal at start (exit 2), yet --check-config warned "RAM tier only", and said
+    nothing of a store.dir not created yet under a directory this user may not write."""
     config = daemon_config(tmp_path)
     store_dir = load_config(config, env={}).store.dir
-    store_dir.mkdir(parents=True)
+    if exists:
+        store_dir.mkdir(parents=True)
+    else:
+        store_dir.parent.mkdir(parents=True)
     assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
     assert "store.dir" not in capsys.readouterr().err
-    real_access = os.access
-    monkeypatch.setattr(
-        cli.os, "access", lambda path, mode: Path(path) != store_dir and real_access(path, mode)
-    )  # root may write anywhere: what a read-only mount or another owner does to a user
+    _deny_writes(monkeypatch, store_dir if exists else store_dir.parent, read_only=False)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and "RAM tier" not in err
+    assert f"config error: store.dir: cannot open the disk store: store directory {store_dir}: " \
+        "permission denied" in err
+    if not exists:
+        assert f"({store_dir.parent}, where it would be created, is not writable" in err
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_check_config_warns_of_a_store_dir_on_a_read_only_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    exists: bool,
+) -> None:
+    """EROFS (ProtectSystem=strict without ReadWritePaths=) leaves the store on its RAM tier."""
+    config = daemon_config(tmp_path)
+    store_dir = load_config(config, env={}).store.dir
+    if exists:
+        store_dir.mkdir(parents=True)
+    else:
+        store_dir.parent.mkdir(parents=True)
+    _deny_writes(monkeypatch, store_dir if exists else store_dir.parent, read_only=True)
     assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
-    assert f"WARNING: store.dir {store_dir} is not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"WARNING: store.dir {store_dir} is on a read-only file system" in err
+    assert "RAM tier only" in err and "ReadWritePaths=" in err
 
 
 def test_a_socket_path_too_long_for_a_unix_socket_is_a_config_error(
