@@ -261,9 +261,11 @@ def address_is_here(host: str) -> bool:
 def enable_faulthandler() -> None:
     """Have a fatal signal print every thread's stack to stderr (the journal). systemd's
     watchdog kills a stuck daemon with SIGABRT: without this, nothing said where it was stuck."""
+    if sys.stderr is None:  # started with stderr closed (kvpeerd 2>&-): nowhere to print
+        return
     try:
         faulthandler.enable(file=sys.stderr, all_threads=True)
-    except (ValueError, OSError) as exc:  # a stderr without a file descriptor
+    except (ValueError, OSError, RuntimeError) as exc:  # a stderr without a file descriptor
         log.debug("faulthandler not enabled: %s", exc)
 
 

@@ -224,6 +224,34 @@ def test_an_interface_not_there_at_start_exits_1_to_be_retried(tmp_path: Path) -
     assert run("daemon_main", "--config", str(config), "--check-config").returncode == 2
 
 
+def test_faulthandler_is_skipped_when_stderr_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvpeerd 2>&-`: sys.stderr is None, faulthandler.enable raised RuntimeError and kvpeerd
+    exited 1 without a word."""
+    monkeypatch.setattr(cli.sys, "stderr", None)
+    cli.enable_faulthandler()  # raised RuntimeError
+
+    def refuse(**kwargs: Any) -> None:
+        raise RuntimeError("sys.stderr is None")
+
+    monkeypatch.setattr(cli.sys, "stderr", sys.__stderr__)
+    monkeypatch.setattr(cli.faulthandler, "enable", refuse)
+    cli.enable_faulthandler()  # any other stderr it cannot use: logged at DEBUG, not raised
+
+
+def test_kvpeerd_with_stderr_closed_gets_past_faulthandler(tmp_path: Path) -> None:
+    """The daemon itself, stderr closed: it ran to the start (here: exit 2, a taken port)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = daemon_config(tmp_path, transport=f'host = "127.0.0.1"\nport = {port}\n')
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from kvpeer.cli import daemon_main; "
+             "sys.exit(daemon_main(sys.argv[1:]))", "--config", str(config), "--no-uvloop"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120,
+            preexec_fn=lambda: os.close(2),
+        )
+    assert result.returncode == cli.EXIT_CONFIG  # 1 before: RuntimeError from faulthandler
+
+
 def test_start_failure_transient_errors_may_be_retried() -> None:
     assert cli.start_failure(OSError(errno.ENOBUFS, "No buffer space available"))[1] == 1
     message, status = cli.start_failure(OSError(errno.EACCES, "Permission denied"))
