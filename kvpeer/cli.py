@@ -158,12 +158,14 @@ def check_start_config(config: Any) -> TransportConfig:
     """
     from kvpeer.api.server import resolve_namespaces
     from kvpeer.daemon import discovery_config, transport_config
-    from kvpeer.discovery.config import advertisable_addresses
+    from kvpeer.discovery.config import advertisable_addresses, check_advertised
 
+    # As Discovery.start does, whatever transport.advertise_addresses says: with those set, a
+    # typo'd interface passed here and the start failed on it, again and again.
+    allowed = advertisable_addresses(config.discovery.interfaces)
+    check_advertised(config.transport.advertise_addresses, allowed)
     # As Daemon.__init__ does: the first address is the signalling host's default.
-    addresses = config.transport.advertise_addresses or advertisable_addresses(
-        config.discovery.interfaces
-    )
+    addresses = config.transport.advertise_addresses or allowed
     transport = transport_config(config, default_host=addresses[0])
     discovery_config(config)
     preflight(config)

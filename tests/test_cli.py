@@ -345,6 +345,26 @@ def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("interfaces", "message"),
+    [('["kvpeer-no-such-if0"]', "discovery.interfaces: no interface 'kvpeer-no-such-if0'"),
+     ('["127.0.0.2"]', "discovery: advertised address 127.0.0.1 is not on a configured interface")],
+)
+def test_check_config_checks_the_interfaces_with_advertise_addresses_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], interfaces: str, message: str
+) -> None:
+    """With transport.advertise_addresses set, discovery.interfaces went unchecked: a typo
+    passed --check-config, then every start failed on it (exit 1, restarted)."""
+    transport = 'host = "127.0.0.1"\nport = 0\nadvertise_addresses = ["127.0.0.1"]\n'
+    config = daemon_config(tmp_path, transport=transport)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    config = daemon_config(tmp_path, transport=transport, discovery=f"interfaces = {interfaces}\n")
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and message in err, err
+
+
 def test_the_etcd_backend_without_its_extra_is_a_config_error_at_check_and_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
