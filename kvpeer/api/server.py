@@ -962,10 +962,10 @@ def _resolve_members(key: str, members: Sequence[str]) -> _Members:
 async def _remove_stale_socket(path: Path) -> None:
     """Unlink a socket file left by a dead daemon; refuse to steal a live daemon's socket."""
     try:
-        mode = os.lstat(path).st_mode
+        st = os.lstat(path)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"api.socket_path: {path} exists and is not a socket")
     try:
         _, writer = await aio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
@@ -977,12 +977,31 @@ async def _remove_stale_socket(path: Path) -> None:
             if exc.errno == errno.EACCES:
                 reason = "permission denied"
             raise ConfigError(
-                f"api.socket_path: {path} exists and this user cannot tell whether a daemon "
-                f"serves it: {reason}"
+                f"api.socket_path: {path} exists (owned by {_user_name(st.st_uid)}) and this user "
+                f"cannot tell whether a daemon serves it: {reason}. Check whether a daemon "
+                f"listens on it (`ss -xlp | grep {path}`); if none does, remove {path}"
             ) from None
-        log.info("api: removing the stale socket %s (no daemon listens on it)", path)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:  # removed meanwhile: as good
+            pass
+        except OSError as unlink_error:  # EPERM: another user's file in a sticky directory
+            raise ConfigError(
+                f"api.socket_path: {path} is a stale socket (no daemon listens on it) that this "
+                f"user cannot remove: {unlink_error.strerror or unlink_error}; it belongs to "
+                f"{_user_name(st.st_uid)}: remove it as that user (or root), or choose another "
+                "api.socket_path"
+            ) from None
+        else:
+            log.info("api: removed the stale socket %s (no daemon listened on it)", path)
         return
     writer.close()
     raise ConfigError(f"api.socket_path: another daemon is serving {path}")
+
+
+def _user_name(uid: int) -> str:
+    """``uid``'s name, or the number when no user has it (a deleted account's files)."""
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"uid {uid}"

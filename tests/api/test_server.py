@@ -548,6 +548,7 @@ def test_a_socket_this_user_may_not_connect_to_is_not_taken_for_stale(
 ) -> None:
     """EACCES (another user's daemon, maybe live) counted as stale: its socket was unlinked."""
     import errno
+    import pwd
 
     from kvpeer.api.server import ApiServer
     from kvpeer.errors import ConfigError
@@ -562,9 +563,46 @@ def test_a_socket_this_user_may_not_connect_to_is_not_taken_for_stale(
             raise PermissionError(errno.EACCES, "Permission denied")
 
         monkeypatch.setattr(asyncio, "open_unix_connection", denied)
-        with pytest.raises(ConfigError, match="api.socket_path.*permission denied"):
+        with pytest.raises(ConfigError, match="api.socket_path.*permission denied") as error:
             asyncio.run(ApiServer(path, FakeBackend(), shm_dir=tmp_path).start())
         assert path.exists()
+    # what to do about it: a dead daemon's socket of another user stopped the start for good
+    assert f"owned by user {pwd.getpwuid(os.getuid()).pw_name}" in str(error.value)
+    assert f"`ss -xlp | grep {path}`" in str(error.value)
+    assert f"if none does, remove {path}" in str(error.value)
+
+
+def test_a_stale_socket_this_user_cannot_remove_is_a_config_error_naming_its_owner(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EPERM (another user's file in a sticky directory): it logged "removing the stale socket"
+    and then raised a bare PermissionError."""
+    import errno
+    import pwd
+
+    from kvpeer.api.server import ApiServer
+    from kvpeer.errors import ConfigError
+    from tests.api.fakes import FakeBackend
+
+    path = tmp_path / "kvpeer.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a crashed daemon leaves
+    real_unlink = os.unlink
+
+    def unlink(target: Any, *args: Any, **kwargs: Any) -> None:
+        if str(target) == str(path):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(target))
+        real_unlink(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    with caplog.at_level("INFO", logger="kvpeer.api.server"), pytest.raises(
+        ConfigError, match=f"api.socket_path: {path} is a stale socket .* cannot remove: "
+        f"Operation not permitted; it belongs to user {owner}"
+    ):
+        asyncio.run(ApiServer(path, FakeBackend(), shm_dir=tmp_path).start())
+    assert "stale socket" not in caplog.text  # no "removed" line for a socket still there
+    assert path.exists()
 
 
 def test_a_stale_socket_is_removed_with_a_log_line(
