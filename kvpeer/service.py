@@ -3,7 +3,7 @@
 Owns :class:`SystemdNotifier` (the sd_notify datagram protocol: READY=1, STATUS=, WATCHDOG=1,
 STOPPING=1; a no-op without ``NOTIFY_SOCKET``), its watchdog pinger, :class:`ShutdownSignals`
 (SIGTERM/SIGINT/SIGHUP -> a graceful-shutdown event; a second SIGINT forces the exit; SIGHUP
-ignored under systemd) and
+ignored in a systemd service's main process) and
 :func:`configure_logging` (one ``dictConfig`` for the whole process: text or JSON lines, no
 timestamps under journald). It knows nothing of the daemon's parts: the CLI wires them.
 """
@@ -130,21 +130,25 @@ class ShutdownSignals:
 
     SIGHUP is what a foreground kvpeerd gets when its terminal or ssh session goes: without a
     handler it died on the spot (no goodbye to peers, queued store writes not drained).
-    Run as a service (systemd sets ``NOTIFY_SOCKET`` or ``INVOCATION_ID``) there is no terminal
-    to lose, so a SIGHUP is a ``kill -HUP`` meant as a reload: it is ignored with a WARNING.
-    Stopping on it exited 0, which ``Restart=on-failure`` takes for a wanted stop: the node
-    stayed down. There is no reload; the log line says so either way.
+    Run as a service (see :func:`is_service_main_process`) there is no terminal to lose, so a
+    SIGHUP is a ``kill -HUP`` meant as a reload: it is ignored with a WARNING. Stopping on it
+    exited 0, which ``Restart=on-failure`` takes for a wanted stop: the node stayed down.
+    There is no reload; the log line says so either way.
 
     ``force_exit`` defaults to ``os._exit``: when the graceful path is stuck, nothing that still
     runs Python code (``sys.exit`` unwinding into the same stuck awaits) can be trusted.
     """
 
     def __init__(
-        self, force_exit: Callable[[int], Any] = os._exit, *, env: Mapping[str, str] = os.environ
+        self,
+        force_exit: Callable[[int], Any] = os._exit,
+        *,
+        env: Mapping[str, str] = os.environ,
+        has_terminal: Callable[[], bool] | None = None,
     ) -> None:
         self._event = asyncio.Event()
         self._force_exit = force_exit
-        self.as_service = bool(env.get("NOTIFY_SOCKET") or env.get("INVOCATION_ID"))
+        self.as_service = is_service_main_process(env, has_terminal)
         self._installed: list[signal.Signals] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.received: signal.Signals | None = None
@@ -198,6 +202,35 @@ class ShutdownSignals:
             log.info("%s: shutting down gracefully", sig.name)
         self.received = sig
         self._event.set()
+
+
+def is_service_main_process(
+    env: Mapping[str, str] = os.environ, has_terminal: Callable[[], bool] | None = None
+) -> bool:
+    """Whether this process is the main process of a systemd service (no terminal to lose).
+
+    ``SYSTEMD_EXEC_PID`` (systemd >= 248) names the service's main process: only our own pid
+    counts. ``INVOCATION_ID`` and ``NOTIFY_SOCKET`` are no proof: both are inherited by every
+    process a service starts (a CI runner's shells, ``systemd-run -t``), where a foreground
+    kvpeerd must still stop when its terminal hangs up. Without ``SYSTEMD_EXEC_PID`` (an older
+    systemd), ``NOTIFY_SOCKET`` and no controlling terminal count as a service.
+    """
+    exec_pid = env.get("SYSTEMD_EXEC_PID")
+    if exec_pid:
+        return exec_pid == str(os.getpid())
+    if not env.get("NOTIFY_SOCKET"):
+        return False
+    return not (has_terminal or has_controlling_terminal)()
+
+
+def has_controlling_terminal() -> bool:
+    """Whether this process has a controlling terminal (one whose hang-up sends it SIGHUP)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:  # ENXIO: none
+        return False
+    os.close(fd)
+    return True
 
 
 # ----------------------------------------------------------------------------- logging

@@ -16,10 +16,11 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvpeer.service import ShutdownSignals, SystemdNotifier
+from kvpeer.service import ShutdownSignals, SystemdNotifier, is_service_main_process
 
 UNIT = Path(__file__).parents[1] / "systemd" / "kvpeer.service"
 
@@ -155,15 +156,11 @@ def test_sighup_stops_gracefully_and_says_there_is_no_reload(caplog: pytest.LogC
     assert "no reload" in caplog.text
 
 
-@pytest.mark.parametrize("env", [{"NOTIFY_SOCKET": "/run/systemd/notify"}, {"INVOCATION_ID": "ab12"}])
-def test_sighup_under_systemd_is_ignored_with_a_warning(
-    env: dict[str, str], caplog: pytest.LogCaptureFixture
-) -> None:
-    """Under systemd a SIGHUP stopped the daemon with status 0, and Restart=on-failure left
-    the node down; a service has no terminal to lose, so the signal is a mistaken reload."""
+def _hang_up(env: dict[str, str], **kwargs: Any) -> signal.Signals | None:
+    """Send this process SIGHUP then SIGTERM; the signal that ended the wait."""
 
     async def main() -> signal.Signals | None:
-        signals = ShutdownSignals(force_exit=lambda code: None, env=env)
+        signals = ShutdownSignals(force_exit=lambda code: None, env=env, **kwargs)
         signals.install(asyncio.get_running_loop())
         try:
             os.kill(os.getpid(), signal.SIGHUP)
@@ -172,10 +169,49 @@ def test_sighup_under_systemd_is_ignored_with_a_warning(
         finally:
             signals.uninstall()
 
+    return asyncio.run(main())
+
+
+SERVICE_ENV = {"INVOCATION_ID": "ab12", "NOTIFY_SOCKET": "/run/systemd/notify"}
+
+
+@pytest.mark.parametrize(
+    ("env", "has_terminal"),
+    [({**SERVICE_ENV, "SYSTEMD_EXEC_PID": str(os.getpid())}, True),
+     # systemd < 248 sets no SYSTEMD_EXEC_PID: NOTIFY_SOCKET and no terminal to lose
+     ({"NOTIFY_SOCKET": "/run/systemd/notify"}, False)],
+)
+def test_sighup_to_a_services_main_process_is_ignored_with_a_warning(
+    env: dict[str, str], has_terminal: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under systemd a SIGHUP stopped the daemon with status 0, and Restart=on-failure left
+    the node down; a service has no terminal to lose, so the signal is a mistaken reload."""
     with caplog.at_level(logging.INFO, logger="kvpeer.service"):
-        assert asyncio.run(main()) == signal.SIGTERM
+        assert _hang_up(env, has_terminal=lambda: has_terminal) == signal.SIGTERM
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "SIGHUP ignored" in warning.getMessage() and "restart it" in warning.getMessage()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{**SERVICE_ENV, "SYSTEMD_EXEC_PID": "1"},  # a shell of a CI runner's service, systemd-run -t
+     {"INVOCATION_ID": "ab12"}],
+)
+def test_sighup_stops_a_foreground_daemon_in_an_environment_inherited_from_a_service(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """INVOCATION_ID and NOTIFY_SOCKET leak into every process a service starts: a kvpeerd run
+    by hand there ignored the hang-up of its terminal and outlived it."""
+    with caplog.at_level(logging.INFO, logger="kvpeer.service"):
+        assert _hang_up(env) == signal.SIGHUP
+    assert "SIGHUP ignored" not in caplog.text
+
+
+def test_without_systemd_exec_pid_a_terminal_means_the_foreground() -> None:
+    assert not is_service_main_process({"NOTIFY_SOCKET": "/run/n"}, has_terminal=lambda: True)
+    assert is_service_main_process({"NOTIFY_SOCKET": "/run/n"}, has_terminal=lambda: False)
+    assert not is_service_main_process({}, has_terminal=lambda: False)
+    assert is_service_main_process({"SYSTEMD_EXEC_PID": str(os.getpid())}, has_terminal=lambda: True)
 
 
 def test_under_nohup_sighup_stays_ignored() -> None:
