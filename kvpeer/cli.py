@@ -581,14 +581,25 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             print(f"kvpeer: the daemon refused: {exc.reason}", file=sys.stderr)
         else:
             socket_path = args.socket or default_socket_path()
-            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}", file=sys.stderr)
+            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}{_wait_longer(exc, args)}",
+                  file=sys.stderr)
         return 1
     try:
         with client:
             return _client_command(client, args)
     except (OSError, KVPeerError) as exc:
-        print(f"kvpeer {args.command}: {exc}", file=sys.stderr)
+        print(f"kvpeer {args.command}: {exc}{_wait_longer(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _wait_longer(exc: BaseException, args: argparse.Namespace) -> str:
+    """For a timeout: how to wait longer (status, peers and stats give up after 5 s)."""
+    timed_out = isinstance(exc, TimeoutError) or (
+        isinstance(exc, ApiError) and exc.code == ErrorCode.TIMEOUT
+    )
+    if not timed_out:
+        return ""
+    return f" (a busy daemon may answer later: wait longer with `kvpeer {args.command} --timeout S`)"
 
 
 def _client_command(client: Any, args: argparse.Namespace) -> int:

@@ -84,9 +84,12 @@ def test_read_only_commands_give_up_on_a_stuck_daemon_within_their_timeout(
         stuck.bind(str(path))
         stuck.listen()  # connects complete in the backlog; nothing reads or answers
         assert cli.client_main(["--socket", str(path), "--timeout", "0.2", "status"]) == 1
-        assert "no answer from the daemon in 0.2s" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "no answer from the daemon in 0.2s" in err
+        assert "wait longer with `kvpeer status --timeout S`" in err  # the 5 s default is short
         assert cli.client_main(["--socket", str(path), "peers", "--timeout", "0.2"]) == 1
-        assert "no answer from the daemon in 0.2s" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "no answer from the daemon in 0.2s" in err and "`kvpeer peers --timeout S`" in err
 
 
 @pytest.mark.parametrize(
