@@ -1,7 +1,8 @@
 """Discovery over mDNS/DNS-SD with python-zeroconf's asyncio API.
 
 Registers `<node_id>._kvpeer._tcp.local.` with the advertisement as TXT on the configured
-interfaces only, browses the same type, and resolves each added or updated service into a
+interfaces only (after asking whether a node answers for that name already), browses the same
+type, and resolves each added or updated service into a
 `PeerInfo`. A goodbye (or a record expiring) removes the peer at once. Liveness beyond that
 comes from the shared UDP heartbeats (base.py) and the transport's `mark_dead`: mDNS alone
 keeps a killed peer's records for their whole TTL.
@@ -12,10 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
+from collections.abc import Sequence
 from typing import Any
 
-from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange
+from zeroconf import (
+    DNSIncoming,
+    DNSOutgoing,
+    DNSQuestion,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceStateChange,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from kvpeer import aio
@@ -43,6 +53,12 @@ UNKNOWN_RESOLVE_BURST = 16
 # a real peer's heartbeats or next update bring it back).
 MAX_RESOLVES = 16
 MAX_WAITING_RESOLVES = 1024
+# How long a node that holds our name has to answer the legacy unicast query of
+# `name_in_use`: the interval between mDNS probes (RFC 6762 8.1), so the same time a
+# defending responder is given there. Added to every start.
+NAME_CHECK_S = 0.25
+_MDNS_GROUP = ("224.0.0.251", 5353)
+_TYPE_SRV, _CLASS_IN = 33, 1
 
 
 def instance_name(node_id: str) -> str:
@@ -58,6 +74,67 @@ def _node_id(name: str) -> str | None:
         return validate_node_id(name.removesuffix(suffix))
     except ProtocolError:
         return None
+
+
+def _name_taken(node_id: str) -> ConfigError:
+    return ConfigError(
+        f"node.node_id: {node_id!r} is already announced by another node on the LAN; give "
+        "each node its own node.node_id (a cloned image may have copied node.state_dir/node_id)"
+    )
+
+
+async def name_in_use(name: str, addresses: Sequence[str], timeout_s: float) -> bool:
+    """Whether a responder on the LAN answers for the service instance ``name`` within
+    ``timeout_s``: a legacy unicast query (RFC 6762 6.7) from a port of our own, on each of
+    ``addresses``.
+
+    python-zeroconf's probes are QU questions, which a node holding the name answers by unicast
+    to port 5353 of the prober's address. Where another mDNS responder has a socket on that
+    port on the prober's host (a second kvpeerd; maybe avahi-daemon) the kernel hands the
+    answer to one socket only, often not ours: the probe saw no conflict and a second node of
+    the same id started. An answer to a query from an ephemeral port goes to that port alone.
+    """
+    # A conventional DNS query (QR and AA clear) with an id of its own (multicast=False writes
+    # it): responders drop a packet equal to one seen in the last 0.8 s as a duplicate.
+    query = DNSOutgoing(0, multicast=False, id_=secrets.randbelow(0xFFFF) + 1)
+    query.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+    packets = query.packets()
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[None] = loop.create_future()
+    wanted = name.lower()
+
+    class _Answers(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            message = DNSIncoming(data)  # marks a bad packet invalid, never raises
+            if not message.valid or answered.done():
+                return
+            if any(r.type == _TYPE_SRV and r.name.lower() == wanted for r in message.answers()):
+                answered.set_result(None)
+
+    transports: list[asyncio.DatagramTransport] = []
+    try:
+        for address in addresses:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+                sock.bind((address, 0))
+            except OSError:
+                sock.close()
+                raise
+            transport, _ = await loop.create_datagram_endpoint(_Answers, sock=sock)
+            transports.append(transport)
+            for packet in packets:
+                transport.sendto(packet, _MDNS_GROUP)
+        try:
+            await aio.wait_for(asyncio.shield(answered), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        for transport in transports:
+            transport.close()
 
 
 class ZeroconfDiscovery(Discovery):
@@ -94,6 +171,10 @@ class ZeroconfDiscovery(Discovery):
         )
 
     async def _open(self, advert: Advertisement) -> None:
+        # Probing alone missed a node holding our name: see name_in_use. No restart will free
+        # the name while that node runs (a cloned disk image brings its node id along).
+        if await name_in_use(instance_name(advert.node_id), self.addresses, NAME_CHECK_S):
+            raise _name_taken(advert.node_id)
         self._azc = AsyncZeroconf(interfaces=list(self.addresses), ip_version=IPVersion.V4Only)
         self._info = self._service_info(advert)
         try:
@@ -102,14 +183,9 @@ class ZeroconfDiscovery(Discovery):
                 await self._azc.async_register_service(self._info), self._register_timeout()
             )
         except NonUniqueNameException:
-            # Probing found our name taken: not our record to withdraw at close, and no restart
-            # will free it while that node runs (a cloned disk image brings its node id along).
+            # Probing found our name taken: not our record to withdraw at close.
             self._info = None
-            raise ConfigError(
-                f"node.node_id: {advert.node_id!r} is already announced by another node on the "
-                "LAN; give each node its own node.node_id (a cloned image may have copied "
-                "node.state_dir/node_id)"
-            ) from None
+            raise _name_taken(advert.node_id) from None
         self._browser = AsyncServiceBrowser(
             self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
         )

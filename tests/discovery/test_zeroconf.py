@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
@@ -243,3 +244,26 @@ def test_a_node_id_announced_by_another_node_is_a_config_error(
 
     azc = asyncio.run(main())
     assert azc.unregistered == [] and azc.closed
+
+
+def test_a_second_node_with_a_running_nodes_id_is_refused() -> None:
+    """A second kvpeerd with the node id of a running one started and ran. zeroconf's probe is
+    a QU question, answered by unicast to port 5353; with two responders bound to that port on
+    one host the kernel gave the answer to the first one, and the probe saw no conflict."""
+    node_id = f"dup-{uuid.uuid4().hex[:8]}"  # not another test run's on this host
+    config = DiscoveryConfig(interfaces=("127.0.0.1",), heartbeat_interval_s=0)
+
+    async def main() -> None:
+        first, second = ZeroconfDiscovery(config), ZeroconfDiscovery(config)
+        await first.start(Advertisement(node_id=node_id, port=17483))
+        try:
+            with pytest.raises(ConfigError, match=f"node.node_id: '{node_id}' is already announced"):
+                await second.start(Advertisement(node_id=node_id, port=17484))
+            # the first node's records stay announced: no goodbye went out for them
+            assert await zeroconf_backend.name_in_use(instance_name(node_id), ("127.0.0.1",), 2.0)
+        finally:
+            await second.close()
+            await first.close()
+        assert not await zeroconf_backend.name_in_use(instance_name(node_id), ("127.0.0.1",), 0.25)
+
+    asyncio.run(main())
