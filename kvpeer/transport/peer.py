@@ -52,7 +52,7 @@ MAX_BACKOFFS = 4096
 #: the oldest, so a peer reconnecting in a loop (or two hosts sharing a node id) cannot pile up
 #: peer connections, each with its UDP socket, buffers and tasks.
 MAX_SESSIONS_PER_PEER = 2
-#: Sessions opened to us from one source address, and in all (ours included). The node id is
+#: Sessions opened to us from one source address, and in all. The node id is
 #: the peer's claim, so MAX_SESSIONS_PER_PEER does not bound one key holder: each session holds
 #: a UDP socket, an SCTP association whose receive window may fill (receive_window_bytes, 4 MiB
 #: by default) and tasks. A host runs one daemon (at most MAX_SESSIONS_PER_PEER sessions), so 8
@@ -431,7 +431,8 @@ class PeerTransport:
     def _session_refusal(self, address: str) -> str | None:
         """Why a session from *address* is refused (MAX_SESSIONS_PER_ADDRESS, MAX_SESSIONS), or
         None: it may open."""
-        if len(self._all) + len(self._admitted) >= MAX_SESSIONS:
+        # Sessions peers opened to us: our own (and a pair's duplicate) do not shut them out.
+        if len(self._session_sources) + len(self._admitted) >= MAX_SESSIONS:
             return f"too many sessions ({MAX_SESSIONS})"
         from_address = sum(1 for a in self._session_sources.values() if a == address)
         from_address += sum(1 for a in self._admitted.values() if a == address)

@@ -66,9 +66,10 @@ class RequestHandler(Protocol):
 class _Channel:
     """A data channel with flow control on bufferedAmount (event driven, never polled).
 
-    Senders that find the buffer over ``buffer_high_bytes`` (or others already waiting) queue,
-    first come first served, and are let go one at a time while it has room: each sends one
-    message, so the buffer stays within the mark plus one message, and every transfer moves.
+    Senders that find the buffer over ``buffer_high_bytes`` (or others already waiting) queue
+    their message, first come first served; queued messages are sent, in order, whenever the
+    buffer is under the mark: it stays within the mark plus one message, every transfer moves,
+    and a sender wakes only once its message is sent.
 
     Sends raise only KVPeerError: ProtocolError TOO_LARGE for a message over the peer's
     max-message-size, TransportError once the channel or the session is closed.
@@ -79,8 +80,7 @@ class _Channel:
         self._high = config.buffer_high_bytes
         self._cap = SEND_NOW_CAP_BUFFERS * config.buffer_high_bytes + config.max_message_bytes
         self._full_since: float | None = None  # monotonic; None: under buffer_high_bytes since
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._turn: asyncio.Future[None] | None = None  # the waiter let go, until it has sent
+        self._waiting: collections.deque[tuple[asyncio.Future[None], bytes]] = collections.deque()
         self._opened = asyncio.Event()
         self._closed_reason: str | None = None
         channel.bufferedAmountLowThreshold = config.buffer_low_bytes
@@ -103,25 +103,21 @@ class _Channel:
 
     def _on_low(self) -> None:
         self._full_since = None
-        self._let_next_go()
+        self._send_waiting()
 
-    def _let_next_go(self) -> None:
-        """The first waiter sends, if there is room and no other is about to; it calls
-        :meth:`_done` once it has sent. A closed channel lets them all go, to fail."""
-        closed = self._closed_reason is not None
-        while self._waiters and (closed or (self._turn is None and self.channel.bufferedAmount <= self._high)):
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._turn = waiter
-
-    def _done(self, waiter: asyncio.Future[None]) -> None:
-        """``waiter`` sent, failed or gave up: the next one's turn, if there is room."""
-        if self._turn is waiter:
-            self._turn = None
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-        self._let_next_go()
+    def _send_waiting(self) -> None:
+        """Queued messages go out, in order, while the buffer is under the mark."""
+        while self._waiting and self.channel.bufferedAmount <= self._high:
+            sent, data = self._waiting.popleft()
+            if sent.done():  # its sender gave up
+                continue
+            try:
+                self._check_open()
+                self._queue(data)
+            except KVPeerError as exc:
+                sent.set_exception(exc)
+            else:
+                sent.set_result(None)
 
     def _note_level(self) -> None:
         if self.channel.bufferedAmount <= self._high:
@@ -132,26 +128,32 @@ class _Channel:
     async def send(self, data: bytes, limit_s: float) -> None:
         self._check_open()
         self._note_level()
-        if not self._waiters and self._turn is None and self.channel.bufferedAmount <= self._high:
+        if not self._waiting and self.channel.bufferedAmount <= self._high:
             self._queue(data)
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._let_next_go()  # room already (it drained without a low event): no wait
+        entry = (asyncio.get_running_loop().create_future(), data)
+        self._waiting.append(entry)
+        self._send_waiting()  # room already (it drained without a low event): no wait
+        sent = entry[0]
         try:
-            done, _ = await asyncio.wait({waiter}, timeout=max(0.0, limit_s))
-            if not done:
-                raise TransportError("peer stopped reading (send buffer stayed full)")
-            self._check_open()
-            self._queue(data)
+            await asyncio.wait({sent}, timeout=max(0.0, limit_s))
         finally:
-            self._done(waiter)
+            if not sent.done():  # timed out or cancelled while still queued: never sent
+                sent.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+        if sent.cancelled():
+            raise TransportError("peer stopped reading (send buffer stayed full)")
+        sent.result()  # the send's own error (TOO_LARGE, closed)
 
     def close(self, reason: str) -> None:
         """Fail every send from now on with *reason*, waiting ones too: a closed aiortc channel
         never emits bufferedamountlow, so they would wait out their whole limit."""
         self._closed_reason = reason
-        self._let_next_go()
+        while self._waiting:
+            sent, _data = self._waiting.popleft()
+            if not sent.done():
+                sent.set_exception(TransportError(reason))
 
     def send_now(self, data: bytes) -> None:
         """Queue *data* past flow control (small control messages, pings); PeerStoppedReading
@@ -339,7 +341,9 @@ class PeerSession:
     async def close(self) -> None:
         """Graceful: wait (bounded) until the peer confirmed what we serve, say bye, close."""
         if self._ending is not None and not self._closed:
-            await asyncio.shield(self._ending)  # the peer said Bye: its end is under way
+            # The peer said Bye: its end is under way (waited for, never raised from here: it
+            # may be cancelled by another path ending the session first).
+            await asyncio.wait({self._ending})
             return
         if self._closed or self._closing:
             return
@@ -705,7 +709,7 @@ class PeerSession:
             # (sent past flow control: the control channel may be the full one).
             with contextlib.suppress(KVPeerError):
                 self._send_control_now(
-                    m.Error(id=request.id, code=ErrorCode.BUSY, reason=f"sending stopped: {exc}")
+                    m.Error(id=request.id, code=ErrorCode.TIMEOUT, reason=f"sending stopped: {exc}")
                 )
         except Exception:
             logger.exception("serving blob %d to %s failed", request.id, self.peer_id)

@@ -61,7 +61,7 @@ def test_transfers_sharing_a_channel_each_move_every_drain_cycle() -> None:
     async def body() -> None:
         ch, fake = channel()
         cycles = [0]
-        worst = [0] * 8
+        worst = [0] * 16
 
         async def transfer(i: int) -> None:
             last = cycles[0]
@@ -71,9 +71,9 @@ def test_transfers_sharing_a_channel_each_move_every_drain_cycle() -> None:
                 last = cycles[0]
 
         link = asyncio.create_task(drain(fake, cycles))
-        await asyncio.gather(*(transfer(i) for i in range(8)))
+        await asyncio.gather(*(transfer(i) for i in range(16)))
         link.cancel()
-        assert max(worst) <= 1, worst
+        assert max(worst) <= 2, worst  # was the transfer's place in the queue: up to 15
         assert fake.peak <= HIGH + FRAME
 
     run(body)

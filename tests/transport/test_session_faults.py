@@ -475,8 +475,6 @@ def test_a_blob_the_handler_fails_to_open_is_answered_at_once(
         run(body)
     assert bool([r for r in caplog.records if r.levelno >= logging.ERROR]) == (code == ErrorCode.INTERNAL)
 
-    run(body)
-
 
 @pytest.mark.parametrize("method", ["cancelled", "set", "huge"])
 def test_a_request_the_handler_fails_is_answered_at_once(method: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -515,6 +513,7 @@ def test_a_blob_whose_frames_stop_midway_is_failed_at_once_for_the_requester() -
             for channel in served._bulk:
                 channel.send = stalls_after_one(channel)  # type: ignore[method-assign]
             error, took = await _outcome(session.fetch_blob(b"k", "", timeout=3 * TIMEOUT_S))
-            assert error.code == ErrorCode.BUSY and took < PROMPT_S, (error, took)
+            # Not BUSY (asked again, the same): the link to this peer is the trouble.
+            assert error.code == ErrorCode.TIMEOUT and took < PROMPT_S, (error, took)
 
     run(body)
