@@ -590,6 +590,12 @@ def test_sessions_are_capped_per_source_address_and_in_all(
             assert len(b.sessions()) == 2
             session = await connect("sybil-5")
             assert await session.request("echo", {}) == {"from": "sybil-5"}
+            # Sessions node-b opens itself do not count: they filled the total before.
+            other = PeerTransport("other-3", _config(host="127.0.0.3"), Handler())
+            clients.append(other)
+            await other.start()
+            await b.connect("other-3", "127.0.0.3", other.port)
+            await connect("other-4", "127.0.0.2")
         finally:
             for client in clients:
                 await client.close()

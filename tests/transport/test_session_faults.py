@@ -19,7 +19,16 @@ from aiortc.rtcsctptransport import RTCSctpTransport
 from kvpeer.errors import ConfigError, ErrorCode, ProtocolError, TransportError
 from kvpeer.transport import PeerTransport
 from kvpeer.transport import messages as m
-from tests.transport.pairs import Handler, config, freeze, pair, run, silence, unhandled_exceptions
+from tests.transport.pairs import (
+    Handler,
+    config,
+    freeze,
+    pair,
+    run,
+    silence,
+    stall_sending,
+    unhandled_exceptions,
+)
 
 #: Requests in these tests time out after this long; a prompt answer takes far less.
 TIMEOUT_S = 5.0
@@ -515,5 +524,33 @@ def test_a_blob_whose_frames_stop_midway_is_failed_at_once_for_the_requester() -
             error, took = await _outcome(session.fetch_blob(b"k", "", timeout=3 * TIMEOUT_S))
             # Not BUSY (asked again, the same): the link to this peer is the trouble.
             assert error.code == ErrorCode.TIMEOUT and took < PROMPT_S, (error, took)
+
+    run(body)
+
+
+def test_closing_a_session_another_path_ended_first_does_not_raise() -> None:
+    """The peer said Bye and our ByeAck could not drain; the session then ended another way
+    (the peer closed its connection): close() raised CancelledError into a caller nobody
+    cancelled."""
+
+    async def body() -> None:
+        ta = PeerTransport("node-a", config(close_timeout_s=0.3), Handler())
+        tb = PeerTransport("node-b", config(close_timeout_s=3.0), Handler())
+        await ta.start()
+        await tb.start()
+        try:
+            a = await ta.connect("node-b", "127.0.0.1", tb.port)
+            b = tb.session("node-a")
+            assert b is not None
+            stall_sending(b)  # its ByeAck stays in the buffer
+            closing_a = asyncio.create_task(a.close())
+            while b._ending is None:  # noqa: ASYNC110 (no event marks the Bye's arrival)
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(b.close(), 10)  # returns, does not raise
+            assert b.closed
+            await closing_a
+        finally:
+            await ta.close()
+            await tb.close()
 
     run(body)
