@@ -591,6 +591,9 @@ def test_sessions_are_capped_per_source_address_and_in_all(
             session = await connect("sybil-5")
             assert await session.request("echo", {}) == {"from": "sybil-5"}
             # Sessions node-b opens itself do not count: they filled the total before.
+            down.clear()
+            await clients[-1].close()
+            await asyncio.wait_for(down.wait(), 10)
             other = PeerTransport("other-3", _config(host="127.0.0.3"), Handler())
             clients.append(other)
             await other.start()
