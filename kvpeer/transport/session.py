@@ -251,6 +251,11 @@ class PeerSession:
         return self._closing
 
     @property
+    def leaving(self) -> bool:
+        """The peer said Bye and the session is ending: the peer is going away."""
+        return self._ending is not None and not self._closed
+
+    @property
     def rtt_s(self) -> float | None:
         """Round-trip time: SCTP's smoothed RTT when known, else the heartbeat's.
 
