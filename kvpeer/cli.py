@@ -171,7 +171,7 @@ def check_start_config(config: Any) -> TransportConfig:
     preflight(config)
     resolve_namespaces(config.api.namespaces)
     if config.store.disk_bytes:
-        check_store_dir(config.store.dir)
+        check_store_dir(config.store.dir, config.node.state_dir)
     return transport
 
 
@@ -196,11 +196,15 @@ def store_dir_read_only(store_dir: Path) -> bool:
         return False
 
 
-def check_store_dir(store_dir: Path) -> None:
+def check_store_dir(store_dir: Path, state_dir: Path | None = None) -> None:
     """ConfigError when this user cannot create or write ``store_dir`` where the file system
     is writable: the store's start then fails with EACCES, exit 2. (A read-only file system
-    is not an error: the store runs on its RAM tier, see :func:`store_dir_read_only`.)"""
+    is not an error: the store runs on its RAM tier, see :func:`store_dir_read_only`.) Not
+    checked while ``state_dir`` itself does not exist yet: on a fresh install the unit's
+    StateDirectory= makes it, the daemon's own, at the first start."""
     target = _nearest_existing(store_dir)
+    if state_dir is not None and target in state_dir.parents:
+        return
     if os.access(target, os.W_OK | os.X_OK) or store_dir_read_only(store_dir):
         return
     where = "" if target == store_dir else f" ({target}, where it would be created, is not writable by this user)"

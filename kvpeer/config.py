@@ -37,6 +37,7 @@ import re
 import secrets
 import socket
 import sys
+import threading
 import tomllib
 import types
 import typing
@@ -372,6 +373,35 @@ class MetricsSection:
         _check_listen_host("metrics.host", self.host)
 
 
+#: Seconds a host name's lookup may take at config load; a resolver that does not answer
+#: (glibc waits ~20 s per nameserver) is taken as "not known yet", like EAI_AGAIN.
+NAME_LOOKUP_S = 2.0
+
+
+def _resolves_ipv4(host: str) -> bool:
+    """Whether ``host`` resolves to an IPv4 address (what the metrics server binds for a
+    name); False when the lookup did not end within :data:`NAME_LOOKUP_S`. Raises the
+    lookup's error (gaierror, UnicodeError)."""
+    outcome: list[BaseException | None] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=look_up, name="kvpeer-config-lookup", daemon=True)
+    thread.start()
+    thread.join(NAME_LOOKUP_S)
+    if not outcome:
+        return False
+    if outcome[0] is not None:
+        raise outcome[0]
+    return True
+
+
 def _check_listen_host(key: str, host: str) -> None:
     """ConfigError unless ``host`` is an IP address or a name this machine resolves now
     ("localhost", "vm", "ip6-localhost" from /etc/hosts: what a bind takes)."""
@@ -381,7 +411,8 @@ def _check_listen_host(key: str, host: str) -> None:
         ipaddress.ip_address(host)
         return
     try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        if not _resolves_ipv4(host):  # a resolver that does not answer: as EAI_AGAIN
+            return
     except socket.gaierror as exc:
         if exc.errno == socket.EAI_AGAIN:  # no resolver yet (at boot): the name may be good
             return

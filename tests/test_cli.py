@@ -429,6 +429,20 @@ def test_check_config_fails_on_a_store_dir_this_user_may_not_write(
         assert f"({store_dir.parent}, where it would be created, is not writable" in err
 
 
+def test_check_config_leaves_a_state_dir_not_made_yet_to_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh install: /var/lib/kvpeer does not exist before the first start (StateDirectory=
+    makes it, the daemon's own), and /var/lib is not the daemon user's: that is no error."""
+    config = daemon_config(tmp_path)
+    loaded = load_config(config, env={})
+    loaded.node.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    assert not loaded.node.state_dir.exists()
+    _deny_writes(monkeypatch, loaded.node.state_dir.parent, read_only=False)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert "store.dir" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("exists", [True, False])
 def test_check_config_warns_of_a_store_dir_on_a_read_only_file_system(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -364,3 +364,44 @@ def test_api_namespaces_is_a_table_of_members_from_the_file_or_the_environment(t
     for bad in ('namespaces = ["alice"]', 'namespaces = { team-a = [] }', 'namespaces = { team-a = [1] }'):
         with pytest.raises(ConfigError, match=r"api\.namespaces: expected a table of lists of names"):
             load_config(write(tmp_path, f'[node]\nnode_id = "n1"\n[api]\n{bad}\n'), env={})
+
+
+def test_a_metrics_host_lookup_that_does_not_answer_does_not_hold_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolver that never answers held config load ~20 s per nameserver, before any log."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hangs(*_args: object, **_kwargs: object) -> list[object]:
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(cfg.socket, "getaddrinfo", hangs)
+    monkeypatch.setattr(cfg, "NAME_LOOKUP_S", 0.2)
+    started = time.monotonic()
+    try:
+        config = load_config(write(tmp_path, '[metrics]\nhost = "metrics.lan"\n'), env={})
+    finally:
+        release.set()
+    assert config.metrics.host == "metrics.lan" and time.monotonic() - started < 5
+
+
+def test_a_metrics_host_name_is_looked_up_as_the_ipv4_the_server_binds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name with only an IPv6 address passed, and the start's IPv4 server could not bind it."""
+    families: list[object] = []
+
+    def resolver(host: str, *args: object, family: int = 0, **kwargs: object) -> list[object]:
+        families.append(family)
+        if family == socket.AF_INET:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fd00::1", 0, 0, 0))]
+
+    monkeypatch.setattr(cfg.socket, "getaddrinfo", resolver)
+    with pytest.raises(ConfigError, match="v6only"):
+        load_config(write(tmp_path, '[metrics]\nhost = "v6only"\n'), env={})
+    assert families == [socket.AF_INET]
