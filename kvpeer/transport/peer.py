@@ -63,6 +63,15 @@ MAX_SESSIONS_PER_ADDRESS = 8
 MAX_SESSIONS = 256
 
 
+def _first_warning(warned: set[str], address: str) -> int:
+    """WARNING the first time for ``address``, DEBUG after (at most _MAX_WARNED remembered)."""
+    if address in warned:
+        return logging.DEBUG
+    if len(warned) < _MAX_WARNED:
+        warned.add(address)
+    return logging.WARNING
+
+
 class PeerBackingOff(TransportError):
     """A connect refused at once: the peer's last connect failed and its wait is not over."""
 
@@ -447,11 +456,8 @@ class PeerTransport:
     def _log_refusal(self, address: str, peer_id: str, reason: str) -> None:
         # A key holder can repeat this at will: warn once per address, then only count.
         self.counters["sessions_refused"] += 1
-        first = address not in self._refusal_warned
-        if first and len(self._refusal_warned) < _MAX_WARNED:
-            self._refusal_warned.add(address)
         logger.log(
-            logging.WARNING if first else logging.DEBUG,
+            _first_warning(self._refusal_warned, address),
             "refused a session with peer %r at %s: %s (%d refused so far)",
             peer_id, address, reason, self.counters["sessions_refused"],
         )  # fmt: skip
@@ -459,11 +465,8 @@ class PeerTransport:
     def _log_auth_failure(self, peer: Any, exc: AuthError) -> None:
         # Anyone on the LAN can trigger this: warn once per address, then only count.
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        first = address not in self._auth_warned
-        if first and len(self._auth_warned) < _MAX_WARNED:
-            self._auth_warned.add(address)
         logger.log(
-            logging.WARNING if first else logging.DEBUG,
+            _first_warning(self._auth_warned, address),
             "peer at %s failed authentication (%d failures so far): %s",
             address, self.counters["auth_failures"], exc.reason,
         )  # fmt: skip

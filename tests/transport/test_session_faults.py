@@ -536,14 +536,7 @@ def test_closing_a_session_another_path_ended_first_does_not_raise() -> None:
     cancelled."""
 
     async def body() -> None:
-        ta = PeerTransport("node-a", config(close_timeout_s=0.3), Handler())
-        tb = PeerTransport("node-b", config(close_timeout_s=3.0), Handler())
-        await ta.start()
-        await tb.start()
-        try:
-            a = await ta.connect("node-b", "127.0.0.1", tb.port)
-            b = tb.session("node-a")
-            assert b is not None
+        async with pair(a={"close_timeout_s": 0.3}, b={"close_timeout_s": 3.0}) as (a, b):
             stall_sending(b)  # its ByeAck stays in the buffer
             closing_a = asyncio.create_task(a.close())
             while b._ending is None:  # noqa: ASYNC110 (no event marks the Bye's arrival)
@@ -551,9 +544,6 @@ def test_closing_a_session_another_path_ended_first_does_not_raise() -> None:
             await asyncio.wait_for(b.close(), 10)  # returns, does not raise
             assert b.closed
             await closing_a
-        finally:
-            await ta.close()
-            await tb.close()
 
     run(body)
 
