@@ -217,10 +217,6 @@ class PeerTransport:
         existing = self.session(peer_id)
         if existing is not None:
             return existing
-        if any(s.peer_id == peer_id and s.leaving for s in list(self._all)):
-            # It said Bye a moment ago (it is stopping): a handshake now would fail and put
-            # it in backoff, with a warning, for a node that left cleanly.
-            raise TransportError(f"{peer_id} is leaving (it said bye)")
         task = self._connecting.get(peer_id)
         if task is None:
             failed = self._backoff.get(peer_id)

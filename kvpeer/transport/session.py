@@ -142,6 +142,10 @@ class _Channel:
                 sent.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(entry)
+            elif not sent.cancelled():
+                # Seen, even by a sender cancelled as close() failed its message (the session
+                # ending cancels its tasks): else asyncio logs it as never retrieved.
+                sent.exception()
         if sent.cancelled():
             raise TransportError("peer stopped reading (send buffer stayed full)")
         sent.result()  # the send's own error (TOO_LARGE, closed)
@@ -249,11 +253,6 @@ class PeerSession:
     def closing(self) -> bool:
         """close() began, or the peer said Bye: the session takes no new work."""
         return self._closing
-
-    @property
-    def leaving(self) -> bool:
-        """The peer said Bye and the session is ending: the peer is going away."""
-        return self._ending is not None and not self._closed
 
     @property
     def rtt_s(self) -> float | None:

@@ -7,6 +7,7 @@ and fires bufferedamountlow on the low crossing, as aiortc does.
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -124,5 +125,27 @@ def test_closing_fails_every_waiting_send() -> None:
         for send in sends:
             with pytest.raises(TransportError, match="session closed"):
                 await asyncio.wait_for(send, 5)
+
+    run(body)
+
+
+def test_a_queued_sender_cancelled_as_the_channel_closes_leaves_no_unseen_error() -> None:
+    """The session's end fails the queue, then cancels its tasks: a sender woken by the cancel
+    never read its message's error, and asyncio logged it as never retrieved (one per frame)."""
+
+    async def body() -> None:
+        ch, fake = channel()
+        fake.bufferedAmount = HIGH + 1
+        seen: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: seen.append(context))
+        sender = asyncio.create_task(ch.send(b"x", 60.0))
+        await asyncio.sleep(0.01)
+        ch.close("session closed")
+        sender.cancel()
+        await asyncio.wait({sender})
+        assert sender.cancelled()
+        del sender
+        gc.collect()
+        assert not seen, seen
 
     run(body)
