@@ -404,6 +404,16 @@ def _deny_writes(monkeypatch: pytest.MonkeyPatch, denied: Path, *, read_only: bo
     monkeypatch.setattr(cli.os, "statvfs", statvfs)
 
 
+def _store_dir_config(tmp_path: Path, exists: bool) -> tuple[Path, Path, Path]:
+    """A daemon config, its store.dir (made, or only its parent), and the directory a start
+    would write into: the store.dir itself, or the parent it would be created in."""
+    config = daemon_config(tmp_path)
+    store_dir = load_config(config, env={}).store.dir
+    where = store_dir if exists else store_dir.parent
+    where.mkdir(parents=True)
+    return config, store_dir, where
+
+
 @pytest.mark.parametrize("exists", [True, False])
 def test_check_config_fails_on_a_store_dir_this_user_may_not_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -411,15 +421,10 @@ def test_check_config_fails_on_a_store_dir_this_user_may_not_write(
 ) -> None:
     """EACCES is fatal at start (exit 2), yet --check-config warned "RAM tier only", and said
     nothing of a store.dir not created yet under a directory this user may not write."""
-    config = daemon_config(tmp_path)
-    store_dir = load_config(config, env={}).store.dir
-    if exists:
-        store_dir.mkdir(parents=True)
-    else:
-        store_dir.parent.mkdir(parents=True)
+    config, store_dir, where = _store_dir_config(tmp_path, exists)
     assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
     assert "store.dir" not in capsys.readouterr().err
-    _deny_writes(monkeypatch, store_dir if exists else store_dir.parent, read_only=False)
+    _deny_writes(monkeypatch, where, read_only=False)
     assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
     out, err = capsys.readouterr()
     assert out == "" and "RAM tier" not in err
@@ -449,13 +454,8 @@ def test_check_config_warns_of_a_store_dir_on_a_read_only_file_system(
     exists: bool,
 ) -> None:
     """EROFS (ProtectSystem=strict without ReadWritePaths=) leaves the store on its RAM tier."""
-    config = daemon_config(tmp_path)
-    store_dir = load_config(config, env={}).store.dir
-    if exists:
-        store_dir.mkdir(parents=True)
-    else:
-        store_dir.parent.mkdir(parents=True)
-    _deny_writes(monkeypatch, store_dir if exists else store_dir.parent, read_only=True)
+    config, store_dir, where = _store_dir_config(tmp_path, exists)
+    _deny_writes(monkeypatch, where, read_only=True)
     assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
     err = capsys.readouterr().err
     assert f"WARNING: store.dir {store_dir} is on a read-only file system" in err

@@ -1541,8 +1541,8 @@ def test_a_chunk_only_a_slow_peer_holds_gets_a_level_its_link_delivers_in_time()
     async def main() -> None:
         fast, slow = _Paced("a", 1e9), _Paced("b", 1e6)
         f = fetcher({"a": fast, "b": slow})
-        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
-        f.chunk_rates["b"] = ChunkRate(bps=1e6, samples=3, at=f.clock())
+        measured(f, "a", 1e9)
+        measured(f, "b", 1e6)
         out = await f.fetch(
             [key(i) for i in range(8)], [{"a"}] * 7 + [{"b"}], Sink(), recompute_rate=400.0,
             deadline=f.clock() + 0.3,
@@ -1562,7 +1562,7 @@ def test_a_fetch_joins_another_fetchs_transfer_only_at_its_level_or_a_smaller_on
     async def main() -> None:
         peer = _Paced("a", 1e6)
         f = fetcher({"a": peer})
-        f.chunk_rates["a"] = ChunkRate(bps=1e6, samples=3, at=f.clock())
+        measured(f, "a", 1e6)
         big = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:exact"))
         await wait_until(lambda: bool(peer.calls))
         small = await f.fetch([key(0)], [{"a"}], Sink(), recompute_rate=400.0, deadline=f.clock() + 0.3)
@@ -1604,8 +1604,8 @@ def test_the_carrying_peers_queue_is_what_was_requested_from_it_at_its_level() -
     async def main() -> None:
         fast, slow = _Serial("a", 1e9), _Serial("b", 4e6)
         f = fetcher({"a": fast, "b": slow})
-        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
-        f.chunk_rates["b"] = ChunkRate(bps=4e6, samples=3, at=f.clock())
+        measured(f, "a", 1e9)
+        measured(f, "b", 4e6)
         out = await f.fetch(
             [key(i) for i in range(8)], [{"a"}] * 6 + [{"b"}] * 2, Sink(), recompute_rate=400.0,
             deadline=f.clock() + 0.2,
@@ -1640,7 +1640,7 @@ def test_transfers_past_a_gap_stop() -> None:
         a, c = _Serial("a", 4e6), Watched("c", 1e6)
         f = fetcher({"a": a, "b": Dies("b"), "c": c})
         for name, bps in (("a", 4e6), ("b", 1e9), ("c", 1e6)):
-            f.chunk_rates[name] = ChunkRate(bps=bps, samples=3, at=f.clock())
+            measured(f, name, bps)
         started = time.monotonic()
         holders = [{"a"}] * 2 + [{"b"}] + [{"c"}] * 5
         out = await f.fetch([key(i) for i in range(8)], holders, Sink(), policy="fixed:exact")
@@ -1670,7 +1670,7 @@ def test_a_fetch_not_joining_a_bigger_transfer_leaves_it_joinable() -> None:
     async def main() -> None:
         peer = Held("a")
         f = fetcher({"a": peer}, cache=Keeps())
-        f.chunk_rates["a"] = ChunkRate(bps=1e9, samples=3, at=f.clock())
+        measured(f, "a", 1e9)
         big = asyncio.create_task(f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:exact"))
         await wait_until(lambda: bool(peer.calls))
         small = await f.fetch([key(0)], [{"a"}], Sink(), policy="fixed:q3")
