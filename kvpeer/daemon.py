@@ -465,7 +465,9 @@ class Daemon:
             if not self.store.has(key):
                 break
             plan.sources.append(None)
-            plan.holders.append(set())
+            # Peers holding it too: a local copy that cannot be read (corrupt, evicted since)
+            # is then fetched from one of them instead of ending the fetch there.
+            plan.holders.append(self.peer_table.peers_for(key, fp.hex))
             local += 1
         wanted = list(keys[local : local + MAX_HAS_KEYS])
         if not wanted:

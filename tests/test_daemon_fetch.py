@@ -149,3 +149,39 @@ def test_chunks_a_peer_held_but_the_fetch_recomputed_are_not_misses() -> None:
     assert node.value("kvpeer_fetches_total", outcome="recompute") == 1
     assert node.value("kvpeer_chunk_misses_total") == 1  # chunk 3: nobody held it
     assert node.value("kvpeer_chunk_skips_total", reason="recompute") == 3
+
+
+def test_a_local_chunk_that_turns_out_corrupt_comes_from_a_peer_that_holds_it(tmp_path: Any) -> None:
+    """The plan listed no peers for chunks held here, so a local file failing its checksum
+    ended the fetch at that chunk and the client recomputed everything, peers' chunks too."""
+    from kvpeer import codec
+    from kvpeer.discovery.inventory import InventoryTable, InventoryUpdate
+    from kvpeer.store import ChunkStore
+    from tests.test_fetcher import blob
+
+    async def main() -> Any:
+        store = ChunkStore(ram_bytes=0, disk_bytes=1 << 30, directory=tmp_path, level_order=codec.LEVELS)
+        keys = [key(i) for i in range(4)]
+        for index in range(2):  # this node holds chunks 0 and 1; peer "a" holds all four
+            await store.put(keys[index], "exact", blob(index, "exact"))
+        store.flush()
+        path = next(tmp_path.rglob(keys[0].hex() + "*"))
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 1
+        path.write_bytes(bytes(data))
+        table = InventoryTable()
+        table.apply("a", InventoryUpdate(kind="full", epoch=1, keys=tuple(keys)), fingerprints=[FP.hex])
+        node = SimpleNamespace(store=store, peer_table=table, discovery=SimpleNamespace(peers=dict))
+        plan = await daemon.Daemon._plan(node, keys, FP)
+        assert plan.sources == [None, None, "a", "a"]
+        fetching = fetcher({"a": Peer("a")}, cache=store)  # type: ignore[arg-type]
+        try:
+            outcome = await fetching.fetch(keys, plan.holders, Sink(), policy="fixed:exact")
+        finally:
+            await fetching.close()
+            store.close()
+        return outcome, store.stats()["corrupt"]
+
+    outcome, corrupt = asyncio.run(main())
+    assert corrupt == 1
+    assert (outcome.chunks, outcome.reason) == (4, "complete")
