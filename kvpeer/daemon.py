@@ -40,6 +40,7 @@ from kvpeer.discovery import (
     PeerEvent,
     make_discovery,
 )
+from kvpeer.discovery.advert import MAX_FINGERPRINTS
 from kvpeer.discovery.config import advertisable_addresses
 from kvpeer.errors import ConfigError, ErrorCode, KVPeerError, ProtocolError, StoreError
 from kvpeer.fetcher import Fetcher, FetcherConfig, FetchOutcome, LevelServer, total_bytes_per_token
@@ -226,17 +227,26 @@ class Daemon:
             node_id=self.node_id,
             addresses=tuple(self.addresses),
             port=self.transport.port,
-            fingerprints=tuple(sorted(self.fingerprints)),
+            fingerprints=tuple(sorted(self._advertised_fingerprints())),
             epoch=self.inventory.epoch,
             chunk_count=len(self.inventory),
             first_chunk_keys=self.inventory.first_chunk_keys(),
         )
 
+    def _advertised_fingerprints(self) -> list[str]:
+        """The models peers are told this node serves: the most recently put ones, as many as
+        an advertisement carries (``self.fingerprints`` is kept in order of use)."""
+        return list(self.fingerprints)[-MAX_FINGERPRINTS:]
+
     def _store_changed(self, added: list[bytes], removed: list[bytes]) -> None:
-        self.inventory.add(added)
-        self.inventory.remove(removed)
-        if removed and self.ready:
-            # Evictions change what peers may ask for; the discovery coalesces bursts.
+        # Changes made in other threads (an evict, a full disk) reach the loop by another
+        # path than a put's, so a removal may overtake an earlier addition: the store says
+        # what is true now.
+        self.inventory.add([key for key in added if self.store.has(key)])
+        self.inventory.remove([key for key in removed if not self.store.has(key)])
+        if (added or removed) and self.ready:
+            # What peers may ask for changed (chunks fetched and cached here too, which no put
+            # announces); the discovery coalesces bursts.
             self._advertise_soon()
 
     def _advertise_soon(self) -> None:
@@ -332,8 +342,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stored: list[bytes] = []  # the chunks this put added (the others were held already)
         started = time.perf_counter()
-        if fp.hex not in self.fingerprints:
+        if fp.hex not in self._advertised_fingerprints():
+            # New, or back after other models pushed it out of the advertisement: it becomes
+            # the most recent (an advertisement names at most MAX_FINGERPRINTS models).
+            self.fingerprints.pop(fp.hex, None)
             self.fingerprints[fp.hex] = fp
+            if len(self.fingerprints) > MAX_FINGERPRINTS:  # the oldest advertised one left
+                gone = list(self.fingerprints)[-MAX_FINGERPRINTS - 1]
+                log.info(
+                    "model %s is no longer advertised (%d models at most, the most recently "
+                    "put): peers stop fetching its chunks from here until it is put again",
+                    self.fingerprints[gone].name, MAX_FINGERPRINTS,
+                )
             await self._save_fingerprints()
         profile = None
         if not all(map(self.store.has, keys)):
@@ -598,7 +618,8 @@ class Daemon:
 
 
 def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
-    """Fingerprints of the models this node served before (so a restart advertises them)."""
+    """Fingerprints of the models this node served before, least recently put first (so a
+    restart advertises the latest of them)."""
     try:
         entries = json.loads(path.read_text())
     except FileNotFoundError:

@@ -266,7 +266,8 @@ def test_a_request_to_a_peer_without_an_address_is_not_found_not_an_index_error(
     assert info.value.code == ErrorCode.NOT_FOUND and "no address" in str(info.value)
 
 
-def test_the_api_connection_caps_reach_the_api_server(tmp_path: Path) -> None:
+def _local_daemon(tmp_path: Path, extra: str = "") -> daemon.Daemon:
+    """A daemon built from a loopback config, not started (its store is open: close it)."""
     from kvpeer.config import load_config
 
     config_file = tmp_path / "kvpeer.toml"
@@ -274,11 +275,77 @@ def test_the_api_connection_caps_reach_the_api_server(tmp_path: Path) -> None:
         f'[node]\nnode_id = "caps"\nstate_dir = "{tmp_path / "state"}"\n'
         f'runtime_dir = "{tmp_path / "run"}"\n'
         '[transport]\nhost = "127.0.0.1"\nallow_loopback = true\nport = 0\n'
-        '[discovery]\nbackend = "static"\ninterfaces = ["127.0.0.1"]\n'
-        "[api]\nmax_connections = 7\nmax_connections_per_uid = 3\n"
+        '[discovery]\nbackend = "static"\ninterfaces = ["127.0.0.1"]\n' + extra
     )
-    node = daemon.Daemon(load_config(config_file, env={}))
+    return daemon.Daemon(load_config(config_file, env={}))
+
+
+def test_the_api_connection_caps_reach_the_api_server(tmp_path: Path) -> None:
+    node = _local_daemon(tmp_path, "[api]\nmax_connections = 7\nmax_connections_per_uid = 3\n")
     try:
         assert (node.api.max_connections, node.api.max_connections_per_uid) == (7, 3)
     finally:
         node.store.close()
+
+
+def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_latest(
+    tmp_path: Path,
+) -> None:
+    """Every model ever put was advertised: the ninth made each advertisement invalid, so
+    puts failed and the daemon could not start again."""
+    import asyncio
+
+    import numpy as np
+
+    from kvpeer.discovery.advert import MAX_FINGERPRINTS
+
+    models = [dataclasses.replace(FP32, name=f"model-{i}") for i in range(MAX_FINGERPRINTS + 2)]
+
+    def put(node: daemon.Daemon, fp: ModelFingerprint) -> None:
+        request = SimpleNamespace(fingerprint=fp, tokens=np.zeros(0, np.uint32), level="", prefill_s=0.0)
+        asyncio.run(node.put(SimpleNamespace(namespace="default"), request, None))  # type: ignore[arg-type]
+
+    def advertised(node: daemon.Daemon) -> set[str]:
+        node.transport = SimpleNamespace(port=4000)  # type: ignore[assignment]  # not started
+        return set(node._advertisement().fingerprints)
+
+    node = _local_daemon(tmp_path)
+    try:
+        for fp in models:
+            put(node, fp)
+        assert advertised(node) == {fp.hex for fp in models[-MAX_FINGERPRINTS:]}
+        put(node, models[0])  # put again: the most recent, and the oldest advertised one leaves
+        latest = {fp.hex for fp in [*models[-MAX_FINGERPRINTS + 1 :], models[0]]}
+        assert advertised(node) == latest
+    finally:
+        node.store.close()
+    restarted = _local_daemon(tmp_path)
+    try:
+        assert advertised(restarted) == latest
+    finally:
+        restarted.store.close()
+
+
+def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_advertised() -> None:
+    """A removal made in another thread (an evict) could overtake an earlier put's addition,
+    leaving a key advertised that the store had dropped; and chunks fetched from peers and
+    cached here were never advertised (only removals were)."""
+    from kvpeer.discovery import InventoryLog
+
+    held: set[bytes] = set()
+    advertised: list[int] = []
+    node = SimpleNamespace(
+        store=SimpleNamespace(has=held.__contains__), inventory=InventoryLog(), ready=True,
+        _advertise_soon=lambda: advertised.append(len(node.inventory)),
+    )  # fmt: skip
+    fetched, evicted = b"f" * 32, b"e" * 32
+    held.add(fetched)
+    daemon.Daemon._store_changed(node, [fetched], [])  # a fetched chunk cached here
+    assert fetched in node.inventory and advertised == [1]
+    daemon.Daemon._store_changed(node, [], [evicted])  # the evict's news arrives first...
+    daemon.Daemon._store_changed(node, [evicted], [])  # ...then the put it undid
+    assert evicted not in node.inventory
+    held.add(evicted)  # put again since: an old removal must not hide it
+    daemon.Daemon._store_changed(node, [evicted], [])
+    daemon.Daemon._store_changed(node, [], [evicted])
+    assert evicted in node.inventory
