@@ -95,6 +95,9 @@ CLEAR_BATCH = 128  # keys dropped per hold of the lock by clear()
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"
+# Only this daemon reads its chunk files: clients get KV through the API's shared memory.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 # Record: magic, format version, level length, payload length, checksum, key; then level, payload.
 _MAGIC = b"KVPCHNK1"
@@ -1015,7 +1018,7 @@ class ChunkStore:
         directory itself is the configuration's: a missing one fails the write."""
         for directory in (prefix_dir.parent, prefix_dir):
             try:
-                directory.mkdir()
+                directory.mkdir(mode=PRIVATE_DIR_MODE)
             except FileExistsError:
                 continue
             fsync_dir(directory.parent)
@@ -1023,10 +1026,15 @@ class ChunkStore:
     def _open_disk(self, directory: Path) -> None:
         try:
             base = directory / self._format_dir
-            base.mkdir(parents=True, exist_ok=True)
+            new_base = not base.exists()
+            base.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            if new_base:  # what flush later reports durable must not sit in a lost directory
+                fsync_dir(directory)
             others = [p.name for p in directory.iterdir()
                       if p.is_dir() and p.name.startswith(FORMAT_DIR) and p.name != self._format_dir]
-            self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._lock_fd = os.open(
+                directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
+            )
         except OSError as exc:
             raise _store_dir_error(directory, exc) from exc
         try:
@@ -1034,6 +1042,7 @@ class ChunkStore:
         except OSError as exc:
             self._release_lock()
             raise StoreError(f"store directory {directory} is in use by another process") from exc
+        _make_private(base)
         try:
             found, removed_tmp = self._scan_disk(base)
         except BaseException:
@@ -1067,10 +1076,16 @@ class ChunkStore:
         interrupted writes were removed. A file that cannot be looked at is skipped."""
         found: list[tuple[int, _Slot, int]] = []
         removed_tmp = 0
+        made_dirs = False
+        unknown_levels: set[str] = set()
         for prefix in range(256):
             sub = base / f"{prefix:02x}"
             try:
-                sub.mkdir(exist_ok=True)
+                try:
+                    sub.mkdir(mode=PRIVATE_DIR_MODE)
+                    made_dirs = True
+                except FileExistsError:
+                    pass
                 entries = list(os.scandir(sub))
             except OSError as exc:
                 raise _store_dir_error(sub, exc) from exc
@@ -1085,7 +1100,8 @@ class ChunkStore:
                         continue
                     key, level = bytes.fromhex(match.group(1)), match.group(2)
                     if self._order and level not in self._order:
-                        continue  # a level this version does not know: leave the file alone
+                        unknown_levels.add(level)  # another version's: left alone, said below
+                        continue
                     st = entry.stat()
                     if st.st_size < record_size(level, 1):
                         Path(entry.path).unlink(missing_ok=True)
@@ -1094,8 +1110,33 @@ class ChunkStore:
                     log.warning("store: skipping %s: %s", entry.path, _describe_os_error(exc))
                     continue
                 found.append((st.st_mtime_ns, (key, level), st.st_size))
+        if made_dirs:
+            try:
+                fsync_dir(base)
+            except OSError as exc:
+                raise _store_dir_error(base, exc) from exc
+        if unknown_levels:
+            log.warning(
+                "store %s: ignoring chunk files of levels this version does not know (%s); "
+                "they do not count against store.disk_bytes",
+                base, ", ".join(sorted(unknown_levels)),
+            )
         found.sort()
         return found, removed_tmp
+
+
+def _make_private(directory: Path) -> None:
+    """Chunk files are for this daemon alone: an engine user in its group (which the API
+    socket needs) must not read other namespaces' KV off the disk. Directories made by an
+    older version were group-readable."""
+    try:
+        if directory.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+            directory.chmod(PRIVATE_DIR_MODE)
+    except OSError as exc:
+        log.warning(
+            "store %s: cannot make it private to this user (%s): other users of its group "
+            "can read the cached KV", directory, _describe_os_error(exc),
+        )
 
 
 def _store_dir_error(path: Path, exc: OSError) -> OSError:
@@ -1107,7 +1148,7 @@ def _write_file_blocking(path: Path, header: bytes, blob: bytes) -> None:
     """Write a chunk file atomically: temporary file, fsync, rename (the caller fsyncs the dir)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(header)
             fh.write(blob)

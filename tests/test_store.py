@@ -129,6 +129,46 @@ def test_chunks_of_another_payload_format_are_not_loaded(tmp_path: Path, caplog:
         ChunkStore(ram_bytes=0, payload_format="../x")
 
 
+def test_chunk_files_are_private_to_the_daemon_even_in_a_store_an_older_version_made(
+    tmp_path: Path,
+) -> None:
+    """Engine users join the daemon's group for its API socket; group-readable chunk files let
+    them read every namespace's KV off the disk, past the API's namespace checks."""
+    old_format_dir = tmp_path / FORMAT_DIR
+    (old_format_dir / "00").mkdir(parents=True, mode=0o750)
+    old_format_dir.chmod(0o750)
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    store.put_blocking(key(1), "q8", blob(1))
+    assert store.flush(timeout_s=30)
+    store.close()
+    (chunk,) = files(tmp_path)
+    assert old_format_dir.stat().st_mode & 0o777 == 0o700
+    assert chunk.stat().st_mode & 0o777 == 0o600
+    assert chunk.parent.stat().st_mode & 0o077 == 0
+    assert (tmp_path / store_mod.LOCK_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_a_new_store_makes_its_directories_durable_and_names_files_it_ignores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file a flush called durable sat in directories whose own entries were not fsynced;
+    and files of a level this version does not know were skipped without a word, outside the
+    disk budget."""
+    synced: list[Path] = []
+    fsync_dir = store_mod.fsync_dir
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda path: (synced.append(Path(path)), fsync_dir(path)))
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    store.close()
+    assert {tmp_path, tmp_path / FORMAT_DIR} <= set(synced)
+    (tmp_path / FORMAT_DIR / "00" / f"{key(1).hex()}.q2").write_bytes(b"x" * 100)
+    synced.clear()
+    with caplog.at_level(logging.WARNING, logger="kvpeer.store"):
+        again = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    again.close()
+    assert synced == []  # nothing new to make durable
+    assert "levels this version does not know (q2)" in caplog.text
+
+
 def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     events = Events()
