@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -135,9 +135,11 @@ class PeerEvent:
     reason: Literal["", "goodbye", "timeout", "transport"] = ""  # why "removed"
 
 
-def encode_fields(advert: Advertisement) -> dict[bytes, bytes]:
-    """The TXT key/value fields of an advertisement (addresses travel separately).
+def encode_fields(advert: Advertisement, addresses: Sequence[str] = ()) -> dict[bytes, bytes]:
+    """The TXT key/value fields of an advertisement.
 
+    ``addresses``, where given, go in field "a" in the node's order: beside the TXT they travel
+    as A records, which zeroconf returns in the order of its cache, and peers dial the first.
     Raises ProtocolError(TOO_LARGE) if the record would exceed MAX_TXT_BYTES.
     """
     fields: dict[bytes, bytes] = {
@@ -148,6 +150,9 @@ def encode_fields(advert: Advertisement) -> dict[bytes, bytes]:
         b"e": str(advert.epoch).encode(),
         b"n": str(advert.chunk_count).encode(),
     }
+    if addresses:
+        # Peers take no more (and one TXT string holds 255 bytes); the first are the ones used.
+        fields[b"a"] = ",".join(addresses[:MAX_ADDRESSES]).encode()
     # The digest gets what is left of the TXT budget (fingerprints and ids vary in length);
     # with too little left it is omitted and peers treat every prefix as "maybe".
     pieces_overhead = 4 * (1 + MAX_DIGEST_BYTES // _DIGEST_PIECE)  # "dN=" + length byte each
@@ -175,16 +180,23 @@ def _int_field(fields: Mapping[bytes, bytes | None], key: bytes) -> int:
 
 
 def decode_fields(fields: Mapping[bytes, bytes | None], addresses: Collection[str]) -> PeerInfo:
-    """A peer's advertisement from its TXT fields; ProtocolError if anything is off."""
+    """A peer's advertisement from its TXT fields; ProtocolError if anything is off.
+
+    ``addresses`` are those that came beside the fields (A records, a record's "addr"). The
+    fields' own list "a" wins where present: it is in the order the node gave, first the one
+    its transport listens on. Nodes before that field sent none.
+    """
     if txt_size(fields) > MAX_TXT_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, "TXT record too large")
     if fields.get(b"v") != str(TXT_VERSION).encode():
         raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"TXT version {fields.get(b'v')!r}")
     raw_id = fields.get(b"id") or b""
     raw_fp = fields.get(b"fp") or b""
+    raw_addresses = fields.get(b"a") or b""
     try:
         node_id = raw_id.decode("ascii")
         fingerprints = tuple(f for f in raw_fp.decode("ascii").split(",") if f)
+        advertised = tuple(dict.fromkeys(a for a in raw_addresses.decode("ascii").split(",") if a))
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.INVALID, "TXT text fields are not ASCII") from None
     pieces: list[bytes] = []
@@ -193,7 +205,7 @@ def decode_fields(fields: Mapping[bytes, bytes | None], addresses: Collection[st
     digest = BloomDigest.decode(b"".join(pieces)) if pieces else None
     return PeerInfo(
         node_id=node_id,
-        addresses=tuple(addresses),
+        addresses=advertised or tuple(addresses),
         port=_int_field(fields, b"p"),
         fingerprints=fingerprints,
         epoch=_int_field(fields, b"e"),

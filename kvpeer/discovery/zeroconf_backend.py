@@ -165,7 +165,7 @@ class ZeroconfDiscovery(Discovery):
             SERVICE_TYPE,
             instance_name(advert.node_id),
             port=advert.port,
-            properties=encode_fields(advert),
+            properties=encode_fields(advert, self.addresses),
             server=f"{advert.node_id}.local.",
             addresses=[socket.inet_aton(a) for a in self.addresses],
         )

@@ -3,6 +3,7 @@ import os
 import pytest
 
 from kvpeer.discovery.advert import (
+    MAX_ADDRESSES,
     MAX_TXT_BYTES,
     Advertisement,
     decode_fields,
@@ -128,3 +129,34 @@ def test_a_peer_without_an_ipv4_address_is_refused() -> None:
     with pytest.raises(ProtocolError, match="no IPv4 address"):
         decode_record(encode_record(advert(), []))
     assert advert(addresses=()).addresses == ()  # our own: empty means "the interfaces'"
+
+
+def test_a_peers_addresses_keep_the_order_it_advertised() -> None:
+    """zeroconf returns a service's A records in the order of its cache, not the node's: peers
+    dialled a multi-homed node at an address where its transport (on its first) did not
+    listen."""
+    ordered = ["10.0.0.3", "10.0.0.1", "10.0.0.2"]
+    fields = encode_fields(advert(), ordered)
+    assert decode_fields(fields, list(reversed(ordered))).addresses == tuple(ordered)
+
+
+def test_an_advertisement_without_its_address_order_takes_the_addresses_beside_it() -> None:
+    """Nodes before the address field sent none: their A records are all there is."""
+    fields = encode_fields(advert())
+    assert b"a" not in fields
+    assert decode_fields(fields, ["10.0.0.2", "10.0.0.1"]).addresses == ("10.0.0.2", "10.0.0.1")
+
+
+def test_the_address_field_fits_beside_worst_case_fields() -> None:
+    fps = tuple(f"{i:064x}" for i in range(8))
+    a = advert(
+        node_id="n" * 63,
+        fingerprints=fps,
+        epoch=2**63 - 1,
+        chunk_count=2**63 - 1,
+        first_chunk_keys=keys(1000),
+    )
+    many = [f"192.168.{i}.{200 + i}" for i in range(MAX_ADDRESSES + 4)]
+    fields = encode_fields(a, many)
+    assert txt_size(fields) <= MAX_TXT_BYTES and len(fields[b"a"]) < 255
+    assert decode_fields(fields, many).addresses == tuple(many[:MAX_ADDRESSES])

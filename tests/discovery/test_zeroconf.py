@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from zeroconf import NonUniqueNameException, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceInfo
 
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery, zeroconf_backend
 from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement
@@ -183,6 +184,39 @@ def test_a_peer_that_sends_heartbeats_is_resolved_before_a_flood_of_made_up_name
         await turns()
         assert resolved and resolved[0] == instance_name("real-peer")
         await d._close()
+
+    asyncio.run(main())
+
+
+def test_a_multi_homed_peer_is_dialled_at_the_address_it_gave_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zeroconf returns A records in the order of its cache (newest first), and peers took its
+    first: a node on 127.0.0.3, .1 and .2 was dialled at .2, where its transport (on .3, its
+    first address) did not listen."""
+    node = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.3", "127.0.0.1", "127.0.0.2")))
+    node._addresses = node.config.interfaces  # as start() sets them
+    registered = node._service_info(Advertisement(node_id="multi", port=17490))
+    from_cache = AsyncServiceInfo(
+        SERVICE_TYPE,
+        registered.name,
+        port=registered.port,
+        properties=registered.properties,
+        server=registered.server,
+        addresses=list(reversed(registered.addresses)),
+    )
+
+    async def resolved(zc: Any, timeout_ms: int) -> bool:
+        return True
+
+    from_cache.async_request = resolved  # type: ignore[method-assign]
+    monkeypatch.setattr(zeroconf_backend, "AsyncServiceInfo", lambda *args: from_cache)
+
+    async def main() -> None:
+        d = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.1",)))
+        d._azc = SimpleNamespace(zeroconf=None)  # type: ignore[assignment]
+        await d._resolve_once(instance_name("multi"))
+        assert d.peers()["multi"].addresses == ("127.0.0.3", "127.0.0.1", "127.0.0.2")
 
     asyncio.run(main())
 
