@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 UNKNOWN_RESOLVES_PER_S = 2.0
 UNKNOWN_RESOLVE_BURST = 16
 # Any LAN host can multicast PTRs of made-up names for free, each a browser event: resolves
-# run this many at a time, and this many names wait; beyond that a name is dropped (counted;
-# a real peer's heartbeats or next update bring it back).
+# run this many at a time, and this many names wait; beyond that a new name is dropped
+# (counted; a real peer's heartbeats bring it back, see `_unknown_peer`). A known peer's name
+# is never dropped: its heartbeats do not ask for a resolve.
 MAX_RESOLVES = 16
 MAX_WAITING_RESOLVES = 1024
 # How long a node that holds our name has to answer the legacy unicast query of
@@ -148,9 +149,9 @@ class ZeroconfDiscovery(Discovery):
         super().__init__(*args, **kwargs)
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._waiting: dict[str, None] = {}  # names to resolve once a resolve ends, in order
-        # Names whose node sends heartbeats (rate-limited): resolved before the browser's, so
-        # a flood of made-up service names cannot starve a real peer.
-        self._heard: dict[str, None] = {}
+        # Names of known peers and of nodes that send heartbeats (rate-limited): resolved
+        # before the other names, so a flood of made-up service names cannot starve a peer.
+        self._first: dict[str, None] = {}
         self._dirty: set[str] = set()
         # Warnings by kind, not by service name: names are the sender's to make up.
         self._warn_name = WarnRarely(log)
@@ -199,7 +200,7 @@ class ZeroconfDiscovery(Discovery):
 
     async def _close(self) -> None:
         self._waiting.clear()
-        self._heard.clear()
+        self._first.clear()
         for task in list(self._resolving.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -246,20 +247,27 @@ class ZeroconfDiscovery(Discovery):
         if state_change is ServiceStateChange.Removed:
             self._dirty.discard(name)
             self._waiting.pop(name, None)
-            self._heard.pop(name, None)
+            self._first.pop(name, None)
             task = self._resolving.pop(name, None)
             if task is not None:
                 task.cancel()
                 self._start_resolves()
             self._withdraw(node_id)
             return
-        self._queue_resolve(name)
+        # A known peer's update (its epoch moved) must not wait behind, or be dropped with, a
+        # flood of made-up names: nothing else would bring its new advertisement.
+        if self._table.known(node_id) is not None:
+            self._queue_resolve(name, first=True, capped=False)  # bounded by the peer table
+        else:
+            self._queue_resolve(name)
 
-    def _queue_resolve(self, name: str, *, heard: bool = False) -> None:
-        queue = self._heard if heard else self._waiting
+    def _queue_resolve(self, name: str, *, first: bool = False, capped: bool = True) -> None:
+        """Resolve ``name`` once a resolve slot frees. ``first``: before the names queued
+        without; ``capped``: dropped when MAX_WAITING_RESOLVES names wait already."""
+        queue = self._first if first else self._waiting
         if name in self._resolving:
             self._dirty.add(name)  # resolve again once the running resolve finishes
-        elif name in queue or len(queue) < MAX_WAITING_RESOLVES:
+        elif name in queue or not capped or len(queue) < MAX_WAITING_RESOLVES:
             queue[name] = None
             self._start_resolves()
         else:
@@ -268,7 +276,7 @@ class ZeroconfDiscovery(Discovery):
 
     def _start_resolves(self) -> None:
         while len(self._resolving) < MAX_RESOLVES and not self._closed:
-            queue = self._heard or self._waiting
+            queue = self._first or self._waiting
             if not queue:
                 return
             name = next(iter(queue))
@@ -292,7 +300,7 @@ class ZeroconfDiscovery(Discovery):
         self._asked[node_id] = now
         name = instance_name(node_id)
         if name not in self._resolving:
-            self._queue_resolve(name, heard=True)
+            self._queue_resolve(name, first=True)
 
     async def _resolve(self, name: str) -> None:
         try:

@@ -13,7 +13,7 @@ from zeroconf import NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceInfo
 
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery, zeroconf_backend
-from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement
+from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement, PeerInfo
 from kvpeer.discovery.beacon import Beacon, encode_beacon
 from kvpeer.discovery.zeroconf_backend import (
     MAX_RESOLVES,
@@ -184,6 +184,46 @@ def test_a_peer_that_sends_heartbeats_is_resolved_before_a_flood_of_made_up_name
         await turns()
         assert resolved and resolved[0] == instance_name("real-peer")
         await d._close()
+
+    asyncio.run(main())
+
+
+def test_a_known_peers_update_is_not_lost_in_a_flood_of_made_up_names() -> None:
+    """A known peer's "Updated" event (its epoch moved) waited in the browser's queue and was
+    dropped once made-up names filled it; its heartbeats only keep it alive, so its old epoch
+    (and inventory) stayed until it changed again."""
+
+    class RealPeerResolves(StubResolve):
+        epoch = 1
+
+        async def _resolve_once(self, name: str) -> None:
+            if name != instance_name("real"):
+                return await super()._resolve_once(name)  # made up: no answer until released
+            self._observe(
+                PeerInfo(
+                    node_id="real",
+                    addresses=("10.0.0.9",),
+                    port=7457,
+                    fingerprints=(),
+                    epoch=self.epoch,
+                    chunk_count=1,
+                )
+            )
+
+    async def main() -> None:
+        d = RealPeerResolves()
+        d.event(instance_name("real"), ServiceStateChange.Added)
+        await turns()
+        assert d.peers()["real"].epoch == 1
+        for i in range(MAX_RESOLVES + MAX_WAITING_RESOLVES):
+            d.event(instance_name(f"fake{i}"), ServiceStateChange.Added)
+        d.epoch = 2
+        d.event(instance_name("real"), ServiceStateChange.Updated)
+        assert "resolves_dropped" not in d.counters
+        d.release.set()  # the made-up names' resolves time out
+        while d._resolving:
+            await asyncio.wait(list(d._resolving.values()))
+        assert d.peers()["real"].epoch == 2
 
     asyncio.run(main())
 
