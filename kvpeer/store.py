@@ -49,6 +49,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -264,6 +265,10 @@ class ChunkStore:
         self._cond = threading.Condition(self._lock)  # queue changes: writer, flush, back-pressure
         self._ram: OrderedDict[_Slot, bytes] = OrderedDict()
         self._disk: OrderedDict[_Slot, int] = OrderedDict()  # slot -> file size, LRU first
+        # Which file a slot's index entry is (a number per file indexed): a read that failed
+        # removes the file it read, not one put again since.
+        self._file_ids: dict[_Slot, int] = {}
+        self._file_counter = itertools.count()
         self._pending: dict[_Slot, _PendingWrite] = {}  # queued or being written
         self._queue: deque[_Slot] = deque()
         # Slots a writer thread has in hand, and slots queued again meanwhile (after a delete
@@ -626,9 +631,40 @@ class ChunkStore:
             self._counters.ram_evictions += 1
             self._mark_gone(victim, changes)
 
-    def _disk_remove(self, slot: _Slot, changes: _Changes) -> None:
+    def _ram_cache_copy(self, slot: _Slot, blob: bytes, changes: _Changes) -> None:
+        """Keep a copy of a file just read in RAM, making room from other copies only: chunks
+        held in RAM alone (their write failed: a full or failing disk) are not pushed out by
+        reads of chunks the disk keeps anyway."""
+        if slot in self._ram or len(blob) > self.ram_limit:
+            return
+        need = self.ram_used + len(blob) - self.ram_limit
+        victims: list[_Slot] = []
+        for held in self._ram:  # least recently used first
+            if need <= 0:
+                break
+            if held in self._disk or held in self._pending:
+                victims.append(held)
+                need -= len(self._ram[held])
+        if need > 0:
+            return  # only RAM-only chunks would make room: the read is served, not cached
+        for victim in victims:
+            self.ram_used -= len(self._ram.pop(victim))
+            self._counters.ram_evictions += 1
+            self._mark_gone(victim, changes)
+        self._ram_insert(slot, blob, changes)
+
+    def _index_file(self, slot: _Slot, size: int) -> None:
+        self._disk[slot] = size
+        self._file_ids[slot] = next(self._file_counter)
+
+    def _unindex_file(self, slot: _Slot) -> int | None:
+        """Forget the slot's file (the caller removes it, or not); its size, None if none."""
         self._stuck.pop(slot, None)
-        size = self._disk.pop(slot, None)
+        self._file_ids.pop(slot, None)
+        return self._disk.pop(slot, None)
+
+    def _disk_remove(self, slot: _Slot, changes: _Changes) -> None:
+        size = self._unindex_file(slot)
         if size is None:
             return
         self.disk_used -= size
@@ -666,8 +702,8 @@ class ChunkStore:
             self._disk.move_to_end(victim)  # behind the files due to go before it
             self._warn_stuck(exc, path)
             raise _StuckFile(exc.errno, exc.strerror, str(path)) from exc
-        self._stuck.pop(victim, None)
-        size = self._disk.pop(victim)
+        size = self._unindex_file(victim)
+        assert size is not None  # picked from the index under the lock
         self.disk_used -= size
         self._counters.disk_evictions += 1
         self._mark_gone(victim, changes)
@@ -833,6 +869,7 @@ class ChunkStore:
             with self._lock:
                 blob = self._ram.get(slot)
                 on_disk = slot in self._disk
+                file_id = self._file_ids.get(slot)
                 if blob is not None:
                     self._ram.move_to_end(slot)
                 elif slot in self._pending:
@@ -846,13 +883,13 @@ class ChunkStore:
                 return blob
             if not on_disk:
                 continue
-            blob = self._read_disk_blocking(slot, changes)
+            blob = self._read_disk_blocking(slot, file_id, changes)
             if blob is None:
                 continue
             with self._lock:
                 self._counters.hits += 1
                 if slot in self._disk:
-                    self._ram_insert(slot, blob, changes)
+                    self._ram_cache_copy(slot, blob, changes)
                 used = self._used_key(key)
             self._touch(used)  # a read from disk: every level's file (the order after a restart)
             return blob
@@ -860,13 +897,19 @@ class ChunkStore:
             self._counters.misses += 1
         return None
 
-    def _read_disk_blocking(self, slot: _Slot, changes: _Changes) -> bytes | None:
+    def _read_disk_blocking(self, slot: _Slot, file_id: int | None, changes: _Changes) -> bytes | None:
+        """Read the file ``file_id`` of ``slot``; on failure, drop it unless it was replaced
+        (evicted and put again) meanwhile: the new file is not this read's to judge."""
         path = self._path(slot)
+
+        def still_the_file_read() -> bool:  # called with the lock held
+            return file_id is not None and self._file_ids.get(slot) == file_id
+
         try:
             blob = read_record_blocking(path, *slot)
         except FileNotFoundError:  # evicted or deleted by another thread meanwhile
             with self._lock:
-                if slot in self._disk:
+                if still_the_file_read():
                     self._disk_remove(slot, changes)
             return None
         except OSError as exc:
@@ -874,11 +917,10 @@ class ChunkStore:
             with self._lock:
                 self._counters.disk_read_errors += 1
                 errors = self._counters.disk_read_errors
-                if not passing and slot in self._disk:
+                if not passing and still_the_file_read():
                     # Out of the index (no I/O here, under the lock): lookups stop offering a
                     # chunk every fetch would fail on. The file stays; a restart looks again.
-                    self._stuck.pop(slot, None)
-                    self.disk_used -= self._disk.pop(slot)
+                    self.disk_used -= self._unindex_file(slot) or 0
                     self._mark_gone(slot, changes)
                 loud = self._read_warnings.due()
             log.log(
@@ -888,10 +930,12 @@ class ChunkStore:
             )
             return None
         except StoreError as exc:
-            log.warning("store: %s is corrupt (%s); deleted", path, exc)
             with self._lock:
                 self._counters.corrupt += 1
-                self._disk_remove(slot, changes)
+                replaced = not still_the_file_read()
+                if not replaced:
+                    self._disk_remove(slot, changes)
+            log.warning("store: %s is corrupt (%s); %s", path, exc, "replaced since" if replaced else "deleted")
             return None
         return blob
 
@@ -975,7 +1019,7 @@ class ChunkStore:
                     continue
                 del self._pending[slot]
                 self.pending_bytes -= len(entry.blob)
-                self._disk[slot] = entry.file_size
+                self._index_file(slot, entry.file_size)
                 self._stuck.pop(slot, None)  # a new file of ours
             for slot, entry in failed:
                 self._counters.disk_errors += 1
@@ -1050,7 +1094,7 @@ class ChunkStore:
             raise
         changes = _Changes()  # nobody has subscribed yet; the daemon lists keys() at start
         for _mtime, slot, size in found:
-            self._disk[slot] = size
+            self._index_file(slot, size)
             self.disk_used += size
             self._mark_present(slot, changes)
         try:

@@ -1040,3 +1040,54 @@ def test_a_refused_put_is_not_counted_as_kept_in_ram(tmp_path: Path, monkeypatch
     assert store.stats()["ram_only_puts"] == 0
     monkeypatch.undo()
     store.close()
+
+
+def test_a_read_that_lost_its_file_leaves_the_chunk_put_again_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that met no file (or a corrupt one) removed whatever file the chunk had by the
+    time it took the lock: one evicted, put again and flushed meanwhile was unlinked."""
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    read = store_mod.read_record_blocking
+    outcomes = iter([FileNotFoundError, StoreError("checksum mismatch")])
+
+    def put_again_meanwhile(path: Path, chunk: bytes, level: str) -> bytes:
+        failure = next(outcomes)
+        store.delete(chunk)  # evicted by another thread...
+        store.put_blocking(chunk, level, blob(1))  # ...and put again, its write acknowledged
+        assert store.flush(timeout_s=30)
+        raise failure
+
+    store.put_blocking(key(1), "q8", blob(1))
+    assert store.flush(timeout_s=30)
+    monkeypatch.setattr(store_mod, "read_record_blocking", put_again_meanwhile)
+    for _ in range(2):  # the missing file, then the corrupt one
+        assert store.get_blocking(key(1)) is None
+        assert store.has(key(1)) and len(files(tmp_path)) == 1
+    monkeypatch.setattr(store_mod, "read_record_blocking", read)
+    assert store.get_blocking(key(1)) == blob(1)
+    store.close()
+
+
+def test_reads_from_disk_do_not_push_out_chunks_held_only_in_ram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk whose write failed lives in RAM alone: caching copies of files read from disk
+    pushed it out like any copy, and the acknowledged put was lost."""
+    store = ChunkStore(ram_bytes=3000, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    for i in range(6):
+        store.put_blocking(key(i), "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    write = store_mod._write_file_blocking
+
+    def failing_disk(path: Path, *args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(store_mod, "_write_file_blocking", failing_disk)
+    store.put_blocking(key(9), "q8", blob(9))  # acknowledged; its write fails: RAM only
+    assert store.flush(timeout_s=30)
+    monkeypatch.setattr(store_mod, "_write_file_blocking", write)
+    for i in range(4):  # files read back, cached in RAM as far as copies make room
+        assert store.get_blocking(key(i)) == blob(i)
+    assert store.get_blocking(key(9)) == blob(9)
+    store.close()
