@@ -83,6 +83,23 @@ def namespace_salt(namespace: str | bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16, person=b"kvpeer-ns").digest()
 
 
+def token_ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``tokens`` as a flat int64 array; ValueError unless they are integers that fit uint32.
+    Floats, bools and strings are refused, not truncated: 1.7 would key as token 1."""
+    ids = np.asarray(tokens)
+    if ids.ndim != 1:
+        raise ValueError("tokens must be a flat sequence of token ids")
+    if ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ids.dtype == object:  # Python ints too wide for any NumPy integer
+        raise ValueError("token ids must fit in uint32")
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, not {ids.dtype}")
+    if ids.min() < 0 or ids.max() > _MAX_TOKEN_ID:
+        raise ValueError("token ids must fit in uint32")
+    return ids.astype(np.int64)
+
+
 def chunk_keys(
     tokens: Sequence[int] | np.ndarray,
     fingerprint: bytes,
@@ -96,11 +113,7 @@ def chunk_keys(
     """
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
-    ids = np.asarray(tokens, dtype=np.int64)
-    if ids.ndim != 1:
-        raise ValueError("tokens must be a flat sequence of token ids")
-    if ids.size and (ids.min() < 0 or ids.max() > _MAX_TOKEN_ID):
-        raise ValueError("token ids must fit in uint32")
+    ids = token_ids(tokens)
     salt = namespace_salt(namespace)
     data = ids.astype("<u4").tobytes()
     step = 4 * chunk_tokens

@@ -1,8 +1,11 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from kvpeer.api.messages import as_tokens
+from kvpeer.errors import ProtocolError
 from kvpeer.hashing import ModelFingerprint, chunk_keys, namespace_salt
 
 FP = ModelFingerprint(name="m", layers=2, kv_heads=1, head_dim=4, dtype="float16").digest()
@@ -48,6 +51,18 @@ def test_bad_tokens_are_rejected() -> None:
         chunk_keys([-1] * 4, FP, chunk_tokens=4)
     with pytest.raises(ValueError):
         chunk_keys([2**32] * 4, FP, chunk_tokens=4)
+    for wide in ([2**63] * 4, [2**64] * 4, np.array([2**63] * 4, dtype=np.uint64)):
+        with pytest.raises(ValueError, match="fit in uint32"):  # OverflowError for 2**63
+            chunk_keys(wide, FP, chunk_tokens=4)
+    # Truncated, 1.7 keyed as token 1 and True as 1: another prompt's KV.
+    for not_ids in ([1.7, 2, 3, 4], np.array([1.0, 2, 3, 4]), [True, False, True, True], ["5", "6", "7", "8"]):
+        with pytest.raises(ValueError, match="must be integers"):
+            chunk_keys(not_ids, FP, chunk_tokens=4)
+        with pytest.raises(ProtocolError, match="must be integers"):
+            as_tokens(not_ids)
+    assert chunk_keys(np.array([1, 2, 3, 4], dtype=np.uint16), FP, chunk_tokens=4) == chunk_keys(
+        [1, 2, 3, 4], FP, chunk_tokens=4
+    )
     with pytest.raises(ValueError):
         ModelFingerprint(name="m", layers=0, kv_heads=1, head_dim=4, dtype="float16")
 

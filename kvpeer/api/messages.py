@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from kvpeer.errors import ErrorCode, ProtocolError
-from kvpeer.hashing import ModelFingerprint
+from kvpeer.hashing import ModelFingerprint, token_ids
 
 API_VERSION = 2  # 2: segments travel as descriptors (SCM_RIGHTS), not names to open
 MAX_FRAME_BYTES = 16 << 20  # 4M tokens of uint32 ids fit; anything larger is an error
@@ -56,14 +56,9 @@ def as_tokens(tokens: Any) -> np.ndarray:
         ids = tokens
     else:
         try:
-            wide = np.asarray(tokens, dtype=np.int64)
+            ids = token_ids(tokens).astype(np.uint32)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ProtocolError(ErrorCode.INVALID, f"tokens are not integers: {exc}") from None
-        if wide.ndim != 1:
-            raise ProtocolError(ErrorCode.INVALID, "tokens must be a flat sequence of ids")
-        if wide.size and (wide.min() < 0 or wide.max() > 0xFFFFFFFF):
-            raise ProtocolError(ErrorCode.INVALID, "token ids must fit in uint32")
-        ids = wide.astype(np.uint32)
+            raise ProtocolError(ErrorCode.INVALID, f"tokens: {exc}") from None
     if ids.size > MAX_TOKENS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_TOKENS} tokens")
     if ids.flags.writeable:
