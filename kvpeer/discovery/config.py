@@ -58,8 +58,9 @@ class DiscoveryConfig:
     """A peer not heard from (heartbeat, beacon or lease) for this long is dropped."""
 
     heartbeat_interval_s: float = 2.5
-    """Period of the UDP heartbeat each node sends to its peers; 0 turns heartbeats (and so
-    timeout-based liveness) off for zeroconf, leaving goodbyes, TTLs and `mark_dead`."""
+    """Period of the UDP heartbeat each node sends to its peers. 0 is refused for zeroconf,
+    where heartbeats are the only evidence that a peer runs; static beacons at
+    peer_timeout_s / 4 instead, and etcd does not use it."""
 
     request_timeout_s: float = 3.0
     """Timeout of one network wait: resolving a zeroconf service, one etcd request."""
@@ -75,6 +76,14 @@ class DiscoveryConfig:
                 raise ConfigError(f"discovery.{name} must be > 0")
         if self.heartbeat_interval_s and self.heartbeat_interval_s * 2 > self.peer_timeout_s:
             raise ConfigError("discovery.heartbeat_interval_s must be at most peer_timeout_s / 2")
+        if self.backend == "zeroconf" and not self.heartbeat_interval_s:
+            # mDNS keeps a killed peer's records for their TTL, and a peer the transport marked
+            # dead came back only if its advertisement changed: a live peer was lost for good.
+            raise ConfigError(
+                "discovery.heartbeat_interval_s: 0 (no heartbeats) is not supported with backend "
+                "zeroconf: peers found by mDNS need heartbeats to be dropped when they stop and "
+                "taken back when they return"
+            )
         if self.etcd_lease_ttl_s < 2:
             raise ConfigError("discovery.etcd_lease_ttl_s must be >= 2")
         for peer in self.static_peers:

@@ -86,3 +86,14 @@ def test_from_section() -> None:
         DiscoveryConfig(backend="consul")
     with pytest.raises(ConfigError, match="static_peers"):
         DiscoveryConfig(static_peers=("nohost",))
+
+
+def test_zeroconf_without_heartbeats_is_refused() -> None:
+    """With heartbeats off, a zeroconf peer the transport marked dead once (one lost session)
+    came back only when its advertisement changed: a live peer was gone for good."""
+    with pytest.raises(ConfigError, match="discovery.heartbeat_interval_s.*zeroconf"):
+        DiscoveryConfig(heartbeat_interval_s=0)
+    with pytest.raises(ConfigError, match="discovery.heartbeat_interval_s"):
+        DiscoveryConfig.from_section({"backend": "zeroconf", "heartbeat_interval_s": 0})
+    for backend in ("static", "etcd"):  # static beacons anyway; etcd has its lease
+        assert DiscoveryConfig(backend=backend, heartbeat_interval_s=0).heartbeat_interval_s == 0

@@ -325,7 +325,7 @@ def test_a_second_node_with_a_running_nodes_id_is_refused() -> None:
     a QU question, answered by unicast to port 5353; with two responders bound to that port on
     one host the kernel gave the answer to the first one, and the probe saw no conflict."""
     node_id = f"dup-{uuid.uuid4().hex[:8]}"  # not another test run's on this host
-    config = DiscoveryConfig(interfaces=("127.0.0.1",), heartbeat_interval_s=0)
+    config = DiscoveryConfig(interfaces=("127.0.0.1",))
 
     async def main() -> None:
         first, second = ZeroconfDiscovery(config), ZeroconfDiscovery(config)
