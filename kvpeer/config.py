@@ -301,7 +301,7 @@ class DiscoverySection:
         10.0, "A peer not heard from for this long is dropped.", lo=0.001
     )
     heartbeat_interval_s: float = setting(
-        2.5, "Seconds between discovery heartbeats (0: off; at most peer_timeout_s / 2).", lo=0
+        2.5, "Seconds between discovery heartbeats (at most peer_timeout_s / 2; 0: off, static and etcd only).", lo=0
     )
     request_timeout_s: float = setting(
         3.0, "Seconds for one discovery request (zeroconf resolve, etcd call).", lo=0.001
