@@ -8,7 +8,8 @@ directory. transformers is imported lazily: the daemon never needs it.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kvpeer.hashing import ModelFingerprint
@@ -61,18 +62,32 @@ def model_fingerprint(
     """Fingerprint of a transformers model: what makes its KV incompatible with another's.
 
     The name is ``name``, else the ``kvpeer_model_name`` :func:`load_model` sets, else the last
-    part of the path or hub id it was loaded from: what vLLM's connector takes for the same
-    model (:mod:`kvpeer.integrations._fingerprint`)."""
+    part of the path or hub id it was loaded from (a GGUF's file): what vLLM's connector takes
+    for the same model (:mod:`kvpeer.integrations._fingerprint`)."""
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    source = getattr(config, "name_or_path", "") or ""
     return fingerprint(
         config,
-        name=name or getattr(config, "kvpeer_model_name", "") or model_name(source) or config.model_type,
+        name=name or getattr(config, "kvpeer_model_name", "") or model_name(_loaded_from(config)) or config.model_type,
         layers=config.num_hidden_layers,
         kv_heads=getattr(config, "num_key_value_heads", heads),
         head_dim=head_dim,
         dtype=dtype or model.dtype,
         revision=revision,
     )
+
+
+def _loaded_from(config: Any) -> str:
+    """The path or hub id a model was loaded from, down to the GGUF file where it was one: its
+    directory or repo may hold other quantizations. transformers 5 records the file in the
+    quantization config (4.x records nothing: such a model is named by its directory)."""
+    source = str(getattr(config, "name_or_path", "") or "")
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, Mapping):
+        gguf_file = quantization.get("gguf_file")
+    else:
+        gguf_file = getattr(quantization, "gguf_file", None)
+    if not gguf_file:
+        return source
+    return str(PurePosixPath(source) / str(gguf_file)) if source else str(gguf_file)

