@@ -49,7 +49,8 @@ import secrets
 import stat
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,6 +327,7 @@ class DaemonSegment:
         self._fd = fd
         self._users = 0
         self._closing = False
+        self._closer: Callable[[int], None] = os.close
         self._lock = threading.Lock()
 
     @classmethod
@@ -465,7 +467,7 @@ class DaemonSegment:
                 self._users -= 1
                 last = self._closing and self._users == 0
             if last:
-                os.close(self._fd)
+                self._closer(self._fd)
 
     def _check_length(self, fd: int) -> None:
         # A pwrite past the end would quietly grow the file back: say what happened instead.
@@ -482,15 +484,18 @@ class DaemonSegment:
     def closed(self) -> bool:
         return self._closing
 
-    def close(self) -> None:
-        """Close the file now, or when the last read or write still running ends."""
+    def close(self, closer: Callable[[int], None] = os.close) -> None:
+        """Close the file now, or when the last read or write still running ends; the segment
+        is closed to new work at once either way. ``closer`` closes the descriptor (see
+        :meth:`SegmentRegistry._drop`)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
+            self._closer = closer
             idle = self._users == 0
         if idle:
-            os.close(self._fd)
+            closer(self._fd)
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -589,6 +594,9 @@ class SegmentRegistry:
         self.max_bytes_per_owner = max_bytes_per_owner
         self._entries: dict[str, _Entry] = {}
         self._admitted: dict[int, int] = {}  # owner -> bytes of segments being made for it
+        # Closing a released segment's last descriptor frees its pages: ~200 ms per GiB of
+        # kernel time, which the event loop that releases it must not spend.
+        self._freeing = ThreadPoolExecutor(1, thread_name_prefix="kvpeer-shm-free")
         # One segment's pages reserved and mapped ahead (see reserve_spare); threads take it.
         self._spare: Reserved | None = None
         self._spare_lock = threading.Lock()
@@ -754,6 +762,7 @@ class SegmentRegistry:
             self._closed = True
         for name in list(self._entries):
             self._drop(name)
+        self._freeing.shutdown(wait=True)  # the daemon stops with its segments' pages freed
         self.drop_spare()
         with self._spare_lock:
             fd, self._instance_fd = self._instance_fd, None
@@ -765,7 +774,13 @@ class SegmentRegistry:
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)
         entry.segment.unlink()
-        entry.segment.close()
+        entry.segment.close(closer=self._close_off_the_caller)
+
+    def _close_off_the_caller(self, fd: int) -> None:
+        try:
+            self._freeing.submit(os.close, fd)
+        except RuntimeError:  # shut down: nobody to hand it to
+            os.close(fd)
 
     def _hold_instance(self) -> str:
         """This registry's instance, its file claimed and locked on first use (thread-safe);
