@@ -65,13 +65,16 @@ def model_fingerprint(
     part of the path or hub id it was loaded from (a GGUF's file): what vLLM's connector takes
     for the same model (:mod:`kvpeer.integrations._fingerprint`)."""
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # A vision-language model's decoder (whose KV this is) has its own config, as in vLLM's
+    # hf_text_config; a plain model's text config is its config.
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return fingerprint(
-        config,
+        text,
         name=name or getattr(config, "kvpeer_model_name", "") or model_name(_loaded_from(config)) or config.model_type,
-        layers=config.num_hidden_layers,
-        kv_heads=getattr(config, "num_key_value_heads", heads),
+        layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", heads),
         head_dim=head_dim,
         dtype=dtype or model.dtype,
         revision=revision,

@@ -166,3 +166,15 @@ def test_a_gguf_loaded_without_load_model_is_named_by_its_file_not_its_directory
         config.quantization_config = quantization.to_dict() if as_dict else quantization
         names.add(model_fingerprint(SimpleNamespace(config=config, dtype=torch.float32)).name)
     assert names == {"SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf"}
+
+
+def test_a_vision_language_model_is_fingerprinted_by_its_decoder_alike_in_both_engines() -> None:
+    """The decoder's fields of a composite config live in its text config (they were read from
+    the top, which has none)."""
+    text = transformers.LlamaConfig(**SMALL, rope_theta=500000.0, head_dim=16)
+    config = transformers.LlavaConfig(text_config=text.to_dict())
+    config.name_or_path = "/srv/models/llava-tiny"
+    hf_side = model_fingerprint(SimpleNamespace(config=config, dtype=torch.bfloat16))
+    decoder = config.get_text_config(decoder=True)
+    assert fingerprint_from_vllm(vllm_config("org/llava-tiny", decoder, torch.bfloat16)) == hf_side
+    assert (hf_side.layers, hf_side.kv_heads, hf_side.head_dim, hf_side.rope_theta) == (2, 2, 16, 500000.0)
