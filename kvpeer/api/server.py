@@ -348,6 +348,13 @@ def _discard_made_segment(job: asyncio.Future[shm.DaemonSegment]) -> None:
         _discard(job.result())
 
 
+#: Requests answered on the read loop, in order and outside max_inflight: a hello sets the
+#: namespace for what follows; a release frees memory, so a connection whose slots are all
+#: taken (by fetches waiting on peers) must still get it done, not BUSY. Both are quick and
+#: the loop awaits each answer, so a client cannot pile them up.
+_INLINE_REQUESTS = (m.Hello, m.Release)
+
+
 def _error_code(exc: BaseException) -> ErrorCode:
     if isinstance(exc, ProtocolError):
         return exc.code
@@ -687,13 +694,14 @@ class ApiServer:
             message = m.decode_body(frame)
             if message.TYPE not in m.REQUEST_TYPES:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{message.TYPE} is not a request")
-            if len(conn.tasks) >= self.max_inflight:
+            inline = isinstance(message, _INLINE_REQUESTS)
+            if not inline and len(conn.tasks) >= self.max_inflight:
                 raise ProtocolError(ErrorCode.BUSY, f"more than {self.max_inflight} requests in flight")
         except ProtocolError as exc:
             await self._send_error(conn, m.request_id_of(frame), exc)
             return
-        if isinstance(message, m.Hello):
-            await self._handle(conn, message)  # before anything else: it sets the namespace
+        if inline:
+            await self._handle(conn, message)
             return
         task = asyncio.create_task(self._handle(conn, message), name=f"kvpeer-api-{message.TYPE}")
         conn.tasks.add(task)

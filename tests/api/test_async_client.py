@@ -128,3 +128,27 @@ def test_connecting_twice_keeps_one_connection(api: ServerThread) -> None:
             assert (await client.stats())["api"]["connected"] == 1
 
     run(main())
+
+
+def test_a_release_is_served_while_every_request_slot_is_taken(api: ServerThread) -> None:
+    """A release frees memory: with max_inflight fetches waiting on slow peers it got BUSY and
+    the finished fetch's segment stayed with the daemon until its lease ran out."""
+    k, v = kv(12)
+    tokens = list(range(12))
+    api.backend.stall_after = 1  # 12-token fetches wait after chunk 0; a 4-token one completes
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            await client.put(tokens, k, v, FP)
+            done = await client.fetch(tokens[:CHUNK], FP)
+            segment = (await done.wait()).segment
+            slow = [await client.fetch(tokens, FP, stream=True) for _ in range(api.server.max_inflight)]
+            for handle in slow:
+                await handle.wait_for_chunk(0)
+            await done.release()
+            assert segment not in api.server.registry.names()
+            api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+            for handle in slow:
+                await handle.release()
+
+    run(main())
