@@ -165,6 +165,8 @@ class Daemon:
         self.metrics.watch_counters("fetcher", lambda: self.fetcher.counters)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
+        self._puts_running = 0
+        self._additions_unsaid = False  # chunks puts added that no advertisement said yet
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
         self.activity = Activity(events=lambda: self.fetcher.counters)
         self.codec_backends: list[str] = []  # probed at start
@@ -244,10 +246,16 @@ class Daemon:
         # what is true now.
         self.inventory.add([key for key in added if self.store.has(key)])
         self.inventory.remove([key for key in removed if not self.store.has(key)])
-        if (added or removed) and self.ready:
-            # What peers may ask for changed (chunks fetched and cached here too, which no put
-            # announces); the discovery coalesces bursts.
+        if not self.ready:
+            return
+        if removed or (added and not self._puts_running):
+            # What peers may ask for changed (chunks fetched from peers and cached here too);
+            # the discovery coalesces bursts.
             self._advertise_soon()
+        elif added:
+            # A put's chunks are said when the put ends: said at its first chunk, the rest
+            # would wait for the discovery's next slot (update_min_interval_s).
+            self._additions_unsaid = True
 
     def _advertise_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self._advertise())
@@ -332,6 +340,16 @@ class Daemon:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
 
     async def put(self, ctx: ClientContext, req: Any, kv: PutKV) -> Any:
+        self._puts_running += 1
+        try:
+            return await self._put(ctx, req, kv)
+        finally:
+            self._puts_running -= 1
+            if self._additions_unsaid and self.ready:
+                self._additions_unsaid = False
+                self._advertise_soon()
+
+    async def _put(self, ctx: ClientContext, req: Any, kv: PutKV) -> Any:
         from kvpeer.api.messages import PutResult
 
         fp: ModelFingerprint = req.fingerprint
@@ -382,7 +400,6 @@ class Daemon:
         if keys:
             self.inventory.add([k for k in keys if self.store.has(k)], first=keys[:1])
         if stored:
-            await self._advertise()
             # Lower levels are made now, in the background, so that peers never wait for them;
             # only the chunks this put added (a conversation's every turn re-puts its history,
             # whose levels were made then: warming it again read every level of it from disk).

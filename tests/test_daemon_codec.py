@@ -336,7 +336,8 @@ def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_adver
     advertised: list[int] = []
     node = SimpleNamespace(
         store=SimpleNamespace(has=held.__contains__), inventory=InventoryLog(), ready=True,
-        _advertise_soon=lambda: advertised.append(len(node.inventory)),
+        _advertise_soon=lambda: advertised.append(len(node.inventory)), _puts_running=0,
+        _additions_unsaid=False,
     )  # fmt: skip
     fetched, evicted = b"f" * 32, b"e" * 32
     held.add(fetched)
@@ -349,3 +350,29 @@ def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_adver
     daemon.Daemon._store_changed(node, [evicted], [])
     daemon.Daemon._store_changed(node, [], [evicted])
     assert evicted in node.inventory
+
+
+def test_a_puts_chunks_are_advertised_once_when_it_ends() -> None:
+    """Advertised at the put's first chunk, the rest waited for the discovery's next slot: peers
+    learnt a whole prefix a second later (update_min_interval_s)."""
+    import asyncio
+
+    from kvpeer.discovery import InventoryLog
+
+    keys = [bytes([i]) * 32 for i in range(4)]
+    advertised: list[int] = []
+    node = SimpleNamespace(
+        store=SimpleNamespace(has=lambda key: True), inventory=InventoryLog(), ready=True,
+        _advertise_soon=lambda: advertised.append(len(node.inventory)), _puts_running=0,
+        _additions_unsaid=False,
+    )  # fmt: skip
+
+    async def put(ctx: object, req: object, kv: object) -> str:
+        for key in keys:  # the store tells of each chunk as it is stored
+            daemon.Daemon._store_changed(node, [key], [])
+            await asyncio.sleep(0)
+        return "stored"
+
+    node._put = put
+    assert asyncio.run(daemon.Daemon.put(node, None, None, None)) == "stored"  # type: ignore[arg-type]
+    assert advertised == [4] and node._puts_running == 0
