@@ -21,11 +21,17 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from kvpeer.errors import ConfigError
 from kvpeer.hashing import ModelFingerprint
 
 # Config fields older configs keep beside the RoPE dict, under their spellings (vLLM's too).
 _THETA_NAMES = ("rope_theta", "rotary_emb_base")
 _PARTIAL_NAMES = ("partial_rotary_factor", "rotary_pct", "rotary_emb_fraction")
+
+# RoPE types whose frequencies follow the length of the whole sequence (transformers'
+# ``dynamic_rope_update``; ``su`` is longrope's first name): a prefix's KV then depends on what
+# follows it, which a key made of the prefix's tokens cannot tell.
+_LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope", "su"})
 
 
 # Last path parts that name a training run's output, not a model: two such paths (``/runs/a/final``,
@@ -77,6 +83,9 @@ def rope_fields(config: Any) -> tuple[float, str]:
     the legacy ``type`` key read as ``rope_type``, ``rope_type`` "default" when absent, fields
     kept beside the dict (``partial_rotary_factor``, ``original_max_position_embeddings``)
     moved into it, a partial rotary factor of 1 (all of the head) left out.
+
+    A RoPE whose frequencies depend on the sequence's length (dynamic NTK, longrope) is refused
+    (ConfigError): kvpeer shares a prefix's KV whatever follows it.
     """
     raw = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     params = dict(raw) if isinstance(raw, Mapping) else {}
@@ -108,6 +117,11 @@ def _canonical(params: dict[str, Any], config: Any, top_theta: Any) -> tuple[flo
     legacy = params.pop("type", None)
     if legacy is not None:
         params.setdefault("rope_type", legacy)
+    if params.get("rope_type") in _LENGTH_DEPENDENT_ROPE:
+        raise ConfigError(
+            f"a {params['rope_type']!r} RoPE makes a prefix's KV depend on the length of the whole "
+            "sequence, and kvpeer shares the KV of a prefix whatever follows it"
+        )
     partial = params.get("partial_rotary_factor", _first(config, _PARTIAL_NAMES))
     params.pop("partial_rotary_factor", None)
     if partial is not None and float(partial) != 1.0:

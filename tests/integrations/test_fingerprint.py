@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvpeer.codec import profile as profiles
+from kvpeer.errors import ConfigError
 from kvpeer.integrations._fingerprint import model_name, rope_fields
 from kvpeer.integrations.vllm import fingerprint_from_vllm
 from kvpeer.models import SMOLLM2_GGUF, model_fingerprint
@@ -178,3 +179,23 @@ def test_a_vision_language_model_is_fingerprinted_by_its_decoder_alike_in_both_e
     decoder = config.get_text_config(decoder=True)
     assert fingerprint_from_vllm(vllm_config("org/llava-tiny", decoder, torch.bfloat16)) == hf_side
     assert (hf_side.layers, hf_side.kv_heads, hf_side.head_dim, hf_side.rope_theta) == (2, 2, 16, 500000.0)
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(lambda: transformers.LlamaConfig(**SMALL, rope_scaling={"type": "dynamic", "factor": 4.0},
+                                                  max_position_embeddings=32), id="dynamic-ntk"),
+    pytest.param(lambda: transformers.Phi3Config(
+        **SMALL, pad_token_id=0, original_max_position_embeddings=32, max_position_embeddings=128,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}), id="longrope"),
+    pytest.param(lambda: SimpleNamespace(**SMALL, rope_theta=1e4, rope_scaling={"type": "su", "factor": 2.0}),
+                 id="su"),
+])
+def test_a_rope_that_depends_on_the_sequence_length_is_refused_in_both_engines(config: Any) -> None:
+    """The KV of a prefix inside a short prompt differs from its KV inside a long one under these
+    RoPE types, while both have one key."""
+    config = config()
+    config.head_dim = 16
+    with pytest.raises(ConfigError, match="length of the whole"):
+        model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16), name="tiny")
+    with pytest.raises(ConfigError, match="length of the whole"):
+        fingerprint_from_vllm(vllm_config("org/tiny", config, torch.float16))
