@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kvpeer.errors import ConfigError
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations._fingerprint import fingerprint, model_name
 
@@ -63,7 +64,17 @@ def model_fingerprint(
 
     The name is ``name``, else the ``kvpeer_model_name`` :func:`load_model` sets, else the last
     part of the path or hub id it was loaded from (a GGUF's file): what vLLM's connector takes
-    for the same model (:mod:`kvpeer.integrations._fingerprint`)."""
+    for the same model (:mod:`kvpeer.integrations._fingerprint`).
+
+    A model with PEFT (LoRA) adapters loaded is refused (ConfigError) unless ``name`` names it:
+    its KV is not its base model's, whose name and shape it has."""
+    if not name and getattr(model, "peft_config", None):
+        # peft's PeftModel and transformers' own load_adapter both keep the adapters' configs
+        # there: told apart without importing peft.
+        raise ConfigError(
+            f"the model has PEFT adapters loaded ({', '.join(map(str, model.peft_config))}), so its KV "
+            "is not its base model's: pass name= naming the base model and adapters together"
+        )
     config = model.config
     # A vision-language model's decoder (whose KV this is) has its own config, as in vLLM's
     # hf_text_config; a plain model's text config is its config.

@@ -15,7 +15,9 @@ NOT run inside a vLLM engine. Its signatures follow vLLM 0.33's ``KVConnectorBas
 block/chunk mapping and both paged layouts are tested as pure code, and the connector's
 scheduler and worker halves are tested end to end against a real daemon socket with stand-ins
 for vLLM's request and scheduler-output objects. Tensor parallelism > 1 and hybrid (sliding
-window / mamba) models and quantized (fp8) KV caches are refused, not guessed at.
+window / mamba) models and quantized (fp8) KV caches are refused, not guessed at. Requests whose
+KV is not their tokens' alone (a LoRA adapter, images, prompt embeddings, a cache salt) neither
+load nor save.
 
 Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_both",
 "kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
@@ -240,6 +242,7 @@ class _Tracked:
     load_tokens: int = 0
     saved: bool = False
     load_planned: bool = False
+    shared: bool = True  # False: the request's KV is not its tokens' alone (see _kv_beyond_tokens)
 
 
 def _resumed(cached: Any, index: int, req_id: str) -> bool:
@@ -250,6 +253,23 @@ def _resumed(cached: Any, index: int, req_id: str) -> bool:
     if resumed_ids is not None:
         return req_id in resumed_ids
     return bool(cached.resumed_from_preemption[index])
+
+
+def _kv_beyond_tokens(request: Any) -> str | None:
+    """What, besides its token ids, ``request``'s KV depends on (vLLM keys its own prefix cache by
+    these too), or None. kvpeer keys KV by token ids and the base model only, so such a request
+    neither loads nor saves: a LoRA adapter changes the k/v projections, an image's placeholder
+    tokens are the same ids whatever it shows, a cache salt keeps tenants' KV apart."""
+    if getattr(request, "lora_request", None) is not None:
+        return "a LoRA adapter"
+    # mm_features in newer vLLM; mm_inputs/mm_hashes/mm_positions in older releases
+    if any(getattr(request, name, None) for name in ("mm_features", "mm_hashes", "mm_positions", "mm_inputs")):
+        return "multimodal inputs"
+    if getattr(request, "prompt_embeds", None) is not None:
+        return "prompt embeddings"
+    if getattr(request, "cache_salt", None):
+        return "a cache salt"
+    return None
 
 
 def _role_name(role: Any) -> str:
@@ -520,6 +540,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self.clock: Callable[[], float] = time.monotonic  # tests pass a fake one
         # scheduler side
         self._requests: dict[str, _Tracked] = {}
+        self._unshared_reasons: set[str] = set()  # said once each at INFO
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._meta: KVPeerConnectorMetadata | None = None
@@ -544,6 +565,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         tokens = [int(t) for t in (request.prompt_token_ids or [])]
+        if not self._shareable(request):
+            self._requests.setdefault(request.request_id, _Tracked(tokens)).shared = False
+            return 0, False
         if self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens:
             return 0, False  # nothing kvpeer could add past vLLM's own prefix cache
         found = self._lookup(tokens, request.request_id)
@@ -582,6 +606,16 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._daemon_answered()
         return found
 
+    def _shareable(self, request: Any) -> bool:
+        reason = _kv_beyond_tokens(request)
+        if reason is None:
+            return True
+        if reason not in self._unshared_reasons:
+            self._unshared_reasons.add(reason)
+            log.info("kvpeer neither loads nor saves the KV of requests with %s: kvpeer keys KV by "
+                     "the prompt's tokens and the base model only", reason)
+        return False
+
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         tracked = self._requests.setdefault(
             request.request_id, _Tracked([int(t) for t in (request.prompt_token_ids or [])])
@@ -596,6 +630,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 new.req_id, _Tracked([int(t) for t in (new.prompt_token_ids or [])])
             )
             tracked.block_ids = list(new.block_ids[0])
+            if tracked.shared and not self._shareable(new):  # in case it was never looked up
+                tracked.shared = False
             self._plan_load(meta, new.req_id, tracked)
             computed = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
             self._maybe_save(meta, new.req_id, tracked, computed)
@@ -634,7 +670,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         stop = self.map.saveable_tokens(len(tracked.tokens))
         # Save once, in the step that computes the last whole chunk, and only what was
         # computed here: chunks that came from kvpeer are already in the daemon.
-        if tracked.saved or stop == 0 or computed < stop:
+        if tracked.saved or not tracked.shared or stop == 0 or computed < stop:
             return
         if tracked.num_computed + tracked.load_tokens >= stop:
             tracked.saved = True

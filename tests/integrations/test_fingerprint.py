@@ -199,3 +199,38 @@ def test_a_rope_that_depends_on_the_sequence_length_is_refused_in_both_engines(c
         model_fingerprint(SimpleNamespace(config=config, dtype=torch.float16), name="tiny")
     with pytest.raises(ConfigError, match="length of the whole"):
         fingerprint_from_vllm(vllm_config("org/tiny", config, torch.float16))
+
+
+class PeftModel(torch.nn.Module):
+    """What peft's PeftModel shows of itself (peft is not installed here): the adapters' configs,
+    and the base model's attributes, config included, through ``__getattr__``."""
+
+    def __init__(self, base: Any) -> None:
+        super().__init__()
+        self.base_model = base
+        self.peft_config = {"default": SimpleNamespace(peft_type="LORA", r=8)}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+
+def test_a_model_with_lora_adapters_is_not_fingerprinted_as_its_base_model() -> None:
+    """Its fingerprint was its base model's, so KV computed through the adapter was shared
+    with engines serving the base model (or another adapter)."""
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    base.config.name_or_path = "/srv/models/Tiny-1B"
+    plain = model_fingerprint(base)
+    wrapped = PeftModel(base)
+    with pytest.raises(ConfigError, match="PEFT adapters"):
+        model_fingerprint(wrapped)
+    adapted = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    adapted.config.name_or_path = "/srv/models/Tiny-1B"
+    adapted._hf_peft_config_loaded = True  # what transformers' load_adapter leaves
+    adapted.peft_config = {"my-lora": SimpleNamespace(peft_type="LORA", r=8)}
+    with pytest.raises(ConfigError, match="my-lora"):
+        model_fingerprint(adapted)
+    named = model_fingerprint(wrapped, name="Tiny-1B+my-lora")  # the operator names the pair
+    assert named.name == "Tiny-1B+my-lora" and named.hex != plain.hex

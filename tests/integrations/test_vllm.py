@@ -3,6 +3,7 @@ real daemon socket (vLLM itself does not install here; its request objects are s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -174,6 +175,39 @@ def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, l
     assert b.request_finished(request("r2", question), blocks_b) == (False, None)
     a.shutdown()
     b.shutdown()
+
+
+BEYOND_TOKENS = {
+    "lora": {"lora_request": SimpleNamespace(lora_name="adapter-A", lora_int_id=1)},
+    "image": {"mm_features": [SimpleNamespace(identifier="img-1", mm_position=SimpleNamespace(offset=4, length=28))]},
+    "image-older-vllm": {"mm_hashes": ["img-1"], "mm_positions": [SimpleNamespace(offset=4, length=28)]},
+    "prompt-embeds": {"prompt_embeds": torch.zeros(40, 8)},
+    "cache-salt": {"cache_salt": "tenant-1"},
+}
+
+
+@pytest.mark.parametrize("extra", BEYOND_TOKENS.values(), ids=BEYOND_TOKENS.keys())
+def test_a_request_whose_kv_is_not_its_tokens_alone_neither_loads_nor_saves(
+    api: ServerThread, extra: dict[str, Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kvpeer keys KV by token ids and the base model: another adapter, image or tenant with the
+    same token ids (an image's placeholder ids are the same for every image) was given its KV."""
+    prompt = list(range(4000, 4040))
+    conn, _ = engine(api)
+    with daemon_client(api) as client:
+        client.put(prompt, torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM), conn.fingerprint)
+    caplog.set_level(logging.INFO, logger="kvpeer.integrations.vllm")
+    for req_id in ("r1", "r2"):
+        special = SimpleNamespace(request_id=req_id, prompt_token_ids=prompt, **extra)
+        assert conn.get_num_new_matched_tokens(special, 0) == (0, False)
+        conn.update_state_after_alloc(special, None, 0)
+    assert len([r for r in caplog.records if "neither loads nor saves" in r.message]) == 1
+
+    other = list(range(5000, 5040))  # computed here: not saved either
+    conn.get_num_new_matched_tokens(SimpleNamespace(request_id="r3", prompt_token_ids=other, **extra), 0)
+    meta = conn.build_connector_meta(scheduler_output("r3", other, list(range(10)), 0))
+    assert not meta.saves and not meta.loads
+    conn.shutdown()
 
 
 def test_chunks_gone_between_lookup_and_load_are_reported_for_recompute(api: ServerThread) -> None:
