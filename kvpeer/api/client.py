@@ -279,26 +279,17 @@ class FetchHandle(_FetchHandleBase):
     def __init__(self, client: KVPeerClient, state: _FetchState) -> None:
         super().__init__(state)
         self._client = client
-        self._timed_out = False  # a wait ran out of time: release does not wait once more
-
-    def _pump(self) -> None:
-        try:
-            self._client._pump()
-        except ApiError as exc:
-            if exc.code == ErrorCode.TIMEOUT:
-                self._timed_out = True
-            raise
 
     def wait(self) -> m.FetchResult:
         """Block until the daemon's final answer; ApiError if the fetch failed."""
         while not self._state.finished:
-            self._pump()
+            self._client._pump()
         return self._state.result()
 
     def wait_for_chunk(self, index: int) -> bool:
         """Block until chunk ``index`` is usable (True) or the fetch ended without it (False)."""
         while index not in self._state.done and not self._state.finished:
-            self._pump()
+            self._client._pump()
         if self._state.error is not None:
             raise self._state.error
         return index in self._state.done
@@ -341,14 +332,12 @@ class FetchHandle(_FetchHandleBase):
         return self._state.kv()[1]
 
     def release(self) -> None:
+        """Release the segment; a fetch still running is cancelled, not waited for."""
         if self._released:
             return
         self._released = True
-        if not self._timed_out:  # else it would wait a second full timeout for the same answer
-            with contextlib.suppress(ApiError):
-                self.wait()
-        if not self._state.answered:  # gave up waiting (or failed here): the final answer names
-            self._client._abandon_fetch(self._state)  # what to release
+        if not self._state.answered:  # running, or failed here: a final answer still to come
+            self._client._cancel_fetch(self._state)  # names what to release
             self._state.close_segment()
             return
         name = self._state.close_segment()
@@ -528,8 +517,8 @@ class KVPeerClient:
         if self._fetch is not None and message.id == self._fetch.request.id:
             self._fetch.on_message(message)
             if self._fetch.finished:
-                if not self._fetch.answered:  # failed here: the daemon's answers are still to come
-                    self._abandoned.add(message.id)
+                if not self._fetch.answered:  # failed here: the daemon's part goes on
+                    self._cancel_fetch(self._fetch)
                 self._fetch = None
         elif message.id in self._abandoned:
             self._drop_late(message)
@@ -547,10 +536,18 @@ class KVPeerClient:
             self._abandoned.add(rid)  # its answer is dropped too
             self._send(m.Release(id=rid, segment=segment))
 
-    def _abandon_fetch(self, state: _FetchState) -> None:
-        if self._fetch is state:
-            self._fetch = None
-            self._abandoned.add(state.request.id)
+    def _cancel_fetch(self, state: _FetchState) -> None:
+        """Give up on the running fetch: the daemon is asked to stop it (one that predates
+        cancel answers UNKNOWN_TYPE and finishes it), and its answers still to come are dropped,
+        a segment they name released."""
+        if self._fetch is not state:
+            return  # not this connection's running fetch (its connection is gone, or it is over)
+        self._fetch = None
+        self._abandoned.add(state.request.id)
+        cancel = m.Cancel(id=self._new_id(), fetch=state.request.id)
+        self._abandoned.add(cancel.id)  # its answer is dropped too
+        with contextlib.suppress(ApiError):  # the connection is lost: the daemon dropped the fetch
+            self._send(cancel)
 
     def _finish_fetch(self) -> None:
         # Answers arrive in order on one connection: a running fetch's events come first.
@@ -666,6 +663,7 @@ class AsyncFetchHandle(_FetchHandleBase):
     def __init__(self, client: AsyncKVPeerClient, state: _FetchState, wait: bool) -> None:
         super().__init__(state)
         self._client = client
+        self._connection = client._generation  # the fetch runs on this connection only
         self._queue: asyncio.Queue[m.Message] = asyncio.Queue()
         self._wait_on_enter = wait
         # The message being applied and the mapping of its segment, kept until both are done:
@@ -734,26 +732,13 @@ class AsyncFetchHandle(_FetchHandleBase):
         return self._state.kv()[1]
 
     async def release(self) -> None:
+        """Release the segment; a fetch still running is cancelled, not waited for."""
         if self._released:
             return
         self._released = True
-        rid = self._state.request.id
-        task = asyncio.current_task()
-        try:
-            # A cancelled caller does not wait for the daemon (up to timeout_s): abandoning the
-            # fetch below has the final answer's segment released whenever that answer comes.
-            if task is None or not task.cancelling():
-                with contextlib.suppress(ApiError):
-                    await self.wait()
-        finally:
-            self._client._unroute(rid)
-            if not self._state.answered:  # gave up waiting (or failed here): the final answer
-                taken = [self._pending] if self._pending is not None else []
-                self._client._abandon(rid, taken + _drain(self._queue))
-                self._state.close_segment()
-                if self._mapping is not None:  # its segment, if it maps, is unmapped when freed
-                    self._mapping.add_done_callback(aio.ignore_outcome)
-        if not self._state.answered:
+        self._client._unroute(self._state.request.id)
+        if not self._state.answered:  # running, or failed here: a final answer still to come
+            self._give_up()
             return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
@@ -761,6 +746,15 @@ class AsyncFetchHandle(_FetchHandleBase):
                 await self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
             except ApiError as exc:
                 _released_already(exc)
+
+    def _give_up(self) -> None:
+        """Stop the fetch without waiting (this may run in a cancelled task): the daemon is
+        asked to stop it, and its answers still to come name what to release."""
+        taken = [self._pending] if self._pending is not None else []
+        self._client._abandon_fetch(self._state.request.id, self._connection, taken + _drain(self._queue))
+        self._state.close_segment()
+        if self._mapping is not None:  # its segment, if it maps, is unmapped when freed
+            self._mapping.add_done_callback(aio.ignore_outcome)
 
     async def __aenter__(self) -> AsyncFetchHandle:
         if self._wait_on_enter:
@@ -929,6 +923,20 @@ class AsyncKVPeerClient:
             if message.id == rid:
                 self._drop_late(message)
 
+    def _abandon_fetch(self, rid: int, connection: int, taken: list[m.Message]) -> None:
+        """Give up on fetch ``rid`` (sent on connection number ``connection``); ``taken``: its
+        answers already received, unread. The daemon is asked to stop it (one that predates
+        cancel answers UNKNOWN_TYPE and finishes it); answers still to come are dropped, a
+        segment they name released."""
+        if connection != self._generation or not self.connected:
+            return  # the daemon dropped it with its connection
+        over = any(message.id == rid and isinstance(message, m.FetchResult | m.ErrorResponse) for message in taken)
+        self._abandon(rid, taken)
+        if not over:
+            cancel = m.Cancel(id=self._new_id(), fetch=rid)
+            self._abandoned.add(cancel.id)  # its answer is dropped too
+            self._write_soon(cancel)
+
     def _drop_late(self, message: m.Message) -> None:
         """Drop an answer to a request given up on, releasing the segment it hands us."""
         if not isinstance(message, m.FetchStarted | m.FetchProgress):
@@ -938,8 +946,13 @@ class AsyncKVPeerClient:
         if segment and self._conn is not None and self._closed_reason is None:
             rid = self._new_id()
             self._abandoned.add(rid)  # its answer is dropped too
-            # Not awaited: this runs in the read loop (or a finally), where no answer can be waited for.
-            self._conn.write_soon(m.encode(m.Release(id=rid, segment=segment)))
+            self._write_soon(m.Release(id=rid, segment=segment))
+
+    def _write_soon(self, message: m.Message) -> None:
+        # Not awaited: this runs in the read loop or for a cancelled caller, where no answer
+        # can be waited for.
+        if self._conn is not None and self._closed_reason is None:
+            self._conn.write_soon(m.encode(message))
 
     async def _send(self, message: m.Message) -> None:
         if self._conn is None or self._closed_reason is not None:
@@ -1068,10 +1081,10 @@ class _AsyncFetchStart:
         try:
             await self._client._send(self._request)
         except BaseException:
-            # Cancelled while the written request drained: its answer will name a segment to
-            # release, as for any request given up on.
+            # Cancelled while the written request drained: the daemon may have it, and its
+            # answer name a segment to release, as for any fetch given up on.
             self._client._unroute(self._request.id)
-            self._client._abandon(self._request.id, _drain(handle._queue))
+            handle._give_up()
             raise
         self._handle = handle
         return handle

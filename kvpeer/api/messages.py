@@ -280,6 +280,21 @@ class Release(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Message):
+    """The client gave up on fetch ``fetch`` (its request id): the daemon stops it, drops its
+    segment and answers that fetch with an error. Answered with :class:`Cancelled` either way
+    (a fetch that is over or unknown is nothing to cancel). A daemon that predates it answers
+    UNKNOWN_TYPE: its fetch runs to the end, and the client releases what that names."""
+
+    TYPE: ClassVar[str] = "cancel"
+    fetch: int
+
+    def __post_init__(self) -> None:
+        Message.__post_init__(self)
+        _check_int("fetch", self.fetch, 0, 2**53)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatsRequest(Message):
     TYPE: ClassVar[str] = "stats"
 
@@ -437,6 +452,11 @@ class Released(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Cancelled(Message):
+    TYPE: ClassVar[str] = "cancelled"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatsResult(Message):
     TYPE: ClassVar[str] = "stats_result"
     stats: dict[str, Any] = field(default_factory=dict)
@@ -493,14 +513,14 @@ class ErrorResponse(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Hello, PutRequest, PutCommit, LookupRequest, FetchRequest, Release, StatsRequest,
-        PeersRequest, EvictRequest, HelloOk, SegmentReady, PutResult, LookupResult,
-        FetchStarted, FetchProgress, FetchResult, Released, StatsResult, PeersResult,
-        EvictResult, ErrorResponse,
+        Hello, PutRequest, PutCommit, LookupRequest, FetchRequest, Release, Cancel,
+        StatsRequest, PeersRequest, EvictRequest, HelloOk, SegmentReady, PutResult,
+        LookupResult, FetchStarted, FetchProgress, FetchResult, Released, Cancelled,
+        StatsResult, PeersResult, EvictResult, ErrorResponse,
     )
 }
 REQUEST_TYPES = frozenset(
-    {"hello", "put", "put_commit", "lookup", "fetch", "release", "stats", "peers", "evict"}
+    {"hello", "put", "put_commit", "lookup", "fetch", "release", "cancel", "stats", "peers", "evict"}
 )
 
 # --------------------------------------------------------------------------- encode / decode

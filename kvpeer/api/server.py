@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import functools
 import grp
+import inspect
 import itertools
 import logging
 import os
@@ -133,6 +134,8 @@ class _Connection:
         self.client = ""
         self.greeted = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.fetches: dict[int, asyncio.Task[None]] = {}  # request id -> its task, until it answers
+        self.cancelled: set[asyncio.Task[None]] = set()  # fetches a client's cancel stopped
         self.pending_puts: dict[str, m.PutRequest] = {}
         self._send_lock = asyncio.Lock()
         self.closed = False
@@ -349,10 +352,17 @@ def _discard_made_segment(job: asyncio.Future[shm.DaemonSegment]) -> None:
 
 
 #: Requests answered on the read loop, in order and outside max_inflight: a hello sets the
-#: namespace for what follows; a release frees memory, so a connection whose slots are all
-#: taken (by fetches waiting on peers) must still get it done, not BUSY. Both are quick and
-#: the loop awaits each answer, so a client cannot pile them up.
-_INLINE_REQUESTS = (m.Hello, m.Release)
+#: namespace for what follows; a release and a cancel free memory and slots, so a connection
+#: whose slots are all taken (by fetches waiting on peers) must still get them done, not BUSY.
+#: They are quick and the loop awaits each answer, so a client cannot pile them up.
+_INLINE_REQUESTS = (m.Hello, m.Release, m.Cancel)
+
+
+def _cancelled_fetch_answer(fetch_id: int) -> m.ErrorResponse:
+    """The final answer of a fetch its client cancelled: the client dropped the fetch, and this
+    only tells it that no more will come. (ErrorCode has no CANCELLED; TIMEOUT is the nearest:
+    the client stopped waiting.)"""
+    return m.ErrorResponse(id=fetch_id, code=int(ErrorCode.TIMEOUT), reason="cancelled by the client")
 
 
 def _error_code(exc: BaseException) -> ErrorCode:
@@ -428,6 +438,7 @@ class ApiServer:
         self._spare_task: asyncio.Task[None] | None = None
         self.counters = {
             "connections": 0, "requests": 0, "errors": 0, "segments": 0, "connections_refused": 0,
+            "fetches_cancelled": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -706,6 +717,8 @@ class ApiServer:
         task = asyncio.create_task(self._handle(conn, message), name=f"kvpeer-api-{message.TYPE}")
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
+        if isinstance(message, m.FetchRequest):
+            conn.fetches[message.id] = task
 
     async def _send_error(self, conn: _Connection, request_id: int, exc: BaseException) -> None:
         self.counters["errors"] += 1
@@ -718,7 +731,20 @@ class ApiServer:
 
     async def _handle(self, conn: _Connection, message: m.Message) -> None:
         try:
-            reply = await self._dispatch(conn, message)
+            try:
+                reply = await self._dispatch(conn, message)
+            except asyncio.CancelledError:
+                if not self._cancelled_by_client(conn):
+                    raise
+                reply = _cancelled_fetch_answer(message.id)
+            finally:
+                # Answering now: a cancel arriving meanwhile finds nothing to stop (cancelling
+                # the send would leave a second, contradicting answer to follow it).
+                current = asyncio.current_task()
+                if current is not None:
+                    if conn.fetches.get(message.id) is current:
+                        del conn.fetches[message.id]
+                    conn.cancelled.discard(current)
             if reply is not None:
                 await conn.send(reply)
         except asyncio.CancelledError:
@@ -728,6 +754,33 @@ class ApiServer:
         except Exception as exc:  # a backend bug must not take the server down
             log.exception("api: %s request failed", message.TYPE)
             await self._send_error(conn, message.id, exc)
+
+    @staticmethod
+    def _cancelled_by_client(conn: _Connection) -> bool:
+        """Whether the cancel the current task got is a client's cancel request alone (one of
+        the connection closing, too, is not: then the task ends)."""
+        task = asyncio.current_task()
+        if task is None or task not in conn.cancelled:
+            return False
+        conn.cancelled.discard(task)
+        return task.uncancel() == 0
+
+    async def _cancel_fetch(self, conn: _Connection, fetch_id: int) -> None:
+        task = conn.fetches.pop(fetch_id, None)
+        if task is None or task.done():
+            return  # over (its answer went or is going out) or never was: nothing to stop
+        self.counters["fetches_cancelled"] += 1
+        coro = task.get_coro()
+        if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            # It never ran (the cancel came in the same read): it sent and holds nothing, and
+            # as it never enters its body, it cannot answer for itself.
+            task.cancel()
+            await conn.send(_cancelled_fetch_answer(fetch_id))
+            return
+        # It answers for itself once its cleanup (segment dropped, announcement cancelled) is
+        # done: nothing of it can come after that answer.
+        conn.cancelled.add(task)
+        task.cancel()
 
     async def _dispatch(self, conn: _Connection, message: m.Message) -> m.Message | None:
         ctx = conn.ctx
@@ -768,6 +821,9 @@ class ApiServer:
             conn.pending_puts.pop(message.segment, None)
             self.registry.release(message.segment, conn.id)
             return m.Released(id=rid)
+        if isinstance(message, m.Cancel):
+            await self._cancel_fetch(conn, message.fetch)
+            return m.Cancelled(id=rid)
         if isinstance(message, m.StatsRequest):
             stats = dict(await self.backend.stats())
             stats["api"] = self.stats()

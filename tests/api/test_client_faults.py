@@ -521,6 +521,30 @@ def test_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:
         assert pumped == []
 
 
+def test_async_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:
+    async def main() -> None:
+        with NeverAnswersOnTheFirst() as daemon:
+            async with AsyncKVPeerClient(daemon.socket_path, timeout_s=0.5) as client:
+                handle = await client.fetch([1, 2, 3, 4], FP, stream=True)
+                with pytest.raises(ApiError) as info:
+                    await handle.wait()
+                assert info.value.code == ErrorCode.TIMEOUT
+                waits: list[int] = []
+                real_get = client._get
+
+                async def counting_get(queue: asyncio.Queue[m.Message]) -> m.Message:
+                    waits.append(1)
+                    return await real_get(queue)
+
+                client._get = counting_get  # type: ignore[method-assign]
+                await handle.release()
+                assert waits == []
+                [cancel] = await asyncio.to_thread(daemon.wait_for, m.Cancel)
+                assert cancel.fetch == handle._state.request.id
+
+    run(main())
+
+
 def test_a_put_whose_connection_the_daemon_dropped_before_the_commit_says_shutting_down(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

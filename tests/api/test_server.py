@@ -83,8 +83,8 @@ def test_prefill_time_and_recompute_speed_reach_the_backend(api: ServerThread) -
         client.put(tokens, k, v, FP, prefill_s=1.5)
         with client.fetch(tokens, FP, recompute_tokens_per_s=300.0) as result:
             assert result.matched_tokens == 8
-        with client.fetch(tokens, FP):
-            pass
+        with client.fetch(tokens, FP) as result:
+            result.wait()  # leaving at once would cancel it, maybe before the backend got it
     put, fetch, plain = api.backend.requests[-3:]
     assert isinstance(put, m.PutRequest) and put.prefill_s == 1.5
     assert isinstance(fetch, m.FetchRequest) and fetch.recompute_tokens_per_s == 300.0
