@@ -29,6 +29,8 @@ MAX_FRAME_BYTES = 16 << 20  # 4M tokens of uint32 ids fit; anything larger is an
 MAX_TOKENS = 1 << 22
 MAX_NAME_LEN = 255  # namespaces, segment names, levels, client info
 MAX_LEVEL_LEN = 15  # a level name must fit a segment header slot
+#: Chunks of one lookup or fetch answer. MAX_TOKENS / MAX_CHUNKS = 64: with a codec.chunk_tokens
+#: below that, the longest prefixes cannot be answered (a fetch is refused with TOO_LARGE).
 MAX_CHUNKS = 1 << 16
 _LENGTH = struct.Struct(">I")
 FRAME_HEADER_BYTES = _LENGTH.size
@@ -412,7 +414,7 @@ class FetchProgress(Message):
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
-        _check_int("index", self.index, 0, MAX_CHUNKS)
+        _check_int("index", self.index, 0, MAX_CHUNKS - 1)
         _check_name("level", self.level, limit=MAX_LEVEL_LEN)
 
 

@@ -216,6 +216,12 @@ class FetchSink:
     ) -> None:
         if self.segment is not None or self._allocating:
             raise ProtocolError(ErrorCode.INTERNAL, "fetch sink allocated twice")
+        if -(-tokens // chunk_tokens) > m.MAX_CHUNKS:  # its progress and result could not be sent
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"{tokens} tokens are more than the {m.MAX_CHUNKS} chunks of {chunk_tokens} tokens "
+                "a fetch may restore: raise codec.chunk_tokens, or fetch a shorter prefix",
+            )
         fp = self.request.fingerprint
         if (layers, kv_heads, head_dim) != (fp.layers, fp.kv_heads, fp.head_dim):
             raise ProtocolError(ErrorCode.INTERNAL, "fetch sink shape differs from the fingerprint")
@@ -911,17 +917,17 @@ class ApiServer:
             raise sink.failed
         try:
             await sink.flush()
-        except BaseException:
+            result = sink.result()
+            if not result.segment:
+                self._drop_sink(conn, sink)
+            else:  # handed over now: the lease counts from here, not from the allocation
+                self.registry.lease(result.segment, conn.id, time.monotonic())
+                self._segments_changed.set()
+        except BaseException:  # unleased, the segment would stay until the client disconnects
             self._drop_sink(conn, sink)
             raise
-        result = sink.result()
         if sink.segment is not None:
             self._want_spare(sink.segment.layout.size)
-        if not result.segment:
-            self._drop_sink(conn, sink)
-        else:  # handed over now: the lease counts from here, not from the allocation
-            self.registry.lease(result.segment, conn.id, time.monotonic())
-            self._segments_changed.set()
         return result
 
     def _drop_sink(self, conn: _Connection, sink: FetchSink) -> None:

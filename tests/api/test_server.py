@@ -19,7 +19,7 @@ from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.api.server import SPARE_IDLE_S
-from kvpeer.errors import ApiError, ErrorCode
+from kvpeer.errors import ApiError, ErrorCode, ProtocolError
 from tests.api.fakes import (
     CHUNK,
     FP,
@@ -149,6 +149,43 @@ def test_failure_after_the_segment_was_announced_raises_the_real_error(api: Serv
         assert info.value.code == ErrorCode.INTEGRITY
         assert our_segments() <= before
         assert client.stats()["api"]["live_segments"] == 0
+
+
+def test_a_fetch_that_fails_while_handing_its_segment_over_leaves_no_segment(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment, unleased until the hand-over, stayed held until the client disconnected."""
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(8)), k, v, FP)
+
+        def broken_lease(*args: object) -> None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the registry broke")
+
+        monkeypatch.setattr(api.server.registry, "lease", broken_lease)
+        with pytest.raises(ApiError) as info:
+            with client.fetch(list(range(8)), FP) as result:
+                result.wait()
+        assert info.value.code == ErrorCode.INTERNAL
+        assert client.stats()["api"]["live_segments"] == 0
+
+
+def test_a_fetch_of_more_chunks_than_an_answer_carries_is_refused_saying_why(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a small codec.chunk_tokens, the daemon's own progress and result failed validation:
+    the client got INVALID about a list it never sent, and the segment stayed held."""
+    monkeypatch.setattr(m, "MAX_CHUNKS", 2)
+    k, v = kv(12)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(list(range(12)), k, v, FP)
+        with pytest.raises(ApiError) as info:
+            with client.fetch(list(range(12)), FP) as result:
+                result.wait()
+        assert info.value.code == ErrorCode.TOO_LARGE and "codec.chunk_tokens" in info.value.reason
+        assert client.stats()["api"]["live_segments"] == 0
+        with client.fetch(list(range(8)), FP) as result:  # two chunks: served
+            assert result.matched_tokens == 8
 
 
 def test_stats_peers_evict(api: ServerThread) -> None:
