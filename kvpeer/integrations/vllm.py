@@ -23,6 +23,8 @@ Use: ``--kv-transfer-config '{"kv_connector": "KVPeerConnector", "kv_role": "kv_
 "kv_connector_module_path": "kvpeer.integrations.vllm", "kv_connector_extra_config":
 {"kvpeer_socket": "/run/kvpeer/kvpeer.sock", "kvpeer_namespace": "default"}}'``. Add
 ``"kvpeer_model_name"`` where vLLM's model path does not end in the name the other engines use.
+``"kvpeer_layout"`` names the paged cache's layout (:data:`LAYOUTS`); unset, the one that fits the
+caches vLLM registers is taken, and caches no layout fits are refused when registered.
 
 The daemon may be down, restarting or hung; the engine must not wait on it. The connector connects
 on first use (and again after a failure), and bounds each wait by keys of the same extra config
@@ -192,6 +194,16 @@ def read_paged(
     k = kb.permute(1, 0, 2, 3).reshape(heads, nb * block, dim)
     v = vb.permute(1, 0, 2, 3).reshape(heads, nb * block, dim)
     return k, v
+
+
+def layouts_fitting(shape: Sequence[int], *, kv_heads: int, head_dim: int, block_size: int) -> list[str]:
+    """The :data:`LAYOUTS` a paged cache of ``shape`` has, for a model's KV heads and head size."""
+    fitting = []
+    if len(shape) == 4 and tuple(shape[1:]) == (kv_heads, block_size, 2 * head_dim):
+        fitting.append("blocks_heads_tokens_2d")
+    if len(shape) == 5 and shape[0] == 2 and tuple(shape[2:]) == (block_size, kv_heads, head_dim):
+        fitting.append("kv_blocks_tokens_heads")
+    return fitting
 
 
 def layer_index(name: str) -> int:
@@ -518,6 +530,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         _check_kv_cache_groups(kv_cache_config)
         self.fingerprint = fingerprint_from_vllm(vllm_config)
         self.layout = str(extra.get("kvpeer_layout", LAYOUTS[0]))
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"kvpeer_layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        self._layout_given = "kvpeer_layout" in extra  # else register_kv_caches may pick it
         self.level = extra.get("kvpeer_level")
         self.map = BlockChunkMap(
             block_size=int(vllm_config.cache_config.block_size),
@@ -545,6 +560,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._meta: KVPeerConnectorMetadata | None = None
         self._load_errors: set[int] = set()
+        self._load_bug_logged = False  # a load's unexpected error: its traceback is logged once
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
@@ -684,12 +700,33 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._kv_caches = dict(kv_caches)
-        layers = {layer_index(name) for name in self._kv_caches}
+        layers = {layer_index(name) for name in kv_caches}
         if layers != set(range(self.fingerprint.layers)):
             raise ConfigError(
                 f"vLLM registered layers {sorted(layers)}; kvpeer expects 0..{self.fingerprint.layers - 1}"
             )
+        self._check_layout({tuple(cache.shape) for cache in kv_caches.values()})
+        self._kv_caches = dict(kv_caches)
+
+    def _check_layout(self, shapes: set[tuple[int, ...]]) -> None:
+        """Refuse caches the layout does not fit (every load and save would fail inside vLLM's
+        forward pass); with no ``kvpeer_layout`` given, take the one layout that fits them."""
+        fp = self.fingerprint
+        fitting = [set(layouts_fitting(shape, kv_heads=fp.kv_heads, head_dim=fp.head_dim,
+                                       block_size=self.map.block_size)) for shape in shapes]
+        common = set.intersection(*fitting) if fitting else set()
+        if self.layout in common:
+            return
+        if not self._layout_given and len(common) == 1:
+            self.layout = common.pop()
+            log.info("kvpeer: vLLM's paged KV caches have the %s layout", self.layout)
+            return
+        raise ConfigError(
+            f"vLLM's paged KV caches have shape {', '.join(map(str, sorted(shapes)))}, which "
+            f"kvpeer_layout {self.layout!r} does not fit ({fp.kv_heads} KV heads of {fp.head_dim}, "
+            f"blocks of {self.map.block_size}); kvpeer knows {', '.join(LAYOUTS)} (see the "
+            "connector's module)"
+        )
 
     def _layers(self, forward_context: Any = None) -> dict[int, torch.Tensor]:
         caches = self._kv_caches
@@ -718,6 +755,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             except (KVPeerError, OSError) as exc:
                 if not self._daemon_failed("load", exc):
                     log.warning("kvpeer load for %s stopped at token %d: %s", spec.req_id, loaded_to, exc)
+            except Exception:  # a bug must not stop vLLM's forward pass: the rest is recomputed
+                log.log(logging.DEBUG if self._load_bug_logged else logging.ERROR,
+                        "kvpeer load for %s failed at token %d", spec.req_id, loaded_to, exc_info=True)
+                self._load_bug_logged = True
         if loaded_to < spec.stop:
             # vLLM recomputes what it is told failed; never leave blocks half-promised.
             self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))

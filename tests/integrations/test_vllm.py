@@ -270,6 +270,78 @@ def test_request_resumed_after_preemption_loads_into_its_new_blocks(api: ServerT
     b.shutdown()
 
 
+def test_without_a_layout_given_the_one_that_fits_vllms_caches_is_taken(api: ServerThread) -> None:
+    """vLLM's FlashAttention cache is [2, blocks, block, heads, dim]: with the default layout
+    every load and save raised inside vLLM's forward pass."""
+    prompt = list(range(6000, 6040))
+    truth_k, truth_v = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    conn = KVPeerConnector(vllm_config(api.socket_path), SimpleNamespace(name="BOTH"))
+    caches = {f"model.layers.{i}.self_attn.attn": paged("kv_blocks_tokens_heads") for i in range(LAYERS)}
+    conn.register_kv_caches(caches)
+    assert conn.layout == "kv_blocks_tokens_heads"
+    with daemon_client(api) as client:
+        client.put(prompt, truth_k, truth_v, conn.fingerprint)
+    new, _ = conn.get_num_new_matched_tokens(request("r", prompt), 0)
+    conn.update_state_after_alloc(request("r", prompt), None, new)
+    conn.bind_connector_metadata(conn.build_connector_meta(scheduler_output("r", prompt, list(range(10)), 0)))
+    conn.start_load_kv(None)
+    assert conn.get_block_ids_with_load_errors() == set()
+    k, v = read_paged(caches["model.layers.1.self_attn.attn"], list(range(8)), conn.layout)
+    assert torch.equal(k, truth_k[1, :, :32]) and torch.equal(v, truth_v[1, :, :32])
+    conn.shutdown()
+
+
+@pytest.mark.parametrize("layout, shape", [
+    ("blocks_heads_tokens_2d", (2, NUM_BLOCKS, BLOCK, HEADS, DIM)),  # FlashAttention's
+    ("kv_blocks_tokens_heads", (NUM_BLOCKS, HEADS, BLOCK, 2 * DIM)),
+    (None, (NUM_BLOCKS, 2, BLOCK, HEADS, DIM)),  # FlashInfer's: no layout fits
+    (None, (NUM_BLOCKS, HEADS + 1, BLOCK, 2 * DIM)),  # not this model's heads
+])
+def test_caches_the_layout_does_not_fit_are_refused_naming_the_setting_and_shape(
+    tmp_path: Any, layout: str | None, shape: tuple[int, ...],
+) -> None:
+    config = vllm_config(tmp_path / "kvpeer.sock")
+    if layout is not None:
+        config.kv_transfer_config.kv_connector_extra_config["kvpeer_layout"] = layout
+    conn = KVPeerConnector(config, SimpleNamespace(name="BOTH"))
+    with pytest.raises(ConfigError, match=r"kvpeer_layout.*") as refused:
+        conn.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.zeros(shape) for i in range(LAYERS)})
+    assert str(shape) in str(refused.value)
+    conn.shutdown()
+
+
+def test_an_unknown_layout_is_refused_at_construction(tmp_path: Any) -> None:
+    config = vllm_config(tmp_path / "kvpeer.sock")
+    config.kv_transfer_config.kv_connector_extra_config["kvpeer_layout"] = "flashinfer"
+    with pytest.raises(ConfigError, match="kvpeer_layout 'flashinfer'"):
+        KVPeerConnector(config, SimpleNamespace(name="BOTH"))
+
+
+def test_an_unexpected_error_in_a_load_is_a_load_error_not_an_exception_into_vllm(
+    api: ServerThread, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Caches taken from the forward context (vLLM versions without register_kv_caches) are not
+    checked: a layout that does not fit them raised out of start_load_kv."""
+    prompt = list(range(7000, 7040))
+    conn = KVPeerConnector(vllm_config(api.socket_path), SimpleNamespace(name="BOTH"))
+    with daemon_client(api) as client:
+        client.put(prompt, torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM), conn.fingerprint)
+    caplog.set_level(logging.DEBUG, logger="kvpeer.integrations.vllm")
+    unfit = paged("kv_blocks_tokens_heads")
+    context = SimpleNamespace(no_compile_layers={
+        f"model.layers.{i}.self_attn.attn": SimpleNamespace(kv_cache=unfit) for i in range(LAYERS)})
+    for req_id in ("r1", "r2"):
+        new, _ = conn.get_num_new_matched_tokens(request(req_id, prompt), 0)
+        conn.update_state_after_alloc(request(req_id, prompt), None, new)
+        conn.bind_connector_metadata(conn.build_connector_meta(scheduler_output(req_id, prompt, list(range(10)), 0)))
+        conn.start_load_kv(context)
+        assert conn.get_block_ids_with_load_errors() == set(range(8))
+        conn.clear_connector_metadata()
+    logged = [r for r in caplog.records if r.name == "kvpeer.integrations.vllm" and r.exc_info]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.DEBUG]  # the traceback once
+    conn.shutdown()
+
+
 @pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
 def test_a_quantized_kv_cache_is_refused_at_construction(tmp_path: Any, cache_dtype: str) -> None:
     """Loads would cast bf16 KV into fp8 blocks without the layers' k/v scales: wrong output."""
