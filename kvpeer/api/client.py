@@ -812,13 +812,9 @@ class AsyncKVPeerClient:
         return self._ids
 
     async def connect(self) -> AsyncKVPeerClient:
-        if self.connected:  # e.g. `await client.connect()` and then `async with client`
-            return self
-        try:
-            await self._open()
-        except BaseException:
-            await self.close()
-            raise
+        """Connect now (requests connect by themselves otherwise); ApiError if the daemon cannot
+        be reached: the client stays usable, and a later call tries again (a daemon starting)."""
+        await self._ensure_connected()  # connected already: e.g. connect() then `async with`
         return self
 
     async def _open(self) -> None:

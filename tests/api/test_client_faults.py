@@ -194,6 +194,28 @@ def test_async_client_that_cannot_reach_the_daemon_says_so_and_is_not_closed_for
     run(main())
 
 
+def test_async_client_whose_connect_failed_connects_when_the_daemon_is_up() -> None:
+    """An engine that started before its daemon: connect() failed once and closed the client
+    for good, with a bare FileNotFoundError."""
+
+    async def main() -> None:
+        with LookupDaemon() as daemon:
+            path = daemon.socket_path
+        client = AsyncKVPeerClient(path, timeout_s=10)
+        try:
+            with pytest.raises(ApiError) as info:
+                await client.connect()
+            assert info.value.code == ErrorCode.SHUTTING_DOWN and "cannot reach the daemon" in info.value.reason
+            with LookupDaemon() as daemon:
+                client.socket_path = str(daemon.socket_path)
+                assert (await client.connect()) is client
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 0
+        finally:
+            await client.close()
+
+    run(main())
+
+
 def test_async_closed_client_stays_closed() -> None:
     async def main() -> None:
         with LookupDaemon() as daemon:
