@@ -78,6 +78,13 @@ def _put_request(
     return request, k, v
 
 
+def _encode(request: m.Message) -> bytes:
+    try:
+        return m.encode(request)
+    except ProtocolError as exc:  # TOO_LARGE: the caller's to hear, as the daemon would say it
+        raise ApiError(exc.code, exc.reason) from None
+
+
 def _map_descriptor(name: str, fd: int) -> shm.Segment:
     """Map segment ``name`` from its descriptor, which this closes (the mapping holds the file)."""
     try:
@@ -451,7 +458,7 @@ class KVPeerClient:
         that stands on its own (no state on the connection: see :data:`_RESENDABLE`) goes
         once more on a new connection when the daemon had closed the old one before it got
         there (a restart; or it closes one that says nothing for 10 s after connecting)."""
-        data = m.encode(message)
+        data = _encode(message)
         sock = self._sock
         if self._closed:  # closed, or aborted from another thread: nothing more goes out
             reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
@@ -955,7 +962,7 @@ class AsyncKVPeerClient:
             raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
         conn = self._conn
         try:
-            await aio.wait_for(conn.write(m.encode(message)), self.timeout_s)
+            await aio.wait_for(conn.write(_encode(message)), self.timeout_s)
         except OSError as exc:
             # A frame may be half out: nothing more can go on this connection.
             self._closed_reason = reason = _connection_lost(exc)
@@ -975,13 +982,18 @@ class AsyncKVPeerClient:
     async def _request(self, request: m.Message, kind: type[_T]) -> _T:
         queue: asyncio.Queue[m.Message] = asyncio.Queue()
         self._route(request.id, queue)
-        answer: m.Message | None = None
+        given_up = True  # its answer may still come
         try:
-            await self._send(request)
+            try:
+                await self._send(request)
+            except ApiError:
+                given_up = False  # it never went out whole on a live connection: no answer comes
+                raise
             answer = await self._get(queue)
+            given_up = False
         finally:
             self._unroute(request.id)
-            if answer is None:
+            if given_up:
                 self._abandon(request.id, _drain(queue))
         return _expect(answer, kind)
 
@@ -1076,11 +1088,13 @@ class _AsyncFetchStart:
         self._client._route(self._request.id, handle._queue)
         try:
             await self._client._send(self._request)
-        except BaseException:
-            # Cancelled while the written request drained: the daemon may have it, and its
-            # answer name a segment to release, as for any fetch given up on.
+        except BaseException as exc:
             self._client._unroute(self._request.id)
-            handle._give_up()
+            # An ApiError: it never went out whole on a live connection. Else cancelled while
+            # the written request drained: the daemon may have it, and its answer name a
+            # segment to release, as for any fetch given up on.
+            if not isinstance(exc, ApiError):
+                handle._give_up()
             raise
         self._handle = handle
         return handle

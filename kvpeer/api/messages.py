@@ -25,8 +25,10 @@ from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.hashing import ModelFingerprint, token_ids
 
 API_VERSION = 2  # 2: segments travel as descriptors (SCM_RIGHTS), not names to open
-MAX_FRAME_BYTES = 16 << 20  # 4M tokens of uint32 ids fit; anything larger is an error
 MAX_TOKENS = 1 << 22
+#: MAX_TOKENS uint32 ids and room for the rest of the request (its fingerprint): a request at
+#: the token limit fits. Anything larger is an error.
+MAX_FRAME_BYTES = 4 * MAX_TOKENS + (1 << 20)
 MAX_NAME_LEN = 255  # namespaces, segment names, levels, client info
 MAX_LEVEL_LEN = 15  # a level name must fit a segment header slot
 #: Chunks of one lookup or fetch answer. MAX_TOKENS / MAX_CHUNKS = 64: with a codec.chunk_tokens

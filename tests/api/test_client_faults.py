@@ -742,3 +742,33 @@ def test_a_call_after_abort_drops_the_connection() -> None:
         with pytest.raises(ApiError):
             client.lookup([1, 2, 3], FP)
         assert not client.connected and client._sock is None
+
+
+def test_a_request_too_large_to_send_is_an_api_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a raw ProtocolError (a request of MAX_TOKENS tokens, before the frame limit made
+    room for the rest of the request)."""
+    with LookupDaemon() as daemon:
+        with KVPeerClient(daemon.socket_path) as client:
+            monkeypatch.setattr(m, "MAX_FRAME_BYTES", 1000)
+            for call in (lambda: client.lookup(list(range(500)), FP), lambda: client.fetch(list(range(500)), FP)):
+                with pytest.raises(ApiError) as info:
+                    call()
+                assert info.value.code == ErrorCode.TOO_LARGE
+            monkeypatch.undo()
+            assert client.lookup([1, 2, 3], FP).matched_tokens == 0  # its connection, kept
+
+        async def main() -> None:
+            async with AsyncKVPeerClient(daemon.socket_path) as client:
+                monkeypatch.setattr(m, "MAX_FRAME_BYTES", 1000)
+                with pytest.raises(ApiError) as info:
+                    await client.lookup(list(range(500)), FP)
+                assert info.value.code == ErrorCode.TOO_LARGE
+                with pytest.raises(ApiError) as info:
+                    async with client.fetch(list(range(500)), FP):
+                        pass
+                assert info.value.code == ErrorCode.TOO_LARGE
+                monkeypatch.undo()
+                assert (await client.lookup([1, 2, 3], FP)).matched_tokens == 1  # its connection, kept
+                assert client._abandoned == set() and daemon.received(m.Cancel) == []
+
+        run(main())

@@ -179,6 +179,13 @@ def test_frame_decoder_splits_skips_oversized_and_resyncs() -> None:
     assert m.decode_body(out[2]) == m.StatsRequest(id=1)  # type: ignore[arg-type]
 
 
+def test_a_request_of_max_tokens_fits_a_frame() -> None:
+    tokens = np.arange(m.MAX_TOKENS, dtype=np.uint32)
+    for cls in (m.LookupRequest, m.FetchRequest, m.PutRequest):
+        decoded = round_trip(cls(id=1, tokens=tokens, fingerprint=FP))
+        assert isinstance(decoded, cls) and np.array_equal(decoded.tokens, tokens)
+
+
 def test_encode_refuses_oversized_messages() -> None:
     with pytest.raises(ProtocolError) as info:
         m.encode(m.StatsResult(stats={"blob": b"x" * (m.MAX_FRAME_BYTES + 1)}))
