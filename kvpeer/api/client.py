@@ -230,8 +230,14 @@ class _FetchState:
             raise ApiError(ErrorCode.INTERNAL, "the fetch has not finished")
         return self.final
 
+    def _check_open(self) -> None:
+        # Else k/v read as empty tensors: nothing restored, as far as the caller could tell.
+        if self._closed:
+            raise ApiError(ErrorCode.INVALID, "the fetch handle was released")
+
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         final = self.result()
+        self._check_open()
         if self.segment is None or final.matched_tokens == 0:
             fp = self.request.fingerprint
             dtype = shm.DTYPES.get(fp.dtype, torch.float16)
@@ -241,6 +247,7 @@ class _FetchState:
         return self.segment.k[:, :, :n, :], self.segment.v[:, :, :n, :]
 
     def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_open()
         if index not in self.done or self.segment is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"chunk {index} was not restored")
         layout = self.segment.layout

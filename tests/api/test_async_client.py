@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from kvpeer.api.client import AsyncKVPeerClient
+from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from tests.api.fakes import CHUNK, FP, ServerThread, kv, our_segments
 
@@ -150,5 +150,29 @@ def test_a_release_is_served_while_every_request_slot_is_taken(api: ServerThread
             api.loop.call_soon_threadsafe(api.backend.release_stall.set)
             for handle in slow:
                 await handle.release()
+
+    run(main())
+
+
+def test_k_and_v_of_a_released_fetch_are_an_error_not_empty(api: ServerThread) -> None:
+    """They read as empty tensors (nothing restored) while matched_tokens said otherwise."""
+    k, v = kv(8)
+    tokens = list(range(8))
+    with KVPeerClient(api.socket_path) as client:
+        client.put(tokens, k, v, FP)
+        with client.fetch(tokens, FP) as result:
+            assert result.matched_tokens == 8
+        for read in (lambda: result.k, lambda: result.v, lambda: result.chunk(0)):
+            with pytest.raises(ApiError, match="released"):
+                read()
+
+    async def main() -> None:
+        async with AsyncKVPeerClient(api.socket_path) as client:
+            async with client.fetch(tokens, FP) as result:
+                assert result.matched_tokens == 8
+            with pytest.raises(ApiError, match="released"):
+                result.k  # noqa: B018
+            with pytest.raises(ApiError, match="released"):
+                await result.chunk(0)
 
     run(main())
