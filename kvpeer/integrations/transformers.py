@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
+import time
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +28,11 @@ from kvpeer.api.client import KVPeerClient
 from kvpeer.api.messages import PutResult
 from kvpeer.errors import KVPeerError
 from kvpeer.hashing import ModelFingerprint
+from kvpeer.integrations._daemon import ANSWER_GRACE_S, Backoff, DaemonConnection, daemon_away
 
 log = logging.getLogger(__name__)
+
+FETCH_BACKOFF_S = 10.0  # after the daemon failed to answer a fetch, how long fetches are skipped
 
 
 def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +144,39 @@ def prefill_and_put(
     return client.put(_tokens(tokens), k, v, fingerprint, level=level)
 
 
+@dataclass(slots=True, kw_only=True)
+class _Fetches:
+    """The fetch helpers' own connection to a client's daemon and namespace, and their back-off:
+    the client's connection waits its own timeout (60 s by default), and cannot be dropped
+    without closing the client for good."""
+
+    connection: DaemonConnection
+    backoff: Backoff
+
+
+_fetches: weakref.WeakKeyDictionary[Any, _Fetches] = weakref.WeakKeyDictionary()
+_fetches_lock = threading.Lock()
+
+
+def _fetches_for(client: KVPeerClient, deadline_s: float | None) -> _Fetches:
+    timeout_s = deadline_s + ANSWER_GRACE_S if deadline_s else client.timeout_s
+    with _fetches_lock:
+        fetches = _fetches.get(client)
+        if fetches is None:
+            fetches = _fetches[client] = _Fetches(connection=_connection(client, timeout_s),
+                                                  backoff=Backoff(FETCH_BACKOFF_S))
+        elif fetches.connection.timeout_s != timeout_s:  # another deadline: the timeout is per connection
+            with fetches.connection.lock:
+                fetches.connection.drop()
+            fetches.connection = _connection(client, timeout_s)
+        return fetches
+
+
+def _connection(client: KVPeerClient, timeout_s: float) -> DaemonConnection:
+    return DaemonConnection(client.socket_path, client.namespace or "default", timeout_s=timeout_s,
+                            client_name=f"{client.client_name} fetches")
+
+
 def fetch_cache(
     client: KVPeerClient,
     model: Any,
@@ -148,19 +188,36 @@ def fetch_cache(
     """``(cache, matched_tokens)``: the longest available prefix of ``tokens`` as a cache.
 
     Nothing available (or a daemon error, logged): an empty cache and 0. A daemon that cannot
-    help must never stop generation, so errors here degrade to recomputation.
+    help must never stop generation, so errors here degrade to recomputation: the fetch goes on
+    a connection of its own to ``client``'s daemon and namespace, whose wait ends
+    :data:`ANSWER_GRACE_S` past ``deadline_s`` (without one, at the client's timeout); after
+    the daemon failed to answer, fetches are skipped for :data:`FETCH_BACKOFF_S`.
     """
     from transformers import DynamicCache
 
-    try:
-        with client.fetch(_tokens(tokens), fingerprint, deadline_s=deadline_s, min_level=min_level) as result:
-            matched = result.matched_tokens
-            if matched == 0:
-                return DynamicCache(config=model.config), 0
-            cache = cache_from_kv(result.k, result.v, model)
-    except KVPeerError as exc:
-        log.warning("kvpeer fetch failed (%s); computing the whole prompt", exc)
+    fetches = _fetches_for(client, deadline_s)
+    if not fetches.backoff.allows(time.monotonic()):
         return DynamicCache(config=model.config), 0
+    try:
+        with fetches.connection.lock:
+            fetch = fetches.connection.client().fetch(
+                _tokens(tokens), fingerprint, deadline_s=deadline_s, min_level=min_level,
+            )
+            # The connection is dropped before the handle's release, which waits for the answer.
+            with fetch as result, fetches.connection.dropped_on_timeout():
+                matched = result.matched_tokens
+                cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
+    except (KVPeerError, OSError) as exc:
+        if not daemon_away(exc):
+            log.warning("kvpeer fetch failed (%s); computing the whole prompt", exc)
+        elif fetches.backoff.failed(time.monotonic()):
+            log.warning("kvpeer daemon did not answer a fetch (%s): computing prompts without it, "
+                        "trying again every %g s", exc, FETCH_BACKOFF_S)
+        else:
+            log.debug("kvpeer daemon still not answering a fetch: %s", exc)
+        return DynamicCache(config=model.config), 0
+    if fetches.backoff.succeeded():
+        log.info("kvpeer daemon answers fetches again")
     return cache, matched
 
 

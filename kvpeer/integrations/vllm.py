@@ -43,7 +43,6 @@ that prompt saves it). :meth:`KVPeerConnector.flush_saves` waits for the ones in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -57,9 +56,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvpeer.api import messages as m
-from kvpeer.api.client import DEFAULT_TIMEOUT_S, KVPeerClient, default_socket_path
+from kvpeer.api.client import DEFAULT_TIMEOUT_S, default_socket_path
 from kvpeer.errors import ApiError, ConfigError, ErrorCode, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
+from kvpeer.integrations._daemon import ANSWER_GRACE_S, Backoff, DaemonConnection, daemon_away
 from kvpeer.integrations._fingerprint import dtype_name, fingerprint, model_name
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,6 @@ else:
 #  "kv_blocks_tokens_heads": the classic FlashAttention cache [2, num_blocks, block, kv_heads, head_dim].
 LAYOUTS = ("blocks_heads_tokens_2d", "kv_blocks_tokens_heads")
 
-# Past a load's deadline, how long the daemon may take to say what it restored before the worker
-# stops waiting for it (the answer is due at the deadline; this covers a busy event loop).
-LOAD_ANSWER_GRACE_S = 1.0
 MAX_PENDING_SAVE_BYTES = 1 << 30  # kvpeer_max_pending_save_bytes: KV copies waiting to be put
 SHUTDOWN_SAVE_WAIT_S = 10.0  # at shutdown, how long saves still waiting may take to go out
 
@@ -304,7 +301,7 @@ class DaemonWaits:
     to answer a lookup: such a lookup is given up too.)"""
     load_deadline_s: float = 2.0
     """A load's deadline, passed to the fetch: the daemon stops there and vLLM recomputes what
-    was not restored (the worker gives up :data:`LOAD_ANSWER_GRACE_S` later)."""
+    was not restored (the worker gives up :data:`ANSWER_GRACE_S` later)."""
     save_timeout_s: float = DEFAULT_TIMEOUT_S
     """The saving thread's wait for each answer to a save (a healthy daemon encodes the chunks
     first); while it waits, later saves queue (see ``kvpeer_max_pending_save_bytes``)."""
@@ -335,38 +332,6 @@ def _seconds(key: str, value: Any) -> float:
     return seconds
 
 
-@dataclass(slots=True)
-class Backoff:
-    """Whether to call the daemon now: after it failed to answer, not for ``backoff_s`` (a
-    call would only wait for its timeout again), then one call tries. Time is passed in."""
-
-    backoff_s: float
-    _retry_at: float | None = None
-
-    def allows(self, now: float) -> bool:
-        return self._retry_at is None or now >= self._retry_at
-
-    def retrying(self, now: float) -> bool:
-        """True once the back-off is over but nothing has succeeded since: the next call is a trial."""
-        return self._retry_at is not None and now >= self._retry_at
-
-    def failed(self, now: float) -> bool:
-        """Back off from ``now``; True if the daemon was answering until now (worth a warning)."""
-        first = self._retry_at is None
-        self._retry_at = now + self.backoff_s
-        return first
-
-    def succeeded(self) -> bool:
-        """Stop backing off; True if it was (worth saying the daemon is back)."""
-        was_backing_off = self._retry_at is not None
-        self._retry_at = None
-        return was_backing_off
-
-
-def _daemon_away(exc: BaseException) -> bool:
-    """Whether ``exc`` says the daemon is not answering (down, restarting, hung), rather than
-    that it turned this one request down."""
-    return isinstance(exc, ApiError) and exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN)
 
 
 class _Saver:
@@ -458,63 +423,6 @@ class _Saver:
                     self._changed.notify_all()
 
 
-class _Connection:
-    """A client of the daemon with its own timeout, made on first use and again after
-    :meth:`drop`: the daemon may be down when vLLM starts, or restart. Hold ``lock`` to use it
-    (the blocking client serves one call at a time)."""
-
-    def __init__(self, socket_path: str, namespace: str, *, timeout_s: float, client_name: str) -> None:
-        self.lock = threading.Lock()
-        self._socket_path = socket_path
-        self._namespace = namespace
-        self._timeout_s = timeout_s
-        self._client_name = client_name
-        self._client: KVPeerClient | None = None
-        self._aborted = False
-
-    def client(self) -> KVPeerClient:
-        """The client, connected now if it is not (ApiError if the daemon cannot be reached)."""
-        if self._aborted:
-            raise ApiError(ErrorCode.SHUTTING_DOWN, "the connector is shutting down")
-        if self._client is None:
-            try:
-                self._client = KVPeerClient(self._socket_path, namespace=self._namespace,
-                                            timeout_s=self._timeout_s, client_name=self._client_name)
-            except OSError as exc:
-                raise ApiError(ErrorCode.SHUTTING_DOWN,
-                               f"cannot reach the daemon at {self._socket_path}: {exc}") from None
-            if self._aborted:  # abort() came while this connected, and found nothing to abort
-                self.drop()
-                raise ApiError(ErrorCode.SHUTTING_DOWN, "the connector is shutting down")
-        return self._client
-
-    def abort(self) -> None:
-        """From another thread, without the lock, for good: a call blocked on this connection
-        fails now (its thread then drops the connection), and none connects again."""
-        self._aborted = True
-        client = self._client
-        if client is not None:
-            client.abort()
-
-    def drop(self) -> None:
-        """Close the connection, giving up what is in flight on it (the daemon frees a fetch's
-        segment when the connection goes); the next :meth:`client` connects again."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    @contextlib.contextmanager
-    def dropped_on_timeout(self) -> Iterator[None]:
-        """Drop the connection when the daemon times out inside: a fetch handle's release would
-        otherwise wait a second timeout for the fetch's answer."""
-        try:
-            yield
-        except ApiError as exc:
-            if exc.code == ErrorCode.TIMEOUT:
-                self.drop()
-            raise
-
-
 # --------------------------------------------------------------------------- the connector
 
 
@@ -542,14 +450,14 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         socket_path = str(extra.get("kvpeer_socket") or default_socket_path())
         namespace = str(extra.get("kvpeer_namespace", "default"))
 
-        def connection(purpose: str, timeout_s: float) -> _Connection:
-            return _Connection(socket_path, namespace, timeout_s=timeout_s,
+        def connection(purpose: str, timeout_s: float) -> DaemonConnection:
+            return DaemonConnection(socket_path, namespace, timeout_s=timeout_s,
                                client_name=f"vllm {self._role_name} {purpose}")
 
         # One connection per kind of wait, as the client's timeout is per connection. Nothing
         # connects yet: vLLM must start while the daemon is down.
         self._quick = connection("lookups", self.waits.lookup_timeout_s)  # and probes
-        self._loads = connection("loads", self.waits.load_deadline_s + LOAD_ANSWER_GRACE_S)
+        self._loads = connection("loads", self.waits.load_deadline_s + ANSWER_GRACE_S)
         self._saves = connection("saves", self.waits.save_timeout_s)
         self._backoff = Backoff(self.waits.backoff_s)
         self.clock: Callable[[], float] = time.monotonic  # tests pass a fake one
@@ -899,7 +807,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _daemon_failed(self, what: str, exc: BaseException) -> bool:
         """Back off if ``exc`` says the daemon is not answering (warning once, not per request);
         False if it turned down this one request instead (the caller says so)."""
-        if not _daemon_away(exc):
+        if not daemon_away(exc):
             return False
         if self._backoff.failed(self.clock()):
             log.warning("kvpeer daemon did not answer a %s (%s): computing without it, trying again "

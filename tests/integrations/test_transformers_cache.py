@@ -3,14 +3,18 @@ to kvpeer KV, and that a prefill really continues the cache it is given."""
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import pytest
 import torch
 
-from kvpeer.errors import ApiError, ErrorCode
+from kvpeer.api import messages as m
+from kvpeer.api.client import KVPeerClient
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations import transformers as hf
+from tests.api.fakes import ScriptedDaemon
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,13 +56,16 @@ def test_a_sliding_window_cache_within_its_window_holds_every_position() -> None
 
 
 class NoDaemon:
-    """A client whose daemon is down: fetches fail, puts are recorded."""
+    """A client whose daemon is down: fetches (on the helpers' own connection to its socket)
+    fail, puts are recorded."""
+
+    socket_path = "/nonexistent/kvpeer.sock"
+    namespace = "default"
+    timeout_s = 1.0
+    client_name = "test"
 
     def __init__(self) -> None:
         self.puts: list[int] = []
-
-    def fetch(self, *args: Any, **kwargs: Any) -> Any:
-        raise ApiError(ErrorCode.SHUTTING_DOWN, "not connected")
 
     def put(self, tokens: list[int], *args: Any, **kwargs: Any) -> None:
         self.puts.append(len(tokens))
@@ -101,3 +108,33 @@ def test_prefill_continues_the_given_cache_and_says_so_when_the_model_ignores_it
     monkeypatch.setattr(hf, "cache_argument", lambda model: "past_key_valuez")
     with pytest.raises(RuntimeError, match="did not continue the given cache"):
         hf.prefill(model, [23], cache)
+
+
+class HelloOnly(ScriptedDaemon):
+    """A hung daemon: its socket accepts and it said hello, but no request is ever answered."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.Hello):
+            super().handle(conn, index, message)
+
+
+def test_a_fetch_from_a_hung_daemon_waits_past_its_deadline_once_then_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client waited its own timeout (60 s) for every fetch, whatever the deadline."""
+    monkeypatch.setattr(hf, "FETCH_BACKOFF_S", 0.3)
+    model = tiny("llama")
+    fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
+    prompt = list(range(1, 41))
+    with HelloOnly() as daemon, KVPeerClient(daemon.socket_path) as client:
+        started = time.monotonic()
+        cache, matched = hf.fetch_cache(client, model, prompt, fp, deadline_s=0.5)
+        assert matched == 0 and cache.get_seq_length() == 0
+        assert time.monotonic() - started < 0.5 + hf.ANSWER_GRACE_S + 1.0
+        started = time.monotonic()
+        assert hf.fetch_cache(client, model, prompt, fp, deadline_s=0.5)[1] == 0  # backing off
+        assert time.monotonic() - started < 0.2 and len(daemon.received(m.FetchRequest)) == 1
+        time.sleep(0.3)  # the back-off's period
+        assert hf.fetch_cache(client, model, prompt, fp, deadline_s=0.5)[1] == 0
+        fetched_on = [index for index, message in daemon.seen if isinstance(message, m.FetchRequest)]
+        assert len(fetched_on) == 2 and fetched_on[0] != fetched_on[1]  # the hung connection was dropped

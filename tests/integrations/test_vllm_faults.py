@@ -20,7 +20,8 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ApiError, ConfigError, ErrorCode
 from kvpeer.integrations import vllm as vllm_mod
-from kvpeer.integrations.vllm import Backoff, KVPeerConnector
+from kvpeer.integrations._daemon import Backoff, DaemonConnection
+from kvpeer.integrations.vllm import KVPeerConnector
 from tests.api.fakes import FakeBackend, ScriptedDaemon, ServerThread, send
 from tests.integrations.test_vllm import (
     DIM,
@@ -389,7 +390,7 @@ def test_a_staging_copy_that_cannot_be_made_gives_its_room_back(monkeypatch: pyt
 
 def test_an_abort_landing_while_a_connector_connection_is_made_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     with HelloOnly() as daemon:
-        connection = vllm_mod._Connection(str(daemon.socket_path), "default", timeout_s=10, client_name="t")
+        connection = DaemonConnection(str(daemon.socket_path), "default", timeout_s=10, client_name="t")
         init = KVPeerClient.__init__
 
         def aborted_meanwhile(self: KVPeerClient, *args: Any, **kwargs: Any) -> None:
