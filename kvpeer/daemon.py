@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +128,10 @@ class Daemon:
             handler=self,
             on_peer_down=self._peer_down,
         )
+        # Peers dial the first address advertised: the one the transport listens on.
+        listening = self.transport.config.host
+        if listening in self.addresses:
+            self.addresses = (listening, *(a for a in self.addresses if a != listening))
         self.decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvpeer-decode")
         self.fetcher = Fetcher(
             sessions=self.transport.session,
@@ -166,7 +170,8 @@ class Daemon:
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self._advertise_lock = asyncio.Lock()
         self._puts_running = 0
-        self._additions_unsaid = False  # chunks puts added that no advertisement said yet
+        self._changes_unsaid = False  # store changes during puts that no advertisement said yet
+        self._advertise_queued = False
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
         self.activity = Activity(events=lambda: self.fetcher.counters)
         self.codec_backends: list[str] = []  # probed at start
@@ -185,9 +190,7 @@ class Daemon:
         self.discovery.subscribe(self.inventory_sync.on_event)
         await self.discovery.start(self._advertisement())
         self.ready = True
-        summaries = asyncio.get_running_loop().create_task(self._log_activity())
-        self._background.add(summaries)
-        summaries.add_done_callback(self._background.discard)
+        self._in_background(self._log_activity())
         log.info(
             "kvpeerd %s ready: api %s, signalling port %d, %d chunks in store",
             self.node_id, self.config.api.socket_path, self.transport.port, len(self.inventory),
@@ -240,30 +243,62 @@ class Daemon:
         an advertisement carries (``self.fingerprints`` is kept in order of use)."""
         return list(self.fingerprints)[-MAX_FINGERPRINTS:]
 
+    def _model_used(self, fp: ModelFingerprint) -> bool:
+        """``fp``'s chunks were put or fetched here: it becomes the most recently used model.
+        An advertisement names at most MAX_FINGERPRINTS; when that set changes (a new model, or
+        one back after others pushed it out) it is advertised, and True says to save the list."""
+        advertised = self._advertised_fingerprints()
+        self.fingerprints.pop(fp.hex, None)
+        self.fingerprints[fp.hex] = fp
+        if fp.hex in advertised:
+            return False  # the order changed, not the set: nothing to save or say
+        if len(self.fingerprints) > MAX_FINGERPRINTS:  # the least recently used one left
+            gone = self.fingerprints[advertised[0]]
+            log.info(
+                "model %s is no longer advertised (%d models at most, the most recently used): "
+                "peers stop fetching its chunks from here until it is put or fetched again",
+                gone.name, MAX_FINGERPRINTS,
+            )
+        self._say_changes()
+        return True
+
     def _store_changed(self, added: list[bytes], removed: list[bytes]) -> None:
         # Changes made in other threads (an evict, a full disk) reach the loop by another
         # path than a put's, so a removal may overtake an earlier addition: the store says
         # what is true now.
+        before = self.inventory.epoch
         self.inventory.add([key for key in added if self.store.has(key)])
         self.inventory.remove([key for key in removed if not self.store.has(key)])
+        if self.inventory.epoch != before:  # a put, what it evicted, an evict, a fetch cached
+            self._say_changes()
+
+    def _say_changes(self) -> None:
+        """Advertise what changed: now, or when the puts running end (said at a put's first
+        chunk, the rest would wait for the discovery's next slot, update_min_interval_s)."""
         if not self.ready:
             return
-        if removed or (added and not self._puts_running):
-            # What peers may ask for changed (chunks fetched from peers and cached here too);
-            # the discovery coalesces bursts.
+        if self._puts_running:
+            self._changes_unsaid = True
+        else:
             self._advertise_soon()
-        elif added:
-            # A put's chunks are said when the put ends: said at its first chunk, the rest
-            # would wait for the discovery's next slot (update_min_interval_s).
-            self._additions_unsaid = True
 
     def _advertise_soon(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._advertise())
+        """Publish what this node holds now, soon: one advertisement for every call made until
+        it is built (a fetch caches its chunks one by one)."""
+        if self._advertise_queued:
+            return
+        self._advertise_queued = True
+        self._in_background(self._advertise())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task the daemon owns (stop cancels it)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _advertise(self) -> None:
         async with self._advertise_lock:
+            self._advertise_queued = False
             await self.discovery.update(self._advertisement())
 
     async def _peer_request(self, peer_id: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -345,8 +380,8 @@ class Daemon:
             return await self._put(ctx, req, kv)
         finally:
             self._puts_running -= 1
-            if self._additions_unsaid and self.ready:
-                self._additions_unsaid = False
+            if self._changes_unsaid and self.ready:
+                self._changes_unsaid = False
                 self._advertise_soon()
 
     async def _put(self, ctx: ClientContext, req: Any, kv: PutKV) -> Any:
@@ -360,18 +395,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stored: list[bytes] = []  # the chunks this put added (the others were held already)
         started = time.perf_counter()
-        if fp.hex not in self._advertised_fingerprints():
-            # New, or back after other models pushed it out of the advertisement: it becomes
-            # the most recent (an advertisement names at most MAX_FINGERPRINTS models).
-            self.fingerprints.pop(fp.hex, None)
-            self.fingerprints[fp.hex] = fp
-            if len(self.fingerprints) > MAX_FINGERPRINTS:  # the oldest advertised one left
-                gone = list(self.fingerprints)[-MAX_FINGERPRINTS - 1]
-                log.info(
-                    "model %s is no longer advertised (%d models at most, the most recently "
-                    "put): peers stop fetching its chunks from here until it is put again",
-                    self.fingerprints[gone].name, MAX_FINGERPRINTS,
-                )
+        if self._model_used(fp):
             await self._save_fingerprints()
         profile = None
         if not all(map(self.store.has, keys)):
@@ -410,7 +434,7 @@ class Daemon:
         from kvpeer.api.messages import LookupResult
 
         fp: ModelFingerprint = req.fingerprint
-        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp)
+        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp, with_local_holders=False)
         return LookupResult(
             matched_tokens=len(plan.sources) * self.chunk_tokens,
             chunk_tokens=self.chunk_tokens,
@@ -429,6 +453,8 @@ class Daemon:
                 self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
             )
             if plan.sources:
+                if self._model_used(fp):  # what it caches is served from here as well
+                    self._in_background(self._save_fingerprints())
                 deadline = started + deadline_s if deadline_s else None
                 await self._fetch(req, plan, sink, deadline, ended.append)
         except BaseException as exc:
@@ -491,21 +517,27 @@ class Daemon:
         )
 
     async def _plan(
-        self, keys: Sequence[bytes], fp: ModelFingerprint, limit_s: float | None = None
+        self, keys: Sequence[bytes], fp: ModelFingerprint, limit_s: float | None = None,
+        *, with_local_holders: bool = True,
     ) -> _Plan:
         """Longest prefix of ``keys`` held locally or by some peer, and who holds each chunk.
         ``limit_s``: how long peers not synced yet may take to say what they hold (None:
-        ``PLAN_ASK_S``; a connect that takes longer goes on for the next request)."""
+        ``PLAN_ASK_S``; a connect that takes longer goes on for the next request).
+        ``with_local_holders``: which peers also hold the chunks held here (a fetch's fallback;
+        a lookup does not need them)."""
         plan = _Plan(keys=list(keys))
         local = 0
         for key in keys:
             if not self.store.has(key):
                 break
             plan.sources.append(None)
-            # Peers holding it too: a local copy that cannot be read (corrupt, evicted since)
-            # is then fetched from one of them instead of ending the fetch there.
-            plan.holders.append(self.peer_table.peers_for(key, fp.hex))
             local += 1
+        if local and with_local_holders:
+            # Peers holding them too: a local copy that cannot be read (corrupt, evicted since)
+            # is then fetched from one of them instead of ending the fetch there.
+            plan.holders = self.peer_table.holders(keys[:local], fp.hex)
+        else:
+            plan.holders = [set() for _ in range(local)]
         wanted = list(keys[local : local + MAX_HAS_KEYS])
         if not wanted:
             return plan

@@ -11,6 +11,7 @@ This module is pure: no I/O, no torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -63,18 +64,26 @@ class ModelFingerprint:
         if not finite:
             raise TypeError("model fingerprint: rope_theta must be a finite number")
         # Equal fingerprints must digest alike: repr tells 10000 from 10000.0.
-        object.__setattr__(self, "rope_theta", float(theta))
+        # (+ 0.0: -0.0 equals 0.0, so it must digest alike too.)
+        object.__setattr__(self, "rope_theta", float(theta) + 0.0)
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"model fingerprint: dtype must be one of {KV_DTYPES}, not {self.dtype!r}")
 
     def digest(self) -> bytes:
         """16-byte digest of every field, in a fixed canonical order."""
-        canonical = repr(sorted(asdict(self).items())).encode()
-        return hashlib.blake2b(canonical, digest_size=16, person=b"kvpeer-model").digest()
+        return _fingerprint_digest(self)
 
     @property
     def hex(self) -> str:
         return self.digest().hex()
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint_digest(fp: ModelFingerprint) -> bytes:
+    # Asked per chunk and per request (the digest keys every chunk; its hex names the model in
+    # adverts and plans): computed once per fingerprint, not each time.
+    canonical = repr(sorted(asdict(fp).items())).encode()
+    return hashlib.blake2b(canonical, digest_size=16, person=b"kvpeer-model").digest()
 
 
 def namespace_salt(namespace: str | bytes) -> bytes:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -266,16 +267,17 @@ def test_a_request_to_a_peer_without_an_address_is_not_found_not_an_index_error(
     assert info.value.code == ErrorCode.NOT_FOUND and "no address" in str(info.value)
 
 
-def _local_daemon(tmp_path: Path, extra: str = "") -> daemon.Daemon:
-    """A daemon built from a loopback config, not started (its store is open: close it)."""
+def _local_daemon(tmp_path: Path, extra: str = "", transport: str = "") -> daemon.Daemon:
+    """A daemon built from a loopback config, not started (its store is open: close it);
+    ``transport``: more lines of its [transport] section."""
     from kvpeer.config import load_config
 
     config_file = tmp_path / "kvpeer.toml"
     config_file.write_text(
         f'[node]\nnode_id = "caps"\nstate_dir = "{tmp_path / "state"}"\n'
         f'runtime_dir = "{tmp_path / "run"}"\n'
-        '[transport]\nhost = "127.0.0.1"\nallow_loopback = true\nport = 0\n'
-        '[discovery]\nbackend = "static"\ninterfaces = ["127.0.0.1"]\n' + extra
+        '[transport]\nhost = "127.0.0.1"\nallow_loopback = true\nport = 0\n' + transport
+        + '[discovery]\nbackend = "static"\ninterfaces = ["127.0.0.1"]\n' + extra
     )
     return daemon.Daemon(load_config(config_file, env={}))
 
@@ -310,13 +312,23 @@ def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_late
         return set(node._advertisement().fingerprints)
 
     node = _local_daemon(tmp_path)
+    said: list[set[str]] = []  # what each advertisement made since would name
+    node.ready = True
+    node._advertise_soon = lambda: said.append(advertised(node))  # type: ignore[method-assign]
     try:
         for fp in models:
             put(node, fp)
         assert advertised(node) == {fp.hex for fp in models[-MAX_FINGERPRINTS:]}
-        put(node, models[0])  # put again: the most recent, and the oldest advertised one leaves
-        latest = {fp.hex for fp in [*models[-MAX_FINGERPRINTS + 1 :], models[0]]}
-        assert advertised(node) == latest
+        # A model put again is the most recent, even while advertised: the next new model
+        # pushes out the least recently used one, not the one put first.
+        hot = models[2]
+        put(node, hot)
+        said.clear()
+        put(node, hot)
+        assert said == []  # nothing new to say
+        put(node, models[0])  # back after others pushed it out: said at once, put or not
+        latest = {fp.hex for fp in [*models[4:], hot, models[0]]}  # models[3]: least recent
+        assert advertised(node) == latest and said == [latest]
     finally:
         node.store.close()
     restarted = _local_daemon(tmp_path)
@@ -326,19 +338,27 @@ def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_late
         restarted.store.close()
 
 
-def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_advertised() -> None:
-    """A removal made in another thread (an evict) could overtake an earlier put's addition,
-    leaving a key advertised that the store had dropped; and chunks fetched from peers and
-    cached here were never advertised (only removals were)."""
+def _advertising_node(held: Any) -> tuple[SimpleNamespace, list[int]]:
+    """The daemon's store-change path over ``held`` (a container of keys): each advertisement
+    records how many chunks the inventory held when it was made."""
     from kvpeer.discovery import InventoryLog
 
-    held: set[bytes] = set()
     advertised: list[int] = []
     node = SimpleNamespace(
         store=SimpleNamespace(has=held.__contains__), inventory=InventoryLog(), ready=True,
         _advertise_soon=lambda: advertised.append(len(node.inventory)), _puts_running=0,
-        _additions_unsaid=False,
+        _changes_unsaid=False,
     )  # fmt: skip
+    node._say_changes = lambda: daemon.Daemon._say_changes(node)
+    return node, advertised
+
+
+def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_advertised() -> None:
+    """A removal made in another thread (an evict) could overtake an earlier put's addition,
+    leaving a key advertised that the store had dropped; and chunks fetched from peers and
+    cached here were never advertised (only removals were)."""
+    held: set[bytes] = set()
+    node, advertised = _advertising_node(held)
     fetched, evicted = b"f" * 32, b"e" * 32
     held.add(fetched)
     daemon.Daemon._store_changed(node, [fetched], [])  # a fetched chunk cached here
@@ -346,33 +366,44 @@ def test_store_changes_reach_the_inventory_as_the_store_holds_them_and_are_adver
     daemon.Daemon._store_changed(node, [], [evicted])  # the evict's news arrives first...
     daemon.Daemon._store_changed(node, [evicted], [])  # ...then the put it undid
     assert evicted not in node.inventory
+    assert advertised == [1]  # nothing changed: nothing to say
     held.add(evicted)  # put again since: an old removal must not hide it
     daemon.Daemon._store_changed(node, [evicted], [])
     daemon.Daemon._store_changed(node, [], [evicted])
     assert evicted in node.inventory
 
 
-def test_a_puts_chunks_are_advertised_once_when_it_ends() -> None:
+def test_a_puts_chunks_are_advertised_once_when_it_ends_in_a_full_store_too() -> None:
     """Advertised at the put's first chunk, the rest waited for the discovery's next slot: peers
-    learnt a whole prefix a second later (update_min_interval_s)."""
+    learnt a whole prefix a second later (update_min_interval_s). In a full store each chunk
+    stored evicts an older one: those removals wait for the put's end too."""
     import asyncio
 
-    from kvpeer.discovery import InventoryLog
-
+    old = [bytes([100 + i]) * 32 for i in range(4)]
     keys = [bytes([i]) * 32 for i in range(4)]
-    advertised: list[int] = []
-    node = SimpleNamespace(
-        store=SimpleNamespace(has=lambda key: True), inventory=InventoryLog(), ready=True,
-        _advertise_soon=lambda: advertised.append(len(node.inventory)), _puts_running=0,
-        _additions_unsaid=False,
-    )  # fmt: skip
+    held = set(old)
+    node, advertised = _advertising_node(held)
+    node.inventory.add(old)
 
     async def put(ctx: object, req: object, kv: object) -> str:
-        for key in keys:  # the store tells of each chunk as it is stored
-            daemon.Daemon._store_changed(node, [key], [])
+        for key, evicted in zip(keys, old, strict=True):  # the store tells of each as it goes
+            held.add(key)
+            held.discard(evicted)
+            daemon.Daemon._store_changed(node, [key], [evicted])
             await asyncio.sleep(0)
         return "stored"
 
     node._put = put
     assert asyncio.run(daemon.Daemon.put(node, None, None, None)) == "stored"  # type: ignore[arg-type]
-    assert advertised == [4] and node._puts_running == 0
+    assert advertised == [4] and node.inventory.keys() == frozenset(keys) and node._puts_running == 0
+
+
+def test_the_address_the_transport_listens_on_is_advertised_first(tmp_path: Path) -> None:
+    """Peers dial the first address advertised; with transport.host another of the node's
+    addresses, they dialled one where nothing listened."""
+    node = _local_daemon(tmp_path, transport='advertise_addresses = ["127.0.0.2", "127.0.0.1"]\n')
+    try:
+        assert node.transport.config.host == "127.0.0.1"
+        assert tuple(node.addresses) == ("127.0.0.1", "127.0.0.2")
+    finally:
+        node.store.close()

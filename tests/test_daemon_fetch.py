@@ -47,8 +47,13 @@ class Node:
         self.activity = Activity(events=lambda: self.fetcher.counters)
         self.chunk_tokens = TOKENS
         self.held = held
+        self.models_used: list[Any] = []
         self.clock = clock
         self.plan_s = plan_s
+
+    def _model_used(self, fp: Any) -> bool:
+        self.models_used.append(fp)
+        return False  # nothing to save
 
     def _keys(self, ctx: Any, tokens: Any, fp: Any) -> list[bytes]:
         return [key(i) for i in range(len(tokens) // TOKENS)]
@@ -185,3 +190,18 @@ def test_a_local_chunk_that_turns_out_corrupt_comes_from_a_peer_that_holds_it(tm
     outcome, corrupt = asyncio.run(main())
     assert corrupt == 1
     assert (outcome.chunks, outcome.reason) == (4, "complete")
+
+
+def test_a_fetch_from_peers_makes_its_model_one_this_node_serves() -> None:
+    """Chunks a fetch caches are served from here too: peers look for them only among nodes
+    advertising the model, which a node that only fetched it did not."""
+
+    async def main() -> tuple[Node, Node]:
+        fetched = Node({"a": Peer("a")}, held=4)
+        await fetched.fetch(CTX, request(4), Sink())
+        missed = Node({"a": Peer("a")}, held=0)
+        await missed.fetch(CTX, request(4), Sink())
+        return fetched, missed
+
+    fetched, missed = asyncio.run(main())
+    assert fetched.models_used == [FP] and missed.models_used == []

@@ -326,6 +326,16 @@ class InventoryTable:
             if key in peer.keys and (fingerprint is None or fingerprint in peer.fingerprints)
         }
 
+    def holders(self, keys: Sequence[bytes], fingerprint: str | None = None) -> list[set[str]]:
+        """Which peers hold each of ``keys`` (an empty set where none does); with
+        ``fingerprint``, only peers that serve that model (picked once, not per key)."""
+        serving = [
+            (peer_id, peer.keys)
+            for peer_id, peer in self._peers.items()
+            if fingerprint is None or fingerprint in peer.fingerprints
+        ]
+        return [{peer_id for peer_id, held in serving if key in held} for key in keys]
+
     def longest_prefix(
         self, keys: Sequence[bytes], fingerprint: str | None = None
     ) -> tuple[int, list[set[str]]]:

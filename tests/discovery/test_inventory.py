@@ -67,6 +67,8 @@ def test_lookup_longest_prefix_and_fingerprint_filter() -> None:
     n, holders = table.longest_prefix(chain)
     assert n == 3 and holders[0] == {"a", "b"} and holders[2] == {"a"}
     assert table.peers_for(chain[0], "m1") == {"a"}
+    assert table.holders(chain) == [{"a", "b"}, {"a"}, {"a"}, set()]
+    assert table.holders(chain, "m2") == [{"b"}, set(), set(), set()]
     table.drop("a")
     assert table.longest_prefix(chain, "m1") == (0, [])
 
