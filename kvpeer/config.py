@@ -191,7 +191,10 @@ class CodecSection:
 
     level: str = setting("q8", "Level at which put chunks are stored (exact, q8, q6, q5, q4, q3).")
     chunk_tokens: int = setting(
-        256, "Tokens per chunk. Every node of a cluster must use the same value.", lo=1, hi=1 << 16
+        256,
+        "Tokens per chunk. Every node of a cluster must use the same value. At least 64: a "
+        "lookup or fetch answers at most 65,536 chunks, for prompts of up to 4M tokens.",
+        lo=64, hi=1 << 16,
     )
 
     def __post_init__(self) -> None:

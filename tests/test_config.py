@@ -85,6 +85,8 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ("[transport]\nmtu = 100\n", {}, "transport.mtu: must be 0 (auto) or 576-65536"),
         ('[log]\nlevel = "loud"\n', {}, "log.level: expected one of"),
         ('[codec]\nlevel = "q9"\n', {}, "codec.level: unknown codec level 'q9'"),
+        # a lookup of a long prompt then had more chunks than an answer may name
+        ("[codec]\nchunk_tokens = 16\n", {}, "codec.chunk_tokens: must be >= 64"),
         ('[node]\nnode_id = "a b"\n', {}, "node.node_id"),
         # discovery announces the id as a DNS label: a dot passed here and failed at start
         ('[node]\nnode_id = "gpu01.rack3"\n', {}, "node.node_id: 'gpu01.rack3' must be"),
