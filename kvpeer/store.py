@@ -98,6 +98,7 @@ LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"
 # Only this daemon reads its chunk files: clients get KV through the API's shared memory.
 PRIVATE_DIR_MODE = 0o700
+RAM_COPY_SEARCH = 64  # RAM entries looked at for copies to make room for a disk read's copy
 PRIVATE_FILE_MODE = 0o600
 
 # Record: magic, format version, level length, payload length, checksum, key; then level, payload.
@@ -639,14 +640,16 @@ class ChunkStore:
             return
         need = self.ram_used + len(blob) - self.ram_limit
         victims: list[_Slot] = []
-        for held in self._ram:  # least recently used first
+        # Least recently used first, and only so far: after a disk outage RAM-only chunks fill
+        # its old end, and this runs under the lock on every read from disk.
+        for held in itertools.islice(self._ram, RAM_COPY_SEARCH):
             if need <= 0:
                 break
             if held in self._disk or held in self._pending:
                 victims.append(held)
                 need -= len(self._ram[held])
         if need > 0:
-            return  # only RAM-only chunks would make room: the read is served, not cached
+            return  # no copies to make room near the old end: the read is served, not cached
         for victim in victims:
             self.ram_used -= len(self._ram.pop(victim))
             self._counters.ram_evictions += 1
@@ -1073,7 +1076,7 @@ class ChunkStore:
             new_base = not base.exists()
             base.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             if new_base:  # what flush later reports durable must not sit in a lost directory
-                fsync_dir(directory)
+                _fsync_dir_or_warn(directory)
             others = [p.name for p in directory.iterdir()
                       if p.is_dir() and p.name.startswith(FORMAT_DIR) and p.name != self._format_dir]
             self._lock_fd = os.open(
@@ -1086,7 +1089,8 @@ class ChunkStore:
         except OSError as exc:
             self._release_lock()
             raise StoreError(f"store directory {directory} is in use by another process") from exc
-        _make_private(base)
+        for made_here in (base, *(directory / name for name in others)):
+            _make_private(made_here)  # older formats' chunks too: they are KV all the same
         try:
             found, removed_tmp = self._scan_disk(base)
         except BaseException:
@@ -1155,10 +1159,7 @@ class ChunkStore:
                     continue
                 found.append((st.st_mtime_ns, (key, level), st.st_size))
         if made_dirs:
-            try:
-                fsync_dir(base)
-            except OSError as exc:
-                raise _store_dir_error(base, exc) from exc
+            _fsync_dir_or_warn(base)
         if unknown_levels:
             log.warning(
                 "store %s: ignoring chunk files of levels this version does not know (%s); "
@@ -1167,6 +1168,16 @@ class ChunkStore:
             )
         found.sort()
         return found, removed_tmp
+
+
+def _fsync_dir_or_warn(directory: Path) -> None:
+    """Make new entries of ``directory`` durable; a file system that refuses (EINVAL on some
+    FUSE and network mounts) is said, as the writer says it, not a reason to run without a
+    disk tier."""
+    try:
+        fsync_dir(directory)
+    except OSError as exc:
+        log.warning("store: cannot fsync %s: %s", directory, _describe_os_error(exc))
 
 
 def _make_private(directory: Path) -> None:

@@ -137,12 +137,16 @@ def test_chunk_files_are_private_to_the_daemon_even_in_a_store_an_older_version_
     old_format_dir = tmp_path / FORMAT_DIR
     (old_format_dir / "00").mkdir(parents=True, mode=0o750)
     old_format_dir.chmod(0o750)
+    other_format_dir = tmp_path / f"{FORMAT_DIR}-codec1"  # an older codec's chunks, kept
+    other_format_dir.mkdir(mode=0o750)
+    other_format_dir.chmod(0o750)
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     store.put_blocking(key(1), "q8", blob(1))
     assert store.flush(timeout_s=30)
     store.close()
     (chunk,) = files(tmp_path)
     assert old_format_dir.stat().st_mode & 0o777 == 0o700
+    assert other_format_dir.stat().st_mode & 0o777 == 0o700
     assert chunk.stat().st_mode & 0o777 == 0o600
     assert chunk.parent.stat().st_mode & 0o077 == 0
     assert (tmp_path / store_mod.LOCK_FILE).stat().st_mode & 0o077 == 0
@@ -167,6 +171,15 @@ def test_a_new_store_makes_its_directories_durable_and_names_files_it_ignores(
     again.close()
     assert synced == []  # nothing new to make durable
     assert "levels this version does not know (q2)" in caplog.text
+
+    def refused(path: Path) -> None:  # some FUSE and network mounts
+        raise OSError(errno.EINVAL, "Invalid argument", str(path))
+
+    monkeypatch.setattr(store_mod, "fsync_dir", refused)
+    with caplog.at_level(logging.WARNING, logger="kvpeer.store"):
+        fresh = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path / "fresh", level_order=LEVELS)
+    assert fresh.stats()["disk_limit"] == 1 << 20 and "cannot fsync" in caplog.text  # said, and runs
+    fresh.close()
 
 
 def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
