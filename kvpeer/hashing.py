@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -100,6 +101,10 @@ def token_ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         raise ValueError("tokens must be a flat sequence of token ids")
     if ids.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if ids.dtype.kind == "f" and not isinstance(tokens, np.ndarray):
+        # NumPy makes floats of a list mixing integer scalar types (uint64 with int64): the
+        # items themselves say whether they are integers.
+        ids = np.asarray([_integer(item) for item in tokens])
     if ids.dtype == object:  # Python ints too wide for any NumPy integer
         raise ValueError("token ids must fit in uint32")
     if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
@@ -107,6 +112,15 @@ def token_ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     if ids.min() < 0 or ids.max() > _MAX_TOKEN_ID:
         raise ValueError("token ids must fit in uint32")
     return ids.astype(np.int64)
+
+
+def _integer(item: object) -> int:
+    if isinstance(item, bool | np.bool_):
+        raise ValueError("token ids must be integers, not bool")
+    try:
+        return operator.index(item)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"token ids must be integers, not {type(item).__name__}") from None
 
 
 def chunk_keys(

@@ -63,6 +63,11 @@ def test_bad_tokens_are_rejected() -> None:
     assert chunk_keys(np.array([1, 2, 3, 4], dtype=np.uint16), FP, chunk_tokens=4) == chunk_keys(
         [1, 2, 3, 4], FP, chunk_tokens=4
     )
+    # NumPy promotes a list mixing uint64 and int64 scalars to float64: still integers.
+    mixed = [np.uint64(1), np.int64(2), 3, np.int32(4)]
+    assert chunk_keys(mixed, FP, chunk_tokens=4) == chunk_keys([1, 2, 3, 4], FP, chunk_tokens=4)
+    with pytest.raises(ValueError, match="must be integers"):
+        chunk_keys([np.uint64(1), np.int64(2), 3.0, 4], FP, chunk_tokens=4)
     with pytest.raises(ValueError):
         ModelFingerprint(name="m", layers=0, kv_heads=1, head_dim=4, dtype="float16")
 
