@@ -583,12 +583,15 @@ class ChunkScheduler:
         if peer in self._peers and window >= 1:
             self._peers[peer].window = window
 
-    def working_peers(self) -> list[str]:
-        """Live peers with chunks in flight or holding a chunk still to request."""
+    def working_peers(self, served_by: str | None = None) -> list[str]:
+        """Live peers with chunks in flight or holding a chunk still to request; with
+        ``served_by``, chunks that holder has count for it alone (this node's own store: the
+        peers that hold them too are only its fallback, not a link the rest comes over)."""
         names = set(self._owner.values())
         for index in self._pending:
             if index < self._limit:
-                names.update(self._holders[index])
+                holders = self._holders[index]
+                names.update((served_by,) if served_by in holders else holders)
         return [name for name, p in self._peers.items() if p.alive and name in names]
 
     def retry_wait(self, now: float) -> float | None:

@@ -851,7 +851,7 @@ class _FetchRun:
         for peer in self.sched.peers():
             if peer != LOCAL:  # the scheduler weighs holders by bandwidth, silences aside
                 self.sched.set_bandwidth(peer, self._bandwidth(peer, now))
-        peers = [p for p in self.sched.working_peers() if p != LOCAL]
+        peers = [p for p in self.sched.working_peers(served_by=LOCAL) if p != LOCAL]
         if not peers:
             return 1e12, 0.0
         total = 0.0
@@ -928,7 +928,7 @@ class _FetchRun:
             return True
         # Every peer the rest depends on: one peer's measured chunk says nothing of another's
         # first sample.
-        peers = [p for p in self.sched.working_peers() if p != LOCAL]
+        peers = [p for p in self.sched.working_peers(served_by=LOCAL) if p != LOCAL]
         if not peers:
             return False
         chunked = [p for p in peers if self.f.chunk_rate(p, now) is not None]

@@ -406,6 +406,15 @@ def test_scheduler_working_peers_are_those_holding_chunks_still_to_come() -> Non
     assert sched.working_peers() == []
 
 
+def test_peers_that_only_back_up_a_local_chunk_are_not_working_for_the_rest() -> None:
+    """Chunks this node holds list the peers holding them too (a fallback): counting those
+    peers' links made the rest look faster to fetch than the one peer that holds it."""
+    local = ""
+    sched = ChunkScheduler(holders=[{local, "b"}, {local, "b"}, {"a"}], now=0.0)
+    assert sorted(sched.working_peers()) == ["", "a", "b"]
+    assert sorted(sched.working_peers(served_by=local)) == ["", "a"]
+
+
 def test_scheduler_bounds_a_silent_peers_rate_by_what_it_has_in_flight() -> None:
     sched = ChunkScheduler(holders=[{"a"}], now=0.0)
     sched.set_bandwidth("a", 1e9)
