@@ -610,7 +610,12 @@ class ApiServer:
             for pending in list(conn.tasks):
                 pending.cancel()
             if conn.tasks:
-                await asyncio.wait(list(conn.tasks), timeout=10.0)
+                try:
+                    await asyncio.wait(list(conn.tasks), timeout=10.0)
+                except asyncio.CancelledError:
+                    if not self._closing or task is None:
+                        raise
+                    task.uncancel()  # close() cancelled us here: clean up and end, as above
             released = self.registry.release_owner(conn_id)
             conn.closed = True
             writer.close()
