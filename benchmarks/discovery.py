@@ -66,14 +66,17 @@ def simulate(peers: int, prefixes: int, chunks: int) -> dict[str, Any]:
     chain = _keys(chunks, rng)
     logs[0].add(chain, first=chain[:1])
     delta_bytes = len(msgpack.packb(logs[0].since(before)))
-    full_bytes = [len(msgpack.packb(log.since(None))) for log in logs]
+    # A full inventory is paged (PAGE_KEYS keys each): every page counts, as a peer asks for all.
+    wires = [_full_inventory_pages(log) for log in logs]
+    full_bytes = [sum(map(len, pages)) for pages in wires]
 
-    # A new node learns everything: unpack and apply every peer's full inventory.
-    wires = [msgpack.packb(log.since(None)) for log in logs]
+    # A new node learns everything: unpack every peer's pages, join them, apply them.
     table = InventoryTable()
     started, cpu_started = time.perf_counter(), time.process_time()
-    for p, wire in enumerate(wires):
-        table.apply(f"node-{p:03d}", msgpack.unpackb(wire))
+    for p, pages in enumerate(wires):
+        answers = [msgpack.unpackb(page) for page in pages]
+        joined = {**answers[0], "keys": [key for answer in answers for key in answer["keys"]]}
+        table.apply(f"node-{p:03d}", joined)
     learn_s = time.perf_counter() - started
     learn_cpu_s = time.process_time() - cpu_started
 
@@ -96,6 +99,13 @@ def simulate(peers: int, prefixes: int, chunks: int) -> dict[str, Any]:
         "digest_false_positive": false_positive,
         "digest_false_positive_200_prefixes": small_fp,
     }
+
+
+def _full_inventory_pages(log: InventoryLog) -> list[bytes]:
+    """The wire form of every page of ``log``'s full inventory, as InventorySync asks for them."""
+    first = log.since(None)
+    pages = [first] + [log.since(None, page=n, at=first["epoch"]) for n in range(1, first.get("pages", 1))]
+    return [msgpack.packb(page) for page in pages]
 
 
 def real_with_daemons(workdir: Path) -> list[float]:

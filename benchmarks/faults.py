@@ -39,6 +39,7 @@ import torch
 
 from kvpeer import codec
 from kvpeer.api.client import KVPeerClient
+from kvpeer.codec.container import FORMAT_VERSION
 from kvpeer.errors import KVPeerError
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.store import ChunkStore, encode_record
@@ -75,9 +76,11 @@ def store_files(node: Node) -> dict[tuple[bytes, str], Path]:
 def corrupt_stored_chunks(node: Node) -> int:
     """Open a stopped node's store and codec-verify every chunk; the count that fails."""
     store = ChunkStore(ram_bytes=1 << 30, disk_bytes=4 << 30, directory=node.workdir / "state" / "store",
-                       level_order=codec.LEVELS)
+                       level_order=codec.LEVELS, payload_format=f"codec{FORMAT_VERSION}")  # the daemon's
     bad = 0
     try:
+        if not store.keys() and store_files(node):
+            raise RuntimeError(f"{node.node_id}'s chunk files were not read: another payload format?")
         for key in store.keys():
             for level in store.levels(key):
                 blob = store.get_blocking(key, level)
