@@ -53,6 +53,7 @@ def main() -> int:
         print("two_nodes.py needs root: it creates two network namespaces (ip netns).", file=sys.stderr)
         return 2
 
+    from kvpeer import codec
     from kvpeer.api.client import KVPeerClient
     from kvpeer.integrations.transformers import cache_from_kv, cache_of, generate, prefill_and_put
     from kvpeer.models import load_model, model_fingerprint
@@ -78,7 +79,8 @@ def main() -> int:
         cluster.wait_until_peer_holds(node_b, node_a.node_id, timeout_s=30)
         with KVPeerClient(socket_path=node_b.socket_path) as client_b:
             started = time.perf_counter()
-            min_level = None if args.min_level == "any" else args.min_level
+            # "any": the smallest level (None would mean the daemon's fetch.min_level, q5).
+            min_level = codec.LEVELS[-1] if args.min_level == "any" else args.min_level
             with client_b.fetch(tokens, fingerprint, min_level=min_level) as result:
                 matched, levels = result.matched_tokens, list(result.levels)  # waits for the end
                 fetch_s = time.perf_counter() - started
