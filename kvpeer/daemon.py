@@ -388,8 +388,9 @@ class Daemon:
         from kvpeer.api.messages import PutResult
 
         fp: ModelFingerprint = req.fingerprint
-        keys = self._keys(ctx, req.tokens, fp)
         level = req.level or self.config.codec.level
+        _check_level("level", level)  # before anything: chunks held already hid a bad one
+        keys = self._keys(ctx, req.tokens, fp)
         if req.prefill_s:
             self.fetcher.learn_recompute_rate(len(req.tokens), req.prefill_s, model=fp.hex)
         loop = asyncio.get_running_loop()
@@ -442,6 +443,8 @@ class Daemon:
         )
 
     async def fetch(self, ctx: ClientContext, req: Any, sink: FetchSink) -> None:
+        if req.min_level:  # the client's mistake: answered, not counted as a failed fetch
+            _check_level("min_level", req.min_level)
         started = time.monotonic()
         plan: _Plan | None = None
         ended: list[FetchOutcome] = []  # the fetcher's outcome, however the fetch ended
@@ -664,6 +667,13 @@ class Daemon:
         except KVPeerError:
             sent_level = "unknown"
         self.metrics.sent(peer_id, sent_level, len(blob))
+
+
+def _check_level(field: str, level: str) -> None:
+    if level not in codec.LEVELS:
+        raise ProtocolError(
+            ErrorCode.INVALID, f"{field}: unknown codec level {level!r}; known: {', '.join(codec.LEVELS)}"
+        )
 
 
 def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:

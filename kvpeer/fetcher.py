@@ -64,6 +64,7 @@ from kvpeer.fetch_policy import (
 log = logging.getLogger(__name__)
 
 LOCAL = ""  # holder name of chunks in this node's own store
+FETCHER_EVENTS = ("preempt", "retry", "chunk_failed", "peer_lost", "undecodable", "cache_dropped")
 RATE_SAMPLES = 9  # puts whose prefill speed is remembered per model (median of these)
 #: Bytes of fetched chunks waiting to be put into the store at most; past it they are not kept.
 MAX_CACHING_BYTES = 256 << 20
@@ -378,7 +379,8 @@ class Fetcher:
         #: Since start, for metrics and the activity line: preempt, retry, chunk_failed
         #: (a holder could not serve a chunk; another one or the client takes it), peer_lost
         #: (a peer died, stalled or had no session, counted once per fetch), undecodable.
-        self.counters: collections.Counter[str] = collections.Counter()
+        # Each at 0 from the start: a scrape shows the series before the first event.
+        self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(FETCHER_EVENTS, 0))
         # Peers warned about, until they serve a chunk again (oldest first, capped).
         self._troubled: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Decoded peer chunks being put into the store: the fetcher's, not one fetch's, so a

@@ -205,3 +205,23 @@ def test_a_fetch_from_peers_makes_its_model_one_this_node_serves() -> None:
 
     fetched, missed = asyncio.run(main())
     assert fetched.models_used == [FP] and missed.models_used == []
+
+
+def test_an_unknown_level_is_the_clients_error_not_a_failed_fetch_or_a_silent_put() -> None:
+    """A fetch asking for min_level q9 was counted as a failed fetch (outcome error, every chunk
+    a skip), which alerting reads as the daemon failing; a put at q9 was refused only if it had
+    a chunk to encode (INTEGRITY), and accepted when the chunks were held already."""
+    from kvpeer.errors import ErrorCode, ProtocolError
+
+    node = Node({"a": Peer("a")}, held=4)
+    bad_fetch = request(4)
+    bad_fetch.min_level = "q9"
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(node.fetch(CTX, bad_fetch, Sink()))
+    assert info.value.code == ErrorCode.INVALID and "min_level" in info.value.reason
+    assert node.value("kvpeer_fetch_seconds_count") == 0
+
+    put = SimpleNamespace(fingerprint=FP, tokens=list(range(4 * TOKENS)), level="q9", prefill_s=None)
+    with pytest.raises(ProtocolError) as info:
+        asyncio.run(daemon.Daemon._put(SimpleNamespace(config=None), CTX, put, None))  # type: ignore[arg-type]
+    assert info.value.code == ErrorCode.INVALID and "level" in info.value.reason

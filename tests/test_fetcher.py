@@ -1756,3 +1756,16 @@ def test_closing_the_level_server_tells_waiting_requests_it_is_stopping() -> Non
             fetcher_mod.transcode_blocking = real
 
     asyncio.run(main())
+
+
+def test_every_fetcher_event_is_exported_from_the_start() -> None:
+    """kvpeer_fetcher_events_total had no series until the first event of each kind: an alert
+    on its rate saw nothing, and the README's metric looked missing."""
+    import inspect
+    import re
+
+    from kvpeer import fetcher as fetcher_mod
+
+    counted = set(re.findall(r'counters\["([a-z_]+)"\]', inspect.getsource(fetcher_mod)))
+    assert counted == set(fetcher_mod.FETCHER_EVENTS)
+    assert dict(fetcher({}).counters) == dict.fromkeys(fetcher_mod.FETCHER_EVENTS, 0)
