@@ -150,7 +150,13 @@ _probed: NvCapabilities | None = None
 
 def _remember(caps: NvCapabilities) -> NvCapabilities:
     global _probed
-    log.info("nvenc probe: %s", caps.as_dict())
+    if caps.usable:
+        log.info("nvenc: %s (encode %s, decode %s)", ", ".join(caps.gpus), caps.encode, caps.decode)
+    elif not caps.module:  # the usual CPU node: one short line, the details at DEBUG
+        log.info("nvenc: unavailable (PyNvVideoCodec is not installed): CPU codecs only")
+    else:
+        log.info("nvenc: unavailable: %s", caps.reason or "no GPU with a video engine")
+    log.debug("nvenc probe: %s", caps.as_dict())
     _probed = caps
     return caps
 
