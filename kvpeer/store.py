@@ -1109,8 +1109,9 @@ class ChunkStore:
                 directory, exc.filename, _describe_os_error(exc),
             )
         log.info(
-            "store %s: %d chunks, %d bytes on disk (limit %d); %d interrupted writes removed",
-            directory, len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
+            "store %s: %d chunks in %d files (one per level held), %d bytes on disk (limit %d); "
+            "%d interrupted writes removed",
+            directory, len(self._levels), len(self._disk), self.disk_used, self.disk_limit, removed_tmp,
         )
         if others:
             log.warning(
