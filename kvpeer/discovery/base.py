@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -201,6 +202,15 @@ class Discovery(ABC):
         return None
 
     def _observe(self, info: PeerInfo, listed: bool = False) -> None:
+        if _only_loopback(info.addresses) and not _only_loopback(self._addresses):
+            # A daemon on this host that listens on loopback alone (a test, a second instance):
+            # this node, on the LAN, can neither reach it nor be reached by it.
+            self._events["peers_ignored_loopback"] += 1
+            self._warn(
+                "loopback peer", "ignored %s: it is reachable on loopback only (%s)",
+                info.node_id, ",".join(info.addresses),
+            )
+            return
         refused, crowded = self._table.refused, self._table.crowded
         self._dispatch(self._table.observe(info, self._now(), listed))
         if self._table.refused != refused:
@@ -314,3 +324,7 @@ class Discovery(ABC):
             if next_expiry is not None:
                 wake = min(wake, max(0.05, next_expiry - self._now() + 0.01))
             await asyncio.sleep(wake)
+
+
+def _only_loopback(addresses: tuple[str, ...]) -> bool:
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)

@@ -297,6 +297,30 @@ def test_a_listed_peer_is_taken_although_made_up_peers_fill_the_table() -> None:
     asyncio.run(main())
 
 
+def test_a_peer_on_loopback_only_is_ignored_by_a_node_on_the_lan(caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon on this host listening on 127.0.0.1 alone (a test, a second instance) was taken
+    as a peer by the LAN node beside it, which dialled it and warned on every failed connect."""
+    from kvpeer.discovery.peers import PeerTable
+
+    def ad(node_id: str, address: str) -> Beacon:
+        return Beacon(kind="ad", node_id=node_id, record=encode_record(advert(node_id, 7000), [address]))
+
+    async def main() -> None:
+        on_lan = StaticDiscovery(config(free_port()))
+        on_lan._table, on_lan._addresses = PeerTable("me", timeout_s=10.0), ("10.0.0.5",)
+        with caplog.at_level(logging.WARNING):
+            on_lan._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")
+            on_lan._on_beacon(ad("lan-peer", "10.0.0.6"), "10.0.0.6")
+        assert set(on_lan.peers()) == {"lan-peer"} and on_lan.counters["peers_ignored_loopback"] == 1
+        assert "reachable on loopback only" in caplog.text
+        on_loopback = StaticDiscovery(config(free_port()))  # single-host use: its own kind
+        on_loopback._table, on_loopback._addresses = PeerTable("me", timeout_s=10.0), ("127.0.0.1",)
+        on_loopback._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")
+        assert set(on_loopback.peers()) == {"local-test"}
+
+    asyncio.run(main())
+
+
 def test_a_node_id_announced_from_two_hosts_keeps_the_first(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
