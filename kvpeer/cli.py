@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import resource
 import socket
 import sys
@@ -662,9 +663,26 @@ def _fingerprint_command(args: argparse.Namespace) -> int:
         print(f'kvpeer fingerprint: needs the transformers extra: pip install "kvpeer[transformers]" '
               f"({exc})", file=sys.stderr)
         return 1
-    model, _ = load_model(args.model_path)
-    print(json.dumps(dataclasses.asdict(model_fingerprint(model, revision=args.revision))))
+    if args.model_path is not None and not os.path.exists(args.model_path):
+        # transformers took it for a hub repository: a 15-line traceback about huggingface.co
+        print(f"kvpeer fingerprint: no such file or directory: {args.model_path}", file=sys.stderr)
+        return 1
+    try:
+        model, _ = load_model(args.model_path)
+        fingerprint = model_fingerprint(model, revision=args.revision)
+    except (OSError, ValueError, KVPeerError) as exc:  # not a model, or not one it can read
+        print(f"kvpeer fingerprint: cannot load {args.model_path or 'SmolLM2'}: {_one_line(exc)}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(fingerprint)))
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, without terminal colours (torch and transformers
+    write essays)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 if __name__ == "__main__":

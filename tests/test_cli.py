@@ -626,3 +626,19 @@ def test_fingerprint_without_transformers_names_the_extra() -> None:
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert 'pip install "kvpeer[transformers]"' in done.stderr
+
+
+def test_fingerprint_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    """It printed transformers' 15-line traceback about a hub repository."""
+    done = run("client_main", "fingerprint", str(tmp_path / "absent.gguf"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr == f"kvpeer fingerprint: no such file or directory: {tmp_path / 'absent.gguf'}\n"
+
+
+def test_fingerprint_of_a_file_that_is_no_model_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model\n")
+    done = run("client_main", "fingerprint", str(bad))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"kvpeer fingerprint: cannot load {bad}: ")
+    assert done.stderr.count("\n") == 1
