@@ -202,7 +202,7 @@ class Discovery(ABC):
         return None
 
     def _observe(self, info: PeerInfo, listed: bool = False) -> None:
-        if _only_loopback(info.addresses) and not _only_loopback(self._addresses):
+        if _only_loopback(info.addresses) and _on_the_lan_only(self._addresses):
             # A daemon on this host that listens on loopback alone (a test, a second instance):
             # this node, on the LAN, can neither reach it nor be reached by it.
             self._events["peers_ignored_loopback"] += 1
@@ -328,3 +328,7 @@ class Discovery(ABC):
 
 def _only_loopback(addresses: tuple[str, ...]) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def _on_the_lan_only(addresses: tuple[str, ...]) -> bool:
+    return bool(addresses) and not any(ipaddress.ip_address(a).is_loopback for a in addresses)
