@@ -594,6 +594,9 @@ class SegmentRegistry:
         self.max_bytes_per_owner = max_bytes_per_owner
         self._entries: dict[str, _Entry] = {}
         self._admitted: dict[int, int] = {}  # owner -> bytes of segments being made for it
+        # Whose cap an owner's segments count against (set_account): one user's many
+        # connections share one cap. An owner with none is its own account.
+        self._accounts: dict[int, object] = {}
         # Closing a released segment's last descriptor frees its pages: ~200 ms per GiB of
         # kernel time, which the event loop that releases it must not spend.
         self._freeing = ThreadPoolExecutor(1, thread_name_prefix="kvpeer-shm-free")
@@ -615,6 +618,19 @@ class SegmentRegistry:
     def bytes_of(self, owner: int) -> int:
         return sum(e.segment.layout.size for e in self._entries.values() if e.owner == owner)
 
+    def set_account(self, owner: int, account: object) -> None:
+        """Count ``owner``'s segments against ``account``'s cap (the daemon: the connection's
+        uid), until :meth:`release_owner`."""
+        self._accounts[owner] = account
+
+    def _account(self, owner: int) -> object:
+        return self._accounts.get(owner, ("owner", owner))
+
+    def _bytes_of_account(self, account: object) -> int:
+        held = sum(e.segment.layout.size for e in self._entries.values() if self._account(e.owner) == account)
+        being_made = sum(n for owner, n in self._admitted.items() if self._account(owner) == account)
+        return held + being_made
+
     def create(self, layout: SegmentLayout, *, owner: int, now: float) -> DaemonSegment:
         self.admit(layout, owner)
         try:
@@ -628,15 +644,15 @@ class SegmentRegistry:
     # the pages of a large segment zero-fills them (tens of ms), and only make() touches no
     # registry state, so only make() may run in another thread.
     def admit(self, layout: SegmentLayout, owner: int) -> None:
-        """BUSY if ``owner`` may not hold another segment of this size; else its bytes count
-        against ``owner`` until :meth:`adopt` (or :meth:`withdraw`), so that segments being
-        made at once cannot all pass the cap."""
-        admitted = self._admitted.get(owner, 0)
-        if self.bytes_of(owner) + admitted + layout.size > self.max_bytes_per_owner:
+        """BUSY if ``owner``'s account (:meth:`set_account`) may not hold another segment of
+        this size (``max_bytes_per_owner`` per account); else its bytes count against ``owner``
+        until :meth:`adopt` (or :meth:`withdraw`), so that segments being made at once cannot
+        all pass the cap."""
+        if self._bytes_of_account(self._account(owner)) + layout.size > self.max_bytes_per_owner:
             raise ProtocolError(
-                ErrorCode.BUSY, "too much shared memory held by this client: release segments"
+                ErrorCode.BUSY, "too much shared memory held by this user's clients: release segments"
             )
-        self._admitted[owner] = admitted + layout.size
+        self._admitted[owner] = self._admitted.get(owner, 0) + layout.size
 
     def withdraw(self, layout: SegmentLayout, owner: int) -> None:
         """An admitted segment will not be adopted (its making failed or its client left)."""
@@ -742,6 +758,7 @@ class SegmentRegistry:
         names = [n for n, e in self._entries.items() if e.owner == owner]
         for name in names:
             self._drop(name)
+        self._accounts.pop(owner, None)
         return len(names)
 
     def expire(self, now: float) -> list[str]:

@@ -205,6 +205,26 @@ def test_registry_owner_release_lease_and_limit(tmp_path: Path) -> None:
         registry.admit(LAYOUT, owner=3)
 
 
+def test_one_users_connections_share_one_shared_memory_cap(tmp_path: Path) -> None:
+    """The cap was per connection: one user with N connections held N times it, and could fill
+    /dev/shm for every other client."""
+    registry = shm.SegmentRegistry(directory=tmp_path, max_bytes_per_owner=2 * LAYOUT.size)
+    for connection in (1, 2, 3):
+        registry.set_account(connection, ("uid", 1000))
+    registry.set_account(4, ("uid", 1001))
+    registry.create(LAYOUT, owner=1, now=0.0)
+    registry.admit(LAYOUT, owner=2)  # being made: counts already
+    with pytest.raises(ProtocolError) as info:
+        registry.create(LAYOUT, owner=3, now=0.0)
+    assert info.value.code == ErrorCode.BUSY and "this user's clients" in info.value.reason
+    registry.create(LAYOUT, owner=4, now=0.0)  # another user: a cap of its own
+    registry.withdraw(LAYOUT, owner=2)
+    registry.create(LAYOUT, owner=3, now=0.0)
+    assert registry.release_owner(1) == 1 and registry.release_owner(3) == 1
+    registry.create(LAYOUT, owner=5, now=0.0)  # no account set: its own
+    registry.close()
+
+
 def test_a_released_segments_pages_are_freed_off_the_thread_that_releases_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

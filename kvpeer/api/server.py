@@ -585,6 +585,7 @@ class ApiServer:
         pid, uid, gid = _peer_credentials(writer)
         conn = _Connection(conn_id, writer, uid, gid, pid)
         self._connections[conn_id] = conn
+        self.registry.set_account(conn_id, ("uid", uid))  # a user's connections share one cap
         self.counters["connections"] += 1
         log.debug("api: client %d connected: pid=%d uid=%d gid=%d", conn_id, pid, uid, gid)
         try:

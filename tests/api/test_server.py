@@ -76,6 +76,27 @@ def test_put_lookup_fetch_round_trip(api: ServerThread) -> None:
         assert name not in our_segments(), "leaving the with block releases the segment"
 
 
+def test_one_users_connections_share_the_shared_memory_cap(api: ServerThread) -> None:
+    """The cap was per connection: one user opening more connections held that many times it."""
+    tokens = list(range(8))
+    k, v = kv(8)
+    with KVPeerClient(api.socket_path) as client:
+        client.put(tokens, k, v, FP)
+        with client.fetch(tokens, FP) as result:
+            assert result.segment is not None
+            size = os.stat(f"/dev/shm/{result.segment.name}").st_size  # one fetch's segment
+    with serving(max_shm_bytes_per_client=size + size // 2) as capped:
+        with KVPeerClient(capped.socket_path) as first, KVPeerClient(capped.socket_path) as second:
+            first.put(tokens, k, v, FP)
+            with first.fetch(tokens, FP) as held:
+                assert held.matched_tokens == 8
+                with pytest.raises(ApiError) as info, second.fetch(tokens, FP) as refused:
+                    refused.wait()
+                assert info.value.code == ErrorCode.BUSY and "this user's clients" in info.value.reason
+            with second.fetch(tokens, FP) as again:  # released: room again
+                assert again.matched_tokens == 8
+
+
 def test_prefill_time_and_recompute_speed_reach_the_backend(api: ServerThread) -> None:
     tokens = list(range(8))
     k, v = kv(8)
