@@ -440,6 +440,9 @@ TIMEOUT_HELP = (
     "stats; 60 for the others)"
 )
 
+SOCKET_HELP = "daemon socket (default $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)"
+NAMESPACE_HELP = "tenant namespace of lookup, fetch and put (default: default)"
+
 
 def _seconds(text: str) -> float:
     try:
@@ -458,16 +461,16 @@ def client_parser() -> argparse.ArgumentParser:
         epilog=CLIENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--socket", help="daemon socket (default $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)")
-    parser.add_argument(
-        "--namespace", help="tenant namespace of lookup, fetch and put (default: default)"
-    )
+    parser.add_argument("--socket", help=SOCKET_HELP)
+    parser.add_argument("--namespace", help=NAMESPACE_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--timeout", type=_seconds, metavar="S", help=TIMEOUT_HELP)
     parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
-    # --json and --timeout after the command too (`kvpeer peers --json`); SUPPRESS keeps the
-    # one given before.
+    # The same options after the command too (`kvpeer peers --json`); SUPPRESS keeps the one
+    # given before.
     as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--socket", default=argparse.SUPPRESS, help=SOCKET_HELP)
+    as_json.add_argument("--namespace", default=argparse.SUPPRESS, help=NAMESPACE_HELP)
     as_json.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
     )
@@ -529,7 +532,11 @@ def _read_kv(path: Path) -> tuple[Any, Any]:
     try:
         k, v = torch.load(path)
     except Exception as exc:  # torch.load raises what its unpickler meets: all mean a bad file
-        raise SystemExit(f"kvpeer: bad KV file {path} (torch.save((k, v), path)): {exc}") from exc
+        # A weights-only load refusing an object (a NumPy array) says so in a dozen lines.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = (f"it holds {refused.group(1)}, which is not a tensor" if refused
+               else _one_line(exc))
+        raise SystemExit(f"kvpeer: bad KV file {path} (torch.save((k, v), path)): {why}") from exc
     if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         raise SystemExit(f"kvpeer: bad KV file {path}: expected a (k, v) pair of tensors")
     return k, v
@@ -586,8 +593,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             print(f"kvpeer: the daemon refused: {exc.reason}", file=sys.stderr)
         else:
             socket_path = args.socket or default_socket_path()
-            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}{_wait_longer(exc, args)}",
-                  file=sys.stderr)
+            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}"
+                  f"{_wait_longer(exc, args)}{_not_there(exc)}", file=sys.stderr)
         return 1
     try:
         with client:
@@ -595,6 +602,13 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     except (OSError, KVPeerError) as exc:
         print(f"kvpeer {args.command}: {exc}{_wait_longer(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _not_there(exc: BaseException) -> str:
+    """For a socket that is missing or that nobody listens on: where the daemon may be."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        return " (is kvpeerd running? set KVPEER_SOCKET or --socket to its api.socket_path)"
+    return ""
 
 
 def _wait_longer(exc: BaseException, args: argparse.Namespace) -> str:

@@ -642,3 +642,35 @@ def test_fingerprint_of_a_file_that_is_no_model_is_one_line(tmp_path: Path) -> N
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"kvpeer fingerprint: cannot load {bad}: ")
     assert done.stderr.count("\n") == 1
+
+
+def test_a_kv_file_of_numpy_arrays_is_one_line(tmp_path: Path) -> None:
+    """torch's weights-only refusal is a dozen lines with terminal colours."""
+    import numpy as np
+    import torch
+
+    kv = tmp_path / "kv.pt"
+    torch.save((np.zeros(3), np.zeros(3)), kv)
+    with pytest.raises(SystemExit) as info:
+        cli._read_kv(kv)
+    message = str(info.value.code)
+    assert "\n" not in message and "\x1b" not in message, message
+    assert message.startswith(f"kvpeer: bad KV file {kv}") and "which is not a tensor" in message
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--socket", "/tmp/s.sock", "--namespace", "team", "lookup", "--tokens", "t", "--model", "m"],
+     ["lookup", "--tokens", "t", "--model", "m", "--socket", "/tmp/s.sock", "--namespace", "team"],
+     ["status", "--socket", "/tmp/s.sock", "--namespace", "team"]],
+)
+def test_socket_and_namespace_go_before_or_after_the_command(argv: list[str]) -> None:
+    """As --json and --timeout do: after the command they were "unrecognized arguments"."""
+    args = cli.client_parser().parse_args(argv)
+    assert (args.socket, args.namespace) == ("/tmp/s.sock", "team")
+
+
+def test_no_daemon_at_the_socket_says_how_to_point_at_one(tmp_path: Path) -> None:
+    result = run("client_main", "status", "--socket", str(tmp_path / "absent.sock"))
+    assert result.returncode == 1
+    assert "is kvpeerd running? set KVPEER_SOCKET or --socket" in result.stderr
