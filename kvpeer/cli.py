@@ -46,12 +46,12 @@ reports READY=1 once its socket, store and discovery are up, and pings the watch
 
 CLIENT_EPILOG = """\
 examples:
-  kvpeer status                             is the local daemon up, what does it hold
+  kvpeer status                             is the local daemon up, how many peers and chunks
   kvpeer peers --json                       peers discovered on the LAN, as JSON
   kvpeer lookup --tokens prompt.tokens --model model.json
   kvpeer fetch --tokens prompt.tokens --model model.json --out kv.pt
   kvpeer put --tokens prompt.tokens --model model.json --kv kv.pt
-  kvpeer stats                              counters of the local daemon
+  kvpeer stats                              every counter of the local daemon
   kvpeer evict --all                        drop every cached chunk
 
 --tokens: a file of token ids (whitespace-separated integers, or .npy).
@@ -478,9 +478,12 @@ def client_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, metavar="S", default=argparse.SUPPRESS, help=TIMEOUT_HELP
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", parents=[as_json], help="is the daemon up; what it holds")
-    sub.add_parser("peers", parents=[as_json], help="peers the daemon knows")
-    sub.add_parser("stats", parents=[as_json], help="the daemon's counters")
+    sub.add_parser(
+        "status", parents=[as_json],
+        help="is the daemon up: ready, degraded reasons, peers, chunks (--json: all of stats)",
+    )
+    sub.add_parser("peers", parents=[as_json], help="peers the daemon knows, one a line")
+    sub.add_parser("stats", parents=[as_json], help="all of the daemon's counters")
     for name, text in (("lookup", "how much of a prefix is available"), ("fetch", "fetch a prefix's KV")):
         cmd = sub.add_parser(name, parents=[as_json], help=text)
         cmd.add_argument("--tokens", type=Path, required=True, help="file of token ids")
@@ -562,13 +565,61 @@ def _print(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, default=str))
     elif isinstance(result, dict):
-        for key, value in result.items():
-            print(f"{key:>20}: {value}")
+        print("\n".join(_text_lines(result)))
     elif isinstance(result, list):
         for item in result:
             print(item)
     else:
         print(result)
+
+
+def _text_lines(result: dict[str, Any], indent: str = "") -> list[str]:
+    """``key: value`` lines; a nested dict as its own lines, indented under its key."""
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.extend(_text_lines(value, indent + "  "))
+        elif isinstance(value, list | tuple) and any(" " in str(item) for item in value):
+            lines.append(f"{indent}{key}:")  # sentences (degraded reasons): one a line
+            lines.extend(f"{indent}  - {item}" for item in value)
+        else:
+            lines.append(f"{indent}{key}: {_text_value(value)}")
+    return lines
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or (isinstance(value, dict | list | tuple | str) and not value):
+        return "none"
+    if isinstance(value, list | tuple):  # per chunk (sources, levels): runs, "local x3, b x2"
+        runs: list[list[Any]] = []
+        for item in value:
+            if runs and runs[-1][0] == item:
+                runs[-1][1] += 1
+            else:
+                runs.append([item, 1])
+        return ", ".join(str(item) if count == 1 else f"{item} x{count}" for item, count in runs)
+    return str(value)
+
+
+# The keys of the stats that `kvpeer status` prints (`kvpeer stats` prints them all).
+STATUS_KEYS = ("node_id", "ready", "degraded", "peers", "chunks")
+
+# What a peer's "key" says (kvpeer.transport.peer.PeerTransport.session_key).
+_KEY_STATES = {
+    None: "no session yet",
+    "none": "none (this node has no cluster key: unauthenticated)",
+}
+
+
+def _peer_line(peer: dict[str, Any]) -> str:
+    """One line per peer: id, where, how much it holds, which cluster key our session uses."""
+    addresses = ",".join(map(str, peer.get("addresses") or ())) or "?"
+    key = peer.get("key")
+    return (f"{peer.get('node_id')}  {addresses}:{peer.get('port')}  {peer.get('chunks')} chunks  "
+            f"key: {_KEY_STATES.get(key, key)}")
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
@@ -622,14 +673,21 @@ def _wait_longer(exc: BaseException, args: argparse.Namespace) -> str:
 
 
 def _client_command(client: Any, args: argparse.Namespace) -> int:
-    if args.command in ("status", "stats"):
-        _print(client.stats(), args.json)
+    if args.command == "stats" or (args.command == "status" and args.json):
+        _print(client.stats(), args.json)  # status --json: every stat, as it always did
+    elif args.command == "status":
+        stats = client.stats()
+        _print({key: stats[key] for key in STATUS_KEYS if key in stats}, False)
     elif args.command == "peers":
-        _print(client.peers(), args.json)
+        peers = client.peers()
+        if args.json:
+            _print(peers, True)
+        else:
+            print("\n".join(map(_peer_line, peers)) if peers else "no peers")
     elif args.command == "lookup":
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.lookup(tokens, fingerprint)
-        _print(dataclasses.asdict(result), args.json)
+        _print(_answer(result, args.json), args.json)
     elif args.command == "fetch":
         import torch
         from tqdm import tqdm
@@ -663,10 +721,18 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         k, v = _read_kv(args.kv)
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.put(tokens, k, v, fingerprint, level=args.level)
-        _print(dataclasses.asdict(result), args.json)
+        _print(_answer(result, args.json), args.json)
     elif args.command == "evict":
         _print(client.evict_all(), args.json)
     return 0
+
+
+def _answer(result: Any, as_json: bool) -> dict[str, Any]:
+    """An answer's fields; the request id (which JSON has always carried) only in JSON."""
+    fields = dataclasses.asdict(result)
+    if not as_json:
+        fields.pop("id", None)
+    return fields
 
 
 def _fingerprint_command(args: argparse.Namespace) -> int:

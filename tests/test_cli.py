@@ -674,3 +674,89 @@ def test_no_daemon_at_the_socket_says_how_to_point_at_one(tmp_path: Path) -> Non
     result = run("client_main", "status", "--socket", str(tmp_path / "absent.sock"))
     assert result.returncode == 1
     assert "is kvpeerd running? set KVPEER_SOCKET or --socket" in result.stderr
+
+
+class AnsweringClient:
+    """Stands in for KVPeerClient: answers as a daemon with one peer and one chunk does."""
+
+    STATS = {
+        "node_id": "a", "ready": True, "degraded": ["disk tier not open: read-only file system"],
+        "store": {"chunks": 1, "ram_bytes": 4096, "last_disk_error": ""}, "chunks": 1, "peers": 2,
+        "peer_inventories": {"b": 3}, "codec_backends": ["zstd", "ffmpeg"],
+    }
+    PEERS = [
+        {"node_id": "b", "addresses": ["192.0.2.7"], "port": 7457, "fingerprints": ["ab"],
+         "chunks": 3, "epoch": 9, "key": None},
+        {"node_id": "c", "addresses": ["192.0.2.8"], "port": 7457, "fingerprints": [],
+         "chunks": 0, "epoch": 1, "key": "next"},
+    ]
+
+    def stats(self) -> dict[str, Any]:
+        return self.STATS
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self.PEERS
+
+    def lookup(self, tokens: Any, fingerprint: Any) -> Any:
+        from kvpeer.api.messages import LookupResult
+
+        return LookupResult(id=7, matched_tokens=768, chunk_tokens=256, sources=["local", "local", "b"])
+
+    def put(self, tokens: Any, k: Any, v: Any, fingerprint: Any, level: Any = None) -> Any:
+        from kvpeer.api.messages import PutResult
+
+        return PutResult(id=8, chunks=2, stored=1, chunk_tokens=256)
+
+
+def _client_output(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert cli._client_command(AnsweringClient(), cli.client_parser().parse_args(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_status_is_a_short_summary_and_stats_says_everything_readably(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both printed the same, nested dicts as one long Python repr line."""
+    status = _client_output(capsys, "status")
+    assert status == ("node_id: a\nready: yes\ndegraded:\n"
+                      "  - disk tier not open: read-only file system\npeers: 2\nchunks: 1\n")
+    stats = _client_output(capsys, "stats")
+    assert "{" not in stats and "[" not in stats
+    assert "store:\n  chunks: 1\n  ram_bytes: 4096\n  last_disk_error: none\n" in stats
+    assert "peer_inventories:\n  b: 3\n" in stats and "codec_backends: zstd, ffmpeg\n" in stats
+
+
+@pytest.mark.parametrize("command", ["status", "stats"])
+def test_status_and_stats_json_stay_every_stat(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    assert json.loads(_client_output(capsys, command, "--json")) == AnsweringClient.STATS
+
+
+def test_peers_are_one_line_each_and_their_key_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    """They were printed as Python dicts, "'key': None" for a peer with no session open."""
+    assert _client_output(capsys, "peers") == (
+        "b  192.0.2.7:7457  3 chunks  key: no session yet\n"
+        "c  192.0.2.8:7457  0 chunks  key: next\n"
+    )
+    assert json.loads(_client_output(capsys, "peers", "--json")) == AnsweringClient.PEERS
+
+
+def test_lookup_and_put_print_no_request_id_but_json_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    tokens, model, kv = tmp_path / "prompt.tokens", tmp_path / "model.json", tmp_path / "kv.pt"
+    tokens.write_text("1 2 3 4")
+    model.write_text(json.dumps(dataclasses.asdict(
+        ModelFingerprint(name="m", layers=1, kv_heads=1, head_dim=8, dtype="float16", rope_theta=1e4)
+    )))
+    torch.save((torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), kv)
+    files = ["--tokens", str(tokens), "--model", str(model)]
+    lookup = _client_output(capsys, "lookup", *files)
+    assert lookup == "matched_tokens: 768\nchunk_tokens: 256\nsources: local x2, b\n"
+    put = _client_output(capsys, "put", *files, "--kv", str(kv))
+    assert put == "chunks: 2\nstored: 1\nchunk_tokens: 256\n"
+    assert json.loads(_client_output(capsys, "lookup", *files, "--json"))["id"] == 7
+    assert json.loads(_client_output(capsys, "put", *files, "--kv", str(kv), "--json")) == {
+        "id": 8, "chunks": 2, "stored": 1, "chunk_tokens": 256
+    }
