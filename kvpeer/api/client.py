@@ -351,8 +351,8 @@ class FetchHandle(_FetchHandleBase):
             return
         self._released = True
         if not self._state.answered:  # running, or failed here: a final answer still to come
-            self._client._cancel_fetch(self._state)  # names what to release
             self._state.close_segment()
+            self._client._cancel_fetch(self._state, wait=True)  # releases what it names
             return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
@@ -527,7 +527,9 @@ class KVPeerClient:
 
     def _pump(self) -> None:
         """Receive one message and route it (fetch events to the fetch, the rest to the inbox)."""
-        message = self._receive()
+        self._route(self._receive())
+
+    def _route(self, message: m.Message) -> None:
         if self._fetch is not None and message.id == self._fetch.request.id:
             self._fetch.on_message(message)
             if self._fetch.finished:
@@ -550,18 +552,28 @@ class KVPeerClient:
             self._abandoned.add(rid)  # its answer is dropped too
             self._send(m.Release(id=rid, segment=segment))
 
-    def _cancel_fetch(self, state: _FetchState) -> None:
+    def _cancel_fetch(self, state: _FetchState, *, wait: bool = False) -> None:
         """Give up on the running fetch: the daemon is asked to stop it (one that predates
         cancel answers UNKNOWN_TYPE and finishes it), and its answers still to come are dropped,
-        a segment they name released."""
+        a segment they name released. ``wait``: read until the fetch's final answer (prompt once
+        cancelled): this client reads only while a call waits, so a segment named by an answer
+        already on its way was held by the daemon until the next call, or its lease's end."""
         if self._fetch is not state:
             return  # not this connection's running fetch (its connection is gone, or it is over)
         self._fetch = None
         self._abandoned.add(state.request.id)
         cancel = m.Cancel(id=self._new_id(), fetch=state.request.id)
         self._abandoned.add(cancel.id)  # its answer is dropped too
-        with contextlib.suppress(ApiError):  # the connection is lost: the daemon dropped the fetch
+        try:
             self._send(cancel)
+            while wait and state.request.id in self._abandoned:
+                message = self._receive()
+                if message.id == cancel.id and isinstance(message, m.ErrorResponse):
+                    self._abandoned.discard(cancel.id)
+                    break  # a daemon that predates cancel: its fetch runs on, released when it ends
+                self._route(message)
+        except ApiError:  # the connection is lost (the daemon dropped the fetch), or silent
+            pass
 
     def _finish_fetch(self) -> None:
         # Answers arrive in order on one connection: a running fetch's events come first.

@@ -188,3 +188,20 @@ def test_async_a_daemon_that_predates_cancel_finishes_the_fetch_and_its_segment_
                 assert client._abandoned == set() and len(client._descriptors) == 0
 
     run(main())
+
+
+def test_a_fetch_released_as_its_final_answer_crosses_the_cancel_frees_its_segment_at_once(
+    api: ServerThread,
+) -> None:
+    """vLLM's loads take every chunk (wait_for_chunk) and release before the final answer was
+    read: the cancel found nothing to stop, and the segment that answer named stayed with the
+    daemon until the connection's next call (or its lease's end), one per idle connection."""
+    with KVPeerClient(api.socket_path) as client:
+        client.put(TOKENS, *kv(len(TOKENS)), FP)
+        for _ in range(3):
+            with client.fetch(TOKENS, FP, deadline_s=5.0) as result:
+                for chunk in range(3):
+                    assert result.wait_for_chunk(chunk)
+                    result.chunk(chunk)
+            wait_until(lambda: idle(api), timeout_s=5.0)  # no further call on this connection
+        assert client.lookup(TOKENS, FP).matched_tokens == len(TOKENS)  # and it goes on
