@@ -83,7 +83,7 @@ def daemon_parser() -> argparse.ArgumentParser:
 
 
 def daemon_main(argv: Sequence[str] | None = None) -> int:
-    from kvpeer.config import load_config
+    from kvpeer.config import config_source, config_warnings, load_config
     from kvpeer.service import configure_logging
 
     args = daemon_parser().parse_args(argv)
@@ -92,6 +92,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _say("ERROR", f"config error: {exc}")
         return EXIT_CONFIG
+    source = config_source(args.config, os.environ)
     if args.check_config:
         try:
             transport = check_start_config(config)
@@ -116,7 +117,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
 
             level = logging.getLevelName(transport.keyless_risk)
             _say(level, f"{level}: {KEYLESS_RISK}")
-        print(config.as_toml(), end="")
+        for warning in config_warnings(config):
+            _say("WARNING", f"WARNING: {warning}")
+        print(config.as_toml(source), end="")
         return 0
     try:
         preflight(config)
@@ -125,6 +128,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     enable_faulthandler()
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
+    log.info("config: %s", source)
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     limit_torch_threads(config.daemon.torch_threads)
     raise_open_file_limit()
     use_uvloop = config.daemon.uvloop and not args.no_uvloop

@@ -488,9 +488,11 @@ class Config:
         """The effective config as TOML-ready values (paths as strings, None left out)."""
         return _to_plain(self)
 
-    def as_toml(self) -> str:
-        """The effective config as TOML, documented, for ``kvpeerd --check-config``."""
-        return _render(type(self), self, header="# kvpeer effective configuration")
+    def as_toml(self, source: str = "") -> str:
+        """The effective config as TOML, documented, for ``kvpeerd --check-config``; ``source``
+        (:func:`config_source`) becomes a comment under the header."""
+        header = "# kvpeer effective configuration" + (f"\n# {source}" if source else "")
+        return _render(type(self), self, header=header)
 
 
 def _fill(text: str, places: Mapping[str, str], key: str) -> str:
@@ -726,6 +728,26 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -
         node = dataclasses.replace(config.node, node_id=default_node_id(config.node.state_dir))
         config = dataclasses.replace(config, node=node)
     return config
+
+
+def config_source(path: Path | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """Where :func:`load_config` with these arguments takes its settings from, in words (for
+    ``kvpeerd --check-config`` and the start log: a missing default file was silent)."""
+    path = path if path is not None else DEFAULT_CONFIG_PATH
+    where = f"from {path}" if path.exists() else f"no file at {path}: defaults"
+    names = [n for n in sorted(env) if n.upper().startswith(ENV_PREFIX) and "__" in n]
+    return where + (f"; from the environment: {', '.join(names)}" if names else "")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but have no effect as set, one sentence each."""
+    warnings = []
+    if config.discovery.static_peers and config.discovery.backend != "static":
+        warnings.append(
+            f"discovery.static_peers is ignored: it only applies to backend = \"static\" "
+            f'(backend is "{config.discovery.backend}")'
+        )
+    return warnings
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]) -> None:

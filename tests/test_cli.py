@@ -760,3 +760,22 @@ def test_lookup_and_put_print_no_request_id_but_json_keeps_it(
     assert json.loads(_client_output(capsys, "put", *files, "--kv", str(kv), "--json")) == {
         "id": 8, "chunks": 2, "stored": 1, "chunk_tokens": 256
     }
+
+
+def test_check_config_and_start_say_which_file_was_read_and_warn_of_ignored_settings(
+    tmp_path: Path,
+) -> None:
+    config = daemon_config(tmp_path)
+    env = {**os.environ, "KVPEER_DISCOVERY__BACKEND": "zeroconf",
+           "KVPEER_DISCOVERY__STATIC_PEERS": "192.0.2.7:7457"}
+    checked = run("daemon_main", "--config", str(config), "--check-config", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert f"\n# from {config}; from the environment: KVPEER_DISCOVERY__BACKEND" in checked.stdout
+    assert "WARNING: discovery.static_peers is ignored" in checked.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # the start ends right after the log
+        port = taken.getsockname()[1]
+        env["KVPEER_TRANSPORT__PORT"] = str(port)
+        started = run("daemon_main", "--config", str(config), "--no-uvloop", env=env)
+    assert started.returncode == 2, started.stderr
+    assert f"INFO kvpeer.cli: config: from {config}; from the environment" in started.stderr
+    assert "WARNING kvpeer.cli: discovery.static_peers is ignored" in started.stderr

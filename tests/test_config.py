@@ -407,3 +407,27 @@ def test_a_metrics_host_name_is_looked_up_as_the_ipv4_the_server_binds(
     with pytest.raises(ConfigError, match="v6only"):
         load_config(write(tmp_path, '[metrics]\nhost = "v6only"\n'), env={})
     assert families == [socket.AF_INET]
+
+
+def test_the_source_says_which_file_was_read_or_that_there_was_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert cfg.config_source(None, {}) == f"no file at {tmp_path / 'absent.toml'}: defaults"
+    path = write(tmp_path, "")
+    env = {"KVPEER_TRANSPORT__PORT": "7500", "KVPEER_SOCKET": "/tmp/s", "HOME": "/root"}
+    assert cfg.config_source(path, env) == (
+        f"from {path}; from the environment: KVPEER_TRANSPORT__PORT"  # KVPEER_SOCKET: the CLI's
+    )
+    assert load_config(path, env={}).as_toml(f"from {path}").startswith(
+        f"# kvpeer effective configuration\n# from {path}\n"
+    )
+
+
+def test_static_peers_with_another_backend_is_a_warning(tmp_path: Path) -> None:
+    """They were silently ignored with the default zeroconf backend."""
+    peers = '[node]\nnode_id = "n1"\n[discovery]\nstatic_peers = ["192.0.2.7:7457"]\n'
+    [warning] = cfg.config_warnings(load_config(write(tmp_path, peers), env={}))
+    assert 'discovery.static_peers is ignored: it only applies to backend = "static"' in warning
+    static = load_config(write(tmp_path, peers + 'backend = "static"\n'), env={})
+    assert cfg.config_warnings(static) == []
