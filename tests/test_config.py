@@ -431,3 +431,26 @@ def test_static_peers_with_another_backend_is_a_warning(tmp_path: Path) -> None:
     assert 'discovery.static_peers is ignored: it only applies to backend = "static"' in warning
     static = load_config(write(tmp_path, peers + 'backend = "static"\n'), env={})
     assert cfg.config_warnings(static) == []
+
+
+def test_the_module_entry_point_has_a_help() -> None:
+    """`python -m kvpeer.config --help` took --help for a config file's path."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kvpeer.config", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m kvpeer.config") and "--example" in done.stdout
+
+
+def test_the_level_docs_name_every_level_and_what_the_readme_measured() -> None:
+    from kvpeer.codec import LEVELS
+
+    docs = {f.name: f.metadata["doc"] for f in dataclasses.fields(cfg.CodecSection)}
+    assert f"({', '.join(LEVELS)})" in docs["level"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    [row] = [line for line in readme.splitlines() if line.startswith("| q5 (daemon's floor) |")]
+    plain, daemon = (cell.split(", ")[-1].strip() for cell in row.split("|")[2:4])  # top-1
+    min_level = next(f for f in dataclasses.fields(cfg.FetchSection) if f.name == "min_level")
+    assert f"{plain} coded whole, {daemon} as the daemon stores it" in min_level.metadata["doc"]
