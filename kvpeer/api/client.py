@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -400,6 +401,7 @@ class KVPeerClient:
         self._sock: socket.socket | None = None
         self._descriptors = unix.SegmentDescriptors()
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
         try:
             self._connect()
         except BaseException:
@@ -659,8 +661,26 @@ class KVPeerClient:
     def evict_all(self) -> dict[str, Any]:
         return self._call(m.EvictRequest(id=self._new_id(), all=True), m.EvictResult).result
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, from the closing thread) when the client is closed or
+        aborted: connections of its own that helpers opened beside it end with it."""
+        self._on_close.append(callback)
+
+    def _run_on_close(self) -> None:
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a helper's bug must not stop the close
+                log.exception("kvpeer client: a close callback failed")
+
     def close(self) -> None:
         self._closed = True
+        self._run_on_close()
         self._drop_connection(ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed"))
 
     def abort(self) -> None:
@@ -668,6 +688,7 @@ class KVPeerClient:
         connection down so that a call blocked on it (for up to ``timeout_s``) fails now and
         is not sent again on a new one. The calling thread then drops the connection."""
         self._closed = True
+        self._run_on_close()
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -18,15 +18,16 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvpeer.api.client import KVPeerClient
 from kvpeer.api.messages import PutResult
-from kvpeer.errors import KVPeerError
+from kvpeer.errors import ApiError, ErrorCode, KVPeerError
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations._daemon import ANSWER_GRACE_S, Backoff, DaemonConnection, daemon_away
 
@@ -144,32 +145,50 @@ def prefill_and_put(
     return client.put(_tokens(tokens), k, v, fingerprint, level=level)
 
 
+#: Connections kept per client, one per timeout (the blocking client's timeout is per connection).
+FETCH_CONNECTIONS = 4
+
+
 @dataclass(slots=True, kw_only=True)
 class _Fetches:
-    """The fetch helpers' own connection to a client's daemon and namespace, and their back-off:
-    the client's connection waits its own timeout (60 s by default), and cannot be dropped
-    without closing the client for good."""
+    """The fetch helpers' own connections to a client's daemon and namespace, one per timeout,
+    and their back-off: the client's connection waits its own timeout (60 s by default), and
+    cannot be dropped without closing the client for good. They end with the client."""
 
-    connection: DaemonConnection
-    backoff: Backoff
+    connections: OrderedDict[float, DaemonConnection] = field(default_factory=OrderedDict)
+    backoff: Backoff = field(default_factory=lambda: Backoff(FETCH_BACKOFF_S))
+
+    def abort(self) -> None:
+        with _fetches_lock:
+            connections = list(self.connections.values())
+        for connection in connections:
+            connection.abort()
 
 
 _fetches: weakref.WeakKeyDictionary[Any, _Fetches] = weakref.WeakKeyDictionary()
 _fetches_lock = threading.Lock()
 
 
-def _fetches_for(client: KVPeerClient, deadline_s: float | None) -> _Fetches:
+def _fetches_for(client: KVPeerClient, deadline_s: float | None) -> tuple[_Fetches, DaemonConnection]:
+    """The client's fetch helpers' state, and the connection whose timeout fits ``deadline_s``."""
     timeout_s = deadline_s + ANSWER_GRACE_S if deadline_s else client.timeout_s
     with _fetches_lock:
         fetches = _fetches.get(client)
         if fetches is None:
-            fetches = _fetches[client] = _Fetches(connection=_connection(client, timeout_s),
-                                                  backoff=Backoff(FETCH_BACKOFF_S))
-        elif fetches.connection.timeout_s != timeout_s:  # another deadline: the timeout is per connection
-            with fetches.connection.lock:
-                fetches.connection.drop()
-            fetches.connection = _connection(client, timeout_s)
-        return fetches
+            fetches = _fetches[client] = _Fetches()
+            client.on_close(fetches.abort)
+        connection = fetches.connections.pop(timeout_s, None) or _connection(client, timeout_s)
+        fetches.connections[timeout_s] = connection  # the most recently used last
+        for old_timeout, old in list(fetches.connections.items())[:-FETCH_CONNECTIONS]:
+            if old.lock.acquire(blocking=False):  # one in use stays until it is idle
+                try:
+                    old.drop()
+                finally:
+                    old.lock.release()
+                del fetches.connections[old_timeout]
+    if client.closed:  # closed before its callback was set: these end with it all the same
+        fetches.abort()
+    return fetches, connection
 
 
 def _connection(client: KVPeerClient, timeout_s: float) -> DaemonConnection:
@@ -191,20 +210,24 @@ def fetch_cache(
     help must never stop generation, so errors here degrade to recomputation: the fetch goes on
     a connection of its own to ``client``'s daemon and namespace, whose wait ends
     :data:`ANSWER_GRACE_S` past ``deadline_s`` (without one, at the client's timeout); after
-    the daemon failed to answer, fetches are skipped for :data:`FETCH_BACKOFF_S`.
+    the daemon failed to answer, fetches are skipped for :data:`FETCH_BACKOFF_S`. That
+    connection (one per deadline) ends with ``client``; a closed client raises ApiError.
     """
     from transformers import DynamicCache
 
-    fetches = _fetches_for(client, deadline_s)
+    if client.closed:  # as any call on a closed client: not a daemon to back off from
+        raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+    fetches, connection = _fetches_for(client, deadline_s)
     if not fetches.backoff.allows(time.monotonic()):
         return DynamicCache(config=model.config), 0
     try:
-        with fetches.connection.lock:
-            fetch = fetches.connection.client().fetch(
+        with connection.lock:
+            fetch = connection.client().fetch(
                 _tokens(tokens), fingerprint, deadline_s=deadline_s, min_level=min_level,
             )
-            # The connection is dropped before the handle's release, which waits for the answer.
-            with fetch as result, fetches.connection.dropped_on_timeout():
+            # A timed-out connection is dropped before the handle's release, which would read
+            # on for the fetch's final answer.
+            with fetch as result, connection.dropped_on_timeout():
                 matched = result.matched_tokens
                 cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
     except (KVPeerError, OSError) as exc:

@@ -91,3 +91,25 @@ def test_prompt_fully_covered_by_chunks_still_generates(
         second, matched1 = generate_with_kvpeer(client, model, tok, exact, fp, max_new_tokens=STEPS)
     assert (matched0, matched1) == (0, CHUNK)
     assert first == second
+
+
+def test_fetch_cache_connections_end_with_the_client_and_are_kept_per_deadline(
+    smollm2, api: ServerThread, prompt: list[int]
+) -> None:  # type: ignore[no-untyped-def]
+    """The helpers' own fetch connection outlived the client (close() left it open, and
+    fetch_cache on the closed client still restored; abort() did not stop a blocked fetch),
+    and each new deadline dropped it and connected again."""
+    from kvpeer.errors import ApiError
+    from kvpeer.integrations import transformers as hf
+
+    client = KVPeerClient(api.socket_path, namespace="closing")
+    _, first = hf._fetches_for(client, 1.0)
+    _, other = hf._fetches_for(client, 2.0)
+    _, back = hf._fetches_for(client, 1.0)
+    assert back is first and other is not first  # one per timeout, kept
+    first.client()  # connected
+    client.close()
+    with pytest.raises(ApiError):
+        first.client()  # ended with the client, for good
+    with pytest.raises(ApiError):  # as client.lookup on it would
+        fetch_cache(client, smollm2.model, prompt, smollm2.fingerprint, deadline_s=1.0)

@@ -63,9 +63,13 @@ class NoDaemon:
     namespace = "default"
     timeout_s = 1.0
     client_name = "test"
+    closed = False
 
     def __init__(self) -> None:
         self.puts: list[int] = []
+
+    def on_close(self, callback: Any) -> None:
+        pass
 
     def put(self, tokens: list[int], *args: Any, **kwargs: Any) -> None:
         self.puts.append(len(tokens))
