@@ -587,10 +587,8 @@ class RecordingClient:
         raise AssertionError(f"the client was asked {name} despite bad input")
 
 
-@pytest.mark.parametrize("case", ["tokens", "kv", "kv_not_a_pair", "out_dir"])
-def test_bad_input_files_are_one_line_and_nothing_is_asked_of_the_daemon(
-    tmp_path: Path, case: str
-) -> None:
+def _put_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The files `kvpeer put` reads: 4 tokens, a 1-layer model's fingerprint, its KV."""
     import torch
 
     tokens, model, kv = tmp_path / "prompt.tokens", tmp_path / "model.json", tmp_path / "kv.pt"
@@ -599,6 +597,16 @@ def test_bad_input_files_are_one_line_and_nothing_is_asked_of_the_daemon(
         ModelFingerprint(name="m", layers=1, kv_heads=1, head_dim=8, dtype="float16", rope_theta=1e4)
     )))
     torch.save((torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), kv)
+    return tokens, model, kv
+
+
+@pytest.mark.parametrize("case", ["tokens", "kv", "kv_not_a_pair", "out_dir"])
+def test_bad_input_files_are_one_line_and_nothing_is_asked_of_the_daemon(
+    tmp_path: Path, case: str
+) -> None:
+    import torch
+
+    tokens, model, kv = _put_files(tmp_path)
     command = ["put", "--tokens", str(tokens), "--model", str(model), "--kv", str(kv)]
     expected = "bad KV file"
     if case == "tokens":
@@ -743,14 +751,7 @@ def test_peers_are_one_line_each_and_their_key_in_words(capsys: pytest.CaptureFi
 def test_lookup_and_put_print_no_request_id_but_json_keeps_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import torch
-
-    tokens, model, kv = tmp_path / "prompt.tokens", tmp_path / "model.json", tmp_path / "kv.pt"
-    tokens.write_text("1 2 3 4")
-    model.write_text(json.dumps(dataclasses.asdict(
-        ModelFingerprint(name="m", layers=1, kv_heads=1, head_dim=8, dtype="float16", rope_theta=1e4)
-    )))
-    torch.save((torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), kv)
+    tokens, model, kv = _put_files(tmp_path)
     files = ["--tokens", str(tokens), "--model", str(model)]
     lookup = _client_output(capsys, "lookup", *files)
     assert lookup == "matched_tokens: 768\nchunk_tokens: 256\nsources: local x2, b\n"
