@@ -169,6 +169,11 @@ class ApiSection:
         128, "API connections one client user may hold at once (so one user's leak or flood "
         "leaves room for the others; not root or the daemon's own user).", lo=1, hi=65536,
     )
+    max_shm_bytes_per_uid: int = setting(
+        64 << 30, "Shared memory one client user's connections may hold at once, all together "
+        "(segments of fetches and puts); past it a request is answered BUSY. Clients that should "
+        "not share a cap should run as different users.", kind="size", lo=1,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -112,6 +112,8 @@ class Daemon:
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"
         self.fingerprints = load_fingerprints(self.fingerprints_path)
         self._fingerprints_saving = asyncio.Lock()
+        self._save_queued = False
+        self._said_unadvertised: set[str] = set()  # models whose leaving the advert was logged
         self._profiles_reported: set[tuple[str, str]] = set()  # (fingerprint, what was said)
         self.discovery = make_discovery(discovery_config(config))
         # What each peer holds, kept current by pulling inventory deltas when epochs move.
@@ -153,6 +155,7 @@ class Daemon:
             spare_bytes=config.api.spare_bytes,
             max_connections=config.api.max_connections,
             max_connections_per_uid=config.api.max_connections_per_uid,
+            max_shm_bytes_per_uid=config.api.max_shm_bytes_per_uid,
         )
         self.ready = False
         self.metrics = Metrics(node_id=self.node_id, version=__version__)
@@ -188,8 +191,11 @@ class Daemon:
         await self.api.start()
         self.discovery.subscribe(self._peer_event)  # before the sync, which connects
         self.discovery.subscribe(self.inventory_sync.on_event)
-        await self.discovery.start(self._advertisement())
+        first = self._advertisement()
+        await self.discovery.start(first)
         self.ready = True
+        if self._advertisement() != first:  # puts served while discovery started
+            self._advertise_soon()
         self._in_background(self._log_activity())
         log.info(
             "kvpeerd %s ready: api %s, signalling port %d, %d chunks in store",
@@ -254,11 +260,14 @@ class Daemon:
             return False  # the order changed, not the set: nothing to save or say
         if len(self.fingerprints) > MAX_FINGERPRINTS:  # the least recently used one left
             gone = self.fingerprints[advertised[0]]
-            log.info(
+            # Said once per model: more models in use than an advert names swap on every use.
+            log.log(
+                logging.DEBUG if gone.hex in self._said_unadvertised else logging.INFO,
                 "model %s is no longer advertised (%d models at most, the most recently used): "
                 "peers stop fetching its chunks from here until it is put or fetched again",
                 gone.name, MAX_FINGERPRINTS,
             )
+            self._said_unadvertised.add(gone.hex)
         self._say_changes()
         return True
 
@@ -359,10 +368,19 @@ class Daemon:
             options["rotate_half"] = rotary.pop()
         return options
 
-    async def _save_fingerprints(self) -> None:
+    def _save_fingerprints_soon(self) -> None:
+        """Save the list in the background: one save for every call made until it starts."""
+        if self._save_queued:
+            return
+        self._save_queued = True
+        self._in_background(self._save_fingerprints(queued=True))
+
+    async def _save_fingerprints(self, *, queued: bool = False) -> None:
         """Persist the served models (one save at a time; each writes the list as it is now).
         A failure is logged: the file only lets a restart advertise them, the put goes on."""
         async with self._fingerprints_saving:
+            if queued:
+                self._save_queued = False  # changes from here on need a save of their own
             snapshot = list(self.fingerprints.values())
             try:
                 await asyncio.get_running_loop().run_in_executor(
@@ -457,7 +475,7 @@ class Daemon:
             )
             if plan.sources:
                 if self._model_used(fp):  # what it caches is served from here as well
-                    self._in_background(self._save_fingerprints())
+                    self._save_fingerprints_soon()
                 deadline = started + deadline_s if deadline_s else None
                 await self._fetch(req, plan, sink, deadline, ended.append)
         except BaseException as exc:

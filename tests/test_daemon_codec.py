@@ -283,9 +283,12 @@ def _local_daemon(tmp_path: Path, extra: str = "", transport: str = "") -> daemo
 
 
 def test_the_api_connection_caps_reach_the_api_server(tmp_path: Path) -> None:
-    node = _local_daemon(tmp_path, "[api]\nmax_connections = 7\nmax_connections_per_uid = 3\n")
+    node = _local_daemon(
+        tmp_path, '[api]\nmax_connections = 7\nmax_connections_per_uid = 3\nmax_shm_bytes_per_uid = "1GiB"\n'
+    )
     try:
         assert (node.api.max_connections, node.api.max_connections_per_uid) == (7, 3)
+        assert node.api.registry.max_bytes_per_owner == 1 << 30
     finally:
         node.store.close()
 
@@ -407,3 +410,36 @@ def test_the_address_the_transport_listens_on_is_advertised_first(tmp_path: Path
         assert tuple(node.addresses) == ("127.0.0.1", "127.0.0.2")
     finally:
         node.store.close()
+
+
+def test_more_models_in_use_than_an_advert_names_cost_one_save_and_one_line_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nine models fetched round robin swap the advertised set on every fetch: each fetch
+    queued a save of its own (an unbounded queue of tasks) and logged an INFO line."""
+    import asyncio
+
+    from kvpeer.discovery.advert import MAX_FINGERPRINTS
+
+    saves: list[int] = []
+    monkeypatch.setattr(daemon, "save_fingerprints_blocking", lambda path, fps: saves.append(len(fps)))
+    models = [dataclasses.replace(FP32, name=f"model-{i}") for i in range(MAX_FINGERPRINTS + 1)]
+    node = _local_daemon(tmp_path)
+    node.ready = True
+    node._advertise_soon = lambda: None  # type: ignore[method-assign]
+
+    async def fetches() -> None:
+        for _ in range(5):
+            for fp in models:
+                if node._model_used(fp):
+                    node._save_fingerprints_soon()
+        await asyncio.gather(*node._background)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="kvpeer.daemon"):
+            asyncio.run(fetches())
+    finally:
+        node.store.close()
+    assert saves == [len(models)]  # one save, of the list as it ended
+    said = [r for r in caplog.records if "no longer advertised" in r.getMessage() and r.levelno == logging.INFO]
+    assert len(said) == len(models)  # once per model

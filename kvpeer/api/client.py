@@ -183,6 +183,7 @@ class _FetchState:
         self.error: ApiError | None = None
         self.answered = False  # the daemon's final answer (a result or an error) came
         self._closed = False  # close_segment() ran
+        self.cancel_id: int | None = None  # the Cancel sent for it, if one was
 
     @property
     def finished(self) -> bool:
@@ -346,14 +347,16 @@ class FetchHandle(_FetchHandleBase):
         self.wait()
         return self._state.kv()[1]
 
-    def release(self) -> None:
-        """Release the segment; a fetch still running is cancelled, not waited for."""
+    def release(self, *, wait: bool = True) -> None:
+        """Release the segment. A fetch still running is cancelled, not run to its end; the
+        daemon's final answer (prompt once it cancelled) is read for the segment it names,
+        unless ``wait`` is False or the daemon did not answer the last wait."""
         if self._released:
             return
         self._released = True
         if not self._state.answered:  # running, or failed here: a final answer still to come
             self._state.close_segment()
-            self._client._cancel_fetch(self._state, wait=True)  # releases what it names
+            self._client._cancel_fetch(self._state, wait=wait)  # releases what it names
             return
         name = self._state.close_segment()
         if name is not None and self._client.connected:
@@ -365,8 +368,9 @@ class FetchHandle(_FetchHandleBase):
     def __enter__(self) -> FetchHandle:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Left by an exception (a timeout, Ctrl-C): no second wait for the daemon.
+        self.release(wait=exc_type is None)
 
 
 # --------------------------------------------------------------------------- blocking client
@@ -402,6 +406,7 @@ class KVPeerClient:
         self._descriptors = unix.SegmentDescriptors()
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
+        self._silent = False  # the last wait for the daemon timed out (it may be hung)
         try:
             self._connect()
         except BaseException:
@@ -420,6 +425,7 @@ class KVPeerClient:
     def _connect(self) -> socket.socket:
         """Connect and say hello (raises OSError if the daemon cannot be reached); with no
         namespace, no hello (status, stats, peers and evict need none)."""
+        self._silent = False
         sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
@@ -513,6 +519,7 @@ class KVPeerClient:
                 data, fds = unix.receive(self._sock, 1 << 16)
             except TimeoutError:
                 # Nothing half-done on our side: the answer may still come, the stream is intact.
+                self._silent = True
                 raise ApiError(ErrorCode.TIMEOUT, f"no answer from the daemon in {self.timeout_s}s") from None
             except OSError as exc:
                 raise self._lost(exc) from None
@@ -520,6 +527,7 @@ class KVPeerClient:
                 reason = ApiError(exc.code, exc.reason)
                 self._drop_connection(reason)
                 raise reason from None
+            self._silent = False
             self._descriptors.arrived(fds)
             if not data:
                 reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
@@ -560,18 +568,20 @@ class KVPeerClient:
         a segment they name released. ``wait``: read until the fetch's final answer (prompt once
         cancelled): this client reads only while a call waits, so a segment named by an answer
         already on its way was held by the daemon until the next call, or its lease's end."""
-        if self._fetch is not state:
-            return  # not this connection's running fetch (its connection is gone, or it is over)
-        self._fetch = None
-        self._abandoned.add(state.request.id)
-        cancel = m.Cancel(id=self._new_id(), fetch=state.request.id)
-        self._abandoned.add(cancel.id)  # its answer is dropped too
         try:
-            self._send(cancel)
-            while wait and state.request.id in self._abandoned:
+            if self._fetch is state:  # else cancelled already (it failed here), or over
+                self._fetch = None
+                self._abandoned.add(state.request.id)
+                cancel = m.Cancel(id=self._new_id(), fetch=state.request.id)
+                self._abandoned.add(cancel.id)  # its answer is dropped too
+                state.cancel_id = cancel.id
+                self._send(cancel)
+            if not wait or self._silent or state.cancel_id is None:
+                return
+            while state.request.id in self._abandoned:
                 message = self._receive()
-                if message.id == cancel.id and isinstance(message, m.ErrorResponse):
-                    self._abandoned.discard(cancel.id)
+                if message.id == state.cancel_id and isinstance(message, m.ErrorResponse):
+                    self._abandoned.discard(message.id)
                     break  # a daemon that predates cancel: its fetch runs on, released when it ends
                 self._route(message)
         except ApiError:  # the connection is lost (the daemon dropped the fetch), or silent

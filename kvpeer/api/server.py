@@ -406,7 +406,7 @@ class ApiServer:
         namespaces: NamespaceTable | None = None,
         lease_s: float = 600.0,
         max_inflight: int = 16,
-        max_shm_bytes_per_client: int = 64 << 30,
+        max_shm_bytes_per_uid: int = 64 << 30,
         spare_bytes: int = SPARE_BYTES_DEFAULT,
         shm_dir: Path = shm.SHM_DIR,
         max_connections: int = MAX_CONNECTIONS,
@@ -428,7 +428,7 @@ class ApiServer:
         self._refusing = False  # connections are being refused: warned once until one is served
         self.spare_bytes = spare_bytes
         self.registry = shm.SegmentRegistry(
-            directory=shm_dir, lease_s=lease_s, max_bytes_per_owner=max_shm_bytes_per_client
+            directory=shm_dir, lease_s=lease_s, max_bytes_per_owner=max_shm_bytes_per_uid
         )
         self._gid: int | None = None
         self._server: asyncio.AbstractServer | None = None

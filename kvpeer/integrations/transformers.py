@@ -231,6 +231,8 @@ def fetch_cache(
                 matched = result.matched_tokens
                 cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
     except (KVPeerError, OSError) as exc:
+        if client.closed:  # closed or aborted meanwhile, by the caller: no daemon trouble
+            return DynamicCache(config=model.config), 0
         if not daemon_away(exc):
             log.warning("kvpeer fetch failed (%s); computing the whole prompt", exc)
         elif fetches.backoff.failed(time.monotonic()):

@@ -531,16 +531,20 @@ def test_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:
         with pytest.raises(ApiError) as info:
             handle.wait()
         assert info.value.code == ErrorCode.TIMEOUT
-        pumped: list[int] = []
-        real_pump = client._pump
+        reads: list[int] = []
+        real_receive = client._receive
 
-        def counting_pump() -> None:
-            pumped.append(1)
-            real_pump()
+        def counting_receive() -> m.Message:
+            reads.append(1)
+            return real_receive()
 
-        client._pump = counting_pump  # type: ignore[method-assign]
-        handle.release()
-        assert pumped == []
+        client._receive = counting_receive  # type: ignore[method-assign]
+        handle.release()  # the daemon did not answer the last wait: no second one
+        assert reads == []
+        # Left by the timeout itself: no second wait either.
+        with pytest.raises(ApiError) as info, client.fetch([1, 2, 3, 4], FP) as again:
+            again.wait()
+        assert info.value.code == ErrorCode.TIMEOUT and len(reads) == 1  # the wait's own read
 
 
 def test_async_releasing_a_fetch_whose_wait_timed_out_does_not_wait_again() -> None:

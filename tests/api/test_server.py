@@ -85,7 +85,7 @@ def test_one_users_connections_share_the_shared_memory_cap(api: ServerThread) ->
         with client.fetch(tokens, FP) as result:
             assert result.segment is not None
             size = os.stat(f"/dev/shm/{result.segment.name}").st_size  # one fetch's segment
-    with serving(max_shm_bytes_per_client=size + size // 2) as capped:
+    with serving(max_shm_bytes_per_uid=size + size // 2) as capped:
         with KVPeerClient(capped.socket_path) as first, KVPeerClient(capped.socket_path) as second:
             first.put(tokens, k, v, FP)
             with first.fetch(tokens, FP) as held:
