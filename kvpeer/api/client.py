@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/kvpeer/kvpeer.sock"
 DEFAULT_TIMEOUT_S = 60.0
+#: How long releasing a cancelled fetch reads for its final answer (a daemon answers a cancel in
+#: milliseconds); past it the connection is dropped, which frees the fetch at the daemon too.
+RELEASE_WAIT_S = 1.0
 _T = TypeVar("_T", bound=m.Message)
 
 
@@ -349,21 +353,28 @@ class FetchHandle(_FetchHandleBase):
 
     def release(self, *, wait: bool = True) -> None:
         """Release the segment. A fetch still running is cancelled, not run to its end; the
-        daemon's final answer (prompt once it cancelled) is read for the segment it names,
-        unless ``wait`` is False or the daemon did not answer the last wait."""
+        daemon's final answer (prompt once it cancelled) is read for at most RELEASE_WAIT_S for
+        the segment it names. ``wait`` False (or a daemon that did not answer the last wait):
+        nothing is waited for; what is still to come is released when it comes."""
         if self._released:
             return
         self._released = True
+        client = self._client
+        wait = wait and not client._silent
         if not self._state.answered:  # running, or failed here: a final answer still to come
             self._state.close_segment()
-            self._client._cancel_fetch(self._state, wait=wait)  # releases what it names
+            client._cancel_fetch(self._state, wait=wait)  # releases what it names
             return
         name = self._state.close_segment()
-        if name is not None and self._client.connected:
-            try:
-                self._client._call(m.Release(id=self._client._new_id(), segment=name), m.Released)
-            except ApiError as exc:
-                _released_already(exc)
+        if name is None or not client.connected:
+            return
+        if not wait:
+            client._release_later(name)
+            return
+        try:
+            client._call(m.Release(id=client._new_id(), segment=name), m.Released)
+        except ApiError as exc:
+            _released_already(exc)
 
     def __enter__(self) -> FetchHandle:
         return self
@@ -576,16 +587,41 @@ class KVPeerClient:
                 self._abandoned.add(cancel.id)  # its answer is dropped too
                 state.cancel_id = cancel.id
                 self._send(cancel)
-            if not wait or self._silent or state.cancel_id is None:
+            if not wait or state.cancel_id is None:
                 return
-            while state.request.id in self._abandoned:
+            self._read_final_answer(state)
+        except ApiError:  # the connection is lost: the daemon dropped the fetch with it
+            pass
+
+    def _read_final_answer(self, state: _FetchState) -> None:
+        """Read until the cancelled fetch's final answer (routing the rest as usual), for at
+        most RELEASE_WAIT_S in all; past it, drop the connection: the daemon frees the fetch."""
+        deadline = time.monotonic() + min(RELEASE_WAIT_S, self.timeout_s)
+        try:
+            while state.request.id in self._abandoned and self._sock is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self._sock.settimeout(left)
                 message = self._receive()
                 if message.id == state.cancel_id and isinstance(message, m.ErrorResponse):
                     self._abandoned.discard(message.id)
-                    break  # a daemon that predates cancel: its fetch runs on, released when it ends
+                    return  # a daemon that predates cancel: its fetch runs on, released when it ends
                 self._route(message)
-        except ApiError:  # the connection is lost (the daemon dropped the fetch), or silent
-            pass
+        except (TimeoutError, ApiError) as exc:
+            if isinstance(exc, ApiError) and exc.code != ErrorCode.TIMEOUT:
+                raise
+            self._drop_connection(ApiError(ErrorCode.TIMEOUT, "a cancelled fetch's answer did not come"))
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout_s)
+
+    def _release_later(self, name: str) -> None:
+        """Send a Release without waiting for its answer (dropped when it comes)."""
+        rid = self._new_id()
+        self._abandoned.add(rid)
+        with contextlib.suppress(ApiError):
+            self._send(m.Release(id=rid, segment=name))
 
     def _finish_fetch(self) -> None:
         # Answers arrive in order on one connection: a running fetch's events come first.
@@ -601,6 +637,8 @@ class KVPeerClient:
             if self._sock is not None:  # the answer may still come
                 self._abandoned.add(request.id)
             raise
+        if answer.id != request.id:  # an error the daemon could not tie to a request: ours may come
+            self._abandoned.add(request.id)
         return _expect(answer, kind)
 
     def _answer(self, rid: int) -> m.Message:

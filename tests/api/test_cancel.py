@@ -15,7 +15,16 @@ import pytest
 from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
-from tests.api.fakes import CHUNK, FP, ServerThread, kv, send, wait_until
+from tests.api.fakes import (
+    CHUNK,
+    FP,
+    ScriptedDaemon,
+    ServerThread,
+    kv,
+    send,
+    small_segment,
+    wait_until,
+)
 from tests.api.test_client_faults import AnswersLate
 
 TOKENS = list(range(3 * CHUNK))
@@ -205,3 +214,40 @@ def test_a_fetch_released_as_its_final_answer_crosses_the_cancel_frees_its_segme
                     result.chunk(chunk)
             wait_until(lambda: idle(api), timeout_s=5.0)  # no further call on this connection
         assert client.lookup(TOKENS, FP).matched_tokens == len(TOKENS)  # and it goes on
+
+
+class CancelsWithoutAnEnd(ScriptedDaemon):
+    """Starts a fetch (a segment, chunk 0) and answers its cancel, but never the fetch itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed = small_segment(8)
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.FetchRequest):
+            send(conn, m.FetchStarted(id=message.id, segment=self.handed.name, size=1 << 12), self.handed)
+            send(conn, m.FetchProgress(id=message.id, index=0, level="exact"))
+        elif isinstance(message, m.Cancel):
+            send(conn, m.Cancelled(id=message.id))
+        else:
+            super().handle(conn, index, message)
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.handed.unlink()
+        self.handed.close()
+
+
+def test_a_release_reads_for_the_cancelled_fetchs_answer_a_bounded_time_then_drops_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release's read for the final answer was bounded per read, by timeout_s: a daemon
+    that never ended the fetch held the engine one timeout_s per release (a vLLM forward pass)."""
+    from kvpeer.api import client as client_mod
+
+    monkeypatch.setattr(client_mod, "RELEASE_WAIT_S", 0.2)
+    with CancelsWithoutAnEnd() as daemon, KVPeerClient(daemon.socket_path, timeout_s=30) as client:
+        with client.fetch(TOKENS, FP) as result:
+            assert result.wait_for_chunk(0)
+        assert not client.connected  # given up on after RELEASE_WAIT_S, not 30 s: the daemon
+        daemon.wait_for(m.Cancel)  # frees a dropped connection's fetch
