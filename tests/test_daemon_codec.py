@@ -443,3 +443,31 @@ def test_more_models_in_use_than_an_advert_names_cost_one_save_and_one_line_each
     assert saves == [len(models)]  # one save, of the list as it ended
     said = [r for r in caplog.records if "no longer advertised" in r.getMessage() and r.levelno == logging.INFO]
     assert len(said) == len(models)  # once per model
+
+
+def test_advertisements_asked_for_before_one_is_built_make_one() -> None:
+    """A fetch caches its chunks one by one: each asked for an advertisement of its own, each
+    built from the whole inventory."""
+    import asyncio
+
+    built: list[int] = []
+
+    async def update(advert: object) -> None:
+        built.append(1)
+
+    node = SimpleNamespace(
+        _advertise_queued=False, _background=set(), _advertise_lock=asyncio.Lock(),
+        discovery=SimpleNamespace(update=update), _advertisement=lambda: "advert",
+    )  # fmt: skip
+    for name in ("_advertise_soon", "_in_background", "_advertise"):
+        setattr(node, name, getattr(daemon.Daemon, name).__get__(node))
+
+    async def main() -> None:
+        for _ in range(10):
+            node._advertise_soon()
+        await asyncio.gather(*node._background)
+        node._advertise_soon()  # asked for after that one was built: one more
+        await asyncio.gather(*node._background)
+
+    asyncio.run(main())
+    assert built == [1, 1]
