@@ -539,7 +539,7 @@ def _read_kv(path: Path) -> tuple[Any, Any]:
     import torch
 
     try:
-        k, v = torch.load(path)
+        k, v = torch.load(path, weights_only=True)  # a KV file is tensors: nothing else unpickled
     except Exception as exc:  # torch.load raises what its unpickler meets: all mean a bad file
         # A weights-only load refusing an object (a NumPy array) says so in a dozen lines.
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -571,7 +571,9 @@ def _print(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, default=str))
     elif isinstance(result, dict):
-        print("\n".join(_text_lines(result)))
+        lines = _text_lines(result)
+        if lines:
+            print("\n".join(lines))
     elif isinstance(result, list):
         for item in result:
             print(item)
@@ -622,10 +624,11 @@ _KEY_STATES = {
 
 def _peer_line(peer: dict[str, Any]) -> str:
     """One line per peer: id, where, how much it holds, which cluster key our session uses."""
-    addresses = ",".join(map(str, peer.get("addresses") or ())) or "?"
-    key = peer.get("key")
-    return (f"{peer.get('node_id')}  {addresses}:{peer.get('port')}  {peer.get('chunks')} chunks  "
-            f"key: {_KEY_STATES.get(key, key)}")
+    port = peer.get("port", "?")
+    addresses = ", ".join(f"{address}:{port}" for address in peer.get("addresses") or ()) or "?"
+    # A daemon from before the key column says nothing of it: unknown, not "no session".
+    key = _KEY_STATES.get(peer["key"], peer["key"]) if "key" in peer else "?"
+    return f"{peer.get('node_id', '?')}  {addresses}  {peer.get('chunks', '?')} chunks  key: {key}"
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
@@ -689,7 +692,10 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         if args.json:
             _print(peers, True)
         else:
-            print("\n".join(map(_peer_line, peers)) if peers else "no peers")
+            if peers:
+                print("\n".join(map(_peer_line, peers)))
+            else:  # for people; stdout stays one line per peer (`| wc -l`)
+                print("no peers", file=sys.stderr)
     elif args.command == "lookup":
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.lookup(tokens, fingerprint)
@@ -751,12 +757,13 @@ def _fingerprint_command(args: argparse.Namespace) -> int:
         return 1
     if args.model_path is not None and not os.path.exists(args.model_path):
         # transformers took it for a hub repository: a 15-line traceback about huggingface.co
-        print(f"kvpeer fingerprint: no such file or directory: {args.model_path}", file=sys.stderr)
+        print(f"kvpeer fingerprint: no such file or directory: {args.model_path} (a model on the "
+              "hub: download it first)", file=sys.stderr)
         return 1
     try:
         model, _ = load_model(args.model_path)
         fingerprint = model_fingerprint(model, revision=args.revision)
-    except (OSError, ValueError, KVPeerError) as exc:  # not a model, or not one it can read
+    except Exception as exc:  # not a model, or not one it can read (a truncated GGUF: struct.error)
         print(f"kvpeer fingerprint: cannot load {args.model_path or 'SmolLM2'}: {_one_line(exc)}",
               file=sys.stderr)
         return 1

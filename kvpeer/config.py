@@ -499,7 +499,10 @@ class Config:
     def as_toml(self, source: str = "") -> str:
         """The effective config as TOML, documented, for ``kvpeerd --check-config``; ``source``
         (:func:`config_source`) becomes a comment under the header."""
-        header = "# kvpeer effective configuration" + (f"\n# {source}" if source else "")
+        # A path may hold anything: one comment line of printable ASCII, as TOML takes back.
+        said = "".join(c if c.isprintable() else repr(c)[1:-1] for c in source)
+        said = said.encode("ascii", "backslashreplace").decode()
+        header = "# kvpeer effective configuration" + (f"\n# {said}" if said else "")
         return _render(type(self), self, header=header)
 
 

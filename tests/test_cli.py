@@ -640,12 +640,19 @@ def test_fingerprint_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     """It printed transformers' 15-line traceback about a hub repository."""
     done = run("client_main", "fingerprint", str(tmp_path / "absent.gguf"))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr == f"kvpeer fingerprint: no such file or directory: {tmp_path / 'absent.gguf'}\n"
+    assert done.stderr.startswith(f"kvpeer fingerprint: no such file or directory: {tmp_path / 'absent.gguf'}")
+    assert done.stderr.count("\n") == 1
 
 
-def test_fingerprint_of_a_file_that_is_no_model_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [
+    b"not a model\n",
+    # version 3, a tensor and a key announced, then the file ends (a partial download)
+    b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (1).to_bytes(8, "little") + b"\x05",
+])
+def test_fingerprint_of_a_file_that_is_no_model_is_one_line(tmp_path: Path, content: bytes) -> None:
+    """A GGUF cut short (a partial download) raised struct.error, a traceback."""
     bad = tmp_path / "bad.gguf"
-    bad.write_text("not a model\n")
+    bad.write_bytes(content)
     done = run("client_main", "fingerprint", str(bad))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"kvpeer fingerprint: cannot load {bad}: ")
@@ -746,6 +753,20 @@ def test_peers_are_one_line_each_and_their_key_in_words(capsys: pytest.CaptureFi
         "c  192.0.2.8:7457  0 chunks  key: next\n"
     )
     assert json.loads(_client_output(capsys, "peers", "--json")) == AnsweringClient.PEERS
+
+
+def test_a_peer_line_says_what_it_does_not_know() -> None:
+    """A daemon from before the key column was shown as "no session yet" (wrong during a key
+    rotation); missing fields read "None"; several addresses looked like one port for the last."""
+    older = {"node_id": "b", "addresses": ["192.0.2.7", "192.0.2.9"], "port": 7457}
+    assert cli._peer_line(older) == "b  192.0.2.7:7457, 192.0.2.9:7457  ? chunks  key: ?"
+    assert cli._peer_line({}) == "?  ?  ? chunks  key: ?"
+
+
+def test_no_peers_and_no_status_print_nothing_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvpeer peers | wc -l` counted the "no peers" line as a peer; an empty status, a blank line."""
+    cli._print({}, False)
+    assert capsys.readouterr().out == ""
 
 
 def test_lookup_and_put_print_no_request_id_but_json_keeps_it(

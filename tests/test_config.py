@@ -422,6 +422,13 @@ def test_the_source_says_which_file_was_read_or_that_there_was_none(
     assert load_config(path, env={}).as_toml(f"from {path}").startswith(
         f"# kvpeer effective configuration\n# from {path}\n"
     )
+    # A path may hold a newline or bytes that are not UTF-8: the output must stay TOML.
+    odd = "from /tmp/x\n[bad.toml\udcff"
+    text = load_config(path, env={}).as_toml(odd)
+    assert text.startswith("# kvpeer effective configuration\n# from /tmp/x\\n[bad.toml\\udcff\n")
+    back = tmp_path / "back.toml"
+    back.write_text(text)
+    assert load_config(back, env={}) == load_config(path, env={})
 
 
 def test_static_peers_with_another_backend_is_a_warning(tmp_path: Path) -> None:
