@@ -615,9 +615,6 @@ class SegmentRegistry:
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def bytes_of(self, owner: int) -> int:
-        return sum(e.segment.layout.size for e in self._entries.values() if e.owner == owner)
-
     def set_account(self, owner: int, account: object) -> None:
         """Count ``owner``'s segments against ``account``'s cap (the daemon: the connection's
         uid), until :meth:`release_owner`."""

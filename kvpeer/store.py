@@ -999,10 +999,7 @@ class ChunkStore:
                 written.append((slot, entry, path))
         dirs = {path.parent for _slot, _entry, path in written}
         for directory in dirs:  # once per batch: renames become durable together
-            try:
-                fsync_dir(directory)
-            except OSError as exc:
-                log.warning("store: cannot fsync %s: %s", directory, exc)
+            _fsync_dir_or_warn(directory)
         changes = _Changes()
         freed = 0
         note: tuple[int, str] | None = None
