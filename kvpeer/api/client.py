@@ -369,7 +369,8 @@ class FetchHandle(_FetchHandleBase):
         if name is None or not client.connected:
             return
         if not wait:
-            client._release_later(name)
+            with contextlib.suppress(ApiError):  # the connection is lost: so is the segment
+                client._release_later(name)
             return
         try:
             client._call(m.Release(id=client._new_id(), segment=name), m.Released)
@@ -569,9 +570,7 @@ class KVPeerClient:
         self._descriptors.discard(_announced_segment(message))
         segment = _late_segment(message)
         if segment:
-            rid = self._new_id()
-            self._abandoned.add(rid)  # its answer is dropped too
-            self._send(m.Release(id=rid, segment=segment))
+            self._release_later(segment)
 
     def _cancel_fetch(self, state: _FetchState, *, wait: bool = False) -> None:
         """Give up on the running fetch: the daemon is asked to stop it (one that predates
@@ -620,8 +619,7 @@ class KVPeerClient:
         """Send a Release without waiting for its answer (dropped when it comes)."""
         rid = self._new_id()
         self._abandoned.add(rid)
-        with contextlib.suppress(ApiError):
-            self._send(m.Release(id=rid, segment=name))
+        self._send(m.Release(id=rid, segment=name))
 
     def _finish_fetch(self) -> None:
         # Answers arrive in order on one connection: a running fetch's events come first.
