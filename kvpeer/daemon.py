@@ -416,11 +416,14 @@ class Daemon:
         started = time.perf_counter()
         if self._model_used(fp):
             await self._save_fingerprints()
+        # Chunks before the put's KV starts (kv_from) are keyed, not stored: the client said
+        # this node holds them; one it no longer holds stays missing until a full put.
+        first = -(-req.kv_from // self.chunk_tokens)
         profile = None
-        if not all(map(self.store.has, keys)):
+        if not all(map(self.store.has, keys[first:])):
             profile = await loop.run_in_executor(None, self._codec_profile, fp)
         for index, key in enumerate(keys):
-            if self.store.has(key):
+            if index < first or self.store.has(key):
                 continue
             encode_started = time.perf_counter()
             blob = await loop.run_in_executor(
@@ -436,8 +439,9 @@ class Daemon:
             stored.append(key)
         self.activity.put(len(keys), len(stored))
         log.debug(
-            "put ns=%s tokens=%d chunks=%d new=%d level=%s in %.3fs",
-            ctx.namespace, len(req.tokens), len(keys), len(stored), level,
+            "put ns=%s tokens=%d kv_from=%d chunks=%d new=%d missing_before_kv=%d level=%s in %.3fs",
+            ctx.namespace, len(req.tokens), req.kv_from, len(keys), len(stored),
+            sum(not self.store.has(key) for key in keys[:first]), level,
             time.perf_counter() - started,
         )
         if keys:
@@ -469,10 +473,11 @@ class Daemon:
         try:
             fp: ModelFingerprint = req.fingerprint
             deadline_s = req.deadline_s or self.config.fetch.deadline_s or None
+            # The chunks from the one holding token kv_from on (the client has those before);
+            # the sink numbers them from there for the client.
+            keys = self._keys(ctx, req.tokens, fp)[req.kv_from // self.chunk_tokens :]
             # A quarter of the deadline at most to find the holders: the rest is the fetch's.
-            plan = await self._plan(
-                self._keys(ctx, req.tokens, fp), fp, deadline_s / 4 if deadline_s else None
-            )
+            plan = await self._plan(keys, fp, deadline_s / 4 if deadline_s else None)
             if plan.sources:
                 if self._model_used(fp):  # what it caches is served from here as well
                     self._save_fingerprints_soon()

@@ -307,7 +307,7 @@ def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_late
     models = [dataclasses.replace(FP32, name=f"model-{i}") for i in range(MAX_FINGERPRINTS + 2)]
 
     def put(node: daemon.Daemon, fp: ModelFingerprint) -> None:
-        request = SimpleNamespace(fingerprint=fp, tokens=np.zeros(0, np.uint32), level="", prefill_s=0.0)
+        request = SimpleNamespace(fingerprint=fp, tokens=np.zeros(0, np.uint32), level="", prefill_s=0.0, kv_from=0)
         asyncio.run(node.put(SimpleNamespace(namespace="default"), request, None))  # type: ignore[arg-type]
 
     def advertised(node: daemon.Daemon) -> set[str]:

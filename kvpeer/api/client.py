@@ -58,22 +58,23 @@ def _expect(message: m.Message, kind: type[_T]) -> _T:
 
 def _put_request(
     rid: int, tokens: Any, k: torch.Tensor, v: torch.Tensor, fp: ModelFingerprint, level: str | None,
-    prefill_s: float | None = None,
+    prefill_s: float | None = None, kv_from: int = 0,
 ) -> tuple[m.PutRequest, torch.Tensor, torch.Tensor]:
     """Validate a put locally (cheap errors before any shared memory is made)."""
     try:
         request = m.PutRequest(
             id=rid, tokens=tokens, fingerprint=fp, level=level, dtype=shm.dtype_name(k.dtype),
-            prefill_s=prefill_s,
+            prefill_s=prefill_s, kv_from=kv_from,
         )
     except ProtocolError as exc:
         raise ApiError(exc.code, exc.reason) from None
-    n = int(request.tokens.size)
+    n = request.kv_tokens
     want = (fp.layers, fp.kv_heads, n, fp.head_dim)
     if k.dim() != 4 or v.dim() != 4 or k.dtype != v.dtype:
         raise ApiError(ErrorCode.INVALID, "k and v must be 4-D tensors of one dtype")
     if k.shape[2] < n or v.shape[2] < n:
-        raise ApiError(ErrorCode.INVALID, f"k/v hold fewer than the {n} tokens given")
+        given = f"{n} tokens from kv_from={kv_from}" if kv_from else f"{n} tokens given"
+        raise ApiError(ErrorCode.INVALID, f"k/v hold fewer than the {given}")
     k, v = k[:, :, :n, :], v[:, :, :n, :]
     if tuple(k.shape) != want or tuple(v.shape) != want:
         raise ApiError(
@@ -249,15 +250,17 @@ class _FetchState:
             dtype = shm.DTYPES.get(fp.dtype, torch.float16)
             empty = torch.empty((fp.layers, fp.kv_heads, 0, fp.head_dim), dtype=dtype)
             return empty, empty.clone()
-        n = final.matched_tokens
+        n = final.matched_tokens - final.first_token
         return self.segment.k[:, :, :n, :], self.segment.v[:, :, :n, :]
 
     def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk ``index`` of the prompt (counted from token 0, whatever the request's kv_from)."""
         self._check_open()
         if index not in self.done or self.segment is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"chunk {index} was not restored")
         layout = self.segment.layout
-        start = index * layout.chunk_tokens
+        # The segment starts at the chunk holding the request's kv_from (FetchResult.first_token).
+        start = (index - self.request.kv_from // layout.chunk_tokens) * layout.chunk_tokens
         stop = start + layout.chunk_tokens
         return self.segment.k[:, :, start:stop, :], self.segment.v[:, :, start:stop, :]
 
@@ -340,6 +343,12 @@ class FetchHandle(_FetchHandleBase):
     @property
     def recompute_from(self) -> int:
         return self.wait().recompute_from
+
+    @property
+    def first_token(self) -> int:
+        """``k`` and ``v`` hold the KV of tokens ``[first_token, matched_tokens)`` (0 unless
+        the fetch asked for the chunks from ``kv_from`` on)."""
+        return self.wait().first_token
 
     @property
     def k(self) -> torch.Tensor:
@@ -650,14 +659,17 @@ class KVPeerClient:
     # ------------------------------------------------------------------ API
     def put(
         self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
-        level: str | None = None, prefill_s: float | None = None,
+        level: str | None = None, prefill_s: float | None = None, *, kv_from: int = 0,
     ) -> m.PutResult:
         """Store the KV of ``tokens`` (k, v ``[layers, kv_heads, >= len(tokens), head_dim]``).
 
         ``prefill_s``: how long computing this KV took, if known; the daemon learns from it how
         fast this client recomputes, and stops later fetches that would be slower than that.
+        ``kv_from``: k and v start at this token (``>= len(tokens) - kv_from`` of them), because
+        the daemon holds the chunks before it (a lookup's leading "local" sources say so): only
+        the chunks from there on are stored, and less KV crosses shared memory.
         """
-        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s, kv_from)
         ready = self._call(request, m.SegmentReady)
         try:
             _fill_segment_blocking(ready.segment, _take_descriptor(self._descriptors, ready.segment), k, v)
@@ -677,18 +689,22 @@ class KVPeerClient:
 
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
-        min_level: str | None = None, recompute_tokens_per_s: float | None = None,
+        min_level: str | None = None, recompute_tokens_per_s: float | None = None, *,
+        kv_from: int = 0,
     ) -> FetchHandle:
         """Start restoring the longest available prefix; returns a handle (a context manager).
 
         ``recompute_tokens_per_s``: how fast this client would prefill the tokens itself (the
         daemon stops fetching where recomputing is quicker); unset, the daemon's setting or what
         it learned from puts stating ``prefill_s`` applies.
+        ``kv_from``: this client holds the KV of the tokens before it already: only the chunks
+        from the one holding it are restored (the handle's ``first_token`` is that chunk's start;
+        ``chunk(i)`` still counts chunks from token 0).
         """
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
-                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s,
+                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s, kv_from=kv_from,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
@@ -815,6 +831,10 @@ class AsyncFetchHandle(_FetchHandleBase):
     @property
     def recompute_from(self) -> int:
         return self._state.result().recompute_from
+
+    @property
+    def first_token(self) -> int:
+        return self._state.result().first_token
 
     @property
     def k(self) -> torch.Tensor:
@@ -1086,9 +1106,10 @@ class AsyncKVPeerClient:
     # ------------------------------------------------------------------ API
     async def put(
         self, tokens: Any, k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
-        level: str | None = None, prefill_s: float | None = None,
+        level: str | None = None, prefill_s: float | None = None, *, kv_from: int = 0,
     ) -> m.PutResult:
-        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s)
+        """As :meth:`KVPeerClient.put`."""
+        request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s, kv_from)
         ready = await self._call(request, m.SegmentReady)
         connection = self._generation
         try:
@@ -1116,14 +1137,15 @@ class AsyncKVPeerClient:
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
         min_level: str | None = None, *, stream: bool = False,
-        recompute_tokens_per_s: float | None = None,
+        recompute_tokens_per_s: float | None = None, kv_from: int = 0,
     ) -> _AsyncFetchStart:
         """``async with client.fetch(...) as result``: entering sends the request and, unless
-        ``stream``, waits for the final answer; leaving releases the segment."""
+        ``stream``, waits for the final answer; leaving releases the segment. The other
+        arguments as :meth:`KVPeerClient.fetch`'s."""
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
-                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s,
+                min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s, kv_from=kv_from,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None

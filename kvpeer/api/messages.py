@@ -123,6 +123,19 @@ def _without_none(body: dict[str, Any], *names: str) -> dict[str, Any]:
     return body
 
 
+def _without_zero(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """As :func:`_without_none`, for later fields whose unset value is 0."""
+    for name in names:
+        if body.get(name) == 0:
+            body.pop(name, None)
+    return body
+
+
+def _check_kv_from(tokens: np.ndarray, kv_from: int) -> None:
+    """The KV starts at a token of the request (so at least one token's KV is in it)."""
+    _check_int("kv_from", kv_from, 0, max(0, int(tokens.size) - 1))
+
+
 def _check_fingerprint(fp: Any) -> None:
     if not isinstance(fp, ModelFingerprint):
         raise ProtocolError(ErrorCode.INVALID, "fingerprint must be a ModelFingerprint")
@@ -198,8 +211,11 @@ class _TokensRequest(Message):
 class PutRequest(_TokensRequest):
     """Store the KV of ``tokens``: the daemon answers with a :class:`SegmentReady` to fill.
 
-    The KV shape is ``[fingerprint.layers, fingerprint.kv_heads, len(tokens), fingerprint.head_dim]``
-    in ``dtype``; the daemon keys and stores only the full chunks of it.
+    The KV shape is ``[fingerprint.layers, fingerprint.kv_heads, len(tokens) - kv_from,
+    fingerprint.head_dim]`` in ``dtype``; the daemon keys and stores only the full chunks of it.
+    ``kv_from``: the KV given starts at this token (the daemon holds the chunks before it
+    already, from an earlier put of the same prefix): every token still keys the chunks, and
+    the chunks that start at or after ``kv_from`` are stored.
     ``prefill_s``: how long the client's own prefill of ``tokens`` took, if it knows; the daemon
     learns the client's recompute speed from it (a fetch is worth it only while it beats that).
     """
@@ -208,6 +224,7 @@ class PutRequest(_TokensRequest):
     level: str | None = None
     dtype: str = "float16"
     prefill_s: float | None = None
+    kv_from: int = 0
 
     def __post_init__(self) -> None:
         _TokensRequest.__post_init__(self)
@@ -217,11 +234,17 @@ class PutRequest(_TokensRequest):
             raise ProtocolError(ErrorCode.INVALID, f"dtype must be one of {DTYPES}")
         if self.tokens.size == 0:
             raise ProtocolError(ErrorCode.INVALID, "put needs at least one token")
+        _check_kv_from(self.tokens, self.kv_from)
         if self.prefill_s is not None:
             _check_positive("prefill_s", self.prefill_s, 86400)
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV the put's segment holds."""
+        return int(self.tokens.size) - self.kv_from
+
     def to_wire(self) -> dict[str, Any]:
-        return _without_none(_TokensRequest.to_wire(self), "prefill_s")
+        return _without_zero(_without_none(_TokensRequest.to_wire(self), "prefill_s"), "kv_from")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,12 +274,16 @@ class FetchRequest(_TokensRequest):
     recomputed by the engine). ``min_level``: the least faithful codec level acceptable.
     ``recompute_tokens_per_s``: how fast the client would prefill these tokens itself; the
     daemon stops fetching (and says "recompute the rest") once recomputing would be quicker.
+    ``kv_from``: the client holds the KV of the tokens before this one already (its own prefix
+    cache): the fetch restores the chunks from the one holding token ``kv_from`` on, and the
+    segment starts at that chunk (:attr:`FetchResult.first_token`).
     """
 
     TYPE: ClassVar[str] = "fetch"
     deadline_s: float | None = None
     min_level: str | None = None
     recompute_tokens_per_s: float | None = None
+    kv_from: int = 0
 
     def __post_init__(self) -> None:
         _TokensRequest.__post_init__(self)
@@ -266,9 +293,11 @@ class FetchRequest(_TokensRequest):
             _check_name("min_level", self.min_level, limit=MAX_LEVEL_LEN)
         if self.recompute_tokens_per_s is not None:
             _check_positive("recompute_tokens_per_s", self.recompute_tokens_per_s, 1e9)
+        _check_kv_from(self.tokens, self.kv_from)
 
     def to_wire(self) -> dict[str, Any]:
-        return _without_none(_TokensRequest.to_wire(self), "recompute_tokens_per_s")
+        body = _without_none(_TokensRequest.to_wire(self), "recompute_tokens_per_s")
+        return _without_zero(body, "kv_from")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -422,10 +451,12 @@ class FetchProgress(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchResult(Message):
-    """The end of a fetch: ``matched_tokens`` of contiguous prefix restored (0 = nothing).
+    """The end of a fetch: the KV of tokens ``[first_token, matched_tokens)`` is restored
+    (``matched_tokens`` 0 = nothing), one chunk per entry of ``levels``.
 
-    ``segment`` is "" when nothing was restored. Tokens from ``recompute_from`` on are the
-    engine's to compute.
+    ``segment`` is "" when nothing was restored; it holds the KV from ``first_token`` on (0,
+    unless the request's ``kv_from`` asked for the chunks from a later one). Tokens from
+    ``recompute_from`` on are the engine's to compute.
     """
 
     TYPE: ClassVar[str] = "fetch_result"
@@ -434,6 +465,7 @@ class FetchResult(Message):
     chunk_tokens: int = 1
     levels: list[str] = field(default_factory=list)
     recompute_from: int = 0
+    first_token: int = 0
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
@@ -446,8 +478,16 @@ class FetchResult(Message):
         for level in self.levels:
             _check_name("level", level, limit=MAX_LEVEL_LEN)
         object.__setattr__(self, "levels", list(self.levels))
-        if len(self.levels) * self.chunk_tokens != self.matched_tokens:
-            raise ProtocolError(ErrorCode.INVALID, "matched_tokens must be levels x chunk_tokens")
+        _check_int("first_token", self.first_token, 0, MAX_TOKENS)
+        if self.first_token % self.chunk_tokens or (self.first_token and not self.levels):
+            raise ProtocolError(ErrorCode.INVALID, "first_token must start a restored chunk")
+        if self.first_token + len(self.levels) * self.chunk_tokens != self.matched_tokens:
+            raise ProtocolError(
+                ErrorCode.INVALID, "matched_tokens must be first_token + levels x chunk_tokens"
+            )
+
+    def to_wire(self) -> dict[str, Any]:
+        return _without_zero(Message.to_wire(self), "first_token")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

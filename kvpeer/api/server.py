@@ -109,13 +109,17 @@ class PutKV:
     the client's segment (never mapped: a client that shrinks it fails its own put, nobody
     gets a SIGBUS). Read only the chunks that are encoded, in an executor."""
 
-    def __init__(self, segment: shm.DaemonSegment) -> None:
+    def __init__(self, segment: shm.DaemonSegment, kv_from: int = 0) -> None:
         self._segment = segment
+        self.kv_from = kv_from  # the segment's first row is this token's
 
     def read_blocking(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[layers, kv_heads, stop - start, head_dim]`` K and V, contiguous, the daemon's own."""
+        """``[layers, kv_heads, stop - start, head_dim]`` K and V of tokens ``[start, stop)``
+        (``start`` >= ``kv_from``), contiguous, the daemon's own."""
+        if start < self.kv_from:
+            raise ProtocolError(ErrorCode.INTERNAL, f"the put's KV starts at token {self.kv_from}, not {start}")
         try:
-            return self._segment.read_rows_blocking(start, stop)
+            return self._segment.read_rows_blocking(start - self.kv_from, stop - self.kv_from)
         except OSError as exc:
             raise ProtocolError(ErrorCode.INTERNAL, f"cannot read the put's segment: {exc}") from None
 
@@ -203,6 +207,9 @@ class FetchSink:
         self._levels: dict[int, str] = {}
         self._allocating = False
         self.closed = False  # set when the fetch is over: late chunk_done calls are ignored
+        # The segment's chunk 0 is this chunk of the prompt (the request's kv_from): the
+        # backend numbers chunks from the segment's start, the client from the prompt's.
+        self.first_chunk = 0
 
     async def allocate(
         self,
@@ -231,6 +238,7 @@ class FetchSink:
             chunk_tokens=chunk_tokens,
         )
         self._allocating = True
+        self.first_chunk = self.request.kv_from // chunk_tokens
         self.segment = await self._server._create_segment_off_loop(layout, self._conn, leased=False)
         # Announce the segment now, not with the first chunk: the client maps (and faults in)
         # the pages while chunks are still being decoded, off the critical path.
@@ -277,7 +285,7 @@ class FetchSink:
 
     @property
     def matched_tokens(self) -> int:
-        """Tokens of the contiguous prefix of restored chunks."""
+        """Tokens of the contiguous run of restored chunks from the segment's start."""
         if self.segment is None:
             return 0
         count = 0
@@ -320,21 +328,25 @@ class FetchSink:
         self._levels[index] = level
         segment.set_matched_tokens(self.matched_tokens)
         await self.flush()
-        await self._conn.send(m.FetchProgress(id=self.request.id, index=index, level=level))
+        await self._conn.send(
+            m.FetchProgress(id=self.request.id, index=self.first_chunk + index, level=level)
+        )
 
     def result(self) -> m.FetchResult:
         self.closed = True
         matched = self.matched_tokens
         if self.segment is None or matched == 0:
             return m.FetchResult(id=self.request.id, chunk_tokens=self._chunk_tokens())
-        chunks = matched // self.segment.layout.chunk_tokens
+        chunk_tokens = self.segment.layout.chunk_tokens
+        first_token = self.first_chunk * chunk_tokens
         return m.FetchResult(
             id=self.request.id,
             segment=self.segment.name,
-            matched_tokens=matched,
-            chunk_tokens=self.segment.layout.chunk_tokens,
-            levels=[self._levels[i] for i in range(chunks)],
-            recompute_from=matched,
+            matched_tokens=first_token + matched,
+            chunk_tokens=chunk_tokens,
+            levels=[self._levels[i] for i in range(matched // chunk_tokens)],
+            recompute_from=first_token + matched,
+            first_token=first_token,
         )
 
     def _chunk_tokens(self) -> int:
@@ -860,7 +872,7 @@ class ApiServer:
     # ------------------------------------------------------------------ put
     async def _begin_put(self, conn: _Connection, req: m.PutRequest) -> None:
         fp = req.fingerprint
-        tokens = int(req.tokens.size)
+        tokens = req.kv_tokens
         layout = shm.SegmentLayout(
             dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,
             head_dim=fp.head_dim, chunk_tokens=tokens,
@@ -882,7 +894,7 @@ class ApiServer:
         # Read a chunk at a time while it is encoded: no lease may end under that.
         segment = self.registry.hold(commit.segment, conn.id)
         try:
-            result = await self.backend.put(conn.ctx, req, PutKV(segment))
+            result = await self.backend.put(conn.ctx, req, PutKV(segment, req.kv_from))
         finally:
             with contextlib.suppress(ProtocolError):
                 self.registry.release(commit.segment, conn.id)

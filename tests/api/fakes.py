@@ -55,14 +55,16 @@ class FakeBackend:
         keys = self._keys(ctx, req.tokens, req.fingerprint)
         stored = 0
         for i, key in enumerate(keys):
-            if key not in self.chunks:
+            if key not in self.chunks and i * self.chunk_tokens >= req.kv_from:
                 self.chunks[key] = kv.read_blocking(i * self.chunk_tokens, (i + 1) * self.chunk_tokens)
                 stored += 1
         return m.PutResult(chunks=len(keys), stored=stored, chunk_tokens=self.chunk_tokens)
 
-    def _available(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
+    def _available(
+        self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint, first_chunk: int = 0
+    ) -> list[bytes]:
         out = []
-        for key in self._keys(ctx, tokens, fp):
+        for key in self._keys(ctx, tokens, fp)[first_chunk:]:
             if key not in self.chunks:
                 break
             out.append(key)
@@ -81,7 +83,7 @@ class FakeBackend:
         self.requests.append(req)
         if self.fail_fetch:
             raise ProtocolError(ErrorCode.NOT_FOUND, "told to fail")
-        keys = self._available(ctx, req.tokens, req.fingerprint)
+        keys = self._available(ctx, req.tokens, req.fingerprint, req.kv_from // self.chunk_tokens)
         if not keys:
             return
         first_k = self.chunks[keys[0]][0]

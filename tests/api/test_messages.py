@@ -73,9 +73,33 @@ def test_recompute_speed_round_trips_and_is_left_off_the_wire_when_unset() -> No
     assert "prefill_s" not in m.PutRequest(tokens=[1], fingerprint=FP).to_wire()
 
 
+def test_kv_from_round_trips_and_is_left_off_the_wire_when_zero() -> None:
+    put = round_trip(m.PutRequest(id=3, tokens=range(10), fingerprint=FP, kv_from=4))
+    assert isinstance(put, m.PutRequest) and (put.kv_from, put.kv_tokens) == (4, 6)
+    fetch = round_trip(m.FetchRequest(id=4, tokens=range(10), fingerprint=FP, kv_from=9))
+    assert isinstance(fetch, m.FetchRequest) and fetch.kv_from == 9
+    result = round_trip(m.FetchResult(id=4, segment="s", matched_tokens=12, chunk_tokens=4,
+                                      levels=["q8", "q8"], recompute_from=12, first_token=4))
+    assert isinstance(result, m.FetchResult) and result.first_token == 4
+    # Peers of an older version refuse unknown fields: at 0 they do not travel.
+    assert "kv_from" not in m.PutRequest(tokens=[1], fingerprint=FP).to_wire()
+    assert "kv_from" not in m.FetchRequest(tokens=[1], fingerprint=FP).to_wire()
+    assert "first_token" not in m.FetchResult(matched_tokens=4, chunk_tokens=4, levels=["q8"]).to_wire()
+
+
 @pytest.mark.parametrize(
     ("build", "code"),
     [
+        (lambda: m.PutRequest(tokens=[1, 2], fingerprint=FP, kv_from=2), ErrorCode.INVALID),  # no KV left
+        (lambda: m.PutRequest(tokens=[1, 2], fingerprint=FP, kv_from=-1), ErrorCode.INVALID),
+        (lambda: m.FetchRequest(tokens=[], fingerprint=FP, kv_from=1), ErrorCode.INVALID),
+        (lambda: m.FetchRequest(tokens=[1], fingerprint=FP, kv_from=True), ErrorCode.INVALID),
+        # first_token must start a restored chunk, and the levels must reach matched_tokens
+        (lambda: m.FetchResult(matched_tokens=6, chunk_tokens=4, levels=["q8"], first_token=2),
+         ErrorCode.INVALID),
+        (lambda: m.FetchResult(matched_tokens=4, chunk_tokens=4, levels=["q8"], first_token=4),
+         ErrorCode.INVALID),
+        (lambda: m.FetchResult(matched_tokens=4, chunk_tokens=4, levels=[], first_token=4), ErrorCode.INVALID),
         (lambda: m.LookupRequest(tokens=[-1], fingerprint=FP), ErrorCode.INVALID),
         (lambda: m.LookupRequest(tokens=[2**32], fingerprint=FP), ErrorCode.INVALID),
         (lambda: m.LookupRequest(tokens=[[1, 2]], fingerprint=FP), ErrorCode.INVALID),

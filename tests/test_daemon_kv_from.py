@@ -1,0 +1,120 @@
+"""Puts and fetches that start at ``kv_from``: the chunks before it are keyed, never copied.
+
+A real daemon on loopback (no peers) and the real clients: an engine that holds the start of a
+prompt (its own prefix cache, or the daemon's copy from an earlier put) moves only the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
+from kvpeer.errors import ApiError, ErrorCode
+from kvpeer.hashing import ModelFingerprint
+from tests.test_daemon_codec import _local_daemon
+
+C = 64  # codec.chunk_tokens: the smallest allowed keeps the tensors small
+FP = ModelFingerprint(name="kv-from", layers=2, kv_heads=2, head_dim=16, dtype="float16", rope_theta=1e4)
+TOKENS = list(range(1000, 1000 + 4 * C + 10))  # four whole chunks and a partial rest
+
+
+def _kv(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    shape = (FP.layers, FP.kv_heads, tokens, FP.head_dim)
+    return torch.randn(shape, generator=gen).half(), torch.randn(shape, generator=gen).half()
+
+
+K, V = _kv(len(TOKENS))
+
+
+def _with_daemon(tmp_path: Path, test: Callable[[str], Awaitable[None]]) -> None:
+    async def main() -> None:
+        node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")
+        await node.start()
+        try:
+            await test(str(node.config.api.socket_path))
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+
+
+def test_a_put_from_kv_from_stores_the_chunks_from_there_on_from_the_kv_it_was_given(tmp_path: Path) -> None:
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            # The first two chunks, as an earlier turn of the conversation put them.
+            first = await client.put(TOKENS[: 2 * C], K[:, :, : 2 * C], V[:, :, : 2 * C], FP)
+            assert (first.chunks, first.stored) == (2, 2)
+            # This turn gives only the KV it computed: tokens 2C.. of the prompt.
+            rest = await client.put(TOKENS, K[:, :, 2 * C :], V[:, :, 2 * C :], FP, kv_from=2 * C)
+            assert (rest.chunks, rest.stored) == (4, 2)
+            async with client.fetch(TOKENS, FP) as result:
+                assert result.matched_tokens == 4 * C and result.first_token == 0
+                assert torch.equal(result.k, K[:, :, : 4 * C]) and torch.equal(result.v, V[:, :, : 4 * C])
+
+    _with_daemon(tmp_path, test)
+
+
+def test_a_put_from_an_unaligned_kv_from_skips_the_chunk_it_cuts(tmp_path: Path) -> None:
+    """Chunk 1 starts before kv_from: its KV is not all there, so it is not stored (and the
+    prefix stays unshareable past chunk 0 until a put gives it)."""
+
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            await client.put(TOKENS[:C], K[:, :, :C], V[:, :, :C], FP)
+            cut = C + 5
+            put = await client.put(TOKENS, K[:, :, cut:], V[:, :, cut:], FP, kv_from=cut)
+            assert (put.chunks, put.stored) == (4, 2)  # chunks 2 and 3
+            async with client.fetch(TOKENS, FP) as result:
+                assert result.matched_tokens == C  # chunk 1 is missing
+            async with client.fetch(TOKENS, FP, kv_from=2 * C) as result:
+                assert (result.first_token, result.matched_tokens) == (2 * C, 4 * C)
+                assert torch.equal(result.k, K[:, :, 2 * C : 4 * C]) and torch.equal(result.v, V[:, :, 2 * C : 4 * C])
+
+    _with_daemon(tmp_path, test)
+
+
+def test_a_fetch_from_kv_from_restores_the_chunks_from_the_one_holding_it(tmp_path: Path) -> None:
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            await client.put(TOKENS, K, V, FP)
+            async with client.fetch(TOKENS, FP, kv_from=C + 5, stream=True) as result:
+                # Chunks are numbered from the prompt's start, whatever kv_from is.
+                assert await result.wait_for_chunk(2)
+                k2, v2 = await result.chunk(2)
+                assert torch.equal(k2, K[:, :, 2 * C : 3 * C]) and torch.equal(v2, V[:, :, 2 * C : 3 * C])
+                final = await result.wait()
+                assert (final.first_token, final.matched_tokens, final.recompute_from) == (C, 4 * C, 4 * C)
+                assert final.levels == ["exact"] * 3
+                assert torch.equal(result.k, K[:, :, C : 4 * C]) and torch.equal(result.v, V[:, :, C : 4 * C])
+                with pytest.raises(ApiError) as info:
+                    await result.chunk(0)  # before kv_from's chunk: never restored
+                assert info.value.code == ErrorCode.NOT_FOUND
+            async with client.fetch(TOKENS, FP, kv_from=4 * C + 3) as result:
+                assert result.matched_tokens == 0 and result.segment is None  # only the partial rest
+
+    _with_daemon(tmp_path, test)
+
+
+def test_the_blocking_client_takes_kv_from_too(tmp_path: Path) -> None:
+    async def test(socket_path: str) -> None:
+        def blocking() -> None:
+            with KVPeerClient(socket_path) as client:
+                client.put(TOKENS[: 3 * C], K[:, :, C : 3 * C], V[:, :, C : 3 * C], FP, kv_from=C)
+                with client.fetch(TOKENS, FP, kv_from=C) as result:
+                    assert result.wait_for_chunk(2)
+                    assert torch.equal(result.chunk(2)[0], K[:, :, 2 * C : 3 * C])
+                    assert (result.first_token, result.matched_tokens) == (C, 3 * C)
+                    assert torch.equal(result.v, V[:, :, C : 3 * C])
+                with pytest.raises(ApiError) as info:  # KV shorter than the tokens from kv_from
+                    client.put(TOKENS, K[:, :, 2 * C :], V[:, :, 2 * C :], FP, kv_from=C)
+                assert info.value.code == ErrorCode.INVALID and "kv_from" in info.value.reason
+
+        await asyncio.to_thread(blocking)
+
+    _with_daemon(tmp_path, test)
