@@ -8,7 +8,10 @@ Owns two things:
   whole number of vLLM blocks, so chunk c lands in blocks ``block_ids[c*C/B : (c+1)*C/B]``;
 * the connector (:class:`KVPeerConnector`): the scheduler side asks the daemon how much of a
   prompt it holds (``lookup``) and plans loads and saves; the worker side ``fetch``-es chunks
-  into the request's blocks and ``put``-s finished prompts.
+  into the request's blocks and ``put``-s finished prompts. Neither moves KV twice: a load asks
+  for the chunks past vLLM's own prefix-cache hit (``kv_from``), and a save copies out only the
+  KV past the chunks the daemon held at the lookup (a conversation's history once, not every
+  turn). A daemon that predates ``kv_from`` gets whole prompts, as before.
 
 Honesty note: vLLM does not install on the CPU-only development machine, so this connector has
 NOT run inside a vLLM engine. Its signatures follow vLLM 0.33's ``KVConnectorBase_V1``; the
@@ -227,12 +230,14 @@ class LoadSpec:
 
 @dataclass(slots=True, kw_only=True)
 class SaveSpec:
-    """Put tokens [0, stop) of ``tokens`` from ``block_ids`` once this step has computed them."""
+    """Put tokens [0, stop) of ``tokens`` once this step has computed them, with the KV of
+    tokens [kv_from, stop) from ``block_ids`` (the daemon held the chunks before kv_from)."""
 
     req_id: str
     tokens: list[int]
     block_ids: list[int]
     stop: int
+    kv_from: int = 0
 
 
 @dataclass(kw_only=True)
@@ -249,6 +254,7 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # vLLM's own prefix-cache hit, at lookup time
     load_tokens: int = 0
+    daemon_holds: int = 0  # tokens of the leading chunks the daemon held itself, at lookup time
     saved: bool = False
     load_planned: bool = False
     shared: bool = True  # False: the request's KV is not its tokens' alone (see _kv_beyond_tokens)
@@ -474,6 +480,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
         self._dropping = False  # saves are being dropped: warned once until one is taken
         self._not_staged: set[str] = set()  # this step's saves without room: no copies made
+        self._daemon_takes_kv_from = True  # False once a daemon that predates it refused it
 
     # ------------------------------------------------------------------ metadata binding
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
@@ -505,6 +512,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         tracked = self._requests.setdefault(request.request_id, _Tracked(tokens))
         tracked.num_computed = num_computed_tokens
         tracked.load_tokens = new
+        local = next((i for i, source in enumerate(found.sources) if source != "local"), len(found.sources))
+        tracked.daemon_holds = local * found.chunk_tokens  # a save need not copy these again
         return new, False
 
     def _lookup(self, tokens: list[int], req_id: str) -> m.LookupResult | None:
@@ -596,11 +605,13 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         # computed here: chunks that came from kvpeer are already in the daemon.
         if tracked.saved or not tracked.shared or stop == 0 or computed < stop:
             return
-        if tracked.num_computed + tracked.load_tokens >= stop:
-            tracked.saved = True
-            return
         tracked.saved = True
-        meta.saves.append(SaveSpec(req_id=req_id, tokens=tracked.tokens, block_ids=list(tracked.block_ids), stop=stop))
+        if tracked.num_computed + tracked.load_tokens >= stop or tracked.daemon_holds >= stop:
+            return
+        meta.saves.append(SaveSpec(
+            req_id=req_id, tokens=tracked.tokens, block_ids=list(tracked.block_ids), stop=stop,
+            kv_from=tracked.daemon_holds,  # a conversation's history is copied out once, not per turn
+        ))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
@@ -672,10 +683,30 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
 
     def _restore(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> Iterator[int]:
-        """Fetch ``spec``'s chunks into its blocks; yields the token restored up to after each."""
+        """Fetch ``spec``'s chunks into its blocks; yields the token restored up to after each.
+        Only the chunks from ``spec.start`` are asked for (vLLM holds the tokens before it)."""
+        kv_from = spec.start if self._daemon_takes_kv_from else 0
+        try:
+            yield from self._restore_from(spec, layers, kv_from)
+        except ApiError as exc:  # refused before any chunk came: asked again, from chunk 0
+            if not (kv_from and self._predates_kv_from(exc)):
+                raise
+            yield from self._restore_from(spec, layers, 0)
+
+    def _predates_kv_from(self, exc: ApiError) -> bool:
+        """``exc`` is a daemon older than kv_from refusing it: said once, and not asked again."""
+        if exc.code != ErrorCode.INVALID or "unknown fields" not in exc.reason or "kv_from" not in exc.reason:
+            return False
+        if self._daemon_takes_kv_from:
+            self._daemon_takes_kv_from = False
+            log.info("kvpeer: the daemon predates kv_from; loads and saves move whole prompts' KV")
+        return True
+
+    def _restore_from(self, spec: LoadSpec, layers: dict[int, torch.Tensor], kv_from: int) -> Iterator[int]:
         with self._loads.lock:
             fetch = self._loads.client().fetch(
                 spec.tokens[: spec.stop], self.fingerprint, deadline_s=self.waits.load_deadline_s,
+                kv_from=kv_from,
             )
             # The connection is dropped before the handle's release, which waits for the answer.
             with fetch as result, self._loads.dropped_on_timeout():
@@ -710,10 +741,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         for spec in meta.saves:
             if spec.req_id in self._not_staged:
                 continue
-            blocks = self.map.blocks(spec.block_ids, 0, spec.stop)
+            blocks = self.map.blocks(spec.block_ids, self._save_from(spec), spec.stop)
             k, v = read_paged(kv_layer, blocks, self.layout)
             if spec.req_id not in self._staged:
-                shape = (fp.layers, fp.kv_heads, spec.stop, fp.head_dim)
+                shape = (fp.layers, fp.kv_heads, spec.stop - self._save_from(spec), fp.head_dim)
                 # Room first: a save that will be dropped must not cost this step its copies.
                 size = 2 * math.prod(shape) * k.element_size()
                 if not self._saver.reserve(size):
@@ -727,6 +758,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             k_all, v_all = self._staged[spec.req_id]
             k_all[index].copy_(k)
             v_all[index].copy_(v)
+
+    def _save_from(self, spec: SaveSpec) -> int:
+        """The first token whose KV a save copies (0 for a daemon that predates kv_from)."""
+        return spec.kv_from if self._daemon_takes_kv_from else 0
 
     def wait_for_save(self) -> None:
         """Hand this step's saves to the saving thread: their KV was copied out of the paged
@@ -760,10 +795,15 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if not self._daemon_usable():
             log.debug("kvpeer put for %s skipped: backing off from the daemon", spec.req_id)
             return
+        kv_from = spec.stop - k.shape[2]  # what save_kv_layer staged
         try:
             with self._saves.lock:
-                self._saves.client().put(spec.tokens[: spec.stop], k, v, self.fingerprint, level=self.level)
+                self._saves.client().put(
+                    spec.tokens[: spec.stop], k, v, self.fingerprint, level=self.level, kv_from=kv_from,
+                )
         except Exception as exc:  # a save is best effort: whatever put raises, the batch goes on
+            if kv_from and isinstance(exc, ApiError) and self._predates_kv_from(exc):
+                return  # this one's KV starts at kv_from: dropped; the next saves copy it all
             if not self._daemon_failed("save", exc):
                 log.warning("kvpeer put for %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
             return

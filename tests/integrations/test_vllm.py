@@ -13,7 +13,7 @@ import torch
 
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
-from kvpeer.errors import ConfigError
+from kvpeer.errors import ConfigError, ErrorCode, ProtocolError
 from kvpeer.integrations.vllm import (
     LAYOUTS,
     BlockChunkMap,
@@ -167,6 +167,7 @@ def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, l
     assert b.get_block_ids_with_load_errors() == set()
     fetches = [r for r in api.backend.requests if isinstance(r, m.FetchRequest)]
     assert [r.deadline_s for r in fetches] == [DaemonWaits().load_deadline_s]
+    assert [r.kv_from for r in fetches] == [4]  # B's own hit is not fetched again
     for i, cache in enumerate(b_caches.values()):
         k, v = read_paged(cache, blocks_b[1:8], layout)  # tokens 4..32
         assert torch.equal(k, truth_k[i, :, 4:32]) and torch.equal(v, truth_v[i, :, 4:32])
@@ -175,6 +176,92 @@ def test_saved_prefix_is_loaded_into_another_engines_blocks(api: ServerThread, l
     assert b.request_finished(request("r2", question), blocks_b) == (False, None)
     a.shutdown()
     b.shutdown()
+
+
+def _step(conn: KVPeerConnector, caches: dict[str, torch.Tensor], req_id: str, tokens: list[int],
+          blocks: list[int], hit: int, truth: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    """One scheduler + worker step of a prompt with vLLM's own prefix hit of ``hit`` tokens:
+    the worker "computes" the rest (writes ``truth`` into its blocks) and saves what it is told."""
+    new, _ = conn.get_num_new_matched_tokens(request(req_id, tokens), hit)
+    conn.update_state_after_alloc(request(req_id, tokens), None, new)
+    meta = conn.build_connector_meta(scheduler_output(req_id, tokens, blocks, hit))
+    for i, cache in enumerate(caches.values()):
+        write_paged(cache, truth[0][i, :, : len(blocks) * BLOCK], truth[1][i, :, : len(blocks) * BLOCK], blocks)
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    for name, cache in caches.items():
+        conn.save_kv_layer(name, cache, None)
+    conn.wait_for_save()
+    conn.clear_connector_metadata()
+    assert conn.flush_saves(10.0)
+    return meta
+
+
+def test_a_conversations_next_turn_saves_only_the_kv_past_what_the_daemon_holds(api: ServerThread) -> None:
+    """Each turn re-sends the whole history: its KV was copied out of vLLM and through shared
+    memory again every turn (quadratic in the conversation), though the daemon held it."""
+    history = list(range(6000, 6036))  # turn 1: 36 tokens, 2 whole chunks
+    turn_2 = history + list(range(7000, 7040))  # 76 tokens, 4 whole chunks
+    truth = torch.randn(LAYERS, HEADS, 80, DIM), torch.randn(LAYERS, HEADS, 80, DIM)
+    conn, caches = engine(api)
+    blocks = list(range(20))
+    _step(conn, caches, "t1", history, blocks[:9], 0, truth)
+    meta = _step(conn, caches, "t2", turn_2, blocks[:19], 36, truth)  # vLLM's own hit: turn 1
+    assert [(s.stop, s.kv_from) for s in meta.saves] == [(64, 32)]
+    puts = [r for r in api.backend.requests if isinstance(r, m.PutRequest)]
+    assert [(len(r.tokens), r.kv_from) for r in puts] == [(32, 0), (64, 32)]
+    with daemon_client(api) as client, client.fetch(turn_2, conn.fingerprint) as result:
+        assert result.matched_tokens == 64
+        assert torch.equal(result.k, truth[0][:, :, :64]) and torch.equal(result.v, truth[1][:, :, :64])
+    conn.shutdown()
+
+
+def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
+    api: ServerThread, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An older daemon refuses the field (INVALID, unknown fields): a load asks again from chunk
+    0 and restores; the save already staged from kv_from is dropped, the next ones copy it all."""
+    backend = api.backend
+    put, fetch = backend.put, backend.fetch
+
+    def older(method: Any, kind: str) -> Any:
+        async def call(ctx: Any, req: Any, kv_or_sink: Any) -> Any:
+            if req.kv_from:
+                raise ProtocolError(ErrorCode.INVALID, f"{kind}: unknown fields ['kv_from']")
+            return await method(ctx, req, kv_or_sink)
+        return call
+
+    backend.put, backend.fetch = older(put, "put"), older(fetch, "fetch")  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="kvpeer.integrations.vllm")
+    prompt, other = list(range(8000, 8040)), list(range(8100, 8140))
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    blank = torch.zeros_like(truth[0]), torch.zeros_like(truth[1])
+    blocks = list(range(10))
+    saver, caches = engine(api)
+    with daemon_client(api) as client:
+        for tokens in (prompt, other):
+            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], saver.fingerprint)
+
+    # vLLM's own hit covers what the daemon holds: nothing to load, a save from token 16.
+    meta = _step(saver, caches, "s1", prompt, blocks, 16, truth)
+    assert not meta.loads and [(s.stop, s.kv_from) for s in meta.saves] == [(32, 16)]
+    assert not saver._daemon_takes_kv_from  # that save was refused, and dropped
+    _step(saver, caches, "s2", prompt, blocks, 16, truth)
+    saver.shutdown()
+
+    # A load asks again from chunk 0, and the save of its step copies it all.
+    loader, caches = engine(api)
+    meta = _step(loader, caches, "r1", other, blocks, 4, blank)
+    assert [(s.start, s.stop) for s in meta.loads] == [(4, 16)]
+    assert [(s.stop, s.kv_from) for s in meta.saves] == [(32, 16)]
+    assert loader.get_block_ids_with_load_errors() == set() and not loader._daemon_takes_kv_from
+    for i, cache in enumerate(caches.values()):
+        k, _ = read_paged(cache, blocks[1:4], LAYOUTS[0])
+        assert torch.equal(k, truth[0][i, :, 4:16])
+    loader.shutdown()
+    puts = [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
+    assert puts == [(16, 0), (16, 0), (32, 0), (32, 0)]  # the test's two, s2, r1
+    assert sum("predates kv_from" in r.message for r in caplog.records) == 2  # once per connector
 
 
 BEYOND_TOKENS = {
