@@ -13,19 +13,29 @@ MAX_REMEMBERED = 256
 
 
 class WarnOnce:
-    """Log the first problem from each source at WARNING, repeats at DEBUG; bounded memory."""
+    """Log the first problem from each source at WARNING, repeats at DEBUG; bounded memory.
 
-    def __init__(self, logger: logging.Logger) -> None:
+    ``rarely``: where a peer can make up sources (node ids), first problems pass through it
+    too, so that a flood of new sources is not a flood of warnings.
+    """
+
+    def __init__(self, logger: logging.Logger, rarely: WarnRarely | None = None) -> None:
         self._log = logger
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._rarely = rarely
 
     def __call__(self, source: str, message: str, *args: object) -> None:
-        level = logging.DEBUG if source in self._seen else logging.WARNING
+        seen = source in self._seen
         self._seen[source] = None
         self._seen.move_to_end(source)
         while len(self._seen) > MAX_REMEMBERED:
             self._seen.popitem(last=False)
-        self._log.log(level, "%s: " + message, source, *args)
+        if seen:
+            self._log.debug("%s: " + message, source, *args)
+        elif self._rarely is not None:
+            self._rarely("%s: " + message, source, *args)
+        else:
+            self._log.warning("%s: " + message, source, *args)
 
 
 class WarnRarely:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 from abc import ABC, abstractmethod
@@ -45,6 +46,8 @@ class Discovery(ABC):
         self._beacons: BeaconSocket | None = None
         self._warn = WarnOnce(log)
         self._warn_beacon = WarnRarely(log)  # beacons' source addresses are easy to spoof
+        # Once per peer, and rarely when made-up names come in a flood.
+        self._warn_unusable = WarnOnce(log, rarely=WarnRarely(log))
         self._events: Counter[str] = Counter()  # peer-caused trouble, for metrics
         self._closed = False
 
@@ -186,8 +189,11 @@ class Discovery(ABC):
             if beacon.kind == "hb":
                 self._unknown_peer(beacon.node_id)
             return
-        if source_ip not in info.addresses:
-            return  # heartbeats only vouch for peers already advertised from that address
+        if info.addresses[0] != source_ip:
+            # Heartbeats leave from a node's first address, where we dial it and send ours:
+            # one from any other address the advert listed would keep alive an entry that
+            # points us at a target of the advertiser's choice.
+            return
         if beacon.kind == "bye":
             self._dispatch(self._table.withdraw(beacon.node_id))
         else:
@@ -202,15 +208,25 @@ class Discovery(ABC):
         return None
 
     def _observe(self, info: PeerInfo, listed: bool = False) -> None:
-        if _only_loopback(info.addresses) and _on_the_lan_only(self._addresses):
-            # A daemon on this host that listens on loopback alone (a test, a second instance):
-            # this node, on the LAN, can neither reach it nor be reached by it.
-            self._events["peers_ignored_loopback"] += 1
-            self._warn(
-                "loopback peer", "ignored %s: it is reachable on loopback only (%s)",
-                info.node_id, ",".join(info.addresses),
+        # Peers are dialled, and sent heartbeats, at their first address, which the advert
+        # chooses (unauthenticated over mDNS): keep only addresses a peer on the LAN can have.
+        usable = usable_addresses(info.addresses, on_the_lan=_on_the_lan(self._addresses))
+        if not usable:
+            # A daemon on this host on loopback alone (a test, a second instance), or an
+            # advert naming loopback or multicast to make us dial there.
+            self._events["peers_ignored_no_address"] += 1
+            self._warn_unusable(
+                info.node_id, "ignored peer: no address this node can reach it at (%s)",
+                ",".join(info.addresses),
             )
             return
+        if usable != info.addresses:
+            self._events["peer_addresses_dropped"] += 1
+            log.debug(
+                "peer %s: dropped addresses %s", info.node_id,
+                ",".join(a for a in info.addresses if a not in usable),
+            )
+            info = dataclasses.replace(info, addresses=usable)
         refused, crowded = self._table.refused, self._table.crowded
         self._dispatch(self._table.observe(info, self._now(), listed))
         if self._table.refused != refused:
@@ -326,9 +342,24 @@ class Discovery(ABC):
             await asyncio.sleep(wake)
 
 
-def _only_loopback(addresses: tuple[str, ...]) -> bool:
-    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
-def _on_the_lan_only(addresses: tuple[str, ...]) -> bool:
-    return bool(addresses) and not any(ipaddress.ip_address(a).is_loopback for a in addresses)
+def usable_addresses(addresses: tuple[str, ...], *, on_the_lan: bool) -> tuple[str, ...]:
+    """The addresses of a peer's list that can be a peer's: never multicast, broadcast,
+    reserved or "this network" (0.0.0.0/8); loopback only for a node on loopback alone (tests,
+    single-host use), since on the LAN a loopback address names this host, not the peer."""
+    usable = []
+    for address in addresses:
+        ip = ipaddress.IPv4Address(address)  # PeerInfo holds IPv4 addresses only
+        if ip.is_multicast or ip.is_reserved or ip in _THIS_NETWORK:
+            continue  # 255.255.255.255 is among the reserved
+        if ip.is_loopback and on_the_lan:
+            continue
+        usable.append(address)
+    return tuple(usable)
+
+
+def _on_the_lan(addresses: tuple[str, ...]) -> bool:
+    """Whether this node has an address other than loopback."""
+    return any(not ipaddress.ip_address(a).is_loopback for a in addresses)

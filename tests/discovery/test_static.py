@@ -311,8 +311,8 @@ def test_a_peer_on_loopback_only_is_ignored_by_a_node_on_the_lan(caplog: pytest.
         with caplog.at_level(logging.WARNING):
             on_lan._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")
             on_lan._on_beacon(ad("lan-peer", "10.0.0.6"), "10.0.0.6")
-        assert set(on_lan.peers()) == {"lan-peer"} and on_lan.counters["peers_ignored_loopback"] == 1
-        assert "reachable on loopback only" in caplog.text
+        assert set(on_lan.peers()) == {"lan-peer"} and on_lan.counters["peers_ignored_no_address"] == 1
+        assert "local-test: ignored peer: no address" in caplog.text
         on_loopback = StaticDiscovery(config(free_port()))  # single-host use: its own kind
         on_loopback._table, on_loopback._addresses = PeerTable("me", timeout_s=10.0), ("127.0.0.1",)
         on_loopback._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")

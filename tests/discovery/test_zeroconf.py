@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,7 @@ from zeroconf.asyncio import AsyncServiceInfo
 from kvpeer.discovery import DiscoveryConfig, ZeroconfDiscovery, zeroconf_backend
 from kvpeer.discovery.advert import SERVICE_TYPE, Advertisement, PeerInfo
 from kvpeer.discovery.beacon import Beacon, encode_beacon
+from kvpeer.discovery.peers import PeerTable
 from kvpeer.discovery.zeroconf_backend import (
     MAX_RESOLVES,
     MAX_WAITING_RESOLVES,
@@ -339,5 +341,106 @@ def test_a_second_node_with_a_running_nodes_id_is_refused() -> None:
             await second.close()
             await first.close()
         assert not await zeroconf_backend.name_in_use(instance_name(node_id), ("127.0.0.1",), 0.25)
+
+    asyncio.run(main())
+
+
+def _resolving_to(
+    monkeypatch: pytest.MonkeyPatch, node_id: str, listed: str, a_records: list[str]
+) -> None:
+    """Resolves answer an advert of ``node_id`` whose TXT lists ``listed`` ("a"), beside A
+    records ``a_records``: what one mDNS response from any host on the LAN can say."""
+    properties = {b"v": b"1", b"id": node_id.encode(), b"p": b"6379", b"fp": b"", b"e": b"1",
+                  b"n": b"1", b"a": listed.encode()}
+    info = AsyncServiceInfo(
+        SERVICE_TYPE, instance_name(node_id), port=6379, properties=properties,
+        server=f"{node_id}.local.", addresses=[socket.inet_aton(a) for a in a_records],
+    )
+
+    async def resolved(zc: Any, timeout_ms: int) -> bool:
+        return True
+
+    info.async_request = resolved  # type: ignore[method-assign]
+    monkeypatch.setattr(zeroconf_backend, "AsyncServiceInfo", lambda *args: info)
+
+
+def _node(*addresses: str) -> ZeroconfDiscovery:
+    """A node as start() leaves it, on ``addresses``, without a network."""
+    d = ZeroconfDiscovery(DiscoveryConfig(interfaces=addresses))
+    d._addresses = addresses
+    d._table = PeerTable("me", timeout_s=10.0)
+    d._azc = SimpleNamespace(zeroconf=None)  # type: ignore[assignment]
+    return d
+
+
+def test_an_advert_cannot_make_a_node_on_the_lan_dial_its_own_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One mDNS advert from a host without the key, TXT "a" = 127.0.0.1 first, made the node
+    dial its own loopback at the advert's port, again and again (only an all-loopback list
+    was refused; /tmp/review-trust/mdns_evil_advert.py)."""
+    _resolving_to(monkeypatch, "evil1", "127.0.0.1,10.0.0.66", ["10.0.0.66"])
+
+    async def main() -> None:
+        d = _node("10.0.0.5")
+        await d._resolve_once(instance_name("evil1"))
+        assert d.peers()["evil1"].addresses == ("10.0.0.66",)
+        assert d.counters["peer_addresses_dropped"] == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "listed", ["127.0.0.1", "224.0.0.251", "239.1.2.3,127.0.0.2", "0.0.0.0", "0.1.2.3",
+               "255.255.255.255", "240.0.0.1"],
+)
+def test_a_peer_with_no_address_a_lan_peer_can_have_is_ignored_and_named_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, listed: str
+) -> None:
+    _resolving_to(monkeypatch, "evil2", listed, ["10.0.0.66"])
+
+    async def main() -> None:
+        d = _node("10.0.0.5")
+        for _ in range(3):
+            await d._resolve_once(instance_name("evil2"))
+        assert d.peers() == {} and d.counters["peers_ignored_no_address"] == 3
+
+    with caplog.at_level(logging.INFO, logger="kvpeer.discovery"):
+        asyncio.run(main())
+    said = [r for r in caplog.records if r.levelno >= logging.INFO and "evil2" in r.getMessage()]
+    assert len(said) == 1 and "no address" in said[0].getMessage()
+
+
+def test_a_node_on_loopback_alone_keeps_loopback_peers_but_not_multicast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Single-host use (tests, a demo): peers are on loopback too."""
+    _resolving_to(monkeypatch, "local", "224.0.0.251,127.0.0.2", ["127.0.0.2"])
+
+    async def main() -> None:
+        d = _node("127.0.0.1")
+        await d._resolve_once(instance_name("local"))
+        assert d.peers()["local"].addresses == ("127.0.0.2",)
+
+    asyncio.run(main())
+
+
+def test_heartbeats_count_only_from_a_peers_first_address() -> None:
+    """Heartbeats from any address the advert listed kept the entry alive: an advert could
+    list a third party first (dialled, sent our heartbeats) and keep itself alive from its own
+    address. Beacons leave from a node's first address, so a real peer sends from there."""
+
+    async def main() -> None:
+        d = _node("10.0.0.5")
+        peer = PeerInfo(node_id="multi", addresses=("10.0.0.6", "10.0.0.7"), port=7457,
+                        fingerprints=(), epoch=1, chunk_count=0)
+        d._observe(peer)
+        d.mark_dead("multi")
+        d._on_datagram(encode_beacon(Beacon(kind="hb", node_id="multi")), "10.0.0.7")
+        assert "multi" not in d.peers()
+        d._on_datagram(encode_beacon(Beacon(kind="bye", node_id="multi")), "10.0.0.7")
+        assert d._table.known("multi") is not None  # nor says goodbye for it
+        d._on_datagram(encode_beacon(Beacon(kind="hb", node_id="multi")), "10.0.0.6")
+        assert "multi" in d.peers()
 
     asyncio.run(main())
