@@ -242,6 +242,10 @@ class Daemon:
             epoch=self.inventory.epoch,
             chunk_count=len(self.inventory),
             first_chunk_keys=self.inventory.first_chunk_keys(),
+            # The digest of those keys is keyed with the cluster key (none without one): keys
+            # are hashes of public inputs, so an unkeyed digest tells any LAN host whether a
+            # guessed prompt is cached here.
+            digest_key=next((k for k in self.transport.config.keys if k), None),
         )
 
     def _advertised_fingerprints(self) -> list[str]:

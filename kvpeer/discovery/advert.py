@@ -18,7 +18,14 @@ from typing import Literal
 import msgpack
 
 from kvpeer.discovery.digest import HEADER_BYTES as DIGEST_HEADER_BYTES
-from kvpeer.discovery.digest import MAX_DIGEST_BYTES, MIN_DIGEST_BYTES, BloomDigest
+from kvpeer.discovery.digest import (
+    KEY_ID_BYTES,
+    MAX_DIGEST_BYTES,
+    MIN_DIGEST_BYTES,
+    BloomDigest,
+    key_id,
+    keyed_entries,
+)
 from kvpeer.errors import ErrorCode, ProtocolError
 
 SERVICE_TYPE = "_kvpeer._tcp.local."
@@ -78,6 +85,8 @@ class Advertisement:
     epoch: int = 0  # inventory epoch: changes whenever the chunk set changes
     chunk_count: int = 0
     first_chunk_keys: Collection[bytes] = ()  # summarised as a Bloom digest, never sent raw
+    # The cluster key: the digest is published keyed with it, and not at all without one.
+    digest_key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
@@ -88,7 +97,11 @@ class Advertisement:
         )
 
     def digest(self) -> BloomDigest:
-        return BloomDigest.build(self.first_chunk_keys)
+        """The Bloom digest of the first-chunk keys: of their MACs when keyed (what is
+        published), of the keys themselves otherwise (never published)."""
+        if self.digest_key is None:
+            return BloomDigest.build(self.first_chunk_keys)
+        return BloomDigest.build(keyed_entries(self.digest_key, self.first_chunk_keys))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +115,9 @@ class PeerInfo:
     epoch: int
     chunk_count: int
     digest: BloomDigest | None = field(default=None, compare=True)
+    # Which key the digest is keyed with (`digest.key_id`); None: a digest of the chunk keys
+    # themselves, as nodes before keyed digests sent.
+    digest_key_id: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_common(
@@ -116,13 +132,20 @@ class PeerInfo:
     def serves(self, fingerprint_hex: str) -> bool:
         return fingerprint_hex in self.fingerprints
 
-    def might_hold_prefix(self, first_chunk_key: bytes) -> bool:
-        """False only if the peer certainly lacks a prefix starting with this chunk."""
+    def might_hold_prefix(self, first_chunk_key: bytes, keys: Collection[bytes] = ()) -> bool:
+        """False only if the peer certainly lacks a prefix starting with this chunk. ``keys``:
+        the cluster keys this node holds (current and next); a digest keyed with none of them
+        answers "maybe"."""
         if self.chunk_count == 0:
             return False
         if self.digest is None:
             return True
-        return first_chunk_key in self.digest
+        if self.digest_key_id is None:
+            return first_chunk_key in self.digest
+        for key in keys:
+            if key_id(key) == self.digest_key_id:
+                return keyed_entries(key, (first_chunk_key,))[0] in self.digest
+        return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,14 +176,20 @@ def encode_fields(advert: Advertisement, addresses: Sequence[str] = ()) -> dict[
     if addresses:
         # Peers take no more (and one TXT string holds 255 bytes); the first are the ones used.
         fields[b"a"] = ",".join(addresses[:MAX_ADDRESSES]).encode()
-    # The digest gets what is left of the TXT budget (fingerprints and ids vary in length);
-    # with too little left it is omitted and peers treat every prefix as "maybe".
-    pieces_overhead = 4 * (1 + MAX_DIGEST_BYTES // _DIGEST_PIECE)  # "dN=" + length byte each
-    budget = MAX_TXT_BYTES - txt_size(fields) - pieces_overhead - DIGEST_HEADER_BYTES
-    if budget >= MIN_DIGEST_BYTES:
-        digest = BloomDigest.build(advert.first_chunk_keys, max_bytes=budget).encode()
+    # The digest is keyed (see digest.py): without a cluster key there is none, and peers
+    # treat every prefix as "maybe". It goes in fields "kN": nodes before it read "dN" only,
+    # there a digest of the chunk keys themselves, and see no digest here.
+    # It gets what is left of the TXT budget (fingerprints and ids vary in length); with too
+    # little left it is omitted.
+    pieces_overhead = 4 * (1 + MAX_DIGEST_BYTES // _DIGEST_PIECE)  # "kN=" + length byte each
+    budget = (
+        MAX_TXT_BYTES - txt_size(fields) - pieces_overhead - DIGEST_HEADER_BYTES - KEY_ID_BYTES
+    )
+    if advert.digest_key is not None and budget >= MIN_DIGEST_BYTES:
+        entries = keyed_entries(advert.digest_key, advert.first_chunk_keys)
+        digest = key_id(advert.digest_key) + BloomDigest.build(entries, max_bytes=budget).encode()
         for i in range(0, len(digest), _DIGEST_PIECE):
-            fields[b"d%d" % (i // _DIGEST_PIECE)] = digest[i : i + _DIGEST_PIECE]
+            fields[b"k%d" % (i // _DIGEST_PIECE)] = digest[i : i + _DIGEST_PIECE]
     size = txt_size(fields)
     if size > MAX_TXT_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"TXT record of {size} bytes")
@@ -199,10 +228,13 @@ def decode_fields(fields: Mapping[bytes, bytes | None], addresses: Collection[st
         advertised = tuple(dict.fromkeys(a for a in raw_addresses.decode("ascii").split(",") if a))
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.INVALID, "TXT text fields are not ASCII") from None
-    pieces: list[bytes] = []
-    while (piece := fields.get(b"d%d" % len(pieces))) is not None:
-        pieces.append(piece)
-    digest = BloomDigest.decode(b"".join(pieces)) if pieces else None
+    digest, digest_key_id = None, None
+    if keyed := _pieces(fields, b"k"):
+        if len(keyed) < KEY_ID_BYTES:
+            raise ProtocolError(ErrorCode.INVALID, "keyed digest without its key id")
+        digest_key_id, digest = keyed[:KEY_ID_BYTES], BloomDigest.decode(keyed[KEY_ID_BYTES:])
+    elif unkeyed := _pieces(fields, b"d"):  # a node before keyed digests
+        digest = BloomDigest.decode(unkeyed)
     return PeerInfo(
         node_id=node_id,
         addresses=advertised or tuple(addresses),
@@ -211,7 +243,16 @@ def decode_fields(fields: Mapping[bytes, bytes | None], addresses: Collection[st
         epoch=_int_field(fields, b"e"),
         chunk_count=_int_field(fields, b"n"),
         digest=digest,
+        digest_key_id=digest_key_id,
     )
+
+
+def _pieces(fields: Mapping[bytes, bytes | None], prefix: bytes) -> bytes:
+    """The joined values of fields ``prefix``0, ``prefix``1, ... up to the first missing."""
+    pieces: list[bytes] = []
+    while (piece := fields.get(prefix + b"%d" % len(pieces))) is not None:
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def encode_record(advert: Advertisement, addresses: Collection[str]) -> bytes:

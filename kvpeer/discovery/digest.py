@@ -1,15 +1,21 @@
 """A compact Bloom-filter digest of the prefixes a node holds (its first-chunk keys).
 
 Sized so that it fits, with the rest of the advertisement, in under 1 KB of TXT: at most
-`MAX_DIGEST_BYTES`. Chunk keys are already uniform BLAKE2b hashes, so bit positions come from
-the key bytes directly (double hashing over two 64-bit words); the digest is identical in
-every process. Pure code: no I/O.
+`MAX_DIGEST_BYTES`. Bit positions come from the bytes of each entry directly (double hashing
+over two 64-bit words), so entries must be uniform hashes.
+
+What a node publishes is keyed (`keyed_entries`): chunk keys are unkeyed hashes of public
+inputs (tokens, model fingerprint, namespace name), so a digest of the keys themselves lets
+any host on the LAN test whether a guessed prompt or document is cached. Entries are MACs of
+the chunk keys under a key derived from the cluster key; only key holders can test them.
+Pure code: no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 from kvpeer.errors import ErrorCode, ProtocolError
 
@@ -20,6 +26,8 @@ BITS_PER_KEY = 10  # ~1% false positives at the optimal hash count
 MAX_HASHES = 12
 HEADER_BYTES = 2  # version, hash count
 _HEADER = HEADER_BYTES
+KEY_ID_BYTES = 4
+_ENTRY_BYTES = 16  # what _positions reads
 
 
 class BloomDigest:
@@ -80,6 +88,26 @@ class BloomDigest:
 
     def __repr__(self) -> str:
         return f"BloomDigest({self._m} bits, {self.hashes} hashes, {self.fill_ratio():.0%} full)"
+
+
+def key_id(key: bytes) -> bytes:
+    """Names the key a keyed digest was built with, so that a reader holding another key (a
+    rotation under way) answers "maybe" instead of reading random bits as "not held". A hash of
+    a 256-bit key: it tells nothing of the key."""
+    return hashlib.blake2b(key, digest_size=KEY_ID_BYTES, person=b"kvpeer-bloom-id").digest()
+
+
+def keyed_entries(key: bytes, chunk_keys: Iterable[bytes]) -> list[bytes]:
+    """What a keyed digest holds for ``chunk_keys``: their MACs under a key derived from the
+    cluster key (never the cluster key itself, which authenticates sessions)."""
+    derived = hashlib.blake2b(key, digest_size=32, person=b"kvpeer-bloom").digest()
+    mac = hashlib.blake2b(key=derived, digest_size=_ENTRY_BYTES)
+    entries = []
+    for chunk_key in chunk_keys:
+        h = mac.copy()
+        h.update(chunk_key)
+        entries.append(h.digest())
+    return entries
 
 
 def _positions(key: bytes, hashes: int, m: int) -> list[int]:

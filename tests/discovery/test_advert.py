@@ -16,6 +16,7 @@ from kvpeer.discovery.digest import MAX_DIGEST_BYTES, BloomDigest
 from kvpeer.errors import ProtocolError
 
 FP = "0123456789abcdef0123456789abcdef"
+KEY = bytes(range(32))  # the cluster key
 
 
 def keys(n: int) -> list[bytes]:
@@ -25,7 +26,7 @@ def keys(n: int) -> list[bytes]:
 def advert(**kw: object) -> Advertisement:
     base: dict[str, object] = dict(
         node_id="node-a", addresses=("10.0.0.1",), port=7457, fingerprints=(FP,), epoch=5,
-        chunk_count=3, first_chunk_keys=keys(3),
+        chunk_count=3, first_chunk_keys=keys(3), digest_key=KEY,
     )
     base.update(kw)
     return Advertisement(**base)  # type: ignore[arg-type]
@@ -38,7 +39,7 @@ def test_fields_round_trip() -> None:
         "node-a", 7457, (FP,), 5, 3,
     )
     for key in a.first_chunk_keys:
-        assert peer.might_hold_prefix(key)
+        assert peer.might_hold_prefix(key, [KEY])
 
 
 def test_record_round_trip() -> None:
@@ -61,7 +62,7 @@ def test_worst_case_fields_still_fit_with_a_smaller_digest() -> None:
     fields = encode_fields(a)
     assert txt_size(fields) <= MAX_TXT_BYTES
     peer = decode_fields(fields, ["10.0.0.1"])
-    assert peer.digest is not None and all(peer.might_hold_prefix(k) for k in a.first_chunk_keys)
+    assert peer.digest is not None and all(peer.might_hold_prefix(k, [KEY]) for k in a.first_chunk_keys)
 
 
 def test_digest_false_positive_rate_is_low_below_capacity() -> None:
@@ -78,6 +79,52 @@ def test_empty_peer_holds_nothing() -> None:
     assert not peer.might_hold_prefix(os.urandom(32))
 
 
+def test_the_digest_tells_a_host_without_the_cluster_key_nothing() -> None:
+    """Chunk keys are unkeyed hashes of public inputs (tokens, model, namespace name), and the
+    digest of them was published unkeyed: any host on the LAN could test whether a guessed
+    document was cached (see /tmp/review-trust/bloom_oracle.py)."""
+    held, guesses = keys(40), keys(2000)
+    fields = encode_fields(advert(chunk_count=40, first_chunk_keys=held))
+    assert not any(k.startswith(b"d") for k in fields)  # no digest of the keys themselves
+    peer = decode_fields(fields, ["10.0.0.1"])
+    assert peer.digest is not None
+    # Without the key: "maybe" for every prefix, held or not...
+    assert all(peer.might_hold_prefix(k) for k in held + guesses)
+    assert all(peer.might_hold_prefix(k, [os.urandom(32)]) for k in held + guesses)
+    # ...and testing the chunk keys against the published bits is guessing (a held key hits
+    # as often as any: ~1% of the time, not always).
+    assert sum(k in peer.digest for k in held) < len(held) // 2
+    # With the key: held prefixes certainly answer yes, others mostly no.
+    assert all(peer.might_hold_prefix(k, [KEY]) for k in held)
+    assert sum(peer.might_hold_prefix(k, [KEY]) for k in guesses) < len(guesses) * 0.05
+
+
+def test_without_a_cluster_key_no_digest_is_published() -> None:
+    fields = encode_fields(advert(digest_key=None))
+    assert not any(k[:1] in (b"d", b"k") for k in fields)
+    peer = decode_fields(fields, ["10.0.0.1"])
+    assert peer.digest is None and peer.might_hold_prefix(os.urandom(32))
+
+
+def test_a_digest_keyed_with_either_rotation_key_is_read() -> None:
+    """During a key rotation a node holds the current and the next key; its peers publish
+    with their current one, which may be either."""
+    nxt = os.urandom(32)
+    held = keys(20)
+    peer = decode_fields(encode_fields(advert(first_chunk_keys=held, digest_key=nxt)), ["10.0.0.1"])
+    assert all(peer.might_hold_prefix(k, [KEY, nxt]) for k in held)
+    assert sum(peer.might_hold_prefix(k, [KEY, nxt]) for k in keys(2000)) < 100
+
+
+def test_the_unkeyed_digest_of_a_node_before_keyed_digests_is_still_read() -> None:
+    held = keys(20)
+    fields = encode_fields(advert(digest_key=None, chunk_count=20))
+    fields[b"d0"] = BloomDigest.build(held).encode()  # what those nodes sent
+    peer = decode_fields(fields, ["10.0.0.1"])
+    assert peer.digest_key_id is None and all(peer.might_hold_prefix(k) for k in held)
+    assert sum(peer.might_hold_prefix(k) for k in keys(2000)) < 100
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -88,8 +135,11 @@ def test_empty_peer_holds_nothing() -> None:
         lambda f: f.update({b"id": b"bad id!"}),
         lambda f: f.update({b"id": b"\xff\xfe"}),
         lambda f: f.update({b"fp": b"not-hex"}),
-        lambda f: f.update({b"d0": b"\x09\x03" + b"\x00" * 100}),
-        lambda f: f.update({b"d0": b"\x01\x00" + b"\x00" * 100}),
+        # A node before keyed digests sends "d0" only.
+        lambda f: (f.pop(b"k0"), f.update({b"d0": b"\x09\x03" + b"\x00" * 100})),
+        lambda f: (f.pop(b"k0"), f.update({b"d0": b"\x01\x00" + b"\x00" * 100})),
+        lambda f: f.update({b"k0": b"\x01\x02"}),
+        lambda f: f.update({b"k0": b"\x01\x02\x03\x04\x01\x00" + b"\x00" * 100}),
         lambda f: f.update({b"x": b"y" * 1000}),
     ],
 )
