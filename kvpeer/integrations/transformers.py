@@ -307,15 +307,31 @@ def generate_with_kvpeer(
     """Fetch the longest shared prefix, compute only the rest, answer: ``(text, matched)``.
 
     ``put=True`` also stores the prompt's KV afterwards (taken from the cache generation
-    filled, not recomputed), for the next engine that needs it.
+    filled, not recomputed), for the next engine that needs it: the KV past the fetched prefix,
+    which the daemon holds already (``kv_from``).
     """
     cache, matched = fetch_cache(client, model, tokens, fingerprint, deadline_s=deadline_s)
     ids = _tokens(tokens)
     text = generate(model, tokenizer, ids, cache, matched, max_new_tokens)
-    if put:
+    if put and matched < len(ids):
         try:
             k, v = kv_from_cache(cache)
-            client.put(ids, k[:, :, : len(ids)], v[:, :, : len(ids)], fingerprint)
+            _put_from(client, ids, k, v, fingerprint, matched)
         except (KVPeerError, ValueError) as exc:
             log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
     return text, matched
+
+
+def _put_from(
+    client: KVPeerClient, ids: list[int], k: torch.Tensor, v: torch.Tensor, fingerprint: ModelFingerprint,
+    kv_from: int,
+) -> None:
+    """Put the KV of ``ids`` from token ``kv_from`` on (``k``/``v`` hold it all); a daemon that
+    predates kv_from (it refuses the field) is given the whole prompt."""
+    end = len(ids)
+    try:
+        client.put(ids, k[:, :, kv_from:end], v[:, :, kv_from:end], fingerprint, kv_from=kv_from)
+    except ApiError as exc:
+        if not kv_from or exc.code != ErrorCode.INVALID or "kv_from" not in exc.reason:
+            raise
+        client.put(ids, k[:, :, :end], v[:, :, :end], fingerprint)

@@ -12,6 +12,7 @@ import torch
 
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
+from kvpeer.errors import ApiError, ErrorCode
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations import transformers as hf
 from tests.api.fakes import ScriptedDaemon
@@ -99,6 +100,34 @@ def test_a_full_attention_model_still_puts_after_generating() -> None:
     fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
     hf.generate_with_kvpeer(client, model, Tokenizer(), list(range(1, 41)), fp, max_new_tokens=4, put=True)  # type: ignore[arg-type]
     assert client.puts == [40]
+
+
+class Recorder(NoDaemon):
+    """A daemon that holds the first ``held`` tokens' chunks (a fetch restores them) and records
+    each put's tokens, kv_from and KV length; ``older``: it refuses kv_from as unknown."""
+
+    def __init__(self, held: int, older: bool = False) -> None:
+        super().__init__()
+        self.held, self.older = held, older
+        self.calls: list[tuple[int, int, int]] = []
+
+    def put(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor, fp: Any, kv_from: int = 0) -> None:
+        if kv_from and self.older:
+            raise ApiError(ErrorCode.INVALID, "put: unknown fields ['kv_from']")
+        self.calls.append((len(tokens), kv_from, k.shape[2]))
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_generate_puts_only_the_kv_past_the_fetched_prefix(monkeypatch: pytest.MonkeyPatch, older: bool) -> None:
+    model = tiny("llama")
+    prompt = list(range(1, 41))
+    full = hf.cache_of(hf.prefill(model, prompt[:16]))
+    monkeypatch.setattr(hf, "fetch_cache", lambda client, model, tokens, fp, deadline_s=None: (full, 16))
+    client = Recorder(held=16, older=older)
+    fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
+    hf.generate_with_kvpeer(client, model, Tokenizer(), prompt, fp, max_new_tokens=4, put=True)  # type: ignore[arg-type]
+    # The fetched 16 tokens' KV is the daemon's already; an older daemon gets the whole prompt.
+    assert client.calls == ([(40, 0, 40)] if older else [(40, 16, 24)])
 
 
 def test_prefill_continues_the_given_cache_and_says_so_when_the_model_ignores_it(
