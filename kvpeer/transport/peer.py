@@ -13,9 +13,9 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcsctptransport import REMOTE_DEFAULT_MAX_MESSAGE_SIZE
@@ -38,9 +38,17 @@ _SIGNALLING_LIMIT = 128 * 1024
 #: Addresses whose failed authentication was logged loudly (bounded: peers choose them).
 _MAX_WARNED = 256
 # Handshakes in progress (accepted, key not proven yet or channels not open): at most this many
-# at once, and this many from one address; more connections are closed at once.
+# at once, and this many from one address. Past the first, a newcomer takes the slot of a
+# handshake that has not proved the key (see _HandshakeSlots); past the second it is closed.
 MAX_HANDSHAKES = 64
 MAX_HANDSHAKES_PER_ADDRESS = 8
+#: Seconds a connection has to prove the key (Hello, then ClientProof: one round trip). Anyone on
+#: the LAN can open one, so it holds a slot this long, not connect_timeout_s; the rest of the
+#: handshake (SDP, ICE, DTLS) has connect_timeout_s from the proof on.
+PREAUTH_TIMEOUT_S = 2.0
+#: Refused or dropped handshakes and sessions are warned about once per address per this many
+#: seconds (at DEBUG between), for at most _MAX_WARNED addresses at a time.
+WARN_INTERVAL_S = 60.0
 #: After a failed connect, a peer is not tried again for the first wait, doubled per failure up
 #: to the second (seconds); a success ends the episode.
 CONNECT_BACKOFF_S = (1.0, 30.0)
@@ -70,6 +78,94 @@ def _first_warning(warned: set[str], address: str) -> int:
     if len(warned) < _MAX_WARNED:
         warned.add(address)
     return logging.WARNING
+
+
+def _warning_every(warned: dict[str, float], address: str, now: float) -> int:
+    """WARNING for ``address`` at most once per WARN_INTERVAL_S, DEBUG between. At most
+    _MAX_WARNED addresses are remembered (peers choose them): past that, DEBUG until some age out."""
+    last = warned.get(address)
+    if last is not None and now - last < WARN_INTERVAL_S:
+        return logging.DEBUG
+    if last is None and len(warned) >= _MAX_WARNED:
+        for old in [a for a, t in warned.items() if now - t >= WARN_INTERVAL_S]:
+            del warned[old]
+        if len(warned) >= _MAX_WARNED:
+            return logging.DEBUG
+    warned[address] = now
+    return logging.WARNING
+
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission(Generic[_K]):
+    """What to do with a new signalling connection."""
+
+    admitted: bool
+    evict: _K | None = None  # the handshake dropped to make room for it
+    evicted_address: str = ""
+    reason: str = ""  # why it was refused
+
+
+@dataclass(slots=True)
+class _Slot:
+    address: str
+    proven: bool = False
+
+
+class _HandshakeSlots(Generic[_K]):
+    """The signalling port's handshake slots (sans-IO): who holds one, from where, and whether it
+    proved the key yet.
+
+    Anyone on the LAN can take a slot before proving the key, so a full table must not lock the
+    cluster out: a newcomer takes the slot of a handshake that has not proved the key, never of
+    one that has. Which one: the oldest of the address holding the most unproven slots (the
+    newcomer counted with its own). Plain "oldest" would let a few addresses that reopen each
+    dropped connection at once flush a real peer's handshake before its proof arrives; this way
+    a peer's one handshake goes only when no address holds more than one.
+    """
+
+    def __init__(self, limit: int, per_address: int) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self._slots: dict[_K, _Slot] = {}  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(list(self._slots))
+
+    def admit(self, key: _K, address: str) -> _Admission[_K]:
+        """Give *key* (a connection from *address*) a slot, or say why not."""
+        held = sum(1 for slot in self._slots.values() if slot.address == address)
+        if held >= self.per_address:
+            return _Admission(False, reason=f"{held} handshakes from {address} in progress")
+        admission: _Admission[_K] = _Admission(True)
+        if len(self._slots) >= self.limit:
+            unproven = [(k, slot.address) for k, slot in self._slots.items() if not slot.proven]
+            if not unproven:
+                return _Admission(
+                    False, reason=f"{len(self._slots)} handshakes in progress, all past the key"
+                )
+            counts = Counter(a for _, a in unproven)
+            counts[address] += 1
+            most = max(counts[a] for _, a in unproven)
+            victim, victim_address = next((k, a) for k, a in unproven if counts[a] == most)
+            del self._slots[victim]
+            admission = _Admission(True, evict=victim, evicted_address=victim_address)
+        self._slots[key] = _Slot(address)
+        return admission
+
+    def proven(self, key: _K) -> None:
+        """*key* proved the key: its slot is no longer taken for a newcomer's."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.proven = True
+
+    def release(self, key: _K) -> None:
+        self._slots.pop(key, None)
 
 
 class PeerBackingOff(TransportError):
@@ -138,9 +234,12 @@ class PeerTransport:
         self.config = config
         self.handler = handler
         self.on_peer_down = on_peer_down
-        #: auth_failures, handshakes_failed, handshakes_refused, sessions_opened, peers_down,
+        #: auth_failures, handshakes_failed, handshakes_refused (past MAX_HANDSHAKES_PER_ADDRESS,
+        #: or every slot past the key), handshakes_evicted (not past the key, for a newcomer),
+        #: sessions_opened, peers_down,
         #: sessions_replaced (closed for a newer one past MAX_SESSIONS_PER_PEER),
-        #: sessions_refused (past MAX_SESSIONS_PER_ADDRESS or MAX_SESSIONS), and
+        #: sessions_refused (past MAX_SESSIONS_PER_ADDRESS or MAX_SESSIONS),
+        #: sessions_refused_id_in_use (its node id is open from another address), and
         #: sessions_key_current / sessions_key_next / sessions_key_none: the key each session
         #: opened with (a rotation is over when peers only open sessions with the next key).
         self.counters: Counter[str] = Counter()
@@ -156,12 +255,21 @@ class PeerTransport:
         self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
         # Peers whose last connect failed: when to try again, the wait after that, and why.
         self._backoff: dict[str, _Backoff] = {}
-        self._handshakes: set[asyncio.Task[Any]] = set()
-        self._handshake_sources: dict[asyncio.Task[Any], str] = {}
+        self._handshakes: _HandshakeSlots[asyncio.Task[Any]] = _HandshakeSlots(
+            MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS
+        )
+        self._handshake_writers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._handshake_warned: dict[str, float] = {}
         # Incoming sessions by source address: those open, and handshakes admitted past the
         # session caps that have not registered theirs yet (both count toward the caps).
         self._session_sources: dict[PeerSession, str] = {}
         self._admitted: dict[asyncio.Task[Any], str] = {}
+        # The address of every session's peer (an incoming one's source, an outgoing one's
+        # destination), and the node ids admitted handshakes claim: a node id is held by one
+        # address at a time (see _held_elsewhere).
+        self._remote_addresses: dict[PeerSession, str] = {}
+        self._claims: dict[asyncio.Task[Any], str] = {}
+        self._claim_warned: dict[str, float] = {}
         self._refusal_warned: set[str] = set()
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
@@ -297,6 +405,7 @@ class PeerTransport:
                 reader, writer = await asyncio.open_connection(
                     host, port, local_addr=(self.config.host, 0)
                 )
+                remote = _address(writer)
                 handshake = ClientHandshake(self.config.keys)
                 await _write_message(writer, handshake.hello())
                 challenge = await _expect(reader, m.Challenge)
@@ -320,6 +429,13 @@ class PeerTransport:
                 session = self._new_session(peer_id, pc, control, bulk, packet, limit)
                 await session.wait_open(timeout)
                 _check_not_ended(session)
+                holder = self._held_elsewhere(peer_id, remote)
+                if holder is not None:  # it dialled us from elsewhere meanwhile: that one stays
+                    await session.close()
+                    raise TransportError(
+                        f"{peer_id} at {host}:{port}: a session with {peer_id} at {holder} opened "
+                        "meanwhile"
+                    )
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             # Said once per episode by _connect_done (with the reason): a peer holding another key
@@ -350,7 +466,7 @@ class PeerTransport:
         finally:
             if writer is not None:
                 writer.close()
-        return self._register(session, handshake.key_index)
+        return self._register(session, handshake.key_index, remote)
 
     # -- incoming --------------------------------------------------------------------------
 
@@ -360,19 +476,29 @@ class PeerTransport:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        from_address = sum(1 for a in self._handshake_sources.values() if a == address)
-        if len(self._handshakes) >= MAX_HANDSHAKES or from_address >= MAX_HANDSHAKES_PER_ADDRESS:
-            # Anyone on the LAN may connect before proving the key: each open handshake holds a
-            # task and a descriptor for up to connect_timeout_s, so their number is bounded.
-            self.counters["handshakes_refused"] += 1
+        address = _address(writer)
+        # Anyone on the LAN may connect before proving the key: each open handshake holds a task
+        # and a descriptor, so their number is bounded, and those that have not proved the key
+        # give way to newcomers (a host that holds slots open must not lock out real peers).
+        admission = self._handshakes.admit(task, address)
+        if admission.evict is not None:
+            # Its connection is cut, and its handshake fails as for a peer that hung up. Not
+            # cancelled: asyncio (3.11) logs a server callback's cancellation as an error.
+            self._handshake_writers[admission.evict].transport.abort()
+            self._log_handshake_dropped("handshakes_evicted", admission.evicted_address, (
+                f"dropped a handshake from {admission.evicted_address} that had not proved the "
+                f"key, for one from {address} (all {MAX_HANDSHAKES} slots taken)"
+            ))  # fmt: skip
+        if not admission.admitted:
+            self._log_handshake_dropped(
+                "handshakes_refused", address, f"refused a handshake from {address}: {admission.reason}"
+            )
             writer.close()
             return
-        self._handshakes.add(task)
-        self._handshake_sources[task] = address
+        self._handshake_writers[task] = writer
         pc: RTCPeerConnection | None = None
         try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
+            async with asyncio.timeout(min(PREAUTH_TIMEOUT_S, self.config.connect_timeout_s)) as deadline:
                 handshake = ServerHandshake(self.config.keys)
                 await _write_message(writer, handshake.on_hello(await _expect(reader, m.Hello)))
                 proof = await _expect(reader, m.ClientProof)
@@ -385,6 +511,8 @@ class PeerTransport:
                         m.Reject(code=ErrorCode.UNAUTHENTICATED, reason="authentication failed"),
                     )
                     raise
+                self._handshakes.proven(task)
+                deadline.reschedule(asyncio.get_running_loop().time() + self.config.connect_timeout_s)
                 await _write_message(writer, server_proof)
                 offer = await _expect(reader, m.Offer)
                 handshake.on_offer(offer)
@@ -397,7 +525,15 @@ class PeerTransport:
                     await _write_message(writer, m.Reject(code=ErrorCode.BUSY, reason=refusal))
                     self._log_refusal(address, offer.node_id, refusal)
                     return
+                holder = self._held_elsewhere(offer.node_id, address)
+                if holder is not None:
+                    await _write_message(writer, m.Reject(
+                        code=ErrorCode.FORBIDDEN, reason=f"node id {offer.node_id!r} is in use"
+                    ))  # fmt: skip
+                    self._log_claim_refused(offer.node_id, address, holder)
+                    return
                 self._admitted[task] = address
+                self._claims[task] = offer.node_id
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
                 try:
@@ -415,7 +551,12 @@ class PeerTransport:
                 session = self._new_session(offer.node_id, pc, control, bulk, packet, limit)
                 await session.wait_open(self.config.connect_timeout_s)
                 _check_not_ended(session)
-            self._register(session, handshake.key_index, address)
+                holder = self._held_elsewhere(offer.node_id, address, task)
+                if holder is not None:  # we dialled it elsewhere meanwhile: that one stays
+                    self._log_claim_refused(offer.node_id, address, holder)
+                    await session.close()
+                    return
+            self._register(session, handshake.key_index, address, source=address)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             self._log_auth_failure(peer, exc)
@@ -433,9 +574,46 @@ class PeerTransport:
             await _close_pc(pc)
         finally:
             writer.close()
-            self._handshakes.discard(task)
-            self._handshake_sources.pop(task, None)
+            self._handshakes.release(task)
+            self._handshake_writers.pop(task, None)
             self._admitted.pop(task, None)
+            self._claims.pop(task, None)
+
+    def _held_elsewhere(
+        self, peer_id: str, address: str, claimant: asyncio.Task[Any] | None = None
+    ) -> str | None:
+        """The address of another peer that holds *peer_id* (an open session, or a handshake
+        past the checks claiming it), if that is not *address*; else None.
+
+        A node id is only the claim of a peer that holds the cluster key. A newer session of an
+        id closes the oldest (_replace_oldest), so without this any key holder could close a
+        node's session and take the requests meant for it. A node always dials from its
+        transport.host, so a restarted one comes from the same address and still replaces its
+        old session; one that moved waits until its old session is found dead (the heartbeat
+        ends a session silent for peer_dead_after_s, so an open one was heard from lately).
+        """
+        for session, remote in self._remote_addresses.items():
+            if session.peer_id == peer_id and remote != address and not (session.closed or session.closing):
+                return remote
+        for task, claimed in self._claims.items():
+            if claimed == peer_id and task is not claimant and self._admitted.get(task) != address:
+                return self._admitted.get(task, "?")
+        return None
+
+    def _log_handshake_dropped(self, counter: str, address: str, message: str) -> None:
+        # Anyone on the LAN can cause this, as often as it likes: warn once a minute per address.
+        self.counters[counter] += 1
+        level = _warning_every(self._handshake_warned, address, time.monotonic())
+        logger.log(level, "%s (%d so far)", message, self.counters[counter])
+
+    def _log_claim_refused(self, peer_id: str, address: str, holder: str) -> None:
+        self.counters["sessions_refused_id_in_use"] += 1
+        logger.log(
+            _warning_every(self._claim_warned, address, time.monotonic()),
+            "refused a session from %s as peer %r: a session with %r at %s is open (two hosts "
+            "with one node id, or a key holder posing as %r?)",
+            address, peer_id, peer_id, holder, peer_id,
+        )  # fmt: skip
 
     def _session_refusal(self, address: str) -> str | None:
         """Why a session from *address* is refused (MAX_SESSIONS_PER_ADDRESS, MAX_SESSIONS), or
@@ -551,10 +729,14 @@ class PeerTransport:
             message_limit=message_limit,
         )
 
-    def _register(self, session: PeerSession, key_index: int | None, source: str | None = None) -> PeerSession:
-        """Make *session* one of ours; *source*: the address an incoming one came from."""
+    def _register(
+        self, session: PeerSession, key_index: int | None, remote: str, source: str | None = None
+    ) -> PeerSession:
+        """Make *session* one of ours; *remote*: its peer's address; *source*: the same, for
+        an incoming one (those count toward MAX_SESSIONS_PER_ADDRESS and MAX_SESSIONS)."""
         session.start()
         self._all[session] = None
+        self._remote_addresses[session] = remote
         if source is not None:
             self._session_sources[session] = source
         key = self._key_names[key_index or 0]
@@ -608,6 +790,7 @@ class PeerTransport:
         del self._all[session]
         self._session_keys.pop(session, None)
         self._session_sources.pop(session, None)
+        self._remote_addresses.pop(session, None)
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
             replacement = next(
@@ -623,6 +806,12 @@ class PeerTransport:
                     self.on_peer_down(session.peer_id)
                 except Exception:
                     logger.exception("on_peer_down callback failed")
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    """The IP address at the other end of a signalling connection."""
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
 def _check_not_ended(session: PeerSession) -> None:
