@@ -8,8 +8,8 @@ new chunks are decoded and handed over.
 
 One daemon on loopback (no peers), SmolLM2-135M's KV geometry in fp16 (random values), the
 daemon's default level. Two conversations of the same shape with different tokens run side by
-side, turn by turn: one whole, one with ``kv_from``. Times are the client's wall clock per call
-(median over ``--repeat`` conversations).
+side: one whole, one with ``kv_from``, each run first in turn. Times are the client's wall clock
+per call (median over ``--repeat`` conversations). Turn 1 is the same work in both: the control.
 
     python -m benchmarks.conversation [--turns 8] [--turn-tokens 512] [--repeat 3] [--json]
 """
@@ -90,7 +90,8 @@ async def _run(turns: int, turn_tokens: int, repeat: int) -> dict[str, Any]:
                 await _conversation(client, 1, 1, turn_tokens, kv, use_kv_from=False)  # warm-up
                 runs: dict[bool, list[list[dict[str, float]]]] = {False: [], True: []}
                 for i in range(repeat):
-                    for use_kv_from in (False, True):  # interleaved: the same load on both
+                    # Interleaved, each kind first in turn: the same load on both.
+                    for use_kv_from in (bool(i % 2), not i % 2):
                         first = 10_000 + (2 * i + use_kv_from) * turns * turn_tokens
                         runs[use_kv_from].append(await _conversation(
                             client, first, turns, turn_tokens, kv, use_kv_from=use_kv_from))

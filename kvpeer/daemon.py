@@ -414,7 +414,7 @@ class Daemon:
         _check_level("level", level)  # before anything: chunks held already hid a bad one
         keys = self._keys(ctx, req.tokens, fp)
         if req.prefill_s:
-            self.fetcher.learn_recompute_rate(len(req.tokens), req.prefill_s, model=fp.hex)
+            self.fetcher.learn_recompute_rate(req.kv_tokens, req.prefill_s, model=fp.hex)
         loop = asyncio.get_running_loop()
         stored: list[bytes] = []  # the chunks this put added (the others were held already)
         started = time.perf_counter()

@@ -7,15 +7,18 @@ prompt (its own prefix cache, or the daemon's copy from an earlier put) moves on
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from kvpeer.hashing import ModelFingerprint
+from tests.api.fakes import ScriptedDaemon, send
 from tests.test_daemon_codec import _local_daemon
 
 C = 64  # codec.chunk_tokens: the smallest allowed keeps the tensors small
@@ -114,7 +117,33 @@ def test_the_blocking_client_takes_kv_from_too(tmp_path: Path) -> None:
                 with pytest.raises(ApiError) as info:  # KV shorter than the tokens from kv_from
                     client.put(TOKENS, K[:, :, 2 * C :], V[:, :, 2 * C :], FP, kv_from=C)
                 assert info.value.code == ErrorCode.INVALID and "kv_from" in info.value.reason
+                # The whole prompt's KV with kv_from: its first rows would be stored as the KV
+                # of the tokens from kv_from on.
+                with pytest.raises(ApiError) as info:
+                    client.put(TOKENS, K, V, FP, kv_from=3 * C)
+                assert info.value.code == ErrorCode.INVALID and "k[:, :, 192:" in info.value.reason
+                with client.fetch(TOKENS, FP, kv_from=C) as result:
+                    assert result.matched_tokens == 3 * C  # chunk 3 was not stored from wrong rows
 
         await asyncio.to_thread(blocking)
 
     _with_daemon(tmp_path, test)
+
+
+class IgnoresKvFrom(ScriptedDaemon):
+    """A daemon that takes kv_from and answers as if it restored from token 0."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.FetchRequest):
+            send(conn, m.FetchResult(id=message.id, matched_tokens=C, chunk_tokens=C, levels=["q8"],
+                                     recompute_from=C))
+        else:
+            super().handle(conn, index, message)
+
+
+def test_a_fetch_answer_that_does_not_start_at_kv_froms_chunk_is_refused() -> None:
+    """Its rows would be read as the KV of other tokens (the vLLM loader writes them into blocks)."""
+    with IgnoresKvFrom() as daemon, KVPeerClient(daemon.socket_path) as client:
+        with client.fetch(TOKENS, FP, kv_from=C) as result, pytest.raises(ApiError) as info:
+            result.wait()
+        assert info.value.code == ErrorCode.MALFORMED and "kv_from" in info.value.reason

@@ -72,9 +72,16 @@ def _put_request(
     want = (fp.layers, fp.kv_heads, n, fp.head_dim)
     if k.dim() != 4 or v.dim() != 4 or k.dtype != v.dtype:
         raise ApiError(ErrorCode.INVALID, "k and v must be 4-D tensors of one dtype")
+    if kv_from and (k.shape[2] != n or v.shape[2] != n):
+        # Exactly: a whole prompt's KV given with kv_from would store its first rows as the KV
+        # of the tokens from kv_from on.
+        raise ApiError(
+            ErrorCode.INVALID,
+            f"with kv_from={kv_from}, k/v must hold the KV of tokens {kv_from}..{kv_from + n} only "
+            f"({n} tokens, k[:, :, {kv_from}:{kv_from + n}]); they hold {k.shape[2]} / {v.shape[2]}",
+        )
     if k.shape[2] < n or v.shape[2] < n:
-        given = f"{n} tokens from kv_from={kv_from}" if kv_from else f"{n} tokens given"
-        raise ApiError(ErrorCode.INVALID, f"k/v hold fewer than the {given}")
+        raise ApiError(ErrorCode.INVALID, f"k/v hold fewer than the {n} tokens given")
     k, v = k[:, :, :n, :], v[:, :, :n, :]
     if tuple(k.shape) != want or tuple(v.shape) != want:
         raise ApiError(
@@ -201,7 +208,11 @@ class _FetchState:
                 # fails the fetch (its final answer is then dropped, its segment released).
                 self._open(message.segment)
             elif isinstance(message, m.FetchProgress):
-                self.done[message.index] = message.level
+                if self.segment is not None and message.index < self._first_chunk(self.segment.layout.chunk_tokens):
+                    self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored chunk {message.index}, "
+                                          f"before kv_from={self.request.kv_from}")
+                else:
+                    self.done[message.index] = message.level
             elif isinstance(message, m.FetchResult):
                 self.answered = True
                 self.final = message  # first: a segment that fails to map is still released
@@ -209,6 +220,10 @@ class _FetchState:
                     self._open(message.segment)
                 else:
                     self._forget_segment()
+                if message.levels and message.first_token != self._first_chunk(message.chunk_tokens) * message.chunk_tokens:
+                    # Its rows would be read as other tokens' KV.
+                    self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored from token "
+                                          f"{message.first_token}, not kv_from={self.request.kv_from}'s chunk")
             elif isinstance(message, m.ErrorResponse):
                 self.answered = True
                 self._forget_segment()
@@ -217,6 +232,10 @@ class _FetchState:
                 self.error = ApiError(ErrorCode.MALFORMED, f"unexpected {message.TYPE} in a fetch")
         except (OSError, ProtocolError) as exc:
             self.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
+
+    def _first_chunk(self, chunk_tokens: int) -> int:
+        """The chunk the segment starts at: the one holding the request's kv_from."""
+        return self.request.kv_from // chunk_tokens
 
     def _forget_segment(self) -> None:
         """Unmap an announced segment the daemon dropped (there is nothing to release)."""
@@ -260,7 +279,7 @@ class _FetchState:
             raise ApiError(ErrorCode.NOT_FOUND, f"chunk {index} was not restored")
         layout = self.segment.layout
         # The segment starts at the chunk holding the request's kv_from (FetchResult.first_token).
-        start = (index - self.request.kv_from // layout.chunk_tokens) * layout.chunk_tokens
+        start = (index - self._first_chunk(layout.chunk_tokens)) * layout.chunk_tokens
         stop = start + layout.chunk_tokens
         return self.segment.k[:, :, start:stop, :], self.segment.v[:, :, start:stop, :]
 
@@ -665,9 +684,9 @@ class KVPeerClient:
 
         ``prefill_s``: how long computing this KV took, if known; the daemon learns from it how
         fast this client recomputes, and stops later fetches that would be slower than that.
-        ``kv_from``: k and v start at this token (``>= len(tokens) - kv_from`` of them), because
-        the daemon holds the chunks before it (a lookup's leading "local" sources say so): only
-        the chunks from there on are stored, and less KV crosses shared memory.
+        ``kv_from``: k and v hold the KV of tokens ``kv_from..len(tokens)`` only (exactly that
+        many), because the daemon holds the chunks before it (a lookup's leading "local" sources
+        say so): only the chunks from there on are stored, and less KV crosses shared memory.
         """
         request, k, v = _put_request(self._new_id(), tokens, k, v, fingerprint, level, prefill_s, kv_from)
         ready = self._call(request, m.SegmentReady)

@@ -216,8 +216,9 @@ class PutRequest(_TokensRequest):
     ``kv_from``: the KV given starts at this token (the daemon holds the chunks before it
     already, from an earlier put of the same prefix): every token still keys the chunks, and
     the chunks that start at or after ``kv_from`` are stored.
-    ``prefill_s``: how long the client's own prefill of ``tokens`` took, if it knows; the daemon
-    learns the client's recompute speed from it (a fetch is worth it only while it beats that).
+    ``prefill_s``: how long the client's own prefill of ``tokens`` (from ``kv_from`` on) took,
+    if it knows; the daemon learns the client's recompute speed from it (a fetch is worth it only
+    while it beats that).
     """
 
     TYPE: ClassVar[str] = "put"

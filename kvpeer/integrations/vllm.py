@@ -500,7 +500,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             self._requests.setdefault(request.request_id, _Tracked(tokens)).shared = False
             return 0, False
         if self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens:
-            return 0, False  # nothing kvpeer could add past vLLM's own prefix cache
+            # Nothing kvpeer could add past vLLM's own prefix cache; and nothing to save unless
+            # this step computes a whole chunk past it.
+            self._requests.setdefault(request.request_id, _Tracked(tokens)).num_computed = num_computed_tokens
+            return 0, False
         found = self._lookup(tokens, request.request_id)
         if found is None:
             return 0, False
@@ -741,10 +744,14 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         for spec in meta.saves:
             if spec.req_id in self._not_staged:
                 continue
-            blocks = self.map.blocks(spec.block_ids, self._save_from(spec), spec.stop)
+            staged = self._staged.get(spec.req_id)
+            # Where the copy starts is fixed by its first layer: the saving thread may learn
+            # meanwhile that the daemon predates kv_from, and the buffers are sized already.
+            save_from = self._save_from(spec) if staged is None else spec.stop - staged[0].shape[2]
+            blocks = self.map.blocks(spec.block_ids, save_from, spec.stop)
             k, v = read_paged(kv_layer, blocks, self.layout)
-            if spec.req_id not in self._staged:
-                shape = (fp.layers, fp.kv_heads, spec.stop - self._save_from(spec), fp.head_dim)
+            if staged is None:
+                shape = (fp.layers, fp.kv_heads, spec.stop - save_from, fp.head_dim)
                 # Room first: a save that will be dropped must not cost this step its copies.
                 size = 2 * math.prod(shape) * k.element_size()
                 if not self._saver.reserve(size):

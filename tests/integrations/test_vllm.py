@@ -19,6 +19,8 @@ from kvpeer.integrations.vllm import (
     BlockChunkMap,
     DaemonWaits,
     KVPeerConnector,
+    KVPeerConnectorMetadata,
+    SaveSpec,
     layer_index,
     read_paged,
     write_paged,
@@ -213,6 +215,41 @@ def test_a_conversations_next_turn_saves_only_the_kv_past_what_the_daemon_holds(
     with daemon_client(api) as client, client.fetch(turn_2, conn.fingerprint) as result:
         assert result.matched_tokens == 64
         assert torch.equal(result.k, truth[0][:, :, :64]) and torch.equal(result.v, truth[1][:, :, :64])
+    conn.shutdown()
+
+
+def test_a_short_next_turn_within_vllms_own_hit_saves_nothing(api: ServerThread) -> None:
+    """vLLM's own hit covered every whole chunk, so there was no lookup: the save copied the
+    whole history out again (kv_from 0) though this step computed no whole chunk."""
+    history = list(range(6100, 6136))
+    truth = torch.randn(LAYERS, HEADS, 48, DIM), torch.randn(LAYERS, HEADS, 48, DIM)
+    conn, caches = engine(api)
+    blocks = list(range(12))
+    _step(conn, caches, "t1", history, blocks[:9], 0, truth)
+    meta = _step(conn, caches, "t2", history + [1, 2, 3, 4, 5, 6], blocks[:11], 36, truth)
+    assert not meta.saves and not meta.loads
+    assert [len(r.tokens) for r in api.backend.requests if isinstance(r, m.PutRequest)] == [32]
+    conn.shutdown()
+
+
+def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_mid_step(
+    api: ServerThread,
+) -> None:
+    """The saving thread learning (from another save) that the daemon predates kv_from between
+    two layers of a step made the next layer copy more rows than its buffer held: a RuntimeError
+    out of save_kv_layer, inside vLLM's forward pass."""
+    prompt = list(range(6200, 6240))
+    conn, caches = engine(api)
+    conn.bind_connector_metadata(KVPeerConnectorMetadata(
+        saves=[SaveSpec(req_id="r", tokens=prompt, block_ids=list(range(10)), stop=32, kv_from=16)]
+    ))
+    names = list(caches)
+    conn.save_kv_layer(names[0], caches[names[0]], None)
+    conn._daemon_takes_kv_from = False  # as _predates_kv_from sets it, from the saving thread
+    conn.save_kv_layer(names[1], caches[names[1]], None)
+    k_all, _ = conn._staged["r"]
+    assert k_all.shape[2] == 16  # tokens 16..32, as the first layer began
+    conn.clear_connector_metadata()
     conn.shutdown()
 
 
