@@ -9,7 +9,6 @@ No asyncio, no sockets: the daemon moves the messages (see sync.py).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,13 +18,8 @@ from typing import Any, Literal
 from kvpeer.errors import ErrorCode, ProtocolError
 from kvpeer.hashing import KEY_BYTES
 
-log = logging.getLogger(__name__)
-
 INVENTORY_VERSION = 1
 MAX_INVENTORY_KEYS = 262_144  # 8 MiB of keys: a 256-token chunk each is 67M tokens
-# Keys held for all peers together (~24 MiB of Python set per MAX_INVENTORY_KEYS): a peer
-# holding the cluster key may advertise thousands of node ids, each with a full inventory.
-MAX_TOTAL_KEYS = 4 * MAX_INVENTORY_KEYS
 DEFAULT_HISTORY_KEYS = 65_536
 # Keys per "inventory" answer: 6,000 x ~34 bytes keeps one answer under the transport's
 # 256 KiB control-message limit. A larger full inventory is sent as numbered pages.
@@ -254,19 +248,14 @@ class InventoryTable:
     or hundreds; keys in the millions).
     """
 
-    def __init__(self, max_total_keys: int = MAX_TOTAL_KEYS) -> None:
+    def __init__(self) -> None:
         self._peers: dict[str, _PeerInventory] = {}
-        self._max_total_keys = max_total_keys
         self.keys_refused = 0  # peers' keys beyond MAX_INVENTORY_KEYS, not held
-        self.tables_dropped = 0  # peers' inventories dropped to stay under max_total_keys
 
     @property
     def counters(self) -> Mapping[str, int]:
         """Event counts for metrics."""
-        return {
-            "inventory_keys_refused": self.keys_refused,
-            "inventory_tables_dropped": self.tables_dropped,
-        }
+        return {"inventory_keys_refused": self.keys_refused}
 
     def apply(
         self,
@@ -287,7 +276,6 @@ class InventoryTable:
             self._peers[peer_id] = _PeerInventory(
                 update.epoch, set(update.keys), fps if fps is not None else old_fps
             )
-            self._keep_total(peer_id)
             return update.epoch
         if peer is None or peer.epoch != update.base_epoch:
             held = None if peer is None else peer.epoch
@@ -297,27 +285,7 @@ class InventoryTable:
         peer.epoch = update.epoch
         if fps is not None:
             peer.fingerprints = fps
-        self._keep_total(peer_id)
         return update.epoch
-
-    def _keep_total(self, applied: str) -> None:
-        """Drop whole inventories, the largest first, until all peers' keys together are
-        within ``max_total_keys``. The largest: it frees the most, and a table filled to the
-        cap is more likely made up than a real node's (which holds what its disk holds); on a
-        tie the table just applied goes, so tables already held are not churned. A peer
-        dropped is as one never synced: its chunks are cache misses until its epoch moves and
-        it is synced again."""
-        total = sum(len(peer.keys) for peer in self._peers.values())
-        while total > self._max_total_keys:
-            victim = max(
-                self._peers, key=lambda p: (len(self._peers[p].keys), p == applied)
-            )
-            total -= len(self._peers.pop(victim).keys)
-            self.tables_dropped += 1
-            log.info(
-                "inventory of %s dropped: peers' inventories hold more than %d keys together",
-                victim, self._max_total_keys,
-            )
 
     def _add_capped(self, keys: set[bytes], added: Sequence[bytes]) -> None:
         """Each delta is within the cap, but deltas add up: hold no more than a full inventory
