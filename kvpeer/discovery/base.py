@@ -192,7 +192,11 @@ class Discovery(ABC):
         if info.addresses[0] != source_ip:
             # Heartbeats leave from a node's first address, where we dial it and send ours:
             # one from any other address the advert listed would keep alive an entry that
-            # points us at a target of the advertiser's choice.
+            # points us at a target of the advertiser's choice. Counted: a peer dropped this
+            # way just expires, with nothing else to say why.
+            self._events["heartbeats_ignored"] += 1
+            log.debug("peer %s: %s from %s, not its first address %s", beacon.node_id,
+                      beacon.kind, source_ip, info.addresses[0])
             return
         if beacon.kind == "bye":
             self._dispatch(self._table.withdraw(beacon.node_id))
@@ -210,14 +214,17 @@ class Discovery(ABC):
     def _observe(self, info: PeerInfo, listed: bool = False) -> None:
         # Peers are dialled, and sent heartbeats, at their first address, which the advert
         # chooses (unauthenticated over mDNS): keep only addresses a peer on the LAN can have.
-        usable = usable_addresses(info.addresses, on_the_lan=_on_the_lan(self._addresses))
-        if not usable:
-            # A daemon on this host on loopback alone (a test, a second instance), or an
-            # advert naming loopback or multicast to make us dial there.
+        usable = usable_addresses(info.addresses, keep_loopback=_lists_loopback(self._addresses))
+        if usable[:1] != info.addresses[:1]:
+            # Its first address is the one its transport listens on and its beacons leave
+            # from: dialled at a later one it is not reached, and its heartbeats (from the
+            # first) are not taken, so it would only be added to expire. Seen from the LAN:
+            # a daemon on this host on loopback, or an advert naming loopback or multicast
+            # first to make us dial there.
             self._events["peers_ignored_no_address"] += 1
             self._warn_unusable(
-                info.node_id, "ignored peer: no address this node can reach it at (%s)",
-                ",".join(info.addresses),
+                info.node_id, "ignored peer: its first address is not one this node can "
+                "reach it at (%s)", ",".join(info.addresses),
             )
             return
         if usable != info.addresses:
@@ -345,21 +352,22 @@ class Discovery(ABC):
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
-def usable_addresses(addresses: tuple[str, ...], *, on_the_lan: bool) -> tuple[str, ...]:
+def usable_addresses(addresses: tuple[str, ...], *, keep_loopback: bool) -> tuple[str, ...]:
     """The addresses of a peer's list that can be a peer's: never multicast, broadcast,
-    reserved or "this network" (0.0.0.0/8); loopback only for a node on loopback alone (tests,
-    single-host use), since on the LAN a loopback address names this host, not the peer."""
+    reserved or "this network" (0.0.0.0/8); loopback only when ``keep_loopback``."""
     usable = []
     for address in addresses:
         ip = ipaddress.IPv4Address(address)  # PeerInfo holds IPv4 addresses only
         if ip.is_multicast or ip.is_reserved or ip in _THIS_NETWORK:
             continue  # 255.255.255.255 is among the reserved
-        if ip.is_loopback and on_the_lan:
+        if ip.is_loopback and not keep_loopback:
             continue
         usable.append(address)
     return tuple(usable)
 
 
-def _on_the_lan(addresses: tuple[str, ...]) -> bool:
-    """Whether this node has an address other than loopback."""
-    return any(not ipaddress.ip_address(a).is_loopback for a in addresses)
+def _lists_loopback(addresses: tuple[str, ...]) -> bool:
+    """Whether this node announces a loopback address itself: single-host use (tests, a
+    second daemon on this host), where peers on loopback are this host's. Otherwise a loopback address in
+    an advert names this host, not the peer (an advert aimed at our own local services)."""
+    return any(ipaddress.ip_address(a).is_loopback for a in addresses)

@@ -312,13 +312,38 @@ def test_a_peer_on_loopback_only_is_ignored_by_a_node_on_the_lan(caplog: pytest.
             on_lan._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")
             on_lan._on_beacon(ad("lan-peer", "10.0.0.6"), "10.0.0.6")
         assert set(on_lan.peers()) == {"lan-peer"} and on_lan.counters["peers_ignored_no_address"] == 1
-        assert "local-test: ignored peer: no address" in caplog.text
+        assert "local-test: ignored peer: its first address is not one" in caplog.text
         on_loopback = StaticDiscovery(config(free_port()))  # single-host use: its own kind
         on_loopback._table, on_loopback._addresses = PeerTable("me", timeout_s=10.0), ("127.0.0.1",)
         on_loopback._on_beacon(ad("local-test", "127.0.0.1"), "127.0.0.1")
         assert set(on_loopback.peers()) == {"local-test"}
 
     asyncio.run(main())
+
+
+def test_a_peer_on_this_host_that_lists_loopback_first_stays_without_a_clash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two static nodes on one host, both on ["127.0.0.1", LAN]: beacons leave from 127.0.0.1;
+    loopback was dropped from the stored list, so every beacon after the first was taken for
+    a node id clash (counted, WARNING "announced from 192.0.2.2 and 127.0.0.1") and the peer
+    expired (/tmp/review-disc/loopback_first.py both)."""
+    from kvpeer.discovery.peers import PeerTable
+
+    async def main() -> None:
+        d = StaticDiscovery(config(free_port()))
+        d._table, d._addresses = PeerTable("me", timeout_s=10.0), ("127.0.0.1", "192.0.2.2")
+        record = encode_record(advert("gpu1", 7000), ["127.0.0.1", "192.0.2.2"])
+        for _ in range(3):
+            d._on_beacon(Beacon(kind="ad", node_id="gpu1", record=record), "127.0.0.1")
+        assert d.peers()["gpu1"].addresses == ("127.0.0.1", "192.0.2.2")
+        assert d.counters.get("node_id_clashes", 0) == 0
+        d._on_beacon(Beacon(kind="bye", node_id="gpu1"), "127.0.0.1")
+        assert d.peers() == {}
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert caplog.text == ""
 
 
 def test_a_node_id_announced_from_two_hosts_keeps_the_first(

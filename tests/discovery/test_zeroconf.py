@@ -256,7 +256,7 @@ def test_a_multi_homed_peer_is_dialled_at_the_address_it_gave_first(
 
     async def main() -> None:
         d = ZeroconfDiscovery(DiscoveryConfig(interfaces=("127.0.0.1",)))
-        d._azc = SimpleNamespace(zeroconf=None)  # type: ignore[assignment]
+        d._azc, d._addresses = SimpleNamespace(zeroconf=None), ("127.0.0.1",)  # type: ignore[assignment]
         await d._resolve_once(instance_name("multi"))
         assert d.peers()["multi"].addresses == ("127.0.0.3", "127.0.0.1", "127.0.0.2")
 
@@ -378,13 +378,17 @@ def test_an_advert_cannot_make_a_node_on_the_lan_dial_its_own_loopback(
 ) -> None:
     """One mDNS advert from a host without the key, TXT "a" = 127.0.0.1 first, made the node
     dial its own loopback at the advert's port, again and again (only an all-loopback list
-    was refused; /tmp/review-trust/mdns_evil_advert.py)."""
-    _resolving_to(monkeypatch, "evil1", "127.0.0.1,10.0.0.66", ["10.0.0.66"])
+    was refused; /tmp/review-trust/mdns_evil_advert.py). A peer is dialled and heard at its
+    first address: one this node cannot use there is ignored; a later one is dropped."""
 
     async def main() -> None:
         d = _node("10.0.0.5")
+        _resolving_to(monkeypatch, "evil1", "127.0.0.1,10.0.0.66", ["10.0.0.66"])
         await d._resolve_once(instance_name("evil1"))
-        assert d.peers()["evil1"].addresses == ("10.0.0.66",)
+        assert d.peers() == {} and d.counters["peers_ignored_no_address"] == 1
+        _resolving_to(monkeypatch, "evil3", "10.0.0.66,127.0.0.1", ["10.0.0.66"])
+        await d._resolve_once(instance_name("evil3"))
+        assert d.peers()["evil3"].addresses == ("10.0.0.66",)
         assert d.counters["peer_addresses_dropped"] == 1
 
     asyncio.run(main())
@@ -408,14 +412,14 @@ def test_a_peer_with_no_address_a_lan_peer_can_have_is_ignored_and_named_once(
     with caplog.at_level(logging.INFO, logger="kvpeer.discovery"):
         asyncio.run(main())
     said = [r for r in caplog.records if r.levelno >= logging.INFO and "evil2" in r.getMessage()]
-    assert len(said) == 1 and "no address" in said[0].getMessage()
+    assert len(said) == 1 and "first address is not one" in said[0].getMessage()
 
 
 def test_a_node_on_loopback_alone_keeps_loopback_peers_but_not_multicast(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Single-host use (tests, a demo): peers are on loopback too."""
-    _resolving_to(monkeypatch, "local", "224.0.0.251,127.0.0.2", ["127.0.0.2"])
+    _resolving_to(monkeypatch, "local", "127.0.0.2,224.0.0.251", ["127.0.0.2"])
 
     async def main() -> None:
         d = _node("127.0.0.1")
@@ -442,5 +446,42 @@ def test_heartbeats_count_only_from_a_peers_first_address() -> None:
         assert d._table.known("multi") is not None  # nor says goodbye for it
         d._on_datagram(encode_beacon(Beacon(kind="hb", node_id="multi")), "10.0.0.6")
         assert "multi" in d.peers()
+        assert d.counters["heartbeats_ignored"] == 2  # a peer that expires says why
+
+    asyncio.run(main())
+
+
+def test_peers_on_this_host_that_list_loopback_first_are_heard() -> None:
+    """Two daemons on one host, both on ["127.0.0.1", LAN]: beacons leave from 127.0.0.1, but
+    loopback was dropped from the peer's list (this node is on the LAN), so its first address
+    became the LAN one and every heartbeat was dropped, uncounted: the peer expired
+    (/tmp/review-disc/zc_loopback_first.py)."""
+
+    async def main() -> None:
+        d = _node("127.0.0.1", "192.0.2.2")
+        peer = PeerInfo(node_id="gpu1", addresses=("127.0.0.1", "192.0.2.2"), port=7457,
+                        fingerprints=(), epoch=1, chunk_count=0)
+        d._observe(peer)
+        assert d.peers()["gpu1"].addresses == ("127.0.0.1", "192.0.2.2")
+        d.mark_dead("gpu1")
+        d._on_datagram(encode_beacon(Beacon(kind="hb", node_id="gpu1")), "127.0.0.1")
+        assert "gpu1" in d.peers() and d.counters.get("heartbeats_ignored", 0) == 0
+
+    asyncio.run(main())
+
+
+def test_a_node_that_lists_loopback_keeps_a_peer_on_loopback_alone() -> None:
+    """Single-host use: a node on ["127.0.0.1", LAN] ignored a peer on 127.0.0.1 alone, which
+    saw it, so the two saw each other one way only (/tmp/review-disc/loopback_first.py mixed).
+    A node that lists no loopback address still ignores it (the advert names this host)."""
+
+    async def main() -> None:
+        peer = PeerInfo(node_id="local", addresses=("127.0.0.1",), port=7457,
+                        fingerprints=(), epoch=1, chunk_count=0)
+        both, lan = _node("127.0.0.1", "192.0.2.2"), _node("192.0.2.2")
+        both._observe(peer)
+        lan._observe(peer)
+        assert "local" in both.peers()
+        assert lan.peers() == {} and lan.counters["peers_ignored_no_address"] == 1
 
     asyncio.run(main())
