@@ -87,6 +87,12 @@ class Advertisement:
     first_chunk_keys: Collection[bytes] = ()  # summarised as a Bloom digest, never sent raw
     # The cluster key: the digest is published keyed with it, and not at all without one.
     digest_key: bytes | None = field(default=None, repr=False, compare=False)
+    # Encoded keyed digests by size budget: a static node sends its advertisement every
+    # heartbeat, and MACing every first-chunk key each time ran on the event loop. Per
+    # instance, so never stale: a new epoch, key or key set is a new advertisement.
+    _digests: dict[int, bytes] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
@@ -102,6 +108,18 @@ class Advertisement:
         if self.digest_key is None:
             return BloomDigest.build(self.first_chunk_keys)
         return BloomDigest.build(keyed_entries(self.digest_key, self.first_chunk_keys))
+
+    def keyed_digest(self, max_bytes: int) -> bytes | None:
+        """The published digest: key id then the encoded filter of the keys' MACs, at most
+        ``max_bytes`` of filter; None without a cluster key."""
+        if self.digest_key is None:
+            return None
+        encoded = self._digests.get(max_bytes)
+        if encoded is None:
+            entries = keyed_entries(self.digest_key, self.first_chunk_keys)
+            built = BloomDigest.build(entries, max_bytes=max_bytes)
+            encoded = self._digests[max_bytes] = key_id(self.digest_key) + built.encode()
+        return encoded
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,9 +203,7 @@ def encode_fields(advert: Advertisement, addresses: Sequence[str] = ()) -> dict[
     budget = (
         MAX_TXT_BYTES - txt_size(fields) - pieces_overhead - DIGEST_HEADER_BYTES - KEY_ID_BYTES
     )
-    if advert.digest_key is not None and budget >= MIN_DIGEST_BYTES:
-        entries = keyed_entries(advert.digest_key, advert.first_chunk_keys)
-        digest = key_id(advert.digest_key) + BloomDigest.build(entries, max_bytes=budget).encode()
+    if budget >= MIN_DIGEST_BYTES and (digest := advert.keyed_digest(budget)) is not None:
         for i in range(0, len(digest), _DIGEST_PIECE):
             fields[b"k%d" % (i // _DIGEST_PIECE)] = digest[i : i + _DIGEST_PIECE]
     size = txt_size(fields)
