@@ -412,6 +412,36 @@ def test_the_address_the_transport_listens_on_is_advertised_first(tmp_path: Path
         node.store.close()
 
 
+def test_the_advertised_first_chunk_digest_is_keyed_with_the_cluster_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest is published keyed with the transport's cluster key (TXT k0...), never
+    unkeyed (d0...: any LAN host could test a guessed prompt), and not at all without a key."""
+    import os
+
+    from kvpeer.discovery.advert import decode_fields, encode_fields
+    from kvpeer.discovery.digest import key_id
+
+    psk = tmp_path / "cluster.key"
+    psk.write_text("ab" * 32)
+    psk.chmod(0o600)
+    chunk = os.urandom(32)
+    for transport, keyed in ((f'psk_file = "{psk}"\n', True), ("", False)):
+        (tmp_path / str(keyed)).mkdir()
+        node = _local_daemon(tmp_path / str(keyed), transport=transport)
+        monkeypatch.setattr(type(node.transport), "port", 7457)  # not started: no port yet
+        try:
+            node.inventory.add([chunk], first=[chunk])
+            fields = encode_fields(node._advertisement(), node.addresses)
+        finally:
+            node.store.close()
+        assert b"d0" not in fields and (b"k0" in fields) == keyed
+        if keyed:
+            peer = decode_fields(fields, node.addresses)
+            key = bytes.fromhex("ab" * 32)
+            assert peer.digest_key_id == key_id(key) and peer.might_hold_prefix(chunk, [key])
+
+
 def test_more_models_in_use_than_an_advert_names_cost_one_save_and_one_line_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
