@@ -311,7 +311,7 @@ def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_late
         asyncio.run(node.put(SimpleNamespace(namespace="default"), request, None))  # type: ignore[arg-type]
 
     def advertised(node: daemon.Daemon) -> set[str]:
-        node.transport = SimpleNamespace(port=4000)  # type: ignore[assignment]  # not started
+        node.transport = SimpleNamespace(port=4000, config=SimpleNamespace(keys=()))  # type: ignore[assignment]  # not started
         return set(node._advertisement().fingerprints)
 
     node = _local_daemon(tmp_path)
