@@ -56,6 +56,7 @@ def simulate(peers: int, prefixes: int, chunks: int) -> dict[str, Any]:
         advert = Advertisement(
             node_id=f"node-{p:03d}", port=7457, fingerprints=("ab" * 16, "cd" * 16),
             epoch=log.epoch, chunk_count=len(log), first_chunk_keys=log.first_chunk_keys(),
+            digest_key=b"cluster key of the benchmark....",  # a node with a key sends the digest
         )
         # One address, as a node on one NIC sends it (zeroconf carries the node's order in "a").
         txt_max = max(txt_max, txt_size(encode_fields(advert, [f"10.0.{p // 250}.{p % 250 + 1}"])))
