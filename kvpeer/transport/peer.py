@@ -12,7 +12,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -42,10 +42,20 @@ _MAX_WARNED = 256
 # handshake that has not proved the key (see _HandshakeSlots); past the second it is closed.
 MAX_HANDSHAKES = 64
 MAX_HANDSHAKES_PER_ADDRESS = 8
-#: Seconds a connection has to prove the key (Hello, then ClientProof: one round trip). Anyone on
-#: the LAN can open one, so it holds a slot this long, not connect_timeout_s; the rest of the
-#: handshake (SDP, ICE, DTLS) has connect_timeout_s from the proof on.
+#: Seconds a connection has to prove the key (Hello, then ClientProof: one round trip): a fifth
+#: of connect_timeout_s, at least this many, at most connect_timeout_s (_preauth_timeout_s).
+#: Anyone on the LAN can open one, so it holds a slot this long, not connect_timeout_s; the rest
+#: of the handshake (SDP, ICE, DTLS) has connect_timeout_s from the proof on.
 PREAUTH_TIMEOUT_S = 2.0
+#: One address takes the slot of an unproven handshake, or loses one to a newcomer, at most once
+#: per this many seconds; past that its newcomer to a full table is refused. Without it,
+#: addresses holding one idle connection each (a tie for "the address holding the most")
+#: reopened each one cut at once and flushed the whole table thousands of times a second, a real
+#: peer's handshake with it, before its proof came back.
+EVICTION_INTERVAL_S = 1.0
+#: Addresses remembered for EVICTION_INTERVAL_S (the peers choose them): past this many, the
+#: oldest is forgotten early, so more addresses than this shorten the interval for all.
+MAX_EVICTORS = 4096
 #: Refused or dropped handshakes and sessions are warned about once per address per this many
 #: seconds (at DEBUG between), for at most _MAX_WARNED addresses at a time.
 WARN_INTERVAL_S = 60.0
@@ -80,19 +90,33 @@ def _first_warning(warned: set[str], address: str) -> int:
     return logging.WARNING
 
 
-def _warning_every(warned: dict[str, float], address: str, now: float) -> int:
+def _forget_before(remembered: OrderedDict[str, float], cutoff: float) -> None:
+    """Drop the entries of *remembered* (address -> when, oldest first) from before *cutoff*.
+    Each entry is dropped once, so a caller per event costs O(1) amortized."""
+    while remembered:
+        address, at = next(iter(remembered.items()))
+        if at > cutoff:
+            return
+        del remembered[address]
+
+
+def _warning_every(warned: OrderedDict[str, float], address: str, now: float) -> int:
     """WARNING for ``address`` at most once per WARN_INTERVAL_S, DEBUG between. At most
-    _MAX_WARNED addresses are remembered (peers choose them): past that, DEBUG until some age out."""
-    last = warned.get(address)
-    if last is not None and now - last < WARN_INTERVAL_S:
+    _MAX_WARNED addresses are remembered (peers choose them): past that, DEBUG until some age out.
+    *now* must not decrease between calls (the entries stay in time order)."""
+    _forget_before(warned, now - WARN_INTERVAL_S)
+    if address in warned or len(warned) >= _MAX_WARNED:
         return logging.DEBUG
-    if last is None and len(warned) >= _MAX_WARNED:
-        for old in [a for a, t in warned.items() if now - t >= WARN_INTERVAL_S]:
-            del warned[old]
-        if len(warned) >= _MAX_WARNED:
-            return logging.DEBUG
     warned[address] = now
     return logging.WARNING
+
+
+def _preauth_timeout_s(connect_timeout_s: float) -> float:
+    """Seconds a signalling connection has to prove the key: about one round trip plus our own
+    processing, so it follows connect_timeout_s (a network slow enough to need a longer
+    connect_timeout_s needs longer for this too), never under PREAUTH_TIMEOUT_S unless
+    connect_timeout_s itself is."""
+    return min(connect_timeout_s, max(PREAUTH_TIMEOUT_S, connect_timeout_s / 5))
 
 
 _K = TypeVar("_K")
@@ -123,13 +147,20 @@ class _HandshakeSlots(Generic[_K]):
     one that has. Which one: the oldest of the address holding the most unproven slots (the
     newcomer counted with its own). Plain "oldest" would let a few addresses that reopen each
     dropped connection at once flush a real peer's handshake before its proof arrives; this way
-    a peer's one handshake goes only when no address holds more than one.
+    a peer's one handshake goes only when no address holds more than one. Many addresses holding
+    one each are that case: each may take or lose a slot to another once per *interval* only
+    (else its newcomer is refused), so the table turns over at most as often as there are such
+    addresses per interval, and a real peer's handshake, one round trip, outlives that.
     """
 
-    def __init__(self, limit: int, per_address: int) -> None:
+    def __init__(self, limit: int, per_address: int, interval: float, evictors: int) -> None:
         self.limit = limit
         self.per_address = per_address
+        self.interval = interval
+        self.evictors = evictors
         self._slots: dict[_K, _Slot] = {}  # oldest first
+        # When each address last took or lost a slot (within the interval), oldest first.
+        self._evicted_at: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -137,8 +168,8 @@ class _HandshakeSlots(Generic[_K]):
     def __iter__(self) -> Iterator[_K]:
         return iter(list(self._slots))
 
-    def admit(self, key: _K, address: str) -> _Admission[_K]:
-        """Give *key* (a connection from *address*) a slot, or say why not."""
+    def admit(self, key: _K, address: str, now: float) -> _Admission[_K]:
+        """Give *key* (a connection from *address*, at *now*) a slot, or say why not."""
         held = sum(1 for slot in self._slots.values() if slot.address == address)
         if held >= self.per_address:
             return _Admission(False, reason=f"{held} handshakes from {address} in progress")
@@ -149,20 +180,36 @@ class _HandshakeSlots(Generic[_K]):
                 return _Admission(
                     False, reason=f"{len(self._slots)} handshakes in progress, all past the key"
                 )
+            _forget_before(self._evicted_at, now - self.interval)
+            if address in self._evicted_at:
+                return _Admission(False, reason=(
+                    f"all {len(self._slots)} handshake slots taken, and {address} took or lost "
+                    f"one less than {self.interval:g} s ago"
+                ))  # fmt: skip
             counts = Counter(a for _, a in unproven)
             counts[address] += 1
             most = max(counts[a] for _, a in unproven)
             victim, victim_address = next((k, a) for k, a in unproven if counts[a] == most)
             del self._slots[victim]
             admission = _Admission(True, evict=victim, evicted_address=victim_address)
+            # The address that lost its slot waits too: else each drop frees an address to drop
+            # the next at once, and as many addresses as slots flush the table in one burst.
+            for party in (address, victim_address):
+                self._evicted_at.pop(party, None)
+                self._evicted_at[party] = now
+            while len(self._evicted_at) > self.evictors:
+                self._evicted_at.popitem(last=False)
         self._slots[key] = _Slot(address)
         return admission
 
     def proven(self, key: _K) -> None:
-        """*key* proved the key: its slot is no longer taken for a newcomer's."""
+        """*key* proved the key: its slot is no longer taken for a newcomer's, and its address
+        may take another's at once (the interval holds back hosts without the key, not a peer
+        that redials)."""
         slot = self._slots.get(key)
         if slot is not None:
             slot.proven = True
+            self._evicted_at.pop(slot.address, None)
 
     def release(self, key: _K) -> None:
         self._slots.pop(key, None)
@@ -256,10 +303,10 @@ class PeerTransport:
         # Peers whose last connect failed: when to try again, the wait after that, and why.
         self._backoff: dict[str, _Backoff] = {}
         self._handshakes: _HandshakeSlots[asyncio.Task[Any]] = _HandshakeSlots(
-            MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS
+            MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS, EVICTION_INTERVAL_S, MAX_EVICTORS
         )
         self._handshake_writers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-        self._handshake_warned: dict[str, float] = {}
+        self._handshake_warned: OrderedDict[str, float] = OrderedDict()
         # Incoming sessions by source address: those open, and handshakes admitted past the
         # session caps that have not registered theirs yet (both count toward the caps).
         self._session_sources: dict[PeerSession, str] = {}
@@ -269,7 +316,7 @@ class PeerTransport:
         # address at a time (see _held_elsewhere).
         self._remote_addresses: dict[PeerSession, str] = {}
         self._claims: dict[asyncio.Task[Any], str] = {}
-        self._claim_warned: dict[str, float] = {}
+        self._claim_warned: OrderedDict[str, float] = OrderedDict()
         self._refusal_warned: set[str] = set()
         self._mtu = config.mtu or interface_mtu(config.host)
         self._closing = False
@@ -342,6 +389,13 @@ class PeerTransport:
         # Several callers may wait on one attempt; cancelling one must not cancel the others.
         try:
             return await asyncio.shield(task)
+        except KVPeerError:
+            # The peer dialled us meanwhile (it may refuse ours then, FORBIDDEN, when it sees
+            # us come from another address than it dialled): its session serves as well.
+            existing = self.session(peer_id)
+            if existing is not None:
+                return existing
+            raise
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and (current is None or current.cancelling() == 0):
@@ -356,6 +410,9 @@ class PeerTransport:
         exc = task.exception()
         if exc is None:
             return  # _register ended its episode
+        if self.session(peer_id) is not None:  # the peer's own session to us (connect returns it)
+            logger.debug("connect to peer %s failed, but it opened a session to us: %s", peer_id, exc)
+            return
         failed = self._backoff.get(peer_id)
         wait = CONNECT_BACKOFF_S[0] if failed is None else min(failed.wait_s * 2, CONNECT_BACKOFF_S[1])
         self._backoff.pop(peer_id, None)  # re-inserted last: the dict stays in age order
@@ -429,13 +486,9 @@ class PeerTransport:
                 session = self._new_session(peer_id, pc, control, bulk, packet, limit)
                 await session.wait_open(timeout)
                 _check_not_ended(session)
-                holder = self._held_elsewhere(peer_id, remote)
-                if holder is not None:  # it dialled us from elsewhere meanwhile: that one stays
-                    await session.close()
-                    raise TransportError(
-                        f"{peer_id} at {host}:{port}: a session with {peer_id} at {holder} opened "
-                        "meanwhile"
-                    )
+                # Not checked against sessions from other addresses (_held_elsewhere): we chose
+                # where to dial. The peer's own session to us may come from another address than
+                # the one we dialled (address translation); both stay, as in any racing pair.
         except AuthError as exc:
             self.counters["auth_failures"] += 1
             # Said once per episode by _connect_done (with the reason): a peer holding another key
@@ -480,7 +533,7 @@ class PeerTransport:
         # Anyone on the LAN may connect before proving the key: each open handshake holds a task
         # and a descriptor, so their number is bounded, and those that have not proved the key
         # give way to newcomers (a host that holds slots open must not lock out real peers).
-        admission = self._handshakes.admit(task, address)
+        admission = self._handshakes.admit(task, address, time.monotonic())
         if admission.evict is not None:
             # Its connection is cut, and its handshake fails as for a peer that hung up. Not
             # cancelled: asyncio (3.11) logs a server callback's cancellation as an error.
@@ -498,7 +551,7 @@ class PeerTransport:
         self._handshake_writers[task] = writer
         pc: RTCPeerConnection | None = None
         try:
-            async with asyncio.timeout(min(PREAUTH_TIMEOUT_S, self.config.connect_timeout_s)) as deadline:
+            async with asyncio.timeout(_preauth_timeout_s(self.config.connect_timeout_s)) as deadline:
                 handshake = ServerHandshake(self.config.keys)
                 await _write_message(writer, handshake.on_hello(await _expect(reader, m.Hello)))
                 proof = await _expect(reader, m.ClientProof)
@@ -525,12 +578,16 @@ class PeerTransport:
                     await _write_message(writer, m.Reject(code=ErrorCode.BUSY, reason=refusal))
                     self._log_refusal(address, offer.node_id, refusal)
                     return
+                # Checked once, here: from now on this claim holds the id (_claims, then its
+                # session) against any other address's. A session we dial to the id meanwhile
+                # stays beside it: the peer may be dialling us at once, and its source address
+                # need not be the one we dialled.
                 holder = self._held_elsewhere(offer.node_id, address)
                 if holder is not None:
                     await _write_message(writer, m.Reject(
                         code=ErrorCode.FORBIDDEN, reason=f"node id {offer.node_id!r} is in use"
                     ))  # fmt: skip
-                    self._log_claim_refused(offer.node_id, address, holder)
+                    self._log_claim_refused(offer.node_id, address, *holder)
                     return
                 self._admitted[task] = address
                 self._claims[task] = offer.node_id
@@ -551,11 +608,6 @@ class PeerTransport:
                 session = self._new_session(offer.node_id, pc, control, bulk, packet, limit)
                 await session.wait_open(self.config.connect_timeout_s)
                 _check_not_ended(session)
-                holder = self._held_elsewhere(offer.node_id, address, task)
-                if holder is not None:  # we dialled it elsewhere meanwhile: that one stays
-                    self._log_claim_refused(offer.node_id, address, holder)
-                    await session.close()
-                    return
             self._register(session, handshake.key_index, address, source=address)
         except AuthError as exc:
             self.counters["auth_failures"] += 1
@@ -563,7 +615,7 @@ class PeerTransport:
             await _close_pc(pc)
         except (TimeoutError, OSError, KVPeerError) as exc:
             self.counters["handshakes_failed"] += 1
-            logger.info("handshake with %s failed: %s", peer, exc or type(exc).__name__)
+            logger.info("handshake with %s failed: %s", peer, str(exc) or type(exc).__name__)
             await _close_pc(pc)
         except asyncio.CancelledError:
             await _close_pc(pc)
@@ -579,11 +631,10 @@ class PeerTransport:
             self._admitted.pop(task, None)
             self._claims.pop(task, None)
 
-    def _held_elsewhere(
-        self, peer_id: str, address: str, claimant: asyncio.Task[Any] | None = None
-    ) -> str | None:
-        """The address of another peer that holds *peer_id* (an open session, or a handshake
-        past the checks claiming it), if that is not *address*; else None.
+    def _held_elsewhere(self, peer_id: str, address: str) -> tuple[str, bool] | None:
+        """Who holds *peer_id* from another address than *address*, for a peer that claims it
+        in an incoming handshake: that address, and whether it is a session we dialled; or None.
+        Holders are open sessions either way round and incoming handshakes past this check.
 
         A node id is only the claim of a peer that holds the cluster key. A newer session of an
         id closes the oldest (_replace_oldest), so without this any key holder could close a
@@ -591,13 +642,14 @@ class PeerTransport:
         transport.host, so a restarted one comes from the same address and still replaces its
         old session; one that moved waits until its old session is found dead (the heartbeat
         ends a session silent for peer_dead_after_s, so an open one was heard from lately).
+        Sessions we dial are not refused by this: we chose the address.
         """
         for session, remote in self._remote_addresses.items():
             if session.peer_id == peer_id and remote != address and not (session.closed or session.closing):
-                return remote
+                return remote, session not in self._session_sources
         for task, claimed in self._claims.items():
-            if claimed == peer_id and task is not claimant and self._admitted.get(task) != address:
-                return self._admitted.get(task, "?")
+            if claimed == peer_id and self._admitted.get(task) != address:
+                return self._admitted.get(task, "?"), False
         return None
 
     def _log_handshake_dropped(self, counter: str, address: str, message: str) -> None:
@@ -606,13 +658,18 @@ class PeerTransport:
         level = _warning_every(self._handshake_warned, address, time.monotonic())
         logger.log(level, "%s (%d so far)", message, self.counters[counter])
 
-    def _log_claim_refused(self, peer_id: str, address: str, holder: str) -> None:
+    def _log_claim_refused(self, peer_id: str, address: str, holder: str, dialled: bool) -> None:
         self.counters["sessions_refused_id_in_use"] += 1
+        level = _warning_every(self._claim_warned, address, time.monotonic())
+        if dialled:  # the node we dialled may come back from another address through NAT
+            held = f"we have a session open to {peer_id!r} at {holder}"
+            guess = "the same node behind address translation, two hosts with one node id"
+        else:
+            held = f"a session with {peer_id!r} at {holder} is open"
+            guess = "two hosts with one node id"
         logger.log(
-            _warning_every(self._claim_warned, address, time.monotonic()),
-            "refused a session from %s as peer %r: a session with %r at %s is open (two hosts "
-            "with one node id, or a key holder posing as %r?)",
-            address, peer_id, peer_id, holder, peer_id,
+            level, "refused a session from %s as peer %r: %s (%s, or a key holder posing as %r?)",
+            address, peer_id, held, guess, peer_id,
         )  # fmt: skip
 
     def _session_refusal(self, address: str) -> str | None:
