@@ -475,6 +475,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._meta: KVPeerConnectorMetadata | None = None
         self._load_errors: set[int] = set()
         self._load_bug_logged = False  # a load's unexpected error: its traceback is logged once
+        self._save_bug_logged = False  # the same for a save's staging
+        self._save_failed: set[str] = set()  # this step's saves whose staging failed
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
@@ -740,31 +742,46 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if meta is None or not meta.saves:
             return
         index = layer_index(layer_name)
-        fp = self.fingerprint
         for spec in meta.saves:
-            if spec.req_id in self._not_staged:
+            if spec.req_id in self._not_staged or spec.req_id in self._save_failed:
                 continue
-            staged = self._staged.get(spec.req_id)
-            # Where the copy starts is fixed by its first layer: the saving thread may learn
-            # meanwhile that the daemon predates kv_from, and the buffers are sized already.
-            save_from = self._save_from(spec) if staged is None else spec.stop - staged[0].shape[2]
-            blocks = self.map.blocks(spec.block_ids, save_from, spec.stop)
-            k, v = read_paged(kv_layer, blocks, self.layout)
-            if staged is None:
-                shape = (fp.layers, fp.kv_heads, spec.stop - save_from, fp.head_dim)
-                # Room first: a save that will be dropped must not cost this step its copies.
-                size = 2 * math.prod(shape) * k.element_size()
-                if not self._saver.reserve(size):
-                    self._not_staged.add(spec.req_id)
-                    continue
-                try:
-                    self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
-                except BaseException:
-                    self._saver.unreserve(size)
-                    raise
-            k_all, v_all = self._staged[spec.req_id]
-            k_all[index].copy_(k)
-            v_all[index].copy_(v)
+            try:
+                self._stage(spec, index, kv_layer)
+            except Exception:  # a bug must not stop vLLM's forward pass: this save is dropped
+                log.log(logging.DEBUG if self._save_bug_logged else logging.ERROR,
+                        "kvpeer save for %s failed at layer %d; not saved", spec.req_id, index,
+                        exc_info=True)
+                self._save_bug_logged = True
+                self._save_failed.add(spec.req_id)
+                kv = self._staged.pop(spec.req_id, None)
+                if kv is not None:
+                    self._saver.unreserve(kv[0].nbytes + kv[1].nbytes)
+
+    def _stage(self, spec: SaveSpec, index: int, kv_layer: torch.Tensor) -> None:
+        """Copy layer ``index`` of ``spec``'s KV out of the paged cache into its staging buffers
+        (made, with room reserved, at its first layer)."""
+        fp = self.fingerprint
+        staged = self._staged.get(spec.req_id)
+        # Where the copy starts is fixed by its first layer: the saving thread may learn
+        # meanwhile that the daemon predates kv_from, and the buffers are sized already.
+        save_from = self._save_from(spec) if staged is None else spec.stop - staged[0].shape[2]
+        blocks = self.map.blocks(spec.block_ids, save_from, spec.stop)
+        k, v = read_paged(kv_layer, blocks, self.layout)
+        if staged is None:
+            shape = (fp.layers, fp.kv_heads, spec.stop - save_from, fp.head_dim)
+            # Room first: a save that will be dropped must not cost this step its copies.
+            size = 2 * math.prod(shape) * k.element_size()
+            if not self._saver.reserve(size):
+                self._not_staged.add(spec.req_id)
+                return
+            try:
+                self._staged[spec.req_id] = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=k.dtype))
+            except BaseException:
+                self._saver.unreserve(size)
+                raise
+        k_all, v_all = self._staged[spec.req_id]
+        k_all[index].copy_(k)
+        v_all[index].copy_(v)
 
     def _save_from(self, spec: SaveSpec) -> int:
         """The first token whose KV a save copies (0 for a daemon that predates kv_from)."""
@@ -776,6 +793,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         meta = self._meta
         staged, self._staged = self._staged, {}
         not_staged, self._not_staged = self._not_staged, set()
+        self._save_failed = set()  # said when it failed
         for spec in meta.saves if meta is not None else ():
             kv = staged.pop(spec.req_id, None)
             if kv is not None and self._saver.submit(spec, *kv):

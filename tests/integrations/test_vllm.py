@@ -466,6 +466,36 @@ def test_an_unexpected_error_in_a_load_is_a_load_error_not_an_exception_into_vll
     conn.shutdown()
 
 
+def test_an_unexpected_error_in_a_save_drops_that_save_not_vllms_step(
+    api: ServerThread, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """save_kv_layer runs inside vLLM's forward pass: a bug in a save's staging (here a layer
+    whose cache the layout does not fit) raised out of it. Now that save is dropped, its room
+    given back, the traceback logged once, and the next step's saves go on."""
+    prompt = list(range(7100, 7140))
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    conn, caches = engine(api)
+    caplog.set_level(logging.DEBUG, logger="kvpeer.integrations.vllm")
+    names = list(caches)
+    unfit = paged("kv_blocks_tokens_heads")
+    for req_id in ("r1", "r2"):
+        conn.get_num_new_matched_tokens(request(req_id, prompt), 0)
+        conn.update_state_after_alloc(request(req_id, prompt), None, 0)
+        conn.bind_connector_metadata(conn.build_connector_meta(scheduler_output(req_id, prompt, list(range(10)), 0)))
+        conn.save_kv_layer(names[0], caches[names[0]], None)  # staged, room reserved
+        conn.save_kv_layer(names[1], unfit, None)  # raises inside: dropped
+        conn.wait_for_save()
+        conn.clear_connector_metadata()
+        assert conn.flush_saves(10.0) and conn._saver.waiting_bytes == 0
+    logged = [r for r in caplog.records if r.name == "kvpeer.integrations.vllm" and r.exc_info]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.DEBUG]  # the traceback once
+    assert not [r for r in api.backend.requests if isinstance(r, m.PutRequest)]
+    meta = _step(conn, caches, "r3", list(range(7200, 7240)), list(range(10)), 0, truth)
+    assert [r.kv_from for r in api.backend.requests if isinstance(r, m.PutRequest)] == [0] and meta.saves
+    assert conn.saves_dropped == 0  # a failed save is not one dropped for want of room
+    conn.shutdown()
+
+
 @pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
 def test_a_quantized_kv_cache_is_refused_at_construction(tmp_path: Any, cache_dtype: str) -> None:
     """Loads would cast bf16 KV into fp8 blocks without the layers' k/v scales: wrong output."""

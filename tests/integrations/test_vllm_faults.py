@@ -381,10 +381,9 @@ def test_a_staging_copy_that_cannot_be_made_gives_its_room_back(monkeypatch: pyt
 
         monkeypatch.setattr(torch, "empty", no_memory)
         name, cache = next(iter(CACHES.items()))
-        with pytest.raises(RuntimeError):
-            conn.save_kv_layer(name, cache, None)
+        conn.save_kv_layer(name, cache, None)  # the save is dropped, vLLM's step goes on
         monkeypatch.undo()
-        assert conn._saver.waiting_bytes == 0
+        assert conn._saver.waiting_bytes == 0 and "r1" in conn._save_failed
         conn.shutdown()
 
 
