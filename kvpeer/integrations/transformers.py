@@ -332,6 +332,6 @@ def _put_from(
     try:
         client.put(ids, k[:, :, kv_from:end], v[:, :, kv_from:end], fingerprint, kv_from=kv_from)
     except ApiError as exc:
-        if not kv_from or exc.code != ErrorCode.INVALID or "kv_from" not in exc.reason:
+        if not kv_from or exc.code != ErrorCode.INVALID or "unknown fields" not in exc.reason:
             raise
         client.put(ids, k[:, :, :end], v[:, :, :end], fingerprint)

@@ -501,11 +501,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if not self._shareable(request):
             self._requests.setdefault(request.request_id, _Tracked(tokens)).shared = False
             return 0, False
-        if self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens:
-            # Nothing kvpeer could add past vLLM's own prefix cache; and nothing to save unless
-            # this step computes a whole chunk past it.
-            self._requests.setdefault(request.request_id, _Tracked(tokens)).num_computed = num_computed_tokens
-            return 0, False
+        if self.map.saveable_tokens(len(tokens)) == 0:
+            return 0, False  # not a whole chunk: nothing to load or save
+        # Asked even when vLLM's own prefix cache covers all kvpeer could load: what the daemon
+        # holds decides what the save copies (all of it, if the daemon lost the prefix).
         found = self._lookup(tokens, request.request_id)
         if found is None:
             return 0, False
@@ -611,11 +610,16 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if tracked.saved or not tracked.shared or stop == 0 or computed < stop:
             return
         tracked.saved = True
-        if tracked.num_computed + tracked.load_tokens >= stop or tracked.daemon_holds >= stop:
+        held = tracked.daemon_holds  # at the lookup; 0 when there was none
+        if held >= tracked.num_computed:
+            # A load continues what the daemon held (its chunks from peers are cached there);
+            # vLLM's own hit past ``held`` may be missing at the daemon, and is saved.
+            held = max(held, tracked.num_computed + tracked.load_tokens)
+        if held >= stop:
             return
         meta.saves.append(SaveSpec(
             req_id=req_id, tokens=tracked.tokens, block_ids=list(tracked.block_ids), stop=stop,
-            kv_from=tracked.daemon_holds,  # a conversation's history is copied out once, not per turn
+            kv_from=held,  # a conversation's history is copied out once, not per turn
         ))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

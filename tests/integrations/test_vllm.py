@@ -232,6 +232,26 @@ def test_a_short_next_turn_within_vllms_own_hit_saves_nothing(api: ServerThread)
     conn.shutdown()
 
 
+def test_a_prefix_only_vllms_own_cache_holds_is_saved_and_one_the_daemon_holds_is_not(
+    api: ServerThread,
+) -> None:
+    """With vLLM's own hit covering every whole chunk there was no lookup: such a prompt was
+    never saved (or, at a chunk boundary, its whole history copied again)."""
+    history = list(range(6300, 6336))
+    truth = torch.randn(LAYERS, HEADS, 48, DIM), torch.randn(LAYERS, HEADS, 48, DIM)
+    conn, caches = engine(api)
+    blocks = list(range(12))
+    # The daemon lost the prefix (restart, eviction, a dropped save): vLLM's hit covers it.
+    meta = _step(conn, caches, "lost", history + [1, 2, 3, 4, 5, 6], blocks[:11], 36, truth)
+    assert [(s.stop, s.kv_from) for s in meta.saves] == [(32, 0)]
+    # Now it holds chunks 0-1; a turn that ends on a chunk boundary copies only chunk 2.
+    meta = _step(conn, caches, "boundary", history + list(range(12)), blocks, 36, truth)
+    assert [(s.stop, s.kv_from) for s in meta.saves] == [(48, 32)]
+    with daemon_client(api) as client, client.fetch(history + list(range(12)) + [0], conn.fingerprint) as result:
+        assert result.matched_tokens == 48 and torch.equal(result.k, truth[0][:, :, :48])
+    conn.shutdown()
+
+
 def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_mid_step(
     api: ServerThread,
 ) -> None:
