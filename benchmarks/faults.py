@@ -479,8 +479,12 @@ def scenario_clients(workdir: Path, clients: int = 50, seconds: float = 60.0,
         with KVPeerClient(socket_path=node.socket_path) as client:  # still serving?
             client.put(*shared[1], fp, level="q8")
             still_serving = client.lookup(shared[1][0], fp).matched_tokens == 2 * CHUNK
-        shm_after = _settled(shm_entries, shm_before, lambda now: not (now - shm_before))
+        # Frees run on the daemon's own thread and leases end on their own: up to 30 s on a
+        # loaded machine before a segment still there counts as leaked.
+        shm_after = _settled(shm_entries, shm_before, lambda now: not (now - shm_before), timeout_s=30.0)
         fds_after = _settled(lambda: fd_count(pid), fds_before, lambda now: now <= fds_before)
+        with KVPeerClient(socket_path=node.socket_path) as client:  # does the daemon still hold them?
+            live_segments = client.stats()["api"]["live_segments"]
         cluster.stop_node(node)
         corrupt = corrupt_stored_chunks(node)
     ours = {name for name in shm_after - shm_before if "kvpeer" in name}
@@ -495,6 +499,8 @@ def scenario_clients(workdir: Path, clients: int = 50, seconds: float = 60.0,
         "client_errors": sum(errors.values()),
         "client_error_detail": dict(errors.most_common(5)),
         "leaked_segments": len(ours),
+        "leaked_segment_names": sorted(ours)[:5],
+        "live_segments_at_end": live_segments,  # the daemon's registry, the stats client's excluded
         "leaked_fds": max(0, fds_after - fds_before),
     }
 
