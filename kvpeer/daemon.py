@@ -461,7 +461,14 @@ class Daemon:
         from kvpeer.api.messages import LookupResult
 
         fp: ModelFingerprint = req.fingerprint
-        plan = await self._plan(self._keys(ctx, req.tokens, fp), fp, with_local_holders=False)
+        keys = self._keys(ctx, req.tokens, fp)
+        if req.local_only:
+            held = next((i for i, key in enumerate(keys) if not self.store.has(key)), len(keys))
+            return LookupResult(
+                matched_tokens=held * self.chunk_tokens, chunk_tokens=self.chunk_tokens,
+                sources=["local"] * held,
+            )
+        plan = await self._plan(keys, fp, with_local_holders=False)
         return LookupResult(
             matched_tokens=len(plan.sources) * self.chunk_tokens,
             chunk_tokens=self.chunk_tokens,

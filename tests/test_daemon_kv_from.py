@@ -35,10 +35,15 @@ def _kv(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 K, V = _kv(len(TOKENS))
 
 
-def _with_daemon(tmp_path: Path, test: Callable[[str], Awaitable[None]]) -> None:
+def _with_daemon(tmp_path: Path, test: Callable[[str], Awaitable[None]], *, no_planning: bool = False) -> None:
+    """``no_planning``: the daemon may not plan (ask peers) for any request."""
     async def main() -> None:
         node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")
         await node.start()
+        if no_planning:
+            async def planned(*args: object, **kwargs: object) -> None:
+                raise AssertionError("a local-only lookup planned (asked peers)")
+            node._plan = planned  # type: ignore[method-assign,assignment]
         try:
             await test(str(node.config.api.socket_path))
         finally:
@@ -147,3 +152,14 @@ def test_a_fetch_answer_that_does_not_start_at_kv_froms_chunk_is_refused() -> No
         with client.fetch(TOKENS, FP, kv_from=C) as result, pytest.raises(ApiError) as info:
             result.wait()
         assert info.value.code == ErrorCode.MALFORMED and "kv_from" in info.value.reason
+
+
+def test_a_local_only_lookup_counts_the_leading_chunks_held_here_and_asks_no_peer(tmp_path: Path) -> None:
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            await client.put(TOKENS[: 2 * C], K[:, :, : 2 * C], V[:, :, : 2 * C], FP)
+            await client.put(TOKENS, K[:, :, 3 * C :], V[:, :, 3 * C :], FP, kv_from=3 * C)
+            found = await client.lookup(TOKENS, FP, local_only=True)
+            assert (found.matched_tokens, found.sources) == (2 * C, ["local", "local"])  # chunk 2 missing
+
+    _with_daemon(tmp_path, test, no_planning=True)

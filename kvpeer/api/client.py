@@ -698,10 +698,12 @@ class KVPeerClient:
             raise
         return self._call(m.PutCommit(id=self._new_id(), segment=ready.segment), m.PutResult)
 
-    def lookup(self, tokens: Any, fingerprint: ModelFingerprint) -> m.LookupResult:
-        """How many leading tokens are available, and from where (per chunk)."""
+    def lookup(self, tokens: Any, fingerprint: ModelFingerprint, *, local_only: bool = False) -> m.LookupResult:
+        """How many leading tokens are available, and from where (per chunk); ``local_only``:
+        only those the daemon holds itself (no peer is asked)."""
         try:
-            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint)
+            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint,
+                                      local_only=local_only)
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
         return self._call(request, m.LookupResult)
@@ -1146,9 +1148,11 @@ class AsyncKVPeerClient:
             raise ApiError(ErrorCode.SHUTTING_DOWN, "the daemon connection was lost during the put")
         return await self._call(m.PutCommit(id=self._new_id(), segment=ready.segment), m.PutResult)
 
-    async def lookup(self, tokens: Any, fingerprint: ModelFingerprint) -> m.LookupResult:
+    async def lookup(self, tokens: Any, fingerprint: ModelFingerprint, *, local_only: bool = False) -> m.LookupResult:
+        """As :meth:`KVPeerClient.lookup`."""
         try:
-            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint)
+            request = m.LookupRequest(id=self._new_id(), tokens=tokens, fingerprint=fingerprint,
+                                      local_only=local_only)
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
         return await self._call(request, m.LookupResult)

@@ -262,9 +262,22 @@ class PutCommit(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LookupRequest(_TokensRequest):
-    """How much of this prefix is available, and where from (no data moves)."""
+    """How much of this prefix is available, and where from (no data moves).
+
+    ``local_only``: only the leading chunks this daemon holds itself (no peer is asked, so the
+    answer never waits on the network).
+    """
 
     TYPE: ClassVar[str] = "lookup"
+    local_only: bool = False
+
+    def __post_init__(self) -> None:
+        _TokensRequest.__post_init__(self)
+        if not isinstance(self.local_only, bool):
+            raise ProtocolError(ErrorCode.INVALID, "local_only must be true or false")
+
+    def to_wire(self) -> dict[str, Any]:
+        return _without_zero(_TokensRequest.to_wire(self), "local_only")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -92,6 +92,7 @@ else:
 #  "kv_blocks_tokens_heads": the classic FlashAttention cache [2, num_blocks, block, kv_heads, head_dim].
 LAYOUTS = ("blocks_heads_tokens_2d", "kv_blocks_tokens_heads")
 
+MAX_LOAD_SHORT = 4096  # requests whose load stopped short, remembered for their later save
 MAX_PENDING_SAVE_BYTES = 1 << 30  # kvpeer_max_pending_save_bytes: KV copies waiting to be put
 SHUTDOWN_SAVE_WAIT_S = 10.0  # at shutdown, how long saves still waiting may take to go out
 
@@ -476,13 +477,15 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._load_errors: set[int] = set()
         self._load_bug_logged = False  # a load's unexpected error: its traceback is logged once
         self._save_bug_logged = False  # the same for a save's staging
-        self._save_failed: set[str] = set()  # this step's saves whose staging failed
+        self._save_failed: set[str] = set()  # this step's saves not to make (staging or load failed)
+        self._load_short: dict[str, int] = {}  # request -> the chunk its load stopped in, oldest first
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
         self._dropping = False  # saves are being dropped: warned once until one is taken
         self._not_staged: set[str] = set()  # this step's saves without room: no copies made
         self._daemon_takes_kv_from = True  # False once a daemon that predates it refused it
+        self._daemon_takes_local_only = True  # the same, for local-only lookups (scheduler side)
 
     # ------------------------------------------------------------------ metadata binding
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
@@ -504,8 +507,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if self.map.saveable_tokens(len(tokens)) == 0:
             return 0, False  # not a whole chunk: nothing to load or save
         # Asked even when vLLM's own prefix cache covers all kvpeer could load: what the daemon
-        # holds decides what the save copies (all of it, if the daemon lost the prefix).
-        found = self._lookup(tokens, request.request_id)
+        # holds decides what the save copies (all of it, if the daemon lost the prefix). Then
+        # only what it holds itself counts, so no peer is asked (the answer never waits on one).
+        nothing_to_load = self.map.loadable_tokens(len(tokens), len(tokens)) <= num_computed_tokens
+        found = self._lookup(tokens, request.request_id, local_only=nothing_to_load)
         if found is None:
             return 0, False
         if found.chunk_tokens != self.map.chunk_tokens:
@@ -520,14 +525,20 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         tracked.daemon_holds = local * found.chunk_tokens  # a save need not copy these again
         return new, False
 
-    def _lookup(self, tokens: list[int], req_id: str) -> m.LookupResult | None:
-        """The daemon's answer, or None (the request is computed): it failed, or is being let be."""
-        if not self._daemon_usable():
+    def _lookup(self, tokens: list[int], req_id: str, *, local_only: bool = False) -> m.LookupResult | None:
+        """The daemon's answer, or None (the request is computed): it failed, or is being let be.
+        ``local_only`` to a daemon that predates it: None (its save copies the whole prompt)."""
+        if not self._daemon_usable() or (local_only and not self._daemon_takes_local_only):
             return None
         try:
             with self._quick.lock:
-                found = self._quick.client().lookup(tokens, self.fingerprint)
+                found = self._quick.client().lookup(tokens, self.fingerprint, local_only=local_only)
         except (KVPeerError, OSError) as exc:
+            if local_only and isinstance(exc, ApiError) and _refused_field(exc, "local_only"):
+                self._daemon_takes_local_only = False
+                log.info("kvpeer: the daemon predates local-only lookups; prompts vLLM's own cache "
+                         "holds are saved whole")
+                return None
             slow = isinstance(exc, ApiError) and exc.code == ErrorCode.TIMEOUT
             if slow and self._answers_probe():
                 # Slow, not gone: a lookup may take the daemon up to ~3 s while it asks peers
@@ -690,6 +701,13 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if loaded_to < spec.stop:
             # vLLM recomputes what it is told failed; never leave blocks half-promised.
             self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
+            # This step's forward pass reads those blocks unwritten: a save of it would put KV
+            # computed on them. Later saves start no later than the chunk the load stopped in
+            # (vLLM recomputes from there; the daemon may not hold it).
+            self._save_failed.add(spec.req_id)
+            self._load_short[spec.req_id] = loaded_to // self.map.chunk_tokens * self.map.chunk_tokens
+            while len(self._load_short) > MAX_LOAD_SHORT:
+                del self._load_short[next(iter(self._load_short))]
 
     def _restore(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> Iterator[int]:
         """Fetch ``spec``'s chunks into its blocks; yields the token restored up to after each.
@@ -704,7 +722,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _predates_kv_from(self, exc: ApiError) -> bool:
         """``exc`` is a daemon older than kv_from refusing it: said once, and not asked again."""
-        if exc.code != ErrorCode.INVALID or "unknown fields" not in exc.reason or "kv_from" not in exc.reason:
+        if not _refused_field(exc, "kv_from"):
             return False
         if self._daemon_takes_kv_from:
             self._daemon_takes_kv_from = False
@@ -788,8 +806,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         v_all[index].copy_(v)
 
     def _save_from(self, spec: SaveSpec) -> int:
-        """The first token whose KV a save copies (0 for a daemon that predates kv_from)."""
-        return spec.kv_from if self._daemon_takes_kv_from else 0
+        """The first token whose KV a save copies: the scheduler's kv_from, or where this
+        request's load stopped if earlier (0 for a daemon that predates kv_from)."""
+        if not self._daemon_takes_kv_from:
+            return 0
+        return min(spec.kv_from, self._load_short.pop(spec.req_id, spec.kv_from))
 
     def wait_for_save(self) -> None:
         """Hand this step's saves to the saving thread: their KV was copied out of the paged
@@ -888,6 +909,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _daemon_answered(self) -> None:
         if self._backoff.succeeded():
             log.info("kvpeer daemon answers again: lookups, loads and saves resume")
+
+
+def _refused_field(exc: ApiError, name: str) -> bool:
+    """``exc`` is a daemon older than request field ``name`` refusing it (unknown fields)."""
+    return exc.code == ErrorCode.INVALID and "unknown fields" in exc.reason and name in exc.reason
 
 
 def _extra_config(vllm_config: Any) -> dict[str, Any]:

@@ -71,7 +71,8 @@ class FakeBackend:
         return out
 
     async def lookup(self, ctx: ClientContext, req: m.LookupRequest) -> m.LookupResult:
-        keys = self._available(ctx, req.tokens, req.fingerprint)
+        self.requests.append(req)
+        keys = self._available(ctx, req.tokens, req.fingerprint)  # all local: local_only or not
         return m.LookupResult(
             matched_tokens=len(keys) * self.chunk_tokens,
             chunk_tokens=self.chunk_tokens,

@@ -85,6 +85,11 @@ def test_kv_from_round_trips_and_is_left_off_the_wire_when_zero() -> None:
     assert "kv_from" not in m.PutRequest(tokens=[1], fingerprint=FP).to_wire()
     assert "kv_from" not in m.FetchRequest(tokens=[1], fingerprint=FP).to_wire()
     assert "first_token" not in m.FetchResult(matched_tokens=4, chunk_tokens=4, levels=["q8"]).to_wire()
+    lookup = round_trip(m.LookupRequest(id=5, tokens=[1], fingerprint=FP, local_only=True))
+    assert isinstance(lookup, m.LookupRequest) and lookup.local_only is True
+    assert "local_only" not in m.LookupRequest(tokens=[1], fingerprint=FP).to_wire()
+    with pytest.raises(ProtocolError):
+        m.LookupRequest(tokens=[1], fingerprint=FP, local_only=1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,64 @@ def test_a_prefix_only_vllms_own_cache_holds_is_saved_and_one_the_daemon_holds_i
     conn.shutdown()
 
 
+def test_a_prompt_vllms_own_cache_covers_is_looked_up_locally_only(
+    api: ServerThread, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Such a lookup only says where the save starts: asking peers the daemon has not synced
+    with could hold vLLM's scheduler for kvpeer_lookup_timeout_s on every fully cached prompt.
+    A daemon that predates it refuses it once; such prompts are then saved whole, as before."""
+    prompt = list(range(6400, 6442))
+    conn, _ = engine(api)
+    conn.get_num_new_matched_tokens(request("partial", prompt), 4)
+    conn.get_num_new_matched_tokens(request("covered", prompt), 36)
+    lookups = [r for r in api.backend.requests if isinstance(r, m.LookupRequest)]
+    assert [r.local_only for r in lookups] == [False, True]
+
+    lookup = api.backend.lookup
+
+    async def older(ctx: Any, req: Any) -> Any:
+        if req.local_only:
+            raise ProtocolError(ErrorCode.INVALID, "lookup: unknown fields ['local_only']")
+        return await lookup(ctx, req)
+
+    api.backend.lookup = older  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="kvpeer.integrations.vllm")
+    for req_id in ("a", "b"):
+        assert conn.get_num_new_matched_tokens(request(req_id, prompt), 36) == (0, False)
+    assert sum("predates local-only" in r.message for r in caplog.records) == 1
+    assert conn._daemon_usable()  # a refused field is not a daemon away: no back-off
+    conn.shutdown()
+
+
+def test_a_load_that_fails_drops_the_save_of_its_step_and_later_saves_start_where_it_stopped(
+    api: ServerThread,
+) -> None:
+    """That step's forward pass read the failed blocks unwritten, so its save put KV computed
+    on them; and a later save (chunked prefill) skipped the chunks vLLM recomputed, as the
+    scheduler planned it from the load."""
+    prompt = list(range(6500, 6565))  # 65 tokens: 4 whole chunks
+    truth = torch.randn(LAYERS, HEADS, 68, DIM), torch.randn(LAYERS, HEADS, 68, DIM)
+    conn, caches = engine(api)
+    with daemon_client(api) as client:
+        client.put(prompt[:48], truth[0][:, :, :48], truth[1][:, :, :48], conn.fingerprint)
+        new, _ = conn.get_num_new_matched_tokens(request("same-step", prompt), 0)
+        conn.update_state_after_alloc(request("same-step", prompt), None, new)
+        meta = conn.build_connector_meta(scheduler_output("same-step", prompt, list(range(17)), 0))
+        client.evict_all()  # the load fails
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    for name, cache in caches.items():
+        conn.save_kv_layer(name, cache, None)
+    conn.wait_for_save()
+    conn.clear_connector_metadata()
+    assert conn.flush_saves(10.0) and meta.saves and conn.get_block_ids_with_load_errors()
+    assert not [r for r in api.backend.requests if isinstance(r, m.PutRequest) and len(r.tokens) == 64]
+    # A later step's save of a request whose load stopped short starts at that chunk.
+    spec = SaveSpec(req_id="same-step", tokens=prompt, block_ids=list(range(17)), stop=64, kv_from=48)
+    assert conn._save_from(spec) == 0 and conn._save_from(spec) == 48  # remembered once
+    conn.shutdown()
+
+
 def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_mid_step(
     api: ServerThread,
 ) -> None:
