@@ -479,6 +479,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self._save_bug_logged = False  # the same for a save's staging
         self._save_failed: set[str] = set()  # this step's saves not to make (staging or load failed)
         self._load_short: dict[str, int] = {}  # request -> the chunk its load stopped in, oldest first
+        self._failed_blocks_told: set[int] = set()  # load errors vLLM was told of lately
+        self._steps = 0  # wait_for_save calls: when vLLM was told (whichever it calls first)
+        self._told_at = 0
         self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saver = _Saver(self._save, _bytes_key(extra, "kvpeer_max_pending_save_bytes", MAX_PENDING_SAVE_BYTES))
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
@@ -527,8 +530,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _lookup(self, tokens: list[int], req_id: str, *, local_only: bool = False) -> m.LookupResult | None:
         """The daemon's answer, or None (the request is computed): it failed, or is being let be.
-        ``local_only`` to a daemon that predates it: None (its save copies the whole prompt)."""
-        if not self._daemon_usable() or (local_only and not self._daemon_takes_local_only):
+        ``local_only`` to a daemon that predates it: a plain lookup."""
+        local_only = local_only and self._daemon_takes_local_only
+        if not self._daemon_usable():
             return None
         try:
             with self._quick.lock:
@@ -537,8 +541,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             if local_only and isinstance(exc, ApiError) and _refused_field(exc, "local_only"):
                 self._daemon_takes_local_only = False
                 log.info("kvpeer: the daemon predates local-only lookups; prompts vLLM's own cache "
-                         "holds are saved whole")
-                return None
+                         "covers are looked up as others are")
+                return self._lookup(tokens, req_id)
             slow = isinstance(exc, ApiError) and exc.code == ErrorCode.TIMEOUT
             if slow and self._answers_probe():
                 # Slow, not gone: a lookup may take the daemon up to ~3 s while it asks peers
@@ -701,10 +705,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         if loaded_to < spec.stop:
             # vLLM recomputes what it is told failed; never leave blocks half-promised.
             self._load_errors.update(self.map.blocks(spec.block_ids, loaded_to, spec.stop))
-            # This step's forward pass reads those blocks unwritten: a save of it would put KV
-            # computed on them. Later saves start no later than the chunk the load stopped in
-            # (vLLM recomputes from there; the daemon may not hold it).
-            self._save_failed.add(spec.req_id)
+            # A later save of the request starts no later than the chunk the load stopped in
+            # (vLLM recomputes from there; the daemon may not hold it). Saves over the failed
+            # blocks are not made meanwhile: see _over_failed_blocks.
             self._load_short[spec.req_id] = loaded_to // self.map.chunk_tokens * self.map.chunk_tokens
             while len(self._load_short) > MAX_LOAD_SHORT:
                 del self._load_short[next(iter(self._load_short))]
@@ -757,6 +760,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
+        if errors:  # kept until vLLM has had a whole step to recompute them
+            self._failed_blocks_told |= errors
+            self._told_at = self._steps
         return errors
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
@@ -766,6 +772,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         index = layer_index(layer_name)
         for spec in meta.saves:
             if spec.req_id in self._not_staged or spec.req_id in self._save_failed:
+                continue
+            if self._over_failed_blocks(spec):
+                self._save_failed.add(spec.req_id)
+                log.debug("kvpeer save for %s not made: its blocks include ones a load failed to write",
+                          spec.req_id)
                 continue
             try:
                 self._stage(spec, index, kv_layer)
@@ -805,6 +816,15 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         k_all[index].copy_(k)
         v_all[index].copy_(v)
 
+    def _over_failed_blocks(self, spec: SaveSpec) -> bool:
+        """Whether ``spec``'s blocks include one a load failed to write, in this step (the
+        forward pass read it unwritten; another request sharing the block too) or the step
+        before (with async scheduling the next step is planned before vLLM reads the failure).
+        Such a save would put KV computed on unwritten blocks, and the daemon keeps a key it
+        holds: it is not made (the next request of that prefix saves it)."""
+        failed = self._load_errors | self._failed_blocks_told
+        return bool(failed) and not failed.isdisjoint(self.map.blocks(spec.block_ids, 0, spec.stop))
+
     def _save_from(self, spec: SaveSpec) -> int:
         """The first token whose KV a save copies: the scheduler's kv_from, or where this
         request's load stopped if earlier (0 for a daemon that predates kv_from)."""
@@ -819,6 +839,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         staged, self._staged = self._staged, {}
         not_staged, self._not_staged = self._not_staged, set()
         self._save_failed = set()  # said when it failed
+        for spec in meta.saves if meta is not None else ():
+            self._load_short.pop(spec.req_id, None)  # its one save was this step's
+        if self._steps > self._told_at:
+            self._failed_blocks_told = set()  # a whole step has passed since vLLM was told
+        self._steps += 1
         for spec in meta.saves if meta is not None else ():
             kv = staged.pop(spec.req_id, None)
             if kv is not None and self._saver.submit(spec, *kv):

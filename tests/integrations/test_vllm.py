@@ -257,7 +257,7 @@ def test_a_prompt_vllms_own_cache_covers_is_looked_up_locally_only(
 ) -> None:
     """Such a lookup only says where the save starts: asking peers the daemon has not synced
     with could hold vLLM's scheduler for kvpeer_lookup_timeout_s on every fully cached prompt.
-    A daemon that predates it refuses it once; such prompts are then saved whole, as before."""
+    A daemon that predates it refuses it once; such prompts then get a plain lookup."""
     prompt = list(range(6400, 6442))
     conn, _ = engine(api)
     conn.get_num_new_matched_tokens(request("partial", prompt), 4)
@@ -276,7 +276,9 @@ def test_a_prompt_vllms_own_cache_covers_is_looked_up_locally_only(
     caplog.set_level(logging.INFO, logger="kvpeer.integrations.vllm")
     for req_id in ("a", "b"):
         assert conn.get_num_new_matched_tokens(request(req_id, prompt), 36) == (0, False)
+        assert conn._requests[req_id].num_computed == 36  # answered: the save knows what is held
     assert sum("predates local-only" in r.message for r in caplog.records) == 1
+    assert [r.local_only for r in api.backend.requests if isinstance(r, m.LookupRequest)][2:] == [False, False]
     assert conn._daemon_usable()  # a refused field is not a daemon away: no back-off
     conn.shutdown()
 
@@ -304,9 +306,29 @@ def test_a_load_that_fails_drops_the_save_of_its_step_and_later_saves_start_wher
     conn.clear_connector_metadata()
     assert conn.flush_saves(10.0) and meta.saves and conn.get_block_ids_with_load_errors()
     assert not [r for r in api.backend.requests if isinstance(r, m.PutRequest) and len(r.tokens) == 64]
-    # A later step's save of a request whose load stopped short starts at that chunk.
-    spec = SaveSpec(req_id="same-step", tokens=prompt, block_ids=list(range(17)), stop=64, kv_from=48)
-    assert conn._save_from(spec) == 0 and conn._save_from(spec) == 48  # remembered once
+    assert "same-step" not in conn._load_short  # its one save was this step's: not kept
+    # A later step's save of a request whose load stopped short starts at that chunk, once.
+    conn._load_short["later"] = 16
+    spec = SaveSpec(req_id="later", tokens=prompt, block_ids=list(range(17)), stop=64, kv_from=48)
+    assert conn._save_from(spec) == 16 and conn._save_from(spec) == 48
+    conn.shutdown()
+
+
+def test_no_save_over_blocks_a_load_failed_to_write_this_step_or_the_next(api: ServerThread) -> None:
+    """Another request sharing the failed blocks (vLLM caches them at allocation) read them
+    unwritten too, and with async scheduling the next step is planned before vLLM hears of the
+    failure: both saves put KV computed on unwritten blocks."""
+    prompt = list(range(6600, 6665))
+    conn, caches = engine(api)
+    conn._load_errors = {2, 3}  # a load of this step failed to write blocks 2 and 3
+    shared = SaveSpec(req_id="B", tokens=prompt, block_ids=[0, 1, 2, 3] + list(range(20, 32)), stop=64)
+    apart = SaveSpec(req_id="C", tokens=prompt, block_ids=list(range(40, 57)), stop=64)
+    assert conn._over_failed_blocks(shared) and not conn._over_failed_blocks(apart)
+    assert conn.get_block_ids_with_load_errors() == {2, 3}  # vLLM reads them after the step
+    conn.wait_for_save()
+    assert conn._over_failed_blocks(shared)  # the step planned before vLLM recomputed them
+    conn.wait_for_save()
+    assert not conn._over_failed_blocks(shared)  # recomputed since
     conn.shutdown()
 
 
