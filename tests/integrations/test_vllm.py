@@ -189,6 +189,12 @@ def _step(conn: KVPeerConnector, caches: dict[str, torch.Tensor], req_id: str, t
     meta = conn.build_connector_meta(scheduler_output(req_id, tokens, blocks, hit))
     for i, cache in enumerate(caches.values()):
         write_paged(cache, truth[0][i, :, : len(blocks) * BLOCK], truth[1][i, :, : len(blocks) * BLOCK], blocks)
+    _work(conn, caches, meta)
+    return meta
+
+
+def _work(conn: KVPeerConnector, caches: dict[str, torch.Tensor], meta: Any) -> None:
+    """The worker's part of a step: loads, the forward pass's saves, then the saves sent."""
     conn.bind_connector_metadata(meta)
     conn.start_load_kv(None)
     for name, cache in caches.items():
@@ -196,7 +202,6 @@ def _step(conn: KVPeerConnector, caches: dict[str, torch.Tensor], req_id: str, t
     conn.wait_for_save()
     conn.clear_connector_metadata()
     assert conn.flush_saves(10.0)
-    return meta
 
 
 def test_a_conversations_next_turn_saves_only_the_kv_past_what_the_daemon_holds(api: ServerThread) -> None:
@@ -298,13 +303,8 @@ def test_a_load_that_fails_drops_the_save_of_its_step_and_later_saves_start_wher
         conn.update_state_after_alloc(request("same-step", prompt), None, new)
         meta = conn.build_connector_meta(scheduler_output("same-step", prompt, list(range(17)), 0))
         client.evict_all()  # the load fails
-    conn.bind_connector_metadata(meta)
-    conn.start_load_kv(None)
-    for name, cache in caches.items():
-        conn.save_kv_layer(name, cache, None)
-    conn.wait_for_save()
-    conn.clear_connector_metadata()
-    assert conn.flush_saves(10.0) and meta.saves and conn.get_block_ids_with_load_errors()
+    _work(conn, caches, meta)
+    assert meta.saves and conn.get_block_ids_with_load_errors()
     assert not [r for r in api.backend.requests if isinstance(r, m.PutRequest) and len(r.tokens) == 64]
     assert "same-step" not in conn._load_short  # its one save was this step's: not kept
     # A later step's save of a request whose load stopped short starts at that chunk, once.
