@@ -75,6 +75,11 @@ class _Plan:
     holders: list[set[str]] = field(default_factory=list)  # every peer holding each chunk
 
 
+def _leading_held(store: ChunkStore, keys: Sequence[bytes]) -> int:
+    """How many of ``keys``, from the first, ``store`` holds."""
+    return next((i for i, key in enumerate(keys) if not store.has(key)), len(keys))
+
+
 def encode_chunk_blocking(
     kv: PutKV, index: int, chunk_tokens: int, level: str,
     profile: CodecProfile | None, last: bool, rotary: bool = True,
@@ -463,7 +468,7 @@ class Daemon:
         fp: ModelFingerprint = req.fingerprint
         keys = self._keys(ctx, req.tokens, fp)
         if req.local_only:
-            held = next((i for i, key in enumerate(keys) if not self.store.has(key)), len(keys))
+            held = _leading_held(self.store, keys)
             return LookupResult(
                 matched_tokens=held * self.chunk_tokens, chunk_tokens=self.chunk_tokens,
                 sources=["local"] * held,
@@ -563,12 +568,8 @@ class Daemon:
         ``with_local_holders``: which peers also hold the chunks held here (a fetch's fallback;
         a lookup does not need them)."""
         plan = _Plan(keys=list(keys))
-        local = 0
-        for key in keys:
-            if not self.store.has(key):
-                break
-            plan.sources.append(None)
-            local += 1
+        local = _leading_held(self.store, keys)
+        plan.sources = [None] * local
         if local and with_local_holders:
             # Peers holding them too: a local copy that cannot be read (corrupt, evicted since)
             # is then fetched from one of them instead of ending the fetch there.

@@ -49,6 +49,11 @@ class Backoff:
         return was_backing_off
 
 
+def refused_field(exc: ApiError, name: str) -> bool:
+    """``exc`` is a daemon older than request field ``name`` refusing it (unknown fields)."""
+    return exc.code == ErrorCode.INVALID and "unknown fields" in exc.reason and name in exc.reason
+
+
 def daemon_away(exc: BaseException) -> bool:
     """Whether ``exc`` says the daemon is not answering (down, restarting, hung), rather than
     that it turned this one request down."""

@@ -29,7 +29,13 @@ from kvpeer.api.client import KVPeerClient
 from kvpeer.api.messages import PutResult
 from kvpeer.errors import ApiError, ErrorCode, KVPeerError
 from kvpeer.hashing import ModelFingerprint
-from kvpeer.integrations._daemon import ANSWER_GRACE_S, Backoff, DaemonConnection, daemon_away
+from kvpeer.integrations._daemon import (
+    ANSWER_GRACE_S,
+    Backoff,
+    DaemonConnection,
+    daemon_away,
+    refused_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +338,6 @@ def _put_from(
     try:
         client.put(ids, k[:, :, kv_from:end], v[:, :, kv_from:end], fingerprint, kv_from=kv_from)
     except ApiError as exc:
-        if not kv_from or exc.code != ErrorCode.INVALID or "unknown fields" not in exc.reason:
+        if not kv_from or not refused_field(exc, "kv_from"):
             raise
         client.put(ids, k[:, :, :end], v[:, :, :end], fingerprint)

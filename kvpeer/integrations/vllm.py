@@ -62,7 +62,13 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import DEFAULT_TIMEOUT_S, default_socket_path
 from kvpeer.errors import ApiError, ConfigError, ErrorCode, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
-from kvpeer.integrations._daemon import ANSWER_GRACE_S, Backoff, DaemonConnection, daemon_away
+from kvpeer.integrations._daemon import (
+    ANSWER_GRACE_S,
+    Backoff,
+    DaemonConnection,
+    daemon_away,
+    refused_field,
+)
 from kvpeer.integrations._fingerprint import dtype_name, fingerprint, model_name
 
 log = logging.getLogger(__name__)
@@ -538,7 +544,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             with self._quick.lock:
                 found = self._quick.client().lookup(tokens, self.fingerprint, local_only=local_only)
         except (KVPeerError, OSError) as exc:
-            if local_only and isinstance(exc, ApiError) and _refused_field(exc, "local_only"):
+            if local_only and isinstance(exc, ApiError) and refused_field(exc, "local_only"):
                 self._daemon_takes_local_only = False
                 log.info("kvpeer: the daemon predates local-only lookups; prompts vLLM's own cache "
                          "covers are looked up as others are")
@@ -725,7 +731,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _predates_kv_from(self, exc: ApiError) -> bool:
         """``exc`` is a daemon older than kv_from refusing it: said once, and not asked again."""
-        if not _refused_field(exc, "kv_from"):
+        if not refused_field(exc, "kv_from"):
             return False
         if self._daemon_takes_kv_from:
             self._daemon_takes_kv_from = False
@@ -839,12 +845,11 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         staged, self._staged = self._staged, {}
         not_staged, self._not_staged = self._not_staged, set()
         self._save_failed = set()  # said when it failed
-        for spec in meta.saves if meta is not None else ():
-            self._load_short.pop(spec.req_id, None)  # its one save was this step's
         if self._steps > self._told_at:
             self._failed_blocks_told = set()  # a whole step has passed since vLLM was told
         self._steps += 1
         for spec in meta.saves if meta is not None else ():
+            self._load_short.pop(spec.req_id, None)  # its one save was this step's
             kv = staged.pop(spec.req_id, None)
             if kv is not None and self._saver.submit(spec, *kv):
                 self._dropping = False
@@ -934,11 +939,6 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _daemon_answered(self) -> None:
         if self._backoff.succeeded():
             log.info("kvpeer daemon answers again: lookups, loads and saves resume")
-
-
-def _refused_field(exc: ApiError, name: str) -> bool:
-    """``exc`` is a daemon older than request field ``name`` refusing it (unknown fields)."""
-    return exc.code == ErrorCode.INVALID and "unknown fields" in exc.reason and name in exc.reason
 
 
 def _extra_config(vllm_config: Any) -> dict[str, Any]:
