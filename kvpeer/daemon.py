@@ -527,8 +527,8 @@ class Daemon:
         )
         self.activity.fetch(outcome.reason, seconds, outcome.bytes_moved)
         log.debug(
-            "fetch ns=%s tokens=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
-            ctx.namespace, len(req.tokens), outcome.chunks, outcome.requested, outcome.reason,
+            "fetch ns=%s tokens=%d head=%d chunks=%d/%d (%s) sources=%s levels=%s wire_bytes=%d in %.3fs",
+            ctx.namespace, len(req.tokens), outcome.head, outcome.chunks, outcome.requested, outcome.reason,
             sorted({s or "local" for s in plan.sources}) if plan is not None else [],
             ",".join(outcome.levels), outcome.bytes_moved, seconds,
         )
@@ -556,6 +556,7 @@ class Daemon:
             policy=defaults.policy,
             chunk_shape=(fp.layers, fp.kv_heads, fp.head_dim),
             on_end=on_end,
+            leave_head=sink.leave_head if req.split else None,
         )
 
     async def _plan(

@@ -179,6 +179,7 @@ class ResolutionController:
         sizes: Sequence[Mapping[str, int] | None] | None = None,
         config: ControllerConfig | None = None,
         allow_recompute: bool = True,
+        busy_until: float | None = None,
     ) -> None:
         if not levels:
             raise ValueError("at least one level is needed")
@@ -208,6 +209,9 @@ class ResolutionController:
         self.config = config or ControllerConfig()
         # False when the recompute rate is only a guess: then it steers levels, never stops.
         self.allow_recompute = allow_recompute
+        # A split fetch: the client prefills the prefix's head until then, so it can recompute
+        # these chunks only after it, and the fetch gains nothing by being done before it.
+        self.busy_until = start if busy_until is None else busy_until
         self._default_deadline = deadline is None
         self.deadline = deadline if deadline is not None else self._aim(chunk_count)
         self._bpt = {name: float(bytes_per_token[name]) for name in self.levels}
@@ -244,8 +248,10 @@ class ResolutionController:
         self._observe(level, nbytes)
 
     def _aim(self, chunks: int) -> float:
-        """Without a deadline: usable ``target_speedup`` times sooner than recomputing these."""
-        return self.start + chunks * self.chunk_tokens / self.recompute_rate / self.config.target_speedup
+        """Without a deadline: usable ``target_speedup`` times sooner than recomputing these, or
+        when the client's own prefill of a split fetch's head ends, whichever is later."""
+        soon = self.start + chunks * self.chunk_tokens / self.recompute_rate / self.config.target_speedup
+        return max(soon, self.busy_until)
 
     def limit_to(self, count: int) -> None:
         """Only the first ``count`` chunks will be fetched (a chunk no live peer holds, a cut):
@@ -330,10 +336,11 @@ class ResolutionController:
         )
 
     def recompute_finish(self, now: float) -> float:
-        """When the prefix would be usable if everything after the restored prefix were recomputed."""
+        """When the prefix would be usable if everything after the restored prefix were
+        recomputed (after the head of a split fetch: the client prefills one thing at a time)."""
         first_missing = self.prefix_done()
         tokens = max(0, self._limit - first_missing) * self.chunk_tokens
-        return now + tokens / self.recompute_rate
+        return max(now, self.busy_until) + tokens / self.recompute_rate
 
     def prefix_done(self) -> int:
         """Number of leading chunks already received."""
@@ -475,6 +482,34 @@ class ResolutionController:
         if last is not None and self.allowed.index(name) < self.allowed.index(last):
             return limit - self.config.up_margin * max(0.0, limit - now)
         return limit
+
+
+# --------------------------------------------------------------------------- split fetches
+def head_to_recompute(
+    fetch_s: Sequence[float], recompute_s: float, *, startup_s: float = 0.0, min_gain: float = 1.0
+) -> int:
+    """How many leading chunks a client should prefill itself while the rest is fetched.
+
+    The client recomputes chunks ``[0, s)`` at ``recompute_s`` seconds each while chunks
+    ``[s, n)`` arrive one after the other, chunk ``i`` taking ``fetch_s[i]`` after
+    ``startup_s``; the prefix is usable when both are done. Returns the ``s`` that makes that
+    soonest, or 0 when it beats fetching everything by less than ``min_gain`` times. At least
+    one chunk is left to fetch: recomputing the whole prefix is :class:`RecomputeRest`'s to say.
+    """
+    if recompute_s <= 0 or min_gain < 1:
+        raise ValueError("recompute_s must be > 0 and min_gain >= 1")
+    if not all(math.isfinite(t) and t >= 0 for t in (startup_s, *fetch_s)):
+        return 0  # a dead or unknown link: whether to fetch at all is RecomputeRest's to judge
+    count = len(fetch_s)
+    left = startup_s + sum(fetch_s)  # fetching chunks [s, n)
+    everything = left
+    best, best_finish = 0, everything
+    for head in range(1, count):
+        left -= fetch_s[head - 1]
+        finish = max(head * recompute_s, left)
+        if finish < best_finish:
+            best, best_finish = head, finish
+    return best if best_finish * min_gain <= everything else 0
 
 
 # --------------------------------------------------------------------------- scheduling

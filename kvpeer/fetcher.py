@@ -32,6 +32,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
@@ -58,6 +59,7 @@ from kvpeer.fetch_policy import (
     RecomputeRest,
     ResolutionController,
     SchedulerConfig,
+    head_to_recompute,
     prior_bytes_per_token,
 )
 
@@ -138,7 +140,7 @@ class FetchEvent:
 
     t: float
     kind: str  # request, received, decode_start, decode_end, done, switch, preempt,
-    # peer_lost, failed, recompute, deadline
+    # peer_lost, failed, recompute, deadline, split (index: the chunks left to the client)
     index: int = -1
     level: str = ""
     peer: str = ""
@@ -147,7 +149,11 @@ class FetchEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchOutcome:
-    """What a fetch restored: chunks ``[0, chunks)``; the client recomputes from ``recompute_from``."""
+    """What a fetch restored: chunks ``[0, chunks)``; the client recomputes from ``recompute_from``.
+
+    A split fetch left its first ``head`` chunks to the client: then every count and index here
+    (chunks, requested, the events') starts after them.
+    """
 
     chunks: int
     requested: int
@@ -157,6 +163,7 @@ class FetchOutcome:
     reason: str  # complete, recompute, deadline, unavailable, error, cancelled (the caller gave up)
     switches: int = 0
     events: tuple[FetchEvent, ...] = ()
+    head: int = 0
 
     @property
     def recompute_from(self) -> int:
@@ -208,6 +215,9 @@ class FetcherConfig:
     retry_backoff_s: float = 0.1
     """Wait before asking for a chunk again after a transient failure, doubled per retry (a busy
     peer asked again at once is still busy: three retries would be spent in milliseconds)."""
+    split_gain: float = 1.1
+    """A split fetch leaves chunks to the client only when that is predicted to make the prefix
+    usable this many times sooner than fetching all of it at the floor level."""
     silent_after_s: float = 1.0
     """A peer with chunks in flight and nothing arriving for this long (and twice what its
     chunks should take) is taken at the rate "everything in flight arrives now", falling with
@@ -501,6 +511,7 @@ class Fetcher:
         chunk_shape: tuple[int, int, int] | None = None,
         model: str = "",
         on_end: Callable[[FetchOutcome], None] | None = None,
+        leave_head: Callable[[int], Any] | None = None,
     ) -> FetchOutcome:
         """Restore the longest reachable prefix of ``keys`` into ``sink``.
 
@@ -518,6 +529,10 @@ class Fetcher:
         ``on_end``: called with the outcome as the fetch ends, however it ends; a fetch whose
         caller cancels it raises CancelledError after ``on_end`` saw its outcome (reason
         "cancelled": what was restored and received until then).
+        ``leave_head``: the client may prefill the prefix's first chunks itself while the rest is
+        fetched (a split fetch). Where that makes the prefix usable sooner, it is called with
+        how many, before any chunk is asked for or the sink allocated; the sink then gets the
+        chunks from there on, numbered from 0.
         """
         if len(peers_per_chunk) != len(keys):
             raise ValueError("peers_per_chunk needs one entry per key")
@@ -538,6 +553,7 @@ class Fetcher:
             kv_dtype=kv_dtype,
             model=model,
             on_end=on_end,
+            leave_head=leave_head,
         )
         return await run.run()
 
@@ -571,6 +587,7 @@ class _FetchRun:
         kv_dtype: str = "float16",
         model: str = "",
         on_end: Callable[[FetchOutcome], None] | None = None,
+        leave_head: Callable[[int], Any] | None = None,
     ) -> None:
         self.f = fetcher
         self.cfg = fetcher.config
@@ -598,29 +615,25 @@ class _FetchRun:
         if min_level is not None and min_level not in fetcher.levels:
             raise ProtocolError(ErrorCode.INVALID, f"unknown min_level {min_level!r}")
         self.sizes_key = (model, dtype_bytes)
-        bpt = fetcher._bytes_per_token.get(self.sizes_key) or prior_bytes_per_token(
-            fetcher.levels, kv_bytes_per_token * 2 / dtype_bytes, dtype_bytes
-        )
-        self.ctl = ResolutionController(
+        self.recompute_known = recompute_known
+        self.leave_head = leave_head
+        self.head = 0  # leading chunks left to the client (a split fetch)
+        self._controller_args: dict[str, Any] = dict(
             levels=fetcher.levels,
-            chunk_count=len(keys),
             chunk_tokens=fetcher.chunk_tokens,
             recompute_rate=recompute_rate,
             start=self.start,
-            bytes_per_token=bpt,
+            bytes_per_token=fetcher._bytes_per_token.get(self.sizes_key) or prior_bytes_per_token(
+                fetcher.levels, kv_bytes_per_token * 2 / dtype_bytes, dtype_bytes
+            ),
             min_level=min_level,
             deadline=deadline,
             decode_rate=fetcher.decode_rate,
             config=self.cfg.controller,
             allow_recompute=recompute_known,
         )
-        self.acceptable = set(self.ctl.allowed)
-        for index, peers in enumerate(holders):
-            if LOCAL in peers:
-                # A local chunk costs no wire bytes; its level is whatever the store holds.
-                self.ctl.state_sizes(index, dict.fromkeys(fetcher.levels, 0))
-        self.sched = ChunkScheduler(holders=holders, now=self.start, config=self.cfg.scheduler)
-        self.sched.set_bandwidth(LOCAL, 1e12)
+        self.holders = holders
+        self._plan_chunks(holders)
         self.queue: asyncio.PriorityQueue[tuple[int, int, _Received | None]] = asyncio.PriorityQueue(
             maxsize=self.cfg.decode_queue
         )
@@ -647,6 +660,19 @@ class _FetchRun:
         # True while the decoder waits on a thread (a decode, a hand-over): where the end of
         # the fetch may cancel it (:meth:`_stop_decoder`).
         self.in_thread = False
+
+    def _plan_chunks(self, holders: list[set[str]], busy_until: float | None = None) -> None:
+        """The controller and scheduler for chunks ``self.keys``, held by ``holders``."""
+        self.ctl = ResolutionController(
+            chunk_count=len(self.keys), busy_until=busy_until, **self._controller_args
+        )
+        self.acceptable = set(self.ctl.allowed)
+        for index, peers in enumerate(holders):
+            if LOCAL in peers:
+                # A local chunk costs no wire bytes; its level is whatever the store holds.
+                self.ctl.state_sizes(index, dict.fromkeys(self.f.levels, 0))
+        self.sched = ChunkScheduler(holders=holders, now=self.start, config=self.cfg.scheduler)
+        self.sched.set_bandwidth(LOCAL, 1e12)
 
     def note(self, kind: str, index: int = -1, level: str = "", peer: str = "", nbytes: int = 0) -> None:
         event = FetchEvent(
@@ -722,6 +748,7 @@ class _FetchRun:
             reason=self.reason,
             switches=self.ctl.switches,
             events=tuple(self.events),
+            head=self.head,
         )
         if self.on_end is not None:
             self.on_end(outcome)
@@ -736,7 +763,50 @@ class _FetchRun:
         """First chunk this fetch will not restore (as known now)."""
         return min(self.cut, self.sched.limit)
 
+    def _split(self, now: float) -> None:
+        """A split fetch: leave the leading chunks the client can prefill by the time the rest
+        arrives to the client (``leave_head``, told before anything is asked for or allocated),
+        and fetch the rest, aiming at the end of that prefill."""
+        leave, self.leave_head = self.leave_head, None
+        head = self._head_to_leave(now) if leave is not None else 0
+        if head == 0:
+            return
+        assert leave is not None
+        leave(head)
+        per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
+        self.note("split", index=head)
+        log.debug(
+            "fetch %s: the client prefills chunks 0..%d (%.2fs) while %d chunks are fetched",
+            self.tag, head - 1, head * per_chunk, len(self.keys) - head,
+        )
+        self.head = head
+        self.keys = self.keys[head:]
+        self.holders = self.holders[head:]
+        self.cut = len(self.keys)
+        self._plan_chunks(self.holders, busy_until=now + head * per_chunk)
+
+    def _head_to_leave(self, now: float) -> int:
+        """How many leading chunks to leave to the client (:func:`head_to_recompute`, every
+        chunk at the floor level). Only on a measured link and a known recompute rate: a wrong
+        guess makes the client recompute chunks for nothing."""
+        if self.fixed is not None or not self.recompute_known or len(self.keys) < 2:
+            return 0
+        bandwidth, rtt = self._link(now)
+        peers = [p for p in self.sched.working_peers(served_by=LOCAL) if p != LOCAL]
+        if not peers or not all(self._measured(p, now) for p in peers):
+            return 0
+        floor = self.ctl.allowed[-1]
+        config = self.cfg.controller
+        fetch_s = []
+        for index in range(len(self.keys)):
+            nbytes = self.ctl.chunk_bytes(index, floor)
+            transfer = nbytes * 8 / (bandwidth * config.safety) if bandwidth > 0 else math.inf
+            fetch_s.append(max(transfer, nbytes / self.f.decode_rate) + config.per_chunk_overhead_s)
+        per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
+        return head_to_recompute(fetch_s, per_chunk, startup_s=rtt, min_gain=self.cfg.split_gain)
+
     async def _coordinate(self) -> None:
+        self._split(self.f.clock())
         while True:
             now = self.f.clock()
             if self.hard_deadline is not None and now >= self.hard_deadline:

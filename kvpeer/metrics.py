@@ -38,7 +38,7 @@ MAX_PEER_LABELS = 256  # distinct peer label values; later peers are counted as 
 # the prefix was held anywhere, and "cancelled": the client went away or the API gave up on it.
 FETCH_OUTCOMES = ("complete", "recompute", "deadline", "unavailable", "error", "miss", "cancelled")
 # Why a chunk some node held was not restored (a fetch's reason, when it left chunks out).
-SKIP_REASONS = ("recompute", "deadline", "unavailable", "error")
+SKIP_REASONS = ("recompute", "deadline", "unavailable", "error", "split")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -146,7 +146,8 @@ class Metrics:
         self.chunk_skips = Counter(
             "kvpeer_chunk_skips",
             "Chunks some node held that a fetch left to recompute, by why: recompute (faster than "
-            "fetching), deadline, unavailable (their holders failed), error",
+            "fetching), deadline, unavailable (their holders failed), error, split (the client "
+            "prefilled them while the rest was fetched)",
             ["reason"], registry=r,
         )
         for reason in SKIP_REASONS:
@@ -246,7 +247,10 @@ class Metrics:
         restored_from_peers = len([i for i in from_peers if 0 <= i < outcome.chunks])
         self.chunk_hits.labels("peer").inc(restored_from_peers)
         self.chunk_hits.labels("local").inc(max(0, outcome.chunks - restored_from_peers))
-        self.chunk_misses.inc(max(0, wanted_chunks - max(outcome.requested, outcome.chunks)))
+        head = outcome.head  # a split fetch's chunks, left to the client
+        if head:
+            self.chunk_skips.labels("split").inc(head)
+        self.chunk_misses.inc(max(0, wanted_chunks - head - max(outcome.requested, outcome.chunks)))
         skipped = outcome.requested - outcome.chunks
         if skipped > 0:
             self.chunk_skips.labels(outcome.reason).inc(skipped)

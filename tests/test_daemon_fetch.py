@@ -23,7 +23,7 @@ CTX = SimpleNamespace(namespace="default")
 def request(chunks: int) -> Any:
     return SimpleNamespace(
         fingerprint=FP, tokens=list(range(chunks * TOKENS)), deadline_s=None, min_level=None,
-        recompute_tokens_per_s=None, kv_from=0,
+        recompute_tokens_per_s=None, kv_from=0, split=False,
     )
 
 

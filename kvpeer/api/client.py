@@ -196,10 +196,16 @@ class _FetchState:
         self.answered = False  # the daemon's final answer (a result or an error) came
         self._closed = False  # close_segment() ran
         self.cancel_id: int | None = None  # the Cancel sent for it, if one was
+        self.started_at: int | None = None  # FetchStarted's first_token, once it came
 
     @property
     def finished(self) -> bool:
         return self.final is not None or self.error is not None
+
+    @property
+    def started(self) -> bool:
+        """The daemon said where the segment starts (or the fetch is over)."""
+        return self.started_at is not None or self.finished
 
     def on_message(self, message: m.Message) -> None:
         try:
@@ -207,10 +213,13 @@ class _FetchState:
                 # Its descriptor came with it: mapped now, while chunks decode. A failure here
                 # fails the fetch (its final answer is then dropped, its segment released).
                 self._open(message.segment)
+                assert self.segment is not None
+                self.started_at = message.first_token
+                self._check_start(message.first_token, self.segment.layout.chunk_tokens)
             elif isinstance(message, m.FetchProgress):
                 if self.segment is not None and message.index < self._first_chunk(self.segment.layout.chunk_tokens):
                     self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored chunk {message.index}, "
-                                          f"before kv_from={self.request.kv_from}")
+                                          f"before its segment's first token {self._first_token(self.segment.layout.chunk_tokens)}")
                 else:
                     self.done[message.index] = message.level
             elif isinstance(message, m.FetchResult):
@@ -220,10 +229,8 @@ class _FetchState:
                     self._open(message.segment)
                 else:
                     self._forget_segment()
-                if message.levels and message.first_token != self._first_chunk(message.chunk_tokens) * message.chunk_tokens:
-                    # Its rows would be read as other tokens' KV.
-                    self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored from token "
-                                          f"{message.first_token}, not kv_from={self.request.kv_from}'s chunk")
+                if message.levels:
+                    self._check_start(message.first_token, message.chunk_tokens)
             elif isinstance(message, m.ErrorResponse):
                 self.answered = True
                 self._forget_segment()
@@ -233,9 +240,38 @@ class _FetchState:
         except (OSError, ProtocolError) as exc:
             self.error = ApiError(ErrorCode.INTERNAL, f"cannot map the fetch segment: {exc}")
 
+    def _check_start(self, first_token: int, chunk_tokens: int) -> None:
+        """Where the daemon says the segment starts: at kv_from's chunk, or for a split fetch at
+        a later chunk (FetchStarted's, if it came). Else its rows would be read as other tokens' KV."""
+        at_kv_from = self.request.kv_from // chunk_tokens * chunk_tokens
+        if self.request.split:
+            ok = first_token >= at_kv_from and first_token % chunk_tokens == 0 and first_token < self.request.tokens.size
+            ok = ok and self.started_at in (None, first_token)
+        else:
+            ok = first_token == at_kv_from
+        if not ok and self.error is None:
+            self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored from token {first_token}, "
+                                  f"not where kv_from={self.request.kv_from} allows")
+
+    def _first_token(self, chunk_tokens: int) -> int:
+        """The token the segment starts at: FetchStarted's, else the start of kv_from's chunk."""
+        if self.started_at is not None:
+            return self.started_at
+        return self.request.kv_from // chunk_tokens * chunk_tokens
+
     def _first_chunk(self, chunk_tokens: int) -> int:
-        """The chunk the segment starts at: the one holding the request's kv_from."""
-        return self.request.kv_from // chunk_tokens
+        """The chunk the segment starts at."""
+        return self._first_token(chunk_tokens) // chunk_tokens
+
+    def first_token_or_end(self) -> int:
+        """Once :attr:`started`: the token the restored KV starts at, or the prompt's length if
+        nothing will be restored (the client prefills everything)."""
+        if self.error is not None:
+            raise self.error
+        if self.final is not None:
+            return self.final.first_token if self.final.levels else int(self.request.tokens.size)
+        assert self.started_at is not None, "wait until started"
+        return self.started_at
 
     def _forget_segment(self) -> None:
         """Unmap an announced segment the daemon dropped (there is nothing to release)."""
@@ -327,6 +363,14 @@ class FetchHandle(_FetchHandleBase):
         while not self._state.finished:
             self._client._pump()
         return self._state.result()
+
+    def wait_first_token(self) -> int:
+        """Block until the daemon says which token the restored KV will start at, and return it
+        (a split fetch: prefill the tokens before it meanwhile; the prompt's length if nothing
+        will be restored). ApiError if the fetch failed."""
+        while not self._state.started:
+            self._client._pump()
+        return self._state.first_token_or_end()
 
     def wait_for_chunk(self, index: int) -> bool:
         """Block until chunk ``index`` is usable (True) or the fetch ended without it (False)."""
@@ -711,7 +755,7 @@ class KVPeerClient:
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
         min_level: str | None = None, recompute_tokens_per_s: float | None = None, *,
-        kv_from: int = 0,
+        kv_from: int = 0, split: bool = False,
     ) -> FetchHandle:
         """Start restoring the longest available prefix; returns a handle (a context manager).
 
@@ -721,11 +765,16 @@ class KVPeerClient:
         ``kv_from``: this client holds the KV of the tokens before it already: only the chunks
         from the one holding it are restored (the handle's ``first_token`` is that chunk's start;
         ``chunk(i)`` still counts chunks from token 0).
+        ``split``: prefill the prompt's first chunks yourself while the daemon fetches the rest,
+        where that is quicker (a slow link; needs a recompute rate, stated or learned):
+        ``wait_first_token()`` says soon where the restored KV will start; prefill the tokens
+        before it, then ``wait()``.
         """
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
                 min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s, kv_from=kv_from,
+                split=split,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None
@@ -828,6 +877,12 @@ class AsyncFetchHandle(_FetchHandleBase):
         while not self._state.finished:
             await self._next()
         return self._state.result()
+
+    async def wait_first_token(self) -> int:
+        """As :meth:`FetchHandle.wait_first_token`."""
+        while not self._state.started:
+            await self._next()
+        return self._state.first_token_or_end()
 
     async def wait_for_chunk(self, index: int) -> bool:
         while index not in self._state.done and not self._state.finished:
@@ -1160,7 +1215,7 @@ class AsyncKVPeerClient:
     def fetch(
         self, tokens: Any, fingerprint: ModelFingerprint, deadline_s: float | None = None,
         min_level: str | None = None, *, stream: bool = False,
-        recompute_tokens_per_s: float | None = None, kv_from: int = 0,
+        recompute_tokens_per_s: float | None = None, kv_from: int = 0, split: bool = False,
     ) -> _AsyncFetchStart:
         """``async with client.fetch(...) as result``: entering sends the request and, unless
         ``stream``, waits for the final answer; leaving releases the segment. The other
@@ -1169,6 +1224,7 @@ class AsyncKVPeerClient:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
                 min_level=min_level, recompute_tokens_per_s=recompute_tokens_per_s, kv_from=kv_from,
+                split=split,
             )
         except ProtocolError as exc:
             raise ApiError(exc.code, exc.reason) from None

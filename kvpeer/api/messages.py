@@ -291,6 +291,9 @@ class FetchRequest(_TokensRequest):
     ``kv_from``: the client holds the KV of the tokens before this one already (its own prefix
     cache): the fetch restores the chunks from the one holding token ``kv_from`` on, and the
     segment starts at that chunk (:attr:`FetchResult.first_token`).
+    ``split``: the client will prefill the first chunks itself while the rest is fetched, if the
+    daemon finds that quicker (a slow link); :attr:`FetchStarted.first_token` says where the
+    segment starts, so where the client's own prefill stops, as soon as the segment exists.
     """
 
     TYPE: ClassVar[str] = "fetch"
@@ -298,6 +301,7 @@ class FetchRequest(_TokensRequest):
     min_level: str | None = None
     recompute_tokens_per_s: float | None = None
     kv_from: int = 0
+    split: bool = False
 
     def __post_init__(self) -> None:
         _TokensRequest.__post_init__(self)
@@ -308,10 +312,12 @@ class FetchRequest(_TokensRequest):
         if self.recompute_tokens_per_s is not None:
             _check_positive("recompute_tokens_per_s", self.recompute_tokens_per_s, 1e9)
         _check_kv_from(self.tokens, self.kv_from)
+        if not isinstance(self.split, bool):
+            raise ProtocolError(ErrorCode.INVALID, "split must be true or false")
 
     def to_wire(self) -> dict[str, Any]:
         body = _without_none(_TokensRequest.to_wire(self), "recompute_tokens_per_s")
-        return _without_zero(body, "kv_from")
+        return _without_zero(body, "kv_from", "split")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -437,16 +443,26 @@ class LookupResult(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchStarted(Message):
-    """The daemon allocated the fetch's segment; chunks land in it as progress events say."""
+    """The daemon allocated the fetch's segment; chunks land in it as progress events say.
+
+    ``first_token``: the segment's first row is this token's KV (the start of the chunk holding
+    the request's ``kv_from``, or for a split fetch a later chunk's: the client prefills the
+    tokens before it itself).
+    """
 
     TYPE: ClassVar[str] = "fetch_started"
     segment: str
     size: int
+    first_token: int = 0
 
     def __post_init__(self) -> None:
         Message.__post_init__(self)
         _check_name("segment", self.segment)
         _check_int("size", self.size, 1, 2**48)
+        _check_int("first_token", self.first_token, 0, MAX_TOKENS)
+
+    def to_wire(self) -> dict[str, Any]:
+        return _without_zero(Message.to_wire(self), "first_token")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -207,9 +207,11 @@ class FetchSink:
         self._levels: dict[int, str] = {}
         self._allocating = False
         self.closed = False  # set when the fetch is over: late chunk_done calls are ignored
-        # The segment's chunk 0 is this chunk of the prompt (the request's kv_from): the
-        # backend numbers chunks from the segment's start, the client from the prompt's.
+        # The segment's chunk 0 is this chunk of the prompt (the one holding the request's
+        # kv_from, or a split fetch's later one): the backend numbers chunks from the segment's
+        # start, the client from the prompt's.
         self.first_chunk = 0
+        self.head_chunks = 0  # a split fetch: chunks after kv_from's the client prefills itself
 
     async def allocate(
         self,
@@ -238,18 +240,26 @@ class FetchSink:
             chunk_tokens=chunk_tokens,
         )
         self._allocating = True
-        self.first_chunk = self.request.kv_from // chunk_tokens
+        self.first_chunk = self.request.kv_from // chunk_tokens + self.head_chunks
         self.segment = await self._server._create_segment_off_loop(layout, self._conn, leased=False)
         # Announce the segment now, not with the first chunk: the client maps (and faults in)
         # the pages while chunks are still being decoded, off the critical path.
+        started = m.FetchStarted(
+            id=self.request.id, segment=self.segment.name, size=layout.size,
+            first_token=self.first_chunk * chunk_tokens,
+        )
         self._announce = asyncio.get_running_loop().create_task(
-            self._conn.send(
-                m.FetchStarted(id=self.request.id, segment=self.segment.name, size=layout.size),
-                self.segment,
-            ),
+            self._conn.send(started, self.segment),
             name="kvpeer-api-fetch-started",
         )
         self._announce.add_done_callback(aio.ignore_outcome)  # flush() raises it, if anyone waits
+
+    def leave_head(self, chunks: int) -> None:
+        """A split fetch: the client prefills the first ``chunks`` chunks (after kv_from's)
+        itself; the segment starts after them. Only before :meth:`allocate`."""
+        if not self.request.split or self.segment is not None or self._allocating or chunks < 0:
+            raise ProtocolError(ErrorCode.INTERNAL, "a split fetch's head set out of turn")
+        self.head_chunks = chunks
 
     async def flush(self) -> None:
         """Wait until the segment announcement is sent (progress must come after it)."""

@@ -92,6 +92,20 @@ def test_kv_from_round_trips_and_is_left_off_the_wire_when_zero() -> None:
         m.LookupRequest(tokens=[1], fingerprint=FP, local_only=1)  # type: ignore[arg-type]
 
 
+def test_a_split_round_trips_and_is_left_off_the_wire_when_unset() -> None:
+    fetch = round_trip(m.FetchRequest(id=4, tokens=range(10), fingerprint=FP, split=True))
+    assert isinstance(fetch, m.FetchRequest) and fetch.split is True
+    started = round_trip(m.FetchStarted(id=4, segment="s", size=10, first_token=8))
+    assert isinstance(started, m.FetchStarted) and started.first_token == 8
+    # A daemon or client of an older version refuses unknown fields: unset, they do not travel.
+    assert "split" not in m.FetchRequest(tokens=[1], fingerprint=FP).to_wire()
+    assert "first_token" not in m.FetchStarted(segment="s", size=10).to_wire()
+    with pytest.raises(ProtocolError):
+        m.FetchRequest(tokens=[1], fingerprint=FP, split="yes")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        m.FetchStarted(segment="s", size=10, first_token=-1)
+
+
 @pytest.mark.parametrize(
     ("build", "code"),
     [
