@@ -233,3 +233,27 @@ def test_a_split_answer_starting_at_a_later_chunk_is_taken() -> None:
         with client.fetch(TOKENS, FP, kv_from=C, split=True) as result:
             assert result.wait_first_token() == 2 * C
             assert result.wait().first_token == 2 * C
+
+
+def test_a_fetch_without_a_split_is_announced_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client from before splits refuses FetchStarted fields it does not know: its kv_from
+    fetches (their segment starts at kv_from's chunk) get none."""
+    bodies: list[dict[str, Any]] = []
+    to_wire = m.FetchStarted.to_wire
+
+    def recorded(self: m.FetchStarted) -> dict[str, Any]:
+        bodies.append(to_wire(self))
+        return bodies[-1]
+
+    monkeypatch.setattr(m.FetchStarted, "to_wire", recorded)
+
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            await client.put(TOKENS, K, V, FP)
+            async with client.fetch(TOKENS, FP, kv_from=2 * C) as result:
+                assert (result.first_token, result.matched_tokens) == (2 * C, 4 * C)
+            async with client.fetch(TOKENS, FP, kv_from=2 * C, split=True) as result:
+                assert (result.first_token, result.matched_tokens) == (2 * C, 4 * C)
+
+    _with_daemon(tmp_path, test)
+    assert [body.get("first_token") for body in bodies] == [None, 2 * C]

@@ -214,8 +214,11 @@ class _FetchState:
                 # fails the fetch (its final answer is then dropped, its segment released).
                 self._open(message.segment)
                 assert self.segment is not None
-                self.started_at = message.first_token
-                self._check_start(message.first_token, self.segment.layout.chunk_tokens)
+                chunk_tokens = self.segment.layout.chunk_tokens
+                # Said only for a split; else the segment starts at kv_from's chunk.
+                start = message.first_token if self.request.split else self.request.kv_from // chunk_tokens * chunk_tokens
+                self.started_at = start
+                self._check_start(start, chunk_tokens)
             elif isinstance(message, m.FetchProgress):
                 if self.segment is not None and message.index < self._first_chunk(self.segment.layout.chunk_tokens):
                     self.error = ApiError(ErrorCode.MALFORMED, f"the daemon restored chunk {message.index}, "

@@ -246,7 +246,9 @@ class FetchSink:
         # the pages while chunks are still being decoded, off the critical path.
         started = m.FetchStarted(
             id=self.request.id, segment=self.segment.name, size=layout.size,
-            first_token=self.first_chunk * chunk_tokens,
+            # Only for a client that asked for a split (one from before the field refuses it;
+            # without a split the start is kv_from's chunk, which the client knows).
+            first_token=self.first_chunk * chunk_tokens if self.request.split else 0,
         )
         self._announce = asyncio.get_running_loop().create_task(
             self._conn.send(started, self.segment),
