@@ -209,9 +209,16 @@ def fetch_cache(
     fingerprint: ModelFingerprint,
     deadline_s: float | None = None,
     min_level: str | None = None,
+    *,
+    split: bool = False,
+    recompute_tokens_per_s: float | None = None,
 ) -> tuple[Any, int]:
     """``(cache, matched_tokens)``: the longest available prefix of ``tokens`` as a cache.
 
+    ``split``: where the daemon finds it sooner (a slow link), ``model`` prefills the prompt's
+    first chunks here while the rest is fetched; the cache holds both, and ``matched_tokens``
+    counts both. ``recompute_tokens_per_s``: how fast ``model`` prefills here (the daemon
+    splits only when it knows, from this or from puts stating their prefill time).
     Nothing available (or a daemon error, logged): an empty cache and 0. A daemon that cannot
     help must never stop generation, so errors here degrade to recomputation: the fetch goes on
     a connection of its own to ``client``'s daemon and namespace, whose wait ends
@@ -228,14 +235,17 @@ def fetch_cache(
         return DynamicCache(config=model.config), 0
     try:
         with connection.lock:
-            fetch = connection.client().fetch(
-                _tokens(tokens), fingerprint, deadline_s=deadline_s, min_level=min_level,
-            )
+            ids = _tokens(tokens)
+            fetch = _start_fetch(connection, ids, fingerprint, deadline_s, min_level,
+                                 recompute_tokens_per_s, split)
             # A timed-out connection is dropped before the handle's release, which would read
             # on for the fetch's final answer.
             with fetch as result, connection.dropped_on_timeout():
-                matched = result.matched_tokens
-                cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
+                if split:
+                    cache, matched = _split_cache(result, model, ids)
+                else:
+                    matched = result.matched_tokens
+                    cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
     except (KVPeerError, OSError) as exc:
         if client.closed:  # closed or aborted meanwhile, by the caller: no daemon trouble
             return DynamicCache(config=model.config), 0
@@ -250,6 +260,50 @@ def fetch_cache(
     if fetches.backoff.succeeded():
         log.info("kvpeer daemon answers fetches again")
     return cache, matched
+
+
+def _start_fetch(
+    connection: DaemonConnection, ids: list[int], fingerprint: ModelFingerprint, deadline_s: float | None,
+    min_level: str | None, recompute_tokens_per_s: float | None, split: bool,
+) -> Any:
+    """The fetch handle; a split asked of a daemon that predates it (it refuses the field, at
+    once) becomes a plain fetch."""
+    def start(split: bool) -> Any:
+        return connection.client().fetch(ids, fingerprint, deadline_s=deadline_s, min_level=min_level,
+                                         recompute_tokens_per_s=recompute_tokens_per_s, split=split)
+
+    fetch = start(split)
+    if not split:
+        return fetch
+    try:
+        with connection.dropped_on_timeout():
+            fetch.wait_first_token()
+    except ApiError as exc:
+        fetch.release(wait=False)
+        if not refused_field(exc, "split"):
+            raise
+        log.info("the kvpeer daemon predates split fetches: fetching whole prefixes")
+        fetch = start(False)
+    return fetch
+
+
+def _split_cache(result: Any, model: Any, ids: list[int]) -> tuple[Any, int]:
+    """A split fetch's cache: ``model`` prefills the tokens before the restored KV while the
+    daemon restores it, then the restored KV goes after them."""
+    from transformers import DynamicCache
+
+    first = result.wait_first_token()
+    if first >= len(ids):  # nothing will be restored: the caller prefills the prompt, as ever
+        return DynamicCache(config=model.config), 0
+    cache = cache_of(prefill(model, ids[:first])) if first else DynamicCache(config=model.config)
+    result.wait()
+    if result.matched_tokens <= first:  # nothing (more) restored: the prompt is the model's
+        return cache, first
+    param = next(model.parameters())
+    for index, (k, v) in enumerate(zip(result.k, result.v, strict=True)):
+        # update() appends (a copy: the cache does not keep pointers into the segment).
+        cache.update(k.unsqueeze(0).to(param.device, param.dtype), v.unsqueeze(0).to(param.device, param.dtype), index)
+    return cache, result.matched_tokens
 
 
 def greedy_continue(
@@ -309,14 +363,20 @@ def generate_with_kvpeer(
     max_new_tokens: int = 32,
     deadline_s: float | None = None,
     put: bool = False,
+    *,
+    split: bool = False,
+    recompute_tokens_per_s: float | None = None,
 ) -> tuple[str, int]:
     """Fetch the longest shared prefix, compute only the rest, answer: ``(text, matched)``.
 
     ``put=True`` also stores the prompt's KV afterwards (taken from the cache generation
     filled, not recomputed), for the next engine that needs it: the KV past the fetched prefix,
-    which the daemon holds already (``kv_from``).
+    which the daemon holds already (``kv_from``). ``split``, ``recompute_tokens_per_s``: as
+    :func:`fetch_cache`'s (``matched`` then counts the tokens prefilled here while the rest
+    was fetched).
     """
-    cache, matched = fetch_cache(client, model, tokens, fingerprint, deadline_s=deadline_s)
+    cache, matched = fetch_cache(client, model, tokens, fingerprint, deadline_s=deadline_s, split=split,
+                                 recompute_tokens_per_s=recompute_tokens_per_s)
     ids = _tokens(tokens)
     text = generate(model, tokenizer, ids, cache, matched, max_new_tokens)
     if put and matched < len(ids):

@@ -46,6 +46,7 @@ class FakeBackend:
         self.fail_fetch = False
         self.fail_after_allocate = False
         self.release_stall = asyncio.Event()
+        self.split_head = 0  # chunks a fetch asking for a split leaves to its client
 
     def _keys(self, ctx: ClientContext, tokens: Any, fp: ModelFingerprint) -> list[bytes]:
         return chunk_keys(tokens, fp.digest(), ctx.namespace, self.chunk_tokens)
@@ -84,7 +85,11 @@ class FakeBackend:
         self.requests.append(req)
         if self.fail_fetch:
             raise ProtocolError(ErrorCode.NOT_FOUND, "told to fail")
-        keys = self._available(ctx, req.tokens, req.fingerprint, req.kv_from // self.chunk_tokens)
+        first = req.kv_from // self.chunk_tokens
+        if req.split and self.split_head:
+            sink.leave_head(self.split_head)
+            first += self.split_head
+        keys = self._available(ctx, req.tokens, req.fingerprint, first)
         if not keys:
             return
         first_k = self.chunks[keys[0]][0]

@@ -15,7 +15,7 @@ from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations import transformers as hf
-from tests.api.fakes import ScriptedDaemon
+from tests.api.fakes import ScriptedDaemon, send, serving
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,7 +122,7 @@ def test_generate_puts_only_the_kv_past_the_fetched_prefix(monkeypatch: pytest.M
     model = tiny("llama")
     prompt = list(range(1, 41))
     full = hf.cache_of(hf.prefill(model, prompt[:16]))
-    monkeypatch.setattr(hf, "fetch_cache", lambda client, model, tokens, fp, deadline_s=None: (full, 16))
+    monkeypatch.setattr(hf, "fetch_cache", lambda client, model, tokens, fp, deadline_s=None, **_: (full, 16))
     client = Recorder(held=16, older=older)
     fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
     hf.generate_with_kvpeer(client, model, Tokenizer(), prompt, fp, max_new_tokens=4, put=True)  # type: ignore[arg-type]
@@ -171,3 +171,44 @@ def test_a_fetch_from_a_hung_daemon_waits_past_its_deadline_once_then_backs_off(
         assert hf.fetch_cache(client, model, prompt, fp, deadline_s=0.5)[1] == 0
         fetched_on = [index for index, message in daemon.seen if isinstance(message, m.FetchRequest)]
         assert len(fetched_on) == 2 and fetched_on[0] != fetched_on[1]  # the hung connection was dropped
+
+
+TINY_FP = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
+
+
+def test_a_split_fetch_prefills_the_head_here_and_puts_the_fetched_rest_after_it() -> None:
+    model = tiny("llama")
+    prompt = list(range(1, 41))
+    with serving(chunk_tokens=16) as api, KVPeerClient(api.socket_path) as client:
+        hf.prefill_and_put(client, model, prompt, TINY_FP)  # chunks 0 and 1
+        api.backend.split_head = 1
+        cache, matched = hf.fetch_cache(client, model, prompt, TINY_FP, split=True, recompute_tokens_per_s=1e3)
+        request = api.backend.requests[-1]
+        assert isinstance(request, m.FetchRequest) and request.split and request.recompute_tokens_per_s == 1e3
+    assert matched == 32 and cache.get_seq_length() == 32  # chunk 0 prefilled here, chunk 1 fetched
+    k, v = hf.kv_from_cache(cache)
+    k0, v0 = hf.kv_from_cache(hf.cache_of(hf.prefill(model, prompt[:32])))
+    assert torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
+    assert hf.greedy_continue(model, prompt, cache, matched, 6) == hf.greedy_continue(model, prompt, None, 0, 6)
+
+
+class RefusesSplit(ScriptedDaemon):
+    """A daemon from before split fetches: it refuses the field, and holds nothing."""
+
+    def handle(self, conn: socket.socket, index: int, message: m.Message) -> None:
+        if isinstance(message, m.FetchRequest):
+            if message.split:
+                send(conn, m.ErrorResponse(id=message.id, code=ErrorCode.INVALID,
+                                           reason="fetch: unknown fields ['split']"))
+            else:
+                send(conn, m.FetchResult(id=message.id, chunk_tokens=16))
+        else:
+            super().handle(conn, index, message)
+
+
+def test_a_split_asked_of_a_daemon_from_before_splits_is_a_plain_fetch() -> None:
+    model = tiny("llama")
+    with RefusesSplit() as daemon, KVPeerClient(daemon.socket_path) as client:
+        cache, matched = hf.fetch_cache(client, model, list(range(1, 41)), TINY_FP, split=True)
+        assert (matched, cache.get_seq_length()) == (0, 0)
+        assert [request.split for request in daemon.received(m.FetchRequest)] == [True, False]
