@@ -2,7 +2,7 @@
 
     python -m benchmarks.ttft [--json] [--model PATH_OR_GGUF] [--tokens 2048] [--rate 100mbit]
         [--delay 2ms] [--loss 0] [--drop-to RATE --drop-after SECONDS] [--peers N]
-        [--policy adaptive|fixed:LEVEL[,...]] [--plot FILE.png]
+        [--policy adaptive|split|fixed:LEVEL[,...]] [--plot FILE.png]
 
 Real model (SmolLM2 by default), real daemons in network namespaces (kvpeer.testing.cluster):
 ``--peers`` serving nodes each hold the prefix (put at the top level ``exact`` for the adaptive
@@ -16,7 +16,9 @@ so the reference prefills are interleaved with the fetches; ``recompute_s`` is t
 prefills read 0.9x for the same prefill), ``recompute_best_s`` their minimum. ``fetch_s`` is
 request -> KV usable, including the recompute of any tail the fetcher left to the client. top-1
 agreement compares the next-token argmax over a teacher-forced continuation, fetched cache vs
-the original cache. Several policies (comma-separated) run on the same cluster, each on a cold
+the original cache. ``split`` is the adaptive policy with ``FetchRequest.split``: where the daemon
+finds it sooner, the client prefills the prefix's first chunks (``head``, in ``head_s``) while
+the rest is fetched, then appends the fetched KV to that cache. Several policies (comma-separated) run on the same cluster, each on a cold
 client cache.
 
 With --json the last line is one JSON object: ``fetch_s`` (the first policy's median over the
@@ -61,6 +63,8 @@ CONTINUATION = 64
 class Run:
     policy: str
     fetch_s: float = 0.0
+    head_tokens: int = 0  # a split fetch: tokens the client prefilled while the rest came
+    head_s: float = 0.0  # ...and how long that prefill took
     restored_tokens: int = 0
     recompute_rest_s: float = 0.0
     bytes_moved: int = 0
@@ -161,10 +165,10 @@ def _seconds(text: str) -> float:
 def _policies(text: str) -> list[str]:
     out = [p.strip() for p in text.split(",") if p.strip()]
     for policy in out:
-        if policy != "adaptive" and not (
+        if policy not in ("adaptive", "split") and not (
             policy.startswith("fixed:") and policy.split(":", 1)[1] in codec.LEVELS
         ):
-            raise SystemExit(f"--policy: {policy!r} is not adaptive or fixed:LEVEL {codec.LEVELS}")
+            raise SystemExit(f"--policy: {policy!r} is not adaptive, split or fixed:LEVEL {codec.LEVELS}")
     return out
 
 
@@ -187,7 +191,8 @@ def _fetch_once(
     from kvpeer.integrations.transformers import cache_from_kv
 
     servers, client_node = cluster.nodes[:peers], cluster.nodes[-1]
-    level = "exact" if policy == "adaptive" else policy.split(":", 1)[1]
+    split = policy == "split"  # adaptive, the client prefilling the head the daemon leaves it
+    level = "exact" if policy in ("adaptive", "split") else policy.split(":", 1)[1]
     # A namespace of its own per run: chunk keys are salted by namespace, so every policy
     # starts cold (nothing cached on the fetching node) without evicting anything.
     namespace = f"ttft-{run_index}-{policy.replace(':', '-')}"
@@ -221,11 +226,19 @@ def _fetch_once(
             timer.start()
         # Fixed policies: the peers hold only that level and it is the floor, so every chunk
         # travels at it; the adaptive policy gets the --min-level floor.
-        min_level = args.min_level if policy == "adaptive" else level
+        min_level = level if policy.startswith("fixed:") else args.min_level
         with client.fetch(
-            tokens, fp, min_level=min_level, recompute_tokens_per_s=args.recompute_tokens_per_s
+            tokens, fp, min_level=min_level, recompute_tokens_per_s=args.recompute_tokens_per_s,
+            split=split,
         ) as result:
-            for index in range(chunks):
+            head_cache = None
+            first = result.wait_first_token() if split else 0
+            if 0 < first < len(tokens):  # prefill the head while the daemon fetches the rest
+                head_started = time.perf_counter()
+                head_cache = cache_of(_prefill(model, tokens[:first]))
+                run.head_s = time.perf_counter() - head_started
+                run.head_tokens = first
+            for index in range(first // CHUNK, chunks):
                 if not result.wait_for_chunk(index):
                     break
                 run.chunk_times.append(time.perf_counter() - started)
@@ -234,7 +247,15 @@ def _fetch_once(
             matched = result.matched_tokens
             run.levels = list(result.levels)
             build_started = time.perf_counter()
-            fetched_cache = cache_from_kv(result.k, result.v, model) if matched else None
+            fetched_cache = head_cache
+            if matched and head_cache is not None:
+                dtype = next(model.parameters()).dtype
+                for layer in range(result.k.shape[0]):  # appended after the head (copied)
+                    head_cache.update(result.k[layer].unsqueeze(0).to(dtype),
+                                      result.v[layer].unsqueeze(0).to(dtype), layer)
+            elif matched:
+                fetched_cache = cache_from_kv(result.k, result.v, model)
+            matched = max(matched, run.head_tokens)
             run.cache_build_s = time.perf_counter() - build_started
         fetched_at = time.perf_counter() - started
         cpu_after = _cpu_snapshot(cluster, servers, client_node)
@@ -243,7 +264,7 @@ def _fetch_once(
     if timer is not None:
         timer.cancel()
     run.breakdown = _timeline_breakdown(client_node.log_text())
-    run.restored_tokens = matched
+    run.restored_tokens = matched - run.head_tokens
     # The client recomputes whatever the fetch did not bring (all of it if nothing came).
     rest_started = time.perf_counter()
     if matched < len(tokens):
@@ -471,13 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         cpu = f", relay CPU {relay_stats['cpu_s']:.1f} s" if relay_stats else ""
         print(f"link: {args.delay} one-way delay, {args.loss}% loss each direction through the "
               f"user-space relay (routed subnets, static discovery){cpu}")
-    header = (f"{'policy':<15} {'fetch_s':>8} {'speedup':>8} {'in_shm_s':>8} {'cache_s':>7} "
-              f"{'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels")
+    header = (f"{'policy':<15} {'fetch_s':>8} {'speedup':>8} {'head':>5} {'head_s':>6} {'in_shm_s':>8} "
+              f"{'cache_s':>7} {'restored':>9} {'rest_s':>7} {'MB':>7} {'top1':>6}  levels")
     print(header)
     for run in runs:
         levels = " ".join(f"{lv}x{n}" for lv, n in run.levels_used.items()) or "-"
         print(f"{run.policy:<15} {run.fetch_s:>8.2f} {run.speedup_vs_recompute:>7.1f}x "
-              f"{run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
+              f"{run.head_tokens:>5} {run.head_s:>6.2f} {run.usable_s:>8.2f} {run.cache_build_s:>7.2f} "
               f"{run.restored_tokens:>9} {run.recompute_rest_s:>7.2f} {run.bytes_moved / 1e6:>7.1f} "
               f"{run.top1_agreement:>6.3f}  {levels}")
     if warmup is not None:

@@ -159,3 +159,24 @@ def test_a_bandwidth_drop_mid_fetch_keeps_the_session_and_the_path_alive(tmp_pat
             assert " down" not in node.log_text(), node.log_text()[-4000:]
         more, k2, v2 = prefix(1, seed=5)
         put_and_wait_until_visible(cluster, node_a, node_b, more, k2, v2)
+
+
+def test_a_split_fetch_leaves_the_head_to_the_client_and_restores_the_rest_exactly(tmp_path: Path) -> None:
+    """Over a measured 100 Mbit/s link an exact chunk takes ~0.5 s, as long as this client
+    says it takes to prefill one: the daemon leaves it the first chunks and fetches the rest."""
+    tokens, k, v = prefix(4, seed=4)
+    probe_tokens, probe_k, probe_v = prefix(1, seed=5)
+    with DaemonCluster(2, workdir=tmp_path, rate="100mbit", config=CONFIG) as cluster:
+        node_a, node_b = cluster.nodes
+        put_and_wait_until_visible(cluster, node_a, node_b, probe_tokens, probe_k, probe_v)
+        put_and_wait_until_visible(cluster, node_a, node_b, tokens, k, v)
+        with KVPeerClient(socket_path=node_b.socket_path) as client:
+            with client.fetch(probe_tokens, FP, min_level="exact") as result:  # measures the link
+                assert result.matched_tokens == CHUNK
+            with client.fetch(tokens, FP, min_level="exact", recompute_tokens_per_s=CHUNK / 0.5,
+                              split=True) as result:
+                first = result.wait_first_token()
+                assert 0 < first < 4 * CHUNK and first % CHUNK == 0, node_b.log_text()[-3000:]
+                assert result.matched_tokens == 4 * CHUNK and result.first_token == first
+                assert torch.equal(result.k, k[:, :, first:]) and torch.equal(result.v, v[:, :, first:])
+        assert "the client prefills chunks" in node_b.log_text()
