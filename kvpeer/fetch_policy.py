@@ -486,7 +486,8 @@ class ResolutionController:
 
 # --------------------------------------------------------------------------- split fetches
 def head_to_recompute(
-    fetch_s: Sequence[float], recompute_s: float, *, startup_s: float = 0.0, min_gain: float = 1.0
+    fetch_s: Sequence[float], recompute_s: float, *, startup_s: float = 0.0, min_gain: float = 1.0,
+    max_head: int | None = None,
 ) -> int:
     """How many leading chunks a client should prefill itself while the rest is fetched.
 
@@ -495,6 +496,7 @@ def head_to_recompute(
     ``startup_s``; the prefix is usable when both are done. Returns the ``s`` that makes that
     soonest, or 0 when it beats fetching everything by less than ``min_gain`` times. At least
     one chunk is left to fetch: recomputing the whole prefix is :class:`RecomputeRest`'s to say.
+    ``max_head``: at most this many (a deadline the client's prefill must end by).
     """
     if recompute_s <= 0 or min_gain < 1:
         raise ValueError("recompute_s must be > 0 and min_gain >= 1")
@@ -504,7 +506,7 @@ def head_to_recompute(
     left = startup_s + sum(fetch_s)  # fetching chunks [s, n)
     everything = left
     best, best_finish = 0, everything
-    for head in range(1, count):
+    for head in range(1, count if max_head is None else min(count, max_head + 1)):
         left -= fetch_s[head - 1]
         finish = max(head * recompute_s, left)
         if finish < best_finish:

@@ -803,7 +803,12 @@ class _FetchRun:
             transfer = nbytes * 8 / (bandwidth * config.safety) if bandwidth > 0 else math.inf
             fetch_s.append(max(transfer, nbytes / self.f.decode_rate) + config.per_chunk_overhead_s)
         per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
-        return head_to_recompute(fetch_s, per_chunk, startup_s=rtt, min_gain=self.cfg.split_gain)
+        # A head whose prefill outlasts the client's deadline would make the fetch stop there
+        # with chunks the client cannot use yet.
+        max_head = None if self.hard_deadline is None else int((self.hard_deadline - now) / per_chunk)
+        return head_to_recompute(
+            fetch_s, per_chunk, startup_s=rtt, min_gain=self.cfg.split_gain, max_head=max_head
+        )
 
     async def _coordinate(self) -> None:
         self._split(self.f.clock())
@@ -1034,9 +1039,9 @@ class _FetchRun:
 
     def _worth_finishing(self, now: float) -> int:
         """End of the received prefix extended by in-flight chunks that will arrive sooner than
-        the client could recompute them."""
+        the client could recompute them (after the head of a split fetch, which it prefills first)."""
         end = self._received_prefix()
-        per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate
+        per_chunk = self.f.chunk_tokens / self.ctl.recompute_rate + max(0.0, self.ctl.busy_until - now)
         while end < self.sched.limit:
             if end not in self.transfers:
                 if LOCAL not in self.sched.holders(end):

@@ -21,7 +21,7 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from kvpeer.fetch_policy import ResolutionController, head_to_recompute
-from kvpeer.fetcher import _FetchRun
+from kvpeer.fetcher import ChunkRate, _FetchRun
 from tests.api.fakes import ScriptedDaemon, send
 from tests.test_daemon_kv_from import FP, TOKENS, C, K, V, _with_daemon
 from tests.test_fetcher import TOKENS as CHUNK
@@ -252,8 +252,67 @@ def test_a_fetch_without_a_split_is_announced_as_before(tmp_path: Path, monkeypa
             await client.put(TOKENS, K, V, FP)
             async with client.fetch(TOKENS, FP, kv_from=2 * C) as result:
                 assert (result.first_token, result.matched_tokens) == (2 * C, 4 * C)
-            async with client.fetch(TOKENS, FP, kv_from=2 * C, split=True) as result:
+            async with client.fetch(TOKENS, FP, kv_from=2 * C, split=True, stream=True) as result:
+                await result.wait()
                 assert (result.first_token, result.matched_tokens) == (2 * C, 4 * C)
+            with pytest.raises(ApiError, match="needs stream=True"):  # it could not prefill meanwhile
+                client.fetch(TOKENS, FP, split=True)
 
     _with_daemon(tmp_path, test)
     assert [body.get("first_token") for body in bodies] == [None, 2 * C]
+
+
+def test_a_split_under_a_deadline_leaves_no_more_head_than_the_client_prefills_by_then() -> None:
+    """Past the deadline the fetch stops: chunks arriving while the client still prefilled a
+    longer head would have been thrown away and recomputed after it."""
+    heads: list[int] = []
+
+    async def main() -> Any:
+        peer = Peer("a")
+        for i in range(8):
+            peer.gates[i] = asyncio.Event()
+        f = fetcher({"a": peer})
+        measured(f, "a", 2e5)  # ~0.5 s a chunk at the floor, as long as its prefill
+
+        async def release() -> None:  # every chunk arrives 0.4 s in
+            await asyncio.sleep(0.4)
+            for gate in peer.gates.values():
+                gate.set()
+
+        task = asyncio.create_task(release())
+        out = await f.fetch(
+            [key(i) for i in range(8)], [{"a"}] * 8, Sink(), recompute_rate=CHUNK / 0.5,
+            chunk_shape=(2, 2, 16), deadline=f.clock() + 1.2, leave_head=heads.append,
+        )
+        await task
+        return out
+
+    out = asyncio.run(main())
+    assert heads == [2]  # 1 s of prefill fits the 1.2 s deadline; unbounded it would be 4
+    assert out.chunks > 0 and out.head == 2
+
+
+def test_a_chunk_on_the_wire_when_a_split_fetch_gives_up_is_kept_if_it_comes_before_the_head_is_done() -> None:
+    async def main() -> int:
+        f = fetcher({"a": Peer("a")})
+        measured(f, "a", 1e6)
+        heads: list[int] = []
+        run = _FetchRun(
+            f, keys=[key(i) for i in range(8)], holders=[{"a"} for _ in range(8)], sink=Sink(),
+            deadline=None, min_level=None, recompute_rate=CHUNK / 1.0,  # 1 s a chunk
+            recompute_known=True, kv_bytes_per_token=2 * 2 * 2 * 16 * 2, dtype_bytes=2,
+            policy="adaptive", leave_head=heads.append,
+        )
+        run._head_to_leave = lambda now: 4  # type: ignore[method-assign]
+        now = f.clock()
+        run._split(now)
+        assert heads == [4] and run.ctl.busy_until == now + 4.0
+        level = run.ctl.allowed[-1]
+        size = run.ctl.chunk_bytes(0, level)
+        # Chunk 0 (the prompt's chunk 4) needs 2 s more: it comes while the client is still busy
+        # with its head (until now + 4), long before it could recompute it (now + 5).
+        f.chunk_rates["a"] = ChunkRate(bps=size * 8 / 2.0, samples=3, at=now)
+        run.transfers[0] = (asyncio.get_running_loop().create_future(), "a", level, now)  # type: ignore[assignment]
+        return run._worth_finishing(now)
+
+    assert asyncio.run(main()) >= 1

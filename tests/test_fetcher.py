@@ -1119,7 +1119,7 @@ def test_a_client_segment_that_fails_is_not_blamed_on_the_peer(
 
     async def main() -> Any:
         request = SimpleNamespace(
-            id=1, kv_from=0, fingerprint=SimpleNamespace(layers=LAYERS, kv_heads=HEADS, head_dim=DIM)
+            id=1, kv_from=0, split=False, fingerprint=SimpleNamespace(layers=LAYERS, kv_heads=HEADS, head_dim=DIM)
         )
         sink = FetchSink(ShrinkingServer(), Conn(), request)  # type: ignore[arg-type]
         cache = Cache()

@@ -1222,7 +1222,11 @@ class AsyncKVPeerClient:
     ) -> _AsyncFetchStart:
         """``async with client.fetch(...) as result``: entering sends the request and, unless
         ``stream``, waits for the final answer; leaving releases the segment. The other
-        arguments as :meth:`KVPeerClient.fetch`'s."""
+        arguments as :meth:`KVPeerClient.fetch`'s (``split`` needs ``stream``: the client
+        prefills the head while the fetch runs)."""
+        if split and not stream:
+            raise ApiError(ErrorCode.INVALID, "split=True needs stream=True: the head is prefilled "
+                           "while the fetch runs, not after its final answer")
         try:
             request = m.FetchRequest(
                 id=self._new_id(), tokens=tokens, fingerprint=fingerprint, deadline_s=deadline_s,
