@@ -764,9 +764,9 @@ class _FetchRun:
         return min(self.cut, self.sched.limit)
 
     def _split(self, now: float) -> None:
-        """A split fetch: leave the leading chunks the client can prefill by the time the rest
-        arrives to the client (``leave_head``, told before anything is asked for or allocated),
-        and fetch the rest, aiming at the end of that prefill."""
+        """A split fetch: leave the client the leading chunks it can prefill while the rest
+        arrives (``leave_head`` is told before anything is asked for or allocated), and fetch
+        the rest, aiming at the end of that prefill."""
         leave, self.leave_head = self.leave_head, None
         head = self._head_to_leave(now) if leave is not None else 0
         if head == 0:
