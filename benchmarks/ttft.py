@@ -17,8 +17,9 @@ prefills read 0.9x for the same prefill), ``recompute_best_s`` their minimum. ``
 request -> KV usable, including the recompute of any tail the fetcher left to the client. top-1
 agreement compares the next-token argmax over a teacher-forced continuation, fetched cache vs
 the original cache. ``split`` is the adaptive policy with ``FetchRequest.split``: where the daemon
-finds it sooner, the client prefills the prefix's first chunks (``head``, in ``head_s``) while
-the rest is fetched, then appends the fetched KV to that cache. Several policies (comma-separated) run on the same cluster, each on a cold
+finds it sooner, the client prefills the prefix's first chunks (``head``, in ``head_s``, in a
+thread) while the rest is fetched (``in_shm_s``: when the last fetched chunk was in), then
+appends the fetched KV to that cache. Several policies (comma-separated) run on the same cluster, each on a cold
 client cache.
 
 With --json the last line is one JSON object: ``fetch_s`` (the first policy's median over the
@@ -45,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,12 @@ def _prefill(model: Any, ids: list[int], cache: Any = None) -> Any:
         return model(torch.tensor([ids]), use_cache=True, **{cache_argument(model): cache})
 
 
+def _timed_prefill(model: Any, ids: list[int]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    cache = cache_of(_prefill(model, ids))
+    return cache, time.perf_counter() - started
+
+
 def _argmax_continuation(model: Any, cache: Any, continuation: list[int]) -> torch.Tensor:
     out = _prefill(model, continuation, cache)
     return out.logits[0].argmax(dim=-1)
@@ -231,12 +239,13 @@ def _fetch_once(
             tokens, fp, min_level=min_level, recompute_tokens_per_s=args.recompute_tokens_per_s,
             split=split,
         ) as result:
-            head_cache = None
+            head: Future[Any] | None = None
             first = result.wait_first_token() if split else 0
-            if 0 < first < len(tokens):  # prefill the head while the daemon fetches the rest
-                head_started = time.perf_counter()
-                head_cache = cache_of(_prefill(model, tokens[:first]))
-                run.head_s = time.perf_counter() - head_started
+            if 0 < first < len(tokens):
+                # The head is prefilled in a thread while this one times the chunks' arrival.
+                pool = ThreadPoolExecutor(1)
+                head = pool.submit(_timed_prefill, model, tokens[:first])
+                pool.shutdown(wait=False)  # once the head is prefilled
                 run.head_tokens = first
             for index in range(first // CHUNK, chunks):
                 if not result.wait_for_chunk(index):
@@ -244,6 +253,9 @@ def _fetch_once(
                 run.chunk_times.append(time.perf_counter() - started)
             result.wait()
             run.usable_s = time.perf_counter() - started
+            head_cache = None
+            if head is not None:
+                head_cache, run.head_s = head.result()
             matched = result.matched_tokens
             run.levels = list(result.levels)
             build_started = time.perf_counter()
@@ -319,7 +331,8 @@ def _plot(path: Path, runs: list[Run], recompute_s: float, title: str) -> bool:
                for i, name in enumerate(codec.LEVELS)}
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs) + 0.8), squeeze=False)
     for ax, run in zip(axes[:, 0], runs, strict=True):
-        for index, (t, level) in enumerate(zip(run.chunk_times, run.levels, strict=False)):
+        for index, (t, level) in enumerate(zip(run.chunk_times, run.levels, strict=False),
+                                           start=run.head_tokens // CHUNK):  # after a split's head
             ax.barh(index, t, color=colours.get(level, "grey"), height=0.7)
             ax.text(t, index, f" {level}", va="center", fontsize=7)
         ax.axvline(recompute_s, color="red", linestyle="--", label="recompute")

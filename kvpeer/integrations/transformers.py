@@ -78,12 +78,10 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
     so a fetched segment can be released right after)."""
     from transformers import DynamicCache
 
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != layers:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not fit a model of {layers} layers")
+    _check_fits(k, v, model)
     param = next(model.parameters())
     cache = DynamicCache(config=model.config)
-    for index in range(layers):
+    for index in range(k.shape[0]):
         keys, values = cache.update(
             k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
             v[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
@@ -96,6 +94,12 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
         if _shares_memory(keys, k) or _shares_memory(values, v):
             layer.keys, layer.values = keys.clone(), values.clone()
     return cache
+
+
+def _check_fits(k: torch.Tensor, v: torch.Tensor, model: Any) -> None:
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != layers:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not fit a model of {layers} layers")
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -163,6 +167,7 @@ class _Fetches:
 
     connections: OrderedDict[float, DaemonConnection] = field(default_factory=OrderedDict)
     backoff: Backoff = field(default_factory=lambda: Backoff(FETCH_BACKOFF_S))
+    split_refused: bool = False  # the daemon predates split fetches (for this client's life)
 
     def abort(self) -> None:
         with _fetches_lock:
@@ -217,8 +222,9 @@ def fetch_cache(
 
     ``split``: where the daemon finds it sooner (a slow link), ``model`` prefills the prompt's
     first chunks here while the rest is fetched; the cache holds both, and ``matched_tokens``
-    counts both. ``recompute_tokens_per_s``: how fast ``model`` prefills here (the daemon
-    splits only when it knows, from this or from puts stating their prefill time).
+    counts both (a fetch that fails after that keeps the prefilled head). ``recompute_tokens_per_s``:
+    how fast ``model`` prefills here (the daemon splits only when it knows, from this or from
+    puts stating their prefill time).
     Nothing available (or a daemon error, logged): an empty cache and 0. A daemon that cannot
     help must never stop generation, so errors here degrade to recomputation: the fetch goes on
     a connection of its own to ``client``'s daemon and namespace, whose wait ends
@@ -226,55 +232,81 @@ def fetch_cache(
     the daemon failed to answer, fetches are skipped for :data:`FETCH_BACKOFF_S`. That
     connection (one per deadline) ends with ``client``; a closed client raises ApiError.
     """
+    fetched = _fetch_cache(client, model, tokens, fingerprint, deadline_s, min_level, split,
+                           recompute_tokens_per_s)
+    return fetched.cache, fetched.matched
+
+
+@dataclass(slots=True)
+class _Fetched:
+    cache: Any
+    matched: int = 0  # tokens the cache holds
+    head: int = 0  # ...of which this model prefilled the first ones (a split fetch)
+
+
+def _fetch_cache(
+    client: KVPeerClient, model: Any, tokens: Sequence[int] | torch.Tensor, fingerprint: ModelFingerprint,
+    deadline_s: float | None, min_level: str | None, split: bool, recompute_tokens_per_s: float | None,
+) -> _Fetched:
+    """:func:`fetch_cache`, saying how much of the cache a split left to ``model``."""
     from transformers import DynamicCache
 
     if client.closed:  # as any call on a closed client: not a daemon to back off from
         raise ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
     fetches, connection = _fetches_for(client, deadline_s)
+    got = _Fetched(DynamicCache(config=model.config))  # what a failure leaves
     if not fetches.backoff.allows(time.monotonic()):
-        return DynamicCache(config=model.config), 0
+        return got
+    split = split and not fetches.split_refused
     try:
         with connection.lock:
             ids = _tokens(tokens)
-            fetch = _start_fetch(connection, ids, fingerprint, deadline_s, min_level,
-                                 recompute_tokens_per_s, split)
+            fetch, split = _start_fetch(connection, fetches, ids, fingerprint, deadline_s, min_level,
+                                        recompute_tokens_per_s, split)
             # A timed-out connection is dropped before the handle's release, which would read
             # on for the fetch's final answer.
             with fetch as result, connection.dropped_on_timeout():
                 if split:
-                    cache, matched = _split_cache(result, model, ids)
+                    first = result.wait_first_token()
+                    if first < len(ids):  # (the prompt's length: nothing will be restored)
+                        # Prefilled while the daemon restores the rest; kept if that fails.
+                        got = _Fetched(_prefill_head(model, ids[:first]), first, first)
+                        result.wait()
+                        _append_restored(got, result, model)
                 else:
                     matched = result.matched_tokens
-                    cache = cache_from_kv(result.k, result.v, model) if matched else DynamicCache(config=model.config)
+                    if matched:
+                        got = _Fetched(cache_from_kv(result.k, result.v, model), matched)
     except (KVPeerError, OSError) as exc:
         if client.closed:  # closed or aborted meanwhile, by the caller: no daemon trouble
-            return DynamicCache(config=model.config), 0
+            return got
         if not daemon_away(exc):
-            log.warning("kvpeer fetch failed (%s); computing the whole prompt", exc)
+            log.warning("kvpeer fetch failed (%s); computing the prompt past %d tokens", exc, got.matched)
         elif fetches.backoff.failed(time.monotonic()):
             log.warning("kvpeer daemon did not answer a fetch (%s): computing prompts without it, "
                         "trying again every %g s", exc, FETCH_BACKOFF_S)
         else:
             log.debug("kvpeer daemon still not answering a fetch: %s", exc)
-        return DynamicCache(config=model.config), 0
+        return got
     if fetches.backoff.succeeded():
         log.info("kvpeer daemon answers fetches again")
-    return cache, matched
+    return got
 
 
 def _start_fetch(
-    connection: DaemonConnection, ids: list[int], fingerprint: ModelFingerprint, deadline_s: float | None,
-    min_level: str | None, recompute_tokens_per_s: float | None, split: bool,
-) -> Any:
-    """The fetch handle; a split asked of a daemon that predates it (it refuses the field, at
-    once) becomes a plain fetch."""
+    connection: DaemonConnection, fetches: _Fetches, ids: list[int], fingerprint: ModelFingerprint,
+    deadline_s: float | None, min_level: str | None, recompute_tokens_per_s: float | None, split: bool,
+) -> tuple[Any, bool]:
+    """The fetch handle and whether it is a split; a split asked of a daemon that predates it
+    (it refuses the field, at once) becomes a plain fetch, and this client's later fetches ask
+    for none."""
     def start(split: bool) -> Any:
         return connection.client().fetch(ids, fingerprint, deadline_s=deadline_s, min_level=min_level,
                                          recompute_tokens_per_s=recompute_tokens_per_s, split=split)
 
     fetch = start(split)
     if not split:
-        return fetch
+        return fetch, False
     try:
         with connection.dropped_on_timeout():
             fetch.wait_first_token()
@@ -282,28 +314,31 @@ def _start_fetch(
         fetch.release(wait=False)
         if not refused_field(exc, "split"):
             raise
+        fetches.split_refused = True
         log.info("the kvpeer daemon predates split fetches: fetching whole prefixes")
-        fetch = start(False)
-    return fetch
+        return start(False), False
+    except BaseException:
+        fetch.release(wait=False)
+        raise
+    return fetch, True
 
 
-def _split_cache(result: Any, model: Any, ids: list[int]) -> tuple[Any, int]:
-    """A split fetch's cache: ``model`` prefills the tokens before the restored KV while the
-    daemon restores it, then the restored KV goes after them."""
+def _prefill_head(model: Any, ids: list[int]) -> Any:
     from transformers import DynamicCache
 
-    first = result.wait_first_token()
-    if first >= len(ids):  # nothing will be restored: the caller prefills the prompt, as ever
-        return DynamicCache(config=model.config), 0
-    cache = cache_of(prefill(model, ids[:first])) if first else DynamicCache(config=model.config)
-    result.wait()
-    if result.matched_tokens <= first:  # nothing (more) restored: the prompt is the model's
-        return cache, first
+    return cache_of(prefill(model, ids)) if ids else DynamicCache(config=model.config)
+
+
+def _append_restored(got: _Fetched, result: Any, model: Any) -> None:
+    """Put a split fetch's restored KV (tokens ``[got.matched, matched_tokens)``) after the head."""
+    if result.matched_tokens <= got.matched:
+        return  # nothing (more) restored: the rest of the prompt is the model's
+    _check_fits(result.k, result.v, model)
     param = next(model.parameters())
     for index, (k, v) in enumerate(zip(result.k, result.v, strict=True)):
         # update() appends (a copy: the cache does not keep pointers into the segment).
-        cache.update(k.unsqueeze(0).to(param.device, param.dtype), v.unsqueeze(0).to(param.device, param.dtype), index)
-    return cache, result.matched_tokens
+        got.cache.update(k.unsqueeze(0).to(param.device, param.dtype), v.unsqueeze(0).to(param.device, param.dtype), index)
+    got.matched = result.matched_tokens
 
 
 def greedy_continue(
@@ -375,14 +410,15 @@ def generate_with_kvpeer(
     :func:`fetch_cache`'s (``matched`` then counts the tokens prefilled here while the rest
     was fetched).
     """
-    cache, matched = fetch_cache(client, model, tokens, fingerprint, deadline_s=deadline_s, split=split,
-                                 recompute_tokens_per_s=recompute_tokens_per_s)
+    fetched = _fetch_cache(client, model, tokens, fingerprint, deadline_s, None, split, recompute_tokens_per_s)
+    cache, matched = fetched.cache, fetched.matched
     ids = _tokens(tokens)
     text = generate(model, tokenizer, ids, cache, matched, max_new_tokens)
-    if put and matched < len(ids):
+    if put and (matched < len(ids) or fetched.head):
         try:
             k, v = kv_from_cache(cache)
-            _put_from(client, ids, k, v, fingerprint, matched)
+            # A split's head was left to this model because this node does not hold it.
+            _put_from(client, ids, k, v, fingerprint, 0 if fetched.head else matched)
         except (KVPeerError, ValueError) as exc:
             log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
     return text, matched

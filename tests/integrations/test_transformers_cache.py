@@ -13,7 +13,7 @@ import torch
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
-from kvpeer.hashing import ModelFingerprint
+from kvpeer.hashing import ModelFingerprint, chunk_keys
 from kvpeer.integrations import transformers as hf
 from tests.api.fakes import ScriptedDaemon, send, serving
 
@@ -122,7 +122,7 @@ def test_generate_puts_only_the_kv_past_the_fetched_prefix(monkeypatch: pytest.M
     model = tiny("llama")
     prompt = list(range(1, 41))
     full = hf.cache_of(hf.prefill(model, prompt[:16]))
-    monkeypatch.setattr(hf, "fetch_cache", lambda client, model, tokens, fp, deadline_s=None, **_: (full, 16))
+    monkeypatch.setattr(hf, "_fetch_cache", lambda *args: hf._Fetched(full, 16))
     client = Recorder(held=16, older=older)
     fp = ModelFingerprint(name="tiny", layers=2, kv_heads=2, head_dim=8, dtype="float32")
     hf.generate_with_kvpeer(client, model, Tokenizer(), prompt, fp, max_new_tokens=4, put=True)  # type: ignore[arg-type]
@@ -212,3 +212,53 @@ def test_a_split_asked_of_a_daemon_from_before_splits_is_a_plain_fetch() -> None
         cache, matched = hf.fetch_cache(client, model, list(range(1, 41)), TINY_FP, split=True)
         assert (matched, cache.get_seq_length()) == (0, 0)
         assert [request.split for request in daemon.received(m.FetchRequest)] == [True, False]
+
+
+@pytest.mark.parametrize("length", [50, 48])
+def test_a_put_after_a_split_stores_the_head_prefilled_here(length: int) -> None:
+    """The head was left to this model because this node does not hold it (a peer does): the
+    put after generating must store it, even when the fetch covered the whole prompt."""
+    model = tiny("llama")
+    prompt = list(range(1, length + 1))
+    with serving(chunk_tokens=16) as api, KVPeerClient(api.socket_path) as client:
+        hf.prefill_and_put(client, model, prompt, TINY_FP)  # chunks 0..2
+        first_key = chunk_keys(prompt, TINY_FP.digest(), "default", 16)[0]
+        del api.backend.chunks[first_key]  # as if chunk 0 were only on a peer
+        api.backend.split_head = 1
+        _, matched = hf.generate_with_kvpeer(client, model, Tokenizer(), prompt, TINY_FP,  # type: ignore[arg-type]
+                                             max_new_tokens=2, put=True, split=True, recompute_tokens_per_s=1e3)
+        assert matched == 48 and first_key in api.backend.chunks
+
+
+def test_a_split_fetch_of_kv_that_does_not_fit_the_model_is_refused_as_a_plain_one_is() -> None:
+    model = tiny("llama")  # 2 layers
+    one_layer = ModelFingerprint(name="tiny", layers=1, kv_heads=2, head_dim=8, dtype="float32")
+    prompt = list(range(1, 33))
+    k, v = hf.kv_from_cache(hf.cache_of(hf.prefill(model, prompt)))
+    with serving(chunk_tokens=16) as api, KVPeerClient(api.socket_path) as client:
+        client.put(prompt, k[:1].contiguous(), v[:1].contiguous(), one_layer)
+        with pytest.raises(ValueError, match="does not fit"):
+            hf.fetch_cache(client, model, prompt, one_layer)
+        api.backend.split_head = 1
+        with pytest.raises(ValueError, match="does not fit"):
+            hf.fetch_cache(client, model, prompt, one_layer, split=True, recompute_tokens_per_s=1e3)
+
+
+def test_a_daemon_from_before_splits_is_asked_for_one_once() -> None:
+    model = tiny("llama")
+    with RefusesSplit() as daemon, KVPeerClient(daemon.socket_path) as client:
+        for _ in range(3):
+            hf.fetch_cache(client, model, list(range(1, 41)), TINY_FP, split=True)
+        assert [request.split for request in daemon.received(m.FetchRequest)] == [True, False, False, False]
+
+
+def test_a_split_fetch_failing_after_the_head_keeps_the_head() -> None:
+    model = tiny("llama")
+    prompt = list(range(1, 41))
+    with serving(chunk_tokens=16) as api, KVPeerClient(api.socket_path) as client:
+        hf.prefill_and_put(client, model, prompt, TINY_FP)
+        api.backend.split_head = 1
+        api.backend.fail_after_allocate = True  # chunk 1 never comes
+        cache, matched = hf.fetch_cache(client, model, prompt, TINY_FP, split=True, recompute_tokens_per_s=1e3)
+    assert matched == 16 and cache.get_seq_length() == 16
+    assert hf.greedy_continue(model, prompt, cache, matched, 4) == hf.greedy_continue(model, prompt, None, 0, 4)
