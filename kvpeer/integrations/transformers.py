@@ -417,8 +417,13 @@ def generate_with_kvpeer(
     if put and (matched < len(ids) or fetched.head):
         try:
             k, v = kv_from_cache(cache)
-            # A split's head was left to this model because this node does not hold it.
-            _put_from(client, ids, k, v, fingerprint, 0 if fetched.head else matched)
+            if fetched.head:
+                # A split's head was left to this model because this node does not hold it. The
+                # chunks restored after it are held here now (a fetch keeps what it brings).
+                head = fetched.head
+                client.put(ids[:head], k[:, :, :head], v[:, :, :head], fingerprint)
+            if matched < len(ids):
+                _put_from(client, ids, k, v, fingerprint, matched)
         except (KVPeerError, ValueError) as exc:
             log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
     return text, matched

@@ -228,6 +228,9 @@ def test_a_put_after_a_split_stores_the_head_prefilled_here(length: int) -> None
         _, matched = hf.generate_with_kvpeer(client, model, Tokenizer(), prompt, TINY_FP,  # type: ignore[arg-type]
                                              max_new_tokens=2, put=True, split=True, recompute_tokens_per_s=1e3)
         assert matched == 48 and first_key in api.backend.chunks
+        # The head, and the prompt past what was restored; the restored chunks are not put back.
+        puts = [(len(r.tokens), r.kv_from) for r in api.backend.requests if isinstance(r, m.PutRequest)]
+        assert puts[1:] == ([(16, 0), (50, 48)] if length == 50 else [(16, 0)])
 
 
 def test_a_split_fetch_of_kv_that_does_not_fit_the_model_is_refused_as_a_plain_one_is() -> None:
