@@ -68,6 +68,22 @@ def test_generation_from_fetched_kv_equals_plain_generation(
     assert fetched == plain
 
 
+def test_generation_after_a_split_fetch_equals_plain_generation(
+    smollm2, api: ServerThread, prompt: list[int]
+) -> None:  # type: ignore[no-untyped-def]
+    """The daemon leaves the first chunk to the model, which prefills it while the second comes."""
+    model, fp = smollm2.model, smollm2.fingerprint
+    with KVPeerClient(api.socket_path, namespace="split") as client:
+        prefill_and_put(client, model, prompt, fp)
+        api.backend.split_head = 1
+        try:
+            cache, matched = fetch_cache(client, model, prompt, fp, split=True, recompute_tokens_per_s=500.0)
+        finally:
+            api.backend.split_head = 0
+    assert matched == 2 * CHUNK and cache.get_seq_length() == 2 * CHUNK
+    assert greedy_continue(model, prompt, cache, matched, STEPS) == greedy_continue(model, prompt, None, 0, STEPS)
+
+
 def test_partial_match_computes_the_rest(smollm2, api: ServerThread, prompt: list[int]) -> None:  # type: ignore[no-untyped-def]
     model, fp, tok = smollm2.model, smollm2.fingerprint, smollm2.tokenizer
     shared = prompt[:300]  # one full chunk is shared ...
