@@ -247,15 +247,17 @@ def _fetch_once(
                 head = pool.submit(_timed_prefill, model, tokens[:first])
                 pool.shutdown(wait=False)  # once the head is prefilled
                 run.head_tokens = first
-            for index in range(first // CHUNK, chunks):
-                if not result.wait_for_chunk(index):
-                    break
-                run.chunk_times.append(time.perf_counter() - started)
-            result.wait()
-            run.usable_s = time.perf_counter() - started
-            head_cache = None
-            if head is not None:
-                head_cache, run.head_s = head.result()
+            try:
+                for index in range(first // CHUNK, chunks):
+                    if not result.wait_for_chunk(index):
+                        break
+                    run.chunk_times.append(time.perf_counter() - started)
+                result.wait()
+                run.usable_s = time.perf_counter() - started
+            finally:  # the head's thread ends (and says how it ended) before the run does
+                head_cache = None
+                if head is not None:
+                    head_cache, run.head_s = head.result()
             matched = result.matched_tokens
             run.levels = list(result.levels)
             build_started = time.perf_counter()

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,16 +417,25 @@ def generate_with_kvpeer(
     if put and (matched < len(ids) or fetched.head):
         try:
             k, v = kv_from_cache(cache)
-            if fetched.head:
-                # A split's head was left to this model because this node does not hold it. The
-                # chunks restored after it are held here now (a fetch keeps what it brings).
-                head = fetched.head
-                client.put(ids[:head], k[:, :, :head], v[:, :, :head], fingerprint)
-            if matched < len(ids):
-                _put_from(client, ids, k, v, fingerprint, matched)
-        except (KVPeerError, ValueError) as exc:
+        except ValueError as exc:
             log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
+            return text, matched
+        head = fetched.head
+        # A split's head was left to this model because this node does not hold it. The chunks
+        # restored after it are not put: decoded KV is not this node's own (the fetch keeps the
+        # blobs it brought, as far as the store takes them).
+        if head:
+            _put_logged(lambda: client.put(ids[:head], k[:, :, :head], v[:, :, :head], fingerprint))
+        if matched < len(ids):
+            _put_logged(lambda: _put_from(client, ids, k, v, fingerprint, matched))
     return text, matched
+
+
+def _put_logged(put: Callable[[], object]) -> None:
+    try:
+        put()
+    except (KVPeerError, ValueError) as exc:
+        log.warning("kvpeer put failed (%s); the prefix is not shared", exc)
 
 
 def _put_from(
