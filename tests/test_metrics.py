@@ -214,6 +214,21 @@ def test_chunks_held_but_not_fetched_are_skips_by_reason_not_misses() -> None:
     assert value("kvpeer_fetch_seconds_sum", {}) == 2.0
 
 
+def test_a_split_fetchs_head_counts_as_skipped_for_the_split_not_missed() -> None:
+    from kvpeer.fetcher import FetchOutcome
+
+    metrics = Metrics(process=False)
+    # 6 chunks wanted, 5 held: the client prefilled the first 2, the fetch restored 3.
+    split = FetchOutcome(chunks=3, requested=3, levels=("q5",) * 3, bytes_moved=0, elapsed_s=1.0,
+                         reason="complete", head=2)
+    metrics.record_fetch(split, wanted_chunks=6, chunk_tokens=256, seconds=1.0)
+    value = metrics.registry.get_sample_value
+    assert value("kvpeer_chunk_skips_total", {"reason": "split"}) == 2
+    assert value("kvpeer_chunk_misses_total", {}) == 1
+    assert value("kvpeer_prefix_tokens_total", {"result": "matched"}) == 3 * 256
+    assert value("kvpeer_prefix_tokens_total", {"result": "recompute"}) == 3 * 256
+
+
 def test_a_cancelled_fetch_counts_its_time_and_bytes_but_no_chunks() -> None:
     from kvpeer.fetcher import FetchEvent, FetchOutcome
 
