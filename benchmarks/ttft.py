@@ -196,7 +196,7 @@ def _fetch_once(
     label: str,
 ) -> Run:
     from kvpeer.api.client import KVPeerClient
-    from kvpeer.integrations.transformers import cache_from_kv
+    from kvpeer.integrations.transformers import append_kv, cache_from_kv
 
     servers, client_node = cluster.nodes[:peers], cluster.nodes[-1]
     split = policy == "split"  # adaptive, the client prefilling the head the daemon leaves it
@@ -263,10 +263,7 @@ def _fetch_once(
             build_started = time.perf_counter()
             fetched_cache = head_cache
             if matched and head_cache is not None:
-                dtype = next(model.parameters()).dtype
-                for layer in range(result.k.shape[0]):  # appended after the head (copied)
-                    head_cache.update(result.k[layer].unsqueeze(0).to(dtype),
-                                      result.v[layer].unsqueeze(0).to(dtype), layer)
+                append_kv(head_cache, result.k, result.v, model)  # after the head, copied
             elif matched:
                 fetched_cache = cache_from_kv(result.k, result.v, model)
             matched = max(matched, run.head_tokens)

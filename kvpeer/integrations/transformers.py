@@ -78,9 +78,14 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
     so a fetched segment can be released right after)."""
     from transformers import DynamicCache
 
+    return append_kv(DynamicCache(config=model.config), k, v, model)
+
+
+def append_kv(cache: Any, k: torch.Tensor, v: torch.Tensor, model: Any) -> Any:
+    """Append ``k``/``v`` (``[layers, kv_heads, tokens, head_dim]``) after what ``cache`` holds,
+    copied (a split fetch's restored KV after the head the model prefilled); returns ``cache``."""
     _check_fits(k, v, model)
     param = next(model.parameters())
-    cache = DynamicCache(config=model.config)
     for index in range(k.shape[0]):
         keys, values = cache.update(
             k[index].unsqueeze(0).to(device=param.device, dtype=param.dtype),
@@ -333,11 +338,7 @@ def _append_restored(got: _Fetched, result: Any, model: Any) -> None:
     """Put a split fetch's restored KV (tokens ``[got.matched, matched_tokens)``) after the head."""
     if result.matched_tokens <= got.matched:
         return  # nothing (more) restored: the rest of the prompt is the model's
-    _check_fits(result.k, result.v, model)
-    param = next(model.parameters())
-    for index, (k, v) in enumerate(zip(result.k, result.v, strict=True)):
-        # update() appends (a copy: the cache does not keep pointers into the segment).
-        got.cache.update(k.unsqueeze(0).to(param.device, param.dtype), v.unsqueeze(0).to(param.device, param.dtype), index)
+    append_kv(got.cache, result.k, result.v, model)
     got.matched = result.matched_tokens
 
 
