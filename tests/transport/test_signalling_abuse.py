@@ -243,6 +243,20 @@ def test_a_connection_that_does_not_prove_the_key_is_closed_long_before_connect_
     assert len(failed) == 2 and all(line.endswith("failed: TimeoutError") for line in failed), failed
 
 
+async def _prove_key(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply_after_s: float = 0.0
+) -> ClientHandshake:
+    """A key holder's side of the signalling handshake up to the server's proof, answering the
+    challenge after ``reply_after_s`` (a long round trip); the handshake, ready to offer."""
+    handshake = ClientHandshake((KEY,))
+    await peer_mod._write_message(writer, handshake.hello())
+    challenge = await asyncio.wait_for(peer_mod._expect(reader, m.Challenge), 10)
+    await asyncio.sleep(reply_after_s)
+    await peer_mod._write_message(writer, handshake.on_challenge(challenge))
+    handshake.on_server_proof(await asyncio.wait_for(peer_mod._expect(reader, m.ServerProof), 10))
+    return handshake
+
+
 def test_the_time_to_prove_the_key_follows_connect_timeout() -> None:
     preauth = peer_mod._preauth_timeout_s
     assert preauth(10.0) == 2.0  # the default: a fifth, 2 s
@@ -260,13 +274,7 @@ def test_a_peer_three_seconds_away_proves_the_key_when_connect_timeout_allows_it
         await victim.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", victim.port)
-            handshake = ClientHandshake((KEY,))
-            await peer_mod._write_message(writer, handshake.hello())
-            challenge = await asyncio.wait_for(peer_mod._expect(reader, m.Challenge), 10)
-            await asyncio.sleep(3.0)  # the round trip; 8 s allowed
-            await peer_mod._write_message(writer, handshake.on_challenge(challenge))
-            proof = await asyncio.wait_for(peer_mod._expect(reader, m.ServerProof), 10)
-            handshake.on_server_proof(proof)
+            await _prove_key(reader, writer, reply_after_s=3.0)  # the round trip; 8 s allowed
             writer.close()
         finally:
             await victim.close()
@@ -286,11 +294,7 @@ def test_a_peer_that_proved_the_key_keeps_connect_timeout_for_the_rest(monkeypat
         await victim.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", victim.port)
-            handshake = ClientHandshake((KEY,))
-            await peer_mod._write_message(writer, handshake.hello())
-            challenge = await peer_mod._expect(reader, m.Challenge)
-            await peer_mod._write_message(writer, handshake.on_challenge(challenge))
-            handshake.on_server_proof(await peer_mod._expect(reader, m.ServerProof))
+            handshake = await _prove_key(reader, writer)
             await asyncio.sleep(2.0)  # four times the time to prove the key
             await peer_mod._write_message(writer, handshake.offer("slow", 1500, "v=0"))
             with pytest.raises(ProtocolError) as info:
