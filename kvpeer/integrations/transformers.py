@@ -40,6 +40,10 @@ from kvpeer.integrations._daemon import (
 log = logging.getLogger(__name__)
 
 FETCH_BACKOFF_S = 10.0  # after the daemon failed to answer a fetch, how long fetches are skipped
+# After a daemon refused a split (it predates them), how long fetches ask for none. Not for the
+# client's life: the daemon may be upgraded under it, and the client reconnects on its own
+# after a restart, without a failure that would tell it so. A refusal costs one quick answer.
+SPLIT_ASK_AGAIN_S = 300.0
 
 
 def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +176,10 @@ class _Fetches:
 
     connections: OrderedDict[float, DaemonConnection] = field(default_factory=OrderedDict)
     backoff: Backoff = field(default_factory=lambda: Backoff(FETCH_BACKOFF_S))
-    split_refused: bool = False  # the daemon predates split fetches (for this client's life)
+    split_refused_at: float | None = None  # when the daemon last refused a split (monotonic)
+
+    def asks_split(self, now: float) -> bool:
+        return self.split_refused_at is None or now - self.split_refused_at >= SPLIT_ASK_AGAIN_S
 
     def abort(self) -> None:
         with _fetches_lock:
@@ -262,7 +269,7 @@ def _fetch_cache(
     got = _Fetched(DynamicCache(config=model.config))  # what a failure leaves
     if not fetches.backoff.allows(time.monotonic()):
         return got
-    split = split and not fetches.split_refused
+    split = split and fetches.asks_split(time.monotonic())
     try:
         with connection.lock:
             ids = _tokens(tokens)
@@ -303,8 +310,8 @@ def _start_fetch(
     deadline_s: float | None, min_level: str | None, recompute_tokens_per_s: float | None, split: bool,
 ) -> tuple[Any, bool]:
     """The fetch handle and whether it is a split; a split asked of a daemon that predates it
-    (it refuses the field, at once) becomes a plain fetch, and this client's later fetches ask
-    for none."""
+    (it refuses the field, at once) becomes a plain fetch, and this client's fetches ask for
+    none for :data:`SPLIT_ASK_AGAIN_S`."""
     def start(split: bool) -> Any:
         return connection.client().fetch(ids, fingerprint, deadline_s=deadline_s, min_level=min_level,
                                          recompute_tokens_per_s=recompute_tokens_per_s, split=split)
@@ -319,8 +326,9 @@ def _start_fetch(
         fetch.release(wait=False)
         if not refused_field(exc, "split"):
             raise
-        fetches.split_refused = True
-        log.info("the kvpeer daemon predates split fetches: fetching whole prefixes")
+        fetches.split_refused_at = time.monotonic()
+        log.info("the kvpeer daemon predates split fetches: fetching whole prefixes (asking again "
+                 "in %g s)", SPLIT_ASK_AGAIN_S)
         return start(False), False
     except BaseException:
         fetch.release(wait=False)

@@ -265,3 +265,20 @@ def test_a_split_fetch_failing_after_the_head_keeps_the_head() -> None:
         cache, matched = hf.fetch_cache(client, model, prompt, TINY_FP, split=True, recompute_tokens_per_s=1e3)
     assert matched == 16 and cache.get_seq_length() == 16
     assert hf.greedy_continue(model, prompt, cache, matched, 4) == hf.greedy_continue(model, prompt, None, 0, 4)
+
+
+def test_a_daemon_that_refused_a_split_is_asked_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused split was never asked again for the client's life, even of a daemon upgraded
+    under it: the client reconnects after a restart without a failure to tell it so."""
+    monkeypatch.setattr(hf, "SPLIT_ASK_AGAIN_S", 0.3)
+    model = tiny("llama")
+    prompt = list(range(1, 41))
+    with RefusesSplit() as daemon, KVPeerClient(daemon.socket_path) as client:
+        hf.fetch_cache(client, model, prompt, TINY_FP, split=True)
+        hf.fetch_cache(client, model, prompt, TINY_FP, split=True)  # not asked meanwhile
+        assert [request.split for request in daemon.received(m.FetchRequest)] == [True, False, False]
+        (fetched_on,) = {index for index, message in daemon.seen if isinstance(message, m.FetchRequest)}
+        daemon.drop(fetched_on)  # as the daemon does when it stops (for an upgrade, say)
+        time.sleep(0.3)
+        hf.fetch_cache(client, model, prompt, TINY_FP, split=True)
+        assert [request.split for request in daemon.received(m.FetchRequest)][3:] == [True, False]
