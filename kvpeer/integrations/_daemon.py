@@ -49,6 +49,35 @@ class Backoff:
         return was_backing_off
 
 
+# After a daemon refused a request field as unknown (it predates the field), how long calls go
+# without it. Not for the engine's life: the daemon may be upgraded under it, and a client
+# reconnects after a restart without a failure that would say so. Asking again costs one quick
+# refusal.
+ASK_AGAIN_S = 300.0
+
+
+class RefusedFields:
+    """The request fields the daemon refused as unknown: each is left out of calls for
+    :data:`ASK_AGAIN_S` after its refusal. Shared by an integration's threads; time is passed in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refused_at: dict[str, float] = {}
+
+    def takes(self, name: str, now: float) -> bool:
+        """Whether to send field ``name``: never refused, or not for :data:`ASK_AGAIN_S`."""
+        with self._lock:
+            refused_at = self._refused_at.get(name)
+        return refused_at is None or now - refused_at >= ASK_AGAIN_S
+
+    def refused(self, name: str, now: float) -> bool:
+        """The daemon refused ``name`` at ``now``; True the first time (worth saying)."""
+        with self._lock:
+            first = name not in self._refused_at
+            self._refused_at[name] = now
+        return first
+
+
 def refused_field(exc: ApiError, name: str) -> bool:
     """``exc`` is a daemon older than request field ``name`` refusing it (unknown fields)."""
     return exc.code == ErrorCode.INVALID and "unknown fields" in exc.reason and name in exc.reason

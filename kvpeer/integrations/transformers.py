@@ -31,8 +31,10 @@ from kvpeer.errors import ApiError, ErrorCode, KVPeerError
 from kvpeer.hashing import ModelFingerprint
 from kvpeer.integrations._daemon import (
     ANSWER_GRACE_S,
+    ASK_AGAIN_S,
     Backoff,
     DaemonConnection,
+    RefusedFields,
     daemon_away,
     refused_field,
 )
@@ -40,10 +42,6 @@ from kvpeer.integrations._daemon import (
 log = logging.getLogger(__name__)
 
 FETCH_BACKOFF_S = 10.0  # after the daemon failed to answer a fetch, how long fetches are skipped
-# After a daemon refused a split (it predates them), how long fetches ask for none. Not for the
-# client's life: the daemon may be upgraded under it, and the client reconnects on its own
-# after a restart, without a failure that would tell it so. A refusal costs one quick answer.
-SPLIT_ASK_AGAIN_S = 300.0
 
 
 def kv_from_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,10 +174,7 @@ class _Fetches:
 
     connections: OrderedDict[float, DaemonConnection] = field(default_factory=OrderedDict)
     backoff: Backoff = field(default_factory=lambda: Backoff(FETCH_BACKOFF_S))
-    split_refused_at: float | None = None  # when the daemon last refused a split (monotonic)
-
-    def asks_split(self, now: float) -> bool:
-        return self.split_refused_at is None or now - self.split_refused_at >= SPLIT_ASK_AGAIN_S
+    refused: RefusedFields = field(default_factory=RefusedFields)  # fields the daemon predates
 
     def abort(self) -> None:
         with _fetches_lock:
@@ -269,7 +264,7 @@ def _fetch_cache(
     got = _Fetched(DynamicCache(config=model.config))  # what a failure leaves
     if not fetches.backoff.allows(time.monotonic()):
         return got
-    split = split and fetches.asks_split(time.monotonic())
+    split = split and fetches.refused.takes("split", time.monotonic())
     try:
         with connection.lock:
             ids = _tokens(tokens)
@@ -311,7 +306,7 @@ def _start_fetch(
 ) -> tuple[Any, bool]:
     """The fetch handle and whether it is a split; a split asked of a daemon that predates it
     (it refuses the field, at once) becomes a plain fetch, and this client's fetches ask for
-    none for :data:`SPLIT_ASK_AGAIN_S`."""
+    none for :data:`~kvpeer.integrations._daemon.ASK_AGAIN_S`."""
     def start(split: bool) -> Any:
         return connection.client().fetch(ids, fingerprint, deadline_s=deadline_s, min_level=min_level,
                                          recompute_tokens_per_s=recompute_tokens_per_s, split=split)
@@ -326,9 +321,9 @@ def _start_fetch(
         fetch.release(wait=False)
         if not refused_field(exc, "split"):
             raise
-        fetches.split_refused_at = time.monotonic()
-        log.info("the kvpeer daemon predates split fetches: fetching whole prefixes (asking again "
-                 "in %g s)", SPLIT_ASK_AGAIN_S)
+        if fetches.refused.refused("split", time.monotonic()):
+            log.info("the kvpeer daemon predates split fetches: fetching whole prefixes (asking "
+                     "again every %g s)", ASK_AGAIN_S)
         return start(False), False
     except BaseException:
         fetch.release(wait=False)

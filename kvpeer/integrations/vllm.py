@@ -64,8 +64,10 @@ from kvpeer.errors import ApiError, ConfigError, ErrorCode, KVPeerError
 from kvpeer.hashing import DEFAULT_CHUNK_TOKENS, ModelFingerprint
 from kvpeer.integrations._daemon import (
     ANSWER_GRACE_S,
+    ASK_AGAIN_S,
     Backoff,
     DaemonConnection,
+    RefusedFields,
     daemon_away,
     refused_field,
 )
@@ -493,8 +495,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
         self.saves_dropped = 0  # refused because too much KV was already waiting to be put
         self._dropping = False  # saves are being dropped: warned once until one is taken
         self._not_staged: set[str] = set()  # this step's saves without room: no copies made
-        self._daemon_takes_kv_from = True  # False once a daemon that predates it refused it
-        self._daemon_takes_local_only = True  # the same, for local-only lookups (scheduler side)
+        # kv_from (loads, saves) and local_only (the scheduler's lookups) are left out for a
+        # while after a daemon that predates them refused them.
+        self._refused = RefusedFields()
 
     # ------------------------------------------------------------------ metadata binding
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
@@ -537,7 +540,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _lookup(self, tokens: list[int], req_id: str, *, local_only: bool = False) -> m.LookupResult | None:
         """The daemon's answer, or None (the request is computed): it failed, or is being let be.
         ``local_only`` to a daemon that predates it: a plain lookup."""
-        local_only = local_only and self._daemon_takes_local_only
+        local_only = local_only and self._refused.takes("local_only", time.monotonic())
         if not self._daemon_usable():
             return None
         try:
@@ -545,9 +548,10 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 found = self._quick.client().lookup(tokens, self.fingerprint, local_only=local_only)
         except (KVPeerError, OSError) as exc:
             if local_only and isinstance(exc, ApiError) and refused_field(exc, "local_only"):
-                self._daemon_takes_local_only = False
-                log.info("kvpeer: the daemon predates local-only lookups; prompts vLLM's own cache "
-                         "covers are looked up as others are")
+                if self._refused.refused("local_only", time.monotonic()):
+                    log.info("kvpeer: the daemon predates local-only lookups; prompts vLLM's own "
+                             "cache covers are looked up as others are (asking again every %g s)",
+                             ASK_AGAIN_S)
                 return self._lookup(tokens, req_id)
             slow = isinstance(exc, ApiError) and exc.code == ErrorCode.TIMEOUT
             if slow and self._answers_probe():
@@ -721,7 +725,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _restore(self, spec: LoadSpec, layers: dict[int, torch.Tensor]) -> Iterator[int]:
         """Fetch ``spec``'s chunks into its blocks; yields the token restored up to after each.
         Only the chunks from ``spec.start`` are asked for (vLLM holds the tokens before it)."""
-        kv_from = spec.start if self._daemon_takes_kv_from else 0
+        kv_from = spec.start if self._takes_kv_from() else 0
         try:
             yield from self._restore_from(spec, layers, kv_from)
         except ApiError as exc:  # refused before any chunk came: asked again, from chunk 0
@@ -729,13 +733,17 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 raise
             yield from self._restore_from(spec, layers, 0)
 
+    def _takes_kv_from(self) -> bool:
+        return self._refused.takes("kv_from", time.monotonic())
+
     def _predates_kv_from(self, exc: ApiError) -> bool:
-        """``exc`` is a daemon older than kv_from refusing it: said once, and not asked again."""
+        """``exc`` is a daemon older than kv_from refusing it: said once, and not asked again
+        for :data:`~kvpeer.integrations._daemon.ASK_AGAIN_S`."""
         if not refused_field(exc, "kv_from"):
             return False
-        if self._daemon_takes_kv_from:
-            self._daemon_takes_kv_from = False
-            log.info("kvpeer: the daemon predates kv_from; loads and saves move whole prompts' KV")
+        if self._refused.refused("kv_from", time.monotonic()):
+            log.info("kvpeer: the daemon predates kv_from; loads and saves move whole prompts' KV "
+                     "(asking again every %g s)", ASK_AGAIN_S)
         return True
 
     def _restore_from(self, spec: LoadSpec, layers: dict[int, torch.Tensor], kv_from: int) -> Iterator[int]:
@@ -834,7 +842,7 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
     def _save_from(self, spec: SaveSpec) -> int:
         """The first token whose KV a save copies: the scheduler's kv_from, or where this
         request's load stopped if earlier (0 for a daemon that predates kv_from)."""
-        if not self._daemon_takes_kv_from:
+        if not self._takes_kv_from():
             return 0
         return min(spec.kv_from, self._load_short.pop(spec.req_id, spec.kv_from))
 

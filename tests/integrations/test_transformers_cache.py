@@ -14,6 +14,7 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from kvpeer.hashing import ModelFingerprint, chunk_keys
+from kvpeer.integrations import _daemon
 from kvpeer.integrations import transformers as hf
 from tests.api.fakes import ScriptedDaemon, send, serving
 
@@ -270,7 +271,7 @@ def test_a_split_fetch_failing_after_the_head_keeps_the_head() -> None:
 def test_a_daemon_that_refused_a_split_is_asked_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused split was never asked again for the client's life, even of a daemon upgraded
     under it: the client reconnects after a restart without a failure to tell it so."""
-    monkeypatch.setattr(hf, "SPLIT_ASK_AGAIN_S", 0.3)
+    monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.3)
     model = tiny("llama")
     prompt = list(range(1, 41))
     with RefusesSplit() as daemon, KVPeerClient(daemon.socket_path) as client:

@@ -4,6 +4,7 @@ real daemon socket (vLLM itself does not install here; its request objects are s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ConfigError, ErrorCode, ProtocolError
+from kvpeer.integrations import _daemon
 from kvpeer.integrations.vllm import (
     LAYOUTS,
     BlockChunkMap,
@@ -345,7 +347,7 @@ def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_m
     ))
     names = list(caches)
     conn.save_kv_layer(names[0], caches[names[0]], None)
-    conn._daemon_takes_kv_from = False  # as _predates_kv_from sets it, from the saving thread
+    conn._refused.refused("kv_from", time.monotonic())  # as _predates_kv_from says, from the saving thread
     conn.save_kv_layer(names[1], caches[names[1]], None)
     k_all, _ = conn._staged["r"]
     assert k_all.shape[2] == 16  # tokens 16..32, as the first layer began
@@ -354,7 +356,7 @@ def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_m
 
 
 def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
-    api: ServerThread, caplog: pytest.LogCaptureFixture,
+    api: ServerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An older daemon refuses the field (INVALID, unknown fields): a load asks again from chunk
     0 and restores; the save already staged from kv_from is dropped, the next ones copy it all."""
@@ -382,7 +384,7 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     # vLLM's own hit covers what the daemon holds: nothing to load, a save from token 16.
     meta = _step(saver, caches, "s1", prompt, blocks, 16, truth)
     assert not meta.loads and [(s.stop, s.kv_from) for s in meta.saves] == [(32, 16)]
-    assert not saver._daemon_takes_kv_from  # that save was refused, and dropped
+    assert not saver._takes_kv_from()  # that save was refused, and dropped
     _step(saver, caches, "s2", prompt, blocks, 16, truth)
     saver.shutdown()
 
@@ -391,7 +393,7 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     meta = _step(loader, caches, "r1", other, blocks, 4, blank)
     assert [(s.start, s.stop) for s in meta.loads] == [(4, 16)]
     assert [(s.stop, s.kv_from) for s in meta.saves] == [(32, 16)]
-    assert loader.get_block_ids_with_load_errors() == set() and not loader._daemon_takes_kv_from
+    assert loader.get_block_ids_with_load_errors() == set() and not loader._takes_kv_from()
     for i, cache in enumerate(caches.values()):
         k, _ = read_paged(cache, blocks[1:4], LAYOUTS[0])
         assert torch.equal(k, truth[0][i, :, 4:16])
@@ -399,6 +401,8 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     puts = [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
     assert puts == [(16, 0), (16, 0), (32, 0), (32, 0)]  # the test's two, s2, r1
     assert sum("predates kv_from" in r.message for r in caplog.records) == 2  # once per connector
+    monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)  # five minutes later: asked again
+    assert loader._takes_kv_from() and saver._takes_kv_from()
 
 
 BEYOND_TOKENS = {

@@ -19,8 +19,9 @@ from kvpeer import shm
 from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.errors import ApiError, ConfigError, ErrorCode
+from kvpeer.integrations import _daemon
 from kvpeer.integrations import vllm as vllm_mod
-from kvpeer.integrations._daemon import Backoff, DaemonConnection
+from kvpeer.integrations._daemon import Backoff, DaemonConnection, RefusedFields
 from kvpeer.integrations.vllm import KVPeerConnector
 from tests.api.fakes import FakeBackend, ScriptedDaemon, ServerThread, send
 from tests.integrations.test_vllm import (
@@ -102,6 +103,19 @@ def test_backoff_skips_calls_for_its_period_then_lets_one_try() -> None:
     assert not backoff.allows(20.0)
     assert backoff.succeeded() is True and backoff.allows(20.0) and not backoff.retrying(30.0)
     assert backoff.succeeded() is False
+
+
+def test_a_refused_field_is_left_out_for_a_while_then_asked_again() -> None:
+    """A field an older daemon refused was never sent again for the engine's life, even to
+    the upgraded daemon that replaced it (clients reconnect after a restart unnoticed)."""
+    refused = RefusedFields()
+    assert refused.takes("kv_from", 0.0) and refused.takes("split", 0.0)
+    assert refused.refused("kv_from", 1.0) is True  # the first refusal is worth saying
+    assert not refused.takes("kv_from", 1.0 + _daemon.ASK_AGAIN_S - 0.1)
+    assert refused.takes("split", 2.0)  # each field on its own
+    assert refused.takes("kv_from", 1.0 + _daemon.ASK_AGAIN_S)
+    assert refused.refused("kv_from", 400.0) is False  # refused again: said already
+    assert not refused.takes("kv_from", 400.0 + _daemon.ASK_AGAIN_S - 0.1)
 
 
 @pytest.mark.parametrize("value", [0, -1, "soon", None, float("nan"), float("inf")])
