@@ -24,16 +24,22 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Bytes per token at each level relative to fp16 KV, used until real sizes are stated or
-# observed. Rough figures from shared/findings/codec.md; the controller replaces them with
-# measured ones as soon as chunks arrive, so they only steer the first chunk or two.
+# observed; the controller replaces them with measured ones as soon as chunks arrive, so they
+# steer the first chunks of a model's first fetch (and a split's first head). Measured with the
+# codec of format v3 on SmolLM2's KV of 2,048 tokens of the evaluation text, 256-token chunks,
+# tail steps on the last (as the daemon stores a prefix; with or without the profile alike);
+# the GPT-2 of benchmarks.tiny_model codes within 5% of these. The model test in
+# tests/test_fetch_policy.py holds them to the codec. (Until 2026-12-08 the table still had
+# the first ladder's figures: q5 0.25, q4 0.21, q3 0.16, 30-50% too large, so a first fetch
+# over a slow link gave up or split off a longer head than its sizes called for.)
 PRIOR_RATIO_VS_FP16: dict[str, float] = {
-    "exact": 0.80,
-    "q8": 0.38,
-    "q7": 0.34,
-    "q6": 0.30,
-    "q5": 0.25,
-    "q4": 0.21,
-    "q3": 0.16,
+    "exact": 0.85,
+    "q8": 0.37,
+    "q7": 0.32,
+    "q6": 0.27,
+    "q5": 0.19,
+    "q4": 0.14,
+    "q3": 0.12,
 }
 _UNKNOWN_LEVEL_STEP = 0.75  # prior for a level missing from the table: 3/4 of the one above
 

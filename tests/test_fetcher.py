@@ -769,12 +769,17 @@ def test_warming_chunks_again_reads_nothing_for_the_levels_they_hold() -> None:
     asyncio.run(main())
 
 
+# A link that loses clearly to a 3 s recompute of four chunks: ~5 s for them at q3 by the
+# fetch policy's size priors (fetch_policy.PRIOR_RATIO_VS_FP16).
+SLOW_BPS = 7.5e4
+
+
 def test_an_unproven_slow_estimate_does_not_stop_the_fetch_before_one_chunk_is_measured() -> None:
     """The transport's first samples read slow start: a link that looks a bit too slow gets
     one chunk's chance before the fetcher gives up on it."""
 
     async def main() -> None:
-        peer = Peer("a", bps=1e5)
+        peer = Peer("a", bps=SLOW_BPS)
         f = fetcher({"a": peer})
         recompute_rate = 4 * TOKENS / 3.0  # recompute: 3 s; the estimate says ~5 s to fetch
         out = await f.fetch([key(i) for i in range(4)], [{"a"}] * 4, Sink(), recompute_rate=recompute_rate)
@@ -790,7 +795,7 @@ def test_a_slow_link_measured_by_an_earlier_fetch_means_recompute_at_once() -> N
     to recomputing is not asked for a chunk again."""
 
     async def main() -> None:
-        peer = Peer("a", bps=1e5)
+        peer = Peer("a", bps=SLOW_BPS)
         peer.estimator.total_bytes = 1 << 20  # delivered earlier on this session
         f = fetcher({"a": peer})
         recompute_rate = 4 * TOKENS / 3.0  # recompute: 3 s; the estimate says ~5 s to fetch
@@ -817,7 +822,7 @@ def test_a_link_found_slow_mid_chunk_is_given_up_without_waiting_for_the_chunk()
         )
         await wait_until(lambda: bool(peer.calls))
         assert not task.done()
-        peer.estimator.bps = 1e5  # the transport measured the chunk's first bytes: too slow
+        peer.estimator.bps = SLOW_BPS  # the transport measured the chunk's first bytes: too slow
         peer.estimator.total_bytes = 1 << 20
         async with asyncio.timeout(10):
             out = await task
@@ -835,7 +840,7 @@ def test_the_fetcher_remembers_a_slow_link_after_the_transport_forgot_it(memory_
     still knows the link loses to recomputing; past it, it measures again."""
 
     async def main() -> None:
-        peer = Peer("a", bps=1e5)
+        peer = Peer("a", bps=SLOW_BPS)
         peer.estimator.total_bytes = 1 << 20
         f = fetcher({"a": peer}, link_memory_s=memory_s)
         keys = [key(i) for i in range(4)]

@@ -6,27 +6,17 @@ import pytest
 import torch
 
 from kvpeer import codec
+from tests.conftest import LoadedModel
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 KL_BOUND_DEFAULT = 2e-4  # README: q8 measures ~4e-5 over 1,024 positions; 128 here are noisier
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[object, object]:
-    pytest.importorskip("transformers")
-    from kvpeer.models import load_model
-
-    try:
-        return load_model()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-def test_default_level_kl_bound(smollm2: tuple[object, object]) -> None:
+def test_default_level_kl_bound(smollm2: LoadedModel) -> None:
     from benchmarks import _kv
 
-    model, tok = smollm2
+    model, tok = smollm2.model, smollm2.tokenizer
     torch.set_num_threads(2)
     (window,) = _kv.windows(tok, _kv.evaluation_text(), 256, 128, 1)
     k, v = _kv.prefix_kv(model, window.prefix)
@@ -40,12 +30,12 @@ def test_default_level_kl_bound(smollm2: tuple[object, object]) -> None:
     assert kl["q4"] > kl[codec.DEFAULT_LEVEL]
 
 
-def test_tail_steps_lower_the_continuations_kl(smollm2: tuple[object, object]) -> None:
+def test_tail_steps_lower_the_continuations_kl(smollm2: LoadedModel) -> None:
     """A prefix encoded with tail steps (the plain call) keeps its continuation closer than one
     without them (README: 0.3-0.5x the KL over 1,024 positions for 6-13% more bytes)."""
     from benchmarks import _kv
 
-    model, tok = smollm2
+    model, tok = smollm2.model, smollm2.tokenizer
     torch.set_num_threads(2)
     (window,) = _kv.windows(tok, _kv.evaluation_text(), 256, 128, 1)
     k, v = _kv.prefix_kv(model, window.prefix)
@@ -60,15 +50,14 @@ def test_tail_steps_lower_the_continuations_kl(smollm2: tuple[object, object]) -
     assert kl[True] < 0.8 * kl[False]
 
 
-def test_shipped_profile_lowers_kl_at_equal_size(smollm2: tuple[object, object]) -> None:
+def test_shipped_profile_lowers_kl_at_equal_size(smollm2: LoadedModel) -> None:
     """The daemon's path (profile = the model's fingerprint hex) beats the plain call at q6 (README: 0.5x)."""
     from benchmarks import _kv
     from kvpeer.codec import profile as profiles
-    from kvpeer.models import model_fingerprint
 
-    model, tok = smollm2
+    model, tok = smollm2.model, smollm2.tokenizer
     torch.set_num_threads(2)
-    fingerprint = model_fingerprint(model).hex
+    fingerprint = smollm2.fingerprint.hex
     assert profiles.load(fingerprint) is not None, "no shipped profile for load_model()'s fingerprint"
     (window,) = _kv.windows(tok, _kv.evaluation_text(), 256, 128, 1)
     k, v = _kv.prefix_kv(model, window.prefix)
