@@ -301,6 +301,7 @@ class PeerTransport:
         self._all: dict[PeerSession, None] = {}  # every open session, oldest first
         self._replaced: set[asyncio.Task[None]] = set()  # closing sessions a newer one replaced
         self._crowded_warned: set[str] = set()
+        self._down: dict[str, None] = {}  # peers said down, and not up since (oldest first)
         self._connecting: dict[str, asyncio.Task[PeerSession]] = {}
         # Peers whose last connect failed: when to try again, the wait after that, and why.
         self._backoff: dict[str, _Backoff] = {}
@@ -806,6 +807,7 @@ class PeerTransport:
         # the other stays up (the peer may use it) until either side closes it.
         if current is None:
             self._sessions[session.peer_id] = session
+        self._down.pop(session.peer_id, None)
         if self._backoff.pop(session.peer_id, None) is not None:  # a session, either way round
             logger.info("peer %s is reachable again", session.peer_id)
         self.counters["sessions_opened"] += 1
@@ -857,7 +859,15 @@ class PeerTransport:
             )
             if replacement is not None:
                 self._sessions[session.peer_id] = replacement
-        if by_peer and not self._closing and self.session(session.peer_id) is None:
+        if (
+            by_peer and not self._closing and self.session(session.peer_id) is None
+            and session.peer_id not in self._down
+        ):
+            # Daemons dial each other, so a pair often has two sessions, and a peer that stops
+            # ends both: its down is said (and counted, and called back) once, not per session.
+            self._down[session.peer_id] = None
+            while len(self._down) > _MAX_WARNED:  # forgotten: at worst said twice
+                del self._down[next(iter(self._down))]
             self.counters["peers_down"] += 1
             logger.info("peer %s down", session.peer_id)
             if self.on_peer_down is not None:

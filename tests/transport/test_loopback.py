@@ -15,6 +15,7 @@ import pytest
 
 from kvpeer.errors import AuthError, ConfigError, ErrorCode, ProtocolError, TransportError
 from kvpeer.transport import PeerTransport, TransportConfig, load_psk
+from tests.test_fetcher import wait_until
 
 KEY = os.urandom(32)
 
@@ -634,6 +635,31 @@ def test_a_blob_counts_as_sent_only_once_the_peer_confirmed_it() -> None:
                 await session.fetch_blob(b"big", "")
             await asyncio.sleep(0.2)
             assert hb.sent == [("a", 5000)]
+        finally:
+            await a.close()
+            await b.close()
+
+    _run(body)
+
+
+def test_a_peer_with_two_sessions_that_stops_is_down_once() -> None:
+    """Both sides dialled each other (two sessions per pair, as daemons that discover each other
+    do); when one stops, the other said "peer down", counted it and called on_peer_down once per
+    session."""
+
+    async def body() -> None:
+        down_a: list[str] = []
+        a = PeerTransport("a", _config(), Handler(), on_peer_down=down_a.append)
+        b = PeerTransport("b", _config(), Handler())
+        await a.start()
+        await b.start()
+        try:
+            await asyncio.gather(a.connect("b", "127.0.0.1", b.port), b.connect("a", "127.0.0.1", a.port))
+            assert len([s for s in a._all if s.peer_id == "b"]) == 2
+            await b.close()
+            await wait_until(lambda: not any(s.peer_id == "b" for s in a._all))
+            await asyncio.sleep(0.2)
+            assert down_a == ["b"] and a.counters["peers_down"] == 1
         finally:
             await a.close()
             await b.close()
