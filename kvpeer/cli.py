@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 import resource
 import socket
@@ -539,16 +540,46 @@ def _read_kv(path: Path) -> tuple[Any, Any]:
     import torch
 
     try:
-        k, v = torch.load(path, weights_only=True)  # a KV file is tensors: nothing else unpickled
+        kv = torch.load(path, weights_only=True)  # a KV file is tensors: nothing else unpickled
+    except OSError as exc:
+        raise SystemExit(f"kvpeer: bad KV file {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # torch.load raises what its unpickler meets: all mean a bad file
-        # A weights-only load refusing an object (a NumPy array) says so in a dozen lines.
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        why = (f"it holds {refused.group(1)}, which is not a tensor" if refused
-               else _one_line(exc))
-        raise SystemExit(f"kvpeer: bad KV file {path} (torch.save((k, v), path)): {why}") from exc
+        raise SystemExit(f"kvpeer: bad KV file {path}: {NOT_KV} ({_why_unloadable(exc)})") from exc
+    try:
+        k, v = kv
+    except (TypeError, ValueError):
+        k = v = None
     if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
-        raise SystemExit(f"kvpeer: bad KV file {path}: expected a (k, v) pair of tensors")
+        raise SystemExit(f"kvpeer: bad KV file {path}: {NOT_KV} ({_what_it_holds(kv)})")
     return k, v
+
+
+NOT_KV = "not a torch.save'd (k, v) pair of tensors"
+
+
+def _why_unloadable(exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words. Its own message is a paragraph advising a
+    load with weights_only=False: unsafe for a file of unknown origin, and no option of ours."""
+    text = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)  # a NumPy array, say
+    if refused:
+        return f"it holds {refused.group(1)}, which is not a tensor"
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if "weights_only" in text or isinstance(exc, pickle.UnpicklingError):
+        return "not a file that torch.save wrote"
+    return _one_line(exc).split(". ")[0]
+
+
+def _what_it_holds(obj: Any) -> str:
+    """What a loaded KV file holds instead of (k, v): "a dict", "a tuple of Tensor, int"."""
+    kind = type(obj).__name__
+    if not isinstance(obj, tuple | list):
+        return f"it holds a {kind}"
+    if not obj:
+        return f"it holds an empty {kind}"
+    items = ", ".join(type(item).__name__ for item in obj[:4]) + (", ..." if len(obj) > 4 else "")
+    return f"it holds a {kind} of {items}"
 
 
 def _check_writable(path: Path) -> None:

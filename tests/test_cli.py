@@ -673,6 +673,31 @@ def test_a_kv_file_of_numpy_arrays_is_one_line(tmp_path: Path) -> None:
     assert message.startswith(f"kvpeer: bad KV file {kv}") and "which is not a tensor" in message
 
 
+@pytest.mark.parametrize(("content", "why"), [
+    (b"1 2 3 4\n", "not a file that torch.save wrote"),  # the tokens file given as --kv
+    (b"", "the file is empty or cut short"),
+    ({"k": 1}, "it holds a dict"),
+    ((1, 2, 3), "it holds a tuple of int, int, int"),
+], ids=["tokens_file", "empty", "dict", "triple"])
+def test_a_kv_file_that_is_no_kv_pair_says_what_it_is_in_one_line(
+    tmp_path: Path, content: Any, why: str
+) -> None:
+    """A file torch.load refuses was torch's paragraph, ending in advice to load it unsafely
+    with weights_only=False; the wrong object made a bare "not enough values to unpack"."""
+    import torch
+
+    kv = tmp_path / "prompt.tokens"
+    if isinstance(content, bytes):
+        kv.write_bytes(content)
+    else:
+        torch.save(content, kv)
+    with pytest.raises(SystemExit) as info:
+        cli._read_kv(kv)
+    assert info.value.code == (
+        f"kvpeer: bad KV file {kv}: not a torch.save'd (k, v) pair of tensors ({why})"
+    )
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--socket", "/tmp/s.sock", "--namespace", "team", "lookup", "--tokens", "t", "--model", "m"],
