@@ -19,6 +19,7 @@ import pickle
 import re
 import resource
 import socket
+import stat
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
@@ -58,7 +59,7 @@ examples:
 --tokens: a file of token ids (whitespace-separated integers, or .npy).
 --model: a JSON file with the model fingerprint fields (name, layers, kv_heads, head_dim,
 dtype, ...); `kvpeer fingerprint [MODEL.gguf] > model.json` writes one for a local model.
-The socket is $KVPEER_SOCKET, else /run/kvpeer/kvpeer.sock (--socket to override).
+The socket is --socket, else $KVPEER_SOCKET (unless empty), else /run/kvpeer/kvpeer.sock.
 """
 
 
@@ -447,7 +448,10 @@ TIMEOUT_HELP = (
     "stats; 60 for the others)"
 )
 
-SOCKET_HELP = "daemon socket (default $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)"
+SOCKET_HELP = (
+    "the daemon's socket, its api.socket_path (default $KVPEER_SOCKET, unless unset or empty, "
+    "else /run/kvpeer/kvpeer.sock)"
+)
 NAMESPACE_HELP = "tenant namespace of lookup, fetch and put (default: default)"
 
 
@@ -461,6 +465,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _socket_path(text: str) -> str:
+    # An empty --socket (a variable that was not set) meant the default socket without a word.
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "an empty path (leave --socket out for $KVPEER_SOCKET or /run/kvpeer/kvpeer.sock)"
+        )
+    return text
+
+
 def client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvpeer",
@@ -468,7 +481,7 @@ def client_parser() -> argparse.ArgumentParser:
         epilog=CLIENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--socket", help=SOCKET_HELP)
+    parser.add_argument("--socket", type=_socket_path, metavar="PATH", help=SOCKET_HELP)
     parser.add_argument("--namespace", help=NAMESPACE_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--timeout", type=_seconds, metavar="S", help=TIMEOUT_HELP)
@@ -476,7 +489,9 @@ def client_parser() -> argparse.ArgumentParser:
     # The same options after the command too (`kvpeer peers --json`); SUPPRESS keeps the one
     # given before.
     as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--socket", default=argparse.SUPPRESS, help=SOCKET_HELP)
+    as_json.add_argument(
+        "--socket", type=_socket_path, metavar="PATH", default=argparse.SUPPRESS, help=SOCKET_HELP
+    )
     as_json.add_argument("--namespace", default=argparse.SUPPRESS, help=NAMESPACE_HELP)
     as_json.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
@@ -684,8 +699,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             print(f"kvpeer: the daemon refused: {exc.reason}", file=sys.stderr)
         else:
             socket_path = args.socket or default_socket_path()
-            print(f"kvpeer: cannot reach the daemon at {socket_path}: {exc}"
-                  f"{_wait_longer(exc, args)}{_not_there(exc)}", file=sys.stderr)
+            print(f"kvpeer: cannot reach the daemon at {socket_path}: "
+                  f"{_why_unreachable(exc, socket_path, args)}", file=sys.stderr)
         return 1
     try:
         with client:
@@ -695,10 +710,32 @@ def client_main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+POINT_AT_THE_SOCKET = "set KVPEER_SOCKET or --socket to its api.socket_path"
+
+
+def _why_unreachable(exc: BaseException, socket_path: str, args: argparse.Namespace) -> str:
+    """Why connecting failed, and what to do about it."""
+    found = _not_a_socket(socket_path) if isinstance(exc, OSError) else ""
+    if found:  # connect() says "Connection refused", as if a daemon had died
+        return f"it is {found}, not kvpeerd's socket ({POINT_AT_THE_SOCKET})"
+    return f"{exc}{_wait_longer(exc, args)}{_not_there(exc)}"
+
+
+def _not_a_socket(path: str) -> str:
+    """What is at ``path`` when that is not a socket ("a directory"); "" for a socket or nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
 def _not_there(exc: BaseException) -> str:
     """For a socket that is missing or that nobody listens on: where the daemon may be."""
     if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
-        return " (is kvpeerd running? set KVPEER_SOCKET or --socket to its api.socket_path)"
+        return f" (is kvpeerd running? {POINT_AT_THE_SOCKET})"
     return ""
 
 

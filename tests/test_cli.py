@@ -716,6 +716,45 @@ def test_no_daemon_at_the_socket_says_how_to_point_at_one(tmp_path: Path) -> Non
     assert "is kvpeerd running? set KVPEER_SOCKET or --socket" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["directory", "regular file"])
+def test_a_socket_path_that_is_no_socket_says_what_is_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """connect() to a directory or a file is "Connection refused": the message asked whether
+    kvpeerd was running."""
+    path = tmp_path
+    if kind == "regular file":
+        path = tmp_path / "kvpeer.toml"
+        path.write_text("")
+    assert cli.client_main(["--socket", str(path), "status"]) == 1
+    assert capsys.readouterr().err == (
+        f"kvpeer: cannot reach the daemon at {path}: it is a {kind}, not kvpeerd's socket "
+        "(set KVPEER_SOCKET or --socket to its api.socket_path)\n"
+    )
+
+
+@pytest.mark.parametrize("argv", [["--socket", "", "status"], ["status", "--socket="]])
+def test_an_empty_socket_option_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """It fell back to /run/kvpeer/kvpeer.sock without a word (`--socket "$UNSET"`)."""
+    with pytest.raises(SystemExit) as info:
+        cli.client_parser().parse_args(argv)
+    assert info.value.code == 2 and "argument --socket: an empty path" in capsys.readouterr().err
+
+
+def test_an_empty_kvpeer_socket_means_the_default_socket_as_the_help_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvpeer.api.client import DEFAULT_SOCKET, default_socket_path
+
+    monkeypatch.setenv("KVPEER_SOCKET", "")
+    assert default_socket_path() == DEFAULT_SOCKET
+    assert "(default $KVPEER_SOCKET, unless unset or empty, else /run/kvpeer/kvpeer.sock)" in (
+        " ".join(cli.client_parser().format_help().split())
+    )
+
+
 class AnsweringClient:
     """Stands in for KVPeerClient: answers as a daemon with one peer and one chunk does."""
 

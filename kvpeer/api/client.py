@@ -44,7 +44,8 @@ _T = TypeVar("_T", bound=m.Message)
 
 
 def default_socket_path() -> str:
-    """``$KVPEER_SOCKET``, else the system daemon's socket."""
+    """``$KVPEER_SOCKET``, else (unset or empty, as shells treat an empty variable) the system
+    daemon's socket."""
     return os.environ.get("KVPEER_SOCKET") or DEFAULT_SOCKET
 
 
