@@ -42,7 +42,7 @@ from kvpeer.discovery import (
 )
 from kvpeer.discovery.advert import MAX_FINGERPRINTS
 from kvpeer.discovery.config import advertisable_addresses
-from kvpeer.errors import ConfigError, ErrorCode, KVPeerError, ProtocolError, StoreError
+from kvpeer.errors import ConfigError, ErrorCode, KVPeerError, ProtocolError, StoreError, StoreInUse
 from kvpeer.fetcher import Fetcher, FetcherConfig, FetchOutcome, LevelServer, total_bytes_per_token
 from kvpeer.files import write_text_atomically
 from kvpeer.hashing import ModelFingerprint, chunk_keys
@@ -105,14 +105,20 @@ class Daemon:
         self.config = config
         self.node_id = config.node.node_id
         self.chunk_tokens = config.codec.chunk_tokens
-        self.store = ChunkStore(
-            ram_bytes=config.store.ram_bytes,
-            disk_bytes=config.store.disk_bytes,
-            directory=config.store.dir,
-            level_order=codec.LEVELS,
-            # Blobs of another codec format are not loaded after an upgrade (unreadable now).
-            payload_format=f"codec{codec_container.FORMAT_VERSION}",
-        )
+        try:
+            self.store = ChunkStore(
+                ram_bytes=config.store.ram_bytes,
+                disk_bytes=config.store.disk_bytes,
+                directory=config.store.dir,
+                level_order=codec.LEVELS,
+                # Blobs of another codec format are not loaded after an upgrade (unreadable now).
+                payload_format=f"codec{codec_container.FORMAT_VERSION}",
+            )
+        except StoreInUse as exc:  # as a taken port or socket: this config cannot start here
+            raise ConfigError(
+                f"store.dir: {exc}: another kvpeerd uses it; give each daemon its own store.dir "
+                "(or node.state_dir), or stop the other one"
+            ) from None
         self.inventory = InventoryLog()
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"
         self.fingerprints = load_fingerprints(self.fingerprints_path)

@@ -55,6 +55,10 @@ class StoreError(KVPeerError):
     """
 
 
+class StoreInUse(StoreError):
+    """Another process holds the store directory's lock (another daemon on the same store.dir)."""
+
+
 class ProtocolError(KVPeerError):
     """A peer or client sent something that breaks the protocol."""
 

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvpeer.errors import StoreError
+from kvpeer.errors import StoreError, StoreInUse
 from kvpeer.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -1084,8 +1084,10 @@ class ChunkStore:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = _lock_holder(self._lock_fd)
             self._release_lock()
-            raise StoreError(f"store directory {directory} is in use by another process") from exc
+            raise StoreInUse(f"store directory {directory} is in use by another process{holder}") from exc
+        _say_lock_holder(self._lock_fd)
         for made_here in (base, *(directory / name for name in others)):
             _make_private(made_here)  # older formats' chunks too: they are KV all the same
         try:
@@ -1190,6 +1192,25 @@ def _make_private(directory: Path) -> None:
             "store %s: cannot make it private to this user (%s): other users of its group "
             "can read the cached KV", directory, _describe_os_error(exc),
         )
+
+
+def _say_lock_holder(fd: int) -> None:
+    """Write this process's pid into the held lock file, for the error of one that finds it
+    taken (the lock is the flock; the pid only names who holds it)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a name in an error message is not worth failing the start for
+        log.debug("store: cannot write the lock holder's pid: %s", exc)
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid N)`` as the lock file names the process that holds it, else empty."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
 
 
 def _store_dir_error(path: Path, exc: OSError) -> OSError:

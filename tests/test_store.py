@@ -25,7 +25,7 @@ import pytest
 
 from kvpeer import aio, cli
 from kvpeer import store as store_mod
-from kvpeer.errors import StoreError
+from kvpeer.errors import StoreError, StoreInUse
 from kvpeer.store import FORMAT_DIR, ChunkStore, record_size
 
 LEVELS = ("exact", "q8", "q4")
@@ -205,7 +205,7 @@ def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path) -> Non
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     store.put_blocking(key(1), "q8", blob(1))
     store.flush(timeout_s=30)
-    with pytest.raises(StoreError, match="in use by another process"):
+    with pytest.raises(StoreInUse, match=rf"in use by another process \(pid {os.getpid()}\)"):
         ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path)
     store.close()
     tmp = files(tmp_path)[0].parent / ".half-written.tmp"
