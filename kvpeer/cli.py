@@ -452,7 +452,15 @@ SOCKET_HELP = (
     "the daemon's socket, its api.socket_path (default $KVPEER_SOCKET, unless unset or empty, "
     "else /run/kvpeer/kvpeer.sock)"
 )
-NAMESPACE_HELP = "tenant namespace of lookup, fetch and put (default: default)"
+NAMESPACE_HELP = "tenant namespace (default: default)"
+GLOBAL_NAMESPACE_HELP = (
+    "tenant namespace of lookup, fetch and put (default: default); the other commands ignore it"
+)
+TOKENS_HELP = "file of token ids: whitespace-separated integers, or a NumPy .npy array"
+MODEL_HELP = "JSON model fingerprint (`kvpeer fingerprint` writes one)"
+# kvpeer.codec.LEVELS, most faithful first: importing kvpeer.codec imports torch, a second
+# or more that `kvpeer status` should not wait. A test keeps the two the same.
+CODEC_LEVELS = ("exact", "q8", "q7", "q6", "q5", "q4", "q3")
 
 
 def _seconds(text: str) -> float:
@@ -482,50 +490,66 @@ def client_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", type=_socket_path, metavar="PATH", help=SOCKET_HELP)
-    parser.add_argument("--namespace", help=NAMESPACE_HELP)
+    parser.add_argument("--namespace", help=GLOBAL_NAMESPACE_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--timeout", type=_seconds, metavar="S", help=TIMEOUT_HELP)
     parser.add_argument("--version", action="version", version=f"kvpeer {__version__}")
     # The same options after the command too (`kvpeer peers --json`); SUPPRESS keeps the one
-    # given before.
-    as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument(
+    # given before. --namespace only after the commands it means something to.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--socket", type=_socket_path, metavar="PATH", default=argparse.SUPPRESS, help=SOCKET_HELP
     )
-    as_json.add_argument("--namespace", default=argparse.SUPPRESS, help=NAMESPACE_HELP)
-    as_json.add_argument(
+    common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
     )
-    as_json.add_argument(
+    common.add_argument(
         "--timeout", type=_seconds, metavar="S", default=argparse.SUPPRESS, help=TIMEOUT_HELP
     )
+    tenant = argparse.ArgumentParser(add_help=False, parents=[common])
+    tenant.add_argument("--namespace", default=argparse.SUPPRESS, help=NAMESPACE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
-        "status", parents=[as_json],
-        help="is the daemon up: ready, degraded reasons, peers, chunks (--json: all of stats)",
+
+    def command(name: str, text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # description=: `kvpeer NAME --help` says what NAME does, as `kvpeer --help` does
+        return sub.add_parser(name, parents=parents, help=text, description=text)
+
+    command("status", "is the daemon up: ready, degraded reasons, peers, chunks (--json: all of "
+            "stats)", common)
+    command("peers", "peers the daemon knows, one a line", common)
+    command("stats", "all of the daemon's counters", common)
+    lookup = command("lookup", "how many of a prompt's first tokens have their KV cached, here or "
+                     "at a peer", tenant)
+    fetch = command("fetch", "fetch the KV of a prompt's longest cached prefix into a file", tenant)
+    put = command("put", "store a prompt's KV, read from a file, for this node and its peers",
+                  tenant)
+    for cmd in (lookup, fetch, put):
+        cmd.add_argument("--tokens", type=Path, required=True, help=TOKENS_HELP)
+        cmd.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
+    fetch.add_argument("--out", type=Path, required=True, help="write k, v here (torch.save)")
+    fetch.add_argument(
+        "--deadline", type=float, metavar="S",
+        help="seconds before falling back to recompute (default: the daemon's fetch.deadline_s, "
+        "none unless set)",
     )
-    sub.add_parser("peers", parents=[as_json], help="peers the daemon knows, one a line")
-    sub.add_parser("stats", parents=[as_json], help="all of the daemon's counters")
-    for name, text in (("lookup", "how much of a prefix is available"), ("fetch", "fetch a prefix's KV")):
-        cmd = sub.add_parser(name, parents=[as_json], help=text)
-        cmd.add_argument("--tokens", type=Path, required=True, help="file of token ids")
-        cmd.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
-        if name == "fetch":
-            cmd.add_argument("--out", type=Path, required=True, help="write k, v here (torch.save)")
-            cmd.add_argument("--deadline", type=float, help="seconds before falling back to recompute")
-            cmd.add_argument("--min-level", help="lowest acceptable codec level")
-            cmd.add_argument(
-                "--recompute-rate", type=float, metavar="TOKENS_PER_S",
-                help="how fast this client prefills; the daemon stops fetching where recomputing "
-                "is quicker",
-            )
-    put = sub.add_parser("put", parents=[as_json], help="store a prefix's KV from a file")
-    put.add_argument("--tokens", type=Path, required=True, help="file of token ids")
-    put.add_argument("--model", type=Path, required=True, help="JSON model fingerprint")
+    fetch.add_argument(
+        "--min-level", choices=CODEC_LEVELS, metavar="LEVEL",
+        help=f"least faithful codec level to accept: {', '.join(CODEC_LEVELS)} (most faithful "
+        "first; default: the daemon's fetch.min_level, q5 unless set)",
+    )
+    fetch.add_argument(
+        "--recompute-rate", type=float, metavar="TOKENS_PER_S",
+        help="how fast this client prefills; the daemon stops fetching where recomputing "
+        "is quicker",
+    )
     put.add_argument("--kv", type=Path, required=True, help="torch.save'd (k, v) tensors")
-    put.add_argument("--level", help="codec level to store (default: the daemon's)")
-    fingerprint = sub.add_parser(
-        "fingerprint", help="print a local model's fingerprint JSON (for --model); no daemon needed"
+    put.add_argument(
+        "--level", choices=CODEC_LEVELS, metavar="LEVEL",
+        help=f"codec level to store: {', '.join(CODEC_LEVELS)} (default: the daemon's "
+        "codec.level, q8 unless set)",
+    )
+    fingerprint = command(
+        "fingerprint", "print a local model's fingerprint JSON (for --model); no daemon needed"
     )
     fingerprint.add_argument(
         "model_path", nargs="?", help="GGUF file or transformers directory (default: SmolLM2)"
@@ -535,7 +559,7 @@ def client_parser() -> argparse.ArgumentParser:
         help="keeps this model apart from others of its name and shape (as kvpeer_revision does "
         "for the engines; the same on every engine of the model)",
     )
-    evict = sub.add_parser("evict", parents=[as_json], help="drop cached chunks")
+    evict = command("evict", "drop this node's cached chunks, of every namespace", common)
     evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
     return parser
 
@@ -683,11 +707,11 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = client_parser().parse_args(argv)
     if args.command == "fingerprint":
         return _fingerprint_command(args)
-    # status, stats, peers and evict concern no namespace: no hello unless one is named (a
-    # user whom api.namespaces gives no "default" can still ask them).
-    namespace = args.namespace
-    if namespace is None and args.command in ("lookup", "fetch", "put"):
-        namespace = "default"
+    # status, stats, peers and evict concern no namespace: no hello (a user whom api.namespaces
+    # gives no "default" can still ask them, whatever --namespace says).
+    namespace = None
+    if args.command in ("lookup", "fetch", "put"):
+        namespace = args.namespace or "default"
     timeout_s = args.timeout
     if timeout_s is None and args.command in READ_ONLY_COMMANDS:
         timeout_s = READ_ONLY_TIMEOUT_S

@@ -702,12 +702,69 @@ def test_a_kv_file_that_is_no_kv_pair_says_what_it_is_in_one_line(
     "argv",
     [["--socket", "/tmp/s.sock", "--namespace", "team", "lookup", "--tokens", "t", "--model", "m"],
      ["lookup", "--tokens", "t", "--model", "m", "--socket", "/tmp/s.sock", "--namespace", "team"],
-     ["status", "--socket", "/tmp/s.sock", "--namespace", "team"]],
+     ["fetch", "--tokens", "t", "--model", "m", "--out", "o", "--socket", "/tmp/s.sock",
+      "--namespace", "team"]],
 )
 def test_socket_and_namespace_go_before_or_after_the_command(argv: list[str]) -> None:
     """As --json and --timeout do: after the command they were "unrecognized arguments"."""
     args = cli.client_parser().parse_args(argv)
     assert (args.socket, args.namespace) == ("/tmp/s.sock", "team")
+
+
+@pytest.mark.parametrize("command", ["status", "peers", "stats", "evict"])
+def test_commands_of_no_namespace_do_not_offer_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Their --help offered --namespace "of lookup, fetch and put"; given, it only made a hello
+    that api.namespaces could refuse."""
+    argv = [command, "--all"] if command == "evict" else [command]
+    assert "--namespace" not in _help(command)
+    with pytest.raises(SystemExit):
+        cli.client_parser().parse_args([*argv, "--namespace", "team"])
+    capsys.readouterr()
+    clients: list[dict[str, Any]] = []
+
+    def connect(**options: Any) -> Any:
+        clients.append(options)
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    monkeypatch.setattr("kvpeer.api.client.KVPeerClient", connect)
+    assert cli.client_main(["--namespace", "team", *argv]) == 1  # before the command: ignored
+    assert clients[0]["namespace"] is None
+
+
+def _help(*argv: str) -> str:
+    """What `kvpeer ARGV --help` prints, its lines joined (argparse wraps at the terminal)."""
+    done = run("client_main", *argv, "--help", env={**os.environ, "COLUMNS": "1000"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "command", ["status", "peers", "stats", "lookup", "fetch", "put", "fingerprint", "evict"]
+)
+def test_each_commands_help_says_what_it_does(command: str) -> None:
+    """`kvpeer status --help` went from the usage line straight to the options."""
+    usage, description, *_ = _help(command).split("\n\n")
+    assert not description.startswith(("options:", "positional arguments:")), description
+
+
+def test_option_help_states_defaults_and_levels() -> None:
+    from kvpeer.codec import LEVELS
+    from kvpeer.config import CodecSection, FetchSection
+
+    assert cli.CODEC_LEVELS == LEVELS
+    levels = ", ".join(LEVELS)
+    fetch, put = _help("fetch"), _help("put")
+    assert "(default: the daemon's fetch.deadline_s, none unless set)" in fetch
+    assert f"least faithful codec level to accept: {levels} (most faithful first; " in fetch
+    assert f"default: the daemon's fetch.min_level, {FetchSection().min_level} unless set)" in fetch
+    assert f"codec level to store: {levels} (default: the daemon's codec.level, {CodecSection().level} " in put
+    assert "whitespace-separated integers, or a NumPy .npy array" in put
+    with pytest.raises(SystemExit) as info:  # the daemon's INVALID, after reading every file
+        cli.client_parser().parse_args(["put", "--tokens", "t", "--model", "m", "--kv", "k",
+                                        "--level", "q99"])
+    assert info.value.code == 2
 
 
 def test_no_daemon_at_the_socket_says_how_to_point_at_one(tmp_path: Path) -> None:
