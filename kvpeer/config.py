@@ -652,7 +652,7 @@ def _coerce(tp: Any, kind: str, value: Any) -> Any:
     raise TypeError(f"config type {tp!r} is not supported")  # a bug in a section, not in input
 
 
-def _check_range(key: str, meta: Mapping[str, Any], value: Any) -> None:
+def _check_range(key: str, meta: Mapping[str, Any], value: Any, hint: str = "") -> None:
     choices = meta.get("choices") or ()
     if choices and value not in choices:
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
@@ -662,9 +662,16 @@ def _check_range(key: str, meta: Mapping[str, Any], value: Any) -> None:
         if isinstance(number, bool) or not isinstance(number, int | float):
             continue
         if lo is not None and number < lo:
-            raise ConfigError(f"{key}: must be >= {lo:g}, got {number!r}")
+            raise ConfigError(f"{key}: must be >= {lo:g}, got {number!r}{hint}")
         if hi is not None and number > hi:
-            raise ConfigError(f"{key}: must be <= {hi:g}, got {number!r}")
+            raise ConfigError(f"{key}: must be <= {hi:g}, got {number!r}{hint}")
+
+
+def _mode_hint(raw: Any) -> str:
+    """For a file mode out of range: TOML reads ``socket_mode = 777`` as decimal, not as chmod."""
+    if isinstance(raw, int) and re.fullmatch(r"[0-7]{3}", str(raw)):
+        return f' (a file mode is octal: write it as 0o{raw} or "0{raw}")'
+    return ' (a file mode is octal, like 0o660 or "0660")'
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -702,7 +709,7 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, origin: Mapping[st
         except ValueError:
             where = f" (from {origin[key]})" if key in origin else ""
             raise ConfigError(f"{key}: expected {_describe(tp, kind)}, got {value!r}{where}") from None
-        _check_range(key, f.metadata, coerced)
+        _check_range(key, f.metadata, coerced, _mode_hint(value) if kind == "mode" else "")
         values[name] = coerced
     return cls(**values)
 

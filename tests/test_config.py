@@ -115,6 +115,21 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], mes
     assert message in str(err.value)
 
 
+def test_a_socket_mode_written_in_decimal_gets_the_octal_spellings_that_work(tmp_path: Path) -> None:
+    """`socket_mode = 777` said only "must be <= 511, got 777": TOML reads it as decimal."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "[api]\nsocket_mode = 777\n"), env={})
+    assert str(err.value) == (
+        'api.socket_mode: must be <= 511, got 777 (a file mode is octal: write it as 0o777 or "0777")'
+    )
+    for spelled in ("0o777", '"0777"'):
+        config = load_config(write(tmp_path, f"[api]\nsocket_mode = {spelled}\n"), env={})
+        assert config.api.socket_mode == 0o777
+    with pytest.raises(ConfigError) as err:  # digits that are no mode either way: the forms only
+        load_config(write(tmp_path, '[api]\nsocket_mode = "1777"\n'), env={})
+    assert str(err.value).endswith('got 1023 (a file mode is octal, like 0o660 or "0660")')
+
+
 def test_a_file_not_in_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
     """A Latin-1 file (an editor's default) raised UnicodeDecodeError: a traceback, exit 1."""
     path = tmp_path / "latin1.toml"
