@@ -6,19 +6,24 @@ daemon A. Client B asks daemon B for the same prefix: B finds A over zeroconf, f
 KV over a WebRTC data channel and hands it over through shared memory; B then answers from the
 fetched KV. The clients run in this process and reach each daemon through its Unix socket.
 
-    python examples/two_nodes.py [--level exact|q8|...] [--max-new-tokens 40] [--keep]
+    python examples/two_nodes.py [--level exact|q8|...] [--min-level exact|q8|...|any]
+                                 [--max-new-tokens 40] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from kvpeer.codec import LEVELS
 
 HERE = Path(__file__).resolve().parent
 QUESTION = (
@@ -41,9 +46,13 @@ def build_prompt(tokenizer: object) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--level", default="q8", help="codec level daemon A stores (default q8)")
+    # choices=: a level the daemons refuse was found only after the namespaces were made and
+    # the model loaded.
     parser.add_argument(
-        "--min-level", default="q8",
+        "--level", default="q8", choices=LEVELS, help="codec level daemon A stores (default q8)"
+    )
+    parser.add_argument(
+        "--min-level", default="q8", choices=(*LEVELS, "any"),
         help="lowest level B accepts (default q8; 'any' lets the fetcher go as low as the link needs)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -53,19 +62,31 @@ def main() -> int:
         print("two_nodes.py needs root: it creates two network namespaces (ip netns).", file=sys.stderr)
         return 2
 
-    from kvpeer import codec
-    from kvpeer.api.client import KVPeerClient
-    from kvpeer.integrations.transformers import cache_from_kv, cache_of, generate, prefill_and_put
-    from kvpeer.models import load_model, model_fingerprint
-    from kvpeer.testing.cluster import DaemonCluster
+    from kvpeer.models import load_model
 
     print("loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_model()
+    workdir = Path(tempfile.mkdtemp(prefix="kvpeer-demo-"))
+    try:
+        share_and_compare(args, model, tokenizer, workdir)
+    finally:  # also when it fails: the daemons' stores and logs are in there
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def share_and_compare(args: argparse.Namespace, model: Any, tokenizer: Any, workdir: Path) -> None:
+    """A puts the prompt's KV, B fetches it and answers; then B's answer from its own prefill."""
+    from kvpeer.api.client import KVPeerClient
+    from kvpeer.integrations.transformers import cache_from_kv, cache_of, generate, prefill_and_put
+    from kvpeer.models import model_fingerprint
+    from kvpeer.testing.cluster import DaemonCluster
+
     fingerprint = model_fingerprint(model)
     tokens = build_prompt(tokenizer)
     print(f"prompt: {len(tokens)} tokens (handbook + question)")
-
-    workdir = Path(tempfile.mkdtemp(prefix="kvpeer-demo-"))
     with DaemonCluster(2, workdir=workdir) as cluster:
         node_a, node_b = cluster.nodes
         print(f"daemons up: A={node_a.node_id} ({node_a.ip}), B={node_b.node_id} ({node_b.ip})")
@@ -80,7 +101,7 @@ def main() -> int:
         with KVPeerClient(socket_path=node_b.socket_path) as client_b:
             started = time.perf_counter()
             # "any": the smallest level (None would mean the daemon's fetch.min_level, q5).
-            min_level = codec.LEVELS[-1] if args.min_level == "any" else args.min_level
+            min_level = LEVELS[-1] if args.min_level == "any" else args.min_level
             with client_b.fetch(tokens, fingerprint, min_level=min_level) as result:
                 matched, levels = result.matched_tokens, list(result.levels)  # waits for the end
                 fetch_s = time.perf_counter() - started
@@ -112,11 +133,6 @@ def main() -> int:
     print(f"B's answer (fetched KV): {answer_fetched!r}")
     print(f"answer without kvpeer : {answer_local!r}")
     print(f"identical             : {answer_fetched == answer_local}")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

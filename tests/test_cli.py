@@ -925,3 +925,23 @@ def test_check_config_and_start_say_which_file_was_read_and_warn_of_ignored_sett
     assert started.returncode == 2, started.stderr
     assert f"INFO kvpeer.cli: config: from {config}; from the environment" in started.stderr
     assert "WARNING kvpeer.cli: discovery.static_peers is ignored" in started.stderr
+
+
+@pytest.mark.parametrize("option", ["--level", "--min-level"])
+def test_the_demo_refuses_an_unknown_level_before_it_starts_anything(tmp_path: Path, option: str) -> None:
+    """examples/two_nodes.py made two network namespaces and loaded the model, then died of the
+    daemon's "INVALID: level: unknown codec level 'q99'" in a traceback."""
+    demo = Path(__file__).resolve().parents[1] / "examples" / "two_nodes.py"
+    # Should the check be missing, the model and the cluster cannot be imported: nothing starts.
+    script = (
+        "import runpy, sys; sys.modules['kvpeer.models'] = None; "
+        "sys.modules['kvpeer.testing.cluster'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(demo), option, "q99"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"two_nodes.py: error: argument {option}: invalid choice: 'q99'" in done.stderr
+    assert list(tmp_path.iterdir()) == []
