@@ -199,6 +199,23 @@ def test_a_taken_port_is_one_line_and_no_restart(tmp_path: Path) -> None:
     assert str(port) in line and "in use" in line
 
 
+def test_a_store_dir_another_daemon_holds_is_one_line_and_no_restart(tmp_path: Path) -> None:
+    """Exit 1 before ("kvpeerd failed: ... in use by another process"): systemd started it again
+    20 times, where a taken port or socket is exit 2; now it names the key and the holder."""
+    from kvpeer.store import ChunkStore
+
+    config = daemon_config(tmp_path)
+    holder = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path / "state" / "store")
+    try:
+        result = run("daemon_main", "--config", str(config), "--no-uvloop")
+    finally:
+        holder.close()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "ERROR" in x]
+    assert "config error: store.dir:" in line and f"(pid {os.getpid()})" in line
+
+
 def test_an_address_not_on_this_machine_is_one_line_and_retried(tmp_path: Path) -> None:
     """At boot an address may come later (DHCP, a floating address): exit 1, systemd retries."""
     config = daemon_config(tmp_path, transport='host = "192.0.2.1"\nport = 0\n')  # TEST-NET-1
