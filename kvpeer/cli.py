@@ -431,10 +431,9 @@ def _start_metrics(config: Any, daemon: Any) -> Any:
             config.metrics.host, config.metrics.port, lambda: daemon.ready, daemon.degraded
         )
     except OSError as exc:
-        log.error(
-            "metrics: cannot listen on %s:%d (%s); running without /metrics and /healthz",
-            config.metrics.host, config.metrics.port, exc.strerror or exc,
-        )
+        reason = f"cannot listen on {config.metrics.host}:{config.metrics.port} ({exc.strerror or exc})"
+        log.error("metrics: %s; running without /metrics and /healthz", reason)
+        daemon.metrics_unavailable = reason  # `kvpeer status` lists it under degraded
         return None
 
 

@@ -189,6 +189,7 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
         self.activity = Activity(events=lambda: self.fetcher.counters)
         self.codec_backends: list[str] = []  # probed at start
+        self.metrics_unavailable: str | None = None  # why /metrics is not served (kvpeerd's to set)
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -644,6 +645,7 @@ class Daemon:
             keyless=self.transport.config.keyless_risk == logging.ERROR,
             unreachable=len(self.transport.backing_off()),
             peers=len(self.discovery.peers()),
+            metrics=self.metrics_unavailable,
         )
 
     async def stats(self) -> dict[str, Any]:
@@ -743,7 +745,7 @@ def load_fingerprints(path: Path) -> dict[str, ModelFingerprint]:
 
 
 def degraded_reasons(
-    store: dict[str, Any], *, keyless: bool, unreachable: int, peers: int
+    store: dict[str, Any], *, keyless: bool, unreachable: int, peers: int, metrics: str | None = None
 ) -> list[str]:
     """The ways a serving daemon is worse off than its configuration asks, in words.
 
@@ -763,6 +765,8 @@ def degraded_reasons(
         reasons.append("transport: no cluster key (transport.psk_file): any host on the LAN joins")
     if unreachable:
         reasons.append(f"peers: {unreachable} of {peers} listed peers cannot be connected to")
+    if metrics:  # only `kvpeer status` can say this one: there is no /healthz to say it
+        reasons.append(f"metrics: {metrics}; no /metrics or /healthz")
     return reasons
 
 

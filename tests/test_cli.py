@@ -216,6 +216,22 @@ def test_a_store_dir_another_daemon_holds_is_one_line_and_no_restart(tmp_path: P
     assert "config error: store.dir:" in line and f"(pid {os.getpid()})" in line
 
 
+def test_a_taken_metrics_port_is_logged_and_listed_under_degraded(caplog: pytest.LogCaptureFixture) -> None:
+    """Not fatal (the node still shares KV), but said only in the log: `kvpeer status` showed
+    "degraded: none", and /healthz on that port was another process's answer."""
+    from kvpeer.metrics import Metrics
+
+    config = Config()
+    node = SimpleNamespace(metrics=Metrics(process=False), ready=False, degraded=list, metrics_unavailable=None)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, port=port))
+        assert cli._start_metrics(config, node) is None
+    reason = f"cannot listen on 127.0.0.1:{port} (Address already in use)"
+    assert node.metrics_unavailable == reason  # Daemon.degraded() lists it (test_daemon_codec)
+    assert any(reason in r.message and r.levelname == "ERROR" for r in caplog.records)
+
+
 def test_an_address_not_on_this_machine_is_one_line_and_retried(tmp_path: Path) -> None:
     """At boot an address may come later (DHCP, a floating address): exit 1, systemd retries."""
     config = daemon_config(tmp_path, transport='host = "192.0.2.1"\nport = 0\n')  # TEST-NET-1

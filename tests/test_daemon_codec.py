@@ -219,11 +219,13 @@ def test_degraded_names_each_state_that_serves_worse_than_configured() -> None:
     reasons = daemon.degraded_reasons(
         {**healthy, "disk_failing": True, "last_disk_error": "No space left on device"},
         keyless=True, unreachable=2, peers=3,
+        metrics="cannot listen on 127.0.0.1:9457 (Address already in use)",
     )
     assert reasons == [
         "store: disk writes failing (No space left on device); new chunks are held in RAM only",
         "transport: no cluster key (transport.psk_file): any host on the LAN joins",
         "peers: 2 of 3 listed peers cannot be connected to",
+        "metrics: cannot listen on 127.0.0.1:9457 (Address already in use); no /metrics or /healthz",
     ]
     # A disk that never opened is said as that, not also as failing.
     [reason] = daemon.degraded_reasons(
@@ -246,10 +248,13 @@ def test_a_daemon_reads_its_degraded_state_from_store_transport_and_discovery() 
             backing_off=lambda: ["b"],
         ),
         discovery=SimpleNamespace(peers=lambda: {"a": None, "b": None}),
+        metrics_unavailable=None,
     )
     assert daemon.Daemon.degraded(node) == ["peers: 1 of 2 listed peers cannot be connected to"]
     node.transport.config.keyless_risk = logging_mod.ERROR
     assert len(daemon.Daemon.degraded(node)) == 2
+    node.metrics_unavailable = "cannot listen on 127.0.0.1:9457 (Address already in use)"  # kvpeerd's
+    assert daemon.Daemon.degraded(node)[-1].startswith("metrics: cannot listen on 127.0.0.1:9457")
     store.close()
 
 
