@@ -107,6 +107,10 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         ('[metrics]\nhost = "999.1.1.1"\n', {}, "metrics.host: '999.1.1.1' is neither an IP address"),
         ('[metrics]\nhost = "%s"\n' % ("a" * 64), {}, "is neither an IP address nor a host name"),
         ("[node\n", {}, "invalid TOML"),
+        # resolved against the daemon's working directory: / under systemd
+        ('[api]\nsocket_path = "run/kvpeer.sock"\n', {}, "api.socket_path: 'run/kvpeer.sock' is a relative path"),
+        ('[node]\nstate_dir = "node1"\n', {}, "node.state_dir: 'node1' is a relative path"),
+        ("", {"KVPEER_TRANSPORT__PSK_FILE": "cluster.key"}, "transport.psk_file: 'cluster.key' is a relative path"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
