@@ -3,11 +3,14 @@ the setting namespaces stay cooperative. Peer credentials are faked: the tests r
 
 from __future__ import annotations
 
+import dataclasses
 import grp
+import json
 import os
 import pwd
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -130,7 +133,7 @@ def test_evict_drops_every_tenants_chunks_so_only_root_or_the_daemons_user_may(p
 
 
 def test_the_cli_asks_stats_and_peers_without_a_namespace(
-    peer: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+    peer: SimpleNamespace, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A user whom api.namespaces gives no "default" (an operator's own account) still gets
     kvpeer status, stats and peers; a refusal reads as one, not as an unreachable daemon."""
@@ -140,7 +143,13 @@ def test_the_cli_asks_stats_and_peers_without_a_namespace(
     with serving(namespaces=POLICY) as api:
         assert cli.client_main(["--socket", str(api.socket_path), "--json", "stats"]) == 0
         assert cli.client_main(["--socket", str(api.socket_path), "peers"]) == 0
+        # A namespace given before them is not theirs to use (they are not per namespace):
+        # it used to send a hello that api.namespaces refused.
+        assert cli.client_main(["--socket", str(api.socket_path), "--namespace", "team-a", "stats"]) == 0
+        tokens, model = tmp_path / "prompt.tokens", tmp_path / "model.json"
+        tokens.write_text("1 2 3")
+        model.write_text(json.dumps(dataclasses.asdict(FP)))
         capsys.readouterr()
-        assert cli.client_main(["--socket", str(api.socket_path), "--namespace", "team-a", "stats"]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("kvpeer: the daemon refused: namespace 'team-a'")
+        lookup = ["lookup", "--namespace", "team-a", "--tokens", str(tokens), "--model", str(model)]
+        assert cli.client_main(["--socket", str(api.socket_path), *lookup]) == 1  # per namespace
+        assert capsys.readouterr().err.startswith("kvpeer: the daemon refused: namespace 'team-a'")
