@@ -51,27 +51,40 @@ class Backoff:
 
 # After a daemon refused a request field as unknown (it predates the field), how long calls go
 # without it. Not for the engine's life: the daemon may be upgraded under it, and a client
-# reconnects after a restart without a failure that would say so. Asking again costs one quick
-# refusal.
+# reconnects after a restart without a failure that would say so. A call that can fall back
+# without the field (a fetch, a lookup) tries it again then; one that cannot (a save that copied
+# only the rows past kv_from) waits until such a try shows the daemon takes it.
 ASK_AGAIN_S = 300.0
 
 
 class RefusedFields:
-    """The request fields the daemon refused as unknown: each is left out of calls for
-    :data:`ASK_AGAIN_S` after its refusal. Shared by an integration's threads; time is passed in."""
+    """The request fields the daemon refused as unknown, and when. Shared by an integration's
+    threads; time is passed in."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._refused_at: dict[str, float] = {}
 
     def takes(self, name: str, now: float) -> bool:
-        """Whether to send field ``name``: never refused, or not for :data:`ASK_AGAIN_S`."""
+        """Whether a call that can fall back without field ``name`` sends it: never refused (or
+        taken since), or refused :data:`ASK_AGAIN_S` ago or more (a try)."""
         with self._lock:
             refused_at = self._refused_at.get(name)
         return refused_at is None or now - refused_at >= ASK_AGAIN_S
 
+    def confirmed(self, name: str) -> bool:
+        """Whether a call that cannot fall back sends ``name``: never refused, or taken since."""
+        with self._lock:
+            return name not in self._refused_at
+
+    def accepted(self, name: str) -> None:
+        """The daemon answered a call with ``name`` without refusing it."""
+        with self._lock:
+            self._refused_at.pop(name, None)
+
     def refused(self, name: str, now: float) -> bool:
-        """The daemon refused ``name`` at ``now``; True the first time (worth saying)."""
+        """The daemon refused ``name`` at ``now``; True unless it was refused already and not
+        taken since (worth saying)."""
         with self._lock:
             first = name not in self._refused_at
             self._refused_at[name] = now

@@ -757,7 +757,12 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 chunk = spec.start // self.map.chunk_tokens
                 while True:
                     span = self.map.chunk_span(chunk, spec.start, spec.stop)
-                    if span is None or not result.wait_for_chunk(chunk):
+                    if span is None:
+                        return
+                    arrived = result.wait_for_chunk(chunk)
+                    if kv_from:  # answered, not refused: saves send kv_from again
+                        self._refused.accepted("kv_from")
+                    if not arrived:
                         return
                     k, v = result.chunk(chunk)  # [L, H, C, D], chunk-local tokens
                     lo, hi = span
@@ -841,8 +846,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _save_from(self, spec: SaveSpec) -> int:
         """The first token whose KV a save copies: the scheduler's kv_from, or where this
-        request's load stopped if earlier (0 for a daemon that predates kv_from)."""
-        if not self._takes_kv_from():
+        request's load stopped if earlier (0 for a daemon that predates kv_from, until a load
+        shows it was upgraded: a save refused for kv_from is lost, its rows before it not copied)."""
+        if not self._refused.confirmed("kv_from"):
             return 0
         return min(spec.kv_from, self._load_short.pop(spec.req_id, spec.kv_from))
 

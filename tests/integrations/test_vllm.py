@@ -405,6 +405,47 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     assert loader._takes_kv_from() and saver._takes_kv_from()
 
 
+def test_after_a_refusal_saves_copy_whole_prompts_until_a_load_finds_kv_from_taken(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kv_from, refused once, was never sent again for the engine's life, even to the daemon
+    upgraded under it. Tried again by a load (which falls back to chunk 0 at no loss), not by
+    a save: a save refused for kv_from is lost, and with a daemon still that old every save of
+    the step after each ASK_AGAIN_S would be."""
+    backend = api.backend
+    put, fetch = backend.put, backend.fetch
+
+    def older(method: Any, kind: str) -> Any:
+        async def call(ctx: Any, req: Any, kv_or_sink: Any) -> Any:
+            if req.kv_from:
+                raise ProtocolError(ErrorCode.INVALID, f"{kind}: unknown fields ['kv_from']")
+            return await method(ctx, req, kv_or_sink)
+        return call
+
+    backend.put, backend.fetch = older(put, "put"), older(fetch, "fetch")  # type: ignore[method-assign]
+    prompt, other = list(range(8200, 8240)), list(range(8300, 8340))
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    blocks = list(range(10))
+    conn, caches = engine(api)
+    with daemon_client(api) as client:
+        for tokens in (prompt, other):
+            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], conn.fingerprint)
+
+    def puts() -> list[tuple[int, int]]:
+        return [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
+
+    _step(conn, caches, "s1", prompt, blocks, 16, truth)  # its save, from 16, refused and lost
+    monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
+    _step(conn, caches, "s2", prompt, blocks, 16, truth)  # no load has tried kv_from: whole
+    assert puts()[2:] == [(32, 0)]
+    backend.put, backend.fetch = put, fetch  # type: ignore[method-assign]  # upgraded
+    meta = _step(conn, caches, "r1", other, blocks, 4, truth)  # a load tries it, and it is taken
+    assert [(s.start, s.stop) for s in meta.loads] == [(4, 16)]
+    assert [r.kv_from for r in backend.requests if isinstance(r, m.FetchRequest)][-1] == 4
+    assert puts()[3:] == [(32, 16)]  # the save of the same step sends kv_from again
+    conn.shutdown()
+
+
 BEYOND_TOKENS = {
     "lora": {"lora_request": SimpleNamespace(lora_name="adapter-A", lora_int_id=1)},
     "image": {"mm_features": [SimpleNamespace(identifier="img-1", mm_position=SimpleNamespace(offset=4, length=28))]},

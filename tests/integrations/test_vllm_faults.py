@@ -116,6 +116,10 @@ def test_a_refused_field_is_left_out_for_a_while_then_asked_again() -> None:
     assert refused.takes("kv_from", 1.0 + _daemon.ASK_AGAIN_S)
     assert refused.refused("kv_from", 400.0) is False  # refused again: said already
     assert not refused.takes("kv_from", 400.0 + _daemon.ASK_AGAIN_S - 0.1)
+    assert not refused.confirmed("kv_from") and refused.confirmed("split")  # no try for those
+    refused.accepted("kv_from")  # a try was answered: the daemon takes it now
+    assert refused.confirmed("kv_from") and refused.takes("kv_from", 401.0)
+    assert refused.refused("kv_from", 500.0) is True  # refused after being taken: worth saying
 
 
 @pytest.mark.parametrize("value", [0, -1, "soon", None, float("nan"), float("inf")])
