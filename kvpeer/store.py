@@ -95,6 +95,9 @@ WRITE_BATCH = 64  # files written before their directories are fsynced once
 CLEAR_BATCH = 128  # keys dropped per hold of the lock by clear()
 FORMAT_DIR = "v1"  # files of this record format live here; a new format gets a new directory
 LOCK_FILE = ".lock"
+# How long opening a store waits for another process to release its directory before giving up
+# (a config error: two daemons on one store.dir). A restart's predecessor lets go as it exits.
+LOCK_WAIT_S = 5.0
 TMP_SUFFIX = ".tmp"
 # Only this daemon reads its chunk files: clients get KV through the API's shared memory.
 PRIVATE_DIR_MODE = 0o700
@@ -1082,7 +1085,7 @@ class ChunkStore:
         except OSError as exc:
             raise _store_dir_error(directory, exc) from exc
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_within(self._lock_fd, LOCK_WAIT_S)
         except OSError as exc:
             holder = _lock_holder(self._lock_fd)
             self._release_lock()
@@ -1192,6 +1195,20 @@ def _make_private(directory: Path) -> None:
             "store %s: cannot make it private to this user (%s): other users of its group "
             "can read the cached KV", directory, _describe_os_error(exc),
         )
+
+
+def _flock_within(fd: int, wait_s: float) -> None:
+    """Take the exclusive lock on ``fd``, waiting up to ``wait_s`` for a holder to let go (a
+    predecessor whose writer thread finishes a slow write as it exits); OSError if it does not."""
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(0.1)
 
 
 def _say_lock_holder(fd: int) -> None:

@@ -201,7 +201,20 @@ def test_corrupt_file_is_deleted_and_a_miss(tmp_path: Path) -> None:
     assert store.get_blocking(key(1)) is None and events.removed == [key(1)]
 
 
-def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path) -> None:
+def test_a_store_directory_let_go_within_the_wait_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart's predecessor may still hold the directory for a moment as it exits (a writer
+    thread finishing a slow write): the new daemon waits for it rather than refusing at once."""
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 10.0)
+    holder = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    threading.Timer(0.3, holder.close).start()
+    started = time.monotonic()
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    assert 0.2 <= time.monotonic() - started < 10.0
+    store.close()
+
+
+def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.2)
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
     store.put_blocking(key(1), "q8", blob(1))
     store.flush(timeout_s=30)
