@@ -56,7 +56,7 @@ def main() -> int:
         help="lowest level B accepts (default q8; 'any' lets the fetcher go as low as the link needs)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory for inspection")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory for inspection (a failed run always keeps it)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("two_nodes.py needs root: it creates two network namespaces (ip netns).", file=sys.stderr)
@@ -69,11 +69,13 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kvpeer-demo-"))
     try:
         share_and_compare(args, model, tokenizer, workdir)
-    finally:  # also when it fails: the daemons' stores and logs are in there
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException:  # kept: the daemons' logs in there say what went wrong
+        print(f"work directory kept, with the daemons' logs: {workdir}", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -978,3 +978,22 @@ def test_the_demo_refuses_an_unknown_level_before_it_starts_anything(tmp_path: P
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"two_nodes.py: error: argument {option}: invalid choice: 'q99'" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_demo_that_fails_keeps_its_work_directory_and_says_where(tmp_path: Path) -> None:
+    """The daemons' logs that say why are in there; removing it on failure left nothing to read."""
+    demo = Path(__file__).resolve().parents[1] / "examples" / "two_nodes.py"
+    # A stand-in model without the rest of its module: the run fails before anything starts.
+    script = (
+        "import runpy, sys, types; models = types.ModuleType('kvpeer.models'); "
+        "models.load_model = lambda: (None, None); sys.modules['kvpeer.models'] = models; "
+        "sys.modules['kvpeer.testing.cluster'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(demo)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 1 and "ImportError" in done.stderr.splitlines()[-1], done.stderr
+    [kept] = list(tmp_path.iterdir())
+    assert f"work directory kept, with the daemons' logs: {kept}" in done.stderr
