@@ -490,8 +490,9 @@ class Config:
                 if isinstance(value, Path) and "{" in str(value):
                     value = changes[sf.name] = Path(_fill(str(value), places, f"{f.name}.{sf.name}"))
                 if isinstance(value, Path) and not value.is_absolute():
+                    home = " (~ is not expanded)" if str(value).startswith("~") else ""
                     raise ConfigError(
-                        f"{f.name}.{sf.name}: {str(value)!r} is a relative path, which would "
+                        f"{f.name}.{sf.name}: {str(value)!r} is a relative path{home}, which would "
                         "depend on the directory kvpeerd starts in (/ under systemd): write it "
                         "absolute"
                     )

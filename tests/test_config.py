@@ -110,6 +110,7 @@ def test_precedence_default_then_file_then_env(tmp_path: Path) -> None:
         # resolved against the daemon's working directory: / under systemd
         ('[api]\nsocket_path = "run/kvpeer.sock"\n', {}, "api.socket_path: 'run/kvpeer.sock' is a relative path"),
         ('[node]\nstate_dir = "node1"\n', {}, "node.state_dir: 'node1' is a relative path"),
+        ('[store]\ndir = "~/kv"\n', {}, "store.dir: '~/kv' is a relative path (~ is not expanded)"),
         ("", {"KVPEER_TRANSPORT__PSK_FILE": "cluster.key"}, "transport.psk_file: 'cluster.key' is a relative path"),
     ],
 )

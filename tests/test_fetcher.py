@@ -769,8 +769,8 @@ def test_warming_chunks_again_reads_nothing_for_the_levels_they_hold() -> None:
     asyncio.run(main())
 
 
-# A link that loses clearly to a 3 s recompute of four chunks: ~5 s for them at q3 by the
-# fetch policy's size priors (fetch_policy.PRIOR_RATIO_VS_FP16).
+# A link that loses clearly to a 3 s recompute of four chunks: ~4 s for them even at q3, by the
+# fetch policy's size priors (fetch_policy.PRIOR_RATIO_VS_FP16) and its safety margin.
 SLOW_BPS = 7.5e4
 
 
