@@ -790,7 +790,7 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
     elif args.command == "lookup":
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.lookup(tokens, fingerprint)
-        _print(_answer(result), args.json)
+        _print(_answer(result, args.json), args.json)
     elif args.command == "fetch":
         import torch
         from tqdm import tqdm
@@ -824,17 +824,17 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         k, v = _read_kv(args.kv)
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.put(tokens, k, v, fingerprint, level=args.level)
-        _print(_answer(result), args.json)
+        _print(_answer(result, args.json), args.json)
     elif args.command == "evict":
         _print(client.evict_all(), args.json)
     return 0
 
 
-def _answer(result: Any) -> dict[str, Any]:
-    """An answer's fields without its request id, which numbers the messages of one connection
-    (fetch's output never had it)."""
+def _answer(result: Any, as_json: bool) -> dict[str, Any]:
+    """An answer's fields; the request id (which JSON has always carried) only in JSON."""
     fields = dataclasses.asdict(result)
-    fields.pop("id", None)
+    if not as_json:
+        fields.pop("id", None)
     return fields
 
 

