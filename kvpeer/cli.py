@@ -631,9 +631,29 @@ def _read_fingerprint(path: Path) -> Any:
     from kvpeer.hashing import ModelFingerprint
 
     try:
-        return ModelFingerprint(**json.loads(path.read_text()))
+        fields = json.loads(path.read_text())
+        _check_fingerprint_fields(fields)
+        return ModelFingerprint(**fields)
     except (OSError, ValueError, TypeError) as exc:
-        raise SystemExit(f"kvpeer: bad model fingerprint file {path}: {exc}") from exc
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SystemExit(f"kvpeer: bad model fingerprint file {path}: {why}") from exc
+
+
+def _check_fingerprint_fields(fields: Any) -> None:
+    """The fields a fingerprint file lacks or has too many, named (the dataclass said "__init__()
+    missing 1 required keyword-only argument")."""
+    from kvpeer.hashing import ModelFingerprint
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a JSON object, got {type(fields).__name__} (`kvpeer fingerprint` writes one)")
+    known = {f.name: f for f in dataclasses.fields(ModelFingerprint)}
+    missing = [name for name, f in known.items()
+               if name not in fields and f.default is dataclasses.MISSING]
+    unknown = sorted(set(fields) - set(known))
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"unknown {', '.join(unknown)}"] if unknown else [])
+    if problems:
+        raise ValueError(f"{'; '.join(problems)} (`kvpeer fingerprint` writes a complete one)")
 
 
 def _print(result: Any, as_json: bool) -> None:
@@ -850,6 +870,12 @@ def _fingerprint_command(args: argparse.Namespace) -> int:
         # transformers took it for a hub repository: a 15-line traceback about huggingface.co
         print(f"kvpeer fingerprint: no such file or directory: {args.model_path} (a model on the "
               "hub: download it first)", file=sys.stderr)
+        return 1
+    if args.model_path is not None and os.path.isdir(args.model_path) and not os.path.exists(
+        os.path.join(args.model_path, "config.json")
+    ):
+        print(f"kvpeer fingerprint: {args.model_path} is not a transformers model directory (no "
+              "config.json); give the directory a model was saved to, or a .gguf file", file=sys.stderr)
         return 1
     try:
         model, _ = load_model(args.model_path)

@@ -692,6 +692,30 @@ def test_fingerprint_of_a_file_that_is_no_model_is_one_line(tmp_path: Path, cont
     assert done.stderr.count("\n") == 1
 
 
+def test_fingerprint_of_a_directory_without_a_model_says_so(tmp_path: Path) -> None:
+    """transformers tried a tokenizer first and said "Couldn't instantiate the backend tokenizer
+    from one of:", cut at its first line."""
+    done = run("client_main", "fingerprint", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr == (f"kvpeer fingerprint: {tmp_path} is not a transformers model directory (no "
+                           "config.json); give the directory a model was saved to, or a .gguf file\n")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"name": "m", "layers": 2, "kv_heads": 2, "dtype": "float16"}', "missing head_dim (`kvpeer fingerprint`"),
+    ('{"name": "m", "layers": 2, "kv_heads": 2, "head_dim": 8, "dtype": "float16", "heads": 4}', "unknown heads"),
+    ('["m", 2, 2, 8]', "expected a JSON object, got list"),
+])
+def test_a_model_file_with_fields_missing_or_unknown_names_them(tmp_path: Path, content: str, message: str) -> None:
+    """The dataclass said "ModelFingerprint.__init__() missing 1 required keyword-only argument"."""
+    model = tmp_path / "model.json"
+    model.write_text(content)
+    with pytest.raises(SystemExit) as done:
+        cli._read_fingerprint(model)
+    assert str(done.value).startswith(f"kvpeer: bad model fingerprint file {model}: ")
+    assert message in str(done.value)
+
+
 def test_a_kv_file_of_numpy_arrays_is_one_line(tmp_path: Path) -> None:
     """torch's weights-only refusal is a dozen lines with terminal colours."""
     import numpy as np
