@@ -355,12 +355,9 @@ def test_a_save_keeps_the_rows_it_started_with_when_the_daemon_turns_out_older_m
     conn.shutdown()
 
 
-def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
-    api: ServerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An older daemon refuses the field (INVALID, unknown fields): a load asks again from chunk
-    0 and restores; the save already staged from kv_from is dropped, the next ones copy it all."""
-    backend = api.backend
+def _older_than_kv_from(backend: Any) -> Any:
+    """Make ``backend`` a daemon from before kv_from: it refuses the field as unknown (INVALID).
+    Returns what upgrades it again."""
     put, fetch = backend.put, backend.fetch
 
     def older(method: Any, kind: str) -> Any:
@@ -370,7 +367,20 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
             return await method(ctx, req, kv_or_sink)
         return call
 
-    backend.put, backend.fetch = older(put, "put"), older(fetch, "fetch")  # type: ignore[method-assign]
+    def upgrade() -> None:
+        backend.put, backend.fetch = put, fetch
+
+    backend.put, backend.fetch = older(put, "put"), older(fetch, "fetch")
+    return upgrade
+
+
+def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
+    api: ServerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An older daemon refuses the field (INVALID, unknown fields): a load asks again from chunk
+    0 and restores; the save already staged from kv_from is dropped, the next ones copy it all."""
+    backend = api.backend
+    _older_than_kv_from(backend)
     caplog.set_level(logging.INFO, logger="kvpeer.integrations.vllm")
     prompt, other = list(range(8000, 8040)), list(range(8100, 8140))
     truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
@@ -413,16 +423,7 @@ def test_after_a_refusal_saves_copy_whole_prompts_until_a_load_finds_kv_from_tak
     a save: a save refused for kv_from is lost, and with a daemon still that old every save of
     the step after each ASK_AGAIN_S would be."""
     backend = api.backend
-    put, fetch = backend.put, backend.fetch
-
-    def older(method: Any, kind: str) -> Any:
-        async def call(ctx: Any, req: Any, kv_or_sink: Any) -> Any:
-            if req.kv_from:
-                raise ProtocolError(ErrorCode.INVALID, f"{kind}: unknown fields ['kv_from']")
-            return await method(ctx, req, kv_or_sink)
-        return call
-
-    backend.put, backend.fetch = older(put, "put"), older(fetch, "fetch")  # type: ignore[method-assign]
+    upgrade = _older_than_kv_from(backend)
     prompt, other = list(range(8200, 8240)), list(range(8300, 8340))
     truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
     blocks = list(range(10))
@@ -438,7 +439,7 @@ def test_after_a_refusal_saves_copy_whole_prompts_until_a_load_finds_kv_from_tak
     monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
     _step(conn, caches, "s2", prompt, blocks, 16, truth)  # no load has tried kv_from: whole
     assert puts()[2:] == [(32, 0)]
-    backend.put, backend.fetch = put, fetch  # type: ignore[method-assign]  # upgraded
+    upgrade()
     meta = _step(conn, caches, "r1", other, blocks, 4, truth)  # a load tries it, and it is taken
     assert [(s.start, s.stop) for s in meta.loads] == [(4, 16)]
     assert [r.kv_from for r in backend.requests if isinstance(r, m.FetchRequest)][-1] == 4
