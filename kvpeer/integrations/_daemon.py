@@ -52,8 +52,9 @@ class Backoff:
 # After a daemon refused a request field as unknown (it predates the field), how long calls go
 # without it. Not for the engine's life: the daemon may be upgraded under it, and a client
 # reconnects after a restart without a failure that would say so. A call that can fall back
-# without the field (a fetch, a lookup) tries it again then; one that cannot (a save that copied
-# only the rows past kv_from) waits until such a try shows the daemon takes it.
+# without the field (a fetch, a lookup, a save that copied the whole prompt) tries it again then;
+# one that cannot (a save that copied only the rows past kv_from) waits until such a try shows
+# the daemon takes it.
 ASK_AGAIN_S = 300.0
 
 

@@ -846,8 +846,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _save_from(self, spec: SaveSpec) -> int:
         """The first token whose KV a save copies: the scheduler's kv_from, or where this
-        request's load stopped if earlier (0 for a daemon that predates kv_from, until a load
-        shows it was upgraded: a save refused for kv_from is lost, its rows before it not copied)."""
+        request's load stopped if earlier (0 for a daemon that refused kv_from, until a try shows
+        it takes it: a save refused for kv_from is lost, its rows before it not copied; the put
+        of a whole prompt makes the try, see :meth:`_tries_kv_from`)."""
         if not self._refused.confirmed("kv_from"):
             return 0
         return min(spec.kv_from, self._load_short.pop(spec.req_id, spec.kv_from))
@@ -891,10 +892,8 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             return
         kv_from = spec.stop - k.shape[2]  # what save_kv_layer staged
         try:
-            with self._saves.lock:
-                self._saves.client().put(
-                    spec.tokens[: spec.stop], k, v, self.fingerprint, level=self.level, kv_from=kv_from,
-                )
+            if not (kv_from == 0 < spec.kv_from and self._tries_kv_from(spec, k, v)):
+                self._put(spec, k, v, kv_from)
         except Exception as exc:  # a save is best effort: whatever put raises, the batch goes on
             if kv_from and isinstance(exc, ApiError) and self._predates_kv_from(exc):
                 return  # this one's KV starts at kv_from: dropped; the next saves copy it all
@@ -902,6 +901,28 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
                 log.warning("kvpeer put for %s failed: %s: %s", spec.req_id, type(exc).__name__, exc)
             return
         self._daemon_answered()
+
+    def _tries_kv_from(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """A save staged whole because the daemon refused kv_from tries it again once
+        :data:`~kvpeer.integrations._daemon.ASK_AGAIN_S` has passed (the daemon may have been
+        upgraded): True if the daemon took it. Refused, the caller puts the whole prompt, which
+        it holds: a try costs one refused request, never the save."""
+        if self._refused.confirmed("kv_from") or not self._refused.takes("kv_from", time.monotonic()):
+            return False
+        try:
+            self._put(spec, k[:, :, spec.kv_from:], v[:, :, spec.kv_from:], spec.kv_from)
+        except ApiError as exc:
+            if not self._predates_kv_from(exc):
+                raise
+            return False
+        self._refused.accepted("kv_from")
+        return True
+
+    def _put(self, spec: SaveSpec, k: torch.Tensor, v: torch.Tensor, kv_from: int) -> None:
+        with self._saves.lock:
+            self._saves.client().put(
+                spec.tokens[: spec.stop], k, v, self.fingerprint, level=self.level, kv_from=kv_from,
+            )
 
     def shutdown(self) -> None:
         if not self._saver.close(min(self.waits.save_timeout_s, SHUTDOWN_SAVE_WAIT_S)):

@@ -415,13 +415,13 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     assert loader._takes_kv_from() and saver._takes_kv_from()
 
 
-def test_after_a_refusal_saves_copy_whole_prompts_until_a_load_finds_kv_from_taken(
+def test_after_a_refusal_kv_from_is_tried_again_by_saves_and_loads_at_no_loss(
     api: ServerThread, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """kv_from, refused once, was never sent again for the engine's life, even to the daemon
-    upgraded under it. Tried again by a load (which falls back to chunk 0 at no loss), not by
-    a save: a save refused for kv_from is lost, and with a daemon still that old every save of
-    the step after each ASK_AGAIN_S would be."""
+    upgraded under it. Tried again after ASK_AGAIN_S, a save staged from kv_from would be lost
+    to a daemon still that old, so a save staged whole tries it, and puts the whole prompt if it
+    is refused; a load tries it too (it falls back to chunk 0)."""
     backend = api.backend
     upgrade = _older_than_kv_from(backend)
     prompt, other = list(range(8200, 8240)), list(range(8300, 8340))
@@ -435,15 +435,40 @@ def test_after_a_refusal_saves_copy_whole_prompts_until_a_load_finds_kv_from_tak
     def puts() -> list[tuple[int, int]]:
         return [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
 
-    _step(conn, caches, "s1", prompt, blocks, 16, truth)  # its save, from 16, refused and lost
+    def turn(n: int) -> list[int]:  # the held 16 tokens, then a tail of its own to save
+        return prompt[:16] + list(range(9000 + 100 * n, 9024 + 100 * n))
+
+    _step(conn, caches, "s1", turn(1), blocks, 16, truth)  # its save, from 16, refused and lost
+    _step(conn, caches, "s2", turn(2), blocks, 16, truth)  # within ASK_AGAIN_S: whole, no try
     monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
-    _step(conn, caches, "s2", prompt, blocks, 16, truth)  # no load has tried kv_from: whole
-    assert puts()[2:] == [(32, 0)]
+    _step(conn, caches, "s3", turn(3), blocks, 16, truth)  # tried, refused: whole all the same
+    assert puts()[2:] == [(32, 0), (32, 0)] and not conn._refused.confirmed("kv_from")
+    upgrade()
+    _step(conn, caches, "s4", turn(4), blocks, 16, truth)  # no load: the save's try is taken
+    _step(conn, caches, "s5", turn(5), blocks, 16, truth)  # staged from kv_from again
+    assert puts()[4:] == [(32, 16), (32, 16)] and conn._refused.confirmed("kv_from")
+    with daemon_client(api) as client, client.fetch(turn(4)[:32], conn.fingerprint) as result:
+        assert result.matched_tokens == 32 and torch.equal(result.k[:, :, 16:32], truth[0][:, :, 16:32])
+    conn.shutdown()
+
+
+def test_a_load_past_vllms_own_hit_tries_kv_from_again_too(api: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = api.backend
+    upgrade = _older_than_kv_from(backend)
+    prompt, other = list(range(8400, 8440)), list(range(8500, 8540))
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    blocks = list(range(10))
+    conn, caches = engine(api)
+    with daemon_client(api) as client:
+        for tokens in (prompt, other):
+            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], conn.fingerprint)
+    _step(conn, caches, "s1", prompt, blocks, 16, truth)  # refused
+    monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
     upgrade()
     meta = _step(conn, caches, "r1", other, blocks, 4, truth)  # a load tries it, and it is taken
     assert [(s.start, s.stop) for s in meta.loads] == [(4, 16)]
     assert [r.kv_from for r in backend.requests if isinstance(r, m.FetchRequest)][-1] == 4
-    assert puts()[3:] == [(32, 16)]  # the save of the same step sends kv_from again
+    assert conn._refused.confirmed("kv_from")
     conn.shutdown()
 
 
