@@ -1086,10 +1086,13 @@ class ChunkStore:
             raise _store_dir_error(directory, exc) from exc
         try:
             _flock_within(self._lock_fd, LOCK_WAIT_S)
-        except OSError as exc:
+        except BlockingIOError as exc:
             holder = _lock_holder(self._lock_fd)
             self._release_lock()
             raise StoreInUse(f"store directory {directory} is in use by another process{holder}") from exc
+        except OSError as exc:  # no lock at all here (NFS without lockd: ENOLCK): the disk tier's
+            self._release_lock()  # own failure, as an unwritable directory's
+            raise _store_dir_error(directory, exc) from exc
         _say_lock_holder(self._lock_fd)
         for made_here in (base, *(directory / name for name in others)):
             _make_private(made_here)  # older formats' chunks too: they are KV all the same

@@ -213,6 +213,21 @@ def test_a_store_directory_let_go_within_the_wait_opens(tmp_path: Path, monkeypa
     store.close()
 
 
+def test_a_file_system_without_locks_is_not_taken_for_another_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every flock error read as "in use by another process" (then "another kvpeerd uses it",
+    exit 2), an NFS mount without lockd (ENOLCK) too."""
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", no_locks)
+    with pytest.raises(OSError) as raised:
+        ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
+    assert not isinstance(raised.value, StoreInUse) and raised.value.errno == errno.ENOLCK
+    assert str(tmp_path) in str(raised.value) and "No locks available" in str(raised.value)
+
+
 def test_leftover_temp_files_removed_and_directory_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.2)
     store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS)
