@@ -1092,7 +1092,11 @@ class ChunkStore:
             raise StoreInUse(f"store directory {directory} is in use by another process{holder}") from exc
         except OSError as exc:  # no lock at all here (NFS without lockd: ENOLCK): the disk tier's
             self._release_lock()  # own failure, as an unwritable directory's
-            raise _store_dir_error(directory, exc) from exc
+            error = _store_dir_error(directory, exc)
+            if exc.errno == errno.ENOLCK:
+                error = OSError(exc.errno, f"{error.strerror} (the file system gives no locks, e.g. "
+                                "NFS without lockd: use a local store.dir)")
+            raise error from exc
         _say_lock_holder(self._lock_fd)
         for made_here in (base, *(directory / name for name in others)):
             _make_private(made_here)  # older formats' chunks too: they are KV all the same

@@ -53,7 +53,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -864,7 +864,9 @@ class KVPeerConnector(_Base):  # type: ignore[misc,valid-type]
             self._failed_blocks_told = set()  # a whole step has passed since vLLM was told
         self._steps += 1
         for spec in meta.saves if meta is not None else ():
-            self._load_short.pop(spec.req_id, None)  # its one save was this step's
+            short = self._load_short.pop(spec.req_id, spec.kv_from)  # its one save was this step's
+            if short < spec.kv_from:  # staged whole (kv_from refused): a try of kv_from starts there
+                spec = replace(spec, kv_from=short)
             kv = staged.pop(spec.req_id, None)
             if kv is not None and self._saver.submit(spec, *kv):
                 self._dropping = False

@@ -452,6 +452,32 @@ def test_after_a_refusal_kv_from_is_tried_again_by_saves_and_loads_at_no_loss(
     conn.shutdown()
 
 
+def test_a_try_of_kv_from_starts_where_the_requests_load_stopped(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The try put from the lookup's kv_from, past chunks a load that stopped short had found
+    gone: the daemon kept the chunks after the hole, which no fetch could reach."""
+    backend = api.backend
+    upgrade = _older_than_kv_from(backend)
+    conn, caches = engine(api)
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    prompt, blocks = list(range(8600, 8640)), list(range(10))
+    for i, cache in enumerate(caches.values()):
+        write_paged(cache, truth[0][i], truth[1][i], blocks)
+    conn._refused.refused("kv_from", time.monotonic())  # as an earlier save's refusal said
+    monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
+    upgrade()
+    conn._load_short["r"] = 0  # its load, in an earlier step, stopped at chunk 0
+    _work(conn, caches, KVPeerConnectorMetadata(
+        saves=[SaveSpec(req_id="r", tokens=prompt, block_ids=blocks, stop=32, kv_from=16)]
+    ))
+    puts = [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
+    assert puts == [(32, 0)]
+    with daemon_client(api) as client:
+        assert client.lookup(prompt[:32], conn.fingerprint).matched_tokens == 32
+    conn.shutdown()
+
+
 def test_a_load_past_vllms_own_hit_tries_kv_from_again_too(api: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = api.backend
     upgrade = _older_than_kv_from(backend)
