@@ -415,6 +415,18 @@ def test_a_daemon_that_predates_kv_from_gets_whole_prompts_again(
     assert loader._takes_kv_from() and saver._takes_kv_from()
 
 
+def _older_daemon_holding_16_tokens_of(api: ServerThread, *prompts: list[int]) -> Any:
+    """A daemon from before kv_from holding each prompt's first 16 tokens, and a connector on it:
+    ``(upgrade, conn, caches, truth)``, ``truth`` the KV those and later tokens have."""
+    upgrade = _older_than_kv_from(api.backend)
+    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
+    conn, caches = engine(api)
+    with daemon_client(api) as client:
+        for tokens in prompts:
+            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], conn.fingerprint)
+    return upgrade, conn, caches, truth
+
+
 def test_after_a_refusal_kv_from_is_tried_again_by_saves_and_loads_at_no_loss(
     api: ServerThread, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -423,14 +435,8 @@ def test_after_a_refusal_kv_from_is_tried_again_by_saves_and_loads_at_no_loss(
     to a daemon still that old, so a save staged whole tries it, and puts the whole prompt if it
     is refused; a load tries it too (it falls back to chunk 0)."""
     backend = api.backend
-    upgrade = _older_than_kv_from(backend)
-    prompt, other = list(range(8200, 8240)), list(range(8300, 8340))
-    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
-    blocks = list(range(10))
-    conn, caches = engine(api)
-    with daemon_client(api) as client:
-        for tokens in (prompt, other):
-            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], conn.fingerprint)
+    prompt, other, blocks = list(range(8200, 8240)), list(range(8300, 8340)), list(range(10))
+    upgrade, conn, caches, truth = _older_daemon_holding_16_tokens_of(api, prompt, other)
 
     def puts() -> list[tuple[int, int]]:
         return [(len(r.tokens), r.kv_from) for r in backend.requests if isinstance(r, m.PutRequest)]
@@ -480,14 +486,8 @@ def test_a_try_of_kv_from_starts_where_the_requests_load_stopped(
 
 def test_a_load_past_vllms_own_hit_tries_kv_from_again_too(api: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = api.backend
-    upgrade = _older_than_kv_from(backend)
-    prompt, other = list(range(8400, 8440)), list(range(8500, 8540))
-    truth = torch.randn(LAYERS, HEADS, 40, DIM), torch.randn(LAYERS, HEADS, 40, DIM)
-    blocks = list(range(10))
-    conn, caches = engine(api)
-    with daemon_client(api) as client:
-        for tokens in (prompt, other):
-            client.put(tokens[:16], truth[0][:, :, :16], truth[1][:, :, :16], conn.fingerprint)
+    prompt, other, blocks = list(range(8400, 8440)), list(range(8500, 8540)), list(range(10))
+    upgrade, conn, caches, truth = _older_daemon_holding_16_tokens_of(api, prompt, other)
     _step(conn, caches, "s1", prompt, blocks, 16, truth)  # refused
     monkeypatch.setattr(_daemon, "ASK_AGAIN_S", 0.0)
     upgrade()
