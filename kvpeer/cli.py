@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import faulthandler
@@ -21,10 +22,11 @@ import resource
 import socket
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvpeer import __version__, aio
 from kvpeer.config import LOG_LEVELS
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from kvpeer.transport.config import TransportConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DAEMON_EPILOG = """\
 examples:
@@ -358,15 +361,21 @@ def start_failure(exc: OSError) -> tuple[str, int]:
 async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -> int:
     from kvpeer.service import ShutdownSignals, SystemdNotifier
 
-    if make_daemon is None:
-        from kvpeer.daemon import Daemon
-
-        make_daemon = Daemon
     notifier = SystemdNotifier(watchdog=config.daemon.watchdog)
     signals = ShutdownSignals()
     signals.install(asyncio.get_running_loop())
     try:
-        daemon = make_daemon(config)
+        if make_daemon is None:
+            from kvpeer.daemon import Daemon, open_store
+
+            # Listing a large store, or waiting for a predecessor's lock, takes seconds.
+            store = await _in_thread_unless_stopped(lambda: open_store(config), signals)
+            if store is None:
+                notifier.stopping("stopped while starting")
+                return 0
+            daemon = Daemon(config, store=store)
+        else:
+            daemon = make_daemon(config)
     except OSError as exc:
         message, status = start_failure(exc)
         log.error("%s", message)
@@ -396,6 +405,46 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
     return 0
+
+
+async def _in_thread_unless_stopped(work: Callable[[], T], signals: Any) -> T | None:
+    """``work()`` in a thread of its own, unless a shutdown request comes first: then None, at
+    once (``work`` must not return None). The thread cannot be stopped: it is a daemon thread,
+    left to end with the process, so ``work`` must leave nothing half-done that matters (opening
+    the store: its lock wait, its listing, the removal of interrupted writes). Not the default
+    executor: asyncio.run waits for that one's threads before it returns."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if done.done():  # cancelled: nobody waits for it
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)  # type: ignore[arg-type]  # work() returned it
+
+    def run() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = work()
+        except BaseException as exc:  # handed to the loop, raised there
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="kvpeerd-open", daemon=True).start()
+    stop = asyncio.create_task(signals.wait(), name="kvpeerd-stop-request")
+    try:
+        await asyncio.wait((done, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if done.done():  # its value or error wins over a stop request that came with it
+        return done.result()
+    log.info("stopped while starting")
+    done.cancel()  # a result that comes later is dropped: the process is ending
+    return None
 
 
 async def _start_unless_stopped(daemon: Any, signals: Any) -> bool:

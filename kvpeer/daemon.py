@@ -98,27 +98,35 @@ def encode_chunk_blocking(
     return codec.encode(k, v, level=level, profile=profile, tail=last, rotate_half=rotary)
 
 
+def open_store(config: Config) -> ChunkStore:
+    """The configured store, opened: its lock taken (waiting up to ``store.LOCK_WAIT_S`` for a
+    predecessor to let go) and its files listed. Blocking: seconds for a large store."""
+    try:
+        return ChunkStore(
+            ram_bytes=config.store.ram_bytes,
+            disk_bytes=config.store.disk_bytes,
+            directory=config.store.dir,
+            level_order=codec.LEVELS,
+            # Blobs of another codec format are not loaded after an upgrade (unreadable now).
+            payload_format=f"codec{codec_container.FORMAT_VERSION}",
+        )
+    except StoreInUse as exc:  # as a taken port or socket: this config cannot start here
+        raise ConfigError(
+            f"store.dir: {exc}: another kvpeerd uses it; give each daemon its own store.dir "
+            "(or node.state_dir), or stop the other one"
+        ) from None
+
+
 class Daemon:
     """One node's kvpeerd: store + discovery + transport + local API."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: ChunkStore | None = None) -> None:
+        """``store``: already opened by :func:`open_store` (kvpeerd opens it off the event loop,
+        so that a SIGTERM meanwhile is heard); opened here when not given."""
         self.config = config
         self.node_id = config.node.node_id
         self.chunk_tokens = config.codec.chunk_tokens
-        try:
-            self.store = ChunkStore(
-                ram_bytes=config.store.ram_bytes,
-                disk_bytes=config.store.disk_bytes,
-                directory=config.store.dir,
-                level_order=codec.LEVELS,
-                # Blobs of another codec format are not loaded after an upgrade (unreadable now).
-                payload_format=f"codec{codec_container.FORMAT_VERSION}",
-            )
-        except StoreInUse as exc:  # as a taken port or socket: this config cannot start here
-            raise ConfigError(
-                f"store.dir: {exc}: another kvpeerd uses it; give each daemon its own store.dir "
-                "(or node.state_dir), or stop the other one"
-            ) from None
+        self.store = store if store is not None else open_store(config)
         self.inventory = InventoryLog()
         self.fingerprints_path = config.node.state_dir / "fingerprints.json"
         self.fingerprints = load_fingerprints(self.fingerprints_path)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -348,6 +349,37 @@ def test_sigterm_during_start_cancels_it_and_no_ready_follows(tmp_path: Path) ->
     assert seen == ["start cancelled", "stopped"]
     assert not any("READY=1" in m for m in messages), messages
     assert any(m.startswith("STOPPING=1") for m in messages), messages
+
+
+def test_sigterm_while_the_store_waits_for_its_lock_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store was opened on the event loop (its listing; up to store.LOCK_WAIT_S for a
+    predecessor's lock): a SIGTERM then waited for it, and a lock still held ended the stop in
+    exit 2 (a config error) though the stop came first."""
+    from kvpeer import store as store_mod
+    from kvpeer.store import ChunkStore
+
+    config = load_config(daemon_config(tmp_path))
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 3.0)
+    holder = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=config.store.dir)
+
+    async def main() -> int:
+        serving = asyncio.create_task(cli._serve(config))
+        await asyncio.sleep(0.5)
+        assert not serving.done()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serving, 10)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="kvpeer.cli"):
+            assert asyncio.run(main()) == 0
+        assert "stopped while starting" in caplog.text
+    finally:
+        for thread in threading.enumerate():  # the opening gives up when its wait ends
+            if thread.name == "kvpeerd-open":
+                thread.join(10)
+        holder.close()
 
 
 @pytest.mark.parametrize(
