@@ -169,6 +169,7 @@ def check_start_config(config: Any) -> TransportConfig:
     functions, so --check-config fails on what start would. Raises ConfigError naming the key.
     """
     from kvpeer.api.server import resolve_namespaces
+    from kvpeer.config import check_listeners_apart
     from kvpeer.daemon import discovery_config, transport_config
     from kvpeer.discovery.config import advertisable_addresses, check_advertised
 
@@ -179,6 +180,8 @@ def check_start_config(config: Any) -> TransportConfig:
     # As Daemon.__init__ does: the first address is the signalling host's default.
     addresses = config.transport.advertise_addresses or allowed
     transport = transport_config(config, default_host=addresses[0])
+    # Again with the host chosen: at load an unset transport.host was not known yet.
+    check_listeners_apart(config.metrics, transport.host, transport.port)
     discovery_config(config)
     preflight(config)
     resolve_namespaces(config.api.namespaces)

@@ -498,6 +498,7 @@ class Config:
                     )
             if changes:
                 object.__setattr__(self, f.name, dataclasses.replace(section, **changes))
+        check_listeners_apart(self.metrics, self.transport.host, self.transport.port)
 
     def as_dict(self) -> dict[str, Any]:
         """The effective config as TOML-ready values (paths as strings, None left out)."""
@@ -511,6 +512,42 @@ class Config:
         said = said.encode("ascii", "backslashreplace").decode()
         header = "# kvpeer effective configuration" + (f"\n# {said}" if said else "")
         return _render(type(self), self, header=header)
+
+
+# Hosts a listener takes a port on every address with ("::" too: Linux binds it dual-stack).
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _bind_address(host: str) -> str:
+    """``host`` as a bind reads it, for comparing two listeners: an IP address in its canonical
+    spelling ("localhost" is 127.0.0.1, as the metrics server binds it), else as written."""
+    host = "127.0.0.1" if host.lower() == "localhost" else host
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def check_listeners_apart(metrics: MetricsSection, transport_host: str | None,
+                          transport_port: int) -> None:
+    """ConfigError when /metrics would listen on the peers' signalling port and address.
+
+    The metrics server starts first and took the port; the transport's bind then failed with
+    "address already in use" blamed on transport.port alone. ``transport_host`` None (not
+    chosen yet: the first advertised address) clashes only with a wildcard metrics.host.
+    """
+    if not metrics.enabled or not metrics.port or metrics.port != transport_port:
+        return
+    ours = _bind_address(metrics.host)
+    theirs = None if transport_host is None else _bind_address(transport_host)
+    if ours not in _WILDCARD_HOSTS and theirs not in _WILDCARD_HOSTS and ours != theirs:
+        return
+    where = transport_host if transport_host is not None else "unset: an address of this machine"
+    raise ConfigError(
+        f"metrics.port: {metrics.port} is transport.port too, and metrics.host {metrics.host!r} "
+        f"overlaps transport.host ({where}): /metrics would take the port the peers connect to "
+        "and the start fail with 'address already in use'; give metrics.port another port"
+    )
 
 
 def _fill(text: str, places: Mapping[str, str], key: str) -> str:

@@ -413,6 +413,19 @@ def test_check_config_fails_on_what_start_would(tmp_path: Path, change: str, key
     assert result.stdout == ""
 
 
+def test_check_config_fails_on_metrics_taking_the_transport_port_of_the_chosen_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With transport.host unset, load cannot tell; the check knows the host a start would take
+    (discovery.interfaces' first address, 127.0.0.1 here) and that /metrics took it first."""
+    config = daemon_config(tmp_path, transport="port = 7500\n")
+    config.write_text(config.read_text().replace("enabled = false", "enabled = true\nport = 7500"))
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and "metrics.port: 7500 is transport.port too" in err, err
+    assert "transport.host (127.0.0.1)" in err
+
+
 @pytest.mark.parametrize(
     ("interfaces", "message"),
     [('["kvpeer-no-such-if0"]', "discovery.interfaces: no interface 'kvpeer-no-such-if0'"),

@@ -120,6 +120,35 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], mes
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("metrics_host", "transport_host"),
+    [("0.0.0.0", None), ("::", "192.168.1.20"), ("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1")],
+)
+def test_metrics_on_the_transport_port_and_an_overlapping_host_is_an_error_naming_both(
+    tmp_path: Path, metrics_host: str, transport_host: str | None
+) -> None:
+    """It passed --check-config; the start then failed with "cannot listen for peers
+    (transport.host, transport.port): address already in use": /metrics had taken the port."""
+    transport = f'host = "{transport_host}"\n' if transport_host else ""
+    text = f'[metrics]\nhost = "{metrics_host}"\nport = 7500\n[transport]\n{transport}port = 7500\n'
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), env={})
+    assert "metrics.port: 7500 is transport.port too" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[metrics]\nport = 7500\n[transport]\nhost = "192.168.1.20"\nport = 7500\n',  # apart
+        '[metrics]\nport = 7500\n[transport]\nport = 7500\n',  # its host is chosen later
+        '[metrics]\nhost = "0.0.0.0"\nport = 0\n[transport]\nport = 0\n',  # any free port
+        '[metrics]\nenabled = false\nhost = "0.0.0.0"\nport = 7457\n',
+    ],
+)
+def test_metrics_and_transport_listeners_that_cannot_clash_are_fine(tmp_path: Path, text: str) -> None:
+    load_config(write(tmp_path, text), env={})
+
+
 def test_a_socket_mode_written_in_decimal_gets_the_octal_spellings_that_work(tmp_path: Path) -> None:
     """`socket_mode = 777` said only "must be <= 511, got 777": TOML reads it as decimal."""
     with pytest.raises(ConfigError) as err:
