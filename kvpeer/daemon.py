@@ -470,11 +470,12 @@ class Daemon:
         )
         if keys:
             self.inventory.add([k for k in keys if self.store.has(k)], first=keys[:1])
+            self.store.used_as_prefix(keys)  # evicted from its end, not its (useful) head
         if stored:
             # Lower levels are made now, in the background, so that peers never wait for them;
             # only the chunks this put added (a conversation's every turn re-puts its history,
             # whose levels were made then: warming it again read every level of it from disk).
-            self.level_server.warm([k for k in stored if self.store.has(k)])
+            self.level_server.warm([k for k in stored if self.store.has(k)], prefix=keys)
         return PutResult(chunks=len(keys), stored=len(stored), chunk_tokens=self.chunk_tokens)
 
     async def lookup(self, ctx: ClientContext, req: Any) -> Any:
@@ -501,12 +502,14 @@ class Daemon:
         started = time.monotonic()
         plan: _Plan | None = None
         ended: list[FetchOutcome] = []  # the fetcher's outcome, however the fetch ended
+        prompt_keys: list[bytes] = []
         try:
             fp: ModelFingerprint = req.fingerprint
             deadline_s = req.deadline_s or self.config.fetch.deadline_s or None
+            prompt_keys = self._keys(ctx, req.tokens, fp)
             # The chunks from the one holding token kv_from on (the client has those before);
             # the sink numbers them from there for the client.
-            keys = self._keys(ctx, req.tokens, fp)[req.kv_from // self.chunk_tokens :]
+            keys = prompt_keys[req.kv_from // self.chunk_tokens :]
             # A quarter of the deadline at most to find the holders: the rest is the fetch's.
             plan = await self._plan(keys, fp, deadline_s / 4 if deadline_s else None)
             if plan.sources:
@@ -526,6 +529,9 @@ class Daemon:
             # Counted however it ended: a cancelled fetch (client gone, API backstop) did move
             # bytes and take time.
             self._fetch_ended(ctx, req, plan, ended[0] if ended else None, time.monotonic() - started)
+            # Read (and what came from peers, cached) first to last: the first is the most
+            # recent again, so that eviction takes this prefix from its end.
+            self.store.used_as_prefix(prompt_keys)
 
     def _fetch_ended(
         self, ctx: ClientContext, req: Any, plan: _Plan | None, outcome: FetchOutcome | None,

@@ -117,6 +117,8 @@ class LevelStore(ChunkCache, Protocol):
 
     def levels(self, key: bytes) -> list[str]: ...
 
+    def used_as_prefix(self, keys: Sequence[bytes]) -> None: ...
+
 
 class FetchSink(Protocol):
     """Where restored chunks go (kvpeer.api.server.FetchSink fits)."""
@@ -1411,17 +1413,23 @@ class LevelServer:
         self._slots = asyncio.Semaphore(concurrency)
         self.transcoded = 0
         self.warm_levels = tuple(codec.LEVELS if warm_levels is None else warm_levels)
-        self._warm_queue: asyncio.Queue[bytes] | None = None
+        # Keys to warm, and prompts (tuples of keys) to mark used once those before are made.
+        self._warm_queue: asyncio.Queue[bytes | tuple[bytes, ...]] | None = None
         self._warmer: asyncio.Task[None] | None = None
 
-    def warm(self, keys: Sequence[bytes]) -> None:
-        """Make the lower levels of ``keys`` in the background (no-op without warm levels)."""
+    def warm(self, keys: Sequence[bytes], prefix: Sequence[bytes] = ()) -> None:
+        """Make the lower levels of ``keys`` in the background (no-op without warm levels).
+        ``prefix``: the prompt's chunks, ``keys`` among them, marked used last to first once
+        these are made (each level made is the newest in the store: made first to last, they
+        left the prompt's first chunks the first to be evicted)."""
         if not self.warm_levels:
             return
         if self._warm_queue is None:
             self._warm_queue = asyncio.Queue()
         for key in keys:
             self._warm_queue.put_nowait(key)
+        if prefix:
+            self._warm_queue.put_nowait(tuple(prefix))
         if self._warmer is None or self._warmer.done():
             self._warmer = asyncio.get_running_loop().create_task(self._warm_loop())
 
@@ -1433,6 +1441,9 @@ class LevelServer:
         assert self._warm_queue is not None
         while not self._warm_queue.empty():
             key = self._warm_queue.get_nowait()
+            if isinstance(key, tuple):  # a prompt whose chunks queued before were made
+                self.store.used_as_prefix(key)
+                continue
             held = set(self.store.levels(key))
             for level in self.warm_levels:
                 if level in held:  # made already: reading it would only churn the store

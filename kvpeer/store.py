@@ -98,6 +98,9 @@ LOCK_FILE = ".lock"
 # How long opening a store waits for another process to release its directory before giving up
 # (a config error: two daemons on one store.dir). A restart's predecessor lets go as it exits.
 LOCK_WAIT_S = 5.0
+# Prompts remembered to be ordered once their queued levels are written (older ones are
+# forgotten: they are ordered as they were written, first to last).
+ORDER_WHEN_WRITTEN = 64
 TMP_SUFFIX = ".tmp"
 # Only this daemon reads its chunk files: clients get KV through the API's shared memory.
 PRIVATE_DIR_MODE = 0o700
@@ -302,6 +305,7 @@ class ChunkStore:
         self._stuck: dict[_Slot, float] = {}
         self._stuck_warnings = _OncePer(READ_WARN_S)
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
+        self._order_when_written: list[list[bytes]] = []  # see _order_written_prompts
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
         # Threads start on first use: a store nobody awaits costs none.
@@ -394,6 +398,25 @@ class ChunkStore:
             return self._get(key, level, changes)
         finally:
             self._notify(changes)
+
+    def used_as_prefix(self, keys: Sequence[bytes]) -> None:
+        """``keys``, one prompt's chunks in order, were used together (put, fetched): mark the
+        run of them held from the first one used last to first, so that the first chunk is the
+        most recent. Eviction then takes a prefix from its end: a chunk whose earlier ones are
+        gone can never be matched again (its key hashes them), while a prefix that lost its
+        tail still serves its head. Levels still queued for the disk join the order once
+        written. In RAM only when RAM is the only tier (else it is a cache of the disk, and
+        unread levels there would crowd out read ones). The files' mtimes follow (the order
+        after a restart), touched off the caller's thread."""
+        with self._lock:
+            if self._closed:
+                return
+            held = list(itertools.takewhile(self._levels.__contains__, keys))
+            on_disk = self._use_last_to_first(held)
+            if self._queued_for_disk(held):
+                self._order_when_written.append(held)
+                del self._order_when_written[:-ORDER_WHEN_WRITTEN]
+        self._touch_soon(on_disk)
 
     def delete(self, key: bytes) -> bool:
         """Drop every level of ``key`` from both tiers. True if anything was held."""
@@ -958,6 +981,46 @@ class ChunkStore:
                 on_disk.append(slot)
         return on_disk
 
+    def _use_last_to_first(self, held: list[bytes]) -> list[_Slot]:
+        """:meth:`used_as_prefix`'s moves; returns the files to touch, in order. Lock held."""
+        on_disk: list[_Slot] = []
+        for key in reversed(held):
+            if self.directory is None:
+                for level in self._levels.get(key, ()):
+                    if (key, level) in self._ram:
+                        self._ram.move_to_end((key, level))
+            on_disk += self._used_key(key)
+        return on_disk
+
+    def _queued_for_disk(self, keys: list[bytes]) -> bool:
+        return any((key, level) in self._pending for key in keys for level in self._levels.get(key, ()))
+
+    def _order_written_prompts(self) -> list[_Slot]:
+        """Prompts marked while some of their levels were queued for the disk, whose queued
+        levels are all written now: marked again (a written file joins the LRU at its recent
+        end, after the chunks marked before it). Lock held; returns the files to touch."""
+        waiting, on_disk = [], []
+        for held in self._order_when_written:
+            if self._queued_for_disk(held):
+                waiting.append(held)
+            else:
+                on_disk += self._use_last_to_first(list(itertools.takewhile(self._levels.__contains__, held)))
+        self._order_when_written = waiting
+        return on_disk
+
+    def _touch_soon(self, slots: list[_Slot]) -> None:
+        if slots:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: the store closed
+                self._read_pool.submit(self._touch_in_order, slots)
+
+    def _touch_in_order(self, slots: list[_Slot]) -> None:
+        """Each file a microsecond newer than the one before: the kernel stamps a touch with a
+        clock of a few milliseconds' grain, which gave a whole prompt's files one mtime."""
+        now = time.time_ns()
+        for n, slot in enumerate(slots):
+            with contextlib.suppress(OSError):
+                os.utime(self._path(slot), ns=(now + n * 1000, now + n * 1000))
+
     def _touch(self, slots: list[_Slot]) -> None:
         for slot in slots:  # a file's mtime is its last use: the LRU order after a restart
             with contextlib.suppress(OSError):
@@ -1024,6 +1087,7 @@ class ChunkStore:
                 self.pending_bytes -= len(entry.blob)
                 self._index_file(slot, entry.file_size)
                 self._stuck.pop(slot, None)  # a new file of ours
+            ordered = self._order_written_prompts() if self._order_when_written else []
             for slot, entry in failed:
                 self._counters.disk_errors += 1
                 if self._pending.get(slot) is entry:
@@ -1048,6 +1112,7 @@ class ChunkStore:
             log.info("store: disk tier %s: writing again (it had failed: %s)", self.directory, recovered)
         if freed:
             log.warning("store: no room on the file system: evicted %d bytes of the oldest chunks", freed)
+        self._touch_soon(ordered)
         self._notify(changes)
 
     def _write_one_blocking(self, path: Path, header: bytes, blob: bytes) -> None:

@@ -50,6 +50,8 @@ class Node:
         self.models_used: list[Any] = []
         self.clock = clock
         self.plan_s = plan_s
+        self.prompts_used: list[list[bytes]] = []
+        self.store = SimpleNamespace(used_as_prefix=self.prompts_used.append)
 
     def _model_used(self, fp: Any) -> bool:
         self.models_used.append(fp)
@@ -225,3 +227,17 @@ def test_an_unknown_level_is_the_clients_error_not_a_failed_fetch_or_a_silent_pu
     with pytest.raises(ProtocolError) as info:
         asyncio.run(daemon.Daemon._put(SimpleNamespace(config=None), CTX, put, None))  # type: ignore[arg-type]
     assert info.value.code == ErrorCode.INVALID and "level" in info.value.reason
+
+
+def test_a_fetch_marks_its_prompt_used_however_it_ends() -> None:
+    """Its chunks were read first to last, leaving the first the least recently used: eviction
+    then took it first, and the rest, still held, could never be matched again."""
+    async def main() -> Node:
+        node = Node({"a": Peer("a")}, held=4)
+        await node.fetch(CTX, request(4), Sink())
+        cancelled = Sink()
+        await cancel_once(node, cancelled, lambda: wait_until(lambda: bool(cancelled.done)))
+        return node
+
+    node = asyncio.run(main())
+    assert node.prompts_used == [[key(i) for i in range(4)]] * 2

@@ -163,3 +163,40 @@ def test_a_local_only_lookup_counts_the_leading_chunks_held_here_and_asks_no_pee
             assert (found.matched_tokens, found.sources) == (2 * C, ["local", "local"])  # chunk 2 missing
 
     _with_daemon(tmp_path, test, no_planning=True)
+
+
+def test_a_prompt_under_store_pressure_loses_its_last_chunks_first(tmp_path: Path) -> None:
+    """A put stored its chunks, then made their lower levels, first to last: the first chunk's
+    levels were the oldest and went first, and the chunks after it, still held, could never be
+    matched again (each key hashes the chunks before it)."""
+    from kvpeer import codec
+    from kvpeer.hashing import chunk_keys
+
+    async def settled(node: object) -> None:  # every level made and on disk
+        level_server = node.level_server  # type: ignore[attr-defined]
+        while level_server.warm_pending or (level_server._warmer and not level_server._warmer.done()):
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(node.store.flush, 30)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        # No RAM tier: it would hold copies of what the disk evicts.
+        config = f"[codec]\nchunk_tokens = {C}\nlevel = \"q8\"\n[store]\nram_bytes = 0\n"
+        node = _local_daemon(tmp_path, config)
+        await node.start()
+        try:
+            async with AsyncKVPeerClient(str(node.config.api.socket_path)) as client:
+                await client.put(TOKENS[: 4 * C], K[:, :, : 4 * C], V[:, :, : 4 * C], FP)
+                await settled(node)
+                keys = chunk_keys(TOKENS[: 4 * C], FP.digest(), "default", C)
+                assert all(node.store.levels(k) == list(codec.LEVELS[1:]) for k in keys)
+                node.store.disk_limit = node.store.stats()["disk_bytes"]  # full from here on
+                other = [t + 7 for t in TOKENS[:C]]  # another prompt: room for it is made
+                await client.put(other, K[:, :, :C], V[:, :, :C], FP)
+                await settled(node)
+            held = [node.store.levels(k) for k in keys]
+            assert held[:3] == [list(codec.LEVELS[1:])] * 3, held  # the head is whole
+            assert len(held[3]) < len(codec.LEVELS[1:]), held  # the room came from the end
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

@@ -107,6 +107,65 @@ def test_disk_tier_survives_restart_and_keeps_lru_order(tmp_path: Path) -> None:
     smaller.close()
 
 
+def test_a_prefix_used_together_is_evicted_from_its_end(tmp_path: Path) -> None:
+    """A prompt's chunks are put and read first to last, which left its first chunk the least
+    recently used: eviction took it first, and the chunks after it, still held and counted,
+    could never be matched again (each key hashes the chunks before it)."""
+    size = record_size("q8", 1000)
+    store = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
+    prompt = [key(0), key(1), key(2)]
+    for i, k in enumerate(prompt):
+        store.put_blocking(k, "q8", blob(i))
+    assert store.flush(timeout_s=30)  # queued writes are not evicted
+    store.used_as_prefix(prompt)
+    store.put_blocking(key(3), "q8", blob(3))  # another prompt: room for one chunk is made
+    assert store.flush(timeout_s=30)
+    assert [store.has(k) for k in prompt] == [True, True, False]
+    for k in prompt[:2]:  # a fetch reads its chunks first to last
+        store.get_blocking(k)
+    store.used_as_prefix(prompt)  # key(2), missing, ends the run: nothing after it is marked
+    store.put_blocking(key(4), "q8", blob(4))
+    assert store.flush(timeout_s=30)
+    assert [store.has(k) for k in prompt[:2]] == [True, True] and not store.has(key(3))
+    store.close()
+
+
+def test_a_prefix_used_together_keeps_its_order_across_a_restart(tmp_path: Path) -> None:
+    """The order lives on in the files' mtimes, which a start sorts by."""
+    size = record_size("q8", 1000)
+    store = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
+    prompt = [key(0), key(1), key(2)]
+    for i, k in enumerate(prompt):
+        store.put_blocking(k, "q8", blob(i))
+    assert store.flush(timeout_s=30)
+    store.used_as_prefix(prompt)
+
+    def mtimes() -> list[int]:
+        by_name = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in files(tmp_path)}
+        return [by_name[k.hex()] for k in prompt]
+
+    deadline = time.monotonic() + 10  # the files are touched off the caller's thread
+    while not mtimes()[0] > mtimes()[1] > mtimes()[2]:
+        assert time.monotonic() < deadline, mtimes()
+        time.sleep(0.01)
+    store.close()
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
+    reopened.put_blocking(key(3), "q8", blob(3))
+    assert reopened.flush(timeout_s=30)
+    assert [reopened.has(k) for k in prompt] == [True, True, False]
+    reopened.close()
+
+
+def test_a_prefix_used_together_is_evicted_from_its_end_in_a_ram_only_store() -> None:
+    store = ChunkStore(ram_bytes=3000, level_order=LEVELS)
+    prompt = [key(0), key(1), key(2)]
+    for i, k in enumerate(prompt):
+        store.put_blocking(k, "q8", blob(i))
+    store.used_as_prefix(prompt)
+    store.put_blocking(key(3), "q8", blob(3))
+    assert [store.has(k) for k in prompt] == [True, True, False]
+
+
 def test_chunks_of_another_payload_format_are_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After a codec upgrade the old blobs are unreadable: the store must not serve them."""
     size = record_size("q8", 1000)
