@@ -662,6 +662,7 @@ class _FetchRun:
         self.allocation: asyncio.Task[KVPeerError | None] | None = None
         self.shape: tuple[int, int, int] | None = None
         self.lost: set[str] = set()  # peers this fetch stopped asking
+        self.below_floor: dict[int, str] = {}  # chunk -> the best level a holder sent for it
         # True while the decoder waits on a thread (a decode, a hand-over): where the end of
         # the fetch may cancel it (:meth:`_stop_decoder`).
         self.in_thread = False
@@ -736,6 +737,13 @@ class _FetchRun:
         }
         if restored < len(self.keys) and self.reason == "complete":
             self.reason = "unavailable"
+        if restored in self.below_floor and self.reason == "unavailable":
+            # Said once, here: each holder's answer is logged at DEBUG only.
+            log.info(
+                "fetch %s: chunk %d is held at %s at best, below the floor (min_level or the "
+                "fetch policy's): %d of %d chunks restored", self.tag, restored,
+                self.below_floor[restored], restored, len(self.keys),
+            )
         if log.isEnabledFor(logging.DEBUG):
             # The timeline explains where a slow fetch spent its time (benchmarks.ttft --logs).
             log.debug(
@@ -1138,8 +1146,11 @@ class _FetchRun:
             # off the event loop, and a peer's chunk is cached only once it decoded.
             header = codec.read_header(blob)
             if header.level not in self.acceptable:
+                # A holder sends the best it has when that is below the asked level: the chunk
+                # is not held well enough there, which is no fault of the holder's.
+                self.below_floor.setdefault(index, header.level)
                 raise ProtocolError(
-                    ErrorCode.INVALID, f"peer sent level {header.level}, below the floor"
+                    ErrorCode.NOT_FOUND, f"held at {header.level} only, below the fetch's floor"
                 )
             if header.tokens != self.f.chunk_tokens:
                 raise ProtocolError(ErrorCode.INVALID, f"chunk of {header.tokens} tokens")

@@ -383,15 +383,23 @@ def test_adaptive_levels_respect_the_floor_and_pick_small_levels_on_a_slow_link(
     asyncio.run(main())
 
 
-def test_a_level_below_the_floor_is_refused() -> None:
-    async def main() -> None:
+def test_a_level_below_the_floor_is_refused_without_blaming_the_holder(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A holder sends the best it has when that is below the asked level. That was logged as
+    the peer failing ("peer sent level q3, below the floor", a WARNING per holder), and nothing
+    said that the fetch stopped there because of its floor."""
+    async def main() -> Any:
         peer = Peer("a")
         peer.send_level = "q3"
         f = fetcher({"a": peer})
-        out = await f.fetch([key(0)], [{"a"}], Sink(), min_level="q8")
-        assert out.chunks == 0
+        return await f.fetch([key(0)], [{"a"}], Sink(), min_level="q8")
 
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO, logger="kvpeer.fetcher"):
+        out = asyncio.run(main())
+    assert (out.chunks, out.reason) == (0, "unavailable")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "chunk 0 is held at q3 at best, below the floor" in caplog.text
 
 
 def test_local_chunks_need_no_peer_and_fetched_ones_are_cached() -> None:
