@@ -26,6 +26,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -126,6 +127,10 @@ class Metrics:
     """Every metric of one kvpeerd, in its own registry."""
 
     def __init__(self, *, node_id: str = "", version: str = "", process: bool = True) -> None:
+        # No `_created` series: a twin of every counter and histogram, with the same help text,
+        # that dashboards do not use and operators read as more counters. (Process-wide in
+        # prometheus_client: only kvpeerd builds these metrics.)
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.info = Gauge("kvpeer_info", "Constant 1, labelled with the node id and version",

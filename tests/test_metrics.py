@@ -86,6 +86,17 @@ def test_scrape_parses_and_carries_recorded_values(served) -> None:  # type: ign
     assert ("process_cpu_seconds_total", ()) in got
 
 
+def test_no_created_twins(served) -> None:  # type: ignore[no-untyped-def]
+    """Every counter and histogram had a `_created` series with the same help text."""
+    metrics, endpoint, _state = served
+    metrics.fetches.labels("complete").inc()
+    metrics.encode_seconds.labels("q8").observe(0.003)
+    _status, text = scrape(endpoint)
+    names = {name for name, _labels in samples(text)}
+    assert "kvpeer_chunk_misses_total" in names and "kvpeer_codec_encode_seconds_count" in names
+    assert not [n for n in names if n.endswith("_created")]
+
+
 def test_healthz_is_503_until_ready(served) -> None:  # type: ignore[no-untyped-def]
     _metrics, endpoint, state = served
     assert scrape(endpoint, "/healthz") == (503, "not ready\n")
