@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 
 
 class Activity:
-    """Counts of fetches (by outcome) and puts since the last :meth:`take_summary`.
+    """Counts of fetches (by outcome), puts and chunks served to peers since the last
+    :meth:`take_summary`.
 
     ``events``: counters that only grow (the fetcher's, since start); each summary says how much
     they grew since the previous one.
@@ -36,6 +37,9 @@ class Activity:
         self.puts = 0
         self.put_chunks = 0
         self.put_stored = 0
+        self.served_chunks = 0
+        self.served_bytes = 0
+        self.served_to: set[str] = set()
 
     def fetch(self, outcome: str, seconds: float, wire_bytes: int = 0) -> None:
         """One fetch ended: ``outcome`` is its reason ("complete", "recompute", "miss",
@@ -49,11 +53,18 @@ class Activity:
         self.put_chunks += chunks
         self.put_stored += stored
 
+    def served(self, peer: str, nbytes: int) -> None:
+        """A chunk of ``nbytes`` reached ``peer`` whole (a node serving others logged nothing)."""
+        self.served_chunks += 1
+        self.served_bytes += nbytes
+        if len(self.served_to) < 1024:  # a count for the line, bounded
+            self.served_to.add(peer)
+
     def take_summary(self, interval_s: float) -> str | None:
         """The line for the interval just ended (None if nothing happened); counts restart."""
         fetches = sum(self.fetches.values())
         grown = self._events_grown()
-        if not fetches and not self.puts and not grown:
+        if not fetches and not self.puts and not self.served_chunks and not grown:
             return None
         parts = [f"last {interval_s:.0f} s:"]
         if fetches:
@@ -67,6 +78,12 @@ class Activity:
             )
         if self.puts:
             parts.append(f"{self.puts} puts, {self.put_stored} of {self.put_chunks} chunks new;")
+        if self.served_chunks:
+            peers = len(self.served_to)
+            parts.append(
+                f"served {self.served_chunks} chunks, {self.served_bytes / 1e6:.1f} MB, to "
+                f"{peers} peer{'s' if peers != 1 else ''};"
+            )
         if grown:
             events = ", ".join(f"{name} {count}" for name, count in sorted(grown.items()))
             parts.append(f"fetcher: {events}")

@@ -725,6 +725,7 @@ class Daemon:
         except KVPeerError:
             sent_level = "unknown"
         self.metrics.sent(peer_id, sent_level, len(blob))
+        self.activity.served(peer_id, len(blob))
 
 
 def _check_level(field: str, level: str) -> None:

@@ -41,3 +41,13 @@ def test_the_fetchers_events_are_summed_up_per_interval_not_logged_one_by_one() 
     assert activity.take_summary(60) is None  # nothing grew
     counters.update(retry=5, preempt=2)
     assert activity.take_summary(60) == "last 60 s: fetcher: preempt 2, retry 2"
+
+
+def test_a_node_that_only_serves_peers_says_so() -> None:
+    """A node serving others logged nothing at INFO: its minute line covered local requests only."""
+    activity = Activity()
+    activity.served("peer-a", 1_500_000)
+    activity.served("peer-b", 500_000)
+    activity.served("peer-a", 1_000_000)
+    assert activity.take_summary(60) == "last 60 s: served 3 chunks, 3.0 MB, to 2 peers"
+    assert activity.take_summary(60) is None
