@@ -674,6 +674,12 @@ class Daemon:
             "bytes_from_peers": self.fetcher.bytes_from_peers,
             "peer_inventories": self.peer_table.sizes(),
             "codec_backends": self.codec_backends,
+            # The counters /metrics has (since start), for a host that does not scrape it.
+            "fetches": self.metrics.fetch_counts(),
+            "fetcher": dict(self.fetcher.counters),
+            "transport": dict(self.transport.counters),
+            "discovery": dict(self.discovery.counters),
+            "inventory_sync": dict(self.peer_table.counters),
         }
 
     async def evict(self, ctx: ClientContext, all: bool = True) -> dict[str, Any]:

@@ -294,6 +294,13 @@ class Metrics:
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
+    def fetch_counts(self) -> dict[str, int]:
+        """Fetches since start, by outcome (``kvpeer stats``)."""
+        return {
+            outcome: int(self.registry.get_sample_value("kvpeer_fetches_total", {"outcome": outcome}) or 0)
+            for outcome in FETCH_OUTCOMES
+        }
+
     def start_http(
         self,
         host: str,

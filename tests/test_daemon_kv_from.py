@@ -200,3 +200,23 @@ def test_a_prompt_under_store_pressure_loses_its_last_chunks_first(tmp_path: Pat
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_stats_carry_the_counters_metrics_has(tmp_path: Path) -> None:
+    """`kvpeer stats` ("every counter") had the store's, the API's and the inventory's only:
+    fetch outcomes and the fetcher's, transport's and discovery's events were in /metrics alone."""
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            await client.put(TOKENS[: 2 * C], K[:, :, : 2 * C], V[:, :, : 2 * C], FP)
+            await client.fetch(TOKENS[: 2 * C], FP)
+            for _ in range(100):  # counted as the fetch's request ends, just after its answer
+                stats = await client.stats()
+                if stats["fetches"]["complete"]:
+                    break
+                await asyncio.sleep(0.05)
+        assert stats["fetches"]["complete"] == 1 and stats["fetches"]["miss"] == 0, stats["fetches"]
+        assert {"retry", "chunk_failed"} <= set(stats["fetcher"])
+        for section in ("transport", "discovery", "inventory_sync"):
+            assert all(isinstance(count, int) for count in stats[section].values()), section
+
+    _with_daemon(tmp_path, test)
