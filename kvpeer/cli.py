@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import faulthandler
+import functools
 import importlib.util
 import json
 import logging
@@ -110,7 +111,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
                 f"WARNING: transport.host {transport.host} is not an address of this machine "
                 "(yet): a start exits 1 and systemd tries again until it is",
             )
-        if config.store.disk_bytes and store_dir_read_only(config.store.dir):
+        if config.store.disk_bytes and on_read_only_fs(config.store.dir):
             _say(
                 "WARNING",
                 f"WARNING: store.dir {config.store.dir} is on a read-only file system: the "
@@ -187,6 +188,7 @@ def check_start_config(config: Any) -> TransportConfig:
     resolve_namespaces(config.api.namespaces)
     if config.store.disk_bytes:
         check_store_dir(config.store.dir, config.node.state_dir)
+    check_socket_dir(config.api.socket_path, config.node.runtime_dir)
     return transport
 
 
@@ -202,11 +204,11 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def store_dir_read_only(store_dir: Path) -> bool:
-    """Whether ``store_dir`` (or, if it does not exist yet, the ancestor it would be created
-    in) is on a read-only file system: the store then runs on its RAM tier (EROFS)."""
+def on_read_only_fs(path: Path) -> bool:
+    """Whether ``path`` (or, if it does not exist yet, the ancestor it would be created in) is
+    on a read-only file system: a store.dir there leaves the store on its RAM tier (EROFS)."""
     try:
-        return bool(os.statvfs(_nearest_existing(store_dir)).f_flag & os.ST_RDONLY)
+        return bool(os.statvfs(_nearest_existing(path)).f_flag & os.ST_RDONLY)
     except OSError:
         return False
 
@@ -214,19 +216,42 @@ def store_dir_read_only(store_dir: Path) -> bool:
 def check_store_dir(store_dir: Path, state_dir: Path | None = None) -> None:
     """ConfigError when this user cannot create or write ``store_dir`` where the file system
     is writable: the store's start then fails with EACCES, exit 2. (A read-only file system
-    is not an error: the store runs on its RAM tier, see :func:`store_dir_read_only`.) Not
+    is not an error: the store runs on its RAM tier, see :func:`on_read_only_fs`.) Not
     checked while ``state_dir`` itself does not exist yet: on a fresh install the unit's
     StateDirectory= makes it, the daemon's own, at the first start."""
     target = _nearest_existing(store_dir)
     if state_dir is not None and target in state_dir.parents:
         return
-    if os.access(target, os.W_OK | os.X_OK) or store_dir_read_only(store_dir):
+    if os.access(target, os.W_OK | os.X_OK) or on_read_only_fs(store_dir):
         return
     where = "" if target == store_dir else f" ({target}, where it would be created, is not writable by this user)"
     raise ConfigError(
         f"store.dir: cannot open the disk store: store directory {store_dir}: permission "
         f"denied{where}; a start exits 2 (give the directory to the daemon's user, or choose "
         "another store.dir)"
+    )
+
+
+def check_socket_dir(socket_path: Path, runtime_dir: Path) -> None:
+    """ConfigError when this user cannot create the API socket's directory or make files in it:
+    the start then failed with EACCES (exit 2), naming neither the key nor the path. Unlike the
+    store's, a read-only file system is an error too: the API has no fallback. Not checked while
+    ``runtime_dir``, which holds it, does not exist yet: the unit's RuntimeDirectory= makes it,
+    the daemon's own, at each start."""
+    directory = socket_path.parent
+    target = _nearest_existing(directory)
+    if directory.is_relative_to(runtime_dir) and target in runtime_dir.parents:
+        return
+    if os.access(target, os.W_OK | os.X_OK):
+        return
+    why = "is on a read-only file system" if on_read_only_fs(target) else "is not writable by this user"
+    if target == directory:
+        problem = f"{directory} {why}"
+    else:
+        problem = f"{directory} does not exist, and {target}, where it would be created, {why}"
+    raise ConfigError(
+        f"api.socket_path: cannot create the local API socket {socket_path}: {problem}; a start "
+        "exits 2 (give the directory to the daemon's user, or choose another api.socket_path)"
     )
 
 
@@ -347,7 +372,11 @@ _START_STEPS = (
 )
 
 
-def start_failure(exc: OSError) -> tuple[str, int]:
+# Steps' keys whose value the line shows, given the config: a bind's EACCES names no path.
+_SHOWN_KEYS = ("api.socket_path",)
+
+
+def start_failure(exc: OSError, config: Any = None) -> tuple[str, int]:
     """One line saying what the daemon could not do at start and why, and the exit status."""
     what = "start"
     for frame, _ in traceback.walk_tb(exc.__traceback__):
@@ -355,6 +384,9 @@ def start_failure(exc: OSError) -> tuple[str, int]:
         for prefix, step in _START_STEPS:
             if module == prefix or module.startswith(prefix + "."):
                 what = step  # the innermost kvpeer frame wins
+    for key in _SHOWN_KEYS if config is not None else ():
+        value = functools.reduce(getattr, key.split("."), config)
+        what = what.replace(f"({key})", f"({key} = {value})")
     # A TimeoutError (an OSError without errno: zeroconf's registration, a slow network) is a
     # busy or slow LAN, not a config error; its text is often empty.
     transient = exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError)
@@ -380,7 +412,7 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
         else:
             daemon = make_daemon(config)
     except OSError as exc:
-        message, status = start_failure(exc)
+        message, status = start_failure(exc, config)
         log.error("%s", message)
         return status
     endpoint = _start_metrics(config, daemon)  # before start(): /healthz answers 503 meanwhile
@@ -388,7 +420,7 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
         try:
             started = await _start_unless_stopped(daemon, signals)
         except OSError as exc:  # a one-line reason, not a traceback through the event loop
-            message, status = start_failure(exc)
+            message, status = start_failure(exc, config)
             log.error("%s", message)
             return status
         if not started:

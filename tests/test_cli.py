@@ -540,6 +540,66 @@ def test_check_config_warns_of_a_store_dir_on_a_read_only_file_system(
     assert "RAM tier only" in err and "ReadWritePaths=" in err
 
 
+@pytest.mark.parametrize("exists", [True, False])
+def test_check_config_fails_on_a_socket_directory_this_user_may_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    exists: bool,
+) -> None:
+    """It passed; the start then exited 2 with "cannot open the local API socket
+    (api.socket_path): [Errno 13] Permission denied", naming no path."""
+    config = daemon_config(tmp_path)
+    socket_dir = tmp_path / "sockets"
+    config.write_text(config.read_text() + f'[api]\nsocket_path = "{socket_dir / "kvpeer.sock"}"\n')
+    if exists:
+        socket_dir.mkdir()
+    where = socket_dir if exists else tmp_path
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert "api.socket_path" not in capsys.readouterr().err
+    _deny_writes(monkeypatch, where, read_only=False)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == cli.EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and "config error: api.socket_path: cannot create the local API socket " \
+        f"{socket_dir / 'kvpeer.sock'}: " in err, err
+    if exists:
+        assert f"{socket_dir} is not writable by this user" in err
+    else:
+        assert f"{socket_dir} does not exist, and {where}, where it would be created, is not " \
+            "writable by this user" in err
+
+
+def test_check_config_leaves_a_runtime_dir_not_made_yet_to_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/run/kvpeer exists only while the unit runs (RuntimeDirectory=), and /run is root's."""
+    config = daemon_config(tmp_path)
+    runtime_dir = load_config(config, env={}).node.runtime_dir
+    assert not runtime_dir.exists()
+    _deny_writes(monkeypatch, runtime_dir.parent, read_only=False)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert "api.socket_path" not in capsys.readouterr().err
+
+
+def test_a_start_that_cannot_bind_the_api_socket_names_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bind's EACCES carries no file name: the line said "(api.socket_path): [Errno 13]
+    Permission denied", and which path that was had to be looked up in the config."""
+    from kvpeer.api.server import ApiServer
+
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(asyncio, "start_unix_server", refuse)
+    config = load_config(daemon_config(tmp_path), env={})
+    server = ApiServer(config.api.socket_path, SimpleNamespace(), shm_dir=tmp_path)
+    with pytest.raises(PermissionError) as info:
+        asyncio.run(server.start())
+    message, status = cli.start_failure(info.value, config)
+    assert message == (f"cannot open the local API socket (api.socket_path = "
+                       f"{config.api.socket_path}): [Errno 13] Permission denied")
+    assert status == cli.EXIT_CONFIG
+
+
 def test_a_socket_path_too_long_for_a_unix_socket_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
