@@ -879,6 +879,8 @@ class ApiServer:
             **self.counters,
             "connected": len(self._connections),
             "live_segments": len(self.registry),
+            # Pages reserved for the next fetch's segment (api.spare_bytes at most), in /dev/shm.
+            "spare_segment_bytes": self.registry.spare_bytes,
         }
 
     # ------------------------------------------------------------------ put

@@ -493,6 +493,8 @@ def test_the_next_fetch_takes_the_segment_reserved_while_idle() -> None:
             assert taken == [False]
             wait_until(lambda: registry.spare_bytes >= size)
             assert not (our_segments() - before)  # a spare is not a segment
+            # ... but its pages are in /dev/shm: stats say how many (they showed none)
+            assert client.stats()["api"]["spare_segment_bytes"] == registry.spare_bytes
             with client.fetch(list(range(8)), FP) as second:
                 assert torch.equal(second.k, k) and torch.equal(second.v, v)
             assert taken == [False, True]
