@@ -123,7 +123,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
 
             level = logging.getLevelName(transport.keyless_risk)
             _say(level, f"{level}: {KEYLESS_RISK}")
-        for warning in config_warnings(config):
+        for warning in config_warnings(config, os.environ):
             _say("WARNING", f"WARNING: {warning}")
         print(config.as_toml(source), end="")
         return 0
@@ -135,7 +135,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     enable_faulthandler()
     configure_logging(args.log_level or config.log.level, json_lines=config.log.json)
     log.info("config: %s", source)
-    for warning in config_warnings(config):
+    for warning in config_warnings(config, os.environ):
         log.warning("%s", warning)
     limit_torch_threads(config.daemon.torch_threads)
     raise_open_file_limit()

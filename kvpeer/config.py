@@ -13,8 +13,9 @@ Sources, lowest precedence first:
 3. environment variables ``KVPEER_<SECTION>__<KEY>`` (double underscore between the section and
    the key, case-insensitive), e.g. ``KVPEER_TRANSPORT__PORT=7500`` or
    ``KVPEER_STORE__RAM_BYTES=4GiB``. Lists are comma-separated (``a,b``) or a TOML array
-   (``["a", "b"]``). Variables without a double underscore (``KVPEER_SOCKET``) belong to the
-   client CLI and are ignored here.
+   (``["a", "b"]``). Variables without a double underscore set nothing here: ``KVPEER_SOCKET``
+   belongs to the client CLI, any other is warned of (:func:`config_warnings`), with the setting
+   a single underscore misspelt.
 
 Value syntax: sizes are integers of bytes or strings like ``"512MiB"``/``"2GB"``; durations are
 seconds (int or float); paths are absolute, or start with ``{state_dir}`` or ``{runtime_dir}``,
@@ -801,15 +802,50 @@ def config_source(path: Path | None = None, env: Mapping[str, str] = os.environ)
     return where + (f"; from the environment: {', '.join(names)}" if names else "")
 
 
-def config_warnings(config: Config) -> list[str]:
-    """Settings that are valid but have no effect as set, one sentence each."""
+def config_warnings(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
+    """Settings that are valid but have no effect as set, and ``KVPEER_*`` variables of ``env``
+    that set nothing, one sentence each."""
     warnings = []
     if config.discovery.static_peers and config.discovery.backend != "static":
         warnings.append(
             f"discovery.static_peers is ignored: it only applies to backend = \"static\" "
             f'(backend is "{config.discovery.backend}")'
         )
+    warnings.extend(_unused_env_warnings(env or {}))
     return warnings
+
+
+#: ``KVPEER_*`` variables that are kvpeer's but no setting (the client's socket).
+OTHER_ENV_NAMES = frozenset({"KVPEER_SOCKET"})
+
+
+def _unused_env_warnings(env: Mapping[str, str]) -> list[str]:
+    """A ``KVPEER_*`` variable without the double underscore (``KVPEER_STORE_RAM_BYTES``) was
+    ignored without a word, the default kept; one with it is a key, checked at load."""
+    warnings = []
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX) or "__" in name or name in OTHER_ENV_NAMES:
+            continue
+        meant = _setting_spelt_with_one_underscore(name[len(ENV_PREFIX):])
+        hint = f"; did you mean {meant}?" if meant else ""
+        warnings.append(
+            f"{name} is not a kvpeer setting and is ignored (settings are "
+            f"KVPEER_<SECTION>__<KEY>, two underscores after the section){hint}"
+        )
+    return warnings
+
+
+def _setting_spelt_with_one_underscore(rest: str) -> str:
+    """``KVPEER_STORE__RAM_BYTES`` for ``rest`` "STORE_RAM_BYTES"; "" if it spells no setting."""
+    rest = rest.lower()
+    for section in dataclasses.fields(Config):
+        prefix = section.name + "_"
+        if not rest.startswith(prefix):
+            continue
+        key = rest[len(prefix):]
+        if key in {f.name for f in dataclasses.fields(_hints(Config)[section.name])}:
+            return f"{ENV_PREFIX}{section.name.upper()}__{key.upper()}"
+    return ""
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]) -> None:

@@ -1086,6 +1086,16 @@ def test_check_config_and_start_say_which_file_was_read_and_warn_of_ignored_sett
     assert "WARNING kvpeer.cli: discovery.static_peers is ignored" in started.stderr
 
 
+def test_check_config_warns_of_a_kvpeer_variable_that_sets_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KVPEER_STORE_RAM_BYTES", "4GiB")  # one underscore: kept the default
+    assert cli.daemon_main(["--config", str(daemon_config(tmp_path)), "--check-config"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: KVPEER_STORE_RAM_BYTES is not a kvpeer setting and is ignored" in err
+    assert "did you mean KVPEER_STORE__RAM_BYTES?" in err
+
+
 @pytest.mark.parametrize("option", ["--level", "--min-level"])
 def test_the_demo_refuses_an_unknown_level_before_it_starts_anything(tmp_path: Path, option: str) -> None:
     """examples/two_nodes.py made two network namespaces and loaded the model, then died of the

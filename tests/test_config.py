@@ -489,6 +489,33 @@ def test_static_peers_with_another_backend_is_a_warning(tmp_path: Path) -> None:
     assert cfg.config_warnings(static) == []
 
 
+def test_a_kvpeer_variable_that_sets_nothing_is_a_warning_with_the_name_meant(tmp_path: Path) -> None:
+    """KVPEER_STORE_RAM_BYTES=4GiB (one underscore) kept the default without a word, where
+    KVPEER_STORE__RAM_BYTE=1 is refused."""
+    env = {"KVPEER_STORE_RAM_BYTES": "4GiB", "KVPEER_VERBOSE": "1", "KVPEER_SOCKET": "/tmp/s",
+           "KVPEER_TRANSPORT__PORT": "7500", "PATH": "/bin"}
+    config = load_config(write(tmp_path, ""), env=env)
+    assert config.store.ram_bytes == 2 << 30  # still ignored: a warning, not a guess
+    warnings = cfg.config_warnings(config, env)
+    assert warnings == [
+        "KVPEER_STORE_RAM_BYTES is not a kvpeer setting and is ignored (settings are "
+        "KVPEER_<SECTION>__<KEY>, two underscores after the section); did you mean "
+        "KVPEER_STORE__RAM_BYTES?",
+        "KVPEER_VERBOSE is not a kvpeer setting and is ignored (settings are "
+        "KVPEER_<SECTION>__<KEY>, two underscores after the section)",
+    ]
+
+
+def test_every_kvpeer_variable_the_code_reads_is_known_to_the_config() -> None:
+    """Else the daemon would warn of a variable that is in use: KVPEER_SOCKET is the client's."""
+    root = Path(__file__).resolve().parent.parent
+    sources = [*root.glob("kvpeer/**/*.py"), *root.glob("tests/**/*.py"),
+               *root.glob("benchmarks/**/*.py"), *root.glob("examples/**/*.py")]
+    read = {name for path in sources for name in re.findall(r"\bKVPEER_\w+", path.read_text())
+            if "__" not in name}
+    assert read - {"KVPEER_STORE_RAM_BYTES", "KVPEER_VERBOSE"} <= cfg.OTHER_ENV_NAMES
+
+
 def test_the_module_entry_point_has_a_help() -> None:
     """`python -m kvpeer.config --help` took --help for a config file's path."""
     import subprocess
