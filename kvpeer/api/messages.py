@@ -626,6 +626,19 @@ def frame_length(header: bytes) -> int:
     return int(length)
 
 
+def _unpack_failure(exc: BaseException) -> str:
+    """What msgpack found wrong: several of its errors carry no text, which left the client an
+    error ending in a bare colon."""
+    # StackError (the C unpacker's nesting limit) and RecursionError (the pure-Python one's)
+    if isinstance(exc, msgpack.StackError | RecursionError):
+        return "maps or arrays nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that begins no msgpack value"
+    if isinstance(exc, msgpack.ExtraData):
+        return "more bytes after the first msgpack value"
+    return str(exc) or type(exc).__name__
+
+
 def decode_body(payload: bytes) -> Message:
     """Decode one frame body; ProtocolError with the code the sender should get back."""
     if len(payload) > MAX_FRAME_BYTES:
@@ -642,8 +655,8 @@ def decode_body(payload: bytes) -> Message:
             max_map_len=1 << 12,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {_unpack_failure(exc)}") from None
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "a message must be a msgpack map")
     version = body.pop("v", None)

@@ -177,6 +177,22 @@ def test_decode_rejects_bad_bodies(payload: bytes, code: ErrorCode) -> None:
     assert info.value.code == code
 
 
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (b"\x91" * 2_000, "nested too deeply"),  # msgpack's StackError has no text
+        (b"\x91" * 100_000, "nested too deeply"),
+        (b"\xc1", "begins no msgpack value"),  # nor has its FormatError
+    ],
+)
+def test_a_malformed_body_is_answered_with_what_is_wrong(payload: bytes, says: str) -> None:
+    """A hostile-client review got "not a msgpack message: " with nothing after the colon."""
+    with pytest.raises(ProtocolError) as info:
+        m.decode_body(payload)
+    assert info.value.code == ErrorCode.MALFORMED
+    assert says in info.value.reason and not info.value.reason.rstrip().endswith(":")
+
+
 def test_fingerprint_hex_must_match_its_fields() -> None:
     wire = m.fingerprint_to_wire(FP)
     wire["hex"] = "00" * 16
