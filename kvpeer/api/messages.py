@@ -643,6 +643,8 @@ def decode_body(payload: bytes) -> Message:
     """Decode one frame body; ProtocolError with the code the sender should get back."""
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"message exceeds {MAX_FRAME_BYTES} bytes")
+    if not payload:
+        raise ProtocolError(ErrorCode.MALFORMED, "empty message (a frame of length 0)")
     try:
         body = msgpack.unpackb(
             payload,

@@ -183,6 +183,7 @@ def test_decode_rejects_bad_bodies(payload: bytes, code: ErrorCode) -> None:
         (b"\x91" * 2_000, "nested too deeply"),  # msgpack's StackError has no text
         (b"\x91" * 100_000, "nested too deeply"),
         (b"\xc1", "begins no msgpack value"),  # nor has its FormatError
+        (b"", "empty message"),  # msgpack said "incomplete input"
     ],
 )
 def test_a_malformed_body_is_answered_with_what_is_wrong(payload: bytes, says: str) -> None:
