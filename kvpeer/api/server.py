@@ -154,20 +154,30 @@ class _Connection:
     async def send(self, message: m.Message, segment: shm.DaemonSegment | None = None) -> None:
         """Send ``message``; ``segment``: the segment it announces, whose descriptor goes with
         it (NOT_FOUND if the segment was released meanwhile)."""
-        if self.closed:
-            return
         data = m.encode(message)
         async with self._send_lock:
+            if self.closed:  # checked holding the lock: sends queued behind a failed one end here
+                return
             try:
                 if segment is None:
                     self.writer.write(data)
                 else:
                     await _send_with_descriptor_of(self.writer, data, segment)
                 await aio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
-            except (OSError, RuntimeError) as exc:  # ConnectionError, TimeoutError and the like
-                log.info("api: client %d unreachable (%s); dropping it", self.id, exc)
-                self.closed = True
-                self.writer.close()
+            except TimeoutError:
+                self.drop(f"it read none of its answers for {SEND_TIMEOUT_S:.0f} s")
+            except (OSError, RuntimeError) as exc:  # ConnectionError and the like
+                self.drop(str(exc) or type(exc).__name__)
+
+    def drop(self, why: str) -> None:
+        """End the connection now. Not ``writer.close()``: that waits to flush what the client
+        does not read, so a client that stopped reading kept its descriptor open (past the
+        connection caps, which no longer counted it) for as long as it kept the socket."""
+        if self.closed:
+            return
+        log.info("api: client %d unreachable (%s); dropping it", self.id, why)
+        self.closed = True
+        self.writer.transport.abort()
 
 
 async def _send_with_descriptor_of(writer: asyncio.StreamWriter, data: bytes, segment: shm.DaemonSegment) -> None:
@@ -480,7 +490,11 @@ class ApiServer:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         await _remove_stale_socket(self.socket_path)
         self.registry.sweep_stale()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        # asyncio's default backlog (100) refused a burst of engine workers connecting at once
+        # (EAGAIN on their side); the kernel caps this at net.core.somaxconn.
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.socket_path), backlog=socket.SOMAXCONN
+        )
         st = os.stat(self.socket_path)
         self._bound = (st.st_dev, st.st_ino)
         os.chmod(self.socket_path, self.mode)
@@ -502,7 +516,7 @@ class ApiServer:
                 await self._spare_task
         for conn in list(self._connections.values()):
             conn.closed = True
-            conn.writer.close()
+            conn.writer.close()  # answers written already still go out
         handlers = list(self._handlers)
         self._closing = True
         for task in handlers:
@@ -643,7 +657,9 @@ class ApiServer:
                     task.uncancel()  # close() cancelled us here: clean up and end, as above
             released = self.registry.release_owner(conn_id)
             conn.closed = True
-            writer.close()
+            writer.close()  # flushes a last answer (a refusal, an error) ...
+            if writer.transport.get_write_buffer_size():  # ... which an unread client never takes
+                asyncio.get_running_loop().call_later(SEND_TIMEOUT_S, writer.transport.abort)
             self._connections.pop(conn_id, None)
             if task is not None:
                 self._handlers.discard(task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -708,3 +709,37 @@ def test_close_leaves_a_socket_another_daemon_put_at_the_path(tmp_path: Any) -> 
         assert not path.exists()
 
     asyncio.run(main())
+
+
+def _socket_fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith("socket:"):
+                out[int(name)] = target
+    return out
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_descriptor_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drop closed the writer, which waits to flush what the client never reads: the
+    daemon's end stayed open (uncounted by the connection caps) as long as the client kept it."""
+    from kvpeer.api import server as server_mod
+
+    monkeypatch.setattr(server_mod, "SEND_TIMEOUT_S", 0.5)
+    with serving() as api:
+        before = _socket_fds()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(str(api.socket_path))
+        try:
+            wait_until(lambda: len(api.server._connections) == 1)
+            opened = set(_socket_fds()) - set(before)
+            assert client.fileno() in opened and len(opened) == 2  # ours and the daemon's end
+            client.sendall(b"".join(m.encode(m.StatsRequest(id=i + 1)) for i in range(3000)))
+            wait_until(lambda: not api.server._connections)
+            wait_until(lambda: set(_socket_fds()) - set(before) == {client.fileno()})
+        finally:
+            client.close()
