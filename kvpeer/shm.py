@@ -67,6 +67,9 @@ VERSION = 1
 PAGE = mmap.PAGESIZE
 LEVEL_SLOT = 16
 MAX_SEGMENT_BYTES = 1 << 40  # sanity bound on what a header may claim
+# The most of the segments' file system (RAM: /dev/shm is a tmpfs, half of RAM by default) one
+# user's clients may hold at once, whatever api.max_shm_bytes_per_uid says.
+OWNER_SHARE_OF_SHM = 0.5
 
 _HEADER = struct.Struct("<4sHHIB3xIIIIIIIIQQQ")
 _MATCHED_AT = 40  # offset of matched_tokens in _HEADER
@@ -645,11 +648,30 @@ class SegmentRegistry:
         this size (``max_bytes_per_owner`` per account); else its bytes count against ``owner``
         until :meth:`adopt` (or :meth:`withdraw`), so that segments being made at once cannot
         all pass the cap."""
-        if self._bytes_of_account(self._account(owner)) + layout.size > self.max_bytes_per_owner:
+        held = self._bytes_of_account(self._account(owner))
+        if held + layout.size > self.max_bytes_per_owner:
             raise ProtocolError(
                 ErrorCode.BUSY, "too much shared memory held by this user's clients: release segments"
             )
+        # The configured cap (64 GiB by default) may be more than the tmpfs holds, and its pages
+        # are RAM: one user's requests (a one-token put of a model with huge dimensions) filled
+        # it for every other client and process on the host.
+        share = int(self._capacity() * OWNER_SHARE_OF_SHM)
+        if share and held + layout.size > share:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"a segment of {layout.size} bytes would put this user's clients past "
+                f"{OWNER_SHARE_OF_SHM:.0%} of {self.directory} ({share} bytes): release segments",
+            )
         self._admitted[owner] = self._admitted.get(owner, 0) + layout.size
+
+    def _capacity(self) -> int:
+        """The size of the file system segments live on (0: unknown)."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return 0
+        return st.f_blocks * st.f_frsize
 
     def withdraw(self, layout: SegmentLayout, owner: int) -> None:
         """An admitted segment will not be adopted (its making failed or its client left)."""

@@ -440,3 +440,27 @@ def test_a_segment_adopted_unleased_expires_only_after_its_lease_starts(tmp_path
     assert registry.next_expiry() == 110.0
     assert registry.expire(now=109.0) == [] and registry.expire(now=110.0) == [fetching.name]
     registry.close()
+
+
+def test_one_user_may_hold_at_most_half_of_the_segments_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configured cap (64 GiB by default) is more than many hosts' /dev/shm: one user's
+    one-token puts of a model with huge dimensions reserved 8 GiB of it (RAM) in 3 s."""
+    registry = shm.SegmentRegistry(directory=tmp_path)  # the default cap, far above the share
+    monkeypatch.setattr(registry, "_capacity", lambda: 5 * LAYOUT.size)
+    registry.set_account(1, ("uid", 1000))
+    registry.set_account(2, ("uid", 1000))
+    registry.create(LAYOUT, owner=1, now=0.0)
+    registry.admit(LAYOUT, owner=2)
+    with pytest.raises(ProtocolError) as info:
+        registry.create(LAYOUT, owner=1, now=0.0)
+    assert info.value.code == ErrorCode.BUSY and "50% of" in info.value.reason
+    registry.create(LAYOUT, owner=3, now=0.0)  # another user: a share of its own
+    registry.close()
+
+
+def test_the_segments_file_system_size_is_read() -> None:
+    registry = shm.SegmentRegistry()
+    st = os.statvfs(shm.SHM_DIR)
+    assert registry._capacity() == st.f_blocks * st.f_frsize > 0
