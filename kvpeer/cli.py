@@ -118,6 +118,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
                 "daemon would run on the RAM tier only (under the kvpeer unit, a store.dir "
                 "outside /var/lib/kvpeer needs ReadWritePaths=)",
             )
+        too_big = store_larger_than_disk(config.store.dir, config.store.disk_bytes)
+        if too_big:
+            _say("WARNING", f"WARNING: {too_big}")
         if transport.keyless_risk is not None:  # a valid config: still exit 0
             from kvpeer.transport.config import KEYLESS_RISK
 
@@ -137,6 +140,9 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     log.info("config: %s", source)
     for warning in config_warnings(config, os.environ):
         log.warning("%s", warning)
+    too_big = store_larger_than_disk(config.store.dir, config.store.disk_bytes)
+    if too_big:
+        log.warning("%s", too_big)
     limit_torch_threads(config.daemon.torch_threads)
     raise_open_file_limit()
     use_uvloop = config.daemon.uvloop and not args.no_uvloop
@@ -211,6 +217,33 @@ def on_read_only_fs(path: Path) -> bool:
         return bool(os.statvfs(_nearest_existing(path)).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def store_larger_than_disk(store_dir: Path, disk_bytes: int) -> str:
+    """A warning when ``disk_bytes`` exceeds the whole file system holding ``store_dir`` (the
+    20 GiB default on a small disk): the budget is never reached, a full disk comes first. ""
+    when it fits, or the file system cannot be read."""
+    try:
+        found = os.statvfs(_nearest_existing(store_dir))
+    except OSError:
+        return ""
+    total = found.f_blocks * found.f_frsize
+    if not disk_bytes or not total or disk_bytes <= total:
+        return ""
+    return (
+        f"store.disk_bytes ({_approx_size(disk_bytes)}) is larger than the file system holding "
+        f"store.dir {store_dir} ({_approx_size(total)} in all): the store will hit a full disk "
+        "before its budget (puts then stay in RAM and its oldest files are evicted); lower "
+        "store.disk_bytes below the space it may use"
+    )
+
+
+def _approx_size(n: int) -> str:
+    """``n`` bytes to one decimal in the largest binary unit it reaches ("19.5 GiB")."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def check_store_dir(store_dir: Path, state_dir: Path | None = None) -> None:

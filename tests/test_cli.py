@@ -476,7 +476,8 @@ def _deny_writes(monkeypatch: pytest.MonkeyPatch, denied: Path, *, read_only: bo
     def statvfs(path: Any) -> Any:
         found = real_statvfs(path)
         if read_only and Path(path) == denied:
-            return SimpleNamespace(f_flag=found.f_flag | os.ST_RDONLY)
+            return SimpleNamespace(f_flag=found.f_flag | os.ST_RDONLY, f_blocks=found.f_blocks,
+                                   f_frsize=found.f_frsize)
         return found
 
     monkeypatch.setattr(cli.os, "statvfs", statvfs)
@@ -598,6 +599,27 @@ def test_a_start_that_cannot_bind_the_api_socket_names_its_path(
     assert message == (f"cannot open the local API socket (api.socket_path = "
                        f"{config.api.socket_path}): [Errno 13] Permission denied")
     assert status == cli.EXIT_CONFIG
+
+
+def test_check_config_warns_of_a_disk_budget_larger_than_the_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 20 GiB default on a 10 GiB disk passed without a word: the store meets a full disk
+    long before its budget."""
+    config = daemon_config(tmp_path)  # disk_bytes 16MiB
+    store_dir = load_config(config, env={}).store.dir
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert "store.disk_bytes" not in capsys.readouterr().err  # any test machine has 16 MiB
+    real_statvfs = os.statvfs
+
+    def small_disk(path: Any) -> Any:  # 8 MiB in all
+        return SimpleNamespace(f_flag=real_statvfs(path).f_flag, f_blocks=2048, f_frsize=4096)
+
+    monkeypatch.setattr(cli.os, "statvfs", small_disk)
+    assert cli.daemon_main(["--config", str(config), "--check-config"]) == 0
+    assert f"WARNING: store.disk_bytes (16.0 MiB) is larger than the file system holding " \
+        f"store.dir {store_dir} (8.0 MiB in all): the store will hit a full disk before its " \
+        "budget" in capsys.readouterr().err
 
 
 def test_a_socket_path_too_long_for_a_unix_socket_is_a_config_error(
