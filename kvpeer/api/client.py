@@ -511,13 +511,17 @@ class KVPeerClient:
 
     # ------------------------------------------------------------------ wire
     def _connect(self) -> socket.socket:
-        """Connect and say hello (raises OSError if the daemon cannot be reached); with no
-        namespace, no hello (status, stats, peers and evict need none)."""
+        """Connect and say hello (raises OSError if the daemon cannot be reached, ApiError(BUSY)
+        if its listen backlog stays full for ``timeout_s``); with no namespace, no hello
+        (status, stats, peers and evict need none)."""
         self._silent = False
         sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
-            sock.connect(self.socket_path)
+            try:
+                unix.connect_blocking(sock, self.socket_path, self.timeout_s)
+            except ProtocolError as exc:  # BUSY: its listen backlog stayed full
+                raise ApiError(exc.code, exc.reason) from None
             self._unless_aborted()
             if self.namespace is not None:
                 self._call(
@@ -1011,9 +1015,13 @@ class AsyncKVPeerClient:
         return self
 
     async def _open(self) -> None:
-        """Connect and say hello (raises OSError if the daemon cannot be reached)."""
+        """Connect and say hello (raises OSError if the daemon cannot be reached, ApiError(BUSY)
+        if its listen backlog stays full for ``timeout_s``)."""
         self._ready = False  # until the hello is answered, requests wait in _ensure_connected
-        conn = self._conn = await aio.wait_for(unix.AsyncUnixConnection.open(self.socket_path), self.timeout_s)
+        try:  # no wait_for: a Unix socket's connect never waits, and open bounds its retries
+            conn = self._conn = await unix.AsyncUnixConnection.open(self.socket_path, timeout_s=self.timeout_s)
+        except ProtocolError as exc:  # BUSY: its listen backlog stayed full
+            raise ApiError(exc.code, exc.reason) from None
         self._generation += 1
         self._closed_reason = None
         self._reader_task = asyncio.create_task(self._read_loop(conn), name="kvpeer-client-reader")

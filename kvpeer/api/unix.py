@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import termios
+import time
 from collections import deque
 from typing import Any
 
@@ -38,6 +39,64 @@ MAX_DESCRIPTORS_PER_READ = 8
 # doubling to 50 ms (a client that reads answers is there at once; one that does not costs
 # few wake-ups until the send times out).
 _POLL_FIRST_S, _POLL_MAX_S = 0.001, 0.05
+
+
+# A Unix socket's connect does not queue for room in a full listen backlog when the socket is
+# non-blocking (as Python makes one with a timeout, and asyncio every one): Linux answers EAGAIN
+# at once. A burst of clients (an engine's workers starting together) meets that while the
+# daemon accepts the earlier ones; each tries again, from 1 ms doubling to 50 ms, within its
+# timeout: a daemon that accepts nothing for that long is answered BUSY.
+def _backlog_full(exc: BlockingIOError) -> bool:
+    return exc.errno == errno.EAGAIN
+
+
+def _busy(path: str, timeout_s: float) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.BUSY,
+        f"the daemon at {path} is busy: its listen backlog stayed full for {timeout_s:g}s "
+        "(more clients connecting at once than it accepts)",
+    )
+
+
+def connect_blocking(sock: socket.socket, path: str, timeout_s: float) -> None:
+    """Connect ``sock`` to the daemon's socket ``path``; a full listen backlog is tried again
+    for up to ``timeout_s``, then ProtocolError(BUSY). Other failures raise what ``connect``
+    raises (the daemon is not there: FileNotFoundError, ConnectionRefusedError)."""
+    deadline = time.monotonic() + timeout_s
+    pause = _POLL_FIRST_S
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError as exc:
+            if not _backlog_full(exc):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _busy(path, timeout_s)
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_MAX_S)
+
+
+async def _connect(sock: socket.socket, path: str, timeout_s: float) -> None:
+    """As :func:`connect_blocking`, for a non-blocking socket (asyncio's ``sock_connect`` takes
+    EAGAIN for a connect in progress and waits for writable: a Unix socket left unconnected is
+    writable at once, so it reported a connection that was never made)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pause = _POLL_FIRST_S
+    while True:
+        try:
+            sock.connect(path)  # a Unix socket's connect never waits: done or refused now
+            return
+        except BlockingIOError as exc:
+            if not _backlog_full(exc):
+                raise
+        left = deadline - loop.time()
+        if left <= 0:
+            raise _busy(path, timeout_s)
+        await asyncio.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_MAX_S)
 
 
 def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
@@ -171,11 +230,13 @@ class AsyncUnixConnection:
         self._readable: asyncio.Future[None] | None = None  # what a read waits on
 
     @classmethod
-    async def open(cls, path: str) -> AsyncUnixConnection:
+    async def open(cls, path: str, *, timeout_s: float = 10.0) -> AsyncUnixConnection:
+        """Connect to ``path``; a full listen backlog is tried again for up to ``timeout_s``,
+        then ProtocolError(BUSY)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, path)
+            await _connect(sock, path, timeout_s)
         except BaseException:
             sock.close()
             raise

@@ -9,6 +9,8 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -231,6 +233,105 @@ def test_async_closed_client_stays_closed() -> None:
 
 def aio_wait(coro: Any) -> Any:
     return asyncio.wait_for(coro, 10)
+
+
+# --------------------------------------------------------------------------- a full listen backlog
+
+
+@contextlib.contextmanager
+def full_backlog(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A socket that accepts nothing yet, its listen backlog filled (the daemon amid a burst
+    of connects); the test accepts from the listener when it wants room."""
+    path = str(tmp_path / "api.sock")
+    queued: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        try:
+            for _ in range(64):
+                filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                queued.append(filler)
+                filler.setblocking(False)
+                try:
+                    filler.connect(path)
+                except BlockingIOError:
+                    break
+            else:
+                raise AssertionError("the listen backlog never filled")
+            yield path, listener
+        finally:
+            for filler in queued:
+                filler.close()
+
+
+def _accept_one_later(listener: socket.socket, accepted: list[socket.socket]) -> threading.Timer:
+    """The daemon takes a queued connection 0.2 s from now: room in the backlog again."""
+    timer = threading.Timer(0.2, lambda: accepted.append(listener.accept()[0]))
+    timer.start()
+    return timer
+
+
+def test_a_connect_to_a_full_listen_backlog_is_busy_not_a_raw_blocking_io_error(tmp_path: Path) -> None:
+    """More than ~100 clients connecting at once: each past the backlog raised
+    BlockingIOError [Errno 11] (a Unix socket's connect with a timeout does not queue)."""
+    with full_backlog(tmp_path) as (path, _):
+        with pytest.raises(ApiError) as info:
+            KVPeerClient(path, timeout_s=0.3)
+        assert info.value.code == ErrorCode.BUSY and "listen backlog" in info.value.reason
+
+
+def test_a_connect_to_a_full_listen_backlog_tries_again_within_the_timeout(tmp_path: Path) -> None:
+    accepted: list[socket.socket] = []
+    with full_backlog(tmp_path) as (path, listener):
+        timer = _accept_one_later(listener, accepted)
+        try:
+            with KVPeerClient(path, namespace=None, timeout_s=10) as client:
+                assert client.connected
+                timer.join()
+                listener.settimeout(10)
+                accepted.append(listener.accept()[0])  # the client's, queued once there was room
+        finally:
+            timer.join()
+            for conn in accepted:
+                conn.close()
+
+
+def test_async_connect_to_a_full_listen_backlog_is_busy_not_a_connection_never_made(tmp_path: Path) -> None:
+    """asyncio's sock_connect took the EAGAIN for a connect in progress and the unconnected
+    socket's writability for success: the hello then failed with ENOTCONN."""
+
+    async def main() -> None:
+        with full_backlog(tmp_path) as (path, _):
+            client = AsyncKVPeerClient(path, timeout_s=0.3)
+            try:
+                with pytest.raises(ApiError) as info:
+                    await client.connect()
+                assert info.value.code == ErrorCode.BUSY and "listen backlog" in info.value.reason
+            finally:
+                await client.close()
+
+    run(main())
+
+
+def test_async_connect_to_a_full_listen_backlog_tries_again_within_the_timeout(tmp_path: Path) -> None:
+    async def main() -> None:
+        accepted: list[socket.socket] = []
+        with full_backlog(tmp_path) as (path, listener):
+            timer = _accept_one_later(listener, accepted)
+            client = AsyncKVPeerClient(path, namespace=None, timeout_s=10)
+            try:
+                await client.connect()
+                assert client.connected
+                await asyncio.to_thread(timer.join)
+                listener.settimeout(10)
+                accepted.append((await asyncio.to_thread(listener.accept))[0])  # a connection made
+            finally:
+                await client.close()
+                await asyncio.to_thread(timer.join)
+                for conn in accepted:
+                    conn.close()
+
+    run(main())
 
 
 # --------------------------------------------------------------------------- closing
