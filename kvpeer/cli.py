@@ -878,7 +878,7 @@ def _why_unreachable(exc: BaseException, socket_path: str, args: argparse.Namesp
     found = _not_a_socket(socket_path) if isinstance(exc, OSError) else ""
     if found:  # connect() says "Connection refused", as if a daemon had died
         return f"it is {found}, not kvpeerd's socket ({POINT_AT_THE_SOCKET})"
-    return f"{exc}{_wait_longer(exc, args)}{_not_there(exc)}"
+    return f"{exc}{_wait_longer(exc, args)}{_not_there(exc)}{_not_allowed(exc, socket_path)}"
 
 
 def _not_a_socket(path: str) -> str:
@@ -897,6 +897,30 @@ def _not_there(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
         return f" (is kvpeerd running? {POINT_AT_THE_SOCKET})"
     return ""
+
+
+def _not_allowed(exc: BaseException, socket_path: str) -> str:
+    """For EACCES: who may connect (the socket's group), and how to be one of them."""
+    if not isinstance(exc, PermissionError):
+        return ""
+    try:
+        found = os.stat(socket_path)
+    except OSError:  # its directory is closed to this user
+        return " (this user may not reach the socket's directory: run as the daemon's user or root)"
+    group = _group_name(found.st_gid)
+    return (
+        f" (the socket is mode {stat.S_IMODE(found.st_mode):04o}, group {group}: this user must be "
+        f"in group {group} (`sudo usermod -aG {group} $USER`, then log in again) or run as root)"
+    )
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:  # a group without a name here: its number is all there is
+        return str(gid)
 
 
 def _wait_longer(exc: BaseException, args: argparse.Namespace) -> str:

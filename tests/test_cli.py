@@ -974,6 +974,31 @@ def test_a_socket_path_that_is_no_socket_says_what_is_there(
     )
 
 
+def test_a_socket_this_user_may_not_open_says_which_group_may(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """"[Errno 13] Permission denied" and nothing else: which group the user lacks had to be
+    found with ls -l."""
+    import grp
+
+    path = tmp_path / "kvpeer.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        path.chmod(0o660)
+
+        def refuse(**options: Any) -> Any:  # what connect() says to a user outside the group
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr("kvpeer.api.client.KVPeerClient", refuse)
+        assert cli.client_main(["--socket", str(path), "status"]) == 1
+    group = grp.getgrgid(path.stat().st_gid).gr_name
+    assert capsys.readouterr().err == (
+        f"kvpeer: cannot reach the daemon at {path}: [Errno 13] Permission denied (the socket is "
+        f"mode 0660, group {group}: this user must be in group {group} (`sudo usermod -aG "
+        f"{group} $USER`, then log in again) or run as root)\n"
+    )
+
+
 @pytest.mark.parametrize("argv", [["--socket", "", "status"], ["status", "--socket="]])
 def test_an_empty_socket_option_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], argv: list[str]
