@@ -426,6 +426,10 @@ class Daemon:
                 self._changes_unsaid = False
                 self._advertise_soon()
 
+    def check_put(self, req: Any) -> None:
+        """Refuse a put before its client fills a segment (the API server asks)."""
+        _check_level("level", req.level or self.config.codec.level)
+
     async def _put(self, ctx: ClientContext, req: Any, kv: PutKV) -> Any:
         from kvpeer.api.messages import PutResult
 

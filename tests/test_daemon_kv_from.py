@@ -220,3 +220,17 @@ def test_stats_carry_the_counters_metrics_has(tmp_path: Path) -> None:
             assert all(isinstance(count, int) for count in stats[section].values()), section
 
     _with_daemon(tmp_path, test)
+
+
+def test_a_put_at_an_unknown_level_is_refused_before_its_segment_is_made(tmp_path: Path) -> None:
+    """It was given a segment to fill and refused only at its commit."""
+    async def test(socket_path: str) -> None:
+        async with AsyncKVPeerClient(socket_path) as client:
+            before = (await client.stats())["api"]["segments"]
+            with pytest.raises(ApiError) as info:
+                await client.put(TOKENS[:C], K[:, :, :C], V[:, :, :C], FP, level="q99")
+            made = (await client.stats())["api"]["segments"] - before
+        assert info.value.code == ErrorCode.INVALID and "q99" in info.value.reason
+        assert made == 0
+
+    _with_daemon(tmp_path, test)

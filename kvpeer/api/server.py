@@ -90,7 +90,8 @@ class ApiBackend(Protocol):
     ``fetch`` restores chunks into ``sink`` (allocate once, then per chunk: ``chunk_view``,
     write, ``await chunk_done``) and returns; the API layer sends the final result. Raising a
     KVPeerError there becomes an error response (or, after some chunks, a shorter result).
-    An ``evict(ctx, all=True) -> dict`` method is optional.
+    An ``evict(ctx, all=True) -> dict`` method is optional, and so is ``check_put(req)``, which
+    raises for a put it would refuse at commit (before the client is given a segment to fill).
     """
 
     async def put(self, ctx: ClientContext, req: m.PutRequest, kv: PutKV) -> m.PutResult: ...
@@ -902,6 +903,16 @@ class ApiServer:
     # ------------------------------------------------------------------ put
     async def _begin_put(self, conn: _Connection, req: m.PutRequest) -> None:
         fp = req.fingerprint
+        if req.dtype != fp.dtype:
+            # Fetches hand KV back in the model's dtype: float32 values past float16's range
+            # came back as inf, past the codec's refusal of non-finite KV.
+            raise ProtocolError(
+                ErrorCode.INVALID, f"the KV is {req.dtype} and the model's is {fp.dtype}: "
+                f"put it as {fp.dtype}",
+            )
+        check = getattr(self.backend, "check_put", None)
+        if check is not None:  # what the backend would refuse at commit, before a segment is made
+            check(req)
         tokens = req.kv_tokens
         layout = shm.SegmentLayout(
             dtype=req.dtype, layers=fp.layers, kv_heads=fp.kv_heads, tokens=tokens,

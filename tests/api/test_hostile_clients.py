@@ -100,7 +100,7 @@ def test_a_client_that_truncates_its_segment_cannot_crash_the_daemon(
         client.put(tokens, k, v, FP)  # for the fetch below
     with _connect(path) as sock:
         decoder = m.FrameDecoder()
-        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(100, 108)), fingerprint=FP)))
+        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(100, 108)), fingerprint=FP, dtype=FP.dtype)))
         ready = _final(sock, decoder)
         assert isinstance(ready, m.SegmentReady)
         _truncate(ready.segment)

@@ -21,6 +21,7 @@ from kvpeer.api import messages as m
 from kvpeer.api.client import KVPeerClient
 from kvpeer.api.server import SPARE_IDLE_S
 from kvpeer.errors import ApiError, ErrorCode, ProtocolError
+from kvpeer.hashing import ModelFingerprint
 from tests.api.fakes import (
     CHUNK,
     FP,
@@ -368,7 +369,7 @@ def test_a_put_never_committed_is_forgotten_when_its_segment_expires() -> None:
     with serving(lease_s=0.2) as api, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(api.socket_path))
-        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(8)), fingerprint=FP)))
+        sock.sendall(m.encode(m.PutRequest(id=1, tokens=list(range(8)), fingerprint=FP, dtype=FP.dtype)))
         decoder = m.FrameDecoder()
         while not (frames := list(decoder.frames())):
             decoder.feed(sock.recv(65536))
@@ -382,9 +383,11 @@ def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
     for offset, dtype in ((1000, torch.bfloat16), (2000, torch.float16)):
         k, v = kv(4, seed=3, dtype=dtype)
         tokens = [offset + i for i in range(4)]
+        fp = ModelFingerprint(name=FP.name, layers=FP.layers, kv_heads=FP.kv_heads,
+                              head_dim=FP.head_dim, dtype=str(dtype).removeprefix("torch."))
         with KVPeerClient(api.socket_path) as client:
-            client.put(tokens, k, v, FP)
-            with client.fetch(tokens, FP) as result:
+            client.put(tokens, k, v, fp)
+            with client.fetch(tokens, fp) as result:
                 assert result.k.dtype == dtype
                 assert torch.equal(result.k, k) and torch.equal(result.v, v)
 
@@ -743,3 +746,15 @@ def test_a_client_that_stops_reading_is_dropped_and_its_descriptor_closed(
             wait_until(lambda: set(_socket_fds()) - set(before) == {client.fileno()})
         finally:
             client.close()
+
+
+def test_a_put_whose_kv_is_not_in_the_models_dtype_is_refused_before_a_segment(api: ServerThread) -> None:
+    """Fetches hand KV back in the model's dtype: float32 values past float16's range, put
+    under a float16 fingerprint, came back as inf (the codec refuses non-finite KV, not this)."""
+    fp16 = ModelFingerprint(name="half", layers=FP.layers, kv_heads=FP.kv_heads, head_dim=FP.head_dim,
+                            dtype="float16")
+    k, v = kv(4, seed=3, dtype=torch.float32)
+    with KVPeerClient(api.socket_path) as client, pytest.raises(ApiError) as info:
+        client.put([1, 2, 3, 4], k * 1e6, v, fp16)
+    assert info.value.code == ErrorCode.INVALID and "float32" in info.value.reason
+    assert not our_segments()
