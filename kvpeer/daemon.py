@@ -59,6 +59,9 @@ STOP_NETWORK_SHARE = 0.6  # of daemon.shutdown_grace_s, for closing the API, pee
 # whole connect timeout.
 PLAN_ASK_S = 3.0
 ACTIVITY_LOG_S = 60.0  # the served requests are summed up in one INFO line this often
+# Models remembered (fingerprints.json; transcoding a peer's request needs its model's shape),
+# the most recently put or fetched; an advertisement names the latest MAX_FINGERPRINTS of them.
+MAX_REMEMBERED_MODELS = 64
 MAX_HAS_KEYS = 4096  # a "has" request names at most this many keys (about 4k chunks = 1M tokens)
 # Threads decoding fetched chunks (and handing them over), apart from the loop's default
 # executor: a decode queued there behind puts' encodes and transcodes held its fetch seconds
@@ -280,6 +283,8 @@ class Daemon:
         advertised = self._advertised_fingerprints()
         self.fingerprints.pop(fp.hex, None)
         self.fingerprints[fp.hex] = fp
+        while len(self.fingerprints) > MAX_REMEMBERED_MODELS:  # bounded: the oldest go
+            self._said_unadvertised.discard(self.fingerprints.pop(next(iter(self.fingerprints))).hex)
         if fp.hex in advertised:
             return False  # the order changed, not the set: nothing to save or say
         if len(self.fingerprints) > MAX_FINGERPRINTS:  # the least recently used one left
@@ -369,6 +374,8 @@ class Daemon:
         except (codec.CodecError, OSError) as exc:
             profile, said, level = None, f"calibration profile unreadable ({exc}): plain steps", logging.WARNING
         if (fp.hex, said) not in self._profiles_reported:  # once per model and outcome
+            if len(self._profiles_reported) >= MAX_REMEMBERED_MODELS:
+                self._profiles_reported.clear()  # bounded: said again, at worst
             self._profiles_reported.add((fp.hex, said))
             log.log(level, "codec: model %s (%s, %s): %s", fp.name, fp.dtype, fp.hex[:12], said)
         return profile
@@ -442,8 +449,6 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stored: list[bytes] = []  # the chunks this put added (the others were held already)
         started = time.perf_counter()
-        if self._model_used(fp):
-            await self._save_fingerprints()
         # Chunks before the put's KV starts (kv_from) are keyed, not stored: the client said
         # this node holds them; one it no longer holds stays missing until a full put.
         first = -(-req.kv_from // self.chunk_tokens)
@@ -466,6 +471,12 @@ class Daemon:
                 continue
             stored.append(key)
         self.activity.put(len(keys), len(stored))
+        # Once something of it is held: a put that stored nothing (its client cut its segment
+        # short) made its model the most recent one, and a client naming a new model per put
+        # pushed the served models out of the advertisement. (A crash before this save leaves
+        # the chunks unadvertised until the model's next put or fetch.)
+        if any(map(self.store.has, keys)) and self._model_used(fp):
+            await self._save_fingerprints()
         log.debug(
             "put ns=%s tokens=%d kv_from=%d chunks=%d new=%d missing_before_kv=%d level=%s in %.3fs",
             ctx.namespace, len(req.tokens), req.kv_from, len(keys), len(stored),

@@ -311,9 +311,12 @@ def test_a_node_that_served_more_models_than_an_advert_names_advertises_the_late
 
     models = [dataclasses.replace(FP32, name=f"model-{i}") for i in range(MAX_FINGERPRINTS + 2)]
 
-    def put(node: daemon.Daemon, fp: ModelFingerprint) -> None:
-        request = SimpleNamespace(fingerprint=fp, tokens=np.zeros(0, np.uint32), level="", prefill_s=0.0, kv_from=0)
-        asyncio.run(node.put(SimpleNamespace(namespace="default"), request, None))  # type: ignore[arg-type]
+    def put(node: daemon.Daemon, fp: ModelFingerprint) -> None:  # one chunk: a model counts once held
+        tokens = np.arange(node.chunk_tokens, dtype=np.uint32)
+        request = SimpleNamespace(fingerprint=fp, tokens=tokens, level="", prefill_s=0.0, kv_from=0)
+        shape = (fp.layers, fp.kv_heads, node.chunk_tokens, fp.head_dim)
+        kv = SimpleNamespace(read_blocking=lambda start, stop: (torch.randn(shape), torch.randn(shape)))
+        asyncio.run(node.put(SimpleNamespace(namespace="default"), request, kv))  # type: ignore[arg-type]
 
     def advertised(node: daemon.Daemon) -> set[str]:
         node.transport = SimpleNamespace(port=4000, config=SimpleNamespace(keys=()))  # type: ignore[assignment]  # not started

@@ -234,3 +234,31 @@ def test_a_put_at_an_unknown_level_is_refused_before_its_segment_is_made(tmp_pat
         assert made == 0
 
     _with_daemon(tmp_path, test)
+
+
+def test_only_models_with_chunks_held_are_remembered_and_no_more_than_a_bound(tmp_path: Path) -> None:
+    """A put that stored nothing made its model the most recent: 1,500 puts, each naming a new
+    model and cutting its segment short, grew fingerprints.json to 1,510 entries (rewritten on
+    every put) and pushed the served models out of the advertisement."""
+    import dataclasses
+    import json
+
+    from kvpeer import daemon
+
+    async def main() -> None:
+        node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"q8\"\n")
+        await node.start()
+        try:
+            async with AsyncKVPeerClient(str(node.config.api.socket_path)) as client:
+                await client.put(TOKENS[: C - 1], K[:, :, : C - 1], V[:, :, : C - 1], FP)  # no chunk
+                assert FP.hex not in node.fingerprints
+                for i in range(daemon.MAX_REMEMBERED_MODELS + 6):
+                    model = dataclasses.replace(FP, name=f"model-{i}")
+                    await client.put(TOKENS[:C], K[:, :, :C], V[:, :, :C], model)
+            saved = json.loads(node.fingerprints_path.read_text())
+            assert len(node.fingerprints) == len(saved) == daemon.MAX_REMEMBERED_MODELS
+            assert list(node.fingerprints.values())[-1].name == f"model-{daemon.MAX_REMEMBERED_MODELS + 5}"
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
