@@ -985,10 +985,20 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
         k, v = _read_kv(args.kv)
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)
         result = client.put(tokens, k, v, fingerprint, level=args.level)
+        _warn_of_kv_past_the_tokens(args.kv, k, len(tokens))
         _print(_answer(result, args.json), args.json)
     elif args.command == "evict":
         _print(client.evict_all(), args.json)
     return 0
+
+
+def _warn_of_kv_past_the_tokens(path: Path, k: Any, tokens: int) -> None:
+    """The put stores the KV of the given tokens only; the rest of a longer KV (an engine's may
+    cover the tokens it generated too) was dropped without a word."""
+    held = k.shape[2] if k.dim() == 4 else tokens
+    if held > tokens:
+        print(f"kvpeer put: warning: {path} holds the KV of {held} tokens, --tokens gives "
+              f"{tokens}: only the first {tokens} tokens' KV is stored", file=sys.stderr)
 
 
 def _answer(result: Any, as_json: bool) -> dict[str, Any]:

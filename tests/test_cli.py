@@ -1114,6 +1114,24 @@ def test_lookup_and_put_print_no_request_id_but_json_keeps_it(
     }
 
 
+def test_a_put_of_kv_longer_than_its_tokens_stores_it_and_says_what_was_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It stored the first tokens' KV without a word (a shorter KV is refused)."""
+    import torch
+
+    tokens, model, kv = _put_files(tmp_path)  # 4 tokens
+    files = ["--tokens", str(tokens), "--model", str(model), "--kv", str(kv)]
+    assert cli._client_command(AnsweringClient(), cli.client_parser().parse_args(["put", *files])) == 0
+    assert capsys.readouterr().err == ""
+    torch.save((torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8)), kv)
+    assert cli._client_command(AnsweringClient(), cli.client_parser().parse_args(["put", *files])) == 0
+    out, err = capsys.readouterr()
+    assert out == "chunks: 2\nstored: 1\nchunk_tokens: 256\n"
+    assert err == (f"kvpeer put: warning: {kv} holds the KV of 6 tokens, --tokens gives 4: only "
+                   "the first 4 tokens' KV is stored\n")
+
+
 def test_check_config_and_start_say_which_file_was_read_and_warn_of_ignored_settings(
     tmp_path: Path,
 ) -> None:
