@@ -40,6 +40,9 @@ DEFAULT_TIMEOUT_S = 60.0
 #: How long releasing a cancelled fetch reads for its final answer (a daemon answers a cancel in
 #: milliseconds); past it the connection is dropped, which frees the fetch at the daemon too.
 RELEASE_WAIT_S = 1.0
+#: How long a send that found the connection closed waits for the asyncio client's reader to
+#: read what the daemon said before closing it (it is there already: the reader takes it at once).
+LAST_WORDS_WAIT_S = 1.0
 _T = TypeVar("_T", bound=m.Message)
 
 
@@ -128,9 +131,33 @@ def _fill_segment_blocking(name: str, fd: int, k: torch.Tensor, v: torch.Tensor)
         segment.close()
 
 
+#: The daemon closed the connection and said nothing of why. Its code stays SHUTTING_DOWN: a
+#: daemon that stops or restarts closes its connections just so (it says nothing first), this
+#: is what README promises for a restart, and the engine integrations back off from the daemon
+#: on it (:func:`kvpeer.integrations._daemon.daemon_away`). The text says no more than is known.
+CLOSED_BY_DAEMON = "the daemon closed the connection (it stopped, or it dropped this client: its log says which)"
+
+
+def _closed_by_daemon(detail: str = "") -> ApiError:
+    return ApiError(ErrorCode.SHUTTING_DOWN, f"{CLOSED_BY_DAEMON}{': ' + detail if detail else ''}")
+
+
 def _connection_lost(exc: OSError) -> ApiError:
-    code = ErrorCode.TIMEOUT if isinstance(exc, TimeoutError) else ErrorCode.SHUTTING_DOWN
-    return ApiError(code, f"daemon connection lost: {exc or type(exc).__name__}")
+    if isinstance(exc, TimeoutError):
+        return ApiError(ErrorCode.TIMEOUT, f"daemon connection lost: {exc or 'timed out'}")
+    if isinstance(exc, ConnectionError):  # EPIPE, ECONNRESET: the daemon's end is closed
+        return _closed_by_daemon(str(exc) or type(exc).__name__)
+    return ApiError(ErrorCode.SHUTTING_DOWN, f"daemon connection lost: {exc or type(exc).__name__}")
+
+
+def _said_before_closing(messages: list[m.Message]) -> ApiError | None:
+    """The daemon's reason for closing the connection, if the last of ``messages`` (what it
+    sent) gives one: an error tied to no request, as a refusal at connect is (BUSY past the
+    connection caps, FORBIDDEN) or a connection's timeout."""
+    last = messages[-1] if messages else None
+    if isinstance(last, m.ErrorResponse) and last.id == 0:
+        return ApiError(last.error_code, last.reason)
+    return None
 
 
 #: Requests that stand on their own: sent again on a new connection if the old one was found
@@ -556,9 +583,27 @@ class KVPeerClient:
     def _lost(self, exc: OSError) -> ApiError:
         # Whatever was sent or half-received cannot be matched up any more (a sendall that
         # timed out may have left half a frame): only a new connection is in a known state.
-        reason = _connection_lost(exc)
+        if self._closed:  # abort() shut the socket under this call
+            reason = ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+        elif isinstance(exc, ConnectionError):
+            reason = self._daemon_said() or _connection_lost(exc)
+        else:
+            reason = _connection_lost(exc)
         self._drop_connection(reason)
         return reason
+
+    def _daemon_said(self) -> ApiError | None:
+        """Why the daemon closed the connection, if it said so and that is still unread: a send
+        that met the closed connection (EPIPE) hid a refusal waiting to be read."""
+        if self._sock is None:
+            return None
+        self._decoder.feed(unix.unread(self._sock))
+        messages = list(self._inbox)
+        for frame in self._decoder.frames():
+            if isinstance(frame, bytes):
+                with contextlib.suppress(ProtocolError):
+                    messages.append(m.decode_body(frame))
+        return _said_before_closing(messages)
 
     def _send(self, message: m.Message, *, resend: bool = False) -> None:
         """Send ``message``, connecting first if the connection was lost. ``resend``: a request
@@ -622,7 +667,8 @@ class KVPeerClient:
             self._silent = False
             self._descriptors.arrived(fds)
             if not data:
-                reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+                closed = ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
+                reason = closed if self._closed else _closed_by_daemon()  # closed: by abort()
                 self._drop_connection(reason)
                 raise reason
             self._decoder.feed(data)
@@ -1071,7 +1117,8 @@ class AsyncKVPeerClient:
 
     async def _read_loop(self, conn: unix.AsyncUnixConnection) -> None:
         decoder = m.FrameDecoder()
-        reason = ApiError(ErrorCode.SHUTTING_DOWN, "the daemon closed the connection")
+        reason = _closed_by_daemon()
+        said: list[m.Message] = []  # the last message: an error tied to no request says why it closed
         try:
             while True:
                 data, fds = await conn.read(1 << 16)
@@ -1092,10 +1139,12 @@ class AsyncKVPeerClient:
                     elif message.id == 0:  # not tied to a request: everyone waiting hears it
                         for waiting in self._routes.values():
                             waiting.put_nowait(message)
+                    said[:] = [message]
+            reason = _said_before_closing(said) or reason
         except (ProtocolError, ApiError) as exc:
             reason = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.MALFORMED, str(exc))
-        except OSError as exc:
-            reason = _connection_lost(exc)
+        except OSError as exc:  # a reset after the daemon's last words
+            reason = _said_before_closing(said) or _connection_lost(exc)
         finally:
             # A reason set first (the send that lost the connection) says more than the EOF.
             if self._closed_reason is None:
@@ -1154,12 +1203,18 @@ class AsyncKVPeerClient:
     async def _send(self, message: m.Message) -> None:
         if self._conn is None or self._closed_reason is not None:
             raise self._closed_reason or ApiError(ErrorCode.SHUTTING_DOWN, "the client is closed")
-        conn = self._conn
+        conn, reader = self._conn, self._reader_task
         try:
             await aio.wait_for(conn.write(_encode(message)), self.timeout_s)
         except OSError as exc:
+            if isinstance(exc, ConnectionError) and reader is not None:
+                # The daemon's end is closed: its reader reads what it said first (a refusal)
+                # to the end, at once, and takes that for the reason.
+                await asyncio.wait([reader], timeout=min(LAST_WORDS_WAIT_S, self.timeout_s))
             # A frame may be half out: nothing more can go on this connection.
-            self._closed_reason = reason = _connection_lost(exc)
+            if self._closed_reason is None:
+                self._closed_reason = _connection_lost(exc)
+            reason = self._closed_reason
             conn.close()
             raise reason from None
 

@@ -115,6 +115,29 @@ def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+def unread(sock: socket.socket, limit: int = 1 << 16) -> bytes:
+    """What came on ``sock`` and was not read yet, up to ``limit`` bytes, without waiting: the
+    last words of a daemon that closed the connection (a refusal sent before it did). The
+    descriptors that came with them are closed."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)  # with a timeout, Python would wait for readable first
+    out = bytearray()
+    try:
+        while len(out) < limit:
+            try:
+                data, fds = receive(sock, limit - len(out))
+            except (OSError, ProtocolError):  # nothing more now, or the reset after the last bytes
+                break
+            close_all(fds)
+            if not data:
+                break
+            out += data
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+    return bytes(out)
+
+
 def close_all(fds: Any) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):

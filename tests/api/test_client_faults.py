@@ -19,6 +19,7 @@ import pytest
 from kvpeer import shm
 from kvpeer.api import client as client_mod
 from kvpeer.api import messages as m
+from kvpeer.api import unix
 from kvpeer.api.client import AsyncKVPeerClient, KVPeerClient
 from kvpeer.errors import ApiError, ErrorCode
 from tests.api.fakes import FP, ScriptedDaemon, kv, send, small_segment
@@ -91,9 +92,69 @@ def test_a_daemon_that_dies_with_the_request_unread_is_an_api_error() -> None:
     with DiesWithTheRequestUnread() as daemon, KVPeerClient(daemon.socket_path, timeout_s=10) as client:
         with pytest.raises(ApiError) as info:
             client.lookup([1, 2, 3], FP)
+        # SHUTTING_DOWN as the engine integrations expect of a daemon gone; the text says what
+        # is known (it was 'daemon connection lost: [Errno 104] ...').
         assert info.value.code == ErrorCode.SHUTTING_DOWN
+        assert info.value.reason.startswith(client_mod.CLOSED_BY_DAEMON)
         assert not client.connected
         assert client.lookup([1, 2, 3], FP).matched_tokens == 1
+
+
+class RefusesAndCloses(ScriptedDaemon):
+    """Refuses every connection as the daemon past its connection caps does (an error tied to
+    no request, then close), before the client sends a byte: ``closed`` is set once it did."""
+
+    REFUSAL = "the daemon serves 1 connections at most: try again later"
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        super().__init__()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        send(conn, m.ErrorResponse(code=ErrorCode.BUSY, reason=self.REFUSAL))
+        conn.close()
+        self.closed.set()
+
+
+def test_a_refusal_the_hello_meets_as_a_closed_connection_is_reported_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hello's send met the daemon's closed end (EPIPE) with its refusal unread: the client
+    said 'SHUTTING_DOWN: daemon connection lost: [Errno 32] Broken pipe' of a daemon that is up."""
+    with RefusesAndCloses() as daemon:
+        connect = unix.connect_blocking
+
+        def connect_then_refused(sock: socket.socket, path: str, timeout_s: float) -> None:
+            connect(sock, path, timeout_s)
+            assert daemon.closed.wait(10)  # the refusal came and the daemon closed: then the hello
+
+        monkeypatch.setattr(unix, "connect_blocking", connect_then_refused)
+        with pytest.raises(ApiError) as info:
+            KVPeerClient(daemon.socket_path, timeout_s=10)
+        assert (info.value.code, info.value.reason) == (ErrorCode.BUSY, daemon.REFUSAL)
+
+
+def test_async_a_refusal_the_hello_meets_as_a_closed_connection_is_reported_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def main() -> None:
+        with RefusesAndCloses() as daemon:
+            connect = unix._connect
+
+            async def connect_then_refused(sock: socket.socket, path: str, timeout_s: float) -> None:
+                await connect(sock, path, timeout_s)
+                assert await asyncio.to_thread(daemon.closed.wait, 10)
+
+            monkeypatch.setattr(unix, "_connect", connect_then_refused)
+            client = AsyncKVPeerClient(daemon.socket_path, timeout_s=10)
+            try:
+                with pytest.raises(ApiError) as info:
+                    await client.connect()
+                assert (info.value.code, info.value.reason) == (ErrorCode.BUSY, daemon.REFUSAL)
+            finally:
+                await client.close()
+
+    run(main())
 
 
 def test_a_send_that_times_out_drops_the_half_sent_frame_with_its_connection() -> None:
