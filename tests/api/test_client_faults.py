@@ -901,6 +901,19 @@ def test_an_abort_landing_while_the_client_connects_again_is_kept(monkeypatch: p
         assert len(daemon.received(m.Hello)) == 1
 
 
+def test_a_call_cut_by_abort_says_the_client_is_closed_not_that_the_daemon_closed_it() -> None:
+    with NeverAnswersOnTheFirst() as daemon:
+        client = KVPeerClient(daemon.socket_path, timeout_s=10)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.lookup, [1, 2, 3], FP)
+            daemon.wait_for(m.LookupRequest)
+            client.abort()
+            with pytest.raises(ApiError) as info:
+                call.result(timeout=10)
+        assert (info.value.code, info.value.reason) == (ErrorCode.SHUTTING_DOWN, "the client is closed")
+        client.close()
+
+
 def test_a_call_after_abort_drops_the_connection() -> None:
     with LookupDaemon() as daemon:
         client = KVPeerClient(daemon.socket_path, timeout_s=10)
