@@ -784,7 +784,10 @@ class SegmentRegistry:
         """Drop segments whose lease ran out; returns their names."""
         names = [n for n, e in self._entries.items() if e.expires <= now]
         for name in names:
-            log.warning("segment %s: lease expired, released", name)
+            log.warning(
+                "segment %s of API client %d: lease expired (api.lease_s, %.0f s), released",
+                name, self._entries[name].owner, self.lease_s,
+            )
             self._drop(name)
         return names
 

@@ -62,6 +62,7 @@ FIRST_FRAME_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_UID = 128
 OPERATOR_RESERVE = 8  # connections root and the daemon's user get past max_connections
+MAX_REFUSALS_REMEMBERED = 1024  # (uid, namespace) refusals said at WARNING, then DEBUG
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
@@ -477,6 +478,7 @@ class ApiServer:
         self._fetching = 0
         self._last_fetch = 0.0  # when the last fetch ended (monotonic)
         self._spare_task: asyncio.Task[None] | None = None
+        self._namespace_refusals_said: set[tuple[int, str]] = set()
         self.counters = {
             "connections": 0, "requests": 0, "errors": 0, "segments": 0, "connections_refused": 0,
             "fetches_cancelled": 0,
@@ -761,6 +763,10 @@ class ApiServer:
             inline = isinstance(message, _INLINE_REQUESTS)
             if not inline and len(conn.tasks) >= self.max_inflight:
                 raise ProtocolError(ErrorCode.BUSY, f"more than {self.max_inflight} requests in flight")
+            if isinstance(message, m.FetchRequest) and message.id in conn.fetches:
+                # A cancel names a fetch by its id: two would make it ambiguous, and the client
+                # got an error and a result under the one id.
+                raise ProtocolError(ErrorCode.INVALID, f"a fetch with id {message.id} is in flight")
         except ProtocolError as exc:
             await self._send_error(conn, m.request_id_of(frame), exc)
             return
@@ -844,7 +850,12 @@ class ApiServer:
             if not self._may_use(conn, message.namespace):
                 # The namespace salts the chunk keys: a user let into another tenant's could
                 # read its prefixes and put KV that its engines would then take (poisoning).
-                log.warning(
+                # Once per user and namespace (a client retrying in a loop logged a line each).
+                said = (conn.uid, message.namespace) in self._namespace_refusals_said
+                if not said and len(self._namespace_refusals_said) < MAX_REFUSALS_REMEMBERED:
+                    self._namespace_refusals_said.add((conn.uid, message.namespace))
+                log.log(
+                    logging.DEBUG if said else logging.WARNING,
                     "api: client %d (uid %d gid %d) refused namespace %r (api.namespaces)",
                     conn.id, conn.uid, conn.gid, message.namespace,
                 )  # fmt: skip
@@ -931,7 +942,11 @@ class ApiServer:
     async def _commit_put(self, conn: _Connection, commit: m.PutCommit) -> m.PutResult:
         req = conn.pending_puts.pop(commit.segment, None)
         if req is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no put is waiting for this segment")
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"no put is waiting for this segment (a put's segment is held for api.lease_s, "
+                f"{self.registry.lease_s:.0f} s, then released: commit within it)",
+            )
         # Read a chunk at a time while it is encoded: no lease may end under that.
         segment = self.registry.hold(commit.segment, conn.id)
         try:

@@ -251,3 +251,23 @@ def test_a_release_reads_for_the_cancelled_fetchs_answer_a_bounded_time_then_dro
             assert result.wait_for_chunk(0)
         assert not client.connected  # given up on after RELEASE_WAIT_S, not 30 s: the daemon
         daemon.wait_for(m.Cancel)  # frees a dropped connection's fetch
+
+
+def test_a_second_fetch_under_an_id_in_flight_is_refused_and_the_first_goes_on(api: ServerThread) -> None:
+    """Both were taken: a cancel could not tell them apart, and the client got an error and a
+    result under the one id."""
+    stalled(api)
+    raw = RawClient(api.socket_path)
+    try:
+        raw.send(m.Hello(id=1), m.FetchRequest(id=2, tokens=TOKENS, fingerprint=FP))
+        raw.until(m.FetchProgress, 2)
+        raw.send(m.FetchRequest(id=2, tokens=TOKENS, fingerprint=FP))
+        refused = [a for a in raw.until(m.ErrorResponse, 2) if isinstance(a, m.ErrorResponse)]
+        assert refused[0].code == int(ErrorCode.INVALID) and "in flight" in refused[0].reason
+        api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+        answers = raw.until(m.FetchResult, 2)
+        assert sum(isinstance(a, m.FetchResult) for a in answers) == 1
+        assert len([a for a in answers if isinstance(a, m.ErrorResponse)]) == 1
+    finally:
+        raw.close()
+        api.loop.call_soon_threadsafe(api.backend.release_stall.set)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import json
+import logging
 import os
 import pwd
 import socket
@@ -57,6 +58,20 @@ def test_a_user_uses_only_the_namespaces_it_is_given(peer: SimpleNamespace) -> N
         peer.gid = ENGINES  # bob's primary group is one the namespace lists
         with KVPeerClient(api.socket_path, namespace="team-a") as bob:
             assert bob.lookup(list(range(8)), FP).matched_tokens == 8
+
+
+def test_a_refused_namespace_is_a_warning_once_per_user_and_namespace(
+    peer: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client retrying a refused hello in a loop logged a WARNING each time."""
+    peer.uid = peer.gid = BOB
+    with serving(namespaces=POLICY) as api, caplog.at_level(logging.DEBUG, logger="kvpeer.api.server"):
+        for _ in range(3):
+            _forbidden(lambda: KVPeerClient(api.socket_path, namespace="team-a"))
+        peer.uid = peer.gid = BOB + 1
+        _forbidden(lambda: KVPeerClient(api.socket_path, namespace="team-a"))
+    refusals = [r for r in caplog.records if "refused namespace" in r.getMessage()]
+    assert [r.levelno for r in refusals] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING]
 
 
 def test_requests_without_a_hello_are_in_default_and_refused_unless_it_is_listed(peer: SimpleNamespace) -> None:

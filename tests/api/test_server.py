@@ -373,10 +373,18 @@ def test_a_put_never_committed_is_forgotten_when_its_segment_expires() -> None:
         decoder = m.FrameDecoder()
         while not (frames := list(decoder.frames())):
             decoder.feed(sock.recv(65536))
-        assert isinstance(m.decode_body(frames[0]), m.SegmentReady)
+        ready = m.decode_body(frames[0])
+        assert isinstance(ready, m.SegmentReady)
         (conn,) = api.server._connections.values()
         assert len(conn.pending_puts) == 1
         wait_until(lambda: not conn.pending_puts)
+        # A commit too late says why (it said "no put is waiting for this segment", no more).
+        sock.sendall(m.encode(m.PutCommit(id=2, segment=ready.segment)))
+        while not (frames := list(decoder.frames())):
+            decoder.feed(sock.recv(65536))
+        late = m.decode_body(frames[0])
+        assert isinstance(late, m.ErrorResponse) and late.code == int(ErrorCode.NOT_FOUND)
+        assert "api.lease_s" in late.reason
 
 
 def test_bfloat16_and_float16_round_trip(api: ServerThread) -> None:
