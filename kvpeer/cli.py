@@ -58,7 +58,7 @@ examples:
   kvpeer fetch --tokens prompt.tokens --model model.json --out kv.pt
   kvpeer put --tokens prompt.tokens --model model.json --kv kv.pt
   kvpeer stats                              every counter of the local daemon
-  kvpeer evict --all                        drop every cached chunk
+  kvpeer evict --all                        delete every cached chunk, in RAM and on disk
 
 --tokens: a file of token ids (whitespace-separated integers, or .npy).
 --model: a JSON file with the model fingerprint fields (name, layers, kv_heads, head_dim,
@@ -675,8 +675,13 @@ def client_parser() -> argparse.ArgumentParser:
         help="keeps this model apart from others of its name and shape (as kvpeer_revision does "
         "for the engines; the same on every engine of the model)",
     )
-    evict = command("evict", "drop this node's cached chunks, of every namespace", common)
-    evict.add_argument("--all", action="store_true", required=True, help="drop every chunk")
+    evict = command(
+        "evict", "delete this node's cached chunks, of every namespace: from memory, and their "
+        "files from the disk store (peers learn they are gone)", common,
+    )
+    evict.add_argument(
+        "--all", action="store_true", required=True, help="delete every chunk, its disk files too"
+    )
     return parser
 
 

@@ -933,6 +933,13 @@ def test_each_commands_help_says_what_it_does(command: str) -> None:
     assert not description.startswith(("options:", "positional arguments:")), description
 
 
+def test_evict_help_says_the_disk_files_are_deleted_too() -> None:
+    """"drop" read as dropped from memory, the disk store left to reload at the next start; the
+    store's clear deletes the files (test_store: test_clear_drops_everything_batch_by_batch)."""
+    evict = _help("evict")
+    assert "their files from the disk store" in evict and "its disk files too" in evict
+
+
 def test_option_help_states_defaults_and_levels() -> None:
     from kvpeer.codec import LEVELS
     from kvpeer.config import CodecSection, FetchSection
