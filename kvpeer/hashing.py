@@ -26,6 +26,17 @@ KEY_BYTES = 32
 _ZERO_KEY = b"\x00" * KEY_BYTES
 _MAX_TOKEN_ID = 2**32 - 1
 KV_DTYPES = ("float16", "bfloat16", "float32")  # torch's names of the KV dtypes kvpeer carries
+# A model's KV shape, bounded: a fingerprint comes from clients and peers, and sizes what the
+# daemon reserves (a put's segment is tokens x layers x kv_heads x head_dim values). Each
+# dimension stops at the codec's format limit (kvpeer.codec.container: KV past it could never
+# be stored), far past any model's (about 130 layers, 128 KV heads, a 576-wide MLA latent). The
+# values per token stop where a default chunk of them is the codec's most per tensor (2**31):
+# 8 Mi, four times the widest dense model's (MT-NLG 530B: 105 x 128 x 160); one token's K and
+# V then take 64 MiB at most, not the GiBs a 2**29 head_dim asked for.
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_KV_VALUES_PER_TOKEN = 1 << 23  # layers x kv_heads x head_dim
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,12 +62,18 @@ class ModelFingerprint:
                 raise TypeError(f"model fingerprint: {text} must be a string")
         if not self.name:
             raise ValueError("model fingerprint needs a model name")
-        for field in ("layers", "kv_heads", "head_dim"):
+        for field, limit in (("layers", MAX_LAYERS), ("kv_heads", MAX_KV_HEADS), ("head_dim", MAX_HEAD_DIM)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"model fingerprint: {field} must be an integer")
-            if value <= 0:
-                raise ValueError(f"model fingerprint: {field} must be positive")
+            if not 1 <= value <= limit:
+                raise ValueError(f"model fingerprint: {field} must be in 1..{limit}, not {value}")
+        per_token = self.layers * self.kv_heads * self.head_dim
+        if per_token > MAX_KV_VALUES_PER_TOKEN:
+            raise ValueError(
+                f"model fingerprint: layers x kv_heads x head_dim = {per_token} KV values per token, "
+                f"more than {MAX_KV_VALUES_PER_TOKEN}"
+            )
         theta = self.rope_theta
         try:
             finite = not isinstance(theta, bool) and isinstance(theta, int | float) and math.isfinite(theta)

@@ -82,3 +82,41 @@ def test_equal_fingerprints_digest_alike() -> None:
 def test_a_fingerprint_names_its_dtype_as_kvpeer_does(dtype: str) -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         ModelFingerprint(name="m", layers=2, kv_heads=2, head_dim=8, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "says"),
+    [
+        ((1, 1, 2**29), "head_dim must be in 1..4096"),  # a one-token put reserved 2 GiB
+        ((1, 2**20, 4), "kv_heads must be in 1..1024"),
+        ((2**20, 1, 4), "layers must be in 1..1024"),
+        ((1024, 1024, 4096), "KV values per token"),  # each within bounds, together 4 Gi
+    ],
+)
+def test_a_fingerprint_of_no_real_model_shape_is_refused_naming_the_field_and_limit(
+    shape: tuple[int, int, int], says: str
+) -> None:
+    layers, kv_heads, head_dim = shape
+    with pytest.raises(ValueError, match=says):
+        ModelFingerprint(name="m", layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype="float16")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(126, 8, 128), (61, 1, 576), (96, 96, 128), (105, 128, 160), (1024, 1, 4096)],  # Llama 3 405B,
+)  # DeepSeek V3's MLA latent, GPT-3 175B, MT-NLG 530B, the edges
+def test_every_real_models_kv_shape_fits_a_fingerprint(shape: tuple[int, int, int]) -> None:
+    layers, kv_heads, head_dim = shape
+    ModelFingerprint(name="m", layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype="float32")
+
+
+def test_the_fingerprint_bounds_are_within_the_codecs() -> None:
+    """A fingerprint the daemon takes must name KV the codec can store: a default chunk of it
+    at most the codec's most values per tensor."""
+    from kvpeer import hashing
+    from kvpeer.codec import container
+
+    assert hashing.MAX_LAYERS <= container.MAX_LAYERS
+    assert hashing.MAX_KV_HEADS <= container.MAX_KV_HEADS
+    assert hashing.MAX_HEAD_DIM <= container.MAX_HEAD_DIM
+    assert hashing.MAX_KV_VALUES_PER_TOKEN * hashing.DEFAULT_CHUNK_TOKENS <= container.MAX_ELEMENTS

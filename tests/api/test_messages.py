@@ -219,6 +219,17 @@ def test_a_fingerprint_field_of_the_wrong_type_is_refused_at_the_door(field: str
     assert info.value.code == ErrorCode.INVALID and "fingerprint" in info.value.reason
 
 
+def test_a_fingerprint_of_no_real_model_shape_is_refused_at_the_door() -> None:
+    """head_dim 2**29 passed: a one-token put then had the daemon reserve GiBs of shared memory."""
+    wire = m.fingerprint_to_wire(FP)
+    wire.pop("hex", None)
+    wire.update(layers=1, kv_heads=1, head_dim=2**29)
+    payload = body(v=m.API_VERSION, t="put", id=1, tokens=b"\x01\x00\x00\x00", fingerprint=wire)
+    with pytest.raises(ProtocolError) as info:
+        m.decode_body(payload)
+    assert info.value.code == ErrorCode.INVALID and "head_dim must be in 1..4096" in info.value.reason
+
+
 def test_request_id_is_recovered_from_a_body_that_fails_validation() -> None:
     assert m.request_id_of(body(v=m.API_VERSION, t="release", id=42)) == 42
     assert m.request_id_of(b"\xc1") == 0
