@@ -455,21 +455,25 @@ class Daemon:
         profile = None
         if not all(map(self.store.has, keys[first:])):
             profile = await loop.run_in_executor(None, self._codec_profile, fp)
-        for index, key in enumerate(keys):
-            if index < first or self.store.has(key):
-                continue
-            encode_started = time.perf_counter()
-            blob = await loop.run_in_executor(
-                None, encode_chunk_blocking, kv, index, self.chunk_tokens, level, profile,
-                index == len(keys) - 1, fp.rope_theta > 0,
-            )
-            self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
-            try:
-                await self.store.put(key, level, blob)
-            except StoreError as exc:
-                log.warning("put: chunk %d not cached: %s", index, exc)
-                continue
-            stored.append(key)
+        try:
+            for index, key in enumerate(keys):
+                if index < first or self.store.has(key):
+                    continue
+                encode_started = time.perf_counter()
+                blob = await loop.run_in_executor(
+                    None, encode_chunk_blocking, kv, index, self.chunk_tokens, level, profile,
+                    index == len(keys) - 1, fp.rope_theta > 0,
+                )
+                self.metrics.encode_seconds.labels(level).observe(time.perf_counter() - encode_started)
+                try:
+                    await self.store.put(key, level, blob)
+                except StoreError as exc:
+                    log.warning("put: chunk %d not cached: %s", index, exc)
+                    continue
+                stored.append(key)
+        except asyncio.CancelledError:  # the daemon stopping, or a put its client left too long
+            log.info("put ns=%s: cut short, %d of %d chunks stored", ctx.namespace, len(stored), len(keys))
+            raise
         self.activity.put(len(keys), len(stored))
         # Once something of it is held: a put that stored nothing (its client cut its segment
         # short) made its model the most recent one, and a client naming a new model per put

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -174,7 +175,9 @@ def test_a_prompt_under_store_pressure_loses_its_last_chunks_first(tmp_path: Pat
 
     async def settled(node: object) -> None:  # every level made and on disk
         level_server = node.level_server  # type: ignore[attr-defined]
-        while level_server.warm_pending or (level_server._warmer and not level_server._warmer.done()):
+        for _ in range(600):
+            if not level_server.warm_pending and (level_server._warmer is None or level_server._warmer.done()):
+                break
             await asyncio.sleep(0.05)
         assert await asyncio.to_thread(node.store.flush, 30)  # type: ignore[attr-defined]
 
@@ -262,3 +265,40 @@ def test_only_models_with_chunks_held_are_remembered_and_no_more_than_a_bound(tm
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_a_committed_put_is_stored_though_its_client_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the connection right after the commit cut the put (1 of 16 chunks stored in the
+    review) and nothing said so: the client had handed its KV over."""
+    import time
+
+    from kvpeer import daemon
+
+    encode = daemon.encode_chunk_blocking
+    encoding = threading.Event()
+
+    def slow_encode(*args: object) -> bytes:
+        encoding.set()
+        time.sleep(0.2)
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+    tokens = TOKENS[: 4 * C]
+
+    async def test(socket_path: str) -> None:
+        client = AsyncKVPeerClient(socket_path)
+        await client.__aenter__()
+        put = asyncio.create_task(client.put(tokens, K[:, :, : 4 * C], V[:, :, : 4 * C], FP))
+        await asyncio.to_thread(encoding.wait, 30)  # committed: the daemon encodes it
+        put.cancel()
+        await client.__aexit__(None, None, None)  # gone, its put's answer unread
+        async with AsyncKVPeerClient(socket_path) as other:
+            for _ in range(200):
+                if (await other.lookup(tokens, FP, local_only=True)).matched_tokens == len(tokens):
+                    break
+                await asyncio.sleep(0.05)
+            assert (await other.lookup(tokens, FP, local_only=True)).matched_tokens == len(tokens)
+
+    _with_daemon(tmp_path, test)

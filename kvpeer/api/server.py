@@ -63,6 +63,8 @@ MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_UID = 128
 OPERATOR_RESERVE = 8  # connections root and the daemon's user get past max_connections
 MAX_REFUSALS_REMEMBERED = 1024  # (uid, namespace) refusals said at WARNING, then DEBUG
+# How long a put committed by a client that then left may still take to be stored.
+COMMITTED_PUT_FINISH_S = 120.0
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answers is dropped
 DEADLINE_BACKSTOP_S = 1.0  # grace past a fetch's deadline before the API layer cuts it
 #: After a fetch, the next fetch's segment is reserved once no fetch ran for this long
@@ -140,6 +142,7 @@ class _Connection:
         self.client = ""
         self.greeted = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.commits: set[asyncio.Task[None]] = set()  # put commits among the tasks
         self.fetches: dict[int, asyncio.Task[None]] = {}  # request id -> its task, until it answers
         self.cancelled: set[asyncio.Task[None]] = set()  # fetches a client's cancel stopped
         self.pending_puts: dict[str, m.PutRequest] = {}
@@ -649,12 +652,21 @@ class ApiServer:
             # (Python 3.11/3.12) logs the cancel at ERROR with a traceback on every stop.
             task.uncancel()
         finally:
-            for pending in list(conn.tasks):
+            # A committed put is the client's KV handed over: it is stored though the client
+            # left (a script that exits once it committed); anything else it asked is dropped.
+            finishing = set() if self._closing else conn.commits & conn.tasks
+            for pending in conn.tasks - finishing:
                 pending.cancel()
             if conn.tasks:
                 try:
+                    if finishing:
+                        await asyncio.wait(finishing, timeout=COMMITTED_PUT_FINISH_S)
+                    for pending in conn.tasks:  # past that, or the daemon stopping: cut
+                        pending.cancel()
                     await asyncio.wait(list(conn.tasks), timeout=10.0)
                 except asyncio.CancelledError:
+                    for pending in conn.tasks:
+                        pending.cancel()
                     if not self._closing or task is None:
                         raise
                     task.uncancel()  # close() cancelled us here: clean up and end, as above
@@ -776,6 +788,9 @@ class ApiServer:
         task = asyncio.create_task(self._handle(conn, message), name=f"kvpeer-api-{message.TYPE}")
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
+        if isinstance(message, m.PutCommit):
+            conn.commits.add(task)
+            task.add_done_callback(conn.commits.discard)
         if isinstance(message, m.FetchRequest):
             conn.fetches[message.id] = task
 
