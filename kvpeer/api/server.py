@@ -520,7 +520,12 @@ class ApiServer:
             self._spare_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._spare_task
+        stopping = m.encode(m.ErrorResponse(code=ErrorCode.SHUTTING_DOWN, reason="the daemon is stopping"))
         for conn in list(self._connections.values()):
+            if not conn.closed and not conn._send_lock.locked():  # never inside another frame
+                # Tied to no request: every waiting call hears it, and a client can tell a
+                # stop from a dropped connection (both were a bare close).
+                conn.writer.write(stopping)
             conn.closed = True
             conn.writer.close()  # answers written already still go out
         handlers = list(self._handlers)

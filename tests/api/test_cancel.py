@@ -271,3 +271,27 @@ def test_a_second_fetch_under_an_id_in_flight_is_refused_and_the_first_goes_on(a
     finally:
         raw.close()
         api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+
+
+def test_a_stopping_daemon_says_so_to_the_calls_waiting(api: ServerThread) -> None:
+    """It closed its connections bare: a client could not tell a stop from a dropped connection."""
+    stalled(api)
+
+    async def main() -> ApiError:
+        async with AsyncKVPeerClient(api.socket_path, timeout_s=10) as client:
+            async def fetch() -> None:
+                async with client.fetch(TOKENS, FP):
+                    pass
+
+            waiting = asyncio.create_task(fetch())
+            await asyncio.to_thread(wait_until, lambda: any(c.fetches for c in api.server._connections.values()))
+            await asyncio.to_thread(api.call, api.server.close())
+            with pytest.raises(ApiError) as info:
+                await waiting
+            return info.value
+
+    try:
+        error = run(main())
+    finally:
+        api.loop.call_soon_threadsafe(api.backend.release_stall.set)
+    assert error.code == ErrorCode.SHUTTING_DOWN and "the daemon is stopping" in error.reason
