@@ -300,5 +300,60 @@ def test_a_committed_put_is_stored_though_its_client_leaves(
                     break
                 await asyncio.sleep(0.05)
             assert (await other.lookup(tokens, FP, local_only=True)).matched_tokens == len(tokens)
+            # ... and the connection it left is gone too (it stayed, past the caps, with an
+            # asyncio error logged: the wait for its other requests was given an empty set)
+            for _ in range(200):
+                if (await other.stats())["api"]["connected"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await other.stats())["api"]["connected"] == 1
 
     _with_daemon(tmp_path, test)
+
+
+def test_a_stop_with_a_reset_connection_still_closes_every_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under uvloop (the default) writing the stop notice to a connection its client reset
+    raised, which ended ApiServer.close() early: other connections stayed open, segments and
+    the socket file were left."""
+    import time
+
+    uvloop = pytest.importorskip("uvloop")
+    from kvpeer import daemon
+
+    encode = daemon.encode_chunk_blocking
+    encoding = threading.Event()
+
+    def slow_encode(*args: object) -> bytes:
+        encoding.set()
+        time.sleep(0.5)
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+
+    async def main() -> None:
+        node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")
+        await node.start()
+        socket_path = str(node.config.api.socket_path)
+        sockets.append(Path(socket_path))
+        bystander = AsyncKVPeerClient(socket_path)
+        await bystander.__aenter__()
+        client = AsyncKVPeerClient(socket_path)
+        await client.__aenter__()
+        put = asyncio.create_task(client.put(TOKENS[: 4 * C], K[:, :, : 4 * C], V[:, :, : 4 * C], FP))
+        await asyncio.to_thread(encoding.wait, 30)  # committed: the daemon encodes it
+        client._reader_task.cancel()  # stops reading ...
+        await asyncio.sleep(0.05)
+        await client._conn.write(m.encode(m.StatsRequest(id=999)))
+        await asyncio.sleep(0.2)
+        client._conn.close()  # ... and closes with an answer unread: a reset at the daemon
+        put.cancel()
+        await asyncio.sleep(0.2)
+        await node.stop()
+        await bystander.close()
+        assert list(node.api._connections) == []
+
+    sockets: list[Path] = []
+    uvloop.run(main())
+    assert not sockets[0].exists()

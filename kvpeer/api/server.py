@@ -520,16 +520,18 @@ class ApiServer:
             self._spare_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._spare_task
+        self._closing = True
         stopping = m.encode(m.ErrorResponse(code=ErrorCode.SHUTTING_DOWN, reason="the daemon is stopping"))
         for conn in list(self._connections.values()):
-            if not conn.closed and not conn._send_lock.locked():  # never inside another frame
+            closing = conn.closed or conn.writer.transport.is_closing()  # a reset client's
+            if not closing and not conn._send_lock.locked():  # never inside another frame
                 # Tied to no request: every waiting call hears it, and a client can tell a
                 # stop from a dropped connection (both were a bare close).
-                conn.writer.write(stopping)
+                with contextlib.suppress(OSError, RuntimeError):  # uvloop: a handle gone
+                    conn.writer.write(stopping)
             conn.closed = True
             conn.writer.close()  # answers written already still go out
         handlers = list(self._handlers)
-        self._closing = True
         for task in handlers:
             task.cancel()
         try:
@@ -668,7 +670,8 @@ class ApiServer:
                         await asyncio.wait(finishing, timeout=COMMITTED_PUT_FINISH_S)
                     for pending in conn.tasks:  # past that, or the daemon stopping: cut
                         pending.cancel()
-                    await asyncio.wait(list(conn.tasks), timeout=10.0)
+                    if conn.tasks:  # done ones left it (asyncio.wait refuses an empty set)
+                        await asyncio.wait(list(conn.tasks), timeout=10.0)
                 except asyncio.CancelledError:
                     for pending in conn.tasks:
                         pending.cancel()
