@@ -472,7 +472,12 @@ class Daemon:
                     continue
                 stored.append(key)
         except asyncio.CancelledError:  # the daemon stopping, or a put its client left too long
-            log.info("put ns=%s: cut short, %d of %d chunks stored", ctx.namespace, len(stored), len(keys))
+            log.info(
+                "put ns=%s: cut short after storing %d new chunks (of %d)", ctx.namespace, len(stored),
+                len(keys),
+            )
+            if stored and self._model_used(fp):  # what it stored is served after a restart too
+                self._save_fingerprints_soon()
             raise
         self.activity.put(len(keys), len(stored))
         # Once something of it is held: a put that stored nothing (its client cut its segment
@@ -548,9 +553,14 @@ class Daemon:
             # Counted however it ended: a cancelled fetch (client gone, API backstop) did move
             # bytes and take time.
             self._fetch_ended(ctx, req, plan, ended[0] if ended else None, time.monotonic() - started)
-            # Read (and what came from peers, cached) first to last: the first is the most
-            # recent again, so that eviction takes this prefix from its end.
-            self.store.used_as_prefix(prompt_keys)
+            # Read first to last, and what came from peers reaches the store in the background,
+            # newest last: once it is in, the first chunk is made the most recent again, so that
+            # eviction takes this prefix from its end.
+            self._in_background(self._used_as_prefix_once_cached(prompt_keys))
+
+    async def _used_as_prefix_once_cached(self, keys: list[bytes]) -> None:
+        await self.fetcher.cached()
+        self.store.used_as_prefix(keys)
 
     def _fetch_ended(
         self, ctx: ClientContext, req: Any, plan: _Plan | None, outcome: FetchOutcome | None,

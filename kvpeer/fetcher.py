@@ -484,6 +484,12 @@ class Fetcher:
         self._caching.add(task)
         task.add_done_callback(self._caching.discard)
 
+    async def cached(self) -> None:
+        """Wait until the peer chunks queued for the store by now are in it (or dropped)."""
+        pending = list(self._caching)
+        if pending:
+            await asyncio.wait(pending)
+
     async def _cache(self, key: bytes, level: str, blob: bytes) -> None:
         try:
             with contextlib.suppress(StoreError):
@@ -662,7 +668,7 @@ class _FetchRun:
         self.allocation: asyncio.Task[KVPeerError | None] | None = None
         self.shape: tuple[int, int, int] | None = None
         self.lost: set[str] = set()  # peers this fetch stopped asking
-        self.below_floor: dict[int, str] = {}  # chunk -> the best level a holder sent for it
+        self.below_floor: dict[int, str] = {}  # chunk -> the level its first holder sent, below the floor
         # True while the decoder waits on a thread (a decode, a hand-over): where the end of
         # the fetch may cancel it (:meth:`_stop_decoder`).
         self.in_thread = False
@@ -1148,7 +1154,7 @@ class _FetchRun:
             if header.level not in self.acceptable:
                 # A holder sends the best it has when that is below the asked level: the chunk
                 # is not held well enough there, which is no fault of the holder's.
-                self.below_floor.setdefault(index, header.level)
+                self.below_floor.setdefault(index, header.level)  # the first holder's answer
                 raise ProtocolError(
                     ErrorCode.NOT_FOUND, f"held at {header.level} only, below the fetch's floor"
                 )

@@ -101,6 +101,8 @@ LOCK_WAIT_S = 5.0
 # Prompts remembered to be ordered once their queued levels are written (older ones are
 # forgotten: they are ordered as they were written, first to last).
 ORDER_WHEN_WRITTEN = 64
+ORDER_WHEN_WRITTEN_KEYS = 65536  # their chunks, all together
+ORDER_TOUCH_JOBS = 4  # mtime jobs queued at once for used_as_prefix (more are skipped)
 TMP_SUFFIX = ".tmp"
 # Only this daemon reads its chunk files: clients get KV through the API's shared memory.
 PRIVATE_DIR_MODE = 0o700
@@ -306,6 +308,7 @@ class ChunkStore:
         self._stuck_warnings = _OncePer(READ_WARN_S)
         self._touches = 0  # mtime updates queued by RAM hits (bounded: best effort)
         self._order_when_written: list[list[bytes]] = []  # see _order_written_prompts
+        self._order_touches = 0  # _touch_in_order jobs queued or running
         self._writers: list[threading.Thread] = []
         self._n_writers = max(1, writers)
         # Threads start on first use: a store nobody awaits costs none.
@@ -414,8 +417,7 @@ class ChunkStore:
             held = list(itertools.takewhile(self._levels.__contains__, keys))
             on_disk = self._use_last_to_first(held)
             if self._queued_for_disk(held):
-                self._order_when_written.append(held)
-                del self._order_when_written[:-ORDER_WHEN_WRITTEN]
+                self._order_once_written(held)
         self._touch_soon(on_disk)
 
     def delete(self, key: bytes) -> bool:
@@ -489,9 +491,10 @@ class ChunkStore:
         with self._cond:
             self._closed = True  # from here no put joins the queue that is being flushed
             self._cond.notify_all()
-        for pool in (self._put_pool, self._read_pool):
-            # Not waited for: a read stuck on a hung disk must not hang close.
-            pool.shutdown(wait=False, cancel_futures=True)
+        # Not waited for: a read stuck on a hung disk must not hang close. The read pool stays
+        # until the queue is flushed: the mtimes that order prompts across a restart are set
+        # there as their last queued levels are written.
+        self._put_pool.shutdown(wait=False, cancel_futures=True)
         if self._writers:
             if not self.flush(timeout_s):
                 log.warning("store: %d queued chunks not written at close", len(self._pending))
@@ -503,6 +506,10 @@ class ChunkStore:
             if any(thread.is_alive() for thread in self._writers):
                 log.warning("store: a disk write still hangs at close; its chunk may be lost")
             self._writers.clear()
+        # Reads queued are dropped; the touches queued run (nothing waits for them).
+        with self._lock:
+            touches = self._order_touches
+        self._read_pool.shutdown(wait=False, cancel_futures=not touches)
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -575,6 +582,8 @@ class ChunkStore:
     async def _in_pool(
         self, pool: concurrent.futures.Executor, changes: _Changes, fn: Callable[..., R], *args: Any
     ) -> R:
+        if self._closed:  # the read pool outlives close() a little (its flush): not for us
+            raise StoreError("the store is closed")
         try:
             future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except RuntimeError as exc:  # the pool is shut down
@@ -993,7 +1002,20 @@ class ChunkStore:
         return on_disk
 
     def _queued_for_disk(self, keys: list[bytes]) -> bool:
-        return any((key, level) in self._pending for key in keys for level in self._levels.get(key, ()))
+        # From the end: a prompt's queued levels are its newest chunks' (a turn, their warming).
+        return any((key, level) in self._pending for key in reversed(keys) for level in self._levels.get(key, ()))
+
+    def _order_once_written(self, held: list[bytes]) -> None:
+        """Remember ``held`` for :meth:`_order_written_prompts`; an earlier entry it extends (the
+        same put, then its warming; an earlier turn) is dropped, and the oldest past the bounds.
+        Lock held."""
+        waiting = [e for e in self._order_when_written if e != held[: len(e)]]
+        waiting.append(held)
+        while len(waiting) > ORDER_WHEN_WRITTEN or sum(map(len, waiting)) > ORDER_WHEN_WRITTEN_KEYS:
+            if len(waiting) == 1:
+                break
+            del waiting[0]
+        self._order_when_written = waiting
 
     def _order_written_prompts(self) -> list[_Slot]:
         """Prompts marked while some of their levels were queued for the disk, whose queued
@@ -1009,17 +1031,31 @@ class ChunkStore:
         return on_disk
 
     def _touch_soon(self, slots: list[_Slot]) -> None:
-        if slots:
-            with contextlib.suppress(RuntimeError):  # the pool is shut down: the store closed
-                self._read_pool.submit(self._touch_in_order, slots)
+        """Touch ``slots`` in order off this thread: best effort, a few such jobs queued at most
+        (they share the read threads with fetches)."""
+        if not slots:
+            return
+        with self._lock:
+            if self._order_touches >= ORDER_TOUCH_JOBS:
+                return
+            self._order_touches += 1
+        try:
+            self._read_pool.submit(self._touch_in_order, slots)
+        except RuntimeError:  # the pool is shut down: the store closed
+            with self._lock:
+                self._order_touches -= 1
 
     def _touch_in_order(self, slots: list[_Slot]) -> None:
         """Each file a microsecond newer than the one before: the kernel stamps a touch with a
         clock of a few milliseconds' grain, which gave a whole prompt's files one mtime."""
-        now = time.time_ns()
-        for n, slot in enumerate(slots):
-            with contextlib.suppress(OSError):
-                os.utime(self._path(slot), ns=(now + n * 1000, now + n * 1000))
+        try:
+            now = time.time_ns()
+            for n, slot in enumerate(slots):
+                with contextlib.suppress(OSError):
+                    os.utime(self._path(slot), ns=(now + n * 1000, now + n * 1000))
+        finally:
+            with self._lock:
+                self._order_touches -= 1
 
     def _touch(self, slots: list[_Slot]) -> None:
         for slot in slots:  # a file's mtime is its last use: the LRU order after a restart

@@ -36,6 +36,8 @@ class Node:
     # it counts, not on a missing name)
     _fetch = getattr(daemon.Daemon, "_fetch", None)
     _fetch_ended = getattr(daemon.Daemon, "_fetch_ended", None)
+    _in_background = daemon.Daemon._in_background
+    _used_as_prefix_once_cached = getattr(daemon.Daemon, "_used_as_prefix_once_cached", None)
 
     def __init__(self, peers: dict[str, Peer], *, held: int, clock: list[float] | None = None,
                  plan_s: float = 0.0) -> None:
@@ -52,6 +54,12 @@ class Node:
         self.plan_s = plan_s
         self.prompts_used: list[list[bytes]] = []
         self.store = SimpleNamespace(used_as_prefix=self.prompts_used.append)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def settled(self) -> None:
+        """The work a fetch left in the background is done."""
+        while self._background:
+            await asyncio.gather(*self._background)
 
     def _model_used(self, fp: Any) -> bool:
         self.models_used.append(fp)
@@ -237,7 +245,31 @@ def test_a_fetch_marks_its_prompt_used_however_it_ends() -> None:
         await node.fetch(CTX, request(4), Sink())
         cancelled = Sink()
         await cancel_once(node, cancelled, lambda: wait_until(lambda: bool(cancelled.done)))
+        await node.settled()
         return node
 
     node = asyncio.run(main())
     assert node.prompts_used == [[key(i) for i in range(4)]] * 2
+
+
+def test_a_prompt_fetched_from_a_peer_is_evicted_from_its_end_here_too() -> None:
+    """Chunks from peers reach the store in the background, newest last: marked as the fetch
+    ended, the ones not in yet came after it, and eviction took the prompt's head first."""
+    from kvpeer import codec
+    from kvpeer.store import ChunkStore
+    from tests.test_fetcher import blob
+
+    size = len(blob(0, "q8"))
+    store = ChunkStore(ram_bytes=4 * size + size // 2, level_order=codec.LEVELS)
+
+    async def main() -> None:
+        node = Node({"a": Peer("a")}, held=4)
+        node.fetcher = fetcher({"a": Peer("a")}, cache=store)  # type: ignore[arg-type]
+        node.store = store  # type: ignore[assignment]
+        await node.fetch(CTX, request(4), Sink())
+        await node.settled()
+        await wait_until(lambda: all(store.has(key(i)) for i in range(4)))
+        await store.put(key(9), "q8", blob(0, "q8"))  # another prompt's chunk: room is made
+
+    asyncio.run(main())
+    assert [store.has(key(i)) for i in range(4)] == [True, True, True, False]

@@ -156,6 +156,71 @@ def test_a_prefix_used_together_keeps_its_order_across_a_restart(tmp_path: Path)
     reopened.close()
 
 
+def test_a_prompt_marked_while_queued_for_disk_keeps_its_order_across_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Marked right after a put, its chunks still queued: close() shut the read pool before its
+    flush, so the order set as they were written was never touched into the files' mtimes."""
+    size = record_size("q8", 1000)
+    store = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS, writers=1)
+    gate = threading.Event()
+    write_batch = store._write_batch
+
+    def held_back(batch: Any) -> None:  # the disk is slow: the prompt is marked while queued
+        gate.wait(10)
+        write_batch(batch)
+
+    monkeypatch.setattr(store, "_write_batch", held_back)
+    prompt = [key(0), key(1), key(2)]
+    for i, k in enumerate(prompt):
+        store.put_blocking(k, "q8", blob(i))
+    store.used_as_prefix(prompt)
+    threading.Timer(0.2, gate.set).start()
+    store.close()
+
+    def mtimes() -> list[int]:
+        by_name = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in files(tmp_path)}
+        return [by_name[k.hex()] for k in prompt]
+
+    deadline = time.monotonic() + 10  # touched in the background as the flush wrote them
+    while not mtimes()[0] > mtimes()[1] > mtimes()[2]:
+        assert time.monotonic() < deadline, mtimes()
+        time.sleep(0.01)
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
+    reopened.put_blocking(key(3), "q8", blob(3))
+    assert reopened.flush(timeout_s=30)
+    assert [reopened.has(k) for k in prompt] == [True, True, False]
+    reopened.close()
+
+
+def test_prompts_waiting_for_their_writes_are_bounded_and_not_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every put and its warming added the prompt again (and each turn its history), each
+    scanned from the first chunk under the lock at every write batch: 482 ms a batch at 64
+    prompts of 4,096 chunks."""
+    monkeypatch.setattr(store_mod, "ORDER_WHEN_WRITTEN", 3)
+    store = ChunkStore(ram_bytes=0, disk_bytes=1 << 20, directory=tmp_path, level_order=LEVELS, writers=1)
+    gate = threading.Event()
+    write_batch = store._write_batch
+    monkeypatch.setattr(store, "_write_batch", lambda batch: (gate.wait(10), write_batch(batch)))
+    try:
+        turns = [key(i) for i in range(6)]
+        for i, k in enumerate(turns):
+            store.put_blocking(k, "q8", blob(i))
+            store.used_as_prefix(turns[: i + 1])  # a conversation: each turn extends the last
+            store.used_as_prefix(turns[: i + 1])  # ... and its warming marks it again
+        assert store._order_when_written == [turns]
+        for n in range(5):  # other prompts, each queued
+            other = [key(100 + n)]
+            store.put_blocking(other[0], "q8", blob(100 + n))
+            store.used_as_prefix(other)
+        assert len(store._order_when_written) == 3
+    finally:
+        gate.set()
+        store.close()
+
+
 def test_a_prefix_used_together_is_evicted_from_its_end_in_a_ram_only_store() -> None:
     store = ChunkStore(ram_bytes=3000, level_order=LEVELS)
     prompt = [key(0), key(1), key(2)]
