@@ -657,6 +657,12 @@ class SegmentRegistry:
         # are RAM: one user's requests (a one-token put of a model with huge dimensions) filled
         # it for every other client and process on the host.
         share = int(self._capacity() * OWNER_SHARE_OF_SHM)
+        if share and layout.size > share:  # no release would make room: not worth a retry
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"a segment of {layout.size} bytes is more than {OWNER_SHARE_OF_SHM:.0%} of "
+                f"{self.directory} ({share} bytes): a larger /dev/shm, or a shorter prompt",
+            )
         if share and held + layout.size > share:
             raise ProtocolError(
                 ErrorCode.BUSY,

@@ -457,6 +457,10 @@ def test_one_user_may_hold_at_most_half_of_the_segments_file_system(
         registry.create(LAYOUT, owner=1, now=0.0)
     assert info.value.code == ErrorCode.BUSY and "50% of" in info.value.reason
     registry.create(LAYOUT, owner=3, now=0.0)  # another user: a share of its own
+    monkeypatch.setattr(registry, "_capacity", lambda: LAYOUT.size)  # one segment is past half
+    with pytest.raises(ProtocolError) as info:
+        registry.create(LAYOUT, owner=4, now=0.0)
+    assert info.value.code == ErrorCode.TOO_LARGE  # BUSY said to release segments: no help
     registry.close()
 
 
