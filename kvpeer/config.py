@@ -172,8 +172,9 @@ class ApiSection:
     )
     max_shm_bytes_per_uid: int = setting(
         64 << 30, "Shared memory one client user's connections may hold at once, all together "
-        "(segments of fetches and puts); past it a request is answered BUSY. Clients that should "
-        "not share a cap should run as different users.", kind="size", lo=1,
+        "(segments of fetches and puts), and never more than half of /dev/shm; past it a request "
+        "is answered BUSY. Clients that should not share a cap should run as different users.",
+        kind="size", lo=1,
     )
 
 
@@ -181,7 +182,10 @@ class ApiSection:
 class StoreSection:
     """[store]: encoded chunks in RAM (LRU) and on disk (LRU, survives restarts)."""
 
-    ram_bytes: int = setting(2 << 30, "Byte budget of the RAM tier.", kind="size", lo=0)
+    ram_bytes: int = setting(
+        2 << 30, "Byte budget of the RAM tier. Budgets count every level a chunk is held at: a "
+        "put at q8 makes q7 .. q3 too (about 1.4x the chunk's fp16 size in all).", kind="size", lo=0,
+    )
     disk_bytes: int = setting(
         20 << 30, "Byte budget of the disk tier; 0 turns the disk tier off. Keep it below the "
         "free space of the file system: when others fill it first, puts are kept in RAM "
