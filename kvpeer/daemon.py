@@ -230,6 +230,7 @@ class Daemon:
         log.info("kvpeerd %s stopping", self.node_id)
         for task in list(self._background):
             task.cancel()
+        self._save_queued = False  # a queued save was just cancelled: the next call makes one
         # The network side shares part of the grace period, so that the store's drain of
         # acknowledged puts is never the step the caller's timeout cuts.
         ends = time.monotonic() + STOP_NETWORK_SHARE * self.config.daemon.shutdown_grace_s
@@ -243,6 +244,11 @@ class Daemon:
                 log.warning("stopping: %s took too long; going on", close.__qualname__)
             except Exception:
                 log.exception("stopping: %s failed", close.__qualname__)
+        # Work the API's close left behind (a cut put's model to save, a fetch's prompt to
+        # mark), within the network's share; the store is still open for it.
+        left = [task for task in self._background if not task.done()]
+        if left:
+            await asyncio.wait(left, timeout=max(0.1, ends - time.monotonic()))
         # Fetches ended with the API; a decode a cancel left queued is dropped, not run.
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
         await self.store.aclose()  # drains queued disk writes off the event loop
@@ -559,8 +565,10 @@ class Daemon:
             self._in_background(self._used_as_prefix_once_cached(prompt_keys))
 
     async def _used_as_prefix_once_cached(self, keys: list[bytes]) -> None:
-        await self.fetcher.cached()
-        self.store.used_as_prefix(keys)
+        try:
+            await self.fetcher.cached()
+        finally:  # a stop cancels the wait, not the marking: the order outlives the restart
+            self.store.used_as_prefix(keys)
 
     def _fetch_ended(
         self, ctx: ClientContext, req: Any, plan: _Plan | None, outcome: FetchOutcome | None,

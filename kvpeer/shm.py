@@ -648,20 +648,21 @@ class SegmentRegistry:
         this size (``max_bytes_per_owner`` per account); else its bytes count against ``owner``
         until :meth:`adopt` (or :meth:`withdraw`), so that segments being made at once cannot
         all pass the cap."""
-        held = self._bytes_of_account(self._account(owner))
-        if held + layout.size > self.max_bytes_per_owner:
-            raise ProtocolError(
-                ErrorCode.BUSY, "too much shared memory held by this user's clients: release segments"
-            )
         # The configured cap (64 GiB by default) may be more than the tmpfs holds, and its pages
         # are RAM: one user's requests (a one-token put of a model with huge dimensions) filled
         # it for every other client and process on the host.
         share = int(self._capacity() * OWNER_SHARE_OF_SHM)
-        if share and layout.size > share:  # no release would make room: not worth a retry
+        limit = min(self.max_bytes_per_owner, share or self.max_bytes_per_owner)
+        if layout.size > limit:  # no release would make room: not worth a retry
             raise ProtocolError(
                 ErrorCode.TOO_LARGE,
-                f"a segment of {layout.size} bytes is more than {OWNER_SHARE_OF_SHM:.0%} of "
-                f"{self.directory} ({share} bytes): a larger /dev/shm, or a shorter prompt",
+                f"a segment of {layout.size} bytes is more than a user's clients may hold ({limit} "
+                f"bytes: api.max_shm_bytes_per_uid, and {OWNER_SHARE_OF_SHM:.0%} of {self.directory})",
+            )
+        held = self._bytes_of_account(self._account(owner))
+        if held + layout.size > self.max_bytes_per_owner:
+            raise ProtocolError(
+                ErrorCode.BUSY, "too much shared memory held by this user's clients: release segments"
             )
         if share and held + layout.size > share:
             raise ProtocolError(

@@ -102,7 +102,8 @@ LOCK_WAIT_S = 5.0
 # forgotten: they are ordered as they were written, first to last).
 ORDER_WHEN_WRITTEN = 64
 ORDER_WHEN_WRITTEN_KEYS = 65536  # their chunks, all together
-ORDER_TOUCH_JOBS = 4  # mtime jobs queued at once for used_as_prefix (more are skipped)
+ORDER_TOUCH_JOBS = 2  # mtime jobs queued at once for used_as_prefix (more are skipped), which
+# leaves the other read threads to reads
 TMP_SUFFIX = ".tmp"
 # Only this daemon reads its chunk files: clients get KV through the API's shared memory.
 PRIVATE_DIR_MODE = 0o700
@@ -506,7 +507,8 @@ class ChunkStore:
             if any(thread.is_alive() for thread in self._writers):
                 log.warning("store: a disk write still hangs at close; its chunk may be lost")
             self._writers.clear()
-        # Reads queued are dropped; the touches queued run (nothing waits for them).
+        # Jobs queued are dropped, unless touches are among them: then all run (reads too, which
+        # nobody awaits any more: harmless).
         with self._lock:
             touches = self._order_touches
         self._read_pool.shutdown(wait=False, cancel_futures=not touches)

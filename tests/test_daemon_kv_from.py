@@ -7,6 +7,7 @@ prompt (its own prefix cache, or the daemon's copy from an earlier put) moves on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -357,3 +358,44 @@ def test_a_stop_with_a_reset_connection_still_closes_every_connection(
     sockets: list[Path] = []
     uvloop.run(main())
     assert not sockets[0].exists()
+
+
+def test_a_connection_whose_handler_is_cancelled_from_outside_is_still_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel while the handler waited for a committed put (not the server's own close) was
+    raised again before the clean-up: the connection stayed counted, its segments held."""
+    import time
+
+    from kvpeer import daemon
+
+    encode = daemon.encode_chunk_blocking
+    encoding = threading.Event()
+
+    def slow_encode(*args: object) -> bytes:
+        encoding.set()
+        time.sleep(0.3)
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+
+    async def main() -> None:
+        node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")
+        await node.start()
+        try:
+            client = AsyncKVPeerClient(str(node.config.api.socket_path))
+            await client.__aenter__()
+            put = asyncio.create_task(client.put(TOKENS[: 4 * C], K[:, :, : 4 * C], V[:, :, : 4 * C], FP))
+            await asyncio.to_thread(encoding.wait, 30)
+            put.cancel()
+            await client.__aexit__(None, None, None)  # the handler now waits for the put
+            await asyncio.sleep(0.2)
+            (handler,) = node.api._handlers
+            handler.cancel()  # from outside: not the server's close
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            assert not node.api._connections and len(node.api.registry) == 0
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

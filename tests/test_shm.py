@@ -458,9 +458,18 @@ def test_one_user_may_hold_at_most_half_of_the_segments_file_system(
     assert info.value.code == ErrorCode.BUSY and "50% of" in info.value.reason
     registry.create(LAYOUT, owner=3, now=0.0)  # another user: a share of its own
     monkeypatch.setattr(registry, "_capacity", lambda: LAYOUT.size)  # one segment is past half
+    for owner in (1, 4):  # whether the user holds segments or not
+        with pytest.raises(ProtocolError) as info:
+            registry.create(LAYOUT, owner=owner, now=0.0)
+        assert info.value.code == ErrorCode.TOO_LARGE  # BUSY said to release segments: no help
+    registry.close()
+
+
+def test_a_segment_past_the_users_cap_is_too_large_not_busy(tmp_path: Path) -> None:
+    registry = shm.SegmentRegistry(directory=tmp_path, max_bytes_per_owner=LAYOUT.size - 1)
     with pytest.raises(ProtocolError) as info:
-        registry.create(LAYOUT, owner=4, now=0.0)
-    assert info.value.code == ErrorCode.TOO_LARGE  # BUSY said to release segments: no help
+        registry.create(LAYOUT, owner=1, now=0.0)
+    assert info.value.code == ErrorCode.TOO_LARGE and "api.max_shm_bytes_per_uid" in info.value.reason
     registry.close()
 
 

@@ -664,6 +664,7 @@ class ApiServer:
             finishing = set() if self._closing else conn.commits & conn.tasks
             for pending in conn.tasks - finishing:
                 pending.cancel()
+            cancelled: asyncio.CancelledError | None = None  # raised again after the clean-up
             if conn.tasks:
                 try:
                     if finishing:
@@ -672,25 +673,35 @@ class ApiServer:
                         pending.cancel()
                     if conn.tasks:  # done ones left it (asyncio.wait refuses an empty set)
                         await asyncio.wait(list(conn.tasks), timeout=10.0)
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as exc:
                     for pending in conn.tasks:
                         pending.cancel()
                     if not self._closing or task is None:
-                        raise
-                    task.uncancel()  # close() cancelled us here: clean up and end, as above
-            released = self.registry.release_owner(conn_id)
-            conn.closed = True
-            writer.close()  # flushes a last answer (a refusal, an error) ...
-            if writer.transport.get_write_buffer_size():  # ... which an unread client never takes
-                asyncio.get_running_loop().call_later(SEND_TIMEOUT_S, writer.transport.abort)
-            self._connections.pop(conn_id, None)
-            if task is not None:
-                self._handlers.discard(task)
-            # Routine for a script's short connection; a client gone with segments held is news.
-            log.log(
-                logging.INFO if released else logging.DEBUG,
-                "api: client %d gone; %d segments released", conn_id, released,
-            )
+                        cancelled = exc
+                    else:
+                        task.uncancel()  # close() cancelled us here: clean up and end, as above
+            self._forget(conn, writer, task)
+            if cancelled is not None:
+                raise cancelled
+
+    def _forget(
+        self, conn: _Connection, writer: asyncio.StreamWriter, task: asyncio.Task[Any] | None
+    ) -> None:
+        """The end of a connection: its segments released, its writer closed, its slot free."""
+        conn_id = conn.id
+        released = self.registry.release_owner(conn_id)
+        conn.closed = True
+        writer.close()  # flushes a last answer (a refusal, an error) ...
+        if writer.transport.get_write_buffer_size():  # ... which an unread client never takes
+            asyncio.get_running_loop().call_later(SEND_TIMEOUT_S, writer.transport.abort)
+        self._connections.pop(conn_id, None)
+        if task is not None:
+            self._handlers.discard(task)
+        # Routine for a script's short connection; a client gone with segments held is news.
+        log.log(
+            logging.INFO if released else logging.DEBUG,
+            "api: client %d gone; %d segments released", conn_id, released,
+        )
 
     def _over_capacity(self, conn: _Connection) -> str:
         """Why ``conn`` (already counted) may not be served now; "" if it may."""
