@@ -268,11 +268,9 @@ def test_only_models_with_chunks_held_are_remembered_and_no_more_than_a_bound(tm
     asyncio.run(main())
 
 
-def test_a_committed_put_is_stored_though_its_client_leaves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Closing the connection right after the commit cut the put (1 of 16 chunks stored in the
-    review) and nothing said so: the client had handed its KV over."""
+def _slow_encodes(monkeypatch: pytest.MonkeyPatch, seconds: float) -> threading.Event:
+    """Each chunk the daemon encodes takes ``seconds`` more; the event is set at the first (a
+    put was committed and is being stored)."""
     import time
 
     from kvpeer import daemon
@@ -282,10 +280,19 @@ def test_a_committed_put_is_stored_though_its_client_leaves(
 
     def slow_encode(*args: object) -> bytes:
         encoding.set()
-        time.sleep(0.2)
+        time.sleep(seconds)
         return encode(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+    return encoding
+
+
+def test_a_committed_put_is_stored_though_its_client_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the connection right after the commit cut the put (1 of 16 chunks stored in the
+    review) and nothing said so: the client had handed its KV over."""
+    encoding = _slow_encodes(monkeypatch, 0.2)
     tokens = TOKENS[: 4 * C]
 
     async def test(socket_path: str) -> None:
@@ -318,20 +325,8 @@ def test_a_stop_with_a_reset_connection_still_closes_every_connection(
     """Under uvloop (the default) writing the stop notice to a connection its client reset
     raised, which ended ApiServer.close() early: other connections stayed open, segments and
     the socket file were left."""
-    import time
-
     uvloop = pytest.importorskip("uvloop")
-    from kvpeer import daemon
-
-    encode = daemon.encode_chunk_blocking
-    encoding = threading.Event()
-
-    def slow_encode(*args: object) -> bytes:
-        encoding.set()
-        time.sleep(0.5)
-        return encode(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+    encoding = _slow_encodes(monkeypatch, 0.5)
 
     async def main() -> None:
         node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")
@@ -365,19 +360,7 @@ def test_a_connection_whose_handler_is_cancelled_from_outside_is_still_cleaned_u
 ) -> None:
     """A cancel while the handler waited for a committed put (not the server's own close) was
     raised again before the clean-up: the connection stayed counted, its segments held."""
-    import time
-
-    from kvpeer import daemon
-
-    encode = daemon.encode_chunk_blocking
-    encoding = threading.Event()
-
-    def slow_encode(*args: object) -> bytes:
-        encoding.set()
-        time.sleep(0.3)
-        return encode(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(daemon, "encode_chunk_blocking", slow_encode)
+    encoding = _slow_encodes(monkeypatch, 0.3)
 
     async def main() -> None:
         node = _local_daemon(tmp_path, f"[codec]\nchunk_tokens = {C}\nlevel = \"exact\"\n")

@@ -139,17 +139,24 @@ def test_a_prefix_used_together_keeps_its_order_across_a_restart(tmp_path: Path)
         store.put_blocking(k, "q8", blob(i))
     assert store.flush(timeout_s=30)
     store.used_as_prefix(prompt)
+    _wait_for_mtimes_last_to_first(tmp_path, prompt)  # touched off the caller's thread
+    store.close()
+    _assert_a_restart_evicts_the_last(tmp_path, prompt, 3 * size)
 
+
+def _wait_for_mtimes_last_to_first(directory: Path, prompt: list[bytes]) -> None:
     def mtimes() -> list[int]:
-        by_name = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in files(tmp_path)}
+        by_name = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in files(directory)}
         return [by_name[k.hex()] for k in prompt]
 
-    deadline = time.monotonic() + 10  # the files are touched off the caller's thread
+    deadline = time.monotonic() + 10
     while not mtimes()[0] > mtimes()[1] > mtimes()[2]:
         assert time.monotonic() < deadline, mtimes()
         time.sleep(0.01)
-    store.close()
-    reopened = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
+
+
+def _assert_a_restart_evicts_the_last(directory: Path, prompt: list[bytes], disk_bytes: int) -> None:
+    reopened = ChunkStore(ram_bytes=0, disk_bytes=disk_bytes, directory=directory, level_order=LEVELS)
     reopened.put_blocking(key(3), "q8", blob(3))
     assert reopened.flush(timeout_s=30)
     assert [reopened.has(k) for k in prompt] == [True, True, False]
@@ -177,20 +184,8 @@ def test_a_prompt_marked_while_queued_for_disk_keeps_its_order_across_a_stop(
     store.used_as_prefix(prompt)
     threading.Timer(0.2, gate.set).start()
     store.close()
-
-    def mtimes() -> list[int]:
-        by_name = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in files(tmp_path)}
-        return [by_name[k.hex()] for k in prompt]
-
-    deadline = time.monotonic() + 10  # touched in the background as the flush wrote them
-    while not mtimes()[0] > mtimes()[1] > mtimes()[2]:
-        assert time.monotonic() < deadline, mtimes()
-        time.sleep(0.01)
-    reopened = ChunkStore(ram_bytes=0, disk_bytes=3 * size, directory=tmp_path, level_order=LEVELS)
-    reopened.put_blocking(key(3), "q8", blob(3))
-    assert reopened.flush(timeout_s=30)
-    assert [reopened.has(k) for k in prompt] == [True, True, False]
-    reopened.close()
+    _wait_for_mtimes_last_to_first(tmp_path, prompt)  # touched as the flush wrote them
+    _assert_a_restart_evicts_the_last(tmp_path, prompt, 3 * size)
 
 
 def test_prompts_waiting_for_their_writes_are_bounded_and_not_repeated(
