@@ -173,7 +173,8 @@ class ApiSection:
     max_shm_bytes_per_uid: int = setting(
         64 << 30, "Shared memory one client user's connections may hold at once, all together "
         "(segments of fetches and puts), and never more than half of /dev/shm; past it a request "
-        "is answered BUSY. Clients that should not share a cap should run as different users.",
+        "is answered BUSY (TOO_LARGE for one segment larger than that). Clients that should not "
+        "share a cap should run as different users.",
         kind="size", lo=1,
     )
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +199,7 @@ class Daemon:
         self._changes_unsaid = False  # store changes during puts that no advertisement said yet
         self._advertise_queued = False
         self._background: set[asyncio.Task[None]] = set()  # advertisement updates, the summary
+        self._markings: set[asyncio.Task[None]] = set()  # fetched prompts to mark (_mark_prompt_soon)
         self.activity = Activity(events=lambda: self.fetcher.counters)
         self.codec_backends: list[str] = []  # probed at start
         self.metrics_unavailable: str | None = None  # why /metrics is not served (kvpeerd's to set)
@@ -246,7 +248,7 @@ class Daemon:
                 log.exception("stopping: %s failed", close.__qualname__)
         # Work the API's close left behind (a cut put's model to save, a fetch's prompt to
         # mark), within the network's share; the store is still open for it.
-        left = [task for task in self._background if not task.done()]
+        left = [task for task in (*self._background, *self._markings) if not task.done()]
         if left:
             await asyncio.wait(left, timeout=max(0.1, ends - time.monotonic()))
         # Fetches ended with the API; a decode a cancel left queued is dropped, not run.
@@ -562,7 +564,14 @@ class Daemon:
             # Read first to last, and what came from peers reaches the store in the background,
             # newest last: once it is in, the first chunk is made the most recent again, so that
             # eviction takes this prefix from its end.
-            self._in_background(self._used_as_prefix_once_cached(prompt_keys))
+            self._mark_prompt_soon(prompt_keys)
+
+    def _mark_prompt_soon(self, keys: list[bytes]) -> None:
+        """:meth:`_used_as_prefix_once_cached` in a task the stop waits for but does not cancel
+        (cancelled before its first step, a task runs none of its code, finally included)."""
+        task = asyncio.get_running_loop().create_task(self._used_as_prefix_once_cached(keys))
+        self._markings.add(task)
+        task.add_done_callback(self._markings.discard)
 
     async def _used_as_prefix_once_cached(self, keys: list[bytes]) -> None:
         try:
@@ -828,9 +837,15 @@ def degraded_reasons(
     return reasons
 
 
+# One writer of the file at a time: a save cancelled on the event loop (a stop) goes on in its
+# thread, and the next save's thread wrote the same temporary file beside it.
+_SAVING_FINGERPRINTS = threading.Lock()
+
+
 def save_fingerprints_blocking(path: Path, fingerprints: Sequence[ModelFingerprint]) -> None:
     """Write the served fingerprints atomically (a crash leaves the old file or the new)."""
-    write_text_atomically(path, json.dumps([dataclasses.asdict(fp) for fp in fingerprints]))
+    with _SAVING_FINGERPRINTS:
+        write_text_atomically(path, json.dumps([dataclasses.asdict(fp) for fp in fingerprints]))
 
 
 def transport_config(config: Config, default_host: str) -> TransportConfig:

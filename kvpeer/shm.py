@@ -644,8 +644,9 @@ class SegmentRegistry:
     # the pages of a large segment zero-fills them (tens of ms), and only make() touches no
     # registry state, so only make() may run in another thread.
     def admit(self, layout: SegmentLayout, owner: int) -> None:
-        """BUSY if ``owner``'s account (:meth:`set_account`) may not hold another segment of
-        this size (``max_bytes_per_owner`` per account); else its bytes count against ``owner``
+        """TOO_LARGE if no account may hold a segment of this size (past ``max_bytes_per_owner``
+        or half of the file system), BUSY if ``owner``'s account (:meth:`set_account`) may not
+        hold another one now; else its bytes count against ``owner``
         until :meth:`adopt` (or :meth:`withdraw`), so that segments being made at once cannot
         all pass the cap."""
         # The configured cap (64 GiB by default) may be more than the tmpfs holds, and its pages

@@ -202,7 +202,7 @@ def test_stop_drains_the_store_even_when_a_network_part_hangs() -> None:
         drained.append(True)
 
     node = SimpleNamespace(
-        ready=True, node_id="n", _background=set(),
+        ready=True, node_id="n", _background=set(), _markings=set(),
         config=SimpleNamespace(daemon=SimpleNamespace(shutdown_grace_s=1.0)),
         api=SimpleNamespace(close=hangs), discovery=SimpleNamespace(close=closes),
         inventory_sync=SimpleNamespace(close=closes), fetcher=SimpleNamespace(close=closes),
@@ -509,3 +509,27 @@ def test_advertisements_asked_for_before_one_is_built_make_one() -> None:
 
     asyncio.run(main())
     assert built == [1, 1]
+
+
+def test_fingerprint_saves_never_write_the_file_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save cancelled by a stop goes on in its thread; the next one wrote the same temporary
+    file beside it (broken JSON: a restart advertised no model)."""
+    import threading
+    import time
+
+    writing: list[int] = [0, 0]  # now, most at once
+
+    def slow_write(path: Path, text: str) -> None:
+        writing[0] += 1
+        writing[1] = max(writing)
+        time.sleep(0.05)
+        writing[0] -= 1
+
+    monkeypatch.setattr(daemon, "write_text_atomically", slow_write)
+    threads = [threading.Thread(target=daemon.save_fingerprints_blocking, args=(tmp_path / "f.json", [FP32]))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert writing == [0, 1]

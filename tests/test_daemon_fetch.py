@@ -37,6 +37,7 @@ class Node:
     _fetch = getattr(daemon.Daemon, "_fetch", None)
     _fetch_ended = getattr(daemon.Daemon, "_fetch_ended", None)
     _in_background = daemon.Daemon._in_background
+    _mark_prompt_soon = getattr(daemon.Daemon, "_mark_prompt_soon", None)
     _used_as_prefix_once_cached = getattr(daemon.Daemon, "_used_as_prefix_once_cached", None)
 
     def __init__(self, peers: dict[str, Peer], *, held: int, clock: list[float] | None = None,
@@ -55,11 +56,12 @@ class Node:
         self.prompts_used: list[list[bytes]] = []
         self.store = SimpleNamespace(used_as_prefix=self.prompts_used.append)
         self._background: set[asyncio.Task[None]] = set()
+        self._markings: set[asyncio.Task[None]] = set()
 
     async def settled(self) -> None:
         """The work a fetch left in the background is done."""
-        while self._background:
-            await asyncio.gather(*self._background)
+        while self._background or self._markings:
+            await asyncio.gather(*self._background, *self._markings)
 
     def _model_used(self, fp: Any) -> bool:
         self.models_used.append(fp)
