@@ -448,6 +448,11 @@ async def _serve(config: Any, make_daemon: Callable[[Any], Any] | None = None) -
         message, status = start_failure(exc, config)
         log.error("%s", message)
         return status
+    chosen = getattr(getattr(daemon, "transport", None), "config", None)
+    if chosen is not None:  # an unset transport.host is chosen now: load could not check it
+        from kvpeer.config import check_listeners_apart
+
+        check_listeners_apart(config.metrics, chosen.host, chosen.port)
     endpoint = _start_metrics(config, daemon)  # before start(): /healthz answers 503 meanwhile
     try:
         try:

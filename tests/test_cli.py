@@ -188,6 +188,20 @@ def daemon_config(tmp_path: Path, transport: str = "", discovery: str = "") -> P
     return config
 
 
+def test_metrics_on_the_transport_port_of_a_host_chosen_at_start_is_a_config_error(tmp_path: Path) -> None:
+    """With transport.host unset (chosen at start: the first advertised address), the load
+    could not see the clash: the start failed with 'address already in use' blamed on
+    transport.port, /metrics having taken it first."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = daemon_config(tmp_path, transport=f"port = {port}\n")
+    config.write_text(config.read_text().replace("[metrics]\nenabled = false\n", f"[metrics]\nport = {port}\n"))
+    result = run("daemon_main", "--config", str(config), "--no-uvloop")
+    assert result.returncode == 2, result.stderr
+    assert "metrics.port" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_taken_port_is_one_line_and_no_restart(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
