@@ -991,6 +991,12 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
                 "out": str(args.out),
             }
         _print(summary, args.json)
+        if summary["matched_tokens"] < available.matched_tokens:  # 0 and rc 0 said nothing
+            print(
+                f"kvpeer fetch: {summary['matched_tokens']} of the {available.matched_tokens} "
+                "tokens held were restored; the daemon's log says why (a --min-level no holder "
+                "has, the deadline, holders failing)", file=sys.stderr,
+            )
     elif args.command == "put":
         k, v = _read_kv(args.kv)
         tokens, fingerprint = _read_tokens(args.tokens), _read_fingerprint(args.model)

@@ -1219,3 +1219,29 @@ def test_a_demo_that_fails_keeps_its_work_directory_and_says_where(tmp_path: Pat
     assert done.returncode == 1 and "ImportError" in done.stderr.splitlines()[-1], done.stderr
     [kept] = list(tmp_path.iterdir())
     assert f"work directory kept, with the daemons' logs: {kept}" in done.stderr
+
+
+def test_a_fetch_that_restores_less_than_is_held_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--min-level exact` of chunks held at q8: 'matched_tokens: 0', exit 0, and no word why."""
+    import torch
+
+    tokens, model, _kv = _put_files(tmp_path)
+
+    class PartialFetch:
+        def lookup(self, tokens: Any, fingerprint: Any) -> Any:
+            return SimpleNamespace(matched_tokens=4, chunk_tokens=4)
+
+        @contextlib.contextmanager
+        def fetch(self, tokens: Any, fingerprint: Any, **options: Any) -> Any:
+            assert options["min_level"] == "exact"
+            empty = torch.zeros(1, 1, 0, 8)
+            yield SimpleNamespace(matched_tokens=0, levels=[], recompute_from=0, k=empty, v=empty,
+                                  wait_for_chunk=lambda index: False)
+
+    command = ["fetch", "--tokens", str(tokens), "--model", str(model), "--out", str(tmp_path / "kv.pt"),
+               "--min-level", "exact"]
+    assert cli._client_command(PartialFetch(), cli.client_parser().parse_args(command)) == 0
+    err = capsys.readouterr().err
+    assert "0 of the 4 tokens held were restored" in err and "--min-level" in err
