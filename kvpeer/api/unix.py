@@ -26,6 +26,7 @@ import struct
 import termios
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from kvpeer import aio
@@ -58,10 +59,11 @@ def _busy(path: str, timeout_s: float) -> ProtocolError:
     )
 
 
-def connect_blocking(sock: socket.socket, path: str, timeout_s: float) -> None:
-    """Connect ``sock`` to the daemon's socket ``path``; a full listen backlog is tried again
-    for up to ``timeout_s``, then ProtocolError(BUSY). Other failures raise what ``connect``
-    raises (the daemon is not there: FileNotFoundError, ConnectionRefusedError)."""
+def _connect_tries(sock: socket.socket, path: str, timeout_s: float) -> Iterator[float]:
+    """Connect ``sock`` to ``path``, yielding how long to wait before each new try while the
+    listen backlog is full; ProtocolError(BUSY) past ``timeout_s``. Other failures raise what
+    ``connect`` raises (the daemon is not there: FileNotFoundError, ConnectionRefusedError).
+    A Unix socket's connect never waits: it is done, refused or EAGAIN at once."""
     deadline = time.monotonic() + timeout_s
     pause = _POLL_FIRST_S
     while True:
@@ -74,29 +76,22 @@ def connect_blocking(sock: socket.socket, path: str, timeout_s: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(path, timeout_s)
-        time.sleep(min(pause, left))
+        yield min(pause, left)
         pause = min(2 * pause, _POLL_MAX_S)
+
+
+def connect_blocking(sock: socket.socket, path: str, timeout_s: float) -> None:
+    """Connect ``sock`` to the daemon's socket ``path`` (see :func:`_connect_tries`)."""
+    for pause in _connect_tries(sock, path, timeout_s):
+        time.sleep(pause)
 
 
 async def _connect(sock: socket.socket, path: str, timeout_s: float) -> None:
     """As :func:`connect_blocking`, for a non-blocking socket (asyncio's ``sock_connect`` takes
     EAGAIN for a connect in progress and waits for writable: a Unix socket left unconnected is
     writable at once, so it reported a connection that was never made)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pause = _POLL_FIRST_S
-    while True:
-        try:
-            sock.connect(path)  # a Unix socket's connect never waits: done or refused now
-            return
-        except BlockingIOError as exc:
-            if not _backlog_full(exc):
-                raise
-        left = deadline - loop.time()
-        if left <= 0:
-            raise _busy(path, timeout_s)
-        await asyncio.sleep(min(pause, left))
-        pause = min(2 * pause, _POLL_MAX_S)
+    for pause in _connect_tries(sock, path, timeout_s):
+        await asyncio.sleep(pause)
 
 
 def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
